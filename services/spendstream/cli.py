@@ -1,0 +1,61 @@
+"""The ``spendstream`` command.
+
+Each service contributes its subcommands through a ``commands`` module with
+``register(subparsers)``; handlers take ``(args, settings)`` and return an exit code.
+Bad configuration and usage errors print a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+
+from spendstream.core.config import ConfigError, load_settings
+
+COMMAND_MODULES = (
+    "spendstream.runtime.commands",  # broker, topics, dev, demo
+    "spendstream.sink.commands",  # sink, ledger
+    "spendstream.processor.commands",  # processor, policy
+    "spendstream.gateway.commands",  # gateway
+    "spendstream.api.commands",  # api
+    "spendstream.analytics.commands",  # report, sql
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spendstream",
+        description="Govern LLM API spend: usage events on Kafka, spend windows, a ClickHouse ledger.",
+        epilog="Settings come from SPENDSTREAM_* environment variables (see README, 'Configuration').",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings()
+        return int(args.handler(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"spendstream: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The one configuration object, read from ``SPENDSTREAM_*`` environment variables.
+
+The CLI, every service and docker-compose use these names, so a setting means the same
+thing on a laptop running the embedded runtime and in a production deployment.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ConfigError(Exception):
+    """Configuration that cannot work; the message names the setting and the fix."""
+
+
+class Settings(BaseSettings):
+    """Every setting of every service. Environment variable = ``SPENDSTREAM_`` + upper-cased name."""
+
+    model_config = SettingsConfigDict(env_prefix="SPENDSTREAM_", extra="ignore", validate_default=True)
+
+    # -- shared ---------------------------------------------------------------------------
+    config_file: Path | None = Field(None, description="Optional YAML file with any of these settings.")
+    data_dir: Path = Field(Path(".spendstream"), description="Where the embedded runtime keeps its state.")
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = Field(None, description="e.g. PLAIN, SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: Path | None = None
+    schema_registry_url: str | None = Field(
+        None,
+        description="If set, values use Confluent Schema Registry framing instead of single-object Avro.",
+    )
+    clickhouse_dsn: str | None = Field(
+        None, description="clickhouse-connect DSN: chdb:///dir (embedded) or http(s)://user:pass@host:8123."
+    )
+    clickhouse_database: str = "spendstream"
+    policy: Path | None = Field(None, description="Policy YAML file.")
+    timezone: str = Field("UTC", description="Timezone in which budget periods start and end.")
+
+    # -- topics ---------------------------------------------------------------------------
+    usage_partitions: int = Field(6, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1, le=16)
+
+    # -- edge emitter ---------------------------------------------------------------------
+    spool_dir: Path | None = Field(None, description="Emitter disk spool; default DATA_DIR/spool.")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Upper bound of the disk spool.")
+
+    # -- ledger sink ----------------------------------------------------------------------
+    sink_group: str = "spendstream-sink"
+    sink_batch_size: int = Field(20_000, ge=1, le=1_000_000)
+    sink_batch_ms: int = Field(500, ge=1, le=60_000)
+    ledger_ttl_months: int = Field(13, ge=1, le=1200)
+    max_future_skew_s: int = Field(300, ge=0, description="Events further in the future are rejected.")
+
+    # -- service ports --------------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8081, ge=0, le=65535)
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = _config_file_from(init_settings, env_settings)
+        if config_file is not None:
+            if not config_file.is_file():
+                raise ConfigError(f"SPENDSTREAM_CONFIG_FILE: no such file: {config_file}")
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
+        return sources
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @cached_property
+    def ledger_dsn(self) -> str:
+        """The ClickHouse DSN in force: the configured one, else an embedded chDB directory."""
+        return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'ledger').resolve()}"
+
+    @cached_property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka settings for the broker connection (security included), shared by every client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            conf["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_ca_location:
+            conf["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
+        return conf
+
+
+def _config_file_from(*sources: PydanticBaseSettingsSource) -> Path | None:
+    for source in sources:
+        value = source().get("config_file")
+        if value:
+            return Path(value)
+    return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one message per bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"SPENDSTREAM_{field.upper()}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None

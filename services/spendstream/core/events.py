@@ -1,0 +1,184 @@
+"""Pydantic models that mirror ``schemas/*.avsc`` field by field (a test proves it).
+
+Money fields are integer nano-USD. ``to_avro`` / ``from_avro`` convert between a model and
+the plain dict the codec writes, without a round trip through JSON.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+
+NANOS_PER_USD = 1_000_000_000
+
+ATTRIBUTION_FIELDS = ("org", "division", "team", "project", "feature", "user", "customer", "environment")
+
+
+class UsageStatus(StrEnum):
+    ok = "ok"
+    error = "error"
+    blocked = "blocked"
+
+
+class Action(StrEnum):
+    """Enforcement actions, in increasing order of restriction."""
+
+    allow = "allow"
+    alert = "alert"
+    fallback = "fallback"
+    throttle = "throttle"
+    shutoff = "shutoff"
+
+
+class AlertKind(StrEnum):
+    threshold = "threshold"
+    spike = "spike"
+    forecast = "forecast"
+    quota = "quota"
+    policy = "policy"
+
+
+class Severity(StrEnum):
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must carry a timezone (naive datetimes are ambiguous)")
+    return value.astimezone(UTC)
+
+
+class _AvroModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_avro(self) -> dict[str, Any]:
+        """The dict the Avro codec writes (pydantic keeps validated values in ``__dict__``)."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_avro(cls, record: dict[str, Any]) -> Self:
+        """Build from a decoded Avro record, which the schema has already type-checked."""
+        return cls.model_validate(record)
+
+
+class UsageEvent(_AvroModel):
+    """One LLM API call. Prompt and completion text are deliberately not fields."""
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: datetime = Field(default_factory=utcnow)
+    org: str = ""
+    division: str = ""
+    team: str = ""
+    project: str = ""
+    feature: str = ""
+    user: str = ""
+    customer: str = ""
+    environment: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    provider: str
+    model_requested: str
+    model_served: str = ""
+    input_tokens: NonNegativeInt = 0
+    output_tokens: NonNegativeInt = 0
+    cached_input_tokens: NonNegativeInt = 0
+    cache_write_tokens: NonNegativeInt = 0
+    cost_nanos: NonNegativeInt | None = None
+    price_source: str = ""
+    latency_ms: NonNegativeInt = 0
+    status: UsageStatus = UsageStatus.ok
+    decision_applied: str = ""
+    cache_hit: bool = False
+
+    _utc = field_validator("occurred_at")(_as_utc)
+
+    def to_avro(self) -> dict[str, Any]:
+        record = dict(self.__dict__)
+        record["event_id"] = str(self.event_id)
+        return record
+
+
+class Decision(_AvroModel):
+    scope: str
+    action: Action
+    fallback_models: dict[str, str] = Field(default_factory=dict)
+    throttle_rps: float | None = Field(None, ge=0)
+    allowed_models: list[str] = Field(default_factory=list)
+    reason: str = ""
+    spend_nanos: int = 0
+    limit_nanos: int = 0
+    period: str = ""
+    period_start: datetime | None = None
+    expires_at: datetime | None = None
+    version: NonNegativeInt
+    issued_at: datetime = Field(default_factory=utcnow)
+    policy_version: str = ""
+
+
+class Alert(_AvroModel):
+    alert_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    scope: str
+    kind: AlertKind
+    severity: Severity = Severity.warning
+    message: str
+    spend_nanos: int = 0
+    limit_nanos: int = 0
+    period: str = ""
+    occurred_at: datetime = Field(default_factory=utcnow)
+    policy_version: str = ""
+
+    def to_avro(self) -> dict[str, Any]:
+        record = dict(self.__dict__)
+        record["alert_id"] = str(self.alert_id)
+        return record
+
+
+class PolicyRecord(_AvroModel):
+    """A validated policy document as it travels on ``spendstream.policy``."""
+
+    name: str
+    version: str
+    document: str
+    published_at: datetime = Field(default_factory=utcnow)
+    published_by: str = ""
+
+
+def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew: timedelta) -> str | None:
+    """Why a decoded usage record must not enter the ledger, or None if it may.
+
+    The Avro schema already guarantees types; this checks what a schema cannot say.
+    Kept as one cheap function so the sink validates 100k records/s without pydantic.
+    """
+    event_id = record.get("event_id")
+    if not event_id:
+        return "missing event_id"
+    if not isinstance(event_id, uuid.UUID):
+        try:
+            uuid.UUID(str(event_id))
+        except ValueError:
+            return f"event_id is not a UUID: {event_id!r}"
+    for name in ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "latency_ms"):
+        if record.get(name, 0) < 0:
+            return f"{name} is negative: {record[name]}"
+    cost = record.get("cost_nanos")
+    if cost is not None and cost < 0:
+        return f"cost_nanos is negative: {cost}"
+    if record.get("cached_input_tokens", 0) + record.get("cache_write_tokens", 0) > record.get("input_tokens", 0):
+        return "cached_input_tokens + cache_write_tokens exceed input_tokens"
+    occurred_at = record.get("occurred_at")
+    if occurred_at is None:
+        return "missing occurred_at"
+    if occurred_at > now + max_future_skew:
+        return f"occurred_at {occurred_at.isoformat()} is more than {max_future_skew} in the future"
+    if not record.get("provider") or not record.get("model_requested"):
+        return "missing provider or model_requested"
+    return None

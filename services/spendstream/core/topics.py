@@ -1,0 +1,33 @@
+"""Topic names and layouts: part of the public contract (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+USAGE = "spendstream.usage"
+ENFORCEMENT = "spendstream.enforcement"
+ALERTS = "spendstream.alerts"
+POLICY = "spendstream.policy"
+USAGE_DLQ = "spendstream.usage.dlq"
+
+DLQ_REASON_HEADER = "spendstream.dlq.reason"
+DLQ_SOURCE_HEADER = "spendstream.dlq.source"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(usage_partitions: int) -> list[TopicSpec]:
+    """Every topic spendstream needs, with compaction where the contract says so."""
+    compacted = {"cleanup.policy": "compact"}
+    return [
+        TopicSpec(USAGE, usage_partitions),
+        TopicSpec(ENFORCEMENT, 1, compacted),
+        TopicSpec(ALERTS, 1),
+        TopicSpec(POLICY, 1, compacted),
+        TopicSpec(USAGE_DLQ, 1),
+    ]

@@ -1,0 +1,1 @@
+"""Edge SDK, a library inside existing services: the Emitter publishes usage, the Enforcer answers check()."""

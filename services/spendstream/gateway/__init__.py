@@ -1,0 +1,1 @@
+"""Gateway service: an OpenAI/Anthropic-compatible proxy that meters, attributes and enforces."""

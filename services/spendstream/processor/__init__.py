@@ -1,0 +1,1 @@
+"""Processor service (faust-streaming): spend windows, budgets, thresholds, spikes, decisions."""

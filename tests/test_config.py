@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from spendstream.core.config import ConfigError, load_settings
+
+
+def test_defaults_point_at_embedded_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPENDSTREAM_CLICKHOUSE_DSN", raising=False)
+    settings = load_settings(data_dir=Path("/tmp/x"))
+    assert settings.ledger_dsn == "chdb:///tmp/x/ledger"
+    assert settings.spool_path == Path("/tmp/x/spool")
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPENDSTREAM_KAFKA_BOOTSTRAP", "kafka:9092")
+    monkeypatch.setenv("SPENDSTREAM_CLICKHOUSE_DSN", "http://clickhouse:8123")
+    monkeypatch.setenv("SPENDSTREAM_SINK_BATCH_SIZE", "123")
+    settings = load_settings()
+    assert settings.kafka_bootstrap == "kafka:9092"
+    assert settings.ledger_dsn == "http://clickhouse:8123"
+    assert settings.sink_batch_size == 123
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SPENDSTREAM_SINK_BATCH_SIZE", "many"),
+        ("SPENDSTREAM_KAFKA_BOOTSTRAP", "no-port-here"),
+        ("SPENDSTREAM_USAGE_PARTITIONS", "0"),
+        ("SPENDSTREAM_KAFKA_SECURITY_PROTOCOL", "TELNET"),
+    ],
+)
+def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+def test_config_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("sink_batch_ms: 42\ntimezone: Europe/Berlin\n")
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(config))
+    settings = load_settings()
+    assert settings.sink_batch_ms == 42
+    assert settings.timezone == "Europe/Berlin"
+
+
+def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="SPENDSTREAM_CONFIG_FILE"):
+        load_settings()
+
+
+def test_sasl_settings_reach_the_kafka_client_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPENDSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SPENDSTREAM_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SPENDSTREAM_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("SPENDSTREAM_KAFKA_SASL_PASSWORD", "s3cret")
+    conf = load_settings().kafka_client_config()
+    assert conf["security.protocol"] == "SASL_SSL"
+    assert conf["sasl.password"] == "s3cret"
+    assert "s3cret" not in repr(load_settings())
