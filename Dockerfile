@@ -1,0 +1,11 @@
+# One image for every spendstream service; the command picks the service.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY services ./services
+COPY schemas ./schemas
+COPY infra/policy ./infra/policy
+RUN pip install --no-cache-dir .
+USER nobody
+ENTRYPOINT ["spendstream"]
+CMD ["--help"]

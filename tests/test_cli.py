@@ -1,0 +1,79 @@
+"""The ``spendstream`` command: usage on typos, clear config errors, the embedded broker command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from confluent_kafka.admin import AdminClient
+
+from spendstream.core import topics
+from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+
+CLI = [sys.executable, "-m", "spendstream.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+
+
+def test_typo_prints_usage_not_a_traceback() -> None:
+    result = run_cli("brokr")
+    assert result.returncode == 2
+    assert "usage: spendstream" in result.stderr
+    assert "invalid choice: 'brokr'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_configuration_names_the_variable() -> None:
+    result = run_cli("topics", "create", env={"SPENDSTREAM_USAGE_PARTITIONS": "lots"})
+    assert result.returncode == 2
+    assert "SPENDSTREAM_USAGE_PARTITIONS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_topics_create_is_idempotent(broker: EmbeddedBroker) -> None:
+    env = {"SPENDSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap}
+    first = run_cli("topics", "create", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "exists   spendstream.usage" in first.stdout  # the fixture created them already
+    metadata = AdminClient({"bootstrap.servers": broker.bootstrap}).list_topics(timeout=5)
+    assert {topics.USAGE, topics.ENFORCEMENT, topics.ALERTS, topics.POLICY, topics.USAGE_DLQ} <= set(
+        metadata.topics
+    )
+    assert len(metadata.topics[topics.USAGE].partitions) == 6
+
+
+def test_topics_create_on_an_empty_broker_creates_every_topic() -> None:
+    with EmbeddedBroker() as fresh:
+        result = run_cli(
+            "topics", "create", env={"SPENDSTREAM_KAFKA_BOOTSTRAP": fresh.bootstrap, "SPENDSTREAM_USAGE_PARTITIONS": "3"}
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("created") == 5
+        metadata = AdminClient({"bootstrap.servers": fresh.bootstrap}).list_topics(timeout=5)
+        assert len(metadata.topics[topics.USAGE].partitions) == 3
+
+
+def test_broker_command_serves_kafka_and_stops_cleanly_on_sigint() -> None:
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "broker", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in line
+        metadata = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=5)
+        assert topics.USAGE in metadata.topics
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    with EmbeddedBroker(port=port):  # the port was released: nothing was left behind
+        pass
