@@ -1,0 +1,425 @@
+"""The spend policy: a YAML document validated by pydantic, identified by a content hash.
+
+API:
+
+- ``load_policy(path) -> Policy`` / ``parse_policy(text, source_name) -> Policy``; both raise ``PolicyError``
+  whose message names the file, the line and the field of every problem (``default.yaml:12: budgets.3.period:
+  Input should be 'day', ...``), mapped from pydantic's error locations to YAML node marks.
+- ``Policy.version``: sha256 (16 hex) of the canonical JSON, so comment or layout edits do not change it.
+- ``Policy.to_json()`` (canonical document, what ``spendstream.policy`` carries) and ``Policy.summary()``
+  (text for ``spendstream policy show``).
+- Lookups the processor needs per event: ``policy.tz``, ``policy.ancestors`` (team/project -> parent scopes),
+  ``policy.feature(name)``, ``policy.is_critical(feature)``, ``policy.price_table``. Budget lookup per scope is
+  ``scopes.matching_budgets``.
+
+Money in the YAML is human (``amount_usd: 8000``, ``min_spend_usd: "12.5"``) and becomes integer nano-USD via
+Decimal; floats never appear because the YAML loader reads every float literal as a Decimal.
+Scopes are ``dimension:value``; ``dimension:*`` is a template that gives every value its own budget or quota.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import date, datetime, time
+from decimal import Decimal
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
+
+HIERARCHY = ("org", "division", "team", "project")
+DIMENSIONS = (*HIERARCHY, "feature", "user", "customer", "environment", "model")
+_SCOPE_RE = re.compile(rf"^({'|'.join(DIMENSIONS)}):(\*|[^\s*]+)$")
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; ``problems`` lists ``file:line: field: message`` strings."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Period(StrEnum):
+    day = "day"
+    week = "week"  # ISO week, Monday 00:00 local
+    month = "month"
+    quarter = "quarter"
+    rolling_24h = "rolling_24h"
+
+
+def check_scope(value: str) -> str:
+    if not _SCOPE_RE.match(value):
+        raise ValueError(f"scope must be dimension:value or dimension:* with dimension one of {', '.join(DIMENSIONS)}")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _money(usd: Decimal | None, nanos: int | None, what: str, required: bool = True) -> int | None:
+    if usd is not None and nanos is not None:
+        raise ValueError(f"give {what}_usd or {what}_nanos, not both")
+    if usd is not None:
+        if usd < 0:
+            raise ValueError(f"{what}_usd must not be negative")
+        return usd_to_nanos(usd)
+    if nanos is None and required:
+        raise ValueError(f"{what}_usd (or {what}_nanos) is required")
+    return nanos
+
+
+class Thresholds(_Model):
+    """Fractions of the limit at which each action starts; ``null`` disables a step. Exact Decimals."""
+
+    alert: Decimal | None = Field(Decimal("0.80"), gt=0)
+    fallback: Decimal | None = Field(Decimal("0.90"), gt=0)
+    shutoff: Decimal | None = Field(Decimal("1.00"), gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        steps = [v for v in (self.alert, self.fallback, self.shutoff) if v is not None]
+        if steps != sorted(steps):
+            raise ValueError("thresholds must satisfy alert <= fallback <= shutoff")
+        return self
+
+
+class Budget(_Model):
+    """A spend limit for one scope (or every value of a ``dimension:*`` template) and period."""
+
+    scope: str
+    period: Period = Period.month
+    amount_usd: Decimal | None = Field(None, exclude=True)
+    amount_nanos: int | None = Field(None, ge=0)
+    thresholds: Thresholds | None = None  # None: the policy's default thresholds
+    fallback_models: dict[str, str] | None = None  # None: the policy's fallback map
+
+    _check_scope = field_validator("scope")(check_scope)
+
+    @model_validator(mode="after")
+    def _to_nanos(self) -> Budget:
+        object.__setattr__(self, "amount_nanos", _money(self.amount_usd, self.amount_nanos, "amount"))
+        object.__setattr__(self, "amount_usd", None)
+        return self
+
+    @property
+    def limit_nanos(self) -> int:
+        return self.amount_nanos or 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.scope}/{self.period}"
+
+    @property
+    def is_template(self) -> bool:
+        return self.scope.endswith(":*")
+
+    @property
+    def dimension(self) -> str:
+        return self.scope.partition(":")[0]
+
+
+class Quota(_Model):
+    """Per-day request and token caps for a scope (usually the template ``user:*``)."""
+
+    scope: str
+    requests_per_day: int | None = Field(None, ge=0)
+    tokens_per_day: int | None = Field(None, ge=0)
+
+    _check_scope = field_validator("scope")(check_scope)
+
+    @model_validator(mode="after")
+    def _something(self) -> Quota:
+        if self.requests_per_day is None and self.tokens_per_day is None:
+            raise ValueError("a quota needs requests_per_day or tokens_per_day")
+        return self
+
+
+class Feature(_Model):
+    """Critical features are throttled, never shut off, and exempt from emergency stops."""
+
+    critical: bool = False
+    throttle_rps: float | None = Field(None, gt=0)
+
+
+class SpikeRule(_Model):
+    """``daily``: today > factor x trailing average daily spend; ``hourly_ewma``: this hour > factor x EWMA."""
+
+    name: str
+    kind: Literal["daily", "hourly_ewma"]
+    scope: str = "feature:*"
+    factor: Decimal = Field(Decimal(3), gt=1)
+    window_days: int = Field(7, ge=1, le=90)
+    min_history_days: int = Field(3, ge=1)
+    alpha: Decimal = Field(Decimal("0.3"), gt=0, le=1)
+    min_history_hours: int = Field(6, ge=1)
+    min_spend_usd: Decimal | None = Field(None, exclude=True)
+    min_spend_nanos: int | None = Field(None, ge=0)
+    action: Literal["alert", "emergency_stop"] = "alert"
+
+    _check_scope = field_validator("scope")(check_scope)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpikeRule:
+        object.__setattr__(
+            self, "min_spend_nanos", _money(self.min_spend_usd, self.min_spend_nanos, "min_spend", required=False) or 0
+        )
+        object.__setattr__(self, "min_spend_usd", None)
+        if self.action == "emergency_stop" and not self.scope.startswith("feature:"):
+            raise ValueError(
+                "action emergency_stop stops non-critical features, so scope must be feature:* or feature:<name>"
+            )
+        if self.min_history_days > self.window_days:
+            raise ValueError("min_history_days must not exceed window_days")
+        return self
+
+
+class PriceRow(_Model):
+    """USD per million tokens as Decimal strings; cache prices default to the input price."""
+
+    provider: str = "*"
+    model: str = "*"
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    cache_read_per_mtok: Decimal | None = Field(None, ge=0)
+    cache_write_per_mtok: Decimal | None = Field(None, ge=0)
+    effective_from: date | datetime | None = None
+    effective_to: date | datetime | None = None
+
+    def rates(self) -> Rates:
+        return Rates(self.input_per_mtok, self.output_per_mtok, self.cache_read_per_mtok, self.cache_write_per_mtok)
+
+
+class Pricing(_Model):
+    unknown_model: Literal["default_price", "reject"] = "default_price"
+    default_price: PriceRow | None = None
+    overrides: list[PriceRow] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Pricing:
+        for row in self.overrides:
+            if row.provider == "*" or row.model == "*":
+                raise ValueError("every override row needs its provider and model")
+        return self
+
+
+class Policy(_Model):
+    """The whole policy; build it with ``parse_policy`` / ``load_policy`` to get file/line error messages."""
+
+    name: str = "default"
+    timezone: str = "UTC"
+    org: str = ""
+    divisions: dict[str, list[str]] = Field(default_factory=dict)  # division -> its teams
+    projects: dict[str, str] = Field(default_factory=dict)  # project -> its team
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    fallback_models: dict[str, str] = Field(default_factory=dict)  # expensive model -> cheaper model
+    default_throttle_rps: float = Field(1.0, gt=0)
+    budgets: list[Budget] = Field(default_factory=list)
+    quotas: list[Quota] = Field(default_factory=list)
+    allowed_models: dict[str, list[str]] = Field(default_factory=dict)  # scope -> the only models it may call
+    features: dict[str, Feature] = Field(default_factory=dict)
+    spike_rules: list[SpikeRule] = Field(default_factory=list)
+    pricing: Pricing = Field(default_factory=Pricing)
+
+    _version: str = PrivateAttr("")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        return value
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _allowed_scopes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for scope in value:
+            check_scope(scope)
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Policy:
+        seen: dict[str, str] = {}
+        for division, teams in self.divisions.items():
+            for team in teams:
+                if team in seen:
+                    raise ValueError(f"team {team!r} is in divisions {seen[team]!r} and {division!r}")
+                seen[team] = division
+        ids = [b.id for b in self.budgets]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"duplicate budgets (scope/period): {sorted({i for i in ids if ids.count(i) > 1})}")
+        names = [r.name for r in self.spike_rules]
+        if len(names) != len(set(names)):
+            raise ValueError("spike rule names must be unique")
+        resolved = [
+            b.model_copy(
+                update={
+                    "thresholds": b.thresholds if b.thresholds is not None else self.thresholds,
+                    "fallback_models": b.fallback_models if b.fallback_models is not None else self.fallback_models,
+                }
+            )
+            for b in self.budgets
+        ]
+        object.__setattr__(self, "budgets", resolved)
+        self._version = hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return self
+
+    # -- identity and presentation ----------------------------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, Decimals as strings, money in nanos): hashed for ``version``."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def summary(self) -> str:
+        lines = [f"policy {self.name} version {self.version} (timezone {self.timezone})"]
+        t = self.thresholds
+        lines.append(f"default thresholds: alert {t.alert}, fallback {t.fallback}, shutoff {t.shutoff}")
+        lines.append(f"budgets ({len(self.budgets)}):")
+        for b in self.budgets:
+            lines.append(f"  {b.scope:<36} {b.period:<12} ${Decimal(b.limit_nanos) / 10**9:,.2f}")
+        for q in self.quotas:
+            lines.append(f"quota {q.scope}: {q.requests_per_day} requests/day, {q.tokens_per_day} tokens/day")
+        crit = sorted(n for n, f in self.features.items() if f.critical)
+        lines.append(f"critical features: {', '.join(crit) or '-'}")
+        for r in self.spike_rules:
+            lines.append(f"spike rule {r.name}: {r.kind} x{r.factor} on {r.scope} -> {r.action}")
+        for scope, models in self.allowed_models.items():
+            lines.append(f"allowed models for {scope}: {', '.join(models)}")
+        lines.append(f"price overrides: {len(self.pricing.overrides)}; unknown models: {self.pricing.unknown_model}")
+        return "\n".join(lines)
+
+    # -- lookups ------------------------------------------------------------------------------------------------
+
+    @cached_property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @cached_property
+    def ancestors(self) -> dict[str, tuple[str, ...]]:
+        """``team:x`` / ``project:y`` -> the scopes above it, nearest first (``division:..``, ``org:..``)."""
+        org = (f"org:{self.org}",) if self.org else ()
+        out: dict[str, tuple[str, ...]] = {}
+        for division, teams in self.divisions.items():
+            for team in teams:
+                out[f"team:{team}"] = (f"division:{division}", *org)
+        for project, team in self.projects.items():
+            out[f"project:{project}"] = (f"team:{team}", *out.get(f"team:{team}", org))
+        return out
+
+    def feature(self, name: str) -> Feature:
+        return self.features.get(name) or _NON_CRITICAL
+
+    def is_critical(self, feature: str) -> bool:
+        spec = self.features.get(feature)
+        return spec is not None and spec.critical
+
+    def throttle_rps(self, feature: str) -> float:
+        spec = self.features.get(feature)
+        return (spec.throttle_rps if spec is not None else None) or self.default_throttle_rps
+
+    @cached_property
+    def price_table(self) -> PriceTable:
+        p = self.pricing
+        rows = tuple(
+            PriceOverride(
+                r.provider, r.model, r.rates(), self._instant(r.effective_from), self._instant(r.effective_to)
+            )
+            for r in p.overrides
+        )
+        default = p.default_price.rates() if p.default_price is not None else DEFAULT_UNKNOWN_RATES
+        return PriceTable(rows, p.unknown_model, default)
+
+    def _instant(self, value: datetime | date | None) -> datetime | None:
+        """A date means local midnight in the policy timezone; a naive datetime is local time too."""
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            value = datetime.combine(value, time(), self.tz)
+        return value if value.tzinfo is not None else value.replace(tzinfo=self.tz)
+
+
+_NON_CRITICAL = Feature()
+
+
+# -- YAML loading with line numbers ------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads float literals as Decimal, so money and ratios are never binary floats."""
+
+
+_Loader.add_constructor(
+    "tag:yaml.org,2002:float", lambda loader, node: Decimal(loader.construct_scalar(node).replace("_", ""))
+)
+
+
+def _node_for(root: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | None:
+    """The deepest YAML node along a pydantic error location (keys and list indices)."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    node = value
+                    break
+            else:
+                return node
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def parse_policy(text: str, source_name: str = "<policy>") -> Policy:
+    """Validate a YAML policy; every problem is reported as ``source:line: field: message``."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader) if root is not None else {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise PolicyError([f"{source_name}:{line}: YAML syntax: {exc.problem or exc}"]) from None
+    if not isinstance(data, dict):
+        raise PolicyError([f"{source_name}:1: the policy must be a YAML mapping"])
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            node = _node_for(root, loc)
+            line = node.start_mark.line + 1 if node is not None else 1
+            field = ".".join(str(p) for p in loc) or "(policy)"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{source_name}:{line}: {field}: {message}")
+        raise PolicyError(problems) from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError([f"{path}: cannot read policy: {exc.strerror or exc}"]) from None
+    return parse_policy(text, str(path))
+
+
+def policy_from_json(document: str) -> Policy:
+    """Rebuild a policy from ``Policy.to_json()`` (what ``spendstream.policy`` records carry)."""
+    return parse_policy(document, "<policy record>")

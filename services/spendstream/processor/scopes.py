@@ -1,0 +1,118 @@
+"""Which scopes a usage event belongs to, and which budgets watch a scope. Called per event, so kept cheap.
+
+- ``scopes_for(attribution, policy) -> list[str]``: ``dimension:value`` scopes, in the order org, division, team,
+  project, feature, user, customer, environment, model. Missing parents are filled from the policy hierarchy
+  (a team's division and org, a project's team), so an event tagged only ``team=marketing`` also counts against
+  ``division:...`` and ``org:...``. Empty attribution fields give no scope. ``model`` is read from ``model``,
+  else ``model_served``, else ``model_requested``.
+- ``matching_budgets(scope, policy) -> list[Budget]``: budgets declared for exactly that scope plus the
+  ``dimension:*`` templates of its dimension (every user gets its own ``user:*`` budget, keyed by its own scope).
+- ``matching_quotas`` / ``allowed_model_lists`` do the same for quotas and allowed-model lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from spendstream.processor.policy import Budget, Policy, Quota
+
+_DIRECT = ("feature", "user", "customer", "environment")
+
+
+def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
+    """Every scope of one event (team with its ancestors, project, feature, user, customer, environment, model)."""
+    get = attribution.get
+    team = get("team")
+    project = get("project")
+    if team:
+        parents = policy.ancestors.get(f"team:{team}", ())  # (division, org)
+    elif project:
+        parents = policy.ancestors.get(f"project:{project}", ())  # (team, division, org)
+    else:
+        parents = ()
+    org = get("org")
+    division = get("division")
+    out: list[str] = []
+    if org:
+        out.append(f"org:{org}")
+    else:
+        inherited = [p for p in parents if p.startswith("org:")]
+        out.extend(inherited or ([f"org:{policy.org}"] if policy.org else ()))
+    if division:
+        out.append(f"division:{division}")
+    else:
+        out.extend(p for p in parents if p.startswith("division:"))
+    if team:
+        out.append(f"team:{team}")
+    else:
+        out.extend(p for p in parents if p.startswith("team:"))
+    if project:
+        out.append(f"project:{project}")
+    for name in _DIRECT:
+        value = get(name)
+        if value:
+            out.append(f"{name}:{value}")
+    model = get("model") or get("model_served") or get("model_requested")
+    if model:
+        out.append(f"model:{model}")
+    return out
+
+
+class _Index:
+    __slots__ = ("allowed", "budgets", "quotas", "template_quotas", "templates")
+
+    def __init__(self, policy: Policy) -> None:
+        self.budgets: dict[str, list[Budget]] = {}
+        self.templates: dict[str, list[Budget]] = {}
+        for b in policy.budgets:
+            if b.is_template:
+                self.templates.setdefault(b.dimension, []).append(b)
+            else:
+                self.budgets.setdefault(b.scope, []).append(b)
+        self.quotas: dict[str, list[Quota]] = {}
+        self.template_quotas: dict[str, list[Quota]] = {}
+        for q in policy.quotas:
+            dim, _, value = q.scope.partition(":")
+            if value == "*":
+                self.template_quotas.setdefault(dim, []).append(q)
+            else:
+                self.quotas.setdefault(q.scope, []).append(q)
+        self.allowed = policy.allowed_models
+
+
+# Indexes of the few policies alive at once (current and the one being replaced), by identity.
+_INDEXES: dict[int, tuple[Policy, _Index]] = {}
+
+
+def _index(policy: Policy) -> _Index:
+    entry = _INDEXES.get(id(policy))
+    if entry is None or entry[0] is not policy:
+        if len(_INDEXES) >= 8:
+            _INDEXES.clear()
+        entry = _INDEXES[id(policy)] = (policy, _Index(policy))
+    return entry[1]
+
+
+def matching_budgets(scope: str, policy: Policy) -> list[Budget]:
+    """Budgets for this concrete scope: its own plus its dimension's templates (exact ones first)."""
+    index = _index(policy)
+    dimension = scope.partition(":")[0]
+    return [*index.budgets.get(scope, ()), *index.templates.get(dimension, ())]
+
+
+def matching_quotas(scope: str, policy: Policy) -> list[Quota]:
+    index = _index(policy)
+    return [*index.quotas.get(scope, ()), *index.template_quotas.get(scope.partition(":")[0], ())]
+
+
+def allowed_model_lists(scopes: list[str], policy: Policy) -> list[list[str]]:
+    """The allowed-model lists that apply to an event's scopes (a model must be in every one of them)."""
+    allowed = _index(policy).allowed
+    if not allowed:
+        return []
+    out = []
+    for scope in scopes:
+        found = allowed.get(scope) or allowed.get(scope.partition(":")[0] + ":*")
+        if found:
+            out.append(found)
+    return out

@@ -1,0 +1,128 @@
+"""Policy parsing: conversions to nanos, defaults, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from spendstream.processor.policy import Period, PolicyError, load_policy, parse_policy, policy_from_json
+
+DEFAULT = Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml"
+
+
+def test_reference_policy_matches_the_scenario() -> None:
+    policy = load_policy(DEFAULT)
+    budgets = {b.scope: b for b in policy.budgets}
+    assert budgets["team:engineering"].limit_nanos == 12_000 * 10**9
+    assert sum(b.limit_nanos for s, b in budgets.items() if s.startswith("team:")) == 35_000 * 10**9
+    assert budgets["feature:ai_lead_scorer"].limit_nanos == 2_000 * 10**9
+    assert all(b.period is Period.month for b in policy.budgets)
+    t = budgets["team:marketing"].thresholds
+    assert (t.alert, t.fallback, t.shutoff) == (Decimal("0.80"), Decimal("0.90"), Decimal("1.00"))
+    assert budgets["team:marketing"].fallback_models["gpt-4o"] == "gpt-4o-mini"
+    assert policy.quotas[0].scope == "user:*" and policy.quotas[0].requests_per_day == 50
+    assert policy.spike_rules[0].factor == 3 and policy.spike_rules[0].action == "emergency_stop"
+    assert policy.allowed_models["environment:development"]
+    assert policy.is_critical("ai_chatbot") and not policy.is_critical("ai_lead_scorer")
+    assert policy.price_table.override_for("local", "llama-3.2-1b", datetime(2025, 6, 1, tzinfo=UTC)) is not None
+
+
+def test_human_amounts_become_exact_nanos() -> None:
+    policy = parse_policy(
+        "budgets:\n  - {scope: 'user:*', period: day, amount_usd: 0.1}\n  - {scope: 'team:a', amount_nanos: 7}\n"
+    )
+    assert [b.limit_nanos for b in policy.budgets] == [100_000_000, 7]
+
+
+def test_per_budget_threshold_override_keeps_other_defaults() -> None:
+    policy = parse_policy(
+        "thresholds: {alert: 0.5}\nbudgets:\n  - scope: team:a\n    amount_usd: 1\n"
+        "    thresholds: {alert: 0.7, fallback: null}\n"
+    )
+    t = policy.budgets[0].thresholds
+    assert (t.alert, t.fallback, t.shutoff) == (Decimal("0.7"), None, Decimal("1.00"))
+
+
+def test_version_is_a_content_hash_ignoring_layout() -> None:
+    a = parse_policy("budgets:\n  - {scope: 'team:a', amount_usd: 5}\n")
+    b = parse_policy("# comment\nbudgets:\n  - scope: team:a\n    amount_usd: 5\n")
+    c = parse_policy("budgets:\n  - {scope: 'team:a', amount_usd: 6}\n")
+    assert a.version == b.version != c.version
+    assert len(a.version) == 16
+
+
+def test_json_round_trip_keeps_version() -> None:
+    policy = load_policy(DEFAULT)
+    again = policy_from_json(policy.to_json())
+    assert again.version == policy.version and again == policy
+
+
+def test_summary_lists_budgets() -> None:
+    text = load_policy(DEFAULT).summary()
+    assert "team:engineering" in text and "$12,000.00" in text and "ai_chatbot" in text
+
+
+BAD = """\
+timezone: UTC
+budgets:
+  - scope: team:a
+    amount_usd: 10
+  - scope: team:b
+    period: fortnight
+    amount_usd: 5
+"""
+
+
+def test_error_names_file_line_and_field() -> None:
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(BAD, "bad.yaml")
+    assert exc.value.problems == [
+        "bad.yaml:6: budgets.1.period: Input should be 'day', 'week', 'month', 'quarter' or 'rolling_24h'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("timezone: Mars/Olympus\n", "p.yaml:1: timezone: unknown timezone"),
+        ("budgets:\n  - scope: teem:x\n    amount_usd: 1\n", "p.yaml:2: budgets.0.scope: scope must be"),
+        ("budgets:\n  - scope: team:x\n", "p.yaml:2: budgets.0: amount_usd (or amount_nanos) is required"),
+        ("budgets:\n  - scope: team:x\n    amount_usd: -1\n", "p.yaml:2: budgets.0: amount_usd must not be negative"),
+        ("thresholds:\n  alert: 0.95\n  fallback: 0.9\n", "p.yaml:2: thresholds: thresholds must satisfy"),
+        ("quotas:\n  - scope: user:*\n    requests_per_dya: 5\n", "p.yaml:3: quotas.0.requests_per_dya: Extra inputs"),
+        (
+            "spike_rules:\n  - {name: s, kind: daily, scope: 'team:*', action: emergency_stop}\n",
+            "p.yaml:2: spike_rules.0: action emergency_stop stops non-critical features",
+        ),
+        ("divisions:\n  a: [x]\n  b: [x]\n", "p.yaml:1: (policy): team 'x' is in divisions 'a' and 'b'"),
+        ("allowed_models:\n  envx:dev: [a]\n", "p.yaml:2: allowed_models: scope must be"),
+        ("budgets: [1,\n", "p.yaml:2: YAML syntax"),
+        ("- just a list\n", "p.yaml:1: the policy must be a YAML mapping"),
+    ],
+)
+def test_errors_point_at_the_problem(text: str, expected: str) -> None:
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text, "p.yaml")
+    assert str(exc.value).startswith(expected), str(exc.value)
+
+
+def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read policy"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+def test_duplicate_budget_rejected() -> None:
+    with pytest.raises(PolicyError, match="duplicate budgets"):
+        parse_policy("budgets:\n  - {scope: 'team:a', amount_usd: 1}\n  - {scope: 'team:a', amount_usd: 2}\n")
+
+
+def test_price_override_dates_are_local_midnight() -> None:
+    policy = parse_policy(
+        "timezone: Europe/Berlin\npricing:\n  overrides:\n"
+        "    - {provider: local, model: m, input_per_mtok: '1', output_per_mtok: '1', effective_from: 2025-01-01}\n"
+    )
+    row = policy.price_table.overrides[0]
+    assert row.effective_from.isoformat() == "2025-01-01T00:00:00+01:00"
