@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo dev test lint bench clean
+.PHONY: setup browser demo dev test lint bench clean
 
 $(BIN)/spendstream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ lint: setup
 	$(BIN)/ruff check services tests bench
 	$(BIN)/ruff format --check services tests bench
 
-test: setup lint ## lint, then the whole test suite against a real broker and a real chDB
+browser: ## Debian's headless Chromium, for the dashboard test (installed when missing and we are root)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the dashboard screenshot test will be skipped"
+
+test: setup browser lint ## lint, then the whole test suite against a real broker and a real chDB
 	$(BIN)/python -m pytest
 
 bench: setup ## every benchmark; each prints its figures

@@ -12,6 +12,7 @@ USAGE_DLQ = "spendstream.usage.dlq"
 
 DLQ_REASON_HEADER = "spendstream.dlq.reason"
 DLQ_SOURCE_HEADER = "spendstream.dlq.source"
+DLQ_STAGE_HEADER = "spendstream.dlq.stage"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""Budgets from a policy into the ledger's ``budgets`` table, so reports compare budget with actual."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date
+from typing import Any
+
+from spendstream.analytics.money import first_of_month, monthly_equivalent
+
+BudgetLine = tuple[str, str, int]  # (scope, period, limit_nanos)
+
+
+def budget_rows(budgets: Iterable[BudgetLine], month: date, policy_version: str) -> list[list[Any]]:
+    """Rows for the ``budgets`` table; template scopes (``team:*``) have no single owner and are skipped."""
+    month = first_of_month(month)
+    rows = []
+    for scope, period, limit_nanos in budgets:
+        if scope.endswith(":*"):
+            continue
+        if limit_nanos < 0:
+            raise ValueError(f"budget {scope}/{period}: limit must not be negative ({limit_nanos})")
+        rows.append(
+            [
+                month,
+                scope,
+                str(period),
+                int(limit_nanos),
+                monthly_equivalent(str(period), limit_nanos, month),
+                policy_version,
+            ]
+        )
+    return rows
+
+
+BUDGET_COLUMNS = ["month", "scope", "period", "limit_nanos", "monthly_limit_nanos", "policy_version"]
+
+
+def load_budgets(client: Any, db: str, budgets: Iterable[BudgetLine], month: date, policy_version: str = "") -> int:
+    """Make ``month``'s budgets exactly ``budgets`` (a budget dropped from the policy disappears too).
+
+    Returns the number of rows loaded. Running it again with the same input changes nothing.
+    """
+    rows = budget_rows(budgets, month, policy_version)
+    client.command(f"DELETE FROM {db}.budgets WHERE month = {{m:Date}}", parameters={"m": first_of_month(month)})
+    if rows:
+        client.insert(f"{db}.budgets", rows, column_names=BUDGET_COLUMNS)
+    return len(rows)
+
+
+def policy_budget_lines(policy: Any) -> list[BudgetLine]:
+    """(scope, period, limit_nanos) of a parsed ``processor.policy.Policy``."""
+    return [(b.scope, str(b.period), b.limit_nanos) for b in policy.budgets]

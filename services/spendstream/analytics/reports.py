@@ -1,0 +1,491 @@
+"""The reports finance and platform teams read: CFO weekly, chargeback, forecast, top spenders,
+model mix, latency. Each is one or two ``FINAL`` queries over the ledger (exact under replays),
+then the pure arithmetic of ``money.py``.
+
+Periods are calendar days, ISO weeks and months in the configured budget timezone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from spendstream.analytics.money import (
+    allocate_shared,
+    days_in_month,
+    exhaustion_instant,
+    first_of_month,
+    forecast_month_end,
+    is_premium,
+    local_date,
+    local_midnight,
+    month_bounds,
+    ratio,
+    week_start,
+)
+from spendstream.analytics.report_model import Column, Report
+
+# Exact reads: FINAL collapses replayed event_ids. The ledger is partitioned by month of
+# occurred_at and a duplicate always has the same occurred_at, so FINAL never needs to merge
+# across partitions; telling ClickHouse so lets it process partitions independently.
+FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
+
+TOP_DIMENSIONS = ("team", "feature", "user", "customer", "project", "environment", "provider", "model", "org")
+UNATTRIBUTED = "(unattributed)"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Where the reports read: a clickhouse-connect client, its database and the budget timezone."""
+
+    client: Any
+    db: str
+    tz: str = "UTC"
+
+    def rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        return self.client.query(sql.replace("{db}", self.db), parameters=params, settings=FINAL_SETTINGS).result_rows
+
+
+def _ts(instant: datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+_MODEL = "if(model_served != '', model_served, model_requested)"
+_RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:DateTime64(6, 'UTC')}"
+
+
+def team_budgets(ledger: Ledger, month: date) -> dict[str, int]:
+    """Monthly budget per team (scope ``team:<name>``) loaded for ``month``."""
+    rows = ledger.rows(
+        "SELECT substring(scope, 6) AS team, sum(monthly_limit_nanos) FROM {db}.budgets FINAL "
+        "WHERE month = {month:Date} AND startsWith(scope, 'team:') GROUP BY team",
+        month=first_of_month(month),
+    )
+    return {team: int(limit) for team, limit in rows}
+
+
+def _spend_by(ledger: Ledger, dimension: str, start: datetime, end: datetime) -> dict[str, int]:
+    rows = ledger.rows(
+        f"SELECT {dimension} AS k, sum(ifNull(cost_nanos, 0)) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY k",
+        start=_ts(start),
+        end=_ts(end),
+    )
+    return {k: int(v) for k, v in rows}
+
+
+# -- chargeback ---------------------------------------------------------------------------------
+
+CHARGEBACK_COLUMNS = [
+    Column("department", "Department"),
+    Column("budget", "Monthly budget", "usd"),
+    Column("actual", "Actual spend", "usd"),
+    Column("variance", "Variance", "usd"),
+    Column("utilisation", "Used", "pct"),
+    Column("shared", "Shared alloc.", "usd"),
+    Column("chargeback", "Chargeback", "usd"),
+]
+
+
+def chargeback_rows(budgets: dict[str, int], actual: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per department (= team): budget, actual, variance (budget - actual), chargeback.
+
+    Spend without a team is shared cost, allocated to departments in proportion to their own
+    spend, so the chargebacks add up to the month's whole bill to the nano-dollar.
+    """
+    shared = actual.get("", 0)
+    departments = sorted((set(budgets) | set(actual)) - {""})
+    own = {d: actual.get(d, 0) for d in departments}
+    allocation = allocate_shared(shared, own)
+    rows = []
+    for d in departments:
+        budget = budgets.get(d, 0)
+        rows.append(
+            {
+                "department": d,
+                "budget": budget,
+                "actual": own[d],
+                "variance": budget - own[d],
+                "utilisation": ratio(own[d], budget),
+                "shared": allocation[d],
+                "chargeback": own[d] + allocation[d],
+            }
+        )
+    unallocated = shared - sum(allocation.values())
+    if unallocated:
+        rows.append(
+            {"department": UNATTRIBUTED, "budget": 0, "actual": unallocated, "variance": -unallocated,
+             "utilisation": None, "shared": 0, "chargeback": unallocated}
+        )  # fmt: skip
+    total_budget = sum(r["budget"] for r in rows)
+    total_actual = sum(r["actual"] for r in rows) + sum(allocation.values())
+    totals = {
+        "department": "TOTAL",
+        "budget": total_budget,
+        "actual": total_actual,
+        "variance": total_budget - total_actual,
+        "utilisation": ratio(total_actual, total_budget),
+        "shared": sum(r["shared"] for r in rows),
+        "chargeback": sum(r["chargeback"] for r in rows),
+    }
+    return rows, totals
+
+
+def chargeback(ledger: Ledger, month: date) -> Report:
+    start, end = month_bounds(month, ledger.tz)
+    rows, totals = chargeback_rows(team_budgets(ledger, month), _spend_by(ledger, "team", start, end))
+    return Report(
+        "chargeback",
+        f"Chargeback {first_of_month(month):%B %Y}",
+        CHARGEBACK_COLUMNS,
+        rows,
+        totals,
+        params={"month": first_of_month(month), "timezone": ledger.tz},
+        notes=["variance = budget - actual (negative: over budget); chargeback = actual + shared allocation"],
+    )
+
+
+# -- CFO weekly ---------------------------------------------------------------------------------
+
+WEEKLY_COLUMNS = [
+    Column("week", "Week of", "date"),
+    Column("spend", "Spend", "usd"),
+    Column("previous", "Previous week", "usd"),
+    Column("change", "Change", "pct"),
+    Column("budget", "Budget (pro rata)", "usd"),
+    Column("budget_used", "Budget used", "pct"),
+    Column("top_feature", "Top feature"),
+    Column("top_feature_spend", "Top feature spend", "usd"),
+    Column("cache_hit_rate", "Cache hit rate", "pct"),
+    Column("premium_share", "Premium share", "pct"),
+]
+
+
+def prorated_budget(days: list[date], monthly_budget: dict[date, int]) -> int:
+    """The part of monthly budgets that falls on ``days``: each day gets 1/days_in_month (floor)."""
+    return sum(monthly_budget.get(first_of_month(d), 0) // days_in_month(d) for d in days)
+
+
+@dataclass
+class _WeekTotals:
+    spend: int = 0
+    requests: int = 0
+    cache_hits: int = 0
+    premium: int = 0
+
+    def __post_init__(self) -> None:
+        self.features: dict[str, int] = defaultdict(int)
+
+
+def weekly_rows(
+    daily: list[tuple[date, str, str, int, int, int]], weeks: list[date], monthly_budget: dict[date, int]
+) -> list[dict[str, Any]]:
+    """CFO rows, newest week first, from (day, feature, model, spend, requests, cache_hits) groups.
+
+    ``weeks`` lists the Mondays to report plus, last, the week before the oldest (for its change).
+    """
+    totals: dict[date, _WeekTotals] = defaultdict(_WeekTotals)
+    for day, feature, model, spend, requests, hits in daily:
+        week = totals[week_start(day)]
+        week.spend += spend
+        week.requests += requests
+        week.cache_hits += hits
+        week.features[feature] += spend
+        if is_premium(model):
+            week.premium += spend
+    rows = []
+    for monday in sorted(weeks, reverse=True)[:-1]:
+        this, last = totals[monday], totals[monday - timedelta(days=7)]
+        budget = prorated_budget([monday + timedelta(days=i) for i in range(7)], monthly_budget)
+        top = max(sorted(this.features), key=lambda f: this.features[f], default=None)
+        rows.append(
+            {
+                "week": monday,
+                "spend": this.spend,
+                "previous": last.spend,
+                "change": ratio(this.spend - last.spend, last.spend),
+                "budget": budget,
+                "budget_used": ratio(this.spend, budget),
+                "top_feature": (top or UNATTRIBUTED) if top is not None else None,
+                "top_feature_spend": this.features[top] if top is not None else None,
+                "cache_hit_rate": ratio(this.cache_hits, this.requests),
+                "premium_share": ratio(this.premium, this.spend),
+            }
+        )
+    return rows
+
+
+def weekly(ledger: Ledger, as_of: date, weeks: int = 4) -> Report:
+    """The CFO weekly report: the ISO week containing ``as_of`` and the ``weeks - 1`` before it."""
+    current = week_start(as_of)
+    mondays = [current - timedelta(days=7 * i) for i in range(weeks + 1)]
+    start, end = local_midnight(mondays[-1], ledger.tz), local_midnight(current + timedelta(days=7), ledger.tz)
+    daily = [
+        (d, f, m, int(s), int(r), int(h))
+        for d, f, m, s, r, h in ledger.rows(
+            f"SELECT toDate(occurred_at, {{tz:String}}) AS d, feature, {_MODEL} AS m, sum(ifNull(cost_nanos, 0)), "
+            f"count(), countIf(cache_hit) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY d, feature, m",
+            tz=ledger.tz,
+            start=_ts(start),
+            end=_ts(end),
+        )
+    ]
+    months = {first_of_month(mondays[-1]), first_of_month(current + timedelta(days=6))}
+    months |= {first_of_month(m) for m in mondays}
+    monthly_budget = {m: sum(team_budgets(ledger, m).values()) for m in months}
+    return Report(
+        "weekly",
+        f"CFO weekly report, week of {current.isoformat()}",
+        WEEKLY_COLUMNS,
+        weekly_rows(daily, mondays, monthly_budget),
+        params={"as_of": as_of, "weeks": weeks, "timezone": ledger.tz},
+        notes=[
+            "budget = the week's days' share of the team monthly budgets; premium = complex-tier models",
+            "cache hit rate = requests served from cache / requests",
+        ],
+    )
+
+
+# -- forecast -----------------------------------------------------------------------------------
+
+FORECAST_COLUMNS = [
+    Column("team", "Team"),
+    Column("budget", "Monthly budget", "usd"),
+    Column("actual", "Month to date", "usd"),
+    Column("run_rate", "Daily run rate", "usd"),
+    Column("forecast", "Month-end forecast", "usd"),
+    Column("forecast_used", "Forecast / budget", "pct"),
+    Column("over_by", "Over budget by", "usd"),
+    Column("exhausted_on", "Budget runs out", "date"),
+]
+RUN_RATE_DAYS = 7
+
+
+def forecast_rows(
+    budgets: dict[str, int],
+    actual: dict[str, int],
+    window: dict[str, int],
+    now: datetime,
+    month_end: datetime,
+    tz: str,
+) -> list[dict[str, Any]]:
+    """Month-end forecast per team from month-to-date spend and the trailing 7-day run rate."""
+    window_seconds = RUN_RATE_DAYS * 86_400
+    remaining = max(0, int((month_end - now).total_seconds()))
+    rows = []
+    for team in sorted(set(budgets) | set(actual) | set(window)):
+        spent, recent, budget = actual.get(team, 0), window.get(team, 0), budgets.get(team, 0)
+        forecast = forecast_month_end(spent, recent, window_seconds, remaining)
+        runs_out = exhaustion_instant(spent, budget, recent, window_seconds, now)
+        rows.append(
+            {
+                "team": team or UNATTRIBUTED,
+                "budget": budget,
+                "actual": spent,
+                "run_rate": recent // RUN_RATE_DAYS,
+                "forecast": forecast,
+                "forecast_used": ratio(forecast, budget),
+                "over_by": max(0, forecast - budget) if budget else None,
+                "exhausted_on": local_date(runs_out, tz) if runs_out is not None and runs_out < month_end else None,
+            }
+        )
+    return rows
+
+
+def forecast(ledger: Ledger, now: datetime) -> Report:
+    month = local_date(now, ledger.tz)
+    start, end = month_bounds(month, ledger.tz)
+    actual = _spend_by(ledger, "team", start, now)
+    window = _spend_by(ledger, "team", now - timedelta(days=RUN_RATE_DAYS), now)
+    rows = forecast_rows(team_budgets(ledger, month), actual, window, now, end, ledger.tz)
+    totals = {
+        "team": "TOTAL",
+        **{k: sum(r[k] for r in rows) for k in ("budget", "actual", "run_rate", "forecast")},
+    }
+    totals["forecast_used"] = ratio(totals["forecast"], totals["budget"])
+    return Report(
+        "forecast",
+        f"Month-end forecast {first_of_month(month):%B %Y}",
+        FORECAST_COLUMNS,
+        rows,
+        totals,
+        params={"as_of": now, "timezone": ledger.tz},
+        notes=[
+            f"forecast = month to date + trailing {RUN_RATE_DAYS}-day spend x remaining time / {RUN_RATE_DAYS} days"
+        ],
+    )
+
+
+# -- top spenders, model mix, latency ----------------------------------------------------------
+
+TOP_COLUMNS = [
+    Column("rank", "#", "int"),
+    Column("key", "Name"),
+    Column("spend", "Spend", "usd"),
+    Column("share", "Share", "pct"),
+    Column("requests", "Requests", "int"),
+    Column("cost_per_request", "Per request", "usd"),
+    Column("tokens", "Tokens", "int"),
+]
+
+
+def top(ledger: Ledger, by: str, start: date, end: date, limit: int = 10) -> Report:
+    """The biggest spenders by one dimension over [start, end] (local dates, inclusive)."""
+    if by not in TOP_DIMENSIONS:
+        raise ValueError(f"cannot rank by {by!r}; choose one of {', '.join(TOP_DIMENSIONS)}")
+    column = _MODEL if by == "model" else by
+    lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
+    rows = ledger.rows(
+        f"SELECT {column} AS k, sum(ifNull(cost_nanos, 0)) AS s, count(), sum(input_tokens + output_tokens), "
+        f"sum(s) OVER () FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} "
+        f"GROUP BY k ORDER BY s DESC, k LIMIT {{limit:UInt32}}",
+        start=_ts(lo),
+        end=_ts(hi),
+        limit=limit,
+    )
+    out = [
+        {
+            "rank": i,
+            "key": k or UNATTRIBUTED,
+            "spend": int(s),
+            "share": ratio(int(s), int(total)),
+            "requests": int(n),
+            "cost_per_request": int(s) // int(n) if n else None,
+            "tokens": int(t),
+        }
+        for i, (k, s, n, t, total) in enumerate(rows, start=1)
+    ]
+    return Report(
+        "top",
+        f"Top {by} by spend, {start.isoformat()} to {end.isoformat()}",
+        TOP_COLUMNS,
+        out,
+        params={"by": by, "from": start, "to": end, "limit": limit, "timezone": ledger.tz},
+    )
+
+
+MIX_COLUMNS = [
+    Column("provider", "Provider"),
+    Column("model", "Model"),
+    Column("tier", "Tier"),
+    Column("requests", "Requests", "int"),
+    Column("request_share", "Of requests", "pct"),
+    Column("spend", "Spend", "usd"),
+    Column("spend_share", "Of spend", "pct"),
+]
+
+
+def model_mix(ledger: Ledger, start: date, end: date) -> Report:
+    lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
+    rows = ledger.rows(
+        f"SELECT provider, {_MODEL} AS m, count() AS n, sum(ifNull(cost_nanos, 0)) AS s "
+        f"FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY provider, m ORDER BY s DESC, n DESC, m",
+        start=_ts(lo),
+        end=_ts(hi),
+    )
+    requests, spend = sum(int(r[2]) for r in rows), sum(int(r[3]) for r in rows)
+    out = [
+        {
+            "provider": p,
+            "model": m,
+            "tier": "premium" if is_premium(m) else "standard",
+            "requests": int(n),
+            "request_share": ratio(int(n), requests),
+            "spend": int(s),
+            "spend_share": ratio(int(s), spend),
+        }
+        for p, m, n, s in rows
+    ]
+    return Report(
+        "mix",
+        f"Model mix, {start.isoformat()} to {end.isoformat()}",
+        MIX_COLUMNS,
+        out,
+        params={"from": start, "to": end, "timezone": ledger.tz},
+    )
+
+
+LATENCY_COLUMNS = [
+    Column("provider", "Provider"),
+    Column("model", "Model"),
+    Column("requests", "Requests", "int"),
+    Column("error_rate", "Error rate", "pct"),
+    Column("p50", "p50", "ms"),
+    Column("p95", "p95", "ms"),
+    Column("p99", "p99", "ms"),
+]
+
+
+def latency(ledger: Ledger, start: date, end: date) -> Report:
+    """Latency quantiles and error rate per provider and model; blocked calls never left, so excluded.
+
+    Quantiles are exact (``quantilesExact``: the element at floor(q * n) of the sorted latencies).
+    """
+    lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
+    rows = ledger.rows(
+        f"SELECT provider, {_MODEL} AS m, count() AS n, countIf(status = 'error'), "
+        f"quantilesExact(0.5, 0.95, 0.99)(latency_ms) FROM {{db}}.usage_ledger FINAL "
+        f"WHERE {_RANGE} AND status != 'blocked' GROUP BY provider, m ORDER BY provider, m",
+        start=_ts(lo),
+        end=_ts(hi),
+    )
+    out = [
+        {
+            "provider": p,
+            "model": m,
+            "requests": int(n),
+            "error_rate": ratio(int(e), int(n)),
+            "p50": int(q[0]),
+            "p95": int(q[1]),
+            "p99": int(q[2]),
+        }
+        for p, m, n, e, q in rows
+    ]
+    return Report(
+        "latency",
+        f"Latency and errors by model, {start.isoformat()} to {end.isoformat()}",
+        LATENCY_COLUMNS,
+        out,
+        params={"from": start, "to": end, "timezone": ledger.tz},
+    )
+
+
+# -- dashboard feeds ----------------------------------------------------------------------------
+
+
+def spend_trend(ledger: Ledger, start: date, end: date) -> dict[str, dict[date, int]]:
+    """Spend per UTC day per team from the ``spend_daily`` rollup (fast; see 0004 for exactness)."""
+    rows = ledger.rows(
+        "SELECT day, team, sum(cost_nanos) FROM {db}.spend_daily WHERE day BETWEEN {lo:Date} AND {hi:Date} "
+        "GROUP BY day, team ORDER BY day",
+        lo=start,
+        hi=end,
+    )
+    trend: dict[str, dict[date, int]] = defaultdict(dict)
+    for day, team, spend in rows:
+        trend[team or UNATTRIBUTED][day] = int(spend)
+    return dict(trend)
+
+
+def active_decisions(ledger: Ledger, now: datetime) -> list[dict[str, Any]]:
+    """The newest decision per scope, where it restricts anything and has not expired."""
+    rows = ledger.rows(
+        "SELECT scope, toString(action), reason, spend_nanos, limit_nanos, period, version, issued_at, "
+        "expires_at, policy_version FROM (SELECT * FROM {db}.decisions FINAL ORDER BY version DESC "
+        "LIMIT 1 BY scope) WHERE action != 'allow' AND (expires_at IS NULL OR expires_at > {now:DateTime64(6, 'UTC')}) "
+        "ORDER BY action DESC, scope",
+        now=_ts(now),
+    )
+    keys = ("scope", "action", "reason", "spend", "limit", "period", "version", "issued_at", "expires_at", "policy")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def recent_alerts(ledger: Ledger, limit: int = 20) -> list[dict[str, Any]]:
+    rows = ledger.rows(
+        "SELECT occurred_at, scope, toString(kind), toString(severity), message, spend_nanos, limit_nanos, "
+        "policy_version FROM {db}.alerts FINAL ORDER BY occurred_at DESC, alert_id LIMIT {limit:UInt32}",
+        limit=limit,
+    )
+    keys = ("occurred_at", "scope", "kind", "severity", "message", "spend", "limit", "policy")
+    return [dict(zip(keys, row, strict=True)) for row in rows]

@@ -1,0 +1,131 @@
+"""``spendstream ledger reprice``: recompute the cost of past ledger rows from a corrected price table.
+
+The ledger row is re-inserted with the new cost (ReplacingMergeTree keeps the last insert of an
+event_id, so FINAL reads the corrected figure), the old figure goes to ``reprice_audit`` first,
+and the rollup days touched are rebuilt. Work proceeds one UTC day at a time to bound memory.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from spendstream.analytics.report_model import Column, Report
+from spendstream.analytics.rollup import rebuild_spend_daily
+
+# (provider, model, input, output, cached_input, cache_write, at) -> (cost_nanos, price_source)
+Pricer = Callable[[str, str, int, int, int, int, datetime], tuple[int, str]]
+
+AUDIT_COLUMNS = [
+    "reprice_id", "repriced_at", "event_id", "occurred_at", "team", "provider", "model",
+    "old_cost_nanos", "new_cost_nanos", "old_price_source", "new_price_source",
+]  # fmt: skip
+
+
+@dataclass
+class TeamDelta:
+    rows: int = 0
+    old_nanos: int = 0
+    new_nanos: int = 0
+
+
+@dataclass
+class RepriceResult:
+    reprice_id: uuid.UUID
+    examined: int = 0
+    changed: int = 0
+    teams: dict[str, TeamDelta] = field(default_factory=lambda: defaultdict(TeamDelta))
+
+    def report(self, model: str, start: date, end: date) -> Report:
+        rows = [
+            {"team": team or "(unattributed)", "rows": d.rows, "old": d.old_nanos, "new": d.new_nanos,
+             "difference": d.new_nanos - d.old_nanos}
+            for team, d in sorted(self.teams.items())
+        ]  # fmt: skip
+        totals = {k: sum(r[k] for r in rows) for k in ("rows", "old", "new", "difference")} | {"team": "TOTAL"}
+        return Report(
+            "reprice",
+            f"Repriced {model} from {start.isoformat()} to {end.isoformat()}",
+            [
+                Column("team", "Team"),
+                Column("rows", "Rows changed", "int"),
+                Column("old", "Old cost", "usd"),
+                Column("new", "New cost", "usd"),
+                Column("difference", "Difference", "usd"),
+            ],
+            rows,
+            totals,
+            params={"reprice_id": str(self.reprice_id), "examined": self.examined, "changed": self.changed},
+            notes=["old figures are kept in reprice_audit under this reprice_id"],
+        )
+
+
+def reprice(
+    client: Any, db: str, model: str, start: date, end: date, pricer: Pricer, now: datetime | None = None
+) -> RepriceResult:
+    """Reprice every ledger row of ``model`` (served, or requested when none was served) on UTC days [start, end]."""
+    result = RepriceResult(uuid.uuid4())
+    repriced_at = now or datetime.now(UTC)
+    day = start
+    while day <= end:
+        _reprice_day(client, db, model, day, pricer, repriced_at, result)
+        day += timedelta(days=1)
+    if result.changed:
+        rebuild_spend_daily(client, db, start, end)
+    return result
+
+
+def _reprice_day(
+    client: Any, db: str, model: str, day: date, pricer: Pricer, repriced_at: datetime, result: RepriceResult
+) -> None:
+    found = client.query(
+        f"SELECT * EXCEPT ingested_at FROM {db}.usage_ledger FINAL WHERE toDate(occurred_at) = {{d:Date}} "
+        "AND if(model_served != '', model_served, model_requested) = {m:String}",
+        parameters={"d": day, "m": model},
+        settings={"do_not_merge_across_partitions_select_final": 1},
+    )
+    names = list(found.column_names)
+    at = {n: i for i, n in enumerate(names)}
+    audit, replaced = [], []
+    for row in found.result_rows:
+        result.examined += 1
+        new_cost, source = pricer(
+            row[at["provider"]], model, row[at["input_tokens"]], row[at["output_tokens"]],
+            row[at["cached_input_tokens"]], row[at["cache_write_tokens"]], row[at["occurred_at"]],
+        )  # fmt: skip
+        old_cost = row[at["cost_nanos"]]
+        if old_cost == new_cost and row[at["price_source"]] == source:
+            continue
+        audit.append(
+            [result.reprice_id, repriced_at, row[at["event_id"]], row[at["occurred_at"]], row[at["team"]],
+             row[at["provider"]], model, old_cost, new_cost, row[at["price_source"]], source]
+        )  # fmt: skip
+        new_row = list(row)
+        new_row[at["cost_nanos"]], new_row[at["price_source"]] = new_cost, source
+        replaced.append(new_row)
+        delta = result.teams[row[at["team"]]]
+        delta.rows += 1
+        delta.old_nanos += old_cost or 0
+        delta.new_nanos += new_cost
+    if replaced:
+        # The audit first: a crash in between leaves the ledger unchanged and a rerun redoes the day.
+        client.insert(f"{db}.reprice_audit", audit, column_names=AUDIT_COLUMNS)
+        client.insert(f"{db}.usage_ledger", replaced, column_names=names)
+        result.changed += len(replaced)
+
+
+def policy_pricer(price_table: Any = None) -> Pricer:
+    """A ``Pricer`` backed by ``core.pricing.price_usage`` and the policy's price table."""
+    from spendstream.core.pricing import EMPTY_TABLE, price_usage
+
+    table = EMPTY_TABLE if price_table is None else price_table
+
+    def price(provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime) -> tuple[int, str]:
+        priced = price_usage(provider, model, inp, out, cached, write, at, table)
+        return priced.cost_nanos, priced.source
+
+    return price

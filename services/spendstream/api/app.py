@@ -1,0 +1,302 @@
+"""The API service: HTTP ingest for non-Python services, reports as JSON, the dashboard, admin.
+
+``create_app(settings, ledger_client)`` takes an open ledger client so the embedded runtime can
+share one chDB client between the sink and the API in one process (chDB allows one directory
+per process). The chDB client is synchronous: every ledger call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from spendstream.analytics import reports
+from spendstream.analytics.budgets import load_budgets
+from spendstream.analytics.commands import REPORTS, build_report
+from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
+from spendstream.analytics.rollup import rebuild_spend_daily
+from spendstream.api.dashboard import render_page
+from spendstream.core import topics
+from spendstream.core.codec import AvroCodec
+from spendstream.core.config import Settings
+from spendstream.core.events import UsageEvent, usage_record_problem
+
+MAX_BODY_BYTES = 5 * 1024 * 1024
+MAX_BATCH_EVENTS = 5_000
+LEDGER = web.AppKey("ledger", Any)
+PRODUCER = web.AppKey("producer", Any)
+SETTINGS = web.AppKey("settings", Settings)
+MAX_BODY = web.AppKey("max_body", int)
+MAX_EVENTS = web.AppKey("max_events", int)
+CODEC = web.AppKey("codec", AvroCodec)
+LEDGER_LOCK = web.AppKey("ledger_lock", asyncio.Lock)
+TREND_DAYS = 30
+
+
+class BadRequest(Exception):
+    def __init__(self, problems: list[dict[str, Any]]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+def _field_of(message: str, event: UsageEvent) -> str:
+    """The event field a ``usage_record_problem`` message is about: of the fields it names, the
+    first that is empty (for "missing a or b"), else the first named."""
+    named = [w for w in message.replace(",", " ").split() if w in UsageEvent.model_fields]
+    empty = [name for name in named if not getattr(event, name)] if message.startswith("missing") else []
+    return (empty or named or ["event"])[0]
+
+
+def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events: int) -> list[UsageEvent]:
+    """Events of a request body (one object, an array, or ``{"events": [...]}``), all or none.
+
+    Raises ``BadRequest`` naming every bad field as (index, field, message); ``OverflowError`` if
+    the batch is larger than ``max_events``. ``event_id`` is required so a client retry is idempotent.
+    """
+    if isinstance(body, dict) and set(body) == {"events"}:
+        body = body["events"]
+        if not isinstance(body, list):
+            raise BadRequest([{"index": None, "field": "events", "message": "must be an array of events"}])
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise BadRequest([{"index": None, "field": "events", "message": "the batch is empty"}])
+    if len(items) > max_events:
+        raise OverflowError(f"{len(items)} events in one request; at most {max_events}")
+    events, problems = [], []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append({"index": index, "field": None, "message": "an event must be a JSON object"})
+            continue
+        if not item.get("event_id"):
+            problems.append(
+                {"index": index, "field": "event_id", "message": "required, so that a retry is counted once"}
+            )
+            continue
+        try:
+            event = UsageEvent.model_validate(item)
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = ".".join(str(p) for p in error["loc"]) or None
+                problems.append({"index": index, "field": field, "message": error["msg"]})
+            continue
+        problem = usage_record_problem(event.__dict__, now, max_future_skew)
+        if problem is not None:
+            problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
+            continue
+        events.append(event)
+    if problems:
+        raise BadRequest(problems)
+    return events
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+async def post_usage(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    try:
+        body = await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body larger than {request.app[MAX_BODY]} bytes")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _error(400, f"body is not JSON: {exc}", problems=[{"index": None, "field": None, "message": str(exc)}])
+    try:
+        events = parse_batch(
+            body, datetime.now(UTC), timedelta(seconds=settings.max_future_skew_s), request.app[MAX_EVENTS]
+        )  # fmt: skip
+    except OverflowError as exc:
+        return _error(413, str(exc))
+    except BadRequest as exc:
+        return _error(400, f"{len(exc.problems)} problem(s); nothing was accepted", problems=exc.problems)
+    failures = await asyncio.to_thread(_publish, request.app[PRODUCER], request.app[CODEC], events)
+    if failures:
+        return _error(503, "the broker did not acknowledge every event; retry the request (it is idempotent)",
+                      failed_event_ids=failures)  # fmt: skip
+    return web.json_response({"accepted": len(events), "event_ids": [str(e.event_id) for e in events]}, status=202)
+
+
+def _publish(producer: Any, codec: AvroCodec, events: list[UsageEvent]) -> list[str]:
+    """Produce a batch and wait for every acknowledgement; return the event_ids that failed."""
+    failed: list[str] = []
+    for event in events:
+        eid = str(event.event_id)
+        producer.produce(
+            topics.USAGE,
+            codec.encode(event.to_avro()),
+            key=f"{event.org}/{event.team}".encode(),
+            on_delivery=lambda err, _msg, eid=eid: err is None or failed.append(eid),
+        )
+        producer.poll(0)
+    remaining = producer.flush(15)
+    if remaining:
+        failed.append(f"{remaining} event(s) unacknowledged")
+    return failed
+
+
+def _date_param(query: Any, name: str) -> date | None:
+    text = query.get(name)
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text) if name != "month" else date.fromisoformat(text + "-01")
+    except ValueError:
+        raise BadRequest([{"index": None, "field": name, "message": f"not a date: {text!r}"}]) from None
+
+
+def _int_param(query: Any, name: str) -> int | None:
+    text = query.get(name)
+    if not text:
+        return None
+    if not text.isdigit() or not 0 < int(text) <= 1000:
+        raise BadRequest([{"index": None, "field": name, "message": f"expected 1..1000, got {text!r}"}])
+    return int(text)
+
+
+async def get_report(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    if kind not in REPORTS:
+        return _error(404, f"no report {kind!r}; available: {', '.join(REPORTS)}")
+    q = request.query
+    try:
+        options = {
+            "month": _date_param(q, "month"),
+            "as_of": _date_param(q, "as_of"),
+            "start": _date_param(q, "from"),
+            "end": _date_param(q, "to"),
+            "weeks": _int_param(q, "weeks"),
+            "limit": _int_param(q, "limit"),
+            "by": q.get("by"),
+        }
+        report = await _ledger_call(
+            request, build_report, kind, request.app[LEDGER], request.app[SETTINGS], options, datetime.now(UTC)
+        )  # fmt: skip
+    except BadRequest as exc:
+        return _error(400, "bad query parameter", problems=exc.problems)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    return web.json_response(report.to_json())
+
+
+async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
+    async with request.app[LEDGER_LOCK]:
+        return await asyncio.to_thread(fn, *args)
+
+
+def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
+    """Everything the page shows, read in one go."""
+    ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
+    today = local_date(now, settings.timezone)
+    trend_start = now.date() - timedelta(days=TREND_DAYS - 1)
+    return render_page(
+        now=now,
+        trend=reports.spend_trend(ledger, trend_start, now.date()),
+        trend_start=trend_start,
+        chargeback=reports.chargeback(ledger, today),
+        forecast=reports.forecast(ledger, now),
+        mix=reports.model_mix(ledger, first_of_month(today), today),
+        decisions=reports.active_decisions(ledger, now),
+        alerts=reports.recent_alerts(ledger, 15),
+    )
+
+
+async def get_dashboard(request: web.Request) -> web.Response:
+    html = await _ledger_call(request, dashboard_html, request.app[LEDGER], request.app[SETTINGS], datetime.now(UTC))
+    return web.Response(text=html, content_type="text/html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/v1/admin/"):
+        token = request.app[SETTINGS].admin_token
+        if token is None:
+            return _error(403, "admin endpoints are disabled: set SPENDSTREAM_ADMIN_TOKEN")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+            return _error(401, "admin endpoints need 'Authorization: Bearer <SPENDSTREAM_ADMIN_TOKEN>'")
+    return await handler(request)
+
+
+async def post_budgets(request: web.Request) -> web.Response:
+    """Load a month's budgets: ``{"month": "YYYY-MM", "policy_version": "...", "budgets": [{scope, period,
+    limit_usd | limit_nanos}]}``."""
+    try:
+        body = await request.json()
+        month = date.fromisoformat(body["month"] + "-01")
+        lines = []
+        for i, b in enumerate(body["budgets"]):
+            limit = b["limit_nanos"] if "limit_nanos" in b else nanos_from_usd(b["limit_usd"])
+            if not isinstance(limit, int):
+                raise ValueError(f"budgets[{i}].limit_nanos must be an integer")
+            lines.append((str(b["scope"]), str(b.get("period", "month")), limit))
+        loaded = await _ledger_call(
+            request, load_budgets, request.app[LEDGER], request.app[SETTINGS].clickhouse_database, lines, month,
+            str(body.get("policy_version", "")),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        return _error(400, f"bad budgets document: {type(exc).__name__}: {exc}")
+    return web.json_response({"loaded": loaded, "month": month.isoformat()})
+
+
+async def post_rollup_rebuild(request: web.Request) -> web.Response:
+    """Recompute ``spend_daily`` for ``{"from": "YYYY-MM-DD", "to": "YYYY-MM-DD"}`` from the exact ledger."""
+    try:
+        body = await request.json()
+        start, end = date.fromisoformat(body["from"]), date.fromisoformat(body["to"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error(400, f"expected {{'from': 'YYYY-MM-DD', 'to': 'YYYY-MM-DD'}}: {exc}")
+    db = request.app[SETTINGS].clickhouse_database
+    groups = await _ledger_call(request, rebuild_spend_daily, request.app[LEDGER], db, start, end)
+    return web.json_response({"rebuilt_groups": groups, "from": start.isoformat(), "to": end.isoformat()})
+
+
+def create_app(
+    settings: Settings,
+    ledger_client: Any = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_events: int = MAX_BATCH_EVENTS,
+) -> web.Application:
+    """The aiohttp application; opens (and later closes) its own ledger client unless given one."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[admin_auth])
+    app[SETTINGS] = settings
+    app[MAX_BODY] = max_body_bytes
+    app[MAX_EVENTS] = max_events
+    app[CODEC] = AvroCodec("usage_event", settings.schema_registry_url)
+    app[LEDGER_LOCK] = asyncio.Lock()
+    app.router.add_post("/v1/usage", post_usage)
+    app.router.add_get("/v1/reports/{kind}", get_report)
+    app.router.add_post("/v1/admin/budgets", post_budgets)
+    app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", get_dashboard)
+
+    async def resources(app: web.Application) -> Any:
+        from confluent_kafka import Producer
+
+        from spendstream.core.ledger_store import connect, migrate
+
+        owned = ledger_client is None
+        app[LEDGER] = await asyncio.to_thread(connect, settings) if owned else ledger_client
+        await asyncio.to_thread(migrate, app[LEDGER], settings)
+        app[PRODUCER] = Producer(
+            {**settings.kafka_client_config(), "client.id": f"spendstream-api-{uuid.uuid4().hex[:6]}",
+             "acks": "all", "linger.ms": 5}
+        )  # fmt: skip
+        yield
+        await asyncio.to_thread(app[PRODUCER].flush, 10)
+        if owned:
+            app[LEDGER].close()
+
+    app.cleanup_ctx.append(resources)
+    return app

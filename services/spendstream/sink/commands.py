@@ -1,0 +1,56 @@
+"""``spendstream sink`` and ``spendstream ledger migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from spendstream.core.config import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sink = subparsers.add_parser(
+        "sink",
+        help="run the ledger sink: spendstream.usage -> ClickHouse usage_ledger, exactly once",
+        description="Consume usage events in batches (SPENDSTREAM_SINK_BATCH_SIZE / SPENDSTREAM_SINK_BATCH_MS) "
+        "into the ledger; SIGTERM or Ctrl-C finishes the current batch, commits it and exits.",
+    )
+    sink.set_defaults(handler=run_sink)
+
+    ledger = subparsers.add_parser("ledger", help="manage the ClickHouse ledger")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    migrate = ledger_sub.add_parser("migrate", help="apply every pending ledger migration (idempotent)")
+    migrate.set_defaults(handler=run_migrate)
+
+    from spendstream.analytics.commands import register_ledger_commands
+
+    register_ledger_commands(ledger_sub)
+
+
+def run_sink(args: argparse.Namespace, settings: Settings) -> int:
+    from spendstream.sink.ledger_sink import LedgerSink
+
+    sink = LedgerSink(settings)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sink.stop())
+    return sink.run()
+
+
+def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from spendstream.core.ledger_store import connect, migrate
+
+    client = connect(settings)
+    try:
+        applied = migrate(client, settings)
+    except Exception as exc:  # a failing DDL statement: name it instead of a traceback
+        print(f"spendstream: ledger migration failed on {settings.ledger_dsn}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if applied:
+        for name in applied:
+            print(f"applied  {name}")
+    else:
+        print(f"ledger {settings.ledger_dsn} database {settings.clickhouse_database}: up to date")
+    return 0

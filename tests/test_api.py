@@ -1,0 +1,175 @@
+"""The API against a real broker and chDB: ingest lands once (through the real ledger sink), bad input
+gets precise 400s, limits give 413, reports come back as JSON, admin endpoints need the token."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from spendstream.api.app import create_app
+from spendstream.core.config import Settings, load_settings
+from spendstream.core.ledger_store import connect, migrate
+from spendstream.sink.ledger_sink import LedgerSink
+
+B = 1_000_000_000
+
+
+def event(**kw: Any) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()), "occurred_at": datetime.now(UTC).isoformat(), "org": "acme",
+        "team": "marketing", "feature": "ai_chatbot", "provider": "openai", "model_requested": "gpt-4o-mini",
+        "input_tokens": 1000, "output_tokens": 200, "cost_nanos": 270_000, "latency_ms": 420, **kw,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def api_settings(settings: Settings) -> Settings:
+    return load_settings(**{**settings.model_dump(exclude={"admin_token"}), "admin_token": "s3cret"})
+
+
+@pytest.fixture
+def shared_client(api_settings: Settings) -> Iterator[Any]:
+    """One chDB client for the sink and the API, as the embedded runtime shares it."""
+    client = connect(api_settings)
+    migrate(client, api_settings)
+    yield client
+    client.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _with_client(settings: Settings, ledger: Any, body: Any, **app_kw: Any) -> Any:
+    async with TestClient(TestServer(create_app(settings, ledger, **app_kw))) as http:
+        return await body(http)
+
+
+def ledger_count(client: Any, ids: list[str]) -> int:
+    return client.query(
+        "SELECT count() FROM spendstream.usage_ledger FINAL WHERE toString(event_id) IN {ids:Array(String)}",
+        parameters={"ids": ids},
+    ).result_rows[0][0]
+
+
+def test_batch_posted_twice_lands_once(api_settings: Settings, shared_client: Any) -> None:
+    batch = [event(), event(team="sales", cost_nanos=3 * B), event(user="u7")]
+    ids = [e["event_id"] for e in batch]
+
+    async def body(http: TestClient) -> None:
+        first = await http.post("/v1/usage", json={"events": batch})
+        assert first.status == 202, await first.text()
+        assert (await first.json()) == {"accepted": 3, "event_ids": ids}
+        again = await http.post("/v1/usage", json=batch)  # a client retry, as a bare array
+        assert again.status == 202
+        single = await http.post("/v1/usage", json=batch[0])
+        assert (await single.json())["accepted"] == 1
+
+    run(_with_client(api_settings, shared_client, body))
+    sink = LedgerSink(api_settings, shared_client)
+    worker = threading.Thread(target=sink.run, daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sink.stats.inserted < 7 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        sink.stop()
+        worker.join(60)
+    assert sink.stats.inserted == 7  # every publish reached the ledger...
+    assert ledger_count(shared_client, ids) == 3  # ...and FINAL counts each event once
+    spend = shared_client.query("SELECT sum(cost_nanos) FROM spendstream.usage_ledger FINAL").result_rows[0][0]
+    assert spend == 270_000 * 2 + 3 * B
+
+
+@pytest.mark.parametrize(
+    ("payload", "problems"),
+    [
+        ([event(input_tokens=-5)], [(0, "input_tokens", "greater than or equal to 0")]),
+        ([event(), {"provider": "openai"}], [(1, "event_id", "required")]),
+        ([event(), event(event_id="not-a-uuid")], [(1, "event_id", "UUID")]),
+        ([event(occurred_at="2026-03-01T10:00:00")], [(0, "occurred_at", "timezone")]),
+        ([event(cached_input_tokens=2000)], [(0, "cached_input_tokens", "exceed input_tokens")]),
+        ([event(model_requested="")], [(0, "model_requested", "missing provider or model_requested")]),
+        ([event(prompt="secret text")], [(0, "prompt", "Extra inputs are not permitted")]),
+        ([event(occurred_at=(datetime.now(UTC) + timedelta(hours=2)).isoformat())], [(0, "occurred_at", "future")]),
+        ([event(), 42], [(1, None, "JSON object")]),
+        ({"events": "nope"}, [(None, "events", "array")]),
+        ([], [(None, "events", "empty")]),
+    ],
+)
+def test_bad_input_gets_a_precise_400_and_nothing_is_published(
+    api_settings: Settings, shared_client: Any, payload: Any, problems: list[tuple[Any, Any, str]]
+) -> None:
+    async def body(http: TestClient) -> dict[str, Any]:
+        response = await http.post("/v1/usage", json=payload)
+        assert response.status == 400
+        return await response.json()
+
+    answer = run(_with_client(api_settings, shared_client, body))
+    assert "nothing was accepted" in answer["error"]
+    assert [(p["index"], p["field"]) for p in answer["problems"]] == [(i, f) for i, f, _ in problems]
+    for got, (_, _, text) in zip(answer["problems"], problems, strict=True):
+        assert text in got["message"]
+
+
+def test_not_json_and_size_limits(api_settings: Settings, shared_client: Any) -> None:
+    async def body(http: TestClient) -> None:
+        response = await http.post("/v1/usage", data=b"{not json", headers={"Content-Type": "application/json"})
+        assert response.status == 400 and "not JSON" in (await response.json())["error"]
+        response = await http.post("/v1/usage", json=[event() for _ in range(4)])
+        assert response.status == 413 and "at most 3" in (await response.json())["error"]
+        response = await http.post("/v1/usage", data=b"[" + b" " * 70_000 + b"]")
+        assert response.status == 413
+
+    run(_with_client(api_settings, shared_client, body, max_body_bytes=64 * 1024, max_events=3))
+
+
+def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
+    shared_client.insert(
+        "spendstream.usage_ledger",
+        [[uuid.uuid4(), datetime.now(UTC), "engineering", "ai_code_review", "openai", "gpt-4o", 5 * B]],
+        column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
+    )
+    month = datetime.now(UTC).strftime("%Y-%m")
+
+    async def body(http: TestClient) -> None:
+        doc = {
+            "month": month,
+            "policy_version": "pv-9",
+            "budgets": [{"scope": "team:engineering", "limit_usd": "12000"}],
+        }
+        assert (await http.post("/v1/admin/budgets", json=doc)).status == 401
+        wrong = await http.post("/v1/admin/budgets", json=doc, headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        loaded = await http.post("/v1/admin/budgets", json=doc, headers=auth)
+        assert (await loaded.json()) == {"loaded": 1, "month": f"{month}-01"}
+        bad = await http.post(
+            "/v1/admin/budgets", json={"month": month, "budgets": [{"scope": "team:x"}]}, headers=auth
+        )
+        assert bad.status == 400 and "limit_usd" in (await bad.json())["error"]
+        chargeback = await (await http.get(f"/v1/reports/chargeback?month={month}")).json()
+        (row,) = chargeback["rows"]
+        assert (row["department"], row["budget_usd"], row["actual_nanos"]) == ("engineering", "12000.000000000", 5 * B)
+        for kind in ("weekly", "forecast", "top", "mix", "latency"):
+            response = await http.get(f"/v1/reports/{kind}")
+            assert response.status == 200 and (await response.json())["report"] == kind
+        top = await (await http.get("/v1/reports/top?by=team&limit=1")).json()
+        assert top["rows"][0]["key"] == "engineering" and top["rows"][0]["spend_usd"] == "5.000000000"
+        assert (await http.get("/v1/reports/top?by=colour")).status == 400
+        assert (await http.get("/v1/reports/weekly?as_of=yesterday")).status == 400
+        assert (await http.get("/v1/reports/nope")).status == 404
+        rebuilt = await http.post("/v1/admin/rollup/rebuild", json={"from": "2026-01-01", "to": "2027-01-01"},
+                                  headers=auth)  # fmt: skip
+        assert (await rebuilt.json())["rebuilt_groups"] == 1
+
+    run(_with_client(api_settings, shared_client, body))
