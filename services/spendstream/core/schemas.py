@@ -30,6 +30,22 @@ def parsed_schema(name: str) -> dict[str, Any]:
     return fastavro.parse_schema(load_schema_json(name))
 
 
+@cache
+def wire_schema(name: str) -> dict[str, Any]:
+    """The schema with logical types removed: identical bytes, plain longs and strings in Python."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strip(member) for member in node]
+        if isinstance(node, dict):
+            if "logicalType" in node and node.get("type") in ("long", "int", "string"):
+                return node["type"]
+            return {key: strip(value) for key, value in node.items()}
+        return node
+
+    return fastavro.parse_schema(strip(load_schema_json(name)))
+
+
 def canonical_form(name: str) -> str:
     """The Avro Parsing Canonical Form, whose fingerprint identifies the schema on the wire."""
     from fastavro.schema import to_parsing_canonical_form

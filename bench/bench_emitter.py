@@ -1,0 +1,152 @@
+"""Emitter throughput: emit() call rate and per-call latency, delivered rate, raw producer baseline.
+
+Run: .venv/bin/python bench/bench_emitter.py [--events 500000]
+
+Starts its own embedded broker. Rows:
+- emit(), deque has room: the request-path cost (max_queue above the burst size).
+- emit(), default max_queue=100k: a burst larger than the queue, so the overflow is
+  encoded and spooled from the calling thread (still no network wait).
+- raw produce(): confluent-kafka Producer.produce() of pre-encoded bytes, same producer settings.
+"delivered/s" is events acked by the broker per second, from the first call until flush() returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from spendstream.core.codec import AvroCodec
+from spendstream.core.config import load_settings
+from spendstream.core.events import UsageEvent
+from spendstream.core.topics import USAGE
+from spendstream.edge.emitter import DEFAULT_PRODUCER_CONFIG, Emitter, attribution_key
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
+
+DISTINCT = 50_000  # events are built once and emitted repeatedly: building 500k pydantic models would dominate
+
+
+def _events() -> list[UsageEvent]:
+    return [
+        UsageEvent(
+            org="acme",
+            team=f"team{i % 11}",
+            feature="ai_chatbot",
+            user=f"u{i % 997}",
+            provider="openai",
+            model_requested="gpt-4o-mini",
+            input_tokens=812,
+            output_tokens=213,
+            cost_nanos=249_600,
+            latency_ms=420,
+        )
+        for i in range(DISTINCT)
+    ]
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1000
+
+
+def bench_emitter(bootstrap: str, events: list[UsageEvent], total: int, max_queue: int, spool: Path) -> dict:
+    settings = load_settings(kafka_bootstrap=bootstrap, data_dir=spool)
+    em = Emitter(settings=settings, max_queue=max_queue)
+    em.flush(5)  # connected and idle
+    lat = array("q", bytes(8 * total))
+    clock = time.perf_counter_ns
+    emit = em.emit
+    start = time.perf_counter()
+    for i in range(total):
+        event = events[i % DISTINCT]
+        t0 = clock()
+        emit(event)
+        lat[i] = clock() - t0
+    calls_s = total / (time.perf_counter() - start)
+    left = em.flush(120)
+    delivered_s = total / (time.perf_counter() - start)
+    stats = em.stats
+    em.close(5)
+    ordered = sorted(lat)
+    return {
+        "calls/s": calls_s,
+        "p50 us": _percentile(ordered, 0.50),
+        "p99 us": _percentile(ordered, 0.99),
+        "p99.9 us": _percentile(ordered, 0.999),
+        "mean us": statistics.fmean(lat) / 1000,
+        "delivered/s": delivered_s,
+        "note": f"sent={stats.sent} spooled={stats.spooled} failed={stats.failed} undelivered={left}",
+    }
+
+
+def bench_raw(bootstrap: str, events: list[UsageEvent], total: int) -> dict:
+    codec = AvroCodec("usage_event")
+    encoded = [(attribution_key(e), codec.encode(e.to_avro())) for e in events]
+    acked = 0
+
+    def on_delivery(err: object, _msg: object) -> None:
+        nonlocal acked
+        acked += err is None
+
+    conf = {**DEFAULT_PRODUCER_CONFIG, "bootstrap.servers": bootstrap, "on_delivery": on_delivery}
+    producer = Producer(conf)
+    producer.list_topics(USAGE, timeout=5)
+    lat = array("q", bytes(8 * total))
+    clock = time.perf_counter_ns
+    produce = producer.produce
+    start = time.perf_counter()
+    for i in range(total):
+        key, value = encoded[i % DISTINCT]
+        t0 = clock()
+        while True:
+            try:
+                produce(USAGE, value, key)
+                break
+            except BufferError:
+                producer.poll(0.001)
+        lat[i] = clock() - t0
+        if i % 1000 == 0:
+            producer.poll(0)
+    calls_s = total / (time.perf_counter() - start)
+    left = producer.flush(120)
+    delivered_s = total / (time.perf_counter() - start)
+    ordered = sorted(lat)
+    return {
+        "calls/s": calls_s,
+        "p50 us": _percentile(ordered, 0.50),
+        "p99 us": _percentile(ordered, 0.99),
+        "p99.9 us": _percentile(ordered, 0.999),
+        "mean us": statistics.fmean(lat) / 1000,
+        "delivered/s": delivered_s,
+        "note": f"acked={acked} undelivered={left} (encoding not included)",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=500_000)
+    args = parser.parse_args()
+    events = _events()
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+        rows["emit(), queue has room"] = bench_emitter(
+            broker.bootstrap, events, args.events, args.events + 1, Path(tmp) / "a"
+        )
+        rows["emit(), max_queue=100k"] = bench_emitter(broker.bootstrap, events, args.events, 100_000, Path(tmp) / "b")
+        rows["raw produce() baseline"] = bench_raw(broker.bootstrap, events, args.events)
+    cols = ["calls/s", "p50 us", "p99 us", "p99.9 us", "mean us", "delivered/s"]
+    print(f"{args.events} events, one emitting thread, broker {broker.bootstrap}")
+    print(f"{'':26}" + "".join(f"{c:>13}" for c in cols) + "  note")
+    for name, row in rows.items():
+        figures = "".join(f"{row[c]:>13,.0f}" if row[c] >= 100 else f"{row[c]:>13.2f}" for c in cols)
+        print(f"{name:26}{figures}  {row['note']}")
+
+
+if __name__ == "__main__":
+    main()

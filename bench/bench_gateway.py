@@ -1,0 +1,145 @@
+"""Gateway overhead: latency added over calling the stub upstream directly, and req/s through one process.
+
+The stub upstream, the gateway (``spendstream gateway``) and this load generator run as separate processes,
+with a real embedded broker receiving the usage events. Targets: p50 added latency < 0.5 ms at concurrency 1,
+>= 2,000 req/s through one gateway process.
+Run: .venv/bin/python bench/bench_gateway.py [--requests 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from spendstream.gateway.keys import hash_key
+from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from spendstream.runtime.topic_admin import create_topics
+
+KEY = "sk-ss-bench"
+BODY = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say four words please"}], "max_tokens": 4}
+).encode()
+
+
+async def load(url: str, requests: int, concurrency: int, body: bytes = BODY) -> tuple[list[float], float]:
+    """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds."""
+    latencies: list[float] = []
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    remaining = requests
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"{url} answered {response.status}")
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return latencies, elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    async def probe() -> bool:
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                body = await response.json()
+                return response.status == 200 and body.get("enforcer_ready", True)
+        except (aiohttp.ClientError, OSError, ValueError):
+            return False
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if asyncio.run(probe()):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000, help="requests per measured run")
+    args = parser.parse_args()
+    python = sys.executable
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
+        create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+        stub_port, gateway_port = free_port(), free_port()
+        stub_url, gateway_url = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{gateway_port}"
+        config = Path(tmp) / "gateway.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "keys": [{"sha256": hash_key(KEY), "team": "bench", "feature": "load", "name": "bench"}],
+                    "providers": {
+                        "openai": {"upstreams": [{"base_url": stub_url}]},
+                        "anthropic": {"kind": "anthropic", "upstreams": [{"base_url": stub_url}]},
+                    },
+                }
+            )
+        )
+        env = {**os.environ, "SPENDSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap, "SPENDSTREAM_DATA_DIR": tmp}
+        stub = subprocess.Popen([python, "-m", "spendstream.gateway.stub_upstream", "--port", str(stub_port)])
+        gateway = subprocess.Popen(
+            [python, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(gateway_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_http(stub_url + "/v1/models")
+            wait_http(gateway_url + "/healthz")
+            print(f"{args.requests:,} chat.completions requests per run; latency in ms")
+            print(f"  {'target':8} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8}")
+            results = {}
+            for concurrency in (1, 32):
+                for name, url in (("direct", stub_url), ("gateway", gateway_url)):
+                    asyncio.run(load(url + "/v1/chat/completions", 300, concurrency))  # warm-up
+                    latencies, elapsed = asyncio.run(load(url + "/v1/chat/completions", args.requests, concurrency))
+                    results[(name, concurrency)] = (pct(latencies, 0.5), pct(latencies, 0.99), args.requests / elapsed)
+                    p50, p99, rps = results[(name, concurrency)]
+                    print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f}")
+            for concurrency in (1, 32):
+                added50 = results[("gateway", concurrency)][0] - results[("direct", concurrency)][0]
+                added99 = results[("gateway", concurrency)][1] - results[("direct", concurrency)][1]
+                print(f"added by the gateway at concurrency {concurrency}: p50 {added50:.3f} ms, p99 {added99:.3f} ms")
+            stream = json.dumps({**json.loads(BODY), "stream": True}).encode()
+            latencies, _ = asyncio.run(load(gateway_url + "/v1/chat/completions", 500, 1, stream))
+            print(f"streamed through the gateway, concurrency 1: p50 {pct(latencies, 0.5):.3f} ms")
+
+            async def health() -> dict:
+                async with aiohttp.ClientSession() as session, session.get(gateway_url + "/healthz") as response:
+                    return await response.json()
+
+            time.sleep(1.0)
+            emitter = asyncio.run(health())["emitter"]
+            print(
+                f"usage events emitted by the gateway: {emitter['emitted']:,}, acked by the broker: {emitter['sent']:,}"
+            )
+        finally:
+            for proc in (gateway, stub):
+                proc.terminate()
+                proc.wait(15)
+
+
+if __name__ == "__main__":
+    main()

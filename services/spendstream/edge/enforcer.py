@@ -1,0 +1,305 @@
+"""The Enforcer: follows ``spendstream.enforcement`` in a background thread and answers ``check()`` from memory.
+
+The request path does a handful of dict lookups (one per attribution dimension that has any decision)
+and calls the pure ``resolve`` only when some decision matches. The consumer reads the compacted topic
+from the beginning with no consumer group commits, so every edge holds the full current view.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.config import Settings, load_settings
+from spendstream.core.events import Decision
+from spendstream.core.topics import ENFORCEMENT
+from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
+
+log = logging.getLogger(__name__)
+
+# The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
+DIMENSIONS = ("org", "division", "team", "project", "feature", "user", "customer", "environment", "model")
+_DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
+WILDCARD = "*"
+
+
+class Enforcer:
+    """Local, always-answering view of the enforcement decisions.
+
+    ``hierarchy`` maps a scope to its parent (``{"team:web": "division:eng", "division:eng": "org:acme"}``),
+    so a request that names only its team is also held to its division's and org's decisions.
+    Without ``bootstrap_servers`` or ``settings``, the ``SPENDSTREAM_*`` settings are read.
+    Fail-open by default: with no fresh view the last known decisions still apply. With ``fail_closed``,
+    requests are refused (``unavailable``) until the view is ready and while it is staler than
+    ``max_staleness_s``.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        settings: Settings | None = None,
+        fail_closed: bool = False,
+        max_staleness_s: float = 30.0,
+        hierarchy: Mapping[str, str] | None = None,
+        topic: str = ENFORCEMENT,
+        poll_interval_s: float = 0.05,
+    ) -> None:
+        if settings is None and bootstrap_servers is None:
+            settings = load_settings()
+        conf: dict[str, Any] = settings.kafka_client_config() if settings is not None else {}
+        if bootstrap_servers:
+            conf["bootstrap.servers"] = bootstrap_servers
+        self._conf = {
+            **conf,
+            "group.id": f"spendstream-enforcer-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,
+            "topic.metadata.refresh.interval.ms": 10_000,
+        }
+        registry = settings.schema_registry_url if settings is not None else None
+        self._codec = AvroCodec("decision", registry)
+        self._topic = topic
+        self._poll_interval_s = poll_interval_s
+        self.fail_closed = fail_closed
+        self.max_staleness_s = max_staleness_s
+        # dimension index -> {value or "*": rule}; only dimensions with rules are listed in _active.
+        self._rules: dict[str, ScopeRule] = {}
+        self._index: list[dict[str, ScopeRule]] = [{} for _ in DIMENSIONS]
+        self._active: tuple[int, ...] = ()
+        self._global: ScopeRule | None = None
+        self._ancestors: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
+        self.set_hierarchy(hierarchy or {})
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fresh_at: float | None = None
+        self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Enforcer:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="spendstream-enforcer", daemon=True)
+            self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the decisions up to the high watermarks seen at start are loaded."""
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Enforcer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def staleness_s(self) -> float:
+        """Seconds since the view was last known to be complete (infinite before the first time)."""
+        return float("inf") if self._fresh_at is None else time.monotonic() - self._fresh_at
+
+    # -- the request path ------------------------------------------------------------------------
+    def check(
+        self,
+        *,
+        team: str = "",
+        project: str = "",
+        feature: str = "",
+        user: str = "",
+        customer: str = "",
+        environment: str = "",
+        model: str = "",
+        org: str = "",
+        division: str = "",
+    ) -> Verdict:
+        """The verdict for one request, from memory. Never blocks, never touches the network."""
+        if self.fail_closed and (self._fresh_at is None or time.monotonic() - self._fresh_at > self.max_staleness_s):
+            return Verdict(UNAVAILABLE, model, 1.0, "enforcement view is not ready or stale", "")
+        values = [org, division, team, project, feature, user, customer, environment, model]
+        if self._ancestors:
+            self._fill_ancestors(values)
+        hits: list[tuple[ScopeRule, str]] = []
+        index = self._index
+        for i in self._active:
+            value = values[i]
+            if value:
+                rules = index[i]
+                rule = rules.get(value)
+                if rule is not None:
+                    hits.append((rule, ""))
+                rule = rules.get(WILDCARD)
+                if rule is not None:
+                    hits.append((rule, value))
+        if self._global is not None:
+            hits.append((self._global, ""))
+        if not hits:
+            return Verdict(ALLOW, model)
+        return resolve(hits, model, time.time(), time.monotonic())
+
+    def _fill_ancestors(self, values: list[str]) -> None:
+        for i in (_DIM_INDEX["project"], _DIM_INDEX["team"], _DIM_INDEX["division"]):
+            if values[i]:
+                for dim_i, value in self._ancestors.get((i, values[i]), ()):
+                    if not values[dim_i]:
+                        values[dim_i] = value
+
+    # -- the view --------------------------------------------------------------------------------
+    def set_hierarchy(self, hierarchy: Mapping[str, str]) -> None:
+        """Replace the scope -> parent map (e.g. from the policy); cycles are cut, unknown dimensions refused."""
+        parents = {}
+        for child, parent in hierarchy.items():
+            (cdim, cval), (pdim, pval) = parse_scope(child), parse_scope(parent)
+            if cdim not in _DIM_INDEX or pdim not in _DIM_INDEX:
+                raise ValueError(f"hierarchy {child} -> {parent}: unknown dimension")
+            parents[(_DIM_INDEX[cdim], cval)] = (_DIM_INDEX[pdim], pval)
+        chains = {}
+        for start in parents:
+            chain, node, seen = [], parents[start], {start}
+            while node is not None and node not in seen:
+                chain.append(node)
+                seen.add(node)
+                node = parents.get(node)
+            chains[start] = tuple(chain)
+        self._ancestors = chains
+
+    def apply(self, scope: str, decision: Decision | None) -> bool:
+        """Install (or, with None, delete) the decision of one scope; False if ignored as stale or invalid."""
+        try:
+            dim, value = parse_scope(scope)
+        except ValueError:
+            self.stats["bad_records"] += 1
+            log.warning("ignoring decision with malformed scope %r", scope)
+            return False
+        if dim != "*" and dim not in _DIM_INDEX:
+            self.stats["bad_records"] += 1
+            log.warning("ignoring decision for unknown dimension %r", scope)
+            return False
+        if decision is None:
+            self.stats["tombstones"] += 1
+            self._rules.pop(scope, None)
+            self._install(dim, value, None)
+            return True
+        rule = ScopeRule.from_decision(decision)
+        if not newer(self._rules.get(scope), rule):
+            self.stats["stale_versions"] += 1
+            return False
+        self._rules[scope] = rule
+        self._install(dim, value, rule)
+        self.stats["decisions"] += 1
+        return True
+
+    def _install(self, dim: str, value: str, rule: ScopeRule | None) -> None:
+        # Each assignment is atomic under the GIL, so check() sees either the old or the new rule.
+        if dim == "*":
+            self._global = rule
+            return
+        i = _DIM_INDEX[dim]
+        if rule is None:
+            self._index[i].pop(value, None)
+        else:
+            self._index[i][value] = rule
+        self._active = tuple(j for j, rules in enumerate(self._index) if rules)
+
+    def decisions(self) -> dict[str, ScopeRule]:
+        """The rules in force, by scope (a copy, for diagnostics)."""
+        return dict(self._rules)
+
+    # -- the consumer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        consumer: Consumer | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if consumer is None:
+                        consumer = Consumer(self._conf)
+                    self._follow(consumer)
+                    return
+                except KafkaException as exc:
+                    self.stats["errors"] += 1
+                    log.warning("enforcement consumer: %s; retrying", exc)
+                    self._stop.wait(1.0)
+        finally:
+            if consumer is not None:
+                consumer.close()
+
+    def _follow(self, consumer: Consumer) -> None:
+        partitions = self._partitions(consumer)
+        if partitions is None:
+            return
+        marks = {p: consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=2) for p in partitions}
+        high_at_start = {p: high for p, (_, high) in marks.items()}
+        next_offset = {p: low for p, (low, _) in marks.items()}
+        consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
+        last_probe = 0.0
+        highs = dict(high_at_start)
+        while not self._stop.is_set():
+            messages = consumer.consume(num_messages=1000, timeout=self._poll_interval_s)
+            for msg in messages:
+                if msg.error() is not None:
+                    continue
+                next_offset[msg.partition()] = msg.offset() + 1
+                self._on_message(msg.key(), msg.value())
+            # Ready at the watermarks seen at start and with nothing more to read right now (some brokers
+            # report a watermark that lags the last batch they acknowledged).
+            if (
+                not self._ready.is_set()
+                and not messages
+                and all(next_offset[p] >= high_at_start[p] for p in partitions)
+            ):
+                self._fresh_at = time.monotonic()
+                self._ready.set()
+                log.info("enforcer ready: %d scopes with decisions", len(self._rules))
+            now = time.monotonic()
+            if now - last_probe >= 0.5:
+                last_probe = now
+                try:
+                    for p in partitions:
+                        highs[p] = consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=1)[1]
+                except KafkaException:
+                    continue  # broker unreachable: the view ages, staleness_s says by how much
+                if all(next_offset[p] >= highs[p] for p in partitions):
+                    self._fresh_at = now
+
+    def _partitions(self, consumer: Consumer) -> list[int] | None:
+        while not self._stop.is_set():
+            try:
+                meta = consumer.list_topics(self._topic, timeout=1).topics.get(self._topic)
+            except KafkaException as exc:
+                log.warning("enforcement topic metadata: %s", exc)
+                meta = None
+            if meta is not None and meta.error is None and meta.partitions:
+                return sorted(meta.partitions)
+            self._stop.wait(1.0)
+        return None
+
+    def _on_message(self, key: bytes | None, value: bytes | None) -> None:
+        if value is None:
+            if key:
+                self.apply(key.decode("utf-8", "replace"), None)
+            return
+        try:
+            decision = Decision.from_avro(self._codec.decode(value))
+        except (DecodeError, ValueError) as exc:
+            self.stats["bad_records"] += 1
+            log.warning("ignoring undecodable decision (key %r): %s", key, exc)
+            return
+        self.apply(decision.scope, decision)

@@ -1,0 +1,67 @@
+"""The one UsageEvent an LLM call becomes at the edge (gateway or instrumented client), priced in nano-USD."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from spendstream.core.events import UsageEvent, UsageStatus
+from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, normalise_usage, price_usage
+
+
+def build_event(
+    *,
+    attribution: Mapping[str, str],
+    provider: str,
+    model_requested: str,
+    model_served: str,
+    raw_usage: Mapping[str, Any] | None,
+    latency_ms: int,
+    status: UsageStatus,
+    decision: str,
+    tags: dict[str, str],
+    prices: PriceTable = EMPTY_TABLE,
+) -> UsageEvent:
+    """The usage event of one request; cost is left to the processor only when the price table rejects the model.
+
+    Requests that reached no model (blocked, failed before an answer) cost 0.
+    """
+    now = datetime.now(UTC)
+    tokens = (0, 0, 0, 0)
+    cost: int | None = 0
+    source = ""
+    if raw_usage:
+        try:
+            tokens = normalise_usage(provider, raw_usage)
+        except (TypeError, ValueError) as exc:
+            tags = {**tags, "usage_error": str(exc)[:200]}
+        input_tokens, cached, written, output_tokens = tokens
+        try:
+            price = price_usage(provider, model_served, input_tokens, output_tokens, cached, written, now, prices)
+            cost, source = price.cost_nanos, price.source
+            if price.flagged_unknown:
+                tags = {**tags, "price": "unknown_model"}
+        except UnknownModelError:
+            cost = None
+    elif status is UsageStatus.ok:
+        tags = {**tags, "usage": "missing"}
+        cost = None
+    input_tokens, cached, written, output_tokens = tokens
+    return UsageEvent(
+        occurred_at=now,
+        **attribution,
+        tags=tags,
+        provider=provider,
+        model_requested=model_requested,
+        model_served=model_served,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached,
+        cache_write_tokens=written,
+        cost_nanos=cost,
+        price_source=source,
+        latency_ms=latency_ms,
+        status=status,
+        decision_applied=decision,
+    )

@@ -1,0 +1,269 @@
+"""Pure enforcement logic: what one request may do, given the decisions of every scope it belongs to.
+
+Kept free of I/O so it can be tested exhaustively; the ``Enforcer`` only feeds it rules and clocks.
+Outcomes, from most to least restrictive:
+``unavailable`` (fail-closed, no fresh view) > ``shutoff`` > ``deny_model`` > ``throttle`` > ``fallback`` >
+``alert`` > ``allow``. A throttle only blocks when its token bucket is empty; otherwise the request goes on
+with the next outcome in that order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+from spendstream.core.events import Decision
+
+ALLOW = "allow"
+ALERT = "alert"
+FALLBACK = "fallback"
+THROTTLE = "throttle"
+DENY_MODEL = "deny_model"
+SHUTOFF = "shutoff"
+UNAVAILABLE = "unavailable"
+
+# Restriction rank of a decision's action (the schema's order).
+ACTION_RANK = {ALLOW: 0, ALERT: 1, FALLBACK: 2, THROTTLE: 3, SHUTOFF: 4}
+# Outcomes that stop the request, and the HTTP status an OpenAI-compatible edge answers with.
+BLOCKING_STATUS = {THROTTLE: 429, DENY_MODEL: 403, SHUTOFF: 402, UNAVAILABLE: 503}
+# How long a client should wait when a throttle allows no requests at all.
+ZERO_RATE_RETRY_S = 60.0
+
+
+class Verdict(NamedTuple):
+    """What the edge does with one request. ``model`` is the model to call (after any fallback)."""
+
+    action: str
+    model: str
+    retry_after_s: float | None = None
+    reason: str = ""
+    scope: str = ""
+
+    @property
+    def blocked(self) -> bool:
+        return self.action in BLOCKING_STATUS
+
+    @property
+    def http_status(self) -> int:
+        return BLOCKING_STATUS.get(self.action, 200)
+
+
+class TokenBucket:
+    """Requests-per-second limiter; capacity is one second of traffic (at least one request; none at rate 0).
+
+    Time is passed in (monotonic seconds) so the arithmetic is testable without sleeping.
+    """
+
+    __slots__ = ("_lock", "capacity", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate) if rate > 0 else 0.0
+        self.tokens = self.capacity
+        self.updated = now
+        self._lock = threading.Lock()
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until one token is available (0.0 if one is available now)."""
+        with self._lock:
+            self._refill(now)
+            if self.tokens >= 1.0:
+                return 0.0
+            return ZERO_RATE_RETRY_S if self.rate <= 0 else (1.0 - self.tokens) / self.rate
+
+    def try_take(self, now: float) -> float:
+        """Take a token if one is there (returning 0.0), else return the seconds until one is."""
+        with self._lock:
+            if now > self.updated:
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return 0.0
+            return ZERO_RATE_RETRY_S if self.rate <= 0 else (1.0 - self.tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        with self._lock:
+            self._refill(now)
+            self.tokens -= 1.0
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+@dataclass(eq=False)
+class ScopeRule:
+    """A decision, precomputed for the request path: sets and ranks instead of lists and strings.
+
+    A wildcard rule (``user:*``) keeps one token bucket per matched value, so a throttle on every user
+    limits each user separately.
+    """
+
+    scope: str
+    action: str
+    rank: int
+    version: int
+    reason: str = ""
+    fallback: dict[str, str] = field(default_factory=dict)
+    allowed: frozenset[str] | None = None
+    rate: float | None = None
+    expires_at: float | None = None  # epoch seconds
+    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    @classmethod
+    def from_decision(cls, decision: Decision) -> ScopeRule:
+        action = str(decision.action)
+        rate = decision.throttle_rps if action == THROTTLE else None
+        if action == THROTTLE and rate is None:
+            rate = 0.0
+        return cls(
+            scope=decision.scope,
+            action=action,
+            rank=ACTION_RANK[action],
+            version=decision.version,
+            reason=decision.reason,
+            fallback=dict(decision.fallback_models) if action == FALLBACK else {},
+            allowed=frozenset(decision.allowed_models) if decision.allowed_models else None,
+            rate=rate,
+            expires_at=_epoch(decision.expires_at),
+        )
+
+    def bucket(self, key: str, now: float) -> TokenBucket:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets.setdefault(key, TokenBucket(self.rate or 0.0, now))
+        return bucket
+
+
+def newer(current: ScopeRule | None, candidate: ScopeRule) -> bool:
+    """A decision replaces the one in force only with a higher version (replays and reordering are ignored)."""
+    return current is None or candidate.version > current.version
+
+
+def parse_scope(scope: str) -> tuple[str, str]:
+    """``team:marketing`` -> ``("team", "marketing")``; a bare ``*`` is the global scope ``("*", "*")``."""
+    if scope == "*":
+        return "*", "*"
+    dim, sep, value = scope.partition(":")
+    if not sep or not dim or not value:
+        raise ValueError(f"scope must look like dimension:value, got {scope!r}")
+    return dim, value
+
+
+def resolve(hits: list[tuple[ScopeRule, str]], model: str, wall_now: float, mono_now: float) -> Verdict:
+    """Apply the most restrictive of the matched rules to a request for ``model``.
+
+    ``hits`` pairs each matched rule with its bucket key (the matched value for wildcard rules, ``""`` for
+    exact ones). Expired rules are skipped. Fallback maps are applied in scope order until no rule
+    rewrites the model any more (so ``team`` gpt-4o -> gpt-4o-mini and ``org`` gpt-4o-mini -> local chain),
+    and the allowed-model lists are checked on the model actually served. Tokens are only taken when the
+    request will really go out, and from every throttling scope at once.
+    """
+    if len(hits) == 1:
+        return resolve_one(hits[0][0], hits[0][1], model, wall_now, mono_now)
+    return resolve_many(hits, model, wall_now, mono_now)
+
+
+def resolve_one(rule: ScopeRule, key: str, model: str, wall_now: float, mono_now: float) -> Verdict:
+    """``resolve`` for the common case of a single matching rule, without the bookkeeping of many."""
+    if rule.expires_at is not None and rule.expires_at <= wall_now:
+        return Verdict(ALLOW, model)
+    action = rule.action
+    if action == SHUTOFF:
+        retry = max(0.0, rule.expires_at - wall_now) if rule.expires_at is not None else None
+        return Verdict(SHUTOFF, model, retry, rule.reason or "budget exhausted", rule.scope)
+    served = rule.fallback.get(model, model) if rule.fallback else model
+    if rule.allowed is not None and served not in rule.allowed:
+        reason = f"model {served} is not allowed for {rule.scope} (allowed: {', '.join(sorted(rule.allowed))})"
+        return Verdict(DENY_MODEL, served, None, reason, rule.scope)
+    if action == THROTTLE:
+        wait = rule.bucket(key, mono_now).try_take(mono_now)
+        if wait > 0.0:
+            return Verdict(THROTTLE, served, wait, rule.reason or f"throttled to {rule.rate:g} requests/s", rule.scope)
+        return Verdict(ALLOW, served)
+    if served != model:
+        return Verdict(FALLBACK, served, None, rule.reason or f"{model} -> {served}", rule.scope)
+    if action == ALLOW:
+        return Verdict(ALLOW, served)
+    return Verdict(ALERT, served, None, rule.reason, rule.scope)
+
+
+def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: float, mono_now: float) -> Verdict:
+    """``resolve`` for any number of matching rules."""
+    shutoff: ScopeRule | None = None
+    active: list[tuple[ScopeRule, str]] = []
+    for hit in hits:
+        rule = hit[0]
+        if rule.expires_at is not None and rule.expires_at <= wall_now:
+            continue
+        if rule.action == SHUTOFF and (shutoff is None or rule.scope < shutoff.scope):
+            shutoff = rule
+        active.append(hit)
+    if shutoff is not None:
+        retry = max(0.0, shutoff.expires_at - wall_now) if shutoff.expires_at is not None else None
+        return Verdict(SHUTOFF, model, retry, shutoff.reason or "budget exhausted", shutoff.scope)
+    if not active:
+        return Verdict(ALLOW, model)
+
+    served, rewrote = model, None
+    fallbacks = [rule for rule, _ in active if rule.fallback]
+    if len(fallbacks) > 1:
+        fallbacks.sort(key=_scope_of)
+    for _ in range(len(fallbacks)):
+        for rule in fallbacks:
+            target = rule.fallback.get(served)
+            if target is not None and target != served:
+                served, rewrote = target, rule
+                break
+        else:
+            break
+    if served == model:
+        rewrote = None
+
+    top: ScopeRule | None = None
+    throttles = []
+    for rule, key in active:
+        if rule.allowed is not None and served not in rule.allowed:
+            reason = f"model {served} is not allowed for {rule.scope} (allowed: {', '.join(sorted(rule.allowed))})"
+            return Verdict(DENY_MODEL, served, None, reason, rule.scope)
+        if rule.action == THROTTLE:
+            throttles.append((rule, rule.bucket(key, mono_now)))
+        elif (rule.action == ALERT or rule.action == FALLBACK) and (top is None or rule.rank > top.rank):
+            top = rule
+
+    if len(throttles) == 1:
+        limiting, bucket = throttles[0]
+        wait = bucket.try_take(mono_now)
+        if wait > 0.0:
+            reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
+            return Verdict(THROTTLE, served, wait, reason, limiting.scope)
+    elif throttles:
+        wait, limiting = 0.0, throttles[0][0]
+        for rule, bucket in throttles:
+            needed = bucket.wait_time(mono_now)
+            if needed > wait:
+                wait, limiting = needed, rule
+        if wait > 0.0:
+            reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
+            return Verdict(THROTTLE, served, wait, reason, limiting.scope)
+        for _, bucket in throttles:
+            bucket.take(mono_now)
+
+    if rewrote is not None:
+        return Verdict(FALLBACK, served, None, rewrote.reason or f"{model} -> {served}", rewrote.scope)
+    if top is not None:
+        return Verdict(ALERT, served, None, top.reason, top.scope)
+    return Verdict(ALLOW, served)
+
+
+def _scope_of(rule: ScopeRule) -> str:
+    return rule.scope

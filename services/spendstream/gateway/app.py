@@ -1,0 +1,469 @@
+"""The gateway: an OpenAI/Anthropic-compatible proxy that attributes, enforces, forwards and meters.
+
+Per request: authenticate the virtual key, parse the body once, ask the Enforcer (memory only), forward
+through one shared keep-alive ClientSession, and emit exactly one UsageEvent, also for blocked and
+failed requests. Prompt and completion text are neither logged nor put in events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from spendstream.core.config import Settings
+from spendstream.core.events import UsageStatus
+from spendstream.edge.emitter import Emitter
+from spendstream.edge.enforcer import Enforcer
+from spendstream.edge.metering import build_event
+from spendstream.edge.verdict import Verdict
+from spendstream.gateway.config import GatewayConfig
+from spendstream.gateway.keys import HEADER_FIELDS, KeyStore, VirtualKey
+from spendstream.gateway.metering import StreamMeter, usage_of_body
+from spendstream.gateway.upstreams import Upstreams, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+# Blocking outcomes -> (error code, error type) of the OpenAI-style error body.
+_BLOCK_ERRORS = {
+    "shutoff": ("budget_exceeded", "insufficient_quota"),
+    "throttle": ("rate_limit_exceeded", "rate_limit_error"),
+    "deny_model": ("model_not_allowed", "permission_error"),
+    "unavailable": ("enforcement_unavailable", "service_unavailable"),
+}
+# Headers passed on to upstreams (besides content type and the upstream's own auth).
+_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
+_RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anthropic-ratelimit-requests-remaining")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # tag value, e.g. chat.completions
+    anthropic: bool = False
+    streams: bool = True
+    include_usage: bool = False  # OpenAI stream_options.include_usage applies
+
+
+ENDPOINTS = {
+    "/v1/chat/completions": Endpoint("chat.completions", include_usage=True),
+    "/v1/completions": Endpoint("completions", include_usage=True),
+    "/v1/embeddings": Endpoint("embeddings", streams=False),
+    "/v1/messages": Endpoint("messages", anthropic=True),
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    kind: str,
+    *,
+    anthropic: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An OpenAI-style error (Anthropic clients also find ``type: error`` and ``error.type``)."""
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "type": kind, "param": None}}
+    if anthropic:
+        body["type"] = "error"
+    return web.json_response(body, status=status, headers=headers)
+
+
+class Gateway:
+    """The aiohttp application and what it shares across requests."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        settings: Settings,
+        *,
+        keys: KeyStore | None = None,
+        enforcer: Enforcer | None = None,
+        emitter: Emitter | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        if keys is None:
+            keys = KeyStore.load(config.keys_file, config.keys) if config.keys_file else KeyStore(config.keys)
+        self.keys = keys
+        self.enforcer = enforcer
+        self.emitter = emitter
+        self._owns_enforcer = enforcer is None
+        self._owns_emitter = emitter is None
+        self.prices = config.pricing.table()
+        self.upstreams = Upstreams(config)
+        self.session: aiohttp.ClientSession | None = None
+        self.counts: Counter[str] = Counter()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        for path in ENDPOINTS:
+            app.router.add_post(path, self.proxy)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/healthz", self.health)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        if self.enforcer is None:
+            self.enforcer = Enforcer(
+                settings=self.settings,
+                fail_closed=self.config.fail_closed,
+                max_staleness_s=self.config.max_staleness_s,
+                hierarchy=self.config.hierarchy,
+            ).start()
+        if self.emitter is None:
+            self.emitter = await asyncio.to_thread(Emitter, settings=self.settings)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self._owns_enforcer and self.enforcer is not None:
+            await asyncio.to_thread(self.enforcer.stop)
+        if self._owns_emitter and self.emitter is not None:
+            await asyncio.to_thread(self.emitter.close, 10.0)
+
+    # -- handlers --------------------------------------------------------------------------------
+    def _authenticate(self, request: web.Request) -> VirtualKey | None:
+        presented = request.headers.get("Authorization", "")
+        if presented[:7].lower() == "bearer ":
+            presented = presented[7:].strip()
+        else:
+            presented = request.headers.get("x-api-key") or request.headers.get("api-key") or ""
+        return self.keys.lookup(presented) if presented else None
+
+    async def health(self, request: web.Request) -> web.Response:
+        enforcer, emitter = self.enforcer, self.emitter
+        staleness = enforcer.staleness_s if enforcer is not None else math.inf
+        body = {
+            "enforcer_ready": bool(enforcer and enforcer.ready),
+            "enforcer_staleness_s": None if math.isinf(staleness) else round(staleness, 3),
+            "emitter": emitter.stats.__dict__ if emitter is not None else None,
+            "upstream_failures": dict(self.upstreams.failures),
+            "upstream_failovers": self.upstreams.failovers,
+            "requests": dict(self.counts),
+        }
+        return web.json_response(body)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        if self._authenticate(request) is None:
+            return error_response(401, "invalid or missing API key", "invalid_api_key", "invalid_request_error")
+        assert self.session is not None
+        try:
+            response, _ = await self.upstreams.send(
+                self.session, self.config.openai_provider, "GET", "/v1/models", None, {}
+            )
+        except UpstreamUnavailable as exc:
+            return error_response(502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error")
+        async with response:
+            data = await response.read()
+        return web.Response(body=data, status=response.status, content_type="application/json")
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """One proxied call; an unexpected failure answers 500 and is logged by type only (no request text)."""
+        try:
+            return await self._proxy(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:
+            self.counts["internal_error"] += 1
+            log.error(
+                "gateway error on %s: %s", request.path, type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
+            return error_response(500, "internal gateway error", "internal_error", "api_error")
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        endpoint = ENDPOINTS[request.path]
+        anthropic = endpoint.anthropic
+        key = self._authenticate(request)
+        if key is None:
+            self.counts["unauthorized"] += 1
+            return error_response(
+                401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=anthropic
+            )
+        body, raw, problem = await self._read_json(request)
+        if problem is not None:
+            self.counts["bad_request"] += 1
+            return error_response(400, problem, "invalid_request", "invalid_request_error", anthropic=anthropic)
+        assert body is not None
+        model = body["model"]
+        attribution = key.attribution()
+        if key.allow_header_attribution:
+            for header, field in HEADER_FIELDS.items():
+                value = request.headers.get(header)
+                if value:
+                    attribution[field] = value
+        provider = self.config.provider_for(model, anthropic)
+        tags = {**key.tags, "endpoint": endpoint.name}
+        if key.name:
+            tags["key"] = key.name
+        assert self.enforcer is not None
+        verdict = self.enforcer.check(model=model, **attribution)
+        if verdict.blocked:
+            self.counts[verdict.action] += 1
+            self._emit(attribution, provider, model, model, None, started, UsageStatus.blocked, verdict, tags)
+            return self._blocked(verdict, anthropic)
+        return await self._forward(request, endpoint, body, raw, attribution, provider, model, verdict, tags, started)
+
+    async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, str | None]:
+        """(body, raw bytes, None) or (None, b"", why the request is refused)."""
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return None, b"", f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"
+        try:
+            raw = await request.content.read(limit + 1)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            return None, b"", "request body could not be read"
+        if len(raw) > limit:
+            return None, b"", f"request body exceeds the limit of {limit} bytes"
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return None, b"", f"request body is not valid JSON: {exc}"
+        if not isinstance(body, dict):
+            return None, b"", "request body must be a JSON object"
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return None, b"", "you must provide a model parameter (a non-empty string)"
+        return body, raw, None
+
+    def _blocked(self, verdict: Verdict, anthropic: bool) -> web.Response:
+        code, kind = _BLOCK_ERRORS[verdict.action]
+        headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Scope": verdict.scope}
+        if verdict.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(verdict.retry_after_s)))
+        scope = verdict.scope or "this gateway"
+        messages = {
+            "shutoff": f"budget exceeded for {scope}: {verdict.reason}",
+            "throttle": f"rate limited for {scope}: {verdict.reason}",
+            "deny_model": verdict.reason,
+            "unavailable": f"spend enforcement unavailable: {verdict.reason}",
+        }
+        return error_response(
+            verdict.http_status, messages[verdict.action], code, kind, anthropic=anthropic, headers=headers
+        )
+
+    async def _forward(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        raw: bytes,
+        attribution: dict[str, str],
+        provider: str,
+        model: str,
+        verdict: Verdict,
+        tags: dict[str, str],
+        started: float,
+    ) -> web.StreamResponse:
+        headers = {"Content-Type": "application/json"}
+        for name in _FORWARDED_HEADERS:
+            value = request.headers.get(name)
+            if value:
+                headers[name] = value
+        if endpoint.anthropic and "anthropic-version" not in headers:
+            headers["anthropic-version"] = self.config.anthropic_version
+        out_headers = {"X-Spendstream-Decision": verdict.action}
+        rewrite = verdict.model != model
+        if rewrite:
+            body["model"] = verdict.model
+            out_headers["X-Spendstream-Model"] = verdict.model
+            out_headers["X-Spendstream-Fallback-From"] = model
+        stream = endpoint.streams and body.get("stream") is True
+        injected = False
+        if stream and endpoint.include_usage:
+            options = body.get("stream_options")
+            if not isinstance(options, dict) or not options.get("include_usage"):
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                injected = True
+        payload = json.dumps(body, separators=(",", ":")).encode() if rewrite or injected else raw
+        assert self.session is not None
+        try:
+            response, target = await self.upstreams.send(self.session, provider, "POST", request.path, payload, headers)
+        except UpstreamUnavailable as exc:
+            self.counts["upstream_unavailable"] += 1
+            self._emit(attribution, provider, model, verdict.model, None, started, UsageStatus.error, verdict, tags)
+            return error_response(
+                502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error", anthropic=endpoint.anthropic
+            )
+        tags["upstream"] = target.base_url
+        for name in _RESPONSE_HEADERS:
+            value = response.headers.get(name)
+            if value:
+                out_headers[name] = value
+        status = UsageStatus.ok if response.status < 400 else UsageStatus.error
+        self.counts[status.value] += 1
+        if stream and response.status == 200:
+            return await self._stream(
+                request,
+                response,
+                target.kind,
+                injected,
+                out_headers,
+                attribution,
+                provider,
+                model,
+                verdict,
+                tags,
+                started,
+            )
+        raw_usage: dict[str, Any] = {}
+        served = verdict.model
+        try:
+            async with response:
+                data = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._emit(attribution, provider, model, served, None, started, UsageStatus.error, verdict, tags)
+            return error_response(
+                502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
+            )
+        if status is UsageStatus.ok:
+            raw_usage, served_by_upstream = usage_of_body(data)
+            served = served_by_upstream or served
+        self._emit(attribution, provider, model, served, raw_usage, started, status, verdict, tags)
+        content_type = response.headers.get("Content-Type", "application/json")
+        return web.Response(body=data, status=response.status, headers={**out_headers, "Content-Type": content_type})
+
+    async def _stream(
+        self,
+        request: web.Request,
+        response: aiohttp.ClientResponse,
+        kind: str,
+        injected: bool,
+        out_headers: dict[str, str],
+        attribution: dict[str, str],
+        provider: str,
+        model: str,
+        verdict: Verdict,
+        tags: dict[str, str],
+        started: float,
+    ) -> web.StreamResponse:
+        meter = StreamMeter(kind, drop_usage_chunk=injected)
+        status = UsageStatus.ok
+        out = web.StreamResponse(
+            status=200,
+            headers={
+                **out_headers,
+                "Content-Type": response.headers.get("Content-Type", "text/event-stream"),
+                "Cache-Control": "no-cache",
+            },
+        )
+        try:
+            async with response:
+                await out.prepare(request)
+                async for chunk in response.content.iter_any():
+                    data = meter.feed(chunk)
+                    if data:
+                        await out.write(data)
+                rest = meter.finish()
+                if rest:
+                    await out.write(rest)
+            await out.write_eof()
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            status = UsageStatus.error
+            tags["stream_error"] = type(exc).__name__
+        finally:
+            served = meter.model or verdict.model
+            self._emit(attribution, provider, model, served, meter.usage, started, status, verdict, tags)
+        return out
+
+    def _emit(
+        self,
+        attribution: dict[str, str],
+        provider: str,
+        model: str,
+        served: str,
+        raw_usage: dict[str, Any] | None,
+        started: float,
+        status: UsageStatus,
+        verdict: Verdict,
+        tags: dict[str, str],
+    ) -> None:
+        try:
+            event = build_event(
+                attribution=attribution,
+                provider=provider,
+                model_requested=model,
+                model_served=served,
+                raw_usage=raw_usage,
+                latency_ms=int((time.perf_counter() - started) * 1000),
+                status=status,
+                decision=verdict.action,
+                tags=tags,
+                prices=self.prices,
+            )
+        except Exception:  # a metering bug must not fail the request; the log says which request shape
+            self.counts["meter_errors"] += 1
+            log.exception("could not build the usage event (provider %s, model %s)", provider, model)
+            return
+        assert self.emitter is not None
+        self.emitter.emit(event)
+
+
+class GatewayThread:
+    """The gateway on its own event loop in a background thread (tests, benchmarks, the demo)."""
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.gateway = gateway
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> GatewayThread:
+        started = threading.Event()
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            runner = web.AppRunner(self.gateway.app(), access_log=None)
+            try:
+                loop.run_until_complete(runner.setup())
+                site = web.TCPSite(runner, self.host, self.port)
+                loop.run_until_complete(site.start())
+                self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            except BaseException as exc:
+                self._error = exc
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="spendstream-gateway", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if self._error is not None:
+            raise RuntimeError(f"gateway did not start: {self._error}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._thread = None
+
+    def __enter__(self) -> GatewayThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,112 @@
+"""Virtual API keys: each maps to an attribution (org, division, team, ...). Only sha256 hashes are stored.
+
+A keys file is a YAML/JSON list (or ``{keys: [...]}``) of entries such as::
+
+    - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+      name: marketing-chatbot
+      team: marketing
+      feature: ai_chatbot
+      allow_header_attribution: true   # X-Spendstream-User etc. may refine the attribution
+
+``spendstream gateway keygen --team marketing`` prints a new key and its entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spendstream.core.config import ConfigError
+
+KEY_PREFIX = "sk-ss-"
+# Attribution headers a key may allow, and the attribution field each sets.
+HEADER_FIELDS = {
+    f"X-Spendstream-{name.capitalize()}": name
+    for name in ("org", "division", "team", "project", "feature", "user", "customer", "environment")
+}
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class VirtualKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the key; the key itself is never stored.")
+    name: str = ""
+    org: str = ""
+    division: str = ""
+    team: str = ""
+    project: str = ""
+    feature: str = ""
+    user: str = ""
+    customer: str = ""
+    environment: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    allow_header_attribution: bool = False
+
+    def attribution(self) -> dict[str, str]:
+        return {
+            "org": self.org,
+            "division": self.division,
+            "team": self.team,
+            "project": self.project,
+            "feature": self.feature,
+            "user": self.user,
+            "customer": self.customer,
+            "environment": self.environment,
+        }
+
+
+class KeyStore:
+    """Look up a presented key by its hash; the final comparison is constant-time."""
+
+    def __init__(self, keys: Iterable[VirtualKey]) -> None:
+        self._by_hash: dict[str, VirtualKey] = {}
+        for key in keys:
+            if key.sha256 in self._by_hash:
+                raise ConfigError(f"virtual key {key.name or key.sha256[:12]} is listed twice")
+            self._by_hash[key.sha256] = key
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def lookup(self, presented: str) -> VirtualKey | None:
+        digest = hash_key(presented)
+        key = self._by_hash.get(digest)
+        if key is None or not hmac.compare_digest(key.sha256, digest):
+            return None
+        return key
+
+    @classmethod
+    def load(cls, path: Path, inline: Iterable[VirtualKey] = ()) -> KeyStore:
+        try:
+            data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"keys file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"keys file {path}: not valid YAML/JSON: {exc}") from None
+        if isinstance(data, dict):
+            data = data.get("keys")
+        if not isinstance(data, list):
+            raise ConfigError(f"keys file {path}: expected a list of keys (or a mapping with 'keys')")
+        keys = list(inline)
+        for i, entry in enumerate(data):
+            try:
+                keys.append(VirtualKey.model_validate(entry))
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ConfigError(f"keys file {path}: entry {i}: {problems}") from None
+        return cls(keys)

@@ -1,0 +1,268 @@
+"""A stub OpenAI- and Anthropic-compatible LLM server for tests, benchmarks and the demo.
+
+Deterministic: input tokens = words in the prompt, output tokens = ``max_tokens`` (default 8, at most 256)
+words of filler. Streams honour ``stream_options.include_usage`` the way OpenAI does. Faults are injected
+with ``fail_status`` (answer every request with that status) or ``hang_s`` (sleep before answering).
+
+Run standalone: ``python -m spendstream.gateway.stub_upstream --port 9000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_OUTPUT_TOKENS = 8
+
+
+def _words(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_words(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_words(v) for k, v in value.items() if k in ("content", "text", "input", "prompt", "system"))
+    return 0
+
+
+def _output_tokens(body: dict[str, Any]) -> int:
+    wanted = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
+    return max(1, min(int(wanted), 256))
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class StubUpstream:
+    """The stub server in a background thread of its own (usable from sync tests and scripts)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.fail_status: int | None = None
+        self.hang_s = 0.0
+        self.requests = 0
+        self.last_body: dict[str, Any] | None = None
+        self.last_headers: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start_async(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop_async(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start(self) -> StubUpstream:
+        started = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start_async())
+            started.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self.stop_async())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="stub-upstream", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("stub upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> StubUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- handlers --------------------------------------------------------------------------------
+    async def _accept(self, request: web.Request) -> dict[str, Any] | web.Response:
+        self.requests += 1
+        self.last_headers = {k.lower(): v for k, v in request.headers.items()}
+        if self.hang_s:
+            await asyncio.sleep(self.hang_s)
+        if self.fail_status is not None:
+            return web.json_response(
+                {"error": {"message": "stub failure", "type": "server_error"}}, status=self.fail_status
+            )
+        body = await request.json()
+        self.last_body = body
+        return body
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        model, n_in, n_out = body["model"], _words(body.get("messages", [])), _output_tokens(body)
+        usage = {
+            "prompt_tokens": n_in,
+            "completion_tokens": n_out,
+            "total_tokens": n_in + n_out,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": " ".join(["word"] * n_out)}
+            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+        for i in range(n_out):
+            delta = {"role": "assistant", "content": "word"} if i == 0 else {"content": " word"}
+            await response.write(_sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
+        await response.write(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(_sse({**base, "choices": [], "usage": usage}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        n_in, n_out = _words(body.get("prompt", "")), _output_tokens(body)
+        choice = {"index": 0, "text": " ".join(["word"] * n_out), "finish_reason": "stop", "logprobs": None}
+        return web.json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [choice],
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+            }
+        )
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        inputs = body.get("input", "")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        n_in = _words(inputs)
+        data = [{"object": "embedding", "index": i, "embedding": [0.0] * 8} for i in range(len(inputs))]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": n_in, "total_tokens": n_in},
+            }
+        )
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        model = body["model"]
+        n_in = _words(body.get("messages", [])) + _words(body.get("system", ""))
+        n_out = _output_tokens(body)
+        usage = {
+            "input_tokens": n_in,
+            "output_tokens": n_out,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+        }
+        message = {
+            "id": f"msg_{uuid.uuid4().hex[:12]}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**usage, "output_tokens": 1},
+        }
+        if not body.get("stream"):
+            text = {"type": "text", "text": " ".join(["word"] * n_out)}
+            return web.json_response({**message, "content": [text], "stop_reason": "end_turn", "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_sse({"type": "message_start", "message": message}, "message_start"))
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+        await response.write(_sse(block, "content_block_start"))
+        for i in range(n_out):
+            delta = {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": " word" if i else "word"},
+            }
+            await response.write(_sse(delta, "content_block_delta"))
+        await response.write(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        end = {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": n_out},
+        }
+        await response.write(_sse(end, "message_delta"))
+        await response.write(_sse({"type": "message_stop"}, "message_stop"))
+        await response.write_eof()
+        return response
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        names = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]
+        return web.json_response(
+            {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "stub"} for n in names]}
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="stub OpenAI/Anthropic-compatible LLM server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args()
+    stub = StubUpstream(args.host, args.port)
+    web.run_app(stub.app(), host=args.host, port=args.port, access_log=None, print=lambda *_: None)
+
+
+if __name__ == "__main__":
+    main()

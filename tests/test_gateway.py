@@ -1,0 +1,356 @@
+"""The gateway end to end: real broker, stub upstreams in-process, usage read back from spendstream.usage."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from spendstream.core.codec import AvroCodec
+from spendstream.core.config import ConfigError, Settings, load_settings
+from spendstream.core.events import Decision
+from spendstream.core.pricing import price_usage
+from spendstream.core.topics import USAGE
+from spendstream.edge.emitter import Emitter
+from spendstream.edge.enforcer import Enforcer
+from spendstream.gateway.app import Gateway, GatewayThread
+from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamConfig, load_gateway_config
+from spendstream.gateway.keys import KeyStore, VirtualKey, hash_key
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
+from stub_upstream import StubUpstream, publish_decisions, wait_for
+
+KEY = "sk-ss-test-marketing"
+HEADER_KEY = "sk-ss-test-platform"
+KEYS = [
+    VirtualKey(sha256=hash_key(KEY), name="mkt", org="acme", team="marketing", feature="ai_chatbot", user="u1"),
+    VirtualKey(sha256=hash_key(HEADER_KEY), name="platform", team="platform", allow_header_attribution=True),
+]
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "four words of prompt"}], "max_tokens": 5}
+
+
+def http(
+    url: str, body: Any = None, key: str | None = KEY, headers: dict[str, str] | None = None, raw: bytes | None = None
+):
+    """POST (or GET without a body); returns (status, headers, bytes) for every status."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def read_usage(bootstrap: str, expected: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """Every usage event on the topic once ``expected`` have arrived (and half a second for any extra)."""
+    codec = AvroCodec("usage_event")
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex, "enable.auto.commit": False})
+    partitions = consumer.list_topics(USAGE, timeout=10).topics[USAGE].partitions
+    consumer.assign([TopicPartition(USAGE, p, OFFSET_BEGINNING) for p in partitions])
+    events: list[dict[str, Any]] = []
+    deadline, settle = time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
+            for msg in consumer.consume(100, 0.1):
+                if msg.error() is None:
+                    events.append(codec.decode(msg.value()))
+            if len(events) >= expected and settle is None:
+                settle = time.monotonic() + 0.5
+    finally:
+        consumer.close()
+    return events
+
+
+@pytest.fixture
+def upstreams() -> Iterator[tuple[StubUpstream, StubUpstream]]:
+    with StubUpstream() as primary, StubUpstream() as secondary:
+        yield primary, secondary
+
+
+def gateway_config(primary: StubUpstream, secondary: StubUpstream, **overrides: Any) -> GatewayConfig:
+    return GatewayConfig(
+        keys=KEYS,
+        providers={
+            "openai": ProviderConfig(
+                kind="openai", upstreams=[UpstreamConfig(base_url=primary.url), UpstreamConfig(base_url=secondary.url)]
+            ),
+            "anthropic": ProviderConfig(kind="anthropic", upstreams=[UpstreamConfig(base_url=primary.url)]),
+        },
+        **overrides,
+    )
+
+
+@pytest.fixture
+def gateway(settings: Settings, upstreams, tmp_path: Path) -> Iterator[GatewayThread]:
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    config = gateway_config(*upstreams, max_body_bytes=64 * 1024)
+    with GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)) as running:
+        yield running
+    emitter.close(10)
+    enforcer.stop()
+
+
+def test_each_request_becomes_one_usage_event(gateway: GatewayThread, broker: EmbeddedBroker, upstreams) -> None:
+    primary, _ = upstreams
+    status, headers, body = http(gateway.url + "/v1/chat/completions", CHAT)
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 5,
+        "total_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert headers["X-Spendstream-Decision"] == "allow"
+    assert primary.last_headers.get("authorization") is None  # the virtual key never reaches the provider
+
+    status, _, streamed = http(gateway.url + "/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 3})
+    assert status == 200
+    chunks = [line for line in streamed.decode().split("\n\n") if line]
+    assert chunks[-1] == "data: [DONE]" and len(chunks) == 5  # 3 words, the stop chunk, [DONE]
+    assert b'"usage"' not in streamed  # the usage chunk the gateway asked for is not shown to the client
+    assert primary.last_body["stream_options"] == {"include_usage": True}
+
+    message = {"model": "claude-3-5-sonnet-latest", "max_tokens": 7, "messages": [{"role": "user", "content": "a b"}]}
+    assert http(gateway.url + "/v1/messages", message, headers={"anthropic-version": "2023-06-01"})[0] == 200
+    status, _, streamed = http(gateway.url + "/v1/messages", {**message, "stream": True})
+    assert status == 200 and b"message_stop" in streamed
+    assert http(gateway.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["x y z"]})[0] == 200
+    headers = {"X-Spendstream-Team": "search", "X-Spendstream-User": "u9", "X-Spendstream-Feature": "ai_lead_scorer"}
+    assert (
+        http(gateway.url + "/v1/completions", {"model": "gpt-4o-mini", "prompt": "p q"}, HEADER_KEY, headers)[0] == 200
+    )
+    status, _, models = http(gateway.url + "/v1/models")
+    assert status == 200 and json.loads(models)["data"]
+
+    events = read_usage(broker.bootstrap, 6)
+    assert len(events) == 6 and len({e["event_id"] for e in events}) == 6
+    by_shape = {(e["model_requested"], e["tags"]["endpoint"], e["output_tokens"]): e for e in events}
+    expected = [
+        ("gpt-4o", "chat.completions", 4, 5, "openai"),
+        ("gpt-4o", "chat.completions", 4, 3, "openai"),
+        ("claude-3-5-sonnet-latest", "messages", 2, 7, "anthropic"),
+        ("text-embedding-3-small", "embeddings", 3, 0, "openai"),
+        ("gpt-4o-mini", "completions", 2, 8, "openai"),
+    ]
+    for model, endpoint, n_in, n_out, provider in expected:
+        event = by_shape[(model, endpoint, n_out)]
+        assert (event["input_tokens"], event["provider"], event["status"]) == (n_in, provider, "ok")
+        assert event["cost_nanos"] == price_usage(provider, model, n_in, n_out, at=event["occurred_at"]).cost_nanos
+        assert event["cost_nanos"] > 0 and event["price_source"]
+    claude = [e for e in events if e["provider"] == "anthropic"]
+    assert len(claude) == 2 and all(e["input_tokens"] == 2 and e["output_tokens"] == 7 for e in claude)
+    chat = by_shape[("gpt-4o", "chat.completions", 5)]
+    assert (chat["org"], chat["team"], chat["feature"], chat["user"], chat["tags"]["key"]) == (
+        "acme",
+        "marketing",
+        "ai_chatbot",
+        "u1",
+        "mkt",
+    )
+    refined = by_shape[("gpt-4o-mini", "completions", 8)]
+    assert (refined["team"], refined["user"], refined["feature"]) == ("search", "u9", "ai_lead_scorer")
+    assert all("four words" not in json.dumps(e, default=str) for e in events)  # no prompt text in events
+
+
+def test_decisions_change_the_gateway_within_a_second(gateway: GatewayThread, broker: EmbeddedBroker, upstreams):
+    primary, _ = upstreams
+    url = gateway.url + "/v1/chat/completions"
+
+    def after(decision: Decision, expected_status: int) -> tuple[int, Any, bytes]:
+        publish_decisions(broker.bootstrap, [decision])
+        published = time.monotonic()
+        assert wait_for(lambda: http(url, CHAT)[0] == expected_status, 1.0), decision
+        assert time.monotonic() - published < 1.0
+        return http(url, CHAT)
+
+    fallback = Decision(scope="team:marketing", action="fallback", version=1, fallback_models={"gpt-4o": "gpt-4o-mini"})
+    publish_decisions(broker.bootstrap, [fallback])
+    assert wait_for(lambda: "X-Spendstream-Model" in http(url, CHAT)[1], 1.0)
+    status, headers, body = http(url, CHAT)
+    assert (status, headers["X-Spendstream-Model"], headers["X-Spendstream-Fallback-From"]) == (
+        200,
+        "gpt-4o-mini",
+        "gpt-4o",
+    )
+    assert primary.last_body["model"] == "gpt-4o-mini" and json.loads(body)["model"] == "gpt-4o-mini"
+
+    status, headers, body = after(Decision(scope="user:*", action="throttle", throttle_rps=0.0, version=1), 429)
+    assert int(headers["Retry-After"]) >= 1 and json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+
+    reason = "monthly budget of $8,000 spent"
+    status, headers, body = after(Decision(scope="team:marketing", action="shutoff", version=2, reason=reason), 402)
+    error = json.loads(body)["error"]
+    assert error["code"] == "budget_exceeded" and "team:marketing" in error["message"] and error["param"] is None
+    assert headers["X-Spendstream-Scope"] == "team:marketing"
+    anthropic_block = http(gateway.url + "/v1/messages", {"model": "claude-3-haiku", "messages": [], "max_tokens": 1})
+    assert anthropic_block[0] == 402 and json.loads(anthropic_block[2])["type"] == "error"
+
+    publish_decisions(broker.bootstrap, [Decision(scope="user:*", action="allow", version=2)])
+    only_haiku = Decision(scope="team:marketing", action="allow", version=3, allowed_models=["claude-3-haiku"])
+    status, _, body = after(only_haiku, 403)
+    assert json.loads(body)["error"]["code"] == "model_not_allowed"
+
+    after(Decision(scope="team:marketing", action="allow", version=4), 200)
+
+    events = read_usage(broker.bootstrap, 1, timeout=5)
+    blocked = {e["decision_applied"] for e in events if e["status"] == "blocked"}
+    assert {"throttle", "shutoff", "deny_model"} <= blocked
+    assert all(e["cost_nanos"] == 0 and e["input_tokens"] == 0 for e in events if e["status"] == "blocked")
+
+
+def test_bad_input_is_refused_and_the_gateway_keeps_serving(gateway: GatewayThread, broker: EmbeddedBroker) -> None:
+    url = gateway.url + "/v1/chat/completions"
+    cases = [
+        (http(url, raw=b"{not json"), 400),
+        (http(url, raw=b"[1, 2]"), 400),
+        (http(url, {"messages": []}), 400),
+        (http(url, {"model": 42}), 400),
+        (http(url, raw=b'{"model": "gpt-4o", "pad": "' + b"x" * 70_000 + b'"}'), 400),
+        (http(url, CHAT, key="sk-ss-unknown"), 401),
+        (http(url, CHAT, key=None), 401),
+    ]
+    for (status, _, body), expected in cases:
+        assert status == expected
+        error = json.loads(body)["error"]
+        assert error["message"] and error["type"] and "param" in error
+    assert http(url, CHAT)[0] == 200
+    events = read_usage(broker.bootstrap, 1, timeout=5)
+    assert len(events) == 1  # refused input reached no model and named none: no usage event
+
+
+def test_failover_to_the_secondary_upstream(settings: Settings, upstreams, tmp_path: Path) -> None:
+    primary, secondary = upstreams
+    enforcer = Enforcer(settings=settings).start()
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(primary, secondary), settings, enforcer=enforcer, emitter=emitter)
+    with GatewayThread(gateway) as running:
+        primary.fail_status = 503
+        status, _, _ = http(running.url + "/v1/chat/completions", CHAT)
+        assert status == 200 and secondary.requests == 1
+        assert gateway.upstreams.failures[primary.url] == 1
+        streamed = http(running.url + "/v1/chat/completions", {**CHAT, "stream": True})
+        assert streamed[0] == 200 and secondary.requests == 2
+        secondary.fail_status = 500
+        status, _, _ = http(running.url + "/v1/chat/completions", CHAT)
+        assert status == 500  # the last upstream's answer is passed on
+        health = json.loads(http(running.url + "/healthz")[2])
+        assert health["upstream_failures"] == {primary.url: 3, secondary.url: 1}
+    events = read_usage(settings.kafka_bootstrap, 3)
+    assert sorted(e["status"] for e in events) == ["error", "ok", "ok"]
+    assert {e["tags"]["upstream"] for e in events if e["status"] == "ok"} == {secondary.url}
+    emitter.close(10)
+    enforcer.stop()
+
+
+def test_broker_down_requests_served_and_usage_delivered_later(upstreams, tmp_path: Path) -> None:
+    broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+    settings = load_settings(kafka_bootstrap=broker.bootstrap, data_dir=tmp_path / "data")
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    try:
+        with GatewayThread(Gateway(gateway_config(*upstreams), settings, enforcer=enforcer, emitter=emitter)) as gw:
+            assert http(gw.url + "/v1/chat/completions", CHAT)[0] == 200
+            assert wait_for(lambda: emitter.stats.sent >= 1, 10)
+            broker.kill()
+            for _ in range(5):
+                assert http(gw.url + "/v1/chat/completions", CHAT)[0] == 200  # fail-open
+            assert wait_for(lambda: emitter.stats.spooled >= 5, 30)
+            broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "broker2.log").start()
+            create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+            assert emitter.flush(60) == 0
+        events = read_usage(broker.bootstrap, 5)
+        assert len(events) == 5 and all(e["team"] == "marketing" and e["status"] == "ok" for e in events)
+    finally:
+        emitter.close(5)
+        enforcer.stop()
+        broker.stop()
+
+
+def test_config_file_and_openai_client_compatibility(settings: Settings, upstreams, tmp_path: Path) -> None:
+    openai = pytest.importorskip("openai")
+    primary, _ = upstreams
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"- {{sha256: {hash_key(KEY)}, team: marketing}}\n")
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(
+        "keys_file: keys.yaml\n"
+        f"providers:\n  openai:\n    upstreams: [{{base_url: '{primary.url}'}}]\n"
+        f"  anthropic:\n    kind: anthropic\n    upstreams: [{{base_url: '{primary.url}'}}]\n"
+        "hierarchy: {'team:marketing': 'division:growth'}\n"
+        "pricing:\n  overrides:\n"
+        "    - {provider: openai, model: gpt-4o, input_per_mtok: '1', output_per_mtok: '2.5'}\n"
+    )
+    config = load_gateway_config(config_path)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(config, settings, emitter=emitter)  # builds its own Enforcer from settings and config
+    with GatewayThread(gateway) as running:
+        client = openai.OpenAI(api_key=KEY, base_url=running.url + "/v1", max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi there"}])
+        assert reply.usage.prompt_tokens == 2
+        text = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(model="gpt-4o", messages=[], stream=True)
+            if chunk.choices
+        )
+        assert text == " ".join(["word"] * 8)
+        publish_decisions(settings.kafka_bootstrap, [Decision(scope="division:growth", action="shutoff", version=1)])
+        assert wait_for(lambda: gateway.enforcer.check(team="marketing", model="gpt-4o").blocked, 5)
+        with pytest.raises(openai.APIStatusError) as blocked:
+            client.chat.completions.create(model="gpt-4o", messages=[])
+        assert blocked.value.status_code == 402 and blocked.value.code == "budget_exceeded"
+        assert "division:growth" in blocked.value.message
+    emitter.close(10)
+    events = read_usage(settings.kafka_bootstrap, 3)
+    costs = sorted(e["cost_nanos"] for e in events)
+    assert costs == [0, 0 * 1000 + 8 * 2500, 2 * 1000 + 8 * 2500]  # override rates, in nanos per token
+    assert {e["price_source"] for e in events if e["cost_nanos"]} == {"override:openai/gpt-4o"}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("providers: {openai: {upstreams: []}}", "providers.openai.upstreams"),
+        ("max_body_bytes: 10", "max_body_bytes"),
+        ("model_routes: {llama: nowhere}", "nowhere"),
+        ("colour: blue", "colour"),
+        ("keys: [{sha256: abc}]", "keys.0.sha256"),
+        ("- not a mapping", "must be a mapping"),
+    ],
+)
+def test_bad_gateway_config_is_named(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_gateway_config(path)
+
+
+def test_keys_file_problems_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("- {sha256: " + hash_key("a") + ", tem: typo}\n")
+    with pytest.raises(ConfigError, match="entry 0: tem"):
+        KeyStore.load(path)
+    path.write_text(f"keys:\n  - {{sha256: {hash_key('a')}}}\n  - {{sha256: {hash_key('a')}}}\n")
+    with pytest.raises(ConfigError, match="listed twice"):
+        KeyStore.load(path)
+    path.write_text(f"keys:\n  - {{sha256: {hash_key('a')}, team: t}}\n")
+    store = KeyStore.load(path)
+    assert store.lookup("a").team == "t" and store.lookup("b") is None

@@ -1,0 +1,210 @@
+"""Most-restrictive resolution, fallback chains, allowed models and the token bucket (pure logic)."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spendstream.core.events import Decision
+from spendstream.edge.verdict import (
+    ACTION_RANK,
+    ALERT,
+    ALLOW,
+    DENY_MODEL,
+    FALLBACK,
+    SHUTOFF,
+    THROTTLE,
+    ScopeRule,
+    TokenBucket,
+    Verdict,
+    newer,
+    parse_scope,
+    resolve,
+    resolve_many,
+    resolve_one,
+)
+
+NOW = 1_800_000_000.0
+MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-haiku", "llama-3.2-1b"]
+OUTCOME_RANK = {ALLOW: 0, ALERT: 1, FALLBACK: 2, THROTTLE: 3, DENY_MODEL: 4, SHUTOFF: 5}
+
+
+def rule(scope: str, action: str, version: int = 1, **fields) -> ScopeRule:
+    return ScopeRule.from_decision(Decision(scope=scope, action=action, version=version, **fields))
+
+
+rules_strategy = st.lists(
+    st.builds(
+        lambda i, action, fb, allowed, rate, expired: rule(
+            f"team:t{i}",
+            action,
+            fallback_models=dict(fb),
+            allowed_models=allowed,
+            throttle_rps=rate,
+            expires_at=datetime.fromtimestamp(NOW + (-5 if expired else 3600), UTC),
+        ),
+        st.integers(0, 9),
+        st.sampled_from(list(ACTION_RANK)),
+        st.lists(st.tuples(st.sampled_from(MODELS), st.sampled_from(MODELS)), max_size=3),
+        st.lists(st.sampled_from(MODELS), max_size=3),
+        st.sampled_from([0.0, 1000.0]),
+        st.booleans(),
+    ),
+    max_size=6,
+)
+
+
+def outcome(rules: list[ScopeRule], model: str = "gpt-4o") -> Verdict:
+    return resolve([(r, "") for r in rules], model, NOW, 100.0)
+
+
+def fresh(rules: list[ScopeRule]) -> list[ScopeRule]:
+    """Copies with new buckets, so one resolution's tokens do not leak into the next."""
+    return [ScopeRule(**{**r.__dict__, "buckets": {}}) for r in rules]
+
+
+@settings(max_examples=300)
+@given(rules_strategy, st.sampled_from(MODELS))
+def test_any_active_shutoff_wins(rules: list[ScopeRule], model: str) -> None:
+    verdict = outcome(rules, model)
+    active = [r for r in rules if r.expires_at > NOW]
+    shutoffs = {r.scope for r in active if r.action == SHUTOFF}
+    assert (verdict.action == SHUTOFF) == bool(shutoffs)
+    if shutoffs:
+        assert verdict.scope in shutoffs and verdict.blocked and verdict.http_status == 402
+
+
+@settings(max_examples=300)
+@given(rules_strategy, st.sampled_from(MODELS))
+def test_order_of_scopes_does_not_matter(rules: list[ScopeRule], model: str) -> None:
+    first = outcome(fresh(rules), model)
+    assert outcome(fresh(list(reversed(rules))), model)[:2] == first[:2]
+
+
+@settings(max_examples=300)
+@given(rules_strategy, rules_strategy, st.sampled_from(MODELS))
+def test_adding_a_scope_never_loosens(rules: list[ScopeRule], extra: list[ScopeRule], model: str) -> None:
+    """Only a fallback map can make an outcome milder (by routing to an allowed model); nothing else can."""
+    extra = [r for r in extra if not r.fallback]
+    before = outcome(fresh(rules), model)
+    after = outcome(fresh(rules + extra), model)
+    assert OUTCOME_RANK[after.action] >= OUTCOME_RANK[before.action]
+
+
+@settings(max_examples=300)
+@given(rules_strategy, st.sampled_from(MODELS))
+def test_expired_decisions_have_no_effect(rules: list[ScopeRule], model: str) -> None:
+    live = [r for r in rules if r.expires_at > NOW]
+    assert outcome(fresh(rules), model)[:3] == outcome(fresh(live), model)[:3]
+
+
+@settings(max_examples=300)
+@given(rules_strategy, st.sampled_from(MODELS))
+def test_served_model_is_allowed_by_every_scope_unless_blocked(rules: list[ScopeRule], model: str) -> None:
+    verdict = outcome(rules, model)
+    if not verdict.blocked:
+        for r in rules:
+            if r.expires_at > NOW and r.allowed is not None:
+                assert verdict.model in r.allowed
+    if verdict.action == DENY_MODEL:
+        assert verdict.http_status == 403
+
+
+@settings(max_examples=500)
+@given(rules_strategy.filter(lambda rules: len(rules) == 1), st.sampled_from(MODELS), st.sampled_from(["", "u1"]))
+def test_single_rule_fast_path_agrees_with_the_general_one(rules: list[ScopeRule], model: str, key: str) -> None:
+    (one,) = fresh(rules)
+    (many,) = fresh(rules)
+    assert resolve_one(one, key, model, NOW, 100.0) == resolve_many([(many, key)], model, NOW, 100.0)
+
+
+def test_precedence_ladder() -> None:
+    ladder = [
+        rule("org:a", ALERT, reason="80%"),
+        rule("division:d", FALLBACK, fallback_models={"gpt-4o": "gpt-4o-mini"}, reason="90%"),
+        rule("team:t", THROTTLE, throttle_rps=0.0, reason="slow down"),
+        rule("project:p", ALLOW, allowed_models=["claude-3-haiku"]),
+        rule("feature:f", SHUTOFF, reason="100%"),
+    ]
+    expected = [ALERT, FALLBACK, THROTTLE, DENY_MODEL, SHUTOFF]
+    for n, action in enumerate(expected, start=1):
+        verdict = outcome(ladder[:n])
+        assert verdict.action == action
+        assert verdict.scope == ladder[n - 1].scope
+
+
+def test_fallback_chain_and_allowed_model_after_fallback() -> None:
+    team = rule("team:t", FALLBACK, fallback_models={"gpt-4o": "gpt-4o-mini"})
+    org = rule("org:a", FALLBACK, fallback_models={"gpt-4o-mini": "llama-3.2-1b"})
+    assert outcome([team, org]) == Verdict(FALLBACK, "llama-3.2-1b", None, "gpt-4o -> llama-3.2-1b", "org:a")
+    only_mini = rule("project:p", ALLOW, allowed_models=["gpt-4o-mini"])
+    assert outcome([team, only_mini]).model == "gpt-4o-mini"
+    assert outcome([team, only_mini]).action == FALLBACK
+    cycle = rule("org:a", FALLBACK, fallback_models={"gpt-4o-mini": "gpt-4o"})
+    assert outcome([team, cycle]).action in (FALLBACK, ALERT)
+
+
+def test_fallback_without_mapping_for_the_model_is_an_alert() -> None:
+    verdict = outcome([rule("team:t", FALLBACK, fallback_models={"o1": "o1-mini"}, reason="90% of budget")])
+    assert verdict == Verdict(ALERT, "gpt-4o", None, "90% of budget", "team:t")
+
+
+def test_shutoff_retry_after_is_time_to_expiry() -> None:
+    until = datetime.fromtimestamp(NOW + 120, UTC)
+    assert outcome([rule("team:t", SHUTOFF, expires_at=until)]).retry_after_s == pytest.approx(120)
+
+
+def test_throttle_uses_a_bucket_per_wildcard_value() -> None:
+    users = rule("user:*", THROTTLE, throttle_rps=1.0)
+    first_a = resolve([(users, "a")], "m", NOW, 10.0)
+    second_a = resolve([(users, "a")], "m", NOW, 10.0)
+    first_b = resolve([(users, "b")], "m", NOW, 10.0)
+    assert (first_a.action, second_a.action, first_b.action) == (ALLOW, THROTTLE, ALLOW)
+    assert second_a.retry_after_s == pytest.approx(1.0)
+    assert resolve([(users, "a")], "m", NOW, 11.0).action == ALLOW
+
+
+def test_blocked_throttle_takes_no_token_from_other_scopes() -> None:
+    open_team = rule("team:t", THROTTLE, throttle_rps=1.0)
+    closed_user = rule("user:u", THROTTLE, throttle_rps=0.0)
+    assert outcome([open_team, closed_user]).action == THROTTLE
+    assert outcome([open_team]).action == ALLOW  # the team's single token is still there
+
+
+@given(
+    st.floats(0.1, 500.0),
+    st.lists(st.floats(0.0, 0.5), min_size=1, max_size=200),
+)
+def test_token_bucket_never_exceeds_rate_plus_burst(rate: float, gaps: list[float]) -> None:
+    bucket = TokenBucket(rate, 0.0)
+    now, granted = 0.0, 0
+    for gap in gaps:
+        now += gap
+        if bucket.wait_time(now) == 0.0:
+            bucket.take(now)
+            granted += 1
+    assert granted <= bucket.capacity + rate * now + 1e-6
+
+
+def test_versions_only_move_forward() -> None:
+    v2 = rule("team:t", SHUTOFF, version=2)
+    assert newer(None, v2)
+    assert not newer(v2, rule("team:t", ALLOW, version=2))
+    assert not newer(v2, rule("team:t", ALLOW, version=1))
+    assert newer(v2, rule("team:t", ALLOW, version=3))
+
+
+@pytest.mark.parametrize("scope", ["team", "team:", ":x", ""])
+def test_malformed_scopes_are_refused(scope: str) -> None:
+    with pytest.raises(ValueError):
+        parse_scope(scope)
+
+
+def test_every_action_pairing_resolves_to_the_stricter() -> None:
+    for a, b in itertools.product([ALLOW, ALERT, SHUTOFF], repeat=2):
+        verdict = outcome([rule("team:t", a), rule("user:u", b)])
+        assert verdict.action == max(a, b, key=ACTION_RANK.__getitem__)
