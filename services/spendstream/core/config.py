@@ -32,11 +32,13 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(None, description="Optional YAML file with any of these settings.")
     data_dir: Path = Field(Path(".spendstream"), description="Where the embedded runtime keeps its state.")
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client connects."
+    )
     kafka_sasl_mechanism: str | None = Field(None, description="e.g. PLAIN, SCRAM-SHA-512.")
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_ca_location: Path | None = None
+    kafka_sasl_username: str | None = Field(None, description="SASL user for every Kafka client.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    kafka_ssl_ca_location: Path | None = Field(None, description="CA bundle for SSL connections to Kafka.")
     schema_registry_url: str | None = Field(
         None,
         description="If set, values use Confluent Schema Registry framing instead of single-object Avro.",
@@ -44,30 +46,32 @@ class Settings(BaseSettings):
     clickhouse_dsn: str | None = Field(
         None, description="clickhouse-connect DSN: chdb:///dir (embedded) or http(s)://user:pass@host:8123."
     )
-    clickhouse_database: str = "spendstream"
+    clickhouse_database: str = Field("spendstream", description="Database holding the ledger tables and views.")
     policy: Path | None = Field(None, description="Policy YAML file.")
     timezone: str = Field("UTC", description="Timezone in which budget periods start and end.")
 
     # -- topics ---------------------------------------------------------------------------
-    usage_partitions: int = Field(6, ge=1, le=1024)
-    replication_factor: int = Field(1, ge=1, le=16)
+    usage_partitions: int = Field(
+        6, ge=1, le=1024, description="Partitions of spendstream.usage: the ceiling on parallel processors and sinks."
+    )
+    replication_factor: int = Field(1, ge=1, le=16, description="Replication of topics created by `topics create`.")
 
     # -- edge emitter ---------------------------------------------------------------------
-    spool_dir: Path | None = Field(None, description="Emitter disk spool; default DATA_DIR/spool.")
+    spool_dir: Path | None = Field(None, description="Where an Emitter spools events while the broker is unreachable.")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Upper bound of the disk spool.")
 
     # -- ledger sink ----------------------------------------------------------------------
-    sink_group: str = "spendstream-sink"
-    sink_batch_size: int = Field(20_000, ge=1, le=1_000_000)
-    sink_batch_ms: int = Field(500, ge=1, le=60_000)
-    ledger_ttl_months: int = Field(13, ge=1, le=1200)
+    sink_group: str = Field("spendstream-sink", description="Consumer group of the ledger sinks.")
+    sink_batch_size: int = Field(20_000, ge=1, le=1_000_000, description="Most events per ledger insert.")
+    sink_batch_ms: int = Field(500, ge=1, le=60_000, description="Longest wait to fill a ledger batch.")
+    ledger_ttl_months: int = Field(13, ge=1, le=1200, description="Ledger retention (TTL), applied at migration.")
     max_future_skew_s: int = Field(300, ge=0, description="Events further in the future are rejected.")
 
     # -- service ports --------------------------------------------------------------------
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = Field(8080, ge=0, le=65535)
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8081, ge=0, le=65535)
+    gateway_host: str = Field("127.0.0.1", description="Gateway listen address.")
+    gateway_port: int = Field(8080, ge=0, le=65535, description="Gateway listen port.")
+    api_host: str = Field("127.0.0.1", description="API and dashboard listen address.")
+    api_port: int = Field(8081, ge=0, le=65535, description="API and dashboard listen port.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
 
     @classmethod
@@ -128,6 +132,20 @@ def _config_file_from(*sources: PydanticBaseSettingsSource) -> Path | None:
         if value:
             return Path(value)
     return None
+
+
+def settings_reference_markdown() -> str:
+    """The configuration table of the README, generated from ``Settings`` so the two cannot drift."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None else f"`{default}`"
+        if name == "clickhouse_dsn":
+            shown = "`chdb://DATA_DIR/ledger`"
+        if name == "spool_dir":
+            shown = "`DATA_DIR/spool`"
+        rows.append(f"| `SPENDSTREAM_{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
+from pathlib import Path
 
 from spendstream.core.config import Settings
 
@@ -14,6 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     broker.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
     broker.add_argument("--no-topics", action="store_true", help="do not create the spendstream topics")
     broker.set_defaults(handler=run_broker)
+
+    dev = subparsers.add_parser(
+        "dev",
+        help="run the whole pipeline on this machine: broker, processor, sink, api, gateway (Ctrl-C stops all)",
+    )
+    dev.add_argument(
+        "--policy", type=Path, default=None, help="policy YAML (default: SPENDSTREAM_POLICY or the bundled one)"
+    )
+    dev.add_argument(
+        "--stub-upstream",
+        action="store_true",
+        help="answer LLM calls with a local stub instead of the real providers (no provider keys needed)",
+    )
+    dev.set_defaults(handler=run_dev)
 
     topics = subparsers.add_parser("topics", help="manage the spendstream topics")
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
@@ -35,6 +51,41 @@ def run_broker(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  export SPENDSTREAM_KAFKA_BOOTSTRAP={broker.bootstrap}", flush=True)
         stop.wait()
     print("broker stopped", flush=True)
+    return 0
+
+
+def run_dev(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from spendstream.runtime.dev_stack import DevStack, default_policy_path, write_dev_gateway_config
+
+    policy = args.policy or settings.policy or default_policy_path()
+    if not policy.is_file():
+        print(f"spendstream: policy file not found: {policy}", file=sys.stderr)
+        return 2
+    stub = None
+    if args.stub_upstream:
+        from spendstream.gateway.stub_upstream import StubUpstream
+
+        stub = StubUpstream().start()
+    gateway_config, dev_key = (
+        (Path(os.environ["SPENDSTREAM_GATEWAY_CONFIG"]), None)
+        if os.environ.get("SPENDSTREAM_GATEWAY_CONFIG")
+        else write_dev_gateway_config(settings.data_dir.resolve(), stub.url if stub else None)
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with DevStack(settings, policy=policy.resolve(), gateway_config=gateway_config, dev_key=dev_key) as stack:
+            stack.say("ready; Ctrl-C stops everything")
+            stop.wait()
+    except RuntimeError as exc:
+        print(f"spendstream: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if stub is not None:
+            stub.stop()
     return 0
 
 

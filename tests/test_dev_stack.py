@@ -1,0 +1,94 @@
+"""``spendstream dev``: the embedded runtime starts, meters a request into the ledger, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from spendstream.core.config import load_settings
+from spendstream.core.ledger_store import connect
+from spendstream.runtime.embedded_broker import free_port
+
+
+def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float, seen: list[str]) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not printed within {timeout}s:\n{''.join(seen[-40:])}")
+
+
+@pytest.mark.slow
+def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    gateway_port, api_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(data_dir),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "SPENDSTREAM_GATEWAY_PORT": str(gateway_port),
+        "SPENDSTREAM_API_PORT": str(api_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("SPENDSTREAM_GATEWAY_CONFIG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "dev", "--stub-upstream"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        key = _wait_for_line(proc, "dev key", 90, seen).split()[3]
+        _wait_for_line(proc, "ready; Ctrl-C stops everything", 30, seen)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+            data=json.dumps(
+                {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
+            ).encode(),
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                "X-Spendstream-Team": "marketing",
+                "X-Spendstream-Feature": "ai_chatbot",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+            assert json.load(response)["usage"]["prompt_tokens"] == 3
+        proc.send_signal(signal.SIGINT)
+        _wait_for_line(proc, "stopping: ledger drained", 60, seen)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in "".join(seen)
+    settings = load_settings(data_dir=data_dir)
+    client = connect(settings)
+    try:
+        rows = client.query(
+            "SELECT team, feature, model_requested, input_tokens, cost_nanos FROM spendstream.usage_ledger FINAL"
+        ).result_rows
+    finally:
+        client.close()
+    assert len(rows) == 1
+    team, feature, model, input_tokens, cost_nanos = rows[0]
+    assert (team, feature, model, input_tokens) == ("marketing", "ai_chatbot", "gpt-4o-mini", 3)
+    assert cost_nanos > 0
