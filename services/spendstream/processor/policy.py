@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
+from spendstream.processor.routing_policy import RoutingPolicy
 
 HIERARCHY = ("org", "division", "team", "project")
 DIMENSIONS = (*HIERARCHY, "feature", "user", "customer", "environment", "model")
@@ -229,6 +230,7 @@ class Policy(_Model):
     features: dict[str, Feature] = Field(default_factory=dict)
     spike_rules: list[SpikeRule] = Field(default_factory=list)
     pricing: Pricing = Field(default_factory=Pricing)
+    routing: RoutingPolicy | None = None
 
     _version: str = PrivateAttr("")
 

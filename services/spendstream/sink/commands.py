@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from spendstream.core.config import Settings
 
@@ -37,58 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sink(args: argparse.Namespace, settings: Settings) -> int:
-    """The usage sink in the main thread; the audit sink (and optionally the API) beside it on one client."""
-    from spendstream.core.ledger_store import connect, migrate
-    from spendstream.sink.audit_sink import AuditSink
-    from spendstream.sink.ledger_sink import LedgerSink
+    from spendstream.runtime.ledger_process import run_ledger_process
 
-    client = connect(settings)
-    migrate(client, settings)
-    sink = LedgerSink(settings, client)
-    stop = threading.Event()
-
-    def shutdown(*_: object) -> None:
-        stop.set()
-        sink.stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, shutdown)
-    workers = []
-    if not args.no_audit:
-        workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
-    if args.with_api:
-        workers.append(threading.Thread(target=_serve_api, args=(settings, client, stop), name="api"))
-    for worker in workers:
-        worker.start()
-    try:
-        return sink.run()
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=30)
-        client.close()
-
-
-def _serve_api(settings: Settings, client: object, stop: threading.Event) -> None:
-    """Run the API's aiohttp app on this thread's own event loop until ``stop`` is set."""
-    import asyncio
-
-    from aiohttp import web
-
-    from spendstream.api.app import create_app
-
-    async def serve() -> None:
-        runner = web.AppRunner(create_app(settings, ledger_client=client), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, settings.api_host, settings.api_port).start()
-        print(f"api and dashboard on http://{settings.api_host}:{settings.api_port}/", flush=True)
-        try:
-            while not stop.is_set():
-                await asyncio.sleep(0.2)
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(serve())
+    return run_ledger_process(settings, with_audit=not args.no_audit, with_api=args.with_api)
 
 
 def run_migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,67 @@
+"""One process that owns the ledger: usage sink, audit sink and, when asked, the API beside them.
+
+An embedded chDB ledger can be opened by one process only, so the embedded runtime runs every
+ledger reader and writer here on one shared client (chDB serves concurrent calls from threads).
+With a ClickHouse server the same services can run as separate processes instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+
+from spendstream.core.config import Settings
+
+
+def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api: bool = False) -> int:
+    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads."""
+    from spendstream.core.ledger_store import connect, migrate
+    from spendstream.sink.audit_sink import AuditSink
+    from spendstream.sink.ledger_sink import LedgerSink
+
+    client = connect(settings)
+    migrate(client, settings)
+    sink = LedgerSink(settings, client)
+    stop = threading.Event()
+
+    def shutdown(*_: object) -> None:
+        stop.set()
+        sink.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, shutdown)
+    workers = []
+    if with_audit:
+        workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
+    if with_api:
+        workers.append(threading.Thread(target=_serve_api, args=(settings, client, stop), name="api"))
+    for worker in workers:
+        worker.start()
+    try:
+        return sink.run()
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+        client.close()
+
+
+def _serve_api(settings: Settings, client: object, stop: threading.Event) -> None:
+    """Run the API's aiohttp app on this thread's own event loop until ``stop`` is set."""
+    from aiohttp import web
+
+    from spendstream.api.app import create_app
+
+    async def serve() -> None:
+        runner = web.AppRunner(create_app(settings, ledger_client=client), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api_host, settings.api_port).start()
+        print(f"api and dashboard on http://{settings.api_host}:{settings.api_port}/", flush=True)
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(serve())
