@@ -52,12 +52,45 @@ def _month(text: str) -> date:
         raise argparse.ArgumentTypeError(f"expected YYYY-MM, got {text!r}") from None
 
 
+class LedgerBusy(RuntimeError):
+    """The embedded ledger is open in another process (``spendstream dev`` or a sink)."""
+
+
 def _open(settings: Settings) -> Any:
     from spendstream.core.ledger_store import connect, migrate
 
-    client = connect(settings)
+    try:
+        client = connect(settings)
+    except Exception as exc:
+        # chDB reports a directory locked by another process only as "Unable to open the chdb engine".
+        if settings.ledger_dsn.startswith("chdb://") and "Unable to open the chdb engine" in str(exc):
+            raise LedgerBusy(settings.ledger_dsn) from exc
+        raise
     migrate(client, settings)
     return client
+
+
+def _report_from_api(args: argparse.Namespace, settings: Settings) -> Report:
+    """Ask the running API for the report when another process owns the embedded ledger."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from spendstream.analytics.report_model import report_from_json
+
+    params = {
+        "month": args.month and args.month.isoformat(),
+        "as_of": args.as_of and args.as_of.isoformat(),
+        "weeks": args.weeks,
+        "by": args.by,
+        "limit": args.limit,
+        "from": args.start and args.start.isoformat(),
+        "to": args.end and args.end.isoformat(),
+    }
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    url = f"http://{settings.api_host}:{settings.api_port}/v1/reports/{args.kind}?{query}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return report_from_json(json.load(response))
 
 
 def build_report(kind: str, client: Any, settings: Settings, options: dict[str, Any], now: datetime) -> Report:
@@ -85,7 +118,22 @@ def build_report(kind: str, client: Any, settings: Settings, options: dict[str, 
 
 
 def run_report(args: argparse.Namespace, settings: Settings) -> int:
-    client = _open(settings)
+    try:
+        client = _open(settings)
+    except LedgerBusy as busy:
+        try:
+            report = _report_from_api(args, settings)
+        except OSError as exc:
+            print(
+                f"spendstream report: the ledger {busy} could not be opened (another spendstream process "
+                "probably owns it), and the API at "
+                f"http://{settings.api_host}:{settings.api_port} did not answer ({exc}); stop that process or "
+                "set SPENDSTREAM_API_PORT to where it serves",
+                file=sys.stderr,
+            )
+            return 1
+        sys.stdout.write(render(report, args.format))
+        return 0
     try:
         options = {k: getattr(args, k) for k in ("month", "as_of", "weeks", "by", "limit", "start", "end")}
         report = build_report(args.kind, client, settings, options, datetime.now(UTC))
@@ -99,7 +147,16 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_sql(args: argparse.Namespace, settings: Settings) -> int:
-    client = _open(settings)
+    try:
+        client = _open(settings)
+    except LedgerBusy as busy:
+        print(
+            f"spendstream sql: the embedded ledger {busy} could not be opened; a running spendstream process "
+            "(dev or sink) probably owns it: stop it first, or use a ClickHouse server "
+            "(SPENDSTREAM_CLICKHOUSE_DSN=http://...)",
+            file=sys.stderr,
+        )
+        return 1
     try:
         report = sql_report(client, settings, args.query, write=args.write)
     except Exception as exc:  # the server's message is the useful part

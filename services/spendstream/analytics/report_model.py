@@ -52,6 +52,34 @@ class Report:
         }
 
 
+def report_from_json(doc: dict[str, Any]) -> Report:
+    """The inverse of ``Report.to_json`` (what ``GET /v1/reports/...`` returns), for rendering elsewhere."""
+    columns = [Column(c["key"], c["title"], c["kind"]) for c in doc["columns"]]
+
+    def row(values: dict[str, Any] | None) -> dict[str, Any] | None:
+        if values is None:
+            return None
+        out: dict[str, Any] = {}
+        for col in columns:
+            if col.kind == "usd":
+                out[col.key] = values.get(f"{col.key}_nanos")
+            elif col.kind == "pct" and values.get(col.key) is not None:
+                out[col.key] = Decimal(str(values[col.key]))
+            else:
+                out[col.key] = values.get(col.key)
+        return out
+
+    return Report(
+        name=doc["report"],
+        title=doc["title"],
+        columns=columns,
+        rows=[row(r) or {} for r in doc["rows"]],
+        totals=row(doc.get("totals")),
+        params=doc.get("params", {}),
+        notes=doc.get("notes", []),
+    )
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat()
