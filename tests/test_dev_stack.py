@@ -72,6 +72,22 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
             assert json.load(response)["usage"]["prompt_tokens"] == 3
+        # While dev owns the embedded ledger, `spendstream report` answers through dev's API.
+        deadline = time.monotonic() + 30
+        while True:
+            report = subprocess.run(
+                [sys.executable, "-m", "spendstream.cli", "report", "top", "--by", "team", "--format", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert report.returncode == 0, report.stderr
+            rows = json.loads(report.stdout)["rows"]
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert [row["key"] for row in rows] == ["marketing"]
         proc.send_signal(signal.SIGINT)
         _wait_for_line(proc, "stopping: ledger drained", 60, seen)
         assert proc.wait(timeout=60) == 0
