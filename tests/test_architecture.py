@@ -52,3 +52,11 @@ def test_public_api_names_resolve() -> None:
         assert getattr(spendstream, name).__name__ == name
     with pytest.raises(AttributeError):
         _ = spendstream.NoSuchThing
+
+
+def test_every_lazy_export_is_listed_and_importable() -> None:
+    import spendstream
+
+    assert sorted(spendstream._EXPORTS) == sorted(spendstream.__all__)
+    for name in spendstream.__all__:
+        assert getattr(spendstream, name) is not None

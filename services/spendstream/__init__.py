@@ -22,16 +22,29 @@ _EXPORTS = {
     "Enforcer": "spendstream.edge.enforcer",
     "Verdict": "spendstream.edge.verdict",
     "instrument": "spendstream.edge.instrument",
+    "SpendBlocked": "spendstream.edge.instrument",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Action",
+    "Alert",
+    "Decision",
+    "Emitter",
+    "Enforcer",
+    "Settings",
+    "SpendBlocked",
+    "UsageEvent",
+    "UsageStatus",
+    "Verdict",
+    "instrument",
+]
 
 if TYPE_CHECKING:
     from spendstream.core.config import Settings
     from spendstream.core.events import Action, Alert, Decision, UsageEvent, UsageStatus
     from spendstream.edge.emitter import Emitter
     from spendstream.edge.enforcer import Enforcer
-    from spendstream.edge.instrument import instrument
+    from spendstream.edge.instrument import SpendBlocked, instrument
     from spendstream.edge.verdict import Verdict
 
 

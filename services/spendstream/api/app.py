@@ -54,6 +54,20 @@ def _field_of(message: str, event: UsageEvent) -> str:
     return (empty or named or ["event"])[0]
 
 
+def _unencodable_field(event: UsageEvent) -> str | None:
+    """The first text field (or tag) that is not valid Unicode: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no UTF-8 encoder (Avro, the Kafka key, ClickHouse) can write."""
+    for name, value in event.__dict__.items():
+        texts = [*value.keys(), *value.values()] if name == "tags" else [value]
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    return name
+    return None
+
+
 def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events: int) -> list[UsageEvent]:
     """Events of a request body (one object, an array, or ``{"events": [...]}``), all or none.
 
@@ -86,6 +100,12 @@ def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events
                 field = ".".join(str(p) for p in error["loc"]) or None
                 problems.append({"index": index, "field": field, "message": error["msg"]})
             continue
+        field = _unencodable_field(event)
+        if field is not None:
+            problems.append(
+                {"index": index, "field": field, "message": "contains a lone surrogate (not valid Unicode)"}
+            )
+            continue
         problem = usage_record_problem(event.__dict__, now, max_future_skew)
         if problem is not None:
             problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
@@ -106,8 +126,9 @@ async def post_usage(request: web.Request) -> web.Response:
         body = await request.json(loads=json.loads)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"request body larger than {request.app[MAX_BODY]} bytes")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _error(400, f"body is not JSON: {exc}", problems=[{"index": None, "field": None, "message": str(exc)}])
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a 5000-digit number, nested too deep
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        return _error(400, f"body is not JSON: {reason}", problems=[{"index": None, "field": None, "message": reason}])
     try:
         events = parse_batch(
             body, datetime.now(UTC), timedelta(seconds=settings.max_future_skew_s), request.app[MAX_EVENTS]

@@ -9,11 +9,15 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NANOS_PER_USD = 1_000_000_000
+INT64_MAX = 2**63 - 1
+# Avro ``long`` and ClickHouse ``Int64``: a larger Python int would pass validation and then fail to encode.
+Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
+NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 ATTRIBUTION_FIELDS = ("org", "division", "team", "project", "feature", "user", "customer", "environment")
 
@@ -88,13 +92,13 @@ class UsageEvent(_AvroModel):
     provider: str
     model_requested: str
     model_served: str = ""
-    input_tokens: NonNegativeInt = 0
-    output_tokens: NonNegativeInt = 0
-    cached_input_tokens: NonNegativeInt = 0
-    cache_write_tokens: NonNegativeInt = 0
-    cost_nanos: NonNegativeInt | None = None
+    input_tokens: NonNegativeInt64 = 0
+    output_tokens: NonNegativeInt64 = 0
+    cached_input_tokens: NonNegativeInt64 = 0
+    cache_write_tokens: NonNegativeInt64 = 0
+    cost_nanos: NonNegativeInt64 | None = None
     price_source: str = ""
-    latency_ms: NonNegativeInt = 0
+    latency_ms: NonNegativeInt64 = 0
     status: UsageStatus = UsageStatus.ok
     decision_applied: str = ""
     cache_hit: bool = False
@@ -114,12 +118,12 @@ class Decision(_AvroModel):
     throttle_rps: float | None = Field(None, ge=0)
     allowed_models: list[str] = Field(default_factory=list)
     reason: str = ""
-    spend_nanos: int = 0
-    limit_nanos: int = 0
+    spend_nanos: Int64 = 0
+    limit_nanos: Int64 = 0
     period: str = ""
     period_start: datetime | None = None
     expires_at: datetime | None = None
-    version: NonNegativeInt
+    version: NonNegativeInt64
     issued_at: datetime = Field(default_factory=utcnow)
     policy_version: str = ""
 
@@ -130,8 +134,8 @@ class Alert(_AvroModel):
     kind: AlertKind
     severity: Severity = Severity.warning
     message: str
-    spend_nanos: int = 0
-    limit_nanos: int = 0
+    spend_nanos: Int64 = 0
+    limit_nanos: Int64 = 0
     period: str = ""
     occurred_at: datetime = Field(default_factory=utcnow)
     policy_version: str = ""

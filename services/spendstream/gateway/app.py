@@ -16,7 +16,9 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
@@ -27,9 +29,33 @@ from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.edge.metering import build_event
 from spendstream.edge.verdict import Verdict
+from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
+from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
 from spendstream.gateway.keys import HEADER_FIELDS, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
+from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
+from spendstream.gateway.response_cache import (
+    CacheConfig,
+    CachedResponse,
+    ResponseCache,
+    StreamRecorder,
+    cache_hit_event,
+    cache_key,
+    make_entry,
+    replay,
+)
+from spendstream.gateway.routing import (
+    NoRouteError,
+    Route,
+    RoutingPolicyView,
+    ThresholdsView,
+    TokenEstimate,
+    choose_route,
+    remaining_bound,
+    routing_tags,
+    with_requested_cost,
+)
 from spendstream.gateway.upstreams import Upstreams, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,6 +70,17 @@ _BLOCK_ERRORS = {
 # Headers passed on to upstreams (besides content type and the upstream's own auth).
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
 _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anthropic-ratelimit-requests-remaining")
+STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
+
+
+def _is_unicode(text: str) -> bool:
+    """False for lone surrogates (JSON ``\\ud800`` escapes, header bytes that are not UTF-8), which the usage
+    event could not be encoded with: the request would be served but never metered."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -52,12 +89,13 @@ class Endpoint:
     anthropic: bool = False
     streams: bool = True
     include_usage: bool = False  # OpenAI stream_options.include_usage applies
+    routable: bool = True  # cost-aware routing and the response cache apply (not to embeddings)
 
 
 ENDPOINTS = {
     "/v1/chat/completions": Endpoint("chat.completions", include_usage=True),
     "/v1/completions": Endpoint("completions", include_usage=True),
-    "/v1/embeddings": Endpoint("embeddings", streams=False),
+    "/v1/embeddings": Endpoint("embeddings", streams=False, routable=False),
     "/v1/messages": Endpoint("messages", anthropic=True),
 }
 
@@ -89,6 +127,10 @@ class Gateway:
         keys: KeyStore | None = None,
         enforcer: Enforcer | None = None,
         emitter: Emitter | None = None,
+        routing: RoutingPolicyView | None = None,
+        thresholds: ThresholdsView | None = None,
+        timezone: str = "UTC",
+        cache: CacheConfig | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
@@ -103,6 +145,19 @@ class Gateway:
         self.upstreams = Upstreams(config)
         self.session: aiohttp.ClientSession | None = None
         self.counts: Counter[str] = Counter()
+        # Cost-aware routing (the policy's routing section and default thresholds) and the opt-in response cache.
+        self.routing = routing
+        self.thresholds = thresholds
+        self.tz = ZoneInfo(timezone)
+        self.cache_config = cache or config.cache
+        self.cache = ResponseCache.from_config(self.cache_config)
+        self.provider_stats = ProviderStats()
+        self._stats: RoutingStats = EMPTY_STATS
+        self._stats_at = -math.inf
+        self._kinds = {
+            kind: frozenset(name for name, p in config.providers.items() if p.kind == kind)
+            for kind in ("openai", "anthropic")
+        }
 
     # -- lifecycle -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -206,18 +261,135 @@ class Gateway:
             for header, field in HEADER_FIELDS.items():
                 value = request.headers.get(header)
                 if value:
+                    if not _is_unicode(value):
+                        self.counts["bad_request"] += 1
+                        return error_response(
+                            400, f"header {header} is not valid UTF-8", "invalid_request", "invalid_request_error",
+                            anthropic=anthropic,
+                        )  # fmt: skip
                     attribution[field] = value
         provider = self.config.provider_for(model, anthropic)
         tags = {**key.tags, "endpoint": endpoint.name}
         if key.name:
             tags["key"] = key.name
+        route: Route | None = None
+        assessment: Assessment | None = None
+        if self.routing is not None and endpoint.routable:
+            try:
+                assessment = assess(body, request.headers.get(COMPLEXITY_HEADER))
+                route = self._route(model, provider, assessment, attribution, None, endpoint)
+            except ComplexityHeaderError as exc:
+                self.counts["bad_request"] += 1
+                return error_response(400, str(exc), "invalid_request", "invalid_request_error", anthropic=anthropic)
+            except NoRouteError as exc:
+                self.counts["no_route"] += 1
+                return error_response(403, str(exc), "model_not_allowed", "permission_error", anthropic=anthropic)
+            tags["complexity"] = assessment.tier.value
         assert self.enforcer is not None
-        verdict = self.enforcer.check(model=model, **attribution)
+        verdict = self.enforcer.check(model=route.model if route else model, **attribution)
         if verdict.blocked:
             self.counts[verdict.action] += 1
-            self._emit(attribution, provider, model, model, None, started, UsageStatus.blocked, verdict, tags)
+            served = route.model if route else model
+            blocked_provider = route.provider if route else provider
+            self._emit(attribution, blocked_provider, model, served, None, started, UsageStatus.blocked, verdict, tags)
             return self._blocked(verdict, anthropic)
-        return await self._forward(request, endpoint, body, raw, attribution, provider, model, verdict, tags, started)
+        if route is not None and assessment is not None:
+            # An alert (or fallback) outcome bounds the remaining budget: route again with that bound, unless the
+            # Enforcer's fallback map already replaced the model.
+            bound = remaining_bound(verdict.action, self.thresholds) if self.thresholds is not None else None
+            if bound is not None and verdict.model == route.model:
+                route = self._route(model, provider, assessment, attribution, bound, endpoint)
+                verdict = verdict._replace(model=route.model)
+            tags.update(routing_tags(route, provider, model))
+            provider = route.provider
+        key_ = self._cache_key(body, endpoint, attribution, verdict.model)
+        if key_ is not None:
+            hit = self.cache.get(key_)
+            if hit is not None:
+                return await self._from_cache(request, hit, attribution, model, verdict, tags, started)
+        return await self._forward(
+            request, endpoint, body, raw, attribution, provider, model, verdict, tags, started, key_
+        )
+
+    def _route(
+        self,
+        model: str,
+        provider: str,
+        assessment: Assessment,
+        attribution: Mapping[str, str],
+        remaining: float | None,
+        endpoint: Endpoint,
+    ) -> Route:
+        assert self.routing is not None
+        now = time.time()
+        if now - self._stats_at >= STATS_REFRESH_S:
+            month_start = datetime.now(self.tz).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            if self.provider_stats.period_start != month_start:
+                self.provider_stats.reset_spend(month_start)
+            self._stats, self._stats_at = self.provider_stats.snapshot(now), now
+        output = assessment.output_tokens or self.routing.default_output_tokens
+        return choose_route(
+            model,
+            assessment.tier,
+            attribution.get("environment", ""),
+            remaining,
+            self.routing,
+            self._stats,
+            requested_provider=provider,
+            estimate=TokenEstimate(assessment.input_tokens, output),
+            prices=self.prices,
+            compatible_providers=self._kinds["anthropic" if endpoint.anthropic else "openai"],
+        )
+
+    def _cache_key(
+        self, body: dict[str, Any], endpoint: Endpoint, attribution: Mapping[str, str], model: str
+    ) -> str | None:
+        """The cache key of a request whose scope opted in (computed on the body as it will be sent)."""
+        if not endpoint.routable:
+            return None
+        partition = self.cache_config.partition(attribution)
+        if partition is None or not self.cache_config.cacheable(body):
+            return None
+        return cache_key({**body, "model": model}, endpoint.name, partition)
+
+    async def _from_cache(
+        self,
+        request: web.Request,
+        entry: CachedResponse,
+        attribution: dict[str, str],
+        model: str,
+        verdict: Verdict,
+        tags: dict[str, str],
+        started: float,
+    ) -> web.StreamResponse:
+        """Answer from the cache: replay the stored stream or body; the usage event is free and says what it saved."""
+        self.counts["cache_hit"] += 1
+        headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Cache": "hit"}
+        out: web.StreamResponse
+        if entry.streamed:
+            out = web.StreamResponse(
+                status=200, headers={**headers, "Content-Type": entry.content_type, "Cache-Control": "no-cache"}
+            )
+            await out.prepare(request)
+            for event in replay(entry):
+                await out.write(event)
+            await out.write_eof()
+        else:
+            out = web.Response(
+                body=entry.body, status=entry.status, headers={**headers, "Content-Type": entry.content_type}
+            )
+        event = cache_hit_event(
+            entry=entry,
+            attribution=attribution,
+            model_requested=model,
+            latency_ms=int((time.perf_counter() - started) * 1000),
+            decision=verdict.action,
+            tags=tags,
+            prices=self.prices,
+        )
+        assert self.emitter is not None
+        self.emitter.emit(event)
+        return out
 
     async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, str | None]:
         """(body, raw bytes, None) or (None, b"", why the request is refused)."""
@@ -232,13 +404,17 @@ class Gateway:
             return None, b"", f"request body exceeds the limit of {limit} bytes"
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
             return None, b"", f"request body is not valid JSON: {exc}"
+        except RecursionError:
+            return None, b"", "request body is not valid JSON: nested too deeply"
         if not isinstance(body, dict):
             return None, b"", "request body must be a JSON object"
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return None, b"", "you must provide a model parameter (a non-empty string)"
+        if not _is_unicode(model):
+            return None, b"", "the model parameter is not valid Unicode (it contains a lone surrogate)"
         return body, raw, None
 
     def _blocked(self, verdict: Verdict, anthropic: bool) -> web.Response:
@@ -269,6 +445,7 @@ class Gateway:
         verdict: Verdict,
         tags: dict[str, str],
         started: float,
+        cache_key_: str | None = None,
     ) -> web.StreamResponse:
         headers = {"Content-Type": "application/json"}
         for name in _FORWARDED_HEADERS:
@@ -320,6 +497,7 @@ class Gateway:
                 verdict,
                 tags,
                 started,
+                cache_key_,
             )
         raw_usage: dict[str, Any] = {}
         served = verdict.model
@@ -336,6 +514,12 @@ class Gateway:
             served = served_by_upstream or served
         self._emit(attribution, provider, model, served, raw_usage, started, status, verdict, tags)
         content_type = response.headers.get("Content-Type", "application/json")
+        if cache_key_ is not None and response.status == 200:
+            entry = make_entry(
+                content_type=content_type, provider=provider, model_served=served, raw_usage=raw_usage, body=data
+            )
+            if entry is not None:
+                self.cache.put(cache_key_, entry)
         return web.Response(body=data, status=response.status, headers={**out_headers, "Content-Type": content_type})
 
     async def _stream(
@@ -351,14 +535,17 @@ class Gateway:
         verdict: Verdict,
         tags: dict[str, str],
         started: float,
+        cache_key_: str | None = None,
     ) -> web.StreamResponse:
         meter = StreamMeter(kind, drop_usage_chunk=injected)
+        recorder = StreamRecorder(self.cache.max_entry_bytes) if cache_key_ is not None else None
         status = UsageStatus.ok
+        content_type = response.headers.get("Content-Type", "text/event-stream")
         out = web.StreamResponse(
             status=200,
             headers={
                 **out_headers,
-                "Content-Type": response.headers.get("Content-Type", "text/event-stream"),
+                "Content-Type": content_type,
                 "Cache-Control": "no-cache",
             },
         )
@@ -369,9 +556,13 @@ class Gateway:
                     data = meter.feed(chunk)
                     if data:
                         await out.write(data)
+                        if recorder is not None:
+                            recorder.feed(data)
                 rest = meter.finish()
                 if rest:
                     await out.write(rest)
+                    if recorder is not None:
+                        recorder.feed(rest)
             await out.write_eof()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             status = UsageStatus.error
@@ -379,6 +570,13 @@ class Gateway:
         finally:
             served = meter.model or verdict.model
             self._emit(attribution, provider, model, served, meter.usage, started, status, verdict, tags)
+        events = recorder.finish() if recorder is not None and status is UsageStatus.ok else None
+        if cache_key_ is not None and events:
+            entry = make_entry(
+                content_type=content_type, provider=provider, model_served=served, raw_usage=meter.usage, events=events
+            )
+            if entry is not None:
+                self.cache.put(cache_key_, entry)
         return out
 
     def _emit(
@@ -410,6 +608,8 @@ class Gateway:
             self.counts["meter_errors"] += 1
             log.exception("could not build the usage event (provider %s, model %s)", provider, model)
             return
+        event = with_requested_cost(event, self.prices)
+        self.provider_stats.observe_event(event)
         assert self.emitter is not None
         self.emitter.emit(event)
 

@@ -30,8 +30,16 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
     from spendstream.gateway.app import Gateway
     from spendstream.gateway.config import load_gateway_config
+    from spendstream.processor.policy import load_policy
 
-    gateway = Gateway(load_gateway_config(args.config), settings)
+    config = load_gateway_config(args.config)
+    if settings.policy:
+        policy = load_policy(settings.policy)
+        gateway = Gateway(
+            config, settings, routing=policy.routing, thresholds=policy.thresholds, timezone=policy.timezone
+        )
+    else:
+        gateway = Gateway(config, settings)
     host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
     web.run_app(gateway.app(), host=host, port=port, access_log=None, print=None)

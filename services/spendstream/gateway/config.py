@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from spendstream.core.config import ConfigError
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates
 from spendstream.gateway.keys import VirtualKey
+from spendstream.gateway.response_cache import CacheConfig
 
 CONFIG_ENV = "SPENDSTREAM_GATEWAY_CONFIG"
 
@@ -126,6 +127,7 @@ class GatewayConfig(_Model):
         default_factory=dict, description="Scope -> parent scope, so a team is held to its division's decisions."
     )
     pricing: Pricing = Field(default_factory=Pricing, description="Price overrides on top of genai-prices.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache (opt-in per scope).")
 
     @model_validator(mode="after")
     def _providers_exist(self) -> GatewayConfig:
