@@ -17,9 +17,7 @@ CLI = [sys.executable, "-m", "spendstream.cli"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
-    )
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
 def test_typo_prints_usage_not_a_traceback() -> None:
@@ -43,16 +41,16 @@ def test_topics_create_is_idempotent(broker: EmbeddedBroker) -> None:
     assert first.returncode == 0, first.stderr
     assert "exists   spendstream.usage" in first.stdout  # the fixture created them already
     metadata = AdminClient({"bootstrap.servers": broker.bootstrap}).list_topics(timeout=5)
-    assert {topics.USAGE, topics.ENFORCEMENT, topics.ALERTS, topics.POLICY, topics.USAGE_DLQ} <= set(
-        metadata.topics
-    )
+    assert {topics.USAGE, topics.ENFORCEMENT, topics.ALERTS, topics.POLICY, topics.USAGE_DLQ} <= set(metadata.topics)
     assert len(metadata.topics[topics.USAGE].partitions) == 6
 
 
 def test_topics_create_on_an_empty_broker_creates_every_topic() -> None:
     with EmbeddedBroker() as fresh:
         result = run_cli(
-            "topics", "create", env={"SPENDSTREAM_KAFKA_BOOTSTRAP": fresh.bootstrap, "SPENDSTREAM_USAGE_PARTITIONS": "3"}
+            "topics",
+            "create",
+            env={"SPENDSTREAM_KAFKA_BOOTSTRAP": fresh.bootstrap, "SPENDSTREAM_USAGE_PARTITIONS": "3"},
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("created") == 5
