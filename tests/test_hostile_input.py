@@ -329,3 +329,22 @@ def test_gateway_refuses_hostile_requests_and_keeps_serving(gateway: GatewayThre
     assert {"\u00e9t\u00e9", "f" * 4000} <= {e["user"] for e in events} | {e["feature"] for e in events}
     assert gateway.gateway.counts["internal_error"] == 0
     assert gateway.gateway.emitter is not None and gateway.gateway.emitter.stats.failed == 0
+
+
+def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
+    from spendstream.core.events import UsageStatus
+    from spendstream.edge.metering import build_event
+
+    event = build_event(
+        attribution={"team": "web"},
+        provider="openai",
+        model_requested="gpt-4o",
+        model_served="gpt-4o",
+        raw_usage={"prompt_tokens": 2**70, "completion_tokens": 3},
+        latency_ms=5,
+        status=UsageStatus.ok,
+        decision="",
+        tags={},
+    )
+    assert event.input_tokens == 0
+    assert "out of range" in event.tags["usage_error"]

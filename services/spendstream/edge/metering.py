@@ -9,6 +9,8 @@ from typing import Any
 from spendstream.core.events import UsageEvent, UsageStatus
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, normalise_usage, price_usage
 
+INT64_MAX = 2**63 - 1
+
 
 def build_event(
     *,
@@ -34,7 +36,11 @@ def build_event(
     if raw_usage:
         try:
             tokens = normalise_usage(provider, raw_usage)
+            if not all(0 <= count <= INT64_MAX for count in tokens):
+                raise ValueError(f"token counts out of range: {tokens}")
         except (TypeError, ValueError) as exc:
+            # A broken upstream must not cost us the event: meter it with zero tokens and say why.
+            tokens = (0, 0, 0, 0)
             tags = {**tags, "usage_error": str(exc)[:200]}
         input_tokens, cached, written, output_tokens = tokens
         try:
