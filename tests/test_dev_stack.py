@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
     )
     seen: list[str] = []
     try:
+        metrics = _wait_for_line(proc, "spendstream  metrics", 90, seen)
+        sink_metrics = re.search(r"sink (http://\S+/metrics)", metrics)
+        assert sink_metrics, metrics
         key = _wait_for_line(proc, "dev key", 90, seen).split()[3]
         _wait_for_line(proc, "ready; Ctrl-C stops everything", 30, seen)
         request = urllib.request.Request(
@@ -88,6 +92,10 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
                 break
             time.sleep(0.5)
         assert [row["key"] for row in rows] == ["marketing"]
+        with urllib.request.urlopen(sink_metrics.group(1), timeout=5) as response:
+            assert "spendstream_sink_inserted_total 1.0" in response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/metrics", timeout=5) as response:
+            assert 'spendstream_gateway_decisions_total{action="allow"} 1.0' in response.read().decode()
         proc.send_signal(signal.SIGINT)
         _wait_for_line(proc, "stopping: ledger drained", 60, seen)
         assert proc.wait(timeout=60) == 0

@@ -27,6 +27,7 @@ from spendstream.core import topics
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, usage_record_problem
+from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_BATCH_EVENTS = 5_000
@@ -125,8 +126,10 @@ async def post_usage(request: web.Request) -> web.Response:
     try:
         body = await request.json(loads=json.loads)
     except web.HTTPRequestEntityTooLarge:
+        API_INGEST_REQUESTS.labels("too_large").inc()
         return _error(413, f"request body larger than {request.app[MAX_BODY]} bytes")
     except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a 5000-digit number, nested too deep
+        API_INGEST_REQUESTS.labels("invalid").inc()
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return _error(400, f"body is not JSON: {reason}", problems=[{"index": None, "field": None, "message": reason}])
     try:
@@ -134,13 +137,19 @@ async def post_usage(request: web.Request) -> web.Response:
             body, datetime.now(UTC), timedelta(seconds=settings.max_future_skew_s), request.app[MAX_EVENTS]
         )  # fmt: skip
     except OverflowError as exc:
+        API_INGEST_REQUESTS.labels("too_large").inc()
         return _error(413, str(exc))
     except BadRequest as exc:
+        API_INGEST_REQUESTS.labels("invalid").inc()
         return _error(400, f"{len(exc.problems)} problem(s); nothing was accepted", problems=exc.problems)
     failures = await asyncio.to_thread(_publish, request.app[PRODUCER], request.app[CODEC], events)
     if failures:
+        API_INGEST_REQUESTS.labels("unacknowledged").inc()
+        API_INGEST_EVENTS.labels("unacknowledged").inc(len(events))
         return _error(503, "the broker did not acknowledge every event; retry the request (it is idempotent)",
                       failed_event_ids=failures)  # fmt: skip
+    API_INGEST_REQUESTS.labels("accepted").inc()
+    API_INGEST_EVENTS.labels("accepted").inc(len(events))
     return web.json_response({"accepted": len(events), "event_ids": [str(e.event_id) for e in events]}, status=202)
 
 
@@ -301,6 +310,7 @@ def create_app(
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", get_dashboard)
+    instrument_app(app, "api")
 
     async def resources(app: web.Application) -> Any:
         from confluent_kafka import Producer

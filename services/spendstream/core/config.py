@@ -74,6 +74,21 @@ class Settings(BaseSettings):
     api_port: int = Field(8081, ge=0, le=65535, description="API and dashboard listen port.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
 
+    # -- metrics --------------------------------------------------------------------------
+    metrics_host: str = Field(
+        "127.0.0.1", description="Listen address of the Prometheus /metrics server of the sink and processor."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the /metrics server of the sink and processor (unset: none). "
+        "The gateway and the API serve /metrics on their own port.",
+    )
+    metrics_lag_interval_s: float = Field(
+        5.0, gt=0, le=300, description="How often the sink samples its consumer group's lag for /metrics."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

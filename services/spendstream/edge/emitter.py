@@ -38,6 +38,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import UsageEvent
+from spendstream.core.metrics import EMITTERS
 from spendstream.core.topics import USAGE
 from spendstream.edge.spool import Spool
 
@@ -101,6 +102,7 @@ class EmitterStats:
     failed: int  # dropped: spool full or unwritable, unencodable, or rejected by the broker for good
     queued: int  # in memory: deque plus producer queue
     spool_bytes: int
+    spool_events: int  # in the disk spool, waiting for replay
 
 
 class _Throttled:
@@ -219,6 +221,7 @@ class Emitter:
         self._thread = threading.Thread(target=self._run, name="spendstream-emitter", daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)
+        EMITTERS.track(self)  # read at scrape time: no metric work per event
 
     # -- the request path --------------------------------------------------------------------
     def emit(self, event: UsageEvent) -> None:
@@ -263,6 +266,7 @@ class Emitter:
             failed=self._failed + b_failed,
             queued=queued + self._in_hand + self._live_inflight,
             spool_bytes=spool_bytes,
+            spool_events=self._spool_records(),
         )
 
     def flush(self, timeout: float = 30.0) -> int:
@@ -290,6 +294,7 @@ class Emitter:
         self.flush(timeout)
         self._stop.set()
         self._thread.join()
+        EMITTERS.retire(self)
 
     def _at_exit(self) -> None:
         """An Emitter never closed still leaves its undelivered events in the spool at interpreter exit."""

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageStatus
+from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.edge.metering import build_event
@@ -158,6 +159,7 @@ class Gateway:
             kind: frozenset(name for name, p in config.providers.items() if p.kind == kind)
             for kind in ("openai", "anthropic")
         }
+        GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -166,6 +168,7 @@ class Gateway:
             app.router.add_post(path, self.proxy)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.health)
+        instrument_app(app, "gateway")
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -190,6 +193,7 @@ class Gateway:
             await asyncio.to_thread(self.enforcer.stop)
         if self._owns_emitter and self.emitter is not None:
             await asyncio.to_thread(self.emitter.close, 10.0)
+        GATEWAYS.retire(self)
 
     # -- handlers --------------------------------------------------------------------------------
     def _authenticate(self, request: web.Request) -> VirtualKey | None:
@@ -287,6 +291,7 @@ class Gateway:
             tags["complexity"] = assessment.tier.value
         assert self.enforcer is not None
         verdict = self.enforcer.check(model=route.model if route else model, **attribution)
+        GATEWAY_DECISIONS.labels(verdict.action).inc()
         if verdict.blocked:
             self.counts[verdict.action] += 1
             served = route.model if route else model

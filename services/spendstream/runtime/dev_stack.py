@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from spendstream.core.config import Settings
 from spendstream.core.topics import USAGE
@@ -38,6 +38,7 @@ class Service:
     name: str
     argv: list[str]
     health_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
 
 
@@ -98,9 +99,11 @@ class DevStack:
             self.say(f"policy     {self.policy} applied")
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
+        metrics_host = self.settings.metrics_host
+        sink_metrics, processor_metrics = free_port(), free_port()
         self.services = [
-            Service("sink", ["sink", "--with-api"], f"{api}/healthz"),
-            Service("processor", ["processor"]),
+            Service("sink", ["sink", "--with-api"], f"{api}/healthz", {"SPENDSTREAM_METRICS_PORT": str(sink_metrics)}),
+            Service("processor", ["processor"], env={"SPENDSTREAM_METRICS_PORT": str(processor_metrics)}),
             Service(
                 "gateway",
                 ["gateway", *(["--config", str(self.gateway_config)] if self.gateway_config else [])],
@@ -113,6 +116,10 @@ class DevStack:
         self.say(f"ledger     {self.settings.ledger_dsn} (database {self.settings.clickhouse_database})")
         self.say(f"api        {api}/  (dashboard; POST /v1/usage; GET /v1/reports/weekly)")
         self.say(f"gateway    {gateway}/v1  (OpenAI- and Anthropic-compatible)")
+        self.say(
+            f"metrics    gateway {gateway}/metrics, api {api}/metrics, sink http://{metrics_host}:{sink_metrics}/metrics"
+            f", processor http://{metrics_host}:{processor_metrics}/metrics"
+        )
         if self.dev_key:
             self.say(f"dev key    {self.dev_key}  (Authorization: Bearer ...; X-Spendstream-Team etc. allowed)")
 
@@ -154,6 +161,7 @@ class DevStack:
         env["SPENDSTREAM_CLICKHOUSE_DSN"] = self.settings.ledger_dsn
         env["SPENDSTREAM_API_PORT"] = str(self.settings.api_port)
         env["SPENDSTREAM_GATEWAY_PORT"] = str(self.settings.gateway_port)
+        env.pop("SPENDSTREAM_METRICS_PORT", None)  # one port per service, given below
         if self.policy is not None:
             env["SPENDSTREAM_POLICY"] = str(self.policy)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -169,7 +177,7 @@ class DevStack:
     def _spawn(self, service: Service) -> None:
         service.process = subprocess.Popen(
             [sys.executable, "-m", "spendstream.cli", *service.argv],
-            env=self.env,
+            env={**self.env, **service.env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -229,19 +237,37 @@ class DevStack:
                     service.process.wait()
 
     def sink_lag(self) -> int:
-        """Usage events on the broker that the sink has not committed to the ledger yet."""
+        """Usage events on the broker past the sink's committed offsets, counted by reading them.
+
+        The embedded broker's high watermark can lag behind what it holds (it reports the start of
+        the last record batch), so watermarks alone could call the topic drained too early.
+        """
         assert self.broker is not None
-        consumer = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": self.settings.sink_group})
+        conf = {
+            "bootstrap.servers": self.broker.bootstrap,
+            "group.id": self.settings.sink_group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+        consumer = Consumer(conf)
         try:
             partitions = consumer.list_topics(USAGE, timeout=5).topics[USAGE].partitions
-            wanted = [TopicPartition(USAGE, p) for p in partitions]
-            committed = {tp.partition: tp.offset for tp in consumer.committed(wanted, timeout=5)}
-            lag = 0
-            for tp in wanted:
-                low, high = consumer.get_watermark_offsets(tp, timeout=5)
-                done = committed.get(tp.partition, -1)
-                lag += high - (done if done >= 0 else low)
-            return lag
+            committed = consumer.committed([TopicPartition(USAGE, p) for p in partitions], timeout=5)
+            consumer.assign(
+                [
+                    TopicPartition(USAGE, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                    for tp in committed
+                ]
+            )
+            unread, at_end = 0, set()
+            deadline = time.monotonic() + 5
+            while len(at_end) < len(partitions) and time.monotonic() < deadline:
+                for message in consumer.consume(10_000, timeout=0.5):
+                    if message.error() is None:
+                        unread += 1
+                    elif message.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(message.partition())
+            return unread if len(at_end) == len(partitions) else max(unread, 1)
         finally:
             consumer.close()
 

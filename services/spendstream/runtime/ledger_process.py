@@ -15,14 +15,23 @@ from spendstream.core.config import Settings
 
 
 def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api: bool = False) -> int:
-    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads."""
+    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads.
+
+    With ``metrics_port`` set, ``/metrics`` is served there; with it or the API, the sink group's lag is sampled.
+    """
     from spendstream.core.ledger_store import connect, migrate
+    from spendstream.core.metrics import SINKS, ConsumerLagSampler, serve_metrics
+    from spendstream.core.topics import USAGE
     from spendstream.sink.audit_sink import AuditSink
     from spendstream.sink.ledger_sink import LedgerSink
 
     client = connect(settings)
     migrate(client, settings)
     sink = LedgerSink(settings, client)
+    SINKS.track(sink)
+    lag: ConsumerLagSampler | None = None
+    if serve_metrics(settings) is not None or with_api:  # the API's /metrics shows this process's registry
+        lag = ConsumerLagSampler(settings, settings.sink_group, USAGE, settings.metrics_lag_interval_s).start()
     stop = threading.Event()
 
     def shutdown(*_: object) -> None:
@@ -44,6 +53,8 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
         stop.set()
         for worker in workers:
             worker.join(timeout=30)
+        if lag is not None:
+            lag.stop()
         client.close()
 
 

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 from spendstream.core import topics
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings
+from spendstream.core.metrics import AUDIT_SINK_RECORDS
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +129,6 @@ class AuditSink:
         self.counts["decisions"] += len(decisions)
         self.counts["alerts"] += len(alerts)
         self.counts["rejected"] += len(rejects)
+        for kind, rows in (("decision", decisions), ("alert", alerts), ("rejected", rejects)):
+            if rows:
+                AUDIT_SINK_RECORDS.labels(kind).inc(len(rows))

@@ -1,0 +1,398 @@
+"""Prometheus metrics of every spendstream service: each name is defined here once, in one registry per process.
+
+Hot paths never touch a metric per event. Counters a service already keeps (``Emitter.stats``,
+``LedgerSink.stats``, the gateway's request counts) are read at scrape time by collectors; everything
+else is incremented once per batch (``counter.inc(n)``) or once per HTTP request. Every labelled series
+appears only once something was counted, so a process exposes the metrics of the services it runs.
+
+Exposition: aiohttp services (gateway, API) serve ``GET /metrics`` on their own port
+(:func:`instrument_app`); the others (sink, processor) start an HTTP server on
+``SPENDSTREAM_METRICS_PORT`` (:func:`serve_metrics`). Consumer lag is sampled in a background thread
+(:class:`ConsumerLagSampler`), never per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from spendstream.core.config import Settings
+
+log = logging.getLogger(__name__)
+
+# -- metrics incremented by the services ------------------------------------------------------------
+
+HTTP_LATENCY = Histogram(
+    "spendstream_http_request_duration_seconds",
+    "Time from request received to response finished (streamed responses included), by service, route and "
+    "status class (1xx..5xx).",
+    ["service", "endpoint", "status_class"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+GATEWAY_DECISIONS = Counter(
+    "spendstream_gateway_decisions",
+    "Enforcer verdicts applied by the gateway to proxied requests, by action (allow, alert, fallback, throttle, "
+    "shutoff, deny_model, unavailable).",
+    ["action"],
+)
+API_INGEST_REQUESTS = Counter(
+    "spendstream_api_ingest_requests",
+    "POST /v1/usage requests by outcome: accepted, invalid (400), too_large (413), unacknowledged (503).",
+    ["outcome"],
+)
+API_INGEST_EVENTS = Counter(
+    "spendstream_api_ingest_events",
+    "Usage events in POST /v1/usage requests by outcome: accepted (on the broker) or unacknowledged.",
+    ["outcome"],
+)
+AUDIT_SINK_RECORDS = Counter(
+    "spendstream_audit_sink_records",
+    "Records the audit sink wrote to the ledger, by kind: decision, alert, or rejected (undecodable).",
+    ["kind"],
+)
+PROCESSOR_CONSUMED = Counter(
+    "spendstream_processor_consumed",
+    "Records consumed by the processor, by stage: usage (spendstream.usage) or scopes (the internal partials topic).",
+    ["stage"],
+)
+PROCESSOR_DEAD_LETTERED = Counter(
+    "spendstream_processor_dead_lettered",
+    "Usage events the processor sent to spendstream.usage.dlq, by reason kind.",
+    ["reason"],
+)
+PROCESSOR_DECISIONS = Counter(
+    "spendstream_processor_decisions",
+    "Decisions published to spendstream.enforcement, by action.",
+    ["action"],
+)
+PROCESSOR_ALERTS = Counter(
+    "spendstream_processor_alerts",
+    "Alerts published to spendstream.alerts, by kind.",
+    ["kind"],
+)
+PROCESSOR_BATCH_SECONDS = Histogram(
+    "spendstream_processor_batch_duration_seconds",
+    "Time to process one batch including the flush of its output, by stage.",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CONSUMER_LAG = Gauge(
+    "spendstream_consumer_lag",
+    "Records on the topic not yet committed by the consumer group: high watermark minus committed offset, per "
+    "partition (the same group-wide value on every member; aggregate with max by (partition)).",
+    ["group", "topic", "partition"],
+)
+CONSUMER_LAG_SAMPLED = Gauge(
+    "spendstream_consumer_lag_sampled_timestamp_seconds",
+    "Unix time of the last successful consumer lag sample (a stale value means the broker did not answer).",
+    ["group", "topic"],
+)
+
+
+# -- metrics read at scrape time from counters the services keep -------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family a :class:`StatsCollector` produces (``name`` without the ``_total`` suffix)."""
+
+    name: str
+    help: str
+    kind: Literal["counter", "gauge"]
+    labels: tuple[str, ...] = ()
+
+
+Reading = Mapping[str, float | Mapping[tuple[str, ...], float]]  # family name -> value, or label values -> value
+
+
+class StatsCollector(Collector):
+    """Families read at scrape time from live objects, summed; ``retire`` keeps an object's final counter totals.
+
+    Tracked objects are weakly referenced. Retiring folds counters (not gauges) into a running total, so a
+    closed Emitter's sends stay counted and ``rate()`` sees no reset.
+    """
+
+    def __init__(self, families: Iterable[Family], read: Callable[[Any], Reading]) -> None:
+        self.families = {family.name: family for family in families}
+        self._read = read
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._retired: Tally[tuple[str, tuple[str, ...]]] = Tally()
+        self._lock = threading.Lock()
+
+    def track(self, source: Any) -> None:
+        with self._lock:
+            self._live.add(source)
+
+    def retire(self, source: Any) -> None:
+        with self._lock:
+            if source not in self._live:
+                return
+            self._live.discard(source)
+            for key, value in self._samples(source):
+                if self.families[key[0]].kind == "counter":
+                    self._retired[key] += value
+
+    def _samples(self, source: Any) -> Iterator[tuple[tuple[str, tuple[str, ...]], float]]:
+        for name, value in self._read(source).items():
+            if isinstance(value, Mapping):
+                for labels, v in value.items():
+                    yield (name, labels), v
+            else:
+                yield (name, ()), value
+
+    def describe(self) -> list[Metric]:
+        return [self._family(family) for family in self.families.values()]
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            totals = Tally(self._retired)
+            live = list(self._live)
+        seen = bool(totals)
+        for source in live:
+            seen = True
+            for key, value in self._samples(source):
+                totals[key] += value
+        if not seen:
+            return []
+        out = {name: self._family(family) for name, family in self.families.items()}
+        for (name, labels), value in sorted(totals.items()):
+            out[name].add_metric(list(labels), value)
+        return list(out.values())
+
+    @staticmethod
+    def _family(family: Family) -> Metric:
+        if family.kind == "counter":
+            return CounterMetricFamily(family.name, family.help, labels=family.labels)
+        return GaugeMetricFamily(family.name, family.help, labels=family.labels)
+
+
+def _emitter_reading(emitter: Any) -> Reading:
+    s = emitter.stats
+    return {
+        "spendstream_emitter_emitted": s.emitted,
+        "spendstream_emitter_sent": s.sent,
+        "spendstream_emitter_spooled": s.spooled,
+        "spendstream_emitter_replayed": s.replayed,
+        "spendstream_emitter_failed": s.failed,
+        "spendstream_emitter_queued_events": s.queued,
+        "spendstream_emitter_spool_bytes": s.spool_bytes,
+        "spendstream_emitter_spool_events": s.spool_events,
+    }
+
+
+EMITTERS = StatsCollector(
+    [
+        Family("spendstream_emitter_emitted", "Usage events handed to Emitter.emit().", "counter"),
+        Family("spendstream_emitter_sent", "Usage events acked by the broker (replayed ones included).", "counter"),
+        Family(
+            "spendstream_emitter_spooled", "Usage events written to the disk spool (broker unreachable).", "counter"
+        ),
+        Family("spendstream_emitter_replayed", "Spooled usage events acked by the broker after replay.", "counter"),
+        Family(
+            "spendstream_emitter_failed",
+            "Usage events dropped: spool full or unwritable, unencodable, or rejected by the broker for good.",
+            "counter",
+        ),
+        Family("spendstream_emitter_queued_events", "Usage events in memory: queue plus producer.", "gauge"),
+        Family("spendstream_emitter_spool_bytes", "Size of the disk spool in bytes.", "gauge"),
+        Family("spendstream_emitter_spool_events", "Usage events waiting in the disk spool.", "gauge"),
+    ],
+    _emitter_reading,
+)
+
+
+def _sink_reading(sink: Any) -> Reading:
+    s = sink.stats
+    return {
+        "spendstream_sink_consumed": s.consumed,
+        "spendstream_sink_inserted": s.inserted,
+        "spendstream_sink_dead_lettered": {(reason,): n for reason, n in s.dead_lettered.items()},
+        "spendstream_sink_batches": s.batches,
+        "spendstream_sink_commits": s.commits,
+        "spendstream_sink_insert_retries": s.insert_retries,
+    }
+
+
+SINKS = StatsCollector(
+    [
+        Family("spendstream_sink_consumed", "Usage events the ledger sink consumed from spendstream.usage.", "counter"),
+        Family("spendstream_sink_inserted", "Usage events inserted into the ledger (usage_ledger).", "counter"),
+        Family(
+            "spendstream_sink_dead_lettered",
+            "Usage events the ledger sink sent to spendstream.usage.dlq, by reason kind.",
+            "counter",
+            ("reason",),
+        ),
+        Family("spendstream_sink_batches", "Batches the ledger sink inserted and settled.", "counter"),
+        Family("spendstream_sink_commits", "Offset commits after a batch landed in the ledger.", "counter"),
+        Family("spendstream_sink_insert_retries", "Ledger inserts retried after a failure.", "counter"),
+    ],
+    _sink_reading,
+)
+
+
+def _gateway_reading(gateway: Any) -> Reading:
+    enforcer = gateway.enforcer
+    return {
+        "spendstream_gateway_requests": {(outcome,): n for outcome, n in gateway.counts.items()},
+        "spendstream_gateway_upstream_failures": {(url,): n for url, n in gateway.upstreams.failures.items()},
+        "spendstream_gateway_upstream_failovers": gateway.upstreams.failovers,
+        "spendstream_enforcer_staleness_seconds": enforcer.staleness_s if enforcer is not None else float("inf"),
+    }
+
+
+GATEWAYS = StatsCollector(
+    [
+        Family(
+            "spendstream_gateway_requests",
+            "Proxied requests by outcome: ok, error (upstream answered >= 400), a blocking action, cache_hit, "
+            "bad_request, unauthorized, upstream_unavailable, ...",
+            "counter",
+            ("outcome",),
+        ),
+        Family(
+            "spendstream_gateway_upstream_failures",
+            "Upstream calls that failed (5xx, timeout, connection error), by upstream base URL.",
+            "counter",
+            ("upstream",),
+        ),
+        Family("spendstream_gateway_upstream_failovers", "Requests retried on the next upstream.", "counter"),
+        Family(
+            "spendstream_enforcer_staleness_seconds",
+            "Seconds since the gateway's Enforcer view was last complete (+Inf before the first time).",
+            "gauge",
+        ),
+    ],
+    _gateway_reading,
+)
+
+for _collector in (EMITTERS, SINKS, GATEWAYS):
+    REGISTRY.register(_collector)
+
+
+# -- exposition ----------------------------------------------------------------------------------------
+
+
+def serve_metrics(settings: Settings) -> int | None:
+    """Start the ``/metrics`` HTTP server when ``metrics_port`` is set; returns the port it listens on."""
+    if settings.metrics_port is None:
+        return None
+    server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    port = int(server.server_port)
+    print(f"metrics on http://{settings.metrics_host}:{port}/metrics", flush=True)
+    return port
+
+
+def instrument_app(app: Any, service: str) -> None:
+    """Add ``GET /metrics`` and the request latency middleware to an aiohttp application (before it starts)."""
+    from aiohttp import web
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
+
+    @web.middleware
+    async def observe_latency(request: web.Request, handler: Any) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            endpoint = resource.canonical if resource is not None else "unmatched"
+            if endpoint != "/metrics":
+                HTTP_LATENCY.labels(service, endpoint, f"{status // 100}xx").observe(time.perf_counter() - started)
+
+    app.router.add_get("/metrics", metrics)
+    app.middlewares.insert(0, observe_latency)  # outermost: requests refused by other middlewares count too
+
+
+# -- consumer lag --------------------------------------------------------------------------------------
+
+
+class ConsumerLagSampler:
+    """Samples a consumer group's lag on one topic every ``interval_s`` into ``spendstream_consumer_lag``.
+
+    Uses its own consumer that never joins the group (it only reads committed offsets and watermarks), so
+    sampling costs the service nothing per message and cannot trigger a rebalance. Lag is clamped at zero:
+    the embedded broker reports the high watermark as the last record batch's base offset + 1, below the
+    committed offset once a multi-record batch was consumed.
+    """
+
+    def __init__(self, settings: Settings, group: str, topic: str, interval_s: float = 5.0) -> None:
+        self.group = group
+        self.topic = topic
+        self.interval_s = interval_s
+        self._conf = {
+            **settings.kafka_client_config(),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "client.id": "spendstream-lag",
+        }
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self, consumer: Any, timeout: float = 5.0) -> dict[int, int]:
+        """Lag per partition (high watermark minus committed offset, or minus the low one before any commit)."""
+        from confluent_kafka import TopicPartition
+
+        metadata = consumer.list_topics(self.topic, timeout=timeout).topics[self.topic]
+        if metadata.error is not None:
+            raise RuntimeError(f"no metadata for {self.topic}: {metadata.error}")
+        wanted = [TopicPartition(self.topic, p) for p in sorted(metadata.partitions)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(wanted, timeout=timeout)}
+        lag = {}
+        for tp in wanted:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            done = committed.get(tp.partition, -1)
+            lag[tp.partition] = max(0, high - (done if done >= 0 else low))
+        for partition, n in lag.items():
+            CONSUMER_LAG.labels(self.group, self.topic, str(partition)).set(n)
+        CONSUMER_LAG_SAMPLED.labels(self.group, self.topic).set_to_current_time()
+        return lag
+
+    def start(self) -> ConsumerLagSampler:
+        self._thread = threading.Thread(target=self._run, name="spendstream-lag", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(self._conf)
+        try:
+            while True:
+                try:
+                    self.sample(consumer)
+                except Exception as exc:  # the broker may be down: the timestamp gauge shows the gap
+                    log.debug("consumer lag sample of %s failed: %s", self.group, exc)
+                if self._stop.wait(self.interval_s):
+                    return
+        finally:
+            consumer.close()
