@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     ledger_ttl_months: int = Field(13, ge=1, le=1200, description="Ledger retention (TTL), applied at migration.")
     max_future_skew_s: int = Field(300, ge=0, description="Events further in the future are rejected.")
 
+    # -- processor ------------------------------------------------------------------------
+    processor_allowed_lateness_s: int = Field(
+        86_400, ge=0, description="Events arriving later than this after occurred_at go to the DLQ."
+    )
+    processor_batch_size: int = Field(5_000, ge=1, le=100_000, description="Most usage events per processor batch.")
+    processor_batch_ms: int = Field(
+        50, ge=1, le=10_000, description="Longest wait to fill a processor batch (bigger: fewer writes, more latency)."
+    )
+
     # -- service ports --------------------------------------------------------------------
     gateway_host: str = Field("127.0.0.1", description="Gateway listen address.")
     gateway_port: int = Field(8080, ge=0, le=65535, description="Gateway listen port.")

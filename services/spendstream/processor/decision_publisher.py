@@ -1,0 +1,285 @@
+"""What one scope's spend means right now: its decision and the alerts it owes (pure; stage 2 calls it).
+
+Stage 2 knows, per scope, the newest window start seen for each tracked period (event time drives it, so a
+period rolls over when the first event of the next period arrives, and the decision's ``expires_at`` ends
+it at the period boundary even if no event comes) and a lookup of window totals. ``evaluate_scope`` applies
+every rule of the policy that matches the scope: budgets (thresholds, critical features throttled instead
+of shut off), per-day quotas, spike rules (daily and hourly EWMA) and the forecast; the decision is the most
+restrictive action. ``decision_signature`` is what must change for a new Decision to be published, and
+``next_version`` keeps versions increasing per scope across restarts (it never goes below the clock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+
+from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
+from spendstream.processor.budget_rules import (
+    RESTRICTION,
+    budget_usd,
+    evaluate_budget,
+    quota_action,
+)
+from spendstream.processor.forecast import should_alert_forecast
+from spendstream.processor.periods import period_window
+from spendstream.processor.policy import Policy, SpikeRule
+from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas
+from spendstream.processor.spend_accounting import HOUR, window_key
+from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
+
+Totals = Callable[[str], tuple[int, int, int]]  # window key -> (total_nanos, requests, tokens)
+
+_EWMA_LOOKBACK_HOURS = 48
+_SEVERITY = {
+    Action.alert: Severity.warning,
+    Action.fallback: Severity.warning,
+    Action.throttle: Severity.critical,
+    Action.shutoff: Severity.critical,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """An alert owed once: ``key`` identifies the crossing (rule, window, level) so replays do not repeat it."""
+
+    key: str
+    kind: AlertKind
+    severity: Severity
+    message: str
+    spend_nanos: int = 0
+    limit_nanos: int = 0
+    period: str = ""
+
+
+@dataclass(slots=True)
+class Verdict:
+    action: Action = Action.allow
+    reason: str = ""
+    spend_nanos: int = 0
+    limit_nanos: int = 0
+    period: str = ""
+    period_start: datetime | None = None
+    expires_at: datetime | None = None
+    fallback_models: dict[str, str] = field(default_factory=dict)
+    throttle_rps: float | None = None
+    allowed_models: list[str] = field(default_factory=list)
+    crossings: list[Crossing] = field(default_factory=list)
+
+    def consider(self, action: Action, reason: str, **extra: object) -> None:
+        """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
+        records the first budget's spend and limit, so a lifting decision says where the scope stands)."""
+        if RESTRICTION[action] > RESTRICTION[self.action] or (action is self.action and not self.period):
+            self.action = action
+            self.reason = reason
+            self.spend_nanos = int(extra.get("spend_nanos") or 0)  # type: ignore[call-overload]
+            self.limit_nanos = int(extra.get("limit_nanos") or 0)  # type: ignore[call-overload]
+            self.period = str(extra.get("period") or "")
+            self.period_start = extra.get("period_start")  # type: ignore[assignment]
+            self.expires_at = extra.get("expires_at")  # type: ignore[assignment]
+            self.fallback_models = dict(extra.get("fallback_models") or {})  # type: ignore[call-overload]
+            self.throttle_rps = extra.get("throttle_rps")  # type: ignore[assignment]
+
+
+def _at(epoch_s: int) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _previous_day_starts(day_start: int, tz: tzinfo, count: int) -> list[int]:
+    """Starts of the ``count`` local days before the day starting at ``day_start``, oldest first."""
+    out = []
+    start = day_start
+    for _ in range(count):
+        start = int(period_window("day", _at(start - 1), tz)[0].timestamp())
+        out.append(start)
+    return out[::-1]
+
+
+def _trim_leading_zeros(values: list[int]) -> list[int]:
+    """History starts at the first period with spend: a new scope has no baseline, not a zero one."""
+    for i, value in enumerate(values):
+        if value:
+            return values[i:]
+    return []
+
+
+def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime) -> Verdict:
+    """Every rule that matches ``scope``; ``latest`` maps a tracked period to its newest window start."""
+    tz = policy.tz
+    verdict = Verdict()
+    lists = allowed_model_lists([scope], policy)
+    if lists:
+        verdict.allowed_models = list(lists[0])
+    for budget in matching_budgets(scope, policy):
+        period = str(budget.period)
+        if period == "rolling_24h":
+            if HOUR not in latest:
+                continue
+            hour = latest[HOUR]
+            spend = sum(totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(24))
+            start, end = _at(hour - 23 * 3600), _at(hour + 3600)
+        else:
+            if period not in latest:
+                continue
+            spend = totals(window_key(scope, period, latest[period]))[0]
+            start, end = period_window(period, _at(latest[period]), tz)
+        evaluation = evaluate_budget(budget, scope, spend, policy)
+        extra = {
+            "spend_nanos": spend,
+            "limit_nanos": budget.limit_nanos,
+            "period": period,
+            "period_start": start,
+            "expires_at": end,
+            "fallback_models": evaluation.fallback_models,
+            "throttle_rps": evaluation.throttle_rps,
+        }
+        verdict.consider(evaluation.action, evaluation.reason, **extra)
+        window_id = f"{budget.id}|{int(start.timestamp())}"
+        if evaluation.action is not Action.allow:
+            verdict.crossings.append(
+                Crossing(
+                    f"{window_id}|{evaluation.action}",
+                    AlertKind.threshold,
+                    _SEVERITY[evaluation.action],
+                    f"{evaluation.action}: {evaluation.reason}",
+                    spend,
+                    budget.limit_nanos,
+                    period,
+                )
+            )
+        thresholds = budget.thresholds or policy.thresholds
+        if (
+            period != "rolling_24h"
+            and thresholds.alert is not None
+            and budget.limit_nanos > 0
+            and should_alert_forecast(spend, budget.limit_nanos, start, end, seen_at, thresholds.alert)
+        ):
+            verdict.crossings.append(
+                Crossing(
+                    f"forecast|{window_id}",
+                    AlertKind.forecast,
+                    Severity.warning,
+                    f"forecast: {scope} is on course to exceed its {period} budget of "
+                    f"{budget_usd(budget.limit_nanos)} ({budget_usd(spend)} spent so far)",
+                    spend,
+                    budget.limit_nanos,
+                    period,
+                )
+            )
+    if "day" in latest:
+        day = latest["day"]
+        _, requests, tokens = totals(window_key(scope, "day", day))
+        for quota in matching_quotas(scope, policy):
+            outcome = quota_action(requests, tokens, quota)
+            if outcome.action is not Action.allow:
+                start, end = period_window("day", _at(day), tz)
+                verdict.consider(outcome.action, outcome.reason, period="day", period_start=start, expires_at=end)
+                verdict.crossings.append(
+                    Crossing(f"quota|{quota.scope}|{day}", AlertKind.quota, Severity.warning, outcome.reason)
+                )
+    for rule in policy.spike_rules:
+        if rule.scope == scope or (rule.scope.endswith(":*") and scope.startswith(rule.scope[:-1])):
+            _apply_spike(rule, scope, latest, totals, policy, verdict)
+    return verdict
+
+
+def _apply_spike(
+    rule: SpikeRule, scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, verdict: Verdict
+) -> None:
+    if rule.kind == "daily":
+        if "day" not in latest:
+            return
+        day = latest["day"]
+        history = _trim_leading_zeros(
+            [totals(window_key(scope, "day", d))[0] for d in _previous_day_starts(day, policy.tz, rule.window_days)]
+        )
+        found = daily_spike(totals(window_key(scope, "day", day))[0], history, rule)
+        window_start, window_end = period_window("day", _at(day), policy.tz)
+    else:
+        if HOUR not in latest:
+            return
+        hour = latest[HOUR]
+        past = _trim_leading_zeros(
+            [totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(_EWMA_LOOKBACK_HOURS, 0, -1)]
+        )
+        ewma: int | None = None
+        for value in past:
+            ewma = ewma_next(ewma, value, rule.alpha)
+        found = hourly_spike(totals(window_key(scope, HOUR, hour))[0], ewma, len(past), rule)
+        window_start, window_end = _at(hour), _at(hour + 3600)
+    if found is None:
+        return
+    action = spike_action(rule, scope, policy)
+    reason = f"spike rule {rule.name} on {scope}: {found.reason}"
+    verdict.consider(action, reason, spend_nanos=found.observed_nanos, period_start=window_start, expires_at=window_end)
+    verdict.crossings.append(
+        Crossing(
+            f"spike|{rule.name}|{int(window_start.timestamp())}",
+            AlertKind.spike,
+            Severity.critical if action is Action.shutoff else Severity.warning,
+            reason,
+            found.observed_nanos,
+            found.baseline_nanos,
+        )
+    )
+
+
+def decision_signature(verdict: Verdict) -> list[object]:
+    """What edges act on; a Decision is published only when this changes (JSON-friendly for table storage)."""
+    return [
+        str(verdict.action),
+        sorted(verdict.fallback_models.items()),
+        verdict.throttle_rps,
+        sorted(verdict.allowed_models),
+        verdict.expires_at.isoformat() if verdict.expires_at else None,
+    ]
+
+
+def needs_decision(previous: list[object] | None, verdict: Verdict) -> bool:
+    """No previous decision means edges assume ``allow`` with no model restriction."""
+    if previous is None:
+        return verdict.action is not Action.allow or bool(verdict.allowed_models)
+    current = decision_signature(verdict)
+    if verdict.action is Action.allow and previous[0] == str(Action.allow):
+        return current[:4] != previous[:4]  # a new period of plain allow changes nothing at the edge
+    return current != previous
+
+
+def next_version(previous: int, now: datetime) -> int:
+    """Strictly above the last version and never below the clock (microseconds), so a restart after a lost
+    table write still publishes a newer version than anything already on the compacted topic."""
+    return max(previous + 1, int(now.timestamp() * 1_000_000))
+
+
+def build_decision(scope: str, verdict: Verdict, version: int, policy_version: str, now: datetime) -> Decision:
+    return Decision(
+        scope=scope,
+        action=verdict.action,
+        fallback_models=verdict.fallback_models,
+        throttle_rps=verdict.throttle_rps,
+        allowed_models=verdict.allowed_models,
+        reason=verdict.reason or "within budget",
+        spend_nanos=verdict.spend_nanos,
+        limit_nanos=verdict.limit_nanos,
+        period=verdict.period,
+        period_start=verdict.period_start,
+        expires_at=verdict.expires_at if verdict.action is not Action.allow else None,
+        version=version,
+        issued_at=now,
+        policy_version=policy_version,
+    )
+
+
+def build_alert(scope: str, crossing: Crossing, policy_version: str, occurred_at: datetime) -> Alert:
+    return Alert(
+        scope=scope,
+        kind=crossing.kind,
+        severity=crossing.severity,
+        message=crossing.message,
+        spend_nanos=crossing.spend_nanos,
+        limit_nanos=crossing.limit_nanos,
+        period=crossing.period,
+        occurred_at=occurred_at,
+        policy_version=policy_version,
+    )

@@ -1,0 +1,372 @@
+"""Processor scenarios against a real broker and real faust workers (one worker shared per module).
+
+Every scenario uses its own teams/features/users, so they do not disturb each other, and event time in the
+past or future where a rule needs another period (no test waits for a real midnight).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from spendstream.core.codec import AvroCodec
+from spendstream.core.events import PolicyRecord, UsageEvent
+from spendstream.core.topics import ALERTS, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
+from spendstream.processor.app import read_window_totals
+from spendstream.processor.periods import period_window
+from spendstream.processor.policy import parse_policy
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
+
+ROOT = Path(__file__).resolve().parents[1]
+USD = 1_000_000_000
+
+POLICY_YAML = """
+name: default
+timezone: Europe/Berlin
+org: acme
+divisions:
+  eng: [alpha, beta, gamma, delta, roll, raise, late]
+  sales: [omega]
+thresholds: {alert: 0.80, fallback: 0.90, shutoff: 1.00}
+fallback_models: {gpt-4o: gpt-4o-mini, claude-3-5-sonnet: claude-3-haiku}
+budgets:
+  - {scope: "team:alpha", period: month, amount_usd: 100}
+  - {scope: "team:beta", period: month, amount_usd: 100}
+  - {scope: "team:gamma", period: month, amount_usd: 100}
+  - {scope: "feature:support_bot", period: month, amount_usd: 10}
+  - {scope: "team:roll", period: day, amount_usd: 10}
+  - {scope: "team:raise", period: month, amount_usd: 10}
+  - {scope: "team:delta", period: month, amount_usd: 3000}
+quotas:
+  - {scope: "user:*", requests_per_day: 5}
+allowed_models:
+  "environment:dev": [llama-3.2-1b, gpt-4o-mini]
+features:
+  support_bot: {critical: true, throttle_rps: 2.5}
+pricing: {unknown_model: reject}
+spike_rules:
+  - {name: daily3x, kind: daily, scope: "project:*", factor: 3, window_days: 7, min_history_days: 3}
+  - {name: runaway, kind: hourly_ewma, scope: "customer:*", factor: 4, min_history_hours: 3}
+"""
+
+
+# -- helpers shared with the fault tests -----------------------------------------------------------------------
+
+
+def event(**fields: Any) -> UsageEvent:
+    base: dict[str, Any] = {"provider": "openai", "model_requested": "gpt-4o", "input_tokens": 10, "output_tokens": 5}
+    base.update(fields)
+    return UsageEvent(**base)
+
+
+def produce(bootstrap: str, events: Iterable[UsageEvent], arrival: datetime | None = None) -> None:
+    """Produce usage events keyed by org/team; ``arrival`` sets the Kafka timestamp (default: occurred_at)."""
+    codec = AvroCodec("usage_event")
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for ev in events:
+        stamp = arrival or ev.occurred_at
+        producer.produce(
+            USAGE,
+            codec.encode(ev.to_avro()),
+            key=f"{ev.org}/{ev.team}".encode(),
+            timestamp=int(stamp.timestamp() * 1000),
+        )
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def publish_policy(bootstrap: str, name: str, document: str) -> None:
+    record = PolicyRecord(name=name, version=uuid.uuid4().hex[:16], document=document, published_by="test")
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(POLICY, AvroCodec("policy").encode(record.to_avro()), key=name.encode())
+    assert producer.flush(15) == 0
+
+
+class TopicReader:
+    """Reads a topic from the beginning and keeps every decoded record (value plus headers)."""
+
+    def __init__(self, bootstrap: str, topic: str, schema: str | None) -> None:
+        self.codec = AvroCodec(schema) if schema else None
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}"})
+        self.consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        self.records: list[Any] = []
+
+    def poll(self) -> list[Any]:
+        for message in self.consumer.consume(1000, timeout=0.2):
+            if message.error():
+                continue
+            if self.codec:
+                self.records.append(self.codec.decode(message.value()))
+            else:
+                self.records.append((message.value(), dict(message.headers() or [])))
+        return self.records
+
+    def wait(self, predicate: Callable[[Any], bool], timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.poll():
+                if predicate(record):
+                    return record
+        raise AssertionError(f"no matching record within {timeout}s; have {self.records[-5:]}")
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def start_worker(
+    bootstrap: str, data_dir: Path, policy_path: Path | None, *extra: str, app_id: str = "spendstream-processor"
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "SPENDSTREAM_DATA_DIR": str(data_dir),
+        "SPENDSTREAM_USAGE_PARTITIONS": "6",
+    }
+    if policy_path is not None:
+        env["SPENDSTREAM_POLICY"] = str(policy_path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "worker.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "processor", "--app-id", app_id, *extra],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_totals(
+    bootstrap: str, expected: dict[tuple[str, str, int], tuple[int, int, int]], app_id: str, timeout: float = 60.0
+) -> dict:
+    """Wait until the changelog shows ``expected`` for each of its windows; return the totals last read."""
+    deadline = time.monotonic() + timeout
+    totals: dict = {}
+    while time.monotonic() < deadline:
+        totals = read_window_totals({"bootstrap.servers": bootstrap}, app_id)
+        if all(totals.get(key) == value for key, value in expected.items()):
+            return totals
+        time.sleep(0.5)
+    wrong = {k: (totals.get(k), v) for k, v in expected.items() if totals.get(k) != v}
+    raise AssertionError(f"{len(wrong)} windows differ (got, want), e.g. {list(wrong.items())[:5]}")
+
+
+# -- shared worker ------------------------------------------------------------------------------------------------
+
+
+class Stack:
+    def __init__(self, broker: EmbeddedBroker, root: Path) -> None:
+        self.broker = broker
+        self.bootstrap = broker.bootstrap
+        self.policy_path = root / "policy.yaml"
+        self.policy_path.write_text(POLICY_YAML)
+        self.worker = start_worker(self.bootstrap, root / "worker", self.policy_path, "--allowed-lateness-s", "3600")
+        self.decisions = TopicReader(self.bootstrap, ENFORCEMENT, "decision")
+        self.alerts = TopicReader(self.bootstrap, ALERTS, "alert")
+        self.dlq = TopicReader(self.bootstrap, USAGE_DLQ, None)
+
+    def decision(self, scope: str, action: str, timeout: float = 45.0, **match: Any) -> dict[str, Any]:
+        def ok(d: dict[str, Any]) -> bool:
+            return d["scope"] == scope and d["action"] == action and all(d[k] == v for k, v in match.items())
+
+        return self.decisions.wait(ok, timeout)
+
+    def latest_decision(self, scope: str) -> dict[str, Any] | None:
+        mine = [d for d in self.decisions.poll() if d["scope"] == scope]
+        return max(mine, key=lambda d: d["version"]) if mine else None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("processor")
+    with EmbeddedBroker(log_path=root / "broker.log") as broker:
+        create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+        running = Stack(broker, root)
+        try:
+            yield running
+        finally:
+            stop_worker(running.worker)
+            for reader in (running.decisions, running.alerts, running.dlq):
+                reader.close()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def spend(stack: Stack, team: str, usd_each: float, count: int, at: datetime | None = None, **fields: Any) -> None:
+    at = at or now()
+    produce(
+        stack.bootstrap,
+        [event(team=team, occurred_at=at, cost_nanos=int(usd_each * USD), **fields) for _ in range(count)],
+    )
+
+
+# -- scenarios ----------------------------------------------------------------------------------------------------
+
+
+def test_thresholds_alert_fallback_shutoff_in_order(stack: Stack) -> None:
+    spend(stack, "alpha", 10, 8)  # $80 of $100
+    stack.decision("team:alpha", "alert", spend_nanos=80 * USD, limit_nanos=100 * USD, period="month")
+    stack.alerts.wait(lambda a: a["scope"] == "team:alpha" and a["kind"] == "threshold" and "alert" in a["message"])
+    spend(stack, "alpha", 10, 1)  # $90
+    fallback = stack.decision("team:alpha", "fallback")
+    assert fallback["fallback_models"] == {"gpt-4o": "gpt-4o-mini", "claude-3-5-sonnet": "claude-3-haiku"}
+    spend(stack, "alpha", 10, 1)  # $100
+    shutoff = stack.decision("team:alpha", "shutoff")
+    assert shutoff["version"] > fallback["version"]
+    assert shutoff["expires_at"] is not None  # the end of the month in Europe/Berlin
+    assert shutoff["policy_version"] == parse_policy(POLICY_YAML).version
+    for level in ("alert", "fallback", "shutoff"):
+        stack.alerts.wait(lambda a, lv=level: a["scope"] == "team:alpha" and a["message"].startswith(lv))
+
+
+def test_critical_feature_is_throttled_instead_of_shut_off(stack: Stack) -> None:
+    spend(stack, "omega", 5, 2, feature="support_bot")  # $10 of $10
+    throttle = stack.decision("feature:support_bot", "throttle")
+    assert throttle["throttle_rps"] == 2.5
+    assert stack.latest_decision("feature:support_bot")["action"] == "throttle"
+
+
+def test_per_user_daily_quota(stack: Stack) -> None:
+    spend(stack, "omega", 0.001, 4, user="quota-user")
+    spend(stack, "omega", 0.001, 1, user="quota-user")  # the 5th of 5 requests per day
+    shutoff = stack.decision("user:quota-user", "shutoff")
+    assert "requests quota used up: 5/5" in shutoff["reason"]
+    stack.alerts.wait(lambda a: a["scope"] == "user:quota-user" and a["kind"] == "quota")
+
+
+def test_allowed_model_list_is_published_for_the_scope(stack: Stack) -> None:
+    spend(stack, "omega", 0.01, 1, environment="dev", model_requested="llama-3.2-1b")
+    decision = stack.decision("environment:dev", "allow")
+    assert decision["allowed_models"] == ["llama-3.2-1b", "gpt-4o-mini"]
+
+
+def test_period_rollover_lifts_the_decision(stack: Stack) -> None:
+    yesterday = now() - timedelta(days=1)
+    spend(stack, "roll", 5, 2, at=yesterday)  # $10 of a $10 daily budget, yesterday (Berlin)
+    shutoff = stack.decision("team:roll", "shutoff", period="day")
+    spend(stack, "roll", 1, 1)  # first event of today
+    lifted = stack.decision("team:roll", "allow")
+    assert lifted["version"] > shutoff["version"]
+
+
+def test_budget_raised_mid_period_lifts_shutoff_and_bad_policy_is_rejected(stack: Stack) -> None:
+    spend(stack, "raise", 5, 2)  # $10 of $10
+    shutoff = stack.decision("team:raise", "shutoff")
+    bad = {"name": "default", "budgets": [{"scope": "team:raise", "period": "fortnight", "amount_usd": 1}]}
+    publish_policy(stack.bootstrap, "default", json.dumps(bad))
+    rejected = stack.alerts.wait(lambda a: a["kind"] == "policy")
+    assert "budgets.0.period" in rejected["message"]
+    raised = POLICY_YAML.replace(
+        '{scope: "team:raise", period: month, amount_usd: 10}', '{scope: "team:raise", period: month, amount_usd: 1000}'
+    )
+    new_version = parse_policy(raised).version
+    publish_policy(stack.bootstrap, "default", parse_policy(raised).to_json())
+    lifted = stack.decision("team:raise", "allow", policy_version=new_version)
+    assert lifted["version"] > shutoff["version"]
+    assert (lifted["spend_nanos"], lifted["limit_nanos"]) == (10 * USD, 1000 * USD)
+
+
+def test_late_events_inside_lateness_count_and_later_ones_go_to_the_dlq(stack: Stack) -> None:
+    occurred = now() - timedelta(hours=3)
+    on_time = event(team="late", occurred_at=occurred, cost_nanos=7 * USD)
+    too_late = event(team="late", occurred_at=occurred, cost_nanos=1_000 * USD)
+    produce(stack.bootstrap, [on_time], arrival=occurred + timedelta(minutes=30))  # allowed lateness is 1 h
+    produce(stack.bootstrap, [too_late], arrival=occurred + timedelta(hours=2))
+    _, headers = stack.dlq.wait(lambda r: str(too_late.event_id).encode() in r[0])
+    assert headers["spendstream.dlq.reason"].startswith(b"late event")
+    start = int(period_window("month", occurred, "Europe/Berlin")[0].timestamp())
+    wait_totals(stack.bootstrap, {("team:late", "month", start): (7 * USD, 1, 15)}, "spendstream-processor")
+
+
+def test_unknown_model_is_rejected_to_the_dlq_and_known_models_are_priced(stack: Stack) -> None:
+    unknown = event(team="omega", project="pricing", model_requested="no-such-model-x")
+    known = event(team="omega", project="pricing", model_requested="gpt-4o-mini", input_tokens=1_000_000)
+    produce(stack.bootstrap, [unknown, known])
+    _, headers = stack.dlq.wait(lambda r: b"no-such-model-x" in r[0])
+    assert b"unknown model" in headers["spendstream.dlq.reason"]
+    start = int(period_window("month", now(), "Europe/Berlin")[0].timestamp())
+    key = ("project:pricing", "month", start)
+    deadline = time.monotonic() + 30
+    totals: dict = {}
+    while key not in totals and time.monotonic() < deadline:
+        totals = read_window_totals({"bootstrap.servers": stack.bootstrap}, "spendstream-processor")
+    nanos, requests, _ = totals[("project:pricing", "month", start)]
+    assert requests == 1 and nanos > 0  # gpt-4o-mini, 1M input tokens, from genai-prices
+
+
+def test_daily_spike_three_times_the_trailing_average(stack: Stack) -> None:
+    for days_ago in (3, 2, 1):
+        spend(stack, "omega", 1, 1, at=now() - timedelta(days=days_ago), project="spiky")
+    spend(stack, "omega", 4, 1, project="spiky")  # $4 today > 3 x $1
+    alert = stack.alerts.wait(lambda a: a["scope"] == "project:spiky" and a["kind"] == "spike")
+    assert "daily3x" in alert["message"]
+    stack.decision("project:spiky", "alert")
+
+
+def test_hourly_runaway_against_the_ewma(stack: Stack) -> None:
+    for hours_ago in (4, 3, 2, 1):
+        spend(stack, "omega", 1, 1, at=now() - timedelta(hours=hours_ago), customer="runaway")
+    spend(stack, "omega", 5, 1, customer="runaway")  # $5 this hour > 4 x $1
+    alert = stack.alerts.wait(lambda a: a["scope"] == "customer:runaway" and a["kind"] == "spike")
+    assert "runaway" in alert["message"]
+
+
+def test_forecast_alert_before_the_threshold(stack: Stack) -> None:
+    start, _ = period_window("month", now(), "Europe/Berlin")
+    at = start + timedelta(days=2, hours=1)
+    if at > now() - timedelta(minutes=5):  # early in the month: use the previous one
+        start, _ = period_window("month", start - timedelta(seconds=1), "Europe/Berlin")
+        at = start + timedelta(days=2, hours=1)
+    spend(stack, "delta", 1000, 1, at=at)  # $1,000 after two days: on course for ~$15,000 of $3,000
+    alert = stack.alerts.wait(lambda a: a["scope"] == "team:delta" and a["kind"] == "forecast")
+    assert alert["limit_nanos"] == 3000 * USD
+    assert not [a for a in stack.alerts.poll() if a["scope"] == "team:delta" and a["kind"] == "threshold"]
+
+
+def test_bad_policy_file_names_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbudgets:\n  - scope: team:a\n    period: fortnight\n    amount_usd: 5\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "policy", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "budgets.0.period" in out.stderr and "bad.yaml:4" in out.stderr
+
+
+def test_policy_apply_publishes_a_record_and_show_reads_it(stack: Stack, tmp_path: Path) -> None:
+    env = {**os.environ, "SPENDSTREAM_KAFKA_BOOTSTRAP": stack.bootstrap}
+    env.pop("SPENDSTREAM_POLICY", None)
+    policy_file = tmp_path / "other.yaml"
+    policy_file.write_text("name: other\nbudgets:\n  - {scope: 'team:x', period: day, amount_usd: 5}\n")
+    cli = [sys.executable, "-m", "spendstream.cli", "policy"]
+    applied = subprocess.run([*cli, "apply", str(policy_file)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert applied.returncode == 0, applied.stderr
+    shown = subprocess.run([*cli, "show"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr
+    assert parse_policy(policy_file.read_text()).version in shown.stdout

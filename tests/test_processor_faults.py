@@ -1,0 +1,181 @@
+"""Crash and scale-out: window totals stay exact to the nano-dollar (DESIGN.md §7.2)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from spendstream.core.events import UsageEvent
+from spendstream.core.topics import ENFORCEMENT
+from spendstream.processor.app import read_scope_totals
+from spendstream.processor.policy import Policy, parse_policy
+from spendstream.processor.scopes import scopes_for
+from spendstream.processor.spend_accounting import WindowCalendar, split_window_key
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from test_processor import (
+    ROOT,
+    TopicReader,
+    event,
+    produce,
+    start_worker,
+    stop_worker,
+    wait_totals,
+)
+
+TEAMS = [f"t{i}" for i in range(6)]
+POLICY_YAML = f"""
+name: default
+timezone: America/New_York
+org: acme
+divisions: {{eng: [{", ".join(TEAMS)}]}}
+budgets:
+  - {{scope: "team:t0", period: month, amount_usd: 1}}
+  - {{scope: "user:*", period: day, amount_usd: 1000}}
+"""
+
+
+def make_stream(count: int, seed: int) -> list[UsageEvent]:
+    rng = random.Random(seed)
+    now = datetime.now(UTC)
+    return [
+        event(
+            org="acme",
+            team=rng.choice(TEAMS),
+            project=f"p{rng.randrange(5)}",
+            feature=f"f{rng.randrange(4)}",
+            user=f"u{rng.randrange(30)}",
+            environment="prod",
+            occurred_at=now - timedelta(seconds=rng.randrange(7200)),
+            cost_nanos=rng.randrange(1, 5_000_000),
+            input_tokens=rng.randrange(2000),
+            output_tokens=rng.randrange(500),
+        )
+        for _ in range(count)
+    ]
+
+
+def exact_totals(events: list[UsageEvent], policy: Policy) -> dict[tuple[str, str, int], tuple[int, int, int]]:
+    """The truth, summed straight from the produced events."""
+    calendar = WindowCalendar(policy.tz)
+    acc: dict[tuple[str, str, int], list[int]] = {}
+    for ev in events:
+        record = ev.to_avro()
+        for wkey in calendar.window_keys(scopes_for(record, policy), int(ev.occurred_at.timestamp())):
+            row = acc.setdefault(split_window_key(wkey), [0, 0, 0])
+            row[0] += ev.cost_nanos or 0
+            row[1] += 1
+            row[2] += ev.input_tokens + ev.output_tokens
+    return {k: (v[0], v[1], v[2]) for k, v in acc.items()}
+
+
+def paced_producer(bootstrap: str, events: list[UsageEvent], seconds: float) -> threading.Thread:
+    chunks = [events[i : i + 500] for i in range(0, len(events), 500)]
+
+    def run() -> None:
+        for chunk in chunks:
+            produce(bootstrap, chunk)
+            time.sleep(seconds / len(chunks))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def cli_env(bootstrap: str, data_dir: Path) -> dict[str, str]:
+    return {**os.environ, "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap, "SPENDSTREAM_DATA_DIR": str(data_dir)}
+
+
+@pytest.mark.slow
+def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    policy = parse_policy(POLICY_YAML)
+    events = make_stream(20_000, seed=7)
+    expected = exact_totals(events, policy)
+
+    sink_dir = tmp_path / "sink"
+    subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "ledger", "migrate"],
+        env=cli_env(broker.bootstrap, sink_dir),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "sink"],
+        env=cli_env(broker.bootstrap, sink_dir),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rng = random.Random(11)
+    producer = paced_producer(broker.bootstrap, events, seconds=25)
+    worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+    try:
+        for _ in range(5):
+            time.sleep(rng.uniform(4.0, 7.0))  # ~4 s to start, then some processing, then a crash
+            worker.kill()
+            worker.wait()
+            worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+        producer.join()
+        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
+        deadline = time.monotonic() + 30
+        while read_scope_totals({"bootstrap.servers": broker.bootstrap}) != expected:
+            assert time.monotonic() < deadline, "stage-2 window totals differ from the exact sums"
+            time.sleep(0.5)
+    finally:
+        stop_worker(worker)
+        sink.terminate()
+        sink.wait(30)
+
+    from spendstream.core.config import load_settings
+    from spendstream.core.ledger_store import connect
+
+    client = connect(load_settings(data_dir=sink_dir))
+    try:
+        rows = client.query(
+            "SELECT team, sum(cost_nanos), count() FROM spendstream.usage_ledger FINAL GROUP BY team"
+        ).result_rows
+    finally:
+        client.close()
+    ledger = {f"team:{team}": (int(nanos), int(count)) for team, nanos, count in rows}
+    by_team: dict[str, list[int]] = {}
+    for (scope, period, _), (nanos, requests, _) in expected.items():
+        if period == "month" and scope.startswith("team:"):
+            row = by_team.setdefault(scope, [0, 0])
+            row[0] += nanos
+            row[1] += requests
+    assert ledger == {scope: (v[0], v[1]) for scope, v in by_team.items()}
+
+
+@pytest.mark.slow
+def test_two_workers_then_one_killed_stay_exact_and_keep_deciding(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    events = make_stream(10_000, seed=3)
+    expected = exact_totals(events, parse_policy(POLICY_YAML))
+    decisions = TopicReader(broker.bootstrap, ENFORCEMENT, "decision")
+    first = start_worker(broker.bootstrap, tmp_path / "a", policy_path)
+    second = start_worker(broker.bootstrap, tmp_path / "b", policy_path)
+    try:
+        producer = paced_producer(broker.bootstrap, events, seconds=15)
+        time.sleep(10)
+        second.kill()
+        second.wait()
+        producer.join()
+        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
+        decisions.wait(lambda d: d["scope"] == "team:t0" and d["action"] == "shutoff", timeout=30)
+        logs = (tmp_path / "b" / "worker.log").read_text(errors="replace")
+        assert "Ready" in logs  # the killed worker had joined the group and owned partitions
+    finally:
+        stop_worker(first)
+        stop_worker(second)
+        decisions.close()

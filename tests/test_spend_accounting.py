@@ -1,0 +1,201 @@
+"""The exact-accounting core and scope evaluation, exhaustively (no broker needed)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spendstream.core.events import Action
+from spendstream.processor.decision_publisher import (
+    decision_signature,
+    evaluate_scope,
+    needs_decision,
+    next_version,
+)
+from spendstream.processor.periods import period_window
+from spendstream.processor.policy import parse_policy
+from spendstream.processor.spend_accounting import (
+    EMPTY,
+    TRACKED_PERIODS,
+    Partial,
+    WindowCalendar,
+    fold_batch,
+    lateness_problem,
+    merge_partial,
+    split_partial_key,
+    split_window_key,
+    totals_from_partials,
+    window_key,
+    window_total,
+)
+
+KEYS = ["team:a|day|0", "team:b|day|0", "user:u|month|86400", "feature:x|hour|3600"]
+event_st = st.tuples(st.integers(0, 10**9), st.integers(0, 5000), st.lists(st.sampled_from(KEYS), unique=True))
+
+
+def exact(events: list[tuple[int, int, list[str]]]) -> dict[str, tuple[int, int, int]]:
+    out: dict[str, list[int]] = {}
+    for cost, tokens, keys in events:
+        for key in keys:
+            row = out.setdefault(key, [0, 0, 0])
+            row[0] += cost
+            row[1] += 1
+            row[2] += tokens
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(event_st, max_size=60),
+    batch=st.integers(1, 8),
+    crashes=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 400)), max_size=4),
+)
+def test_crash_and_replay_at_any_point_counts_every_event_exactly_once(
+    events: list[tuple[int, int, list[str]]], batch: int, crashes: list[tuple[int, int]]
+) -> None:
+    """Model of stage 1 on one partition: the table changelog is an ordered log; a crash keeps a prefix of it
+    that at least covers the last commit (faust flushes before committing), and the source is replayed from
+    the committed offset with the restored table."""
+    log: list[tuple[str, Partial]] = []
+    committed_offset, committed_log = 0, 0
+    table: dict[str, list[int]] = {}
+    crash_at = sorted(crashes)
+    position = 0
+    steps = 0
+    while position < len(events):
+        chunk = events[position : position + batch]
+        items = [(position + i, cost, tokens, keys) for i, (cost, tokens, keys) in enumerate(chunk)]
+        touched, changed = fold_batch(items, 3, table.get)
+        assert set(changed) <= set(touched)
+        for key in sorted(changed):
+            table[key] = list(touched[key])
+            log.append((key, touched[key]))
+        position += len(chunk)
+        steps += 1
+        if steps % 2 == 0:  # commit every other batch
+            committed_offset, committed_log = position, len(log)
+        if crash_at and crash_at[0][0] <= steps:
+            _, keep = crash_at.pop(0)
+            log = log[: committed_log + keep % (len(log) - committed_log + 1)]
+            table = {}
+            for key, value in log:
+                table[key] = list(value)
+            position = committed_offset
+    assert totals_from_partials(table) == exact(events)
+
+
+def test_fold_batch_skips_applied_offsets_and_reannounces_them() -> None:
+    stored = {"k#1": [100, 1, 10, 5]}
+    touched, changed = fold_batch([(5, 7, 1, ["k"]), (6, 3, 2, ["k", "j"])], 1, stored.get)
+    assert touched == {"k#1": Partial(103, 2, 12, 6), "j#1": Partial(3, 1, 2, 6)}
+    assert changed == {"k#1", "j#1"}
+    touched, changed = fold_batch([(4, 7, 1, ["k"])], 1, stored.get)
+    assert touched == {"k#1": Partial(100, 1, 10, 5)} and changed == set()
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), min_size=1, max_size=30), st.randoms())
+def test_stage2_merge_is_idempotent_and_order_free(announcements: list[tuple[int, int]], rng) -> None:  # type: ignore[no-untyped-def]
+    """Totals grow with the offset; any order and any duplication ends at each partition's newest total."""
+    values = [(p, [off * 10, off, off * 2, off]) for p, off in announcements]
+    shuffled = values + values
+    rng.shuffle(shuffled)
+    parts: dict[str, list[int]] = {}
+    for partition, value in shuffled:
+        merge_partial(parts, partition, value)
+    newest: dict[int, int] = {}
+    for partition, off in announcements:
+        newest[partition] = max(newest.get(partition, -1), off)
+    assert window_total(parts) == (
+        sum(o * 10 for o in newest.values()),
+        sum(newest.values()),
+        sum(o * 2 for o in newest.values()),
+    )
+
+
+def test_keys_round_trip() -> None:
+    key = window_key("user:a|b", "day", 1700000000)
+    assert split_window_key(key) == ("user:a|b", "day", 1700000000)
+    assert split_partial_key(key + "#4") == (key, 4)
+    assert EMPTY.offset == -1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2030, 12, 31), timezones=st.just(UTC)),
+    st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"]),
+)
+def test_calendar_memo_agrees_with_period_window(instant: datetime, tz: str) -> None:
+    calendar = WindowCalendar(tz)
+    epoch = int(instant.timestamp())
+    starts = dict(calendar.starts(epoch - epoch % 900))  # warm the memo from the bucket start
+    starts = dict(calendar.starts(epoch))
+    assert set(starts) == set(TRACKED_PERIODS)
+    second = datetime.fromtimestamp(epoch, UTC)
+    for period in ("day", "week", "month", "quarter"):
+        assert starts[period] == int(period_window(period, second, tz)[0].timestamp())
+    assert starts["hour"] == epoch - epoch % 3600
+
+
+def test_lateness_is_judged_against_arrival() -> None:
+    occurred = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    assert lateness_problem(occurred, occurred + timedelta(minutes=59), timedelta(hours=1)) is None
+    reason = lateness_problem(occurred, occurred + timedelta(hours=2), timedelta(hours=1))
+    assert reason is not None and reason.startswith("late event")
+
+
+POLICY = parse_policy(
+    """
+timezone: UTC
+fallback_models: {gpt-4o: gpt-4o-mini}
+budgets:
+  - {scope: "team:a", period: month, amount_usd: 100}
+  - {scope: "team:a", period: rolling_24h, amount_usd: 30}
+quotas:
+  - {scope: "user:*", tokens_per_day: 1000}
+allowed_models: {"team:a": [gpt-4o-mini]}
+"""
+)
+MAR = int(datetime(2025, 3, 1, tzinfo=UTC).timestamp())
+USD = 10**9
+
+
+def _evaluate(windows: dict[str, tuple[int, int, int]], latest: dict[str, int], scope: str = "team:a"):  # type: ignore[no-untyped-def]
+    return evaluate_scope(scope, latest, lambda k: windows.get(k, (0, 0, 0)), POLICY, datetime.fromtimestamp(MAR, UTC))
+
+
+def test_month_budget_thresholds_and_the_most_restrictive_rule_wins() -> None:
+    hour = MAR + 5 * 3600
+    latest = {"month": MAR, "hour": hour}
+    verdict = _evaluate({window_key("team:a", "month", MAR): (85 * USD, 1, 1)}, latest)
+    assert verdict.action is Action.alert and verdict.limit_nanos == 100 * USD
+    assert verdict.allowed_models == ["gpt-4o-mini"]
+    verdict = _evaluate({window_key("team:a", "month", MAR): (95 * USD, 1, 1)}, latest)
+    assert verdict.action is Action.fallback and verdict.fallback_models == {"gpt-4o": "gpt-4o-mini"}
+    # rolling 24 h: 24 hourly buckets ending at the newest hour, $1.50 each = $36 > $30
+    windows = {window_key("team:a", "hour", hour - 3600 * i): (USD * 3 // 2, 1, 1) for i in range(30)}
+    verdict = _evaluate(windows, latest)
+    assert verdict.action is Action.shutoff and verdict.spend_nanos == 36 * USD and verdict.period == "rolling_24h"
+    assert verdict.expires_at == datetime.fromtimestamp(hour + 3600, UTC)
+    assert {c.key.rsplit("|", 1)[-1] for c in verdict.crossings} >= {"shutoff"}
+
+
+def test_user_token_quota_shuts_off() -> None:
+    day = MAR
+    verdict = _evaluate({window_key("user:u", "day", day): (1, 3, 1000)}, {"day": day}, "user:u")
+    assert verdict.action is Action.shutoff and "tokens" in verdict.reason
+
+
+def test_decisions_only_on_change_and_versions_increase() -> None:
+    latest = {"month": MAR}
+    shutoff = _evaluate({window_key("team:a", "month", MAR): (100 * USD, 1, 1)}, latest)
+    assert needs_decision(None, shutoff)
+    assert not needs_decision(decision_signature(shutoff), shutoff)
+    allow = _evaluate({}, {"month": MAR})
+    assert needs_decision(decision_signature(shutoff), allow)
+    assert needs_decision(None, allow)  # the allowed-model list must reach the edges
+    assert not needs_decision(decision_signature(allow), _evaluate({}, {"month": MAR + 31 * 86400}))
+    now = datetime.now(UTC)
+    assert next_version(0, now) >= int(now.timestamp() * 1e6)
+    assert next_version(10**18, now) == 10**18 + 1
