@@ -1,4 +1,4 @@
-"""``spendstream report weekly|chargeback|forecast|top|mix|latency``, ``spendstream sql`` and
+"""``spendstream report weekly|chargeback|forecast|top|mix|latency|savings``, ``spendstream sql`` and
 ``spendstream ledger reprice`` (registered by the ledger group through ``register_ledger_commands``)."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Any
 from spendstream.analytics.report_model import FORMATS, Column, Report, render
 from spendstream.core.config import Settings
 
-REPORTS = ("weekly", "chargeback", "forecast", "top", "mix", "latency")
+REPORTS = ("weekly", "chargeback", "forecast", "top", "mix", "latency", "savings")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser("report", help="CFO, chargeback, forecast and top-spender reports")
     report.add_argument("kind", choices=REPORTS)
     report.add_argument("--format", choices=FORMATS, default="table")
-    report.add_argument("--month", type=_month, help="chargeback month, YYYY-MM (default: this month)")
+    report.add_argument("--month", type=_month, help="chargeback/savings month, YYYY-MM (default: this month)")
     report.add_argument("--as-of", type=date.fromisoformat, help="weekly: a day of the week to report (YYYY-MM-DD)")
     report.add_argument("--weeks", type=int, default=4, help="weekly: how many weeks (default 4)")
     report.add_argument("--by", default="feature", help="top: team, feature, user, customer, model, ...")
@@ -114,6 +114,8 @@ def build_report(kind: str, client: Any, settings: Settings, options: dict[str, 
         return reports.model_mix(ledger, start, end)
     if kind == "latency":
         return reports.latency(ledger, start, end)
+    if kind == "savings":
+        return reports.savings(ledger, options.get("month") or today)
     raise ValueError(f"unknown report {kind!r}; expected one of {', '.join(REPORTS)}")
 
 

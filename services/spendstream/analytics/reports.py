@@ -1,5 +1,5 @@
 """The reports finance and platform teams read: CFO weekly, chargeback, forecast, top spenders,
-model mix, latency. Each is one or two ``FINAL`` queries over the ledger (exact under replays),
+model mix, latency, routing savings. Each is one or two ``FINAL`` queries over the ledger (exact under replays),
 then the pure arithmetic of ``money.py``.
 
 Periods are calendar days, ISO weeks and months in the configured budget timezone.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from spendstream.analytics.money import (
     allocate_shared,
@@ -448,6 +448,87 @@ def latency(ledger: Ledger, start: date, end: date) -> Report:
         LATENCY_COLUMNS,
         out,
         params={"from": start, "to": end, "timezone": ledger.tz},
+    )
+
+
+# -- routing and cache savings ------------------------------------------------------------------
+
+SAVINGS_COLUMNS = [
+    Column("team", "Team"),
+    Column("requests", "Requests", "int"),
+    Column("rerouted", "Rerouted", "int"),
+    Column("cache_hit_rate", "Cache hit rate", "pct"),
+    Column("requested", "Cost as requested", "usd"),
+    Column("routed", "Cost as routed", "usd"),
+    Column("savings", "Saved", "usd"),
+    Column("savings_share", "Saved share", "pct"),
+    Column("routing_savings", "By routing", "usd"),
+    Column("cache_savings", "By cache", "usd"),
+]
+
+# Per event, what it would have cost on the requested model without the cache (the same expression as the
+# routing_savings_monthly view, schemas/clickhouse/0006_routing_savings.sql, which explains it).
+_REQUESTED_COST = (
+    "if(status = 'ok' AND mapContains(tags, 'requested_cost_nanos'), toInt64OrZero(tags['requested_cost_nanos']), "
+    "ifNull(cost_nanos, 0) + if(cache_hit, toInt64OrZero(tags['saved_nanos']), 0))"
+)
+
+
+class SavingsTotals(NamedTuple):
+    requests: int
+    rerouted: int
+    cache_hits: int
+    routed: int
+    requested: int
+    cache_savings: int
+
+
+def savings_rows(by_team: dict[str, SavingsTotals]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per team (largest saving first) and in total: savings = requested - routed = routing + cache savings."""
+
+    def row(team: str, t: SavingsTotals) -> dict[str, Any]:
+        saved = t.requested - t.routed
+        return {
+            "team": team,
+            "requests": t.requests,
+            "rerouted": t.rerouted,
+            "cache_hit_rate": ratio(t.cache_hits, t.requests),
+            "requested": t.requested,
+            "routed": t.routed,
+            "savings": saved,
+            "savings_share": ratio(saved, t.requested),
+            "routing_savings": saved - t.cache_savings,
+            "cache_savings": t.cache_savings,
+        }
+
+    rows = [row(team or UNATTRIBUTED, t) for team, t in by_team.items()]
+    rows.sort(key=lambda r: (-r["savings"], r["team"]))
+    total = SavingsTotals(*(sum(t[i] for t in by_team.values()) for i in range(len(SavingsTotals._fields))))
+    return rows, row("TOTAL", total)
+
+
+def savings(ledger: Ledger, month: date) -> Report:
+    """What cost-aware routing and the response cache saved per team in ``month`` (budget timezone)."""
+    start, end = month_bounds(month, ledger.tz)
+    rows = ledger.rows(
+        f"SELECT team, count(), countIf(mapContains(tags, 'requested_model')), countIf(cache_hit), "
+        f"sum(ifNull(cost_nanos, 0)), sum({_REQUESTED_COST}), sumIf(toInt64OrZero(tags['saved_nanos']), cache_hit) "
+        f"FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY team",
+        start=_ts(start),
+        end=_ts(end),
+    )
+    out, totals = savings_rows({team: SavingsTotals(*(int(v) for v in values)) for team, *values in rows})
+    return Report(
+        "savings",
+        f"Routing and cache savings {first_of_month(month):%B %Y}",
+        SAVINGS_COLUMNS,
+        out,
+        totals,
+        params={"month": first_of_month(month), "timezone": ledger.tz},
+        notes=[
+            "cost as requested: every request on the model its client asked for, uncached; "
+            "saved = as requested - as routed = by routing + by cache"
+        ],
     )
 
 
