@@ -6,6 +6,7 @@ thing on a laptop running the embedded runtime and in a production deployment.
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -134,10 +135,15 @@ class Settings(BaseSettings):
         return self.spool_dir or self.data_dir / "spool"
 
     def kafka_client_config(self) -> dict[str, Any]:
-        """librdkafka settings for the broker connection (security included), shared by every client."""
+        """librdkafka settings for the broker connection (security included), shared by every client.
+
+        librdkafka's own log lines go through Python logging (``spendstream.kafka``), so services
+        format, filter and capture them like every other log line.
+        """
         conf: dict[str, Any] = {
             "bootstrap.servers": self.kafka_bootstrap,
             "security.protocol": self.kafka_security_protocol,
+            "logger": logging.getLogger("spendstream.kafka"),
         }
         if self.kafka_sasl_mechanism:
             conf["sasl.mechanism"] = self.kafka_sasl_mechanism

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -38,7 +39,8 @@ class Enforcer:
     Without ``bootstrap_servers`` or ``settings``, the ``SPENDSTREAM_*`` settings are read.
     Fail-open by default: with no fresh view the last known decisions still apply. With ``fail_closed``,
     requests are refused (``unavailable``) until the view is ready and while it is staler than
-    ``max_staleness_s``.
+    ``max_staleness_s``. ``clock`` (aware datetimes) is what decisions' ``expires_at`` are compared with; it
+    defaults to the real time, and a gateway replaying a past day (the demo) passes its own.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class Enforcer:
         hierarchy: Mapping[str, str] | None = None,
         topic: str = ENFORCEMENT,
         poll_interval_s: float = 0.05,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if settings is None and bootstrap_servers is None:
             settings = load_settings()
@@ -70,6 +73,7 @@ class Enforcer:
         self._codec = AvroCodec("decision", registry)
         self._topic = topic
         self._poll_interval_s = poll_interval_s
+        self._wall: Callable[[], float] = time.time if clock is None else (lambda: clock().timestamp())
         self.fail_closed = fail_closed
         self.max_staleness_s = max_staleness_s
         # dimension index -> {value or "*": rule}; only dimensions with rules are listed in _active.
@@ -153,7 +157,7 @@ class Enforcer:
             hits.append((self._global, ""))
         if not hits:
             return Verdict(ALLOW, model)
-        return resolve(hits, model, time.time(), time.monotonic())
+        return resolve(hits, model, self._wall(), time.monotonic())
 
     def _fill_ancestors(self, values: list[str]) -> None:
         for i in (_DIM_INDEX["project"], _DIM_INDEX["team"], _DIM_INDEX["division"]):

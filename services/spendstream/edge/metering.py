@@ -24,12 +24,13 @@ def build_event(
     decision: str,
     tags: dict[str, str],
     prices: PriceTable = EMPTY_TABLE,
+    now: datetime | None = None,
 ) -> UsageEvent:
     """The usage event of one request; cost is left to the processor only when the price table rejects the model.
 
     Requests that reached no model (blocked, failed before an answer) cost 0.
     """
-    now = datetime.now(UTC)
+    now = (now or datetime.now(UTC)).astimezone(UTC)  # the caller's clock, if it keeps one (the demo does)
     tokens = (0, 0, 0, 0)
     cost: int | None = 0
     source = ""

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -58,6 +58,7 @@ from spendstream.gateway.routing import (
     with_requested_cost,
 )
 from spendstream.gateway.upstreams import Upstreams, UpstreamUnavailable
+from spendstream.gateway.usage_follower import UsageFollower
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,12 @@ class Gateway:
         thresholds: ThresholdsView | None = None,
         timezone: str = "UTC",
         cache: CacheConfig | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.config = config
+        # None: real time. A clock (aware datetimes) stamps events and judges decision expiry instead, so the
+        # demo can replay a past day through a real gateway.
+        self.clock = clock
         self.settings = settings
         if keys is None:
             keys = KeyStore.load(config.keys_file, config.keys) if config.keys_file else KeyStore(config.keys)
@@ -153,6 +158,7 @@ class Gateway:
         self.cache_config = cache or config.cache
         self.cache = ResponseCache.from_config(self.cache_config)
         self.provider_stats = ProviderStats()
+        self.follower: UsageFollower | None = None  # with routing: every gateway's calls, from the usage topic
         self._stats: RoutingStats = EMPTY_STATS
         self._stats_at = -math.inf
         self._kinds = {
@@ -180,11 +186,15 @@ class Gateway:
                 fail_closed=self.config.fail_closed,
                 max_staleness_s=self.config.max_staleness_s,
                 hierarchy=self.config.hierarchy,
+                clock=self.clock,
             ).start()
         if self.emitter is None:
             self.emitter = await asyncio.to_thread(Emitter, settings=self.settings)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        if self.routing is not None:
+            self.follower = UsageFollower(self.settings, timezone=self.tz).start()
+            self.provider_stats = self.follower.stats
 
     async def _cleanup(self, app: web.Application) -> None:
         if self.session is not None:
@@ -193,6 +203,8 @@ class Gateway:
             await asyncio.to_thread(self.enforcer.stop)
         if self._owns_emitter and self.emitter is not None:
             await asyncio.to_thread(self.emitter.close, 10.0)
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)
         GATEWAYS.retire(self)
 
     # -- handlers --------------------------------------------------------------------------------
@@ -328,7 +340,8 @@ class Gateway:
         assert self.routing is not None
         now = time.time()
         if now - self._stats_at >= STATS_REFRESH_S:
-            month_start = datetime.now(self.tz).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            today = datetime.now(self.tz) if self.clock is None else self.clock().astimezone(self.tz)
+            month_start = today.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
             if self.provider_stats.period_start != month_start:
                 self.provider_stats.reset_spend(month_start)
             self._stats, self._stats_at = self.provider_stats.snapshot(now), now
@@ -391,6 +404,7 @@ class Gateway:
             decision=verdict.action,
             tags=tags,
             prices=self.prices,
+            now=None if self.clock is None else self.clock(),
         )
         assert self.emitter is not None
         self.emitter.emit(event)
@@ -608,13 +622,15 @@ class Gateway:
                 decision=verdict.action,
                 tags=tags,
                 prices=self.prices,
+                now=None if self.clock is None else self.clock(),
             )
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1
             log.exception("could not build the usage event (provider %s, model %s)", provider, model)
             return
         event = with_requested_cost(event, self.prices)
-        self.provider_stats.observe_event(event)
+        if self.follower is None:  # else the event comes back through the usage topic, counted once
+            self.provider_stats.observe_event(event)
         assert self.emitter is not None
         self.emitter.emit(event)
 

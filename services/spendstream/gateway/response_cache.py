@@ -272,9 +272,10 @@ def cache_hit_event(
     decision: str,
     tags: Mapping[str, str],
     prices: PriceTable = EMPTY_TABLE,
+    now: datetime | None = None,
 ) -> UsageEvent:
     """The usage event of a request answered from the cache: free, zero tokens, savings in the tags."""
-    now = datetime.now(UTC)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return UsageEvent(
         occurred_at=now,
         **attribution,

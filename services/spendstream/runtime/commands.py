@@ -31,6 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     dev.set_defaults(handler=run_dev)
 
+    demo = subparsers.add_parser(
+        "demo",
+        help="the scripted story on the embedded stack: budgets, fallback, shutoff, a runaway loop, the CFO report",
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="keep the stack (and the dashboard) up until Enter or Ctrl-C"
+    )
+    demo.add_argument(
+        "--json-summary", type=Path, default=None, metavar="FILE", help="write what happened, machine-checkable, here"
+    )
+    demo.set_defaults(handler=run_demo)
+
     topics = subparsers.add_parser("topics", help="manage the spendstream topics")
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     create = topics_sub.add_parser("create", help="create every missing topic (idempotent)")
@@ -87,6 +99,12 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         if stub is not None:
             stub.stop()
     return 0
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from spendstream.runtime.demo import run_demo as story
+
+    return story(settings, keep_running=args.keep_running, json_summary=args.json_summary)
 
 
 def run_topics_create(args: argparse.Namespace, settings: Settings) -> int:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -60,7 +61,11 @@ def _port_free(port: int) -> bool:
 
 
 class DevStack:
-    """Broker + topics + policy + processor, sink (with API) and gateway as child processes."""
+    """Broker + topics + policy + processor, sink (with API) and gateway as child processes.
+
+    ``with_gateway=False`` leaves the gateway out (the demo runs its own, in process); ``env`` is added to
+    every child's environment (e.g. a processor setting the story needs).
+    """
 
     def __init__(
         self,
@@ -71,6 +76,8 @@ class DevStack:
         dev_key: str | None = None,
         out: IO[str] = sys.stdout,
         quiet_services: bool = False,
+        with_gateway: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -78,6 +85,8 @@ class DevStack:
         self.dev_key = dev_key
         self.out = out
         self.quiet_services = quiet_services
+        self.with_gateway = with_gateway
+        self.extra_env = dict(env or {})
         self.broker: EmbeddedBroker | None = None
         self.services: list[Service] = []
         self.data_dir = settings.data_dir.resolve()
@@ -104,20 +113,20 @@ class DevStack:
         self.services = [
             Service("sink", ["sink", "--with-api"], f"{api}/healthz", {"SPENDSTREAM_METRICS_PORT": str(sink_metrics)}),
             Service("processor", ["processor"], env={"SPENDSTREAM_METRICS_PORT": str(processor_metrics)}),
-            Service(
-                "gateway",
-                ["gateway", *(["--config", str(self.gateway_config)] if self.gateway_config else [])],
-                f"{gateway}/healthz",
-            ),
         ]
+        if self.with_gateway:
+            config = ["--config", str(self.gateway_config)] if self.gateway_config else []
+            self.services.append(Service("gateway", ["gateway", *config], f"{gateway}/healthz"))
         for service in self.services:
             self._spawn(service)
         self._wait_healthy(timeout=60)
         self.say(f"ledger     {self.settings.ledger_dsn} (database {self.settings.clickhouse_database})")
         self.say(f"api        {api}/  (dashboard; POST /v1/usage; GET /v1/reports/weekly)")
-        self.say(f"gateway    {gateway}/v1  (OpenAI- and Anthropic-compatible)")
+        if self.with_gateway:
+            self.say(f"gateway    {gateway}/v1  (OpenAI- and Anthropic-compatible)")
+        gateway_metrics = f"gateway {gateway}/metrics, " if self.with_gateway else ""
         self.say(
-            f"metrics    gateway {gateway}/metrics, api {api}/metrics, sink http://{metrics_host}:{sink_metrics}/metrics"
+            f"metrics    {gateway_metrics}api {api}/metrics, sink http://{metrics_host}:{sink_metrics}/metrics"
             f", processor http://{metrics_host}:{processor_metrics}/metrics"
         )
         if self.dev_key:
@@ -125,8 +134,9 @@ class DevStack:
 
     def stop(self) -> None:
         """Gateway first, then drain the usage topic into the ledger, then the rest, broker last."""
-        self.say("stopping: gateway")
-        self._stop_service("gateway")
+        if self.with_gateway:
+            self.say("stopping: gateway")
+            self._stop_service("gateway")
         if self.broker is not None and self._alive("sink"):
             lag = self.wait_sink_caught_up(timeout=60)
             self.say("stopping: ledger drained" if lag == 0 else f"stopping: {lag} events not yet in the ledger")
@@ -165,6 +175,7 @@ class DevStack:
         if self.policy is not None:
             env["SPENDSTREAM_POLICY"] = str(self.policy)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.extra_env)
         return env
 
     def _run_cli(self, *args: str) -> None:
