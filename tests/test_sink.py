@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, usage_record_problem
-from spendstream.core.schemas import parsed_schema
+from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.sink.dead_letters import DLQ_STAGE_HEADER, dlq_headers
 from spendstream.sink.ledger_sink import (
@@ -36,6 +37,7 @@ from spendstream.sink.ledger_sink import (
     dedup_token,
     fast_problem_free,
     micros,
+    offset_ranges,
     reason_kind,
 )
 
@@ -203,6 +205,13 @@ def test_columns_are_the_records_transposed_in_ledger_order() -> None:
     assert columns_of([]) == [() for _ in LEDGER_COLUMNS]
 
 
+def test_offset_ranges_are_the_first_and_last_offset_seen_per_partition() -> None:
+    partitions = [3, 0, 3, 3, 0, 5]
+    offsets = [10, 5, 11, 19, 6, 0]
+    assert offset_ranges(partitions, offsets) == {3: (10, 19), 0: (5, 6), 5: (0, 0)}
+    assert offset_ranges([], []) == {}
+
+
 def test_dedup_token_and_commit_positions() -> None:
     ranges = {3: (10, 19), 0: (5, 5)}
     assert dedup_token(ranges) == dedup_token(dict(reversed(ranges.items()))) == "usage:0:5-5,3:10-19"
@@ -278,6 +287,133 @@ def test_bad_input_goes_to_the_dlq_with_its_reason_and_good_events_land(settings
         assert reason_kind(stage, headers[DLQ_REASON_HEADER]) == kind
         topic, partition, offset = headers[DLQ_SOURCE_HEADER].split("/")
         assert topic == USAGE and 0 <= int(partition) < 6 and int(offset) >= 0
+
+
+def encode_as(name: str, record: dict[str, Any]) -> bytes:
+    """Single-object encode with any kept schema version, bypassing pydantic (so invalid values get through)."""
+    fields = {f["name"] for f in load_schema_json(name)["fields"]}
+    buf = io.BytesIO()
+    buf.write(SINGLE_OBJECT_MAGIC + fingerprint(name))
+    fastavro.schemaless_writer(buf, parsed_schema(name), {k: v for k, v in record.items() if k in fields})
+    return buf.getvalue()
+
+
+def ledger_rows(client: Any) -> dict[str, tuple[Any, ...]]:
+    """Every ledger row in the raw form the Python path works with (event_id text, occurred_at in micros)."""
+    convert = {"event_id": "toString(event_id)", "occurred_at": "toUnixTimestamp64Micro(occurred_at)"}
+    select = ", ".join(convert.get(c, f"toString({c})" if c == "status" else f"`{c}`") for c in LEDGER_COLUMNS)
+    rows = client.query(f"SELECT {select} FROM spendstream.usage_ledger FINAL").result_rows
+    return {row[0]: tuple(row) for row in rows}
+
+
+def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings) -> None:
+    """Current and v1 schema, invalid and corrupt values: ledger rows and dead letters as the Python path has them."""
+    (v1,) = history_versions("usage_event")
+    now = datetime.now(UTC)
+    base = event(occurred_at=now - timedelta(hours=1)).to_avro()
+
+    def valid(i: int) -> dict[str, Any]:
+        return {
+            **base,
+            "event_id": str(uuid.UUID(int=i)),
+            "occurred_at": base["occurred_at"] - timedelta(seconds=i),
+            "team": f"t{i % 7}",
+            "user": f"ü{i}",
+            "tags": {"env": "prod", "i": str(i)} if i % 3 else {},
+            "input_tokens": 100 + i,
+            "cached_input_tokens": i % 50,
+            "cache_write_tokens": i % 20,
+            "cost_nanos": None if i % 5 == 0 else 1000 + i,
+            "price_source": "genai-prices:openai/gpt-4o" if i % 2 else "",
+            "status": ["ok", "error", "blocked"][i % 3],
+            "cache_hit": i % 2 == 1,
+        }
+
+    good = encode_as("usage_event", valid(1))
+    readable: dict[bytes, bytes] = {}  # key -> value; ClickHouse reads every one of these
+    for i in range(300):
+        readable[f"current-{i}".encode()] = encode_as("usage_event", valid(i))
+    for i in range(300, 400):
+        readable[f"v1-{i}".encode()] = encode_as(v1, valid(i))
+    invalid = {
+        "negative": {"input_tokens": -7},
+        "future": {"occurred_at": datetime(2099, 1, 1, 0, 0, 0, 1, tzinfo=UTC)},
+        "no_provider": {"provider": ""},
+        "cached_exceeds": {"cached_input_tokens": 10, "cache_write_tokens": 5, "input_tokens": 12},
+        "no_id": {"event_id": ""},
+        "upper_id": {"event_id": str(uuid.UUID(int=10**6)).upper()},  # valid, judged by the Python path
+        "negative_cost": {"cost_nanos": -1},
+    }
+    for n, (name, change) in enumerate(invalid.items()):
+        readable[name.encode()] = encode_as("usage_event", {**valid(1000 + n), **change})
+    readable[b"v1_negative"] = encode_as(v1, {**valid(2000), "latency_ms": -3})
+    readable[b"bad_utf8"] = encode_as("usage_event", {**valid(2001), "org": "abc"}).replace(
+        b"\x06abc", b"\x06\xff\xfe\xfd"
+    )
+    readable[b"unknown_fp"] = SINGLE_OBJECT_MAGIC + b"\xff" * 8 + good[10:]
+    readable[b"garbage"] = b"\x00\x01not-avro"
+    unreadable = {b"truncated": good[:-1], b"trailing": encode_as("usage_event", valid(2002)) + b"\x00"}
+
+    def expected(values: dict[bytes, bytes]) -> tuple[dict[str, tuple[Any, ...]], dict[bytes, tuple[str, str]]]:
+        decoded = UsageDecoder(timedelta(seconds=settings.max_future_skew_s)).decode(list(values.values()), now)
+        keys = list(values)
+        rows = {r["event_id"]: tuple(r[c] for c in LEDGER_COLUMNS) for r in decoded.records}
+        return rows, {keys[r.index]: (r.stage, r.reason) for r in decoded.rejected}
+
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for key, value in readable.items():
+        producer.produce(USAGE, value, key=key, partition=0)
+    assert producer.flush(10) == 0
+    want_rows, want_letters = expected(readable)
+    assert len(want_rows) == 401 and len(want_letters) == 10
+    with running_sink(settings) as sink:
+        wait_until(lambda: sink.stats.inserted == len(want_rows), what="the readable values")
+        assert sink.stats.avro_fallbacks == 0
+        assert sink.stats.staged_rows >= 400
+        for key, value in unreadable.items():
+            producer.produce(USAGE, value, key=key, partition=0)
+        assert producer.flush(10) == 0
+        everything = {**readable, **unreadable}
+        want_rows, want_letters = expected(everything)
+        wait_until(lambda: sink.stats.consumed == len(everything) and sink.stats.commits >= 2, what="the rest")
+        wait_until(lambda: sink.stats.inserted == len(want_rows), what="the rest inserted")
+        assert sink.stats.avro_fallbacks >= 1
+    assert ledger_rows(sink.client) == want_rows
+    assert sum(sink.stats.dead_lettered.values()) == len(want_letters)
+    sink.client.close()
+    letters = consume_all(settings.kafka_bootstrap, USAGE_DLQ, len(want_letters))
+    got = {}
+    for letter in letters:
+        headers = dlq_headers(letter.headers())
+        assert letter.value() == everything[letter.key()]
+        got[letter.key()] = (headers[DLQ_STAGE_HEADER], without_addresses(headers[DLQ_REASON_HEADER]))
+    assert got == {key: (stage, without_addresses(reason)) for key, (stage, reason) in want_letters.items()}
+
+
+def without_addresses(reason: str) -> str:
+    """fastavro's EOF message names the stream object's memory address, which differs per decode."""
+    return re.sub(r" at 0x[0-9a-f]+", "", reason)
+
+
+def test_the_python_path_alone_still_writes_the_ledger(settings: Settings) -> None:
+    values = [event(cost_nanos=100 + i).to_avro() for i in range(50)]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for record in values:
+        producer.produce(USAGE, CODEC.encode(record), partition=1)
+    assert producer.flush(10) == 0
+    sink = LedgerSink(settings, avro_fast_path=False)
+    ready = threading.Event()
+    thread = threading.Thread(target=sink.run, args=(ready.set,), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        wait_until(lambda: sink.stats.inserted == 50 and sink.stats.commits > 0, what="inserts")
+    finally:
+        sink.stop()
+        thread.join(60)
+    assert sink.stats.staged_rows == 0
+    assert ledger_totals(sink.client) == (50, 50, sum(100 + i for i in range(50)))
+    sink.client.close()
 
 
 EMIT_SCRIPT = """

@@ -10,6 +10,7 @@ reader schema, which is what keeps schema evolution backward compatible.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -136,7 +137,9 @@ class AvroCodec:
             else:
                 record = fastavro.schemaless_reader(stream, writer, self.schema)
         except Exception as exc:  # fastavro raises many types on corrupt input
-            raise DecodeError(f"corrupt Avro body: {type(exc).__name__}: {exc}") from None
+            # fastavro's messages can name a buffer's memory address; drop it so equal input gives equal reasons.
+            detail = re.sub(r" from <[^>]*>", "", str(exc))
+            raise DecodeError(f"corrupt Avro body: {type(exc).__name__}: {detail}") from None
         if stream.tell() != len(body):
             raise DecodeError(f"{len(body) - stream.tell()} trailing bytes after the Avro record")
         return record  # type: ignore[return-value]

@@ -22,14 +22,21 @@ Why the ledger is exact (DESIGN.md §7.1, §7.2):
      key and the same partition. Background merges collapse copies eventually, and ``FINAL``
      collapses them at read time, always. Every exact read (views, reports, tests) uses FINAL.
 
-The hot path avoids per-event objects: values are read with fastavro against a copy of the
-schema without logical types (timestamps stay integer microseconds, which is also what a
-``DateTime64(6)`` column stores), checked by :func:`fast_problem_free` and transposed into
-columns in C (``itemgetter`` + ``zip``). Anything unusual (older schema versions, registry
-framing, corrupt bytes, a record the quick check does not clear) takes the exact path:
-``AvroCodec.decode`` and ``usage_record_problem``, which also supply the dead-letter reason.
-Inserts run in a writer thread (chDB and the HTTP client release the GIL) so that decoding
-batch N+1 overlaps inserting batch N.
+The hot path decodes nothing in Python. Values framed with a known schema fingerprint (the
+current UsageEvent schema or a version under ``schemas/history/``) are grouped by writer schema
+and wrapped, undecoded, into an Avro container file (:mod:`spendstream.sink.avro_block`) that
+ClickHouse reads into a per-sink ``Memory`` staging table. SQL there mirrors
+``usage_record_problem`` (same checks, same order, same reason texts); the sink dead-letters the
+rows it rejects and moves the rest with ``INSERT INTO usage_ledger SELECT``. Rows SQL does not
+judge, and whole groups ClickHouse cannot read (a corrupt body fails the block), take the Python
+path: fastavro against a copy of the schema without logical types (timestamps stay integer
+microseconds, which is also what a ``DateTime64(6)`` column stores), :func:`fast_problem_free`,
+and for anything unusual ``AvroCodec.decode`` and ``usage_record_problem``, which pinpoint the
+bad record and supply its dead-letter reason. Values with other framing (registry ids, unknown
+fingerprints, garbage) go straight to that path. Writing runs in a writer thread (chDB and the
+HTTP client release the GIL) so that framing batch N+1 overlaps writing batch N. Every verdict
+of a batch is taken against the ``now`` fixed when it was read, so a retried write produces the
+same rows and the same dead letters.
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -53,8 +63,17 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import usage_record_problem
-from spendstream.core.schemas import load_schema_json
+from spendstream.core.schemas import history_versions, load_schema_json
 from spendstream.core.topics import USAGE
+from spendstream.sink.avro_block import (
+    EXACT,
+    ROW_FIELD,
+    ContainerWriter,
+    encoded_length_sql,
+    ledger_select_sql,
+    problem_sql,
+    staging_columns,
+)
 from spendstream.sink.dead_letters import DeadLetter, DeadLetterPublisher, source_of
 
 log = logging.getLogger(__name__)
@@ -200,6 +219,13 @@ def columns_of(records: Sequence[dict[str, Any]]) -> list[Sequence[Any]]:
     return list(zip(*map(_ROW, records), strict=True))
 
 
+def offset_ranges(partitions: Sequence[int], offsets: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Per partition, the (first, last) offset of a batch read in order (first and last seen)."""
+    last = dict(zip(partitions, offsets, strict=True))
+    first = dict(zip(reversed(partitions), reversed(offsets), strict=True))
+    return {partition: (first[partition], offset) for partition, offset in last.items()}
+
+
 def dedup_token(ranges: dict[int, tuple[int, int]]) -> str:
     """Deterministic insert_deduplication_token of a batch: its sorted partition offset ranges."""
     return "usage:" + ",".join(f"{p}:{first}-{last}" for p, (first, last) in sorted(ranges.items()))
@@ -243,16 +269,138 @@ class SinkStats:
     batches: int = 0
     commits: int = 0
     insert_retries: int = 0
+    staged_rows: int = 0
+    avro_fallbacks: int = 0
+
+
+SCHEMA_NAME = "usage_event"
+_HEADER_LEN = len(SINGLE_OBJECT_MAGIC) + 8
+_CHECK_ROW = struct.Struct("<IIB")  # RowBinary of (_i FixedString(4) little-endian, UInt32, UInt8)
+
+
+@dataclass(frozen=True)
+class WriterVersion:
+    """One known writer schema of UsageEvent: how to frame its values for ClickHouse and measure them."""
+
+    name: str
+    container: ContainerWriter
+    length_sql: str
+
+    @classmethod
+    def of(cls, name: str) -> WriterVersion:
+        schema = load_schema_json(name)
+        return cls(name, ContainerWriter(schema, _HEADER_LEN), encoded_length_sql(schema, _HEADER_LEN))
+
+
+@dataclass
+class AvroGroup:
+    """Values of one batch written with one schema, framed as an Avro container for ClickHouse."""
+
+    version: WriterVersion
+    indices: list[int]  # positions in the batch
+    container: bytes
+    expected: bytes  # RowBinary (_i, value length, no problem) per row, what the staging check must give back
+
+    @classmethod
+    def of(cls, version: WriterVersion, values: Sequence[bytes], indices: list[int]) -> AvroGroup:
+        expected = b"".join(map(_CHECK_ROW.pack, range(len(values)), map(len, values), repeat(0)))
+        return cls(version, indices, version.container.container(values), expected)
+
+
+def split_by_writer(
+    values: Sequence[bytes | None], versions: dict[bytes, WriterVersion]
+) -> tuple[dict[bytes, list[int]], list[int]]:
+    """Positions of values by single-object header (known writer schemas only), and all the others."""
+    if len(versions) and None not in values:
+        for header in versions:  # the common case, every value in one schema, checked in C
+            if all(map(bytes.startswith, values, repeat(header))):  # type: ignore[arg-type]
+                return {header: list(range(len(values)))}, []
+    groups: dict[bytes, list[int]] = {header: [] for header in versions}
+    others: list[int] = []
+    get = groups.get
+    for index, value in enumerate(values):
+        positions = get(value[:_HEADER_LEN]) if value is not None else None
+        if positions is None:
+            others.append(index)
+        else:
+            positions.append(index)
+    return {header: positions for header, positions in groups.items() if positions}, others
+
+
+@dataclass
+class Judged:
+    """SQL's verdict on a staged group: rows it rejects (with the reason) and rows left to Python."""
+
+    rejected: dict[int, str]  # row -> usage_record_problem's reason
+    exact: set[int]  # rows SQL does not judge (the Python path names their problem)
+
+
+def create_staging(client: Any, staging: str) -> None:
+    """The Memory table a sink loads each group into (its rows live only until the next group)."""
+    columns = ", ".join(f"`{name}` {kind}" for name, kind in staging_columns(load_schema_json(SCHEMA_NAME)))
+    client.command(f"CREATE OR REPLACE TABLE {staging} ({columns}) ENGINE = Memory")
+
+
+def judge_group(client: Any, staging: str, group: AvroGroup, now: datetime, skew: timedelta) -> Judged | None:
+    """Load a group into ``staging`` and validate it in SQL; None if its rows did not come back intact.
+
+    Raises what ClickHouse raises when it cannot read the container (a corrupt body fails it).
+    """
+    client.command(f"TRUNCATE TABLE {staging}")
+    client.raw_insert(
+        staging, None, group.container, fmt="Avro", settings={"input_format_avro_allow_missing_fields": 1}
+    )
+    problem = problem_sql(load_schema_json(SCHEMA_NAME), micros(now + skew), skew)
+    checked = client.raw_query(
+        f"SELECT {ROW_FIELD}, toUInt32({group.version.length_sql}), toUInt8(({problem}) != '') FROM {staging} "
+        "SETTINGS max_threads = 1 FORMAT RowBinary"
+    )
+    if checked == group.expected:  # every position in order, every value read exactly, all valid: the common case
+        return Judged({}, set())
+    if len(checked) != len(group.expected):
+        return None
+    flagged = False
+    for (row, length, problem_flag), (want_row, want_length, _) in zip(
+        sorted(_CHECK_ROW.iter_unpack(checked)), _CHECK_ROW.iter_unpack(group.expected), strict=True
+    ):
+        if row != want_row or length != want_length:  # see avro_block: then no row's position can be trusted
+            return None
+        flagged = flagged or bool(problem_flag)
+    verdicts = (
+        client.query(
+            f"SELECT reinterpretAsUInt32({ROW_FIELD}), {problem} AS problem FROM {staging} WHERE problem != ''"
+        ).result_rows
+        if flagged
+        else []
+    )
+    exact = {row for row, verdict in verdicts if verdict == EXACT}
+    return Judged({row: verdict for row, verdict in verdicts if row not in exact}, exact)
+
+
+@dataclass
+class _Written:
+    rows: int = 0
+    staged_rows: int = 0  # rows that went through ClickHouse's Avro reader and SQL validation
+    fallbacks: int = 0  # groups ClickHouse could not read, decoded in Python instead
+    rejected: list[Rejected] = field(default_factory=list)  # index = position in the batch
+
+    def add(self, rows: int, rejected: list[Rejected]) -> None:
+        self.rows += rows
+        self.rejected += rejected
 
 
 @dataclass
 class _Batch:
     ranges: dict[int, tuple[int, int]]
-    columns: list[Sequence[Any]]
-    rows: int
+    messages: list[Message]
+    now: datetime  # every verdict on this batch is taken against this moment, retries included
+    groups: list[AvroGroup]
+    columns: list[Sequence[Any]]  # rows decoded in Python from the start (values no group takes)
+    python_rows: int
+    python_rejected: list[Rejected]
     token: str
     abandoned: threading.Event = field(default_factory=threading.Event)
-    landed: Future[bool] | None = None
+    landed: Future[_Written | None] | None = None
 
 
 class LedgerSink:
@@ -261,9 +409,13 @@ class LedgerSink:
     ``run()`` blocks until :meth:`stop` (also wired to SIGTERM/SIGINT by the CLI) and returns
     an exit code. ``client`` lets a caller own the ClickHouse connection (chDB allows one
     directory per process); by default the sink connects with ``ledger_store.connect``.
+    ``avro_fast_path=False`` decodes everything in Python (the reference the fast path is
+    measured and tested against).
     """
 
-    def __init__(self, settings: Settings, client: Any = None, stop_grace_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, client: Any = None, stop_grace_s: float = 30.0, avro_fast_path: bool = True
+    ) -> None:
         self.settings = settings
         self.stats = SinkStats()
         self._client = client
@@ -271,6 +423,11 @@ class LedgerSink:
         self._stop_grace_s = stop_grace_s
         self._decoder = UsageDecoder(timedelta(seconds=settings.max_future_skew_s), settings.schema_registry_url)
         self._table = f"{settings.clickhouse_database}.{LEDGER_TABLE}"
+        names = [SCHEMA_NAME, *history_versions(SCHEMA_NAME)] if avro_fast_path else []
+        self._versions = {SINGLE_OBJECT_MAGIC + fingerprint(name): WriterVersion.of(name) for name in names}
+        # chDB: this process owns the directory, so one fixed name; a shared server: one table per sink.
+        suffix = "" if settings.ledger_dsn.startswith("chdb://") else "_" + uuid.uuid4().hex[:12]
+        self._staging = f"{settings.clickhouse_database}.usage_sink_staging{suffix}"
         self._column_types: list[str] = []
         self._consumer: Consumer | None = None
         self._dlq: DeadLetterPublisher | None = None
@@ -299,6 +456,8 @@ class LedgerSink:
         if applied:
             log.info("ledger migrations applied: %s", ", ".join(applied))
         self._column_types = self._ledger_column_types()
+        if self._versions:
+            create_staging(self._client, self._staging)
         kafka = self.settings.kafka_client_config()
         self._dlq = DeadLetterPublisher(kafka)
         self._consumer = Consumer(
@@ -324,6 +483,7 @@ class LedgerSink:
             self._consumer.close()  # revokes: _on_revoke settles anything still pending
             self._dlq.close()
             self._writer.shutdown(wait=True, cancel_futures=False)
+            self._drop_staging()
         log.info("sink stopped: %s", self._progress_line(0.0, 0))
         return 1 if self._failed else 0
 
@@ -366,25 +526,132 @@ class LedgerSink:
     # -- one batch -------------------------------------------------------------------------
 
     def _prepare(self, messages: list[Message]) -> _Batch | None:
-        """Decode a consumed batch, dead-letter what is bad, and return what to insert."""
-        assert self._dlq is not None
-        good: list[Message] = []
-        for msg in messages:
-            err = msg.error()
-            if err is None:
-                good.append(msg)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consume error: %s", err)
+        """Frame a consumed batch for ClickHouse by writer schema; decode the rest in Python."""
+        good = messages
+        if any(map(Message.error, messages)):  # per-message work stays in C unless something is wrong
+            good = []
+            for msg in messages:
+                err = msg.error()
+                if err is None:
+                    good.append(msg)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
         if not good:
             return None
-        ranges: dict[int, tuple[int, int]] = {}
-        for msg in good:
-            partition, offset = msg.partition(), msg.offset()
-            seen = ranges.get(partition)
-            ranges[partition] = (offset, offset) if seen is None else (seen[0], offset)
-        decoded = self._decoder.decode([msg.value() for msg in good], datetime.now(UTC))
-        for rejected in decoded.rejected:
-            msg = good[rejected.index]
+        ranges = offset_ranges(list(map(Message.partition, good)), list(map(Message.offset, good)))
+        now = datetime.now(UTC)
+        values = list(map(Message.value, good))
+        by_header, others = split_by_writer(values, self._versions)
+        groups = [
+            AvroGroup.of(
+                self._versions[header],
+                values if len(indices) == len(values) else [values[i] for i in indices],
+                indices,
+            )
+            for header, indices in by_header.items()
+        ]
+        decoded = self._decoder.decode([values[i] for i in others], now)
+        rejected = [Rejected(others[r.index], r.stage, r.reason) for r in decoded.rejected]
+        self.stats.consumed += len(good)
+        return _Batch(
+            ranges,
+            good,
+            now,
+            groups,
+            columns_of(decoded.records),
+            len(decoded.records),
+            rejected,
+            dedup_token(ranges),
+        )
+
+    def _insert(self, batch: _Batch) -> _Written | None:
+        """Write one batch, retrying with backoff until it lands, is abandoned, or the stop grace ends."""
+        delay = 0.2
+        stop_deadline: float | None = None
+        while not batch.abandoned.is_set():
+            try:
+                return self._write(batch)
+            except Exception as exc:  # any ClickHouse or transport error: the same batch is retried
+                self.stats.insert_retries += 1
+                log.warning("ledger write of %d values failed (retrying in %.1fs): %s", len(batch.messages), delay, exc)
+            if self._stop.is_set():
+                stop_deadline = stop_deadline or time.monotonic() + self._stop_grace_s
+                if time.monotonic() >= stop_deadline:
+                    return None
+            batch.abandoned.wait(delay)
+            delay = min(delay * 2, 10.0)
+        return None
+
+    def _write(self, batch: _Batch) -> _Written:
+        """Every insert of a batch; each carries its own deduplication token, so a retry is idempotent."""
+        written = _Written()
+        for group in batch.groups:
+            self._write_group(batch, group, written)
+        if batch.python_rows:
+            self._insert_columns(batch.columns, batch.token)
+        written.add(batch.python_rows, batch.python_rejected)
+        return written
+
+    def _write_group(self, batch: _Batch, group: AvroGroup, written: _Written) -> None:
+        """ClickHouse reads and validates one writer schema's values; what it cannot judge goes to Python."""
+        token = f"{batch.token}:{group.version.name}"
+        try:
+            judged = judge_group(self._client, self._staging, group, batch.now, self._decoder.max_future_skew)
+        except Exception as exc:  # a corrupt body fails the whole block; an outage fails the Python insert too
+            log.info("ClickHouse could not read %s values, decoding them in Python: %s", group.version.name, exc)
+            judged = None
+        if judged is None:
+            log.info(
+                "%s values did not come back from ClickHouse in place, decoding them in Python", group.version.name
+            )
+            written.fallbacks += 1
+            self._write_in_python(batch, group.indices, f"{token}:py", written)
+            return
+        count = len(group.indices)
+        excluded = judged.exact | judged.rejected.keys()
+        if len(excluded) < count:
+            self._client.command(
+                f"INSERT INTO {self._table} ({', '.join(LEDGER_COLUMNS)}) "
+                + ledger_select_sql(LEDGER_COLUMNS, self._staging, sorted(excluded)),
+                settings={"insert_deduplication_token": token},
+            )
+        rejected = [Rejected(group.indices[row], "validate", reason) for row, reason in judged.rejected.items()]
+        written.add(count - len(excluded), rejected)
+        written.staged_rows += count - len(judged.exact)
+        if judged.exact:
+            self._write_in_python(batch, [group.indices[row] for row in sorted(judged.exact)], f"{token}:py", written)
+
+    def _write_in_python(self, batch: _Batch, indices: list[int], token: str, written: _Written) -> None:
+        decoded = self._decoder.decode([batch.messages[i].value() for i in indices], batch.now)
+        if decoded.records:
+            self._insert_columns(columns_of(decoded.records), token)
+        written.add(len(decoded.records), [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected])
+
+    def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> None:
+        self._client.insert(
+            self._table,
+            columns,
+            column_names=LEDGER_COLUMNS,
+            column_type_names=self._column_types,
+            column_oriented=True,
+            settings={"insert_deduplication_token": token},
+        )
+
+    def _settle(self, batch: _Batch, timeout: float | None = None) -> bool:
+        """Wait for a batch's writes, then make its dead letters durable and commit its offsets."""
+        assert batch.landed is not None and self._dlq is not None and self._consumer is not None
+        try:
+            written = batch.landed.result(timeout)
+        except TimeoutError:
+            written = None
+        if written is None:
+            batch.abandoned.set()
+            if timeout is None:  # only the stop grace ends an unbounded wait
+                log.error("giving up on an unwritten batch at shutdown; its offsets stay uncommitted")
+                self._failed = True
+            return False
+        for rejected in written.rejected:
+            msg = batch.messages[rejected.index]
             self._dlq.publish(
                 DeadLetter(
                     msg.key(),
@@ -395,56 +662,14 @@ class LedgerSink:
                 )
             )
             self.stats.dead_lettered[reason_kind(rejected.stage, rejected.reason)] += 1
-        self.stats.consumed += len(good)
-        return _Batch(ranges, columns_of(decoded.records), len(decoded.records), dedup_token(ranges))
-
-    def _insert(self, batch: _Batch) -> bool:
-        """Insert one batch, retrying with backoff until it lands, is abandoned, or the stop grace ends."""
-        if batch.rows == 0:
-            return True
-        delay = 0.2
-        stop_deadline: float | None = None
-        while not batch.abandoned.is_set():
-            try:
-                self._client.insert(
-                    self._table,
-                    batch.columns,
-                    column_names=LEDGER_COLUMNS,
-                    column_type_names=self._column_types,
-                    column_oriented=True,
-                    settings={"insert_deduplication_token": batch.token},
-                )
-                return True
-            except Exception as exc:  # any ClickHouse or transport error: the same batch is retried
-                self.stats.insert_retries += 1
-                log.warning("ledger insert of %d rows failed (retrying in %.1fs): %s", batch.rows, delay, exc)
-            if self._stop.is_set():
-                stop_deadline = stop_deadline or time.monotonic() + self._stop_grace_s
-                if time.monotonic() >= stop_deadline:
-                    return False
-            batch.abandoned.wait(delay)
-            delay = min(delay * 2, 10.0)
-        return False
-
-    def _settle(self, batch: _Batch, timeout: float | None = None) -> bool:
-        """Wait for a batch's insert, then make its dead letters durable and commit its offsets."""
-        assert batch.landed is not None and self._dlq is not None and self._consumer is not None
-        try:
-            landed = batch.landed.result(timeout)
-        except TimeoutError:
-            landed = False
-        if not landed:
-            batch.abandoned.set()
-            if timeout is None:  # only the stop grace ends an unbounded wait
-                log.error("giving up on an unwritten batch at shutdown; its offsets stay uncommitted")
-                self._failed = True
-            return False
         while not self._dlq.flush(5.0):
             log.warning("dead letters not yet acknowledged; offsets stay uncommitted until they are")
             if self._stop.is_set():
                 self._failed = True
                 return False
-        self.stats.inserted += batch.rows
+        self.stats.inserted += written.rows
+        self.stats.staged_rows += written.staged_rows
+        self.stats.avro_fallbacks += written.fallbacks
         self.stats.batches += 1
         positions = commit_positions(USAGE, batch.ranges, self._owned)
         if positions:
@@ -477,6 +702,14 @@ class LedgerSink:
             pending.abandoned.set()
         self._owned.difference_update(tp.partition for tp in partitions)
         log.warning("lost partitions %s; the in-flight batch will be replayed by their new owner", sorted(self._owned))
+
+    def _drop_staging(self) -> None:
+        if not self._versions or self._client is None:
+            return
+        try:
+            self._client.command(f"DROP TABLE IF EXISTS {self._staging}")
+        except Exception as exc:  # an unreachable server keeps an empty Memory table; nothing is lost
+            log.warning("could not drop the staging table %s: %s", self._staging, exc)
 
     def _ledger_column_types(self) -> list[str]:
         types = {row[0]: row[1] for row in self._client.query(f"DESCRIBE TABLE {self._table}").result_rows}
