@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, usage_record_problem
+from spendstream.core.pricing import price_record
 from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.sink.dead_letters import DLQ_STAGE_HEADER, dlq_headers
@@ -161,7 +163,11 @@ def test_decoder_accepts_exactly_what_usage_record_problem_accepts(record: dict[
     if problem is None:
         assert decoded.rejected == []
         (ledger_row,) = decoded.records
-        assert ledger_row == {**record, "event_id": str(logical["event_id"])}
+        expected = {**record, "event_id": str(logical["event_id"])}
+        if record["cost_nanos"] is None:  # unpriced events are priced as the processor prices them
+            price = price_record(logical, logical["occurred_at"])
+            expected |= {"cost_nanos": price.cost_nanos, "price_source": price.source}
+        assert ledger_row == expected
     else:
         assert decoded.records == []
         assert [(r.stage, r.reason) for r in decoded.rejected] == [("validate", problem)]
@@ -369,7 +375,8 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
     with running_sink(settings) as sink:
         wait_until(lambda: sink.stats.inserted == len(want_rows), what="the readable values")
         assert sink.stats.avro_fallbacks == 0
-        assert sink.stats.staged_rows >= 400
+        unpriced = sum(1 for i in range(400) if i % 5 == 0)  # priced in Python, like the processor prices them
+        assert sink.stats.staged_rows >= 400 - unpriced
         for key, value in unreadable.items():
             producer.produce(USAGE, value, key=key, partition=0)
         assert producer.flush(10) == 0
@@ -481,3 +488,41 @@ def test_ledger_migrate_twice_applies_nothing_the_second_time(offline_settings: 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "applied" not in second.stdout and "up to date" in second.stdout
+
+
+def test_unpriced_events_land_priced_as_the_processor_prices_them(settings: Settings) -> None:
+    from spendstream.core.pricing import PriceOverride, PriceTable, Rates
+
+    table = PriceTable((PriceOverride("local", "llama-3.2-1b", Rates(Decimal("0.02"), Decimal("0.02"))),), "reject")
+    events = [
+        event(input_tokens=1000, output_tokens=100),  # genai-prices
+        event(provider="local", model_requested="llama-3.2-1b", input_tokens=500, output_tokens=500),  # override
+        event(input_tokens=10, output_tokens=1, cost_nanos=123),  # priced at the edge: kept as it is
+        event(model_requested="no-such-model-anywhere", input_tokens=5),  # the table rejects unknown models
+    ]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for ev in events:
+        producer.produce(USAGE, CODEC.encode(ev.to_avro()), key=b"acme/search")
+    assert producer.flush(10) == 0
+    sink = LedgerSink(settings, prices=table)
+    ready = threading.Event()
+    thread = threading.Thread(target=sink.run, args=(ready.set,), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        wait_until(lambda: sink.stats.inserted == 3 and sum(sink.stats.dead_lettered.values()) == 1)
+    finally:
+        sink.stop()
+        thread.join(60)
+    rows = dict(
+        sink.client.query(
+            "SELECT toString(event_id), (cost_nanos, price_source) FROM spendstream.usage_ledger FINAL"
+        ).result_rows
+    )
+    for ev in events[:2]:
+        price = price_record(ev.to_avro(), ev.occurred_at, table)
+        assert rows[str(ev.event_id)] == (price.cost_nanos, price.source)
+    assert rows[str(events[0].event_id)][0] == 3_500_000  # 1000 x $2.50/M + 100 x $10/M
+    assert rows[str(events[1].event_id)][0] == 20_000  # 1000 tokens x $0.02/M
+    assert rows[str(events[2].event_id)] == (123, "")
+    assert sink.stats.dead_lettered == {"unknown_model": 1}

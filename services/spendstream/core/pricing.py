@@ -326,3 +326,22 @@ def price_usage(
         cache_write_tokens=cache_write_tokens,
     )
     return PriceResult(to_nanos(_usd_to_nanos_exact(model_price.calc_price(usage)["total_price"])), source, False)
+
+
+def price_record(record: Mapping[str, Any], at: datetime, table: PriceTable = EMPTY_TABLE) -> PriceResult:
+    """Price a decoded UsageEvent that arrived without ``cost_nanos``.
+
+    The processor and the ledger sink both price through this one function (the served model,
+    else the requested one), so a window total and the ledger can never disagree on a price.
+    Raises :class:`UnknownModelError` when the table rejects unknown models.
+    """
+    return price_usage(
+        record["provider"],
+        record["model_served"] or record["model_requested"],
+        record["input_tokens"],
+        record["output_tokens"],
+        record["cached_input_tokens"],
+        record["cache_write_tokens"],
+        at,
+        table,
+    )

@@ -12,6 +12,7 @@ import signal
 import threading
 
 from spendstream.core.config import Settings
+from spendstream.core.pricing import EMPTY_TABLE, PriceTable
 
 
 def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api: bool = False) -> int:
@@ -27,7 +28,7 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
 
     client = connect(settings)
     migrate(client, settings)
-    sink = LedgerSink(settings, client)
+    sink = LedgerSink(settings, client, prices=policy_prices(settings))
     SINKS.track(sink)
     lag: ConsumerLagSampler | None = None
     if serve_metrics(settings) is not None or with_api:  # the API's /metrics shows this process's registry
@@ -56,6 +57,15 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
         if lag is not None:
             lag.stop()
         client.close()
+
+
+def policy_prices(settings: Settings) -> PriceTable:
+    """The price overrides of the configured policy (the ones the processor prices with), else none."""
+    if settings.policy is None:
+        return EMPTY_TABLE
+    from spendstream.processor.policy import load_policy
+
+    return load_policy(settings.policy).price_table
 
 
 def _serve_api(settings: Settings, client: object, stop: threading.Event) -> None:

@@ -230,6 +230,7 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
             f"concat('occurred_at ', {iso}, {_literal(f' is more than {max_future_skew} in the future')})",
         ),
         ("provider = '' OR model_requested = ''", "'missing provider or model_requested'"),
+        ("cost_nanos IS NULL", exact),  # valid but unpriced: Python prices it (core.pricing.price_record)
     ]
     return "multiIf(" + ", ".join(f"{cond}, {verdict}" for cond, verdict in branches) + ", '')"
 

@@ -63,6 +63,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import usage_record_problem
+from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import history_versions, load_schema_json
 from spendstream.core.topics import USAGE
 from spendstream.sink.avro_block import (
@@ -156,7 +157,7 @@ def micros(moment: datetime) -> int:
 @dataclass
 class Rejected:
     index: int
-    stage: str  # "decode" or "validate"
+    stage: str  # "decode", "validate" or "price"
     reason: str
 
 
@@ -167,11 +168,18 @@ class DecodedValues:
 
 
 class UsageDecoder:
-    """Turns UsageEvent values into ledger records, or into rejections with a reason."""
+    """Turns UsageEvent values into ledger records, or into rejections with a reason.
 
-    def __init__(self, max_future_skew: timedelta, registry_url: str | None = None) -> None:
+    Events that arrive without ``cost_nanos`` are priced here with ``price_record``, the function
+    the processor prices them with, so the ledger holds what the spend windows counted.
+    """
+
+    def __init__(
+        self, max_future_skew: timedelta, registry_url: str | None = None, prices: PriceTable = EMPTY_TABLE
+    ) -> None:
         self.codec = AvroCodec("usage_event", registry_url)
         self.max_future_skew = max_future_skew
+        self.prices = prices
         self._header = SINGLE_OBJECT_MAGIC + fingerprint("usage_event")
         self._raw_schema = fastavro.parse_schema(_without_logical_types(load_schema_json("usage_event")))
 
@@ -190,10 +198,23 @@ class UsageDecoder:
                 except Exception:  # corrupt body: the exact path below names the problem
                     record = None
                 if record is not None and stream.tell() == len(value) and fast_problem_free(record, future_limit_us):
-                    records.append(record)
+                    self._keep_priced(index, record, records, rejected)
                     continue
             self._decode_exactly(index, value, now, records, rejected)
         return DecodedValues(records, rejected)
+
+    def _keep_priced(
+        self, index: int, record: dict[str, Any], records: list[dict[str, Any]], rejected: list[Rejected]
+    ) -> None:
+        if record["cost_nanos"] is None:
+            at = _EPOCH + record["occurred_at"] * _MICROSECOND
+            try:
+                price = price_record(record, at, self.prices)
+            except UnknownModelError as exc:
+                rejected.append(Rejected(index, "price", f"unknown model, policy rejects it: {exc}"))
+                return
+            record["cost_nanos"], record["price_source"] = price.cost_nanos, price.source
+        records.append(record)
 
     def _decode_exactly(
         self, index: int, value: bytes | None, now: datetime, records: list[dict[str, Any]], rejected: list[Rejected]
@@ -209,7 +230,7 @@ class UsageDecoder:
             return
         record["event_id"] = str(record["event_id"])
         record["occurred_at"] = micros(record["occurred_at"])
-        records.append(record)
+        self._keep_priced(index, record, records, rejected)
 
 
 def columns_of(records: Sequence[dict[str, Any]]) -> list[Sequence[Any]]:
@@ -242,11 +263,13 @@ _REASON_KINDS = (
     ("missing event_id", "bad_event_id"),
     ("event_id is not a UUID", "bad_event_id"),
     ("hexadecimal UUID", "bad_event_id"),  # the uuid logical type refuses it while decoding
+    ("with base 16", "bad_event_id"),  # ... or fails parsing its hex digits
     ("is negative", "negative_value"),
     ("exceed input_tokens", "cached_exceeds_input"),
     ("in the future", "future_occurred_at"),
     ("missing occurred_at", "missing_occurred_at"),
     ("missing provider or model_requested", "missing_provider_or_model"),
+    ("unknown model", "unknown_model"),
 )
 
 
@@ -414,14 +437,21 @@ class LedgerSink:
     """
 
     def __init__(
-        self, settings: Settings, client: Any = None, stop_grace_s: float = 30.0, avro_fast_path: bool = True
+        self,
+        settings: Settings,
+        client: Any = None,
+        stop_grace_s: float = 30.0,
+        avro_fast_path: bool = True,
+        prices: PriceTable = EMPTY_TABLE,
     ) -> None:
         self.settings = settings
         self.stats = SinkStats()
         self._client = client
         self._stop = threading.Event()
         self._stop_grace_s = stop_grace_s
-        self._decoder = UsageDecoder(timedelta(seconds=settings.max_future_skew_s), settings.schema_registry_url)
+        self._decoder = UsageDecoder(
+            timedelta(seconds=settings.max_future_skew_s), settings.schema_registry_url, prices
+        )
         self._table = f"{settings.clickhouse_database}.{LEDGER_TABLE}"
         names = [SCHEMA_NAME, *history_versions(SCHEMA_NAME)] if avro_fast_path else []
         self._versions = {SINGLE_OBJECT_MAGIC + fingerprint(name): WriterVersion.of(name) for name in names}
