@@ -2,13 +2,15 @@
 
 * Throughput: N usage events (8 scopes per event: org, division, team, project, feature, user,
   environment, model; 5 tracked periods each) are produced first, then one worker starts; events/s is
-  measured from the worker's first partial in the changelog to the moment every event is counted.
+  measured from the moment stage 1 starts reading its partitions to the moment every event is counted in
+  the changelog.
 * Latency: with the worker warm (and a background load of ``--load`` events/s), single events that each
   cross a fresh team's budget are emitted; latency = emit -> the shutoff Decision read from
   ``spendstream.enforcement``. p50/p99 are printed.
 * ``--profile`` runs the worker under cProfile and prints where its time went.
 
-Run: ``.venv/bin/python bench/bench_processor.py [--events 60000] [--samples 60] [--load 2000] [--profile]``.
+Run: ``.venv/bin/python bench/bench_processor.py [--events 60000] [--samples 60] [--load 2000] [--fetch-wait-ms 100]
+[--profile]``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,28 @@ def produce(producer: Producer, codec: AvroCodec, events: list[UsageEvent]) -> N
     producer.flush(30)
 
 
+PROFILED_WORKER = """
+import cProfile, sys
+from spendstream.processor import app
+main_out, stage1_out = sys.argv[1], sys.argv[2]
+run = app.UsageReader._run
+
+def profiled_run(self, partitions):
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        run(self, partitions)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(stage1_out)
+
+app.UsageReader._run = profiled_run
+sys.argv = ["spendstream", "processor"]
+from spendstream.cli import main
+cProfile.run("main()", main_out)
+"""
+
+
 def start_worker(bootstrap: str, root: Path, profile: Path | None) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -85,9 +109,11 @@ def start_worker(bootstrap: str, root: Path, profile: Path | None) -> subprocess
         "SPENDSTREAM_DATA_DIR": str(root),
         "SPENDSTREAM_POLICY": str(root / "policy.yaml"),
     }
-    prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
+    command = [sys.executable, "-m", "spendstream.cli", "processor"]
+    if profile:  # the event loop (faust, stage 2) and the stage-1 thread, each into its own profile
+        command = [sys.executable, "-c", PROFILED_WORKER, str(profile), str(profile.with_suffix(".stage1"))]
     return subprocess.Popen(
-        [*prefix, "-m", "spendstream.cli", "processor"],
+        command,
         env=env,
         stdout=open(root / "worker.log", "ab"),
         stderr=subprocess.STDOUT,
@@ -104,6 +130,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=60_000)
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--load", type=int, default=2000, help="background events/s during the latency phase")
+    parser.add_argument(
+        "--fetch-wait-ms", type=int, default=100, help="the decision reader's fetch.wait.max.ms (the Enforcer's: 100)"
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     rng = random.Random(1)
@@ -117,8 +146,8 @@ def main() -> None:
         profile = root / "worker.prof" if args.profile else None
         worker = start_worker(broker.bootstrap, root, profile)
         try:
-            while org_requests(broker.bootstrap) == 0:
-                time.sleep(0.05)
+            while b"stage 1 reads" not in (root / "worker.log").read_bytes():  # the worker owns its partitions
+                time.sleep(0.01)
             started = time.perf_counter()
             while (done := org_requests(broker.bootstrap)) < args.events:
                 time.sleep(0.2)
@@ -135,15 +164,20 @@ def main() -> None:
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
-        if profile and profile.exists():
-            stats = pstats.Stats(str(profile))
-            stats.sort_stats("tottime").print_stats(25)
+        if profile:
+            for title, path in (("event loop (faust, stage 2)", profile), ("stage 1", profile.with_suffix(".stage1"))):
+                if path.exists():
+                    print(f"--- profile: {title}")
+                    pstats.Stats(str(path)).sort_stats("tottime").print_stats(22)
 
 
 def measure_latency(
     bootstrap: str, producer: Producer, codec: AvroCodec, rng: random.Random, args: argparse.Namespace
 ) -> list[float]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}"})
+    # read decisions the way the Enforcer does (the embedded broker holds a fetch for the whole wait)
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}", "fetch.wait.max.ms": args.fetch_wait_ms}
+    )
     consumer.assign([TopicPartition(ENFORCEMENT, 0, OFFSET_END)])
     consumer.poll(0.5)
     stop = threading.Event()

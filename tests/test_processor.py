@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,7 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.topics import ALERTS, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
-from spendstream.processor.app import read_window_totals
+from spendstream.processor.app import read_to_end, read_window_totals
 from spendstream.processor.periods import period_window
 from spendstream.processor.policy import parse_policy
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -126,7 +129,12 @@ class TopicReader:
 
 
 def start_worker(
-    bootstrap: str, data_dir: Path, policy_path: Path | None, *extra: str, app_id: str = "spendstream-processor"
+    bootstrap: str,
+    data_dir: Path,
+    policy_path: Path | None,
+    *extra: str,
+    app_id: str = "spendstream-processor",
+    metrics_port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -134,6 +142,8 @@ def start_worker(
         "SPENDSTREAM_DATA_DIR": str(data_dir),
         "SPENDSTREAM_USAGE_PARTITIONS": "6",
     }
+    if metrics_port is not None:
+        env["SPENDSTREAM_METRICS_PORT"] = str(metrics_port)
     if policy_path is not None:
         env["SPENDSTREAM_POLICY"] = str(policy_path)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -175,13 +185,27 @@ def wait_totals(
 # -- shared worker ------------------------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Stack:
     def __init__(self, broker: EmbeddedBroker, root: Path) -> None:
         self.broker = broker
         self.bootstrap = broker.bootstrap
         self.policy_path = root / "policy.yaml"
         self.policy_path.write_text(POLICY_YAML)
-        self.worker = start_worker(self.bootstrap, root / "worker", self.policy_path, "--allowed-lateness-s", "3600")
+        self.metrics_port = free_port()
+        self.worker = start_worker(
+            self.bootstrap,
+            root / "worker",
+            self.policy_path,
+            "--allowed-lateness-s",
+            "3600",
+            metrics_port=self.metrics_port,
+        )
         self.decisions = TopicReader(self.bootstrap, ENFORCEMENT, "decision")
         self.alerts = TopicReader(self.bootstrap, ALERTS, "alert")
         self.dlq = TopicReader(self.bootstrap, USAGE_DLQ, None)
@@ -370,3 +394,46 @@ def test_policy_apply_publishes_a_record_and_show_reads_it(stack: Stack, tmp_pat
     shown = subprocess.run([*cli, "show"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert shown.returncode == 0, shown.stderr
     assert parse_policy(policy_file.read_text()).version in shown.stdout
+
+
+def test_changelog_reads_go_past_the_reported_end(broker: EmbeddedBroker) -> None:
+    """The embedded broker reports the high watermark as the last record batch's base offset + 1; a restore or
+    a totals read that stopped there would miss the rest of that batch (the newest values of its keys)."""
+    topic = "spendstream-processor-partials-changelog"
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 50})
+    for i in range(10):  # one record batch
+        producer.produce(topic, json.dumps([i, 1, 1, i]).encode(), json.dumps(f"k{i}").encode(), partition=1)
+    assert producer.flush(15) == 0
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"t-{uuid.uuid4()}"})
+    try:
+        _, reported = consumer.get_watermark_offsets(TopicPartition(topic, 1), timeout=10)
+        assert reported < 10  # the broker's quirk
+        assert [key for _, key, _ in read_to_end(consumer, topic, [1], 15.0)] == [f"k{i}" for i in range(10)]
+        tail = [key for _, key, _ in read_to_end(consumer, topic, [1], 15.0, last_batch_only=True)]
+        assert tail == [f"k{i}" for i in range(reported - 1, 10)]
+    finally:
+        consumer.close()
+
+
+def test_metrics_count_consumed_events_dead_letters_and_decisions(stack: Stack) -> None:
+    spend(stack, "gamma", 60, 2)  # $120 of $100: a shutoff
+    stack.decision("team:gamma", "shutoff")
+    produce(stack.bootstrap, [event(team="gamma", cost_nanos=1, input_tokens=1, cached_input_tokens=5)])
+    stack.dlq.wait(lambda r: r[1].get("spendstream.dlq.reason", b"").startswith(b"cached_input_tokens"))
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return {m[0]: float(m[1]) for m in re.findall(r"^(spendstream_processor_\S+) (\S+)$", text, re.M)}
+
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = scrape()
+        if metrics.get('spendstream_processor_dead_lettered_total{reason="invalid"}', 0) >= 1:
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.2)
+    assert metrics['spendstream_processor_consumed_total{stage="usage"}'] >= 3
+    assert metrics['spendstream_processor_consumed_total{stage="scopes"}'] >= 1
+    assert metrics['spendstream_processor_decisions_total{action="shutoff"}'] >= 1
+    assert metrics['spendstream_processor_batch_duration_seconds_count{stage="usage"}'] >= 1

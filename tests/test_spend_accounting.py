@@ -22,8 +22,10 @@ from spendstream.processor.spend_accounting import (
     Partial,
     WindowCalendar,
     fold_batch,
+    fold_fresh,
     lateness_problem,
     merge_partial,
+    quarter_hour,
     split_partial_key,
     split_window_key,
     totals_from_partials,
@@ -93,6 +95,37 @@ def test_fold_batch_skips_applied_offsets_and_reannounces_them() -> None:
     assert changed == {"k#1", "j#1"}
     touched, changed = fold_batch([(4, 7, 1, ["k"])], 1, stored.get)
     assert touched == {"k#1": Partial(100, 1, 10, 5)} and changed == set()
+
+
+SCOPES = ["org:o", "team:a", "team:b", "user:u|x", "feature:f"]
+fresh_event_st = st.tuples(
+    st.integers(0, 10**9),
+    st.integers(0, 5000),
+    st.lists(st.sampled_from(SCOPES), unique=True),
+    st.integers(1_735_689_600, 1_735_689_600 + 40 * 86400),  # January 2025 into February
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(fresh_event_st, max_size=60),
+    stored_offsets=st.dictionaries(st.sampled_from(SCOPES), st.integers(0, 9)),
+    tz=st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata"]),
+)
+def test_fold_fresh_equals_the_per_event_fold_when_the_batch_starts_above_every_stored_offset(
+    events: list[tuple[int, int, list[str], int]], stored_offsets: dict[str, int], tz: str
+) -> None:
+    calendar = WindowCalendar(tz)
+    stored: dict[str, list[int]] = {}
+    for scope, offset in stored_offsets.items():  # earlier batches left partials in some windows
+        for period, start in calendar.starts(1_735_689_600):
+            stored[f"{scope}|{period}|{start}#2"] = [offset * 100, offset, offset * 3, offset]
+    first = 10
+    fresh = [(first + i, cost, tokens, scopes, quarter_hour(at)) for i, (cost, tokens, scopes, at) in enumerate(events)]
+    per_event = [(first + i, c, t, calendar.window_keys(s, at)) for i, (c, t, s, at) in enumerate(events)]
+    touched, changed = fold_batch(per_event, 2, stored.get)
+    assert fold_fresh(fresh, 2, stored.get, calendar.starts) == touched
+    assert changed == set(touched)
 
 
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), min_size=1, max_size=30), st.randoms())

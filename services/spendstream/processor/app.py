@@ -1,50 +1,58 @@
-"""The processor runtime: a faust-streaming app with two batch stages (the arithmetic is in ``spend_accounting``).
+"""The processor runtime: faust for coordination, a plain consumer for the hot loop (arithmetic: ``spend_accounting``).
 
-Measured on the build machine (``bench/bench_faust_baseline.py``): faust moves ~11-12k usage events/s
-through one worker whether an agent iterates event by event or with ``take``, while a plain confluent-kafka
-consumer decodes ~110k/s. faust's per-message machinery is the ceiling, so per-event Python work here is
-kept to decode + price + window keys, and everything else (table writes, stage-2 messages, rule evaluation)
-happens once per batch. faust is kept for what it does well: consumer-group coordination, co-partitioned
-tables with changelog recovery and standbys, rebalancing.
+Measured on the build machine (``bench/bench_faust_baseline.py``): faust's stream moves ~11-12k usage events/s
+through one worker, whatever the agent does, while a plain confluent-kafka consumer decodes ~100k/s. So faust
+keeps what it does well (consumer-group membership and partition assignment, rebalancing, tables restored from
+their changelogs, standbys) and does not read the usage topic at all.
 
-* Stage 1 (``spendstream.usage``, one actor per partition): decode, validate, check lateness, price events
-  that lack ``cost_nanos``, fold the batch into per-(window, source partition) partials, write each changed
-  partial once to the ``partials`` table, and send every touched partial's TOTAL to the internal topic
-  ``spendstream.processor.partials`` keyed by scope. Bad events go to ``spendstream.usage.dlq`` with a reason.
-* Stage 2 (internal topic, one actor per partition): merge totals into the ``windows`` table, then evaluate
-  each touched scope (``decision_publisher``) and publish Decisions to ``spendstream.enforcement`` when a
-  scope's action changes and Alerts to ``spendstream.alerts`` once per crossing.
+* Stage 1 (``UsageReader``, a thread): faust assigns the ``partials`` table's changelog partitions; when it has
+  restored this worker's active ones, a group-less confluent-kafka consumer reads the SAME partitions of
+  ``spendstream.usage`` from the offsets committed to ``usage_group(app_id)``. Per batch of a partition:
+  decode, validate, check lateness, price events that lack ``cost_nanos``, fold into per-(window, source
+  partition) partials (``fold_fresh``: a few dict operations per scope and event; ``fold_batch`` event by
+  event while replaying offsets a crash may already have applied), write each changed partial once, and send
+  every touched partial's TOTAL to the internal topic ``spendstream.processor.partials`` keyed by scope. Bad
+  events go to ``spendstream.usage.dlq`` with a reason. Only after the producer confirmed all of it are the
+  next offsets committed, so the committed offset never runs ahead of the changelog. When faust starts a
+  rebalance, the reader finishes its batch and stops before the revocation completes: a partition never has
+  two stage-1 writers (short of a worker that lost its membership without noticing).
+* Stage 2 (faust agent on the internal topic, one actor per partition): merge totals into the ``windows`` table,
+  then evaluate each touched scope (``decision_publisher``) and publish Decisions to ``spendstream.enforcement``
+  when a scope's action changes and Alerts to ``spendstream.alerts`` once per crossing.
 * Policy: every worker follows ``spendstream.policy`` with its own group-less consumer thread (a consumer group
   would give the single partition to one worker only). A valid record replaces the policy at once; an
   invalid one is rejected with a ``policy`` alert and the last good policy stays. After a change the thread
   asks stage 2 to re-evaluate every scope (a control message to each partition), which is how a raised
   budget lifts a shutoff mid-period.
 
-Output path: faust's producer costs ~45 us per message (profiled), and a batch writes about one changelog
-record per touched (window, partition), so every record this app writes (table changelogs, the internal topic,
-decisions, alerts, DLQ) goes through one confluent-kafka producer instead, and each batch ends with a flush
-of it BEFORE faust may ack the batch's events. Nothing a batch wrote can be missing once its source offsets
-are committed, which is the ordering the exact accounting needs. Table writes name their changelog
-partition explicitly (the stage's partition), so they never depend on faust's "current event" in a batch;
-faust still restores the tables from those changelog topics on start and rebalance.
+Output path: faust's producer costs ~45 us per message (profiled), so every record this app writes (table
+changelogs, the internal topic, decisions, alerts, DLQ) goes through confluent-kafka producers (one per stage),
+and each batch ends with a flush BEFORE its source offsets are committed (stage 1) or acked to faust (stage 2).
+Table writes name their changelog partition explicitly (the stage's partition); faust still restores the tables
+from those changelog topics on start and rebalance, and ``complete_restore`` reads on past the high watermark
+the embedded broker reports (see ``read_to_end``), which faust's recovery would otherwise stop at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
+import ssl
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import faust
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from faust.types import TP
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import Alert, AlertKind, PolicyRecord, Severity, usage_record_problem
@@ -70,8 +78,10 @@ from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
     WindowCalendar,
     fold_batch,
+    fold_fresh,
     lateness_problem,
     merge_partial,
+    quarter_hour,
     split_partial_key,
     split_window_key,
     totals_from_partials,
@@ -149,11 +159,14 @@ class BatchOutput:
             table.changelog_topic.get_topic_name(), json.dumps(key).encode(), json.dumps(value).encode(), partition
         )
 
-    async def flush(self) -> None:
-        remaining = await asyncio.get_running_loop().run_in_executor(None, self.producer.flush, 60.0)
+    def flush_now(self) -> None:
+        remaining = self.producer.flush(60.0)
         if remaining or self.errors:
             # Crashing here leaves the batch unacked: it is replayed, and replays are idempotent.
             raise RuntimeError(f"batch output not confirmed: {remaining} pending, errors {self.errors[:3]}")
+
+    async def flush(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.flush_now)
 
 
 FETCH_MAX_WAIT_MS = 50
@@ -183,6 +196,112 @@ def _prompt_fetches() -> None:
     aiokafka.AIOKafkaConsumer = PromptConsumer  # type: ignore[misc]
 
 
+def faust_credentials(kafka_conf: dict[str, Any]) -> faust.types.auth.CredentialsT | None:
+    """The librdkafka security settings as faust (aiokafka) credentials, so both kinds of client connect alike."""
+    protocol = str(kafka_conf.get("security.protocol", "PLAINTEXT")).upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = ssl.create_default_context(cafile=kafka_conf.get("ssl.ca.location")) if "SSL" in protocol else None
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka_conf.get("sasl.username"),
+            password=kafka_conf.get("sasl.password"),
+            ssl_context=context,
+            mechanism=kafka_conf.get("sasl.mechanism") or "PLAIN",
+        )
+    return faust.SSLCredentials(context)
+
+
+def usage_group(app_id: str) -> str:
+    """The consumer group whose committed usage offsets are stage 1's progress (and its lag)."""
+    return f"{app_id}-usage"
+
+
+class UsageReader:
+    """Stage 1's hot loop: a confluent-kafka consumer without group membership on the usage partitions that faust
+    assigned to this worker, in a thread of its own (the event loop stays free for faust and stage 2).
+
+    Each round reads up to ``batch_size`` events per partition (a partition's batch writes each touched window
+    once, so bigger batches mean fewer changelog records per event), hands every partition's events to
+    ``process`` in offset order, then ``flush`` must confirm everything written, and only then are the next
+    offsets committed to ``usage_group``: a committed offset never runs ahead of the changelog. Anything that
+    goes wrong ends the process (``os._exit``), because its in-memory table may hold values whose changelog
+    records were not confirmed; a restart restores from the changelog and replays from the committed offsets.
+    """
+
+    def __init__(
+        self,
+        kafka_conf: dict[str, Any],
+        group: str,
+        batch_size: int,
+        wait_s: float,
+        process: Callable[[int, list[Message]], None],
+        flush: Callable[[], None],
+    ) -> None:
+        self._conf = {
+            **kafka_conf,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,  # the embedded broker holds a fetch for the whole wait
+        }
+        self._batch_size = batch_size
+        self._wait_s = wait_s
+        self._process = process
+        self._flush = flush
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, partitions: list[int]) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, args=(partitions,), name="stage1-usage", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Finish the batch in hand (flushed and committed) and stop reading; returns when the thread is gone."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
+            await asyncio.to_thread(thread.join)
+
+    def _run(self, partitions: list[int]) -> None:
+        try:
+            consumer = Consumer(self._conf)
+            committed = consumer.committed([TopicPartition(USAGE, p) for p in partitions], timeout=30)
+            consumer.assign([TopicPartition(USAGE, tp.partition, max(tp.offset, OFFSET_BEGINNING)) for tp in committed])
+            log.info("stage 1 reads %s partitions %s", USAGE, partitions)
+            positions: dict[int, int] = {}
+            consumed, seconds = PROCESSOR_CONSUMED.labels("usage"), PROCESSOR_BATCH_SECONDS.labels("usage")
+            while not self._stopping.is_set():
+                batch: dict[int, list[Message]] = {}
+                for message in consumer.consume(self._batch_size * len(partitions), self._wait_s):
+                    if message.error():
+                        log.warning("usage consumer: %s", message.error())
+                        continue
+                    batch.setdefault(message.partition(), []).append(message)
+                if not batch:
+                    continue
+                started = time.perf_counter()
+                for partition, messages in batch.items():
+                    self._process(partition, messages)
+                    positions[partition] = messages[-1].offset() + 1
+                self._flush()
+                consumed.inc(sum(len(messages) for messages in batch.values()))  # metrics once per batch
+                seconds.observe(time.perf_counter() - started)
+                consumer.commit(offsets=[TopicPartition(USAGE, p, o) for p, o in positions.items()], asynchronous=True)
+            if positions:
+                consumer.commit(offsets=[TopicPartition(USAGE, p, o) for p, o in positions.items()], asynchronous=False)
+            consumer.close()
+        except Exception:
+            self._die()
+
+    @staticmethod
+    def _die() -> None:
+        log.critical("stage 1 failed; exiting so that a restart recovers from the changelog", exc_info=True)
+        logging.shutdown()
+        os._exit(70)
+
+
 def stage2_partition(scope: str, partitions: int) -> int:
     """Stable scope -> internal partition, so every window of a scope is evaluated by one stage-2 owner."""
     return zlib.crc32(scope.encode()) % partitions
@@ -203,9 +322,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     decision_codec = AvroCodec("decision")
     alert_codec = AvroCodec("alert")
     n = config.partitions
+    kafka_conf = config.kafka_conf or {"bootstrap.servers": config.bootstrap}
     app = faust.App(
         config.app_id,
         broker=f"kafka://{config.bootstrap}",
+        broker_credentials=faust_credentials(kafka_conf),
         store="memory://",
         datadir=str(config.datadir),
         web_enabled=False,
@@ -219,46 +340,44 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         broker_heartbeat_interval=1.0,
         producer_linger=0.005,
     )
-    usage = app.topic(USAGE, key_serializer="raw", value_serializer="raw", partitions=n)
     internal = app.topic(PARTIALS_TOPIC, key_serializer="raw", value_serializer="json", partitions=n, internal=True)
-    out = BatchOutput(config.kafka_conf or {"bootstrap.servers": config.bootstrap})
+    out = BatchOutput(kafka_conf)  # stage 2
+    out1 = BatchOutput(kafka_conf)  # stage 1 (its own thread)
     table_kw: dict[str, Any] = {"partitions": n}  # keys and values are JSON (faust's table default)
     partials = app.Table("partials", **table_kw)  # "scope|period|start#partition" -> [total, requests, tokens, offset]
     windows = app.Table("windows", **table_kw)  # "scope|period|start" -> {partition: [total, requests, tokens, offset]}
     scope_states = app.Table("scopes", **table_kw)  # scope -> stage-2 state of the scope, see _new_state
 
-    def to_dlq(message: Any, reason: str, kind: str) -> None:
+    def to_dlq(message: Message, reason: str, kind: str) -> None:
         PROCESSOR_DEAD_LETTERED.labels(kind).inc()  # bad input only, not the per-event path
-        out.send(
+        out1.send(
             USAGE_DLQ,
-            message.key,
-            message.value,
+            message.key(),
+            message.value(),
             headers=[(DLQ_REASON_HEADER, reason.encode()), (DLQ_SOURCE_HEADER, f"{USAGE}/processor".encode())],
         )
 
-    def stage1(events: Sequence[Any]) -> None:
+    applied_high: dict[int, int] = {}  # source partition -> highest offset in any stored partial of it
+
+    def stage1(partition: int, messages: list[Message]) -> None:
         policy = holder.policy
         calendar = holder.calendar
         prices = policy.price_table
-        partition = events[0].message.partition
-        items: list[tuple[int, int, int, list[str]]] = []
-        newest = 0
-        for event in events:
-            message = event.message
+        decode = usage_codec.decode
+        skew, lateness = config.max_future_skew, config.allowed_lateness
+        items: list[tuple[int, int, int, list[str], int]] = []
+        for message in messages:
             try:
-                record = usage_codec.decode(message.value)
+                record = decode(message.value())
             except DecodeError as exc:
                 to_dlq(message, str(exc), "undecodable")
                 continue
-            arrived = _at(message.timestamp)
+            kind, stamp_ms = message.timestamp()
+            arrived = _at(stamp_ms / 1000) if kind else _now()
             occurred = record["occurred_at"]
-            problem = usage_record_problem(record, arrived, config.max_future_skew)
+            problem = usage_record_problem(record, arrived, skew) or lateness_problem(occurred, arrived, lateness)
             if problem:
-                to_dlq(message, problem, "invalid")
-                continue
-            problem = lateness_problem(occurred, arrived, config.allowed_lateness)
-            if problem:
-                to_dlq(message, problem, "late")
+                to_dlq(message, problem, "late" if problem.startswith("late event") else "invalid")
                 continue
             cost = record["cost_nanos"]
             if cost is None:
@@ -279,15 +398,20 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 except ValueError as exc:
                     to_dlq(message, f"cannot price: {exc}", "unpriceable")
                     continue
-            epoch = int(occurred.timestamp())
-            newest = max(newest, epoch)
-            wkeys = calendar.window_keys(scopes_for(record, policy), epoch)
-            items.append((message.offset, cost, record["input_tokens"] + record["output_tokens"], wkeys))
+            tokens = record["input_tokens"] + record["output_tokens"]
+            items.append((message.offset(), cost, tokens, scopes_for(record, policy), int(occurred.timestamp())))
         if not items:
             return
-        touched, changed = fold_batch(items, partition, partials.data.get)
+        if items[0][0] > applied_high.get(partition, -1):
+            fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at in items]
+            touched = fold_fresh(fresh, partition, partials.data.get, calendar.starts)
+            changed: Iterable[str] = touched
+        else:  # replaying what may have been applied before a crash: per-key offsets decide, event by event
+            replay = [(o, c, t, calendar.window_keys(s, at)) for o, c, t, s, at in items]
+            touched, changed = fold_batch(replay, partition, partials.data.get)
+        applied_high[partition] = max(applied_high.get(partition, -1), items[-1][0])
         for pkey in changed:
-            out.put(partials, partition, pkey, list(touched[pkey]))
+            out1.put(partials, partition, pkey, list(touched[pkey]))
         # one internal message per stage-2 partition: {"p": source partition, "at": newest event, "s": scopes}
         by_target: dict[int, dict[str, list[list[Any]]]] = {}
         for pkey, value in touched.items():
@@ -295,9 +419,80 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             scope = wkey.partition("|")[0]
             target = by_target.setdefault(stage2_partition(scope, n), {})
             target.setdefault(scope, []).append([wkey, *value])
+        newest = max(item[4] for item in items)
         for target, scopes in by_target.items():
             body = json.dumps({"p": partition, "at": newest, "s": scopes}).encode()
-            out.send(PARTIALS_TOPIC, None, body, partition=target)
+            out1.send(PARTIALS_TOPIC, None, body, partition=target)
+
+    # Changelog partitions this worker writes, whose restore is complete. faust's recovery keeps applying records
+    # of active partitions that it fetched beyond the high watermark it waited for (the embedded broker reports
+    # it one record batch short), AFTER recovery ended: an old value would then overwrite a newer one in memory
+    # and the next batch would build on it. Once a partition is restored here, its table ignores its changelog.
+    sealed: set[TP] = set()
+
+    def ignore_own_changelog(table: faust.Table) -> None:
+        apply = table.apply_changelog_batch
+
+        def apply_unsealed(batch: Iterable[Any]) -> None:
+            events = list(batch)
+            kept = [event for event in events if event.message.tp not in sealed]
+            if len(kept) < len(events):
+                log.info("%s: ignored %d late changelog records", table.name, len(events) - len(kept))
+            apply(kept)
+
+        table.apply_changelog_batch = apply_unsealed  # type: ignore[method-assign]
+
+    for table in (partials, windows, scope_states):
+        ignore_own_changelog(table)
+
+    def active_partitions(table: faust.Table) -> list[int]:
+        topic = table.changelog_topic.get_topic_name()
+        return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic)
+
+    async def complete_restore(table: faust.Table) -> None:
+        """Apply the changelog records faust's recovery stops short of (see ``read_to_end``) to the table."""
+        topic = table.changelog_topic.get_topic_name()
+
+        def tail() -> list[tuple[int, Any, Any]]:
+            consumer = Consumer({**kafka_conf, "group.id": f"{topic}-restore", "enable.auto.commit": False})
+            try:
+                return list(read_to_end(consumer, topic, active_partitions(table), 60.0, last_batch_only=True))
+            finally:
+                consumer.close()
+
+        for _, key, value in await asyncio.to_thread(tail):
+            table.data[key] = value
+        sealed.update(TP(topic, partition) for partition in active_partitions(table))
+
+    for stage2_table in (windows, scope_states):
+        stage2_table.on_recover(functools.partial(complete_restore, stage2_table))
+
+    reader = UsageReader(
+        kafka_conf, usage_group(config.app_id), config.batch_size, config.batch_within_s, stage1, out1.flush_now
+    )
+
+    @partials.on_recover
+    async def start_stage1() -> None:
+        """Faust restored this worker's active partials: read the matching usage partitions from here on."""
+        await reader.stop()
+        await complete_restore(partials)
+        mine = active_partitions(partials)
+        applied_high.clear()
+        for pkey, value in partials.data.items():
+            partition = int(pkey.rpartition("#")[2])
+            applied_high[partition] = max(applied_high.get(partition, -1), value[3])
+        if mine:
+            reader.start(mine)
+
+    @app.on_partitions_revoked.connect
+    async def stop_stage1(_app: faust.App, _revoked: set[TP], **_: Any) -> None:
+        """Stop reading before faust completes the revocation, so a partition never has two stage-1 writers."""
+        await reader.stop()
+        sealed.clear()
+
+    @app.on_before_shutdown.connect
+    async def stop_stage1_on_shutdown(_app: faust.App, **_: Any) -> None:
+        await reader.stop()
 
     def stage2(events: Sequence[Any]) -> None:
         partition = events[0].message.partition
@@ -358,16 +553,6 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             state["version"] = version
         state["p"] = partition
         out.put(scope_states, partition, scope, state)
-
-    @app.agent(usage, isolated_partitions=True)
-    async def usage_stage(stream: faust.StreamT) -> None:
-        consumed, seconds = PROCESSOR_CONSUMED.labels("usage"), PROCESSOR_BATCH_SECONDS.labels("usage")
-        async for events in stream.take_events(config.batch_size, within=config.batch_within_s):
-            started = time.perf_counter()
-            stage1(events)
-            await out.flush()
-            consumed.inc(len(events))  # once per batch
-            seconds.observe(time.perf_counter() - started)
 
     @app.agent(internal, isolated_partitions=True)
     async def scope_stage(stream: faust.StreamT) -> None:
@@ -469,23 +654,43 @@ def _read_changelog(kafka_conf: dict[str, Any], topic: str, timeout: float) -> d
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return {}
-        ends: dict[int, int] = {}
-        for partition in metadata.partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
-            if high > 0:
-                ends[partition] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         latest: dict[str, Any] = {}
-        deadline = time.monotonic() + timeout
-        while ends and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=0.5):
-                if message.error():
-                    continue
-                latest[json.loads(message.key())] = json.loads(message.value())
-                if message.offset() + 1 >= ends.get(message.partition(), 0):
-                    ends.pop(message.partition(), None)
-        if ends:
-            raise TimeoutError(f"could not read {topic} to its end within {timeout}s")
+        for _, key, value in read_to_end(consumer, topic, metadata.partitions, timeout):
+            latest[key] = value
         return latest
     finally:
         consumer.close()
+
+
+def read_to_end(
+    consumer: Consumer, topic: str, partitions: Iterable[int], timeout: float, last_batch_only: bool = False
+) -> Iterator[tuple[int, Any, Any]]:
+    """``(partition, key, value)`` of every JSON record of a changelog to its end, in order per partition.
+
+    The end is not the reported high watermark alone: the embedded broker reports the last record BATCH's
+    base offset + 1, so the records after it are only found by reading on until a fetch returns nothing.
+    ``last_batch_only`` starts at that reported end - 1 (what faust's table recovery reads up to).
+    """
+    ends: dict[int, int] = {}
+    starts: dict[int, int] = {}
+    for partition in partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+        if high > 0:
+            ends[partition] = high
+            starts[partition] = max(low, high - 1) if last_batch_only else OFFSET_BEGINNING
+    consumer.assign([TopicPartition(topic, p, starts[p]) for p in ends])
+    deadline = time.monotonic() + timeout
+    while ends:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"could not read {topic} to its end within {timeout}s")
+        for message in consumer.consume(1000, timeout=0.5):
+            if message.error():
+                continue
+            yield message.partition(), json.loads(message.key()), json.loads(message.value())
+            if message.offset() + 1 >= ends.get(message.partition(), 0):
+                ends.pop(message.partition(), None)
+    # past the reported ends, until nothing more comes (or, while a worker keeps writing, until the deadline)
+    while time.monotonic() < deadline and (messages := consumer.consume(1000, timeout=0.2)):
+        for message in messages:
+            if not message.error():
+                yield message.partition(), json.loads(message.key()), json.loads(message.value())
