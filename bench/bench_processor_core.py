@@ -11,9 +11,9 @@ from pathlib import Path
 
 from genai_prices import Usage, calc_price
 
+from spendstream.core.policy import load_policy
 from spendstream.core.pricing import price_usage
 from spendstream.processor.budget_rules import action_for_spend
-from spendstream.processor.policy import load_policy
 from spendstream.processor.scopes import matching_budgets, scopes_for
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml")

@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from spendstream.core.policy import parse_policy
 from spendstream.gateway.complexity import Tier, assess
 from spendstream.gateway.provider_stats import ProviderStats
 from spendstream.gateway.response_cache import CachedResponse, ResponseCache, cache_key
 from spendstream.gateway.routing import TokenEstimate, choose_route
-from spendstream.processor.policy import parse_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [json.loads(line) for line in (ROOT / "tests" / "data" / "complexity_labelled.jsonl").open(encoding="utf-8")]

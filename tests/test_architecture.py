@@ -17,8 +17,6 @@ FORBIDDEN = {
     "processor": ("edge", "gateway", "sink", "api", "analytics"),
     "sink": ("edge", "gateway", "processor", "api"),
 }
-# Modules of a forbidden package that a package may still import: the policy models are shared data, no behaviour.
-ALLOWED = {"gateway": ("spendstream.processor.policy", "spendstream.processor.routing_policy")}
 
 
 def _imports(path: Path) -> set[str]:
@@ -37,8 +35,6 @@ def test_package_imports_only_what_its_layer_allows(package: str) -> None:
     offenders = []
     for path in sorted((PACKAGE / package).rglob("*.py")):
         for module in _imports(path):
-            if module in ALLOWED.get(package, ()):
-                continue
             for banned in FORBIDDEN[package]:
                 if module == f"spendstream.{banned}" or module.startswith(f"spendstream.{banned}."):
                     offenders.append(f"{path.relative_to(PACKAGE)} imports {module}")

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.core.events import Action
+from spendstream.core.policy import Quota, Thresholds, load_policy
 from spendstream.processor.budget_rules import (
     action_for_spend,
     evaluate_budget,
@@ -19,7 +20,6 @@ from spendstream.processor.budget_rules import (
     reached,
     should_emit,
 )
-from spendstream.processor.policy import Quota, Thresholds, load_policy
 
 DEFAULT = load_policy(Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml")
 T = Thresholds()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from spendstream.core.events import Action, Decision
+from spendstream.core.policy import load_policy
 from spendstream.edge.enforcer import Enforcer
-from spendstream.processor.policy import load_policy
 from spendstream.runtime.demo import demo_policy_path
 from spendstream.runtime.embedded_broker import free_port
 

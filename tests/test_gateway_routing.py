@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from spendstream.core.config import Settings
+from spendstream.core.policy import parse_policy
 from spendstream.core.pricing import price_usage
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.gateway.app import Gateway, GatewayThread
 from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamConfig
 from spendstream.gateway.response_cache import CacheConfig
-from spendstream.processor.policy import parse_policy
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from stub_upstream import StubUpstream
 from test_gateway import HEADER_KEY, KEYS, http, read_usage

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spendstream.core.policy import Period
 from spendstream.processor.periods import hour_bucket, period_key, period_window, rolling_buckets, zone
-from spendstream.processor.policy import Period
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "America/Santiago", "Asia/Kolkata", "Australia/Lord_Howe"]
 CALENDAR = [Period.day, Period.week, Period.month, Period.quarter]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spendstream.processor.policy import Period, PolicyError, load_policy, parse_policy, policy_from_json
+from spendstream.core.policy import Period, PolicyError, load_policy, parse_policy, policy_from_json
 
 DEFAULT = Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml"
 

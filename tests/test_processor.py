@@ -25,10 +25,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
+from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.app import read_to_end, read_window_totals
 from spendstream.processor.periods import period_window
-from spendstream.processor.policy import parse_policy
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 

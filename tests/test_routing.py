@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.core.events import UsageEvent
+from spendstream.core.policy import PolicyError, Thresholds, parse_policy, policy_from_json
 from spendstream.core.pricing import PriceOverride, PriceTable, Rates
+from spendstream.core.routing_policy import Weights
 from spendstream.gateway.complexity import Tier
 from spendstream.gateway.provider_stats import EMPTY_STATS, ModelStats, RoutingStats
 from spendstream.gateway.routing import (
@@ -23,8 +25,6 @@ from spendstream.gateway.routing import (
     routing_tags,
     with_requested_cost,
 )
-from spendstream.processor.policy import PolicyError, Thresholds, parse_policy, policy_from_json
-from spendstream.processor.routing_policy import Weights
 
 AT = datetime(2025, 6, 1, 12, tzinfo=UTC)
 EST = TokenEstimate(1_000, 500)

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spendstream.processor.policy import load_policy, parse_policy
+from spendstream.core.policy import load_policy, parse_policy
 from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas, scopes_for
 
 DEFAULT = load_policy(Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml")

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spendstream.core.events import Action
+from spendstream.core.policy import parse_policy
 from spendstream.processor.decision_publisher import (
     decision_signature,
     evaluate_scope,
@@ -15,7 +16,6 @@ from spendstream.processor.decision_publisher import (
     next_version,
 )
 from spendstream.processor.periods import period_window
-from spendstream.processor.policy import parse_policy
 from spendstream.processor.spend_accounting import (
     EMPTY,
     TRACKED_PERIODS,

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.core.events import Action
-from spendstream.processor.policy import SpikeRule, load_policy
+from spendstream.core.policy import SpikeRule, load_policy
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
 DEFAULT = load_policy(Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml")

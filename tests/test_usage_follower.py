@@ -15,13 +15,13 @@ import spendstream.gateway.app as gateway_app
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, UsageStatus
+from spendstream.core.policy import parse_policy
 from spendstream.core.topics import USAGE
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.gateway.app import Gateway, GatewayThread
 from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamConfig
 from spendstream.gateway.usage_follower import SharedProviderStats, UsageFollower, ledger_is_server, month_start
-from spendstream.processor.policy import parse_policy
 from stub_upstream import StubUpstream, wait_for
 from test_gateway import HEADER_KEY, KEYS, http
 

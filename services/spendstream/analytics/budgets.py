@@ -49,5 +49,5 @@ def load_budgets(client: Any, db: str, budgets: Iterable[BudgetLine], month: dat
 
 
 def policy_budget_lines(policy: Any) -> list[BudgetLine]:
-    """(scope, period, limit_nanos) of a parsed ``processor.policy.Policy``."""
+    """(scope, period, limit_nanos) of a parsed ``core.policy.Policy``."""
     return [(b.scope, str(b.period), b.limit_nanos) for b in policy.budgets]

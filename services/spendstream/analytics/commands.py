@@ -213,7 +213,7 @@ def run_reprice(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     table = None
     if settings.policy is not None:
-        from spendstream.processor.policy import load_policy
+        from spendstream.core.policy import load_policy
 
         table = load_policy(settings.policy).price_table
     client = _open(settings)

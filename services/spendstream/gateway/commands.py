@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from aiohttp import web
 
+    from spendstream.core.policy import load_policy
     from spendstream.gateway.app import Gateway
     from spendstream.gateway.config import load_gateway_config
-    from spendstream.processor.policy import load_policy
 
     config = load_gateway_config(args.config)
     if settings.policy:

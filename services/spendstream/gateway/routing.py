@@ -43,7 +43,7 @@ from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError,
 from spendstream.gateway.complexity import TIER_ORDER, Tier
 from spendstream.gateway.provider_stats import RoutingStats
 
-# What routing reads of the policy: ``spendstream.processor.routing_policy.RoutingPolicy`` has this shape. Edges do
+# What routing reads of the policy: ``spendstream.core.routing_policy.RoutingPolicy`` has this shape. Edges do
 # not import the processor, so the gateway is handed the policy object and reads it through these protocols.
 
 

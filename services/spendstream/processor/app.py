@@ -63,6 +63,7 @@ from spendstream.core.metrics import (
     PROCESSOR_DEAD_LETTERED,
     PROCESSOR_DECISIONS,
 )
+from spendstream.core.policy import Policy, PolicyError, policy_from_json
 from spendstream.core.pricing import UnknownModelError, price_usage
 from spendstream.core.topics import ALERTS, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.decision_publisher import (
@@ -73,7 +74,6 @@ from spendstream.processor.decision_publisher import (
     needs_decision,
     next_version,
 )
-from spendstream.processor.policy import Policy, PolicyError, policy_from_json
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
     WindowCalendar,

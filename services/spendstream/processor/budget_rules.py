@@ -22,7 +22,7 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 
 from spendstream.core.events import Action
-from spendstream.processor.policy import Budget, Policy, Quota, Thresholds
+from spendstream.core.policy import Budget, Policy, Quota, Thresholds
 
 RESTRICTION: dict[Action, int] = {a: i for i, a in enumerate(Action)}
 

@@ -60,7 +60,7 @@ def _policy_file(args: argparse.Namespace, settings: Settings) -> str | None:
 
 
 def _load(path: str):  # type: ignore[no-untyped-def]
-    from spendstream.processor.policy import PolicyError, load_policy
+    from spendstream.core.policy import PolicyError, load_policy
 
     try:
         return load_policy(path)
@@ -119,7 +119,7 @@ def run_policy_show(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         print(policy.summary())
         return 0
-    from spendstream.processor.policy import PolicyError, policy_from_json
+    from spendstream.core.policy import PolicyError, policy_from_json
 
     record = _newest_policy_record(settings)
     if record is None:
@@ -186,9 +186,9 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from faust import Worker
 
     from spendstream.core.metrics import ConsumerLagSampler, serve_metrics
+    from spendstream.core.policy import parse_policy
     from spendstream.core.topics import USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
-    from spendstream.processor.policy import parse_policy
 
     if settings.policy is not None:
         policy = _load(str(settings.policy))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
 from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
+from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
     RESTRICTION,
     budget_usd,
@@ -24,7 +25,6 @@ from spendstream.processor.budget_rules import (
 )
 from spendstream.processor.forecast import should_alert_forecast
 from spendstream.processor.periods import period_window
-from spendstream.processor.policy import Policy, SpikeRule
 from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas
 from spendstream.processor.spend_accounting import HOUR, window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action

@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from spendstream.processor.policy import Period
+from spendstream.core.policy import Period
 
 HOUR = timedelta(hours=1)
 ROLLING_HOURS = 24

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from spendstream.processor.policy import Budget, Policy, Quota
+from spendstream.core.policy import Budget, Policy, Quota
 
 _DIRECT = ("feature", "user", "customer", "environment")
 

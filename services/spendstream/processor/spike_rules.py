@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from spendstream.core.events import Action
-from spendstream.processor.policy import Policy, SpikeRule
+from spendstream.core.policy import Policy, SpikeRule
 
 
 @dataclass(frozen=True, slots=True)

@@ -617,11 +617,11 @@ def run_demo(
     settings: Settings, *, keep_running: bool = False, json_summary: Path | None = None, out: IO[str] = sys.stdout
 ) -> int:
     from spendstream.analytics.report_model import render, report_from_json
+    from spendstream.core.policy import load_policy
     from spendstream.edge.emitter import Emitter
     from spendstream.gateway.app import Gateway, GatewayThread
     from spendstream.gateway.config import load_gateway_config
     from spendstream.gateway.stub_upstream import StubUpstream
-    from spendstream.processor.policy import load_policy
     from spendstream.runtime.dev_stack import DevStack, write_dev_gateway_config
 
     began = time.monotonic()

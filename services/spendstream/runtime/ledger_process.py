@@ -63,7 +63,7 @@ def policy_prices(settings: Settings) -> PriceTable:
     """The price overrides of the configured policy (the ones the processor prices with), else none."""
     if settings.policy is None:
         return EMPTY_TABLE
-    from spendstream.processor.policy import load_policy
+    from spendstream.core.policy import load_policy
 
     return load_policy(settings.policy).price_table
 

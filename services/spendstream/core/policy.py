@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
-from spendstream.processor.routing_policy import RoutingPolicy
+from spendstream.core.routing_policy import RoutingPolicy
 
 HIERARCHY = ("org", "division", "team", "project")
 DIMENSIONS = (*HIERARCHY, "feature", "user", "customer", "environment", "model")
