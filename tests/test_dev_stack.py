@@ -92,8 +92,14 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
                 break
             time.sleep(0.5)
         assert [row["key"] for row in rows] == ["marketing"]
-        with urllib.request.urlopen(sink_metrics.group(1), timeout=5) as response:
-            assert "spendstream_sink_inserted_total 1.0" in response.read().decode()
+        deadline = time.monotonic() + 10  # the row is queryable just before the sink counts it as inserted
+        while True:
+            with urllib.request.urlopen(sink_metrics.group(1), timeout=5) as response:
+                scraped = response.read().decode()
+            if "spendstream_sink_inserted_total 1.0" in scraped or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "spendstream_sink_inserted_total 1.0" in scraped
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/metrics", timeout=5) as response:
             assert 'spendstream_gateway_decisions_total{action="allow"} 1.0' in response.read().decode()
         proc.send_signal(signal.SIGINT)
