@@ -396,6 +396,21 @@ def test_policy_apply_publishes_a_record_and_show_reads_it(stack: Stack, tmp_pat
     assert parse_policy(policy_file.read_text()).version in shown.stdout
 
 
+def test_an_event_id_sent_again_at_a_later_offset_counts_once(stack: Stack) -> None:
+    """Edges publish at least once: a send whose delivery timed out although it landed is sent again (same
+    event_id, same key, a later offset), in the same stage-1 batch or a later one."""
+    at = now()
+    original = event(team="omega", user="twice", occurred_at=at, cost_nanos=3 * USD)
+    other = event(team="omega", user="twice", occurred_at=at, cost_nanos=5 * USD)
+    produce(stack.bootstrap, [original, original, other])
+    day = ("user:twice", "day", int(period_window("day", at, "Europe/Berlin")[0].timestamp()))
+    wait_totals(stack.bootstrap, {day: (8 * USD, 2, 30)}, "spendstream-processor")
+    marker = event(team="omega", user="twice", occurred_at=at, cost_nanos=1)
+    produce(stack.bootstrap, [original], arrival=now())  # the re-send, seconds later
+    produce(stack.bootstrap, [marker])  # same key, so same partition: counted after the re-send was handled
+    wait_totals(stack.bootstrap, {day: (8 * USD + 1, 3, 45)}, "spendstream-processor")
+
+
 def test_changelog_reads_go_past_the_reported_end(broker: EmbeddedBroker) -> None:
     """The embedded broker reports the high watermark as the last record batch's base offset + 1; a restore or
     a totals read that stopped there would miss the rest of that batch (the newest values of its keys)."""

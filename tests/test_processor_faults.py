@@ -17,6 +17,7 @@ from spendstream.core.events import UsageEvent
 from spendstream.core.policy import Policy, parse_policy
 from spendstream.core.topics import ENFORCEMENT
 from spendstream.processor.app import read_scope_totals
+from spendstream.processor.periods import period_window
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import WindowCalendar, split_window_key
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -179,3 +180,25 @@ def test_two_workers_then_one_killed_stay_exact_and_keep_deciding(tmp_path: Path
         stop_worker(first)
         stop_worker(second)
         decisions.close()
+
+
+@pytest.mark.slow
+def test_a_copy_sent_after_a_crash_still_counts_once(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """The applied event ids survive a SIGKILL in the changelog, so a re-send after the restart is skipped."""
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    at = datetime.now(UTC)
+    original = event(org="acme", team="t2", user="copied", occurred_at=at, cost_nanos=7)
+    worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+    try:
+        produce(broker.bootstrap, [original])
+        day = ("user:copied", "day", int(period_window("day", at, "America/New_York")[0].timestamp()))
+        wait_totals(broker.bootstrap, {day: (7, 1, 15)}, "spendstream-processor")
+        worker.kill()
+        worker.wait()
+        worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+        marker = event(org="acme", team="t2", user="copied", occurred_at=at, cost_nanos=11)
+        produce(broker.bootstrap, [original, marker], arrival=datetime.now(UTC))
+        wait_totals(broker.bootstrap, {day: (18, 2, 30)}, "spendstream-processor", timeout=60)
+    finally:
+        stop_worker(worker)

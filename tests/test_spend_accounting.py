@@ -18,17 +18,26 @@ from spendstream.processor.decision_publisher import (
 from spendstream.processor.periods import period_window
 from spendstream.processor.spend_accounting import (
     EMPTY,
+    IDS_PER_RECORD,
     TRACKED_PERIODS,
+    AppliedIds,
     Partial,
     WindowCalendar,
     fold_batch,
+    fold_distinct,
     fold_fresh,
+    ids_key,
+    is_ids_key,
     lateness_problem,
     merge_partial,
+    pack_ids,
     quarter_hour,
+    restore_stage1,
+    split_ids_key,
     split_partial_key,
     split_window_key,
     totals_from_partials,
+    unpack_ids,
     window_key,
     window_total,
 )
@@ -98,6 +107,167 @@ def test_fold_batch_skips_applied_offsets_and_reannounces_them() -> None:
 
 
 SCOPES = ["org:o", "team:a", "team:b", "user:u|x", "feature:f"]
+BERLIN = WindowCalendar("Europe/Berlin")
+JAN_2025 = 1_735_689_600
+HOUR_MS = 3_600_000
+
+
+def distinct_totals(events: list[tuple[bytes, int, int, list[str], int]]) -> dict[str, tuple[int, int, int]]:
+    """The truth: every event_id once, whatever copies of it were sent."""
+    first: dict[bytes, tuple[int, int, list[str], int]] = {}
+    for event_id, cost, tokens, scopes, at in events:
+        first.setdefault(event_id, (cost, tokens, scopes, at))
+    out: dict[str, list[int]] = {}
+    for cost, tokens, scopes, at in first.values():
+        for wkey in BERLIN.window_keys(scopes, at):
+            row = out.setdefault(wkey, [0, 0, 0])
+            row[0] += cost
+            row[1] += 1
+            row[2] += tokens
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+def restore(log: list[tuple[str, object]]) -> dict[str, object]:
+    """A table restored from its changelog: the newest value per key, tombstones (None) delete."""
+    table: dict[str, object] = {}
+    for key, value in log:
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+    return table
+
+
+originals_st = st.lists(
+    st.tuples(
+        st.integers(0, 10**9),
+        st.integers(0, 5000),
+        st.lists(st.sampled_from(SCOPES), min_size=1, unique=True),
+        st.integers(JAN_2025, JAN_2025 + 40 * 86400),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    originals=originals_st,
+    resends=st.lists(st.tuples(st.integers(0, 24), st.integers(0, 40)), max_size=25),
+    batch=st.integers(1, 8),
+    crashes=st.lists(st.tuples(st.integers(0, 60), st.lists(st.booleans(), min_size=1, max_size=40)), max_size=4),
+)
+def test_copies_crashes_and_replays_in_any_interleaving_count_each_event_id_once(
+    originals: list[tuple[int, int, list[str], int]],
+    resends: list[tuple[int, int]],
+    batch: int,
+    crashes: list[tuple[int, list[bool]]],
+) -> None:
+    """Model of stage 1 on one partition with an at-least-once producer: every event is sent once, and some are
+    sent again (same event_id, later offset). The changelog is an ordered log; a crash keeps everything up to the
+    last commit and ANY subset of what came after it (partials without their ids, ids without their partials),
+    then the table and the applied ids are restored from it and the source is replayed from the committed offset.
+    """
+    stream = [(i.to_bytes(16, "big"), *event) for i, event in enumerate(originals)]
+    for which, position in resends:  # a copy of an event, somewhere after the original
+        copy = stream[which % len(originals)]
+        at = stream.index(copy) + 1
+        stream.insert(at + position % (len(stream) - at + 1), copy)
+    log: list[tuple[str, object]] = []
+    committed_offset, committed_log = 0, 0
+    table: dict[str, object] = {}
+    high, applied = restore_stage1(table, [4], HOUR_MS)
+    crash_at = sorted(crashes)
+    position = steps = 0
+    while position < len(stream):
+        items = [
+            (position + i, cost, tokens, scopes, at, event_id)
+            for i, (event_id, cost, tokens, scopes, at) in enumerate(stream[position : position + batch])
+        ]
+        out = fold_distinct(items, 4, position * 10, high.get(4, -1), applied[4], table.get, BERLIN)
+        if out.touched:
+            high[4] = max(high.get(4, -1), items[-1][0])
+        writes: list[tuple[str, object]] = [(key, list(out.touched[key])) for key in sorted(out.changed)]
+        writes += out.ids_records
+        writes += [(key, None) for key in out.expired]
+        for key, value in writes:
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+            log.append((key, value))
+        position += len(items)
+        steps += 1
+        if steps % 2 == 0:  # commit every other batch
+            committed_offset, committed_log = position, len(log)
+        if crash_at and crash_at[0][0] <= steps:
+            _, survives = crash_at.pop(0)
+            tail = log[committed_log:]
+            log = log[:committed_log] + [r for i, r in enumerate(tail) if survives[i % len(survives)]]
+            table = restore(log)
+            high, applied = restore_stage1(table, [4], HOUR_MS)
+            position = committed_offset
+    assert totals_from_partials(table) == distinct_totals(stream)
+
+
+def test_fresh_batch_above_every_stored_offset_still_skips_copies_of_earlier_events() -> None:
+    table: dict[str, list[int]] = {}
+    applied = AppliedIds(HOUR_MS)
+    first = [(0, 100, 1, ["team:a"], JAN_2025, b"a" * 16), (1, 200, 2, ["team:a"], JAN_2025, b"b" * 16)]
+    out = fold_distinct(first, 0, 1_000, -1, applied, table.get, BERLIN)
+    table.update({key: list(out.touched[key]) for key in out.changed})
+    # offsets 2.. start above every stored offset (the fresh path): a copy of "a" and two copies of "c"
+    later = [
+        (2, 100, 1, ["team:a"], JAN_2025, b"a" * 16),
+        (3, 7, 1, ["team:a"], JAN_2025, b"c" * 16),
+        (4, 7, 1, ["team:a"], JAN_2025, b"c" * 16),
+    ]
+    out = fold_distinct(later, 0, 2_000, 1, applied, table.get, BERLIN)
+    table.update({key: list(out.touched[key]) for key in out.changed})
+    month = BERLIN.window_keys(["team:a"], JAN_2025)[2]
+    assert totals_from_partials(table)[month] == (307, 3, 4)
+    assert [unpack_ids(value)[1] for _, value in out.ids_records] == [[(b"c" * 16, 3)]]
+
+
+def test_a_copy_within_the_horizon_is_skipped_and_one_after_it_counts_again() -> None:
+    applied = AppliedIds(HOUR_MS)
+    table: dict[str, object] = {}
+
+    def send(offset: int, event_id: bytes, arrival_ms: int) -> list[str]:
+        item = [(offset, 5, 1, ["team:a"], JAN_2025, event_id)]
+        out = fold_distinct(item, 2, arrival_ms, offset - 1, applied, table.get, BERLIN)
+        table.update({key: list(out.touched[key]) for key in out.changed})
+        table.update(out.ids_records)
+        for key in out.expired:
+            del table[key]
+        return out.expired
+
+    assert send(0, b"x" * 16, 0) == []
+    assert send(1, b"x" * 16, HOUR_MS) == []  # exactly one horizon later: still a copy
+    assert send(2, b"y" * 16, HOUR_MS + 1) == [ids_key(2, 0)]  # the record of offset 0 expires
+    month = BERLIN.window_keys(["team:a"], JAN_2025)[2]
+    assert totals_from_partials(table)[month] == (10, 2, 2)
+    assert send(3, b"x" * 16, HOUR_MS + 2) == []  # its original's record is gone: counted again
+    assert totals_from_partials(table)[month] == (15, 3, 3)
+    high, restored = restore_stage1(table, [2], HOUR_MS)
+    assert high == {2: 3} and set(restored[2].records) == {ids_key(2, 2), ids_key(2, 3)}
+    assert restored[2].admit([(b"y" * 16, 9), (b"x" * 16, 3), (b"z" * 16, 10)]) == [False, True, True]
+
+
+def test_ids_records_round_trip_are_split_and_ignored_by_window_totals() -> None:
+    entries = [(i.to_bytes(16, "big"), 1_000 + i) for i in range(IDS_PER_RECORD + 3)]
+    items = [(offset, 1, 1, ["org:o"], JAN_2025, event_id) for event_id, offset in entries]
+    out = fold_distinct(items, 5, 123, -1, AppliedIds(HOUR_MS), {}.get, BERLIN)
+    assert [key for key, _ in out.ids_records] == [ids_key(5, 1_000), ids_key(5, 1_000 + IDS_PER_RECORD)]
+    assert [entry for _, value in out.ids_records for entry in unpack_ids(value)[1]] == entries
+    assert all(unpack_ids(value)[0] == 123 for _, value in out.ids_records)
+    key = ids_key(5, 1_000)
+    assert is_ids_key(key) and split_ids_key(key) == (5, 1_000) and not is_ids_key("org:o|day|0#5")
+    table = {**{k: list(v) for k, v in out.touched.items()}, **dict(out.ids_records)}
+    assert totals_from_partials(table) == distinct_totals([(e, 1, 1, ["org:o"], JAN_2025) for e, _ in entries])
+    assert unpack_ids(pack_ids(7, [])) == (7, [])
+
+
 fresh_event_st = st.tuples(
     st.integers(0, 10**9),
     st.integers(0, 5000),

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     processor_batch_ms: int = Field(
         50, ge=1, le=10_000, description="Longest wait to fill a processor batch (bigger: fewer writes, more latency)."
     )
+    processor_dedup_horizon_s: int = Field(
+        900,
+        ge=0,
+        description="Arrival time within which the processor skips a re-sent event_id (memory: ~170 bytes per id "
+        "in the horizon); a copy arriving later is counted twice in the spend windows, never in the ledger.",
+    )
 
     # -- service ports --------------------------------------------------------------------
     gateway_host: str = Field("127.0.0.1", description="Gateway listen address.")

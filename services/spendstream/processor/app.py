@@ -10,7 +10,10 @@ their changelogs, standbys) and does not read the usage topic at all.
   ``spendstream.usage`` from the offsets committed to ``usage_group(app_id)``. Per batch of a partition:
   decode, validate, check lateness, price events that lack ``cost_nanos``, fold into per-(window, source
   partition) partials (``fold_fresh``: a few dict operations per scope and event; ``fold_batch`` event by
-  event while replaying offsets a crash may already have applied), write each changed partial once, and send
+  event while replaying offsets a crash may already have applied), skipping copies of an event_id the partition
+  applied at another offset within the dedup horizon (``AppliedIds``: edges publish at least once), write each
+  changed partial once, then the batch's applied ids (records ``ids#partition#first_offset`` of the same
+  changelog, pruned with tombstones as the horizon passes), and send
   every touched partial's TOTAL to the internal topic ``spendstream.processor.partials`` keyed by scope. Bad
   events go to ``spendstream.usage.dlq`` with a reason. Only after the producer confirmed all of it are the
   next offsets committed, so the committed offset never runs ahead of the changelog. When faust starts a
@@ -76,12 +79,12 @@ from spendstream.processor.decision_publisher import (
 )
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
+    AppliedIds,
     WindowCalendar,
-    fold_batch,
-    fold_fresh,
+    fold_distinct,
     lateness_problem,
     merge_partial,
-    quarter_hour,
+    restore_stage1,
     split_partial_key,
     split_window_key,
     totals_from_partials,
@@ -106,6 +109,7 @@ class ProcessorConfig:
     max_future_skew: timedelta = timedelta(minutes=5)
     batch_size: int = 5000
     batch_within_s: float = 0.05
+    dedup_horizon: timedelta = timedelta(minutes=15)  # arrival time within which a re-sent event_id is skipped
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
 
 
@@ -138,7 +142,7 @@ class BatchOutput:
             self.errors.append(str(err))
 
     def send(
-        self, topic: str, key: bytes | None, value: bytes, partition: int | None = None, headers: Any = None
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None, headers: Any = None
     ) -> None:
         kwargs: dict[str, Any] = {"on_delivery": self._delivered}
         if partition is not None:
@@ -158,6 +162,11 @@ class BatchOutput:
         self.send(
             table.changelog_topic.get_topic_name(), json.dumps(key).encode(), json.dumps(value).encode(), partition
         )
+
+    def delete(self, table: faust.Table, partition: int, key: str) -> None:
+        """Remove a table key and write its tombstone (a null value: faust's restore deletes the key)."""
+        table.data.pop(key, None)
+        self.send(table.changelog_topic.get_topic_name(), json.dumps(key).encode(), None, partition)
 
     def flush_now(self) -> None:
         remaining = self.producer.flush(60.0)
@@ -358,6 +367,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         )
 
     applied_high: dict[int, int] = {}  # source partition -> highest offset in any stored partial of it
+    applied_ids: dict[int, AppliedIds] = {}  # source partition -> event ids applied within the dedup horizon
+    horizon_ms = int(config.dedup_horizon.total_seconds() * 1000)
 
     def stage1(partition: int, messages: list[Message]) -> None:
         policy = holder.policy
@@ -365,7 +376,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         prices = policy.price_table
         decode = usage_codec.decode
         skew, lateness = config.max_future_skew, config.allowed_lateness
-        items: list[tuple[int, int, int, list[str], int]] = []
+        items: list[tuple[int, int, int, list[str], int, bytes]] = []
+        newest_ms = 0
         for message in messages:
             try:
                 record = decode(message.value())
@@ -374,6 +386,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 continue
             kind, stamp_ms = message.timestamp()
             arrived = _at(stamp_ms / 1000) if kind else _now()
+            newest_ms = max(newest_ms, stamp_ms if kind else int(arrived.timestamp() * 1000))
             occurred = record["occurred_at"]
             problem = usage_record_problem(record, arrived, skew) or lateness_problem(occurred, arrived, lateness)
             if problem:
@@ -399,19 +412,25 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                     to_dlq(message, f"cannot price: {exc}", "unpriceable")
                     continue
             tokens = record["input_tokens"] + record["output_tokens"]
-            items.append((message.offset(), cost, tokens, scopes_for(record, policy), int(occurred.timestamp())))
+            scopes = scopes_for(record, policy)
+            items.append((message.offset(), cost, tokens, scopes, int(occurred.timestamp()), record["event_id"].bytes))
         if not items:
             return
-        if items[0][0] > applied_high.get(partition, -1):
-            fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at in items]
-            touched = fold_fresh(fresh, partition, partials.data.get, calendar.starts)
-            changed: Iterable[str] = touched
-        else:  # replaying what may have been applied before a crash: per-key offsets decide, event by event
-            replay = [(o, c, t, calendar.window_keys(s, at)) for o, c, t, s, at in items]
-            touched, changed = fold_batch(replay, partition, partials.data.get)
-        applied_high[partition] = max(applied_high.get(partition, -1), items[-1][0])
-        for pkey in changed:
+        applied = applied_ids.setdefault(partition, AppliedIds(horizon_ms))
+        batch = fold_distinct(
+            items, partition, newest_ms, applied_high.get(partition, -1), applied, partials.data.get, calendar
+        )
+        touched = batch.touched
+        if touched:
+            applied_high[partition] = max(applied_high.get(partition, -1), items[-1][0])
+        for pkey in batch.changed:
             out1.put(partials, partition, pkey, list(touched[pkey]))
+        # after the partials: a crash may lose these ids (the replay skips their events by offset and records the
+        # ids again), never the partials they vouch for
+        for key, value in batch.ids_records:
+            out1.put(partials, partition, key, value)
+        for key in batch.expired:
+            out1.delete(partials, partition, key)
         # one internal message per stage-2 partition: {"p": source partition, "at": newest event, "s": scopes}
         by_target: dict[int, dict[str, list[list[Any]]]] = {}
         for pkey, value in touched.items():
@@ -461,7 +480,10 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 consumer.close()
 
         for _, key, value in await asyncio.to_thread(tail):
-            table.data[key] = value
+            if value is None:
+                table.data.pop(key, None)
+            else:
+                table.data[key] = value
         sealed.update(TP(topic, partition) for partition in active_partitions(table))
 
     for stage2_table in (windows, scope_states):
@@ -477,10 +499,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         await reader.stop()
         await complete_restore(partials)
         mine = active_partitions(partials)
+        high, ids = restore_stage1(partials.data, mine, horizon_ms)
         applied_high.clear()
-        for pkey, value in partials.data.items():
-            partition = int(pkey.rpartition("#")[2])
-            applied_high[partition] = max(applied_high.get(partition, -1), value[3])
+        applied_high.update(high)
+        applied_ids.clear()
+        applied_ids.update(ids)
         if mine:
             reader.start(mine)
 
@@ -656,7 +679,10 @@ def _read_changelog(kafka_conf: dict[str, Any], topic: str, timeout: float) -> d
             return {}
         latest: dict[str, Any] = {}
         for _, key, value in read_to_end(consumer, topic, metadata.partitions, timeout):
-            latest[key] = value
+            if value is None:
+                latest.pop(key, None)
+            else:
+                latest[key] = value
         return latest
     finally:
         consumer.close()
@@ -665,7 +691,8 @@ def _read_changelog(kafka_conf: dict[str, Any], topic: str, timeout: float) -> d
 def read_to_end(
     consumer: Consumer, topic: str, partitions: Iterable[int], timeout: float, last_batch_only: bool = False
 ) -> Iterator[tuple[int, Any, Any]]:
-    """``(partition, key, value)`` of every JSON record of a changelog to its end, in order per partition.
+    """``(partition, key, value)`` of every JSON record of a changelog to its end, in order per partition
+    (value None for a tombstone).
 
     The end is not the reported high watermark alone: the embedded broker reports the last record BATCH's
     base offset + 1, so the records after it are only found by reading on until a fetch returns nothing.
@@ -686,11 +713,15 @@ def read_to_end(
         for message in consumer.consume(1000, timeout=0.5):
             if message.error():
                 continue
-            yield message.partition(), json.loads(message.key()), json.loads(message.value())
+            yield message.partition(), json.loads(message.key()), _json_or_none(message.value())
             if message.offset() + 1 >= ends.get(message.partition(), 0):
                 ends.pop(message.partition(), None)
     # past the reported ends, until nothing more comes (or, while a worker keeps writing, until the deadline)
     while time.monotonic() < deadline and (messages := consumer.consume(1000, timeout=0.2)):
         for message in messages:
             if not message.error():
-                yield message.partition(), json.loads(message.key()), json.loads(message.value())
+                yield message.partition(), json.loads(message.key()), _json_or_none(message.value())
+
+
+def _json_or_none(value: bytes | None) -> Any:
+    return None if value is None else json.loads(value)

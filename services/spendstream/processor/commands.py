@@ -208,6 +208,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         max_future_skew=timedelta(seconds=settings.max_future_skew_s),
         batch_size=_given(args.batch_size, settings.processor_batch_size),
         batch_within_s=_given(args.batch_ms, settings.processor_batch_ms) / 1000,
+        dedup_horizon=timedelta(seconds=settings.processor_dedup_horizon_s),
         kafka_conf=settings.kafka_client_config(),
     )
     app, holder = build_app(config)

@@ -16,6 +16,15 @@ Stage 2 receives TOTALS, never deltas: ``(window, source_partition, total, reque
 the global window total is the sum over source partitions. Stage 1 re-announces every key a batch touched,
 even when all its events were skipped as replays, which heals a crash between the table write and the send.
 
+Duplicates. Edges publish at least once: a send whose delivery timed out although the record landed is sent
+again later with the same ``event_id`` (same key, so same partition, at a later offset). Offsets cannot see
+that, so stage 1 also keeps, per source partition, the event ids it applied within a horizon of arrival time
+(``AppliedIds``) and skips a copy of an id applied at ANOTHER offset. The ids of each batch go to the same
+changelog partition as its partials, produced after them, so a crash leaves at worst partials without ids: the
+replay then skips those events by offset and records their ids again. Ids without partials are harmless too,
+because an id stored with the event's own offset never skips it (the per-key offsets decide). A copy arriving
+more than the horizon after its original is counted twice in the windows (the ledger stays exact).
+
 Window keys are strings (``scope|period|start_epoch_s``) because they are faust table keys and Kafka keys.
 Periods tracked for every scope: ``day``, ``week``, ``month``, ``quarter`` (local calendar windows of the
 policy timezone) and ``hour`` (UTC hour buckets: the rolling 24 h budget and the hourly spike baseline).
@@ -23,9 +32,11 @@ policy timezone) and ``hour`` (UTC hour buckets: the rolling 24 h budget and the
 
 from __future__ import annotations
 
+import base64
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from spendstream.processor.periods import period_window
 
@@ -209,9 +220,163 @@ def totals_from_partials(latest: Mapping[str, Sequence[int]]) -> dict[str, tuple
     """Window totals from the newest value of every stage-1 partial (e.g. read back from its changelog)."""
     totals: dict[str, list[int]] = {}
     for pkey, value in latest.items():
+        if is_ids_key(pkey):
+            continue
         wkey, _ = split_partial_key(pkey)
         acc = totals.setdefault(wkey, [0, 0, 0])
         acc[0] += value[0]
         acc[1] += value[1]
         acc[2] += value[2]
     return {k: (v[0], v[1], v[2]) for k, v in totals.items()}
+
+
+IDS_PREFIX = "ids#"
+IDS_PER_RECORD = 16_384  # 24 bytes each, base64: ~0.5 MB per changelog record, under Kafka's default 1 MB
+_ID_ENTRY = struct.Struct(">16sq")  # event_id (16 bytes), source offset
+
+
+def ids_key(partition: int, first_offset: int) -> str:
+    """Table key of the ids record of a batch (chunk) of ``partition`` that starts at ``first_offset``."""
+    return f"{IDS_PREFIX}{partition}#{first_offset}"
+
+
+def is_ids_key(key: str) -> bool:
+    return key.startswith(IDS_PREFIX)
+
+
+def split_ids_key(key: str) -> tuple[int, int]:
+    partition, _, first = key[len(IDS_PREFIX) :].partition("#")
+    return int(partition), int(first)
+
+
+def pack_ids(newest_arrival_ms: int, entries: Sequence[tuple[bytes, int]]) -> list[Any]:
+    """The JSON value of an ids record: ``[newest arrival ms, base64 of (event_id, offset) * n]``."""
+    packed = b"".join(_ID_ENTRY.pack(event_id, offset) for event_id, offset in entries)
+    return [newest_arrival_ms, base64.b64encode(packed).decode()]
+
+
+def unpack_ids(value: Sequence[Any]) -> tuple[int, list[tuple[bytes, int]]]:
+    return int(value[0]), list(_ID_ENTRY.iter_unpack(base64.b64decode(value[1])))
+
+
+class AppliedIds:
+    """The event ids one source partition applied within ``horizon_ms`` of arrival time, and their offsets.
+
+    Memory: about 170 bytes per id (measured): a 16-byte ``bytes`` key, an int offset and a dict slot here, and
+    the 32 base64 characters of its ids record, shared with the table; e.g. 1000 events/s with a one-hour
+    horizon is 3.6 M ids, about 610 MB. Records are pruned oldest first, once the partition's newest arrival
+    (Kafka timestamps, so a replay prunes alike) is more than the horizon past what it was when they were written.
+    """
+
+    def __init__(self, horizon_ms: int) -> None:
+        self.horizon_ms = horizon_ms
+        self.offsets: dict[bytes, int] = {}
+        self.records: dict[str, Sequence[Any]] = {}  # ids key -> its record's value (see ``pack_ids``)
+        self.newest_ms = 0
+
+    def remember(self, key: str, value: Sequence[Any], entries: Iterable[tuple[bytes, int]] | None = None) -> None:
+        """Adopt an ids record: just written (its ``entries`` admitted already) or restored from the changelog."""
+        self.records[key] = value
+        if entries is None:
+            offsets = self.offsets
+            for event_id, offset in unpack_ids(value)[1]:
+                offsets.setdefault(event_id, offset)
+        self.newest_ms = max(self.newest_ms, int(value[0]))
+
+    def admit(self, entries: Iterable[tuple[bytes, int]]) -> list[bool]:
+        """Which ``(event_id, offset)`` entries, in offset order, to apply: all but copies of an id applied at
+        another offset. Admitted ids count as applied from now on (this batch's later copies are skipped).
+
+        An id stored with the same offset is the same record replayed after a crash: it is admitted, and the
+        per-key offsets of ``fold_batch`` decide which of its windows still need it.
+        """
+        offsets = self.offsets
+        keep: list[bool] = []
+        for event_id, offset in entries:
+            seen = offsets.setdefault(event_id, offset)
+            keep.append(seen == offset)
+        return keep
+
+    def expire(self) -> list[str]:
+        """Forget the oldest records that fell behind the horizon; returns their keys (to delete)."""
+        cutoff = self.newest_ms - self.horizon_ms
+        gone: list[str] = []
+        offsets = self.offsets
+        for key, value in self.records.items():
+            if value[0] >= cutoff:
+                break
+            gone.append(key)
+            for event_id, offset in unpack_ids(value)[1]:
+                if offsets.get(event_id) == offset:
+                    del offsets[event_id]
+        for key in gone:
+            del self.records[key]
+        return gone
+
+
+class Stage1Batch(NamedTuple):
+    """What one stage-1 batch writes: changed partials first, then its ids records, then tombstones."""
+
+    touched: dict[str, Partial]  # every partial the batch touched (announced to stage 2)
+    changed: Iterable[str]  # the partials whose value changed (written to the table)
+    ids_records: list[tuple[str, list[Any]]]  # (ids key, value), written after the partials
+    expired: list[str]  # ids records fallen behind the horizon, deleted last
+
+
+def fold_distinct(
+    items: Sequence[tuple[int, int, int, Sequence[str], int, bytes]],
+    partition: int,
+    newest_arrival_ms: int,
+    applied_high: int,
+    applied: AppliedIds,
+    current: Callable[[str], Sequence[int] | None],
+    calendar: WindowCalendar,
+) -> Stage1Batch:
+    """Stage 1's fold of a batch of one source partition, counting each event_id once.
+
+    Items are ``(offset, cost_nanos, tokens, scopes, occurred_epoch_s, event_id)`` in offset order;
+    ``applied_high`` is the highest offset in any stored partial of the partition. Copies of ids applied at
+    another offset are dropped first; the rest folds with ``fold_fresh`` when it starts above every stored
+    offset (nothing to skip), else event by event with ``fold_batch``.
+    """
+    admitted = applied.admit((item[5], item[0]) for item in items)
+    kept = [item for item, keep in zip(items, admitted, strict=True) if keep]
+    applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
+    touched: dict[str, Partial] = {}
+    changed: Iterable[str] = ()
+    if kept and kept[0][0] > applied_high:
+        fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at, _ in kept]
+        touched = fold_fresh(fresh, partition, current, calendar.starts)
+        changed = touched
+    elif kept:
+        replay = [
+            (offset, cost, tokens, calendar.window_keys(scopes, at)) for offset, cost, tokens, scopes, at, _ in kept
+        ]
+        touched, changed = fold_batch(replay, partition, current)
+    records: list[tuple[str, list[Any]]] = []
+    for start in range(0, len(kept), IDS_PER_RECORD):
+        entries = [(item[5], item[0]) for item in kept[start : start + IDS_PER_RECORD]]
+        key, value = ids_key(partition, entries[0][1]), pack_ids(applied.newest_ms, entries)
+        applied.remember(key, value, entries)
+        records.append((key, value))
+    return Stage1Batch(touched, changed, records, applied.expire())
+
+
+def restore_stage1(
+    table: Mapping[str, Any], partitions: Iterable[int], horizon_ms: int
+) -> tuple[dict[int, int], dict[int, AppliedIds]]:
+    """Stage 1's memory from its restored table: the highest stored offset of every source partition, and the
+    applied ids of ``partitions`` (oldest record first, the order in which they expire)."""
+    applied_high: dict[int, int] = {}
+    applied = {partition: AppliedIds(horizon_ms) for partition in partitions}
+    ids_records: list[tuple[tuple[int, int], str]] = []
+    for key, value in table.items():
+        if is_ids_key(key):
+            ids_records.append((split_ids_key(key), key))
+            continue
+        partition = split_partial_key(key)[1]
+        applied_high[partition] = max(applied_high.get(partition, -1), value[3])
+    for (partition, _), key in sorted(ids_records):
+        if partition in applied:
+            applied[partition].remember(key, table[key])
+    return applied_high, applied
