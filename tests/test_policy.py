@@ -126,3 +126,15 @@ def test_price_override_dates_are_local_midnight() -> None:
     )
     row = policy.price_table.overrides[0]
     assert row.effective_from.isoformat() == "2025-01-01T00:00:00+01:00"
+
+
+def test_parent_scopes_chain_project_team_division_org() -> None:
+    policy = parse_policy(
+        "org: acme\ndivisions:\n  growth: [marketing, sales]\nprojects:\n  launch: marketing\n", "<test>"
+    )
+    assert policy.parent_scopes == {
+        "team:marketing": "division:growth",
+        "team:sales": "division:growth",
+        "division:growth": "org:acme",
+        "project:launch": "team:marketing",
+    }

@@ -323,6 +323,15 @@ class Policy(_Model):
             out[f"project:{project}"] = (f"team:{team}", *out.get(f"team:{team}", org))
         return out
 
+    @cached_property
+    def parent_scopes(self) -> dict[str, str]:
+        """Each scope's direct parent (``team:x`` -> ``division:y`` -> ``org:z``), the Enforcer's hierarchy."""
+        parents: dict[str, str] = {}
+        for scope, chain in self.ancestors.items():
+            for child, parent in zip((scope, *chain), chain, strict=False):
+                parents.setdefault(child, parent)
+        return parents
+
     def feature(self, name: str) -> Feature:
         return self.features.get(name) or _NON_CRITICAL
 

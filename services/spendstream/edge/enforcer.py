@@ -19,14 +19,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
-from spendstream.core.events import Decision
+from spendstream.core.events import ATTRIBUTION_FIELDS, Decision
 from spendstream.core.topics import ENFORCEMENT
 from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
 
 log = logging.getLogger(__name__)
 
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
-DIMENSIONS = ("org", "division", "team", "project", "feature", "user", "customer", "environment", "model")
+DIMENSIONS = (*ATTRIBUTION_FIELDS, "model")
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 WILDCARD = "*"
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
+from spendstream.core.pricing import PriceTable
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.edge.metering import build_event
@@ -134,6 +135,8 @@ class Gateway:
         timezone: str = "UTC",
         cache: CacheConfig | None = None,
         clock: Callable[[], datetime] | None = None,
+        prices: PriceTable | None = None,
+        hierarchy: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         # None: real time. A clock (aware datetimes) stamps events and judges decision expiry instead, so the
@@ -147,7 +150,9 @@ class Gateway:
         self.emitter = emitter
         self._owns_enforcer = enforcer is None
         self._owns_emitter = emitter is None
-        self.prices = config.pricing.table()
+        # With a policy the gateway prices and resolves scopes exactly as the processor and the sink do.
+        self.prices = prices if prices is not None else config.pricing.table()
+        self.hierarchy = dict(hierarchy) if hierarchy is not None else config.hierarchy
         self.upstreams = Upstreams(config)
         self.session: aiohttp.ClientSession | None = None
         self.counts: Counter[str] = Counter()
@@ -185,7 +190,7 @@ class Gateway:
                 settings=self.settings,
                 fail_closed=self.config.fail_closed,
                 max_staleness_s=self.config.max_staleness_s,
-                hierarchy=self.config.hierarchy,
+                hierarchy=self.hierarchy,
                 clock=self.clock,
             ).start()
         if self.emitter is None:

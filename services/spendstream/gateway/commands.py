@@ -6,8 +6,7 @@ import argparse
 import json
 
 from spendstream.core.config import Settings
-
-ATTRIBUTION = ("org", "division", "team", "project", "feature", "user", "customer", "environment")
+from spendstream.core.events import ATTRIBUTION_FIELDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
     keygen = actions.add_parser("keygen", help="print a new virtual key and the keys-file entry for it")
     keygen.add_argument("--name", default="", help="a label for the key (shown in usage tags)")
-    for field in ATTRIBUTION:
+    for field in ATTRIBUTION_FIELDS:
         keygen.add_argument(f"--{field}", default="")
     keygen.add_argument("--allow-header-attribution", action="store_true", help="let X-Spendstream-* refine it")
     keygen.set_defaults(handler=run_keygen)
@@ -36,7 +35,13 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     if settings.policy:
         policy = load_policy(settings.policy)
         gateway = Gateway(
-            config, settings, routing=policy.routing, thresholds=policy.thresholds, timezone=policy.timezone
+            config,
+            settings,
+            routing=policy.routing,
+            thresholds=policy.thresholds,
+            timezone=policy.timezone,
+            prices=policy.price_table,
+            hierarchy=policy.parent_scopes,
         )
     else:
         gateway = Gateway(config, settings)
@@ -53,7 +58,7 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
     entry: dict[str, object] = {"sha256": hash_key(key)}
     if args.name:
         entry["name"] = args.name
-    entry.update({field: getattr(args, field) for field in ATTRIBUTION if getattr(args, field)})
+    entry.update({field: getattr(args, field) for field in ATTRIBUTION_FIELDS if getattr(args, field)})
     if args.allow_header_attribution:
         entry["allow_header_attribution"] = True
     print(f"key (give it to the client; it is not stored): {key}")

@@ -124,9 +124,14 @@ class GatewayConfig(_Model):
     max_staleness_s: float = Field(30.0, gt=0)
     anthropic_version: str = Field("2023-06-01", description="Sent when the client did not send one.")
     hierarchy: dict[str, str] = Field(
-        default_factory=dict, description="Scope -> parent scope, so a team is held to its division's decisions."
+        default_factory=dict,
+        description="Scope -> parent scope, so a team is held to its division's decisions "
+        "(with SPENDSTREAM_POLICY set, the policy's divisions and projects are used instead).",
     )
-    pricing: Pricing = Field(default_factory=Pricing, description="Price overrides on top of genai-prices.")
+    pricing: Pricing = Field(
+        default_factory=Pricing,
+        description="Price overrides on top of genai-prices (with SPENDSTREAM_POLICY set, the policy's are used).",
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache (opt-in per scope).")
 
     @model_validator(mode="after")

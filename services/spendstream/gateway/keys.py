@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spendstream.core.config import ConfigError
+from spendstream.core.events import ATTRIBUTION_FIELDS
 
 KEY_PREFIX = "sk-ss-"
 # Attribution headers a key may allow, and the attribution field each sets.
@@ -58,16 +59,7 @@ class VirtualKey(BaseModel):
     allow_header_attribution: bool = False
 
     def attribution(self) -> dict[str, str]:
-        return {
-            "org": self.org,
-            "division": self.division,
-            "team": self.team,
-            "project": self.project,
-            "feature": self.feature,
-            "user": self.user,
-            "customer": self.customer,
-            "environment": self.environment,
-        }
+        return {name: getattr(self, name) for name in ATTRIBUTION_FIELDS}
 
 
 class KeyStore:
