@@ -67,7 +67,7 @@ from spendstream.core.metrics import (
     PROCESSOR_DECISIONS,
 )
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
-from spendstream.core.pricing import UnknownModelError, price_usage
+from spendstream.core.pricing import UnknownModelError, price_record
 from spendstream.core.topics import ALERTS, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.decision_publisher import (
     build_alert,
@@ -395,16 +395,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             cost = record["cost_nanos"]
             if cost is None:
                 try:
-                    cost = price_usage(
-                        record["provider"],
-                        record["model_served"] or record["model_requested"],
-                        record["input_tokens"],
-                        record["output_tokens"],
-                        record["cached_input_tokens"],
-                        record["cache_write_tokens"],
-                        occurred,
-                        prices,
-                    ).cost_nanos
+                    cost = price_record(record, occurred, prices).cost_nanos  # as the ledger sink prices it
                 except UnknownModelError as exc:
                     to_dlq(message, f"unknown model, policy rejects it: {exc}", "unknown_model")
                     continue
