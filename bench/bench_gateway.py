@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,8 +31,14 @@ BODY = json.dumps(
 ).encode()
 
 
-async def load(url: str, requests: int, concurrency: int, body: bytes = BODY) -> tuple[list[float], float]:
-    """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds."""
+async def load(
+    url: str, requests: int, concurrency: int, body: bytes | Callable[[], bytes] = BODY
+) -> tuple[list[float], float]:
+    """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds.
+
+    ``body`` is the request body, or a function that makes a new one per request (e.g. cache misses).
+    """
+    make_body = body if callable(body) else lambda: body
     latencies: list[float] = []
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     remaining = requests
@@ -42,8 +49,9 @@ async def load(url: str, requests: int, concurrency: int, body: bytes = BODY) ->
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
+                data = make_body()
                 start = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as response:
+                async with session.post(url, data=data, headers=headers) as response:
                     await response.read()
                     if response.status != 200:
                         raise RuntimeError(f"{url} answered {response.status}")

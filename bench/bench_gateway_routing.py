@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import KEY, pct, wait_http
+from bench_gateway import KEY, load, pct, wait_http
 
 POLICY = """
 routing:
@@ -62,31 +61,6 @@ _serial = itertools.count()
 def fresh() -> bytes:
     """A prompt never sent before (a cache miss)."""
     return body(f"{PROMPT} #{next(_serial)}")
-
-
-async def load(url: str, requests: int, concurrency: int, make_body: Callable[[], bytes]) -> tuple[list[float], float]:
-    """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds."""
-    latencies: list[float] = []
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    remaining = requests
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                data = make_body()
-                start = time.perf_counter()
-                async with session.post(url, data=data, headers=headers) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"{url} answered {response.status}")
-                latencies.append((time.perf_counter() - start) * 1000)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return latencies, elapsed
 
 
 async def probe(url: str, data: bytes) -> dict[str, str]:
