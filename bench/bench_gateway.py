@@ -3,7 +3,8 @@
 The stub upstream, the gateway (``spendstream gateway``) and this load generator run as separate processes,
 with a real embedded broker receiving the usage events. Targets: p50 added latency < 0.5 ms at concurrency 1,
 >= 2,000 req/s through one gateway process.
-Run: .venv/bin/python bench/bench_gateway.py [--requests 3000]
+Direct and gateway calls alternate in blocks, so both see the same machine conditions.
+Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -63,6 +64,26 @@ async def load(
     return latencies, elapsed
 
 
+def interleaved(
+    targets: dict[str, str], requests: int, concurrency: int, rounds: int, body: bytes | Callable[[], bytes] = BODY
+) -> dict[str, tuple[list[float], float]]:
+    """Latencies and elapsed seconds per target, measured in ``rounds`` alternating blocks after a warm-up.
+
+    Alternating keeps a shared machine's drift (other processes, CPU frequency) out of the difference between
+    targets: each one sees the same conditions, block by block.
+    """
+    block = max(1, requests // rounds)
+    measured: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in targets}
+    for url in targets.values():
+        asyncio.run(load(url + "/v1/chat/completions", 300, concurrency, body))
+    for _ in range(rounds):
+        for name, url in targets.items():
+            latencies, elapsed = asyncio.run(load(url + "/v1/chat/completions", block, concurrency, body))
+            measured[name][0].extend(latencies)
+            measured[name] = (measured[name][0], measured[name][1] + elapsed)
+    return measured
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -87,7 +108,8 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000, help="requests per measured run")
+    parser.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating blocks the requests are split into")
     args = parser.parse_args()
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
@@ -116,14 +138,14 @@ def main() -> None:
         try:
             wait_http(stub_url + "/v1/models")
             wait_http(gateway_url + "/healthz")
-            print(f"{args.requests:,} chat.completions requests per run; latency in ms")
+            print(f"{args.requests:,} chat.completions requests per target, in {args.rounds} alternating blocks; ms")
             print(f"  {'target':8} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8}")
             results = {}
+            targets = {"direct": stub_url, "gateway": gateway_url}
             for concurrency in (1, 32):
-                for name, url in (("direct", stub_url), ("gateway", gateway_url)):
-                    asyncio.run(load(url + "/v1/chat/completions", 300, concurrency))  # warm-up
-                    latencies, elapsed = asyncio.run(load(url + "/v1/chat/completions", args.requests, concurrency))
-                    results[(name, concurrency)] = (pct(latencies, 0.5), pct(latencies, 0.99), args.requests / elapsed)
+                measured = interleaved(targets, args.requests, concurrency, args.rounds)
+                for name, (latencies, elapsed) in measured.items():
+                    results[(name, concurrency)] = (pct(latencies, 0.5), pct(latencies, 0.99), len(latencies) / elapsed)
                     p50, p99, rps = results[(name, concurrency)]
                     print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f}")
             for concurrency in (1, 32):

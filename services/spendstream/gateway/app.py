@@ -1,7 +1,7 @@
 """The gateway: an OpenAI/Anthropic-compatible proxy that attributes, enforces, forwards and meters.
 
 Per request: authenticate the virtual key, parse the body once, ask the Enforcer (memory only), forward
-through one shared keep-alive ClientSession, and emit exactly one UsageEvent, also for blocked and
+over a pooled keep-alive connection (``upstream_client``), and emit exactly one UsageEvent, also for blocked and
 failed requests. Prompt and completion text are neither logged nor put in events.
 """
 
@@ -58,6 +58,7 @@ from spendstream.gateway.routing import (
     routing_tags,
     with_requested_cost,
 )
+from spendstream.gateway.upstream_client import UpstreamResponse
 from spendstream.gateway.upstreams import Upstreams, UpstreamUnavailable
 from spendstream.gateway.usage_follower import UsageFollower
 
@@ -154,7 +155,6 @@ class Gateway:
         self.prices = prices if prices is not None else config.pricing.table()
         self.hierarchy = dict(hierarchy) if hierarchy is not None else config.hierarchy
         self.upstreams = Upstreams(config)
-        self.session: aiohttp.ClientSession | None = None
         self.counts: Counter[str] = Counter()
         # Cost-aware routing (the policy's routing section and default thresholds) and the opt-in response cache.
         self.routing = routing
@@ -195,15 +195,12 @@ class Gateway:
             ).start()
         if self.emitter is None:
             self.emitter = await asyncio.to_thread(Emitter, settings=self.settings)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         if self.routing is not None:
             self.follower = UsageFollower(self.settings, timezone=self.tz).start()
             self.provider_stats = self.follower.stats
 
     async def _cleanup(self, app: web.Application) -> None:
-        if self.session is not None:
-            await self.session.close()
+        self.upstreams.close()
         if self._owns_enforcer and self.enforcer is not None:
             await asyncio.to_thread(self.enforcer.stop)
         if self._owns_emitter and self.emitter is not None:
@@ -237,15 +234,15 @@ class Gateway:
     async def models(self, request: web.Request) -> web.StreamResponse:
         if self._authenticate(request) is None:
             return error_response(401, "invalid or missing API key", "invalid_api_key", "invalid_request_error")
-        assert self.session is not None
         try:
-            response, _ = await self.upstreams.send(
-                self.session, self.config.openai_provider, "GET", "/v1/models", None, {}
-            )
+            response, _ = await self.upstreams.send(self.config.openai_provider, "GET", "/v1/models", None, {})
+            async with response:
+                data = await response.read()
         except UpstreamUnavailable as exc:
             return error_response(502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error")
-        async with response:
-            data = await response.read()
+        except (TimeoutError, ConnectionError) as exc:
+            problem = f"upstream failed mid-response: {type(exc).__name__}"
+            return error_response(502, problem, "upstream_error", "api_error")
         return web.Response(body=data, status=response.status, content_type="application/json")
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
@@ -492,9 +489,8 @@ class Gateway:
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 injected = True
         payload = json.dumps(body, separators=(",", ":")).encode() if rewrite or injected else raw
-        assert self.session is not None
         try:
-            response, target = await self.upstreams.send(self.session, provider, "POST", request.path, payload, headers)
+            response, target = await self.upstreams.send(provider, "POST", request.path, payload, headers)
         except UpstreamUnavailable as exc:
             self.counts["upstream_unavailable"] += 1
             self._emit(attribution, provider, model, verdict.model, None, started, UsageStatus.error, verdict, tags)
@@ -523,21 +519,21 @@ class Gateway:
                 started,
                 cache_key_,
             )
-        raw_usage: dict[str, Any] = {}
-        served = verdict.model
         try:
             async with response:
                 data = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            self._emit(attribution, provider, model, served, None, started, UsageStatus.error, verdict, tags)
+        except (TimeoutError, ConnectionError) as exc:
+            self._emit(attribution, provider, model, verdict.model, None, started, UsageStatus.error, verdict, tags)
             return error_response(
                 502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
             )
+        raw_usage: dict[str, Any] = {}
+        served = verdict.model
         if status is UsageStatus.ok:
             raw_usage, served_by_upstream = usage_of_body(data)
             served = served_by_upstream or served
         self._emit(attribution, provider, model, served, raw_usage, started, status, verdict, tags)
-        content_type = response.headers.get("Content-Type", "application/json")
+        content_type = response.headers.get("content-type", "application/json")
         if cache_key_ is not None and response.status == 200:
             entry = make_entry(
                 content_type=content_type, provider=provider, model_served=served, raw_usage=raw_usage, body=data
@@ -549,7 +545,7 @@ class Gateway:
     async def _stream(
         self,
         request: web.Request,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         kind: str,
         injected: bool,
         out_headers: dict[str, str],
@@ -564,7 +560,7 @@ class Gateway:
         meter = StreamMeter(kind, drop_usage_chunk=injected)
         recorder = StreamRecorder(self.cache.max_entry_bytes) if cache_key_ is not None else None
         status = UsageStatus.ok
-        content_type = response.headers.get("Content-Type", "text/event-stream")
+        content_type = response.headers.get("content-type", "text/event-stream")
         out = web.StreamResponse(
             status=200,
             headers={
@@ -576,7 +572,7 @@ class Gateway:
         try:
             async with response:
                 await out.prepare(request)
-                async for chunk in response.content.iter_any():
+                async for chunk in response.iter_chunks():
                     data = meter.feed(chunk)
                     if data:
                         await out.write(data)

@@ -34,9 +34,10 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spendstream.core.config import ConfigError
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates
@@ -57,6 +58,17 @@ class UpstreamConfig(_Model):
     api_key_env: str | None = Field(None, description="Environment variable holding the provider API key.")
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0, description="Longest silence while waiting for bytes.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        # parts.port raises ValueError itself for a port that is not a number or out of range.
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"must be http(s)://host[:port][/path prefix], got {value!r}")
+        if parts.port == 0:
+            raise ValueError(f"must be http(s)://host[:port][/path prefix], got {value!r}")
+        return value
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None

@@ -85,7 +85,7 @@ def usage_of_body(body: bytes) -> tuple[dict[str, Any], str]:
     """(usage block, served model) of a non-streamed JSON response; empty when absent or not JSON."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return {}, ""
     if not isinstance(payload, dict):
         return {}, ""

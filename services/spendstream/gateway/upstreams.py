@@ -6,9 +6,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-import aiohttp
-
 from spendstream.gateway.config import GatewayConfig, UpstreamConfig
+from spendstream.gateway.upstream_client import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ class Target:
     kind: str
     base_url: str
     headers: dict[str, str]
-    timeout: aiohttp.ClientTimeout
+    pool: UpstreamPool
 
     @classmethod
     def build(cls, provider: str, kind: str, upstream: UpstreamConfig) -> Target:
@@ -31,10 +30,11 @@ class Target:
         headers: dict[str, str] = {}
         if key:
             headers = {"x-api-key": key} if kind == "anthropic" else {"Authorization": f"Bearer {key}"}
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.read_timeout_s
+        base_url = upstream.base_url.rstrip("/")
+        pool = UpstreamPool(
+            base_url, connect_timeout_s=upstream.connect_timeout_s, read_timeout_s=upstream.read_timeout_s
         )
-        return cls(provider, kind, upstream.base_url.rstrip("/"), headers, timeout)
+        return cls(provider, kind, base_url, headers, pool)
 
 
 class Upstreams:
@@ -49,14 +49,8 @@ class Upstreams:
         self.failovers = 0
 
     async def send(
-        self,
-        session: aiohttp.ClientSession,
-        provider: str,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: dict[str, str],
-    ) -> tuple[aiohttp.ClientResponse, Target]:
+        self, provider: str, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[UpstreamResponse, Target]:
         """The first answer below 500 (or the last upstream's answer); the caller releases the response."""
         targets = self.targets[provider]
         problems = []
@@ -65,14 +59,8 @@ class Upstreams:
             if i:
                 self.failovers += 1
             try:
-                response = await session.request(
-                    method,
-                    target.base_url + path,
-                    data=body,
-                    headers={**headers, **target.headers},
-                    timeout=target.timeout,
-                )
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                response = await target.pool.request(method, path, body, {**headers, **target.headers})
+            except (TimeoutError, OSError) as exc:
                 self.failures[target.base_url] += 1
                 problems.append(f"{target.base_url}: {type(exc).__name__}: {exc}".rstrip(": "))
                 log.warning("upstream %s failed: %s", target.base_url, type(exc).__name__)
@@ -85,3 +73,8 @@ class Upstreams:
             log.warning("upstream %s answered %d; trying the next", target.base_url, response.status)
             response.release()
         raise UpstreamUnavailable("; ".join(problems) or f"no upstream for {provider}")
+
+    def close(self) -> None:
+        for targets in self.targets.values():
+            for target in targets:
+                target.pool.close()

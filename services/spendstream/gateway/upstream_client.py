@@ -1,0 +1,512 @@
+"""A lean HTTP/1.1 client for the gateway's upstream calls: keep-alive pools over asyncio protocols.
+
+Why not a general-purpose client: the gateway forwards one request shape (a method, a path, a few headers,
+a body already in memory) to a handful of fixed upstreams, and each general-purpose layer (URL objects,
+cookie jars, tracing hooks, per-request timeout contexts, stream readers) costs as much CPU as the
+gateway's own work. Here a request is one ``transport.write`` on a pooled connection and a response is
+parsed by ``ResponseParser``, a pure state machine (head, then a Content-Length, chunked or
+read-until-close body) that is tested on its own.
+
+Semantics the gateway relies on:
+
+* ``Accept-Encoding: identity`` is always sent: the gateway reads usage from the body, so it must see it
+  uncompressed, and it forwards the body as it came.
+* ``read_timeout_s`` is the longest silence while waiting for bytes (the head, or the next body bytes),
+  like a socket read timeout; a streamed response may take as long as it likes in total.
+* A connection goes back to its pool only after its response was read to the end and neither side asked
+  to close; anything else (an error, a response abandoned half-way) closes it.
+* Idle connections are dropped after ``KEEPALIVE_S`` or as soon as the upstream closes them. A request
+  whose reused connection turns out to be closed before any response byte arrived is sent once more on a
+  new connection (the upstream closed it while idle, so it never saw the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from urllib.parse import urlsplit
+
+KEEPALIVE_S = 15.0  # below the idle timeout of common upstream servers, so they rarely close one under us
+MAX_IDLE_PER_UPSTREAM = 64
+MAX_HEAD_BYTES = 64 * 1024
+PAUSE_ABOVE_BYTES = 1 << 20  # a slow downstream reader pauses the upstream socket past this much buffered body
+USER_AGENT = "spendstream-gateway"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class UpstreamProtocolError(ConnectionError):
+    """The upstream's answer is not HTTP/1.x we can frame (bad head, bad chunk, cut short)."""
+
+
+class UpstreamDisconnected(ConnectionError):
+    """The upstream closed the connection before the response was complete."""
+
+
+class ResponseParser:
+    """Incremental HTTP/1.x response framing: feed bytes, get body pieces; pure (no I/O).
+
+    After the head: ``status``, ``headers`` (lower-case names; repeated headers joined with ``", "``) and
+    ``keep_alive``. ``complete`` turns True once the body ended (for a read-until-close body: at EOF).
+    """
+
+    __slots__ = (
+        "_buf",
+        "_chunked_state",
+        "_remaining",
+        "_until_close",
+        "complete",
+        "headers",
+        "keep_alive",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.status = 0  # 0 until the head is parsed
+        self.headers: dict[str, str] = {}
+        self.keep_alive = True
+        self.complete = False
+        self._remaining = 0  # bytes of a Content-Length body, or of the current chunk, still to come
+        self._chunked_state = ""  # "", "size", "data", "data-crlf", "trailer"
+        self._until_close = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Body bytes contained in ``data``; raises ``UpstreamProtocolError`` on malformed input."""
+        if self.complete:
+            if data:
+                raise UpstreamProtocolError("bytes after the end of the response")
+            return []
+        if not self.status:
+            data = self._buf + data
+            self._buf = b""
+            data = self._parse_head(data)
+            if not self.status:
+                return []
+        if self._until_close:
+            return [data] if data else []
+        if self._chunked_state:
+            return self._feed_chunked(data)
+        if len(data) < self._remaining:
+            self._remaining -= len(data)
+            return [data] if data else []
+        if len(data) > self._remaining:
+            raise UpstreamProtocolError("more body bytes than Content-Length announced")
+        self._remaining = 0
+        self.complete = True
+        return [data] if data else []
+
+    def feed_eof(self) -> None:
+        """The upstream closed its side: the end of a read-until-close body, or a response cut short."""
+        if self.complete:
+            return
+        if self._until_close:
+            self.complete = True
+            self.keep_alive = False
+            return
+        raise UpstreamDisconnected("the upstream closed the connection before the response was complete")
+
+    def _parse_head(self, data: bytes) -> bytes:
+        """Consume one or more heads (1xx interim responses are skipped); return what follows the final one."""
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD_BYTES:
+                    raise UpstreamProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
+                self._buf = data
+                return b""
+            lines = data[:end].decode("latin-1").split("\r\n")
+            data = data[end + 4 :]
+            status_line = lines[0]
+            version, _, rest = status_line.partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+                raise UpstreamProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+            status = int(code)
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name[-1] in " \t":
+                    raise UpstreamProtocolError(f"malformed header line: {line[:80]!r}")
+                name = name.lower()
+                value = value.strip(" \t")
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            if 100 <= status < 200:
+                continue  # interim (100 Continue, 103 Early Hints): the real response follows
+            self.status = status
+            self.headers = headers
+            self._frame(version, headers)
+            return data
+
+    def _frame(self, version: str, headers: Mapping[str, str]) -> None:
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+        if self.status in _NO_BODY_STATUSES:
+            self.complete = True
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self._chunked_state = "size"
+        elif "content-length" in headers:
+            length = headers["content-length"]
+            if not length.isdigit():
+                raise UpstreamProtocolError(f"bad Content-Length: {length[:40]!r}")
+            self._remaining = int(length)
+            self.complete = self._remaining == 0
+        else:
+            self._until_close = True
+            self.keep_alive = False
+
+    def _feed_chunked(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        data = self._buf + data if self._buf else data
+        self._buf = b""
+        pos = 0
+        size = len(data)
+        while pos < size:
+            state = self._chunked_state
+            if state == "data":
+                take = min(self._remaining, size - pos)
+                out.append(data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._chunked_state = "data-crlf"
+                continue
+            end = data.find(b"\r\n", pos)
+            if end < 0:
+                if size - pos > MAX_HEAD_BYTES:
+                    raise UpstreamProtocolError("chunk header or trailer line too long")
+                self._buf = data[pos:]
+                break
+            line = data[pos:end]
+            pos = end + 2
+            if state == "data-crlf":
+                if line:
+                    raise UpstreamProtocolError("chunk data longer than its size")
+                self._chunked_state = "size"
+            elif state == "size":
+                digits = line.split(b";", 1)[0].strip()
+                try:
+                    self._remaining = int(digits, 16)
+                except ValueError:
+                    raise UpstreamProtocolError(f"bad chunk size: {digits[:20]!r}") from None
+                if self._remaining < 0 or digits[:1] in (b"-", b"+"):
+                    raise UpstreamProtocolError(f"bad chunk size: {digits[:20]!r}")
+                self._chunked_state = "data" if self._remaining else "trailer"
+            elif not line:  # state == "trailer": an empty line ends the trailers and the response
+                self.complete = True
+                if pos < size:
+                    raise UpstreamProtocolError("bytes after the end of the response")
+                break
+        return out
+
+
+class UpstreamResponse:
+    """One response: ``status`` and ``headers`` are set; read the body with ``read()`` or ``iter_chunks()``.
+
+    Use it as an async context manager (or call ``release()``): that returns the connection to the pool
+    when the body was read to the end, and closes it otherwise.
+    """
+
+    def __init__(self, connection: _Connection, parser: ResponseParser) -> None:
+        self._connection = connection
+        self._parser = parser
+        self.status = parser.status
+        self.headers = parser.headers
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        pieces = []
+        next_piece = self._connection.next_body_piece
+        while (piece := await next_piece()) is not None:
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (at least one byte per item)."""
+        connection = self._connection
+        while True:
+            piece = await connection.next_body_piece()
+            if piece is None:
+                return
+            yield piece
+
+    def release(self) -> None:
+        self._connection.finish()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; serves one request at a time."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser: ResponseParser | None = None
+        self._body: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._received_any = False
+        self._last_data_at = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # bytes on an idle connection: it is out of step, never reuse it
+            self._close()
+            return
+        self._received_any = True
+        self._last_data_at = self._loop.time()
+        try:
+            pieces = parser.feed(data)
+        except UpstreamProtocolError as exc:
+            self._fail(exc)
+            return
+        if pieces:
+            self._body.extend(pieces)
+            self._buffered += sum(map(len, pieces))
+            if self._buffered > PAUSE_ABOVE_BYTES and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+        if parser.status:  # the head is in: whoever waits has something to look at
+            self._wake()
+
+    def eof_received(self) -> bool:
+        parser = self._parser
+        if parser is not None:
+            try:
+                parser.feed_eof()
+            except UpstreamDisconnected as exc:
+                self._fail(exc)
+            self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if self._parser is not None and not self._parser.complete:
+            self._fail(exc or UpstreamDisconnected("the upstream closed the connection"))
+
+    # -- request/response ------------------------------------------------------------------------
+    async def exchange(self, message: bytes, read_timeout: float) -> ResponseParser:
+        """Send one request; return the parser once the head is in (the body follows via next_body_piece)."""
+        assert self.transport is not None
+        parser = self._parser = ResponseParser()
+        self._error = None
+        self._received_any = False
+        self._last_data_at = self._loop.time()
+        self._arm_watchdog(read_timeout)
+        self.transport.write(message)
+        while not parser.status:
+            await self._wait()
+        return parser
+
+    async def next_body_piece(self) -> bytes | None:
+        """The next body bytes, or None at the end of the body."""
+        while True:
+            if self._body:
+                piece = self._body.popleft()
+                self._buffered -= len(piece)
+                if self._paused and self._buffered <= PAUSE_ABOVE_BYTES // 2 and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return piece
+            parser = self._parser
+            if parser is None or parser.complete:
+                return None
+            await self._wait()
+
+    def finish(self) -> None:
+        """Back to the pool if the response was read to the end and may be kept; closed otherwise."""
+        parser = self._parser
+        self._cancel_watchdog()
+        reusable = parser is not None and parser.complete and parser.keep_alive and not self._body
+        self._parser = None
+        self._body.clear()
+        self._buffered = 0
+        if reusable and not self.closed and self._error is None:
+            self.idle_since = self._loop.time()
+            self._pool.put_idle(self)
+        else:
+            self._close()
+
+    @property
+    def untouched(self) -> bool:
+        """Nothing of the response arrived: a reused connection the upstream had closed while it was idle."""
+        return not self._received_any
+
+    # -- internals -------------------------------------------------------------------------------
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+        self._close()
+
+    def _close(self) -> None:
+        self._cancel_watchdog()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm_watchdog(self, timeout: float) -> None:
+        """A silence longer than ``timeout`` fails the response (one timer per request, re-armed lazily)."""
+
+        def check() -> None:
+            parser = self._parser
+            if parser is None or parser.complete:
+                self._watchdog = None
+                return
+            due = self._last_data_at + timeout
+            if self._loop.time() >= due:
+                self._watchdog = None
+                self._fail(TimeoutError(f"no bytes from the upstream for {timeout:g} s"))
+            else:
+                self._watchdog = self._loop.call_at(due, check)
+
+        self._cancel_watchdog()
+        self._watchdog = self._loop.call_at(self._last_data_at + timeout, check)
+
+    def _cancel_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream base URL (``http`` or ``https``, optionally with a path prefix)."""
+
+    def __init__(self, base_url: str, *, connect_timeout_s: float, read_timeout_s: float) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream base URL must be http(s)://host[:port][/path], got {base_url!r}")
+        self.base_url = base_url
+        self.host = parts.hostname
+        tls = parts.scheme == "https"
+        self.port = parts.port or (443 if tls else 80)
+        default_port = self.port == (443 if tls else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.prefix = parts.path.rstrip("/")
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def request(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> UpstreamResponse:
+        """Send a request and return once the response head is in; raises ``TimeoutError`` or ``ConnectionError``."""
+        message = self._message(method, path, body, headers)
+        connection = self._take_idle()
+        if connection is not None:
+            try:
+                return UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+            except BaseException as exc:
+                connection.finish()
+                if not (isinstance(exc, ConnectionError) and connection.untouched):
+                    raise
+        connection = await self._connect()
+        try:
+            return UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+        except BaseException:
+            connection.finish()
+            raise
+
+    def _message(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
+        fields = [f"{name}: {value}" for name, value in headers.items()]
+        supplied = "".join(fields) + path
+        if "\r" in supplied or "\n" in supplied:
+            raise ValueError("a header or the path contains a line break")
+        lines = [
+            f"{method} {self.prefix}{path} HTTP/1.1",
+            f"Host: {self.host_header}",
+            f"User-Agent: {USER_AGENT}",
+            "Accept-Encoding: identity",
+            *fields,
+        ]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        message = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        return message + body if body else message
+
+    def _take_idle(self) -> _Connection | None:
+        now = self.loop.time()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < KEEPALIVE_S:
+                return connection
+            connection.finish()  # closes it: stale or already closed
+        return None
+
+    async def _connect(self) -> _Connection:
+        try:
+            _, connection = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                ),
+                self.connect_timeout_s,
+            )
+        except TimeoutError as exc:
+            took = f"connecting to {self.host}:{self.port} took longer than {self.connect_timeout_s:g} s"
+            raise TimeoutError(took) from exc
+        self._open.add(connection)
+        return connection
+
+    def put_idle(self, connection: _Connection) -> None:
+        if len(self._idle) >= MAX_IDLE_PER_UPSTREAM:
+            connection.finish()
+            return
+        self._idle.append(connection)
+
+    def forget(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+
+    def close(self) -> None:
+        """Close every connection (idle ones and those still serving a response)."""
+        self._idle.clear()
+        for connection in list(self._open):
+            connection.finish()
+        self._open.clear()
