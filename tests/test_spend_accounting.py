@@ -22,6 +22,7 @@ from spendstream.processor.spend_accounting import (
     TRACKED_PERIODS,
     AppliedIds,
     Partial,
+    Retention,
     WindowCalendar,
     fold_batch,
     fold_distinct,
@@ -110,6 +111,7 @@ SCOPES = ["org:o", "team:a", "team:b", "user:u|x", "feature:f"]
 BERLIN = WindowCalendar("Europe/Berlin")
 JAN_2025 = 1_735_689_600
 HOUR_MS = 3_600_000
+ALL_LIVE = Retention("Europe/Berlin", 86_400, 7)  # with watermark 0 (1970) every window is live
 
 
 def distinct_totals(events: list[tuple[bytes, int, int, list[str], int]]) -> dict[str, tuple[int, int, int]]:
@@ -184,7 +186,7 @@ def test_copies_crashes_and_replays_in_any_interleaving_count_each_event_id_once
             (position + i, cost, tokens, scopes, at, event_id)
             for i, (event_id, cost, tokens, scopes, at) in enumerate(stream[position : position + batch])
         ]
-        out = fold_distinct(items, 4, position * 10, high.get(4, -1), applied[4], table.get, BERLIN)
+        out = fold_distinct(items, 4, position * 10, high.get(4, -1), applied[4], table.get, BERLIN, ALL_LIVE, 0)
         if out.touched:
             high[4] = max(high.get(4, -1), items[-1][0])
         writes: list[tuple[str, object]] = [(key, list(out.touched[key])) for key in sorted(out.changed)]
@@ -214,7 +216,7 @@ def test_fresh_batch_above_every_stored_offset_still_skips_copies_of_earlier_eve
     table: dict[str, list[int]] = {}
     applied = AppliedIds(HOUR_MS)
     first = [(0, 100, 1, ["team:a"], JAN_2025, b"a" * 16), (1, 200, 2, ["team:a"], JAN_2025, b"b" * 16)]
-    out = fold_distinct(first, 0, 1_000, -1, applied, table.get, BERLIN)
+    out = fold_distinct(first, 0, 1_000, -1, applied, table.get, BERLIN, ALL_LIVE, 0)
     table.update({key: list(out.touched[key]) for key in out.changed})
     # offsets 2.. start above every stored offset (the fresh path): a copy of "a" and two copies of "c"
     later = [
@@ -222,7 +224,7 @@ def test_fresh_batch_above_every_stored_offset_still_skips_copies_of_earlier_eve
         (3, 7, 1, ["team:a"], JAN_2025, b"c" * 16),
         (4, 7, 1, ["team:a"], JAN_2025, b"c" * 16),
     ]
-    out = fold_distinct(later, 0, 2_000, 1, applied, table.get, BERLIN)
+    out = fold_distinct(later, 0, 2_000, 1, applied, table.get, BERLIN, ALL_LIVE, 0)
     table.update({key: list(out.touched[key]) for key in out.changed})
     month = BERLIN.window_keys(["team:a"], JAN_2025)[2]
     assert totals_from_partials(table)[month] == (307, 3, 4)
@@ -235,7 +237,7 @@ def test_a_copy_within_the_horizon_is_skipped_and_one_after_it_counts_again() ->
 
     def send(offset: int, event_id: bytes, arrival_ms: int) -> list[str]:
         item = [(offset, 5, 1, ["team:a"], JAN_2025, event_id)]
-        out = fold_distinct(item, 2, arrival_ms, offset - 1, applied, table.get, BERLIN)
+        out = fold_distinct(item, 2, arrival_ms, offset - 1, applied, table.get, BERLIN, ALL_LIVE, 0)
         table.update({key: list(out.touched[key]) for key in out.changed})
         table.update(out.ids_records)
         for key in out.expired:
@@ -257,7 +259,7 @@ def test_a_copy_within_the_horizon_is_skipped_and_one_after_it_counts_again() ->
 def test_ids_records_round_trip_are_split_and_ignored_by_window_totals() -> None:
     entries = [(i.to_bytes(16, "big"), 1_000 + i) for i in range(IDS_PER_RECORD + 3)]
     items = [(offset, 1, 1, ["org:o"], JAN_2025, event_id) for event_id, offset in entries]
-    out = fold_distinct(items, 5, 123, -1, AppliedIds(HOUR_MS), {}.get, BERLIN)
+    out = fold_distinct(items, 5, 123, -1, AppliedIds(HOUR_MS), {}.get, BERLIN, ALL_LIVE, 0)
     assert [key for key, _ in out.ids_records] == [ids_key(5, 1_000), ids_key(5, 1_000 + IDS_PER_RECORD)]
     assert [entry for _, value in out.ids_records for entry in unpack_ids(value)[1]] == entries
     assert all(unpack_ids(value)[0] == 123 for _, value in out.ids_records)

@@ -22,6 +22,11 @@ their changelogs, standbys) and does not read the usage topic at all.
 * Stage 2 (faust agent on the internal topic, one actor per partition): merge totals into the ``windows`` table,
   then evaluate each touched scope (``decision_publisher``) and publish Decisions to ``spendstream.enforcement``
   when a scope's action changes and Alerts to ``spendstream.alerts`` once per crossing.
+* Retention: closed windows are deleted with tombstones once nothing reads them any more and no allowed late
+  event can land in them (``window_expiry``: hours 48 h + the lateness after their end, days the daily spike
+  history + the lateness, other periods one period + the lateness), judged by a watermark of Kafka timestamps
+  (``Watermark``): stage 1 prunes its partials per source partition, stage 2 its windows per internal
+  partition, each at most once per watermark hour, and both skip updates of windows already expired.
 * Policy: every worker follows ``spendstream.policy`` with its own group-less consumer thread (a consumer group
   would give the single partition to one worker only). A valid record replaces the policy at once; an
   invalid one is rejected with a ``policy`` alert and the last good policy stays. After a change the thread
@@ -80,10 +85,15 @@ from spendstream.processor.decision_publisher import (
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
     AppliedIds,
+    Retention,
+    Watermark,
     WindowCalendar,
+    clock_key,
     fold_distinct,
+    is_clock_key,
     lateness_problem,
     merge_partial,
+    restore_clock,
     restore_stage1,
     split_partial_key,
     split_window_key,
@@ -113,19 +123,29 @@ class ProcessorConfig:
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
 
 
-class PolicyHolder:
-    """The policy in force, swapped atomically by the policy thread and read by both stages."""
+def history_days(policy: Policy) -> int:
+    """Local days of history the policy's daily spike rules read before the current day."""
+    return max((rule.window_days for rule in policy.spike_rules if rule.kind == "daily"), default=0)
 
-    def __init__(self, policy: Policy) -> None:
+
+class PolicyHolder:
+    """The policy in force, swapped atomically by the policy thread and read by both stages, with the window
+    calendar and retention that follow from it (timezone, daily spike history)."""
+
+    def __init__(self, policy: Policy, allowed_lateness: timedelta) -> None:
         self.policy = policy
         self.name = policy.name
         self.calendar = WindowCalendar(policy.tz)
+        self.lateness_s = int(allowed_lateness.total_seconds())
+        self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
 
     def adopt(self, policy: Policy) -> bool:
         if policy.version == self.policy.version:
             return False
         if policy.timezone != self.policy.timezone:
             self.calendar = WindowCalendar(policy.tz)
+        if policy.timezone != self.policy.timezone or history_days(policy) != self.retention.history_days:
+            self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
         self.policy = policy
         return True
 
@@ -311,6 +331,13 @@ class UsageReader:
         os._exit(70)
 
 
+def _keys(table: faust.Table) -> list[str]:
+    """A snapshot of a table's keys, safe from the stage-1 thread while the event loop applies standby records:
+    ``list`` of the memory store's plain dict runs in C under the GIL (its ``keys()`` view would iterate in
+    Python and could see the dict change size)."""
+    return list(table.data.data)
+
+
 def stage2_partition(scope: str, partitions: int) -> int:
     """Stable scope -> internal partition, so every window of a scope is evaluated by one stage-2 owner."""
     return zlib.crc32(scope.encode()) % partitions
@@ -326,7 +353,7 @@ def _at(epoch_s: float) -> datetime:
 
 def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     _prompt_fetches()
-    holder = PolicyHolder(config.policy)
+    holder = PolicyHolder(config.policy, config.allowed_lateness)
     usage_codec = AvroCodec("usage_event")
     decision_codec = AvroCodec("decision")
     alert_codec = AvroCodec("alert")
@@ -369,6 +396,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     applied_high: dict[int, int] = {}  # source partition -> highest offset in any stored partial of it
     applied_ids: dict[int, AppliedIds] = {}  # source partition -> event ids applied within the dedup horizon
     horizon_ms = int(config.dedup_horizon.total_seconds() * 1000)
+    skew_ms = int(config.max_future_skew.total_seconds() * 1000)
+    clock1: dict[int, Watermark] = {}  # source partition -> its retention clock
+    clock2: dict[int, Watermark] = {}  # internal partition -> its retention clock (its sources' newest)
 
     def stage1(partition: int, messages: list[Message]) -> None:
         policy = holder.policy
@@ -377,7 +407,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         decode = usage_codec.decode
         skew, lateness = config.max_future_skew, config.allowed_lateness
         items: list[tuple[int, int, int, list[str], int, bytes]] = []
-        newest_ms = 0
+        newest_ms = watermark_ms = 0
         for message in messages:
             try:
                 record = decode(message.value())
@@ -404,12 +434,25 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                     continue
             tokens = record["input_tokens"] + record["output_tokens"]
             scopes = scopes_for(record, policy)
+            watermark_ms = max(watermark_ms, stamp_ms if kind else int(arrived.timestamp() * 1000))
             items.append((message.offset(), cost, tokens, scopes, int(occurred.timestamp()), record["event_id"].bytes))
         if not items:
             return
+        clock = clock1.setdefault(partition, Watermark())
+        # a producer's clock far ahead must not expire every window: the watermark stops at now + the skew
+        watermark_ms = clock.after(min(watermark_ms, int(time.time() * 1000) + skew_ms))
         applied = applied_ids.setdefault(partition, AppliedIds(horizon_ms))
+        retention = holder.retention
         batch = fold_distinct(
-            items, partition, newest_ms, applied_high.get(partition, -1), applied, partials.data.get, calendar
+            items,
+            partition,
+            newest_ms,
+            applied_high.get(partition, -1),
+            applied,
+            partials.data.get,
+            calendar,
+            retention,
+            watermark_ms // 1000,
         )
         touched = batch.touched
         if touched:
@@ -422,7 +465,13 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             out1.put(partials, partition, key, value)
         for key in batch.expired:
             out1.delete(partials, partition, key)
-        # one internal message per stage-2 partition: {"p": source partition, "at": newest event, "s": scopes}
+        if clock.scan_due():
+            for key in retention.expired_partials(_keys(partials), partition, clock.durable_ms // 1000):
+                out1.delete(partials, partition, key)
+        if (record := clock.persist(watermark_ms)) is not None:
+            out1.put(partials, partition, clock_key(partition), record)
+        # one internal message per stage-2 partition:
+        # {"p": source partition, "at": newest event, "w": the partition's watermark (ms), "s": scopes}
         by_target: dict[int, dict[str, list[list[Any]]]] = {}
         for pkey, value in touched.items():
             wkey, _ = split_partial_key(pkey)
@@ -431,7 +480,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             target.setdefault(scope, []).append([wkey, *value])
         newest = max(item[4] for item in items)
         for target, scopes in by_target.items():
-            body = json.dumps({"p": partition, "at": newest, "s": scopes}).encode()
+            body = json.dumps({"p": partition, "at": newest, "w": watermark_ms, "s": scopes}).encode()
             out1.send(PARTIALS_TOPIC, None, body, partition=target)
 
     # Changelog partitions this worker writes, whose restore is complete. faust's recovery keeps applying records
@@ -480,6 +529,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     for stage2_table in (windows, scope_states):
         stage2_table.on_recover(functools.partial(complete_restore, stage2_table))
 
+    @windows.on_recover
+    async def forget_stage2_clocks() -> None:
+        """Partitions may have moved: each clock is read again from the restored table on its next batch."""
+        clock2.clear()
+
     reader = UsageReader(
         kafka_conf, usage_group(config.app_id), config.batch_size, config.batch_within_s, stage1, out1.flush_now
     )
@@ -495,6 +549,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         applied_high.update(high)
         applied_ids.clear()
         applied_ids.update(ids)
+        clock1.clear()
+        clock1.update({partition: Watermark(restore_clock(partials.data, partition)) for partition in mine})
         if mine:
             reader.start(mine)
 
@@ -513,6 +569,12 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         dirty_windows: dict[str, dict[str, list[int]]] = {}
         states: dict[str, dict[str, Any]] = {}
         reevaluate = False
+        retention = holder.retention
+        clock = clock2.get(partition)
+        if clock is None:
+            clock = clock2[partition] = Watermark(restore_clock(windows.data, partition))
+        watermark_ms = clock.after(max(event.value.get("w", 0) for event in events))
+        watermark_s = watermark_ms // 1000
         for event in events:
             value = event.value
             if "reevaluate" in value:
@@ -525,12 +587,14 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                     state["latest"] = dict(state["latest"])
                 latest = state["latest"]
                 for wkey, *partial in entries:
+                    _, period, start = split_window_key(wkey)
+                    if not retention.live(period, start, watermark_s):
+                        continue  # a source partition behind this one's watermark: never recreate a deleted window
                     parts = dirty_windows.get(wkey)
                     if parts is None:
                         parts = dict(windows.data.get(wkey) or {})
                     if merge_partial(parts, value["p"], partial) or wkey in dirty_windows:
                         dirty_windows[wkey] = parts
-                    _, period, start = split_window_key(wkey)
                     if start > latest.get(period, -1):
                         latest[period] = start
                 state["seen"] = max(state["seen"], value["at"])
@@ -542,6 +606,20 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                     states[scope] = dict(state)
         for scope, state in states.items():
             evaluate(scope, state, partition)
+        if clock.scan_due():
+            prune_windows(partition, clock.durable_ms // 1000, retention)
+        if (record := clock.persist(watermark_ms)) is not None:
+            out.put(windows, partition, clock_key(partition), record)
+
+    def prune_windows(partition: int, watermark_s: int, retention: Retention) -> None:
+        """Tombstone this internal partition's expired windows (a scope's windows live in its ``stage2_partition``)."""
+        mine = [
+            k
+            for k in _keys(windows)
+            if not is_clock_key(k) and stage2_partition(split_window_key(k)[0], n) == partition
+        ]
+        for wkey in retention.expired_windows(mine, watermark_s):
+            out.delete(windows, partition, wkey)
 
     def totals(wkey: str) -> tuple[int, int, int]:
         return window_total(windows.data.get(wkey) or {})
@@ -658,7 +736,7 @@ def read_window_totals(kafka_conf: dict[str, Any], app_id: str = DEFAULT_APP_ID,
 def read_scope_totals(kafka_conf: dict[str, Any], app_id: str = DEFAULT_APP_ID, timeout: float = 15.0) -> dict:
     """The same totals as stage 2 holds them (its ``windows`` changelog): what decisions were based on."""
     latest = _read_changelog(kafka_conf, f"{app_id}-windows-changelog", timeout)
-    return {split_window_key(k): window_total(v) for k, v in latest.items()}
+    return {split_window_key(k): window_total(v) for k, v in latest.items() if not is_clock_key(k)}
 
 
 def _read_changelog(kafka_conf: dict[str, Any], topic: str, timeout: float) -> dict[str, Any]:

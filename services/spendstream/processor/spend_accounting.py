@@ -28,6 +28,11 @@ more than the horizon after its original is counted twice in the windows (the le
 Window keys are strings (``scope|period|start_epoch_s``) because they are faust table keys and Kafka keys.
 Periods tracked for every scope: ``day``, ``week``, ``month``, ``quarter`` (local calendar windows of the
 policy timezone) and ``hour`` (UTC hour buckets: the rolling 24 h budget and the hourly spike baseline).
+
+Retention (``window_expiry``, ``Retention``). A window is kept until a partition's watermark (its newest Kafka
+timestamp applied: the clock the lateness check uses, so replays prune exactly like the first pass) passes the
+window's end + the allowed lateness + what is still read about it afterwards; then it is deleted with a
+tombstone, and events that would still land in it skip it (see ``Retention``).
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, NamedTuple
 
-from spendstream.processor.periods import period_window
+from spendstream.processor.periods import period_window, zone
 
 CALENDAR_PERIODS = ("day", "week", "month", "quarter")
 HOUR = "hour"
 TRACKED_PERIODS = (*CALENDAR_PERIODS, HOUR)
 _QUARTER_HOUR_S = 900  # every UTC offset in use is a multiple of 15 minutes
+EWMA_LOOKBACK_HOURS = 48  # completed hours before the current one that the hourly spike baseline folds
 
 
 class Partial(NamedTuple):
@@ -220,7 +226,7 @@ def totals_from_partials(latest: Mapping[str, Sequence[int]]) -> dict[str, tuple
     """Window totals from the newest value of every stage-1 partial (e.g. read back from its changelog)."""
     totals: dict[str, list[int]] = {}
     for pkey, value in latest.items():
-        if is_ids_key(pkey):
+        if is_ids_key(pkey) or is_clock_key(pkey):
             continue
         wkey, _ = split_partial_key(pkey)
         acc = totals.setdefault(wkey, [0, 0, 0])
@@ -233,6 +239,24 @@ def totals_from_partials(latest: Mapping[str, Sequence[int]]) -> dict[str, tuple
 IDS_PREFIX = "ids#"
 IDS_PER_RECORD = 16_384  # 24 bytes each, base64: ~0.5 MB per changelog record, under Kafka's default 1 MB
 _ID_ENTRY = struct.Struct(">16sq")  # event_id (16 bytes), source offset
+
+
+CLOCK_PREFIX = "clock#"
+
+
+def clock_key(partition: int) -> str:
+    """Table key of a partition's watermark record (``[epoch ms]``), in the table that partition writes."""
+    return f"{CLOCK_PREFIX}{partition}"
+
+
+def is_clock_key(key: str) -> bool:
+    return key.startswith(CLOCK_PREFIX)
+
+
+def restore_clock(table: Mapping[str, Any], partition: int) -> int:
+    """The watermark (epoch ms) a partition persisted last, 0 if none."""
+    value = table.get(clock_key(partition))
+    return int(value[0]) if value else 0
 
 
 def ids_key(partition: int, first_offset: int) -> str:
@@ -331,26 +355,31 @@ def fold_distinct(
     applied: AppliedIds,
     current: Callable[[str], Sequence[int] | None],
     calendar: WindowCalendar,
+    retention: Retention,
+    watermark_s: int,
 ) -> Stage1Batch:
     """Stage 1's fold of a batch of one source partition, counting each event_id once.
 
     Items are ``(offset, cost_nanos, tokens, scopes, occurred_epoch_s, event_id)`` in offset order;
     ``applied_high`` is the highest offset in any stored partial of the partition. Copies of ids applied at
     another offset are dropped first; the rest folds with ``fold_fresh`` when it starts above every stored
-    offset (nothing to skip), else event by event with ``fold_batch``.
+    offset (nothing to skip), else event by event with ``fold_batch``. Windows expired at the partition's
+    watermark after the batch (``watermark_s``) are skipped: they were, or are about to be, deleted.
     """
     admitted = applied.admit((item[5], item[0]) for item in items)
     kept = [item for item, keep in zip(items, admitted, strict=True) if keep]
     applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
+    starts = retention.live_starts(calendar.starts, watermark_s)
     touched: dict[str, Partial] = {}
     changed: Iterable[str] = ()
     if kept and kept[0][0] > applied_high:
         fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at, _ in kept]
-        touched = fold_fresh(fresh, partition, current, calendar.starts)
+        touched = fold_fresh(fresh, partition, current, starts)
         changed = touched
     elif kept:
         replay = [
-            (offset, cost, tokens, calendar.window_keys(scopes, at)) for offset, cost, tokens, scopes, at, _ in kept
+            (offset, cost, tokens, [f"{scope}|{period}|{start}" for scope in scopes for period, start in starts(at)])
+            for offset, cost, tokens, scopes, at, _ in kept
         ]
         touched, changed = fold_batch(replay, partition, current)
     records: list[tuple[str, list[Any]]] = []
@@ -374,9 +403,131 @@ def restore_stage1(
         if is_ids_key(key):
             ids_records.append((split_ids_key(key), key))
             continue
+        if is_clock_key(key):
+            continue
         partition = split_partial_key(key)[1]
         applied_high[partition] = max(applied_high.get(partition, -1), value[3])
     for (partition, _), key in sorted(ids_records):
         if partition in applied:
             applied[partition].remember(key, table[key])
     return applied_high, applied
+
+
+def window_expiry(period: str, start_s: int, allowed_lateness_s: int, tz: tzinfo | str, history_days: int) -> int:
+    """The watermark (epoch s) from which the window ``period``/``start_s`` is never read or written again.
+
+    Who reads a window after it ends: stage 2 evaluates a scope at its NEWEST window per period, and an event
+    still counts up to ``allowed_lateness_s`` after it occurred, so a scope may be evaluated at a window that
+    ended up to the lateness ago. From that window it reads back:
+
+    * ``hour``: the rolling 24 h budget (23 hours back) and the hourly EWMA (``EWMA_LOOKBACK_HOURS`` back), so
+      an hour is kept ``EWMA_LOOKBACK_HOURS`` past its end + the lateness (72 buckets per scope with a one-day
+      lateness).
+    * ``day``: the daily spike rule's trailing ``history_days`` local days (the largest ``window_days`` of the
+      policy's daily rules), at least one day more: kept until the end of the local day ``history_days`` after
+      it, + the lateness. Local days, not 24-hour steps, so a 23- or 25-hour DST day is counted as one day.
+    * ``week``/``month``/``quarter``: only the current window is read (budgets, forecast); it is kept one
+      period more than its end + the lateness, a margin of one window per scope for events whose Kafka
+      timestamps arrive out of order (edges with skewed clocks, a previous period sent late).
+    """
+    if period == HOUR:
+        return start_s + 3600 * (1 + EWMA_LOOKBACK_HOURS) + allowed_lateness_s
+    later = max(history_days, 1) if period == "day" else 1
+    end = period_window(period, datetime.fromtimestamp(start_s, UTC), tz)[1]
+    for _ in range(later):
+        end = period_window(period, end, tz)[1]
+    return int(end.timestamp()) + allowed_lateness_s
+
+
+class Retention:
+    """``window_expiry`` for one policy and lateness, memoised (it costs timezone arithmetic per window).
+
+    Both stages prune with it, each against its own watermark, and both SKIP updates of windows that are
+    expired against that watermark: a window is never recreated after its tombstone with only part of its
+    total. With in-order Kafka timestamps an event for an expired window is older than the lateness and goes
+    to the DLQ before it gets here; only an event whose timestamp lags the partition's newest by more than the
+    retention margin reaches an expired window, and then it still counts in its windows that are live.
+    """
+
+    def __init__(self, tz: tzinfo | str, allowed_lateness_s: int, history_days: int) -> None:
+        self.tz = zone(tz) if isinstance(tz, str) else tz
+        self.allowed_lateness_s = allowed_lateness_s
+        self.history_days = history_days
+        self._memo: dict[tuple[str, int], int] = {}
+
+    def expiry(self, period: str, start_s: int) -> int:
+        found = self._memo.get((period, start_s))
+        if found is None:
+            found = window_expiry(period, start_s, self.allowed_lateness_s, self.tz, self.history_days)
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            self._memo[(period, start_s)] = found
+        return found
+
+    def live(self, period: str, start_s: int, watermark_s: int) -> bool:
+        return watermark_s < self.expiry(period, start_s)
+
+    def live_starts(
+        self, starts: Callable[[int], tuple[tuple[str, int], ...]], watermark_s: int
+    ) -> Callable[[int], tuple[tuple[str, int], ...]]:
+        """``WindowCalendar.starts`` without the windows that are expired at ``watermark_s``."""
+
+        def filtered(epoch_s: int) -> tuple[tuple[str, int], ...]:
+            return tuple((period, start) for period, start in starts(epoch_s) if self.live(period, start, watermark_s))
+
+        return filtered
+
+    def expired_windows(self, window_keys: Iterable[str], watermark_s: int) -> list[str]:
+        """The window keys (``scope|period|start``) expired at ``watermark_s``."""
+        gone = []
+        for key in window_keys:
+            _, period, start = split_window_key(key)
+            if not self.live(period, start, watermark_s):
+                gone.append(key)
+        return gone
+
+    def expired_partials(self, table_keys: Iterable[str], partition: int, watermark_s: int) -> list[str]:
+        """The stage-1 partial keys of source ``partition`` expired at ``watermark_s`` (ids records excluded)."""
+        suffix = f"#{partition}"
+        mine = (key for key in table_keys if key.endswith(suffix) and not is_ids_key(key) and not is_clock_key(key))
+        return [key for key in mine if not self.live(*split_window_key(split_partial_key(key)[0])[1:], watermark_s)]
+
+
+class Watermark:
+    """One partition's clock for retention: the newest Kafka timestamp (ms) it applied, persisted per batch.
+
+    Why Kafka timestamps (when an edge produced the event) and not the processor's clock: windows are event
+    time and the lateness check already judges every event by its Kafka timestamp, so a replay of past days,
+    a test, or a restart that re-reads a backlog prunes exactly what the first pass pruned, and a processor
+    that was down for a week does not drop windows its backlog still has to fill. Why not ``occurred_at``:
+    the lateness bound ties occurred_at to the Kafka timestamp, not to the newest occurred_at seen, so only
+    the timestamp clock guarantees that an event accepted now lands in live windows.
+
+    Pruning uses only ``durable_ms``, the watermark an EARLIER batch persisted and flushed: a restart restores
+    at least that value, so its replay skips (``Retention.live_starts``) every window deleted against it and
+    never recreates one with part of its total, whichever changelog records of the crashed batch survived.
+    The scan over the table runs at most once per hour of watermark (window expiries are hour-grained).
+    """
+
+    def __init__(self, persisted_ms: int = 0) -> None:
+        self.durable_ms = persisted_ms
+        self._scanned_hour = -1
+
+    def after(self, newest_ms: int) -> int:
+        """The watermark once a batch whose newest applied timestamp is ``newest_ms`` is applied."""
+        return max(self.durable_ms, newest_ms)
+
+    def scan_due(self) -> bool:
+        """True once per hour of the durable watermark: time to look for expired windows."""
+        hour = self.durable_ms // 3_600_000
+        if hour <= self._scanned_hour:
+            return False
+        self._scanned_hour = hour
+        return True
+
+    def persist(self, watermark_ms: int) -> list[int] | None:
+        """The clock record to write with the batch (None if unchanged); durable once the batch is flushed."""
+        if watermark_ms <= self.durable_ms:
+            return None
+        self.durable_ms = watermark_ms
+        return [watermark_ms]
