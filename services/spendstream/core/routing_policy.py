@@ -33,6 +33,7 @@ rest of the policy; money is integer nano-USD.
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import cached_property
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -79,8 +80,13 @@ class Tiers(_Model):
             raise ValueError("a tier lists the same candidate twice")
         return value
 
+    @cached_property
+    def parsed(self) -> dict[str, tuple[Candidate, ...]]:
+        """Candidates per tier, parsed once (the gateway asks on every routed request)."""
+        return {tier: tuple(map(parse_candidate, getattr(self, tier))) for tier in ("simple", "medium", "complex")}
+
     def of(self, tier: str) -> tuple[Candidate, ...]:
-        return tuple(parse_candidate(c) for c in getattr(self, str(tier)))
+        return self.parsed[str(tier)]
 
 
 class EnvironmentRouting(_Model):

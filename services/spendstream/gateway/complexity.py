@@ -106,6 +106,10 @@ _PHRASES = {
     ),
     "brief": ("one line", "one word", "in one sentence", "a few words"),
 }  # fmt: skip
+# Any phrase at all? One search answers that for a short text faster than counting each phrase; a long text is
+# counted directly (str.count is faster than the regular expression there).
+_ANY_PHRASE = re.compile("|".join(re.escape(p) for phrases in _PHRASES.values() for p in phrases))
+_PHRASE_GATE_CHARS = 600
 _PUNCT_TO_SPACE = str.maketrans({c: " " for c in ',.;:!?()[]{}"`*#<>=/\\|“”'})
 _MATH_SYMBOLS = ("\\frac", "\\sum", "\\int", "\\sqrt", "\\mathbb", "∫", "∑", "√", "≤", "≥", "∀", "∃")
 _DOLLAR_MATH = re.compile(r"\$[^$\n]{1,80}\$")
@@ -195,8 +199,9 @@ def _keyword_counts(text: str) -> dict[str, int]:
         group = _GROUP_OF_WORD.get(word)
         if group is not None:
             counts[group] += 1
-    for group, phrases in _PHRASES.items():
-        counts[group] += sum(lower.count(phrase) for phrase in phrases)
+    if len(lower) > _PHRASE_GATE_CHARS or _ANY_PHRASE.search(lower):
+        for group, phrases in _PHRASES.items():
+            counts[group] += sum(lower.count(phrase) for phrase in phrases)
     return counts
 
 
@@ -263,6 +268,7 @@ def assess(body: Mapping[str, Any], header: str | None = None) -> Assessment:
     head = ask[:300]
     system_text = "\n".join(system_parts)[:SCAN_CHARS]
     found = _keyword_counts(ask)
+    in_head = found if head == ask else _keyword_counts(head)
     in_system = _keyword_counts(system_text) if system_text else dict.fromkeys(_KEYWORDS, 0)
     signals: list[str] = []
     score = 0
@@ -270,7 +276,7 @@ def assess(body: Mapping[str, Any], header: str | None = None) -> Assessment:
     # Length of what is asked now (the system prompt and earlier turns count as "context" below).
     words = (len(last_user) + len(system_text)) // 6  # ~6 characters per English word including the space
     length = _length_points(words)
-    if length >= 2 and _BULK_ASK.search(head) and not _keyword_counts(head)["reasoning"]:
+    if length >= 2 and _BULK_ASK.search(head) and not in_head["reasoning"]:
         length = 1  # a pasted document to translate or summarise is long, not hard
         signals.append("bulk_text")
     if length:
@@ -305,7 +311,7 @@ def assess(body: Mapping[str, Any], header: str | None = None) -> Assessment:
     if _TASK.search(head):
         score += 2
         signals.append("task")
-    if _keyword_counts(head)["brief"] or _UNDER_WORDS.search(head.lower()):
+    if in_head["brief"] or _UNDER_WORDS.search(head.lower()):
         score -= 1
         signals.append("brief")
     if found["sequence"] >= 2:

@@ -34,7 +34,7 @@ show spend as routed against spend had every request gone to the requested model
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple, Protocol
 
@@ -280,6 +280,7 @@ def choose_route(
     budget applies); ``compatible_providers`` are the providers that speak the endpoint's API.
     Raises ``NoRouteError`` when the environment allows neither the requested model nor any candidate.
     """
+    at = at or datetime.now(UTC)  # one price instant for every estimate of this request
     requested_cost = _cost(requested_provider, requested_model, estimate, prices, at)
     env = policy.environment(environment)
     if env is None:
@@ -315,7 +316,11 @@ def choose_route(
         )
     if tier is not TIER_ORDER[index]:
         reasons.append(f"no usable candidate in {TIER_ORDER[index]}")
-    best = _score(usable, policy, stats)[0]
+    if len(usable) == 1:  # nothing to weigh
+        candidate, cost = usable[0]
+        best = _Scored(0.0, cost, 0, candidate.provider, candidate.model)
+    else:
+        best = _score(usable, policy, stats)[0]
     if (
         requested_kept
         and not policy.allow_upgrade
