@@ -514,11 +514,14 @@ def test_unpriced_events_land_priced_as_the_processor_prices_them(settings: Sett
     finally:
         sink.stop()
         thread.join(60)
-    rows = dict(
-        sink.client.query(
-            "SELECT toString(event_id), (cost_nanos, price_source) FROM spendstream.usage_ledger FINAL"
-        ).result_rows
-    )
+    try:
+        rows = dict(
+            sink.client.query(
+                "SELECT toString(event_id), (cost_nanos, price_source) FROM spendstream.usage_ledger FINAL"
+            ).result_rows
+        )
+    finally:
+        sink.client.close()  # one chDB path per process: later tests open their own
     for ev in events[:2]:
         price = price_record(ev.to_avro(), ev.occurred_at, table)
         assert rows[str(ev.event_id)] == (price.cost_nanos, price.source)
