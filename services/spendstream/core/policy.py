@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
@@ -212,6 +212,23 @@ class Pricing(_Model):
                 raise ValueError("every override row needs its provider and model")
         return self
 
+    def table(self, tz: tzinfo = UTC) -> PriceTable:
+        """The price table; an effective date means local midnight in ``tz``, a naive datetime is local time too."""
+
+        def instant(value: datetime | date | None) -> datetime | None:
+            if value is None:
+                return None
+            if not isinstance(value, datetime):
+                value = datetime.combine(value, time(), tz)
+            return value if value.tzinfo is not None else value.replace(tzinfo=tz)
+
+        rows = tuple(
+            PriceOverride(r.provider, r.model, r.rates(), instant(r.effective_from), instant(r.effective_to))
+            for r in self.overrides
+        )
+        default = self.default_price.rates() if self.default_price is not None else DEFAULT_UNKNOWN_RATES
+        return PriceTable(rows, self.unknown_model, default)
+
 
 class Policy(_Model):
     """The whole policy; build it with ``parse_policy`` / ``load_policy`` to get file/line error messages."""
@@ -345,23 +362,7 @@ class Policy(_Model):
 
     @cached_property
     def price_table(self) -> PriceTable:
-        p = self.pricing
-        rows = tuple(
-            PriceOverride(
-                r.provider, r.model, r.rates(), self._instant(r.effective_from), self._instant(r.effective_to)
-            )
-            for r in p.overrides
-        )
-        default = p.default_price.rates() if p.default_price is not None else DEFAULT_UNKNOWN_RATES
-        return PriceTable(rows, p.unknown_model, default)
-
-    def _instant(self, value: datetime | date | None) -> datetime | None:
-        """A date means local midnight in the policy timezone; a naive datetime is local time too."""
-        if value is None:
-            return None
-        if not isinstance(value, datetime):
-            value = datetime.combine(value, time(), self.tz)
-        return value if value.tzinfo is not None else value.replace(tzinfo=self.tz)
+        return self.pricing.table(self.tz)
 
 
 _NON_CRITICAL = Feature()

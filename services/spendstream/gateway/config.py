@@ -30,8 +30,6 @@ Example::
 from __future__ import annotations
 
 import os
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -40,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spendstream.core.config import ConfigError
-from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates
+from spendstream.core.policy import Pricing
 from spendstream.gateway.keys import VirtualKey
 from spendstream.gateway.response_cache import CacheConfig
 
@@ -91,35 +89,6 @@ def _default_providers() -> dict[str, ProviderConfig]:
             upstreams=[UpstreamConfig(base_url="https://api.anthropic.com", api_key_env="ANTHROPIC_API_KEY")],
         ),
     }
-
-
-class PriceRow(_Model):
-    """USD per million tokens (negotiated rates, self-hosted models); decimal strings keep them exact."""
-
-    provider: str
-    model: str
-    input_per_mtok: Decimal = Field(ge=0)
-    output_per_mtok: Decimal = Field(ge=0)
-    cache_read_per_mtok: Decimal | None = Field(None, ge=0)
-    cache_write_per_mtok: Decimal | None = Field(None, ge=0)
-    effective_from: datetime | None = None
-    effective_to: datetime | None = None
-
-    def rates(self) -> Rates:
-        return Rates(self.input_per_mtok, self.output_per_mtok, self.cache_read_per_mtok, self.cache_write_per_mtok)
-
-
-class Pricing(_Model):
-    unknown_model: Literal["default_price", "reject"] = "default_price"
-    default_price: PriceRow | None = None
-    overrides: list[PriceRow] = Field(default_factory=list)
-
-    def table(self) -> PriceTable:
-        rows = tuple(
-            PriceOverride(r.provider, r.model, r.rates(), r.effective_from, r.effective_to) for r in self.overrides
-        )
-        default = self.default_price.rates() if self.default_price is not None else DEFAULT_UNKNOWN_RATES
-        return PriceTable(rows, self.unknown_model, default)
 
 
 class GatewayConfig(_Model):
