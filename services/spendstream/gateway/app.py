@@ -104,6 +104,19 @@ ENDPOINTS = {
 }
 
 
+@dataclass(slots=True)
+class _Call:
+    """One request as it is served: who made it, what it asked for, and what was decided (for its usage event)."""
+
+    started: float  # perf_counter at arrival: the event's latency
+    endpoint: Endpoint
+    attribution: dict[str, str]
+    model: str  # as requested
+    provider: str  # the provider that serves it (the routed one once routing chose)
+    tags: dict[str, str]
+    verdict: Verdict | None = None
+
+
 def error_response(
     status: int,
     message: str,
@@ -290,6 +303,7 @@ class Gateway:
         tags = {**key.tags, "endpoint": endpoint.name}
         if key.name:
             tags["key"] = key.name
+        call = _Call(started, endpoint, attribution, model, provider, tags)
         route: Route | None = None
         assessment: Assessment | None = None
         if self.routing is not None and endpoint.routable:
@@ -304,13 +318,13 @@ class Gateway:
                 return error_response(403, str(exc), "model_not_allowed", "permission_error", anthropic=anthropic)
             tags["complexity"] = assessment.tier.value
         assert self.enforcer is not None
-        verdict = self.enforcer.check(model=route.model if route else model, **attribution)
+        verdict = call.verdict = self.enforcer.check(model=route.model if route else model, **attribution)
         GATEWAY_DECISIONS.labels(verdict.action).inc()
         if verdict.blocked:
             self.counts[verdict.action] += 1
-            served = route.model if route else model
-            blocked_provider = route.provider if route else provider
-            self._emit(attribution, blocked_provider, model, served, None, started, UsageStatus.blocked, verdict, tags)
+            if route is not None:
+                call.provider = route.provider
+            self._emit(call, route.model if route else model, None, UsageStatus.blocked)
             return self._blocked(verdict, anthropic)
         if route is not None and assessment is not None:
             # An alert (or fallback) outcome bounds the remaining budget: route again with that bound, unless the
@@ -318,17 +332,15 @@ class Gateway:
             bound = remaining_bound(verdict.action, self.thresholds) if self.thresholds is not None else None
             if bound is not None and verdict.model == route.model:
                 route = self._route(model, provider, assessment, attribution, bound, endpoint)
-                verdict = verdict._replace(model=route.model)
+                verdict = call.verdict = verdict._replace(model=route.model)
             tags.update(routing_tags(route, provider, model))
-            provider = route.provider
+            call.provider = route.provider
         key_ = self._cache_key(body, endpoint, attribution, verdict.model)
         if key_ is not None:
             hit = self.cache.get(key_)
             if hit is not None:
-                return await self._from_cache(request, hit, attribution, model, verdict, tags, started)
-        return await self._forward(
-            request, endpoint, body, raw, attribution, provider, model, verdict, tags, started, key_
-        )
+                return await self._from_cache(request, call, hit)
+        return await self._forward(request, call, body, raw, key_)
 
     def _route(
         self,
@@ -372,17 +384,10 @@ class Gateway:
             return None
         return cache_key({**body, "model": model}, endpoint.name, partition)
 
-    async def _from_cache(
-        self,
-        request: web.Request,
-        entry: CachedResponse,
-        attribution: dict[str, str],
-        model: str,
-        verdict: Verdict,
-        tags: dict[str, str],
-        started: float,
-    ) -> web.StreamResponse:
+    async def _from_cache(self, request: web.Request, call: _Call, entry: CachedResponse) -> web.StreamResponse:
         """Answer from the cache: replay the stored stream or body; the usage event is free and says what it saved."""
+        verdict = call.verdict
+        assert verdict is not None
         self.counts["cache_hit"] += 1
         headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Cache": "hit"}
         out: web.StreamResponse
@@ -400,11 +405,11 @@ class Gateway:
             )
         event = cache_hit_event(
             entry=entry,
-            attribution=attribution,
-            model_requested=model,
-            latency_ms=int((time.perf_counter() - started) * 1000),
+            attribution=call.attribution,
+            model_requested=call.model,
+            latency_ms=int((time.perf_counter() - call.started) * 1000),
             decision=verdict.action,
-            tags=tags,
+            tags=call.tags,
             prices=self.prices,
             now=None if self.clock is None else self.clock(),
         )
@@ -455,19 +460,10 @@ class Gateway:
         )
 
     async def _forward(
-        self,
-        request: web.Request,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        raw: bytes,
-        attribution: dict[str, str],
-        provider: str,
-        model: str,
-        verdict: Verdict,
-        tags: dict[str, str],
-        started: float,
-        cache_key_: str | None = None,
+        self, request: web.Request, call: _Call, body: dict[str, Any], raw: bytes, cache_key_: str | None
     ) -> web.StreamResponse:
+        endpoint, model, provider, verdict = call.endpoint, call.model, call.provider, call.verdict
+        assert verdict is not None
         headers = {"Content-Type": "application/json"}
         for name in _FORWARDED_HEADERS:
             value = request.headers.get(name)
@@ -493,11 +489,11 @@ class Gateway:
             response, target = await self.upstreams.send(provider, "POST", request.path, payload, headers)
         except UpstreamUnavailable as exc:
             self.counts["upstream_unavailable"] += 1
-            self._emit(attribution, provider, model, verdict.model, None, started, UsageStatus.error, verdict, tags)
+            self._emit(call, verdict.model, None, UsageStatus.error)
             return error_response(
                 502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error", anthropic=endpoint.anthropic
             )
-        tags["upstream"] = target.base_url
+        call.tags["upstream"] = target.base_url
         for name in _RESPONSE_HEADERS:
             value = response.headers.get(name)
             if value:
@@ -505,25 +501,12 @@ class Gateway:
         status = UsageStatus.ok if response.status < 400 else UsageStatus.error
         self.counts[status.value] += 1
         if stream and response.status == 200:
-            return await self._stream(
-                request,
-                response,
-                target.kind,
-                injected,
-                out_headers,
-                attribution,
-                provider,
-                model,
-                verdict,
-                tags,
-                started,
-                cache_key_,
-            )
+            return await self._stream(request, call, response, target.kind, injected, out_headers, cache_key_)
         try:
             async with response:
                 data = await response.read()
         except (TimeoutError, ConnectionError) as exc:
-            self._emit(attribution, provider, model, verdict.model, None, started, UsageStatus.error, verdict, tags)
+            self._emit(call, verdict.model, None, UsageStatus.error)
             return error_response(
                 502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
             )
@@ -532,7 +515,7 @@ class Gateway:
         if status is UsageStatus.ok:
             raw_usage, served_by_upstream = usage_of_body(data)
             served = served_by_upstream or served
-        self._emit(attribution, provider, model, served, raw_usage, started, status, verdict, tags)
+        self._emit(call, served, raw_usage, status)
         content_type = response.headers.get("content-type", "application/json")
         if cache_key_ is not None and response.status == 200:
             entry = make_entry(
@@ -545,18 +528,14 @@ class Gateway:
     async def _stream(
         self,
         request: web.Request,
+        call: _Call,
         response: UpstreamResponse,
         kind: str,
         injected: bool,
         out_headers: dict[str, str],
-        attribution: dict[str, str],
-        provider: str,
-        model: str,
-        verdict: Verdict,
-        tags: dict[str, str],
-        started: float,
-        cache_key_: str | None = None,
+        cache_key_: str | None,
     ) -> web.StreamResponse:
+        assert call.verdict is not None
         meter = StreamMeter(kind, drop_usage_chunk=injected)
         recorder = StreamRecorder(self.cache.max_entry_bytes) if cache_key_ is not None else None
         status = UsageStatus.ok
@@ -586,48 +565,43 @@ class Gateway:
             await out.write_eof()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             status = UsageStatus.error
-            tags["stream_error"] = type(exc).__name__
+            call.tags["stream_error"] = type(exc).__name__
         finally:
-            served = meter.model or verdict.model
-            self._emit(attribution, provider, model, served, meter.usage, started, status, verdict, tags)
+            served = meter.model or call.verdict.model
+            self._emit(call, served, meter.usage, status)
         events = recorder.finish() if recorder is not None and status is UsageStatus.ok else None
         if cache_key_ is not None and events:
             entry = make_entry(
-                content_type=content_type, provider=provider, model_served=served, raw_usage=meter.usage, events=events
+                content_type=content_type,
+                provider=call.provider,
+                model_served=served,
+                raw_usage=meter.usage,
+                events=events,
             )
             if entry is not None:
                 self.cache.put(cache_key_, entry)
         return out
 
-    def _emit(
-        self,
-        attribution: dict[str, str],
-        provider: str,
-        model: str,
-        served: str,
-        raw_usage: dict[str, Any] | None,
-        started: float,
-        status: UsageStatus,
-        verdict: Verdict,
-        tags: dict[str, str],
-    ) -> None:
+    def _emit(self, call: _Call, served: str, raw_usage: dict[str, Any] | None, status: UsageStatus) -> None:
+        """The request's one usage event, served by ``served`` (the model that answered, or would have)."""
+        assert call.verdict is not None
         try:
             event = build_event(
-                attribution=attribution,
-                provider=provider,
-                model_requested=model,
+                attribution=call.attribution,
+                provider=call.provider,
+                model_requested=call.model,
                 model_served=served,
                 raw_usage=raw_usage,
-                latency_ms=int((time.perf_counter() - started) * 1000),
+                latency_ms=int((time.perf_counter() - call.started) * 1000),
                 status=status,
-                decision=verdict.action,
-                tags=tags,
+                decision=call.verdict.action,
+                tags=call.tags,
                 prices=self.prices,
                 now=None if self.clock is None else self.clock(),
             )
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1
-            log.exception("could not build the usage event (provider %s, model %s)", provider, model)
+            log.exception("could not build the usage event (provider %s, model %s)", call.provider, call.model)
             return
         event = with_requested_cost(event, self.prices)
         if self.follower is None:  # else the event comes back through the usage topic, counted once
