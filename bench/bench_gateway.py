@@ -3,7 +3,8 @@
 The stub upstream, the gateway (``spendstream gateway``) and this load generator run as separate processes,
 with a real embedded broker receiving the usage events. Targets: p50 added latency < 0.5 ms at concurrency 1,
 >= 2,000 req/s through one gateway process.
-Direct and gateway calls alternate in blocks, so both see the same machine conditions.
+Direct and gateway calls alternate in blocks, so both see the same machine conditions; the gateway process's CPU
+time per request (all threads) is printed too.
 Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10]
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -64,23 +67,59 @@ async def load(
     return latencies, elapsed
 
 
+@dataclass
+class Target:
+    """Where one measured target sends its requests, what it sends, and whose CPU time to count (None: none)."""
+
+    url: str
+    body: bytes | Callable[[], bytes] = BODY
+    pid: int | None = None
+
+
+@dataclass
+class Measured:
+    latencies: list[float] = field(default_factory=list)  # ms
+    elapsed: float = 0.0  # seconds under load
+    cpu_seconds: float = 0.0  # of the target's process while it was measured (NaN: not counted)
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.latencies) / self.elapsed
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_seconds * 1000 / len(self.latencies)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (all threads), from /proc (Linux); NaN elsewhere or for None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def interleaved(
-    targets: dict[str, str], requests: int, concurrency: int, rounds: int, body: bytes | Callable[[], bytes] = BODY
-) -> dict[str, tuple[list[float], float]]:
-    """Latencies and elapsed seconds per target, measured in ``rounds`` alternating blocks after a warm-up.
+    targets: dict[str, Target], requests: int, concurrency: int, rounds: int, path: str = "/v1/chat/completions"
+) -> dict[str, Measured]:
+    """Latencies, elapsed seconds and CPU time per target, measured in ``rounds`` alternating blocks after a warm-up.
 
     Alternating keeps a shared machine's drift (other processes, CPU frequency) out of the difference between
     targets: each one sees the same conditions, block by block.
     """
     block = max(1, requests // rounds)
-    measured: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in targets}
-    for url in targets.values():
-        asyncio.run(load(url + "/v1/chat/completions", 300, concurrency, body))
+    measured = {name: Measured() for name in targets}
+    for target in targets.values():
+        asyncio.run(load(target.url + path, 300, concurrency, target.body))
     for _ in range(rounds):
-        for name, url in targets.items():
-            latencies, elapsed = asyncio.run(load(url + "/v1/chat/completions", block, concurrency, body))
-            measured[name][0].extend(latencies)
-            measured[name] = (measured[name][0], measured[name][1] + elapsed)
+        for name, target in targets.items():
+            cpu_before = cpu_seconds(target.pid)
+            latencies, elapsed = asyncio.run(load(target.url + path, block, concurrency, target.body))
+            result = measured[name]
+            result.cpu_seconds += cpu_seconds(target.pid) - cpu_before
+            result.latencies.extend(latencies)
+            result.elapsed += elapsed
     return measured
 
 
@@ -139,15 +178,15 @@ def main() -> None:
             wait_http(stub_url + "/v1/models")
             wait_http(gateway_url + "/healthz")
             print(f"{args.requests:,} chat.completions requests per target, in {args.rounds} alternating blocks; ms")
-            print(f"  {'target':8} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8}")
+            print(f"  {'target':8} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8} {'cpu ms/req':>10}")
             results = {}
-            targets = {"direct": stub_url, "gateway": gateway_url}
+            targets = {"direct": Target(stub_url), "gateway": Target(gateway_url, pid=gateway.pid)}
             for concurrency in (1, 32):
                 measured = interleaved(targets, args.requests, concurrency, args.rounds)
-                for name, (latencies, elapsed) in measured.items():
-                    results[(name, concurrency)] = (pct(latencies, 0.5), pct(latencies, 0.99), len(latencies) / elapsed)
+                for name, m in measured.items():
+                    results[(name, concurrency)] = (pct(m.latencies, 0.5), pct(m.latencies, 0.99), m.requests_per_s)
                     p50, p99, rps = results[(name, concurrency)]
-                    print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f}")
+                    print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {m.cpu_ms_per_request:10.3f}")
             for concurrency in (1, 32):
                 added50 = results[("gateway", concurrency)][0] - results[("direct", concurrency)][0]
                 added99 = results[("gateway", concurrency)][1] - results[("direct", concurrency)][1]

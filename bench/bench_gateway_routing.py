@@ -9,12 +9,12 @@ and this load generator; a real embedded broker receives the usage events. Per c
 * ``routed``     the routing gateway, every prompt different: classify, route (gpt-4o -> gpt-4o-mini), cache miss
 * ``cached``     the routing gateway, one prompt repeated: classify, route, answered from the cache
 
-The targets are measured in turn for ``--rounds`` rounds and the median of each figure is printed: on a shared
-machine one pass varies by a third. Besides latency it prints the gateway process's CPU time per request
-(utime + stime from /proc, all its threads), which varies far less than latency between runs.
+The targets take turns in ``--rounds`` alternating blocks, so a shared machine's drift (it varies by a third
+from one minute to the next) reaches all of them alike. Besides latency it prints the gateway process's CPU time
+per request (utime + stime from /proc, all its threads), which varies far less than latency between runs.
 
 Targets of the edge (DESIGN.md): p50 added latency < 0.5 ms at concurrency 1, >= 2,000 req/s per gateway process.
-Run: .venv/bin/python bench/bench_gateway_routing.py [--requests 3000] [--rounds 3]
+Run: .venv/bin/python bench/bench_gateway_routing.py [--requests 4000] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ import argparse
 import asyncio
 import itertools
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -39,7 +36,7 @@ from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import KEY, load, pct, wait_http
+from bench_gateway import KEY, Target, interleaved, pct, wait_http
 
 POLICY = """
 routing:
@@ -69,15 +66,6 @@ def fresh() -> bytes:
     return body(f"{PROMPT} #{next(_serial)}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all threads), from /proc (Linux); NaN elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def probe(url: str, data: bytes) -> dict[str, str]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session, session.post(url, data=data, headers=headers) as response:
@@ -87,8 +75,8 @@ async def probe(url: str, data: bytes) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000, help="requests per measured run")
-    parser.add_argument("--rounds", type=int, default=3, help="measured runs per target, taken in turn")
+    parser.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating blocks the requests are split into")
     args = parser.parse_args()
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
@@ -131,29 +119,23 @@ def main() -> None:
 
             # Every target gets the same kind of body (fresh prompts, except the cache-hit run), so the baseline
             # parses and forwards what the measured runs do.
-            targets: dict[str, tuple[str, Callable[[], bytes], int | None]] = {
-                "direct": (stub_url, fresh, None),
-                "gateway": (plain_url, fresh, procs[1].pid),
-                "routed": (routed_url, fresh, procs[2].pid),
-                "cached": (routed_url, lambda: REPEATED, procs[2].pid),
+            targets = {
+                "direct": Target(stub_url, fresh),
+                "gateway": Target(plain_url, fresh, procs[1].pid),
+                "routed": Target(routed_url, fresh, procs[2].pid),
+                "cached": Target(routed_url, REPEATED, procs[2].pid),
             }
-            print(f"{args.requests:,} chat.completions requests per run, median of {args.rounds} rounds; latency in ms")
+            print(
+                f"{args.requests:,} chat.completions requests per target, in {args.rounds} alternating blocks; "
+                "latency in ms"
+            )
             print(f"  {'target':8} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8} {'cpu ms/req':>10}")
             results = {}
             for concurrency in (1, 32):
-                for url, make_body, _ in targets.values():
-                    asyncio.run(load(url + path, 300, concurrency, make_body))  # warm-up
-                runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in targets}
-                for _ in range(args.rounds):
-                    for name, (url, make_body, pid) in targets.items():
-                        cpu_before = cpu_seconds(pid) if pid else math.nan
-                        latencies, elapsed = asyncio.run(load(url + path, args.requests, concurrency, make_body))
-                        cpu = (cpu_seconds(pid) - cpu_before) * 1000 / args.requests if pid else math.nan
-                        runs[name].append((pct(latencies, 0.5), pct(latencies, 0.99), args.requests / elapsed, cpu))
-                for name, rows in runs.items():
-                    p50, p99, rps, cpu = (statistics.median(row[i] for row in rows) for i in range(4))
+                for name, m in interleaved(targets, args.requests, concurrency, args.rounds, path).items():
+                    p50, p99, rps = pct(m.latencies, 0.5), pct(m.latencies, 0.99), m.requests_per_s
                     results[(name, concurrency)] = (p50, p99, rps)
-                    print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {cpu:10.3f}")
+                    print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {m.cpu_ms_per_request:10.3f}")
             print("added over direct (p50 / p99 ms):")
             for concurrency in (1, 32):
                 base50, base99, _ = results[("direct", concurrency)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spendstream.gateway.complexity import SIGNALS, ComplexityHeaderError, Tier, assess, parse_header
+from spendstream.gateway.complexity import (
+    SIGNALS,
+    ComplexityHeaderError,
+    Tier,
+    assess,
+    literal_trie_pattern,
+    parse_header,
+)
 
 DATA = Path(__file__).resolve().parent / "data" / "complexity_labelled.jsonl"
 ROWS = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -110,7 +118,9 @@ def test_token_estimates() -> None:
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=50),
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
         max_leaves=20,
     ),
     st.text(max_size=200),
@@ -126,3 +136,13 @@ def test_any_body_shape_is_classified_and_no_text_comes_back(junk: Any, secret: 
     assert set(returned) <= vocabulary
     assert all(isinstance(v, int | type(None)) for v in (a.score, a.input_tokens, a.output_tokens))
     assert isinstance(assess({"messages": junk}).tier, Tier)
+
+
+@given(
+    words=st.lists(st.text(alphabet="ab ,\\$(", min_size=1, max_size=6), min_size=1, max_size=12),
+    text=st.text(alphabet="ab ,\\$(x", max_size=40),
+)
+def test_phrase_trie_finds_exactly_what_the_plain_alternation_finds(words: list[str], text: str) -> None:
+    trie = re.compile(literal_trie_pattern(words))
+    plain = re.compile("|".join(re.escape(w) for w in words))
+    assert bool(trie.search(text)) == bool(plain.search(text)) == any(w in text for w in words)

@@ -158,3 +158,20 @@ def test_tiered_model_prices_match_genai_prices(inp: int, out: int, cached: int)
         genai_request_timestamp=AT,
     ).total_price
     assert price_usage("google", "gemini-1.5-flash", inp, out, cached, at=AT).cost_nanos == to_nanos(expected * 10**9)
+
+
+rate = st.decimals(min_value=0, max_value=100, places=4, allow_nan=False, allow_infinity=False)
+
+
+@given(inp=rate, out=rate, read=rate, write=rate, tokens=st.tuples(*(st.integers(0, 10**7) for _ in range(4))))
+def test_priced_exactly_whether_rates_are_whole_nanos_or_not(
+    inp: Decimal, out: Decimal, read: Decimal, write: Decimal, tokens: tuple[int, int, int, int]
+) -> None:
+    # Rates that are whole nanos per token take the integer path, the rest Decimal: both equal the exact sum
+    # rounded half-even (and never a positive amount to zero).
+    uncached, cached, written, output = tokens
+    table = PriceTable((PriceOverride("acme", "any", Rates(inp, out, read, write)),))
+    priced = price_usage("acme", "any", uncached + cached + written, output, cached, written, at=AT, overrides=table)
+    per_mtok = Decimal(1000)  # nanos per token for $1 per million tokens
+    exact = (uncached * inp + cached * read + written * write + output * out) * per_mtok
+    assert priced.cost_nanos == to_nanos(exact)

@@ -303,6 +303,9 @@ def instrument_app(app: Any, service: str) -> None:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
 
+    def observe(endpoint: str, status_class: str, seconds: float) -> None:
+        HTTP_LATENCY.labels(service, endpoint, status_class).observe(seconds)
+
     @web.middleware
     async def observe_latency(request: web.Request, handler: Any) -> web.StreamResponse:
         started = time.perf_counter()
@@ -320,8 +323,10 @@ def instrument_app(app: Any, service: str) -> None:
         finally:
             resource = request.match_info.route.resource
             endpoint = resource.canonical if resource is not None else "unmatched"
-            if endpoint != "/metrics":
-                HTTP_LATENCY.labels(service, endpoint, f"{status // 100}xx").observe(time.perf_counter() - started)
+            if endpoint != "/metrics":  # recorded once the response is written: not part of the latency it measures
+                asyncio.get_running_loop().call_soon(
+                    observe, endpoint, f"{status // 100}xx", time.perf_counter() - started
+                )
 
     app.router.add_get("/metrics", metrics)
     app.middlewares.insert(0, observe_latency)  # outermost: requests refused by other middlewares count too

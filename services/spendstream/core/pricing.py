@@ -206,13 +206,24 @@ class _Linear(NamedTuple):
     output: Decimal
     source: str
     flagged: bool
+    # The same five as ints when every one is a whole number of nanos (most list prices: $0.15/M is 150 nanos a
+    # token), so a call is priced exactly in integer arithmetic, without Decimal or rounding.
+    whole: tuple[int, int, int, int, int] | None
+
+
+def _linear(
+    per_call: Decimal, uncached: Decimal, read: Decimal, write: Decimal, output: Decimal, source: str, flagged: bool
+) -> _Linear:
+    rates = (per_call, uncached, read, write, output)
+    whole = tuple(int(r) for r in rates) if all(r == r.to_integral_value() for r in rates) else None
+    return _Linear(per_call, uncached, read, write, output, source, flagged, whole)  # type: ignore[arg-type]
 
 
 def _linear_from_rates(rates: Rates, source: str, flagged: bool) -> _Linear:
     k = _NANOS_PER_TOKEN_PER_USD_PER_MTOK
     read = rates.cache_read_per_mtok if rates.cache_read_per_mtok is not None else rates.input_per_mtok
     write = rates.cache_write_per_mtok if rates.cache_write_per_mtok is not None else rates.input_per_mtok
-    return _Linear(
+    return _linear(
         Decimal(0), rates.input_per_mtok * k, read * k, write * k, rates.output_per_mtok * k, source, flagged
     )
 
@@ -245,10 +256,10 @@ def _genai_rates(provider: str, model: str, at: datetime) -> _Linear | Any | Non
     read = (total(input_tokens=_MTOK, cache_read_tokens=_MTOK) - base) / _MTOK
     write = (total(input_tokens=_MTOK, cache_write_tokens=_MTOK) - base) / _MTOK
     output = (total(input_tokens=0, output_tokens=_MTOK) - base) / _MTOK
-    return _Linear(base, uncached, read, write, output, source, False)
+    return _linear(base, uncached, read, write, output, source, False)
 
 
-_MEMO: dict[tuple[str, str, datetime, str], _Linear | tuple[Any, str]] = {}
+_MEMO: dict[tuple[str, str, int, str], _Linear | tuple[Any, str]] = {}
 _MEMO_MAX = 65_536
 
 
@@ -301,15 +312,26 @@ def price_usage(
             f"exceed input_tokens ({input_tokens})"
         )
     # Memoised per (provider, model, minute, table version); the minute covers genai-prices' time-of-day prices.
-    when = (at or datetime.now(UTC)).replace(second=0, microsecond=0)
-    key = (provider, model, when, overrides.version)
+    # The key holds the minute as a number: building the datetime costs more than the rest of a memoised call.
+    at = at or datetime.now(UTC)
+    key = (provider, model, int(at.timestamp() // 60), overrides.version)
     resolved = _MEMO.get(key)
     if resolved is None:
-        resolved = _resolve(provider, model, when, overrides)
+        resolved = _resolve(provider, model, at.replace(second=0, microsecond=0), overrides)
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.clear()
         _MEMO[key] = resolved
     if isinstance(resolved, _Linear):
+        if resolved.whole is not None:
+            per_call, per_uncached, per_read, per_write, per_output = resolved.whole
+            cost = (
+                per_call
+                + uncached * per_uncached
+                + cached_input_tokens * per_read
+                + cache_write_tokens * per_write
+                + output_tokens * per_output
+            )
+            return PriceResult(cost, resolved.source, resolved.flagged)
         exact = (
             resolved.per_call
             + uncached * resolved.uncached

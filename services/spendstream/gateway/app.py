@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -115,6 +115,16 @@ class _Call:
     provider: str  # the provider that serves it (the routed one once routing chose)
     tags: dict[str, str]
     verdict: Verdict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A successful JSON answer as sent: its usage block is read, and with a ``cache_key`` it is cached, after the
+    client has it."""
+
+    body: bytes
+    content_type: str
+    cache_key: str | None
 
 
 def error_response(
@@ -319,7 +329,6 @@ class Gateway:
             tags["complexity"] = assessment.tier.value
         assert self.enforcer is not None
         verdict = call.verdict = self.enforcer.check(model=route.model if route else model, **attribution)
-        GATEWAY_DECISIONS.labels(verdict.action).inc()
         if verdict.blocked:
             self.counts[verdict.action] += 1
             if route is not None:
@@ -382,7 +391,7 @@ class Gateway:
         partition = self.cache_config.partition(attribution)
         if partition is None or not self.cache_config.cacheable(body):
             return None
-        return cache_key({**body, "model": model}, endpoint.name, partition)
+        return cache_key(body, endpoint.name, partition, model)
 
     async def _from_cache(self, request: web.Request, call: _Call, entry: CachedResponse) -> web.StreamResponse:
         """Answer from the cache: replay the stored stream or body; the usage event is free and says what it saved."""
@@ -403,18 +412,7 @@ class Gateway:
             out = web.Response(
                 body=entry.body, status=entry.status, headers={**headers, "Content-Type": entry.content_type}
             )
-        event = cache_hit_event(
-            entry=entry,
-            attribution=call.attribution,
-            model_requested=call.model,
-            latency_ms=int((time.perf_counter() - call.started) * 1000),
-            decision=verdict.action,
-            tags=call.tags,
-            prices=self.prices,
-            now=None if self.clock is None else self.clock(),
-        )
-        assert self.emitter is not None
-        self.emitter.emit(event)
+        self._emit(call, entry.model_served, None, UsageStatus.ok, hit=entry)
         return out
 
     async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, str | None]:
@@ -510,19 +508,12 @@ class Gateway:
             return error_response(
                 502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
             )
-        raw_usage: dict[str, Any] = {}
-        served = verdict.model
-        if status is UsageStatus.ok:
-            raw_usage, served_by_upstream = usage_of_body(data)
-            served = served_by_upstream or served
-        self._emit(call, served, raw_usage, status)
         content_type = response.headers.get("content-type", "application/json")
-        if cache_key_ is not None and response.status == 200:
-            entry = make_entry(
-                content_type=content_type, provider=provider, model_served=served, raw_usage=raw_usage, body=data
-            )
-            if entry is not None:
-                self.cache.put(cache_key_, entry)
+        if status is UsageStatus.ok:  # its usage block is read once the answer is sent
+            answer = _Answer(data, content_type, cache_key_ if response.status == 200 else None)
+            self._emit(call, verdict.model, None, status, answer=answer)
+        else:
+            self._emit(call, verdict.model, None, status)
         return web.Response(body=data, status=response.status, headers={**out_headers, "Content-Type": content_type})
 
     async def _stream(
@@ -571,43 +562,105 @@ class Gateway:
             self._emit(call, served, meter.usage, status)
         events = recorder.finish() if recorder is not None and status is UsageStatus.ok else None
         if cache_key_ is not None and events:
-            entry = make_entry(
-                content_type=content_type,
-                provider=call.provider,
-                model_served=served,
-                raw_usage=meter.usage,
-                events=events,
+            asyncio.get_running_loop().call_soon(
+                self._store, cache_key_, content_type, call.provider, served, meter.usage, b"", events
             )
-            if entry is not None:
-                self.cache.put(cache_key_, entry)
         return out
 
-    def _emit(self, call: _Call, served: str, raw_usage: dict[str, Any] | None, status: UsageStatus) -> None:
-        """The request's one usage event, served by ``served`` (the model that answered, or would have)."""
-        assert call.verdict is not None
+    def _emit(
+        self,
+        call: _Call,
+        served: str,
+        raw_usage: dict[str, Any] | None,
+        status: UsageStatus,
+        *,
+        hit: CachedResponse | None = None,
+        answer: _Answer | None = None,
+    ) -> None:
+        """Meter the request: its one usage event, served by ``served`` (the model that answered, or would have),
+        with the usage of ``raw_usage`` or, for an ``answer``, of its body; a cache ``hit`` is metered as one.
+
+        The event is built once the response is on its way: ``call_soon`` runs after aiohttp has written what the
+        handler returned, so reading the usage block, pricing and building the event add nothing to the client's
+        wait. Events keep their order, and callbacks scheduled before the loop stops still run.
+        """
+        latency_ms = int((time.perf_counter() - call.started) * 1000)
+        now = datetime.now(UTC) if self.clock is None else self.clock()
+        asyncio.get_running_loop().call_soon(self._meter, call, served, raw_usage, status, hit, answer, latency_ms, now)
+
+    def _meter(
+        self,
+        call: _Call,
+        served: str,
+        raw_usage: dict[str, Any] | None,
+        status: UsageStatus,
+        hit: CachedResponse | None,
+        answer: _Answer | None,
+        latency_ms: int,
+        now: datetime,
+    ) -> None:
+        assert call.verdict is not None and self.emitter is not None
+        GATEWAY_DECISIONS.labels(call.verdict.action).inc()
+        if answer is not None:
+            raw_usage, served_by_upstream = usage_of_body(answer.body)
+            served = served_by_upstream or served
         try:
-            event = build_event(
-                attribution=call.attribution,
-                provider=call.provider,
-                model_requested=call.model,
-                model_served=served,
-                raw_usage=raw_usage,
-                latency_ms=int((time.perf_counter() - call.started) * 1000),
-                status=status,
-                decision=call.verdict.action,
-                tags=call.tags,
-                prices=self.prices,
-                now=None if self.clock is None else self.clock(),
-            )
+            if hit is not None:
+                event = cache_hit_event(
+                    entry=hit,
+                    attribution=call.attribution,
+                    model_requested=call.model,
+                    latency_ms=latency_ms,
+                    decision=call.verdict.action,
+                    tags=call.tags,
+                    prices=self.prices,
+                    now=now,
+                )
+            else:
+                event = build_event(
+                    attribution=call.attribution,
+                    provider=call.provider,
+                    model_requested=call.model,
+                    model_served=served,
+                    raw_usage=raw_usage,
+                    latency_ms=latency_ms,
+                    status=status,
+                    decision=call.verdict.action,
+                    tags=call.tags,
+                    prices=self.prices,
+                    now=now,
+                )
+                event = with_requested_cost(event, self.prices)
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1
             log.exception("could not build the usage event (provider %s, model %s)", call.provider, call.model)
-            return
-        event = with_requested_cost(event, self.prices)
-        if self.follower is None:  # else the event comes back through the usage topic, counted once
-            self.provider_stats.observe_event(event)
-        assert self.emitter is not None
-        self.emitter.emit(event)
+        else:
+            self.emitter.emit(event)
+        if answer is not None and answer.cache_key is not None:
+            self._store(answer.cache_key, answer.content_type, call.provider, served, raw_usage, answer.body)
+
+    def _store(
+        self,
+        key: str,
+        content_type: str,
+        provider: str,
+        served: str,
+        raw_usage: dict[str, Any] | None,
+        body: bytes,
+        events: tuple[bytes, ...] = (),
+    ) -> None:
+        """Cache a successful answer (run after it was sent; a request arriving meanwhile is read only after this
+        ran, so it finds the entry)."""
+        entry = make_entry(
+            content_type=content_type,
+            provider=provider,
+            model_served=served,
+            raw_usage=raw_usage,
+            body=body,
+            events=events,
+        )
+        if entry is not None:
+            self.cache.put(key, entry)
 
 
 class GatewayThread:

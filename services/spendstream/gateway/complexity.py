@@ -30,7 +30,7 @@ A client that knows better sends ``X-Spendstream-Complexity: simple|medium|compl
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -106,12 +106,38 @@ _PHRASES = {
     ),
     "brief": ("one line", "one word", "in one sentence", "a few words"),
 }  # fmt: skip
+
+
+def literal_trie_pattern(words: Iterable[str]) -> str:
+    """A regular expression matching any of ``words``, as a trie of their characters: ``re`` tries alternatives one
+    by one at every position, so shared prefixes make it about three times faster than ``a|b|c``."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def pattern(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + pattern(rest) for char, rest in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        ends_here = "" in node
+        if len(branches) == 1 and not ends_here:
+            return branches[0]
+        return "(?:" + "|".join(branches) + ")" + ("?" if ends_here else "")
+
+    return pattern(trie)
+
+
 # Any phrase at all? One search answers that for a short text faster than counting each phrase; a long text is
 # counted directly (str.count is faster than the regular expression there).
-_ANY_PHRASE = re.compile("|".join(re.escape(p) for phrases in _PHRASES.values() for p in phrases))
+_ANY_PHRASE = re.compile(literal_trie_pattern(p for phrases in _PHRASES.values() for p in phrases))
 _PHRASE_GATE_CHARS = 600
 _PUNCT_TO_SPACE = str.maketrans({c: " " for c in ',.;:!?()[]{}"`*#<>=/\\|“”'})
-_MATH_SYMBOLS = ("\\frac", "\\sum", "\\int", "\\sqrt", "\\mathbb", "∫", "∑", "√", "≤", "≥", "∀", "∃")
+_MATH_SYMBOLS = re.compile(
+    literal_trie_pattern(("\\frac", "\\sum", "\\int", "\\sqrt", "\\mathbb", "∫", "∑", "√", "≤", "≥", "∀", "∃"))
+)
 _DOLLAR_MATH = re.compile(r"\$[^$\n]{1,80}\$")
 _EQUATION = re.compile(r"\d\s*[\^*/]\s*\d+\s*[-+*/^=]\s*\d")
 _WORD_COUNT = re.compile(r"\d{3,5}[- ]words?\b")
@@ -195,10 +221,9 @@ def _keyword_counts(text: str) -> dict[str, int]:
     """Occurrences of each keyword group's words and phrases in ``text`` (case-insensitive)."""
     lower = text.lower()
     counts = dict.fromkeys(_KEYWORDS, 0)
-    for word in lower.translate(_PUNCT_TO_SPACE).split():
-        group = _GROUP_OF_WORD.get(word)
-        if group is not None:
-            counts[group] += 1
+    group_of = _GROUP_OF_WORD
+    for word in [word for word in lower.translate(_PUNCT_TO_SPACE).split() if word in group_of]:
+        counts[group_of[word]] += 1
     if len(lower) > _PHRASE_GATE_CHARS or _ANY_PHRASE.search(lower):
         for group, phrases in _PHRASES.items():
             counts[group] += sum(lower.count(phrase) for phrase in phrases)
@@ -246,8 +271,13 @@ def assess(body: Mapping[str, Any], header: str | None = None) -> Assessment:
         if not isinstance(message, Mapping):
             continue
         role = message.get("role")
-        parts = list(_texts(message.get("content")))
-        size = sum(len(p) for p in parts)
+        content = message.get("content")
+        if isinstance(content, str):  # the usual shape, without the generator
+            parts: list[str] = [content]
+            size = len(content)
+        else:
+            parts = list(_texts(content))
+            size = sum(len(p) for p in parts)
         total_chars += size
         if role in ("system", "developer"):
             system_parts.extend(parts)
@@ -317,12 +347,7 @@ def assess(body: Mapping[str, Any], header: str | None = None) -> Assessment:
     if found["sequence"] >= 2:
         score += 1
         signals.append("sequence_words")
-    if (
-        found["math"]
-        or any(symbol in ask for symbol in _MATH_SYMBOLS)
-        or _DOLLAR_MATH.search(ask)
-        or _EQUATION.search(ask)
-    ):
+    if found["math"] or _MATH_SYMBOLS.search(ask) or _DOLLAR_MATH.search(ask) or _EQUATION.search(ask):
         score += 3 if strong else 2  # proofs and derivations: mathematics that must be argued, not looked up
         signals.append("math")
     long_output = 0

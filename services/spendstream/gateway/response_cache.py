@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,13 +57,24 @@ class CacheConfig(BaseModel):
     def partition(self, attribution: Mapping[str, str]) -> str | None:
         """The first opted-in scope (``dimension:value``, in attribution order) the request belongs to: its cache
         partition. None if it did not opt in."""
-        if not self.scopes:
+        opted_in = self._opted_in
+        if not opted_in:
             return None
-        wanted = set(self.scopes)
         for dimension, value in attribution.items():
-            if value and f"{dimension}:{value}" in wanted:
+            values = opted_in.get(dimension)
+            if values is not None and value in values:
                 return f"{dimension}:{value}"
         return None
+
+    @cached_property
+    def _opted_in(self) -> dict[str, frozenset[str]]:
+        """``scopes`` as dimension -> values (read on every request, built once)."""
+        values: dict[str, set[str]] = {}
+        for scope in self.scopes:
+            dimension, _, value = scope.partition(":")
+            if value:
+                values.setdefault(dimension, set()).add(value)
+        return {dimension: frozenset(found) for dimension, found in values.items()}
 
     def cacheable(self, body: Mapping[str, Any]) -> bool:
         if self.max_temperature is None:
@@ -71,9 +83,12 @@ class CacheConfig(BaseModel):
         return isinstance(temperature, int | float) and temperature <= self.max_temperature
 
 
-def cache_key(body: Mapping[str, Any], endpoint: str, partition: str) -> str:
-    """sha256 hex of the normalised request; key order and JSON whitespace do not matter."""
+def cache_key(body: Mapping[str, Any], endpoint: str, partition: str, model: str | None = None) -> str:
+    """sha256 hex of the normalised request (with ``model``, if given, as the model it will be sent with); key order
+    and JSON whitespace do not matter."""
     kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    if model is not None:
+        kept["model"] = model
     canonical = json.dumps(
         [endpoint, partition, kept], sort_keys=True, separators=(",", ":"), allow_nan=False
     )  # ASCII escapes: text with lone surrogates (valid JSON escapes) still hashes
