@@ -1,5 +1,6 @@
 """Cost of the routing core per request: complexity classifier (latency and accuracy), cache key + lookup,
-choose_route. Baseline from the same run: json.loads of the same request bodies, which the gateway does anyway.
+choose_route, and pick_route with a reused plan (what the gateway runs per request). Baseline from the same
+run: json.loads of the same request bodies, which the gateway does anyway.
 
 Run: .venv/bin/python bench/bench_routing.py
 """
@@ -17,7 +18,7 @@ from spendstream.core.policy import parse_policy
 from spendstream.gateway.complexity import Tier, assess
 from spendstream.gateway.provider_stats import ProviderStats
 from spendstream.gateway.response_cache import CachedResponse, ResponseCache, cache_key
-from spendstream.gateway.routing import TokenEstimate, choose_route
+from spendstream.gateway.routing import RoutePlan, TokenEstimate, choose_route, pick_route, plan_route
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [json.loads(line) for line in (ROOT / "tests" / "data" / "complexity_labelled.jsonl").open(encoding="utf-8")]
@@ -108,7 +109,19 @@ def main() -> None:
             requested_provider="openai", estimate=TokenEstimate(1200, 400), prices=prices, at=at,
         )  # fmt: skip
 
-    show("choose_route", percentiles_us(route, cases, 500))
+    show("choose_route (plan + pick)", percentiles_us(route, cases, 500))
+
+    def plan(case: tuple[Tier, str, float | None]) -> RoutePlan:
+        tier, env, frac = case
+        return plan_route(
+            "gpt-4o", tier, env, frac, routing, snapshot, requested_provider="openai", prices=prices, at=at
+        )
+
+    plans = {case: plan(case) for case in cases}
+    estimate = TokenEstimate(1200, 400)
+    show("pick_route (plan reused, as in the gateway)", percentiles_us(
+        lambda case: pick_route(plans[case], routing, estimate=estimate, prices=prices, at=at), cases, 500
+    ))  # fmt: skip
     show("ProviderStats.snapshot (2 models x 512)", percentiles_us(lambda _: stats.snapshot(now), [0], 200))
 
 

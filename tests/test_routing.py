@@ -20,6 +20,8 @@ from spendstream.gateway.routing import (
     TokenEstimate,
     choose_route,
     downgrade_steps,
+    pick_route,
+    plan_route,
     remaining_bound,
     requested_cost_nanos,
     routing_tags,
@@ -388,6 +390,35 @@ def test_score_is_deterministic_and_prefers_dominant_candidates(
         assert first.model == "gpt-4o-mini"
     if first.model == "claude-3-haiku":
         assert a[2] > b[2] or a_rate > b_rate
+
+
+# One candidate cheaper on input, the other on output: which wins depends on the request's token mix.
+CROSSED = PriceTable(
+    (
+        PriceOverride("openai", "gpt-4o-mini", rates("0.10", "2")),
+        PriceOverride("anthropic", "claude-3-haiku", rates("1", "0.20")),
+        PriceOverride("openai", "gpt-4o", rates("2.50", "10")),
+    )
+)
+
+
+@given(st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 100_000)), min_size=1, max_size=20))
+def test_a_plan_reused_for_many_requests_routes_each_as_choose_route_does(estimates: list[tuple[int, int]]) -> None:
+    # The gateway plans once per (model, tier, environment, ...) and stats snapshot, then prices per request.
+    plan = plan_route(
+        "gpt-4o", Tier.simple, "production", None, ROUTING, EMPTY_STATS,
+        requested_provider="openai", prices=CROSSED, at=AT,
+    )  # fmt: skip
+    for inp, out in [*estimates, (100_000, 0), (0, 100_000)]:
+        estimate = TokenEstimate(inp, out)
+        fresh = choose_route(
+            "gpt-4o", Tier.simple, "production", None, ROUTING, EMPTY_STATS,
+            requested_provider="openai", estimate=estimate, prices=CROSSED, at=AT,
+        )  # fmt: skip
+        assert pick_route(plan, ROUTING, estimate=estimate, prices=CROSSED, at=AT) == fresh
+    winners = {pick_route(plan, ROUTING, estimate=TokenEstimate(i, o), prices=CROSSED, at=AT).model
+               for i, o in ((100_000, 0), (0, 100_000))}  # fmt: skip
+    assert winners == {"gpt-4o-mini", "claude-3-haiku"}  # the plan fixes the competitors, not the winner
 
 
 def test_routing_tags() -> None:

@@ -50,10 +50,12 @@ from spendstream.gateway.response_cache import (
 from spendstream.gateway.routing import (
     NoRouteError,
     Route,
+    RoutePlan,
     RoutingPolicyView,
     ThresholdsView,
     TokenEstimate,
-    choose_route,
+    pick_route,
+    plan_route,
     remaining_bound,
     routing_tags,
     with_requested_cost,
@@ -75,6 +77,7 @@ _BLOCK_ERRORS = {
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
 _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anthropic-ratelimit-requests-remaining")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
+MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
 
 
 def _is_unicode(text: str) -> bool:
@@ -85,6 +88,12 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _refuse_non_finite(constant: str) -> float:
+    """``json.loads`` accepts NaN and Infinity, which are not JSON: no provider would take them, and the cache key
+    (canonical JSON) cannot be built from them."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,7 @@ class Gateway:
         self.follower: UsageFollower | None = None  # with routing: every gateway's calls, from the usage topic
         self._stats: RoutingStats = EMPTY_STATS
         self._stats_at = -math.inf
+        self._plans: dict[tuple[object, ...], RoutePlan] = {}
         self._kinds = {
             kind: frozenset(name for name, p in config.providers.items() if p.kind == kind)
             for kind in ("openai", "anthropic")
@@ -360,6 +370,9 @@ class Gateway:
         remaining: float | None,
         endpoint: Endpoint,
     ) -> Route:
+        """``choose_route`` in two steps: the plan (eligibility, tiers, reasons; the same for every request with
+        these inputs until the stats snapshot or the minute of the price table changes) is reused, and only the
+        pricing and scoring of this request's token estimate run per request."""
         assert self.routing is not None
         now = time.time()
         if now - self._stats_at >= STATS_REFRESH_S:
@@ -368,18 +381,27 @@ class Gateway:
             if self.provider_stats.period_start != month_start:
                 self.provider_stats.reset_spend(month_start)
             self._stats, self._stats_at = self.provider_stats.snapshot(now), now
+            self._plans.clear()
+        environment = attribution.get("environment", "")
+        key = (model, provider, assessment.tier, environment, remaining, endpoint.anthropic, int(now // 60))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_ROUTE_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = plan_route(
+                model,
+                assessment.tier,
+                environment,
+                remaining,
+                self.routing,
+                self._stats,
+                requested_provider=provider,
+                prices=self.prices,
+                compatible_providers=self._kinds["anthropic" if endpoint.anthropic else "openai"],
+            )
         output = assessment.output_tokens or self.routing.default_output_tokens
-        return choose_route(
-            model,
-            assessment.tier,
-            attribution.get("environment", ""),
-            remaining,
-            self.routing,
-            self._stats,
-            requested_provider=provider,
-            estimate=TokenEstimate(assessment.input_tokens, output),
-            prices=self.prices,
-            compatible_providers=self._kinds["anthropic" if endpoint.anthropic else "openai"],
+        return pick_route(
+            plan, self.routing, estimate=TokenEstimate(assessment.input_tokens, output), prices=self.prices
         )
 
     def _cache_key(
@@ -427,7 +449,7 @@ class Gateway:
         if len(raw) > limit:
             return None, b"", f"request body exceeds the limit of {limit} bytes"
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_refuse_non_finite)
         except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
             return None, b"", f"request body is not valid JSON: {exc}"
         except RecursionError:

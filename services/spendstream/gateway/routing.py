@@ -27,6 +27,10 @@ Ties break on (cost, priority, provider, model), so the same inputs always give 
 Finally, unless ``allow_upgrade``, a requested model that is eligible (its provider allowed and under budget)
 and estimated cheaper than the winner is kept: routing saves money, it does not spend more than the client asked for.
 
+``choose_route`` runs in two halves: ``plan_route`` (steps 1-4 up to the competing candidates, which do not depend
+on the request's token counts) and ``pick_route`` (prices, scores, keeps a cheaper requested model). The gateway
+reuses a plan until its stats snapshot or the minute changes, so a request only pays for ``pick_route``.
+
 The requested and routed cost estimates travel in the usage event's tags (``routing_tags``) so the ledger can
 show spend as routed against spend had every request gone to the requested model.
 """
@@ -176,6 +180,16 @@ def _failing(policy: RoutingPolicyView, stats: RoutingStats, provider: str, mode
     )
 
 
+class _Row(NamedTuple):
+    """A usable candidate as the score sees it (everything but the cost, which depends on the request)."""
+
+    provider: str
+    model: str
+    latency: float
+    error_rate: float
+    priority: int
+
+
 class _Scored(NamedTuple):
     score: float
     cost: int
@@ -184,32 +198,44 @@ class _Scored(NamedTuple):
     model: str
 
 
-def _score(
-    candidates: list[tuple[CandidateView, int]], policy: RoutingPolicyView, stats: RoutingStats
-) -> list[_Scored]:
+def _score(rows: Sequence[_Row], costs: Sequence[int], policy: RoutingPolicyView) -> list[_Scored]:
     w = policy.weights
     weights = (float(w.cost), float(w.latency), float(w.error_rate), float(w.priority))
     total = sum(weights)
-    rows = []
-    for candidate, cost in candidates:
-        observed = stats.models.get((candidate.provider, candidate.model))
-        known = observed is not None and observed.samples >= policy.min_samples
-        latency = observed.p95_ms if known else policy.unknown_latency_ms
-        error_rate = observed.error_rate if known else 0.0
-        rows.append((candidate, cost, latency, error_rate, policy.providers[candidate.provider].priority))
-    low = {i: min(r[i] for r in rows) for i in (1, 2, 4)}
-    span = {i: max(r[i] for r in rows) - low[i] for i in (1, 2, 4)}
-
-    def scaled(value: float, i: int) -> float:
-        return (value - low[i]) / span[i] if span[i] else 0.0
-
+    low_cost, span_cost = min(costs), max(costs) - min(costs)
+    low_latency = min(r.latency for r in rows)
+    span_latency = max(r.latency for r in rows) - low_latency
+    low_priority = min(r.priority for r in rows)
+    span_priority = max(r.priority for r in rows) - low_priority
     max_error_rate = float(policy.max_error_rate)
     scored = []
-    for candidate, cost, latency, error_rate, priority in rows:
-        terms = (scaled(cost, 1), scaled(latency, 2), min(1.0, error_rate / max_error_rate), scaled(priority, 4))
+    for row, cost in zip(rows, costs, strict=True):
+        terms = (
+            (cost - low_cost) / span_cost if span_cost else 0.0,
+            (row.latency - low_latency) / span_latency if span_latency else 0.0,
+            min(1.0, row.error_rate / max_error_rate),
+            (row.priority - low_priority) / span_priority if span_priority else 0.0,
+        )
         score = sum(wi * ti for wi, ti in zip(weights, terms, strict=True)) / total
-        scored.append(_Scored(round(score, 12), cost, priority, candidate.provider, candidate.model))
+        scored.append(_Scored(round(score, 12), cost, row.priority, row.provider, row.model))
     return sorted(scored)
+
+
+def _row(candidate: CandidateView, policy: RoutingPolicyView, stats: RoutingStats) -> _Row:
+    observed = stats.models.get((candidate.provider, candidate.model))
+    known = observed is not None and observed.samples >= policy.min_samples
+    return _Row(
+        candidate.provider,
+        candidate.model,
+        observed.p95_ms if known else policy.unknown_latency_ms,  # type: ignore[union-attr]
+        observed.error_rate if known else 0.0,  # type: ignore[union-attr]
+        policy.providers[candidate.provider].priority,
+    )
+
+
+def _priced(provider: str, model: str, prices: PriceTable, at: datetime) -> bool:
+    """Whether the price table has (or defaults) a price for the model: a property of the model, not of counts."""
+    return _cost(provider, model, TokenEstimate(1, 1), prices, at) is not None
 
 
 def _usable(
@@ -217,25 +243,23 @@ def _usable(
     tier: Tier,
     policy: RoutingPolicyView,
     stats: RoutingStats,
-    estimate: TokenEstimate,
     prices: PriceTable,
     compatible: Collection[str] | None,
-    at: datetime | None,
-) -> list[tuple[CandidateView, int]]:
-    usable: list[tuple[CandidateView, int]] = []
-    failing: list[tuple[CandidateView, int]] = []
+    at: datetime,
+) -> list[_Row]:
+    usable: list[_Row] = []
+    failing: list[_Row] = []
     for candidate in env.tiers.of(tier):
         if not _eligible(env, policy, candidate.provider, compatible):
             continue
         if _over_budget(policy, stats, candidate.provider):
             continue
-        cost = _cost(candidate.provider, candidate.model, estimate, prices, at)
-        if cost is None:
+        if not _priced(candidate.provider, candidate.model, prices, at):
             continue
         if _failing(policy, stats, candidate.provider, candidate.model):
-            failing.append((candidate, cost))
+            failing.append(_row(candidate, policy, stats))
         else:
-            usable.append((candidate, cost))
+            usable.append(_row(candidate, policy, stats))
     return usable or failing
 
 
@@ -260,6 +284,122 @@ def remaining_bound(action: str, thresholds: ThresholdsView) -> float | None:
     return None if threshold is None else max(0.0, float(1 - threshold))
 
 
+class RoutePlan(NamedTuple):
+    """Everything ``choose_route`` decides before it knows the request's token counts: which tier's candidates
+    compete, whether the requested model may be kept, and the reasons. It depends on the policy, the stats snapshot,
+    the price table and the minute, so a gateway reuses one plan for every request with the same inputs until its
+    stats snapshot is refreshed (``plan_route``); ``pick_route`` then prices and scores per request."""
+
+    requested_model: str
+    requested_provider: str
+    routed: bool  # False: the environment has no routing section, the request passes unchanged
+    requested_ok: bool  # its provider is allowed in the environment and speaks the endpoint's API
+    requested_kept: bool  # ... and is under budget and not failing
+    tier: str  # the tier whose candidates compete ("" when none is usable)
+    candidates: tuple[_Row, ...]
+    reason: str  # why a candidate other than the requested model wins
+    no_route: str  # the NoRouteError message when nothing may serve
+
+
+def plan_route(
+    requested_model: str,
+    complexity: Tier,
+    environment: str,
+    remaining_budget_fraction: float | None,
+    policy: RoutingPolicyView,
+    stats: RoutingStats,
+    *,
+    requested_provider: str,
+    prices: PriceTable = EMPTY_TABLE,
+    compatible_providers: Collection[str] | None = None,
+    at: datetime | None = None,
+) -> RoutePlan:
+    """The part of ``choose_route`` that does not depend on the token estimate (same arguments, without it)."""
+    at = at or datetime.now(UTC)
+    env = policy.environment(environment)
+    if env is None:
+        return RoutePlan(requested_model, requested_provider, False, True, True, "", (), "unrouted", "")
+    requested_ok = _eligible(env, policy, requested_provider, compatible_providers)
+    # Kept only if its provider is also under budget and it is not failing.
+    requested_kept = (
+        requested_ok
+        and not _over_budget(policy, stats, requested_provider)
+        and not _failing(policy, stats, requested_provider, requested_model)
+    )
+    reasons = []
+    index = TIER_ORDER.index(complexity)
+    steps = downgrade_steps(policy, remaining_budget_fraction)
+    if steps and index:
+        lowered = max(0, index - steps)
+        reasons.append(f"budget {remaining_budget_fraction:.0%} left: {complexity}->{TIER_ORDER[lowered]}")
+        index = lowered
+    # The wanted tier, then cheaper ones, then dearer ones.
+    order = [*range(index, -1, -1), *range(index + 1, len(TIER_ORDER))]
+    for position in order:
+        tier = TIER_ORDER[position]
+        usable = _usable(env, tier, policy, stats, prices, compatible_providers, at)
+        if usable:
+            break
+    else:
+        no_route = (
+            f"environment {environment or policy.default_environment!r} allows no provider for this request "
+            f"(requested {requested_provider}/{requested_model}) and its tiers list no usable candidate"
+        )
+        return RoutePlan(requested_model, requested_provider, True, requested_ok, requested_kept, "", (), "", no_route)
+    if tier is not TIER_ORDER[index]:
+        reasons.append(f"no usable candidate in {TIER_ORDER[index]}")
+    reason = "; ".join([f"tier {tier}", *reasons])
+    if not requested_ok:
+        reason += f"; {requested_provider} not allowed in {environment or policy.default_environment}"
+    return RoutePlan(
+        requested_model, requested_provider, True, requested_ok, requested_kept, tier.value, tuple(usable), reason, ""
+    )
+
+
+def pick_route(
+    plan: RoutePlan,
+    policy: RoutingPolicyView,
+    *,
+    estimate: TokenEstimate,
+    prices: PriceTable = EMPTY_TABLE,
+    at: datetime | None = None,
+) -> Route:
+    """The route for one request under ``plan``: estimated costs, the score, and the requested model kept when it
+    is cheaper (see the module docstring). Raises ``NoRouteError`` when the plan allows nothing."""
+    at = at or datetime.now(UTC)
+    model, provider = plan.requested_model, plan.requested_provider
+    requested_cost = _cost(provider, model, estimate, prices, at)
+    if not plan.routed:
+        return Route(model, provider, "", "unrouted", requested_cost, requested_cost)
+    if not plan.candidates:
+        if plan.requested_kept:
+            return Route(model, provider, "", "requested", requested_cost, requested_cost)
+        raise NoRouteError(plan.no_route)
+    rows, costs = [], []
+    for row in plan.candidates:  # all priced when planned (with the same table and minute)
+        cost = _cost(row.provider, row.model, estimate, prices, at)
+        if cost is not None:
+            rows.append(row)
+            costs.append(cost)
+    if not rows:
+        raise NoRouteError(plan.no_route or f"no priced candidate in tier {plan.tier}")
+    if len(rows) == 1:  # nothing to weigh
+        best = _Scored(0.0, costs[0], 0, rows[0].provider, rows[0].model)
+    else:
+        best = _score(rows, costs, policy)[0]
+    winner_is_requested = (best.provider, best.model) == (provider, model)
+    if (
+        plan.requested_kept
+        and not policy.allow_upgrade
+        and requested_cost is not None
+        and requested_cost < best.cost
+        and not winner_is_requested
+    ):
+        return Route(model, provider, plan.tier, "requested", requested_cost, requested_cost)
+    reason = "requested" if winner_is_requested else plan.reason
+    return Route(best.model, best.provider, plan.tier, reason, requested_cost, best.cost)
+
+
 def choose_route(
     requested_model: str,
     complexity: Tier,
@@ -281,61 +421,19 @@ def choose_route(
     Raises ``NoRouteError`` when the environment allows neither the requested model nor any candidate.
     """
     at = at or datetime.now(UTC)  # one price instant for every estimate of this request
-    requested_cost = _cost(requested_provider, requested_model, estimate, prices, at)
-    env = policy.environment(environment)
-    if env is None:
-        return Route(requested_model, requested_provider, "", "unrouted", requested_cost, requested_cost)
-    requested_ok = _eligible(env, policy, requested_provider, compatible_providers)
-    # Kept only if its provider is also under budget and it is not failing.
-    requested_kept = (
-        requested_ok
-        and not _over_budget(policy, stats, requested_provider)
-        and not _failing(policy, stats, requested_provider, requested_model)
+    plan = plan_route(
+        requested_model,
+        complexity,
+        environment,
+        remaining_budget_fraction,
+        policy,
+        stats,
+        requested_provider=requested_provider,
+        prices=prices,
+        compatible_providers=compatible_providers,
+        at=at,
     )
-
-    reasons = []
-    index = TIER_ORDER.index(complexity)
-    steps = downgrade_steps(policy, remaining_budget_fraction)
-    if steps and index:
-        lowered = max(0, index - steps)
-        reasons.append(f"budget {remaining_budget_fraction:.0%} left: {complexity}->{TIER_ORDER[lowered]}")
-        index = lowered
-    # The wanted tier, then cheaper ones, then dearer ones.
-    order = [*range(index, -1, -1), *range(index + 1, len(TIER_ORDER))]
-    for position in order:
-        tier = TIER_ORDER[position]
-        usable = _usable(env, tier, policy, stats, estimate, prices, compatible_providers, at)
-        if usable:
-            break
-    else:
-        if requested_kept:
-            return Route(requested_model, requested_provider, "", "requested", requested_cost, requested_cost)
-        raise NoRouteError(
-            f"environment {environment or policy.default_environment!r} allows no provider for this request "
-            f"(requested {requested_provider}/{requested_model}) and its tiers list no usable candidate"
-        )
-    if tier is not TIER_ORDER[index]:
-        reasons.append(f"no usable candidate in {TIER_ORDER[index]}")
-    if len(usable) == 1:  # nothing to weigh
-        candidate, cost = usable[0]
-        best = _Scored(0.0, cost, 0, candidate.provider, candidate.model)
-    else:
-        best = _score(usable, policy, stats)[0]
-    if (
-        requested_kept
-        and not policy.allow_upgrade
-        and requested_cost is not None
-        and requested_cost < best.cost
-        and (best.provider, best.model) != (requested_provider, requested_model)
-    ):
-        return Route(requested_model, requested_provider, tier.value, "requested", requested_cost, requested_cost)
-    if (best.provider, best.model) == (requested_provider, requested_model):
-        reason = "requested"
-    else:
-        reason = "; ".join([f"tier {tier}", *reasons]) if reasons else f"tier {tier}"
-        if not requested_ok:
-            reason += f"; {requested_provider} not allowed in {environment or policy.default_environment}"
-    return Route(best.model, best.provider, tier.value, reason, requested_cost, best.cost)
+    return pick_route(plan, policy, estimate=estimate, prices=prices, at=at)
 
 
 def routing_tags(route: Route, requested_provider: str, requested_model: str) -> dict[str, str]:
