@@ -58,6 +58,7 @@ from operator import itemgetter
 from typing import Any
 
 import fastavro
+from clickhouse_connect.driver.exceptions import DataError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
@@ -165,6 +166,7 @@ class Rejected:
 class DecodedValues:
     records: list[dict[str, Any]]  # raw form: occurred_at in micros, event_id a string
     rejected: list[Rejected]
+    kept: list[int] = field(default_factory=list)  # position of each record among the decoded values
 
 
 class UsageDecoder:
@@ -189,6 +191,7 @@ class UsageDecoder:
         raw_schema, header = self._raw_schema, self._header
         records: list[dict[str, Any]] = []
         rejected: list[Rejected] = []
+        kept: list[int] = []
         for index, value in enumerate(values):
             if value is not None and value[:10] == header:
                 stream = io.BytesIO(value)
@@ -198,39 +201,42 @@ class UsageDecoder:
                 except Exception:  # corrupt body: the exact path below names the problem
                     record = None
                 if record is not None and stream.tell() == len(value) and fast_problem_free(record, future_limit_us):
-                    self._keep_priced(index, record, records, rejected)
+                    if self._keep_priced(index, record, records, rejected):
+                        kept.append(index)
                     continue
-            self._decode_exactly(index, value, now, records, rejected)
-        return DecodedValues(records, rejected)
+            if self._decode_exactly(index, value, now, records, rejected):
+                kept.append(index)
+        return DecodedValues(records, rejected, kept)
 
     def _keep_priced(
         self, index: int, record: dict[str, Any], records: list[dict[str, Any]], rejected: list[Rejected]
-    ) -> None:
+    ) -> bool:
         if record["cost_nanos"] is None:
             at = _EPOCH + record["occurred_at"] * _MICROSECOND
             try:
                 price = price_record(record, at, self.prices)
             except UnknownModelError as exc:
                 rejected.append(Rejected(index, "price", f"unknown model, policy rejects it: {exc}"))
-                return
+                return False
             record["cost_nanos"], record["price_source"] = price.cost_nanos, price.source
         records.append(record)
+        return True
 
     def _decode_exactly(
         self, index: int, value: bytes | None, now: datetime, records: list[dict[str, Any]], rejected: list[Rejected]
-    ) -> None:
+    ) -> bool:
         try:
             record = self.codec.decode(value or b"")
         except DecodeError as exc:
             rejected.append(Rejected(index, "decode", str(exc)))
-            return
+            return False
         problem = usage_record_problem(record, now, self.max_future_skew)
         if problem is not None:
             rejected.append(Rejected(index, "validate", problem))
-            return
+            return False
         record["event_id"] = str(record["event_id"])
         record["occurred_at"] = micros(record["occurred_at"])
-        self._keep_priced(index, record, records, rejected)
+        return self._keep_priced(index, record, records, rejected)
 
 
 def columns_of(records: Sequence[dict[str, Any]]) -> list[Sequence[Any]]:
@@ -270,6 +276,7 @@ _REASON_KINDS = (
     ("missing occurred_at", "missing_occurred_at"),
     ("missing provider or model_requested", "missing_provider_or_model"),
     ("unknown model", "unknown_model"),
+    ("the ledger refuses this record", "ledger_refused"),
 )
 
 
@@ -279,6 +286,42 @@ def reason_kind(stage: str, reason: str) -> str:
         if needle in reason:
             return kind
     return "undecodable" if stage == "decode" else "invalid"
+
+
+# ClickHouse errors caused by the values sent, never by the server's state: retrying cannot help.
+_CONTENT_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        407,  # DECIMAL_OVERFLOW
+        691,  # UNKNOWN_ELEMENT_OF_ENUM
+    }
+)
+_ERROR_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def is_content_error(exc: BaseException) -> bool:
+    """True when an insert failed because of what it carried (a value out of a column's range, a type
+    the column refuses), so the same rows will fail forever; False for outages and anything unknown,
+    which are retried."""
+    if isinstance(exc, DataError | OverflowError | struct.error | TypeError | ValueError):
+        return True
+    code = _ERROR_CODE.search(str(exc))
+    return code is not None and int(code.group(1)) in _CONTENT_ERROR_CODES
+
+
+def refusal_reason(exc: BaseException) -> str:
+    cause = f"{exc}; {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+    return f"the ledger refuses this record: {cause}"
 
 
 # -- the service ----------------------------------------------------------------------------
@@ -418,8 +461,8 @@ class _Batch:
     messages: list[Message]
     now: datetime  # every verdict on this batch is taken against this moment, retries included
     groups: list[AvroGroup]
-    columns: list[Sequence[Any]]  # rows decoded in Python from the start (values no group takes)
-    python_rows: int
+    python_records: list[dict[str, Any]]  # decoded in Python from the start (values no group takes)
+    python_indices: list[int]  # their positions in the batch
     python_rejected: list[Rejected]
     token: str
     abandoned: threading.Event = field(default_factory=threading.Event)
@@ -588,8 +631,8 @@ class LedgerSink:
             good,
             now,
             groups,
-            columns_of(decoded.records),
-            len(decoded.records),
+            decoded.records,
+            [others[i] for i in decoded.kept],
             rejected,
             dedup_token(ranges),
         )
@@ -617,9 +660,8 @@ class LedgerSink:
         written = _Written()
         for group in batch.groups:
             self._write_group(batch, group, written)
-        if batch.python_rows:
-            self._insert_columns(batch.columns, batch.token)
-        written.add(batch.python_rows, batch.python_rejected)
+        written.add(0, batch.python_rejected)
+        self._insert_isolating(batch.python_records, batch.python_indices, batch.token, written)
         return written
 
     def _write_group(self, batch: _Batch, group: AvroGroup, written: _Written) -> None:
@@ -640,11 +682,21 @@ class LedgerSink:
         count = len(group.indices)
         excluded = judged.exact | judged.rejected.keys()
         if len(excluded) < count:
-            self._client.command(
-                f"INSERT INTO {self._table} ({', '.join(LEDGER_COLUMNS)}) "
-                + ledger_select_sql(LEDGER_COLUMNS, self._staging, sorted(excluded)),
-                settings={"insert_deduplication_token": token},
-            )
+            try:
+                self._client.command(
+                    f"INSERT INTO {self._table} ({', '.join(LEDGER_COLUMNS)}) "
+                    + ledger_select_sql(LEDGER_COLUMNS, self._staging, sorted(excluded)),
+                    settings={"insert_deduplication_token": token},
+                )
+            except Exception as exc:
+                if not is_content_error(exc):
+                    raise
+                log.warning(
+                    "the ledger refused staged %s values, isolating them in Python: %s", group.version.name, exc
+                )
+                written.fallbacks += 1
+                self._write_in_python(batch, group.indices, f"{token}:py", written)
+                return
         rejected = [Rejected(group.indices[row], "validate", reason) for row, reason in judged.rejected.items()]
         written.add(count - len(excluded), rejected)
         written.staged_rows += count - len(judged.exact)
@@ -653,9 +705,34 @@ class LedgerSink:
 
     def _write_in_python(self, batch: _Batch, indices: list[int], token: str, written: _Written) -> None:
         decoded = self._decoder.decode([batch.messages[i].value() for i in indices], batch.now)
-        if decoded.records:
-            self._insert_columns(columns_of(decoded.records), token)
-        written.add(len(decoded.records), [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected])
+        written.add(0, [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected])
+        self._insert_isolating(decoded.records, [indices[i] for i in decoded.kept], token, written)
+
+    def _insert_isolating(
+        self, records: list[dict[str, Any]], indices: list[int], token: str, written: _Written
+    ) -> None:
+        """Insert records; if the ledger refuses them for their content, bisect until the refused ones are alone.
+
+        A refused record becomes a dead letter, everything else lands. Each part carries a token derived
+        from its position, so a retry after an outage repeats the same parts and ClickHouse drops repeats.
+        Failures that are not about content (an outage) propagate and the whole batch is retried.
+        """
+        if not records:
+            return
+        try:
+            self._insert_columns(columns_of(records), token)
+        except Exception as exc:
+            if not is_content_error(exc):
+                raise
+            if len(records) == 1:
+                log.warning("the ledger refuses the record at %s: %s", token, exc)
+                written.add(0, [Rejected(indices[0], "insert", refusal_reason(exc))])
+                return
+            middle = len(records) // 2
+            self._insert_isolating(records[:middle], indices[:middle], f"{token}<", written)
+            self._insert_isolating(records[middle:], indices[middle:], f"{token}>", written)
+            return
+        written.add(len(records), [])
 
     def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> None:
         self._client.insert(
