@@ -14,7 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from spendstream.core.config import ConfigError, load_settings
+from spendstream.core.config import ConfigError, Settings, load_settings
+from spendstream.runtime.topic_admin import BrokerUnreachable, require_broker
 
 COMMAND_MODULES = (
     "spendstream.runtime.commands",  # broker, topics, dev, demo
@@ -40,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def needs_broker(args: argparse.Namespace, settings: Settings) -> bool:
+    """One-shot commands that can do nothing without the broker; they check for it before they start.
+
+    Services (processor, sink, gateway) are left out: they wait for a broker that is starting, and the
+    gateway spools to disk while there is none.
+    """
+    if args.command == "topics":
+        return True
+    if args.command == "policy":
+        return args.policy_command == "apply" or (args.policy_command == "show" and not (args.file or settings.policy))
+    return args.command == "processor" and bool(getattr(args, "dump_totals", False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,10 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = load_settings()
+        if needs_broker(args, settings):
+            require_broker(settings.kafka_client_config())
         return int(args.handler(args, settings) or 0)
     except ConfigError as exc:
         print(f"spendstream: {exc}", file=sys.stderr)
         return 2
+    except BrokerUnreachable as exc:
+        print(f"spendstream: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

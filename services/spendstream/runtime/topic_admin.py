@@ -1,7 +1,8 @@
-"""Create the spendstream topics idempotently (``spendstream topics create``)."""
+"""Create the spendstream topics idempotently (``spendstream topics create``); tell whether a broker answers."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -36,3 +37,27 @@ def create_topics(
                     raise
                 outcome[name] = "exists"
     return outcome
+
+
+class BrokerUnreachable(RuntimeError):
+    """No broker answered at the configured address; the message names it and the setting."""
+
+
+_SILENT = logging.getLogger("spendstream.broker_probe")
+_SILENT.disabled = True  # librdkafka would otherwise print one error per reconnect attempt
+
+
+def require_broker(kafka_config: dict[str, Any], timeout: float = 5.0) -> None:
+    """Raise :class:`BrokerUnreachable` unless a broker at ``bootstrap.servers`` answers a metadata request.
+
+    The probe is silent, so a command that needs the broker can say once, in one line, that there is none.
+    """
+    bootstrap = kafka_config.get("bootstrap.servers", "?")
+    admin = AdminClient({**kafka_config, "logger": _SILENT, "error_cb": lambda _error: None})
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerUnreachable(
+            f"no Kafka broker answers at {bootstrap} (SPENDSTREAM_KAFKA_BOOTSTRAP): {exc.args[0].str()}; "
+            "start one (spendstream dev, or spendstream broker) or point SPENDSTREAM_KAFKA_BOOTSTRAP at it"
+        ) from None
