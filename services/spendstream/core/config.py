@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     # -- shared ---------------------------------------------------------------------------
     config_file: Path | None = Field(None, description="Optional YAML file with any of these settings.")
     data_dir: Path = Field(Path(".spendstream"), description="Where the embedded runtime keeps its state.")
+    dev_stop_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="How long `spendstream dev` waits on Ctrl-C for the ledger to catch up and for each service "
+        "to stop; usage events still unwritten then are saved in the data directory and replayed at the next start.",
+    )
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="How every Kafka client connects."

@@ -29,6 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="answer LLM calls with a local stub instead of the real providers (no provider keys needed)",
     )
+    dev.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # `spendstream -v dev` keeps its meaning
+        help="show every line the services print (faust's logs and all); default: states, decisions, alerts, errors",
+    )
     dev.set_defaults(handler=run_dev)
 
     demo = subparsers.add_parser(
@@ -89,7 +96,13 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        with DevStack(settings, policy=policy.resolve(), gateway_config=gateway_config, dev_key=dev_key) as stack:
+        with DevStack(
+            settings,
+            policy=policy.resolve(),
+            gateway_config=gateway_config,
+            dev_key=dev_key,
+            verbose=getattr(args, "verbose", False),
+        ) as stack:
             stack.say("ready; Ctrl-C stops everything")
             stop.wait()
     except RuntimeError as exc:

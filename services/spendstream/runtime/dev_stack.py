@@ -6,32 +6,49 @@ production. The embedded chDB ledger is owned by one process, so the sink also s
 
 Shutdown order is what keeps "nothing lost" true with a memory-only broker: stop the gateway
 (its Emitter flushes), wait until the sink has committed everything on the usage topic, then
-stop processor and sink, and only then the broker.
+stop processor and sink; whatever the sink did not commit is saved to the data directory
+(:mod:`spendstream.runtime.usage_spill`) before the broker stops, and replayed at the next start.
+
+While running, dev supervises its children: a service that exits is restarted with backoff,
+and the console says so. The console is quiet by default: one line per service when it is
+ready or changes state, decisions and alerts as they happen, the sink's progress while there
+is traffic, and every warning or error a service prints; ``verbose`` relays everything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from spendstream.core.config import Settings
-from spendstream.core.topics import USAGE
+from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
+from spendstream.runtime.usage_spill import SpilledRecord, replay_spill, spill_files, unconsumed_usage, write_spill
 
 SERVICE_COLOURS = {"processor": 35, "sink": 36, "gateway": 33}
+# A child's line the quiet console shows: a warning or an error, a traceback, the sink's progress under traffic.
+_NOTEWORTHY = re.compile(
+    r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|Traceback|^\w+(\.\w+)*(Error|Exception|Exit)\b|sink progress:"
+)
+# Lines that continue the record above them (faust's tables, traceback frames): shown when that record is.
+_CONTINUATION = re.compile(r"^(\s|\||\+|〃)")
+MAX_RESTART_DELAY_S = 30.0
+STABLE_AFTER_S = 60.0  # a service up this long has its restart backoff reset
 
 
 @dataclass
@@ -41,6 +58,19 @@ class Service:
     health_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
+    restarts: int = 0  # restarts since the service last ran STABLE_AFTER_S
+    started_at: float = 0.0
+    restart_at: float | None = None  # set while a crashed service waits for its restart
+    down: bool = False  # exited and not yet healthy again
+
+
+class PortTaken(RuntimeError):
+    """A port dev needs is in use by another program; the message names it and the setting that moves it."""
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds before restarting a service that has already been restarted ``restarts`` times in a row."""
+    return min(2.0**restarts, MAX_RESTART_DELAY_S)
 
 
 def _bootstrap_port(bootstrap: str) -> int | None:
@@ -49,22 +79,26 @@ def _bootstrap_port(bootstrap: str) -> int | None:
     return int(port) if host in ("127.0.0.1", "localhost") else None
 
 
-def _port_free(port: int) -> bool:
-    import socket
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True unless a socket is bound to the port; one in TIME_WAIT after a quick restart counts as free.
 
+    ``SO_REUSEADDR`` is what the broker and the services bind with too, so this answers what they will meet.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
 
 
 class DevStack:
-    """Broker + topics + policy + processor, sink (with API) and gateway as child processes.
+    """Broker + topics + policy + processor, sink (with API) and gateway as supervised child processes.
 
     ``with_gateway=False`` leaves the gateway out (the demo runs its own, in process); ``env`` is added to
-    every child's environment (e.g. a processor setting the story needs).
+    every child's environment (e.g. a processor setting the story needs); ``verbose`` relays every line the
+    services print, ``quiet_services`` none (and no decisions or alerts).
     """
 
     def __init__(
@@ -76,6 +110,7 @@ class DevStack:
         dev_key: str | None = None,
         out: IO[str] = sys.stdout,
         quiet_services: bool = False,
+        verbose: bool = False,
         with_gateway: bool = True,
         env: Mapping[str, str] | None = None,
     ) -> None:
@@ -85,24 +120,27 @@ class DevStack:
         self.dev_key = dev_key
         self.out = out
         self.quiet_services = quiet_services
+        self.verbose = verbose
         self.with_gateway = with_gateway
         self.extra_env = dict(env or {})
         self.broker: EmbeddedBroker | None = None
         self.services: list[Service] = []
         self.data_dir = settings.data_dir.resolve()
         self._print_lock = threading.Lock()
+        self._services_lock = threading.Lock()  # spawning and stopping a child never interleave
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         wanted = _bootstrap_port(self.settings.kafka_bootstrap)
-        port = wanted if wanted and _port_free(wanted) else free_port()
-        if wanted and port != wanted:
-            self.say(f"port {wanted} is taken; the broker uses {port} instead")
-        self.broker = EmbeddedBroker(port=port, log_path=self.data_dir / "broker.log").start()
+        self._check_ports(wanted)
+        self.broker = EmbeddedBroker(port=wanted or free_port(), log_path=self.data_dir / "broker.log").start()
         self.env = self._service_env()
         create_topics({"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
         self.say(f"broker     {self.broker.bootstrap} (Kafka protocol, memory-only), topics created")
+        self._replay_spills()
         if self.policy is not None:
             self._run_cli("policy", "apply", str(self.policy))
             self.say(f"policy     {self.policy} applied")
@@ -112,7 +150,12 @@ class DevStack:
         sink_metrics, processor_metrics = free_port(), free_port()
         self.services = [
             Service("sink", ["sink", "--with-api"], f"{api}/healthz", {"SPENDSTREAM_METRICS_PORT": str(sink_metrics)}),
-            Service("processor", ["processor"], env={"SPENDSTREAM_METRICS_PORT": str(processor_metrics)}),
+            Service(
+                "processor",
+                ["processor"],
+                f"http://{metrics_host}:{processor_metrics}/metrics",
+                {"SPENDSTREAM_METRICS_PORT": str(processor_metrics)},
+            ),
         ]
         if self.with_gateway:
             config = ["--config", str(self.gateway_config)] if self.gateway_config else []
@@ -120,7 +163,11 @@ class DevStack:
         for service in self.services:
             self._spawn(service)
         self._wait_healthy(timeout=60)
+        self._start_thread(self._supervise, "supervisor")
+        if not self.quiet_services:
+            self._start_thread(self._announce_decisions, "decisions")
         self.say(f"ledger     {self.settings.ledger_dsn} (database {self.settings.clickhouse_database})")
+        self.say("processor  running (spend windows; decisions on spendstream.enforcement)")
         self.say(f"api        {api}/  (dashboard; POST /v1/usage; GET /v1/reports/weekly)")
         if self.with_gateway:
             self.say(f"gateway    {gateway}/v1  (OpenAI- and Anthropic-compatible)")
@@ -133,17 +180,24 @@ class DevStack:
             self.say(f"dev key    {self.dev_key}  (Authorization: Bearer ...; X-Spendstream-Team etc. allowed)")
 
     def stop(self) -> None:
-        """Gateway first, then drain the usage topic into the ledger, then the rest, broker last."""
+        """Gateway first, then drain the usage topic into the ledger, then the rest; spill what is left; broker last."""
+        self._stopping.set()
+        if self.broker is None:
+            return  # nothing started (e.g. a port was taken)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        timeout = self.settings.dev_stop_timeout_s
         if self.with_gateway:
             self.say("stopping: gateway")
-            self._stop_service("gateway")
+            self._stop_service("gateway", timeout)
         if self.broker is not None and self._alive("sink"):
-            lag = self.wait_sink_caught_up(timeout=60)
+            lag = self.wait_sink_caught_up(timeout=timeout)
             self.say("stopping: ledger drained" if lag == 0 else f"stopping: {lag} events not yet in the ledger")
         self.say("stopping: processor, sink")
-        self._stop_service("processor")
-        self._stop_service("sink")
+        self._stop_service("processor", timeout)
+        self._stop_service("sink", timeout)
         if self.broker is not None:
+            self._spill_unconsumed()
             self.broker.stop()
             self.broker = None
         self.say("stopped")
@@ -163,6 +217,19 @@ class DevStack:
     def say(self, line: str) -> None:
         with self._print_lock:
             print(f"spendstream  {line}", file=self.out, flush=True)
+
+    def _check_ports(self, broker_port: int | None) -> None:
+        """Stop before starting anything when a configured port is in use (a port in TIME_WAIT is reused)."""
+        wanted = [(self.settings.api_host, self.settings.api_port, "SPENDSTREAM_API_PORT")]
+        if broker_port:
+            wanted.insert(0, ("127.0.0.1", broker_port, "SPENDSTREAM_KAFKA_BOOTSTRAP"))
+        if self.with_gateway:
+            wanted.append((self.settings.gateway_host, self.settings.gateway_port, "SPENDSTREAM_GATEWAY_PORT"))
+        for host, port, setting in wanted:
+            if port and not _port_free(port, host):
+                raise PortTaken(
+                    f"port {port} on {host} is in use by another program; stop it or choose another port with {setting}"
+                )
 
     def _service_env(self) -> dict[str, str]:
         assert self.broker is not None
@@ -185,6 +252,11 @@ class DevStack:
         if result.returncode != 0:
             raise RuntimeError(f"spendstream {' '.join(args)} failed:\n{result.stderr.strip()}")
 
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, daemon=True, name=name)
+        thread.start()
+        self._threads.append(thread)
+
     def _spawn(self, service: Service) -> None:
         service.process = subprocess.Popen(
             [sys.executable, "-m", "spendstream.cli", *service.argv],
@@ -194,22 +266,98 @@ class DevStack:
             text=True,
             start_new_session=True,  # Ctrl-C reaches dev only; dev stops the children in order
         )
-        threading.Thread(target=self._relay, args=(service,), daemon=True, name=f"relay-{service.name}").start()
+        service.started_at = time.monotonic()
+        threading.Thread(
+            target=self._relay, args=(service, service.process), daemon=True, name=f"relay-{service.name}"
+        ).start()
 
-    def _relay(self, service: Service) -> None:
-        assert service.process is not None and service.process.stdout is not None
+    def _relay(self, service: Service, process: subprocess.Popen[str]) -> None:
+        """Copy a child's output to its log file, and to the console what the console should show."""
+        assert process.stdout is not None
         log = (self.data_dir / f"{service.name}.log").open("a", encoding="utf-8")
         colour = SERVICE_COLOURS.get(service.name, 37)
         tty = hasattr(self.out, "isatty") and self.out.isatty()
         prefix = f"\033[{colour}m{service.name:>10}\033[0m | " if tty else f"{service.name:>10} | "
+        shown = False  # whether the record the next continuation line belongs to was shown
         with log:
-            for line in service.process.stdout:
+            for line in process.stdout:
                 log.write(line)
                 log.flush()
-                if not self.quiet_services:
+                if self.quiet_services:
+                    continue
+                if not _CONTINUATION.match(line):
+                    shown = self.verbose or bool(_NOTEWORTHY.search(line))
+                if shown:
                     with self._print_lock:
                         self.out.write(prefix + line)
                         self.out.flush()
+
+    def _supervise(self) -> None:
+        """Restart a child that exited, with backoff, and say so; say when it is healthy again."""
+        while not self._stopping.wait(0.25):
+            for service in self.services:
+                with self._services_lock:
+                    if self._stopping.is_set():
+                        return
+                    self._supervise_one(service)
+
+    def _supervise_one(self, service: Service) -> None:
+        assert service.process is not None
+        now = time.monotonic()
+        if service.process.poll() is None:
+            if service.down and self._healthy(service):
+                service.down = False
+                self.say(f"{service.name:<10} running again (restart {service.restarts})")
+            elif not service.down and now - service.started_at >= STABLE_AFTER_S:
+                service.restarts = 0
+            return
+        if service.restart_at is None:
+            delay = restart_delay(service.restarts)
+            service.down, service.restart_at = True, now + delay
+            self.say(
+                f"{service.name:<10} exited with code {service.process.returncode}; restarting in {delay:.0f}s "
+                f"(log: {self.data_dir / (service.name + '.log')})"
+            )
+        elif now >= service.restart_at:
+            service.restart_at = None
+            service.restarts += 1
+            self._spawn(service)
+
+    def _healthy(self, service: Service) -> bool:
+        if service.health_url is None:
+            return True
+        try:
+            with urllib.request.urlopen(service.health_url, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _announce_decisions(self) -> None:
+        """Print each decision and alert the processor publishes, as it happens."""
+        from spendstream.core.codec import AvroCodec
+        from spendstream.core.events import Alert, Decision
+
+        assert self.broker is not None
+        decision_codec, alert_codec = AvroCodec("decision"), AvroCodec("alert")
+        consumer = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": "spendstream-dev-console"})
+        consumer.assign([TopicPartition(ENFORCEMENT, 0, OFFSET_BEGINNING), TopicPartition(ALERTS, 0, OFFSET_BEGINNING)])
+        try:
+            while not self._stopping.is_set():
+                message = consumer.poll(0.5)
+                if message is None or message.error() is not None or message.value() is None:
+                    continue
+                try:
+                    if message.topic() == ENFORCEMENT:
+                        decision = Decision.from_avro(decision_codec.decode(message.value()))
+                        reason = f": {decision.reason}" if decision.reason else ""
+                        self.say(f"decision   {decision.scope} {decision.action}{reason}")
+                    else:
+                        alert = Alert.from_avro(alert_codec.decode(message.value()))
+                        self.say(f"alert      {alert.scope} {alert.kind} ({alert.severity}): {alert.message}")
+                except (ValueError, KeyError):  # a record of another kind (e.g. a heartbeat) is not news
+                    continue
+        finally:
+            consumer.close()
 
     def _alive(self, name: str) -> bool:
         service = next((s for s in self.services if s.name == name), None)
@@ -226,61 +374,29 @@ class DevStack:
                         f"{service.name} exited with code {service.process.returncode} during start; "
                         f"see {self.data_dir / (service.name + '.log')}"
                     )
-                try:
-                    with urllib.request.urlopen(service.health_url, timeout=1) as response:
-                        if response.status == 200:
-                            pending.remove(service)
-                except OSError:
-                    pass
+                if self._healthy(service):
+                    pending.remove(service)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not healthy within {timeout:.0f}s: {', '.join(s.name for s in pending)}")
             time.sleep(0.2)
 
-    def _stop_service(self, name: str, timeout: float = 30) -> None:
-        for service in self.services:
-            if service.name == name and service.process and service.process.poll() is None:
-                service.process.send_signal(signal.SIGINT)
-                try:
-                    service.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.say(f"{name} did not stop within {timeout:.0f}s; killing it")
-                    service.process.kill()
-                    service.process.wait()
+    def _stop_service(self, name: str, timeout: float) -> None:
+        with self._services_lock:
+            for service in self.services:
+                if service.name == name and service.process and service.process.poll() is None:
+                    service.process.send_signal(signal.SIGINT)
+                    try:
+                        service.process.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        self.say(f"{name} did not stop within {timeout:.0f}s; killing it")
+                        service.process.kill()
+                        service.process.wait()
 
     def sink_lag(self) -> int:
-        """Usage events on the broker past the sink's committed offsets, counted by reading them.
-
-        The embedded broker's high watermark can lag behind what it holds (it reports the start of
-        the last record batch), so watermarks alone could call the topic drained too early.
-        """
+        """Usage events on the broker past the sink's committed offsets (at least 1 if not all could be read)."""
         assert self.broker is not None
-        conf = {
-            "bootstrap.servers": self.broker.bootstrap,
-            "group.id": self.settings.sink_group,
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-        consumer = Consumer(conf)
-        try:
-            partitions = consumer.list_topics(USAGE, timeout=5).topics[USAGE].partitions
-            committed = consumer.committed([TopicPartition(USAGE, p) for p in partitions], timeout=5)
-            consumer.assign(
-                [
-                    TopicPartition(USAGE, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                    for tp in committed
-                ]
-            )
-            unread, at_end = 0, set()
-            deadline = time.monotonic() + 5
-            while len(at_end) < len(partitions) and time.monotonic() < deadline:
-                for message in consumer.consume(10_000, timeout=0.5):
-                    if message.error() is None:
-                        unread += 1
-                    elif message.error().code() == KafkaError._PARTITION_EOF:
-                        at_end.add(message.partition())
-            return unread if len(at_end) == len(partitions) else max(unread, 1)
-        finally:
-            consumer.close()
+        unread, complete = unconsumed_usage(self.broker.bootstrap, self.settings.sink_group, timeout=5)
+        return len(unread) if complete else max(len(unread), 1)
 
     def wait_sink_caught_up(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -289,6 +405,26 @@ class DevStack:
             time.sleep(0.25)
             lag = self.sink_lag()
         return lag
+
+    def _spill_unconsumed(self) -> None:
+        """Save the usage events the sink did not commit to a file that the next start replays."""
+        assert self.broker is not None
+        unread, complete = unconsumed_usage(self.broker.bootstrap, self.settings.sink_group, timeout=30)
+        if unread:
+            path = write_spill(self.data_dir, [SpilledRecord.of(message) for message in unread])
+            self.say(
+                f"stopping: {len(unread)} usage events not in the ledger saved to {path}; "
+                "the next `spendstream dev` with this data directory replays them"
+            )
+        if not complete:
+            self.say("stopping: WARNING the usage topic could not be read to its end; later events may be lost")
+
+    def _replay_spills(self) -> None:
+        """Produce the events a previous run saved at shutdown, before any service starts."""
+        assert self.broker is not None
+        for path in spill_files(self.data_dir):
+            count = replay_spill(path, {"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
+            self.say(f"replayed   {count} usage events saved at the last shutdown ({path.name})")
 
 
 def write_dev_gateway_config(data_dir: Path, upstream_url: str | None) -> tuple[Path, str]:

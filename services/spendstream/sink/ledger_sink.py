@@ -563,7 +563,7 @@ class LedgerSink:
     def _loop(self) -> None:
         assert self._consumer is not None
         batch_s = self.settings.sink_batch_ms / 1000
-        last_log, logged_rows = time.monotonic(), 0
+        last_log, logged_rows, logged_consumed = time.monotonic(), 0, 0
         while not self._stop.is_set() and not self._failed:
             generation = self._generation
             messages = self._consumer.consume(self.settings.sink_batch_size, batch_s)
@@ -580,16 +580,18 @@ class LedgerSink:
                 self._pending = batch
                 batch.landed = self._writer.submit(self._insert, batch)
             now = time.monotonic()
-            if now - last_log >= 10:
-                log.info("sink progress: %s", self._progress_line(now - last_log, self.stats.inserted - logged_rows))
-                last_log, logged_rows = now, self.stats.inserted
+            if now - last_log >= 10:  # progress only while there is traffic: an idle sink stays quiet
+                if self.stats.consumed != logged_consumed:
+                    rows = self.stats.inserted - logged_rows
+                    log.info("sink progress: %s", self._progress_line(now - last_log, rows))
+                last_log, logged_rows, logged_consumed = now, self.stats.inserted, self.stats.consumed
         if self._pending is not None and not self._failed:
             self._settle(self._pending)
             self._pending = None
 
     def _progress_line(self, seconds: float, rows: int) -> str:
         s = self.stats
-        rate = f"{rows / seconds:,.0f} rows/s, " if seconds else ""
+        rate = f"{rows:,} rows in {seconds:.0f}s, " if seconds else ""
         return (
             f"{rate}consumed {s.consumed:,}, inserted {s.inserted:,}, "
             f"dead-lettered {sum(s.dead_lettered.values()):,} {dict(s.dead_lettered)}, "

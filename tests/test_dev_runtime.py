@@ -1,0 +1,223 @@
+"""``spendstream dev`` as an operator meets it: taken ports, quick restarts, crashed children, Ctrl-C with
+events still on the memory-only broker, and a console that says what matters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from spendstream.core.config import load_settings
+from spendstream.core.ledger_store import connect
+from spendstream.core.topics import USAGE
+from spendstream.runtime.embedded_broker import free_port
+from test_sink import raw_value
+from test_sink_isolation import usage_record
+
+
+class Console:
+    """A dev process's merged output, read by a thread so that the process never blocks on a full pipe."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((line for line in self.lines if needle in line), None)
+                if found is not None:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._changed.wait(0.5)):
+                    raise AssertionError(f"{needle!r} not printed within {timeout}s:\n{self.text[-6000:]}")
+                self._changed.wait(min(remaining, 0.5))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def dev_env(data_dir: Path, broker_port: int | None = None, **settings: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(data_dir),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port or free_port()}",
+        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
+        "SPENDSTREAM_API_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+        **settings,
+    }
+    env.pop("SPENDSTREAM_GATEWAY_CONFIG", None)
+    env.pop("SPENDSTREAM_POLICY", None)
+    return env
+
+
+@contextmanager
+def dev(env: dict[str, str], *args: str) -> Iterator[Console]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "dev", "--stub-upstream", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield Console(proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def child_pid(parent: int, service: str) -> int:
+    """The pid of dev's child that runs ``spendstream <service>``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == parent and service.encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no {service} child of {parent}")
+
+
+# -- ports -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["SPENDSTREAM_KAFKA_BOOTSTRAP", "SPENDSTREAM_GATEWAY_PORT", "SPENDSTREAM_API_PORT"])
+def test_a_port_in_use_stops_dev_naming_the_port_and_the_setting(setting: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dev_env(tmp_path / "data")
+        env[setting] = f"127.0.0.1:{port}" if setting == "SPENDSTREAM_KAFKA_BOOTSTRAP" else str(port)
+        result = subprocess.run(
+            [sys.executable, "-m", "spendstream.cli", "dev", "--stub-upstream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"port {port}" in result.stderr and setting in result.stderr, result.stderr
+    assert "ready" not in result.stdout and "Traceback" not in result.stderr
+
+
+def time_wait_on(port: int) -> None:
+    """Leave a connection on ``port`` in TIME_WAIT, as a stopped broker does: its side closed first."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        server_side, _ = listener.accept()
+        server_side.close()  # the active close: this end, bound to `port`, enters TIME_WAIT
+        client.recv(1)
+        client.close()
+
+
+def test_a_broker_port_in_time_wait_after_a_quick_restart_is_reused(tmp_path: Path) -> None:
+    port = free_port()
+    time_wait_on(port)
+    with socket.socket() as plain, pytest.raises(OSError):  # the probe of old would have called it taken
+        plain.bind(("127.0.0.1", port))
+    with dev(dev_env(tmp_path / "data", broker_port=port)) as console:
+        console.wait_for("ready; Ctrl-C stops everything")
+        assert f"broker     127.0.0.1:{port} " in console.text
+        assert "is taken" not in console.text
+        console.proc.send_signal(signal.SIGINT)
+        assert console.proc.wait(90) == 0
+
+
+# -- supervision and the console ----------------------------------------------------------------------
+
+
+def test_dev_restarts_a_killed_processor_says_so_and_keeps_the_console_quiet(tmp_path: Path) -> None:
+    with dev(dev_env(tmp_path / "data")) as console:
+        console.wait_for("ready; Ctrl-C stops everything")
+        ready_at = time.monotonic()
+        processor = child_pid(console.proc.pid, "processor")
+        os.kill(processor, signal.SIGKILL)
+        console.wait_for(f"processor  exited with code -{signal.SIGKILL}; restarting in", 30)
+        console.wait_for("processor  running again (restart 1)", 90)
+        assert child_pid(console.proc.pid, "processor") != processor
+        time.sleep(max(0.0, 12 - (time.monotonic() - ready_at)))  # past the sink's 10 s progress interval, idle
+        console.proc.send_signal(signal.SIGINT)
+        assert console.proc.wait(90) == 0
+    lines = console.lines
+    assert not [line for line in lines if "[INFO]" in line or " INFO " in line], console.text
+    assert not [line for line in lines if "sink progress" in line], console.text
+    assert len(lines) < 25, console.text
+
+
+# -- Ctrl-C with events the sink has not written -------------------------------------------------------
+
+
+def test_events_left_on_the_broker_at_ctrl_c_are_saved_and_replayed_exactly_once(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    records = [
+        usage_record(cost_nanos=7_000 + i, occurred_at=datetime.now(UTC) - timedelta(minutes=1)) for i in range(20)
+    ]
+    env = dev_env(data_dir, SPENDSTREAM_DEV_STOP_TIMEOUT_S="3")
+    with dev(env) as console:
+        console.wait_for("ready; Ctrl-C stops everything")
+        os.kill(child_pid(console.proc.pid, "sink"), signal.SIGSTOP)  # a sink that cannot keep up
+        producer = Producer({"bootstrap.servers": env["SPENDSTREAM_KAFKA_BOOTSTRAP"]})
+        for record in records:
+            producer.produce(USAGE, raw_value(record), key=b"acme/search", headers=[("origin", b"test")])
+        assert producer.flush(10) == 0
+        console.proc.send_signal(signal.SIGINT)
+        assert console.proc.wait(90) == 0
+    saved = console.wait_for("usage events not in the ledger saved to")
+    assert "20 usage events" in saved, console.text
+    assert len(list(data_dir.glob("usage-spill-*.jsonl"))) == 1
+
+    with dev(dev_env(data_dir)) as console:
+        console.wait_for("replayed   20 usage events")
+        console.wait_for("ready; Ctrl-C stops everything")
+        console.proc.send_signal(signal.SIGINT)
+        console.wait_for("stopping: ledger drained")
+        assert console.proc.wait(90) == 0
+    assert not list(data_dir.glob("usage-spill-*.jsonl"))
+
+    settings = load_settings(data_dir=data_dir)
+    client = connect(settings)
+    try:
+        rows = client.query(
+            "SELECT event_id, cost_nanos, count() FROM spendstream.usage_ledger GROUP BY ALL"
+        ).result_rows
+    finally:
+        client.close()
+    assert sorted((str(event_id), cost, copies) for event_id, cost, copies in rows) == sorted(
+        (str(r["event_id"]), r["cost_nanos"], 1) for r in records
+    )
