@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.config import Settings
 from spendstream.core.topics import ALERTS, ENFORCEMENT
@@ -395,8 +395,20 @@ class DevStack:
     def sink_lag(self) -> int:
         """Usage events on the broker past the sink's committed offsets (at least 1 if not all could be read)."""
         assert self.broker is not None
-        unread, complete = unconsumed_usage(self.broker.bootstrap, self.settings.sink_group, timeout=5)
+        unread, complete = unconsumed_usage(self._sink_group_reader(), timeout=5)
         return len(unread) if complete else max(len(unread), 1)
+
+    def _sink_group_reader(self) -> Consumer:
+        """A consumer in the sink's group that reads without joining it or committing (see unconsumed_usage)."""
+        assert self.broker is not None
+        return Consumer(
+            {
+                "bootstrap.servers": self.broker.bootstrap,
+                "group.id": self.settings.sink_group,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
 
     def wait_sink_caught_up(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -409,7 +421,7 @@ class DevStack:
     def _spill_unconsumed(self) -> None:
         """Save the usage events the sink did not commit to a file that the next start replays."""
         assert self.broker is not None
-        unread, complete = unconsumed_usage(self.broker.bootstrap, self.settings.sink_group, timeout=30)
+        unread, complete = unconsumed_usage(self._sink_group_reader(), timeout=30)
         if unread:
             path = write_spill(self.data_dir, [SpilledRecord.of(message) for message in unread])
             self.say(
@@ -422,8 +434,14 @@ class DevStack:
     def _replay_spills(self) -> None:
         """Produce the events a previous run saved at shutdown, before any service starts."""
         assert self.broker is not None
-        for path in spill_files(self.data_dir):
-            count = replay_spill(path, {"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
+        paths = spill_files(self.data_dir)
+        if not paths:
+            return
+        producer = Producer(
+            {"bootstrap.servers": self.broker.bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 20}
+        )
+        for path in paths:
+            count = replay_spill(path, producer, self.settings.usage_partitions)
             self.say(f"replayed   {count} usage events saved at the last shutdown ({path.name})")
 
 

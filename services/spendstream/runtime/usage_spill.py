@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -71,14 +70,12 @@ def _unb64(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text)
 
 
-def unconsumed_usage(bootstrap: str, group: str, timeout: float) -> tuple[list[Message], bool]:
-    """Usage records past ``group``'s committed offsets, read to the end; and whether every partition was read.
+def unconsumed_usage(consumer: Consumer, timeout: float) -> tuple[list[Message], bool]:
+    """Usage records past the consumer's group's committed offsets, read to the end; and whether every partition was.
 
     Records are counted by reading them: the embedded broker's high watermark can lag behind what it holds.
+    The consumer needs ``enable.partition.eof``; it is closed on return.
     """
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "enable.partition.eof": True}
-    )
     try:
         partitions = consumer.list_topics(USAGE, timeout=5).topics[USAGE].partitions
         committed = consumer.committed([TopicPartition(USAGE, p) for p in partitions], timeout=5)
@@ -124,12 +121,11 @@ def read_spill(path: Path) -> Iterator[SpilledRecord]:
                 yield SpilledRecord.from_line(line)
 
 
-def replay_spill(path: Path, kafka_config: dict[str, Any], partitions: int) -> int:
+def replay_spill(path: Path, producer: Producer, partitions: int) -> int:
     """Produce a spill file's records to the usage topic; remove the file once every one is acknowledged.
 
     Raises RuntimeError (the file stays) when the broker refuses or does not acknowledge a record.
     """
-    producer = Producer({**kafka_config, "acks": "all", "enable.idempotence": True, "linger.ms": 20})
     failures: list[str] = []
     count = 0
     for record in read_spill(path):
