@@ -525,6 +525,9 @@ class LedgerSink:
 
         if self._client is None:
             self._client = connect(self.settings)
+        # clickhouse-connect logs a traceback for every value it cannot serialise; the sink names the
+        # refused record itself, once, after bisecting (see _insert_isolating).
+        logging.getLogger("clickhouse_connect.driver.transform").setLevel(logging.CRITICAL)
         applied = migrate(self._client, self.settings)
         if applied:
             log.info("ledger migrations applied: %s", ", ".join(applied))
@@ -727,7 +730,7 @@ class LedgerSink:
             if not is_content_error(exc):
                 raise
             if len(records) == 1:
-                log.warning("the ledger refuses the record at %s: %s", token, exc)
+                log.warning("the ledger refuses one record for its content; it goes to the DLQ: %s", exc)
                 written.add(0, [Rejected(indices[0], "insert", refusal_reason(exc))])
                 return
             middle = len(records) // 2
