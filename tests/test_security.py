@@ -27,7 +27,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from spendstream.analytics.commands import WriteRefused, sql_report
+from spendstream.analytics.commands import sql_report
+from spendstream.analytics.readonly_sql import WriteRefused
 from spendstream.api.app import create_app
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.ledger_store import connect, migrate

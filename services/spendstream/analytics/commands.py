@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from datetime import UTC, date, datetime
 from typing import Any
@@ -170,32 +169,17 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-READ_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
-
-
-class WriteRefused(ValueError):
-    """A statement that may change data, run without ``--write``."""
-
-
-def statement_keyword(query: str) -> str:
-    """The first keyword of a statement, past comments and opening parentheses."""
-    text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", query, flags=re.S).lstrip(" \t\r\n(")
-    return (text.split(None, 1) or [""])[0].upper()
-
-
 def sql_report(client: Any, settings: Settings, query: str, write: bool = False) -> Report:
     """Run one statement; read-only unless ``write``.
 
-    Two locks: only reading statements are accepted, and they run with ClickHouse ``readonly=1``
-    (which also refuses writes hidden inside a SELECT, e.g. through a table function).
+    Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
+    and that statement runs with ``readonly=1`` (no writes, no settings changes).
     """
-    if not write and statement_keyword(query) not in READ_STATEMENTS:
-        raise WriteRefused(
-            f"{statement_keyword(query) or 'empty'} statement refused: read-only unless --write "
-            f"(allowed: {', '.join(READ_STATEMENTS)})"
-        )
+    from spendstream.analytics.readonly_sql import READ_ONLY_SETTINGS, read_only_statement
+
     client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
-    result = client.query(query, settings={} if write else {"readonly": 1})
+    statement = query if write else read_only_statement(client, query)
+    result = client.query(statement, settings={} if write else READ_ONLY_SETTINGS)
     columns = [Column(name, name) for name in result.column_names]
     rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]
     return Report("sql", query, columns, rows)
