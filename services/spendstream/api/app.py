@@ -370,7 +370,7 @@ def _open_dashboard(request: web.Request) -> web.StreamResponse:
     token = request.app[TOKENS].lookup(request.query["token"])
     if token is None or not token.allows("viewer"):
         return _error(401, "the token in the URL is not a viewer token (`spendstream api token create --role viewer`)")
-    response = web.HTTPSeeOther("/")
+    response = web.Response(status=303, headers={"Location": "/"})
     response.set_cookie(SESSION_COOKIE, request.query["token"], httponly=True, samesite="Strict", path="/")
     return response
 
