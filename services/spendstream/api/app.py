@@ -346,10 +346,18 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(405, "no cross-origin requests: this API answers no CORS preflight")
     if request.path == "/" and "token" in request.query:
         return _open_dashboard(request)
-    caller = _caller(request)
-    how = (
-        f"'Authorization: Bearer <token>' with role {needed} or admin (`spendstream api token create --role {needed}`)"
-    )
+    refused = _refusal(request, needed, _caller(request))
+    if refused is None:
+        return await handler(request)
+    if needed == "ingest":
+        API_INGEST_REQUESTS.labels({401: "unauthorized", 403: "forbidden", 415: "unsupported"}[refused.status]).inc()
+    return refused
+
+
+def _refusal(request: web.Request, needed: Role, caller: ApiToken | None) -> web.Response | None:
+    """Why the caller may not make this request (401, 403, 415), or None."""
+    how = f"'Authorization: Bearer <token>' with role {needed} or admin"
+    how += f" (`spendstream api token create --role {needed}`)"
     if needed == "admin" and request.app[SETTINGS].admin_token is None and (caller is None or caller.role != "admin"):
         return _error(403, "admin endpoints are disabled: set SPENDSTREAM_ADMIN_TOKEN or create an admin token "
                       "(`spendstream api token create --role admin`)")  # fmt: skip
@@ -361,7 +369,7 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(403, f"token {caller.name!r} has role {caller.role}; {request.method} {request.path} needs {how}")
     if request.method == "POST" and not _is_json(request.content_type):
         return _error(415, f"Content-Type must be application/json, got {request.content_type!r}")
-    return await handler(request)
+    return None
 
 
 def _open_dashboard(request: web.Request) -> web.StreamResponse:
