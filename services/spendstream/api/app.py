@@ -56,9 +56,10 @@ LEDGER_LOCK = web.AppKey("ledger_lock", asyncio.Lock)
 TOKENS = web.AppKey("tokens", TokenStore)
 READ_TOKEN = web.AppKey("read_token", str)
 TREND_DAYS = 30
-# Per event, so that no price can turn one event into a cost (or a window sum) beyond Int64 nano-USD:
-# a trillion tokens per count is 10^5 times the largest context window; $1,000,000 is no single call.
-MAX_EVENT_TOKENS = 10**12
+# Per event, so that no price can turn one event into a cost (or a window sum) beyond Int64 nano-USD
+# (it would take a price above $200,000 per million tokens): ten billion tokens per count is a thousand
+# times the largest context window, and no single call costs $1,000,000.
+MAX_EVENT_TOKENS = 10**10
 MAX_EVENT_COST_NANOS = 1_000_000 * NANOS_PER_USD
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
