@@ -21,6 +21,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,8 +114,6 @@ class TokenStore:
             raise ConfigError(self.problem)
 
     def _refresh(self, force: bool = False) -> None:
-        import time
-
         now = time.monotonic()
         if not force and now - self._checked < self.CHECK_INTERVAL_S:
             return
