@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from spendstream.analytics import money, reports
 from spendstream.analytics.budgets import load_budgets
-from spendstream.analytics.commands import WriteRefused, build_report, sql_report
+from spendstream.analytics.commands import build_report, sql_report
+from spendstream.analytics.readonly_sql import WriteRefused
 from spendstream.analytics.report_model import render
 from spendstream.analytics.reprice import reprice
 from spendstream.analytics.rollup import rebuild_spend_daily
@@ -226,7 +227,7 @@ def test_sql_is_read_only_by_default(seeded: reports.Ledger, offline_settings: A
     assert result.rows == [{"n": 9}]
     with pytest.raises(WriteRefused, match="TRUNCATE statement refused"):
         sql_report(seeded.client, offline_settings, "/* x */ TRUNCATE TABLE usage_ledger")
-    with pytest.raises(Exception, match="readonly"):  # a write hidden in a SELECT meets readonly=1
+    with pytest.raises(Exception, match="SETTINGS refused"):  # a settings change hidden in a SELECT
         sql_report(seeded.client, offline_settings, "SELECT * FROM usage_ledger SETTINGS readonly = 0")
     sql_report(seeded.client, offline_settings, "DELETE FROM budgets WHERE month = '2026-03-01'", write=True)
     assert reports.team_budgets(seeded, date(2026, 3, 1)) == {}

@@ -20,6 +20,7 @@ from spendstream.core.ledger_store import connect, migrate
 from spendstream.sink.ledger_sink import LedgerSink
 
 B = 1_000_000_000
+ADMIN = {"Authorization": "Bearer s3cret"}  # the admin token of api_settings may do everything
 
 
 def event(**kw: Any) -> dict[str, Any]:
@@ -65,12 +66,12 @@ def test_batch_posted_twice_lands_once(api_settings: Settings, shared_client: An
     ids = [e["event_id"] for e in batch]
 
     async def body(http: TestClient) -> None:
-        first = await http.post("/v1/usage", json={"events": batch})
+        first = await http.post("/v1/usage", json={"events": batch}, headers=ADMIN)
         assert first.status == 202, await first.text()
         assert (await first.json()) == {"accepted": 3, "event_ids": ids}
-        again = await http.post("/v1/usage", json=batch)  # a client retry, as a bare array
+        again = await http.post("/v1/usage", json=batch, headers=ADMIN)  # a client retry, as a bare array
         assert again.status == 202
-        single = await http.post("/v1/usage", json=batch[0])
+        single = await http.post("/v1/usage", json=batch[0], headers=ADMIN)
         assert (await single.json())["accepted"] == 1
 
     run(_with_client(api_settings, shared_client, body))
@@ -110,7 +111,7 @@ def test_bad_input_gets_a_precise_400_and_nothing_is_published(
     api_settings: Settings, shared_client: Any, payload: Any, problems: list[tuple[Any, Any, str]]
 ) -> None:
     async def body(http: TestClient) -> dict[str, Any]:
-        response = await http.post("/v1/usage", json=payload)
+        response = await http.post("/v1/usage", json=payload, headers=ADMIN)
         assert response.status == 400
         return await response.json()
 
@@ -123,11 +124,12 @@ def test_bad_input_gets_a_precise_400_and_nothing_is_published(
 
 def test_not_json_and_size_limits(api_settings: Settings, shared_client: Any) -> None:
     async def body(http: TestClient) -> None:
-        response = await http.post("/v1/usage", data=b"{not json", headers={"Content-Type": "application/json"})
+        as_json = {**ADMIN, "Content-Type": "application/json"}
+        response = await http.post("/v1/usage", data=b"{not json", headers=as_json)
         assert response.status == 400 and "not JSON" in (await response.json())["error"]
-        response = await http.post("/v1/usage", json=[event() for _ in range(4)])
+        response = await http.post("/v1/usage", json=[event() for _ in range(4)], headers=ADMIN)
         assert response.status == 413 and "at most 3" in (await response.json())["error"]
-        response = await http.post("/v1/usage", data=b"[" + b" " * 70_000 + b"]")
+        response = await http.post("/v1/usage", data=b"[" + b" " * 70_000 + b"]", headers=as_json)
         assert response.status == 413
 
     run(_with_client(api_settings, shared_client, body, max_body_bytes=64 * 1024, max_events=3))
@@ -150,24 +152,24 @@ def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
         assert (await http.post("/v1/admin/budgets", json=doc)).status == 401
         wrong = await http.post("/v1/admin/budgets", json=doc, headers={"Authorization": "Bearer nope"})
         assert wrong.status == 401
-        auth = {"Authorization": "Bearer s3cret"}
+        auth = ADMIN
         loaded = await http.post("/v1/admin/budgets", json=doc, headers=auth)
         assert (await loaded.json()) == {"loaded": 1, "month": f"{month}-01"}
         bad = await http.post(
             "/v1/admin/budgets", json={"month": month, "budgets": [{"scope": "team:x"}]}, headers=auth
         )
         assert bad.status == 400 and "limit_usd" in (await bad.json())["error"]
-        chargeback = await (await http.get(f"/v1/reports/chargeback?month={month}")).json()
+        chargeback = await (await http.get(f"/v1/reports/chargeback?month={month}", headers=ADMIN)).json()
         (row,) = chargeback["rows"]
         assert (row["department"], row["budget_usd"], row["actual_nanos"]) == ("engineering", "12000.000000000", 5 * B)
         for kind in ("weekly", "forecast", "top", "mix", "latency"):
-            response = await http.get(f"/v1/reports/{kind}")
+            response = await http.get(f"/v1/reports/{kind}", headers=ADMIN)
             assert response.status == 200 and (await response.json())["report"] == kind
-        top = await (await http.get("/v1/reports/top?by=team&limit=1")).json()
+        top = await (await http.get("/v1/reports/top?by=team&limit=1", headers=ADMIN)).json()
         assert top["rows"][0]["key"] == "engineering" and top["rows"][0]["spend_usd"] == "5.000000000"
-        assert (await http.get("/v1/reports/top?by=colour")).status == 400
-        assert (await http.get("/v1/reports/weekly?as_of=yesterday")).status == 400
-        assert (await http.get("/v1/reports/nope")).status == 404
+        assert (await http.get("/v1/reports/top?by=colour", headers=ADMIN)).status == 400
+        assert (await http.get("/v1/reports/weekly?as_of=yesterday", headers=ADMIN)).status == 400
+        assert (await http.get("/v1/reports/nope", headers=ADMIN)).status == 404
         rebuilt = await http.post("/v1/admin/rollup/rebuild", json={"from": "2026-01-01", "to": "2027-01-01"},
                                   headers=auth)  # fmt: skip
         assert (await rebuilt.json())["rebuilt_groups"] == 1

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from spendstream.analytics.budgets import load_budgets
 from spendstream.api.app import create_app
+from spendstream.api.tokens import add_token
 from spendstream.core.config import Settings
 
 B = 1_000_000_000
@@ -79,6 +80,7 @@ def seed(client: Any, now: datetime) -> None:
 def served(ledger: Any, offline_settings: Settings) -> Iterator[str]:
     """The API on a real loopback port (its own event loop in a thread), sharing the test's ledger."""
     seed(ledger, datetime.now(UTC))
+    viewer = add_token(offline_settings.api_tokens_path, "viewer", "dashboard-test")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -88,7 +90,7 @@ def served(ledger: Any, offline_settings: Settings) -> Iterator[str]:
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{port}/"
+    yield f"http://127.0.0.1:{port}/?token={viewer}"  # as `spendstream dev` prints it
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)

@@ -20,6 +20,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from spendstream.api.app import BadRequest, create_app, parse_batch
+from spendstream.api.tokens import add_token
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, usage_record_problem
@@ -219,8 +220,9 @@ def api_cases() -> list[tuple[str, bytes, str, int]]:
         ("json-string", b'"event"', "application/json", 400),
         ("events-not-array", b'{"events": {"a": 1}}', "application/json", 400),
         ("empty-batch", b"[]", "application/json", 400),
-        ("form-body", b"event_id=1&provider=x", "application/x-www-form-urlencoded", 400),
-        ("binary-body", b"\x00\x01\x02\xc3\x01" * 10, "application/octet-stream", 400),
+        ("form-body", b"event_id=1&provider=x", "application/x-www-form-urlencoded", 415),
+        ("text-plain-json", ev, "text/plain", 415),  # what a page's no-cors fetch can send
+        ("binary-body", b"\x00\x01\x02\xc3\x01" * 10, "application/octet-stream", 415),
         ("batch-over-limit", json.dumps([event_dict() for _ in range(11)]).encode(), "application/json", 413),
         ("body-over-limit", b"[" + b",".join([ev] * 600) + b"]", "application/json", 413),
     ]
@@ -243,8 +245,9 @@ def test_api_ingest_refuses_hostile_bodies_and_keeps_serving(settings: Settings,
             accepted.append(good["event_id"])
 
     async def run() -> None:
+        ingest = {"Authorization": f"Bearer {add_token(settings.api_tokens_path, 'ingest', 'hostile')}"}
         app = create_app(settings, max_body_bytes=64 * 1024, max_events=10)
-        async with TestClient(TestServer(app)) as http_client:
+        async with TestClient(TestServer(app), headers=ingest) as http_client:
             await body(http_client)
 
     asyncio.run(run())

@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from spendstream.api.app import create_app
+from spendstream.api.tokens import add_token
 from spendstream.core import metrics
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import Decision, UsageEvent
@@ -166,12 +167,14 @@ def test_api_metrics_count_accepted_and_rejected_ingest(settings: Settings) -> N
         return json.loads(usage().model_dump_json())
 
     async def exercise() -> tuple[Samples, Samples, list[int]]:
-        async with TestClient(TestServer(create_app(settings, client))) as http:
+        auth = {"Authorization": f"Bearer {add_token(settings.api_tokens_path, 'admin', 'metrics-test')}"}
+        async with TestClient(TestServer(create_app(settings, client)), headers=auth) as http:
             before = parse(await (await http.get("/metrics")).text())
             statuses = []
             for body in ([event(), event()], {"events": [event(), event(), event()]}, [{"event_id": ""}]):
                 statuses.append((await http.post("/v1/usage", json=body)).status)
-            statuses.append((await http.post("/v1/usage", data=b"{not json")).status)
+            as_json = {"Content-Type": "application/json"}
+            statuses.append((await http.post("/v1/usage", data=b"{not json", headers=as_json)).status)
             statuses.append((await http.get("/v1/reports/nope")).status)
             after = parse(await (await http.get("/metrics")).text())
             return before, after, statuses

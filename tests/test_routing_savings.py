@@ -16,6 +16,7 @@ from spendstream.analytics import reports
 from spendstream.analytics.commands import REPORTS, build_report
 from spendstream.analytics.report_model import render
 from spendstream.api.app import create_app
+from spendstream.api.tokens import add_token
 from spendstream.core.config import Settings
 
 DB = "spendstream"
@@ -108,8 +109,9 @@ def test_cli_and_api_serve_the_report(seeded: Any, offline_settings: Settings, s
     assert build_report("savings", seeded, offline_settings, {}, now).totals == march_totals(seeded)
 
     async def get() -> dict[str, Any]:
+        viewer = {"Authorization": f"Bearer {add_token(settings.api_tokens_path, 'viewer', 'finance')}"}
         async with TestClient(TestServer(create_app(settings, seeded))) as http:  # settings: its producer has a broker
-            response = await http.get("/v1/reports/savings?month=2026-03")
+            response = await http.get("/v1/reports/savings?month=2026-03", headers=viewer)
             assert response.status == 200
             return await response.json()
 

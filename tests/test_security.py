@@ -27,8 +27,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from spendstream.analytics.commands import WriteRefused, sql_report
+from spendstream.analytics.commands import sql_report
+from spendstream.analytics.readonly_sql import WriteRefused
 from spendstream.api.app import create_app
+from spendstream.api.tokens import add_token
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.ledger_store import connect, migrate
 from spendstream.edge.emitter import Emitter
@@ -253,7 +255,8 @@ def test_secrets_prompts_and_completions_never_reach_logs_kafka_or_the_ledger(
         assert (await http.post("/v1/usage", json=event)).status == 202
 
     async def run_api() -> None:
-        async with TestClient(TestServer(create_app(settings, client))) as http:
+        auth = {"Authorization": f"Bearer {add_token(settings.api_tokens_path, 'ingest', 'security')}"}
+        async with TestClient(TestServer(create_app(settings, client)), headers=auth) as http:
             await ingest(http)
 
     try:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import re
+import contextlib
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -13,6 +16,28 @@ from spendstream.analytics.report_model import FORMATS, Column, Report, render
 from spendstream.core.config import Settings
 
 REPORTS = ("weekly", "chargeback", "forecast", "top", "mix", "latency", "savings")
+# The days a report may name: wide enough for any real ledger, narrow enough that every period
+# around them (weeks back, the next month) stays inside Python's dates and ClickHouse's DateTime64.
+FIRST_REPORT_DAY = date(1970, 1, 1)
+LAST_REPORT_DAY = date(2199, 12, 31)
+MAX_REPORT_COUNT = 1000  # weeks of the weekly report, rows of top
+
+
+class ReportRangeError(ValueError):
+    """A report parameter outside the range the ledger can answer for; names the parameter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def report_day_problem(day: date, monthly: bool = False) -> str | None:
+    """Why ``day`` cannot be a report parameter, or None."""
+    if FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
+        return None
+    if monthly:
+        return f"must be between {FIRST_REPORT_DAY:%Y-%m} and {LAST_REPORT_DAY:%Y-%m}, got {day:%Y-%m}"
+    return f"must be between {FIRST_REPORT_DAY} and {LAST_REPORT_DAY}, got {day}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("kind", choices=REPORTS)
     report.add_argument("--format", choices=FORMATS, default="table")
     report.add_argument("--month", type=_month, help="chargeback/savings month, YYYY-MM (default: this month)")
-    report.add_argument("--as-of", type=date.fromisoformat, help="weekly: a day of the week to report (YYYY-MM-DD)")
-    report.add_argument("--weeks", type=int, default=4, help="weekly: how many weeks (default 4)")
+    report.add_argument("--as-of", type=_day, help="weekly: a day of the week to report (YYYY-MM-DD)")
+    report.add_argument("--weeks", type=_count, default=4, help="weekly: how many weeks (default 4)")
     report.add_argument("--by", default="feature", help="top: team, feature, user, customer, model, ...")
-    report.add_argument("--limit", type=int, default=10, help="top: how many rows")
-    report.add_argument("--from", dest="start", type=date.fromisoformat, help="top/mix/latency: first day")
-    report.add_argument("--to", dest="end", type=date.fromisoformat, help="top/mix/latency: last day")
+    report.add_argument("--limit", type=_count, default=10, help="top: how many rows")
+    report.add_argument("--from", dest="start", type=_day, help="top/mix/latency: first day")
+    report.add_argument("--to", dest="end", type=_day, help="top/mix/latency: last day")
     report.set_defaults(handler=run_report)
 
     sql = subparsers.add_parser("sql", help="run SQL against the ledger (read-only unless --write)")
@@ -47,39 +72,103 @@ def register_ledger_commands(ledger_subparsers: argparse._SubParsersAction) -> N
 
 def _month(text: str) -> date:
     try:
-        return datetime.strptime(text, "%Y-%m").date()
+        month = datetime.strptime(text, "%Y-%m").date()
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected YYYY-MM, got {text!r}") from None
+    problem = report_day_problem(month, monthly=True)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return month
+
+
+def _day(text: str) -> date:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+    problem = report_day_problem(day)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return day
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= MAX_REPORT_COUNT:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_REPORT_COUNT}, got {text!r}")
+    return int(text)
 
 
 class LedgerBusy(RuntimeError):
     """The embedded ledger is open in another process (``spendstream dev`` or a sink)."""
 
 
+# What chDB says when another process holds the directory (its text varies between versions).
+_LOCKED = ("Unable to open the chdb engine", "Cannot lock file", "Code: 76")
+
+
+@contextlib.contextmanager
+def _engine_stderr() -> Iterator[list[str]]:
+    """Capture what the embedded engine writes straight to file descriptor 2 (chDB prints its raw
+    "Code: 76 ... Cannot lock file" there); the caller decides what the user sees."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
 def _open(settings: Settings) -> Any:
     from spendstream.core.ledger_store import connect, migrate
 
-    try:
-        client = connect(settings)
-    except Exception as exc:
-        # chDB reports a directory locked by another process only as "Unable to open the chdb engine".
-        if settings.ledger_dsn.startswith("chdb://") and "Unable to open the chdb engine" in str(exc):
-            raise LedgerBusy(settings.ledger_dsn) from exc
-        raise
+    embedded = settings.ledger_dsn.startswith("chdb://")
+    with _engine_stderr() as engine_said:
+        try:
+            client = connect(settings)
+            failure = None
+        except Exception as exc:
+            failure = exc
+    said = "".join(engine_said)
+    if failure is not None:
+        if embedded and any(text in str(failure) + said for text in _LOCKED):
+            raise LedgerBusy(settings.ledger_dsn) from None
+        raise failure
+    if said.strip():
+        sys.stderr.write(said)
     migrate(client, settings)
     return client
 
 
-def _report_from_api(args: argparse.Namespace, settings: Settings) -> Report:
-    """Ask the running API for the report when another process owns the embedded ledger."""
+class ApiUnavailable(RuntimeError):
+    """No API serves this data directory, or it could not be reached; the message says which."""
+
+
+class ApiRefused(RuntimeError):
+    """The API answered with an error; the message is the API's own."""
+
+
+def _report_from_api(args: argparse.Namespace, settings: Settings) -> tuple[Report, str]:
+    """Ask the API that serves this data directory (``DATA_DIR/api.json``) for the report; never a guessed port."""
     import json
+    import urllib.error
     import urllib.parse
     import urllib.request
 
     from spendstream.analytics.report_model import report_from_json
+    from spendstream.api.address import read_address
 
+    address = read_address(settings.api_address_path)
+    if address is None:
+        raise ApiUnavailable(f"no spendstream API serves {settings.data_dir.resolve()} ({settings.api_address_path} "
+                             "names no running API)")  # fmt: skip
     params = {
-        "month": args.month and args.month.isoformat(),
+        "month": args.month and f"{args.month:%Y-%m}",
         "as_of": args.as_of and args.as_of.isoformat(),
         "weeks": args.weeks,
         "by": args.by,
@@ -88,9 +177,27 @@ def _report_from_api(args: argparse.Namespace, settings: Settings) -> Report:
         "to": args.end and args.end.isoformat(),
     }
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    url = f"http://{settings.api_host}:{settings.api_port}/v1/reports/{args.kind}?{query}"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return report_from_json(json.load(response))
+    url = f"{address.url}/v1/reports/{args.kind}?{query}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {address.read_token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return report_from_json(json.load(response)), address.url
+    except urllib.error.HTTPError as exc:
+        raise ApiRefused(f"the API at {address.url} answered {exc.code}: {_api_error_text(exc.read())}") from None
+    except OSError as exc:
+        raise ApiUnavailable(f"the API at {address.url} (process {address.pid}) did not answer: {exc}") from None
+
+
+def _api_error_text(body: bytes) -> str:
+    """The API's own message: ``error`` and each problem's field and message."""
+    import json
+
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()[:500]
+    problems = [f"{p.get('field')}: {p.get('message')}" for p in doc.get("problems") or [] if isinstance(p, dict)]
+    return "; ".join([str(doc.get("error", "")), *problems]).strip("; ")
 
 
 def build_report(kind: str, client: Any, settings: Settings, options: dict[str, Any], now: datetime) -> Report:
@@ -98,6 +205,15 @@ def build_report(kind: str, client: Any, settings: Settings, options: dict[str, 
     from spendstream.analytics import reports
     from spendstream.analytics.money import local_date
 
+    for key in ("month", "as_of", "start", "end"):
+        day = options.get(key)
+        problem = day and report_day_problem(day, monthly=key == "month")
+        if problem:
+            raise ReportRangeError(key, f"{key} {problem}")
+    for key in ("weeks", "limit"):
+        count = options.get(key)
+        if count is not None and not 0 < count <= MAX_REPORT_COUNT:
+            raise ReportRangeError(key, f"{key} must be between 1 and {MAX_REPORT_COUNT}, got {count}")
     ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
     today = local_date(now, settings.timezone)
     start = options.get("start") or today.replace(day=1)
@@ -124,16 +240,18 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
         client = _open(settings)
     except LedgerBusy as busy:
         try:
-            report = _report_from_api(args, settings)
-        except OSError as exc:
+            report, api = _report_from_api(args, settings)
+        except ApiRefused as exc:
+            print(f"spendstream report: {exc}", file=sys.stderr)
+            return 2
+        except ApiUnavailable as exc:
             print(
-                f"spendstream report: the ledger {busy} could not be opened (another spendstream process "
-                "probably owns it), and the API at "
-                f"http://{settings.api_host}:{settings.api_port} did not answer ({exc}); stop that process or "
-                "set SPENDSTREAM_API_PORT to where it serves",
+                f"spendstream report: the ledger {busy} is open in another spendstream process, and {exc}; "
+                "stop that process, or run this command with its SPENDSTREAM_DATA_DIR",
                 file=sys.stderr,
             )
             return 1
+        print(f"spendstream report: read through the API at {api} (it owns the ledger {busy})", file=sys.stderr)
         sys.stdout.write(render(report, args.format))
         return 0
     try:
@@ -144,6 +262,7 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     finally:
         client.close()
+    print(f"spendstream report: read the ledger {settings.ledger_dsn}", file=sys.stderr)
     sys.stdout.write(render(report, args.format))
     return 0
 
@@ -170,32 +289,17 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-READ_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
-
-
-class WriteRefused(ValueError):
-    """A statement that may change data, run without ``--write``."""
-
-
-def statement_keyword(query: str) -> str:
-    """The first keyword of a statement, past comments and opening parentheses."""
-    text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", query, flags=re.S).lstrip(" \t\r\n(")
-    return (text.split(None, 1) or [""])[0].upper()
-
-
 def sql_report(client: Any, settings: Settings, query: str, write: bool = False) -> Report:
     """Run one statement; read-only unless ``write``.
 
-    Two locks: only reading statements are accepted, and they run with ClickHouse ``readonly=1``
-    (which also refuses writes hidden inside a SELECT, e.g. through a table function).
+    Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
+    and that statement runs with ``readonly=1`` (no writes, no settings changes).
     """
-    if not write and statement_keyword(query) not in READ_STATEMENTS:
-        raise WriteRefused(
-            f"{statement_keyword(query) or 'empty'} statement refused: read-only unless --write "
-            f"(allowed: {', '.join(READ_STATEMENTS)})"
-        )
+    from spendstream.analytics.readonly_sql import READ_ONLY_SETTINGS, read_only_statement
+
     client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
-    result = client.query(query, settings={} if write else {"readonly": 1})
+    statement = query if write else read_only_statement(client, query)
+    result = client.query(statement, settings={} if write else READ_ONLY_SETTINGS)
     columns = [Column(name, name) for name in result.column_names]
     rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]
     return Report("sql", query, columns, rows)
@@ -216,7 +320,12 @@ def run_reprice(args: argparse.Namespace, settings: Settings) -> int:
         from spendstream.core.policy import load_policy
 
         table = load_policy(settings.policy).price_table
-    client = _open(settings)
+    try:
+        client = _open(settings)
+    except LedgerBusy as busy:
+        print(f"spendstream ledger reprice: the ledger {busy} is open in another spendstream process; stop it first",
+              file=sys.stderr)  # fmt: skip
+        return 1
     try:
         result = reprice(
             client, settings.clickhouse_database, args.model, args.start, args.end, policy_pricer(table)

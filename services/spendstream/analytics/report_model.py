@@ -112,7 +112,7 @@ def cell_text(kind: Kind, value: Any) -> str:
         return f"{value:,}"
     if kind == "ms":
         return f"{value:,} ms"
-    return _plain(value) if not isinstance(value, str) else value
+    return value if isinstance(value, str) else str(_plain(value))
 
 
 def _csv_cell(kind: Kind, value: Any) -> str:

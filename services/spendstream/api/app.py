@@ -1,5 +1,9 @@
 """The API service: HTTP ingest for non-Python services, reports as JSON, the dashboard, admin.
 
+Every endpoint but ``/healthz`` and ``/metrics`` needs a token (``tokens.py``): ``viewer`` reads reports
+and the dashboard, ``ingest`` posts usage within its scope, ``admin`` (or ``SPENDSTREAM_ADMIN_TOKEN``)
+does everything. Bodies are JSON only and no CORS header is ever sent, so a web page cannot post here.
+
 ``create_app(settings, ledger_client)`` takes an open ledger client so the embedded runtime can
 share one chDB client between the sink and the API in one process (chDB allows one directory
 per process). The chDB client is synchronous: every ledger call runs in a worker thread.
@@ -10,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import os
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -19,15 +25,24 @@ from pydantic import ValidationError
 
 from spendstream.analytics import reports
 from spendstream.analytics.budgets import load_budgets
-from spendstream.analytics.commands import REPORTS, build_report
+from spendstream.analytics.commands import (
+    MAX_REPORT_COUNT,
+    REPORTS,
+    ReportRangeError,
+    build_report,
+    report_day_problem,
+)
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
+from spendstream.api.address import ApiAddress, new_read_token, remove_address, write_address
 from spendstream.api.dashboard import render_page
+from spendstream.api.tokens import ApiToken, Role, TokenStore
 from spendstream.core import topics
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
-from spendstream.core.events import UsageEvent, usage_record_problem
+from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, usage_record_problem
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
+from spendstream.gateway.keys import hash_key
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_BATCH_EVENTS = 5_000
@@ -38,7 +53,23 @@ MAX_BODY = web.AppKey("max_body", int)
 MAX_EVENTS = web.AppKey("max_events", int)
 CODEC = web.AppKey("codec", AvroCodec)
 LEDGER_LOCK = web.AppKey("ledger_lock", asyncio.Lock)
+TOKENS = web.AppKey("tokens", TokenStore)
+READ_TOKEN = web.AppKey("read_token", str)
 TREND_DAYS = 30
+# Per event, so that no price can turn one event into a cost (or a window sum) beyond Int64 nano-USD
+# (it would take a price above $200,000 per million tokens): ten billion tokens per count is a thousand
+# times the largest context window, and no single call costs $1,000,000.
+MAX_EVENT_TOKENS = 10**10
+MAX_EVENT_COST_NANOS = 1_000_000 * NANOS_PER_USD
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
+SESSION_COOKIE = "spendstream_token"
+DASHBOARD_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+log = logging.getLogger("spendstream.api")
 
 
 class BadRequest(Exception):
@@ -69,11 +100,22 @@ def _unencodable_field(event: UsageEvent) -> str | None:
     return None
 
 
+def _bound_problem(event: UsageEvent) -> tuple[str, str] | None:
+    """(field, message) for a count or cost no real call reaches and that a price could overflow."""
+    for name in TOKEN_FIELDS:
+        if getattr(event, name) > MAX_EVENT_TOKENS:
+            return name, f"at most {MAX_EVENT_TOKENS:,} per event, got {getattr(event, name):,}"
+    if event.cost_nanos is not None and event.cost_nanos > MAX_EVENT_COST_NANOS:
+        return "cost_nanos", f"at most {MAX_EVENT_COST_NANOS:,} (USD 1,000,000) per event, got {event.cost_nanos:,}"
+    return None
+
+
 def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events: int) -> list[UsageEvent]:
     """Events of a request body (one object, an array, or ``{"events": [...]}``), all or none.
 
     Raises ``BadRequest`` naming every bad field as (index, field, message); ``OverflowError`` if
     the batch is larger than ``max_events``. ``event_id`` is required so a client retry is idempotent.
+    One bad event refuses the whole batch: a client fixes and re-posts it, with no partial state to track.
     """
     if isinstance(body, dict) and set(body) == {"events"}:
         body = body["events"]
@@ -111,6 +153,10 @@ def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events
         if problem is not None:
             problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
             continue
+        bound = _bound_problem(event)
+        if bound is not None:
+            problems.append({"index": index, "field": bound[0], "message": bound[1]})
+            continue
         events.append(event)
     if problems:
         raise BadRequest(problems)
@@ -142,6 +188,15 @@ async def post_usage(request: web.Request) -> web.Response:
     except BadRequest as exc:
         API_INGEST_REQUESTS.labels("invalid").inc()
         return _error(400, f"{len(exc.problems)} problem(s); nothing was accepted", problems=exc.problems)
+    caller = _caller(request)
+    if caller is None:  # revoked since the guard let the request in
+        return _error(401, "the token was revoked")
+    outside = [(i, caller.scope_problem(e)) for i, e in enumerate(events)]
+    refused = [{"index": i, "field": p[0], "message": p[1]} for i, p in outside if p is not None]
+    if refused:
+        API_INGEST_REQUESTS.labels("forbidden").inc()
+        return _error(403, f"{len(refused)} event(s) outside this token's scope; nothing was accepted",
+                      problems=refused)  # fmt: skip
     failures = await asyncio.to_thread(_publish, request.app[PRODUCER], request.app[CODEC], events)
     if failures:
         API_INGEST_REQUESTS.labels("unacknowledged").inc()
@@ -176,17 +231,22 @@ def _date_param(query: Any, name: str) -> date | None:
     if not text:
         return None
     try:
-        return date.fromisoformat(text) if name != "month" else date.fromisoformat(text + "-01")
+        day = date.fromisoformat(text) if name != "month" else date.fromisoformat(text + "-01")
     except ValueError:
-        raise BadRequest([{"index": None, "field": name, "message": f"not a date: {text!r}"}]) from None
+        shape = "YYYY-MM" if name == "month" else "YYYY-MM-DD"
+        raise BadRequest([{"index": None, "field": name, "message": f"expected {shape}, got {text!r}"}]) from None
+    problem = report_day_problem(day, monthly=name == "month")
+    if problem is not None:
+        raise BadRequest([{"index": None, "field": name, "message": problem}])
+    return day
 
 
 def _int_param(query: Any, name: str) -> int | None:
     text = query.get(name)
     if not text:
         return None
-    if not text.isdigit() or not 0 < int(text) <= 1000:
-        raise BadRequest([{"index": None, "field": name, "message": f"expected 1..1000, got {text!r}"}])
+    if not text.isdigit() or not 0 < int(text) <= MAX_REPORT_COUNT:
+        raise BadRequest([{"index": None, "field": name, "message": f"expected 1..{MAX_REPORT_COUNT}, got {text!r}"}])
     return int(text)
 
 
@@ -210,6 +270,8 @@ async def get_report(request: web.Request) -> web.Response:
         )  # fmt: skip
     except BadRequest as exc:
         return _error(400, "bad query parameter", problems=exc.problems)
+    except ReportRangeError as exc:
+        return _error(400, "bad query parameter", problems=[{"index": None, "field": exc.field, "message": str(exc)}])
     except ValueError as exc:
         return _error(400, str(exc))
     return web.json_response(report.to_json())
@@ -246,16 +308,89 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-@web.middleware
-async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+def required_role(request: web.Request) -> Role | None:
+    """The role an endpoint needs (None: open)."""
+    if request.path in PUBLIC_PATHS:
+        return None
     if request.path.startswith("/v1/admin/"):
-        token = request.app[SETTINGS].admin_token
-        if token is None:
-            return _error(403, "admin endpoints are disabled: set SPENDSTREAM_ADMIN_TOKEN")
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
-            return _error(401, "admin endpoints need 'Authorization: Bearer <SPENDSTREAM_ADMIN_TOKEN>'")
-    return await handler(request)
+        return "admin"
+    if request.path == "/v1/usage" and request.method not in ("GET", "HEAD"):
+        return "ingest"
+    return "viewer"
+
+
+def _caller(request: web.Request) -> ApiToken | None:
+    """The token a request presents: ``Authorization: Bearer``, or for a read, the dashboard's cookie."""
+    header = request.headers.get("Authorization", "")
+    admin = request.app[SETTINGS].admin_token
+    if admin is not None and hmac.compare_digest(header.encode(), f"Bearer {admin.get_secret_value()}".encode()):
+        return ApiToken(sha256=hash_key(admin.get_secret_value()), name="SPENDSTREAM_ADMIN_TOKEN", role="admin")
+    scheme, _, presented = header.partition(" ")
+    if scheme != "Bearer":
+        presented = request.cookies.get(SESSION_COOKIE, "") if request.method in ("GET", "HEAD") else ""
+    return request.app[TOKENS].lookup(presented.strip()) if presented.strip() else None
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Authentication, roles and JSON-only bodies, before any handler runs."""
+    needed = required_role(request)
+    if needed is None:
+        return await handler(request)
+    if request.method == "OPTIONS":
+        return _error(405, "no cross-origin requests: this API answers no CORS preflight")
+    if request.path == "/" and "token" in request.query:
+        return _open_dashboard(request)
+    refused = _refusal(request, needed, _caller(request))
+    if refused is None:
+        return await handler(request)
+    if needed == "ingest":
+        API_INGEST_REQUESTS.labels({401: "unauthorized", 403: "forbidden", 415: "unsupported"}[refused.status]).inc()
+    return refused
+
+
+def _refusal(request: web.Request, needed: Role, caller: ApiToken | None) -> web.Response | None:
+    """Why the caller may not make this request (401, 403, 415), or None."""
+    how = f"'Authorization: Bearer <token>' with role {needed} or admin"
+    how += f" (`spendstream api token create --role {needed}`)"
+    if needed == "admin" and request.app[SETTINGS].admin_token is None and (caller is None or caller.role != "admin"):
+        return _error(403, "admin endpoints are disabled: set SPENDSTREAM_ADMIN_TOKEN or create an admin token "
+                      "(`spendstream api token create --role admin`)")  # fmt: skip
+    if caller is None:
+        response = _error(401, f"{request.method} {request.path} needs {how}")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="spendstream"'
+        return response
+    if not caller.allows(needed):
+        return _error(403, f"token {caller.name!r} has role {caller.role}; {request.method} {request.path} needs {how}")
+    if request.method == "POST" and not _is_json(request.content_type):
+        return _error(415, f"Content-Type must be application/json, got {request.content_type!r}")
+    return None
+
+
+def _open_dashboard(request: web.Request) -> web.StreamResponse:
+    """``GET /?token=...``: a viewer token from the printed URL becomes an HttpOnly, same-site cookie and
+    the browser is sent to ``/``, so the token leaves the address bar and history."""
+    token = request.app[TOKENS].lookup(request.query["token"])
+    if token is None or not token.allows("viewer"):
+        return _error(401, "the token in the URL is not a viewer token (`spendstream api token create --role viewer`)")
+    response = web.Response(status=303, headers={"Location": "/"})
+    response.set_cookie(SESSION_COOKIE, request.query["token"], httponly=True, samesite="Strict", path="/")
+    return response
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Content-Security-Policy"] = DASHBOARD_CSP if response.content_type == "text/html" else API_CSP
+    if request.path not in PUBLIC_PATHS:
+        response.headers["Cache-Control"] = "no-store"
 
 
 async def post_budgets(request: web.Request) -> web.Response:
@@ -266,9 +401,14 @@ async def post_budgets(request: web.Request) -> web.Response:
         month = date.fromisoformat(body["month"] + "-01")
         lines = []
         for i, b in enumerate(body["budgets"]):
-            limit = b["limit_nanos"] if "limit_nanos" in b else nanos_from_usd(b["limit_usd"])
-            if not isinstance(limit, int):
-                raise ValueError(f"budgets[{i}].limit_nanos must be an integer")
+            field = f"budgets[{i}].limit_nanos" if "limit_nanos" in b else f"budgets[{i}].limit_usd"
+            limit = b["limit_nanos"] if "limit_nanos" in b else _usd_limit(b["limit_usd"], field)
+            if not isinstance(limit, int) or isinstance(limit, bool):
+                raise ValueError(f"{field} must be an integer")
+            if not 0 <= limit <= INT64_MAX:
+                raise ValueError(
+                    f"{field} must be between 0 and {INT64_MAX:,} nano-USD (USD {INT64_MAX // NANOS_PER_USD:,})"
+                )
             lines.append((str(b["scope"]), str(b.get("period", "month")), limit))
         loaded = await _ledger_call(
             request, load_budgets, request.app[LEDGER], request.app[SETTINGS].clickhouse_database, lines, month,
@@ -277,6 +417,20 @@ async def post_budgets(request: web.Request) -> web.Response:
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         return _error(400, f"bad budgets document: {type(exc).__name__}: {exc}")
     return web.json_response({"loaded": loaded, "month": month.isoformat()})
+
+
+def _usd_limit(value: Any, field: str) -> int:
+    """A USD amount as nanos, refusing what cannot be one (NaN, infinity, beyond Int64)."""
+    max_usd = INT64_MAX // NANOS_PER_USD
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{field} must be a number of USD")
+    try:
+        nanos = nanos_from_usd(value)
+    except (ArithmeticError, ValueError) as exc:
+        raise ValueError(f"{field} must be a number between 0 and {max_usd:,} USD, got {value!r}") from exc
+    if not 0 <= nanos <= INT64_MAX:
+        raise ValueError(f"{field} must be between 0 and {max_usd:,} USD, got {value!r}")
+    return nanos
 
 
 async def post_rollup_rebuild(request: web.Request) -> web.Response:
@@ -298,8 +452,12 @@ def create_app(
     max_events: int = MAX_BATCH_EVENTS,
 ) -> web.Application:
     """The aiohttp application; opens (and later closes) its own ledger client unless given one."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[admin_auth])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[guard])
     app[SETTINGS] = settings
+    app[READ_TOKEN] = new_read_token()
+    local_reader = ApiToken(sha256=hash_key(app[READ_TOKEN]), name="local CLI", role="viewer")
+    app[TOKENS] = TokenStore(settings.api_tokens_path, extra=[local_reader])
+    app.on_response_prepare.append(_security_headers)
     app[MAX_BODY] = max_body_bytes
     app[MAX_EVENTS] = max_events
     app[CODEC] = AvroCodec("usage_event", settings.schema_registry_url)
@@ -324,7 +482,13 @@ def create_app(
             {**settings.kafka_client_config(), "client.id": f"spendstream-api-{uuid.uuid4().hex[:6]}",
              "acks": "all", "linger.ms": 5}
         )  # fmt: skip
+        address = ApiAddress(f"http://{settings.api_host}:{settings.api_port}", os.getpid(), app[READ_TOKEN])
+        try:
+            write_address(settings.api_address_path, address)
+        except OSError as exc:
+            log.warning("cannot write %s (the CLI will not find this API): %s", settings.api_address_path, exc)
         yield
+        remove_address(settings.api_address_path, os.getpid())
         await asyncio.to_thread(app[PRODUCER].flush, 10)
         if owned:
             app[LEDGER].close()

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="API and dashboard listen address.")
     api_port: int = Field(8081, ge=0, le=65535, description="API and dashboard listen port.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
+    api_tokens_file: Path | None = Field(
+        None, description="Hashed API tokens (viewer, ingest, admin); `spendstream api token create` adds one."
+    )
 
     # -- metrics --------------------------------------------------------------------------
     metrics_host: str = Field(
@@ -144,6 +147,15 @@ class Settings(BaseSettings):
         return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'ledger').resolve()}"
 
     @cached_property
+    def api_tokens_path(self) -> Path:
+        return self.api_tokens_file or self.data_dir / "api-tokens.yaml"
+
+    @cached_property
+    def api_address_path(self) -> Path:
+        """Where a running API writes its address and a read token for the CLI of the same data directory."""
+        return self.data_dir / "api.json"
+
+    @cached_property
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
 
@@ -187,6 +199,8 @@ def settings_reference_markdown() -> str:
             shown = "`chdb://DATA_DIR/ledger`"
         if name == "spool_dir":
             shown = "`DATA_DIR/spool`"
+        if name == "api_tokens_file":
+            shown = "`DATA_DIR/api-tokens.yaml`"
         rows.append(f"| `SPENDSTREAM_{name.upper()}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
 

@@ -49,7 +49,8 @@ GATEWAY_DECISIONS = Counter(
 )
 API_INGEST_REQUESTS = Counter(
     "spendstream_api_ingest_requests",
-    "POST /v1/usage requests by outcome: accepted, invalid (400), too_large (413), unacknowledged (503).",
+    "POST /v1/usage requests by outcome: accepted, invalid (400), unauthorized (401), forbidden (403), "
+    "too_large (413), unsupported (415), unacknowledged (503).",
     ["outcome"],
 )
 API_INGEST_EVENTS = Counter(

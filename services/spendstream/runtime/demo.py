@@ -717,12 +717,12 @@ def run_demo(
         story.say(
             f"    {len(emitter.events)} usage events in the ledger (exact, deduplicated by event_id); budgets loaded"
         )
-        weekly_doc = _api(f"{api}/v1/reports/weekly?as_of={datetime.now(UTC).date()}&weeks=2")
+        weekly_doc = _api(f"{api}/v1/reports/weekly?as_of={datetime.now(UTC).date()}&weeks=2", admin_token)
         story.say()
         story.say(_indent(render(report_from_json(weekly_doc), "table")))
         chargeback: dict[str, int] = defaultdict(int)
         for month in months:
-            doc = _api(f"{api}/v1/reports/chargeback?month={month:%Y-%m}")
+            doc = _api(f"{api}/v1/reports/chargeback?month={month:%Y-%m}", admin_token)
             story.say(_indent(render(report_from_json(doc), "table")))
             for row in doc["rows"]:
                 chargeback[row["department"]] += row["actual_nanos"]
@@ -744,7 +744,9 @@ def run_demo(
         if json_summary is not None:
             json_summary.write_text(json.dumps(summary, indent=2))
         if keep_running:
-            print(f"\nThe stack stays up: dashboard {api}/, gateway {gateway_thread.url}/v1 (key {key}).", file=out)
+            dashboard = f"{api}/?token={stack.api_tokens['viewer']}"
+            gateway_url = f"{gateway_thread.url}/v1"
+            print(f"\nThe stack stays up: dashboard {dashboard}, gateway {gateway_url} (key {key}).", file=out)
             print("Press Enter or Ctrl-C to stop.", file=out, flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 sys.stdin.readline()

@@ -93,6 +93,14 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _dev_api_tokens(settings: Settings) -> dict[str, str]:
+    """An ingest and a viewer token for this run, replacing the previous run's (so those stop working)."""
+    from spendstream.api.tokens import add_token
+
+    path = settings.api_tokens_path
+    return {role: add_token(path, role, f"dev-{role}", replace=True) for role in ("ingest", "viewer")}
+
+
 class DevStack:
     """Broker + topics + policy + processor, sink (with API) and gateway as supervised child processes.
 
@@ -130,6 +138,7 @@ class DevStack:
         self._services_lock = threading.Lock()  # spawning and stopping a child never interleave
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.api_tokens: dict[str, str] = {}  # role -> token made for this run (dev-ingest, dev-viewer)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +154,7 @@ class DevStack:
             self._run_cli("policy", "apply", str(self.policy))
             self.say(f"policy     {self.policy} applied")
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
+        self.api_tokens = _dev_api_tokens(self.settings)
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
         metrics_host = self.settings.metrics_host
         sink_metrics, processor_metrics = free_port(), free_port()
@@ -169,6 +179,8 @@ class DevStack:
         self.say(f"ledger     {self.settings.ledger_dsn} (database {self.settings.clickhouse_database})")
         self.say("processor  running (spend windows; decisions on spendstream.enforcement)")
         self.say(f"api        {api}/  (dashboard; POST /v1/usage; GET /v1/reports/weekly)")
+        self.say(f"dashboard  {api}/?token={self.api_tokens['viewer']}")
+        self.say(f"api tokens ingest {self.api_tokens['ingest']}  viewer {self.api_tokens['viewer']}  (Bearer ...)")
         if self.with_gateway:
             self.say(f"gateway    {gateway}/v1  (OpenAI- and Anthropic-compatible)")
         gateway_metrics = f"gateway {gateway}/metrics, " if self.with_gateway else ""

@@ -1,0 +1,93 @@
+"""What "read-only" means for ``spendstream sql``: the engine's ``readonly=1`` plus ClickHouse's own parser.
+
+``readonly=1`` refuses writes, ``SET``, most ``SETTINGS`` changes and most table functions inside a
+``SELECT``; it does not stop a ``SETTINGS`` clause in a subquery, ``INTO OUTFILE`` (written by the
+embedded client), ``DESCRIBE`` of a table function (which reads a file or fetches a URL to infer its
+schema), the scalar ``file()``, or the statements before the last of several (chDB runs each). So a
+statement is first parsed by the engine (``formatQuery`` and ``EXPLAIN AST``, which execute nothing)
+and the tree is checked: one reading statement, no ``INTO OUTFILE``, no ``SETTINGS`` clause, no table
+function outside a few generators, in any position (subqueries, ``WITH``, ``UNION``, ``EXPLAIN``,
+``DESCRIBE``). Tree lines that an alias with a line break can forge only add nodes, so they can make
+the check refuse, never accept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+READ_ONLY_SETTINGS = {"readonly": 1}
+READING_STATEMENTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery", "DescribeQuery", "Explain")
+# Table functions that read nothing but their arguments (the engine's list gives every other name).
+GENERATOR_TABLE_FUNCTIONS = frozenset(
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generateseries", "generate_series", "primes", "values",
+     "format", "view"}
+)  # fmt: skip
+
+
+class WriteRefused(ValueError):
+    """A statement that could change data or reach outside the ledger, run without ``--write``."""
+
+
+@dataclass(frozen=True)
+class AstNode:
+    depth: int
+    kind: str
+    name: str
+
+
+def ast_nodes(lines: list[str]) -> list[AstNode]:
+    """The nodes of an ``EXPLAIN AST`` answer: one per line, depth = leading spaces."""
+    nodes = []
+    for line in lines:
+        words = line.strip().split()
+        if words:
+            nodes.append(AstNode(len(line) - len(line.lstrip(" ")), words[0], words[1] if len(words) > 1 else ""))
+    return nodes
+
+
+def read_only_problem(nodes: list[AstNode], table_functions: frozenset[str]) -> str | None:
+    """Why the parsed statement is not a pure read of the ledger, or None.
+
+    ``table_functions`` are the engine's table function names, lower-cased.
+    """
+    if not nodes:
+        return "empty statement"
+    root = nodes[0]
+    statement = root.kind
+    if root.kind == "Explain":
+        explained = [n for n in nodes if n.depth == 1 and n.kind not in ("Literal", "Identifier", "Set")]
+        statement = explained[0].kind if explained else "nothing"
+    if not (statement in READING_STATEMENTS or statement.startswith(("Show", "Exists"))):
+        kind = statement.removesuffix("Query").upper()
+        return f"{kind} statement refused: only SELECT, WITH, SHOW, DESCRIBE, EXISTS and EXPLAIN of those"
+    if any(n.depth == 1 and n.kind == "Literal" for n in nodes):
+        return "INTO OUTFILE refused: the result is printed, never written to a file"
+    if any(n.kind == "Set" for n in nodes):
+        return "SETTINGS refused: a read-only query runs with the ledger's settings"
+    for node in nodes:
+        name = node.name.lower()
+        if node.kind == "Function" and name in table_functions and name not in GENERATOR_TABLE_FUNCTIONS:
+            return f"{node.name}() refused: no file, URL, process or remote table functions in read-only mode"
+    return None
+
+
+def read_only_statement(client: Any, query: str) -> str:
+    """The engine's canonical text of ``query`` if it is one pure read, else ``WriteRefused``.
+
+    ``formatQuery`` parses the text as data (nothing runs; a second statement is an error), so the
+    ``EXPLAIN AST`` that follows, and the run itself, see exactly one statement without comments.
+    """
+    try:
+        (canonical,) = client.query(
+            "SELECT formatQuery({query:String})", parameters={"query": query}, settings=READ_ONLY_SETTINGS
+        ).result_rows[0]
+        parsed = client.query(f"EXPLAIN AST {canonical}").result_rows  # no client settings: each Set is the query's
+    except Exception as exc:  # the engine's syntax error is the useful part
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WriteRefused(f"not one statement ClickHouse can parse: {message}") from None
+    names = client.query("SELECT name FROM system.table_functions", settings=READ_ONLY_SETTINGS).result_rows
+    problem = read_only_problem(ast_nodes([row[0] for row in parsed]), frozenset(n.lower() for (n,) in names))
+    if problem is not None:
+        raise WriteRefused(f"{problem} (read-only unless --write)")
+    return str(canonical)

@@ -1,0 +1,198 @@
+"""API tokens: who may post usage, read reports and the dashboard, or administer the ledger.
+
+A tokens file (``SPENDSTREAM_API_TOKENS_FILE``, default ``DATA_DIR/api-tokens.yaml``) lists entries
+such as::
+
+    - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+      name: marketing-ingest
+      role: ingest          # viewer | ingest | admin
+      teams: [marketing]    # ingest only: the orgs, teams and providers it may report for (empty: any)
+
+Only sha256 hashes are stored, as for the gateway's virtual keys; ``spendstream api token create``
+prints a token once. A running API re-reads the file when it changes, so a new or revoked token
+takes effect at the next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spendstream.core.config import ConfigError
+from spendstream.gateway.keys import hash_key
+
+Role = Literal["viewer", "ingest", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "ingest", "admin")
+TOKEN_PREFIX = "ss-api-"
+SCOPE_FIELDS = ("org", "team", "provider")  # event fields an ingest token can be limited to
+
+
+class ApiToken(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the token; the token is never stored.")
+    name: str = Field(min_length=1)
+    role: Role
+    orgs: tuple[str, ...] = ()
+    teams: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    created_at: str = ""
+
+    def allows(self, needed: Role) -> bool:
+        return self.role == "admin" or self.role == needed
+
+    def scope_problem(self, event: Any) -> tuple[str, str] | None:
+        """(field, message) if ``event`` reports for an org, team or provider outside this token's scope."""
+        for field in SCOPE_FIELDS:
+            allowed = getattr(self, field + "s")
+            value = getattr(event, field)
+            if allowed and value not in allowed:
+                return field, f"token {self.name!r} may report for {field} {', '.join(allowed)} only, not {value!r}"
+        return None
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def parse_tokens(text: str, path: Path) -> dict[str, ApiToken]:
+    """The entries of a tokens file by hash; ``ConfigError`` naming the entry and field otherwise."""
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tokens file {path}: not valid YAML/JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("tokens")
+    if data is None:
+        data = []
+    if not isinstance(data, list):
+        raise ConfigError(f"tokens file {path}: expected a list of tokens (or a mapping with 'tokens')")
+    by_hash: dict[str, ApiToken] = {}
+    for i, entry in enumerate(data):
+        try:
+            token = ApiToken.model_validate(entry)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"tokens file {path}: entry {i}: {problems}") from None
+        if token.sha256 in by_hash:
+            raise ConfigError(f"tokens file {path}: token {token.name!r} is listed twice")
+        by_hash[token.sha256] = token
+    return by_hash
+
+
+class TokenStore:
+    """The tokens of a file, re-read whenever the file changes (checked at most once a second).
+
+    A file that stops parsing keeps the last good set in force (and says so in ``problem``); a
+    missing file means no tokens.
+    """
+
+    CHECK_INTERVAL_S = 1.0
+
+    def __init__(self, path: Path, extra: Iterable[ApiToken] = ()) -> None:
+        self.path = path
+        self.extra = {t.sha256: t for t in extra}
+        self.problem: str | None = None
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self._tokens: dict[str, ApiToken] = {}
+        self._refresh(force=True)
+        if self.problem is not None:
+            raise ConfigError(self.problem)
+
+    def _refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < self.CHECK_INTERVAL_S:
+            return
+        self._checked = now
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._tokens, self.problem = None, {}, None
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if stamp == self._stamp:
+            return
+        try:
+            self._tokens = parse_tokens(self.path.read_text(encoding="utf-8"), self.path)
+            self.problem = None
+        except (ConfigError, OSError, UnicodeDecodeError) as exc:
+            self.problem = f"{exc}; the previous tokens stay in force"
+        self._stamp = stamp
+
+    def lookup(self, presented: str) -> ApiToken | None:
+        digest = hash_key(presented)
+        with self._lock:
+            self._refresh()
+            token = self.extra.get(digest) or self._tokens.get(digest)
+        if token is None or not hmac.compare_digest(token.sha256, digest):
+            return None
+        return token
+
+
+def add_token(
+    path: Path,
+    role: Role,
+    name: str,
+    *,
+    orgs: Iterable[str] = (),
+    teams: Iterable[str] = (),
+    providers: Iterable[str] = (),
+    replace: bool = False,
+) -> str:
+    """Create a token, add its hash to the tokens file (atomically, mode 0600) and return the token.
+
+    A name already in the file is refused unless ``replace`` (which revokes the old token).
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    current = list(parse_tokens(text, path).values())
+    if any(t.name == name for t in current) and not replace:
+        raise ConfigError(f"tokens file {path}: a token named {name!r} exists; choose another --name")
+    token = new_token()
+    entry = ApiToken(
+        sha256=hash_key(token), name=name, role=role, orgs=tuple(orgs), teams=tuple(teams),
+        providers=tuple(providers), created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )  # fmt: skip
+    kept = [t for t in current if t.name != name] + [entry]
+    write_tokens(path, kept)
+    return token
+
+
+def remove_token(path: Path, name: str) -> bool:
+    """Revoke the token called ``name``; False if there is none."""
+    if not path.exists():
+        return False
+    current = list(parse_tokens(path.read_text(encoding="utf-8"), path).values())
+    kept = [t for t in current if t.name != name]
+    if len(kept) == len(current):
+        return False
+    write_tokens(path, kept)
+    return True
+
+
+def write_tokens(path: Path, tokens: list[ApiToken]) -> None:
+    entries = [t.model_dump(mode="json", exclude_defaults=True) | {"role": t.role} for t in tokens]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            yaml.safe_dump({"tokens": entries}, out, sort_keys=False)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
