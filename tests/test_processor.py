@@ -26,7 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.policy import parse_policy
-from spendstream.core.topics import ALERTS, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
+from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.app import read_to_end, read_window_totals
 from spendstream.processor.periods import period_window
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -108,7 +108,7 @@ class TopicReader:
 
     def poll(self) -> list[Any]:
         for message in self.consumer.consume(1000, timeout=0.2):
-            if message.error():
+            if message.error() or (message.key() or b"").startswith(HEARTBEAT_KEY_PREFIX):
                 continue
             if self.codec:
                 self.records.append(self.codec.decode(message.value()))

@@ -104,7 +104,7 @@ class DevStack:
         create_topics({"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
         self.say(f"broker     {self.broker.bootstrap} (Kafka protocol, memory-only), topics created")
         if self.policy is not None:
-            self._run_cli("policy", "apply", str(self.policy))
+            self._run_cli("policy", "apply", "--wait", "0", str(self.policy))  # the processor starts below
             self.say(f"policy     {self.policy} applied")
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"

@@ -16,7 +16,8 @@ from spendstream.core.pricing import EMPTY_TABLE, PriceTable
 
 
 def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api: bool = False) -> int:
-    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads.
+    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads: the
+    ledger's budgets from the policy in force, the audit sink, the API.
 
     With ``metrics_port`` set, ``/metrics`` is served there; with it or the API, the sink group's lag is sampled.
     """
@@ -25,6 +26,7 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
     from spendstream.core.topics import USAGE
     from spendstream.sink.audit_sink import AuditSink
     from spendstream.sink.ledger_sink import LedgerSink
+    from spendstream.sink.policy_budgets import PolicyBudgets
 
     client = connect(settings)
     migrate(client, settings)
@@ -41,7 +43,7 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
-    workers = []
+    workers = [threading.Thread(target=PolicyBudgets(settings, client).run, args=(stop,), name="policy-budgets")]
     if with_audit:
         workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
     if with_api:
