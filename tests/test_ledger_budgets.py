@@ -99,6 +99,11 @@ def test_reports_compare_spend_with_the_budgets_of_the_policy_in_force(broker: E
         assert _cli(env, "policy", "apply", "--wait", "0", str(lowered)).returncode == 0
         rows = _chargeback(env, lambda r: r["marketing"]["budget_nanos"] == 50 * USD)
         assert (rows["marketing"]["budget_nanos"], rows["marketing"]["variance_nanos"]) == (50 * USD, 20 * USD)
+        dashboard = f"http://127.0.0.1:{env['SPENDSTREAM_API_PORT']}/"
+        with urllib.request.urlopen(dashboard, timeout=30) as response:
+            page = response.read().decode()
+        version = parse_policy(lowered.read_text()).version
+        assert f'<span id="policy-version">{version}</span>' in page
     finally:
         sink.send_signal(signal.SIGTERM)
         assert sink.wait(60) == 0
@@ -108,4 +113,4 @@ def test_reports_compare_spend_with_the_budgets_of_the_policy_in_force(broker: E
         versions = client.query("SELECT DISTINCT policy_version FROM spendstream.budgets FINAL").result_rows
     finally:
         client.close()
-    assert versions == [(parse_policy(lowered.read_text()).version,)]
+    assert versions == [(version,)]
