@@ -169,12 +169,13 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         ):
             print(f"{scope}\t{period}\t{start}\t{nanos}\t{requests}\t{tokens}")
         return 0
+    from confluent_kafka import KafkaException
     from faust import Worker
 
     from spendstream.core.metrics import ConsumerLagSampler, serve_metrics
     from spendstream.core.policy import parse_policy
     from spendstream.core.policy_log import seed_policy
-    from spendstream.core.topics import USAGE
+    from spendstream.core.topics import POLICY, USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
 
     seed = None
@@ -183,7 +184,12 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         if seed is None:
             return 2
     defaults = parse_policy(f"timezone: {settings.timezone}\n", "<defaults>")
-    policy, policy_offset = seed_policy(settings.kafka_client_config(), seed, defaults, settings.schema_registry_url)
+    try:
+        conf = settings.kafka_client_config()
+        policy, policy_offset = seed_policy(conf, seed, defaults, settings.schema_registry_url)
+    except (KafkaException, RuntimeError) as exc:
+        print(f"spendstream processor: cannot read or seed the policy in force on {POLICY}: {exc}", file=sys.stderr)
+        return 1
     datadir = settings.data_dir / "processor" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     config = ProcessorConfig(
@@ -208,7 +214,13 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     lag = None
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)
         lag = ConsumerLagSampler(settings, usage_group(app_id), USAGE, settings.metrics_lag_interval_s).start()
-    print(f"processor {app_id}: policy {policy.name} version {policy.version}", flush=True)
+    print(f"processor {app_id}: policy {policy.name} version {policy.version} in force", flush=True)
+    if seed is not None and seed.version != policy.version:
+        print(
+            f"processor {app_id}: SPENDSTREAM_POLICY {settings.policy} (version {seed.version}) only seeds an empty "
+            f"{POLICY}; `spendstream policy apply` it to put it in force",
+            flush=True,
+        )
     worker = Worker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True)
     try:
         worker.execute_from_commandline()

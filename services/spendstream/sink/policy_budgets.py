@@ -1,4 +1,4 @@
-"""The ledger's ``budgets`` table follows the policy in force (``core.policy_log``), in every runtime.
+"""The ledger's ``budgets`` table (and the usage sink's prices) follow the policy in force (``core.policy_log``).
 
 Runs beside the ledger sinks: at start it loads the budgets of the policy in force for the current month (UTC),
 then follows ``spendstream.policy`` and reloads them, with the new version, whenever another valid policy comes
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from spendstream.analytics.budgets import load_budgets, policy_budget_lines
 from spendstream.core.codec import AvroCodec
@@ -30,9 +30,16 @@ log = logging.getLogger(__name__)
 class PolicyBudgets:
     """Keeps ``budgets`` equal to the policy in force's budgets for the current month."""
 
-    def __init__(self, settings: Settings, client: Any, today: Callable[[], date] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: Any,
+        today: Callable[[], date] | None = None,
+        on_policy: Callable[[Policy], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.client = client
+        self.on_policy = on_policy  # e.g. the usage sink's price table follows the policy in force too
         self.db = settings.clickhouse_database
         self.today = today or (lambda: datetime.now(UTC).date())
         self.policy: Policy | None = None
@@ -40,7 +47,14 @@ class PolicyBudgets:
 
     def run(self, stop: threading.Event) -> None:
         conf = self.settings.kafka_client_config()
-        found = read_policy_log(conf, self.settings.schema_registry_url)
+        while True:
+            try:
+                found = read_policy_log(conf, self.settings.schema_registry_url)
+                break
+            except KafkaException as exc:
+                log.warning("cannot read %s yet (%s); retrying", POLICY, exc)
+                if stop.wait(2.0):
+                    return
         if found.in_force is not None:
             self.adopt(found.in_force.policy)
         codec = AvroCodec("policy", self.settings.schema_registry_url)
@@ -61,6 +75,8 @@ class PolicyBudgets:
 
     def adopt(self, policy: Policy) -> None:
         self.policy = policy
+        if self.on_policy is not None:
+            self.on_policy(policy)
         self.sync()
 
     def sync(self) -> None:
@@ -71,11 +87,16 @@ class PolicyBudgets:
         wanted = (month, self.policy.version)
         if self.loaded == wanted:
             return
-        loaded = self.client.query(
-            f"SELECT groupUniqArray(policy_version) FROM {self.db}.budgets FINAL WHERE month = {{m:Date}}",
-            parameters={"m": month},
-        ).result_rows[0][0]
-        if loaded != [self.policy.version]:
-            rows = load_budgets(self.client, self.db, policy_budget_lines(self.policy), month, self.policy.version)
-            log.info("ledger budgets for %s: %d from policy %s %s", month, rows, self.policy.name, self.policy.version)
+        try:
+            loaded = self.client.query(
+                f"SELECT groupUniqArray(policy_version) FROM {self.db}.budgets FINAL WHERE month = {{m:Date}}",
+                parameters={"m": month},
+            ).result_rows[0][0]
+            if loaded != [self.policy.version]:
+                lines = policy_budget_lines(self.policy)
+                rows = load_budgets(self.client, self.db, lines, month, self.policy.version)
+                log.info("ledger budgets for %s: %d of policy %s", month, rows, self.policy.version)
+        except Exception:  # the ledger is unavailable for a moment: the next poll tries again
+            log.warning("cannot load the budgets of policy %s into the ledger yet", self.policy.version, exc_info=True)
+            return
         self.loaded = wanted
