@@ -84,6 +84,7 @@ class Enforcer:
         self._active: tuple[int, ...] = ()
         self._global: ScopeRule | None = None
         self._ancestors: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
+        self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -165,7 +166,7 @@ class Enforcer:
             hits.append((self._global, ""))
         if not hits:
             return Verdict(ALLOW, model)
-        if feature:
+        if feature and self._exempting:
             hits = [(rule.for_feature(feature) if rule.critical else rule, key) for rule, key in hits]
         return resolve(hits, model, self._wall(), time.monotonic())
 
@@ -210,6 +211,7 @@ class Enforcer:
         if decision is None:
             self.stats["tombstones"] += 1
             self._rules.pop(scope, None)
+            self._exempting.discard(scope)
             self._install(dim, value, None)
             return True
         rule = ScopeRule.from_decision(decision)
@@ -217,6 +219,10 @@ class Enforcer:
             self.stats["stale_versions"] += 1
             return False
         self._rules[scope] = rule
+        if rule.critical:
+            self._exempting.add(scope)
+        else:
+            self._exempting.discard(scope)
         self._install(dim, value, rule)
         self.stats["decisions"] += 1
         return True

@@ -131,10 +131,16 @@ def run_policy_show(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         print(policy.summary())
         return 0
+    from confluent_kafka import KafkaException
+
     from spendstream.core.policy_log import read_policy_log, wait_for_confirmations
 
     conf = settings.kafka_client_config()
-    found = read_policy_log(conf, settings.schema_registry_url)
+    try:
+        found = read_policy_log(conf, settings.schema_registry_url)
+    except KafkaException as exc:
+        print(f"spendstream policy show: cannot read spendstream.policy: {exc}", file=sys.stderr)
+        return 1
     for problem in found.rejected:
         print(f"rejected (not in force): {problem}", file=sys.stderr)
     if found.in_force is None:
