@@ -1,10 +1,10 @@
-"""Processor heartbeats: ``heartbeat:<worker>`` records on ``spendstream.enforcement``.
+"""Processor heartbeats: ``heartbeat:<app_id>@<host>`` records on ``spendstream.enforcement``.
 
 They are how the rest of the deployment knows a processor is alive and which policy it enforces: edges
 (``Enforcer.staleness_s``) measure the time since the newest one, and ``spendstream policy apply`` waits for
-one that carries the version it published. The key is never a decision scope (``heartbeat`` is no dimension),
-so compaction keeps one record per worker and decision readers skip them by key. A worker that stops cleanly
-deletes its key (a tombstone); a crashed one leaves its last heartbeat, which only ages.
+one that carries the version it published; the value names the worker (``app_id@host:pid``). The key is never a
+decision scope (``heartbeat`` is no dimension), so decision readers skip them by key. A worker that stops
+cleanly deletes its key (a tombstone; a live worker on the same host writes it again within a second).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ def worker_name(app_id: str) -> str:
     return f"{app_id}@{socket.gethostname()}:{os.getpid()}"
 
 
+def heartbeat_key(app_id: str) -> bytes:
+    """One key per app and host (not per process), so a worker restarted on the same host reuses its key and
+    compaction keeps one record for it: the processor leaves no garbage on the compacted topic."""
+    return HEARTBEAT_KEY_PREFIX + f"{app_id}@{socket.gethostname()}".encode()
+
+
 class HeartbeatPublisher:
     """Publishes this worker's heartbeat with the policy ``current_policy()`` returns (never blocks)."""
 
@@ -33,7 +39,7 @@ class HeartbeatPublisher:
         self, kafka_conf: dict[str, Any], app_id: str, interval_s: float, current_policy: Callable[[], Policy]
     ) -> None:
         self.worker = worker_name(app_id)
-        self.key = HEARTBEAT_KEY_PREFIX + self.worker.encode()
+        self.key = heartbeat_key(app_id)
         self.interval_s = interval_s
         self._current_policy = current_policy
         self._codec = AvroCodec("heartbeat")
