@@ -38,6 +38,10 @@ class PolicyLog:
     rejected: list[str] = field(default_factory=list)  # why records newer than the one in force were refused
 
 
+class PolicyLogUnreadable(RuntimeError):
+    """``spendstream.policy`` could not be read to its end, so the policy in force is unknown."""
+
+
 def decode_policy(codec: AvroCodec, value: bytes | None) -> tuple[PolicyRecord | None, Policy | None, str]:
     """``(record, policy, "")`` for a valid record, else what is wrong with it (record None if undecodable)."""
     try:
@@ -51,7 +55,8 @@ def decode_policy(codec: AvroCodec, value: bytes | None) -> tuple[PolicyRecord |
 
 
 def read_policy_log(kafka_conf: dict[str, Any], registry_url: str | None = None, timeout: float = 10.0) -> PolicyLog:
-    """Read ``spendstream.policy`` from the beginning to its end, without a consumer group."""
+    """Read ``spendstream.policy`` from the beginning to its end, without a consumer group; raises
+    ``KafkaException`` or ``PolicyLogUnreadable`` when the broker does not let it."""
     codec = AvroCodec("policy", registry_url)
     consumer = Consumer({**kafka_conf, "group.id": "spendstream-policy-reader", "enable.auto.commit": False})
     log = PolicyLog()
@@ -71,6 +76,8 @@ def read_policy_log(kafka_conf: dict[str, Any], registry_url: str | None = None,
                 log.rejected.clear()
             else:
                 log.rejected.append(problem)
+        if log.next_offset < high:  # a partial read must not look like "no policy yet" (a seed would replace it)
+            raise PolicyLogUnreadable(f"could not read {POLICY} to its end (offset {log.next_offset} of {high})")
         return log
     finally:
         consumer.close()

@@ -138,7 +138,7 @@ def run_policy_show(args: argparse.Namespace, settings: Settings) -> int:
     conf = settings.kafka_client_config()
     try:
         found = read_policy_log(conf, settings.schema_registry_url)
-    except KafkaException as exc:
+    except (KafkaException, RuntimeError) as exc:
         print(f"spendstream policy show: cannot read spendstream.policy: {exc}", file=sys.stderr)
         return 1
     for problem in found.rejected:

@@ -72,7 +72,7 @@ def policy_prices(settings: Settings) -> PriceTable:
 
     try:
         found = read_policy_log(settings.kafka_client_config(), settings.schema_registry_url)
-    except KafkaException:  # no broker yet: the policy thread updates the prices once it reads the topic
+    except (KafkaException, RuntimeError):  # no broker yet: the policy thread sets the prices once it can
         found = None
     if found is not None and found.in_force is not None:
         return found.in_force.policy.price_table

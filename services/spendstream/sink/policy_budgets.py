@@ -21,7 +21,7 @@ from spendstream.analytics.budgets import load_budgets, policy_budget_lines
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.policy import Policy
-from spendstream.core.policy_log import decode_policy, read_policy_log
+from spendstream.core.policy_log import PolicyLogUnreadable, decode_policy, read_policy_log
 from spendstream.core.topics import POLICY
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class PolicyBudgets:
             try:
                 found = read_policy_log(conf, self.settings.schema_registry_url)
                 break
-            except KafkaException as exc:
+            except (KafkaException, PolicyLogUnreadable) as exc:
                 log.warning("cannot read %s yet (%s); retrying", POLICY, exc)
                 if stop.wait(2.0):
                     return
