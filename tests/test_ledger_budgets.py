@@ -99,6 +99,10 @@ def test_reports_compare_spend_with_the_budgets_of_the_policy_in_force(broker: E
         assert _cli(env, "policy", "apply", "--wait", "0", str(lowered)).returncode == 0
         rows = _chargeback(env, lambda r: r["marketing"]["budget_nanos"] == 50 * USD)
         assert (rows["marketing"]["budget_nanos"], rows["marketing"]["variance_nanos"]) == (50 * USD, 20 * USD)
+        forecast = _cli(env, "report", "forecast", "--format", "json")
+        assert forecast.returncode == 0, forecast.stderr
+        teams = {row["team"]: row for row in json.loads(forecast.stdout)["rows"]}
+        assert teams["marketing"]["budget_nanos"] == 50 * USD
         dashboard = f"http://127.0.0.1:{env['SPENDSTREAM_API_PORT']}/"
         with urllib.request.urlopen(dashboard, timeout=30) as response:
             page = response.read().decode()
