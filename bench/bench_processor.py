@@ -33,7 +33,7 @@ from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
-from spendstream.core.topics import ENFORCEMENT, USAGE
+from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, USAGE
 from spendstream.processor.app import read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
@@ -202,7 +202,7 @@ def measure_latency(
             deadline = sent + 30
             while time.perf_counter() < deadline:
                 message = consumer.poll(0.05)
-                if message is None or message.error():
+                if message is None or message.error() or (message.key() or b"").startswith(HEARTBEAT_KEY_PREFIX):
                     continue
                 decision = decisions.decode(message.value())
                 if decision["scope"] == f"team:{team}" and decision["action"] == "shutoff":

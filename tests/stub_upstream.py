@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from confluent_kafka import Producer
 
 from spendstream.core.codec import AvroCodec
-from spendstream.core.events import Decision
+from spendstream.core.events import Decision, Heartbeat
 from spendstream.core.topics import ENFORCEMENT
 from spendstream.gateway.stub_upstream import StubUpstream
 
-__all__ = ["StubUpstream", "publish_decisions", "wait_for"]
+__all__ = ["StubUpstream", "heartbeating", "publish_decisions", "publish_heartbeat", "wait_for"]
 
 
 def publish_decisions(bootstrap: str, decisions: Iterable[Decision | tuple[str, None]]) -> None:
@@ -25,6 +28,36 @@ def publish_decisions(bootstrap: str, decisions: Iterable[Decision | tuple[str, 
         else:
             producer.produce(ENFORCEMENT, key=item[0].encode(), value=None)
     assert producer.flush(10) == 0, "decisions not delivered"
+
+
+def publish_heartbeat(bootstrap: str, policy_version: str = "", issued_at: datetime | None = None) -> None:
+    """A processor heartbeat, as a live worker publishes it every second."""
+    beat = Heartbeat(worker="test-processor", policy_version=policy_version, issued_at=issued_at or datetime.now(UTC))
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(ENFORCEMENT, key=b"heartbeat:test-processor", value=AvroCodec("heartbeat").encode(beat.to_avro()))
+    assert producer.flush(10) == 0, "heartbeat not delivered"
+
+
+@contextmanager
+def heartbeating(bootstrap: str, interval_s: float = 0.2) -> Iterator[None]:
+    """Heartbeats every ``interval_s`` while the block runs, like a live processor (delivery not awaited)."""
+    stop = threading.Event()
+    producer = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 2000})
+    codec = AvroCodec("heartbeat")
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            value = codec.encode(Heartbeat(worker="test-processor", interval_s=interval_s).to_avro())
+            producer.produce(ENFORCEMENT, key=b"heartbeat:test-processor", value=value)
+            producer.poll(0)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:

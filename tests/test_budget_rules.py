@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.core.events import Action
-from spendstream.core.policy import Quota, Thresholds, load_policy
+from spendstream.core.policy import Quota, Thresholds, load_policy, parse_policy
 from spendstream.processor.budget_rules import (
     action_for_spend,
     evaluate_budget,
@@ -20,6 +21,8 @@ from spendstream.processor.budget_rules import (
     reached,
     should_emit,
 )
+from spendstream.processor.decision_publisher import evaluate_scope
+from spendstream.processor.spend_accounting import window_key
 
 DEFAULT = load_policy(Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml")
 T = Thresholds()
@@ -127,3 +130,24 @@ def test_model_allowed_in_every_list_with_globs() -> None:
     assert not model_allowed("gpt-4o", [dev])
     assert model_allowed("gpt-4o", [])
     assert not model_allowed("llama-3.2-3b", [dev, ["llama-3.2-1b"]])
+
+
+def test_a_shutoff_of_any_scope_lists_the_critical_features_unless_a_hard_cap_stopped_it() -> None:
+    policy = parse_policy(
+        "budgets:\n"
+        "  - {scope: 'org:acme', period: day, amount_usd: 1}\n"
+        "  - {scope: 'model:gpt-4o', period: day, amount_usd: 1, hard_cap: true}\n"
+        "features:\n  ai_chatbot: {critical: true, throttle_rps: 2}\n  search: {critical: false}\n"
+    )
+    day = int(datetime(2026, 3, 2, tzinfo=UTC).timestamp())
+    spent = {window_key("org:acme", "day", day): 2 * USD, window_key("model:gpt-4o", "day", day): 2 * USD}
+
+    def totals(key: str) -> tuple[int, int, int]:
+        return spent.get(key, 0), 1, 1
+
+    seen = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    soft = evaluate_scope("org:acme", {"day": day}, totals, policy, seen)
+    assert (soft.action, soft.critical_throttle_rps) == (Action.shutoff, {"ai_chatbot": 2.0})
+    hard = evaluate_scope("model:gpt-4o", {"day": day}, totals, policy, seen)
+    assert (hard.action, hard.critical_throttle_rps) == (Action.shutoff, {})
+    assert "hard cap" in policy.summary()

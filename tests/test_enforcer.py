@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from spendstream.core.events import Decision
 from spendstream.edge.enforcer import Enforcer
 from spendstream.runtime.embedded_broker import EmbeddedBroker
-from stub_upstream import publish_decisions, wait_for
+from stub_upstream import heartbeating, publish_decisions, publish_heartbeat, wait_for
 
 
 def test_loads_existing_decisions_then_follows_new_ones(broker: EmbeddedBroker) -> None:
@@ -19,6 +19,7 @@ def test_loads_existing_decisions_then_follows_new_ones(broker: EmbeddedBroker) 
             Decision(scope="team:sales", action="fallback", version=1, fallback_models={"gpt-4o": "gpt-4o-mini"}),
         ],
     )
+    publish_heartbeat(broker.bootstrap)  # a processor is alive
     with Enforcer(broker.bootstrap) as enforcer:
         assert enforcer.wait_ready(10)
         assert enforcer.staleness_s < 5
@@ -81,8 +82,9 @@ def test_staleness_grows_while_the_broker_is_down(tmp_path) -> None:
 
     create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=1)
     publish_decisions(broker.bootstrap, [Decision(scope="team:t", action="shutoff", version=1)])
-    with Enforcer(broker.bootstrap, fail_closed=True, max_staleness_s=1.0) as enforcer:
+    with heartbeating(broker.bootstrap), Enforcer(broker.bootstrap, fail_closed=True, max_staleness_s=1.0) as enforcer:
         assert enforcer.wait_ready(10)
+        assert wait_for(lambda: enforcer.staleness_s < 1.0, 10)  # the processor's heartbeats arrive
         assert enforcer.check(team="t", model="m").action == "shutoff"
         broker.kill()
         assert wait_for(lambda: enforcer.staleness_s > 1.0, 10)

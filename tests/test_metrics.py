@@ -40,7 +40,7 @@ from spendstream.gateway.app import Gateway, GatewayThread
 from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamConfig
 from spendstream.gateway.keys import VirtualKey, hash_key
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
-from stub_upstream import StubUpstream, publish_decisions, wait_for
+from stub_upstream import StubUpstream, publish_decisions, publish_heartbeat, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-ss-metrics-marketing"
@@ -122,6 +122,7 @@ def test_gateway_metrics_count_requests_decisions_latency_and_failovers(gateway,
     before = scrape(running.url + "/metrics")
     statuses = [post(chat, CHAT) for _ in range(3)]
     statuses.append(post(chat, CHAT, key="sk-wrong"))
+    publish_heartbeat(broker.bootstrap)  # a processor is alive (read before the decision): staleness is finite
     publish_decisions(broker.bootstrap, [Decision(scope="team:marketing", action="shutoff", version=1)])
 
     def blocked() -> bool:

@@ -26,7 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.policy import parse_policy
-from spendstream.core.topics import ALERTS, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
+from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.app import read_to_end, read_window_totals
 from spendstream.processor.periods import period_window
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -108,7 +108,7 @@ class TopicReader:
 
     def poll(self) -> list[Any]:
         for message in self.consumer.consume(1000, timeout=0.2):
-            if message.error():
+            if message.error() or (message.key() or b"").startswith(HEARTBEAT_KEY_PREFIX):
                 continue
             if self.codec:
                 self.records.append(self.codec.decode(message.value()))
@@ -383,17 +383,22 @@ def test_bad_policy_file_names_the_field(tmp_path: Path) -> None:
     assert "budgets.0.period" in out.stderr and "bad.yaml:4" in out.stderr
 
 
-def test_policy_apply_publishes_a_record_and_show_reads_it(stack: Stack, tmp_path: Path) -> None:
+def test_policy_apply_of_another_name_is_confirmed_by_the_worker_and_shown(stack: Stack, tmp_path: Path) -> None:
     env = {**os.environ, "SPENDSTREAM_KAFKA_BOOTSTRAP": stack.bootstrap}
     env.pop("SPENDSTREAM_POLICY", None)
     policy_file = tmp_path / "other.yaml"
-    policy_file.write_text("name: other\nbudgets:\n  - {scope: 'team:x', period: day, amount_usd: 5}\n")
+    policy_file.write_text(POLICY_YAML.replace("name: default", "name: other"))  # same budgets, another name
+    version = parse_policy(policy_file.read_text()).version
     cli = [sys.executable, "-m", "spendstream.cli", "policy"]
     applied = subprocess.run([*cli, "apply", str(policy_file)], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert applied.returncode == 0, applied.stderr
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert (
+        "in force: processor spendstream-processor@" in applied.stdout
+        and f"confirmed version {version}" in applied.stdout
+    )
     shown = subprocess.run([*cli, "show"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert shown.returncode == 0, shown.stderr
-    assert parse_policy(policy_file.read_text()).version in shown.stdout
+    assert f"policy other version {version}" in shown.stdout
 
 
 def test_an_event_id_sent_again_at_a_later_offset_counts_once(stack: Stack) -> None:

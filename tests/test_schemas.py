@@ -19,6 +19,7 @@ MODELS = {
     "decision": events.Decision,
     "alert": events.Alert,
     "policy": events.PolicyRecord,
+    "heartbeat": events.Heartbeat,
 }
 
 
@@ -120,9 +121,11 @@ def test_round_trip_every_record_type() -> None:
             version=3,
             period="month",
             period_start=datetime(2026, 11, 1, tzinfo=UTC),
+            critical_throttle_rps={"ai_chatbot": 2.0},
         ),
         "alert": events.Alert(scope="team:marketing", kind=events.AlertKind.threshold, message="80% of budget"),
         "policy": events.PolicyRecord(name="default", version="abc", document="{}"),
+        "heartbeat": events.Heartbeat(worker="spendstream-processor@host:1", policy_version="abc"),
     }
     for name, sample in samples.items():
         codec = AvroCodec(name)

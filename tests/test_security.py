@@ -374,7 +374,13 @@ def kafka_client_constructions() -> dict[str, str]:
 
 
 # Scopes whose client gets its librdkafka config from a caller, each of which passes kafka_client_config().
-CONFIG_FROM_CALLER = {"sink/dead_letters.py", "runtime/topic_admin.py", "processor/app.py"}
+CONFIG_FROM_CALLER = {
+    "sink/dead_letters.py",
+    "runtime/topic_admin.py",
+    "processor/app.py",
+    "processor/heartbeat.py",
+    "core/policy_log.py",
+}
 # Clients of the embedded broker only (`spendstream dev`, the broker's health check): it has no security settings.
 EMBEDDED_ONLY = {"runtime/embedded_broker.py", "runtime/dev_stack.py", "runtime/demo.py"}  # always a local broker
 

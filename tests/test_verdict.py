@@ -208,3 +208,15 @@ def test_every_action_pairing_resolves_to_the_stricter() -> None:
     for a, b in itertools.product([ALLOW, ALERT, SHUTOFF], repeat=2):
         verdict = outcome([rule("team:t", a), rule("user:u", b)])
         assert verdict.action == max(a, b, key=ACTION_RANK.__getitem__)
+
+
+def test_a_shutoff_throttles_the_critical_features_it_lists() -> None:
+    shutoff = ScopeRule.from_decision(
+        Decision(scope="team:marketing", action="shutoff", version=1, critical_throttle_rps={"ai_chatbot": 1.0})
+    )
+    chatbot = shutoff.for_feature("ai_chatbot")
+    assert shutoff.for_feature("campaigns") is shutoff and shutoff.for_feature("ai_chatbot") is chatbot
+    assert resolve([(chatbot, "")], "gpt-4o", 0.0, 0.0).action == "allow"  # one request per second passes
+    throttled = resolve([(chatbot, "")], "gpt-4o", 0.0, 0.1)
+    assert throttled.action == "throttle" and "critical feature ai_chatbot" in throttled.reason
+    assert resolve([(shutoff, "")], "gpt-4o", 0.0, 0.2).action == "shutoff"

@@ -66,6 +66,15 @@ def team_budgets(ledger: Ledger, month: date) -> dict[str, int]:
     return {team: int(limit) for team, limit in rows}
 
 
+def budgets_policy_version(ledger: Ledger, month: date) -> str:
+    """The version of the policy ``month``'s budgets were loaded from ("" if none were)."""
+    rows = ledger.rows(
+        "SELECT argMax(policy_version, loaded_at) FROM {db}.budgets FINAL WHERE month = {month:Date}",
+        month=first_of_month(month),
+    )
+    return str(rows[0][0]) if rows else ""
+
+
 def _spend_by(ledger: Ledger, dimension: str, start: datetime, end: datetime) -> dict[str, int]:
     rows = ledger.rows(
         f"SELECT {dimension} AS k, sum(ifNull(cost_nanos, 0)) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY k",

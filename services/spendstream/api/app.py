@@ -296,6 +296,7 @@ def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
         mix=reports.model_mix(ledger, first_of_month(today), today),
         decisions=reports.active_decisions(ledger, now),
         alerts=reports.recent_alerts(ledger, 15),
+        policy_version=reports.budgets_policy_version(ledger, today),
     )
 
 

@@ -173,6 +173,7 @@ def render_page(
     mix: Report,
     decisions: list[dict[str, Any]],
     alerts: list[dict[str, Any]],
+    policy_version: str = "",
 ) -> str:
     totals = chargeback.totals or {}
     ftotals = forecast.totals or {}
@@ -198,7 +199,8 @@ def render_page(
 <html lang="en"><head><meta charset="utf-8"><title>spendstream · LLM spend</title>
 <meta http-equiv="refresh" content="60"><style>{STYLE}</style></head>
 <body><header><h1>spendstream · LLM spend</h1>
-<span>{now:%Y-%m-%d %H:%M} UTC · {escape(chargeback.title)}</span></header>
+<span>{now:%Y-%m-%d %H:%M} UTC · {escape(chargeback.title)} ·
+policy <span id="policy-version">{escape(policy_version) or "none loaded"}</span></span></header>
 <main>
 <div class="kpis">{kpi_html}</div>
 <section><h2>Spend per day by team (last {(now.date() - trend_start).days + 1} days)</h2>

@@ -126,6 +126,17 @@ class Decision(_AvroModel):
     version: NonNegativeInt64
     issued_at: datetime = Field(default_factory=utcnow)
     policy_version: str = ""
+    critical_throttle_rps: dict[str, float] = Field(default_factory=dict)
+
+
+class Heartbeat(_AvroModel):
+    """A processor worker's proof of life (and of the policy version it enforces) on the enforcement topic."""
+
+    worker: str
+    policy_name: str = ""
+    policy_version: str = ""
+    interval_s: float = 1.0
+    issued_at: datetime = Field(default_factory=utcnow)
 
 
 class Alert(_AvroModel):

@@ -103,6 +103,8 @@ class Budget(_Model):
     amount_nanos: int | None = Field(None, ge=0)
     thresholds: Thresholds | None = None  # None: the policy's default thresholds
     fallback_models: dict[str, str] | None = None  # None: the policy's fallback map
+    # At shutoff, stop every request of the scope, critical features included (default: they are throttled).
+    hard_cap: bool = False
 
     _check_scope = field_validator("scope")(check_scope)
 
@@ -146,7 +148,8 @@ class Quota(_Model):
 
 
 class Feature(_Model):
-    """Critical features are throttled, never shut off, and exempt from emergency stops."""
+    """Critical features are throttled, never shut off, whatever budget is exhausted (their own, their team's,
+    the org's, ...) unless that budget is a ``hard_cap``, and exempt from emergency stops."""
 
     critical: bool = False
     throttle_rps: float | None = Field(None, gt=0)
@@ -310,7 +313,8 @@ class Policy(_Model):
         lines.append(f"default thresholds: alert {t.alert}, fallback {t.fallback}, shutoff {t.shutoff}")
         lines.append(f"budgets ({len(self.budgets)}):")
         for b in self.budgets:
-            lines.append(f"  {b.scope:<36} {b.period:<12} ${Decimal(b.limit_nanos) / 10**9:,.2f}")
+            cap = "  hard cap" if b.hard_cap else ""
+            lines.append(f"  {b.scope:<36} {b.period:<12} ${Decimal(b.limit_nanos) / 10**9:,.2f}{cap}")
         for q in self.quotas:
             lines.append(f"quota {q.scope}: {q.requests_per_day} requests/day, {q.tokens_per_day} tokens/day")
         crit = sorted(n for n, f in self.features.items() if f.critical)
@@ -355,6 +359,11 @@ class Policy(_Model):
     def is_critical(self, feature: str) -> bool:
         spec = self.features.get(feature)
         return spec is not None and spec.critical
+
+    @cached_property
+    def critical_throttle_rps(self) -> dict[str, float]:
+        """Critical feature -> the rate it is throttled to where others are shut off."""
+        return {name: self.throttle_rps(name) for name, spec in sorted(self.features.items()) if spec.critical}
 
     def throttle_rps(self, feature: str) -> float:
         spec = self.features.get(feature)

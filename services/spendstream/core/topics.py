@@ -10,6 +10,8 @@ ALERTS = "spendstream.alerts"
 POLICY = "spendstream.policy"
 USAGE_DLQ = "spendstream.usage.dlq"
 
+HEARTBEAT_KEY_PREFIX = b"heartbeat:"  # enforcement-topic keys of processor heartbeats (never a decision scope)
+
 DLQ_REASON_HEADER = "spendstream.dlq.reason"
 DLQ_SOURCE_HEADER = "spendstream.dlq.source"
 DLQ_STAGE_HEADER = "spendstream.dlq.stage"

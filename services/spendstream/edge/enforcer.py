@@ -19,8 +19,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
-from spendstream.core.events import ATTRIBUTION_FIELDS, Decision
-from spendstream.core.topics import ENFORCEMENT
+from spendstream.core.events import ATTRIBUTION_FIELDS, Decision, Heartbeat
+from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX
 from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ class Enforcer:
     so a request that names only its team is also held to its division's and org's decisions.
     Without ``bootstrap_servers`` or ``settings``, the ``SPENDSTREAM_*`` settings are read.
     Fail-open by default: with no fresh view the last known decisions still apply. With ``fail_closed``,
-    requests are refused (``unavailable``) until the view is ready and while it is staler than
-    ``max_staleness_s``. ``clock`` (aware datetimes) is what decisions' ``expires_at`` are compared with; it
-    defaults to the real time, and a gateway replaying a past day (the demo) passes its own.
+    requests are refused (``unavailable``) while ``staleness_s`` exceeds ``max_staleness_s``: before the view is
+    ready, while the broker is unreachable, and while no processor proves it is alive (heartbeats).
+    ``clock`` (aware datetimes) is what decisions' ``expires_at`` are compared with; it defaults to the real
+    time, and a gateway replaying a past day (the demo) passes its own.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Enforcer:
         }
         registry = settings.schema_registry_url if settings is not None else None
         self._codec = AvroCodec("decision", registry)
+        self._heartbeat_codec = AvroCodec("heartbeat", registry)
         self._topic = topic
         self._poll_interval_s = poll_interval_s
         self._wall: Callable[[], float] = time.time if clock is None else (lambda: clock().timestamp())
@@ -82,11 +84,14 @@ class Enforcer:
         self._active: tuple[int, ...] = ()
         self._global: ScopeRule | None = None
         self._ancestors: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
+        self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fresh_at: float | None = None
+        self._alive_at: float | None = None  # epoch seconds of the newest processor heartbeat read
+        self.processor_policy_version = ""  # the policy version that heartbeat reported
         self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -118,8 +123,12 @@ class Enforcer:
 
     @property
     def staleness_s(self) -> float:
-        """Seconds since the view was last known to be complete (infinite before the first time)."""
-        return float("inf") if self._fresh_at is None else time.monotonic() - self._fresh_at
+        """How old the view may be: seconds since a processor last proved it was alive (the newest heartbeat this
+        edge has read) or since the view was last known to be complete, whichever is longer. Infinite before
+        both happened. Heartbeat ages compare the processor's clock with this host's (keep clocks in sync)."""
+        if self._fresh_at is None or self._alive_at is None:
+            return float("inf")
+        return max(time.monotonic() - self._fresh_at, time.time() - self._alive_at, 0.0)
 
     # -- the request path ------------------------------------------------------------------------
     def check(
@@ -136,8 +145,8 @@ class Enforcer:
         division: str = "",
     ) -> Verdict:
         """The verdict for one request, from memory. Never blocks, never touches the network."""
-        if self.fail_closed and (self._fresh_at is None or time.monotonic() - self._fresh_at > self.max_staleness_s):
-            return Verdict(UNAVAILABLE, model, 1.0, "enforcement view is not ready or stale", "")
+        if self.fail_closed and self.staleness_s > self.max_staleness_s:
+            return Verdict(UNAVAILABLE, model, 1.0, "enforcement view is stale or no processor is alive", "")
         values = [org, division, team, project, feature, user, customer, environment, model]
         if self._ancestors:
             self._fill_ancestors(values)
@@ -157,6 +166,8 @@ class Enforcer:
             hits.append((self._global, ""))
         if not hits:
             return Verdict(ALLOW, model)
+        if feature and self._exempting:
+            hits = [(rule.for_feature(feature) if rule.critical else rule, key) for rule, key in hits]
         return resolve(hits, model, self._wall(), time.monotonic())
 
     def _fill_ancestors(self, values: list[str]) -> None:
@@ -200,6 +211,7 @@ class Enforcer:
         if decision is None:
             self.stats["tombstones"] += 1
             self._rules.pop(scope, None)
+            self._exempting.discard(scope)
             self._install(dim, value, None)
             return True
         rule = ScopeRule.from_decision(decision)
@@ -207,6 +219,10 @@ class Enforcer:
             self.stats["stale_versions"] += 1
             return False
         self._rules[scope] = rule
+        if rule.critical:
+            self._exempting.add(scope)
+        else:
+            self._exempting.discard(scope)
         self._install(dim, value, rule)
         self.stats["decisions"] += 1
         return True
@@ -296,6 +312,9 @@ class Enforcer:
         return None
 
     def _on_message(self, key: bytes | None, value: bytes | None) -> None:
+        if key is not None and key.startswith(HEARTBEAT_KEY_PREFIX):
+            self._on_heartbeat(value)
+            return
         if value is None:
             if key:
                 self.apply(key.decode("utf-8", "replace"), None)
@@ -307,3 +326,17 @@ class Enforcer:
             log.warning("ignoring undecodable decision (key %r): %s", key, exc)
             return
         self.apply(decision.scope, decision)
+
+    def _on_heartbeat(self, value: bytes | None) -> None:
+        if value is None:
+            return  # a worker that stopped cleanly deleted its key
+        try:
+            beat = Heartbeat.from_avro(self._heartbeat_codec.decode(value))
+        except (DecodeError, ValueError) as exc:
+            self.stats["bad_records"] += 1
+            log.warning("ignoring undecodable processor heartbeat: %s", exc)
+            return
+        at = beat.issued_at.timestamp()
+        if self._alive_at is None or at >= self._alive_at:
+            self._alive_at = at
+            self.processor_policy_version = beat.policy_version

@@ -117,7 +117,9 @@ class ScopeRule:
     allowed: frozenset[str] | None = None
     rate: float | None = None
     expires_at: float | None = None  # epoch seconds
+    critical: dict[str, float] = field(default_factory=dict)  # for a shutoff: critical feature -> throttle rate
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    exempted: dict[str, ScopeRule] = field(default_factory=dict)  # the throttles for_feature derived
 
     @classmethod
     def from_decision(cls, decision: Decision) -> ScopeRule:
@@ -135,7 +137,24 @@ class ScopeRule:
             allowed=frozenset(decision.allowed_models) if decision.allowed_models else None,
             rate=rate,
             expires_at=_epoch(decision.expires_at),
+            critical=dict(decision.critical_throttle_rps) if action == SHUTOFF else {},
         )
+
+    def for_feature(self, feature: str) -> ScopeRule:
+        """This rule as it applies to a request of ``feature``: a shutoff throttles a critical feature instead
+        (one derived rule per feature, so its token bucket lasts as long as the decision)."""
+        rate = self.critical.get(feature)
+        if rate is None:
+            return self
+        derived = self.exempted.get(feature)
+        if derived is None:
+            reason = f"{self.reason or 'budget exhausted'}; critical feature {feature} throttled to {rate:g} requests/s"
+            derived = ScopeRule(
+                self.scope, THROTTLE, ACTION_RANK[THROTTLE], self.version, reason, self.fallback, self.allowed, rate,
+                self.expires_at,
+            )  # fmt: skip
+            derived = self.exempted.setdefault(feature, derived)
+        return derived
 
     def bucket(self, key: str, now: float) -> TokenBucket:
         bucket = self.buckets.get(key)

@@ -27,11 +27,14 @@ their changelogs, standbys) and does not read the usage topic at all.
   history + the lateness, other periods one period + the lateness), judged by a watermark of Kafka timestamps
   (``Watermark``): stage 1 prunes its partials per source partition, stage 2 its windows per internal
   partition, each at most once per watermark hour, and both skip updates of windows already expired.
-* Policy: every worker follows ``spendstream.policy`` with its own group-less consumer thread (a consumer group
-  would give the single partition to one worker only). A valid record replaces the policy at once; an
-  invalid one is rejected with a ``policy`` alert and the last good policy stays. After a change the thread
-  asks stage 2 to re-evaluate every scope (a control message to each partition), which is how a raised
-  budget lifts a shutoff mid-period.
+* Policy: the newest valid record on ``spendstream.policy`` is in force, whatever its name (``core.policy_log``).
+  Every worker follows the topic with its own group-less consumer thread (a consumer group would give the
+  single partition to one worker only). A valid record replaces the policy at once; an invalid one is rejected
+  with a ``policy`` alert and the last good policy stays. After a change the thread asks stage 2 to re-evaluate
+  every scope (a control message to each partition), which is how a raised budget lifts a shutoff mid-period.
+* Heartbeat: every ``heartbeat_interval_s`` each worker publishes ``heartbeat:<worker>`` on the enforcement
+  topic with the policy version in force (``processor.heartbeat``): edges measure their staleness from it and
+  ``spendstream policy apply`` waits for it to confirm a new version.
 
 Output path: faust's producer costs ~45 us per message (profiled), so every record this app writes (table
 changelogs, the internal topic, decisions, alerts, DLQ) goes through confluent-kafka producers (one per stage),
@@ -82,6 +85,7 @@ from spendstream.processor.decision_publisher import (
     needs_decision,
     next_version,
 )
+from spendstream.processor.heartbeat import HeartbeatPublisher
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
     AppliedIds,
@@ -120,6 +124,7 @@ class ProcessorConfig:
     batch_size: int = 5000
     batch_within_s: float = 0.05
     dedup_horizon: timedelta = timedelta(minutes=15)  # arrival time within which a re-sent event_id is skipped
+    heartbeat_interval_s: float = 1.0
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
 
 
@@ -134,7 +139,6 @@ class PolicyHolder:
 
     def __init__(self, policy: Policy, allowed_lateness: timedelta) -> None:
         self.policy = policy
-        self.name = policy.name
         self.calendar = WindowCalendar(policy.tz)
         self.lateness_s = int(allowed_lateness.total_seconds())
         self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
@@ -564,6 +568,17 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     async def stop_stage1_on_shutdown(_app: faust.App, **_: Any) -> None:
         await reader.stop()
 
+    heartbeats = HeartbeatPublisher(kafka_conf, config.app_id, config.heartbeat_interval_s, lambda: holder.policy)
+
+    @app.timer(config.heartbeat_interval_s)
+    async def heartbeat() -> None:
+        """From the event loop stage 2 runs on, so a worker whose loop is stuck stops proving it is alive."""
+        heartbeats.beat()
+
+    @app.on_before_shutdown.connect
+    async def stop_heartbeats(_app: faust.App, **_: Any) -> None:
+        heartbeats.close()
+
     def stage2(events: Sequence[Any]) -> None:
         partition = events[0].message.partition
         dirty_windows: dict[str, dict[str, list[int]]] = {}
@@ -664,13 +679,17 @@ def _new_state(partition: int) -> dict[str, Any]:
 
 
 class PolicyFollower(threading.Thread):
-    """Reads ``spendstream.policy`` from the beginning, without a consumer group, and hot-swaps the policy."""
+    """Follows ``spendstream.policy`` from ``start_offset`` (where the startup read ended), without a consumer group,
+    and hot-swaps the policy to every valid record, whatever its name."""
 
-    def __init__(self, holder: PolicyHolder, kafka_conf: dict[str, Any], partitions: int) -> None:
+    def __init__(
+        self, holder: PolicyHolder, kafka_conf: dict[str, Any], partitions: int, start_offset: int = 0
+    ) -> None:
         super().__init__(name="policy-follower", daemon=True)
         self.holder = holder
         self.kafka_conf = kafka_conf
         self.partitions = partitions
+        self.start_offset = start_offset
         self.stopping = threading.Event()
         self.codec = AvroCodec("policy")
         self.alert_codec = AvroCodec("alert")
@@ -678,7 +697,7 @@ class PolicyFollower(threading.Thread):
     def run(self) -> None:
         consumer = Consumer({**self.kafka_conf, "group.id": "spendstream-policy-follower", "enable.auto.commit": False})
         producer = Producer(self.kafka_conf)
-        consumer.assign([TopicPartition(POLICY, 0, OFFSET_BEGINNING)])
+        consumer.assign([TopicPartition(POLICY, 0, self.start_offset or OFFSET_BEGINNING)])
         try:
             while not self.stopping.is_set():
                 message = consumer.poll(0.5)
@@ -694,8 +713,6 @@ class PolicyFollower(threading.Thread):
             record = PolicyRecord.from_avro(self.codec.decode(value))
         except (DecodeError, ValueError) as exc:
             self._reject("?", f"undecodable policy record: {exc}", producer)
-            return
-        if record.name != self.holder.name:
             return
         try:
             policy = policy_from_json(record.document)

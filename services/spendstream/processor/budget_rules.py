@@ -5,7 +5,9 @@
   allow. A critical feature gets ``throttle`` where others get ``shutoff``. A zero limit blocks at once.
   The action is monotone in spend.
 - ``evaluate_budget(budget, scope, spend_nanos, policy) -> Evaluation``: the action plus what a Decision
-  carries (fallback map, throttle rate, reason); criticality comes from the policy's feature list.
+  carries (fallback map, throttle rate, reason); criticality comes from the policy's feature list, and a
+  ``hard_cap`` budget shuts off critical features too. (A shutoff of any other scope, e.g. ``team:marketing``,
+  lists the critical features the edges throttle instead: ``decision_publisher``.)
 - ``should_emit(previous, current) -> bool``: decisions are emitted only when a scope's action changes, so a
   steady state costs no traffic on the compacted enforcement topic.
 - ``quota_action(requests_used, tokens_used, quota) -> QuotaVerdict``: a used-up per-day quota shuts the scope off
@@ -71,7 +73,7 @@ def budget_usd(nanos: int) -> str:
 def evaluate_budget(budget: Budget, scope: str, spend_nanos: int, policy: Policy) -> Evaluation:
     """The action for ``scope`` (concrete, e.g. ``user:u1`` for a ``user:*`` budget) at this spend."""
     dimension, _, value = scope.partition(":")
-    critical = dimension == "feature" and policy.is_critical(value)
+    critical = dimension == "feature" and policy.is_critical(value) and not budget.hard_cap
     thresholds = budget.thresholds or policy.thresholds
     action = action_for_spend(spend_nanos, budget.limit_nanos, thresholds, critical)
     spent = budget_usd(spend_nanos)

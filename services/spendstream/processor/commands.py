@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import getpass
 import sys
 from datetime import timedelta
 
@@ -44,11 +43,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate = actions.add_parser("validate", help="check a policy file; errors name the line and field")
     validate.add_argument("file", nargs="?", help="policy YAML (default SPENDSTREAM_POLICY)")
     validate.set_defaults(handler=run_policy_validate)
-    apply = actions.add_parser("apply", help="validate and publish a policy to spendstream.policy (hot reload)")
+    apply = actions.add_parser(
+        "apply",
+        help="validate and publish a policy as the policy in force, then wait for the processors to confirm it",
+        description="Publish FILE to spendstream.policy: the newest valid record there is the policy in force, "
+        "whatever its name. Then wait up to --wait seconds until every processor worker heard from reports the "
+        "new version in its heartbeat. Exit 0 when confirmed, 3 when published but not confirmed (no processor "
+        "running, or one still on another version), 2 for an invalid file, 1 when the broker refused it.",
+    )
     apply.add_argument("file", nargs="?", help="policy YAML (default SPENDSTREAM_POLICY)")
+    apply.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for processors to confirm the new version (default 10; 0: publish only)",
+    )
     apply.set_defaults(handler=run_policy_apply)
-    show = actions.add_parser("show", help="summarise a policy file, or the policy in force on the topic")
-    show.add_argument("file", nargs="?", help="policy YAML (default: the newest record on spendstream.policy)")
+    show = actions.add_parser("show", help="the policy in force (the newest valid record on the topic), or a file")
+    show.add_argument("file", nargs="?", help="policy YAML to summarise instead of the policy in force")
     show.set_defaults(handler=run_policy_show)
 
 
@@ -79,92 +92,71 @@ def run_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_policy_apply(args: argparse.Namespace, settings: Settings) -> int:
-    from confluent_kafka import Producer
-
-    from spendstream.core.codec import AvroCodec
-    from spendstream.core.events import PolicyRecord
+    from spendstream.core.policy_log import publish_policy, wait_for_confirmations
     from spendstream.core.topics import POLICY
 
     path = _policy_file(args, settings)
     policy = _load(path) if path else None
     if policy is None:
         return 2
-    record = PolicyRecord(name=policy.name, version=policy.version, document=policy.to_json(), published_by=_who())
-    producer = Producer(settings.kafka_client_config())
-    errors: list[str] = []
-    producer.produce(
-        POLICY,
-        AvroCodec("policy", settings.schema_registry_url).encode(record.to_avro()),
-        key=policy.name.encode(),
-        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
-    )
-    if producer.flush(15) or errors:
-        print(f"spendstream policy apply: not published: {errors or 'broker did not confirm'}", file=sys.stderr)
-        return 1
-    print(f"published policy {policy.name} version {policy.version} to {POLICY}")
-    return 0
-
-
-def _who() -> str:
+    conf = settings.kafka_client_config()
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return ""
+        publish_policy(conf, policy, settings.schema_registry_url)
+    except RuntimeError as exc:
+        print(f"spendstream policy apply: {exc}", file=sys.stderr)
+        return 1
+    print(f"published policy {policy.name} version {policy.version} to {POLICY}", flush=True)
+    if args.wait <= 0:
+        return 0
+    outcome = wait_for_confirmations(conf, policy.version, args.wait)
+    for worker in outcome.confirmed:
+        print(f"in force: processor {worker} confirmed version {policy.version}")
+    for worker, version in outcome.pending.items():
+        print(f"not in force: processor {worker} still reports version {version or '?'}", file=sys.stderr)
+    if outcome.confirmed and not outcome.pending:
+        return 0
+    if not outcome.confirmed and not outcome.pending:
+        print(
+            f"no processor confirmed version {policy.version} within {args.wait:g}s (none is running?); "
+            "it is published and comes into force when a processor starts",
+            file=sys.stderr,
+        )
+    return 3
 
 
 def run_policy_show(args: argparse.Namespace, settings: Settings) -> int:
-    if args.file or settings.policy:
-        policy = _load(str(args.file or settings.policy))
+    if args.file:
+        policy = _load(str(args.file))
         if policy is None:
             return 2
         print(policy.summary())
         return 0
-    from spendstream.core.policy import PolicyError, policy_from_json
+    from confluent_kafka import KafkaException
 
-    record = _newest_policy_record(settings)
-    if record is None:
-        print("no policy published on spendstream.policy yet", file=sys.stderr)
-        return 1
+    from spendstream.core.policy_log import read_policy_log, wait_for_confirmations
+
+    conf = settings.kafka_client_config()
     try:
-        policy = policy_from_json(record.document)
-    except PolicyError as exc:
-        print(f"the newest published policy is invalid:\n{exc}", file=sys.stderr)
+        found = read_policy_log(conf, settings.schema_registry_url)
+    except (KafkaException, RuntimeError) as exc:
+        print(f"spendstream policy show: cannot read spendstream.policy: {exc}", file=sys.stderr)
         return 1
-    print(f"published {record.published_at.isoformat()} by {record.published_by or '?'}")
+    for problem in found.rejected:
+        print(f"rejected (not in force): {problem}", file=sys.stderr)
+    if found.in_force is None:
+        print("no valid policy published on spendstream.policy yet", file=sys.stderr)
+        return 1
+    record, policy = found.in_force.record, found.in_force.policy
+    print(f"in force: published {record.published_at.isoformat()} by {record.published_by or '?'}")
     print(policy.summary())
+    heard = wait_for_confirmations(conf, policy.version, 2.0)
+    for worker in heard.confirmed:
+        print(f"processor {worker}: version {policy.version}")
+    for worker, version in heard.pending.items():
+        print(f"processor {worker}: version {version or '?'} (not the policy in force yet)")
+    if not heard.confirmed and not heard.pending:
+        print("no processor heartbeat in the last 2s")
     return 0
-
-
-def _newest_policy_record(settings: Settings):  # type: ignore[no-untyped-def]
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    from spendstream.core.codec import AvroCodec, DecodeError
-    from spendstream.core.events import PolicyRecord
-    from spendstream.core.topics import POLICY
-
-    codec = AvroCodec("policy", settings.schema_registry_url)
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": "spendstream-policy-show"})
-    try:
-        _, high = consumer.get_watermark_offsets(TopicPartition(POLICY, 0), timeout=10)
-        if high <= 0:
-            return None
-        consumer.assign([TopicPartition(POLICY, 0, OFFSET_BEGINNING)])
-        newest = None
-        offset = -1
-        while offset + 1 < high:
-            message = consumer.poll(5)
-            if message is None:
-                break
-            if message.error():
-                continue
-            offset = message.offset()
-            try:
-                newest = PolicyRecord.from_avro(codec.decode(message.value()))
-            except (DecodeError, ValueError):
-                continue
-        return newest
-    finally:
-        consumer.close()
 
 
 def _given(flag: int | None, setting: int) -> int:
@@ -183,19 +175,27 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         ):
             print(f"{scope}\t{period}\t{start}\t{nanos}\t{requests}\t{tokens}")
         return 0
+    from confluent_kafka import KafkaException
     from faust import Worker
 
     from spendstream.core.metrics import ConsumerLagSampler, serve_metrics
     from spendstream.core.policy import parse_policy
-    from spendstream.core.topics import USAGE
+    from spendstream.core.policy_log import seed_policy
+    from spendstream.core.topics import POLICY, USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
 
-    if settings.policy is not None:
-        policy = _load(str(settings.policy))
-        if policy is None:
+    seed = None
+    if settings.policy is not None:  # only seeds an empty policy topic
+        seed = _load(str(settings.policy))
+        if seed is None:
             return 2
-    else:
-        policy = parse_policy(f"timezone: {settings.timezone}\n", "<defaults>")
+    defaults = parse_policy(f"timezone: {settings.timezone}\n", "<defaults>")
+    try:
+        conf = settings.kafka_client_config()
+        policy, policy_offset = seed_policy(conf, seed, defaults, settings.schema_registry_url)
+    except (KafkaException, RuntimeError) as exc:
+        print(f"spendstream processor: cannot read or seed the policy in force on {POLICY}: {exc}", file=sys.stderr)
+        return 1
     datadir = settings.data_dir / "processor" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     config = ProcessorConfig(
@@ -215,12 +215,18 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     # The tables hold many small lists and each batch allocates a few per event; with the default thresholds the
     # cyclic collector ran so often (and rescanned the tables) that one worker moved ~26k events/s instead of ~35k.
     gc.set_threshold(100_000, 50, 100)
-    follower = PolicyFollower(holder, settings.kafka_client_config(), settings.usage_partitions)
+    follower = PolicyFollower(holder, settings.kafka_client_config(), settings.usage_partitions, policy_offset)
     follower.start()
     lag = None
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)
         lag = ConsumerLagSampler(settings, usage_group(app_id), USAGE, settings.metrics_lag_interval_s).start()
-    print(f"processor {app_id}: policy {policy.name} version {policy.version}", flush=True)
+    print(f"processor {app_id}: policy {policy.name} version {policy.version} in force", flush=True)
+    if seed is not None and seed.version != policy.version:
+        print(
+            f"processor {app_id}: SPENDSTREAM_POLICY {settings.policy} (version {seed.version}) only seeds an empty "
+            f"{POLICY}; `spendstream policy apply` it to put it in force",
+            flush=True,
+        )
     worker = Worker(app, loglevel="DEBUG" if args.verbose else "INFO", quiet=True)
     try:
         worker.execute_from_commandline()

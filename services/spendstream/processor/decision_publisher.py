@@ -5,8 +5,11 @@ period rolls over when the first event of the next period arrives, and the decis
 it at the period boundary even if no event comes) and a lookup of window totals. ``evaluate_scope`` applies
 every rule of the policy that matches the scope: budgets (thresholds, critical features throttled instead
 of shut off), per-day quotas, spike rules (daily and hourly EWMA) and the forecast; the decision is the most
-restrictive action. ``decision_signature`` is what must change for a new Decision to be published, and
-``next_version`` keeps versions increasing per scope across restarts (it never goes below the clock).
+restrictive action. A shutoff carries the policy's critical features and their throttle rates
+(``critical_throttle_rps``): an edge throttles a request of a critical feature where it stops the others, so a
+critical feature is never shut off by any scope's budget or quota, unless a ``hard_cap`` budget shut it off.
+``decision_signature`` is what must change for a new Decision to be published, and ``next_version`` keeps
+versions increasing per scope across restarts (it never goes below the clock).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class Verdict:
     throttle_rps: float | None = None
     allowed_models: list[str] = field(default_factory=list)
     crossings: list[Crossing] = field(default_factory=list)
+    hard_stop: bool = False  # a hard-cap budget is shut off: nothing is exempt
+    critical_throttle_rps: dict[str, float] = field(default_factory=dict)
 
     def consider(self, action: Action, reason: str, **extra: object) -> None:
         """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
@@ -135,6 +140,7 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
             "throttle_rps": evaluation.throttle_rps,
         }
         verdict.consider(evaluation.action, evaluation.reason, **extra)
+        verdict.hard_stop |= budget.hard_cap and evaluation.action is Action.shutoff
         window_id = f"{budget.id}|{int(start.timestamp())}"
         if evaluation.action is not Action.allow:
             verdict.crossings.append(
@@ -181,6 +187,8 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
     for rule in policy.spike_rules:
         if rule.scope == scope or (rule.scope.endswith(":*") and scope.startswith(rule.scope[:-1])):
             _apply_spike(rule, scope, latest, totals, policy, verdict)
+    if verdict.action is Action.shutoff and not verdict.hard_stop:
+        verdict.critical_throttle_rps = dict(policy.critical_throttle_rps)
     return verdict
 
 
@@ -233,6 +241,7 @@ def decision_signature(verdict: Verdict) -> list[object]:
         verdict.throttle_rps,
         sorted(verdict.allowed_models),
         verdict.expires_at.isoformat() if verdict.expires_at else None,
+        sorted(verdict.critical_throttle_rps.items()),
     ]
 
 
@@ -268,6 +277,7 @@ def build_decision(scope: str, verdict: Verdict, version: int, policy_version: s
         version=version,
         issued_at=now,
         policy_version=policy_version,
+        critical_throttle_rps=verdict.critical_throttle_rps,
     )
 
 

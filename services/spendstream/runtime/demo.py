@@ -37,7 +37,7 @@ import aiohttp
 
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import UsageEvent
-from spendstream.core.topics import ALERTS, ENFORCEMENT
+from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX
 
 ALLOWED_LATENESS_S = 3 * 86_400  # yesterday's events arrive today
 DECISION_TIMEOUT_S = 30.0
@@ -169,6 +169,8 @@ class Watcher(threading.Thread):
                 for message in consumer.consume(500, timeout=0.1):
                     if message.error() is not None or message.value() is None:
                         continue
+                    if (message.key() or b"").startswith(HEARTBEAT_KEY_PREFIX):
+                        continue  # a processor's proof of life, not a decision
                     codec, model, into = codecs[message.topic()]
                     into.append((time.monotonic(), model.from_avro(codec.decode(message.value()))))
         finally:

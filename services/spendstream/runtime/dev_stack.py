@@ -151,7 +151,7 @@ class DevStack:
         self.say(f"broker     {self.broker.bootstrap} (Kafka protocol, memory-only), topics created")
         self._replay_spills()
         if self.policy is not None:
-            self._run_cli("policy", "apply", str(self.policy))
+            self._run_cli("policy", "apply", "--wait", "0", str(self.policy))  # the processor starts below
             self.say(f"policy     {self.policy} applied")
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         self.api_tokens = _dev_api_tokens(self.settings)

@@ -16,7 +16,8 @@ from spendstream.core.pricing import EMPTY_TABLE, PriceTable
 
 
 def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api: bool = False) -> int:
-    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads.
+    """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads: the
+    ledger's budgets from the policy in force, the audit sink, the API.
 
     With ``metrics_port`` set, ``/metrics`` is served there; with it or the API, the sink group's lag is sampled.
     """
@@ -25,6 +26,7 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
     from spendstream.core.topics import USAGE
     from spendstream.sink.audit_sink import AuditSink
     from spendstream.sink.ledger_sink import LedgerSink
+    from spendstream.sink.policy_budgets import PolicyBudgets
 
     client = connect(settings)
     migrate(client, settings)
@@ -41,7 +43,8 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
-    workers = []
+    budgets = PolicyBudgets(settings, client, on_policy=lambda policy: sink.set_prices(policy.price_table))
+    workers = [threading.Thread(target=budgets.run, args=(stop,), name="policy-budgets")]
     if with_audit:
         workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
     if with_api:
@@ -60,11 +63,21 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
 
 
 def policy_prices(settings: Settings) -> PriceTable:
-    """The price overrides of the configured policy (the ones the processor prices with), else none."""
+    """The price overrides of the policy in force (the ones the processor prices with); before any policy is
+    published, those of the ``SPENDSTREAM_POLICY`` file that will seed it; else none."""
+    from confluent_kafka import KafkaException
+
+    from spendstream.core.policy import load_policy
+    from spendstream.core.policy_log import read_policy_log
+
+    try:
+        found = read_policy_log(settings.kafka_client_config(), settings.schema_registry_url)
+    except (KafkaException, RuntimeError):  # no broker yet: the policy thread sets the prices once it can
+        found = None
+    if found is not None and found.in_force is not None:
+        return found.in_force.policy.price_table
     if settings.policy is None:
         return EMPTY_TABLE
-    from spendstream.core.policy import load_policy
-
     return load_policy(settings.policy).price_table
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DECISION_COLUMNS = [
     "scope", "action", "fallback_models", "throttle_rps", "allowed_models", "reason", "spend_nanos", "limit_nanos",
-    "period", "period_start", "expires_at", "version", "issued_at", "policy_version",
+    "period", "period_start", "expires_at", "version", "issued_at", "policy_version", "critical_throttle_rps",
 ]  # fmt: skip
 ALERT_COLUMNS = [
     "alert_id", "scope", "kind", "severity", "message", "spend_nanos", "limit_nanos", "period", "occurred_at",
@@ -112,6 +112,8 @@ class AuditSink:
         decisions, alerts, rejects = [], [], []
         for message in messages:
             topic, value = message.topic(), message.value() or b""
+            if topic == topics.ENFORCEMENT and (message.key() or b"").startswith(topics.HEARTBEAT_KEY_PREFIX):
+                continue  # a processor's proof of life, not a decision
             try:
                 record = self.codecs[topic].decode(value)
                 (decisions if topic == topics.ENFORCEMENT else alerts).append(

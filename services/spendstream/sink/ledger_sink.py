@@ -514,6 +514,10 @@ class LedgerSink:
     def client(self) -> Any:
         return self._client
 
+    def set_prices(self, prices: PriceTable) -> None:
+        """Price events without ``cost_nanos`` with ``prices`` from the next event on (a new policy in force)."""
+        self._decoder.prices = prices
+
     def stop(self) -> None:
         """Ask the sink to finish the batch in hand, commit it, and return from ``run``."""
         self._stop.set()

@@ -1,0 +1,165 @@
+"""The policy in force, as every service agrees on it: the newest VALID record on ``spendstream.policy``.
+
+A deployment has one policy in force, whatever its ``name`` (a label shown by ``policy show``, in logs and in
+heartbeats). Processors follow it, the sink loads its budgets into the ledger, ``policy show`` prints it. A
+record that does not validate is rejected (the processors raise a ``policy`` alert) and the one before it
+stays in force. ``SPENDSTREAM_POLICY`` only seeds an empty topic: the first processor that finds no valid
+record publishes that file (``seed_policy``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.events import Heartbeat, PolicyRecord
+from spendstream.core.policy import Policy, PolicyError, policy_from_json
+from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
+
+
+@dataclass(frozen=True)
+class PolicyInForce:
+    policy: Policy
+    record: PolicyRecord
+    offset: int
+
+
+@dataclass
+class PolicyLog:
+    """What reading ``spendstream.policy`` to its end found."""
+
+    in_force: PolicyInForce | None = None
+    next_offset: int = 0  # where a follower continues
+    rejected: list[str] = field(default_factory=list)  # why records newer than the one in force were refused
+
+
+class PolicyLogUnreadable(RuntimeError):
+    """``spendstream.policy`` could not be read to its end, so the policy in force is unknown."""
+
+
+def decode_policy(codec: AvroCodec, value: bytes | None) -> tuple[PolicyRecord | None, Policy | None, str]:
+    """``(record, policy, "")`` for a valid record, else what is wrong with it (record None if undecodable)."""
+    try:
+        record = PolicyRecord.from_avro(codec.decode(value or b""))
+    except (DecodeError, ValueError) as exc:
+        return None, None, f"undecodable policy record: {exc}"
+    try:
+        return record, policy_from_json(record.document), ""
+    except PolicyError as exc:
+        return record, None, f"policy {record.name} rejected: {exc}"
+
+
+def read_policy_log(kafka_conf: dict[str, Any], registry_url: str | None = None, timeout: float = 10.0) -> PolicyLog:
+    """Read ``spendstream.policy`` from the beginning to its end, without a consumer group; raises
+    ``KafkaException`` or ``PolicyLogUnreadable`` when the broker does not let it."""
+    codec = AvroCodec("policy", registry_url)
+    consumer = Consumer({**kafka_conf, "group.id": "spendstream-policy-reader", "enable.auto.commit": False})
+    log = PolicyLog()
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(POLICY, 0), timeout=timeout)
+        if high <= 0:
+            return log
+        consumer.assign([TopicPartition(POLICY, 0, OFFSET_BEGINNING)])
+        # Past the reported end too, until a poll finds nothing: some brokers report the last batch's base offset.
+        while (message := consumer.poll(timeout if log.next_offset < high else 0.2)) is not None:
+            if message.error():
+                continue
+            log.next_offset = message.offset() + 1
+            record, policy, problem = decode_policy(codec, message.value())
+            if policy is not None and record is not None:
+                log.in_force = PolicyInForce(policy, record, message.offset())
+                log.rejected.clear()
+            else:
+                log.rejected.append(problem)
+        if log.next_offset < high:  # a partial read must not look like "no policy yet" (a seed would replace it)
+            raise PolicyLogUnreadable(f"could not read {POLICY} to its end (offset {log.next_offset} of {high})")
+        return log
+    finally:
+        consumer.close()
+
+
+def publish_policy(kafka_conf: dict[str, Any], policy: Policy, registry_url: str | None = None) -> PolicyRecord:
+    """Publish ``policy`` as the policy in force; raises ``RuntimeError`` if the broker does not confirm it."""
+    record = PolicyRecord(name=policy.name, version=policy.version, document=policy.to_json(), published_by=_who())
+    producer = Producer(kafka_conf)
+    errors: list[str] = []
+    producer.produce(
+        POLICY,
+        AvroCodec("policy", registry_url).encode(record.to_avro()),
+        key=policy.name.encode(),
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+    )
+    if producer.flush(15) or errors:
+        raise RuntimeError(f"policy {policy.name} not published: {errors or 'the broker did not confirm it'}")
+    return record
+
+
+def seed_policy(
+    kafka_conf: dict[str, Any], seed: Policy | None, default: Policy, registry_url: str | None = None
+) -> tuple[Policy, int]:
+    """The policy a starting service enforces and the offset to follow the topic from.
+
+    The newest valid record wins; with none, ``seed`` (the ``SPENDSTREAM_POLICY`` file) is published so every
+    service agrees on it; with no seed either, ``default`` (no budgets) applies until a policy is applied.
+    """
+    found = read_policy_log(kafka_conf, registry_url)
+    if found.in_force is not None:
+        return found.in_force.policy, found.next_offset
+    if seed is None:
+        return default, found.next_offset
+    publish_policy(kafka_conf, seed, registry_url)
+    return seed, found.next_offset
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+@dataclass
+class Confirmations:
+    confirmed: list[str] = field(default_factory=list)  # workers whose newest heartbeat carries the version
+    pending: dict[str, str] = field(default_factory=dict)  # other workers heard from -> the version they report
+
+
+def wait_for_confirmations(kafka_conf: dict[str, Any], version: str, wait_s: float) -> Confirmations:
+    """Listen to processor heartbeats for up to ``wait_s`` seconds: done early once some worker reports ``version``
+    and every worker heard since (for at least two heartbeat intervals) does too."""
+    codec = AvroCodec("heartbeat")
+    consumer = Consumer({**kafka_conf, "group.id": "spendstream-policy-confirm", "enable.auto.commit": False})
+    started = time.time()
+    latest: dict[str, str] = {}
+    settle_s = 0.0
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(ENFORCEMENT, 0), timeout=10)
+        consumer.assign([TopicPartition(ENFORCEMENT, 0, max(high - 1, 0))])
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for message in consumer.consume(100, timeout=0.2):
+                key = message.key() or b""
+                if message.error() or message.value() is None or not key.startswith(HEARTBEAT_KEY_PREFIX):
+                    continue
+                try:
+                    beat = Heartbeat.from_avro(codec.decode(message.value()))
+                except (DecodeError, ValueError):
+                    continue
+                if beat.issued_at.timestamp() < started - beat.interval_s:
+                    continue  # from before this wait: maybe a worker that is gone
+                latest[beat.worker] = beat.policy_version
+                settle_s = max(settle_s, 2 * beat.interval_s)
+            agreed = latest and all(v == version for v in latest.values())
+            if agreed and time.time() - started >= settle_s:
+                break
+    finally:
+        consumer.close()
+    return Confirmations(
+        confirmed=sorted(w for w, v in latest.items() if v == version),
+        pending={w: v for w, v in sorted(latest.items()) if v != version},
+    )
