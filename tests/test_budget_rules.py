@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.core.events import Action
+from spendstream.core.matching import model_allowed
 from spendstream.core.policy import Quota, Thresholds, load_policy
 from spendstream.processor.budget_rules import (
     action_for_spend,
     evaluate_budget,
-    model_allowed,
     most_restrictive,
     quota_action,
     reached,
