@@ -24,21 +24,34 @@ def _glob_regex(entry: str) -> str:
     return ".*".join(re.escape(part) for part in entry.split(GLOB))
 
 
-class ModelMatcher:
-    """A compiled model list: ``model in matcher`` is True for an exact entry or a glob that matches."""
+_MEMO_MAX = 4096  # models remembered per list (the names a deployment calls are few)
 
-    __slots__ = ("_exact", "_glob", "entries")
+
+class ModelMatcher:
+    """A compiled model list: ``model in matcher`` is True for an exact entry or a glob that matches.
+
+    Answers are remembered per model name, so the request path pays one dict lookup, not a regex match.
+    """
+
+    __slots__ = ("_exact", "_glob", "_memo", "entries")
 
     def __init__(self, entries: Iterable[str]) -> None:
         self.entries: tuple[str, ...] = tuple(dict.fromkeys(entries))
         self._exact = frozenset(e for e in self.entries if not is_glob(e))
         globs = [_glob_regex(e) for e in self.entries if is_glob(e)]
         self._glob = re.compile("|".join(globs), re.DOTALL).fullmatch if globs else None
+        self._memo: dict[object, bool] = {}
 
     def __contains__(self, model: object) -> bool:
-        if model in self._exact:
-            return True
-        return self._glob is not None and isinstance(model, str) and self._glob(model) is not None
+        found = self._memo.get(model)
+        if found is None:
+            found = model in self._exact or (
+                self._glob is not None and isinstance(model, str) and self._glob(model) is not None
+            )
+            if len(self._memo) >= _MEMO_MAX:
+                self._memo.clear()
+            self._memo[model] = found
+        return found
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)

@@ -176,7 +176,8 @@ class Enforcer:
         static = self._static
         if static is not None:
             wall = self._wall()
-            static.apply(values, wall, hits)
+            if static.quotas:
+                static.quotas.count(values, wall, hits)
         index = self._index
         for i in self._active:
             value = values[i]
@@ -190,9 +191,12 @@ class Enforcer:
                     hits.append((rule, value))
         if self._global is not None:
             hits.append((self._global, ""))
-        if not hits:
-            return Verdict(ALLOW, model)
-        return resolve(hits, model, self._wall() if static is None else wall, time.monotonic())
+        if static is None:
+            return resolve(hits, model, self._wall(), time.monotonic()) if hits else Verdict(ALLOW, model)
+        verdict = resolve(hits, model, wall, time.monotonic()) if hits else Verdict(ALLOW, model)
+        if static.allowed and not verdict.blocked:
+            return static.denial(values, verdict.model) or verdict
+        return verdict
 
     def _fill_ancestors(self, values: list[str]) -> None:
         for i in (_DIM_INDEX["project"], _DIM_INDEX["team"], _DIM_INDEX["division"]):

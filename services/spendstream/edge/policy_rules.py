@@ -3,9 +3,11 @@
 Decisions come from the processor after it has seen traffic. Two kinds of rule need no spend, so an edge
 applies them straight from the policy instead of waiting for a decision:
 
-- allowed-model lists (``allowed_models``): a request whose model is not covered by the list of one of its
-  scopes (the scope's own list, else its ``dimension:*`` template's, as the processor resolves them) is
-  refused with ``deny_model``. Lists hold names and globs (``local/*``), matched by ``core.matching``.
+- allowed-model lists (``allowed_models``): a request whose model (the one served, after any fallback) is not
+  covered by the list of one of its scopes (the scope's own list, else its ``dimension:*`` template's, as the
+  processor resolves them) is refused with ``deny_model``. Lists hold names and globs (``local/*``), matched
+  by ``core.matching``. They are checked on the outcome of the decisions, so a request no list covers pays
+  one dict lookup per listed dimension.
 - request quotas (``requests_per_day``): the edge counts the requests it checks per quota scope and local day
   (the policy's timezone) and refuses with ``shutoff`` once a scope's count reaches its cap; the cap-th request
   still goes out, as the processor counts. Every checked request counts, refused ones included, because each
@@ -13,7 +15,8 @@ applies them straight from the policy instead of waiting for a decision:
   quota decision and then applies on top; between two decisions this count bounds what one edge lets through.
   Token quotas need the tokens of answers, so only the processor enforces them.
 
-Each rule becomes a ``ScopeRule``, so ``resolve`` weighs it with the decisions of the request's other scopes.
+A used-up quota becomes a ``shutoff`` ``ScopeRule``, so ``resolve`` weighs it with the decisions of the
+request's other scopes.
 """
 
 from __future__ import annotations
@@ -25,31 +28,26 @@ from datetime import datetime, timedelta
 
 from spendstream.core.matching import ModelMatcher, is_template
 from spendstream.core.policy import Policy
-from spendstream.edge.verdict import ACTION_RANK, ALLOW, SHUTOFF, ScopeRule
+from spendstream.edge.verdict import ACTION_RANK, DENY_MODEL, SHUTOFF, ScopeRule, Verdict
 
-# (dimension index, rule per value, rule of the dimension's template or None)
-_Lookup = tuple[int, dict[str, ScopeRule], ScopeRule | None]
-
-
-def _allow_rule(scope: str, models: Sequence[str]) -> ScopeRule:
-    return ScopeRule(
-        scope=scope, action=ALLOW, rank=ACTION_RANK[ALLOW], version=0, reason="", allowed=ModelMatcher(models)
-    )
+# A scope with its list: (scope, matcher)
+_List = tuple[str, ModelMatcher]
+# (dimension index, list per value, list of the dimension's template or None)
+_Lookup = tuple[int, dict[str, _List], _List | None]
 
 
-def allowed_model_rules(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lookup, ...]:
+def allowed_model_lists(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lookup, ...]:
     """The policy's allowed-model lists, indexed by the position of their dimension in ``dimensions``."""
-    by_dim: dict[int, tuple[dict[str, ScopeRule], list[ScopeRule]]] = {}
+    by_dim: dict[int, tuple[dict[str, _List], list[_List]]] = {}
     for scope, models in policy.allowed_models.items():
         dimension, _, value = scope.partition(":")
         if dimension not in dimensions:
             continue
         exact, template = by_dim.setdefault(dimensions.index(dimension), ({}, []))
-        rule = _allow_rule(scope, models)
         if is_template(scope):
-            template.append(rule)
+            template.append((scope, ModelMatcher(models)))
         else:
-            exact[value] = rule
+            exact[value] = (scope, ModelMatcher(models))
     return tuple((i, exact, template[0] if template else None) for i, (exact, template) in sorted(by_dim.items()))
 
 
@@ -78,7 +76,7 @@ class RequestQuotas:
             for i in sorted({*exact, *templates})
         )
         self._dimensions = tuple(dimensions)
-        self._counts: dict[tuple[int, str], int] = {}
+        self._counts: dict[int, dict[str, int]] = {i: {} for i, _, _ in self._caps}  # dimension index -> value -> n
         self._day_end = -math.inf
         self._lock = threading.Lock()  # concurrent checks never admit two requests on one count
 
@@ -89,13 +87,17 @@ class RequestQuotas:
         """Keep today's counts across a policy change (a new cap applies to the requests already made)."""
         if previous.tz == self.tz:
             with previous._lock:
-                self._counts, self._day_end = dict(previous._counts), previous._day_end
+                for i, counts in previous._counts.items():
+                    if i in self._counts:
+                        self._counts[i] = dict(counts)
+                self._day_end = previous._day_end
 
     def count(self, values: Sequence[str], wall_now: float, hits: list[tuple[ScopeRule, str]]) -> None:
         """Count one request for every quota scope among ``values`` (by dimension index); a scope already at its cap
         adds a ``shutoff`` rule to ``hits`` that expires at the end of the local day."""
         if wall_now >= self._day_end:
             self._roll_over(wall_now)
+        all_counts = self._counts
         for i, caps, template_cap in self._caps:
             value = values[i]
             if not value:
@@ -103,10 +105,10 @@ class RequestQuotas:
             cap = caps.get(value, template_cap)
             if cap is None:
                 continue
-            key = (i, value)
+            counts = all_counts[i]
             with self._lock:
-                used = self._counts.get(key, 0)
-                self._counts[key] = used + 1
+                used = counts.get(value, 0)
+                counts[value] = used + 1
             if used >= cap:
                 scope = f"{self._dimensions[i]}:{value}"
                 reason = f"{scope} daily requests quota used up: {used}/{cap} (counted at this edge)"
@@ -115,7 +117,7 @@ class RequestQuotas:
     def used(self, scope: str) -> int:
         """Requests counted today for ``scope`` (``user:u1``)."""
         dimension, _, value = scope.partition(":")
-        return self._counts.get((self._dimensions.index(dimension), value), 0)
+        return self._counts.get(self._dimensions.index(dimension), {}).get(value, 0)
 
     def _roll_over(self, wall_now: float) -> None:
         with self._lock:
@@ -124,7 +126,7 @@ class RequestQuotas:
             local = datetime.fromtimestamp(wall_now, self.tz)
             start = local.replace(hour=0, minute=0, second=0, microsecond=0)
             end = (start + timedelta(days=1, hours=2)).replace(hour=0)  # the next local midnight, across DST too
-            self._counts = {}
+            self._counts = {i: {} for i in self._counts}
             self._day_end = end.timestamp()
 
 
@@ -133,7 +135,7 @@ class StaticRules:
 
     def __init__(self, policy: Policy, dimensions: Sequence[str], previous: StaticRules | None = None) -> None:
         self.version = policy.version
-        self.allowed = allowed_model_rules(policy, dimensions)
+        self.allowed = allowed_model_lists(policy, dimensions)
         self.quotas = RequestQuotas(policy, dimensions)
         if previous is not None:
             self.quotas.adopt_counts(previous.quotas)
@@ -141,13 +143,14 @@ class StaticRules:
     def __bool__(self) -> bool:
         return bool(self.allowed) or bool(self.quotas)
 
-    def apply(self, values: Sequence[str], wall_now: float, hits: list[tuple[ScopeRule, str]]) -> None:
-        """Add this policy's rules for a request's dimension ``values`` to ``hits`` (and count it against quotas)."""
+    def denial(self, values: Sequence[str], model: str) -> Verdict | None:
+        """``deny_model`` if a list of one of the request's scopes (dimension ``values``) does not cover ``model``."""
         for i, exact, template in self.allowed:
             value = values[i]
             if value:
-                rule = exact.get(value) or template
-                if rule is not None:
-                    hits.append((rule, ""))
-        if self.quotas:
-            self.quotas.count(values, wall_now, hits)
+                found = exact.get(value) or template
+                if found is not None and model not in found[1]:
+                    scope, matcher = found
+                    reason = f"model {model} is not allowed for {scope} (allowed: {matcher.describe()})"
+                    return Verdict(DENY_MODEL, model, None, reason, scope)
+        return None
