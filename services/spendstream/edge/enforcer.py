@@ -176,7 +176,7 @@ class Enforcer:
         static = self._static
         if static is not None:
             wall = self._wall()
-            if static.quotas:
+            if static.quotas is not None:
                 static.quotas.count(values, wall, hits)
         index = self._index
         for i in self._active:
@@ -222,7 +222,8 @@ class Enforcer:
 
     def requests_counted(self, scope: str) -> int:
         """Requests counted today at this edge against the request quota of ``scope`` (``user:u1``)."""
-        return self._static.quotas.used(scope) if self._static is not None else 0
+        static = self._static
+        return static.quotas.used(scope) if static is not None and static.quotas is not None else 0
 
     # -- the view --------------------------------------------------------------------------------
     def set_hierarchy(self, hierarchy: Mapping[str, str]) -> None:

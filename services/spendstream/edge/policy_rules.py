@@ -136,12 +136,13 @@ class StaticRules:
     def __init__(self, policy: Policy, dimensions: Sequence[str], previous: StaticRules | None = None) -> None:
         self.version = policy.version
         self.allowed = allowed_model_lists(policy, dimensions)
-        self.quotas = RequestQuotas(policy, dimensions)
-        if previous is not None:
-            self.quotas.adopt_counts(previous.quotas)
+        quotas = RequestQuotas(policy, dimensions)
+        if previous is not None and previous.quotas is not None:
+            quotas.adopt_counts(previous.quotas)
+        self.quotas = quotas if quotas else None  # None: nothing to count (one test on the request path)
 
     def __bool__(self) -> bool:
-        return bool(self.allowed) or bool(self.quotas)
+        return bool(self.allowed) or self.quotas is not None
 
     def denial(self, values: Sequence[str], model: str) -> Verdict | None:
         """``deny_model`` if a list of one of the request's scopes (dimension ``values``) does not cover ``model``."""
