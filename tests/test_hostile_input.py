@@ -333,7 +333,9 @@ def test_gateway_refuses_hostile_requests_and_keeps_serving(gateway: GatewayThre
     assert gateway.gateway.emitter is not None and gateway.gateway.emitter.stats.failed == 0
 
 
-def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
+@pytest.mark.parametrize("prompt_tokens", [2**70, 10**16, 10**11 + 1])
+def test_an_upstream_reporting_absurd_token_counts_is_still_metered(prompt_tokens: int) -> None:
+    """Counts that fit Int64 but could overflow a priced cost (10**16 tokens) are out of range too."""
     from spendstream.core.events import UsageStatus
     from spendstream.edge.metering import build_event
 
@@ -342,7 +344,7 @@ def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
         provider="openai",
         model_requested="gpt-4o",
         model_served="gpt-4o",
-        raw_usage={"prompt_tokens": 2**70, "completion_tokens": 3},
+        raw_usage={"prompt_tokens": prompt_tokens, "completion_tokens": 3},
         latency_ms=5,
         status=UsageStatus.ok,
         decision="",
@@ -350,3 +352,28 @@ def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
     )
     assert event.input_tokens == 0
     assert "out of range" in event.tags["usage_error"]
+
+
+def test_a_price_table_that_prices_past_the_ceiling_still_meters_the_call() -> None:
+    from spendstream.core.events import MAX_EVENT_COST_NANOS, UsageStatus
+    from spendstream.core.policy import parse_policy
+    from spendstream.edge.metering import build_event
+
+    absurd = parse_policy(
+        "pricing:\n  overrides:\n"
+        "    - {provider: openai, model: gpt-4o, input_per_mtok: '1e12', output_per_mtok: '1'}\n"
+    ).price_table
+    event = build_event(
+        attribution={"team": "web"},
+        provider="openai",
+        model_requested="gpt-4o",
+        model_served="gpt-4o",
+        raw_usage={"prompt_tokens": 1000, "completion_tokens": 3},
+        latency_ms=5,
+        status=UsageStatus.ok,
+        decision="",
+        tags={},
+        prices=absurd,
+    )
+    assert (event.input_tokens, event.cost_nanos) == (0, 0)
+    assert f"ceiling of {MAX_EVENT_COST_NANOS}" in event.tags["usage_error"]
