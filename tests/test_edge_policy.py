@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,10 +42,12 @@ allowed_models:
 """
 
 
-def post(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], dict[str, Any]]:
+def post(
+    url: str, body: dict[str, Any], headers: dict[str, str], key: str = KEY
+) -> tuple[int, dict[str, str], dict[str, Any]]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
     request.add_header("Content-Type", "application/json")
-    request.add_header("Authorization", f"Bearer {KEY}")
+    request.add_header("Authorization", f"Bearer {key}")
     for name, value in headers.items():
         request.add_header(name, value)
     try:
@@ -206,3 +209,53 @@ def test_emitter_refuses_out_of_bounds_events_without_raising(broker: EmbeddedBr
         seen += [str(codec.decode(m.value())["event_id"]) for m in consumer.consume(10, 0.2) if m.error() is None]
     consumer.close()
     assert seen == [str(good.event_id)]
+
+
+@pytest.mark.slow
+def test_fresh_dev_stack_refuses_the_first_disallowed_call(tmp_path: Path) -> None:
+    """``spendstream dev`` with the reference policy: development may call only llama-3.2-* and local/*."""
+    gateway_port = free_port()
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(tmp_path / "data"),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "SPENDSTREAM_GATEWAY_PORT": str(gateway_port),
+        "SPENDSTREAM_API_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "dev", "--stub-upstream"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        key = ""
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline and "ready; Ctrl-C stops everything" not in "".join(seen[-1:]):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if "dev key" in line:
+                key = line.split()[3]
+        assert key and "ready" in seen[-1], "".join(seen[-40:])
+        url = f"http://127.0.0.1:{gateway_port}/v1/embeddings"
+        dev = {"X-Spendstream-Environment": "development", "X-Spendstream-Team": "engineering"}
+        for _ in range(4):  # the first call already, and every one after it
+            status, _, body = post(url, {"model": "text-embedding-3-small", "input": "hello"}, dev, key)
+            assert (status, body["error"]["code"]) == (403, "model_not_allowed"), body
+        status, _, body = post(url, {"model": "local/nomic-embed-text", "input": "hello"}, dev, key)
+        assert status == 200, body
+    finally:
+        proc.send_signal(signal.SIGINT)  # dev stops its services in order
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
