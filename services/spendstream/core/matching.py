@@ -2,8 +2,8 @@
 
 - Model lists (``allowed_models``, a Decision's ``allowed_models``) hold names and globs: ``*`` matches any run
   of characters, ``/`` included (``local/*``, ``llama-*``, ``gpt-4o*``); every other character is literal and
-  matching is case-sensitive. ``ModelMatcher`` compiles a list once, so a lookup is a set probe plus, only when
-  the list has globs, one regular expression match.
+  matching is case-sensitive. ``ModelMatcher`` compiles a list once (one regular expression for all its globs)
+  and remembers its answer per model name.
 - Scope patterns are ``dimension:value`` or the template ``dimension:*`` (every value of the dimension);
   ``scope_matches`` says whether a pattern covers a concrete scope, ``template_of`` names a scope's template.
 """
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 GLOB = "*"
 
@@ -53,38 +53,12 @@ class ModelMatcher:
             self._memo[model] = found
         return found
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModelMatcher) and set(self.entries) == set(other.entries)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self.entries))
-
     def __repr__(self) -> str:
         return f"ModelMatcher({list(self.entries)!r})"
 
     def describe(self) -> str:
         """The entries, sorted, for messages (``llama-3.2-1b, local/*``)."""
         return ", ".join(sorted(self.entries))
-
-
-def model_matches(model: str, entry: str) -> bool:
-    """One list entry against one model name."""
-    return model == entry or (is_glob(entry) and re.fullmatch(_glob_regex(entry), model, re.DOTALL) is not None)
-
-
-def model_allowed(model: str, lists: Iterable[Iterable[str]]) -> bool:
-    """True if ``model`` is covered by every list (names or globs); no list means no restriction."""
-    for allowed in lists:
-        matcher = allowed if isinstance(allowed, ModelMatcher) else ModelMatcher(allowed)
-        if model not in matcher:
-            return False
-    return True
 
 
 def template_of(scope: str) -> str:
