@@ -352,6 +352,7 @@ def test_kafka_security_settings_reach_the_client_config(tmp_path: Path) -> None
         emitter.close(0.1)
     enforcer = Enforcer(settings=settings)
     assert enforcer._conf["security.protocol"] == "SASL_PLAINTEXT" and enforcer._conf["sasl.username"] == "spend"
+    assert enforcer._policy_follower is not None and enforcer._policy_follower._conf["sasl.username"] == "spend"
 
 
 def kafka_client_constructions() -> dict[str, str]:
@@ -371,7 +372,7 @@ def kafka_client_constructions() -> dict[str, str]:
 
 
 # Scopes whose client gets its librdkafka config from a caller, each of which passes kafka_client_config().
-CONFIG_FROM_CALLER = {"sink/dead_letters.py", "runtime/topic_admin.py", "processor/app.py"}
+CONFIG_FROM_CALLER = {"sink/dead_letters.py", "runtime/topic_admin.py", "processor/app.py", "edge/policy_follower.py"}
 # Clients of the embedded broker only (`spendstream dev`, the broker's health check): it has no security settings.
 EMBEDDED_ONLY = {"runtime/embedded_broker.py", "runtime/dev_stack.py", "runtime/demo.py"}  # always a local broker
 
