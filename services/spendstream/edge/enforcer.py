@@ -101,7 +101,6 @@ class Enforcer:
         self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
         # The policy's own rules (None: no policy, or one with no such rule).
         self._static: StaticRules | None = None
-        self._policy_version = ""
         self._hierarchy_from_policy = hierarchy is None
         if policy is not None:
             self.set_policy(policy)
@@ -212,13 +211,7 @@ class Enforcer:
             self.set_hierarchy(policy.parent_scopes)
         static = StaticRules(policy, DIMENSIONS, self._static)
         self._static = static if static else None
-        self._policy_version = policy.version
         log.info("enforcer applies policy %s %s", policy.name, policy.version)
-
-    @property
-    def policy_version(self) -> str:
-        """The version of the policy whose own rules apply ("" before any)."""
-        return self._policy_version
 
     def requests_counted(self, scope: str) -> int:
         """Requests counted today at this edge against the request quota of ``scope`` (``user:u1``)."""

@@ -226,7 +226,7 @@ class Gateway:
                 settings=self.settings,
                 fail_closed=self.config.fail_closed,
                 max_staleness_s=self.config.max_staleness_s,
-                hierarchy=self.hierarchy or None,
+                hierarchy=self.hierarchy if self.policy is None and self.hierarchy else None,  # else the policy's
                 clock=self.clock,
                 policy=self.policy,
             ).start()
