@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Decision
+from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ENFORCEMENT
 from spendstream.edge.enforcer import Enforcer
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -94,6 +95,18 @@ def main() -> None:
             for name, request in shapes.items():
                 p50, p99, mean = measure(enforcer, args.calls, **request)
                 print(f"  {name:42} {p50:6.2f} {p99:6.2f} {mean:6.2f}")
+            # The policy's own rules on top of the same decisions: an allowed-model list and a user:* request quota
+            # (counted at the edge; a cap no run reaches, so every call is counted and allowed).
+            rules = parse_policy(
+                "allowed_models:\n  'environment:development': [llama-3.2-1b, 'local/*']\n"
+                "quotas:\n  - {scope: 'user:*', requests_per_day: 1000000000000}\n"
+            )
+            with Enforcer(broker.bootstrap, policy=rules, policy_topic=None) as with_rules:
+                if not with_rules.wait_ready(120):
+                    raise SystemExit("enforcer did not catch up")
+                request = {"team": "v5", "user": "someone", "environment": "development", "model": "local/qwen"}
+                p50, p99, mean = measure(with_rules, args.calls, **request)
+                print(f"  {'policy list + user:* quota + team fallback':42} {p50:6.2f} {p99:6.2f} {mean:6.2f}")
 
 
 if __name__ == "__main__":

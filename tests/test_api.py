@@ -95,6 +95,11 @@ def test_batch_posted_twice_lands_once(api_settings: Settings, shared_client: An
     ("payload", "problems"),
     [
         ([event(input_tokens=-5)], [(0, "input_tokens", "greater than or equal to 0")]),
+        ([event(input_tokens="10")], [(0, "input_tokens", "valid integer")]),  # counts are never coerced
+        ([event(output_tokens=True)], [(0, "output_tokens", "valid integer")]),
+        ([event(latency_ms=4.0)], [(0, "latency_ms", "valid integer")]),
+        ([event(input_tokens=10**16, cost_nanos=None)], [(0, "input_tokens", "less than or equal to 100000000000")]),
+        ([event(cost_nanos=10**17)], [(0, "cost_nanos", "less than or equal to 10000000000000000")]),
         ([event(), {"provider": "openai"}], [(1, "event_id", "required")]),
         ([event(), event(event_id="not-a-uuid")], [(1, "event_id", "UUID")]),
         ([event(occurred_at="2026-03-01T10:00:00")], [(0, "occurred_at", "timezone")]),

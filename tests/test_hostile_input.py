@@ -23,7 +23,7 @@ from spendstream.api.app import BadRequest, create_app, parse_batch
 from spendstream.api.tokens import add_token
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
-from spendstream.core.events import UsageEvent, usage_record_problem
+from spendstream.core.events import MAX_EVENT_COST_NANOS, UsageEvent, usage_record_problem
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.gateway.app import Gateway, GatewayThread
@@ -82,7 +82,9 @@ def test_random_bytes_raise_decode_error_or_are_judged(data: bytes) -> None:
 @FUZZ
 @given(st.data())
 def test_truncated_and_bit_flipped_encodings(data: st.DataObject) -> None:
-    value = good_encoding(team=data.draw(st.text(max_size=5)), cost_nanos=data.draw(st.integers(0, INT64_MAX)))
+    value = good_encoding(
+        team=data.draw(st.text(max_size=5)), cost_nanos=data.draw(st.integers(0, MAX_EVENT_COST_NANOS))
+    )
     cut = data.draw(st.integers(0, len(value) - 1))
     assert decode_or_reason(value[:cut]) is not None  # a truncated value never passes as a record
     flipped = bytearray(value)
@@ -334,7 +336,9 @@ def test_gateway_refuses_hostile_requests_and_keeps_serving(gateway: GatewayThre
     assert gateway.gateway.emitter is not None and gateway.gateway.emitter.stats.failed == 0
 
 
-def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
+@pytest.mark.parametrize("prompt_tokens", [2**70, 10**16, 10**11 + 1])
+def test_an_upstream_reporting_absurd_token_counts_is_still_metered(prompt_tokens: int) -> None:
+    """Counts that fit Int64 but could overflow a priced cost (10**16 tokens) are out of range too."""
     from spendstream.core.events import UsageStatus
     from spendstream.edge.metering import build_event
 
@@ -343,7 +347,7 @@ def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
         provider="openai",
         model_requested="gpt-4o",
         model_served="gpt-4o",
-        raw_usage={"prompt_tokens": 2**70, "completion_tokens": 3},
+        raw_usage={"prompt_tokens": prompt_tokens, "completion_tokens": 3},
         latency_ms=5,
         status=UsageStatus.ok,
         decision="",
@@ -351,3 +355,28 @@ def test_an_upstream_reporting_absurd_token_counts_is_still_metered() -> None:
     )
     assert event.input_tokens == 0
     assert "out of range" in event.tags["usage_error"]
+
+
+def test_a_price_table_that_prices_past_the_ceiling_still_meters_the_call() -> None:
+    from spendstream.core.events import MAX_EVENT_COST_NANOS, UsageStatus
+    from spendstream.core.policy import parse_policy
+    from spendstream.edge.metering import build_event
+
+    absurd = parse_policy(
+        "pricing:\n  overrides:\n"
+        "    - {provider: openai, model: gpt-4o, input_per_mtok: '1e12', output_per_mtok: '1'}\n"
+    ).price_table
+    event = build_event(
+        attribution={"team": "web"},
+        provider="openai",
+        model_requested="gpt-4o",
+        model_served="gpt-4o",
+        raw_usage={"prompt_tokens": 1000, "completion_tokens": 3},
+        latency_ms=5,
+        status=UsageStatus.ok,
+        decision="",
+        tags={},
+        prices=absurd,
+    )
+    assert (event.input_tokens, event.cost_nanos) == (0, 0)
+    assert f"ceiling of {MAX_EVENT_COST_NANOS}" in event.tags["usage_error"]

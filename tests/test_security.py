@@ -355,6 +355,7 @@ def test_kafka_security_settings_reach_the_client_config(tmp_path: Path) -> None
         emitter.close(0.1)
     enforcer = Enforcer(settings=settings)
     assert enforcer._conf["security.protocol"] == "SASL_PLAINTEXT" and enforcer._conf["sasl.username"] == "spend"
+    assert enforcer._policy_follower is not None and enforcer._policy_follower._conf["sasl.username"] == "spend"
 
 
 def kafka_client_constructions() -> dict[str, str]:
@@ -380,6 +381,7 @@ CONFIG_FROM_CALLER = {
     "processor/app.py",
     "processor/heartbeat.py",
     "core/policy_log.py",
+    "edge/policy_follower.py",
 }
 # Clients of the embedded broker only (`spendstream dev`, the broker's health check): it has no security settings.
 EMBEDDED_ONLY = {"runtime/embedded_broker.py", "runtime/dev_stack.py", "runtime/demo.py"}  # always a local broker

@@ -2,22 +2,34 @@
 
 Money fields are integer nano-USD. ``to_avro`` / ``from_avro`` convert between a model and
 the plain dict the codec writes, without a round trip through JSON.
+
+A UsageEvent's counts are strict integers (JSON ``"10"``, ``true`` or ``10.0`` are refused, not coerced) and
+bounded per event: at most ``MAX_EVENT_TOKENS`` (10^11) in each token field and ``MAX_EVENT_COST_NANOS`` (10^16,
+$10,000,000) of cost. Both are far above any real call, and keep every priced cost, and the sum of a billion
+such events, within Int64 (Avro ``long``, ClickHouse ``Int64``).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 NANOS_PER_USD = 1_000_000_000
 INT64_MAX = 2**63 - 1
 # Avro ``long`` and ClickHouse ``Int64``: a larger Python int would pass validation and then fail to encode.
 Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
+MAX_EVENT_TOKENS = 10**11  # per token field of one event; a whole 1 M-token context is 10**6
+MAX_EVENT_COST_NANOS = 10**16  # $10,000,000 per event
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")
+TokenCount = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_TOKENS)]
+EventCostNanos = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_COST_NANOS)]
+StrictNonNegativeInt64 = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
 
 ATTRIBUTION_FIELDS = ("org", "division", "team", "project", "feature", "user", "customer", "environment")
 
@@ -92,13 +104,13 @@ class UsageEvent(_AvroModel):
     provider: str
     model_requested: str
     model_served: str = ""
-    input_tokens: NonNegativeInt64 = 0
-    output_tokens: NonNegativeInt64 = 0
-    cached_input_tokens: NonNegativeInt64 = 0
-    cache_write_tokens: NonNegativeInt64 = 0
-    cost_nanos: NonNegativeInt64 | None = None
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cached_input_tokens: TokenCount = 0
+    cache_write_tokens: TokenCount = 0
+    cost_nanos: EventCostNanos | None = None
     price_source: str = ""
-    latency_ms: NonNegativeInt64 = 0
+    latency_ms: StrictNonNegativeInt64 = 0
     status: UsageStatus = UsageStatus.ok
     decision_applied: str = ""
     cache_hit: bool = False
@@ -165,6 +177,42 @@ class PolicyRecord(_AvroModel):
     document: str
     published_at: datetime = Field(default_factory=utcnow)
     published_by: str = ""
+
+
+def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
+    """Why a usage record's token counts or cost are not integers within the per-event bounds, or None.
+
+    For records that did not come through ``UsageEvent`` validation (the Emitter checks what it is handed):
+    a few comparisons when all is well, a message naming the field otherwise.
+    """
+    try:
+        i, o, c, w = (record[name] for name in TOKEN_FIELDS)
+        cost = record["cost_nanos"]
+        if (
+            type(i) is int
+            and type(o) is int
+            and type(c) is int
+            and type(w) is int
+            and 0 <= i <= MAX_EVENT_TOKENS
+            and 0 <= o <= MAX_EVENT_TOKENS
+            and 0 <= c <= MAX_EVENT_TOKENS
+            and 0 <= w <= MAX_EVENT_TOKENS
+            and (cost is None or (type(cost) is int and 0 <= cost <= MAX_EVENT_COST_NANOS))
+        ):
+            return None
+    except (KeyError, TypeError):
+        pass
+    for name, limit in (*((f, MAX_EVENT_TOKENS) for f in TOKEN_FIELDS), ("cost_nanos", MAX_EVENT_COST_NANOS)):
+        value = record.get(name, 0)
+        if value is None and name == "cost_nanos":
+            continue
+        if type(value) is not int:
+            return f"{name} must be an integer, got {value!r}"
+        if value < 0:
+            return f"{name} is negative: {value}"
+        if value > limit:
+            return f"{name} {value} exceeds the limit of {limit} per event"
+    return None
 
 
 def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew: timedelta) -> str | None:

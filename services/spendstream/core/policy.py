@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from spendstream.core.matching import is_template
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
 from spendstream.core.routing_policy import RoutingPolicy
 
@@ -124,7 +125,7 @@ class Budget(_Model):
 
     @property
     def is_template(self) -> bool:
-        return self.scope.endswith(":*")
+        return is_template(self.scope)
 
     @property
     def dimension(self) -> str:

@@ -13,6 +13,11 @@ disk spool. States of that thread:
   acked. A failed replay delivery switches back to offline and replay restarts from the
   oldest segment still on disk (resends are fine: the ledger dedups by event_id).
 
+An event whose token counts or cost are not integers within the per-event bounds (``core.events``; an event
+built with ``model_construct`` or ``model_copy`` skips validation) is refused before it is encoded: counted as
+failed and logged with the field, never raised to the caller, so one bad event cannot overflow a priced total
+downstream.
+
 When the deque is full, ``emit()`` writes the event to the spool itself (an encode and a
 buffered write, no network), so memory stays bounded and nothing is lost. Delivery is
 at-least-once; order is kept per key except across such an overflow.
@@ -37,7 +42,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings, load_settings
-from spendstream.core.events import UsageEvent
+from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.metrics import EMITTERS
 from spendstream.core.topics import USAGE
 from spendstream.edge.spool import Spool
@@ -91,6 +96,19 @@ def attribution_key(event: UsageEvent) -> bytes:
     return f"{event.org}/{event.team}".encode()
 
 
+class RefusedEvent(ValueError):
+    """A usage event outside the bounds every consumer relies on."""
+
+
+def checked_record(event: UsageEvent) -> dict[str, Any]:
+    """The event's Avro record, or ``RefusedEvent`` naming the field that is out of bounds."""
+    record = event.to_avro()
+    problem = usage_bounds_problem(record)
+    if problem is not None:
+        raise RefusedEvent(f"usage event {record.get('event_id', '?')} refused: {problem}")
+    return record
+
+
 @dataclass(frozen=True)
 class EmitterStats:
     """A snapshot of the Emitter's counters (event counts, except spool_bytes)."""
@@ -99,7 +117,7 @@ class EmitterStats:
     sent: int  # acked by the broker (replayed ones included; a resend is counted again)
     spooled: int  # written to the disk spool
     replayed: int  # acked by the broker after coming from the spool
-    failed: int  # dropped: spool full or unwritable, unencodable, or rejected by the broker for good
+    failed: int  # dropped: out of bounds, unencodable, spool full or unwritable, or rejected by the broker for good
     queued: int  # in memory: deque plus producer queue
     spool_bytes: int
     spool_events: int  # in the disk spool, waiting for replay
@@ -241,7 +259,9 @@ class Emitter:
             self._loud.error("closed", "emit() after close(): event %s dropped", getattr(event, "event_id", "?"))
         else:
             try:
-                record = pack(attribution_key(event), self._codec.encode(event.to_avro()))
+                record = pack(attribution_key(event), self._codec.encode(checked_record(event)))
+            except RefusedEvent as exc:
+                self._loud.error("refused", "%s", exc)
             except Exception as exc:
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
             else:
@@ -403,7 +423,10 @@ class Emitter:
         encode = self._codec.encode
         for event in events:
             try:
-                records.append((attribution_key(event), encode(event.to_avro())))
+                records.append((attribution_key(event), encode(checked_record(event))))
+            except RefusedEvent as exc:
+                self._failed += 1
+                self._loud.error("refused", "%s", exc)
             except Exception as exc:
                 self._failed += 1
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)

@@ -3,6 +3,10 @@
 The request path does a handful of dict lookups (one per attribution dimension that has any decision)
 and calls the pure ``resolve`` only when some decision matches. The consumer reads the compacted topic
 from the beginning with no consumer group commits, so every edge holds the full current view.
+
+Rules that need no spend (allowed-model lists, request quotas counted at the edge: ``policy_rules``) are
+applied from the policy itself, the newest valid record on ``spendstream.policy`` (``policy_follower``), so
+they hold from the first request instead of after the processor has seen traffic.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import ATTRIBUTION_FIELDS, Decision, Heartbeat
-from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX
+from spendstream.core.policy import Policy
+from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
+from spendstream.edge.policy_follower import PolicyFollower
+from spendstream.edge.policy_rules import StaticRules
 from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,8 @@ class Enforcer:
     ready, while the broker is unreachable, and while no processor proves it is alive (heartbeats).
     ``clock`` (aware datetimes) is what decisions' ``expires_at`` are compared with; it defaults to the real
     time, and a gateway replaying a past day (the demo) passes its own.
+    ``policy`` (e.g. the ``SPENDSTREAM_POLICY`` file) is in force until a policy is read from ``policy_topic``;
+    ``policy_topic=None`` applies ``policy`` alone. Without an explicit ``hierarchy``, the policy's is used.
     """
 
     def __init__(
@@ -55,6 +64,8 @@ class Enforcer:
         topic: str = ENFORCEMENT,
         poll_interval_s: float = 0.05,
         clock: Callable[[], datetime] | None = None,
+        policy: Policy | None = None,
+        policy_topic: str | None = POLICY,
     ) -> None:
         if settings is None and bootstrap_servers is None:
             settings = load_settings()
@@ -93,23 +104,42 @@ class Enforcer:
         self._alive_at: float | None = None  # epoch seconds of the newest processor heartbeat read
         self.processor_policy_version = ""  # the policy version that heartbeat reported
         self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
+        # The policy's own rules (None: no policy, or one with no such rule).
+        self._static: StaticRules | None = None
+        self._hierarchy_from_policy = hierarchy is None
+        if policy is not None:
+            self.set_policy(policy)
+        self._policy_follower = (
+            PolicyFollower(conf, self.set_policy, topic=policy_topic, schema_registry_url=registry)
+            if policy_topic is not None
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Enforcer:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="spendstream-enforcer", daemon=True)
             self._thread.start()
+        if self._policy_follower is not None:
+            self._policy_follower.start()
         return self
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """True once the decisions up to the high watermarks seen at start are loaded."""
-        return self._ready.wait(timeout)
+        """True once the decisions up to the high watermarks seen at start are loaded (and the policy topic read)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._ready.wait(timeout):
+            return False
+        if self._policy_follower is None:
+            return True
+        return self._policy_follower.wait_ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready.is_set() and (self._policy_follower is None or self._policy_follower.ready)
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self._policy_follower is not None:
+            self._policy_follower.stop(timeout)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -151,6 +181,11 @@ class Enforcer:
         if self._ancestors:
             self._fill_ancestors(values)
         hits: list[tuple[ScopeRule, str]] = []
+        static = self._static
+        if static is not None:
+            wall = self._wall()
+            if static.quotas is not None:
+                static.quotas.count(values, wall, hits)
         index = self._index
         for i in self._active:
             value = values[i]
@@ -164,11 +199,16 @@ class Enforcer:
                     hits.append((rule, value))
         if self._global is not None:
             hits.append((self._global, ""))
-        if not hits:
-            return Verdict(ALLOW, model)
+        if static is None:
+            if not hits:
+                return Verdict(ALLOW, model)
+            wall = self._wall()
         if feature and self._exempting:
             hits = [(rule.for_feature(feature) if rule.critical else rule, key) for rule, key in hits]
-        return resolve(hits, model, self._wall(), time.monotonic())
+        verdict = resolve(hits, model, wall, time.monotonic()) if hits else Verdict(ALLOW, model)
+        if static is not None and static.allowed and not verdict.blocked:
+            return static.denial(values, verdict.model) or verdict
+        return verdict
 
     def _fill_ancestors(self, values: list[str]) -> None:
         for i in (_DIM_INDEX["project"], _DIM_INDEX["team"], _DIM_INDEX["division"]):
@@ -176,6 +216,20 @@ class Enforcer:
                 for dim_i, value in self._ancestors.get((i, values[i]), ()):
                     if not values[dim_i]:
                         values[dim_i] = value
+
+    # -- the policy's own rules ------------------------------------------------------------------
+    def set_policy(self, policy: Policy) -> None:
+        """Apply ``policy``'s allowed-model lists and request quotas from now on (today's counts carry over)."""
+        if self._hierarchy_from_policy:
+            self.set_hierarchy(policy.parent_scopes)
+        static = StaticRules(policy, DIMENSIONS, self._static)
+        self._static = static if static else None
+        log.info("enforcer applies policy %s %s", policy.name, policy.version)
+
+    def requests_counted(self, scope: str) -> int:
+        """Requests counted today at this edge against the request quota of ``scope`` (``user:u1``)."""
+        static = self._static
+        return static.quotas.used(scope) if static is not None and static.quotas is not None else 0
 
     # -- the view --------------------------------------------------------------------------------
     def set_hierarchy(self, hierarchy: Mapping[str, str]) -> None:

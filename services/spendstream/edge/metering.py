@@ -6,10 +6,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from spendstream.core.events import UsageEvent, UsageStatus
+from spendstream.core.events import MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent, UsageStatus
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, normalise_usage, price_usage
-
-INT64_MAX = 2**63 - 1
 
 
 def build_event(
@@ -28,7 +26,9 @@ def build_event(
 ) -> UsageEvent:
     """The usage event of one request; cost is left to the processor only when the price table rejects the model.
 
-    Requests that reached no model (blocked, failed before an answer) cost 0.
+    Requests that reached no model (blocked, failed before an answer) cost 0. Usage beyond the per-event bounds
+    (``MAX_EVENT_TOKENS`` per token field, a priced cost above ``MAX_EVENT_COST_NANOS``) is a broken upstream or
+    price table: the event is still emitted, with zero tokens and the reason in ``tags["usage_error"]``.
     """
     now = (now or datetime.now(UTC)).astimezone(UTC)  # the caller's clock, if it keeps one (the demo does)
     tokens = (0, 0, 0, 0)
@@ -37,8 +37,8 @@ def build_event(
     if raw_usage:
         try:
             tokens = normalise_usage(provider, raw_usage)
-            if not all(0 <= count <= INT64_MAX for count in tokens):
-                raise ValueError(f"token counts out of range: {tokens}")
+            if not all(0 <= count <= MAX_EVENT_TOKENS for count in tokens):
+                raise ValueError(f"token counts out of range (at most {MAX_EVENT_TOKENS} each): {tokens}")
         except (TypeError, ValueError) as exc:
             # A broken upstream must not cost us the event: meter it with zero tokens and say why.
             tokens = (0, 0, 0, 0)
@@ -49,6 +49,10 @@ def build_event(
             cost, source = price.cost_nanos, price.source
             if price.flagged_unknown:
                 tags = {**tags, "price": "unknown_model"}
+            if cost > MAX_EVENT_COST_NANOS:
+                problem = f"priced cost {cost} nanos exceeds the per-event ceiling of {MAX_EVENT_COST_NANOS}: {tokens}"
+                tokens, cost, source = (0, 0, 0, 0), 0, ""
+                tags = {**tags, "usage_error": problem[:200]}
         except UnknownModelError:
             cost = None
     elif status is UsageStatus.ok:

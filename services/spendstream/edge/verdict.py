@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from spendstream.core.events import Decision
+from spendstream.core.matching import ModelMatcher
 
 ALLOW = "allow"
 ALERT = "alert"
@@ -114,7 +115,7 @@ class ScopeRule:
     version: int
     reason: str = ""
     fallback: dict[str, str] = field(default_factory=dict)
-    allowed: frozenset[str] | None = None
+    allowed: ModelMatcher | None = None  # names and globs (``local/*``)
     rate: float | None = None
     expires_at: float | None = None  # epoch seconds
     critical: dict[str, float] = field(default_factory=dict)  # for a shutoff: critical feature -> throttle rate
@@ -134,7 +135,7 @@ class ScopeRule:
             version=decision.version,
             reason=decision.reason,
             fallback=dict(decision.fallback_models) if action == FALLBACK else {},
-            allowed=frozenset(decision.allowed_models) if decision.allowed_models else None,
+            allowed=ModelMatcher(decision.allowed_models) if decision.allowed_models else None,
             rate=rate,
             expires_at=_epoch(decision.expires_at),
             critical=dict(decision.critical_throttle_rps) if action == SHUTOFF else {},
@@ -202,7 +203,7 @@ def resolve_one(rule: ScopeRule, key: str, model: str, wall_now: float, mono_now
         return Verdict(SHUTOFF, model, retry, rule.reason or "budget exhausted", rule.scope)
     served = rule.fallback.get(model, model) if rule.fallback else model
     if rule.allowed is not None and served not in rule.allowed:
-        reason = f"model {served} is not allowed for {rule.scope} (allowed: {', '.join(sorted(rule.allowed))})"
+        reason = f"model {served} is not allowed for {rule.scope} (allowed: {rule.allowed.describe()})"
         return Verdict(DENY_MODEL, served, None, reason, rule.scope)
     if action == THROTTLE:
         wait = rule.bucket(key, mono_now).try_take(mono_now)
@@ -252,7 +253,7 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
     throttles = []
     for rule, key in active:
         if rule.allowed is not None and served not in rule.allowed:
-            reason = f"model {served} is not allowed for {rule.scope} (allowed: {', '.join(sorted(rule.allowed))})"
+            reason = f"model {served} is not allowed for {rule.scope} (allowed: {rule.allowed.describe()})"
             return Verdict(DENY_MODEL, served, None, reason, rule.scope)
         if rule.action == THROTTLE:
             throttles.append((rule, rule.bucket(key, mono_now)))

@@ -26,6 +26,7 @@ from aiohttp import web
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
+from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
@@ -170,6 +171,7 @@ class Gateway:
         clock: Callable[[], datetime] | None = None,
         prices: PriceTable | None = None,
         hierarchy: Mapping[str, str] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.config = config
         # None: real time. A clock (aware datetimes) stamps events and judges decision expiry instead, so the
@@ -186,6 +188,7 @@ class Gateway:
         # With a policy the gateway prices and resolves scopes exactly as the processor and the sink do.
         self.prices = prices if prices is not None else config.pricing.table()
         self.hierarchy = dict(hierarchy) if hierarchy is not None else config.hierarchy
+        self.policy = policy  # its allowed models and request quotas hold until the Enforcer reads the policy topic
         self.upstreams = Upstreams(config)
         self.counts: Counter[str] = Counter()
         # Cost-aware routing (the policy's routing section and default thresholds) and the opt-in response cache.
@@ -223,8 +226,9 @@ class Gateway:
                 settings=self.settings,
                 fail_closed=self.config.fail_closed,
                 max_staleness_s=self.config.max_staleness_s,
-                hierarchy=self.hierarchy,
+                hierarchy=self.hierarchy if self.policy is None and self.hierarchy else None,  # else the policy's
                 clock=self.clock,
+                policy=self.policy,
             ).start()
         if self.emitter is None:
             self.emitter = await asyncio.to_thread(Emitter, settings=self.settings)

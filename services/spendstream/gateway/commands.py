@@ -42,6 +42,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
             timezone=policy.timezone,
             prices=policy.price_table,
             hierarchy=policy.parent_scopes,
+            policy=policy,
         )
     else:
         gateway = Gateway(config, settings)

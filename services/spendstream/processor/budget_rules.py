@@ -12,7 +12,6 @@
   steady state costs no traffic on the compacted enforcement topic.
 - ``quota_action(requests_used, tokens_used, quota) -> QuotaVerdict``: a used-up per-day quota shuts the scope off
   (``used >= cap``: the cap-th call was allowed, the next one is not).
-- ``model_allowed(model, lists)``: a model must appear in every applicable allowed-model list (``*`` globs ok).
 - ``most_restrictive(actions)`` / ``RESTRICTION``: allow < alert < fallback < throttle < shutoff.
 """
 
@@ -21,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from fnmatch import fnmatchcase
 
 from spendstream.core.events import Action
 from spendstream.core.policy import Budget, Policy, Quota, Thresholds
@@ -112,11 +110,3 @@ def quota_action(
             if cap is not None and reached(used, cap, alert_fraction):
                 return QuotaVerdict(Action.alert, f"{quota.scope} daily {what} quota at {used}/{cap}")
     return QuotaVerdict(Action.allow, "")
-
-
-def model_allowed(model: str, lists: Iterable[Iterable[str]]) -> bool:
-    """True if ``model`` is in every list; entries may be globs such as ``llama-*``."""
-    for allowed in lists:
-        if not any(model == entry or ("*" in entry and fnmatchcase(model, entry)) for entry in allowed):
-            return False
-    return True

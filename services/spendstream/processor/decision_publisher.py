@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
 from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
+from spendstream.core.matching import scope_matches
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
     RESTRICTION,
@@ -185,7 +186,7 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
                     Crossing(f"quota|{quota.scope}|{day}", AlertKind.quota, Severity.warning, outcome.reason)
                 )
     for rule in policy.spike_rules:
-        if rule.scope == scope or (rule.scope.endswith(":*") and scope.startswith(rule.scope[:-1])):
+        if scope_matches(rule.scope, scope):
             _apply_spike(rule, scope, latest, totals, policy, verdict)
     if verdict.action is Action.shutoff and not verdict.hard_stop:
         verdict.critical_throttle_rps = dict(policy.critical_throttle_rps)

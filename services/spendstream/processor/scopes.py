@@ -7,13 +7,15 @@
   else ``model_served``, else ``model_requested``.
 - ``matching_budgets(scope, policy) -> list[Budget]``: budgets declared for exactly that scope plus the
   ``dimension:*`` templates of its dimension (every user gets its own ``user:*`` budget, keyed by its own scope).
-- ``matching_quotas`` / ``allowed_model_lists`` do the same for quotas and allowed-model lists.
+- ``matching_quotas`` / ``allowed_model_lists`` do the same for quotas and allowed-model lists (a scope's own list
+  replaces its template's); whether a model is in a list is ``core.matching``'s, as at the edges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from spendstream.core.matching import is_template, template_of
 from spendstream.core.policy import Budget, Policy, Quota
 
 _DIRECT = ("feature", "user", "customer", "environment")
@@ -72,9 +74,8 @@ class _Index:
         self.quotas: dict[str, list[Quota]] = {}
         self.template_quotas: dict[str, list[Quota]] = {}
         for q in policy.quotas:
-            dim, _, value = q.scope.partition(":")
-            if value == "*":
-                self.template_quotas.setdefault(dim, []).append(q)
+            if is_template(q.scope):
+                self.template_quotas.setdefault(q.scope.partition(":")[0], []).append(q)
             else:
                 self.quotas.setdefault(q.scope, []).append(q)
         self.allowed = policy.allowed_models
@@ -112,7 +113,7 @@ def allowed_model_lists(scopes: list[str], policy: Policy) -> list[list[str]]:
         return []
     out = []
     for scope in scopes:
-        found = allowed.get(scope) or allowed.get(scope.partition(":")[0] + ":*")
+        found = allowed.get(scope) or allowed.get(template_of(scope))
         if found:
             out.append(found)
     return out

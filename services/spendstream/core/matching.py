@@ -1,0 +1,77 @@
+"""Which models and scopes a policy entry covers: the one matcher of the processor, the Enforcer and the gateway.
+
+- Model lists (``allowed_models``, a Decision's ``allowed_models``) hold names and globs: ``*`` matches any run
+  of characters, ``/`` included (``local/*``, ``llama-*``, ``gpt-4o*``); every other character is literal and
+  matching is case-sensitive. ``ModelMatcher`` compiles a list once (one regular expression for all its globs)
+  and remembers its answer per model name.
+- Scope patterns are ``dimension:value`` or the template ``dimension:*`` (every value of the dimension);
+  ``scope_matches`` says whether a pattern covers a concrete scope, ``template_of`` names a scope's template.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+GLOB = "*"
+
+
+def is_glob(entry: str) -> bool:
+    return GLOB in entry
+
+
+def _glob_regex(entry: str) -> str:
+    return ".*".join(re.escape(part) for part in entry.split(GLOB))
+
+
+_MEMO_MAX = 4096  # models remembered per list (the names a deployment calls are few)
+
+
+class ModelMatcher:
+    """A compiled model list: ``model in matcher`` is True for an exact entry or a glob that matches.
+
+    Answers are remembered per model name, so the request path pays one dict lookup, not a regex match.
+    """
+
+    __slots__ = ("_exact", "_glob", "_memo", "entries")
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.entries: tuple[str, ...] = tuple(dict.fromkeys(entries))
+        self._exact = frozenset(e for e in self.entries if not is_glob(e))
+        globs = [_glob_regex(e) for e in self.entries if is_glob(e)]
+        self._glob = re.compile("|".join(globs), re.DOTALL).fullmatch if globs else None
+        self._memo: dict[object, bool] = {}
+
+    def __contains__(self, model: object) -> bool:
+        found = self._memo.get(model)
+        if found is None:
+            found = model in self._exact or (
+                self._glob is not None and isinstance(model, str) and self._glob(model) is not None
+            )
+            if len(self._memo) >= _MEMO_MAX:
+                self._memo.clear()
+            self._memo[model] = found
+        return found
+
+    def __repr__(self) -> str:
+        return f"ModelMatcher({list(self.entries)!r})"
+
+    def describe(self) -> str:
+        """The entries, sorted, for messages (``llama-3.2-1b, local/*``)."""
+        return ", ".join(sorted(self.entries))
+
+
+def template_of(scope: str) -> str:
+    """``user:u1`` -> ``user:*``: the template whose budgets, quotas and lists every user gets."""
+    return scope.partition(":")[0] + ":" + GLOB
+
+
+def is_template(pattern: str) -> bool:
+    return pattern.endswith(":" + GLOB)
+
+
+def scope_matches(pattern: str, scope: str) -> bool:
+    """Does ``pattern`` (``team:web``, ``team:*`` or the global ``*``) cover the concrete ``scope``?"""
+    if pattern in (scope, GLOB):
+        return True
+    return is_template(pattern) and scope.startswith(pattern[:-1]) and len(scope) > len(pattern) - 1

@@ -1,0 +1,157 @@
+"""Rules an edge applies from the policy itself, from the first request on (pure; the Enforcer feeds it).
+
+Decisions come from the processor after it has seen traffic. Two kinds of rule need no spend, so an edge
+applies them straight from the policy instead of waiting for a decision:
+
+- allowed-model lists (``allowed_models``): a request whose model (the one served, after any fallback) is not
+  covered by the list of one of its scopes (the scope's own list, else its ``dimension:*`` template's, as the
+  processor resolves them) is refused with ``deny_model``. Lists hold names and globs (``local/*``), matched
+  by ``core.matching``. They are checked on the outcome of the decisions, so a request no list covers pays
+  one dict lookup per listed dimension.
+- request quotas (``requests_per_day``): the edge counts the requests it checks per quota scope and local day
+  (the policy's timezone) and refuses with ``shutoff`` once a scope's count reaches its cap; the cap-th request
+  still goes out, as the processor counts. Every checked request counts, refused ones included, because each
+  is metered and the processor counts it too. The processor's count, which covers every edge, arrives as its
+  quota decision and then applies on top; between two decisions this count bounds what one edge lets through.
+  Token quotas need the tokens of answers, so only the processor enforces them.
+
+A used-up quota becomes a ``shutoff`` ``ScopeRule``, so ``resolve`` weighs it with the decisions of the
+request's other scopes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from spendstream.core.matching import ModelMatcher, is_template
+from spendstream.core.policy import Policy
+from spendstream.edge.verdict import ACTION_RANK, DENY_MODEL, SHUTOFF, ScopeRule, Verdict
+
+# A scope with its list: (scope, matcher)
+_List = tuple[str, ModelMatcher]
+# (dimension index, list per value, list of the dimension's template or None)
+_Lookup = tuple[int, dict[str, _List], _List | None]
+
+
+def allowed_model_lists(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lookup, ...]:
+    """The policy's allowed-model lists, indexed by the position of their dimension in ``dimensions``."""
+    by_dim: dict[int, tuple[dict[str, _List], list[_List]]] = {}
+    for scope, models in policy.allowed_models.items():
+        dimension, _, value = scope.partition(":")
+        if dimension not in dimensions:
+            continue
+        exact, template = by_dim.setdefault(dimensions.index(dimension), ({}, []))
+        if is_template(scope):
+            template.append((scope, ModelMatcher(models)))
+        else:
+            exact[value] = (scope, ModelMatcher(models))
+    return tuple((i, exact, template[0] if template else None) for i, (exact, template) in sorted(by_dim.items()))
+
+
+class RequestQuotas:
+    """Requests per quota scope and local day counted at this edge; ``count`` refuses the ones over a cap."""
+
+    def __init__(self, policy: Policy, dimensions: Sequence[str]) -> None:
+        self.tz = policy.tz
+        exact: dict[int, dict[str, int]] = {}
+        templates: dict[int, int] = {}
+        for quota in policy.quotas:
+            if quota.requests_per_day is None:
+                continue
+            dimension, _, value = quota.scope.partition(":")
+            if dimension not in dimensions:
+                continue
+            i = dimensions.index(dimension)
+            if is_template(quota.scope):
+                templates[i] = min(quota.requests_per_day, templates.get(i, quota.requests_per_day))
+            else:
+                caps = exact.setdefault(i, {})
+                caps[value] = min(quota.requests_per_day, caps.get(value, quota.requests_per_day))
+        # Every matching quota applies (a scope's own and its template's), so the smaller cap is the one that binds.
+        self._caps: tuple[tuple[int, dict[str, int], int | None], ...] = tuple(
+            (i, {v: min(cap, templates.get(i, cap)) for v, cap in exact.get(i, {}).items()}, templates.get(i))
+            for i in sorted({*exact, *templates})
+        )
+        self._dimensions = tuple(dimensions)
+        self._counts: dict[int, dict[str, int]] = {i: {} for i, _, _ in self._caps}  # dimension index -> value -> n
+        self._day_end = -math.inf
+        self._lock = threading.Lock()  # concurrent checks never admit two requests on one count
+
+    def __bool__(self) -> bool:
+        return bool(self._caps)
+
+    def adopt_counts(self, previous: RequestQuotas) -> None:
+        """Keep today's counts across a policy change (a new cap applies to the requests already made)."""
+        if previous.tz == self.tz:
+            with previous._lock:
+                for i, counts in previous._counts.items():
+                    if i in self._counts:
+                        self._counts[i] = dict(counts)
+                self._day_end = previous._day_end
+
+    def count(self, values: Sequence[str], wall_now: float, hits: list[tuple[ScopeRule, str]]) -> None:
+        """Count one request for every quota scope among ``values`` (by dimension index); a scope already at its cap
+        adds a ``shutoff`` rule to ``hits`` that expires at the end of the local day."""
+        if wall_now >= self._day_end:
+            self._roll_over(wall_now)
+        all_counts = self._counts
+        for i, caps, template_cap in self._caps:
+            value = values[i]
+            if not value:
+                continue
+            cap = caps.get(value, template_cap)
+            if cap is None:
+                continue
+            counts = all_counts[i]
+            with self._lock:
+                used = counts.get(value, 0)
+                counts[value] = used + 1
+            if used >= cap:
+                scope = f"{self._dimensions[i]}:{value}"
+                reason = f"{scope} daily requests quota used up: {used}/{cap} (counted at this edge)"
+                hits.append((ScopeRule(scope, SHUTOFF, ACTION_RANK[SHUTOFF], 0, reason, expires_at=self._day_end), ""))
+
+    def used(self, scope: str) -> int:
+        """Requests counted today for ``scope`` (``user:u1``)."""
+        dimension, _, value = scope.partition(":")
+        return self._counts.get(self._dimensions.index(dimension), {}).get(value, 0)
+
+    def _roll_over(self, wall_now: float) -> None:
+        with self._lock:
+            if wall_now < self._day_end:
+                return
+            local = datetime.fromtimestamp(wall_now, self.tz)
+            start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+            end = (start + timedelta(days=1, hours=2)).replace(hour=0)  # the next local midnight, across DST too
+            self._counts = {i: {} for i in self._counts}
+            self._day_end = end.timestamp()
+
+
+class StaticRules:
+    """What an edge enforces from one policy version without any decision: model lists and request quotas."""
+
+    def __init__(self, policy: Policy, dimensions: Sequence[str], previous: StaticRules | None = None) -> None:
+        self.version = policy.version
+        self.allowed = allowed_model_lists(policy, dimensions)
+        quotas = RequestQuotas(policy, dimensions)
+        if previous is not None and previous.quotas is not None:
+            quotas.adopt_counts(previous.quotas)
+        self.quotas = quotas if quotas else None  # None: nothing to count (one test on the request path)
+
+    def __bool__(self) -> bool:
+        return bool(self.allowed) or self.quotas is not None
+
+    def denial(self, values: Sequence[str], model: str) -> Verdict | None:
+        """``deny_model`` if a list of one of the request's scopes (dimension ``values``) does not cover ``model``."""
+        for i, exact, template in self.allowed:
+            value = values[i]
+            if value:
+                found = exact.get(value) or template
+                if found is not None and model not in found[1]:
+                    scope, matcher = found
+                    reason = f"model {model} is not allowed for {scope} (allowed: {matcher.describe()})"
+                    return Verdict(DENY_MODEL, model, None, reason, scope)
+        return None

@@ -1,0 +1,58 @@
+"""The one scope/model matcher (core.matching) that the processor and the edges share."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spendstream.core.matching import ModelMatcher, scope_matches, template_of
+
+names = st.text(alphabet="abl-./*?[]3", max_size=12)
+
+
+def test_globs_cover_prefixed_and_versioned_models() -> None:
+    dev = ModelMatcher(["llama-3.2-1b", "llama-3.2-3b", "local/*"])
+    assert "local/qwen" in dev
+    assert "local/" in dev
+    assert "local/qwen/2.5:7b" in dev  # * crosses "/"
+    assert "llama-3.2-1b" in dev
+    assert "llama-3.2-8b" not in dev
+    assert "gpt-4o" not in dev
+    assert "LOCAL/qwen" not in dev  # case-sensitive, like the processor's lists
+    assert "xlocal/qwen" not in dev  # anchored at both ends
+    assert dev.describe() == "llama-3.2-1b, llama-3.2-3b, local/*"
+
+
+def test_only_star_is_special() -> None:
+    odd = ModelMatcher(["model[1]", "what?", "a.b"])
+    assert "model[1]" in odd and "model1" not in odd
+    assert "what?" in odd and "whatx" not in odd
+    assert "a.b" in odd and "axb" not in odd
+    assert "gpt-4o-2024-08-06" in ModelMatcher(["gpt-4o*"])
+    assert "claude-3-5-sonnet-latest" in ModelMatcher(["claude-*-sonnet-*"])
+
+
+def glob_oracle(model: str, entry: str) -> bool:
+    """The rule, spelled out: ``*`` is any run of characters, everything else literal."""
+    return re.fullmatch("".join(".*" if c == "*" else re.escape(c) for c in entry), model, re.DOTALL) is not None
+
+
+@given(model=names, entries=st.lists(names, max_size=4))
+def test_a_list_covers_a_model_when_one_entry_does(model: str, entries: list[str]) -> None:
+    matcher = ModelMatcher(entries)
+    expected = any(glob_oracle(model, entry) for entry in entries)
+    assert (model in matcher) is expected
+    assert (model in matcher) is expected  # the remembered answer is the same
+
+
+def test_scope_patterns() -> None:
+    assert scope_matches("user:*", "user:u1")
+    assert scope_matches("team:web", "team:web")
+    assert scope_matches("*", "team:web")
+    assert not scope_matches("user:*", "team:u1")
+    assert not scope_matches("user:*", "user:")
+    assert not scope_matches("team:web", "team:webshop")
+    assert not scope_matches("feature:*", "features:x")
+    assert template_of("user:u1") == "user:*"
