@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -94,6 +94,46 @@ def _refuse_non_finite(constant: str) -> float:
     """``json.loads`` accepts NaN and Infinity, which are not JSON: no provider would take them, and the cache key
     (canonical JSON) cannot be built from them."""
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def _is_json_type(content_type: str) -> bool:
+    """Only JSON bodies are parsed: a ``text/plain`` or form post is refused, not guessed at (``content_type`` is
+    aiohttp's lower-cased media type, ``application/octet-stream`` when the header is missing)."""
+    if content_type == "application/json":
+        return True
+    return content_type.startswith("application/") and content_type.endswith("+json")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(content: aiohttp.StreamReader, limit: int, timeout_s: float) -> bytes:
+    """The whole request body, however it was segmented, up to ``limit`` bytes (``_BodyTooLarge`` beyond).
+
+    What has arrived is taken without waiting (usually all of it); only a body still arriving after that is read
+    under ``timeout_s``, so a client that sends its body slowly cannot hold the connection for ever.
+    """
+    data = content.read_nowait()
+    if len(data) > limit:
+        raise _BodyTooLarge
+    if content.at_eof():
+        return data
+    chunks, size = [data], len(data)
+    async with asyncio.timeout(timeout_s):
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Refusal(NamedTuple):
+    """Why a request body is refused, and the status that says so."""
+
+    status: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -206,6 +246,12 @@ class Gateway:
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def server_options(self) -> dict[str, Any]:
+        """Options for ``web.run_app`` and ``web.AppRunner``. aiohttp's keep-alive timer runs from a connection's
+        opening and from each response, and closes the connection if no complete request head arrived by then:
+        that is the slow-header (slowloris) timeout."""
+        return {"keepalive_timeout": self.config.header_timeout_s, "access_log": None}
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes + 1)
         for path in ENDPOINTS:
@@ -301,10 +347,12 @@ class Gateway:
             return error_response(
                 401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=anthropic
             )
-        body, raw, problem = await self._read_json(request)
-        if problem is not None:
+        body, raw, refusal = await self._read_json(request)
+        if refusal is not None:
             self.counts["bad_request"] += 1
-            return error_response(400, problem, "invalid_request", "invalid_request_error", anthropic=anthropic)
+            return error_response(
+                refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=anthropic
+            )
         assert body is not None
         model = body["model"]
         attribution = key.attribution()
@@ -437,30 +485,38 @@ class Gateway:
         self._emit(call, entry.model_served, None, UsageStatus.ok, hit=entry)
         return out
 
-    async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, str | None]:
+    async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, _Refusal | None]:
         """(body, raw bytes, None) or (None, b"", why the request is refused)."""
+        if not _is_json_type(request.content_type):
+            return None, b"", _Refusal(415, f"Content-Type must be application/json, got {request.content_type!r}")
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return None, b"", f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"
+            return (
+                None,
+                b"",
+                _Refusal(413, f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"),
+            )
         try:
-            raw = await request.content.read(limit + 1)
-        except (TimeoutError, aiohttp.ClientError, ConnectionError):
-            return None, b"", "request body could not be read"
-        if len(raw) > limit:
-            return None, b"", f"request body exceeds the limit of {limit} bytes"
+            raw = await _read_body(request.content, limit, self.config.body_timeout_s)
+        except _BodyTooLarge:
+            return None, b"", _Refusal(413, f"request body exceeds the limit of {limit} bytes")
+        except TimeoutError:
+            return None, b"", _Refusal(408, f"request body not received within {self.config.body_timeout_s:g} s")
+        except (aiohttp.ClientError, ConnectionError):
+            return None, b"", _Refusal(400, "request body could not be read")
         try:
             body = json.loads(raw, parse_constant=_refuse_non_finite)
         except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
-            return None, b"", f"request body is not valid JSON: {exc}"
+            return None, b"", _Refusal(400, f"request body is not valid JSON: {exc}")
         except RecursionError:
-            return None, b"", "request body is not valid JSON: nested too deeply"
+            return None, b"", _Refusal(400, "request body is not valid JSON: nested too deeply")
         if not isinstance(body, dict):
-            return None, b"", "request body must be a JSON object"
+            return None, b"", _Refusal(400, "request body must be a JSON object")
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return None, b"", "you must provide a model parameter (a non-empty string)"
+            return None, b"", _Refusal(400, "you must provide a model parameter (a non-empty string)")
         if not _is_unicode(model):
-            return None, b"", "the model parameter is not valid Unicode (it contains a lone surrogate)"
+            return None, b"", _Refusal(400, "the model parameter is not valid Unicode (it contains a lone surrogate)")
         return body, raw, None
 
     def _blocked(self, verdict: Verdict, anthropic: bool) -> web.Response:
@@ -705,7 +761,7 @@ class GatewayThread:
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
-            runner = web.AppRunner(self.gateway.app(), access_log=None)
+            runner = web.AppRunner(self.gateway.app(), **self.gateway.server_options())
             try:
                 loop.run_until_complete(runner.setup())
                 site = web.TCPSite(runner, self.host, self.port)

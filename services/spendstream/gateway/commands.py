@@ -47,7 +47,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         gateway = Gateway(config, settings)
     host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
-    web.run_app(gateway.app(), host=host, port=port, access_log=None, print=None)
+    web.run_app(gateway.app(), host=host, port=port, print=None, **gateway.server_options())
     return 0
 
 

@@ -100,7 +100,14 @@ class GatewayConfig(_Model):
     model_routes: dict[str, str] = Field(
         default_factory=dict, description="Model name prefix -> provider, for OpenAI-compatible endpoints."
     )
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies are refused (413).")
+    header_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A connection must complete its request head within this many seconds of opening or of its "
+        "previous response, else it is closed (slow-header clients; idle keep-alive connections too).",
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the rest of a request body (408).")
     fail_closed: bool = Field(False, description="Refuse requests (503) while the enforcement view is stale.")
     max_staleness_s: float = Field(30.0, gt=0)
     anthropic_version: str = Field("2023-06-01", description="Sent when the client did not send one.")

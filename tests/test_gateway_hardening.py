@@ -1,0 +1,174 @@
+"""The gateway against hostile or unlucky clients and upstreams, over real sockets: bodies that arrive in many
+segments, non-JSON content types, slow headers, streams cut short by the upstream, credentials in URLs, keys
+revoked while the gateway runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spendstream.core.config import Settings
+from spendstream.edge.emitter import Emitter
+from spendstream.edge.enforcer import Enforcer
+from spendstream.gateway.app import Gateway, GatewayThread
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from stub_upstream import StubUpstream
+from test_gateway import CHAT, KEY, gateway_config, http, read_usage
+
+LIMIT = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def stub() -> Iterator[StubUpstream]:
+    with StubUpstream() as running:
+        yield running
+
+
+def start_gateway(settings: Settings, stub: StubUpstream, tmp_path: Path, **overrides: Any) -> GatewayThread:
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    config = gateway_config(stub, stub, **overrides)
+    return GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)).start()
+
+
+def stop_gateway(running: GatewayThread) -> None:
+    running.stop()
+    assert running.gateway.emitter is not None and running.gateway.enforcer is not None
+    running.gateway.emitter.close(10)
+    running.gateway.enforcer.stop()
+
+
+@pytest.fixture
+def gateway(settings: Settings, stub: StubUpstream, tmp_path: Path) -> Iterator[GatewayThread]:
+    running = start_gateway(settings, stub, tmp_path, max_body_bytes=LIMIT, header_timeout_s=1.0)
+    yield running
+    stop_gateway(running)
+
+
+def chat_body(size: int) -> bytes:
+    """A valid chat request of exactly ``size`` bytes (a long prompt of short words)."""
+    head = b'{"model":"gpt-4o-mini","max_tokens":2,"messages":[{"role":"user","content":"'
+    tail = b'"}]}'
+    filler = size - len(head) - len(tail)
+    return head + (b"w " * (filler // 2 + 1))[:filler] + tail
+
+
+def send_slowly(port: int, body: bytes, *, chunked: bool, segment: int = 16 * 1024) -> tuple[int, bytes]:
+    """POST ``body`` on a raw socket in ``segment``-byte writes with a pause after each; (status, response body)."""
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\n{framing}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(head)
+        try:
+            for start in range(0, len(body), segment):
+                piece = body[start : start + segment]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                time.sleep(0.001)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the whole body was sent: the answer is already waiting
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head_bytes.split(b" ", 2)[1]), payload
+
+
+@pytest.mark.parametrize("size", [100_000, 300_000, 1_000_000, LIMIT])
+def test_long_bodies_sent_in_small_segments_are_read_whole(gateway: GatewayThread, stub: StubUpstream, size: int):
+    body = chat_body(size)
+    for chunked in (False, True):
+        status, answer = send_slowly(gateway.port, body, chunked=chunked)
+        assert status == 200, answer[:300]
+        assert stub.last_body is not None and len(stub.last_body["messages"][0]["content"]) > size - 100
+
+
+def test_bodies_beyond_the_limit_get_413(gateway: GatewayThread) -> None:
+    body = chat_body(LIMIT + 1)
+    for chunked in (False, True):
+        status, answer = send_slowly(gateway.port, body, chunked=chunked, segment=256 * 1024)
+        assert status == 413, answer[:300]
+        assert b"exceeds the limit of 4194304 bytes" in answer
+
+
+def test_long_prompt_through_the_openai_client(gateway: GatewayThread, stub: StubUpstream) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(api_key=KEY, base_url=gateway.url + "/v1", max_retries=0)
+    prompt = "w " * 1_500_000
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+    assert reply.usage.prompt_tokens == 1_500_000
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("application/vnd.example+json", 200),
+        ("text/plain", 415),
+        ("text/plain;charset=UTF-8", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("", 415),
+    ],
+)
+def test_only_json_content_types_are_accepted(gateway: GatewayThread, content_type: str, expected: int) -> None:
+    request = json.dumps(CHAT).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        type_header = f"Content-Type: {content_type}\r\n" if content_type else ""
+        sock.sendall(
+            (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{type_header}Authorization: Bearer {KEY}\r\n"
+                f"Content-Length: {len(request)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            + request
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert int(answer.split(b" ", 2)[1]) == expected, answer[:400]
+    if expected == 415:
+        assert b"Content-Type must be application/json" in answer
+
+
+def test_a_connection_trickling_its_headers_is_closed(gateway: GatewayThread) -> None:
+    """header_timeout_s is 1 s here: a client that keeps sending header lines but never ends the head is cut off,
+    while the gateway keeps serving others."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        for i in range(200):  # up to 20 s of trickling
+            try:
+                sock.sendall(f"X-Slow-{i}: y\r\n".encode())
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            sock.settimeout(0.1)
+            try:
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                closed = True
+            break
+        assert closed, "the gateway kept a connection open whose request head never ended"
+    assert http(gateway.url + "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_the_event_of_a_long_body_is_metered(gateway: GatewayThread, broker: EmbeddedBroker) -> None:
+    status, _ = send_slowly(gateway.port, chat_body(900_000), chunked=False)
+    assert status == 200
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["status"] == "ok" and event["input_tokens"] > 400_000
