@@ -5,20 +5,28 @@ revoked while the gateway runs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from spendstream.core.config import Settings
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.gateway.app import Gateway, GatewayThread
-from spendstream.runtime.embedded_broker import EmbeddedBroker
-from stub_upstream import StubUpstream
+from spendstream.gateway.config import CONFIG_ENV, GatewayConfig
+from spendstream.gateway.keys import hash_key
+from spendstream.runtime.dev_stack import write_dev_gateway_config
+from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from stub_upstream import StubUpstream, wait_for
 from test_gateway import CHAT, KEY, gateway_config, http, read_usage
 
 LIMIT = 4 * 1024 * 1024
@@ -172,3 +180,134 @@ def test_the_event_of_a_long_body_is_metered(gateway: GatewayThread, broker: Emb
     assert status == 200
     (event,) = read_usage(broker.bootstrap, 1)
     assert event["status"] == "ok" and event["input_tokens"] > 400_000
+
+
+# -- keys: reloaded while the gateway runs; keygen writes where a dev gateway reads ---------------------------------
+CLI = [sys.executable, "-m", "spendstream.cli"]
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
+    return {
+        **env,
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SPENDSTREAM_DATA_DIR": str(settings.data_dir),
+        **extra,
+    }
+
+
+def answers(url: str) -> bool:
+    try:
+        return http(url + "/healthz", key=None)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+@pytest.fixture
+def dev_gateway(settings: Settings, stub: StubUpstream) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``spendstream gateway`` as ``spendstream dev`` runs it: the config dev writes into the data directory."""
+    config_path, _ = write_dev_gateway_config(settings.data_dir, stub.url)
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CLI, "gateway", "--config", str(config_path), "--port", str(port)],
+        env=cli_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: answers(url), 30, interval=0.1), "gateway did not start"
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def keygen(settings: Settings, *args: str) -> tuple[str, str]:
+    """Run ``spendstream gateway keygen`` as a user would; (the key, everything it printed)."""
+    result = subprocess.run(
+        [*CLI, "gateway", "keygen", *args], env=cli_env(settings), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    key = next(line.rsplit(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("key "))
+    return key, result.stdout
+
+
+def status_with(url: str, key: str) -> int:
+    return http(url + "/v1/chat/completions", CHAT, key=key)[0]
+
+
+def test_keygen_adds_a_key_a_running_dev_gateway_accepts_and_revocation_takes_effect(
+    settings: Settings, dev_gateway: tuple[str, subprocess.Popen[str]]
+) -> None:
+    url, _ = dev_gateway
+    key, printed = keygen(settings, "--team", "marketing", "--name", "mkt")
+    keys_file = settings.data_dir.resolve() / "keys.yaml"
+    assert str(keys_file) in printed and "running gateway" in printed
+    assert key not in keys_file.read_text()  # only its hash is stored
+    assert wait_for(lambda: status_with(url, key) == 200, 5), "a new key was not accepted within 5 s"
+    other, _ = keygen(settings, "--team", "search")
+    assert wait_for(lambda: status_with(url, other) == 200, 5)
+
+    # Revoke the first key: the file is edited by hand, the gateway refuses the key within 5 s.
+    lines = keys_file.read_text().splitlines(keepends=True)
+    keys_file.write_text("".join(line for line in lines if '"mkt"' not in line))
+    assert wait_for(lambda: status_with(url, key) == 401, 5), "a revoked key was still accepted after 5 s"
+    assert status_with(url, other) == 200
+
+
+def test_sighup_reloads_the_keys_file(settings: Settings, dev_gateway: tuple[str, subprocess.Popen[str]]) -> None:
+    url, proc = dev_gateway
+    key, _ = keygen(settings, "--team", "marketing")
+    assert wait_for(lambda: status_with(url, key) == 200, 5)
+    # Revoke it without changing the file's size, inode or modification time: only SIGHUP can tell the gateway.
+    keys_file = settings.data_dir.resolve() / "keys.yaml"
+    before = keys_file.stat()
+    text = keys_file.read_text()
+    digest = hash_key(key)
+    with keys_file.open("r+") as out:
+        out.write(text.replace(digest, digest[::-1]))
+    os.utime(keys_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(2.5)  # over two polls of the file
+    assert status_with(url, key) == 200
+    proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: status_with(url, key) == 401, 5)
+
+
+def test_keygen_without_a_keys_file_in_the_config_says_so(settings: Settings, tmp_path: Path) -> None:
+    config = tmp_path / "inline.yaml"
+    config.write_text("keys: []\n")
+    result = subprocess.run(
+        [*CLI, "gateway", "--config", str(config), "keygen", "--team", "t"],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "no keys_file" in result.stderr and "keys-file entry:" in result.stdout
+
+
+# -- credentials in upstream URLs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "base_url", ["https://user:s3cr3t-pw@api.example.com", "http://:s3cr3t-pw@127.0.0.1:9/v1", "https://s3cr3t-pw@x.io"]
+)
+def test_credentials_in_an_upstream_url_are_refused_without_repeating_them(
+    settings: Settings, tmp_path: Path, base_url: str
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"providers:\n  openai:\n    upstreams: [{{base_url: '{base_url}'}}]\n")
+    result = subprocess.run(
+        [*CLI, "gateway", "--config", str(config), "--port", str(free_port())],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "providers.openai.upstreams.0.base_url" in result.stderr and "credentials" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout
+    with pytest.raises(ValidationError) as refused:  # built in code, the error does not show the value either
+        GatewayConfig.model_validate({"providers": {"openai": {"upstreams": [{"base_url": base_url}]}}})
+    assert "s3cr3t" not in str(refused.value)

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 from aiohttp import web
 
-from spendstream.core.config import Settings
+from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
 from spendstream.core.pricing import PriceTable
@@ -34,7 +34,7 @@ from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
-from spendstream.gateway.keys import HEADER_FIELDS, KeyStore, VirtualKey
+from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
 from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
 from spendstream.gateway.response_cache import (
@@ -77,6 +77,7 @@ _BLOCK_ERRORS = {
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
 _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anthropic-ratelimit-requests-remaining")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
+KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
 
 
@@ -216,9 +217,12 @@ class Gateway:
         # demo can replay a past day through a real gateway.
         self.clock = clock
         self.settings = settings
+        # Keys from a file are reloaded when it changes (and on SIGHUP, see ``reload_keys``).
+        self.keys_file = KeysFile(config.keys_file, config.keys) if keys is None and config.keys_file else None
         if keys is None:
-            keys = KeyStore.load(config.keys_file, config.keys) if config.keys_file else KeyStore(config.keys)
+            keys = self.keys_file.load() if self.keys_file is not None else KeyStore(config.keys)
         self.keys = keys
+        self._keys_watch: asyncio.Task[None] | None = None
         self.enforcer = enforcer
         self.emitter = emitter
         self._owns_enforcer = enforcer is None
@@ -277,8 +281,30 @@ class Gateway:
         if self.routing is not None:
             self.follower = UsageFollower(self.settings, timezone=self.tz).start()
             self.provider_stats = self.follower.stats
+        if self.keys_file is not None:
+            self._keys_watch = asyncio.create_task(self._watch_keys_file())
+
+    async def _watch_keys_file(self) -> None:
+        assert self.keys_file is not None
+        while True:
+            await asyncio.sleep(KEYS_POLL_S)
+            if self.keys_file.changed():
+                self.reload_keys()
+
+    def reload_keys(self) -> None:
+        """Read the keys file again; a file that cannot be loaded leaves the keys in force as they were."""
+        if self.keys_file is None:
+            return
+        try:
+            self.keys = self.keys_file.load()
+        except ConfigError as exc:
+            log.error("%s; the %d keys loaded before stay in force", exc, len(self.keys))
+            return
+        log.info("keys file %s reloaded: %d virtual keys", self.keys_file.path, len(self.keys))
 
     async def _cleanup(self, app: web.Application) -> None:
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
         self.upstreams.close()
         if self._owns_enforcer and self.enforcer is not None:
             await asyncio.to_thread(self.enforcer.stop)

@@ -46,7 +46,8 @@ CONFIG_ENV = "SPENDSTREAM_GATEWAY_CONFIG"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field and never repeat its value: an upstream URL may carry a password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class UpstreamConfig(_Model):
@@ -61,6 +62,11 @@ class UpstreamConfig(_Model):
     @classmethod
     def _http_url(cls, value: str) -> str:
         parts = urlsplit(value)
+        if "@" in parts.netloc:  # checked first, so that no message below repeats the password
+            raise ValueError(
+                "must not contain credentials (user:password@): they would not be sent as the provider expects, and "
+                "the URL is recorded in usage events and logs; give the API key with api_key_env"
+            )
         # parts.port raises ValueError itself for a port that is not a number or out of range.
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(f"must be http(s)://host[:port][/path prefix], got {value!r}")
