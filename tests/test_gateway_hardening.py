@@ -22,7 +22,7 @@ from spendstream.core.config import Settings
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.gateway.app import Gateway, GatewayThread
-from spendstream.gateway.config import CONFIG_ENV, GatewayConfig
+from spendstream.gateway.config import CONFIG_ENV, GatewayConfig, ProviderConfig, UpstreamConfig
 from spendstream.gateway.keys import hash_key
 from spendstream.runtime.dev_stack import write_dev_gateway_config
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
@@ -311,3 +311,84 @@ def test_credentials_in_an_upstream_url_are_refused_without_repeating_them(
     with pytest.raises(ValidationError) as refused:  # built in code, the error does not show the value either
         GatewayConfig.model_validate({"providers": {"openai": {"upstreams": [{"base_url": base_url}]}}})
     assert "s3cr3t" not in str(refused.value)
+
+
+# -- streams cut short by the upstream ------------------------------------------------------------------------------
+def test_a_stream_the_upstream_drops_raises_in_the_openai_client_and_is_metered(
+    gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker
+) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(api_key=KEY, base_url=gateway.url + "/v1", max_retries=0)
+    stub.cut_stream_after = 3
+    prompt = "tell me a long story about " + "dragons " * 40
+    received = []
+    with pytest.raises(openai.APIError) as broken:
+        for chunk in client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=20, stream=True
+        ):
+            received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+    assert "interrupted" in str(broken.value)
+    assert "".join(received) == "word word word"
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["status"] == "error" and event["tags"]["usage"] == "estimated"
+    assert event["tags"]["stream_error"] == "UpstreamDisconnected"
+    assert event["output_tokens"] == 4  # 14 characters streamed, about 4 per token
+    assert 40 <= event["input_tokens"] <= 200  # estimated from the prompt (~350 characters)
+    assert event["cost_nanos"] > 0
+
+
+def test_a_stream_the_upstream_drops_raises_in_the_anthropic_client(
+    gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker
+) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(api_key=KEY, base_url=gateway.url, max_retries=0)
+    stub.cut_stream_after = 5
+    texts = []
+    with pytest.raises(anthropic.APIError):
+        for event in client.messages.create(
+            model="claude-3-5-sonnet-latest",
+            max_tokens=30,
+            messages=[{"role": "user", "content": "six words of prompt right here"}],
+            stream=True,
+        ):
+            if event.type == "content_block_delta":
+                texts.append(event.delta.text)
+    assert "".join(texts) == "word word word word word"
+    (usage,) = read_usage(broker.bootstrap, 1)
+    assert usage["tags"]["usage"] == "estimated" and usage["status"] == "error"
+    assert usage["input_tokens"] == 6  # from the message_start usage block, exact
+    assert usage["output_tokens"] == 6  # 24 characters streamed
+    assert usage["cost_nanos"] > 0
+
+
+def test_a_silent_upstream_ends_the_stream_with_an_error_and_no_terminating_chunk(
+    settings: Settings, stub: StubUpstream, tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    config = gateway_config(stub, stub)
+    config.providers["openai"] = ProviderConfig(upstreams=[UpstreamConfig(base_url=stub.url, read_timeout_s=0.5)])
+    enforcer = Enforcer(settings=settings).start()
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    stub.cut_stream_after, stub.stall_stream_s = 2, 3.0
+    with GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)) as silent:
+        request = json.dumps({**CHAT, "stream": True, "max_tokens": 10}).encode()
+        with socket.create_connection(("127.0.0.1", silent.port), timeout=15) as sock:
+            sock.sendall(
+                (
+                    f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Authorization: Bearer {KEY}\r\nContent-Length: {len(request)}\r\n\r\n"
+                ).encode()
+                + request
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    emitter.close(10)
+    enforcer.stop()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+    assert b'"code": "stream_interrupted"' in body and b"TimeoutError" in body
+    assert not body.endswith(b"0\r\n\r\n"), "the stream was terminated as if it were complete"
+    assert body.count(b'"content"') == 2
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["tags"]["stream_error"] == "TimeoutError" and event["tags"]["usage"] == "estimated"
+    assert event["output_tokens"] == 3  # "word word": 9 characters

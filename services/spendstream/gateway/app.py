@@ -130,6 +130,26 @@ async def _read_body(content: aiohttp.StreamReader, limit: int, timeout_s: float
     return b"".join(chunks)
 
 
+async def _cut_short(request: web.Request, out: web.StreamResponse, anthropic: bool, exc: BaseException) -> None:
+    """End a stream that broke so the client can tell: an SSE error event (which the OpenAI and Anthropic SDKs
+    raise), then the connection closes without the terminating chunk, so the body is visibly incomplete."""
+    message = f"the upstream stream was interrupted ({type(exc).__name__}); the response is incomplete"
+    if anthropic:
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        event = b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    else:
+        payload = {"error": {"message": message, "type": "api_error", "code": "stream_interrupted", "param": None}}
+        event = b"data: " + json.dumps(payload).encode() + b"\n\n"
+    out.force_close()
+    try:
+        if out.prepared:
+            await out.write(event)
+    except (ConnectionError, RuntimeError):
+        pass  # the client is gone (it may be why the stream broke)
+    if request.transport is not None:
+        request.transport.close()  # after the buffered bytes; aiohttp's terminating chunk then finds it closed
+
+
 class _Refusal(NamedTuple):
     """Why a request body is refused, and the status that says so."""
 
@@ -603,7 +623,7 @@ class Gateway:
         status = UsageStatus.ok if response.status < 400 else UsageStatus.error
         self.counts[status.value] += 1
         if stream and response.status == 200:
-            return await self._stream(request, call, response, target.kind, injected, out_headers, cache_key_)
+            return await self._stream(request, call, body, response, target.kind, injected, out_headers, cache_key_)
         try:
             async with response:
                 data = await response.read()
@@ -624,12 +644,16 @@ class Gateway:
         self,
         request: web.Request,
         call: _Call,
+        body: dict[str, Any],
         response: UpstreamResponse,
         kind: str,
         injected: bool,
         out_headers: dict[str, str],
         cache_key_: str | None,
     ) -> web.StreamResponse:
+        """Forward an SSE stream as it arrives. A stream the upstream cuts short (closed, broken or silent past
+        ``read_timeout_s``) ends with an error event and no terminating chunk, and is metered with what was streamed.
+        """
         assert call.verdict is not None
         meter = StreamMeter(kind, drop_usage_chunk=injected)
         recorder = StreamRecorder(self.cache.max_entry_bytes) if cache_key_ is not None else None
@@ -643,6 +667,7 @@ class Gateway:
                 "Cache-Control": "no-cache",
             },
         )
+        completed = False
         try:
             async with response:
                 await out.prepare(request)
@@ -658,12 +683,19 @@ class Gateway:
                     if recorder is not None:
                         recorder.feed(rest)
             await out.write_eof()
+            completed = True
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            status = UsageStatus.error
             call.tags["stream_error"] = type(exc).__name__
+            await _cut_short(request, out, call.endpoint.anthropic, exc)
         finally:
             served = meter.model or call.verdict.model
-            self._emit(call, served, meter.usage, status)
+            usage = meter.usage
+            if not completed:
+                status = UsageStatus.error
+                usage, estimated = meter.usage_so_far(lambda: assess(body).input_tokens)
+                if estimated:
+                    call.tags["usage"] = "estimated"
+            self._emit(call, served, usage, status)
         events = recorder.finish() if recorder is not None and status is UsageStatus.ok else None
         if cache_key_ is not None and events:
             asyncio.get_running_loop().call_soon(
