@@ -392,3 +392,19 @@ def test_a_silent_upstream_ends_the_stream_with_an_error_and_no_terminating_chun
     (event,) = read_usage(broker.bootstrap, 1)
     assert event["tags"]["stream_error"] == "TimeoutError" and event["tags"]["usage"] == "estimated"
     assert event["output_tokens"] == 3  # "word word": 9 characters
+
+
+# -- usage whose price cannot be represented -------------------------------------------------------------------------
+def test_usage_priced_beyond_int64_is_metered_as_a_usage_error_not_lost(
+    gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker
+) -> None:
+    stub.reported_usage = {"prompt_tokens": 10**16, "completion_tokens": 10**16, "total_tokens": 2 * 10**16}
+    status, _, body = http(gateway.url + "/v1/chat/completions", CHAT)
+    assert status == 200, body  # the client has its answer; only the metering refuses the numbers
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert (event["input_tokens"], event["output_tokens"], event["cost_nanos"]) == (0, 0, 0)
+    assert "cost_nanos" in event["tags"]["usage_error"]
+    assert gateway.gateway.counts["usage_out_of_range"] == 1
+    stub.reported_usage = None
+    assert http(gateway.url + "/v1/chat/completions", CHAT)[0] == 200
+    assert len(read_usage(broker.bootstrap, 2)) == 2

@@ -17,11 +17,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
+from pydantic import ValidationError
 
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
@@ -753,19 +755,30 @@ class Gateway:
                     now=now,
                 )
             else:
-                event = build_event(
+                event_of = partial(
+                    build_event,
                     attribution=call.attribution,
                     provider=call.provider,
                     model_requested=call.model,
                     model_served=served,
-                    raw_usage=raw_usage,
                     latency_ms=latency_ms,
                     status=status,
                     decision=call.verdict.action,
-                    tags=call.tags,
                     prices=self.prices,
                     now=now,
                 )
+                try:
+                    event = event_of(raw_usage=raw_usage, tags=call.tags)
+                except ValidationError as exc:  # e.g. an upstream's usage whose priced cost overflows Int64
+                    problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:200]
+                    self.counts["usage_out_of_range"] += 1
+                    log.warning(
+                        "usage reported for a %s/%s call is out of range (%s); it is metered with zero tokens, "
+                        "tagged usage_error",
+                        call.provider, served, problem,
+                    )  # fmt: skip
+                    no_usage = {"input_tokens": 0, "output_tokens": 0}
+                    event = event_of(raw_usage=no_usage, tags={**call.tags, "usage_error": problem})
                 event = with_requested_cost(event, self.prices)
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1

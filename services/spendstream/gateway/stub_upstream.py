@@ -4,7 +4,7 @@ Deterministic: input tokens = words in the prompt, output tokens = ``max_tokens`
 words of filler. Streams honour ``stream_options.include_usage`` the way OpenAI does. Faults are injected
 with ``fail_status`` (answer every request with that status), ``hang_s`` (sleep before answering) or
 ``cut_stream_after`` (a stream stops after that many text chunks: the connection drops, after ``stall_stream_s`` of
-silence when that is set).
+silence when that is set); ``reported_usage`` replaces the chat usage block (a broken upstream).
 
 Run standalone: ``python -m spendstream.gateway.stub_upstream --port 9000``.
 """
@@ -54,6 +54,7 @@ class StubUpstream:
         self.hang_s = 0.0
         self.cut_stream_after: int | None = None
         self.stall_stream_s = 0.0
+        self.reported_usage: dict[str, Any] | None = None
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
@@ -141,6 +142,7 @@ class StubUpstream:
             "total_tokens": n_in + n_out,
             "prompt_tokens_details": {"cached_tokens": 0},
         }
+        usage = self.reported_usage or usage
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
         if not body.get("stream"):
             message = {"role": "assistant", "content": " ".join(["word"] * n_out)}
