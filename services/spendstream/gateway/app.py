@@ -99,6 +99,11 @@ def _refuse_non_finite(constant: str) -> float:
     raise ValueError(f"{constant} is not a JSON value")
 
 
+def _header_safe(text: str) -> str:
+    """A response header value: printable ASCII only (model names and reasons can come from the request)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:300])
+
+
 def _is_json_type(content_type: str) -> bool:
     """Only JSON bodies are parsed: a ``text/plain`` or form post is refused, not guessed at (``content_type`` is
     aiohttp's lower-cased media type, ``application/octet-stream`` when the header is missing)."""
@@ -187,6 +192,26 @@ class _Call:
     provider: str  # the provider that serves it (the routed one once routing chose)
     tags: dict[str, str]
     verdict: Verdict | None = None
+    route: Route | None = None  # set when routing chose another model or provider than the one requested
+
+    def model_headers(self) -> dict[str, str]:
+        """What happened to the requested model, named for what it was: a routing rewrite (why, and the estimated
+        saving) and a budget fallback (the Enforcer replaced the model it was asked about) are told apart."""
+        assert self.verdict is not None
+        headers: dict[str, str] = {}
+        route = self.route
+        if route is not None:
+            headers["X-Spendstream-Routed-From"] = _header_safe(self.model)
+            headers["X-Spendstream-Route-Reason"] = _header_safe(route.reason)
+            if route.requested_cost_estimate_nanos is not None and route.routed_cost_estimate_nanos is not None:
+                saving = route.requested_cost_estimate_nanos - route.routed_cost_estimate_nanos
+                headers["X-Spendstream-Route-Saving-Nanos"] = str(saving)
+        asked = route.model if route is not None else self.model
+        if self.verdict.model != asked:
+            headers["X-Spendstream-Fallback-From"] = _header_safe(asked)
+        if self.verdict.model != self.model:
+            headers["X-Spendstream-Model"] = _header_safe(self.verdict.model)
+        return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +475,8 @@ class Gateway:
                 verdict = call.verdict = verdict._replace(model=route.model)
             tags.update(routing_tags(route, provider, model))
             call.provider = route.provider
+            if (route.provider, route.model) != (provider, model):
+                call.route = route
         key_ = self._cache_key(body, endpoint, attribution, verdict.model)
         if key_ is not None:
             hit = self.cache.get(key_)
@@ -516,7 +543,7 @@ class Gateway:
         verdict = call.verdict
         assert verdict is not None
         self.counts["cache_hit"] += 1
-        headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Cache": "hit"}
+        headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Cache": "hit", **call.model_headers()}
         out: web.StreamResponse
         if entry.streamed:
             out = web.StreamResponse(
@@ -597,10 +624,10 @@ class Gateway:
             headers["anthropic-version"] = self.config.anthropic_version
         out_headers = {"X-Spendstream-Decision": verdict.action}
         rewrite = verdict.model != model
+        if rewrite or call.route is not None:
+            out_headers.update(call.model_headers())
         if rewrite:
             body["model"] = verdict.model
-            out_headers["X-Spendstream-Model"] = verdict.model
-            out_headers["X-Spendstream-Fallback-From"] = model
         stream = endpoint.streams and body.get("stream") is True
         injected = False
         if stream and endpoint.include_usage:
