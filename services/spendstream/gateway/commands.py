@@ -77,11 +77,11 @@ def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Pat
     from spendstream.gateway.keys import data_dir_keys_file
 
     if args.keys_file:
-        return args.keys_file.resolve(), "--keys-file"
+        return args.keys_file.resolve(), "given by --keys-file"
     config_path = args.config or os.environ.get(CONFIG_ENV)
     if config_path:
-        return load_gateway_config(config_path).keys_file, f"the gateway config {config_path}"
-    return data_dir_keys_file(settings.data_dir), "the data directory (the file `spendstream dev` uses)"
+        return load_gateway_config(config_path).keys_file, f"the keys_file of the gateway config {config_path}"
+    return data_dir_keys_file(settings.data_dir), "the keys file `spendstream dev` uses, in SPENDSTREAM_DATA_DIR"
 
 
 def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
@@ -104,12 +104,12 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
         print("keys-file entry:")
         print("- " + json.dumps(entry))
         print(
-            f"not written: {source} lists its keys inline (no keys_file); add the entry to its keys "
-            "and restart the gateway, or give --keys-file",
+            f"not written: {source.removeprefix('the keys_file of ')} has no keys_file (its keys are inline); add "
+            "the entry to its keys and restart the gateway, or give --keys-file",
             file=sys.stderr,
         )
         return 1
     add_key(path, entry)
-    print(f"added to {path} (chosen by {source});")
-    print("a running gateway that reads this file accepts the key within a second (or at once on SIGHUP)")
+    print(f"added to {path} ({source})")
+    print("a running gateway that reads this file accepts the key within a second (at once on SIGHUP)")
     return 0
