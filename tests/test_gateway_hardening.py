@@ -55,7 +55,7 @@ def stop_gateway(running: GatewayThread) -> None:
 
 @pytest.fixture
 def gateway(settings: Settings, stub: StubUpstream, tmp_path: Path) -> Iterator[GatewayThread]:
-    running = start_gateway(settings, stub, tmp_path, max_body_bytes=LIMIT, header_timeout_s=1.0)
+    running = start_gateway(settings, stub, tmp_path, max_body_bytes=LIMIT, header_timeout_s=1.0, body_timeout_s=1.0)
     yield running
     stop_gateway(running)
 
@@ -173,6 +173,20 @@ def test_a_connection_trickling_its_headers_is_closed(gateway: GatewayThread) ->
             break
         assert closed, "the gateway kept a connection open whose request head never ended"
     assert http(gateway.url + "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_a_body_that_stops_arriving_gets_408(gateway: GatewayThread) -> None:
+    body = json.dumps(CHAT).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            (
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[:10]
+        )
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b"not received within 1 s" in answer
 
 
 def test_the_event_of_a_long_body_is_metered(gateway: GatewayThread, broker: EmbeddedBroker) -> None:
