@@ -223,7 +223,7 @@ def test_bad_input_is_refused_and_the_gateway_keeps_serving(gateway: GatewayThre
         (http(url, {"messages": []}), 400),
         (http(url, {"model": 42}), 400),
         (http(url, raw=b'{"model": "gpt-4o", "temperature": NaN}'), 400),
-        (http(url, raw=b'{"model": "gpt-4o", "pad": "' + b"x" * 70_000 + b'"}'), 400),
+        (http(url, raw=b'{"model": "gpt-4o", "pad": "' + b"x" * 70_000 + b'"}'), 413),
         (http(url, CHAT, key="sk-ss-unknown"), 401),
         (http(url, CHAT, key=None), 401),
     ]

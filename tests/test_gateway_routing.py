@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from spendstream.core.config import Settings
+from spendstream.core.events import Decision
 from spendstream.core.policy import parse_policy
 from spendstream.core.pricing import price_usage
 from spendstream.edge.emitter import Emitter
@@ -17,7 +18,7 @@ from spendstream.gateway.app import Gateway, GatewayThread
 from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamConfig
 from spendstream.gateway.response_cache import CacheConfig
 from spendstream.runtime.embedded_broker import EmbeddedBroker
-from stub_upstream import StubUpstream
+from stub_upstream import StubUpstream, publish_decisions, wait_for
 from test_gateway import HEADER_KEY, KEYS, http, read_usage
 
 POLICY = parse_policy(
@@ -127,3 +128,38 @@ def test_cache_hits_replay_and_are_metered(routed, broker: EmbeddedBroker) -> No
     assert all(h["tags"]["saved_nanos"] in missed_costs and int(h["tags"]["saved_nanos"]) > 0 for h in hits)
     assert len(events) == 6 and sum(not e["cache_hit"] for e in events) == 4
     assert gateway.gateway.cache.stats.hits == 2
+
+
+def test_headers_tell_a_routing_rewrite_from_a_budget_fallback(routed, broker: EmbeddedBroker) -> None:
+    gateway, upstream = routed
+    url = gateway.url + "/v1/chat/completions"
+    status, headers, _ = http(url, SIMPLE, key=HEADER_KEY)  # routing picks the simple tier's model
+    assert status == 200 and upstream.last_body["model"] == "gpt-4o-mini"
+    assert (headers["X-Spendstream-Model"], headers["X-Spendstream-Routed-From"]) == ("gpt-4o-mini", "gpt-4o")
+    assert headers["X-Spendstream-Route-Reason"].startswith("tier simple")
+    assert int(headers["X-Spendstream-Route-Saving-Nanos"]) > 0
+    assert headers["X-Spendstream-Decision"] == "allow" and "X-Spendstream-Fallback-From" not in headers
+
+    complex_ = {"X-Spendstream-Complexity": "complex"}
+    status, headers, _ = http(url, SIMPLE, key=HEADER_KEY, headers=complex_)  # served as requested
+    assert status == 200 and not {h for h in headers if h.startswith(("X-Spendstream-Rout", "X-Spendstream-Fall"))}
+
+    fallback = {"gpt-4o": "claude-3-haiku"}
+    publish_decisions(
+        broker.bootstrap, [Decision(scope="team:platform", action="fallback", version=1, fallback_models=fallback)]
+    )
+    assert wait_for(lambda: "X-Spendstream-Fallback-From" in http(url, SIMPLE, key=HEADER_KEY, headers=complex_)[1], 5)
+    status, headers, _ = http(url, SIMPLE, key=HEADER_KEY, headers=complex_)
+    assert (headers["X-Spendstream-Decision"], headers["X-Spendstream-Fallback-From"]) == ("fallback", "gpt-4o")
+    assert headers["X-Spendstream-Model"] == "claude-3-haiku" and "X-Spendstream-Routed-From" not in headers
+
+
+def test_a_requested_cost_beyond_int64_is_not_recorded(routed, broker: EmbeddedBroker) -> None:
+    gateway, upstream = routed
+    # Priced on gpt-4o-mini these counts fit in Int64 (3.75e18 nanos); as requested (gpt-4o) they would not.
+    upstream.reported_usage = {"prompt_tokens": 5 * 10**15, "completion_tokens": 5 * 10**15}
+    status, headers, _ = http(gateway.url + "/v1/chat/completions", SIMPLE, key=HEADER_KEY)
+    assert status == 200 and headers["X-Spendstream-Model"] == "gpt-4o-mini"
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["cost_nanos"] == price_usage("openai", "gpt-4o-mini", 5 * 10**15, 5 * 10**15).cost_nanos
+    assert "requested_cost_nanos" not in event["tags"] and "Int64" in event["tags"]["usage_error"]

@@ -303,7 +303,7 @@ def gateway_cases(good: dict[str, Any]) -> list[tuple[str, bytes, dict[str, str]
         ("model-number", json.dumps({**good, "model": 4}).encode(), {}, 400),
         ("model-null", json.dumps({**good, "model": None}).encode(), {}, 400),
         ("model-lone-surrogate", surrogate_model, {}, 400),
-        ("oversize", raw[:-1] + b',"pad":"' + b"x" * 40_000 + b'"}', {}, 400),
+        ("oversize", raw[:-1] + b',"pad":"' + b"x" * 40_000 + b'"}', {}, 413),
         ("no-key", raw, {"Authorization": ""}, 401),
         ("wrong-key", raw, {"Authorization": "Bearer sk-ss-nope"}, 401),
         ("key-with-nul-escape", raw, {"Authorization": "Bearer " + KEY + "%00"}, 401),

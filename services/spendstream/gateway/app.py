@@ -17,13 +17,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
+from pydantic import ValidationError
 
-from spendstream.core.config import Settings
+from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
 from spendstream.core.policy import Policy
@@ -35,7 +37,7 @@ from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
-from spendstream.gateway.keys import HEADER_FIELDS, KeyStore, VirtualKey
+from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
 from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
 from spendstream.gateway.response_cache import (
@@ -78,6 +80,7 @@ _BLOCK_ERRORS = {
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
 _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anthropic-ratelimit-requests-remaining")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
+KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
 
 
@@ -95,6 +98,71 @@ def _refuse_non_finite(constant: str) -> float:
     """``json.loads`` accepts NaN and Infinity, which are not JSON: no provider would take them, and the cache key
     (canonical JSON) cannot be built from them."""
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def _header_safe(text: str) -> str:
+    """A response header value: printable ASCII only (model names and reasons can come from the request)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:300])
+
+
+def _is_json_type(content_type: str) -> bool:
+    """Only JSON bodies are parsed: a ``text/plain`` or form post is refused, not guessed at (``content_type`` is
+    aiohttp's lower-cased media type, ``application/octet-stream`` when the header is missing)."""
+    if content_type == "application/json":
+        return True
+    return content_type.startswith("application/") and content_type.endswith("+json")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(content: aiohttp.StreamReader, limit: int, timeout_s: float) -> bytes:
+    """The whole request body, however it was segmented, up to ``limit`` bytes (``_BodyTooLarge`` beyond).
+
+    What has arrived is taken without waiting (usually all of it); only a body still arriving after that is read
+    under ``timeout_s``, so a client that sends its body slowly cannot hold the connection for ever.
+    """
+    data = content.read_nowait()
+    if len(data) > limit:
+        raise _BodyTooLarge
+    if content.at_eof():
+        return data
+    chunks, size = [data], len(data)
+    async with asyncio.timeout(timeout_s):
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _cut_short(request: web.Request, out: web.StreamResponse, anthropic: bool, exc: BaseException) -> None:
+    """End a stream that broke so the client can tell: an SSE error event (which the OpenAI and Anthropic SDKs
+    raise), then the connection closes without the terminating chunk, so the body is visibly incomplete."""
+    message = f"the upstream stream was interrupted ({type(exc).__name__}); the response is incomplete"
+    if anthropic:
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        event = b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    else:
+        payload = {"error": {"message": message, "type": "api_error", "code": "stream_interrupted", "param": None}}
+        event = b"data: " + json.dumps(payload).encode() + b"\n\n"
+    out.force_close()
+    try:
+        if out.prepared:
+            await out.write(event)
+    except (ConnectionError, RuntimeError):
+        pass  # the client is gone (it may be why the stream broke)
+    if request.transport is not None:
+        request.transport.close()  # after the buffered bytes; aiohttp's terminating chunk then finds it closed
+
+
+class _Refusal(NamedTuple):
+    """Why a request body is refused, and the status that says so."""
+
+    status: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -125,6 +193,26 @@ class _Call:
     provider: str  # the provider that serves it (the routed one once routing chose)
     tags: dict[str, str]
     verdict: Verdict | None = None
+    route: Route | None = None  # set when routing chose another model or provider than the one requested
+
+    def model_headers(self) -> dict[str, str]:
+        """What happened to the requested model, named for what it was: a routing rewrite (why, and the estimated
+        saving) and a budget fallback (the Enforcer replaced the model it was asked about) are told apart."""
+        assert self.verdict is not None
+        headers: dict[str, str] = {}
+        route = self.route
+        if route is not None:
+            headers["X-Spendstream-Routed-From"] = _header_safe(self.model)
+            headers["X-Spendstream-Route-Reason"] = _header_safe(route.reason)
+            if route.requested_cost_estimate_nanos is not None and route.routed_cost_estimate_nanos is not None:
+                saving = route.requested_cost_estimate_nanos - route.routed_cost_estimate_nanos
+                headers["X-Spendstream-Route-Saving-Nanos"] = str(saving)
+        asked = route.model if route is not None else self.model
+        if self.verdict.model != asked:
+            headers["X-Spendstream-Fallback-From"] = _header_safe(asked)
+        if self.verdict.model != self.model:
+            headers["X-Spendstream-Model"] = _header_safe(self.verdict.model)
+        return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +266,12 @@ class Gateway:
         # demo can replay a past day through a real gateway.
         self.clock = clock
         self.settings = settings
+        # Keys from a file are reloaded when it changes (and on SIGHUP, see ``reload_keys``).
+        self.keys_file = KeysFile(config.keys_file, config.keys) if keys is None and config.keys_file else None
         if keys is None:
-            keys = KeyStore.load(config.keys_file, config.keys) if config.keys_file else KeyStore(config.keys)
+            keys = self.keys_file.load() if self.keys_file is not None else KeyStore(config.keys)
         self.keys = keys
+        self._keys_watch: asyncio.Task[None] | None = None
         self.enforcer = enforcer
         self.emitter = emitter
         self._owns_enforcer = enforcer is None
@@ -209,6 +300,12 @@ class Gateway:
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def server_options(self) -> dict[str, Any]:
+        """Options for ``web.run_app`` and ``web.AppRunner``. aiohttp's keep-alive timer runs from a connection's
+        opening and from each response, and closes the connection if no complete request head arrived by then:
+        that is the slow-header (slowloris) timeout."""
+        return {"keepalive_timeout": self.config.header_timeout_s, "access_log": None}
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes + 1)
         for path in ENDPOINTS:
@@ -235,8 +332,30 @@ class Gateway:
         if self.routing is not None:
             self.follower = UsageFollower(self.settings, timezone=self.tz).start()
             self.provider_stats = self.follower.stats
+        if self.keys_file is not None:
+            self._keys_watch = asyncio.create_task(self._watch_keys_file())
+
+    async def _watch_keys_file(self) -> None:
+        assert self.keys_file is not None
+        while True:
+            await asyncio.sleep(KEYS_POLL_S)
+            if self.keys_file.changed():
+                self.reload_keys()
+
+    def reload_keys(self) -> None:
+        """Read the keys file again; a file that cannot be loaded leaves the keys in force as they were."""
+        if self.keys_file is None:
+            return
+        try:
+            self.keys = self.keys_file.load()
+        except ConfigError as exc:
+            log.error("%s; the %d keys loaded before stay in force", exc, len(self.keys))
+            return
+        log.info("keys file %s reloaded: %d virtual keys", self.keys_file.path, len(self.keys))
 
     async def _cleanup(self, app: web.Application) -> None:
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
         self.upstreams.close()
         if self._owns_enforcer and self.enforcer is not None:
             await asyncio.to_thread(self.enforcer.stop)
@@ -305,10 +424,12 @@ class Gateway:
             return error_response(
                 401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=anthropic
             )
-        body, raw, problem = await self._read_json(request)
-        if problem is not None:
+        body, raw, refusal = await self._read_json(request)
+        if refusal is not None:
             self.counts["bad_request"] += 1
-            return error_response(400, problem, "invalid_request", "invalid_request_error", anthropic=anthropic)
+            return error_response(
+                refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=anthropic
+            )
         assert body is not None
         model = body["model"]
         attribution = key.attribution()
@@ -358,6 +479,8 @@ class Gateway:
                 verdict = call.verdict = verdict._replace(model=route.model)
             tags.update(routing_tags(route, provider, model))
             call.provider = route.provider
+            if (route.provider, route.model) != (provider, model):
+                call.route = route
         key_ = self._cache_key(body, endpoint, attribution, verdict.model)
         if key_ is not None:
             hit = self.cache.get(key_)
@@ -424,7 +547,7 @@ class Gateway:
         verdict = call.verdict
         assert verdict is not None
         self.counts["cache_hit"] += 1
-        headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Cache": "hit"}
+        headers = {"X-Spendstream-Decision": verdict.action, "X-Spendstream-Cache": "hit", **call.model_headers()}
         out: web.StreamResponse
         if entry.streamed:
             out = web.StreamResponse(
@@ -441,30 +564,38 @@ class Gateway:
         self._emit(call, entry.model_served, None, UsageStatus.ok, hit=entry)
         return out
 
-    async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, str | None]:
+    async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes, _Refusal | None]:
         """(body, raw bytes, None) or (None, b"", why the request is refused)."""
+        if not _is_json_type(request.content_type):
+            return None, b"", _Refusal(415, f"Content-Type must be application/json, got {request.content_type!r}")
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return None, b"", f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"
+            return (
+                None,
+                b"",
+                _Refusal(413, f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"),
+            )
         try:
-            raw = await request.content.read(limit + 1)
-        except (TimeoutError, aiohttp.ClientError, ConnectionError):
-            return None, b"", "request body could not be read"
-        if len(raw) > limit:
-            return None, b"", f"request body exceeds the limit of {limit} bytes"
+            raw = await _read_body(request.content, limit, self.config.body_timeout_s)
+        except _BodyTooLarge:
+            return None, b"", _Refusal(413, f"request body exceeds the limit of {limit} bytes")
+        except TimeoutError:
+            return None, b"", _Refusal(408, f"request body not received within {self.config.body_timeout_s:g} s")
+        except (aiohttp.ClientError, ConnectionError):
+            return None, b"", _Refusal(400, "request body could not be read")
         try:
             body = json.loads(raw, parse_constant=_refuse_non_finite)
         except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
-            return None, b"", f"request body is not valid JSON: {exc}"
+            return None, b"", _Refusal(400, f"request body is not valid JSON: {exc}")
         except RecursionError:
-            return None, b"", "request body is not valid JSON: nested too deeply"
+            return None, b"", _Refusal(400, "request body is not valid JSON: nested too deeply")
         if not isinstance(body, dict):
-            return None, b"", "request body must be a JSON object"
+            return None, b"", _Refusal(400, "request body must be a JSON object")
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return None, b"", "you must provide a model parameter (a non-empty string)"
+            return None, b"", _Refusal(400, "you must provide a model parameter (a non-empty string)")
         if not _is_unicode(model):
-            return None, b"", "the model parameter is not valid Unicode (it contains a lone surrogate)"
+            return None, b"", _Refusal(400, "the model parameter is not valid Unicode (it contains a lone surrogate)")
         return body, raw, None
 
     def _blocked(self, verdict: Verdict, anthropic: bool) -> web.Response:
@@ -497,10 +628,10 @@ class Gateway:
             headers["anthropic-version"] = self.config.anthropic_version
         out_headers = {"X-Spendstream-Decision": verdict.action}
         rewrite = verdict.model != model
+        if rewrite or call.route is not None:
+            out_headers.update(call.model_headers())
         if rewrite:
             body["model"] = verdict.model
-            out_headers["X-Spendstream-Model"] = verdict.model
-            out_headers["X-Spendstream-Fallback-From"] = model
         stream = endpoint.streams and body.get("stream") is True
         injected = False
         if stream and endpoint.include_usage:
@@ -525,7 +656,7 @@ class Gateway:
         status = UsageStatus.ok if response.status < 400 else UsageStatus.error
         self.counts[status.value] += 1
         if stream and response.status == 200:
-            return await self._stream(request, call, response, target.kind, injected, out_headers, cache_key_)
+            return await self._stream(request, call, body, response, target.kind, injected, out_headers, cache_key_)
         try:
             async with response:
                 data = await response.read()
@@ -546,12 +677,16 @@ class Gateway:
         self,
         request: web.Request,
         call: _Call,
+        body: dict[str, Any],
         response: UpstreamResponse,
         kind: str,
         injected: bool,
         out_headers: dict[str, str],
         cache_key_: str | None,
     ) -> web.StreamResponse:
+        """Forward an SSE stream as it arrives. A stream the upstream cuts short (closed, broken or silent past
+        ``read_timeout_s``) ends with an error event and no terminating chunk, and is metered with what was streamed.
+        """
         assert call.verdict is not None
         meter = StreamMeter(kind, drop_usage_chunk=injected)
         recorder = StreamRecorder(self.cache.max_entry_bytes) if cache_key_ is not None else None
@@ -565,6 +700,7 @@ class Gateway:
                 "Cache-Control": "no-cache",
             },
         )
+        completed = False
         try:
             async with response:
                 await out.prepare(request)
@@ -580,12 +716,19 @@ class Gateway:
                     if recorder is not None:
                         recorder.feed(rest)
             await out.write_eof()
+            completed = True
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            status = UsageStatus.error
             call.tags["stream_error"] = type(exc).__name__
+            await _cut_short(request, out, call.endpoint.anthropic, exc)
         finally:
             served = meter.model or call.verdict.model
-            self._emit(call, served, meter.usage, status)
+            usage = meter.usage
+            if not completed:
+                status = UsageStatus.error
+                usage, estimated = meter.usage_so_far(lambda: assess(body).input_tokens)
+                if estimated:
+                    call.tags["usage"] = "estimated"
+            self._emit(call, served, usage, status)
         events = recorder.finish() if recorder is not None and status is UsageStatus.ok else None
         if cache_key_ is not None and events:
             asyncio.get_running_loop().call_soon(
@@ -643,19 +786,30 @@ class Gateway:
                     now=now,
                 )
             else:
-                event = build_event(
+                event_of = partial(
+                    build_event,
                     attribution=call.attribution,
                     provider=call.provider,
                     model_requested=call.model,
                     model_served=served,
-                    raw_usage=raw_usage,
                     latency_ms=latency_ms,
                     status=status,
                     decision=call.verdict.action,
-                    tags=call.tags,
                     prices=self.prices,
                     now=now,
                 )
+                try:
+                    event = event_of(raw_usage=raw_usage, tags=call.tags)
+                except ValidationError as exc:  # e.g. an upstream's usage whose priced cost overflows Int64
+                    problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:200]
+                    self.counts["usage_out_of_range"] += 1
+                    log.warning(
+                        "usage reported for a %s/%s call is out of range (%s); it is metered with zero tokens, "
+                        "tagged usage_error",
+                        call.provider, served, problem,
+                    )  # fmt: skip
+                    no_usage = {"input_tokens": 0, "output_tokens": 0}
+                    event = event_of(raw_usage=no_usage, tags={**call.tags, "usage_error": problem})
                 event = with_requested_cost(event, self.prices)
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1
@@ -709,7 +863,7 @@ class GatewayThread:
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
-            runner = web.AppRunner(self.gateway.app(), access_log=None)
+            runner = web.AppRunner(self.gateway.app(), **self.gateway.server_options())
             try:
                 loop.run_until_complete(runner.setup())
                 site = web.TCPSite(runner, self.host, self.port)

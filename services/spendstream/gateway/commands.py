@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 
 from spendstream.core.config import Settings
 from spendstream.core.events import ATTRIBUTION_FIELDS
@@ -16,7 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gateway.add_argument("--port", type=int, help="listen port (default: $SPENDSTREAM_GATEWAY_PORT)")
     gateway.set_defaults(handler=run_gateway)
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
-    keygen = actions.add_parser("keygen", help="print a new virtual key and the keys-file entry for it")
+    keygen = actions.add_parser(
+        "keygen",
+        help="mint a virtual key and add it to the keys file (a running gateway picks it up)",
+        description="Mint a virtual key and add its entry (the key's sha256, never the key) to the keys file: "
+        "--keys-file, else the keys_file of the gateway config (--config or $SPENDSTREAM_GATEWAY_CONFIG), else "
+        "the one `spendstream dev` uses, $SPENDSTREAM_DATA_DIR/keys.yaml.",
+    )
+    keygen.add_argument("--keys-file", type=Path, help="the keys file to add the key to")
+    keygen.add_argument("--print-only", action="store_true", help="print the key and its entry; write nothing")
     keygen.add_argument("--name", default="", help="a label for the key (shown in usage tags)")
     for field in ATTRIBUTION_FIELDS:
         keygen.add_argument(f"--{field}", default="")
@@ -25,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import signal
+
     from aiohttp import web
 
     from spendstream.core.policy import load_policy
@@ -48,12 +62,31 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         gateway = Gateway(config, settings)
     host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
-    web.run_app(gateway.app(), host=host, port=port, access_log=None, print=None)
+    app = gateway.app()
+
+    async def reload_keys_on_sighup(app: web.Application) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_keys)
+
+    app.on_startup.append(reload_keys_on_sighup)
+    web.run_app(app, host=host, port=port, print=None, **gateway.server_options())
     return 0
 
 
+def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Path | None, str]:
+    """The keys file a gateway started the same way would read, and where that was decided."""
+    from spendstream.gateway.config import CONFIG_ENV, load_gateway_config
+    from spendstream.gateway.keys import data_dir_keys_file
+
+    if args.keys_file:
+        return args.keys_file.resolve(), "given by --keys-file"
+    config_path = args.config or os.environ.get(CONFIG_ENV)
+    if config_path:
+        return load_gateway_config(config_path).keys_file, f"the keys_file of the gateway config {config_path}"
+    return data_dir_keys_file(settings.data_dir), "the keys file `spendstream dev` uses, in SPENDSTREAM_DATA_DIR"
+
+
 def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
-    from spendstream.gateway.keys import hash_key, new_key
+    from spendstream.gateway.keys import add_key, hash_key, new_key
 
     key = new_key()
     entry: dict[str, object] = {"sha256": hash_key(key)}
@@ -63,6 +96,21 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
     if args.allow_header_attribution:
         entry["allow_header_attribution"] = True
     print(f"key (give it to the client; it is not stored): {key}")
-    print("keys-file entry:")
-    print("- " + json.dumps(entry))
+    if args.print_only:
+        print("keys-file entry:")
+        print("- " + json.dumps(entry))
+        return 0
+    path, source = _keys_file_in_use(args, settings)
+    if path is None:
+        print("keys-file entry:")
+        print("- " + json.dumps(entry))
+        print(
+            f"not written: {source.removeprefix('the keys_file of ')} has no keys_file (its keys are inline); add "
+            "the entry to its keys and restart the gateway, or give --keys-file",
+            file=sys.stderr,
+        )
+        return 1
+    add_key(path, entry)
+    print(f"added to {path} ({source})")
+    print("a running gateway that reads this file accepts the key within a second (at once on SIGHUP)")
     return 0

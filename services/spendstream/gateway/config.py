@@ -46,7 +46,8 @@ CONFIG_ENV = "SPENDSTREAM_GATEWAY_CONFIG"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field and never repeat its value: an upstream URL may carry a password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class UpstreamConfig(_Model):
@@ -61,6 +62,11 @@ class UpstreamConfig(_Model):
     @classmethod
     def _http_url(cls, value: str) -> str:
         parts = urlsplit(value)
+        if "@" in parts.netloc:  # checked first, so that no message below repeats the password
+            raise ValueError(
+                "must not contain credentials (user:password@): they would not be sent as the provider expects, and "
+                "the URL is recorded in usage events and logs; give the API key with api_key_env"
+            )
         # parts.port raises ValueError itself for a port that is not a number or out of range.
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(f"must be http(s)://host[:port][/path prefix], got {value!r}")
@@ -100,7 +106,14 @@ class GatewayConfig(_Model):
     model_routes: dict[str, str] = Field(
         default_factory=dict, description="Model name prefix -> provider, for OpenAI-compatible endpoints."
     )
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies are refused (413).")
+    header_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A connection must complete its request head within this many seconds of opening or of its "
+        "previous response, else it is closed (slow-header clients; idle keep-alive connections too).",
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the rest of a request body (408).")
     fail_closed: bool = Field(False, description="Refuse requests (503) while the enforcement view is stale.")
     max_staleness_s: float = Field(30.0, gt=0)
     anthropic_version: str = Field("2023-06-01", description="Sent when the client did not send one.")

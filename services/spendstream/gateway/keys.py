@@ -8,14 +8,18 @@ A keys file is a YAML/JSON list (or ``{keys: [...]}``) of entries such as::
       feature: ai_chatbot
       allow_header_attribution: true   # X-Spendstream-User etc. may refine the attribution
 
-``spendstream gateway keygen --team marketing`` prints a new key and its entry.
+``spendstream gateway keygen --team marketing`` mints a key and adds its entry to the keys file. A running gateway
+reloads the file when it changes (``KeysFile``) and on SIGHUP, so keys are added and revoked without a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import os
 import secrets
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -92,6 +96,8 @@ class KeyStore:
             raise ConfigError(f"keys file {path}: not valid YAML/JSON: {exc}") from None
         if isinstance(data, dict):
             data = data.get("keys")
+        if data is None:  # an empty file (or only comments): no keys yet, or all of them revoked
+            data = []
         if not isinstance(data, list):
             raise ConfigError(f"keys file {path}: expected a list of keys (or a mapping with 'keys')")
         keys = list(inline)
@@ -102,3 +108,70 @@ class KeyStore:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ConfigError(f"keys file {path}: entry {i}: {problems}") from None
         return cls(keys)
+
+
+def data_dir_keys_file(data_dir: Path) -> Path:
+    """The keys file a ``spendstream dev`` gateway watches, and where ``gateway keygen`` writes by default."""
+    return data_dir.resolve() / "keys.yaml"
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class KeysFile:
+    """A keys file and what was last loaded from it: ``changed()`` is a ``stat`` (modification time, size and
+    inode, so an editor's write-and-rename is seen too)."""
+
+    def __init__(self, path: Path, inline: Iterable[VirtualKey] = ()) -> None:
+        self.path = path
+        self.inline = tuple(inline)
+        self._seen: tuple[int, int, int] | None = None
+
+    def load(self) -> KeyStore:
+        """The keys now in the file (and the inline ones); raises ``ConfigError`` naming the problem."""
+        self._seen = _signature(self.path)  # before reading: a write during the read is seen next time
+        return KeyStore.load(self.path, self.inline)
+
+    def changed(self) -> bool:
+        return _signature(self.path) != self._seen
+
+
+def add_key(path: Path, entry: dict[str, Any]) -> None:
+    """Add a key's entry to a keys file (created if missing), checked as the gateway will read it.
+
+    A file that is a YAML list gets one line appended, so its comments stay; another shape (``keys:``) is
+    rewritten. The new file replaces the old one in one rename, so a gateway never reads half of it.
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    before = KeyStore.load(path) if text else KeyStore([])
+    if text and not text.endswith("\n"):
+        text += "\n"
+    text += "- " + json.dumps(entry) + "\n"
+    try:
+        appended = yaml.safe_load(text)
+    except yaml.YAMLError:
+        appended = None
+    if not (isinstance(appended, list) and len(appended) == len(before) + 1):
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        keys = data.get("keys") if isinstance(data, dict) else data
+        keys = [*(keys or []), entry]
+        text = yaml.safe_dump({**data, "keys": keys} if isinstance(data, dict) else keys, sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        KeyStore.load(Path(temporary))  # refuses a file the gateway could not load (e.g. a key listed twice)
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o777)
+        else:
+            os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

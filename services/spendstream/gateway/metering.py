@@ -8,11 +8,28 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
+
+from spendstream.gateway.complexity import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Fields of stream events that carry generated text (OpenAI chat and completions, Anthropic deltas).
+_TEXT_FIELDS = frozenset({"content", "text", "partial_json", "thinking", "arguments", "refusal", "reasoning_content"})
+_HELD_BYTES = 1 << 20  # forwarded bytes kept before their text is counted (a stream cut short is estimated from it)
+
+
+def _text_chars(value: Any, key: str = "") -> int:
+    """Characters of generated text in one parsed stream event."""
+    if isinstance(value, str):
+        return len(value) if key in _TEXT_FIELDS else 0
+    if isinstance(value, dict):
+        return sum(_text_chars(v, k) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_text_chars(v, key) for v in value)
+    return 0
 
 
 def _data_of(event: bytes) -> Any:
@@ -38,8 +55,13 @@ class StreamMeter:
         self.kind = kind
         self.drop_usage_chunk = drop_usage_chunk
         self.usage: dict[str, Any] = {}
+        self.usage_final = False  # the usage block that closes the stream arrived (not only Anthropic's opening one)
         self.model = ""
         self._buffer = b""
+        # Forwarded bytes, read for their text only if the stream is cut short (or in batches past _HELD_BYTES).
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._text_chars = 0
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk
@@ -51,7 +73,38 @@ class StreamMeter:
                 continue
             out.append(event)
         self._buffer = data[end:]
-        return b"".join(out)
+        forwarded = b"".join(out)
+        if forwarded:
+            self._held.append(forwarded)
+            self._held_bytes += len(forwarded)
+            if self._held_bytes > _HELD_BYTES:
+                self._count_held_text()
+        return forwarded
+
+    def _count_held_text(self) -> None:
+        for chunk in self._held:
+            for event in _EVENT_END.split(chunk):
+                payload = _data_of(event)
+                if isinstance(payload, dict):
+                    self._text_chars += _text_chars(payload)
+        self._held, self._held_bytes = [], 0
+
+    def usage_so_far(self, prompt_tokens: Callable[[], int]) -> tuple[dict[str, Any], bool]:
+        """The usage to meter for a stream cut short, and whether it is estimated: the closing usage block if it
+        arrived, else output tokens estimated from the text forwarded (providers bill what they streamed) and input
+        tokens from the opening usage block (Anthropic) or ``prompt_tokens()``."""
+        if self.usage_final:
+            return self.usage, False
+        self._count_held_text()
+        output = -(-self._text_chars // CHARS_PER_TOKEN)
+        if self.kind == "anthropic":
+            usage = dict(self.usage)
+            if not isinstance(usage.get("input_tokens"), int):
+                usage["input_tokens"] = prompt_tokens()
+            opening = usage.get("output_tokens")
+            usage["output_tokens"] = max(opening if isinstance(opening, int) else 0, output)
+            return usage, True
+        return {"prompt_tokens": prompt_tokens(), "completion_tokens": output}, True
 
     def finish(self) -> bytes:
         rest, self._buffer = self._buffer, b""
@@ -72,11 +125,13 @@ class StreamMeter:
                     self.usage.update(message["usage"])
             if isinstance(payload.get("usage"), dict):
                 self.usage.update({k: v for k, v in payload["usage"].items() if v is not None})
+                self.usage_final = self.usage_final or payload.get("type") == "message_delta"
             return False
         self.model = self.model or str(payload.get("model") or "")
         usage = payload.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
+            self.usage_final = True
             return self.drop_usage_chunk and not payload.get("choices")
         return False
 

@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple, Protocol
 
-from spendstream.core.events import UsageEvent
+from spendstream.core.events import INT64_MAX, UsageEvent
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, price_usage
 from spendstream.gateway.complexity import TIER_ORDER, Tier
 from spendstream.gateway.provider_stats import RoutingStats
@@ -473,6 +473,9 @@ def with_requested_cost(event: UsageEvent, prices: PriceTable = EMPTY_TABLE) -> 
         ).cost_nanos
     except UnknownModelError:
         return event
+    if cost > INT64_MAX:  # absurd token counts: no figure the ledger could read back (toInt64) is recorded
+        tags = {k: v for k, v in event.tags.items() if k != "requested_cost_nanos"}
+        return event.model_copy(update={"tags": {**tags, "usage_error": "requested_cost_nanos: exceeds Int64"}})
     return event.model_copy(update={"tags": {**event.tags, "requested_cost_nanos": str(cost)}})
 
 

@@ -2,7 +2,9 @@
 
 Deterministic: input tokens = words in the prompt, output tokens = ``max_tokens`` (default 8, at most 256)
 words of filler. Streams honour ``stream_options.include_usage`` the way OpenAI does. Faults are injected
-with ``fail_status`` (answer every request with that status) or ``hang_s`` (sleep before answering).
+with ``fail_status`` (answer every request with that status), ``hang_s`` (sleep before answering) or
+``cut_stream_after`` (a stream stops after that many text chunks: the connection drops, after ``stall_stream_s`` of
+silence when that is set); ``reported_usage`` replaces the chat usage block (a broken upstream).
 
 Run standalone: ``python -m spendstream.gateway.stub_upstream --port 9000``.
 """
@@ -50,6 +52,9 @@ class StubUpstream:
         self.port = port
         self.fail_status: int | None = None
         self.hang_s = 0.0
+        self.cut_stream_after: int | None = None
+        self.stall_stream_s = 0.0
+        self.reported_usage: dict[str, Any] | None = None
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
@@ -62,7 +67,7 @@ class StubUpstream:
         return f"http://{self.host}:{self.port}"
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # providers take long prompts; so does the stub
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -137,6 +142,7 @@ class StubUpstream:
             "total_tokens": n_in + n_out,
             "prompt_tokens_details": {"cached_tokens": 0},
         }
+        usage = self.reported_usage or usage
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
         if not body.get("stream"):
             message = {"role": "assistant", "content": " ".join(["word"] * n_out)}
@@ -156,6 +162,7 @@ class StubUpstream:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
         for i in range(n_out):
             delta = {"role": "assistant", "content": "word"} if i == 0 else {"content": " word"}
+            await self._maybe_cut(request, i)
             await response.write(_sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
         await response.write(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -235,6 +242,7 @@ class StubUpstream:
                 "index": 0,
                 "delta": {"type": "text_delta", "text": " word" if i else "word"},
             }
+            await self._maybe_cut(request, i)
             await response.write(_sse(delta, "content_block_delta"))
         await response.write(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
         end = {
@@ -246,6 +254,16 @@ class StubUpstream:
         await response.write(_sse({"type": "message_stop"}, "message_stop"))
         await response.write_eof()
         return response
+
+    async def _maybe_cut(self, request: web.Request, chunks_sent: int) -> None:
+        """The injected mid-stream fault: silence, then a dropped connection (no terminating chunk)."""
+        if self.cut_stream_after is None or chunks_sent < self.cut_stream_after:
+            return
+        if self.stall_stream_s:
+            await asyncio.sleep(self.stall_stream_s)
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # ends the handler without a response of its own
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1

@@ -458,12 +458,15 @@ class DevStack:
 
 
 def write_dev_gateway_config(data_dir: Path, upstream_url: str | None) -> tuple[Path, str]:
-    """A gateway config with one fresh dev key (header attribution allowed); returns (path, key)."""
-    from spendstream.gateway.keys import hash_key, new_key
+    """A gateway config with one fresh dev key (header attribution allowed), reading the data directory's keys
+    file too, where ``spendstream gateway keygen`` adds keys (the gateway reloads it); returns (path, key)."""
+    from spendstream.gateway.keys import data_dir_keys_file, hash_key, new_key
 
     key = new_key()
+    keys_file = data_dir_keys_file(data_dir)
     config: dict[str, object] = {
-        "keys": [{"sha256": hash_key(key), "name": "dev", "org": "acme", "allow_header_attribution": True}]
+        "keys": [{"sha256": hash_key(key), "name": "dev", "org": "acme", "allow_header_attribution": True}],
+        "keys_file": str(keys_file),
     }
     if upstream_url:
         config["providers"] = {
@@ -472,6 +475,8 @@ def write_dev_gateway_config(data_dir: Path, upstream_url: str | None) -> tuple[
         }
     path = data_dir / "gateway.json"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not keys_file.exists():
+        keys_file.write_text("# virtual keys added by `spendstream gateway keygen`\n")
     path.write_text(json.dumps(config, indent=2))
     return path, key
 
