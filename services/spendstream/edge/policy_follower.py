@@ -15,9 +15,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from spendstream.core.codec import AvroCodec, DecodeError
-from spendstream.core.events import PolicyRecord
-from spendstream.core.policy import Policy, PolicyError, policy_from_json
+from spendstream.core.codec import AvroCodec
+from spendstream.core.policy import Policy
+from spendstream.core.policy_log import decode_policy
 from spendstream.core.topics import POLICY
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,11 @@ class PolicyFollower:
     def _on_record(self, value: bytes | None) -> None:
         if value is None:
             return  # a tombstone removes an old name's record; the policy in force stays
-        try:
-            record = PolicyRecord.from_avro(self._codec.decode(value))
-            policy = policy_from_json(record.document)
-        except (DecodeError, ValueError) as exc:  # PolicyError is a ValueError
+        _, policy, problem = decode_policy(self._codec, value)
+        if policy is None:
             self.stats["invalid"] += 1
-            problem = str(exc).splitlines()[0] if isinstance(exc, PolicyError) else str(exc)
-            log.warning("ignoring invalid policy record (keeping %s): %s", self.version or "none", problem)
+            kept = self.version or "none"
+            log.warning("ignoring invalid policy record (keeping %s): %s", kept, problem.splitlines()[0])
             return
         if policy.version == self.version:
             return
