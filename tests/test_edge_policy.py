@@ -76,7 +76,7 @@ def gateway_url(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[str]:
     env.pop("SPENDSTREAM_GATEWAY_CONFIG", None)
     policy = tmp_path / "acme.yaml"
     policy.write_text(POLICY)
-    applied = cli(env, "policy", "apply", str(policy))
+    applied = cli(env, "policy", "apply", "--wait", "0", str(policy))
     assert applied.returncode == 0, applied.stderr
     with StubUpstream() as upstream:
         config = tmp_path / "gateway.json"
@@ -176,11 +176,11 @@ def test_enforcer_follows_the_newest_valid_policy(broker: EmbeddedBroker, tmp_pa
         assert enforcer.check(environment="development", model="gpt-4o").action == "allow"
         first = tmp_path / "first.yaml"
         first.write_text("name: first\nallowed_models:\n  'environment:development': ['local/*']\n")
-        assert cli(env, "policy", "apply", str(first)).returncode == 0
+        assert cli(env, "policy", "apply", "--wait", "0", str(first)).returncode == 0
         assert wait_for(lambda: enforcer.check(environment="development", model="gpt-4o").action == "deny_model", 10)
         second = tmp_path / "second.yaml"
         second.write_text("name: second\nallowed_models:\n  'environment:development': ['gpt-*']\n")
-        assert cli(env, "policy", "apply", str(second)).returncode == 0
+        assert cli(env, "policy", "apply", "--wait", "0", str(second)).returncode == 0
         assert wait_for(lambda: enforcer.check(environment="development", model="gpt-4o").action == "allow", 10)
         assert enforcer.check(environment="development", model="local/qwen").action == "deny_model"
 
