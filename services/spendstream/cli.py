@@ -37,7 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(subparsers)
+    _describe_subcommands(parser)
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    """A parser's subcommands: name -> (the one-line help shown in its parent's list, its parser)."""
+    found: dict[str, tuple[str, argparse.ArgumentParser]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                found[name] = (helps.get(name, ""), sub)
+    return found
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """``spendstream X --help`` opens with the same one-line description that ``spendstream --help`` lists."""
+    for line, sub in subcommands(parser).values():
+        if sub.description is None:
+            sub.description = line
+        elif not sub.description.startswith(line):
+            sub.description = f"{line}. {sub.description}"
+        _describe_subcommands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keygen = actions.add_parser("keygen", help="print a new virtual key and the keys-file entry for it")
     keygen.add_argument("--name", default="", help="a label for the key (shown in usage tags)")
     for field in ATTRIBUTION_FIELDS:
-        keygen.add_argument(f"--{field}", default="")
+        keygen.add_argument(f"--{field}", default="", help=f"the {field} every call with this key is charged to")
     keygen.add_argument("--allow-header-attribution", action="store_true", help="let X-Spendstream-* refine it")
     keygen.set_defaults(handler=run_keygen)
 
