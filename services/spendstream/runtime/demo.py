@@ -581,7 +581,9 @@ class Story:
                     f"X-Spendstream-Decision: {sample.decision}",
                 )
             elif action == "fallback":
-                served = self.emitter.wait_for(metered, lambda e: e.team == MARKETING.team, DECISION_TIMEOUT_S)
+                served = await asyncio.to_thread(
+                    self.emitter.wait_for, metered, lambda e: e.team == MARKETING.team, DECISION_TIMEOUT_S
+                )
                 served_cost = served.cost_nanos or 0
                 asked_cost = self.cost_as(served, MARKETING.model)
                 self.event("↘", f"90% FALLBACK  {alert.message}")
