@@ -145,6 +145,15 @@ def test_parent_scopes_chain_project_team_division_org() -> None:
 # -- through the CLI, as an operator meets it ------------------------------------------------------------------
 
 
+# Nine lists of nine aliases to the list before: 400 bytes that expand to 490 million nodes.
+BILLION_LAUGHS = (
+    b"a: &a ["
+    + b", ".join([b"x"] * 9)
+    + b"]\n"
+    + b"".join(b"%c: &%c [%s]\n" % (n, n, b", ".join([b"*%c" % (n - 1)] * 9)) for n in b"bcdefghi")
+)
+
+
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spendstream.cli", "policy", "validate", str(path)],
@@ -183,8 +192,26 @@ def _validate(path: Path) -> subprocess.CompletedProcess[str]:
             ["p.yaml:3: budgets.0.amount_nanos: Input should be less than or equal to 1000000000000000000"],
         ),
         (b"name: caf\xe9\n", ["p.yaml:1: encoding: byte 0xe9 at column 10 is not valid UTF-8"]),
+        (b"budgets: {a: 1, a: 2}\n", ["p.yaml:1: budgets.a: duplicate key (first given on line 1)"]),
+        (
+            BILLION_LAUGHS,
+            ["p.yaml:1: YAML aliases: aliases expand the document to 490,329,064 nodes (at most 1,000,000)"],
+        ),
+        (b"a: &a [1, *a]\n", ["p.yaml:1: YAML aliases: an alias refers to a node that contains it"]),
     ],
-    ids=["empty", "comment-only", "nan-inf", "inf-rate", "duplicate-keys", "1e30", "nanos-overflow", "latin-1"],
+    ids=[
+        "empty",
+        "comment-only",
+        "nan-inf",
+        "inf-rate",
+        "duplicate-keys",
+        "1e30",
+        "nanos-overflow",
+        "latin-1",
+        "duplicate-on-one-line",
+        "alias-bomb",
+        "recursive-alias",
+    ],
 )
 def test_cli_refuses_unusable_policy_files_naming_line_and_field(
     tmp_path: Path, content: bytes, expected: list[str]

@@ -415,23 +415,77 @@ def _node_for(root: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node |
     return node
 
 
-def _duplicate_keys(root: yaml.Node | None) -> list[tuple[int, str, str]]:
-    """``(line, field, message)`` for every key given twice in one mapping (YAML would keep only the last)."""
+def _duplicate_keys(root: yaml.Node | None) -> tuple[list[tuple[int, str, str]], bool]:
+    """``(line, field, message)`` for every key given twice in one mapping (YAML would keep only the last), and
+    whether any node is reached twice (through an alias).
+
+    Each node is visited once, however many aliases point at it.
+    """
     found: list[tuple[int, str, str]] = []
+    visited: set[int] = set()
+    shared = False
     stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
     while stack:
         node, path = stack.pop()
+        if id(node) in visited:
+            shared = True
+            continue
+        visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
             first_line: dict[str, int] = {}
             for key, value in node.value:
                 field = f"{path}.{key.value}" if path else str(key.value)
-                line = key.start_mark.line + 1
-                if isinstance(key, yaml.ScalarNode) and first_line.setdefault(key.value, line) != line:
-                    found.append((line, field, f"duplicate key (first given on line {first_line[key.value]})"))
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in first_line:
+                        message = f"duplicate key (first given on line {first_line[key.value]})"
+                        found.append((key.start_mark.line + 1, field, message))
+                    first_line.setdefault(key.value, key.start_mark.line + 1)
                 stack.append((value, field))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((item, f"{path}.{i}") for i, item in enumerate(node.value))
-    return sorted(found)
+    return sorted(found), shared
+
+
+def _alias_expansion_problem(root: yaml.Node | None) -> str | None:
+    """Why the document's aliases must be refused: recursive, or expanding it past what validation can read.
+
+    A policy is validated as the tree its aliases expand to, so nine nested lists of nine aliases (a "billion
+    laughs" document of a few hundred bytes) would keep validation busy for hours. Sizes are computed once per
+    distinct node (linear), expanded sizes may at most double the document (floor: 1,000,000 nodes).
+    """
+    if root is None:
+        return None
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = (
+            [n for pair in node.value for n in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            continue
+        if id(node) in on_path:
+            return "an alias refers to a node that contains it (a recursive document)"
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                return "an alias refers to a node that contains it (a recursive document)"
+            if id(child) not in sizes:
+                stack.append((child, False))
+    limit = max(2 * len(sizes), 1_000_000)
+    if sizes[id(root)] > limit:
+        return f"aliases expand the document to {sizes[id(root)]:,} nodes (at most {limit:,})"
+    return None
 
 
 def _compose_and_construct(text: str) -> tuple[yaml.Node | None, object]:
@@ -478,7 +532,10 @@ def _parse_policy(text: str, source_name: str) -> Policy:
         raise PolicyError([f"{source_name}:{line}: YAML syntax: {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([f"{source_name}:1: YAML syntax: {exc}"]) from None
-    if duplicates := _duplicate_keys(root):
+    duplicates, shared = _duplicate_keys(root)
+    if shared and (problem := _alias_expansion_problem(root)):
+        raise PolicyError([f"{source_name}:1: YAML aliases: {problem}"])
+    if duplicates:
         raise PolicyError([f"{source_name}:{line}: {field}: {message}" for line, field, message in duplicates])
     if data is None:
         empty = "the file is empty (no YAML document); a policy without any rule is written as {}"
