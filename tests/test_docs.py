@@ -26,8 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from spendstream.cli import build_parser, main, subcommands
-from spendstream.cli_reference import COMMANDS_BEGIN, COMMANDS_END, cli_reference_markdown, command_list_markdown
+from spendstream.cli import build_parser, main
+from spendstream.cli_reference import (
+    COMMANDS_BEGIN,
+    COMMANDS_END,
+    cli_reference_markdown,
+    command_list_markdown,
+    commands,
+)
 from spendstream.runtime.embedded_broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +59,7 @@ BLOCKS = _blocks()
 RUNNABLE = [b for b in BLOCKS if b[2] in EXECUTED]
 
 
-def _commands(parser=None, path=()):  # type: ignore[no-untyped-def]
-    for name, (line, sub) in subcommands(parser or build_parser()).items():
-        yield (*path, name), line, sub
-        yield from _commands(sub, (*path, name))
+COMMANDS = commands(build_parser())
 
 
 # -- generated references --------------------------------------------------------------------------------------
@@ -73,16 +76,16 @@ def test_readme_lists_every_command_generated_from_the_parser() -> None:
     assert "[docs/cli.md](docs/cli.md)" in readme
 
 
-@pytest.mark.parametrize("path", [p for p, _, _ in _commands()], ids=" ".join)
-def test_every_command_help_opens_with_what_it_does(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
-    line = next(line for p, line, _ in _commands() if p == path)
+@pytest.mark.parametrize(("path", "line", "sub"), COMMANDS, ids=[" ".join(p) for p, _, _ in COMMANDS])
+def test_every_command_help_opens_with_what_it_does(
+    path: tuple[str, ...], line: str, sub: argparse.ArgumentParser, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert line and "\n" not in line and len(line) <= 110, f"{' '.join(path)}: one line, please: {line!r}"
     with pytest.raises(SystemExit) as done:
         main([*path, "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert out.split("\n\n")[1].replace("\n", " ").startswith(line[:40]), out
-    sub = next(parser for p, _, parser in _commands() if p == path)
     undocumented = [
         a.option_strings or a.dest for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)
     ]

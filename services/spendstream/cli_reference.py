@@ -25,14 +25,15 @@ SETTINGS_BEGIN = "<!-- generated from spendstream.core.config.Settings; tests/te
 USAGE_WIDTH = 100
 
 
-def _commands(
-    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-) -> list[tuple[tuple[str, ...], str, argparse.ArgumentParser]]:
+Command = tuple[tuple[str, ...], str, argparse.ArgumentParser]  # path, one-line help, parser
+
+
+def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[Command]:
     """Every command path under ``parser`` with its one-line help, depth first in registration order."""
     found = []
     for name, (line, sub) in subcommands(parser).items():
         found.append(((*path, name), line, sub))
-        found.extend(_commands(sub, (*path, name)))
+        found.extend(commands(sub, (*path, name)))
     return found
 
 
@@ -65,7 +66,7 @@ def _argument_rows(parser: argparse.ArgumentParser) -> list[str]:
 def command_list_markdown() -> str:
     """The README's table of commands: each command and subcommand with its one-line description."""
     rows = ["| command | what it does |", "|---|---|"]
-    rows += [f"| `spendstream {' '.join(path)}` | {line} |" for path, line, _ in _commands(build_parser())]
+    rows += [f"| `spendstream {' '.join(path)}` | {line} |" for path, line, _ in commands(build_parser())]
     return "\n".join(rows)
 
 
@@ -89,7 +90,7 @@ def cli_reference_markdown() -> str:
         "|---|---|",
         *_argument_rows(parser),
     ]
-    for path, line, sub in _commands(parser):
+    for path, line, sub in commands(parser):
         out += ["", f"## `spendstream {' '.join(path)}`", "", line, ""]
         if sub.description and sub.description != line:
             out += [sub.description, ""]
