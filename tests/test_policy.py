@@ -198,6 +198,7 @@ def _validate(path: Path) -> subprocess.CompletedProcess[str]:
             ["p.yaml:1: YAML aliases: aliases expand the document to 490,329,064 nodes (at most 1,000,000)"],
         ),
         (b"a: &a [1, *a]\n", ["p.yaml:1: YAML aliases: an alias refers to a node that contains it"]),
+        (b"budgets:\n  - {scope: team:a, amount_usd: 1:30.5}\n", ["p.yaml:2: YAML syntax: '1:30.5' is not a decimal"]),
     ],
     ids=[
         "empty",
@@ -211,6 +212,7 @@ def _validate(path: Path) -> subprocess.CompletedProcess[str]:
         "duplicate-on-one-line",
         "alias-bomb",
         "recursive-alias",
+        "sexagesimal",
     ],
 )
 def test_cli_refuses_unusable_policy_files_naming_line_and_field(

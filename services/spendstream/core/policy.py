@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, tzinfo
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -391,7 +391,12 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
 def _yaml_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
     text = loader.construct_scalar(node).replace("_", "").lower()
     special = {".nan": "NaN", ".inf": "Infinity", "+.inf": "Infinity", "-.inf": "-Infinity"}
-    return Decimal(special.get(text, text))
+    try:
+        return Decimal(special.get(text, text))
+    except InvalidOperation:  # YAML 1.1 floats Decimal does not read, e.g. sexagesimal 1:30.5
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not a decimal number", node.start_mark
+        ) from None
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _yaml_decimal)
