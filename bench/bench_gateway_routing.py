@@ -13,7 +13,8 @@ The targets take turns in ``--rounds`` alternating blocks, so a shared machine's
 from one minute to the next) reaches all of them alike. Besides latency it prints the gateway process's CPU time
 per request (utime + stime from /proc, all its threads), which varies far less than latency between runs.
 
-Targets of the edge (DESIGN.md): p50 added latency < 0.5 ms at concurrency 1, >= 2,000 req/s per gateway process.
+Targets of the edge (docs/architecture.md §11): p50 added latency < 0.5 ms at concurrency 1,
+>= 2,000 req/s per gateway process.
 Run: .venv/bin/python bench/bench_gateway_routing.py [--requests 4000] [--rounds 10]
 """
 

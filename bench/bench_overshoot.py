@@ -5,7 +5,7 @@ Real embedded broker, real processor process (`spendstream processor`), real gat
 ``--limit-usd``; 8 clients send chat completions as fast as they can until each has been refused. The figures
 come from the usage events themselves (exact nanos): the spend of every ``ok`` event past the limit, as a
 percentage of the limit, and the time from the event that crossed the limit to the first refused request.
-Target (DESIGN.md §7.4): overshoot <= 1 % of the budget with the default settings.
+Target (docs/architecture.md §7.4): overshoot <= 1 % of the budget with the default settings.
 Run: .venv/bin/python bench/bench_overshoot.py [--limit-usd 4.0] [--clients 8]
 """
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import subprocess
 import threading
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,7 +29,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TEAMS = {"engineering": ("gpt-4o", 300), "marketing": ("claude-3-5-sonnet-20241022", 260), "sales": ("gpt-4o-mini", 40)}
 
 
-def seed(client: Any, now: datetime) -> None:
+# (times, per) applied to the amounts above: a few cents this month, thousands, millions.
+SCALES = {"small": (1, 100_000), "medium": (1, 1), "large": (1_000, 1)}
+
+
+def seed(client: Any, now: datetime, scale: tuple[int, int] = (1, 1), with_budgets: bool = True) -> None:
+    times, per = scale
     rows = []
     for day in range(14):
         for n, (team, (model, usd)) in enumerate(TEAMS.items()):
@@ -35,7 +42,7 @@ def seed(client: Any, now: datetime) -> None:
             if when.month != now.month and day > 0:
                 continue
             rows.append([uuid.uuid4(), when, team, "ai_chatbot" if n else "ai_code_review", "openai", model,
-                         (usd + 13 * day) * B, 200 + 40 * n, day % 3 == 0])  # fmt: skip
+                         (usd + 13 * day) * B * times // per, 200 + 40 * n, day % 3 == 0])  # fmt: skip
     client.insert(
         "spendstream.usage_ledger",
         rows,
@@ -51,9 +58,10 @@ def seed(client: Any, now: datetime) -> None:
             "cache_hit",
         ],
     )
-    budgets = [("team:engineering", "month", 4_000 * B), ("team:marketing", "month", 3_000 * B),
-               ("team:sales", "month", 2_000 * B)]  # fmt: skip
-    load_budgets(client, "spendstream", budgets, now.date(), "pv-dash")
+    if with_budgets:
+        monthly = {"team:engineering": 4_000, "team:marketing": 3_000, "team:sales": 2_000}
+        budgets = [(scope, "month", usd * B * times // per) for scope, usd in monthly.items()]
+        load_budgets(client, "spendstream", budgets, now.date(), "pv-dash")
     client.insert(
         "spendstream.decisions",
         [["team:marketing", "fallback", "90% of the monthly budget", 2_800 * B, 3_000 * B, "month", 4, now, "pv-dash"]],
@@ -78,9 +86,14 @@ def seed(client: Any, now: datetime) -> None:
 
 @pytest.fixture
 def served(ledger: Any, offline_settings: Settings) -> Iterator[str]:
-    """The API on a real loopback port (its own event loop in a thread), sharing the test's ledger."""
+    """The API on a real loopback port, sharing the test's ledger seeded at the medium scale."""
     seed(ledger, datetime.now(UTC))
-    viewer = add_token(offline_settings.api_tokens_path, "viewer", "dashboard-test")
+    yield from _serve(ledger, offline_settings)
+
+
+def _serve(ledger: Any, offline_settings: Settings) -> Iterator[str]:
+    """The API on a real loopback port (its own event loop in a thread), opened with a viewer token."""
+    viewer = add_token(offline_settings.api_tokens_path, "viewer", "dashboard-test", replace=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -123,3 +136,43 @@ def test_dashboard_in_headless_chromium(served: str, tmp_path: Path) -> None:
     shot.unlink(missing_ok=True)
     chromium(served, tmp_path, f"--screenshot={shot}")
     assert shot.stat().st_size > 20_000
+
+
+def _page(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode()
+
+
+def _axis_labels(page: str) -> list[str]:
+    trend = page[page.index('id="trend"') : page.index("</svg>", page.index('id="trend"'))]
+    return re.findall(r'class="axis" text-anchor="end">([^<]*)</text>', trend)
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_dashboard_figures_keep_their_precision_at_every_scale(
+    ledger: Any, offline_settings: Settings, scale: str, tmp_path: Path
+) -> None:
+    """A few cents of spend: the y axis does not read $0, $0, $0 and no model reads $0.00; budgets are shown."""
+    seed(ledger, datetime.now(UTC), SCALES[scale])
+    for url in _serve(ledger, offline_settings):
+        page = _page(url)
+        labels = _axis_labels(page)
+        assert len(labels) == 3 and len(set(labels)) == 3, labels
+        assert labels[0].startswith("$0") and all(re.fullmatch(r"\$[\d,]+(\.\d+)?", label) for label in labels)
+        captions = re.findall(r'class="label">([^<]*· [^<]*req)</text>', page)
+        assert captions and not [c for c in captions if c.startswith("$0.00 ")], captions
+        assert page.count('class="bar ') >= 3 and 'id="no-budgets"' not in page  # utilisation bars with budgets
+        assert "no budget" not in page
+        if CHROMIUM is not None:
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / f"dashboard-{scale}.png"
+            shot.unlink(missing_ok=True)
+            chromium(url, tmp_path, f"--screenshot={shot}")
+            assert shot.stat().st_size > 20_000
+
+
+def test_dashboard_says_when_the_ledger_has_no_budgets(ledger: Any, offline_settings: Settings) -> None:
+    seed(ledger, datetime.now(UTC), SCALES["small"], with_budgets=False)
+    for url in _serve(ledger, offline_settings):
+        page = _page(url)
+        assert 'id="no-budgets"' in page and "of $0.00 budget" not in page

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -94,6 +95,13 @@ def test_demo_tells_the_story_and_the_ledger_matches_what_it_sent(tmp_path: Path
         "claude-3-5-haiku",
         "claude-3-5-haiku",
     )
+    # the comparison is between the metered fallback call and the same tokens on the requested model
+    assert 0 < fallback["served_cost_nanos"] < fallback["requested_cost_nanos"]
+    assert not re.search(r"(\$[\d.]+) instead of \1 ", out), "the cost comparison compares a cost with itself"
+    # timings come from the records themselves, in causal order: crossing call -> issued_at -> held at the edge
+    for step in (alert, fallback, shutoff):
+        assert 0 <= step["decided_ms"] <= step["applied_ms"], step
+        assert f"decided {step['decided_ms']} ms after the crossing call" in out
     assert shutoff["spend_nanos"] >= budget
     assert (shutoff["status"], shutoff["code"], shutoff["blocked_scope"]) == (402, "budget_exceeded", "team:marketing")
     assert "team:marketing" in shutoff["message"]

@@ -2,7 +2,7 @@
 
 After every fault: no usage event is lost (every event_id emitted is in the ledger), none is counted twice
 (ledger ``count()`` FINAL == ``uniqExact(event_id)`` == emitted), and the processor's window totals equal the
-ledger's sums per scope and period, to the nano-dollar (DESIGN.md §7).
+ledger's sums per scope and period, to the nano-dollar (docs/architecture.md §7).
 
 The embedded broker is memory-only: a killed and restarted broker is empty (topics, data, group offsets and
 the processor's changelogs are gone), so "no event lost" across a broker kill cannot hold end to end and is not

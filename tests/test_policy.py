@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -100,7 +102,7 @@ def test_error_names_file_line_and_field() -> None:
         ("divisions:\n  a: [x]\n  b: [x]\n", "p.yaml:1: (policy): team 'x' is in divisions 'a' and 'b'"),
         ("allowed_models:\n  envx:dev: [a]\n", "p.yaml:2: allowed_models: scope must be"),
         ("budgets: [1,\n", "p.yaml:2: YAML syntax"),
-        ("- just a list\n", "p.yaml:1: the policy must be a YAML mapping"),
+        ("- just a list\n", "p.yaml:1: (policy): the policy must be a YAML mapping"),
     ],
 )
 def test_errors_point_at_the_problem(text: str, expected: str) -> None:
@@ -138,3 +140,108 @@ def test_parent_scopes_chain_project_team_division_org() -> None:
         "division:growth": "org:acme",
         "project:launch": "team:marketing",
     }
+
+
+# -- through the CLI, as an operator meets it ------------------------------------------------------------------
+
+
+# Nine lists of nine aliases to the list before: 400 bytes that expand to 490 million nodes.
+BILLION_LAUGHS = (
+    b"a: &a ["
+    + b", ".join([b"x"] * 9)
+    + b"]\n"
+    + b"".join(b"%c: &%c [%s]\n" % (n, n, b", ".join([b"*%c" % (n - 1)] * 9)) for n in b"bcdefghi")
+)
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "policy", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", ["p.yaml:1: (policy): the file is empty"]),
+        (b"# nothing but a comment\n", ["p.yaml:1: (policy): the file is empty"]),
+        (
+            b"budgets:\n  - scope: team:a\n    amount_usd: .nan\n  - scope: team:b\n    amount_usd: .inf\n",
+            [
+                "p.yaml:3: budgets.0.amount_usd: Input should be a finite number",
+                "p.yaml:5: budgets.1.amount_usd: Input should be a finite number",
+            ],
+        ),
+        (b"default_throttle_rps: .inf\n", ["p.yaml:1: default_throttle_rps: Input should be a finite number"]),
+        (
+            b"name: a\nbudgets:\n  - scope: team:a\n    amount_usd: 5\n    amount_usd: 50\nname: b\n",
+            [
+                "p.yaml:5: budgets.0.amount_usd: duplicate key (first given on line 4)",
+                "p.yaml:6: name: duplicate key (first given on line 1)",
+            ],
+        ),
+        (
+            b"budgets:\n  - scope: team:a\n    amount_usd: 1e30\n",
+            ["p.yaml:3: budgets.0.amount_usd: Input should be less than or equal to 1000000000"],
+        ),
+        (
+            b"budgets:\n  - scope: team:a\n    amount_nanos: 10000000000000000000\n",
+            ["p.yaml:3: budgets.0.amount_nanos: Input should be less than or equal to 1000000000000000000"],
+        ),
+        (b"name: caf\xe9\n", ["p.yaml:1: encoding: byte 0xe9 at column 10 is not valid UTF-8"]),
+        (b"budgets: {a: 1, a: 2}\n", ["p.yaml:1: budgets.a: duplicate key (first given on line 1)"]),
+        (
+            BILLION_LAUGHS,
+            ["p.yaml:1: YAML aliases: aliases expand the document to 490,329,064 nodes (at most 1,000,000)"],
+        ),
+        (b"a: &a [1, *a]\n", ["p.yaml:1: YAML aliases: an alias refers to a node that contains it"]),
+        (b"budgets:\n  - {scope: team:a, amount_usd: 1:30.5}\n", ["p.yaml:2: YAML syntax: '1:30.5' is not a decimal"]),
+    ],
+    ids=[
+        "empty",
+        "comment-only",
+        "nan-inf",
+        "inf-rate",
+        "duplicate-keys",
+        "1e30",
+        "nanos-overflow",
+        "latin-1",
+        "duplicate-on-one-line",
+        "alias-bomb",
+        "recursive-alias",
+        "sexagesimal",
+    ],
+)
+def test_cli_refuses_unusable_policy_files_naming_line_and_field(
+    tmp_path: Path, content: bytes, expected: list[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(content)
+    done = _validate(path)
+    assert done.returncode == 2, done.stdout
+    assert "Traceback" not in done.stderr and "ok:" not in done.stdout
+    problems = [line.removeprefix(f"{tmp_path}/") for line in done.stderr.splitlines()[1:]]
+    assert [p for p, e in zip(problems, expected, strict=True) if not p.startswith(e)] == [], done.stderr
+
+
+def test_cli_accepts_the_largest_amount_and_an_explicit_empty_policy(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("budgets:\n  - scope: team:a\n    amount_usd: 1_000_000_000\n")
+    assert _validate(path).stdout.startswith("ok: policy default")
+    path.write_text("{}\n")
+    assert _validate(path).stdout.startswith("ok: policy default")
+
+
+def test_cli_validates_a_policy_of_many_budgets_with_every_error_located(tmp_path: Path) -> None:
+    """20,000 budgets (one of them broken at the end): one pass, and the error still names its line."""
+    lines = ["budgets:"]
+    for i in range(20_000):
+        lines += [f"  - scope: team:t{i}", "    amount_usd: 1.5"]
+    lines[-1] = "    amount_usd: .nan"
+    path = tmp_path / "p.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    done = _validate(path)
+    assert done.stderr.splitlines()[1:] == [f"{path}:40001: budgets.19999.amount_usd: Input should be a finite number"]

@@ -1,4 +1,4 @@
-"""Crash and scale-out: window totals stay exact to the nano-dollar (DESIGN.md §7.2)."""
+"""Crash and scale-out: window totals stay exact to the nano-dollar (docs/architecture.md §7.2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """spendstream: govern what an organisation spends on LLM APIs.
 
-The public API (DESIGN.md §9) is importable from here; heavy modules load on first use,
+The public API (docs/architecture.md §9) is importable from here; heavy modules load on first use,
 so ``import spendstream`` inside a service costs almost nothing.
 """
 

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(subparsers)
+    _describe_subcommands(parser)
     return parser
 
 
@@ -52,6 +53,27 @@ def needs_broker(args: argparse.Namespace, settings: Settings) -> bool:
     if args.command == "policy":
         return args.policy_command == "apply" or (args.policy_command == "show" and not (args.file or settings.policy))
     return args.command == "processor" and bool(getattr(args, "dump_totals", False))
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    """A parser's subcommands: name -> (the one-line help shown in its parent's list, its parser)."""
+    found: dict[str, tuple[str, argparse.ArgumentParser]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                found[name] = (helps.get(name, ""), sub)
+    return found
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """``spendstream X --help`` opens with the same one-line description that ``spendstream --help`` lists."""
+    for line, sub in subcommands(parser).values():
+        if sub.description is None:
+            sub.description = line
+        elif not sub.description.startswith(line):
+            sub.description = f"{line}. {sub.description}"
+        _describe_subcommands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,9 +41,11 @@ def report_day_problem(day: date, monthly: bool = False) -> str | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    report = subparsers.add_parser("report", help="CFO, chargeback, forecast and top-spender reports")
-    report.add_argument("kind", choices=REPORTS)
-    report.add_argument("--format", choices=FORMATS, default="table")
+    report = subparsers.add_parser(
+        "report", help="print a report from the ledger: CFO weekly, chargeback, forecast, top spenders, mix, latency"
+    )
+    report.add_argument("kind", choices=REPORTS, help="which report")
+    report.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     report.add_argument("--month", type=_month, help="chargeback/savings month, YYYY-MM (default: this month)")
     report.add_argument("--as-of", type=_day, help="weekly: a day of the week to report (YYYY-MM-DD)")
     report.add_argument("--weeks", type=_count, default=4, help="weekly: how many weeks (default 4)")
@@ -54,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=run_report)
 
     sql = subparsers.add_parser("sql", help="run SQL against the ledger (read-only unless --write)")
-    sql.add_argument("query")
-    sql.add_argument("--format", choices=FORMATS, default="table")
+    sql.add_argument("query", help='one SQL statement, e.g. "SELECT count() FROM spendstream.usage_ledger"')
+    sql.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     sql.add_argument("--write", action="store_true", help="allow statements that change data")
     sql.set_defaults(handler=run_sql)
 
@@ -66,7 +68,7 @@ def register_ledger_commands(ledger_subparsers: argparse._SubParsersAction) -> N
     reprice.add_argument("--model", required=True, help="model served (or requested when none was served)")
     reprice.add_argument("--from", dest="start", required=True, type=date.fromisoformat, help="first UTC day")
     reprice.add_argument("--to", dest="end", required=True, type=date.fromisoformat, help="last UTC day")
-    reprice.add_argument("--format", choices=FORMATS, default="table")
+    reprice.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     reprice.set_defaults(handler=run_reprice)
 
 

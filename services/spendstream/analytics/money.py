@@ -16,7 +16,7 @@ from spendstream.core.events import NANOS_PER_USD
 
 _CENT = Decimal("0.01")
 
-# Complex-tier models (DESIGN.md §10): what "premium-model share" counts. A model name may carry a
+# Complex-tier models (docs/architecture.md §10): what "premium-model share" counts. A model name may carry a
 # provider prefix ("openai/gpt-4o") and a dated snapshot suffix ("gpt-4o-2024-08-06"); the small
 # siblings (gpt-4o-mini, claude-3-5-haiku, gemini-1.5-flash) are deliberately not matched.
 PREMIUM_MODEL_FAMILIES = (

@@ -9,7 +9,7 @@ from spendstream.core.config import ConfigError, Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    api = subparsers.add_parser("api", help="HTTP ingest, reports as JSON and the dashboard")
+    api = subparsers.add_parser("api", help="serve HTTP usage ingest, reports as JSON and the dashboard")
     api.add_argument("--host", default=None, help="listen address (default SPENDSTREAM_API_HOST)")
     api.add_argument("--port", type=int, default=None, help="listen port (default SPENDSTREAM_API_PORT)")
     api.set_defaults(handler=run_api)

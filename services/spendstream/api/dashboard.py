@@ -6,25 +6,55 @@ Pure functions from report data to markup, so a test can check every figure on t
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from html import escape
 from typing import Any
 
-from spendstream.analytics.money import fmt_pct, fmt_usd, usd
+from spendstream.analytics.money import fmt_pct, usd
 from spendstream.analytics.report_model import Report
 
 PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626", "#65a30d", "#475569")
 THRESHOLDS = ((0.8, "80%"), (0.9, "90%"), (1.0, "100%"))
 
 
+WHOLE_DOLLARS_FROM_NANOS = 100_000 * 10**9
+
+
+def money(nanos: int) -> str:
+    """A figure for people, as precise as its size needs: at least two significant digits and at least cents
+    (``$0.0031``, ``$0.042``, ``$12.50``), whole dollars from $100,000 (``$4,000,000`` fits where cents would not).
+
+    With a few cents of spend a model's share must not read ``$0.00``.
+    """
+    if nanos == 0:
+        return "$0.00"
+    value = usd(abs(nanos))
+    places = 0 if abs(nanos) >= WHOLE_DOLLARS_FROM_NANOS else max(2, -value.adjusted() + 1)
+    sign = "-" if nanos < 0 else ""
+    return f"{sign}${value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN):,f}"
+
+
+def axis_labels(peak_nanos: int, fractions: tuple[float, ...] = (0, 0.5, 1)) -> list[str]:
+    """Labels for the gridlines at ``fractions`` of the peak, with the decimals their step needs to differ.
+
+    $300 steps of $150 read ``$150``; a peak of five cents reads ``$0.025`` and ``$0.050``, never ``$0``.
+    """
+    step = usd(peak_nanos) * Decimal(str(min(f for f in fractions if f > 0)))
+    places = max(0, -step.adjusted() + 1) if step > 0 else 0
+    quantum = Decimal(1).scaleb(-places)
+    return [f"${(usd(peak_nanos) * Decimal(str(f))).quantize(quantum, rounding=ROUND_HALF_EVEN):,f}" for f in fractions]
+
+
 def _f(nanos: int) -> float:
-    """Chart coordinates only: money figures shown as text always come from fmt_usd."""
+    """Chart coordinates only: money figures shown as text always come from ``money`` or ``axis_labels``."""
     return float(usd(nanos))
 
 
 def trend_chart(trend: dict[str, dict[date, int]], start: date, end: date, width: int = 640, height: int = 240) -> str:
     """Spend per day per team as one line per team."""
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-    peak = max([_f(v) for series in trend.values() for v in series.values()] or [0.0]) or 1.0
+    peak_nanos = max([v for series in trend.values() for v in series.values()] or [0]) or 10**9
+    peak = _f(peak_nanos)
     left, bottom, top, right = 64, 28, 12, 190
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -33,10 +63,11 @@ def trend_chart(trend: dict[str, dict[date, int]], start: date, end: date, width
         return f"{x:.1f},{top + plot_h - plot_h * value / peak:.1f}"
 
     parts = [f'<svg class="chart" id="trend" viewBox="0 0 {width} {height}" role="img" aria-label="spend per day">']
-    for frac in (0, 0.5, 1):
+    fractions = (0, 0.5, 1)
+    for frac, label in zip(fractions, axis_labels(peak_nanos, fractions), strict=True):
         y = top + plot_h - plot_h * frac
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" class="axis" text-anchor="end">${peak * frac:,.0f}</text>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" class="axis" text-anchor="end">{label}</text>')
     for i in (0, len(days) - 1):
         parts.append(f'<text x="{xy(i, 0).split(",")[0]}" y="{height - 8}" class="axis" text-anchor="middle">'
                      f"{days[i]:%b %d}</text>")  # fmt: skip
@@ -48,7 +79,7 @@ def trend_chart(trend: dict[str, dict[date, int]], start: date, end: date, width
         total = sum(series.values())
         parts.append(f'<rect x="{width - right + 10}" y="{top + n * 18}" width="10" height="10" fill="{color}"/>')
         parts.append(f'<text x="{width - right + 26}" y="{top + n * 18 + 9}" class="legend">{escape(team)} '
-                     f"{fmt_usd(total)}</text>")  # fmt: skip
+                     f"{money(total)}</text>")  # fmt: skip
     if not trend:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="axis">no spend yet</text>')
     parts.append("</svg>")
@@ -62,6 +93,11 @@ def _level(used: float) -> str:
 def utilisation_chart(chargeback: Report, width: int = 640) -> str:
     """Budget used per department, with the 80/90/100% threshold lines."""
     rows = [r for r in chargeback.rows if r["budget"] > 0]
+    if not rows:
+        return (
+            '<p class="empty" id="no-budgets">No budgets in the ledger for this month: they are loaded from the '
+            "policy in force (<code>spendstream policy apply FILE</code>).</p>"
+        )
     left, bar, gap, top = 120, 18, 10, 22
     plot_w = width - left - 150
     scale = 1.25  # the x axis runs to 125% so overspend stays visible
@@ -81,7 +117,7 @@ def utilisation_chart(chargeback: Report, width: int = 640) -> str:
         parts.append(f'<rect class="bar {_level(used)}" data-team="{escape(r["department"])}" x="{left}" y="{y}" '
                      f'width="{max(w, 1):.1f}" height="{bar}" rx="3"/>')  # fmt: skip
         parts.append(f'<text x="{left + plot_w + 8}" y="{y + 13}" class="label">{fmt_pct(r["utilisation"])} of '
-                     f'{fmt_usd(r["budget"])}</text>')  # fmt: skip
+                     f'{money(r["budget"])}</text>')  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
 
@@ -123,8 +159,8 @@ def forecast_chart(forecast: Report, width: int = 640) -> str:
         if r["budget"]:
             x = left + plot_w * r["budget"] / peak
             parts.append(f'<line class="budget" x1="{x:.1f}" x2="{x:.1f}" y1="{y - 3}" y2="{y + bar + 3}"/>')
-        parts.append(f'<text x="{left + plot_w + 8}" y="{y + 13}" class="label">{fmt_usd(r["forecast"])} / '
-                     f'{fmt_usd(r["budget"]) if r["budget"] else "no budget"}</text>')  # fmt: skip
+        parts.append(f'<text x="{left + plot_w + 8}" y="{y + 13}" class="label">{money(r["forecast"])} / '
+                     f'{money(r["budget"]) if r["budget"] else "no budget"}</text>')  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
 
@@ -177,20 +213,21 @@ def render_page(
 ) -> str:
     totals = chargeback.totals or {}
     ftotals = forecast.totals or {}
+    budget = totals.get("budget", 0)
     kpis = [
-        ("Spend this month", fmt_usd(totals.get("actual", 0)), f"of {fmt_usd(totals.get('budget', 0))} budget"),
-        ("Budget used", fmt_pct(totals.get("utilisation")), "all departments"),
-        ("Month-end forecast", fmt_usd(ftotals.get("forecast", 0)), "at the 7-day run rate"),
+        ("Spend this month", money(totals.get("actual", 0)), f"of {money(budget)} budget" if budget else "no budget"),
+        ("Budget used", fmt_pct(totals.get("utilisation")), "all departments" if budget else "no budget in the ledger"),
+        ("Month-end forecast", money(ftotals.get("forecast", 0)), "at the 7-day run rate"),
         ("Active decisions", str(len(decisions)), f"{len(alerts)} recent alerts"),
     ]
     kpi_html = "".join(f'<div class="kpi"><small>{escape(a)}</small><b>{escape(b)}</b><small>{escape(c)}</small></div>'
                        for a, b, c in kpis)  # fmt: skip
     mix_items = [
-        (r["model"], r["spend"], f"{fmt_usd(r['spend'])} · {fmt_pct(r['spend_share'])} · {r['requests']:,} req")
+        (r["model"], r["spend"], f"{money(r['spend'])} · {fmt_pct(r['spend_share'])} · {r['requests']:,} req")
         for r in mix.rows[:8]
     ]
     decision_rows = [
-        [d["scope"], d["action"], d["reason"], fmt_usd(d["spend"]), fmt_usd(d["limit"]), _when(d["expires_at"]),
+        [d["scope"], d["action"], d["reason"], money(d["spend"]), money(d["limit"]), _when(d["expires_at"]),
          d["policy"]]
         for d in decisions
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Topic names and layouts: part of the public contract (DESIGN.md §3)."""
+"""Topic names and layouts: part of the public contract (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keygen.add_argument("--print-only", action="store_true", help="print the key and its entry; write nothing")
     keygen.add_argument("--name", default="", help="a label for the key (shown in usage tags)")
     for field in ATTRIBUTION_FIELDS:
-        keygen.add_argument(f"--{field}", default="")
+        keygen.add_argument(f"--{field}", default="", help=f"the {field} every call with this key is charged to")
     keygen.add_argument("--allow-header-attribution", action="store_true", help="let X-Spendstream-* refine it")
     keygen.set_defaults(handler=run_keygen)
 

@@ -45,6 +45,9 @@ FIRST_HOUR = 6  # yesterday 06:00 UTC: the morning starts
 BASELINE_HOURS = 3  # 06:00-09:00, the spike rule's min_history_hours
 CONCURRENCY = 8
 LOOP_PAUSE_S = 0.025  # the runaway loop's pace (~40 calls/s): fast enough to spike, slow enough to stop in time
+# Stage 1 of the processor commits its progress on spendstream.usage to this group (``usage_group`` of the
+# default app id): the sum of its committed offsets is how many events the processor has folded into its windows.
+PROCESSOR_USAGE_GROUP = "spendstream-processor-usage"
 ASCII_SYMBOLS = {"⚠": "!", "↘": "v", "⛔": "x", "✓": "+", "·": "-"}  # for terminals that cannot show the others
 
 
@@ -95,21 +98,54 @@ class DemoClock:
 
 
 class RecordingEmitter:
-    """The gateway's Emitter, plus a record of every event it was given: what the demo really sent."""
+    """The gateway's Emitter, plus a record of every event it was given and when: what the demo really sent.
+
+    ``emitted_at`` is the wall-clock instant the gateway metered each call (the demo clock only stamps
+    ``occurred_at``), so the story can time the pipeline from the call that crossed a threshold.
+    """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.events: list[UsageEvent] = []
+        self.emitted_at: list[float] = []  # time.time() per event, same index as ``events``
         self.total_nanos = 0
+        self._changed = threading.Condition()
 
     def emit(self, event: UsageEvent) -> None:
-        self.events.append(event)  # one writer (the gateway's thread); list.append is atomic for the readers
-        self.total_nanos += event.cost_nanos or 0
+        with self._changed:  # one writer (the gateway's thread); readers copy under the lock or use wait_for
+            self.events.append(event)
+            self.emitted_at.append(time.time())
+            self.total_nanos += event.cost_nanos or 0
+            self._changed.notify_all()
         self.inner.emit(event)
 
     @property
     def stats(self) -> Any:
         return self.inner.stats
+
+    def wait_for(self, after: int, matches: Callable[[UsageEvent], bool], timeout: float) -> UsageEvent:
+        """The first event at index >= ``after`` that ``matches``, waiting for the gateway to meter it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((e for e in self.events[after:] if matches(e)), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DemoError(f"the gateway did not meter the call within {timeout:.0f}s")
+                self._changed.wait(left)
+
+    def crossing(self, team: str, day: date, limit: int) -> float | None:
+        """When the gateway metered the call that took ``team``'s spend on ``day`` to ``limit`` (epoch seconds)."""
+        total = 0
+        with self._changed:
+            for event, at in zip(self.events, self.emitted_at, strict=True):
+                if event.team == team and event.occurred_at.date() == day:
+                    total += event.cost_nanos or 0
+                    if total >= limit:
+                        return at
+        return None
 
     def spend(
         self, team: str, day: date | None = None, feature: str | None = None, hour: datetime | None = None
@@ -129,7 +165,7 @@ class RecordingEmitter:
 
     def by_team(self) -> dict[str, int]:
         totals: dict[str, int] = defaultdict(int)
-        for e in self.events:
+        for e in list(self.events):
             totals[e.team] += e.cost_nanos or 0
         return dict(totals)
 
@@ -172,7 +208,7 @@ class Watcher(threading.Thread):
                     if (message.key() or b"").startswith(HEARTBEAT_KEY_PREFIX):
                         continue  # a processor's proof of life, not a decision
                     codec, model, into = codecs[message.topic()]
-                    into.append((time.monotonic(), model.from_avro(codec.decode(message.value()))))
+                    into.append((time.time(), model.from_avro(codec.decode(message.value()))))
         finally:
             consumer.close()
 
@@ -270,6 +306,7 @@ class Story:
         self.policy = policy
         self.budgets = {b.scope.partition(":")[2]: b.limit_nanos for b in policy.budgets if b.scope.startswith("team:")}
         self.steps: list[dict[str, Any]] = []
+        self.rules_seen: dict[tuple[str, str, int], float] = {}  # (scope, action, version) -> first held, epoch s
         self.session: aiohttp.ClientSession | None = None
         self.started = time.monotonic()
         now = datetime.now(UTC)
@@ -357,15 +394,6 @@ class Story:
         progress.done()
         return progress
 
-    def _first_cost(self, persona: Persona) -> int:
-        return next((e.cost_nanos or 0 for e in self.emitter.events if e.feature == persona.feature), 0)
-
-    def _last_cost(self, persona: Persona) -> int:
-        for e in reversed(self.emitter.events):
-            if e.team == persona.team:
-                return e.cost_nanos or 0
-        return 0
-
     def hour(self, h: int) -> datetime:
         return self.yesterday + timedelta(hours=h)
 
@@ -379,16 +407,94 @@ class Story:
                     mixed.append(q.pop())
         return mixed
 
-    async def wait_rule(self, scope: str, action: str, since: float) -> float:
-        """Seconds from ``since`` until the gateway's Enforcer holds ``action`` for ``scope``."""
+    def cost_as(self, event: UsageEvent, model: str) -> int:
+        """What the tokens of ``event`` would have cost on ``model``, priced as the pipeline prices them."""
+        from spendstream.core.pricing import price_usage
+
+        return price_usage(
+            event.provider,
+            model,
+            event.input_tokens,
+            event.output_tokens,
+            event.cached_input_tokens,
+            event.cache_write_tokens,
+            event.occurred_at,
+            self.policy.price_table,
+        ).cost_nanos
+
+    async def time_decision(self, scope: str, action: str, crossed_at: float | None) -> dict[str, Any]:
+        """Milliseconds from the crossing call to the processor's ``issued_at`` and to the gateway holding it.
+
+        Both ends are the records' own instants: when the gateway metered the call, the Decision's ``issued_at``
+        (what the ledger's ``decisions`` table stores), and when the gateway's Enforcer first held it.
+        """
+        if crossed_at is None:
+            raise DemoError(f"no call took {scope} to its {action} threshold")
+        version, held_at = await self.wait_rule(scope, action)
+        decision = await self.wait_decision(scope, action, version - 1)
+        return {
+            "version": version,
+            "decided_ms": round((decision.issued_at.timestamp() - crossed_at) * 1000),
+            "applied_ms": round((held_at - crossed_at) * 1000),
+        }
+
+    async def processor_caught_up(self) -> int:
+        """Wait until the processor has folded every event sent so far into its windows; returns their count.
+
+        Without it the first threshold of the story was timed behind the backlog of the traffic before it: the
+        80 % alert took 0.2 s or 2 s depending on how far the processor was behind on a busy machine.
+        """
+        from confluent_kafka import Consumer, TopicPartition
+
+        from spendstream.core.topics import USAGE
+
+        self.emitter.inner.flush(DECISION_TIMEOUT_S)
+        sent = len(self.emitter.events)
+        consumer = Consumer({"bootstrap.servers": self.watcher.bootstrap, "group.id": PROCESSOR_USAGE_GROUP})
+        try:
+            partitions = consumer.list_topics(USAGE, timeout=10).topics[USAGE].partitions
+            deadline = time.monotonic() + DECISION_TIMEOUT_S
+            while True:
+                committed = await asyncio.to_thread(
+                    consumer.committed, [TopicPartition(USAGE, p) for p in partitions], 10
+                )
+                folded = sum(max(tp.offset, 0) for tp in committed)
+                if folded >= sent:
+                    return folded
+                if time.monotonic() > deadline:
+                    raise DemoError(f"the processor folded {folded} of {sent} events in {DECISION_TIMEOUT_S:.0f}s")
+                await asyncio.sleep(0.05)
+        finally:
+            consumer.close()
+
+    async def follow_rules(self) -> None:
+        """Note when the gateway's Enforcer first holds each (scope, action, version): polled every 5 ms."""
         assert self.gateway.enforcer is not None
+        while True:
+            now = time.time()
+            for scope, rule in self.gateway.enforcer.decisions().items():
+                self.rules_seen.setdefault((scope, rule.action, rule.version), now)
+            await asyncio.sleep(0.005)
+
+    async def wait_rule(self, scope: str, action: str, after_version: int = 0) -> tuple[int, float]:
+        """The version of the first ``action`` rule for ``scope`` the gateway holds, and when it got it."""
         deadline = time.monotonic() + DECISION_TIMEOUT_S
         while time.monotonic() < deadline:
-            rule = self.gateway.enforcer.decisions().get(scope)
-            if rule is not None and rule.action == action:
-                return time.monotonic() - since
-            await asyncio.sleep(0.02)
+            for (seen_scope, seen_action, version), at in list(self.rules_seen.items()):
+                if seen_scope == scope and seen_action == action and version > after_version:
+                    return version, at
+            await asyncio.sleep(0.005)
         raise DemoError(f"no {action} decision for {scope} reached the gateway within {DECISION_TIMEOUT_S:.0f}s")
+
+    async def wait_decision(self, scope: str, action: str, after_version: int = 0) -> Any:
+        """The processor's Decision record as the enforcement topic carries it (and the ledger stores it)."""
+        deadline = time.monotonic() + DECISION_TIMEOUT_S
+        while time.monotonic() < deadline:
+            decision = self.watcher.find_decision(scope, action, after_version)
+            if decision is not None:
+                return decision
+            await asyncio.sleep(0.005)
+        raise DemoError(f"no {action} decision for {scope} on the enforcement topic within {DECISION_TIMEOUT_S:.0f}s")
 
     async def wait_alert(self, scope: str, kind: str, contains: str = "") -> Any:
         deadline = time.monotonic() + DECISION_TIMEOUT_S
@@ -402,11 +508,15 @@ class Story:
     # -- the acts -----------------------------------------------------------------------------------
     async def run(self) -> None:
         connector = aiohttp.TCPConnector(limit=CONCURRENCY * 2)
-        async with aiohttp.ClientSession(connector=connector) as self.session:
-            await self.act_morning()
-            await self.act_budget()
-            await self.act_runaway()
-            await self.act_new_day()
+        rules = asyncio.create_task(self.follow_rules())
+        try:
+            async with aiohttp.ClientSession(connector=connector) as self.session:
+                await self.act_morning()
+                await self.act_budget()
+                await self.act_runaway()
+                await self.act_new_day()
+        finally:
+            rules.cancel()
 
     async def act_morning(self) -> None:
         day = self.yesterday.date()
@@ -428,6 +538,8 @@ class Story:
         step = timedelta(seconds=6)
         progress = await self.traffic(self.hourly_mix(others), start, step, "other departments")
         start += step * progress.counts["calls"]
+        folded = await self.processor_caught_up()
+        self.say(f"    the processor has every call so far in its spend windows ({folded} events); the campaign starts")
         endless = [MARKETING] * 10_000
         for fraction, action, label in (
             (Decimal("0.80"), "alert", "to 80%"),
@@ -443,49 +555,59 @@ class Story:
                 stop=lambda limit=limit: self.emitter.spend("marketing", day) >= limit,
             )
             start += step * progress.counts["calls"]
-            crossed = time.monotonic()
+            timing = await self.time_decision("team:marketing", action, self.emitter.crossing("marketing", day, limit))
             spent = self.emitter.spend("marketing", day)
-            latency = await self.wait_rule("team:marketing", action, crossed)
             alert = await self.wait_alert("team:marketing", "threshold", f"{action}:")
             self.clock.set(start)
+            metered = len(self.emitter.events)
             sample = await self.call(MARKETING)
             step_record: dict[str, Any] = {
                 "step": action,
                 "scope": "team:marketing",
                 "spend_nanos": spent,
                 "limit_nanos": budget,
-                "latency_s": round(latency, 3),
+                **timing,
                 "status": sample.status,
                 "decision_header": sample.decision,
             }
+            when = (
+                f"decided {timing['decided_ms']} ms after the crossing call, "
+                f"held by the gateway {timing['applied_ms']} ms after it"
+            )
             if action == "alert":
-                self.event(
-                    "⚠",
-                    f"80% ALERT  {alert.message}  (at the gateway {latency * 1000:.0f} ms after the crossing call)",
-                )
+                self.event("⚠", f"80% ALERT  {alert.message}")
+                self.event(" ", when)
                 self.event(
                     " ",
                     f"calls still go out: HTTP {sample.status}, model {sample.model}, "
                     f"X-Spendstream-Decision: {sample.decision}",
                 )
             elif action == "fallback":
-                served_cost, sonnet_cost = self._last_cost(MARKETING), self._first_cost(MARKETING)
-                self.event("↘", f"90% FALLBACK  {alert.message}  ({latency * 1000:.0f} ms)")
+                served = await asyncio.to_thread(
+                    self.emitter.wait_for, metered, lambda e: e.team == MARKETING.team, DECISION_TIMEOUT_S
+                )
+                served_cost = served.cost_nanos or 0
+                asked_cost = self.cost_as(served, MARKETING.model)
+                self.event("↘", f"90% FALLBACK  {alert.message}")
+                self.event(" ", when)
                 self.event(
                     " ",
                     f"the gateway rewrites the model: asked {MARKETING.model}, the upstream answered as "
                     f"{sample.model} (X-Spendstream-Model: {sample.headers.get('X-Spendstream-Model')}), "
-                    f"{usd(served_cost, 5)} instead of {usd(sonnet_cost, 5)} per call",
+                    f"metered at {usd(served_cost, 5)} instead of {usd(asked_cost, 5)} for the same tokens",
                 )
                 step_record.update(
                     requested=MARKETING.model,
                     served=sample.model,
                     model_header=sample.headers.get("X-Spendstream-Model"),
+                    served_cost_nanos=served_cost,
+                    requested_cost_nanos=asked_cost,
                 )
             else:
                 error = sample.error
                 retry = int(sample.headers.get("Retry-After", "0"))
-                self.event("⛔", f"100% SHUTOFF  {alert.message}  ({latency * 1000:.0f} ms)")
+                self.event("⛔", f"100% SHUTOFF  {alert.message}")
+                self.event(" ", when)
                 self.event(
                     " ",
                     f'HTTP {sample.status} {error.get("code")}: "{error.get("message")}" '
@@ -571,9 +693,8 @@ class Story:
         self.event("✓", f"marketing: HTTP {marketing.status} ({marketing.model}, decision {marketing.decision})")
         self.event("✓", f"lead scorer: HTTP {scorer.status} ({scorer.model}, decision {scorer.decision})")
         lifted: dict[str, str] = {}
-        began = time.monotonic()
         for scope, version in versions.items():
-            await self.wait_rule(scope, "allow", began)
+            await self.wait_rule(scope, "allow", version)
             decision = self.watcher.find_decision(scope, "allow", version)
             lifted[scope] = decision.reason if decision is not None else "allow"
             self.event("✓", f"processor: {scope} allow  ({lifted[scope]})")

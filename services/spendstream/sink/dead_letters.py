@@ -1,4 +1,4 @@
-"""Publish bad input to the dead-letter topic, losing nothing (DESIGN.md §3, §7.3).
+"""Publish bad input to the dead-letter topic, losing nothing (docs/architecture.md §3, §7.3).
 
 A dead letter keeps the original key and the original bytes as its value, so it can be
 inspected and replayed as it arrived; the headers say why (``spendstream.dlq.reason``),

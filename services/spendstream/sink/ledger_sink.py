@@ -1,6 +1,6 @@
 """The ledger sink: ``spendstream.usage`` into ``{db}.usage_ledger``, every event exactly once.
 
-Why the ledger is exact (DESIGN.md §7.1, §7.2):
+Why the ledger is exact (docs/architecture.md §7.1, §7.2):
 
 * **Nothing is lost.** Offsets are committed explicitly (``last offset + 1`` per partition),
   synchronously, and only after the batch's insert has returned and its dead letters are
