@@ -139,7 +139,9 @@ def test_dashboard_in_headless_chromium(served: str, tmp_path: Path) -> None:
 
 
 def _page(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=60) as response:
+    """The page as a browser gets it: ``?token=`` sets a cookie and redirects to ``/``."""
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    with browser.open(url, timeout=60) as response:
         return response.read().decode()
 
 

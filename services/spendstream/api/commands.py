@@ -17,7 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     token = tokens.add_parser("token", help="create, list or revoke API tokens (SPENDSTREAM_API_TOKENS_FILE)")
     actions = token.add_subparsers(dest="token_action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a token and print it once")
-    create.add_argument("--role", required=True, choices=("viewer", "ingest", "admin"))
+    create.add_argument(
+        "--role",
+        required=True,
+        choices=("viewer", "ingest", "admin"),
+        help="what the token may do (see README: API access)",
+    )
     create.add_argument("--name", help="a unique name (default: role and scope)")
     for field in ("org", "team", "provider"):
         create.add_argument(
@@ -27,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="names, roles and scopes (never the tokens)")
     listing.set_defaults(handler=run_token_list)
     revoke = actions.add_parser("revoke", help="remove a token; a running API refuses it at once")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the name given at create (see api token list)")
     revoke.set_defaults(handler=run_token_revoke)
 
 

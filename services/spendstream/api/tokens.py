@@ -138,6 +138,9 @@ class TokenStore:
         with self._lock:
             self._refresh()
             token = self.extra.get(digest) or self._tokens.get(digest)
+            if token is None:  # a token created a moment ago works at once: look at the file now
+                self._refresh(force=True)
+                token = self._tokens.get(digest)
         if token is None or not hmac.compare_digest(token.sha256, digest):
             return None
         return token
