@@ -72,7 +72,7 @@ from spendstream.core.metrics import (
     PROCESSOR_DECISIONS,
 )
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
-from spendstream.core.pricing import UnknownModelError, price_record
+from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
 from spendstream.core.topics import ALERTS, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.decision_publisher import (
     build_alert,
@@ -82,6 +82,7 @@ from spendstream.processor.decision_publisher import (
     needs_decision,
     next_version,
 )
+from spendstream.processor.internal_topics import PARTIALS_TOPIC
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
     AppliedIds,
@@ -103,7 +104,6 @@ from spendstream.processor.spend_accounting import (
 
 log = logging.getLogger(__name__)
 
-PARTIALS_TOPIC = "spendstream.processor.partials"
 DEFAULT_APP_ID = "spendstream-processor"
 _MAX_ALERTED = 256  # crossings remembered per scope (old windows' keys are dropped first)
 
@@ -428,6 +428,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                     cost = price_record(record, occurred, prices).cost_nanos  # as the ledger sink prices it
                 except UnknownModelError as exc:
                     to_dlq(message, f"unknown model, policy rejects it: {exc}", "unknown_model")
+                    continue
+                except CostOverflowError as exc:
+                    to_dlq(message, f"cost overflow: {exc}", "cost_overflow")
                     continue
                 except ValueError as exc:
                     to_dlq(message, f"cannot price: {exc}", "unpriceable")

@@ -189,6 +189,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy import parse_policy
     from spendstream.core.topics import USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
+    from spendstream.processor.internal_topics import ensure_internal_topics
 
     if settings.policy is not None:
         policy = _load(str(settings.policy))
@@ -211,6 +212,11 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         dedup_horizon=timedelta(seconds=settings.processor_dedup_horizon_s),
         kafka_conf=settings.kafka_client_config(),
     )
+    try:
+        ensure_internal_topics(settings.kafka_client_config(), app_id, settings.usage_partitions)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"spendstream processor: {exc}", file=sys.stderr)
+        return 1
     app, holder = build_app(config)
     # The tables hold many small lists and each batch allocates a few per event; with the default thresholds the
     # cyclic collector ran so often (and rescanned the tables) that one worker moved ~26k events/s instead of ~35k.

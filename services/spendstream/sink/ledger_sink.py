@@ -63,7 +63,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import usage_record_problem
-from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, price_record
+from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import history_versions, load_schema_json
 from spendstream.core.topics import USAGE
 from spendstream.sink.avro_block import (
@@ -212,6 +212,9 @@ class UsageDecoder:
                 price = price_record(record, at, self.prices)
             except UnknownModelError as exc:
                 rejected.append(Rejected(index, "price", f"unknown model, policy rejects it: {exc}"))
+                return
+            except CostOverflowError as exc:
+                rejected.append(Rejected(index, "price", f"cost overflow: {exc}"))
                 return
             record["cost_nanos"], record["price_source"] = price.cost_nanos, price.source
         records.append(record)
