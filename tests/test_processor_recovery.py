@@ -3,17 +3,25 @@ windows rebuilt from the ledger when their state is gone, one version of an even
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
+import pytest
 from confluent_kafka.admin import AdminClient
 
 from spendstream.core.topics import USAGE_DLQ
+from spendstream.edge.enforcer import Enforcer
 from spendstream.processor.periods import period_window
-from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
+from test_dev_stack import _wait_for_line
 from test_processor import ROOT, USD, TopicReader, event, now, produce, start_worker, stop_worker, wait_totals
 
 POLICY_YAML = """
@@ -84,3 +92,111 @@ def test_an_event_whose_cost_overflows_int64_goes_to_the_dlq_and_the_rest_counts
     finally:
         dlq.close()
         stop_worker(worker)
+
+
+RESTART_POLICY = """
+name: default
+timezone: UTC
+org: acme
+divisions: {{eng: [restart]}}
+thresholds: {{alert: 0.80, fallback: 0.90, shutoff: 1.00}}
+fallback_models: {{gpt-4o: gpt-4o-mini}}
+budgets:
+  - {{scope: "team:restart", period: day, amount_usd: {amount}}}
+"""
+
+
+def _dev(env: dict[str, str], policy: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "dev", "--policy", str(policy)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    seen: list[str] = []
+    _wait_for_line(proc, "ready; Ctrl-C stops everything", 120, seen)
+    return proc, seen
+
+
+def _stop_dev(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+def _post_usage(api_port: int, usd: float) -> None:
+    body = {
+        "event_id": str(uuid.uuid4()),
+        "org": "acme",
+        "team": "restart",
+        "provider": "openai",
+        "model_requested": "gpt-4o",
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "cost_nanos": int(usd * USD),
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{api_port}/v1/usage",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+
+
+def _wait_action(bootstrap: str, action: str, timeout: float = 90.0) -> None:
+    with Enforcer(bootstrap) as enforcer:
+        deadline = time.monotonic() + timeout
+        verdict = None
+        while time.monotonic() < deadline:
+            verdict = enforcer.check(team="restart", model="gpt-4o")
+            if verdict.action == action:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"team:restart is {verdict} after {timeout}s, expected {action}")
+
+
+@pytest.mark.slow
+def test_a_dev_restart_keeps_the_budget_spent_and_the_applied_policy(tmp_path: Path) -> None:
+    """$9.50 of a $10 daily budget (applied over the $1000 of the startup file): fallback; the whole stack stops and
+    starts again on the same data directory: still fallback; the next $1 shuts the team off."""
+    startup, applied = tmp_path / "startup.yaml", tmp_path / "applied.yaml"
+    startup.write_text(RESTART_POLICY.format(amount=1000))
+    applied.write_text(RESTART_POLICY.format(amount=10))
+    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(tmp_path / "data"),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
+        "SPENDSTREAM_API_PORT": str(api_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
+        env.pop(name, None)
+    proc, _ = _dev(env, startup)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "spendstream.cli", "policy", "apply", str(applied)],
+            env=env, cwd=ROOT, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for _ in range(19):
+            _post_usage(api_port, 0.50)
+        _wait_action(bootstrap, "fallback")
+    finally:
+        _stop_dev(proc)
+
+    proc, seen = _dev(env, startup)
+    try:
+        assert any("restored (the last applied)" in line for line in seen), "".join(seen)
+        _wait_action(bootstrap, "fallback")
+        _post_usage(api_port, 1.00)
+        _wait_action(bootstrap, "shutoff")
+    finally:
+        _stop_dev(proc)

@@ -27,6 +27,7 @@ from spendstream.core import topics
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, usage_record_problem
+from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
@@ -215,6 +216,17 @@ async def get_report(request: web.Request) -> web.Response:
     return web.json_response(report.to_json())
 
 
+async def get_spend_windows(request: web.Request) -> web.Response:
+    """Spend per attribution and time bucket from one ledger snapshot (``core.ledger_spend``): what a processor
+    that lost its window state rebuilds them from, when the ledger is embedded in this process."""
+    try:
+        query = SpendQuery.from_params(request.query)
+    except ValueError as exc:
+        return _error(400, f"bad query parameter: {exc}")
+    db = request.app[SETTINGS].clickhouse_database
+    return web.json_response(await _ledger_call(request, query_spend, request.app[LEDGER], db, query))
+
+
 async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
     async with request.app[LEDGER_LOCK]:
         return await asyncio.to_thread(fn, *args)
@@ -306,6 +318,7 @@ def create_app(
     app[LEDGER_LOCK] = asyncio.Lock()
     app.router.add_post("/v1/usage", post_usage)
     app.router.add_get("/v1/reports/{kind}", get_report)
+    app.router.add_get(SPEND_WINDOWS_PATH, get_spend_windows)
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)

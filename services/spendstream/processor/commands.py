@@ -190,6 +190,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.topics import USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
     from spendstream.processor.internal_topics import ensure_internal_topics
+    from spendstream.processor.ledger_rebuild import spend_source
 
     if settings.policy is not None:
         policy = _load(str(settings.policy))
@@ -211,6 +212,10 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         batch_within_s=_given(args.batch_ms, settings.processor_batch_ms) / 1000,
         dedup_horizon=timedelta(seconds=settings.processor_dedup_horizon_s),
         kafka_conf=settings.kafka_client_config(),
+        spend_source=spend_source(
+            settings.ledger_dsn, settings.clickhouse_database, f"http://{settings.api_host}:{settings.api_port}"
+        ),
+        sink_group=settings.sink_group,
     )
     try:
         ensure_internal_topics(settings.kafka_client_config(), app_id, settings.usage_partitions)

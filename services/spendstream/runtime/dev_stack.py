@@ -29,6 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from spendstream.core.config import Settings
 from spendstream.core.topics import USAGE
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from spendstream.runtime.policy_memory import PolicyRecorder, republish_last_policy
 from spendstream.runtime.topic_admin import create_topics
 
 SERVICE_COLOURS = {"processor": 35, "sink": 36, "gateway": 33}
@@ -88,6 +89,7 @@ class DevStack:
         self.with_gateway = with_gateway
         self.extra_env = dict(env or {})
         self.broker: EmbeddedBroker | None = None
+        self.recorder: PolicyRecorder | None = None
         self.services: list[Service] = []
         self.data_dir = settings.data_dir.resolve()
         self._print_lock = threading.Lock()
@@ -103,9 +105,14 @@ class DevStack:
         self.env = self._service_env()
         create_topics({"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
         self.say(f"broker     {self.broker.bootstrap} (Kafka protocol, memory-only), topics created")
-        if self.policy is not None:
+        restored = republish_last_policy({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
+        if restored is not None:
+            self.say(f"policy     {restored.name} version {restored.version} restored (the last applied)")
+        elif self.policy is not None:
             self._run_cli("policy", "apply", str(self.policy))
             self.say(f"policy     {self.policy} applied")
+        self.recorder = PolicyRecorder({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
+        self.recorder.start()
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
         metrics_host = self.settings.metrics_host
@@ -143,6 +150,10 @@ class DevStack:
         self.say("stopping: processor, sink")
         self._stop_service("processor")
         self._stop_service("sink")
+        if self.recorder is not None:
+            self.recorder.stopping.set()
+            self.recorder.join(timeout=5)
+            self.recorder = None
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
