@@ -98,6 +98,7 @@ from spendstream.processor.spend_accounting import (
     Watermark,
     WindowCalendar,
     clock_key,
+    content_digest,
     fold_distinct,
     ids_key,
     is_clock_key,
@@ -427,7 +428,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         prices = policy.price_table
         decode = usage_codec.decode
         skew, lateness = config.max_future_skew, config.allowed_lateness
-        items: list[tuple[int, int, int, list[str], int, bytes]] = []
+        items: list[tuple[int, int, int, list[str], int, bytes, int]] = []
         newest_ms = watermark_ms = 0
         for message in messages:
             try:
@@ -459,7 +460,17 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             tokens = record["input_tokens"] + record["output_tokens"]
             scopes = scopes_for(record, policy)
             watermark_ms = max(watermark_ms, stamp_ms if kind else int(arrived.timestamp() * 1000))
-            items.append((message.offset(), cost, tokens, scopes, int(occurred.timestamp()), record["event_id"].bytes))
+            items.append(
+                (
+                    message.offset(),
+                    cost,
+                    tokens,
+                    scopes,
+                    int(occurred.timestamp()),
+                    record["event_id"].bytes,
+                    content_digest(message.value()),
+                )
+            )
         if not items:
             return
         clock = clock1.setdefault(partition, Watermark())
@@ -478,6 +489,14 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             retention,
             watermark_ms // 1000,
         )
+        if batch.conflicts:
+            by_offset = {message.offset(): message for message in messages}
+            for offset, first in batch.conflicts:
+                reason = (
+                    f"conflicting_duplicate: event_id already counted with other content (offset {first}); "
+                    "the first version wins"
+                )
+                to_dlq(by_offset[offset], reason, "conflicting_duplicate")
         touched = batch.touched
         if touched:
             applied_high[partition] = max(applied_high.get(partition, -1), items[-1][0])
