@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from spendstream.core.config import load_settings
+from spendstream.core.ledger_store import connect
 from spendstream.core.topics import USAGE_DLQ
 from spendstream.edge.enforcer import Enforcer
 from spendstream.processor.periods import period_window
@@ -130,9 +132,9 @@ def _stop_dev(proc: subprocess.Popen[str]) -> None:
             proc.communicate()
 
 
-def _post_usage(api_port: int, usd: float) -> None:
+def _post_usage(api_port: int, usd: float, event_id: str | None = None) -> None:
     body = {
-        "event_id": str(uuid.uuid4()),
+        "event_id": event_id or str(uuid.uuid4()),
         "org": "acme",
         "team": "restart",
         "provider": "openai",
@@ -200,3 +202,45 @@ def test_a_dev_restart_keeps_the_budget_spent_and_the_applied_policy(tmp_path: P
         _wait_action(bootstrap, "shutoff")
     finally:
         _stop_dev(proc)
+
+
+def test_an_event_id_sent_again_with_other_content_keeps_the_first_version_in_ledger_and_windows(
+    tmp_path: Path,
+) -> None:
+    """$3,700 then the same event_id with $0: the ledger and the windows both keep $3,700; the copy is a dead letter."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(RESTART_POLICY.format(amount=1_000_000))
+    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
+    data_dir = tmp_path / "data"
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(data_dir),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
+        "SPENDSTREAM_API_PORT": str(api_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
+        env.pop(name, None)
+    event_id = str(uuid.uuid4())
+    proc, _ = _dev(env, policy)
+    try:
+        dlq = TopicReader(bootstrap, USAGE_DLQ, None)
+        _post_usage(api_port, 3_700, event_id=event_id)
+        _post_usage(api_port, 0, event_id=event_id)
+        _, headers = dlq.wait(lambda r: event_id.encode() in r[0], timeout=90)
+        dlq.close()
+        assert headers["spendstream.dlq.reason"].startswith(b"conflicting_duplicate")
+        start = int(period_window("day", now(), "UTC")[0].timestamp())
+        wait_totals(bootstrap, {("team:restart", "day", start): (3_700 * USD, 1, 15)}, "spendstream-processor")
+    finally:
+        _stop_dev(proc)
+    client = connect(load_settings(data_dir=data_dir))
+    try:
+        rows = client.query(
+            "SELECT count(), sum(cost_nanos) FROM spendstream.usage_ledger FINAL WHERE event_id = {e:UUID}",
+            parameters={"e": event_id},
+        ).result_rows
+    finally:
+        client.close()
+    assert rows == [(1, 3_700 * USD)]

@@ -367,6 +367,69 @@ def create_staging(client: Any, staging: str) -> None:
     client.command(f"CREATE OR REPLACE TABLE {staging} ({columns}) ENGINE = Memory")
 
 
+# First version wins. ``usage_ledger`` is a ReplacingMergeTree without a version column: of two rows with one
+# sorting key (org, team, day, event_id) the one inserted LAST survives. A re-sent event_id with other content
+# would then replace what the processor counted (it keeps the first version and dead-letters the copy as a
+# conflicting duplicate). So the sink never inserts a row whose key the ledger already holds, nor a second row of
+# one event_id within a batch: identical replays change nothing, a conflicting copy is dropped here. The lookups
+# go through the primary index (the full sorting key). A copy that changes org, team or day is another row.
+_KEY = "(org, team, toDate(occurred_at), event_id)"
+
+
+def superseded_staged_rows(client: Any, staging: str, table: str, excluded: set[int]) -> set[int]:
+    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their id."""
+    staged_key = "(org, team, toDate(fromUnixTimestamp64Micro(occurred_at, 'UTC')), toUUIDOrZero(toString(event_id)))"
+    row = f"reinterpretAsUInt32({ROW_FIELD})"
+    skip = f" AND {row} NOT IN ({', '.join(map(str, sorted(excluded)))})" if excluded else ""
+    rows = client.query(
+        f"SELECT {row} FROM {staging} WHERE 1{skip} AND ("
+        f"{staged_key} IN (SELECT {_KEY} FROM {table} WHERE {_KEY} IN (SELECT {staged_key} FROM {staging}))"
+        f" OR {row} NOT IN (SELECT min({row}) FROM {staging} WHERE 1{skip} GROUP BY event_id))"
+    ).result_rows
+    return {r[0] for r in rows}
+
+
+def first_versions(client: Any, table: str, columns: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Ledger columns without the rows ``superseded_staged_rows`` would drop (the Python path's rows)."""
+    at = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
+    ids, orgs, teams, times = (columns[at[n]] for n in ("event_id", "org", "team", "occurred_at"))
+    if not ids:
+        return columns
+    keys = sorted({(orgs[i], teams[i], _day(times[i]), str(ids[i])) for i in range(len(ids))})
+    held: set[tuple[str, str, str, str]] = set()
+    for start in range(0, len(keys), 1000):
+        literal = ", ".join(
+            f"({_sql_string(o)}, {_sql_string(t)}, toDate('{d}'), toUUID('{e}'))"
+            for o, t, d, e in keys[start : start + 1000]
+        )
+        held.update(
+            (o, t, d.isoformat(), str(e))
+            for o, t, d, e in client.query(
+                f"SELECT org, team, toDate(occurred_at), event_id FROM {table} WHERE {_KEY} IN ({literal})"
+            ).result_rows
+        )
+    seen: set[str] = set()
+    keep = []
+    for i in range(len(ids)):
+        event_id = str(ids[i])
+        if event_id not in seen and (orgs[i], teams[i], _day(times[i]), event_id) not in held:
+            keep.append(i)
+        seen.add(event_id)
+    if len(keep) == len(ids):
+        return columns
+    return [[column[i] for i in keep] for column in columns]
+
+
+def _day(occurred_at: Any) -> str:
+    """The UTC date of a raw ``occurred_at`` (integer microseconds) or datetime, as ``YYYY-MM-DD``."""
+    moment = occurred_at if isinstance(occurred_at, datetime) else _EPOCH + occurred_at * _MICROSECOND
+    return moment.astimezone(UTC).date().isoformat()
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def judge_group(client: Any, staging: str, group: AvroGroup, now: datetime, skew: timedelta) -> Judged | None:
     """Load a group into ``staging`` and validate it in SQL; None if its rows did not come back intact.
 
@@ -642,6 +705,7 @@ class LedgerSink:
             return
         count = len(group.indices)
         excluded = judged.exact | judged.rejected.keys()
+        excluded |= superseded_staged_rows(self._client, self._staging, self._table, excluded)
         if len(excluded) < count:
             self._client.command(
                 f"INSERT INTO {self._table} ({', '.join(LEDGER_COLUMNS)}) "
@@ -661,6 +725,9 @@ class LedgerSink:
         written.add(len(decoded.records), [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected])
 
     def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> None:
+        columns = first_versions(self._client, self._table, columns)
+        if not columns[0]:
+            return
         self._client.insert(
             self._table,
             columns,
