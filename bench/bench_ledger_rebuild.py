@@ -73,7 +73,7 @@ def main() -> None:
         t3 = time.perf_counter()
         for label, seconds in (("query", t1 - t0), ("json", t2 - t1), ("fold", t3 - t2), ("total", t3 - t0)):
             best[label] = min(best.get(label, float("inf")), seconds)
-    groups = len(snapshot["day"]) + len(snapshot["hour"])
+    groups = len(snapshot["groups"])
     print(
         f"{groups:,} groups -> {sum(len(w) for w in windows.values()):,} windows, "
         f"{sum(len(r) for r in recent.values()):,} recent ids"

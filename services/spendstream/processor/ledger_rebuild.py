@@ -44,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery
+from spendstream.core.ledger_spend import GRAINS, SPEND_WINDOWS_PATH, SpendQuery
 from spendstream.core.policy import Policy
 from spendstream.processor.periods import period_window
 from spendstream.processor.scopes import scopes_for
@@ -92,19 +92,14 @@ class RebuildPlan:
         return end.timestamp() + self.lateness_s > self.now_s
 
     def query(self, recent_since_ms: int) -> SpendQuery:
+        """The earliest window start read per grain (``GRAINS`` order); ``wanted`` then picks exactly."""
         oldest = datetime.fromtimestamp(self.now_s - self.lateness_s, UTC)
-        history = oldest - timedelta(days=self.retention.history_days + 1)
-        since = min(
-            *(period_window(p, oldest, self.calendar.tz)[0] for p in CALENDAR_PERIODS),
-            period_window("day", history, self.calendar.tz)[0],
-        )
+        history = oldest - timedelta(days=max(self.retention.history_days, 1) + 1)
+        since = {p: int(period_window(p, oldest, self.calendar.tz)[0].timestamp()) for p in CALENDAR_PERIODS}
+        since["day"] = int(period_window("day", history, self.calendar.tz)[0].timestamp())
         hour_since = self.now_s - 3600 * (EWMA_LOOKBACK_HOURS + 1) - self.lateness_s
-        return SpendQuery(
-            self.tz_name,
-            max(0, int(since.timestamp())),
-            max(0, hour_since - hour_since % 3600),
-            max(0, recent_since_ms),
-        )
+        since[HOUR] = hour_since - hour_since % 3600
+        return SpendQuery(self.tz_name, tuple(max(0, since[g]) for g in GRAINS), max(0, recent_since_ms))  # type: ignore[arg-type]
 
 
 def _scopes(name: str, values: list[str], policy: Policy) -> list[str]:
@@ -122,25 +117,26 @@ def fold_snapshot(
     and their recent ids ``{partition: [(event_id bytes, ingested ms)]}`` (see the module docstring)."""
     mine = set(rebuild)
     windows: dict[int, dict[str, list[int]]] = {p: {} for p in mine}
-    for grain in ("day", "hour"):
-        for row in snapshot.get(grain, ()):
-            name, org, team = row[0], row[1], row[2]
-            partition = usage_partition(org, team, partitions)
-            if partition not in mine:
-                continue
-            *values, bucket, nanos, requests, tokens = row[1:]
-            if grain == "day":
-                starts = [(p, s) for p, s in plan.calendar.starts(bucket) if p != HOUR]
-            else:
-                starts = [(HOUR, bucket)]
-            starts = [(p, s) for p, s in starts if plan.wanted(p, s)]
-            acc = windows[partition]
-            for scope in _scopes(name, values, policy):
-                for period, start in starts:
-                    total = acc.setdefault(window_key(scope, period, start), [0, 0, 0])
-                    total[0] += nanos
-                    total[1] += requests
-                    total[2] += tokens
+    starts: dict[tuple[str, int], int | None] = {}  # (grain, bucket) -> the window start, None if not wanted
+    for row in snapshot.get("groups", ()):
+        name, org, team = row[0], row[1], row[2]
+        partition = usage_partition(org, team, partitions)
+        if partition not in mine:
+            continue
+        *values, grain, bucket, nanos, requests, tokens = row[1:]
+        start = starts.get((grain, bucket), -1)
+        if start == -1:
+            # a calendar bucket is the local midnight ClickHouse computed; the calendar decides from its noon
+            start = bucket if grain == HOUR else dict(plan.calendar.starts(bucket + 43_200))[grain]
+            start = starts[(grain, bucket)] = start if plan.wanted(grain, start) else None
+        if start is None:
+            continue
+        acc = windows[partition]
+        for scope in _scopes(name, values, policy):
+            total = acc.setdefault(window_key(scope, grain, start), [0, 0, 0])
+            total[0] += nanos
+            total[1] += requests
+            total[2] += tokens
     recent: dict[int, list[tuple[bytes, int]]] = {p: [] for p in mine}
     for org, team, event_id, ingested_ms in snapshot.get("recent", ()):
         partition = usage_partition(org, team, partitions)
