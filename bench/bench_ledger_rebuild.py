@@ -56,6 +56,11 @@ def main() -> None:
         GENERATE,
         parameters={"start": start.strftime("%Y-%m-%d %H:%M:%S"), "step": 90 * 86_400 * 10**6 // ROWS, "rows": ROWS},
     )
+    # ingested a second after it occurred, as a sink that keeps up would: only the last minutes are "recent"
+    client.command(
+        "ALTER TABLE spendstream.usage_ledger UPDATE ingested_at = occurred_at + toIntervalSecond(1) WHERE 1",
+        settings={"mutations_sync": 1},
+    )
     print(f"generated {ROWS:,} ledger rows in {time.perf_counter() - t:.1f} s")
     lateness = 86_400
     plan = RebuildPlan(

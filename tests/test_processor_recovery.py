@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,17 @@ from confluent_kafka.admin import AdminClient
 
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_store import connect
+from spendstream.core.policy import parse_policy
 from spendstream.core.topics import USAGE_DLQ
 from spendstream.edge.enforcer import Enforcer
 from spendstream.processor.periods import period_window
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
 from test_dev_stack import _wait_for_line
+from test_faults import sink_lag
 from test_processor import ROOT, USD, TopicReader, event, now, produce, start_worker, stop_worker, wait_totals
+from test_processor_faults import POLICY_YAML as FAULTS_POLICY
+from test_processor_faults import exact_totals, make_stream
 
 POLICY_YAML = """
 name: default
@@ -244,3 +249,55 @@ def test_an_event_id_sent_again_with_other_content_keeps_the_first_version_in_le
     finally:
         client.close()
     assert rows == [(1, 3_700 * USD)]
+
+
+@pytest.mark.slow
+def test_a_processor_with_a_new_app_id_rebuilds_its_windows_from_the_ledger(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """Events in the ledger AND still on the topic, then new events and re-sent copies: each counted once."""
+    create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(FAULTS_POLICY)
+    data_dir, api_port = tmp_path / "data", free_port()
+    env = {
+        **os.environ,
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "SPENDSTREAM_DATA_DIR": str(data_dir),
+        "SPENDSTREAM_USAGE_PARTITIONS": "6",
+        "SPENDSTREAM_API_PORT": str(api_port),
+        "SPENDSTREAM_POLICY": str(policy_path),
+    }
+    env.pop("SPENDSTREAM_CLICKHOUSE_DSN", None)
+    data_dir.mkdir()
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "sink", "--with-api"],
+        env=env,
+        cwd=ROOT,
+        stdout=(data_dir / "sink.log").open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    worker = None
+    try:
+        before = make_stream(3_000, seed=21)
+        produce(broker.bootstrap, before)
+        deadline = time.monotonic() + 90
+        while sink_lag(broker.bootstrap, "spendstream-sink") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "spendstream.cli", "processor", "--app-id", "brand-new"],
+            env=env,
+            cwd=ROOT,
+            stdout=(data_dir / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        after = make_stream(500, seed=22)
+        produce(broker.bootstrap, [*after, *before[:50]], arrival=datetime.now(UTC))  # 50 copies re-sent
+        expected = exact_totals(before + after, parse_policy(FAULTS_POLICY))
+        wait_totals(broker.bootstrap, expected, "brand-new", timeout=120)
+        assert "rebuilt from the ledger" in (data_dir / "worker.log").read_text(errors="replace")
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+        sink.send_signal(signal.SIGINT)
+        sink.wait(60)
