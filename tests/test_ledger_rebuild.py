@@ -108,3 +108,12 @@ def test_the_query_refuses_a_timezone_that_is_not_a_name() -> None:
         assert "tz" in str(exc)
     else:
         raise AssertionError("accepted")
+
+
+def test_rebuilt_windows_reach_stage_two_in_bounded_chunks() -> None:
+    from spendstream.processor.ledger_rebuild import scope_chunks
+
+    scopes = {f"user:u{i}": [["w"]] * 75 for i in range(100)}
+    chunks = list(scope_chunks(scopes, limit=2_000))
+    assert [scope for chunk in chunks for scope in chunk] == list(scopes)
+    assert all(sum(map(len, chunk.values())) <= 2_000 for chunk in chunks) and len(chunks) == 4

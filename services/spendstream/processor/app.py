@@ -88,6 +88,7 @@ from spendstream.processor.ledger_rebuild import (
     SpendSource,
     fold_snapshot,
     recent_since_ms,
+    scope_chunks,
     sink_positions,
 )
 from spendstream.processor.scopes import scopes_for
@@ -640,9 +641,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 p, len(windows[p]), len(recent[p]), start,
             )  # fmt: skip
         for (source, target), scopes in by_target.items():
-            items = list(scopes.items())
-            for first in range(0, len(items), 500):  # keeps each internal message far below the broker's limit
-                body = {"p": source, "at": now_s, "w": now_ms, "s": dict(items[first : first + 500])}
+            for chunk in scope_chunks(scopes):
+                body = {"p": source, "at": now_s, "w": now_ms, "s": chunk}
                 out1.send(PARTIALS_TOPIC, None, json.dumps(body).encode(), partition=target)
         out1.flush_now()
         committed = [TopicPartition(USAGE, p, positions[p]) for p in empty if positions.get(p, -1) >= 0]
