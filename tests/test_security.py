@@ -371,9 +371,20 @@ def kafka_client_constructions() -> dict[str, str]:
 
 
 # Scopes whose client gets its librdkafka config from a caller, each of which passes kafka_client_config().
-CONFIG_FROM_CALLER = {"sink/dead_letters.py", "runtime/topic_admin.py", "processor/app.py"}
+CONFIG_FROM_CALLER = {
+    "sink/dead_letters.py",
+    "runtime/topic_admin.py",
+    "processor/app.py",
+    "processor/internal_topics.py",
+    "processor/ledger_rebuild.py",
+}
 # Clients of the embedded broker only (`spendstream dev`, the broker's health check): it has no security settings.
-EMBEDDED_ONLY = {"runtime/embedded_broker.py", "runtime/dev_stack.py", "runtime/demo.py"}  # always a local broker
+EMBEDDED_ONLY = {  # always a local broker
+    "runtime/embedded_broker.py",
+    "runtime/dev_stack.py",
+    "runtime/demo.py",
+    "runtime/policy_memory.py",
+}
 
 
 def test_every_kafka_client_gets_the_configured_security_settings() -> None:

@@ -297,6 +297,7 @@ class SinkStats:
     insert_retries: int = 0
     staged_rows: int = 0
     avro_fallbacks: int = 0
+    superseded: int = 0  # copies of an event_id the ledger already held (first version wins), not inserted
 
 
 SCHEMA_NAME = "usage_event"
@@ -471,6 +472,7 @@ class _Written:
     rows: int = 0
     staged_rows: int = 0  # rows that went through ClickHouse's Avro reader and SQL validation
     fallbacks: int = 0  # groups ClickHouse could not read, decoded in Python instead
+    superseded: int = 0  # rows not inserted: the ledger holds their event_id's first version
     rejected: list[Rejected] = field(default_factory=list)  # index = position in the batch
 
     def add(self, rows: int, rejected: list[Rejected]) -> None:
@@ -683,9 +685,9 @@ class LedgerSink:
         written = _Written()
         for group in batch.groups:
             self._write_group(batch, group, written)
-        if batch.python_rows:
-            self._insert_columns(batch.columns, batch.token)
-        written.add(batch.python_rows, batch.python_rejected)
+        superseded = self._insert_columns(batch.columns, batch.token) if batch.python_rows else 0
+        written.add(batch.python_rows - superseded, batch.python_rejected)
+        written.superseded += superseded
         return written
 
     def _write_group(self, batch: _Batch, group: AvroGroup, written: _Written) -> None:
@@ -705,7 +707,9 @@ class LedgerSink:
             return
         count = len(group.indices)
         excluded = judged.exact | judged.rejected.keys()
-        excluded |= superseded_staged_rows(self._client, self._staging, self._table, excluded)
+        superseded = superseded_staged_rows(self._client, self._staging, self._table, excluded)
+        excluded |= superseded
+        written.superseded += len(superseded)
         if len(excluded) < count:
             self._client.command(
                 f"INSERT INTO {self._table} ({', '.join(LEDGER_COLUMNS)}) "
@@ -720,14 +724,17 @@ class LedgerSink:
 
     def _write_in_python(self, batch: _Batch, indices: list[int], token: str, written: _Written) -> None:
         decoded = self._decoder.decode([batch.messages[i].value() for i in indices], batch.now)
-        if decoded.records:
-            self._insert_columns(columns_of(decoded.records), token)
-        written.add(len(decoded.records), [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected])
+        superseded = self._insert_columns(columns_of(decoded.records), token) if decoded.records else 0
+        rejected = [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected]
+        written.add(len(decoded.records) - superseded, rejected)
+        written.superseded += superseded
 
-    def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> None:
+    def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> int:
+        """Insert the first versions among ``columns``; returns how many rows were superseded (not inserted)."""
+        rows = len(columns[0])
         columns = first_versions(self._client, self._table, columns)
         if not columns[0]:
-            return
+            return rows
         self._client.insert(
             self._table,
             columns,
@@ -736,6 +743,7 @@ class LedgerSink:
             column_oriented=True,
             settings={"insert_deduplication_token": token},
         )
+        return rows - len(columns[0])
 
     def _settle(self, batch: _Batch, timeout: float | None = None) -> bool:
         """Wait for a batch's writes, then make its dead letters durable and commit its offsets."""
@@ -768,6 +776,7 @@ class LedgerSink:
                 self._failed = True
                 return False
         self.stats.inserted += written.rows
+        self.stats.superseded += written.superseded
         self.stats.staged_rows += written.staged_rows
         self.stats.avro_fallbacks += written.fallbacks
         self.stats.batches += 1
