@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -390,30 +390,36 @@ def superseded_staged_rows(client: Any, staging: str, table: str, excluded: set[
     return {r[0] for r in rows}
 
 
-def first_versions(client: Any, table: str, columns: list[Sequence[Any]]) -> list[Sequence[Any]]:
-    """Ledger columns without the rows ``superseded_staged_rows`` would drop (the Python path's rows)."""
+def first_versions(client: Any, table: str, keys_table: str, columns: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Ledger columns without the rows ``superseded_staged_rows`` would drop (the Python path's rows); their keys
+    go through the Memory table ``keys_table`` so the ledger lookup is one indexed join."""
     at = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
     ids, orgs, teams, times = (columns[at[n]] for n in ("event_id", "org", "team", "occurred_at"))
     if not ids:
         return columns
-    keys = sorted({(orgs[i], teams[i], _day(times[i]), str(ids[i])) for i in range(len(ids))})
-    held: set[tuple[str, str, str, str]] = set()
-    for start in range(0, len(keys), 1000):
-        literal = ", ".join(
-            f"({_sql_string(o)}, {_sql_string(t)}, toDate('{d}'), toUUID('{e}'))"
-            for o, t, d, e in keys[start : start + 1000]
-        )
-        held.update(
-            (o, t, d.isoformat(), str(e))
-            for o, t, d, e in client.query(
-                f"SELECT org, team, toDate(occurred_at), event_id FROM {table} WHERE {_KEY} IN ({literal})"
-            ).result_rows
-        )
+    days = [_day(moment) for moment in times]
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {keys_table} (org String, team String, day Date, event_id UUID) ENGINE = Memory"
+    )
+    client.command(f"TRUNCATE TABLE {keys_table}")
+    client.insert(
+        keys_table,
+        [list(orgs), list(teams), days, [uuid.UUID(str(e)) for e in ids]],
+        column_names=["org", "team", "day", "event_id"],
+        column_oriented=True,
+    )
+    held = {
+        (o, t, d, str(e))
+        for o, t, d, e in client.query(
+            f"SELECT org, team, toDate(occurred_at), event_id FROM {table} "
+            f"WHERE {_KEY} IN (SELECT org, team, day, event_id FROM {keys_table})"
+        ).result_rows
+    }
     seen: set[str] = set()
     keep = []
     for i in range(len(ids)):
         event_id = str(ids[i])
-        if event_id not in seen and (orgs[i], teams[i], _day(times[i]), event_id) not in held:
+        if event_id not in seen and (orgs[i], teams[i], days[i], event_id) not in held:
             keep.append(i)
         seen.add(event_id)
     if len(keep) == len(ids):
@@ -421,14 +427,10 @@ def first_versions(client: Any, table: str, columns: list[Sequence[Any]]) -> lis
     return [[column[i] for i in keep] for column in columns]
 
 
-def _day(occurred_at: Any) -> str:
-    """The UTC date of a raw ``occurred_at`` (integer microseconds) or datetime, as ``YYYY-MM-DD``."""
+def _day(occurred_at: Any) -> date:
+    """The UTC date of a raw ``occurred_at`` (integer microseconds) or datetime."""
     moment = occurred_at if isinstance(occurred_at, datetime) else _EPOCH + occurred_at * _MICROSECOND
-    return moment.astimezone(UTC).date().isoformat()
-
-
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return moment.astimezone(UTC).date()
 
 
 def judge_group(client: Any, staging: str, group: AvroGroup, now: datetime, skew: timedelta) -> Judged | None:
@@ -732,7 +734,7 @@ class LedgerSink:
     def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> int:
         """Insert the first versions among ``columns``; returns how many rows were superseded (not inserted)."""
         rows = len(columns[0])
-        columns = first_versions(self._client, self._table, columns)
+        columns = first_versions(self._client, self._table, f"{self._staging}_keys", columns)
         if not columns[0]:
             return rows
         self._client.insert(
@@ -817,6 +819,7 @@ class LedgerSink:
             return
         try:
             self._client.command(f"DROP TABLE IF EXISTS {self._staging}")
+            self._client.command(f"DROP TABLE IF EXISTS {self._staging}_keys")
         except Exception as exc:  # an unreachable server keeps an empty Memory table; nothing is lost
             log.warning("could not drop the staging table %s: %s", self._staging, exc)
 
