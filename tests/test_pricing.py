@@ -175,3 +175,13 @@ def test_priced_exactly_whether_rates_are_whole_nanos_or_not(
     per_mtok = Decimal(1000)  # nanos per token for $1 per million tokens
     exact = (uncached * inp + cached * read + written * write + output * out) * per_mtok
     assert priced.cost_nanos == to_nanos(exact)
+
+
+def test_a_cost_beyond_int64_nanos_is_refused_with_a_typed_error() -> None:
+    from spendstream.core.pricing import INT64_MAX, CostOverflowError
+
+    with pytest.raises(CostOverflowError, match="exceeds the Int64"):
+        price_usage("acme", "cheap", 10**16 * 1000, 0, at=AT, overrides=CHEAP)
+    with pytest.raises(ValueError):  # callers that only know ValueError still refuse it
+        price_usage("openai", "gpt-4o", 10**16, 0, at=AT)
+    assert price_usage("acme", "cheap", 10**12, 0, at=AT, overrides=CHEAP).cost_nanos < INT64_MAX

@@ -382,9 +382,16 @@ CONFIG_FROM_CALLER = {
     "processor/heartbeat.py",
     "core/policy_log.py",
     "edge/policy_follower.py",
+    "processor/internal_topics.py",
+    "processor/ledger_rebuild.py",
 }
 # Clients of the embedded broker only (`spendstream dev`, the broker's health check): it has no security settings.
-EMBEDDED_ONLY = {"runtime/embedded_broker.py", "runtime/dev_stack.py", "runtime/demo.py"}  # always a local broker
+EMBEDDED_ONLY = {  # always a local broker
+    "runtime/embedded_broker.py",
+    "runtime/dev_stack.py",
+    "runtime/demo.py",
+    "runtime/policy_memory.py",
+}
 
 
 def test_every_kafka_client_gets_the_configured_security_settings() -> None:

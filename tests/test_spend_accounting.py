@@ -404,3 +404,24 @@ def test_decisions_only_on_change_and_versions_increase() -> None:
     now = datetime.now(UTC)
     assert next_version(0, now) >= int(now.timestamp() * 1e6)
     assert next_version(10**18, now) == 10**18 + 1
+
+
+def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> None:
+    from spendstream.processor.spend_accounting import APPLY, CONFLICT, COPY, content_digest, restore_stage1
+
+    first, other = content_digest(b"cost 3.7T"), content_digest(b"cost 0")
+    item = (10, 3_700 * USD, 15, ["team:x"], 1_700_000_000, b"e" * 16, first)
+    applied = AppliedIds(HOUR_MS)
+    out = fold_distinct([item], 1, 1_000, -1, applied, {}.get, BERLIN, ALL_LIVE, 0)
+    assert out.conflicts == ()
+    table = dict(out.ids_records)
+    restored = restore_stage1(table, [1], HOUR_MS)[1][1]
+    for state in (applied, restored):
+        assert state.admit_versions([(b"e" * 16, 11, first), (b"e" * 16, 12, other), (b"f" * 16, 13, other)]) == [
+            COPY,
+            CONFLICT,
+            APPLY,
+        ]
+    copy = (12, 0, 15, ["team:x"], 1_700_000_000, b"e" * 16, other)
+    out = fold_distinct([copy], 1, 2_000, 10, restored, {}.get, BERLIN, ALL_LIVE, 0)
+    assert list(out.conflicts) == [(12, 10)] and not out.touched

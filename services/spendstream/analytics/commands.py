@@ -163,7 +163,7 @@ def _report_from_api(args: argparse.Namespace, settings: Settings) -> tuple[Repo
     import urllib.request
 
     from spendstream.analytics.report_model import report_from_json
-    from spendstream.api.address import read_address
+    from spendstream.core.api_address import read_address
 
     address = read_address(settings.api_address_path)
     if address is None:

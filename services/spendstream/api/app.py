@@ -34,13 +34,14 @@ from spendstream.analytics.commands import (
 )
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
-from spendstream.api.address import ApiAddress, new_read_token, remove_address, write_address
 from spendstream.api.dashboard import render_page
-from spendstream.api.tokens import ApiToken, Role, TokenStore
+from spendstream.api.tokens import ApiToken, Role, TokenStore, new_read_token
 from spendstream.core import topics
+from spendstream.core.api_address import ApiAddress, remove_address, write_address
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, usage_record_problem
+from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
 from spendstream.gateway.keys import hash_key
 
@@ -59,9 +60,6 @@ TREND_DAYS = 30
 # Per event, so that no price can turn one event into a cost (or a window sum) beyond Int64 nano-USD
 # (it would take a price above $200,000 per million tokens): ten billion tokens per count is a thousand
 # times the largest context window, and no single call costs $1,000,000.
-MAX_EVENT_TOKENS = 10**10
-MAX_EVENT_COST_NANOS = 1_000_000 * NANOS_PER_USD
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
 SESSION_COOKIE = "spendstream_token"
 DASHBOARD_CSP = (
@@ -97,16 +95,6 @@ def _unencodable_field(event: UsageEvent) -> str | None:
                     text.encode()
                 except UnicodeEncodeError:
                     return name
-    return None
-
-
-def _bound_problem(event: UsageEvent) -> tuple[str, str] | None:
-    """(field, message) for a count or cost no real call reaches and that a price could overflow."""
-    for name in TOKEN_FIELDS:
-        if getattr(event, name) > MAX_EVENT_TOKENS:
-            return name, f"at most {MAX_EVENT_TOKENS:,} per event, got {getattr(event, name):,}"
-    if event.cost_nanos is not None and event.cost_nanos > MAX_EVENT_COST_NANOS:
-        return "cost_nanos", f"at most {MAX_EVENT_COST_NANOS:,} (USD 1,000,000) per event, got {event.cost_nanos:,}"
     return None
 
 
@@ -152,10 +140,6 @@ def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events
         problem = usage_record_problem(event.__dict__, now, max_future_skew)
         if problem is not None:
             problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
-            continue
-        bound = _bound_problem(event)
-        if bound is not None:
-            problems.append({"index": index, "field": bound[0], "message": bound[1]})
             continue
         events.append(event)
     if problems:
@@ -275,6 +259,17 @@ async def get_report(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _error(400, str(exc))
     return web.json_response(report.to_json())
+
+
+async def get_spend_windows(request: web.Request) -> web.Response:
+    """Spend per attribution and time bucket from one ledger snapshot (``core.ledger_spend``): what a processor
+    that lost its window state rebuilds them from, when the ledger is embedded in this process."""
+    try:
+        query = SpendQuery.from_params(request.query)
+    except ValueError as exc:
+        return _error(400, f"bad query parameter: {exc}")
+    db = request.app[SETTINGS].clickhouse_database
+    return web.json_response(await _ledger_call(request, query_spend, request.app[LEDGER], db, query))
 
 
 async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
@@ -465,6 +460,7 @@ def create_app(
     app[LEDGER_LOCK] = asyncio.Lock()
     app.router.add_post("/v1/usage", post_usage)
     app.router.add_get("/v1/reports/{kind}", get_report)
+    app.router.add_get(SPEND_WINDOWS_PATH, get_spend_windows)
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)

@@ -199,3 +199,8 @@ def write_tokens(path: Path, tokens: list[ApiToken]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def new_read_token() -> str:
+    """A viewer token for this API process only, written to ``DATA_DIR/api.json`` (``core.api_address``)."""
+    return TOKEN_PREFIX + "local-" + secrets.token_urlsafe(32)

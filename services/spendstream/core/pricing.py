@@ -41,6 +41,13 @@ class UnknownModelError(LookupError):
     """No price for this model and the price table says to reject it (the caller sends the event to the DLQ)."""
 
 
+INT64_MAX = 2**63 - 1  # the ledger's cost_nanos column is Int64
+
+
+class CostOverflowError(ValueError):
+    """The priced cost does not fit the ledger's Int64 nano-USD (absurd token counts): the caller dead-letters it."""
+
+
 class NormalisedUsage(NamedTuple):
     """Token counts in spendstream's convention: ``input_tokens`` includes ``cached_read`` and ``cache_write``."""
 
@@ -301,7 +308,8 @@ def price_usage(
     """Cost of one call. ``input_tokens`` includes ``cached_input_tokens`` and ``cache_write_tokens``.
 
     Raises ``UnknownModelError`` only when the table says ``unknown_model: reject``; otherwise an unknown model
-    is priced at the table's default rates and flagged, never at $0.
+    is priced at the table's default rates and flagged, never at $0. Raises ``CostOverflowError`` when the cost
+    exceeds Int64 nano-USD (what the ledger and every total can hold).
     """
     if min(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens) < 0:
         raise ValueError("token counts must not be negative")
@@ -331,7 +339,7 @@ def price_usage(
                 + cache_write_tokens * per_write
                 + output_tokens * per_output
             )
-            return PriceResult(cost, resolved.source, resolved.flagged)
+            return PriceResult(_bounded(cost, provider, model), resolved.source, resolved.flagged)
         exact = (
             resolved.per_call
             + uncached * resolved.uncached
@@ -339,7 +347,7 @@ def price_usage(
             + cache_write_tokens * resolved.cache_write
             + output_tokens * resolved.output
         )
-        return PriceResult(to_nanos(exact), resolved.source, resolved.flagged)
+        return PriceResult(_bounded(to_nanos(exact), provider, model), resolved.source, resolved.flagged)
     model_price, source = resolved
     usage = Usage(
         input_tokens=input_tokens,
@@ -347,7 +355,17 @@ def price_usage(
         cache_read_tokens=cached_input_tokens,
         cache_write_tokens=cache_write_tokens,
     )
-    return PriceResult(to_nanos(_usd_to_nanos_exact(model_price.calc_price(usage)["total_price"])), source, False)
+    cost = to_nanos(_usd_to_nanos_exact(model_price.calc_price(usage)["total_price"]))
+    return PriceResult(_bounded(cost, provider, model), source, False)
+
+
+def _bounded(cost_nanos: int, provider: str, model: str) -> int:
+    if cost_nanos > INT64_MAX:
+        raise CostOverflowError(
+            f"cost of {cost_nanos} nano-USD for provider={provider!r} model={model!r} exceeds the Int64 "
+            f"nano-USD bound ({INT64_MAX}); token counts are implausible"
+        )
+    return cost_nanos
 
 
 def price_record(record: Mapping[str, Any], at: datetime, table: PriceTable = EMPTY_TABLE) -> PriceResult:

@@ -75,7 +75,7 @@ from spendstream.core.metrics import (
     PROCESSOR_DECISIONS,
 )
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
-from spendstream.core.pricing import UnknownModelError, price_record
+from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
 from spendstream.core.topics import ALERTS, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.decision_publisher import (
     build_alert,
@@ -86,17 +86,31 @@ from spendstream.processor.decision_publisher import (
     next_version,
 )
 from spendstream.processor.heartbeat import HeartbeatPublisher
+from spendstream.processor.internal_topics import PARTIALS_TOPIC
+from spendstream.processor.ledger_rebuild import (
+    RebuildPlan,
+    SpendSource,
+    fold_snapshot,
+    recent_since_ms,
+    scope_chunks,
+    sink_positions,
+)
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
+    IDS_PER_RECORD,
     AppliedIds,
     Retention,
     Watermark,
     WindowCalendar,
     clock_key,
+    content_digest,
     fold_distinct,
+    ids_key,
     is_clock_key,
     lateness_problem,
     merge_partial,
+    pack_ids,
+    partial_key,
     restore_clock,
     restore_stage1,
     split_partial_key,
@@ -107,7 +121,6 @@ from spendstream.processor.spend_accounting import (
 
 log = logging.getLogger(__name__)
 
-PARTIALS_TOPIC = "spendstream.processor.partials"
 DEFAULT_APP_ID = "spendstream-processor"
 _MAX_ALERTED = 256  # crossings remembered per scope (old windows' keys are dropped first)
 
@@ -126,6 +139,8 @@ class ProcessorConfig:
     dedup_horizon: timedelta = timedelta(minutes=15)  # arrival time within which a re-sent event_id is skipped
     heartbeat_interval_s: float = 1.0
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
+    spend_source: SpendSource | None = None  # the ledger, to rebuild lost window state from (``ledger_rebuild``)
+    sink_group: str = "spendstream-sink"  # the ledger sink's consumer group: how far the ledger holds the topic
 
 
 def history_days(policy: Policy) -> int:
@@ -285,9 +300,12 @@ class UsageReader:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, partitions: list[int]) -> None:
+    def start(self, partitions: list[int], starts: dict[int, int] | None = None) -> None:
+        """Read ``partitions`` from their committed offsets, or from ``starts`` where given (after a rebuild)."""
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, args=(partitions,), name="stage1-usage", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(partitions, starts or {}), name="stage1-usage", daemon=True
+        )
         self._thread.start()
 
     async def stop(self) -> None:
@@ -297,11 +315,16 @@ class UsageReader:
             self._stopping.set()
             await asyncio.to_thread(thread.join)
 
-    def _run(self, partitions: list[int]) -> None:
+    def _run(self, partitions: list[int], starts: dict[int, int]) -> None:
         try:
             consumer = Consumer(self._conf)
             committed = consumer.committed([TopicPartition(USAGE, p) for p in partitions], timeout=30)
-            consumer.assign([TopicPartition(USAGE, tp.partition, max(tp.offset, OFFSET_BEGINNING)) for tp in committed])
+            consumer.assign(
+                [
+                    TopicPartition(USAGE, tp.partition, starts.get(tp.partition, max(tp.offset, OFFSET_BEGINNING)))
+                    for tp in committed
+                ]
+            )
             log.info("stage 1 reads %s partitions %s", USAGE, partitions)
             positions: dict[int, int] = {}
             consumed, seconds = PROCESSOR_CONSUMED.labels("usage"), PROCESSOR_BATCH_SECONDS.labels("usage")
@@ -410,7 +433,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         prices = policy.price_table
         decode = usage_codec.decode
         skew, lateness = config.max_future_skew, config.allowed_lateness
-        items: list[tuple[int, int, int, list[str], int, bytes]] = []
+        items: list[tuple[int, int, int, list[str], int, bytes, int]] = []
         newest_ms = watermark_ms = 0
         for message in messages:
             try:
@@ -433,13 +456,26 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 except UnknownModelError as exc:
                     to_dlq(message, f"unknown model, policy rejects it: {exc}", "unknown_model")
                     continue
+                except CostOverflowError as exc:
+                    to_dlq(message, f"cost overflow: {exc}", "cost_overflow")
+                    continue
                 except ValueError as exc:
                     to_dlq(message, f"cannot price: {exc}", "unpriceable")
                     continue
             tokens = record["input_tokens"] + record["output_tokens"]
             scopes = scopes_for(record, policy)
             watermark_ms = max(watermark_ms, stamp_ms if kind else int(arrived.timestamp() * 1000))
-            items.append((message.offset(), cost, tokens, scopes, int(occurred.timestamp()), record["event_id"].bytes))
+            items.append(
+                (
+                    message.offset(),
+                    cost,
+                    tokens,
+                    scopes,
+                    int(occurred.timestamp()),
+                    record["event_id"].bytes,
+                    content_digest(message.value()),
+                )
+            )
         if not items:
             return
         clock = clock1.setdefault(partition, Watermark())
@@ -458,6 +494,14 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             retention,
             watermark_ms // 1000,
         )
+        if batch.conflicts:
+            by_offset = {message.offset(): message for message in messages}
+            for offset, first in batch.conflicts:
+                reason = (
+                    f"conflicting_duplicate: event_id already counted with other content (offset {first}); "
+                    "the first version wins"
+                )
+                to_dlq(by_offset[offset], reason, "conflicting_duplicate")
         touched = batch.touched
         if touched:
             applied_high[partition] = max(applied_high.get(partition, -1), items[-1][0])
@@ -555,8 +599,64 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         applied_ids.update(ids)
         clock1.clear()
         clock1.update({partition: Watermark(restore_clock(partials.data, partition)) for partition in mine})
+        empty = [p for p in mine if p not in high and not ids[p].records and not clock1[p].durable_ms]
+        starts = await asyncio.to_thread(rebuild_from_ledger, empty) if empty and config.spend_source else {}
         if mine:
-            reader.start(mine)
+            reader.start(mine, starts)
+
+    def rebuild_from_ledger(empty: list[int]) -> dict[int, int]:
+        """Write the windows and recent ids of partitions without state from the ledger (``ledger_rebuild``) as
+        partials at the ledger sink's committed offsets; returns where stage 1 reads each partition from."""
+        assert config.spend_source is not None
+        read_at = time.time()
+        positions = sink_positions(kafka_conf, config.sink_group, empty)
+        policy, now_s = holder.policy, int(time.time())
+        plan = RebuildPlan(now_s, holder.lateness_s, holder.retention, holder.calendar, policy.timezone)
+        try:
+            snapshot = config.spend_source(plan.query(recent_since_ms(read_at, now_s, config.dedup_horizon)))
+        except Exception:
+            log.error("cannot read the ledger: windows of partitions %s start from zero", empty, exc_info=True)
+            return {}
+        windows, recent = fold_snapshot(snapshot, policy, plan, n, empty)
+        now_ms = now_s * 1000
+        by_target: dict[tuple[int, int], dict[str, list[list[Any]]]] = {}  # (source, internal partition) -> scopes
+        for p in empty:
+            start = max(positions.get(p, -1), 0)
+            for wkey, (nanos, requests, tokens) in windows[p].items():
+                value = [nanos, requests, tokens, start - 1]
+                out1.put(partials, p, partial_key(wkey, p), value)
+                scope = wkey.partition("|")[0]
+                target = (p, stage2_partition(scope, n))
+                by_target.setdefault(target, {}).setdefault(scope, []).append([wkey, *value])
+            if windows[p]:
+                applied_high[p] = start - 1
+            applied = applied_ids[p]
+            for chunk, first in enumerate(range(0, len(recent[p]), IDS_PER_RECORD)):
+                rows = recent[p][first : first + IDS_PER_RECORD]
+                entries = [(event_id, -1) for event_id, _ in rows]  # -1: applied, at no offset stage 1 will read
+                applied.admit(entries)
+                key, value = ids_key(p, -1 - chunk), pack_ids(max(ms for _, ms in rows), entries)
+                applied.remember(key, value, entries)
+                out1.put(partials, p, key, value)
+            clock1[p] = Watermark(now_ms)
+            out1.put(partials, p, clock_key(p), [now_ms])
+            log.info(
+                "partition %d rebuilt from the ledger: %d windows, %d recent ids, reading from offset %d",
+                p, len(windows[p]), len(recent[p]), start,
+            )  # fmt: skip
+        for (source, target), scopes in by_target.items():
+            for chunk in scope_chunks(scopes):
+                body = {"p": source, "at": now_s, "w": now_ms, "s": chunk}
+                out1.send(PARTIALS_TOPIC, None, json.dumps(body).encode(), partition=target)
+        out1.flush_now()
+        committed = [TopicPartition(USAGE, p, positions[p]) for p in empty if positions.get(p, -1) >= 0]
+        if committed:
+            consumer = Consumer({**kafka_conf, "group.id": usage_group(config.app_id), "enable.auto.commit": False})
+            try:
+                consumer.commit(offsets=committed, asynchronous=False)
+            finally:
+                consumer.close()
+        return {p: positions[p] if positions.get(p, -1) >= 0 else OFFSET_BEGINNING for p in empty}
 
     @app.on_partitions_revoked.connect
     async def stop_stage1(_app: faust.App, _revoked: set[TP], **_: Any) -> None:

@@ -183,6 +183,8 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy_log import seed_policy
     from spendstream.core.topics import POLICY, USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
+    from spendstream.processor.internal_topics import ensure_internal_topics
+    from spendstream.processor.ledger_rebuild import spend_source
 
     seed = None
     if settings.policy is not None:  # only seeds an empty policy topic
@@ -210,7 +212,14 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         batch_within_s=_given(args.batch_ms, settings.processor_batch_ms) / 1000,
         dedup_horizon=timedelta(seconds=settings.processor_dedup_horizon_s),
         kafka_conf=settings.kafka_client_config(),
+        spend_source=spend_source(settings.ledger_dsn, settings.clickhouse_database, settings.api_address_path),
+        sink_group=settings.sink_group,
     )
+    try:
+        ensure_internal_topics(settings.kafka_client_config(), app_id, settings.usage_partitions)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"spendstream processor: {exc}", file=sys.stderr)
+        return 1
     app, holder = build_app(config)
     # The tables hold many small lists and each batch allocates a few per event; with the default thresholds the
     # cyclic collector ran so often (and rescanned the tables) that one worker moved ~26k events/s instead of ~35k.

@@ -24,6 +24,9 @@ changelog partition as its partials, produced after them, so a crash leaves at w
 replay then skips those events by offset and records their ids again. Ids without partials are harmless too,
 because an id stored with the event's own offset never skips it (the per-key offsets decide). A copy arriving
 more than the horizon after its original is counted twice in the windows (the ledger stays exact).
+A copy whose content differs from the applied version (``content_digest`` of its encoded bytes, kept with the
+ids) is a conflicting duplicate: the first version wins, the copy goes to the DLQ (``conflicting_duplicate``),
+as the ledger sink keeps the first version of an event_id too.
 
 Window keys are strings (``scope|period|start_epoch_s``) because they are faust table keys and Kafka keys.
 Periods tracked for every scope: ``day``, ``week``, ``month``, ``quarter`` (local calendar windows of the
@@ -38,6 +41,7 @@ tombstone, and events that would still land in it skip it (see ``Retention``).
 from __future__ import annotations
 
 import base64
+import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -239,6 +243,7 @@ def totals_from_partials(latest: Mapping[str, Sequence[int]]) -> dict[str, tuple
 IDS_PREFIX = "ids#"
 IDS_PER_RECORD = 16_384  # 24 bytes each, base64: ~0.5 MB per changelog record, under Kafka's default 1 MB
 _ID_ENTRY = struct.Struct(">16sq")  # event_id (16 bytes), source offset
+_DIGEST = struct.Struct(">Q")  # content digest of an applied event (0: unknown)
 
 
 CLOCK_PREFIX = "clock#"
@@ -273,14 +278,33 @@ def split_ids_key(key: str) -> tuple[int, int]:
     return int(partition), int(first)
 
 
-def pack_ids(newest_arrival_ms: int, entries: Sequence[tuple[bytes, int]]) -> list[Any]:
-    """The JSON value of an ids record: ``[newest arrival ms, base64 of (event_id, offset) * n]``."""
+def pack_ids(
+    newest_arrival_ms: int, entries: Sequence[tuple[bytes, int]], digests: Sequence[int] | None = None
+) -> list[Any]:
+    """The JSON value of an ids record: ``[newest arrival ms, base64 of (event_id, offset) * n]``, and with
+    ``digests`` (one per entry, 0 = unknown) a third element: base64 of the content digests."""
     packed = b"".join(_ID_ENTRY.pack(event_id, offset) for event_id, offset in entries)
-    return [newest_arrival_ms, base64.b64encode(packed).decode()]
+    value = [newest_arrival_ms, base64.b64encode(packed).decode()]
+    if digests is not None:
+        value.append(base64.b64encode(b"".join(_DIGEST.pack(d) for d in digests)).decode())
+    return value
 
 
 def unpack_ids(value: Sequence[Any]) -> tuple[int, list[tuple[bytes, int]]]:
     return int(value[0]), list(_ID_ENTRY.iter_unpack(base64.b64decode(value[1])))
+
+
+def unpack_digests(value: Sequence[Any]) -> list[int]:
+    """The content digests of an ids record, in entry order (none for records written without them)."""
+    return [d for (d,) in _DIGEST.iter_unpack(base64.b64decode(value[2]))] if len(value) > 2 else []
+
+
+def content_digest(value: bytes) -> int:
+    """A non-zero 64-bit digest of an event's encoded bytes: two copies of one event_id with other content differ."""
+    return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "big") or 1
+
+
+APPLY, COPY, CONFLICT = "apply", "copy", "conflict"
 
 
 class AppliedIds:
@@ -295,6 +319,7 @@ class AppliedIds:
     def __init__(self, horizon_ms: int) -> None:
         self.horizon_ms = horizon_ms
         self.offsets: dict[bytes, int] = {}
+        self.digests: dict[bytes, int] = {}  # content digest of the applied version, where known
         self.records: dict[str, Sequence[Any]] = {}  # ids key -> its record's value (see ``pack_ids``)
         self.newest_ms = 0
 
@@ -303,8 +328,12 @@ class AppliedIds:
         self.records[key] = value
         if entries is None:
             offsets = self.offsets
-            for event_id, offset in unpack_ids(value)[1]:
+            restored = unpack_ids(value)[1]
+            for event_id, offset in restored:
                 offsets.setdefault(event_id, offset)
+            for (event_id, _), digest in zip(restored, unpack_digests(value), strict=False):
+                if digest:
+                    self.digests.setdefault(event_id, digest)
         self.newest_ms = max(self.newest_ms, int(value[0]))
 
     def admit(self, entries: Iterable[tuple[bytes, int]]) -> list[bool]:
@@ -321,6 +350,22 @@ class AppliedIds:
             keep.append(seen == offset)
         return keep
 
+    def admit_versions(self, entries: Iterable[tuple[bytes, int, int]]) -> list[str]:
+        """``admit`` for ``(event_id, offset, content digest)``: APPLY, COPY (same content, or the first version's
+        content unknown) or CONFLICT (another content under an id already applied: the first version wins)."""
+        offsets, digests = self.offsets, self.digests
+        verdicts: list[str] = []
+        for event_id, offset, digest in entries:
+            seen = offsets.setdefault(event_id, offset)
+            if seen == offset:
+                if digest:
+                    digests.setdefault(event_id, digest)
+                verdicts.append(APPLY)
+                continue
+            first = digests.get(event_id, 0)
+            verdicts.append(CONFLICT if first and digest and first != digest else COPY)
+        return verdicts
+
     def expire(self) -> list[str]:
         """Forget the oldest records that fell behind the horizon; returns their keys (to delete)."""
         cutoff = self.newest_ms - self.horizon_ms
@@ -333,6 +378,7 @@ class AppliedIds:
             for event_id, offset in unpack_ids(value)[1]:
                 if offsets.get(event_id) == offset:
                     del offsets[event_id]
+                    self.digests.pop(event_id, None)
         for key in gone:
             del self.records[key]
         return gone
@@ -345,6 +391,7 @@ class Stage1Batch(NamedTuple):
     changed: Iterable[str]  # the partials whose value changed (written to the table)
     ids_records: list[tuple[str, list[Any]]]  # (ids key, value), written after the partials
     expired: list[str]  # ids records fallen behind the horizon, deleted last
+    conflicts: Sequence[tuple[int, int]] = ()  # (offset, offset of the applied first version): to the DLQ
 
 
 def fold_distinct(
@@ -360,35 +407,42 @@ def fold_distinct(
 ) -> Stage1Batch:
     """Stage 1's fold of a batch of one source partition, counting each event_id once.
 
-    Items are ``(offset, cost_nanos, tokens, scopes, occurred_epoch_s, event_id)`` in offset order;
+    Items are ``(offset, cost_nanos, tokens, scopes, occurred_epoch_s, event_id[, content digest])`` in offset order;
     ``applied_high`` is the highest offset in any stored partial of the partition. Copies of ids applied at
     another offset are dropped first; the rest folds with ``fold_fresh`` when it starts above every stored
     offset (nothing to skip), else event by event with ``fold_batch``. Windows expired at the partition's
     watermark after the batch (``watermark_s``) are skipped: they were, or are about to be, deleted.
     """
-    admitted = applied.admit((item[5], item[0]) for item in items)
-    kept = [item for item, keep in zip(items, admitted, strict=True) if keep]
+    verdicts = applied.admit_versions((item[5], item[0], item[6] if len(item) > 6 else 0) for item in items)
+    kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
+    conflicts = [
+        (item[0], applied.offsets[item[5]])
+        for item, verdict in zip(items, verdicts, strict=True)
+        if verdict == CONFLICT
+    ]
     applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
     starts = retention.live_starts(calendar.starts, watermark_s)
     touched: dict[str, Partial] = {}
     changed: Iterable[str] = ()
     if kept and kept[0][0] > applied_high:
-        fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at, _ in kept]
+        fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at, *_ in kept]
         touched = fold_fresh(fresh, partition, current, starts)
         changed = touched
     elif kept:
         replay = [
             (offset, cost, tokens, [f"{scope}|{period}|{start}" for scope in scopes for period, start in starts(at)])
-            for offset, cost, tokens, scopes, at, _ in kept
+            for offset, cost, tokens, scopes, at, *_ in kept
         ]
         touched, changed = fold_batch(replay, partition, current)
     records: list[tuple[str, list[Any]]] = []
     for start in range(0, len(kept), IDS_PER_RECORD):
-        entries = [(item[5], item[0]) for item in kept[start : start + IDS_PER_RECORD]]
-        key, value = ids_key(partition, entries[0][1]), pack_ids(applied.newest_ms, entries)
+        chunk = kept[start : start + IDS_PER_RECORD]
+        entries = [(item[5], item[0]) for item in chunk]
+        digests = [item[6] if len(item) > 6 else 0 for item in chunk]
+        key, value = ids_key(partition, entries[0][1]), pack_ids(applied.newest_ms, entries, digests)
         applied.remember(key, value, entries)
         records.append((key, value))
-    return Stage1Batch(touched, changed, records, applied.expire())
+    return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
 
 
 def restore_stage1(

@@ -37,6 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.config import Settings
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from spendstream.runtime.policy_memory import PolicyRecorder, republish_last_policy
 from spendstream.runtime.topic_admin import create_topics
 from spendstream.runtime.usage_spill import SpilledRecord, replay_spill, spill_files, unconsumed_usage, write_spill
 
@@ -132,6 +133,7 @@ class DevStack:
         self.with_gateway = with_gateway
         self.extra_env = dict(env or {})
         self.broker: EmbeddedBroker | None = None
+        self.recorder: PolicyRecorder | None = None
         self.services: list[Service] = []
         self.data_dir = settings.data_dir.resolve()
         self._print_lock = threading.Lock()
@@ -150,9 +152,14 @@ class DevStack:
         create_topics({"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
         self.say(f"broker     {self.broker.bootstrap} (Kafka protocol, memory-only), topics created")
         self._replay_spills()
-        if self.policy is not None:
+        restored = republish_last_policy({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
+        if restored is not None:
+            self.say(f"policy     {restored.name} version {restored.version} restored (the last applied)")
+        elif self.policy is not None:
             self._run_cli("policy", "apply", "--wait", "0", str(self.policy))  # the processor starts below
             self.say(f"policy     {self.policy} applied")
+        self.recorder = PolicyRecorder({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
+        self.recorder.start()
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         self.api_tokens = _dev_api_tokens(self.settings)
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
@@ -208,6 +215,10 @@ class DevStack:
         self.say("stopping: processor, sink")
         self._stop_service("processor", timeout)
         self._stop_service("sink", timeout)
+        if self.recorder is not None:
+            self.recorder.stopping.set()
+            self.recorder.join(timeout=5)
+            self.recorder = None
         if self.broker is not None:
             self._spill_unconsumed()
             self.broker.stop()

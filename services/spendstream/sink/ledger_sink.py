@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -64,7 +64,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import usage_record_problem
-from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, price_record
+from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import history_versions, load_schema_json
 from spendstream.core.topics import USAGE
 from spendstream.sink.avro_block import (
@@ -218,6 +218,9 @@ class UsageDecoder:
             except UnknownModelError as exc:
                 rejected.append(Rejected(index, "price", f"unknown model, policy rejects it: {exc}"))
                 return False
+            except CostOverflowError as exc:
+                rejected.append(Rejected(index, "price", f"cost overflow: {exc}"))
+                return False
             record["cost_nanos"], record["price_source"] = price.cost_nanos, price.source
         records.append(record)
         return True
@@ -337,6 +340,7 @@ class SinkStats:
     insert_retries: int = 0
     staged_rows: int = 0
     avro_fallbacks: int = 0
+    superseded: int = 0  # copies of an event_id the ledger already held (first version wins), not inserted
 
 
 SCHEMA_NAME = "usage_event"
@@ -407,6 +411,71 @@ def create_staging(client: Any, staging: str) -> None:
     client.command(f"CREATE OR REPLACE TABLE {staging} ({columns}) ENGINE = Memory")
 
 
+# First version wins. ``usage_ledger`` is a ReplacingMergeTree without a version column: of two rows with one
+# sorting key (org, team, day, event_id) the one inserted LAST survives. A re-sent event_id with other content
+# would then replace what the processor counted (it keeps the first version and dead-letters the copy as a
+# conflicting duplicate). So the sink never inserts a row whose key the ledger already holds, nor a second row of
+# one event_id within a batch: identical replays change nothing, a conflicting copy is dropped here. The lookups
+# go through the primary index (the full sorting key). A copy that changes org, team or day is another row.
+_KEY = "(org, team, toDate(occurred_at), event_id)"
+
+
+def superseded_staged_rows(client: Any, staging: str, table: str, excluded: set[int]) -> set[int]:
+    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their id."""
+    staged_key = "(org, team, toDate(fromUnixTimestamp64Micro(occurred_at, 'UTC')), toUUIDOrZero(toString(event_id)))"
+    row = f"reinterpretAsUInt32({ROW_FIELD})"
+    skip = f" AND {row} NOT IN ({', '.join(map(str, sorted(excluded)))})" if excluded else ""
+    rows = client.query(
+        f"SELECT {row} FROM {staging} WHERE 1{skip} AND ("
+        f"{staged_key} IN (SELECT {_KEY} FROM {table} WHERE {_KEY} IN (SELECT {staged_key} FROM {staging}))"
+        f" OR {row} NOT IN (SELECT min({row}) FROM {staging} WHERE 1{skip} GROUP BY event_id))"
+    ).result_rows
+    return {r[0] for r in rows}
+
+
+def first_versions(client: Any, table: str, keys_table: str, columns: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Ledger columns without the rows ``superseded_staged_rows`` would drop (the Python path's rows); their keys
+    go through the Memory table ``keys_table`` so the ledger lookup is one indexed join."""
+    at = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
+    ids, orgs, teams, times = (columns[at[n]] for n in ("event_id", "org", "team", "occurred_at"))
+    if not ids:
+        return columns
+    days = [_day(moment) for moment in times]
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {keys_table} (org String, team String, day Date, event_id UUID) ENGINE = Memory"
+    )
+    client.command(f"TRUNCATE TABLE {keys_table}")
+    client.insert(
+        keys_table,
+        [list(orgs), list(teams), days, [uuid.UUID(str(e)) for e in ids]],
+        column_names=["org", "team", "day", "event_id"],
+        column_oriented=True,
+    )
+    held = {
+        (o, t, d, str(e))
+        for o, t, d, e in client.query(
+            f"SELECT org, team, toDate(occurred_at), event_id FROM {table} "
+            f"WHERE {_KEY} IN (SELECT org, team, day, event_id FROM {keys_table})"
+        ).result_rows
+    }
+    seen: set[str] = set()
+    keep = []
+    for i in range(len(ids)):
+        event_id = str(ids[i])
+        if event_id not in seen and (orgs[i], teams[i], days[i], event_id) not in held:
+            keep.append(i)
+        seen.add(event_id)
+    if len(keep) == len(ids):
+        return columns
+    return [[column[i] for i in keep] for column in columns]
+
+
+def _day(occurred_at: Any) -> date:
+    """The UTC date of a raw ``occurred_at`` (integer microseconds) or datetime."""
+    moment = occurred_at if isinstance(occurred_at, datetime) else _EPOCH + occurred_at * _MICROSECOND
+    return moment.astimezone(UTC).date()
+
+
 def judge_group(client: Any, staging: str, group: AvroGroup, now: datetime, skew: timedelta) -> Judged | None:
     """Load a group into ``staging`` and validate it in SQL; None if its rows did not come back intact.
 
@@ -448,6 +517,7 @@ class _Written:
     rows: int = 0
     staged_rows: int = 0  # rows that went through ClickHouse's Avro reader and SQL validation
     fallbacks: int = 0  # groups ClickHouse could not read, decoded in Python instead
+    superseded: int = 0  # rows not inserted: the ledger holds their event_id's first version
     rejected: list[Rejected] = field(default_factory=list)  # index = position in the batch
 
     def add(self, rows: int, rejected: list[Rejected]) -> None:
@@ -690,6 +760,9 @@ class LedgerSink:
             return
         count = len(group.indices)
         excluded = judged.exact | judged.rejected.keys()
+        superseded = superseded_staged_rows(self._client, self._staging, self._table, excluded)
+        excluded |= superseded
+        written.superseded += len(superseded)
         if len(excluded) < count:
             try:
                 self._client.command(
@@ -729,7 +802,7 @@ class LedgerSink:
         if not records:
             return
         try:
-            self._insert_columns(columns_of(records), token)
+            superseded = self._insert_columns(columns_of(records), token)
         except Exception as exc:
             if not is_content_error(exc):
                 raise
@@ -741,9 +814,15 @@ class LedgerSink:
             self._insert_isolating(records[:middle], indices[:middle], f"{token}<", written)
             self._insert_isolating(records[middle:], indices[middle:], f"{token}>", written)
             return
-        written.add(len(records), [])
+        written.add(len(records) - superseded, [])
+        written.superseded += superseded
 
-    def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> None:
+    def _insert_columns(self, columns: list[Sequence[Any]], token: str) -> int:
+        """Insert the first versions among ``columns``; returns how many rows were superseded (not inserted)."""
+        rows = len(columns[0])
+        columns = first_versions(self._client, self._table, f"{self._staging}_keys", columns)
+        if not columns[0]:
+            return rows
         self._client.insert(
             self._table,
             columns,
@@ -752,6 +831,7 @@ class LedgerSink:
             column_oriented=True,
             settings={"insert_deduplication_token": token},
         )
+        return rows - len(columns[0])
 
     def _settle(self, batch: _Batch, timeout: float | None = None) -> bool:
         """Wait for a batch's writes, then make its dead letters durable and commit its offsets."""
@@ -784,6 +864,7 @@ class LedgerSink:
                 self._failed = True
                 return False
         self.stats.inserted += written.rows
+        self.stats.superseded += written.superseded
         self.stats.staged_rows += written.staged_rows
         self.stats.avro_fallbacks += written.fallbacks
         self.stats.batches += 1
@@ -824,6 +905,7 @@ class LedgerSink:
             return
         try:
             self._client.command(f"DROP TABLE IF EXISTS {self._staging}")
+            self._client.command(f"DROP TABLE IF EXISTS {self._staging}_keys")
         except Exception as exc:  # an unreachable server keeps an empty Memory table; nothing is lost
             log.warning("could not drop the staging table %s: %s", self._staging, exc)
 

@@ -2,7 +2,8 @@
 
 ``DATA_DIR/api.json`` (mode 0600) holds the API's URL, its process id and a viewer token made for
 this process only: whoever can read the data directory can read the ledger files anyway, so the
-token gives nothing new, and the CLI never guesses a port or reads another stack's API.
+token gives nothing new, and the CLI (and a processor rebuilding its windows from an embedded ledger)
+never guesses a port or reads another stack's API.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
-
-from spendstream.api.tokens import TOKEN_PREFIX
 
 
 @dataclass(frozen=True)
@@ -22,10 +20,6 @@ class ApiAddress:
     url: str
     pid: int
     read_token: str
-
-
-def new_read_token() -> str:
-    return TOKEN_PREFIX + "local-" + secrets.token_urlsafe(32)
 
 
 def write_address(path: Path, address: ApiAddress) -> None:

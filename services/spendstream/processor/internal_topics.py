@@ -1,0 +1,61 @@
+"""The processor's own topics, created before the worker starts.
+
+Why up front: faust creates its internal topic and table changelogs itself, but only while the worker starts,
+and stage 1's confluent-kafka producer writes to them with an explicit partition right after assignment. On a
+loaded broker its metadata for a topic created a moment earlier could still be missing, and the produce failed
+with ``_UNKNOWN_PARTITION``, ending the process. Creating the topics first and waiting until their metadata
+lists every partition removes the race.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+PARTIALS_TOPIC = "spendstream.processor.partials"
+TABLES = ("partials", "windows", "scopes")  # faust table names of ``app.build_app``
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """faust's name for a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
+
+
+def internal_topics(app_id: str) -> dict[str, dict[str, str]]:
+    """Every topic the processor writes besides the public ones, with its config (changelogs are compacted)."""
+    compacted = {"cleanup.policy": "compact"}
+    return {PARTIALS_TOPIC: {}, **{changelog_topic(app_id, table): compacted for table in TABLES}}
+
+
+def ensure_internal_topics(kafka_conf: dict[str, Any], app_id: str, partitions: int, timeout: float = 60.0) -> None:
+    """Create the missing internal topics and return once the broker's metadata shows all their partitions.
+
+    Raises ``TimeoutError`` naming the topics still incomplete. Existing topics are left as they are.
+    """
+    admin = AdminClient(kafka_conf)
+    wanted = internal_topics(app_id)
+    existing = admin.list_topics(timeout=timeout).topics
+    missing = [NewTopic(name, partitions, 1, config=config) for name, config in wanted.items() if name not in existing]
+    if missing:
+        for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+            try:
+                future.result(timeout)
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise RuntimeError(f"cannot create the processor topic {name}: {exc}") from exc
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        incomplete = [
+            name
+            for name in wanted
+            if name not in topics or topics[name].error is not None or len(topics[name].partitions) < partitions
+        ]
+        if not incomplete:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processor topics without metadata after {timeout:.0f}s: {', '.join(incomplete)}")
+        time.sleep(0.2)

@@ -1,0 +1,72 @@
+"""The last applied policy survives a restart of the embedded stack.
+
+The embedded broker is memory-only, so ``spendstream.policy`` starts empty on every ``spendstream dev``. While the
+stack runs, ``PolicyRecorder`` keeps the newest valid record of the topic (its raw bytes) in
+``<data dir>/policy-in-force.avro``; the next start publishes that record again (``republish_last_policy``) before
+any service starts, so the processors resume under the policy that was in force, not the startup file.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.events import PolicyRecord
+from spendstream.core.policy import PolicyError, policy_from_json
+from spendstream.core.topics import POLICY
+
+LAST_POLICY_FILE = "policy-in-force.avro"
+
+
+def _valid(value: bytes, codec: AvroCodec) -> PolicyRecord | None:
+    try:
+        record = PolicyRecord.from_avro(codec.decode(value))
+        policy_from_json(record.document)
+    except (DecodeError, ValueError, PolicyError):
+        return None
+    return record
+
+
+def republish_last_policy(kafka_conf: dict[str, Any], data_dir: Path) -> PolicyRecord | None:
+    """Publish the recorded policy record again (None if there is none, or it is not a valid policy)."""
+    path = data_dir / LAST_POLICY_FILE
+    if not path.is_file():
+        return None
+    value = path.read_bytes()
+    record = _valid(value, AvroCodec("policy"))
+    if record is None:
+        return None
+    producer = Producer(kafka_conf)
+    producer.produce(POLICY, value, key=record.name.encode())
+    if producer.flush(15):
+        raise RuntimeError(f"the broker did not confirm the restored policy {record.name}")
+    return record
+
+
+class PolicyRecorder(threading.Thread):
+    """Follows ``spendstream.policy`` and writes its newest valid record to the data directory (atomically)."""
+
+    def __init__(self, kafka_conf: dict[str, Any], data_dir: Path) -> None:
+        super().__init__(name="policy-recorder", daemon=True)
+        self.kafka_conf = kafka_conf
+        self.path = data_dir / LAST_POLICY_FILE
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        codec = AvroCodec("policy")
+        consumer = Consumer({**self.kafka_conf, "group.id": "spendstream-policy-recorder", "enable.auto.commit": False})
+        consumer.assign([TopicPartition(POLICY, 0, OFFSET_BEGINNING)])
+        try:
+            while not self.stopping.is_set():
+                message = consumer.poll(0.5)
+                if message is None or message.error() or _valid(message.value(), codec) is None:
+                    continue
+                partial = self.path.with_suffix(".tmp")
+                partial.write_bytes(message.value())
+                partial.replace(self.path)
+        finally:
+            consumer.close()
