@@ -86,10 +86,10 @@ def test_an_event_whose_cost_overflows_int64_goes_to_the_dlq_and_the_rest_counts
     worker = start_worker(broker.bootstrap, tmp_path / "worker", policy)
     dlq = TopicReader(broker.bootstrap, USAGE_DLQ, None)
     try:
-        poison = event(
-            org="acme", team="ovf", provider="acme-internal", model_requested="unknown-x",
-            input_tokens=10_000_000_000_000_000, output_tokens=0,
-        )  # fmt: skip
+        # A producer in another language writes what UsageEvent's bounds would refuse: the processor's own guard.
+        poison = event(org="acme", team="ovf", provider="acme-internal", model_requested="unknown-x").model_copy(
+            update={"input_tokens": 10_000_000_000_000_000, "output_tokens": 0}
+        )
         fine = event(org="acme", team="ovf", cost_nanos=7 * USD)
         produce(broker.bootstrap, [poison, fine])
         _, headers = dlq.wait(lambda r: str(poison.event_id).encode() in r[0], timeout=90)
