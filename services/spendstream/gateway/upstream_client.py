@@ -4,8 +4,8 @@ Why not a general-purpose client: the gateway forwards one request shape (a meth
 a body already in memory) to a handful of fixed upstreams, and each general-purpose layer (URL objects,
 cookie jars, tracing hooks, per-request timeout contexts, stream readers) costs as much CPU as the
 gateway's own work. Here a request is one ``transport.write`` on a pooled connection and a response is
-parsed by ``ResponseParser``, a pure state machine (head, then a Content-Length, chunked or
-read-until-close body) that is tested on its own.
+framed by ``ResponseParser`` over llhttp (Node.js's parser, through ``httptools``), with no I/O of its own,
+tested on its own.
 
 Semantics the gateway relies on:
 
@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from urllib.parse import urlsplit
 
+import httptools
+
 KEEPALIVE_S = 15.0  # below the idle timeout of common upstream servers, so they rarely close one under us
 MAX_IDLE_PER_UPSTREAM = 64
 MAX_HEAD_BYTES = 64 * 1024
@@ -46,16 +48,19 @@ class UpstreamDisconnected(ConnectionError):
 
 
 class ResponseParser:
-    """Incremental HTTP/1.x response framing: feed bytes, get body pieces; pure (no I/O).
+    """Incremental HTTP/1.x response framing over llhttp (``httptools``): feed bytes, get body pieces; no I/O.
 
     After the head: ``status``, ``headers`` (lower-case names; repeated headers joined with ``", "``) and
     ``keep_alive``. ``complete`` turns True once the body ended (for a read-until-close body: at EOF).
+    llhttp frames the bytes; this class adds what a client of one request per exchange needs: interim (1xx)
+    heads skipped, a bound on the head's size, bytes past the end of the response refused.
     """
 
     __slots__ = (
-        "_buf",
-        "_chunked_state",
-        "_remaining",
+        "_body",
+        "_head_bytes",
+        "_headers_done",
+        "_llhttp",
         "_until_close",
         "complete",
         "headers",
@@ -64,13 +69,14 @@ class ResponseParser:
     )
 
     def __init__(self) -> None:
-        self._buf = b""
-        self.status = 0  # 0 until the head is parsed
+        self._llhttp = httptools.HttpResponseParser(self)
+        self.status = 0  # 0 until the (final) head is parsed
         self.headers: dict[str, str] = {}
         self.keep_alive = True
         self.complete = False
-        self._remaining = 0  # bytes of a Content-Length body, or of the current chunk, still to come
-        self._chunked_state = ""  # "", "size", "data", "data-crlf", "trailer"
+        self._body: list[bytes] = []
+        self._head_bytes = 0
+        self._headers_done = False  # of the head being parsed (an interim head resets it)
         self._until_close = False
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -79,24 +85,22 @@ class ResponseParser:
             if data:
                 raise UpstreamProtocolError("bytes after the end of the response")
             return []
+        try:
+            self._llhttp.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, UpstreamProtocolError):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise _protocol_error(str(exc)) from None
         if not self.status:
-            data = self._buf + data
-            self._buf = b""
-            data = self._parse_head(data)
-            if not self.status:
-                return []
-        if self._until_close:
-            return [data] if data else []
-        if self._chunked_state:
-            return self._feed_chunked(data)
-        if len(data) < self._remaining:
-            self._remaining -= len(data)
-            return [data] if data else []
-        if len(data) > self._remaining:
-            raise UpstreamProtocolError("more body bytes than Content-Length announced")
-        self._remaining = 0
-        self.complete = True
-        return [data] if data else []
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise UpstreamProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
+        body = self._body
+        if body:
+            self._body = []
+        return body
 
     def feed_eof(self) -> None:
         """The upstream closed its side: the end of a read-until-close body, or a response cut short."""
@@ -108,98 +112,61 @@ class ResponseParser:
             return
         raise UpstreamDisconnected("the upstream closed the connection before the response was complete")
 
-    def _parse_head(self, data: bytes) -> bytes:
-        """Consume one or more heads (1xx interim responses are skipped); return what follows the final one."""
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_HEAD_BYTES:
-                    raise UpstreamProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
-                self._buf = data
-                return b""
-            lines = data[:end].decode("latin-1").split("\r\n")
-            data = data[end + 4 :]
-            status_line = lines[0]
-            version, _, rest = status_line.partition(" ")
-            code = rest[:3]
-            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-                raise UpstreamProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-            status = int(code)
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name[-1] in " \t":
-                    raise UpstreamProtocolError(f"malformed header line: {line[:80]!r}")
-                name = name.lower()
-                value = value.strip(" \t")
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            if 100 <= status < 200:
-                continue  # interim (100 Continue, 103 Early Hints): the real response follows
-            self.status = status
-            self.headers = headers
-            self._frame(version, headers)
-            return data
+    # -- llhttp callbacks ------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:
+            too_long = "content-length" in self.headers
+            raise UpstreamProtocolError(
+                "more body bytes than Content-Length announced" if too_long else "bytes after the end of the response"
+            )
 
-    def _frame(self, version: str, headers: Mapping[str, str]) -> None:
-        connection = headers.get("connection", "").lower()
-        self.keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
-        if self.status in _NO_BODY_STATUSES:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer after a chunked body: not part of the response's headers
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").rstrip(" \t")
+        headers = self.headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        status = self._llhttp.get_status_code()
+        if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): the real response follows
+            self.headers = {}
+            return
+        self._headers_done = True
+        self.status = status
+        self.keep_alive = self._llhttp.should_keep_alive()
+        headers = self.headers
+        self._until_close = (
+            status not in _NO_BODY_STATUSES
+            and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._headers_done:
             self.complete = True
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._chunked_state = "size"
-        elif "content-length" in headers:
-            length = headers["content-length"]
-            if not length.isdigit():
-                raise UpstreamProtocolError(f"bad Content-Length: {length[:40]!r}")
-            self._remaining = int(length)
-            self.complete = self._remaining == 0
-        else:
-            self._until_close = True
-            self.keep_alive = False
 
-    def _feed_chunked(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        data = self._buf + data if self._buf else data
-        self._buf = b""
-        pos = 0
-        size = len(data)
-        while pos < size:
-            state = self._chunked_state
-            if state == "data":
-                take = min(self._remaining, size - pos)
-                out.append(data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._chunked_state = "data-crlf"
-                continue
-            end = data.find(b"\r\n", pos)
-            if end < 0:
-                if size - pos > MAX_HEAD_BYTES:
-                    raise UpstreamProtocolError("chunk header or trailer line too long")
-                self._buf = data[pos:]
-                break
-            line = data[pos:end]
-            pos = end + 2
-            if state == "data-crlf":
-                if line:
-                    raise UpstreamProtocolError("chunk data longer than its size")
-                self._chunked_state = "size"
-            elif state == "size":
-                digits = line.split(b";", 1)[0].strip()
-                try:
-                    self._remaining = int(digits, 16)
-                except ValueError:
-                    raise UpstreamProtocolError(f"bad chunk size: {digits[:20]!r}") from None
-                if self._remaining < 0 or digits[:1] in (b"-", b"+"):
-                    raise UpstreamProtocolError(f"bad chunk size: {digits[:20]!r}")
-                self._chunked_state = "data" if self._remaining else "trailer"
-            elif not line:  # state == "trailer": an empty line ends the trailers and the response
-                self.complete = True
-                if pos < size:
-                    raise UpstreamProtocolError("bytes after the end of the response")
-                break
-        return out
+
+def _protocol_error(reason: str) -> UpstreamProtocolError:
+    """llhttp's reason, prefixed with what it means for the response (the tests and logs read the prefix)."""
+    lowered = reason.lower()
+    if "status" in lowered or "expected http/" in lowered:
+        what = "not an HTTP/1.x status line"
+    elif "content-length" in lowered:
+        what = "bad Content-Length"
+    elif "chunk size" in lowered:
+        what = "bad chunk size"
+    elif "after chunk data" in lowered:
+        what = "chunk data longer than its size"
+    elif "header" in lowered:
+        what = "malformed header line"
+    else:
+        what = "malformed response"
+    return UpstreamProtocolError(f"{what}: {reason}")
 
 
 class UpstreamResponse:
