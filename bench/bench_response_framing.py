@@ -77,9 +77,9 @@ def baseline_parser(revision: str) -> type:
 
 
 def export_services(revision: str, into: Path) -> Path:
-    """The ``services`` tree of ``revision``, written under ``into``; returns the directory for PYTHONPATH."""
+    """``revision`` written under ``into`` (the code reads schemas from the tree); returns its ``services``."""
     root = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(["git", "archive", revision, "services"], cwd=root, check=True, capture_output=True)
+    archive = subprocess.run(["git", "archive", revision], cwd=root, check=True, capture_output=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
     return into / "services"
@@ -93,7 +93,7 @@ def gateway_figures(services: Path, requests: int) -> str:
         [sys.executable, str(script), "--requests", str(requests), "--rounds", "5"],
         env=env,
         check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
     )
     keep = ("  gateway", "  direct", "added by")

@@ -18,18 +18,27 @@ Semantics the gateway relies on:
 * Idle connections are dropped after ``KEEPALIVE_S`` or as soon as the upstream closes them. A request
   whose reused connection turns out to be closed before any response byte arrived is sent once more on a
   new connection (the upstream closed it while idle, so it never saw the request).
+* An egress proxy named by ``HTTPS_PROXY`` / ``HTTP_PROXY`` (or their lower-case forms, which win) is used
+  unless ``NO_PROXY`` lists the upstream's host: an https upstream is reached through a CONNECT tunnel (TLS
+  is end to end), an http one by absolute-form requests to the proxy. Credentials in the proxy URL are sent
+  as ``Proxy-Authorization`` (Basic) and appear in no message, log or repr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
+
+from spendstream.core.config import ConfigError
 
 KEEPALIVE_S = 15.0  # below the idle timeout of common upstream servers, so they rarely close one under us
 MAX_IDLE_PER_UPSTREAM = 64
@@ -372,6 +381,72 @@ class _Connection(asyncio.Protocol):
             self._watchdog = None
 
 
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP egress proxy; ``authorization`` is the ``Proxy-Authorization`` value ('' without credentials)."""
+
+    host: str
+    port: int
+    authorization: str = field(default="", repr=False)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, for messages (never the credentials)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_url(cls, url: str, variable: str) -> Proxy:
+        """Parse ``http://[user:password@]host[:port]`` (a bare ``host:port`` too, as curl reads it)."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = 0
+        if parts.scheme != "http" or not parts.hostname or not port:
+            # Never repeat the URL: it may carry a password.
+            raise ConfigError(f"{variable} must be an http://host[:port] proxy URL (got scheme {parts.scheme!r})")
+        authorization = ""
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
+        return cls(parts.hostname, port, authorization)
+
+
+def proxy_from_environment(scheme: str, host: str, port: int) -> Proxy | None:
+    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY`` name for an ``scheme://host:port`` upstream, unless ``NO_PROXY``
+    exempts it (a host, a domain suffix with or without a leading dot, ``host:port``, or ``*``)."""
+    proxies = urllib.request.getproxies_environment()  # lower-case names win, as curl and requests read them
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass_environment(f"{host}:{port}", proxies):
+        return None
+    return Proxy.from_url(url, f"{scheme.upper()}_PROXY")
+
+
+class _TunnelHandshake(asyncio.Protocol):
+    """Reads the proxy's answer to CONNECT; the connection then carries TLS to the upstream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.parser = ResponseParser()
+        self.answered: asyncio.Future[int] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered.done():
+            return
+        try:
+            self.parser.feed(data)
+        except ConnectionError as exc:
+            self.answered.set_exception(exc)
+            return
+        if self.parser.status:
+            self.answered.set_result(self.parser.status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(
+                UpstreamDisconnected("the proxy closed the connection before answering CONNECT")
+            )
+
+
 class UpstreamPool:
     """Keep-alive connections to one upstream base URL (``http`` or ``https``, optionally with a path prefix)."""
 
@@ -386,8 +461,16 @@ class UpstreamPool:
         default_port = self.port == (443 if tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
+        self.authority = f"{host}:{self.port}"  # CONNECT's target always names the port
         self.prefix = parts.path.rstrip("/")
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self.proxy = proxy_from_environment(parts.scheme, self.host, self.port)
+        self._request_lines = [f"Host: {self.host_header}", f"User-Agent: {USER_AGENT}", "Accept-Encoding: identity"]
+        self._target_prefix = self.prefix
+        if self.proxy is not None and not tls:  # absolute-form requests to the proxy; https goes through CONNECT
+            self._target_prefix = f"http://{self.host_header}{self.prefix}"
+            if self.proxy.authorization:
+                self._request_lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._idle: list[_Connection] = []
@@ -406,30 +489,35 @@ class UpstreamPool:
         connection = self._take_idle()
         if connection is not None:
             try:
-                return UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+                return self._checked(
+                    UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+                )
             except BaseException as exc:
                 connection.finish()
                 if not (isinstance(exc, ConnectionError) and connection.untouched):
                     raise
         connection = await self._connect()
         try:
-            return UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+            return self._checked(UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s)))
         except BaseException:
             connection.finish()
             raise
+
+    def _checked(self, response: UpstreamResponse) -> UpstreamResponse:
+        """A 407 comes from the egress proxy, not the upstream: a failure to reach it, not an answer to pass on."""
+        if response.status == 407 and self.proxy is not None:
+            raise ConnectionRefusedError(
+                f"the proxy {self.proxy.address} refused the request to {self.authority}: 407 (Proxy Authentication "
+                "Required)"
+            )
+        return response
 
     def _message(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
         fields = [f"{name}: {value}" for name, value in headers.items()]
         supplied = "".join(fields) + path
         if "\r" in supplied or "\n" in supplied:
             raise ValueError("a header or the path contains a line break")
-        lines = [
-            f"{method} {self.prefix}{path} HTTP/1.1",
-            f"Host: {self.host_header}",
-            f"User-Agent: {USER_AGENT}",
-            "Accept-Encoding: identity",
-            *fields,
-        ]
+        lines = [f"{method} {self._target_prefix}{path} HTTP/1.1", *self._request_lines, *fields]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
         message = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
@@ -446,20 +534,48 @@ class UpstreamPool:
 
     async def _connect(self) -> _Connection:
         try:
-            _, connection = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                ),
-                self.connect_timeout_s,
-            )
+            connection = await asyncio.wait_for(self._open_connection(), self.connect_timeout_s)
         except TimeoutError as exc:
-            took = f"connecting to {self.host}:{self.port} took longer than {self.connect_timeout_s:g} s"
+            via = f" through the proxy {self.proxy.address}" if self.proxy is not None else ""
+            took = f"connecting to {self.host}:{self.port}{via} took longer than {self.connect_timeout_s:g} s"
             raise TimeoutError(took) from exc
         self._open.add(connection)
+        return connection
+
+    async def _open_connection(self) -> _Connection:
+        proxy = self.proxy
+        if proxy is None or self.ssl is None:  # direct, or to the proxy that takes absolute-form requests
+            host, port = (self.host, self.port) if proxy is None else (proxy.host, proxy.port)
+            _, connection = await self.loop.create_connection(
+                lambda: _Connection(self), host, port, ssl=self.ssl, server_hostname=self.host if self.ssl else None
+            )
+            return connection
+        return await self._open_tunnel(proxy, self.ssl)
+
+    async def _open_tunnel(self, proxy: Proxy, tls: ssl.SSLContext) -> _Connection:
+        """CONNECT through ``proxy``, then TLS with the upstream inside the tunnel."""
+        transport, handshake = await self.loop.create_connection(
+            lambda: _TunnelHandshake(self.loop), proxy.host, proxy.port
+        )
+        authority = self.authority
+        try:
+            head = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
+            if proxy.authorization:
+                head.append(f"Proxy-Authorization: {proxy.authorization}")
+            transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            status = await handshake.answered
+            if not 200 <= status < 300:
+                reason = " (Proxy Authentication Required)" if status == 407 else ""
+                raise ConnectionRefusedError(
+                    f"the proxy {proxy.address} refused the tunnel to {authority}: {status}{reason}"
+                )
+            connection = _Connection(self)
+            tls_transport = await self.loop.start_tls(transport, connection, tls, server_hostname=self.host)
+        except BaseException:
+            transport.close()
+            raise
+        assert tls_transport is not None
+        connection.connection_made(tls_transport)
         return connection
 
     def put_idle(self, connection: _Connection) -> None:
