@@ -27,6 +27,7 @@ from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamCo
 from spendstream.gateway.keys import VirtualKey, hash_key
 from spendstream.gateway.stub_upstream import StubUpstream
 from spendstream.gateway.upstream_client import UpstreamPool
+from spendstream.runtime.embedded_broker import EmbeddedBroker
 
 USER, PASSWORD = "egress", "s3cret!pw"  # the password is percent-encoded in the proxy URL ("!" as %21)
 PROXY_CREDENTIALS = f"{USER}:s3cret%21pw"
@@ -216,9 +217,33 @@ def test_no_proxy_hosts_are_called_directly(proxy: ProxyProcess, proxy_env: pyte
 @pytest.mark.parametrize("url", ["socks5://egress:pw-in-url@127.0.0.1:1080", "https://egress:pw-in-url@proxy:3128"])
 def test_an_unsupported_proxy_url_is_refused_naming_the_variable(proxy_env: pytest.MonkeyPatch, url: str) -> None:
     proxy_env.setenv("HTTPS_PROXY", url)
-    with pytest.raises(ConfigError, match="HTTPS_PROXY must be an http://") as refused:
+    with pytest.raises(ConfigError, match=r"HTTPS_PROXY \(or https_proxy\) must be an http://") as refused:
         UpstreamPool("https://api.openai.com", connect_timeout_s=5, read_timeout_s=5)
     assert "pw-in-url" not in str(refused.value)
+
+
+def test_the_gateway_refuses_to_start_with_an_unsupported_proxy_url(
+    broker: EmbeddedBroker, proxy_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "providers:\n  openai: {upstreams: [{base_url: 'https://api.openai.com'}]}\n"
+        "  anthropic: {kind: anthropic, upstreams: [{base_url: 'https://api.anthropic.com'}]}\n"
+    )
+    proxy_env.setenv("https_proxy", "socks5://egress:pw-in-url@127.0.0.1:1080")
+    proxy_env.setenv("SPENDSTREAM_KAFKA_BOOTSTRAP", broker.bootstrap)
+    proxy_env.setenv("SPENDSTREAM_DATA_DIR", str(tmp_path / "data"))
+    started = subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 2, started.stderr
+    assert (
+        "HTTPS_PROXY (or https_proxy) must be an http://host[:port] proxy URL (got scheme 'socks5')" in started.stderr
+    )
+    assert "pw-in-url" not in started.stdout + started.stderr
 
 
 def test_the_gateway_answers_through_the_proxy(

@@ -419,7 +419,7 @@ def proxy_from_environment(scheme: str, host: str, port: int) -> Proxy | None:
     url = proxies.get(scheme)
     if not url or urllib.request.proxy_bypass_environment(f"{host}:{port}", proxies):
         return None
-    return Proxy.from_url(url, f"{scheme.upper()}_PROXY")
+    return Proxy.from_url(url, f"{scheme.upper()}_PROXY (or {scheme}_proxy)")
 
 
 class _TunnelHandshake(asyncio.Protocol):
