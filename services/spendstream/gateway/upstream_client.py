@@ -4,8 +4,8 @@ Why not a general-purpose client: the gateway forwards one request shape (a meth
 a body already in memory) to a handful of fixed upstreams, and each general-purpose layer (URL objects,
 cookie jars, tracing hooks, per-request timeout contexts, stream readers) costs as much CPU as the
 gateway's own work. Here a request is one ``transport.write`` on a pooled connection and a response is
-parsed by ``ResponseParser``, a pure state machine (head, then a Content-Length, chunked or
-read-until-close body) that is tested on its own.
+framed by ``ResponseParser`` over llhttp (Node.js's parser, through ``httptools``), with no I/O of its own,
+tested on its own.
 
 Semantics the gateway relies on:
 
@@ -18,16 +18,27 @@ Semantics the gateway relies on:
 * Idle connections are dropped after ``KEEPALIVE_S`` or as soon as the upstream closes them. A request
   whose reused connection turns out to be closed before any response byte arrived is sent once more on a
   new connection (the upstream closed it while idle, so it never saw the request).
+* An egress proxy named by ``HTTPS_PROXY`` / ``HTTP_PROXY`` (or their lower-case forms, which win) is used
+  unless ``NO_PROXY`` lists the upstream's host: an https upstream is reached through a CONNECT tunnel (TLS
+  is end to end), an http one by absolute-form requests to the proxy. Credentials in the proxy URL are sent
+  as ``Proxy-Authorization`` (Basic) and appear in no message, log or repr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+import httptools
+
+from spendstream.core.config import ConfigError
 
 KEEPALIVE_S = 15.0  # below the idle timeout of common upstream servers, so they rarely close one under us
 MAX_IDLE_PER_UPSTREAM = 64
@@ -46,16 +57,19 @@ class UpstreamDisconnected(ConnectionError):
 
 
 class ResponseParser:
-    """Incremental HTTP/1.x response framing: feed bytes, get body pieces; pure (no I/O).
+    """Incremental HTTP/1.x response framing over llhttp (``httptools``): feed bytes, get body pieces; no I/O.
 
     After the head: ``status``, ``headers`` (lower-case names; repeated headers joined with ``", "``) and
     ``keep_alive``. ``complete`` turns True once the body ended (for a read-until-close body: at EOF).
+    llhttp frames the bytes; this class adds what a client of one request per exchange needs: interim (1xx)
+    heads skipped, a bound on the head's size, bytes past the end of the response refused.
     """
 
     __slots__ = (
-        "_buf",
-        "_chunked_state",
-        "_remaining",
+        "_body",
+        "_head_bytes",
+        "_headers_done",
+        "_llhttp",
         "_until_close",
         "complete",
         "headers",
@@ -64,13 +78,14 @@ class ResponseParser:
     )
 
     def __init__(self) -> None:
-        self._buf = b""
-        self.status = 0  # 0 until the head is parsed
+        self._llhttp = httptools.HttpResponseParser(self)
+        self.status = 0  # 0 until the (final) head is parsed
         self.headers: dict[str, str] = {}
         self.keep_alive = True
         self.complete = False
-        self._remaining = 0  # bytes of a Content-Length body, or of the current chunk, still to come
-        self._chunked_state = ""  # "", "size", "data", "data-crlf", "trailer"
+        self._body: list[bytes] = []
+        self._head_bytes = 0
+        self._headers_done = False  # of the head being parsed (an interim head resets it)
         self._until_close = False
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -79,24 +94,22 @@ class ResponseParser:
             if data:
                 raise UpstreamProtocolError("bytes after the end of the response")
             return []
+        try:
+            self._llhttp.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, UpstreamProtocolError):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise _protocol_error(str(exc)) from None
         if not self.status:
-            data = self._buf + data
-            self._buf = b""
-            data = self._parse_head(data)
-            if not self.status:
-                return []
-        if self._until_close:
-            return [data] if data else []
-        if self._chunked_state:
-            return self._feed_chunked(data)
-        if len(data) < self._remaining:
-            self._remaining -= len(data)
-            return [data] if data else []
-        if len(data) > self._remaining:
-            raise UpstreamProtocolError("more body bytes than Content-Length announced")
-        self._remaining = 0
-        self.complete = True
-        return [data] if data else []
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise UpstreamProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
+        body = self._body
+        if body:
+            self._body = []
+        return body
 
     def feed_eof(self) -> None:
         """The upstream closed its side: the end of a read-until-close body, or a response cut short."""
@@ -108,98 +121,61 @@ class ResponseParser:
             return
         raise UpstreamDisconnected("the upstream closed the connection before the response was complete")
 
-    def _parse_head(self, data: bytes) -> bytes:
-        """Consume one or more heads (1xx interim responses are skipped); return what follows the final one."""
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_HEAD_BYTES:
-                    raise UpstreamProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
-                self._buf = data
-                return b""
-            lines = data[:end].decode("latin-1").split("\r\n")
-            data = data[end + 4 :]
-            status_line = lines[0]
-            version, _, rest = status_line.partition(" ")
-            code = rest[:3]
-            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-                raise UpstreamProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-            status = int(code)
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name[-1] in " \t":
-                    raise UpstreamProtocolError(f"malformed header line: {line[:80]!r}")
-                name = name.lower()
-                value = value.strip(" \t")
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            if 100 <= status < 200:
-                continue  # interim (100 Continue, 103 Early Hints): the real response follows
-            self.status = status
-            self.headers = headers
-            self._frame(version, headers)
-            return data
+    # -- llhttp callbacks ------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:
+            too_long = "content-length" in self.headers
+            raise UpstreamProtocolError(
+                "more body bytes than Content-Length announced" if too_long else "bytes after the end of the response"
+            )
 
-    def _frame(self, version: str, headers: Mapping[str, str]) -> None:
-        connection = headers.get("connection", "").lower()
-        self.keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
-        if self.status in _NO_BODY_STATUSES:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer after a chunked body: not part of the response's headers
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").rstrip(" \t")
+        headers = self.headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        status = self._llhttp.get_status_code()
+        if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): the real response follows
+            self.headers = {}
+            return
+        self._headers_done = True
+        self.status = status
+        self.keep_alive = self._llhttp.should_keep_alive()
+        headers = self.headers
+        self._until_close = (
+            status not in _NO_BODY_STATUSES
+            and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._headers_done:
             self.complete = True
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._chunked_state = "size"
-        elif "content-length" in headers:
-            length = headers["content-length"]
-            if not length.isdigit():
-                raise UpstreamProtocolError(f"bad Content-Length: {length[:40]!r}")
-            self._remaining = int(length)
-            self.complete = self._remaining == 0
-        else:
-            self._until_close = True
-            self.keep_alive = False
 
-    def _feed_chunked(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        data = self._buf + data if self._buf else data
-        self._buf = b""
-        pos = 0
-        size = len(data)
-        while pos < size:
-            state = self._chunked_state
-            if state == "data":
-                take = min(self._remaining, size - pos)
-                out.append(data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._chunked_state = "data-crlf"
-                continue
-            end = data.find(b"\r\n", pos)
-            if end < 0:
-                if size - pos > MAX_HEAD_BYTES:
-                    raise UpstreamProtocolError("chunk header or trailer line too long")
-                self._buf = data[pos:]
-                break
-            line = data[pos:end]
-            pos = end + 2
-            if state == "data-crlf":
-                if line:
-                    raise UpstreamProtocolError("chunk data longer than its size")
-                self._chunked_state = "size"
-            elif state == "size":
-                digits = line.split(b";", 1)[0].strip()
-                try:
-                    self._remaining = int(digits, 16)
-                except ValueError:
-                    raise UpstreamProtocolError(f"bad chunk size: {digits[:20]!r}") from None
-                if self._remaining < 0 or digits[:1] in (b"-", b"+"):
-                    raise UpstreamProtocolError(f"bad chunk size: {digits[:20]!r}")
-                self._chunked_state = "data" if self._remaining else "trailer"
-            elif not line:  # state == "trailer": an empty line ends the trailers and the response
-                self.complete = True
-                if pos < size:
-                    raise UpstreamProtocolError("bytes after the end of the response")
-                break
-        return out
+
+def _protocol_error(reason: str) -> UpstreamProtocolError:
+    """llhttp's reason, prefixed with what it means for the response (the tests and logs read the prefix)."""
+    lowered = reason.lower()
+    if "status" in lowered or "expected http/" in lowered:
+        what = "not an HTTP/1.x status line"
+    elif "content-length" in lowered:
+        what = "bad Content-Length"
+    elif "chunk size" in lowered:
+        what = "bad chunk size"
+    elif "after chunk data" in lowered:
+        what = "chunk data longer than its size"
+    elif "header" in lowered:
+        what = "malformed header line"
+    else:
+        what = "malformed response"
+    return UpstreamProtocolError(f"{what}: {reason}")
 
 
 class UpstreamResponse:
@@ -405,6 +381,72 @@ class _Connection(asyncio.Protocol):
             self._watchdog = None
 
 
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP egress proxy; ``authorization`` is the ``Proxy-Authorization`` value ('' without credentials)."""
+
+    host: str
+    port: int
+    authorization: str = field(default="", repr=False)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, for messages (never the credentials)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_url(cls, url: str, variable: str) -> Proxy:
+        """Parse ``http://[user:password@]host[:port]`` (a bare ``host:port`` too, as curl reads it)."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = 0
+        if parts.scheme != "http" or not parts.hostname or not port:
+            # Never repeat the URL: it may carry a password.
+            raise ConfigError(f"{variable} must be an http://host[:port] proxy URL (got scheme {parts.scheme!r})")
+        authorization = ""
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
+        return cls(parts.hostname, port, authorization)
+
+
+def proxy_from_environment(scheme: str, host: str, port: int) -> Proxy | None:
+    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY`` name for an ``scheme://host:port`` upstream, unless ``NO_PROXY``
+    exempts it (a host, a domain suffix with or without a leading dot, ``host:port``, or ``*``)."""
+    proxies = urllib.request.getproxies_environment()  # lower-case names win, as curl and requests read them
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass_environment(f"{host}:{port}", proxies):
+        return None
+    return Proxy.from_url(url, f"{scheme.upper()}_PROXY (or {scheme}_proxy)")
+
+
+class _TunnelHandshake(asyncio.Protocol):
+    """Reads the proxy's answer to CONNECT; the connection then carries TLS to the upstream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.parser = ResponseParser()
+        self.answered: asyncio.Future[int] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered.done():
+            return
+        try:
+            self.parser.feed(data)
+        except ConnectionError as exc:
+            self.answered.set_exception(exc)
+            return
+        if self.parser.status:
+            self.answered.set_result(self.parser.status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(
+                UpstreamDisconnected("the proxy closed the connection before answering CONNECT")
+            )
+
+
 class UpstreamPool:
     """Keep-alive connections to one upstream base URL (``http`` or ``https``, optionally with a path prefix)."""
 
@@ -419,8 +461,16 @@ class UpstreamPool:
         default_port = self.port == (443 if tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
+        self.authority = f"{host}:{self.port}"  # CONNECT's target always names the port
         self.prefix = parts.path.rstrip("/")
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self.proxy = proxy_from_environment(parts.scheme, self.host, self.port)
+        self._request_lines = [f"Host: {self.host_header}", f"User-Agent: {USER_AGENT}", "Accept-Encoding: identity"]
+        self._target_prefix = self.prefix
+        if self.proxy is not None and not tls:  # absolute-form requests to the proxy; https goes through CONNECT
+            self._target_prefix = f"http://{self.host_header}{self.prefix}"
+            if self.proxy.authorization:
+                self._request_lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._idle: list[_Connection] = []
@@ -439,30 +489,35 @@ class UpstreamPool:
         connection = self._take_idle()
         if connection is not None:
             try:
-                return UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+                return self._checked(
+                    UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+                )
             except BaseException as exc:
                 connection.finish()
                 if not (isinstance(exc, ConnectionError) and connection.untouched):
                     raise
         connection = await self._connect()
         try:
-            return UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s))
+            return self._checked(UpstreamResponse(connection, await connection.exchange(message, self.read_timeout_s)))
         except BaseException:
             connection.finish()
             raise
+
+    def _checked(self, response: UpstreamResponse) -> UpstreamResponse:
+        """A 407 comes from the egress proxy, not the upstream: a failure to reach it, not an answer to pass on."""
+        if response.status == 407 and self.proxy is not None:
+            raise ConnectionRefusedError(
+                f"the proxy {self.proxy.address} refused the request to {self.authority}: 407 (Proxy Authentication "
+                "Required)"
+            )
+        return response
 
     def _message(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
         fields = [f"{name}: {value}" for name, value in headers.items()]
         supplied = "".join(fields) + path
         if "\r" in supplied or "\n" in supplied:
             raise ValueError("a header or the path contains a line break")
-        lines = [
-            f"{method} {self.prefix}{path} HTTP/1.1",
-            f"Host: {self.host_header}",
-            f"User-Agent: {USER_AGENT}",
-            "Accept-Encoding: identity",
-            *fields,
-        ]
+        lines = [f"{method} {self._target_prefix}{path} HTTP/1.1", *self._request_lines, *fields]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
         message = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
@@ -479,20 +534,48 @@ class UpstreamPool:
 
     async def _connect(self) -> _Connection:
         try:
-            _, connection = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                ),
-                self.connect_timeout_s,
-            )
+            connection = await asyncio.wait_for(self._open_connection(), self.connect_timeout_s)
         except TimeoutError as exc:
-            took = f"connecting to {self.host}:{self.port} took longer than {self.connect_timeout_s:g} s"
+            via = f" through the proxy {self.proxy.address}" if self.proxy is not None else ""
+            took = f"connecting to {self.host}:{self.port}{via} took longer than {self.connect_timeout_s:g} s"
             raise TimeoutError(took) from exc
         self._open.add(connection)
+        return connection
+
+    async def _open_connection(self) -> _Connection:
+        proxy = self.proxy
+        if proxy is None or self.ssl is None:  # direct, or to the proxy that takes absolute-form requests
+            host, port = (self.host, self.port) if proxy is None else (proxy.host, proxy.port)
+            _, connection = await self.loop.create_connection(
+                lambda: _Connection(self), host, port, ssl=self.ssl, server_hostname=self.host if self.ssl else None
+            )
+            return connection
+        return await self._open_tunnel(proxy, self.ssl)
+
+    async def _open_tunnel(self, proxy: Proxy, tls: ssl.SSLContext) -> _Connection:
+        """CONNECT through ``proxy``, then TLS with the upstream inside the tunnel."""
+        transport, handshake = await self.loop.create_connection(
+            lambda: _TunnelHandshake(self.loop), proxy.host, proxy.port
+        )
+        authority = self.authority
+        try:
+            head = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
+            if proxy.authorization:
+                head.append(f"Proxy-Authorization: {proxy.authorization}")
+            transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            status = await handshake.answered
+            if not 200 <= status < 300:
+                reason = " (Proxy Authentication Required)" if status == 407 else ""
+                raise ConnectionRefusedError(
+                    f"the proxy {proxy.address} refused the tunnel to {authority}: {status}{reason}"
+                )
+            connection = _Connection(self)
+            tls_transport = await self.loop.start_tls(transport, connection, tls, server_hostname=self.host)
+        except BaseException:
+            transport.close()
+            raise
+        assert tls_transport is not None
+        connection.connection_made(tls_transport)
         return connection
 
     def put_idle(self, connection: _Connection) -> None:
