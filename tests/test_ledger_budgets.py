@@ -16,6 +16,7 @@ from typing import Any
 
 from spendstream import Emitter, UsageEvent
 from spendstream.analytics.money import days_in_month
+from spendstream.api.tokens import add_token
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_store import connect
 from spendstream.core.policy import parse_policy
@@ -104,7 +105,9 @@ def test_reports_compare_spend_with_the_budgets_of_the_policy_in_force(broker: E
         teams = {row["team"]: row for row in json.loads(forecast.stdout)["rows"]}
         assert teams["marketing"]["budget_nanos"] == 50 * USD
         dashboard = f"http://127.0.0.1:{env['SPENDSTREAM_API_PORT']}/"
-        with urllib.request.urlopen(dashboard, timeout=30) as response:
+        viewer = add_token(load_settings(data_dir=data_dir).api_tokens_path, "viewer", "budgets-test")
+        request = urllib.request.Request(dashboard, headers={"Authorization": f"Bearer {viewer}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
             page = response.read().decode()
         version = parse_policy(lowered.read_text()).version
         assert f'<span id="policy-version">{version}</span>' in page

@@ -7,7 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from spendstream.core.events import MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent, UsageStatus
-from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, normalise_usage, price_usage
+from spendstream.core.pricing import (
+    EMPTY_TABLE,
+    CostOverflowError,
+    PriceTable,
+    UnknownModelError,
+    normalise_usage,
+    price_usage,
+)
 
 
 def build_event(
@@ -49,12 +56,14 @@ def build_event(
             cost, source = price.cost_nanos, price.source
             if price.flagged_unknown:
                 tags = {**tags, "price": "unknown_model"}
-            if cost > MAX_EVENT_COST_NANOS:
-                problem = f"priced cost {cost} nanos exceeds the per-event ceiling of {MAX_EVENT_COST_NANOS}: {tokens}"
-                tokens, cost, source = (0, 0, 0, 0), 0, ""
-                tags = {**tags, "usage_error": problem[:200]}
         except UnknownModelError:
             cost = None
+        except CostOverflowError:
+            cost = MAX_EVENT_COST_NANOS + 1  # beyond Int64, so beyond the ceiling: refused below
+        if cost is not None and cost > MAX_EVENT_COST_NANOS:
+            problem = f"priced cost {cost} nanos exceeds the per-event ceiling of {MAX_EVENT_COST_NANOS}: {tokens}"
+            tokens, cost, source = (0, 0, 0, 0), 0, ""
+            tags = {**tags, "usage_error": problem[:200]}
     elif status is UsageStatus.ok:
         tags = {**tags, "usage": "missing"}
         cost = None

@@ -23,7 +23,6 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
 
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
@@ -798,18 +797,14 @@ class Gateway:
                     prices=self.prices,
                     now=now,
                 )
-                try:
-                    event = event_of(raw_usage=raw_usage, tags=call.tags)
-                except ValidationError as exc:  # e.g. an upstream's usage whose priced cost overflows Int64
-                    problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:200]
+                event = event_of(raw_usage=raw_usage, tags=call.tags)
+                if "usage_error" in event.tags:  # usage beyond the per-event bounds: metered with zero tokens
                     self.counts["usage_out_of_range"] += 1
                     log.warning(
                         "usage reported for a %s/%s call is out of range (%s); it is metered with zero tokens, "
                         "tagged usage_error",
-                        call.provider, served, problem,
+                        call.provider, served, event.tags["usage_error"],
                     )  # fmt: skip
-                    no_usage = {"input_tokens": 0, "output_tokens": 0}
-                    event = event_of(raw_usage=no_usage, tags={**call.tags, "usage_error": problem})
                 event = with_requested_cost(event, self.prices)
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1

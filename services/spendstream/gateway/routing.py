@@ -42,8 +42,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple, Protocol
 
-from spendstream.core.events import INT64_MAX, UsageEvent
-from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, price_usage
+from spendstream.core.events import UsageEvent
+from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_usage
 from spendstream.gateway.complexity import TIER_ORDER, Tier
 from spendstream.gateway.provider_stats import RoutingStats
 
@@ -455,8 +455,10 @@ def routing_tags(route: Route, requested_provider: str, requested_model: str) ->
 def with_requested_cost(event: UsageEvent, prices: PriceTable = EMPTY_TABLE) -> UsageEvent:
     """The event with ``tags["requested_cost_nanos"]`` priced exactly: its own token counts on the requested model
     (from ``tags["requested_model"]``). Events of requests that were not rerouted, or that used no tokens, are
-    returned unchanged."""
+    returned unchanged; an event whose usage was out of range keeps no requested cost (no saving can be claimed)."""
     requested = event.tags.get("requested_model")
+    if "usage_error" in event.tags and "requested_cost_nanos" in event.tags:  # no usage to compare with
+        return event.model_copy(update={"tags": {k: v for k, v in event.tags.items() if k != "requested_cost_nanos"}})
     if not requested or not (event.input_tokens or event.output_tokens):
         return event
     provider, _, model = requested.partition("/")
@@ -473,7 +475,7 @@ def with_requested_cost(event: UsageEvent, prices: PriceTable = EMPTY_TABLE) -> 
         ).cost_nanos
     except UnknownModelError:
         return event
-    if cost > INT64_MAX:  # absurd token counts: no figure the ledger could read back (toInt64) is recorded
+    except CostOverflowError:  # an absurd price for the requested model: no figure the ledger could read back
         tags = {k: v for k, v in event.tags.items() if k != "requested_cost_nanos"}
         return event.model_copy(update={"tags": {**tags, "usage_error": "requested_cost_nanos: exceeds Int64"}})
     return event.model_copy(update={"tags": {**event.tags, "requested_cost_nanos": str(cost)}})
