@@ -5,7 +5,7 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY schemas ./schemas
 COPY infra/policy ./infra/policy
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && mkdir -p /var/lib/spendstream && chown nobody /var/lib/spendstream
 USER nobody
 ENTRYPOINT ["spendstream"]
 CMD ["--help"]
