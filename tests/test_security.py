@@ -382,6 +382,7 @@ CONFIG_FROM_CALLER = {
     "processor/heartbeat.py",
     "core/policy_log.py",
     "edge/policy_follower.py",
+    "edge/topic_follower.py",
     "processor/internal_topics.py",
     "processor/ledger_rebuild.py",
 }

@@ -28,6 +28,7 @@ from spendstream.core.policy import Policy
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import StaticRules
+from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
 
 log = logging.getLogger(__name__)
@@ -299,24 +300,14 @@ class Enforcer:
 
     # -- the consumer thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        consumer: Consumer | None = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    if consumer is None:
-                        consumer = Consumer(self._conf)
-                    self._follow(consumer)
-                    return
-                except KafkaException as exc:
-                    self.stats["errors"] += 1
-                    log.warning("enforcement consumer: %s; retrying", exc)
-                    self._stop.wait(1.0)
-        finally:
-            if consumer is not None:
-                consumer.close()
+        follow_with_retries(self._conf, self._follow, self._stop, self._on_consumer_error)
+
+    def _on_consumer_error(self, exc: KafkaException) -> None:
+        self.stats["errors"] += 1
+        log.warning("enforcement consumer: %s; retrying", exc)
 
     def _follow(self, consumer: Consumer) -> None:
-        partitions = self._partitions(consumer)
+        partitions = topic_partitions(consumer, self._topic, self._stop)
         if partitions is None:
             return
         marks = {p: consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=2) for p in partitions}
@@ -352,18 +343,6 @@ class Enforcer:
                     continue  # broker unreachable: the view ages, staleness_s says by how much
                 if all(next_offset[p] >= highs[p] for p in partitions):
                     self._fresh_at = now
-
-    def _partitions(self, consumer: Consumer) -> list[int] | None:
-        while not self._stop.is_set():
-            try:
-                meta = consumer.list_topics(self._topic, timeout=1).topics.get(self._topic)
-            except KafkaException as exc:
-                log.warning("enforcement topic metadata: %s", exc)
-                meta = None
-            if meta is not None and meta.error is None and meta.partitions:
-                return sorted(meta.partitions)
-            self._stop.wait(1.0)
-        return None
 
     def _on_message(self, key: bytes | None, value: bytes | None) -> None:
         if key is not None and key.startswith(HEARTBEAT_KEY_PREFIX):

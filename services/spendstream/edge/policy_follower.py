@@ -19,6 +19,7 @@ from spendstream.core.codec import AvroCodec
 from spendstream.core.policy import Policy
 from spendstream.core.policy_log import decode_policy
 from spendstream.core.topics import POLICY
+from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +73,14 @@ class PolicyFollower:
         return self._ready.wait(timeout)
 
     def _run(self) -> None:
-        consumer: Consumer | None = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    if consumer is None:
-                        consumer = Consumer(self._conf)
-                    self._follow(consumer)
-                    return
-                except KafkaException as exc:
-                    self.stats["errors"] += 1
-                    log.warning("policy consumer: %s; retrying", exc)
-                    self._stop.wait(1.0)
-        finally:
-            if consumer is not None:
-                consumer.close()
+        follow_with_retries(self._conf, self._follow, self._stop, self._on_consumer_error)
+
+    def _on_consumer_error(self, exc: KafkaException) -> None:
+        self.stats["errors"] += 1
+        log.warning("policy consumer: %s; retrying", exc)
 
     def _follow(self, consumer: Consumer) -> None:
-        partitions = self._partitions(consumer)
+        partitions = topic_partitions(consumer, self._topic, self._stop)
         if partitions is None:
             return
         high_at_start = {
@@ -108,18 +99,6 @@ class PolicyFollower:
             if not self._ready.is_set() and not messages and caught_up:
                 self._ready.set()
                 log.info("edge policy view ready: %s", self.version or "no policy published")
-
-    def _partitions(self, consumer: Consumer) -> list[int] | None:
-        while not self._stop.is_set():
-            try:
-                meta = consumer.list_topics(self._topic, timeout=1).topics.get(self._topic)
-            except KafkaException as exc:
-                log.warning("policy topic metadata: %s", exc)
-                meta = None
-            if meta is not None and meta.error is None and meta.partitions:
-                return sorted(meta.partitions)
-            self._stop.wait(1.0)
-        return None
 
     def _on_record(self, value: bytes | None) -> None:
         if value is None:

@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings
 from spendstream.core.topics import USAGE
+from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 from spendstream.gateway.provider_stats import ProviderStats, RoutingStats, feed, load_from_ledger
 
 log = logging.getLogger(__name__)
@@ -150,21 +151,11 @@ class UsageFollower:
         since_ms = int((time.time() - self.lookback_s) * 1000)
         if self.warm_from_ledger:
             since_ms = self._warm_up(since_ms)
-        consumer: Consumer | None = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    if consumer is None:
-                        consumer = Consumer(self._conf)
-                    self._follow(consumer, since_ms)
-                    return
-                except KafkaException as exc:
-                    self.counts["errors"] += 1
-                    log.warning("usage follower: %s; retrying", exc)
-                    self._stop.wait(1.0)
-        finally:
-            if consumer is not None:
-                consumer.close()
+        follow_with_retries(self._conf, lambda consumer: self._follow(consumer, since_ms), self._stop, self._on_error)
+
+    def _on_error(self, exc: KafkaException) -> None:
+        self.counts["errors"] += 1
+        log.warning("usage follower: %s; retrying", exc)
 
     def _warm_up(self, since_ms: int) -> int:
         """Load the look-back from the ledger; returns the timestamp from which stream records count."""
@@ -191,20 +182,8 @@ class UsageFollower:
         self.counts["ledger_warmups"] += 1
         return queried_ms
 
-    def _partitions(self, consumer: Consumer) -> list[int] | None:
-        while not self._stop.is_set():
-            try:
-                meta = consumer.list_topics(self.topic, timeout=1).topics.get(self.topic)
-            except KafkaException as exc:
-                log.warning("usage topic metadata: %s", exc)
-                meta = None
-            if meta is not None and meta.error is None and meta.partitions:
-                return sorted(meta.partitions)
-            self._stop.wait(1.0)
-        return None
-
     def _follow(self, consumer: Consumer, since_ms: int) -> None:
-        partitions = self._partitions(consumer)
+        partitions = topic_partitions(consumer, self.topic, self._stop)
         if partitions is None:
             return
         found = consumer.offsets_for_times([TopicPartition(self.topic, p, since_ms) for p in partitions], timeout=10)
