@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import json
 import logging
 import os
+import tempfile
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -32,6 +34,7 @@ from spendstream.analytics.commands import (
     build_report,
     report_day_problem,
 )
+from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.api.address import ApiAddress, new_read_token, remove_address, write_address
@@ -277,6 +280,53 @@ async def get_report(request: web.Request) -> web.Response:
     return web.json_response(report.to_json())
 
 
+EXPORT_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
+
+
+def _write_focus(client: Any, db: str, month: date, fmt: str) -> tuple[Any, int]:
+    """The export in a temporary file (rewound), so the ledger lock is held only while ClickHouse answers."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 (handed to the caller, which closes it)
+    try:
+        if fmt == "csv":
+            text = io.TextIOWrapper(spool, encoding="utf-8", newline="")
+            rows = export_focus(client, db, month, fmt, text)
+            text.flush()
+            text.detach()
+        else:
+            rows = export_focus(client, db, month, fmt, spool)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool, rows
+
+
+async def get_focus_export(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/exports/focus?month=YYYY-MM&format=csv|parquet``: the month's FOCUS 1.2 rows as a file."""
+    fmt = request.query.get("format", "csv")
+    try:
+        month = _date_param(request.query, "month")
+        if month is None:
+            raise BadRequest([{"index": None, "field": "month", "message": "required, YYYY-MM"}])
+        if fmt not in EXPORT_TYPES:
+            raise BadRequest([{"index": None, "field": "format", "message": f"expected csv or parquet, got {fmt!r}"}])
+    except BadRequest as exc:
+        return _error(400, "bad query parameter", problems=exc.problems)
+    db = request.app[SETTINGS].clickhouse_database
+    spool, rows = await _ledger_call(request, _write_focus, request.app[LEDGER], db, month, fmt)
+    with spool:
+        response = web.StreamResponse(headers={
+            "Content-Type": EXPORT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="focus-{month:%Y-%m}.{fmt}"',
+            "X-Spendstream-Rows": str(rows),
+        })  # fmt: skip
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(spool.read, 1 << 20):
+            await response.write(chunk)
+        await response.write_eof()
+    return response
+
+
 async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
     async with request.app[LEDGER_LOCK]:
         return await asyncio.to_thread(fn, *args)
@@ -465,6 +515,7 @@ def create_app(
     app[LEDGER_LOCK] = asyncio.Lock()
     app.router.add_post("/v1/usage", post_usage)
     app.router.add_get("/v1/reports/{kind}", get_report)
+    app.router.add_get("/v1/exports/focus", get_focus_export)
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)
