@@ -37,6 +37,7 @@ from spendstream.analytics.commands import (
 from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
+from spendstream.api import cloudevents
 from spendstream.api.address import ApiAddress, new_read_token, remove_address, write_address
 from spendstream.api.dashboard import render_page
 from spendstream.api.tokens import ApiToken, Role, TokenStore
@@ -181,7 +182,10 @@ async def post_usage(request: web.Request) -> web.Response:
         API_INGEST_REQUESTS.labels("invalid").inc()
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return _error(400, f"body is not JSON: {reason}", problems=[{"index": None, "field": None, "message": reason}])
+    cloud = cloudevents.is_cloudevents(request.content_type, request.headers)
     try:
+        if cloud:
+            body = usage_from_cloudevents(request.content_type, request.headers, body, request.app[MAX_EVENTS])
         events = parse_batch(
             body, datetime.now(UTC), timedelta(seconds=settings.max_future_skew_s), request.app[MAX_EVENTS]
         )  # fmt: skip
@@ -190,12 +194,16 @@ async def post_usage(request: web.Request) -> web.Response:
         return _error(413, str(exc))
     except BadRequest as exc:
         API_INGEST_REQUESTS.labels("invalid").inc()
-        return _error(400, f"{len(exc.problems)} problem(s); nothing was accepted", problems=exc.problems)
+        problems = exc.problems
+        if cloud:  # name the CloudEvent attribute the client wrote: id, time, data.input_tokens
+            problems = [{**p, "field": cloudevents.attribute_of(p["field"])} for p in problems]
+        return _error(400, f"{len(problems)} problem(s); nothing was accepted", problems=problems)
     caller = _caller(request)
     if caller is None:  # revoked since the guard let the request in
         return _error(401, "the token was revoked")
     outside = [(i, caller.scope_problem(e)) for i, e in enumerate(events)]
-    refused = [{"index": i, "field": p[0], "message": p[1]} for i, p in outside if p is not None]
+    field_of = cloudevents.attribute_of if cloud else str
+    refused = [{"index": i, "field": field_of(p[0]), "message": p[1]} for i, p in outside if p is not None]
     if refused:
         API_INGEST_REQUESTS.labels("forbidden").inc()
         return _error(403, f"{len(refused)} event(s) outside this token's scope; nothing was accepted",
@@ -209,6 +217,27 @@ async def post_usage(request: web.Request) -> web.Response:
     API_INGEST_REQUESTS.labels("accepted").inc()
     API_INGEST_EVENTS.labels("accepted").inc(len(events))
     return web.json_response({"accepted": len(events), "event_ids": [str(e.event_id) for e in events]}, status=202)
+
+
+def usage_from_cloudevents(content_type: str, headers: Any, body: Any, max_events: int) -> list[dict[str, Any]]:
+    """The usage events of a CloudEvents request (structured, batch or binary mode), all or none."""
+    if content_type == cloudevents.BATCH:
+        if not isinstance(body, list):
+            raise BadRequest([{"index": None, "field": None, "message": "a CloudEvents batch must be a JSON array"}])
+        items = body
+    else:
+        items = [body if content_type == cloudevents.STRUCTURED else cloudevents.from_binary(headers, body)]
+    if len(items) > max_events:
+        raise OverflowError(f"{len(items)} events in one request; at most {max_events}")
+    usage, problems = [], []
+    for index, item in enumerate(items):
+        try:
+            usage.append(cloudevents.to_usage(item))
+        except cloudevents.CloudEventProblem as exc:
+            problems.append({"index": index, "field": exc.field, "message": str(exc)})
+    if problems:
+        raise BadRequest(problems)
+    return usage
 
 
 def _publish(producer: Any, codec: AvroCodec, events: list[UsageEvent]) -> list[str]:
