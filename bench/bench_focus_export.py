@@ -31,7 +31,8 @@ INSERT INTO spendstream.usage_ledger (event_id, occurred_at, org, division, team
     cost_nanos, latency_ms, status, cache_hit)
 SELECT
     reinterpretAsUUID(concat(reinterpretAsFixedString(cityHash64(n)), reinterpretAsFixedString(toUInt64(n)))),
-    toDateTime64('2026-11-01 00:00:00', 6, 'UTC') + toIntervalMicrosecond(n * intDiv(30 * 86400 * 1000000, {rows:UInt64})),
+    toDateTime64('2026-11-01 00:00:00', 6, 'UTC')
+        + toIntervalMicrosecond(n * intDiv(30 * 86400 * 1000000, {rows:UInt64})),
     'acme', ['research', 'go-to-market'][u % 2 + 1],
     ['engineering','marketing','sales','support','product','finance','legal','ops'][u % 8 + 1],
     ['ai_code_review','ai_chatbot','ai_content_generator','ai_lead_scorer','search','summarise','translate',
