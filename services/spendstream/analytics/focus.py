@@ -6,7 +6,7 @@ event counts once). A day is the charge period, the UTC calendar month the billi
 API usage by UTC month). Token kinds are not split into rows: the ledger prices a call as a whole, and a split
 would have to re-price it; the counts per kind ride in ``x_`` columns instead.
 
-Every cost column is the exact sum of ``cost_nanos`` as a decimal (``Decimal``; 750 nano-USD is
+Every cost column is the exact sum of ``cost_nanos`` as a decimal (integer arithmetic; 750 nano-USD is
 ``0.00000075``). spendstream records what a call cost by the policy's price table or the provider's report, with
 no commitment discount or amortization, so BilledCost = EffectiveCost = ListCost = ContractedCost. Calls without a
 price count zero and are counted in ``x_UnpricedRequests``.
@@ -18,14 +18,15 @@ The rows stream: ClickHouse returns blocks, each block is written (CSV, or a Par
 from __future__ import annotations
 
 import csv
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
 from typing import IO, Any
 
 from spendstream.analytics.money import next_month
+from spendstream.core.events import NANOS_PER_USD
 
 FORMATS = ("csv", "parquet")
 SERVICE_CATEGORY = "AI and Machine Learning"
@@ -111,10 +112,11 @@ ORDER BY day, {attribution}, provider, model
 """
 
 
-def decimal_usd(nanos: int) -> Decimal:
-    """Exact USD of a nano-USD amount, without trailing zeros (750 -> 0.00000075, 12e9 -> 12)."""
-    amount = Decimal(nanos).scaleb(-9)
-    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount.normalize()
+def decimal_usd(nanos: int) -> str:
+    """Exact USD of a nano-USD amount as a decimal without trailing zeros (750 -> "0.00000075", 12e9 -> "12")."""
+    whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
+    sign = "-" if nanos < 0 else ""
+    return f"{sign}{whole}.{fraction:09d}".rstrip("0") if fraction else f"{sign}{whole}"
 
 
 def billing_period(month: date) -> tuple[datetime, datetime]:
@@ -129,7 +131,7 @@ def focus_row(record: tuple[Any, ...], period: tuple[datetime, datetime]) -> tup
     attribution = dict(zip(ATTRIBUTION, rest[: len(ATTRIBUTION)], strict=True))
     provider, model, cost, requests, unpriced, tin, tout, tcached, twrite = rest[len(ATTRIBUTION) :]
     provider_name = PROVIDER_NAMES.get(provider, provider or "unknown")
-    usd = decimal_usd(cost)
+    usd = cost  # nano-USD; each writer renders it as an exact decimal
     tokens = tin + tout
     charge_start = datetime.combine(day, time(), UTC)
     org, team = attribution["org"], attribution["team"]
@@ -154,14 +156,13 @@ def focus_blocks(client: Any, db: str, month: date) -> Iterator[list[tuple[Any, 
             yield [focus_row(record, period) for record in block]
 
 
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-    if isinstance(value, Decimal):
-        return f"{value:f}"
-    return value
+@functools.lru_cache(maxsize=1024)
+def _timestamp(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_CSV_TEXT = {"cost": decimal_usd, "datetime": _timestamp}  # the rest is written as is (None: an empty cell)
+_CSV_CONVERSIONS = [(i, _CSV_TEXT[c.kind]) for i, c in enumerate(COLUMNS) if c.kind in _CSV_TEXT]
 
 
 def write_csv(blocks: Iterator[list[tuple[Any, ...]]], out: IO[str]) -> int:
@@ -170,7 +171,11 @@ def write_csv(blocks: Iterator[list[tuple[Any, ...]]], out: IO[str]) -> int:
     writer.writerow(COLUMN_NAMES)
     count = 0
     for block in blocks:
-        writer.writerows([_csv_cell(v) for v in row] for row in block)
+        cells = [list(row) for row in block]
+        for row in cells:
+            for index, text in _CSV_CONVERSIONS:
+                row[index] = text(row[index])
+        writer.writerows(cells)
         count += len(block)
     return count
 
@@ -198,9 +203,9 @@ def write_parquet(blocks: Iterator[list[tuple[Any, ...]]], out: IO[bytes]) -> in
     count = 0
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
         for block in blocks:
-            columns = list(zip(*block, strict=True)) if block else [[] for _ in COLUMNS]
+            columns = list(zip(*block, strict=True)) if block else [() for _ in COLUMNS]
             arrays = [
-                pa.array([_parquet_cell(v, c.kind) for v in values], type=field.type)
+                _arrow_column(pa, c.kind, field.type, values)
                 for c, field, values in zip(COLUMNS, schema, columns, strict=True)
             ]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
@@ -208,10 +213,13 @@ def write_parquet(blocks: Iterator[list[tuple[Any, ...]]], out: IO[bytes]) -> in
     return count
 
 
-def _parquet_cell(value: Any, kind: str) -> Any:
+def _arrow_column(pa: Any, kind: str, arrow_type: Any, values: Sequence[Any]) -> Any:
+    """Costs arrive as nano-USD: the unscaled integers of decimal128(38, 9), so no value is converted."""
+    if kind == "cost":
+        return pa.array(values, pa.decimal128(38, 0)).view(arrow_type)
     if kind == "quantity":
-        return Decimal(value)
-    return value
+        return pa.array(values, pa.decimal128(38, 0))
+    return pa.array(values, arrow_type)
 
 
 def export_focus(client: Any, db: str, month: date, fmt: str, out: IO[Any]) -> int:
