@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -100,7 +99,7 @@ COLUMNS = (
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 
 _QUERY = """
-SELECT toDate(occurred_at) AS day, {attribution}, provider,
+SELECT toDate(occurred_at) AS day, org, team, toJSONString(mapFilter((k, v) -> v != '', map({tags}))), provider,
        if(model_served != '', model_served, model_requested) AS model,
        sum(toInt128(ifNull(cost_nanos, 0))), count(), countIf(cost_nanos IS NULL),
        sum(toInt128(input_tokens)), sum(toInt128(output_tokens)),
@@ -127,22 +126,18 @@ def billing_period(month: date) -> tuple[datetime, datetime]:
 
 def focus_row(record: tuple[Any, ...], period: tuple[datetime, datetime]) -> tuple[Any, ...]:
     """One FOCUS row (in ``COLUMNS`` order) from one aggregated ledger group."""
-    day, *rest = record
-    attribution = dict(zip(ATTRIBUTION, rest[: len(ATTRIBUTION)], strict=True))
-    provider, model, cost, requests, unpriced, tin, tout, tcached, twrite = rest[len(ATTRIBUTION) :]
+    day, org, team, tags, provider, model, cost, requests, unpriced, tin, tout, tcached, twrite = record
     provider_name = PROVIDER_NAMES.get(provider, provider or "unknown")
     usd = cost  # nano-USD; each writer renders it as an exact decimal
     tokens = tin + tout
     charge_start = datetime.combine(day, time(), UTC)
-    org, team = attribution["org"], attribution["team"]
-    tags = {k: v for k, v in attribution.items() if v}
     return (
         usd, org or "unattributed", org or None, "USD", period[1], period[0], "Usage", None,
         f"{model or 'unknown model'} tokens from {provider_name}", "Usage-Based",
         charge_start + timedelta(days=1), charge_start, tokens, "Tokens", usd, usd, provider_name, usd,
         "Standard", "USD", tokens, "Tokens", provider_name, provider_name, SERVICE_CATEGORY,
         f"{provider_name} API", SERVICE_SUBCATEGORY, f"{provider or 'unknown'}/{model or 'unknown'}",
-        team or None, team or None, json.dumps(tags, ensure_ascii=False, sort_keys=True),
+        team or None, team or None, tags,
         cost, model, requests, unpriced, tin, tout, tcached, twrite,
     )  # fmt: skip
 
@@ -150,7 +145,11 @@ def focus_row(record: tuple[Any, ...], period: tuple[datetime, datetime]) -> tup
 def focus_blocks(client: Any, db: str, month: date) -> Iterator[list[tuple[Any, ...]]]:
     """The month's FOCUS rows, a ClickHouse block at a time."""
     period = billing_period(month)
-    query = _QUERY.format(db=db, attribution=", ".join(f"`{name}`" for name in ATTRIBUTION))
+    query = _QUERY.format(
+        db=db,
+        attribution=", ".join(f"`{name}`" for name in ATTRIBUTION),
+        tags=", ".join(f"'{name}', `{name}`" for name in ATTRIBUTION),  # the non-empty attribution, as JSON
+    )
     with client.query_row_block_stream(query, parameters={"start": period[0], "end": period[1]}) as stream:
         for block in stream:
             yield [focus_row(record, period) for record in block]
