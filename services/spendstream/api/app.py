@@ -313,7 +313,8 @@ EXPORT_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
 
 
 def _write_focus(client: Any, db: str, month: date, fmt: str) -> tuple[Any, int]:
-    """The export in a temporary file (rewound), so the ledger lock is held only while ClickHouse answers."""
+    """The export in a temporary file (rewound): the ledger lock is held while it is written, never while a slow
+    client downloads it."""
     spool = tempfile.TemporaryFile()  # noqa: SIM115 (handed to the caller, which closes it)
     try:
         if fmt == "csv":
