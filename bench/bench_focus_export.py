@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +58,8 @@ def cpu_model() -> str:
 
 def main() -> None:
     print(f"cpu: {cpu_model()} x {os.cpu_count()}; load average before: {os.getloadavg()}")
-    settings = load_settings(data_dir=tempfile.mkdtemp(prefix="bench-focus-"))
+    data_dir = tempfile.mkdtemp(prefix="bench-focus-")
+    settings = load_settings(data_dir=data_dir)
     client = connect(settings)
     migrate(client, settings)
     started = time.perf_counter()
@@ -74,7 +76,8 @@ def main() -> None:
     ).result_rows[0][0]
     print(f"baseline, ClickHouse aggregation only: {groups:,} groups in {time.perf_counter() - started:.2f} s")
 
-    out_dir = Path(tempfile.mkdtemp(prefix="bench-focus-out-"))
+    out_dir = Path(data_dir) / "out"
+    out_dir.mkdir()
     for fmt in ("csv", "parquet"):
         target = out_dir / f"focus.{fmt}"
         started = time.perf_counter()
@@ -87,6 +90,7 @@ def main() -> None:
         target.unlink()
     print(f"load average after: {os.getloadavg()}")
     client.close()
+    shutil.rmtree(data_dir)
 
 
 if __name__ == "__main__":
