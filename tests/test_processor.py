@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
@@ -40,7 +41,7 @@ name: default
 timezone: Europe/Berlin
 org: acme
 divisions:
-  eng: [alpha, beta, gamma, delta, roll, raise, late]
+  eng: [alpha, beta, gamma, delta, roll, raise, late, gauge]
   sales: [omega]
 thresholds: {alert: 0.80, fallback: 0.90, shutoff: 1.00}
 fallback_models: {gpt-4o: gpt-4o-mini, claude-3-5-sonnet: claude-3-haiku}
@@ -52,6 +53,8 @@ budgets:
   - {scope: "team:roll", period: day, amount_usd: 10}
   - {scope: "team:raise", period: month, amount_usd: 10}
   - {scope: "team:delta", period: month, amount_usd: 3000}
+  - {scope: "team:gauge", period: month, amount_usd: 200}
+  - {scope: "team:gauge", period: day, amount_usd: 50}
 quotas:
   - {scope: "user:*", requests_per_day: 5}
 allowed_models:
@@ -457,3 +460,49 @@ def test_metrics_count_consumed_events_dead_letters_and_decisions(stack: Stack) 
     assert metrics['spendstream_processor_consumed_total{stage="scopes"}'] >= 1
     assert metrics['spendstream_processor_decisions_total{action="shutoff"}'] >= 1
     assert metrics['spendstream_processor_batch_duration_seconds_count{stage="usage"}'] >= 1
+
+
+def test_budget_gauges_show_limit_spend_remaining_ratio_and_hours_to_exhaustion(stack: Stack) -> None:
+    """Scraped from the worker's /metrics, as Prometheus reads them: per scope and period."""
+
+    def budget(samples: list[tuple[str, dict[str, str], float]], name: str, period: str) -> float | None:
+        found = [v for n, labels, v in samples if n == f"spendstream_budget_{name}"
+                 and labels == {"scope": "team:gauge", "period": period}]  # fmt: skip
+        return found[0] if found else None
+
+    def scrape_until(spent_usd: float) -> list[tuple[str, dict[str, str], float]]:
+        deadline = time.monotonic() + 45
+        while True:
+            url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            samples = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+            if budget(samples, "spent_usd", "month") == spent_usd:
+                return samples
+            assert time.monotonic() < deadline, [s for s in samples if s[0].startswith("spendstream_budget_")]
+            time.sleep(0.2)
+
+    spend(stack, "gauge", 10, 3)  # $30: of $200 this month, of $50 today
+    scraped_at = now()
+    samples = scrape_until(30.0)
+    figures = {(name, period): budget(samples, name, period) for name in
+               ("limit_usd", "spent_usd", "remaining_usd", "used_ratio") for period in ("month", "day")}  # fmt: skip
+    assert figures == {
+        ("limit_usd", "month"): 200.0, ("spent_usd", "month"): 30.0, ("remaining_usd", "month"): 170.0,
+        ("used_ratio", "month"): 0.15, ("limit_usd", "day"): 50.0, ("spent_usd", "day"): 30.0,
+        ("remaining_usd", "day"): 20.0, ("used_ratio", "day"): 0.6,
+    }  # fmt: skip
+    # At the month's average rate so far ($30 over the time since the month began in Berlin), $170 more takes
+    # 170/30 of that time; the day's $20 more takes 20/30 of the time since the day began.
+    for period, more in (("month", 170 / 30), ("day", 20 / 30)):
+        start, _ = period_window(period, scraped_at, "Europe/Berlin")
+        elapsed_h = (scraped_at - start).total_seconds() / 3600
+        hours = budget(samples, "hours_to_exhaustion", period)
+        assert hours is not None and abs(hours - elapsed_h * more) < 60 * more / 3600 + 0.001, (period, hours)
+    assert budget(samples, "limit_usd", "week") is None, "no budget, no series"
+    assert not [s for s in samples if s[0] == "spendstream_budget_limit_usd" and s[1]["scope"] == "org:acme"]
+
+    spend(stack, "gauge", 10, 2)  # $50: the day's budget is spent
+    samples = scrape_until(50.0)
+    assert budget(samples, "remaining_usd", "day") == 0.0 and budget(samples, "used_ratio", "day") == 1.0
+    assert budget(samples, "hours_to_exhaustion", "day") == 0.0
+    assert budget(samples, "remaining_usd", "month") == 150.0

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "spendstream.gateway.commands",  # gateway
     "spendstream.api.commands",  # api
     "spendstream.analytics.commands",  # report, sql
+    "spendstream.analytics.export_commands",  # export
 )
 
 

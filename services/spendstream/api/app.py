@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import json
 import logging
 import os
+import tempfile
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -32,8 +34,10 @@ from spendstream.analytics.commands import (
     build_report,
     report_day_problem,
 )
+from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
+from spendstream.api import cloudevents
 from spendstream.api.dashboard import render_page
 from spendstream.api.tokens import ApiToken, Role, TokenStore, new_read_token
 from spendstream.core import topics
@@ -162,7 +166,10 @@ async def post_usage(request: web.Request) -> web.Response:
         API_INGEST_REQUESTS.labels("invalid").inc()
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return _error(400, f"body is not JSON: {reason}", problems=[{"index": None, "field": None, "message": reason}])
+    cloud = cloudevents.is_cloudevents(request.content_type, request.headers)
     try:
+        if cloud:
+            body = usage_from_cloudevents(request.content_type, request.headers, body, request.app[MAX_EVENTS])
         events = parse_batch(
             body, datetime.now(UTC), timedelta(seconds=settings.max_future_skew_s), request.app[MAX_EVENTS]
         )  # fmt: skip
@@ -171,12 +178,16 @@ async def post_usage(request: web.Request) -> web.Response:
         return _error(413, str(exc))
     except BadRequest as exc:
         API_INGEST_REQUESTS.labels("invalid").inc()
-        return _error(400, f"{len(exc.problems)} problem(s); nothing was accepted", problems=exc.problems)
+        problems = exc.problems
+        if cloud:  # name the CloudEvent attribute the client wrote: id, time, data.input_tokens
+            problems = [{**p, "field": cloudevents.attribute_of(p["field"])} for p in problems]
+        return _error(400, f"{len(problems)} problem(s); nothing was accepted", problems=problems)
     caller = _caller(request)
     if caller is None:  # revoked since the guard let the request in
         return _error(401, "the token was revoked")
     outside = [(i, caller.scope_problem(e)) for i, e in enumerate(events)]
-    refused = [{"index": i, "field": p[0], "message": p[1]} for i, p in outside if p is not None]
+    field_of = cloudevents.attribute_of if cloud else str
+    refused = [{"index": i, "field": field_of(p[0]), "message": p[1]} for i, p in outside if p is not None]
     if refused:
         API_INGEST_REQUESTS.labels("forbidden").inc()
         return _error(403, f"{len(refused)} event(s) outside this token's scope; nothing was accepted",
@@ -190,6 +201,27 @@ async def post_usage(request: web.Request) -> web.Response:
     API_INGEST_REQUESTS.labels("accepted").inc()
     API_INGEST_EVENTS.labels("accepted").inc(len(events))
     return web.json_response({"accepted": len(events), "event_ids": [str(e.event_id) for e in events]}, status=202)
+
+
+def usage_from_cloudevents(content_type: str, headers: Any, body: Any, max_events: int) -> list[dict[str, Any]]:
+    """The usage events of a CloudEvents request (structured, batch or binary mode), all or none."""
+    if content_type == cloudevents.BATCH:
+        if not isinstance(body, list):
+            raise BadRequest([{"index": None, "field": None, "message": "a CloudEvents batch must be a JSON array"}])
+        items = body
+    else:
+        items = [body if content_type == cloudevents.STRUCTURED else cloudevents.from_binary(headers, body)]
+    if len(items) > max_events:
+        raise OverflowError(f"{len(items)} events in one request; at most {max_events}")
+    usage, problems = [], []
+    for index, item in enumerate(items):
+        try:
+            usage.append(cloudevents.to_usage(item))
+        except cloudevents.CloudEventProblem as exc:
+            problems.append({"index": index, "field": exc.field, "message": str(exc)})
+    if problems:
+        raise BadRequest(problems)
+    return usage
 
 
 def _publish(producer: Any, codec: AvroCodec, events: list[UsageEvent]) -> list[str]:
@@ -270,6 +302,54 @@ async def get_spend_windows(request: web.Request) -> web.Response:
         return _error(400, f"bad query parameter: {exc}")
     db = request.app[SETTINGS].clickhouse_database
     return web.json_response(await _ledger_call(request, query_spend, request.app[LEDGER], db, query))
+
+
+EXPORT_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
+
+
+def _write_focus(client: Any, db: str, month: date, fmt: str) -> tuple[Any, int]:
+    """The export in a temporary file (rewound): the ledger lock is held while it is written, never while a slow
+    client downloads it."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 (handed to the caller, which closes it)
+    try:
+        if fmt == "csv":
+            text = io.TextIOWrapper(spool, encoding="utf-8", newline="")
+            rows = export_focus(client, db, month, fmt, text)
+            text.flush()
+            text.detach()
+        else:
+            rows = export_focus(client, db, month, fmt, spool)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool, rows
+
+
+async def get_focus_export(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/exports/focus?month=YYYY-MM&format=csv|parquet``: the month's FOCUS 1.2 rows as a file."""
+    fmt = request.query.get("format", "csv")
+    try:
+        month = _date_param(request.query, "month")
+        if month is None:
+            raise BadRequest([{"index": None, "field": "month", "message": "required, YYYY-MM"}])
+        if fmt not in EXPORT_TYPES:
+            raise BadRequest([{"index": None, "field": "format", "message": f"expected csv or parquet, got {fmt!r}"}])
+    except BadRequest as exc:
+        return _error(400, "bad query parameter", problems=exc.problems)
+    db = request.app[SETTINGS].clickhouse_database
+    spool, rows = await _ledger_call(request, _write_focus, request.app[LEDGER], db, month, fmt)
+    with spool:
+        response = web.StreamResponse(headers={
+            "Content-Type": EXPORT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="focus-{month:%Y-%m}.{fmt}"',
+            "X-Spendstream-Rows": str(rows),
+        })  # fmt: skip
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(spool.read, 1 << 20):
+            await response.write(chunk)
+        await response.write_eof()
+    return response
 
 
 async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
@@ -461,6 +541,8 @@ def create_app(
     app.router.add_post("/v1/usage", post_usage)
     app.router.add_get("/v1/reports/{kind}", get_report)
     app.router.add_get(SPEND_WINDOWS_PATH, get_spend_windows)
+
+    app.router.add_get("/v1/exports/focus", get_focus_export)
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)

@@ -77,6 +77,7 @@ from spendstream.core.metrics import (
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
 from spendstream.core.topics import ALERTS, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, ENFORCEMENT, POLICY, USAGE, USAGE_DLQ
+from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.decision_publisher import (
     build_alert,
     build_decision,
@@ -743,6 +744,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         policy = holder.policy
         now = _now()
         verdict = evaluate_scope(scope, state["latest"], totals, policy, _at(state["seen"]))
+        BUDGET_GAUGES.update(scope, verdict.standings)
         alerted = list(state["alerted"])
         for crossing in verdict.crossings:
             if crossing.key not in alerted:

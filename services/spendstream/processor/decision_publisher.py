@@ -57,6 +57,18 @@ class Crossing:
     period: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetStanding:
+    """Where a scope stands against one of its budgets in the current window (the budget gauges show it)."""
+
+    scope: str
+    period: str
+    limit_nanos: int
+    spend_nanos: int
+    start: datetime
+    end: datetime
+
+
 @dataclass(slots=True)
 class Verdict:
     action: Action = Action.allow
@@ -72,6 +84,7 @@ class Verdict:
     crossings: list[Crossing] = field(default_factory=list)
     hard_stop: bool = False  # a hard-cap budget is shut off: nothing is exempt
     critical_throttle_rps: dict[str, float] = field(default_factory=dict)
+    standings: list[BudgetStanding] = field(default_factory=list)  # one per budget of the scope with a window
 
     def consider(self, action: Action, reason: str, **extra: object) -> None:
         """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
@@ -130,6 +143,7 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
                 continue
             spend = totals(window_key(scope, period, latest[period]))[0]
             start, end = period_window(period, _at(latest[period]), tz)
+        verdict.standings.append(BudgetStanding(scope, period, budget.limit_nanos, spend, start, end))
         evaluation = evaluate_budget(budget, scope, spend, policy)
         extra = {
             "spend_nanos": spend,
