@@ -89,10 +89,11 @@ class Enforcer:
         self._wall: Callable[[], float] = time.time if clock is None else (lambda: clock().timestamp())
         self.fail_closed = fail_closed
         self.max_staleness_s = max_staleness_s
-        # dimension index -> {value or "*": rule}; only dimensions with rules are listed in _active.
+        # dimension index -> {value or "*": rule}; _active lists the dimensions with rules, as
+        # (index, its rules, its wildcard rule or None), so check() does one lookup per such dimension.
         self._rules: dict[str, ScopeRule] = {}
         self._index: list[dict[str, ScopeRule]] = [{} for _ in DIMENSIONS]
-        self._active: tuple[int, ...] = ()
+        self._active: tuple[tuple[int, dict[str, ScopeRule], ScopeRule | None], ...] = ()
         self._global: ScopeRule | None = None
         self._ancestors: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
         self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
@@ -186,17 +187,14 @@ class Enforcer:
             wall = self._wall()
             if static.quotas is not None:
                 static.quotas.count(values, wall, hits)
-        index = self._index
-        for i in self._active:
+        for i, rules, wildcard in self._active:
             value = values[i]
             if value:
-                rules = index[i]
                 rule = rules.get(value)
                 if rule is not None:
                     hits.append((rule, ""))
-                rule = rules.get(WILDCARD)
-                if rule is not None:
-                    hits.append((rule, value))
+                if wildcard is not None:
+                    hits.append((wildcard, value))
         if self._global is not None:
             hits.append((self._global, ""))
         if static is None:
@@ -291,7 +289,7 @@ class Enforcer:
             self._index[i].pop(value, None)
         else:
             self._index[i][value] = rule
-        self._active = tuple(j for j, rules in enumerate(self._index) if rules)
+        self._active = tuple((j, rules, rules.get(WILDCARD)) for j, rules in enumerate(self._index) if rules)
 
     def decisions(self) -> dict[str, ScopeRule]:
         """The rules in force, by scope (a copy, for diagnostics)."""
