@@ -1,8 +1,8 @@
 """The Enforcer: follows ``spendstream.enforcement`` in a background thread and answers ``check()`` from memory.
 
 The request path does a handful of dict lookups (one per attribution dimension that has any decision)
-and calls the pure ``resolve`` only when some decision matches. The consumer reads the compacted topic
-from the beginning with no consumer group commits, so every edge holds the full current view.
+and calls the pure ``resolve_one``/``resolve_many`` only when some decision matches. The consumer reads the
+compacted topic from the beginning with no consumer group commits, so every edge holds the full current view.
 
 Rules that need no spend (allowed-model lists, request quotas counted at the edge: ``policy_rules``) are
 applied from the policy itself, the newest valid record on ``spendstream.policy`` (``policy_follower``), so
@@ -28,7 +28,17 @@ from spendstream.core.policy import Policy
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import StaticRules
-from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
+from spendstream.edge.verdict import (
+    ALLOW,
+    BLOCKING_STATUS,
+    UNAVAILABLE,
+    ScopeRule,
+    Verdict,
+    newer,
+    parse_scope,
+    resolve_many,
+    resolve_one,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +213,13 @@ class Enforcer:
             wall = self._wall()
         if feature and self._exempting:
             hits = [(rule.for_feature(feature) if rule.critical else rule, key) for rule, key in hits]
-        verdict = resolve(hits, model, wall, time.monotonic()) if hits else Verdict(ALLOW, model)
-        if static is not None and static.allowed and not verdict.blocked:
+        if not hits:
+            verdict = Verdict(ALLOW, model)
+        elif len(hits) == 1:
+            verdict = resolve_one(hits[0][0], hits[0][1], model, wall, time.monotonic())
+        else:
+            verdict = resolve_many(hits, model, wall, time.monotonic())
+        if static is not None and static.allowed and verdict.action not in BLOCKING_STATUS:
             return static.denial(values, verdict.model) or verdict
         return verdict
 

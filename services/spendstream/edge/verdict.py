@@ -262,9 +262,10 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
         if rule.allowed is not None and served not in rule.allowed:
             reason = f"model {served} is not allowed for {rule.scope} (allowed: {rule.allowed.describe()})"
             return Verdict(DENY_MODEL, served, None, reason, rule.scope)
-        if rule.action == THROTTLE:
+        action = rule.action
+        if action == THROTTLE:
             throttles.append((rule, rule.bucket(key, mono_now)))
-        elif (rule.action == ALERT or rule.action == FALLBACK) and (top is None or rule.rank > top.rank):
+        elif action in (ALERT, FALLBACK) and (top is None or rule.rank > top.rank):
             top = rule
 
     if len(throttles) == 1:
