@@ -8,11 +8,15 @@ Starts its own embedded broker. Rows:
   encoded and spooled from the calling thread (still no network wait).
 - raw produce(): confluent-kafka Producer.produce() of pre-encoded bytes, same producer settings.
 "delivered/s" is events acked by the broker per second, from the first call until flush() returned.
+Then the per-event CPU cost of encoding on one thread: the Emitter's encoder against the generic
+path it replaced (``AvroCodec.encode(event.to_avro())``: model copy, logical types, fastavro).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -23,9 +27,10 @@ from confluent_kafka import Producer
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import load_settings
-from spendstream.core.events import UsageEvent
+from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.topics import USAGE
 from spendstream.edge.emitter import DEFAULT_PRODUCER_CONFIG, Emitter, attribution_key
+from spendstream.edge.usage_encoding import UsageEncoder
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 
@@ -127,6 +132,42 @@ def bench_raw(bootstrap: str, events: list[UsageEvent], total: int) -> dict:
     }
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def bench_encoding(events: list[UsageEvent], rounds: int = 5) -> dict[str, float]:
+    """CPU microseconds per event (best of ``rounds``, alternating the two paths): bounds check, key, value."""
+    codec = AvroCodec("usage_event")
+    encoder = UsageEncoder(codec)
+
+    def generic(event: UsageEvent) -> object:
+        record = event.to_avro()
+        return usage_bounds_problem(record), attribution_key(event), codec.encode(record)
+
+    def emitter(event: UsageEvent) -> object:
+        return usage_bounds_problem(event.__dict__), encoder.key(event), encoder.encode(event)
+
+    for event in events[:1000]:
+        if generic(event)[1:] != emitter(event)[1:]:
+            raise SystemExit("the two encoders disagree")
+    best = {"generic (to_avro + fastavro)": float("inf"), "Emitter's UsageEncoder": float("inf")}
+    paths = dict(zip(best, (generic, emitter), strict=True))
+    for _ in range(rounds):
+        for name, path in paths.items():
+            start = time.process_time()
+            for event in events:
+                path(event)
+            best[name] = min(best[name], (time.process_time() - start) / len(events) * 1e6)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=500_000)
@@ -141,11 +182,18 @@ def main() -> None:
         rows["emit(), max_queue=100k"] = bench_emitter(broker.bootstrap, events, args.events, 100_000, Path(tmp) / "b")
         rows["raw produce() baseline"] = bench_raw(broker.bootstrap, events, args.events)
     cols = ["calls/s", "p50 us", "p99 us", "p99.9 us", "mean us", "delivered/s"]
+    encoding = bench_encoding(events)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"CPU: {cpu_model()} x {os.cpu_count()}; load average {load}; {when}")
     print(f"{args.events} events, one emitting thread, broker {broker.bootstrap}")
     print(f"{'':26}" + "".join(f"{c:>13}" for c in cols) + "  note")
     for name, row in rows.items():
         figures = "".join(f"{row[c]:>13,.0f}" if row[c] >= 100 else f"{row[c]:>13.2f}" for c in cols)
         print(f"{name:26}{figures}  {row['note']}")
+    print("encoding, CPU us per event (best of 5; bounds check + key + value):")
+    for name, us in encoding.items():
+        print(f"  {name:30} {us:6.2f}   ({1e6 / us:,.0f} events/s per core)")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings, load_settings
-from spendstream.core.events import UsageEvent
+from spendstream.core.events import INT64_MAX, MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent, UsageStatus
 from spendstream.core.topics import USAGE
 from spendstream.edge.emitter import Emitter
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
@@ -103,6 +105,84 @@ def test_full_queue_overflows_to_the_spool_and_loses_nothing(settings: Settings,
     assert stats.replayed == stats.spooled and stats.sent == 3000
     records = _consume(broker.bootstrap, len(events))
     assert {str(r["event_id"]) for _, r in records} == set(_ids(events))
+
+
+def _varied_events() -> list[UsageEvent]:
+    """Events exercising every field of the schema: tags, non-ASCII text, unpriced cost, extreme integers."""
+    base = _events(1)[0]
+    return [
+        base,
+        UsageEvent(
+            occurred_at=datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+            org="ακμή",
+            division="d" * 300,
+            team="t",
+            project="p",
+            feature="f",
+            user="ユーザー",
+            customer="c",
+            environment="prod",
+            tags={"region": "eu", "ключ": "значение", "": ""},
+            provider="anthropic",
+            model_requested="claude",
+            model_served="claude-haiku",
+            input_tokens=MAX_EVENT_TOKENS,
+            output_tokens=64,
+            cached_input_tokens=63,
+            cache_write_tokens=8191,
+            cost_nanos=None,
+            price_source="override:x",
+            latency_ms=INT64_MAX,
+            status=UsageStatus.blocked,
+            decision_applied="shutoff",
+            cache_hit=True,
+        ),
+        base.model_copy(update={"event_id": uuid.uuid4(), "cost_nanos": MAX_EVENT_COST_NANOS, "status": "error"}),
+    ]
+
+
+def test_events_arrive_with_every_field_as_emitted(settings: Settings, broker: EmbeddedBroker) -> None:
+    """The Emitter's own encoder writes what the generic codec writes, for every field and both queue paths."""
+    queued, overflowed = _varied_events(), [e.model_copy(update={"event_id": uuid.uuid4()}) for e in _varied_events()]
+    with Emitter(settings=settings, max_queue=len(queued)) as em:
+        for event in [*queued, *overflowed]:  # the queue takes the first ones, emit() encodes the overflow
+            em.emit(event)
+        assert em.flush(20) == 0
+        stats = em.stats
+    assert (stats.sent, stats.failed) == (6, 0) and stats.spooled >= 3
+    codec = AvroCodec("usage_event")
+    expected = {str(e.event_id): (e, codec.encode(e.to_avro())) for e in [*queued, *overflowed]}
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": uuid.uuid4().hex})
+    consumer.assign([TopicPartition(USAGE, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    values: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + 20
+    while len(values) < len(expected) and time.monotonic() < deadline:
+        values += [(m.key(), m.value()) for m in consumer.consume(100, 0.2) if m.error() is None]
+    consumer.close()
+    assert len(values) == len(expected)
+    for key, value in values:
+        record = codec.decode(value)
+        event, generic_bytes = expected[str(record["event_id"])]
+        assert value == generic_bytes
+        assert UsageEvent.from_avro(record) == event
+        assert key == f"{event.org}/{event.team}".encode()
+
+
+def test_events_the_encoder_cannot_write_are_counted_failed(settings: Settings) -> None:
+    """An unvalidated event with a wrong type is refused by the codec's own rules, never raised to the caller."""
+    good = _events(1)[0]
+    wrong = [
+        good.model_copy(update={"event_id": uuid.uuid4(), "team": 7}),
+        good.model_copy(update={"event_id": uuid.uuid4(), "tags": {"k": 1}}),
+        good.model_copy(update={"event_id": uuid.uuid4(), "status": "lost"}),
+        good.model_copy(update={"event_id": uuid.uuid4(), "latency_ms": 2**63}),
+    ]
+    with Emitter(settings=settings, max_queue=2) as em:
+        for event in [*wrong, good]:
+            em.emit(event)
+        assert em.flush(20) == 0
+        stats = em.stats
+    assert (stats.emitted, stats.failed, stats.sent) == (5, 4, 1)
 
 
 def test_unreachable_broker_spools_then_replays_in_order(tmp_path: Path) -> None:

@@ -94,13 +94,16 @@ class AvroCodec:
             self._writers[fingerprint(old)] = parsed_schema(old)
         self._registry = _SchemaRegistry(registry_url, schema_name) if registry_url else None
 
+    def frame_header(self) -> bytes:
+        """The bytes every encoded value starts with (with a registry, the first call registers the schema)."""
+        if self._registry is not None:
+            return struct.pack(">bI", CONFLUENT_MAGIC, self._registry.schema_id(self.schema))
+        return self._header
+
     def encode(self, record: dict[str, Any]) -> bytes:
         """Frame and encode; ``record`` may be modified in place (``to_avro()`` returns a fresh dict)."""
         buf = io.BytesIO()
-        if self._registry is not None:
-            buf.write(struct.pack(">bI", CONFLUENT_MAGIC, self._registry.schema_id(self.schema)))
-        else:
-            buf.write(self._header)
+        buf.write(self.frame_header())
         for name in self._timestamp_fields:
             value = record.get(name)
             if isinstance(value, datetime):

@@ -18,9 +18,11 @@ built with ``model_construct`` or ``model_copy`` skips validation) is refused be
 failed and logged with the field, never raised to the caller, so one bad event cannot overflow a priced total
 downstream.
 
-When the deque is full, ``emit()`` writes the event to the spool itself (an encode and a
-buffered write, no network), so memory stays bounded and nothing is lost. Delivery is
-at-least-once; order is kept per key except across such an overflow.
+When the deque is full, ``emit()`` encodes the event itself (a few microseconds) and leaves the
+bytes in a bounded inbox that the background thread appends to the spool, so the caller never
+waits for a disk write. Only when that inbox is full too does ``emit()`` append to the spool
+itself. Memory stays bounded and nothing is lost. Delivery is at-least-once; order is kept per
+key except across such an overflow.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.metrics import EMITTERS
 from spendstream.core.topics import USAGE
 from spendstream.edge.spool import Spool
+from spendstream.edge.usage_encoding import UsageEncoder
 
 log = logging.getLogger(__name__)
 
 _KEY_LEN = struct.Struct("<H")
 _BATCH = 4096  # events taken from the deque per loop turn
+_INBOX_RECORDS = 65_536  # encoded overflow records waiting for the background thread's spool append
 _REPLAY_WINDOW = 50_000  # replayed events in flight at most
 _PROBE_INTERVAL_S = 1.0
 _PROBE_TIMEOUT_S = 1.0
@@ -100,13 +104,11 @@ class RefusedEvent(ValueError):
     """A usage event outside the bounds every consumer relies on."""
 
 
-def checked_record(event: UsageEvent) -> dict[str, Any]:
-    """The event's Avro record, or ``RefusedEvent`` naming the field that is out of bounds."""
-    record = event.to_avro()
-    problem = usage_bounds_problem(record)
+def check_bounds(event: UsageEvent) -> None:
+    """``RefusedEvent`` naming the field if the event's counts or cost are out of bounds."""
+    problem = usage_bounds_problem(event.__dict__)
     if problem is not None:
-        raise RefusedEvent(f"usage event {record.get('event_id', '?')} refused: {problem}")
-    return record
+        raise RefusedEvent(f"usage event {getattr(event, 'event_id', '?')} refused: {problem}")
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,10 @@ class Emitter:
         self._producer_conf.setdefault("logger", _KafkaLog(self._loud))
         self._topic = topic
         self._max_queue = max_queue
-        self._codec = AvroCodec("usage_event", settings.schema_registry_url)
+        self._encoder = UsageEncoder(AvroCodec("usage_event", settings.schema_registry_url))
         self._queue: deque[UsageEvent] = deque()
+        # Overflow records encoded by emit() callers, spooled by the background thread (deque ops are atomic).
+        self._inbox: deque[bytes] = deque()
         # Counters written by the background thread only.
         self._taken = 0
         self._sent = 0
@@ -253,23 +257,31 @@ class Emitter:
             log.exception("emit() failed unexpectedly")
 
     def _bypass(self, event: UsageEvent) -> None:
-        """Deque full (or closed): write the event to the spool from the caller's thread."""
-        spooled = False
+        """Deque full (or closed): encode here and leave the record for the background thread to spool.
+
+        Only if that inbox is full too (the disk is slower than the callers) is the spool written from here.
+        """
+        spooled = handed = False
         if self._closed:
             self._loud.error("closed", "emit() after close(): event %s dropped", getattr(event, "event_id", "?"))
         else:
             try:
-                record = pack(attribution_key(event), self._codec.encode(checked_record(event)))
+                check_bounds(event)
+                record = pack(self._encoder.key(event), self._encoder.encode(event))
             except RefusedEvent as exc:
                 self._loud.error("refused", "%s", exc)
             except Exception as exc:
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
             else:
-                spooled = self._spool_append([record]) == 1
+                if len(self._inbox) < _INBOX_RECORDS:
+                    self._inbox.append(record)
+                    handed = True
+                else:
+                    spooled = self._spool_append([record]) == 1
         with self._bypass_lock:
             self._bypassed += 1
             self._bypass_spooled += spooled
-            self._bypass_failed += not spooled
+            self._bypass_failed += not (spooled or handed)
 
     # -- observing and stopping --------------------------------------------------------------
     @property
@@ -284,7 +296,7 @@ class Emitter:
             spooled=self._spooled + b_spooled,
             replayed=self._replayed,
             failed=self._failed + b_failed,
-            queued=queued + self._in_hand + self._live_inflight,
+            queued=queued + len(self._inbox) + self._in_hand + self._live_inflight,
             spool_bytes=spool_bytes,
             spool_events=self._spool_records(),
         )
@@ -298,13 +310,20 @@ class Emitter:
         deadline = time.monotonic() + timeout
         start = self._turns
         while self._thread.is_alive() and time.monotonic() < deadline:
-            if self._turns >= start + 2 and self._pending == 0 and not self._queue:
+            if self._turns >= start + 2 and self._pending == 0 and not self._queue and not self._inbox:
                 return 0
             time.sleep(0.005)
         return self._undelivered()
 
     def _undelivered(self) -> int:
-        return len(self._queue) + self._in_hand + self._live_inflight + len(self._failed_live) + self._spool_records()
+        return (
+            len(self._queue)
+            + len(self._inbox)
+            + self._in_hand
+            + self._live_inflight
+            + len(self._failed_live)
+            + self._spool_records()
+        )
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush, then stop; what could not be delivered stays in the spool for the next Emitter."""
@@ -403,6 +422,9 @@ class Emitter:
             self._in_hand = n
             self._forward([self._queue.popleft() for _ in range(n)])
             self._in_hand = 0
+        if self._inbox:
+            busy = True
+            self._spool_inbox()
         if self._online:
             busy = self._replay_some() or busy
         elif time.monotonic() >= self._probe_at:
@@ -417,13 +439,25 @@ class Emitter:
             self._sync()
         return busy
 
+    def _spool_inbox(self) -> None:
+        """Append the records emit() encoded while the deque was full (taken from the left: in order)."""
+        inbox = self._inbox
+        records = [inbox.popleft() for _ in range(len(inbox))]
+        self._in_hand = len(records)
+        self._to_spool(records)
+        self._in_hand = 0
+
     def _forward(self, events: list[UsageEvent]) -> None:
         self._taken += len(events)
         records: list[tuple[bytes, bytes]] = []
-        encode = self._codec.encode
+        key = self._encoder.key
+        encode = self._encoder.encode
+        problem = usage_bounds_problem
         for event in events:
             try:
-                records.append((attribution_key(event), encode(checked_record(event))))
+                if problem(event.__dict__) is not None:
+                    check_bounds(event)  # raises, naming the field
+                records.append((key(event), encode(event)))
             except RefusedEvent as exc:
                 self._failed += 1
                 self._loud.error("refused", "%s", exc)
@@ -580,6 +614,7 @@ class Emitter:
                 self._forward(rest)
         finally:
             self._closed = True
+            self._spool_inbox()  # what emit() handed over before it saw the Emitter closed
             if self._spool:
                 try:
                     self._spool.sync()

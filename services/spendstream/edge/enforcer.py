@@ -1,8 +1,8 @@
 """The Enforcer: follows ``spendstream.enforcement`` in a background thread and answers ``check()`` from memory.
 
 The request path does a handful of dict lookups (one per attribution dimension that has any decision)
-and calls the pure ``resolve`` only when some decision matches. The consumer reads the compacted topic
-from the beginning with no consumer group commits, so every edge holds the full current view.
+and calls the pure ``resolve_one``/``resolve_many`` only when some decision matches. The consumer reads the
+compacted topic from the beginning with no consumer group commits, so every edge holds the full current view.
 
 Rules that need no spend (allowed-model lists, request quotas counted at the edge: ``policy_rules``) are
 applied from the policy itself, the newest valid record on ``spendstream.policy`` (``policy_follower``), so
@@ -29,7 +29,17 @@ from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import StaticRules
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
-from spendstream.edge.verdict import ALLOW, UNAVAILABLE, ScopeRule, Verdict, newer, parse_scope, resolve
+from spendstream.edge.verdict import (
+    ALLOW,
+    BLOCKING_STATUS,
+    UNAVAILABLE,
+    ScopeRule,
+    Verdict,
+    newer,
+    parse_scope,
+    resolve_many,
+    resolve_one,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +100,11 @@ class Enforcer:
         self._wall: Callable[[], float] = time.time if clock is None else (lambda: clock().timestamp())
         self.fail_closed = fail_closed
         self.max_staleness_s = max_staleness_s
-        # dimension index -> {value or "*": rule}; only dimensions with rules are listed in _active.
+        # dimension index -> {value or "*": rule}; _active lists the dimensions with rules, as
+        # (index, its rules, its wildcard rule or None), so check() does one lookup per such dimension.
         self._rules: dict[str, ScopeRule] = {}
         self._index: list[dict[str, ScopeRule]] = [{} for _ in DIMENSIONS]
-        self._active: tuple[int, ...] = ()
+        self._active: tuple[tuple[int, dict[str, ScopeRule], ScopeRule | None], ...] = ()
         self._global: ScopeRule | None = None
         self._ancestors: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
         self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
@@ -187,17 +198,14 @@ class Enforcer:
             wall = self._wall()
             if static.quotas is not None:
                 static.quotas.count(values, wall, hits)
-        index = self._index
-        for i in self._active:
+        for i, rules, wildcard in self._active:
             value = values[i]
             if value:
-                rules = index[i]
                 rule = rules.get(value)
                 if rule is not None:
                     hits.append((rule, ""))
-                rule = rules.get(WILDCARD)
-                if rule is not None:
-                    hits.append((rule, value))
+                if wildcard is not None:
+                    hits.append((wildcard, value))
         if self._global is not None:
             hits.append((self._global, ""))
         if static is None:
@@ -206,8 +214,13 @@ class Enforcer:
             wall = self._wall()
         if feature and self._exempting:
             hits = [(rule.for_feature(feature) if rule.critical else rule, key) for rule, key in hits]
-        verdict = resolve(hits, model, wall, time.monotonic()) if hits else Verdict(ALLOW, model)
-        if static is not None and static.allowed and not verdict.blocked:
+        if not hits:
+            verdict = Verdict(ALLOW, model)
+        elif len(hits) == 1:
+            verdict = resolve_one(hits[0][0], hits[0][1], model, wall, time.monotonic())
+        else:
+            verdict = resolve_many(hits, model, wall, time.monotonic())
+        if static is not None and static.allowed and verdict.action not in BLOCKING_STATUS:
             return static.denial(values, verdict.model) or verdict
         return verdict
 
@@ -292,7 +305,7 @@ class Enforcer:
             self._index[i].pop(value, None)
         else:
             self._index[i][value] = rule
-        self._active = tuple(j for j, rules in enumerate(self._index) if rules)
+        self._active = tuple((j, rules, rules.get(WILDCARD)) for j, rules in enumerate(self._index) if rules)
 
     def decisions(self) -> dict[str, ScopeRule]:
         """The rules in force, by scope (a copy, for diagnostics)."""

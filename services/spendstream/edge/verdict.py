@@ -221,12 +221,16 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
     """``resolve`` for any number of matching rules."""
     shutoff: ScopeRule | None = None
     active: list[tuple[ScopeRule, str]] = []
+    fallbacks: list[ScopeRule] = []
     for hit in hits:
         rule = hit[0]
-        if rule.expires_at is not None and rule.expires_at <= wall_now:
+        expires_at = rule.expires_at
+        if expires_at is not None and expires_at <= wall_now:
             continue
         if rule.action == SHUTOFF and (shutoff is None or rule.scope < shutoff.scope):
             shutoff = rule
+        if rule.fallback:
+            fallbacks.append(rule)
         active.append(hit)
     if shutoff is not None:
         retry = max(0.0, shutoff.expires_at - wall_now) if shutoff.expires_at is not None else None
@@ -235,19 +239,22 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
         return Verdict(ALLOW, model)
 
     served, rewrote = model, None
-    fallbacks = [rule for rule, _ in active if rule.fallback]
-    if len(fallbacks) > 1:
+    if len(fallbacks) == 1:
+        target = fallbacks[0].fallback.get(model)
+        if target is not None and target != model:
+            served, rewrote = target, fallbacks[0]
+    elif fallbacks:
         fallbacks.sort(key=_scope_of)
-    for _ in range(len(fallbacks)):
-        for rule in fallbacks:
-            target = rule.fallback.get(served)
-            if target is not None and target != served:
-                served, rewrote = target, rule
+        for _ in range(len(fallbacks)):
+            for rule in fallbacks:
+                target = rule.fallback.get(served)
+                if target is not None and target != served:
+                    served, rewrote = target, rule
+                    break
+            else:
                 break
-        else:
-            break
-    if served == model:
-        rewrote = None
+        if served == model:
+            rewrote = None
 
     top: ScopeRule | None = None
     throttles = []
@@ -255,9 +262,10 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
         if rule.allowed is not None and served not in rule.allowed:
             reason = f"model {served} is not allowed for {rule.scope} (allowed: {rule.allowed.describe()})"
             return Verdict(DENY_MODEL, served, None, reason, rule.scope)
-        if rule.action == THROTTLE:
+        action = rule.action
+        if action == THROTTLE:
             throttles.append((rule, rule.bucket(key, mono_now)))
-        elif (rule.action == ALERT or rule.action == FALLBACK) and (top is None or rule.rank > top.rank):
+        elif action in (ALERT, FALLBACK) and (top is None or rule.rank > top.rank):
             top = rule
 
     if len(throttles) == 1:

@@ -1,0 +1,177 @@
+"""The Emitter's encoder for usage events: the same bytes as ``AvroCodec.encode``, several times faster.
+
+Why: encoding is what bounds how many events one edge process delivers per second. The generic path copies
+the model into a dict, converts logical types and walks the schema in fastavro for every field. This one
+reads the validated model's fields directly and writes the ``usage_event`` schema's fields in order, with the
+Avro bytes of repeated strings (org, team, user, model...) and small integers taken from bounded caches.
+
+It is written for one schema version: ``UsageEncoder`` refuses to start if ``schemas/usage_event.avsc`` no
+longer has the fields it writes, and any value it does not handle (an event built with ``model_construct``
+holding a wrong type) goes through ``AvroCodec.encode``, which decides exactly as before.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from spendstream.core.codec import AvroCodec
+from spendstream.core.events import UsageEvent
+from spendstream.core.schemas import load_schema_json
+
+# (field name, Avro type as written in the schema) in schema order: what encode_body() writes.
+FIELDS: tuple[tuple[str, Any], ...] = (
+    ("event_id", {"type": "string", "logicalType": "uuid"}),
+    ("occurred_at", {"type": "long", "logicalType": "timestamp-micros"}),
+    *((name, "string") for name in ("org", "division", "team", "project", "feature", "user", "customer")),
+    ("environment", "string"),
+    ("tags", {"type": "map", "values": "string"}),
+    ("provider", "string"),
+    ("model_requested", "string"),
+    ("model_served", "string"),
+    *((name, "long") for name in ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")),
+    ("cost_nanos", ["null", "long"]),
+    ("price_source", "string"),
+    ("latency_ms", "long"),
+    ("status", {"type": "enum", "name": "UsageStatus", "symbols": ["ok", "error", "blocked"], "default": "ok"}),
+    ("decision_applied", "string"),
+    ("cache_hit", "boolean"),
+)
+_CACHE_ENTRIES = 16_384  # per cache; a full cache is emptied (old values stop repeating, new ones refill it)
+_INT64_MIN, _INT64_LIMIT = -(2**63), 2**63
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_ONE_BYTE = tuple(bytes([b]) for b in range(128))
+_STATUS = {"ok": b"\x00", "error": b"\x02", "blocked": b"\x04"}
+
+
+def avro_long(value: int) -> bytes:
+    """Zig-zag varint of a 64-bit signed integer."""
+    if type(value) is not int or not _INT64_MIN <= value < _INT64_LIMIT:
+        raise TypeError(f"not an Avro long: {value!r}")
+    return varint((value << 1) ^ (value >> 63))
+
+
+def varint(n: int) -> bytes:
+    """Base-128 varint of a non-negative integer, low groups first."""
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_UUID_TEXT = b"\x48"  # the Avro length (zig-zag 36) of a UUID's text
+_LOW_BITS = 21  # a timestamp's varint: 3 bytes of its low 21 bits, then the varint of the rest (cached)
+
+
+def avro_string(value: str) -> bytes:
+    data = value.encode()
+    return avro_long(len(data)) + data
+
+
+class _Cache(dict):
+    """value -> its Avro bytes, computed on a miss; emptied when full so memory stays bounded."""
+
+    def __init__(self, encode: Any) -> None:
+        super().__init__()
+        self._encode = encode
+
+    def __missing__(self, value: Any) -> bytes:
+        if len(self) >= _CACHE_ENTRIES:
+            self.clear()
+        encoded = self[value] = self._encode(value)
+        return encoded
+
+
+class UsageEncoder:
+    """Encode ``UsageEvent`` values (framed as ``codec`` frames them) and build their partition keys."""
+
+    def __init__(self, codec: AvroCodec) -> None:
+        actual = tuple((f["name"], f["type"]) for f in load_schema_json("usage_event")["fields"])
+        if actual != FIELDS:
+            raise RuntimeError("schemas/usage_event.avsc changed: update spendstream.edge.usage_encoding.FIELDS")
+        self._codec = codec
+        self._header: bytes | None = None
+        self._strings = _Cache(avro_string)
+        self._longs = _Cache(avro_long)
+        self._high = _Cache(varint)  # a timestamp's bits above the low 21: they change about once a second
+        self._keys: dict[tuple[str, str], bytes] = {}
+
+    def key(self, event: UsageEvent) -> bytes:
+        """The partition key, ``org/team``: one producer partition per team keeps its events in order."""
+        fields = event.__dict__
+        pair = (fields["org"], fields["team"])
+        key = self._keys.get(pair)
+        if key is None:
+            if len(self._keys) >= _CACHE_ENTRIES:
+                self._keys.clear()
+            key = self._keys[pair] = f"{pair[0]}/{pair[1]}".encode()
+        return key
+
+    def encode(self, event: UsageEvent) -> bytes:
+        """The framed Avro value of a validated event (bounds are checked by the caller)."""
+        if self._header is None:
+            self._header = self._codec.frame_header()
+        try:
+            return self._header + self._body(event.__dict__)
+        except Exception:  # a value of an unexpected type: the generic encoder accepts or names it
+            return self._codec.encode(event.to_avro())
+
+    def _body(self, f: dict[str, Any]) -> bytes:
+        s = self._strings
+        n = self._longs
+        event_id = f["event_id"]
+        tags = f["tags"]
+        cost = f["cost_nanos"]
+        latency = f["latency_ms"]
+        return b"".join(
+            (
+                _UUID_TEXT + str(event_id).encode() if type(event_id) is UUID else avro_string(str(event_id)),
+                self._timestamp(f["occurred_at"]),
+                s[f["org"]],
+                s[f["division"]],
+                s[f["team"]],
+                s[f["project"]],
+                s[f["feature"]],
+                s[f["user"]],
+                s[f["customer"]],
+                s[f["environment"]],
+                self._map(tags) if tags else b"\x00",
+                s[f["provider"]],
+                s[f["model_requested"]],
+                s[f["model_served"]],
+                n[f["input_tokens"]],
+                n[f["output_tokens"]],
+                n[f["cached_input_tokens"]],
+                n[f["cache_write_tokens"]],
+                b"\x00" if cost is None else b"\x02" + avro_long(cost),
+                s[f["price_source"]],
+                n[latency] if type(latency) is int else avro_long(latency),
+                _STATUS[f["status"]],
+                s[f["decision_applied"]],
+                b"\x01" if f["cache_hit"] is True else b"\x00" if f["cache_hit"] is False else _bad("cache_hit"),
+            )
+        )
+
+    def _timestamp(self, occurred_at: datetime) -> bytes:
+        if type(occurred_at) is not datetime:
+            raise TypeError("occurred_at")
+        micros = (occurred_at - _EPOCH) // _MICROSECOND
+        if not 1 << (_LOW_BITS - 1) <= micros < _INT64_LIMIT:  # before 1970-01-01T00:00:01: no high bits
+            return avro_long(micros)
+        n = micros << 1  # the zig-zag of a non-negative long
+        low = (n & 0x7F) | ((n & 0x3F80) << 1) | ((n & 0x1FC000) << 2) | 0x808080  # with continuation bits
+        return low.to_bytes(3, "little") + self._high[n >> _LOW_BITS]
+
+    def _map(self, tags: dict[str, str]) -> bytes:
+        s = self._strings
+        return b"".join((avro_long(len(tags)), *(s[k] + s[v] for k, v in tags.items()), b"\x00"))
+
+
+def _bad(name: str) -> bytes:
+    raise TypeError(name)
