@@ -75,3 +75,24 @@ def test_broker_command_serves_kafka_and_stops_cleanly_on_sigint() -> None:
     time.sleep(0.2)
     with EmbeddedBroker(port=port):  # the port was released: nothing was left behind
         pass
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_quietly_and_the_key_is_still_added(tmp_path) -> None:
+    """``spendstream gateway keygen --team marketing | head -1`` keeps the key line and drops the rest."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the output (written at once, at the end) reaches the pipe
+    without_unbuffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        done = subprocess.run(
+            [*CLI, "gateway", "keygen", "--team", "marketing"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={**without_unbuffered, "SPENDSTREAM_DATA_DIR": str(tmp_path)},
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 128 + signal.SIGPIPE
+    assert '"team": "marketing"' in (tmp_path / "keys.yaml").read_text()

@@ -178,3 +178,18 @@ def test_dashboard_says_when_the_ledger_has_no_budgets(ledger: Any, offline_sett
     for url in _serve(ledger, offline_settings):
         page = _page(url)
         assert 'id="no-budgets"' in page and "of $0.00 budget" not in page
+
+
+def test_dashboard_with_a_few_cents_against_a_large_budget(ledger: Any, offline_settings: Settings) -> None:
+    """A fresh `dev` stack: a few calls against the reference policy's budgets. The budget would run out in
+    millions of years at that rate; the page says no exhaustion date instead of failing."""
+    now = datetime.now(UTC)
+    ledger.insert(
+        "spendstream.usage_ledger",
+        [[uuid.uuid4(), now - timedelta(minutes=1), "marketing", "ai_chatbot", "openai", "gpt-4o-mini", 30_000]],
+        column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
+    )
+    load_budgets(ledger, "spendstream", [("team:marketing", "month", 40_000 * B)], now.date(), "pv-dash")
+    for url in _serve(ledger, offline_settings):
+        page = _page(url)
+        assert 'id="forecast"' in page and "$40,000.00" in page

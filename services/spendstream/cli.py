@@ -11,6 +11,8 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -88,7 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         if needs_broker(args, settings):
             require_broker(settings.kafka_client_config())
-        return int(args.handler(args, settings) or 0)
+        code = int(args.handler(args, settings) or 0)
+        sys.stdout.flush()  # here, so a closed pipe is met inside this handler and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except ConfigError as exc:
         print(f"spendstream: {exc}", file=sys.stderr)
         return 2
@@ -97,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``spendstream gateway keygen | head -1``): stop quietly, as a shell
+    tool killed by SIGPIPE would (exit 141), without a traceback or Python's complaint at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def report_day_problem(day: date, monthly: bool = False) -> str | None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser(
-        "report", help="print a report from the ledger: CFO weekly, chargeback, forecast, top spenders, mix, latency"
+        "report",
+        help="print a report from the ledger: CFO weekly, chargeback, forecast, top spenders, mix, latency, savings",
     )
     report.add_argument("kind", choices=REPORTS, help="which report")
     report.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
