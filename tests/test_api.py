@@ -180,3 +180,26 @@ def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
         assert (await rebuilt.json())["rebuilt_groups"] == 1
 
     run(_with_client(api_settings, shared_client, body))
+
+
+def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, shared_client: Any) -> None:
+    """A few cheap calls against a large budget run it out centuries away: the forecast says never, not a 500."""
+    shared_client.insert(
+        "spendstream.usage_ledger",
+        [[uuid.uuid4(), datetime.now(UTC) - timedelta(hours=1), "sales", "ai_lead_scorer", "openai", "gpt-4o-mini", 1]],
+        column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
+    )
+    doc = {
+        "month": datetime.now(UTC).strftime("%Y-%m"),
+        "policy_version": "pv-1",
+        "budgets": [{"scope": "team:sales", "limit_usd": "6000"}],
+    }
+
+    async def body(http: TestClient) -> None:
+        assert (await http.post("/v1/admin/budgets", json=doc, headers=ADMIN)).status == 200
+        response = await http.get("/v1/reports/forecast", headers=ADMIN)
+        assert response.status == 200, await response.text()
+        (row,) = (await response.json())["rows"]
+        assert (row["team"], row["actual_nanos"], row["exhausted_on"]) == ("sales", 1, None)
+
+    run(_with_client(api_settings, shared_client, body))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
@@ -14,6 +15,7 @@ from spendstream.core import topics
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 
 CLI = [sys.executable, "-m", "spendstream.cli"]
+REFERENCE_POLICY = Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -96,3 +98,14 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly_and_the_key_is_still_add
     assert done.stderr == ""
     assert done.returncode == 128 + signal.SIGPIPE
     assert '"team": "marketing"' in (tmp_path / "keys.yaml").read_text()
+
+
+def test_output_into_a_closed_pipe_stops_without_a_traceback() -> None:
+    """`spendstream policy show FILE | head -1`: the reader leaves early, the command stops quietly."""
+    process = subprocess.Popen(
+        [*CLI, "policy", "show", str(REFERENCE_POLICY)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # before the command writes a line
+    _, stderr = process.communicate(timeout=60)
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
+    assert process.returncode == 141

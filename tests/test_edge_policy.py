@@ -259,3 +259,45 @@ def test_fresh_dev_stack_refuses_the_first_disallowed_call(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_gateway_routes_by_the_policy_applied_after_its_start(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A gateway started with the reference policy routes a simple gpt-4o question to a cheaper model; once
+    `spendstream policy apply` puts a policy without a `routing:` section in force, it serves the model asked for."""
+    kinds = ("openai", "anthropic")
+    reference = Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml"
+    text = reference.read_text()
+    unrouted = tmp_path / "unrouted.yaml"
+    unrouted.write_text(text[: text.index("\nrouting:")].replace("name: default", "name: unrouted"))
+    env = {**os.environ, "SPENDSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap, "SPENDSTREAM_POLICY": str(reference)}
+    env.pop("SPENDSTREAM_GATEWAY_CONFIG", None)
+    assert cli(env, "policy", "apply", "--wait", "0", str(reference)).returncode == 0
+    with StubUpstream() as upstream:
+        config = tmp_path / "gateway.json"
+        providers = {kind: {"kind": kind, "upstreams": [{"base_url": upstream.url}]} for kind in kinds}
+        keys = [{"sha256": hash_key(KEY), "name": "t", "org": "acme", "allow_header_attribution": True}]
+        config.write_text(json.dumps({"keys": keys, "providers": providers}))
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        question = {"model": "gpt-4o", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 3}
+
+        def served_by() -> str | None:
+            headers = {"X-Spendstream-Team": "engineering", "X-Spendstream-User": f"router-{uuid.uuid4()}"}
+            try:
+                status, answer_headers, _ = post(f"http://127.0.0.1:{port}/v1/chat/completions", question, headers)
+            except OSError:
+                return None
+            return answer_headers.get("X-Spendstream-Model", question["model"]) if status == 200 else None
+
+        try:
+            assert wait_for(lambda: served_by() == "gpt-4o-mini", 60, 0.2), "the reference policy's routing"
+            assert cli(env, "policy", "apply", "--wait", "0", str(unrouted)).returncode == 0
+            assert wait_for(lambda: served_by() == "gpt-4o", 20, 0.2), "still routed after the new policy"
+        finally:
+            proc.terminate()
+            proc.wait(30)

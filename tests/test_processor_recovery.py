@@ -210,6 +210,7 @@ def test_a_dev_restart_keeps_the_budget_spent_and_the_applied_policy(tmp_path: P
     proc, seen = _dev(env, startup)
     try:
         assert any("restored (the last applied)" in line for line in seen), "".join(seen)
+        assert any(f"{startup} (version " in line and "not applied" in line for line in seen), "".join(seen)
         _wait_action(bootstrap, "fallback")
         _post_usage(api_port, token, 1.00)
         _wait_action(bootstrap, "shutoff")

@@ -220,8 +220,11 @@ def test_offset_ranges_are_the_first_and_last_offset_seen_per_partition() -> Non
 
 def test_dedup_token_and_commit_positions() -> None:
     ranges = {3: (10, 19), 0: (5, 5)}
-    assert dedup_token(ranges) == dedup_token(dict(reversed(ranges.items()))) == "usage:0:5-5,3:10-19"
-    assert dedup_token({3: (10, 20), 0: (5, 5)}) != dedup_token(ranges)
+    token = dedup_token(ranges, [b"a", b"b"])
+    assert token == dedup_token(dict(reversed(ranges.items())), [b"a", b"b"])
+    assert token.startswith("usage:0:5-5,3:10-19:")
+    assert dedup_token({3: (10, 20), 0: (5, 5)}, [b"a", b"b"]) != token
+    assert dedup_token(ranges, [b"a", b"c"]) != token  # same offsets, other records: another topic's life
     positions = commit_positions(USAGE, ranges, owned={0, 3, 4})
     assert [(tp.partition, tp.offset) for tp in positions] == [(0, 6), (3, 20)]
     assert [tp.partition for tp in commit_positions(USAGE, ranges, owned={3})] == [3]

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from spendstream.core.config import Settings
+from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import UsageEvent
 from spendstream.core.ledger_store import connect
 from spendstream.core.topics import USAGE
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
 from spendstream.sink.ledger_sink import LedgerSink
 from test_sink import CODEC, REPO, ledger_ids, ledger_totals, wait_until
 
@@ -130,5 +132,26 @@ def test_clickhouse_outage_is_retried_and_offsets_wait_for_the_insert(settings: 
     assert outcome == [0]
     try:
         assert ledger_totals(client) == (5_000, 5_000, sum(costs.values()))
+    finally:
+        client.close()
+
+
+def test_events_at_offsets_a_previous_broker_life_used_still_land(tmp_path: Path) -> None:
+    """`spendstream dev` restarts its memory-only broker, so offsets start from 0 again over the same ledger: the
+    first event of the new life (partition p, offset 0, like the old life's first) must land, not pass for a retry."""
+    data_dir = tmp_path / "data"
+    costs: dict[uuid.UUID, int] = {}
+    for life in (1, 2):
+        with EmbeddedBroker() as broker:
+            create_topics({"bootstrap.servers": broker.bootstrap}, 6)
+            settings = load_settings(kafka_bootstrap=broker.bootstrap, data_dir=data_dir)
+            costs |= produce_events(broker.bootstrap, 1, seed=life)  # both lives: one event at offset 0
+            proc = sink_process(settings, tmp_path / "sink.log")
+            wait_until(lambda b=broker.bootstrap, g=settings.sink_group: committed_total(b, g) == 1, 90, f"life {life}")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, (tmp_path / "sink.log").read_text()[-3000:]
+    client = connect(load_settings(data_dir=data_dir))
+    try:
+        assert sorted(ledger_ids(client)) == sorted(costs)
     finally:
         client.close()

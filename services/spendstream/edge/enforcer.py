@@ -115,6 +115,7 @@ class Enforcer:
         self._fresh_at: float | None = None
         self._alive_at: float | None = None  # epoch seconds of the newest processor heartbeat read
         self.processor_policy_version = ""  # the policy version that heartbeat reported
+        self.policy: Policy | None = None  # the policy in force at this edge (the newest valid one read)
         self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
         # The policy's own rules (None: no policy, or one with no such rule).
         self._static: StaticRules | None = None
@@ -238,6 +239,7 @@ class Enforcer:
             self.set_hierarchy(policy.parent_scopes)
         static = StaticRules(policy, DIMENSIONS, self._static)
         self._static = static if static else None
+        self.policy = policy
         log.info("enforcer applies policy %s %s", policy.name, policy.version)
 
     def requests_counted(self, scope: str) -> int:

@@ -334,6 +334,23 @@ class Gateway:
         if self.keys_file is not None:
             self._keys_watch = asyncio.create_task(self._watch_keys_file())
 
+    def _follow_policy_in_force(self) -> None:
+        """A gateway started with a policy routes and prices by the policy in force, as its Enforcer reads it from
+        ``spendstream.policy``: a `spendstream policy apply` changes routing, thresholds, timezone and prices too."""
+        if self.enforcer is None or self.policy is None:
+            return
+        policy = self.enforcer.policy
+        if policy is None or policy.version == self.policy.version:
+            return
+        self.policy = policy
+        self.routing, self.thresholds, self.tz = policy.routing, policy.thresholds, ZoneInfo(policy.timezone)
+        self.prices = policy.price_table
+        self._plans.clear()
+        if self.routing is not None and self.follower is None:
+            self.follower = UsageFollower(self.settings, timezone=self.tz).start()
+            self.provider_stats = self.follower.stats
+        log.info("gateway routes and prices by policy %s %s", policy.name, policy.version)
+
     async def _watch_keys_file(self) -> None:
         assert self.keys_file is not None
         while True:
@@ -430,6 +447,7 @@ class Gateway:
                 refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=anthropic
             )
         assert body is not None
+        self._follow_policy_in_force()
         model = body["model"]
         attribution = key.attribution()
         if key.allow_header_attribution:

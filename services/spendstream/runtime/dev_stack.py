@@ -35,6 +35,7 @@ from typing import IO
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.config import Settings
+from spendstream.core.policy import PolicyError, load_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.policy_memory import PolicyRecorder, republish_last_policy
@@ -142,6 +143,21 @@ class DevStack:
         self._threads: list[threading.Thread] = []
         self.api_tokens: dict[str, str] = {}  # role -> token made for this run (dev-ingest, dev-viewer)
 
+    def _say_if_policy_file_differs(self, restored_version: str) -> None:
+        """A restart restores the last applied policy, not the startup file: say so when they differ, so an edited
+        ``--policy`` file is not believed to be in force."""
+        if self.policy is None:
+            return
+        try:
+            version = f"version {load_policy(self.policy).version}"
+        except PolicyError:
+            version = "not a valid policy"
+        if version != f"version {restored_version}":
+            self.say(
+                f"policy     {self.policy} ({version}) not applied: the last applied policy stays in force; "
+                f"`spendstream policy apply {self.policy}` puts the file in force"
+            )
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +171,7 @@ class DevStack:
         restored = republish_last_policy({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
         if restored is not None:
             self.say(f"policy     {restored.name} version {restored.version} restored (the last applied)")
+            self._say_if_policy_file_differs(restored.version)
         elif self.policy is not None:
             self._run_cli("policy", "apply", "--wait", "0", str(self.policy))  # the processor starts below
             self.say(f"policy     {self.policy} applied")

@@ -11,8 +11,8 @@ Why the ledger is exact (docs/architecture.md §7.1, §7.2):
   remove the copy:
 
   1. Each insert carries ``insert_deduplication_token`` = the batch's ``(partition, first
-     offset, last offset)`` ranges. Retrying a failed or timed-out insert of the *same* batch
-     (the common case: ClickHouse answered with an error after writing, or the connection
+     offset, last offset)`` ranges and a digest of its records. Retrying a failed or timed-out
+     insert of the *same* batch (the common case: ClickHouse answered with an error after writing, or the connection
      dropped) is dropped by ClickHouse itself, so not even a duplicate part is written.
   2. A replay after a crash or rebalance usually has *different* boundaries (a different
      batch size, a batch cut short by the time limit, other partitions mixed in), so its token
@@ -41,6 +41,7 @@ same rows and the same dead letters.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -256,9 +257,15 @@ def offset_ranges(partitions: Sequence[int], offsets: Sequence[int]) -> dict[int
     return {partition: (first[partition], offset) for partition, offset in last.items()}
 
 
-def dedup_token(ranges: dict[int, tuple[int, int]]) -> str:
-    """Deterministic insert_deduplication_token of a batch: its sorted partition offset ranges."""
-    return "usage:" + ",".join(f"{p}:{first}-{last}" for p, (first, last) in sorted(ranges.items()))
+def dedup_token(ranges: dict[int, tuple[int, int]], values: Iterable[bytes | None]) -> str:
+    """Deterministic insert_deduplication_token of a batch: its sorted partition offset ranges and a digest of its
+    records. The digest tells apart batches at the same offsets of different topic lives (the memory-only broker of
+    `spendstream dev` numbers every restart from 0 again), which ClickHouse would otherwise drop as retries."""
+    digest = hashlib.blake2b(digest_size=16)
+    for value in values:
+        digest.update(value or b"")
+    ranges_text = ",".join(f"{p}:{first}-{last}" for p, (first, last) in sorted(ranges.items()))
+    return f"usage:{ranges_text}:{digest.hexdigest()}"
 
 
 def commit_positions(topic: str, ranges: dict[int, tuple[int, int]], owned: Iterable[int]) -> list[TopicPartition]:
@@ -713,7 +720,7 @@ class LedgerSink:
             decoded.records,
             [others[i] for i in decoded.kept],
             rejected,
-            dedup_token(ranges),
+            dedup_token(ranges, values),
         )
 
     def _insert(self, batch: _Batch) -> _Written | None:
