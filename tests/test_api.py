@@ -180,3 +180,23 @@ def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
         assert (await rebuilt.json())["rebuilt_groups"] == 1
 
     run(_with_client(api_settings, shared_client, body))
+
+
+def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, shared_client: Any) -> None:
+    """One nano-dollar this week against a $1 M budget runs out past the last date Python knows: never, not a 500."""
+    shared_client.insert(
+        "spendstream.usage_ledger",
+        [[uuid.uuid4(), datetime.now(UTC), "engineering", "ai_code_review", "openai", "gpt-4o", 1]],
+        column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
+    )
+    month = datetime.now(UTC).strftime("%Y-%m")
+    doc = {"month": month, "policy_version": "pv-1", "budgets": [{"scope": "team:engineering", "limit_usd": "1000000"}]}
+
+    async def body(http: TestClient) -> None:
+        assert (await http.post("/v1/admin/budgets", json=doc, headers=ADMIN)).status == 200
+        response = await http.get("/v1/reports/forecast", headers=ADMIN)
+        assert response.status == 200, await response.text()
+        (row,) = [r for r in (await response.json())["rows"] if r["team"] == "engineering"]
+        assert (row["actual_nanos"], row["exhausted_on"]) == (1, None)
+
+    run(_with_client(api_settings, shared_client, body))

@@ -152,7 +152,11 @@ def forecast_month_end(actual_nanos: int, window_nanos: int, window_seconds: int
 def exhaustion_instant(
     actual_nanos: int, budget_nanos: int, window_nanos: int, window_seconds: int, now: datetime
 ) -> datetime | None:
-    """When the budget runs out at the current run rate: ``now`` if already spent, None if never."""
+    """When the budget runs out at the current run rate: ``now`` if already spent, None if never.
+
+    A slow run rate against a large budget can put that instant past the last representable date
+    (a trickle of nano-dollars against a $1 M budget): that is "never" too, not an error.
+    """
     if budget_nanos <= 0:
         return None
     if actual_nanos >= budget_nanos:
@@ -160,6 +164,8 @@ def exhaustion_instant(
     if window_nanos <= 0 or window_seconds <= 0:
         return None
     seconds = -(-(budget_nanos - actual_nanos) * window_seconds // window_nanos)  # ceiling division
+    if seconds > (datetime.max.replace(tzinfo=now.tzinfo) - now) // timedelta(seconds=1):
+        return None
     return now + timedelta(seconds=seconds)
 
 
