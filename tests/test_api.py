@@ -200,3 +200,16 @@ def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, sh
         assert (row["actual_nanos"], row["exhausted_on"]) == (1, None)
 
     run(_with_client(api_settings, shared_client, body))
+
+
+def test_budgets_for_a_month_outside_the_report_range_get_a_400(api_settings: Settings, shared_client: Any) -> None:
+    async def body(http: TestClient) -> None:
+        for month in ("0001-01", "9999-12", "1969-12"):
+            doc = {"month": month, "budgets": [{"scope": "team:engineering", "limit_usd": "1"}]}
+            response = await http.post("/v1/admin/budgets", json=doc, headers=ADMIN)
+            assert response.status == 400, await response.text()
+            assert f"month must be between 1970-01 and 2199-12, got {month}" in (await response.json())["error"]
+        report = await http.get("/v1/reports/chargeback?month=0001-01", headers=ADMIN)
+        assert report.status == 400 and "got 0001-01" in (await report.json())["problems"][0]["message"]
+
+    run(_with_client(api_settings, shared_client, body))

@@ -395,6 +395,9 @@ async def post_budgets(request: web.Request) -> web.Response:
     try:
         body = await request.json()
         month = date.fromisoformat(body["month"] + "-01")
+        problem = report_day_problem(month, monthly=True)
+        if problem is not None:
+            return _error(400, f"bad budgets document: month {problem}")
         lines = []
         for i, b in enumerate(body["budgets"]):
             field = f"budgets[{i}].limit_nanos" if "limit_nanos" in b else f"budgets[{i}].limit_usd"
