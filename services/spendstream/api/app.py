@@ -444,6 +444,12 @@ async def post_rollup_rebuild(request: web.Request) -> web.Response:
     return web.json_response({"rebuilt_groups": groups, "from": start.isoformat(), "to": end.isoformat()})
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Options for ``web.run_app`` and ``web.AppRunner``: aiohttp's keep-alive timer runs from a connection's
+    opening and from each response, so it also closes a connection whose request head never ends (slowloris)."""
+    return {"keepalive_timeout": settings.api_header_timeout_s}
+
+
 def create_app(
     settings: Settings,
     ledger_client: Any = None,
