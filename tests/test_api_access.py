@@ -158,6 +158,10 @@ def test_ingest_needs_a_token_json_and_the_token_scope(api: RunningApi, broker: 
             "message": "token 'ingest-marketing' may report for team marketing only, not 'sales'",
         }
     ]
+    # Nor charge another department: an event's division replaces its team's division from the policy.
+    other_division = post_json(api.port, event(division="engineering"), marketing)
+    assert other_division.status == 403
+    assert other_division.json()["problems"][0]["field"] == "division"
     assert post_json(api.port, event(), viewer).status == 403  # a viewer cannot post
     poison = post_json(api.port, event(input_tokens=10**16), marketing)  # a cost that could overflow Int64
     assert poison.status == 400 and poison.json()["problems"][0]["field"] == "input_tokens"
