@@ -203,3 +203,45 @@ def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, sh
         assert (row["team"], row["actual_nanos"], row["exhausted_on"]) == ("sales", 1, None)
 
     run(_with_client(api_settings, shared_client, body))
+
+
+def test_budgets_for_a_month_outside_the_report_range_get_a_400(api_settings: Settings, shared_client: Any) -> None:
+    async def body(http: TestClient) -> None:
+        for month in ("0001-01", "9999-12", "1969-12"):
+            doc = {"month": month, "budgets": [{"scope": "team:engineering", "limit_usd": "1"}]}
+            response = await http.post("/v1/admin/budgets", json=doc, headers=ADMIN)
+            assert response.status == 400, await response.text()
+            assert f"month must be between 1970-01 and 2199-12, got {month}" in (await response.json())["error"]
+        report = await http.get("/v1/reports/chargeback?month=0001-01", headers=ADMIN)
+        assert report.status == 400 and "got 0001-01" in (await report.json())["problems"][0]["message"]
+
+    run(_with_client(api_settings, shared_client, body))
+
+
+def test_report_totals_beyond_int64_are_exact(api_settings: Settings, shared_client: Any) -> None:
+    """Two accepted costs of $5 B each sum past Int64: reports show $10 B, not a wrapped negative total."""
+    big = 5 * 10**18
+    shared_client.insert(
+        "spendstream.usage_ledger",
+        [[uuid.uuid4(), datetime.now(UTC), "ovf", "f", "openai", "o1-pro", big, 1] for _ in range(2)],
+        column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos",
+                      "input_tokens"],
+    )  # fmt: skip
+    month = datetime.now(UTC).strftime("%Y-%m")
+
+    async def body(http: TestClient) -> None:
+        async def rows(path: str) -> list[dict[str, Any]]:
+            response = await http.get(path, headers=ADMIN)
+            assert response.status == 200, await response.text()
+            return (await response.json())["rows"]
+
+        (top,) = await rows("/v1/reports/top?by=team")
+        assert (top["key"], top["spend_nanos"], top["spend_usd"]) == ("ovf", 2 * big, "10000000000.000000000")
+        assert (await rows("/v1/reports/weekly"))[0]["spend_nanos"] == 2 * big
+        assert (await rows("/v1/reports/mix"))[0]["spend_nanos"] == 2 * big
+        (forecast,) = [r for r in await rows("/v1/reports/forecast") if r["team"] == "ovf"]
+        assert forecast["actual_nanos"] == 2 * big
+        (saving,) = [r for r in await rows(f"/v1/reports/savings?month={month}") if r["team"] == "ovf"]
+        assert min(v for k, v in saving.items() if k.endswith("_nanos") and v is not None) >= 0
+
+    run(_with_client(api_settings, shared_client, body))

@@ -88,7 +88,7 @@ def api(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[RunningApi]:
     data_dir = tmp_path / "stack-a"
     env = base_env(
         data_dir, SPENDSTREAM_KAFKA_BOOTSTRAP=broker.bootstrap, SPENDSTREAM_API_PORT=str(port),
-        SPENDSTREAM_ADMIN_TOKEN=ADMIN_TOKEN,
+        SPENDSTREAM_ADMIN_TOKEN=ADMIN_TOKEN, SPENDSTREAM_API_HEADER_TIMEOUT_S="1",
     )  # fmt: skip
     log = (tmp_path / "api.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "spendstream.cli", "api"], env=env, stdout=log, stderr=log)
@@ -158,6 +158,10 @@ def test_ingest_needs_a_token_json_and_the_token_scope(api: RunningApi, broker: 
             "message": "token 'ingest-marketing' may report for team marketing only, not 'sales'",
         }
     ]
+    # Nor charge another department: an event's division replaces its team's division from the policy.
+    other_division = post_json(api.port, event(division="engineering"), marketing)
+    assert other_division.status == 403
+    assert other_division.json()["problems"][0]["field"] == "division"
     assert post_json(api.port, event(), viewer).status == 403  # a viewer cannot post
     poison = post_json(api.port, event(input_tokens=10**16), marketing)  # a cost that could overflow Int64
     assert poison.status == 400 and poison.json()["problems"][0]["field"] == "input_tokens"
@@ -308,3 +312,27 @@ def test_an_unparseable_tokens_file_stops_the_api_at_start(tmp_path: Path) -> No
                           timeout=60)  # fmt: skip
     assert done.returncode == 2 and "entry 0" in done.stderr and "role" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_connection_trickling_its_headers_is_closed(api: RunningApi) -> None:
+    """SPENDSTREAM_API_HEADER_TIMEOUT_S is 1 s here: a client that keeps sending header lines but never ends the
+    head is cut off (slowloris), while the API keeps serving others."""
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/reports/weekly HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        for i in range(200):  # up to 20 s of trickling
+            try:
+                sock.sendall(f"X-Slow-{i}: y\r\n".encode())
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            sock.settimeout(0.1)
+            try:
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                closed = True
+            break
+        assert closed, "the API kept a connection open whose request head never ended"
+    assert call(api.port, "GET", "/healthz").status == 200

@@ -36,7 +36,7 @@ def report_day_problem(day: date, monthly: bool = False) -> str | None:
     if FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
         return None
     if monthly:
-        return f"must be between {FIRST_REPORT_DAY:%Y-%m} and {LAST_REPORT_DAY:%Y-%m}, got {day:%Y-%m}"
+        return f"must be between {FIRST_REPORT_DAY:%Y-%m} and {LAST_REPORT_DAY:%Y-%m}, got {day.isoformat()[:7]}"
     return f"must be between {FIRST_REPORT_DAY} and {LAST_REPORT_DAY}, got {day}"
 
 

@@ -53,6 +53,9 @@ def _ts(instant: datetime) -> str:
 
 
 _MODEL = "if(model_served != '', model_served, model_requested)"
+# Sums of costs are Int128: each cost fits Int64, but enough large ones overflow an Int64 sum, which
+# ClickHouse wraps silently (a negative total); Python reads Int128 as an exact int.
+_COST = "toInt128(ifNull(cost_nanos, 0))"
 _RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:DateTime64(6, 'UTC')}"
 
 
@@ -77,7 +80,7 @@ def budgets_policy_version(ledger: Ledger, month: date) -> str:
 
 def _spend_by(ledger: Ledger, dimension: str, start: datetime, end: datetime) -> dict[str, int]:
     rows = ledger.rows(
-        f"SELECT {dimension} AS k, sum(ifNull(cost_nanos, 0)) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY k",
+        f"SELECT {dimension} AS k, sum({_COST}) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY k",
         start=_ts(start),
         end=_ts(end),
     )
@@ -233,7 +236,7 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4) -> Report:
     daily = [
         (d, f, m, int(s), int(r), int(h))
         for d, f, m, s, r, h in ledger.rows(
-            f"SELECT toDate(occurred_at, {{tz:String}}) AS d, feature, {_MODEL} AS m, sum(ifNull(cost_nanos, 0)), "
+            f"SELECT toDate(occurred_at, {{tz:String}}) AS d, feature, {_MODEL} AS m, sum({_COST}), "
             f"count(), countIf(cache_hit) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY d, feature, m",
             tz=ledger.tz,
             start=_ts(start),
@@ -346,7 +349,7 @@ def top(ledger: Ledger, by: str, start: date, end: date, limit: int = 10) -> Rep
     column = _MODEL if by == "model" else by
     lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
     rows = ledger.rows(
-        f"SELECT {column} AS k, sum(ifNull(cost_nanos, 0)) AS s, count(), sum(input_tokens + output_tokens), "
+        f"SELECT {column} AS k, sum({_COST}) AS s, count(), sum(input_tokens + output_tokens), "
         f"sum(s) OVER () FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} "
         f"GROUP BY k ORDER BY s DESC, k LIMIT {{limit:UInt32}}",
         start=_ts(lo),
@@ -388,7 +391,7 @@ MIX_COLUMNS = [
 def model_mix(ledger: Ledger, start: date, end: date) -> Report:
     lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
     rows = ledger.rows(
-        f"SELECT provider, {_MODEL} AS m, count() AS n, sum(ifNull(cost_nanos, 0)) AS s "
+        f"SELECT provider, {_MODEL} AS m, count() AS n, sum({_COST}) AS s "
         f"FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY provider, m ORDER BY s DESC, n DESC, m",
         start=_ts(lo),
         end=_ts(hi),
@@ -521,7 +524,8 @@ def savings(ledger: Ledger, month: date) -> Report:
     start, end = month_bounds(month, ledger.tz)
     rows = ledger.rows(
         f"SELECT team, count(), countIf(mapContains(tags, 'requested_model')), countIf(cache_hit), "
-        f"sum(ifNull(cost_nanos, 0)), sum({_REQUESTED_COST}), sumIf(toInt64OrZero(tags['saved_nanos']), cache_hit) "
+        f"sum({_COST}), sum(toInt128({_REQUESTED_COST})), "
+        f"sumIf(toInt128(toInt64OrZero(tags['saved_nanos'])), cache_hit) "
         f"FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY team",
         start=_ts(start),
         end=_ts(end),

@@ -475,6 +475,9 @@ async def post_budgets(request: web.Request) -> web.Response:
     try:
         body = await request.json()
         month = date.fromisoformat(body["month"] + "-01")
+        problem = report_day_problem(month, monthly=True)
+        if problem is not None:
+            return _error(400, f"bad budgets document: month {problem}")
         lines = []
         for i, b in enumerate(body["budgets"]):
             field = f"budgets[{i}].limit_nanos" if "limit_nanos" in b else f"budgets[{i}].limit_usd"
@@ -519,6 +522,12 @@ async def post_rollup_rebuild(request: web.Request) -> web.Response:
     db = request.app[SETTINGS].clickhouse_database
     groups = await _ledger_call(request, rebuild_spend_daily, request.app[LEDGER], db, start, end)
     return web.json_response({"rebuilt_groups": groups, "from": start.isoformat(), "to": end.isoformat()})
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Options for ``web.run_app`` and ``web.AppRunner``: aiohttp's keep-alive timer runs from a connection's
+    opening and from each response, so it also closes a connection whose request head never ends (slowloris)."""
+    return {"keepalive_timeout": settings.api_header_timeout_s}
 
 
 def create_app(

@@ -39,12 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_api(args: argparse.Namespace, settings: Settings) -> int:
     from aiohttp import web
 
-    from spendstream.api.app import create_app
+    from spendstream.api.app import create_app, server_options
 
     host, port = args.host or settings.api_host, args.port if args.port is not None else settings.api_port
     settings = settings.model_copy(update={"api_host": host, "api_port": port})
     print(f"spendstream api on http://{host}:{port}/ (dashboard), POST /v1/usage", flush=True)
-    web.run_app(create_app(settings), host=host, port=port, print=None)
+    web.run_app(create_app(settings), host=host, port=port, print=None, **server_options(settings))
     return 0
 
 

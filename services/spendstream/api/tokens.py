@@ -60,6 +60,13 @@ class ApiToken(BaseModel):
             value = getattr(event, field)
             if allowed and value not in allowed:
                 return field, f"token {self.name!r} may report for {field} {', '.join(allowed)} only, not {value!r}"
+        if self.teams and event.division:
+            # An event's division replaces its team's division from the policy: naming one would charge
+            # another department's budgets with this token's teams' spend.
+            return "division", (
+                f"token {self.name!r} reports for team {', '.join(self.teams)}, whose division the policy gives; "
+                f"leave division out (got {event.division!r})"
+            )
         return None
 
 

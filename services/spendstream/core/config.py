@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     gateway_port: int = Field(8080, ge=0, le=65535, description="Gateway listen port.")
     api_host: str = Field("127.0.0.1", description="API and dashboard listen address.")
     api_port: int = Field(8081, ge=0, le=65535, description="API and dashboard listen port.")
+    api_header_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="An API connection must complete its request head within this many seconds of opening or of "
+        "its previous response, else it is closed (slow-header clients; idle keep-alive connections too).",
+    )
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
     api_tokens_file: Path | None = Field(
         None, description="Hashed API tokens (viewer, ingest, admin); `spendstream api token create` adds one."

@@ -85,10 +85,10 @@ def _serve_api(settings: Settings, client: object, stop: threading.Event) -> Non
     """Run the API's aiohttp app on this thread's own event loop until ``stop`` is set."""
     from aiohttp import web
 
-    from spendstream.api.app import create_app
+    from spendstream.api.app import create_app, server_options
 
     async def serve() -> None:
-        runner = web.AppRunner(create_app(settings, ledger_client=client), access_log=None)
+        runner = web.AppRunner(create_app(settings, ledger_client=client), access_log=None, **server_options(settings))
         await runner.setup()
         await web.TCPSite(runner, settings.api_host, settings.api_port).start()
         print(f"api and dashboard on http://{settings.api_host}:{settings.api_port}/", flush=True)
