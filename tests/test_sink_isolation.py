@@ -10,7 +10,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from spendstream.core.config import Settings
-from spendstream.core.ledger_store import connect
+from spendstream.core.ledger_store import connect, migrate
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_STAGE_HEADER, USAGE, USAGE_DLQ
 from spendstream.sink.dead_letters import dlq_headers
 from test_sink import consume_all, raw_value, wait_until
@@ -57,10 +57,13 @@ def produce(bootstrap: str, records: list[dict[str, object]]) -> None:
 def test_a_record_the_ledger_refuses_goes_to_the_dlq_and_the_rest_keeps_landing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # Unpriced, an unknown model priced at the default rate, 10^16 input tokens: the cost overflows Int64.
-    poison = usage_record(
-        provider="acme-internal", model_requested="unknown-x", input_tokens=10**16, output_tokens=0, cost_nanos=None
-    )
+    """Every check before the insert passes; the ledger itself refuses one record (here a constraint an operator
+    added), so the sink isolates it by splitting the batch instead of retrying it forever."""
+    client = connect(settings)
+    migrate(client, settings)
+    client.command("ALTER TABLE spendstream.usage_ledger ADD CONSTRAINT no_poison CHECK team != 'poison'")
+    client.close()  # chDB: one process owns the ledger directory at a time, and the sink is the next
+    poison = usage_record(team="poison")
     before = [usage_record(cost_nanos=1_000 + i) for i in range(40)]
     after = [usage_record(cost_nanos=5_000 + i) for i in range(10)]
     produce(settings.kafka_bootstrap, [*before[:20], poison, *before[20:]])
@@ -77,8 +80,7 @@ def test_a_record_the_ledger_refuses_goes_to_the_dlq_and_the_rest_keeps_landing(
     assert [letter.value() for letter in letters] == [raw_value(poison)]
     headers = dlq_headers(letters[0].headers())
     assert headers[DLQ_STAGE_HEADER] == "insert"
-    assert "cost_nanos" in headers[DLQ_REASON_HEADER]
-
+    assert "no_poison" in headers[DLQ_REASON_HEADER]
     client = connect(settings)
     try:
         landed = client.query("SELECT event_id, cost_nanos FROM spendstream.usage_ledger FINAL").result_rows

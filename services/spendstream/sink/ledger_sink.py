@@ -313,6 +313,7 @@ _CONTENT_ERROR_CODES = frozenset(
         131,  # TOO_LARGE_STRING_SIZE
         321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
         407,  # DECIMAL_OVERFLOW
+        469,  # VIOLATED_CONSTRAINT (a CHECK an operator put on the ledger)
         691,  # UNKNOWN_ELEMENT_OF_ENUM
     }
 )
