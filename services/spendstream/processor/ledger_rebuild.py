@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 REBUILD_MARGIN = timedelta(minutes=10)
 LEDGER_WAIT_S = 120.0  # how long a processor waits for the ledger's API to answer before it gives up rebuilding
+# How long a processor waits for an API to appear in its data directory at all: `dev` starts the API beside the
+# processor, while a processor beside a plain `spendstream sink` has none and must not stall its partitions.
+API_APPEAR_WAIT_S = 20.0
 
 SpendSource = Callable[[SpendQuery], dict[str, list[list[Any]]]]
 
@@ -208,11 +211,14 @@ def spend_source(ledger_dsn: str, database: str, api_address_path: Path) -> Spen
 
 def _from_api(api_address_path: Path) -> SpendSource:
     def from_api(query: SpendQuery) -> dict[str, list[list[Any]]]:
-        deadline = time.monotonic() + LEDGER_WAIT_S
+        started = time.monotonic()
+        deadline = started + LEDGER_WAIT_S
         while True:
             address = read_address(api_address_path)  # read again: the API may (re)start after this processor
             try:
                 if address is None:
+                    if time.monotonic() - started > API_APPEAR_WAIT_S:
+                        raise LookupError(f"no API serves this data directory ({api_address_path} is missing)")
                     raise OSError(f"no API serves this data directory yet ({api_address_path} is missing)")
                 url = f"{address.url.rstrip('/')}{SPEND_WINDOWS_PATH}?{urllib.parse.urlencode(query.as_params())}"
                 request = urllib.request.Request(url, headers={"Authorization": f"Bearer {address.read_token}"})
