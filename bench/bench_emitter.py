@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
+from machine_facts import cpu_model
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import load_settings
 from spendstream.core.events import UsageEvent, usage_bounds_problem
@@ -130,16 +130,6 @@ def bench_raw(bootstrap: str, events: list[UsageEvent], total: int) -> dict:
         "delivered/s": delivered_s,
         "note": f"acked={acked} undelivered={left} (encoding not included)",
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def bench_encoding(events: list[UsageEvent], rounds: int = 5) -> dict[str, float]:

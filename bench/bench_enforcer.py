@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
+from machine_facts import cpu_model
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Decision
 from spendstream.core.policy import parse_policy
@@ -52,16 +52,6 @@ def decisions(n: int) -> list[Decision]:
             )
         )
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(enforcer: Enforcer, calls: int, request: dict[str, str]) -> tuple[float, float, float]:

@@ -11,7 +11,6 @@ returned), which is the floor under any export at this grain.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from machine_facts import cpu_model
 from spendstream.analytics.focus import ATTRIBUTION, export_focus
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_store import connect, migrate
@@ -47,13 +47,6 @@ SELECT
 FROM (SELECT n, intHash32(n) % 5000 AS u
       FROM (SELECT toUInt64(if(number % 100 = 99, number - 1, number)) AS n FROM numbers({rows:UInt64})))
 """
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 
 from bench_reports import GENERATE
+from machine_facts import cpu_model
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_spend import query_spend
 from spendstream.core.ledger_store import connect, migrate
@@ -31,17 +31,6 @@ POLICY = parse_policy(
     "name: default\ntimezone: Europe/Berlin\norg: acme\n"
     "divisions: {eng: [engineering, product, ops], gtm: [marketing, sales, support], g_a: [finance, legal]}\n"
 )
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

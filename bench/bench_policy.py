@@ -10,7 +10,6 @@ linear loader, 120,000 budgets took 83 s and 1.25 GB.
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -18,18 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_facts import cpu_model
+
 SIZES = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
 SPENDSTREAM = Path(sys.executable).with_name("spendstream")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_policy(path: Path, budgets: int) -> None:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,19 +30,10 @@ from spendstream.runtime.topic_admin import create_topics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import wait_http
+from machine_facts import cpu_model
 
 KEY = "sk-ss-quota-overshoot"
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:
