@@ -28,8 +28,8 @@ browser: ## Debian's headless Chromium, for the dashboard test (installed when m
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the dashboard screenshot test will be skipped"
 
-test: setup browser lint ## lint, then the whole test suite against a real broker and a real chDB
-	$(BIN)/python -m pytest
+test: setup browser lint ## lint, then the whole test suite (three processes; each test starts its own broker) against a real broker and a real chDB
+	$(BIN)/python -m pytest -n 3 --durations=25
 
 bench: setup ## every benchmark; each prints its figures
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -168,14 +168,19 @@ def test_two_workers_then_one_killed_stay_exact_and_keep_deciding(tmp_path: Path
     second = start_worker(broker.bootstrap, tmp_path / "b", policy_path)
     try:
         producer = paced_producer(broker.bootstrap, events, seconds=15)
-        time.sleep(10)
+        second_log = tmp_path / "b" / "worker.log"
+        # Kill the second worker only once it has joined the group and owns partitions (on a loaded
+        # machine joining can take longer than the producer's pace).
+        deadline = time.monotonic() + 90
+        while "Ready" not in second_log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "Ready" in second_log.read_text(errors="replace")
+        time.sleep(1)
         second.kill()
         second.wait()
         producer.join()
         wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
         decisions.wait(lambda d: d["scope"] == "team:t0" and d["action"] == "shutoff", timeout=30)
-        logs = (tmp_path / "b" / "worker.log").read_text(errors="replace")
-        assert "Ready" in logs  # the killed worker had joined the group and owned partitions
     finally:
         stop_worker(first)
         stop_worker(second)
