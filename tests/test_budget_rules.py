@@ -141,3 +141,19 @@ def test_a_shutoff_of_any_scope_lists_the_critical_features_unless_a_hard_cap_st
     hard = evaluate_scope("model:gpt-4o", {"day": day}, totals, policy, seen)
     assert (hard.action, hard.critical_throttle_rps) == (Action.shutoff, {})
     assert "hard cap" in policy.summary()
+
+
+def test_an_alert_sent_again_for_the_same_crossing_keeps_its_id() -> None:
+    """A restarted processor may owe an alert it already sent; the same id lets the ledger and the notifier
+    count it once, while another window or level is another alert."""
+    from spendstream.core.events import AlertKind, Severity
+    from spendstream.processor.decision_publisher import Crossing, build_alert
+
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    crossing = Crossing("team:a|month|2026-03|alert", AlertKind.threshold, Severity.warning, "alert: 80 %")
+    first = build_alert("team:a", crossing, "v1", now)
+    again = build_alert("team:a", crossing, "v2", datetime(2026, 3, 2, tzinfo=UTC))
+    assert first.alert_id == again.alert_id
+    next_month = Crossing("team:a|month|2026-04|alert", AlertKind.threshold, Severity.warning, "alert: 80 %")
+    assert build_alert("team:a", next_month, "v1", now).alert_id != first.alert_id
+    assert build_alert("team:b", crossing, "v1", now).alert_id != first.alert_id

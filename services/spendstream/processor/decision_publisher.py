@@ -14,6 +14,7 @@ versions increasing per scope across restarts (it never goes below the clock).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -296,8 +297,18 @@ def build_decision(scope: str, verdict: Verdict, version: int, policy_version: s
     )
 
 
+ALERT_ID_NAMESPACE = uuid.UUID("6f0c2a4e-3b1d-5c7e-9a80-5e1d0a11e47e")
+
+
+def alert_id_for(scope: str, crossing: Crossing) -> uuid.UUID:
+    """The same crossing always gets the same id, so an alert sent again after a restart (whose memory of
+    what it already sent may be older than the ledger's) collapses in the ledger and is notified once."""
+    return uuid.uuid5(ALERT_ID_NAMESPACE, f"{scope}\x1f{crossing.key}")
+
+
 def build_alert(scope: str, crossing: Crossing, policy_version: str, occurred_at: datetime) -> Alert:
     return Alert(
+        alert_id=alert_id_for(scope, crossing),
         scope=scope,
         kind=crossing.kind,
         severity=crossing.severity,
