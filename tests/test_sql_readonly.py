@@ -201,3 +201,18 @@ def test_reads_an_analyst_needs_still_work(ledger: tuple[Any, Settings]) -> None
         "SELECT 'INTO OUTFILE file(x)' AS literal_text",
     ):
         sql_report(client, settings, query)
+
+
+def test_a_statement_that_runs_past_its_time_limit_is_cancelled(ledger: tuple[Any, Settings]) -> None:
+    client, settings = ledger
+    endless = "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) = 1"
+    with pytest.raises(Exception, match="Timeout exceeded"):
+        sql_report(client, settings, endless, timeout_s=1)
+
+
+def test_an_abbreviated_flag_is_refused_not_guessed(sql_env: dict[str, str]) -> None:
+    """``--wr`` must not quietly become ``--write`` (nor ``--time`` ``--timeout``)."""
+    for flag in ("--wr", "--time=5"):
+        result = spendstream_sql(sql_env, flag, "SELECT 1")
+        assert result.returncode == 2
+        assert "unrecognized arguments" in result.stderr and "Traceback" not in result.stderr

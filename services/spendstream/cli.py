@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(subparsers)
     _describe_subcommands(parser)
+    _refuse_abbreviated_flags(parser)
     return parser
 
 
@@ -67,6 +68,13 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argpars
             for name, sub in action.choices.items():
                 found[name] = (helps.get(name, ""), sub)
     return found
+
+
+def _refuse_abbreviated_flags(parser: argparse.ArgumentParser) -> None:
+    """``--wr`` must not silently mean ``--write``: a flag is spelled out or refused with usage."""
+    parser.allow_abbrev = False
+    for _, sub in subcommands(parser).values():
+        _refuse_abbreviated_flags(sub)
 
 
 def _describe_subcommands(parser: argparse.ArgumentParser) -> None:

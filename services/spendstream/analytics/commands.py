@@ -60,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sql.add_argument("query", help='one SQL statement, e.g. "SELECT count() FROM spendstream.usage_ledger"')
     sql.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     sql.add_argument("--write", action="store_true", help="allow statements that change data")
+    sql.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=60,
+        metavar="SECONDS",
+        help="stop a statement that runs longer (default 60; the engine cancels it)",
+    )
     sql.set_defaults(handler=run_sql)
 
 
@@ -282,7 +289,7 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     try:
-        report = sql_report(client, settings, args.query, write=args.write)
+        report = sql_report(client, settings, args.query, write=args.write, timeout_s=args.timeout)
     except Exception as exc:  # the server's message is the useful part
         print(f"spendstream sql: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
@@ -292,20 +299,29 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def sql_report(client: Any, settings: Settings, query: str, write: bool = False) -> Report:
-    """Run one statement; read-only unless ``write``.
+def sql_report(client: Any, settings: Settings, query: str, write: bool = False, timeout_s: int = 60) -> Report:
+    """Run one statement; read-only unless ``write``, and cancelled by the engine after ``timeout_s``.
 
     Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
-    and that statement runs with ``readonly=1`` (no writes, no settings changes).
+    and that statement runs with ``readonly=1`` (no writes, no settings changes). The time limit keeps one
+    careless query from holding the embedded ledger (and the sink waiting on it) for good.
     """
     from spendstream.analytics.readonly_sql import READ_ONLY_SETTINGS, read_only_statement
 
     client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
     statement = query if write else read_only_statement(client, query)
-    result = client.query(statement, settings={} if write else READ_ONLY_SETTINGS)
+    limits = {"max_execution_time": timeout_s}
+    result = client.query(statement, settings=limits if write else {**limits, **READ_ONLY_SETTINGS})
     columns = [Column(name, name) for name in result.column_names]
     rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]
     return Report("sql", query, columns, rows)
+
+
+def _positive_seconds(text: str) -> int:
+    seconds = int(text) if text.isdigit() else 0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds above 0, got {text!r}")
+    return seconds
 
 
 def _cell(value: Any) -> Any:
