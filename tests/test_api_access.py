@@ -162,6 +162,15 @@ def test_ingest_needs_a_token_json_and_the_token_scope(api: RunningApi, broker: 
     other_division = post_json(api.port, event(division="engineering"), marketing)
     assert other_division.status == 403
     assert other_division.json()["problems"][0]["field"] == "division"
+    # A token limited to its features and customers cannot burn another feature's or customer's budget.
+    chatbot = create_token(api.env, "--role", "ingest", "--team", "marketing", "--feature", "chatbot",
+                           "--customer", "acme")  # fmt: skip
+    other_feature = post_json(api.port, event(feature="search", customer="acme"), chatbot)
+    assert other_feature.status == 403 and other_feature.json()["problems"][0]["field"] == "feature"
+    other_customer = post_json(api.port, event(feature="chatbot", customer="globex"), chatbot)
+    assert other_customer.status == 403 and other_customer.json()["problems"][0]["field"] == "customer"
+    listed = cli(api.env, "api", "token", "list").stdout
+    assert "team=marketing feature=chatbot customer=acme" in listed
     assert post_json(api.port, event(), viewer).status == 403  # a viewer cannot post
     poison = post_json(api.port, event(input_tokens=10**16), marketing)  # a cost that could overflow Int64
     assert poison.status == 400 and poison.json()["problems"][0]["field"] == "input_tokens"

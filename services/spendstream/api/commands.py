@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from spendstream.api.tokens import SCOPE_FIELDS
 from spendstream.core.config import ConfigError, Settings
 
 
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what the token may do (see README: API access)",
     )
     create.add_argument("--name", help="a unique name (default: role and scope)")
-    for field in ("org", "team", "provider"):
+    for field in SCOPE_FIELDS:
         create.add_argument(
             f"--{field}", action="append", default=[], help=f"ingest: a {field} it may report for (repeatable)"
         )
@@ -51,11 +52,12 @@ def run_api(args: argparse.Namespace, settings: Settings) -> int:
 def run_token_create(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.api.tokens import add_token
 
-    scope = {"orgs": args.org, "teams": args.team, "providers": args.provider}
+    scope = {field + "s": getattr(args, field) for field in SCOPE_FIELDS}
     if args.role != "ingest" and any(scope.values()):
-        print("spendstream api token create: --org/--team/--provider limit ingest tokens only", file=sys.stderr)
+        flags = "/".join(f"--{field}" for field in SCOPE_FIELDS)
+        print(f"spendstream api token create: {flags} limit ingest tokens only", file=sys.stderr)
         return 2
-    name = args.name or "-".join([args.role, *args.org, *args.team, *args.provider])
+    name = args.name or "-".join([args.role, *(v for values in scope.values() for v in values)])
     try:
         token = add_token(settings.api_tokens_path, args.role, name, **scope)
     except ConfigError as exc:
@@ -76,9 +78,7 @@ def run_token_list(args: argparse.Namespace, settings: Settings) -> int:
     path = settings.api_tokens_path
     tokens = parse_tokens(path.read_text(encoding="utf-8"), path).values() if path.exists() else []
     for t in tokens:
-        scope = " ".join(
-            f"{f}={','.join(v)}" for f, v in (("org", t.orgs), ("team", t.teams), ("provider", t.providers)) if v
-        )
+        scope = " ".join(f"{f}={','.join(getattr(t, f + 's'))}" for f in SCOPE_FIELDS if getattr(t, f + "s"))
         print(f"{t.name}\t{t.role}\t{scope or '-'}\t{t.created_at}")
     return 0
 

@@ -6,7 +6,8 @@ such as::
     - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
       name: marketing-ingest
       role: ingest          # viewer | ingest | admin
-      teams: [marketing]    # ingest only: the orgs, teams and providers it may report for (empty: any)
+      teams: [marketing]    # ingest only: the orgs, teams, projects, features, customers, environments
+                            # and providers it may report for (each empty: any)
 
 Only sha256 hashes are stored, as for the gateway's virtual keys; ``spendstream api token create``
 prints a token once. A running API re-reads the file when it changes, so a new or revoked token
@@ -36,7 +37,9 @@ from spendstream.gateway.keys import hash_key
 Role = Literal["viewer", "ingest", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "ingest", "admin")
 TOKEN_PREFIX = "ss-api-"
-SCOPE_FIELDS = ("org", "team", "provider")  # event fields an ingest token can be limited to
+# Event fields an ingest token can be limited to. A team token that could name any feature or customer
+# could exhaust another team's feature or customer budget, so each has its own allowlist.
+SCOPE_FIELDS = ("org", "team", "project", "feature", "customer", "environment", "provider")
 
 
 class ApiToken(BaseModel):
@@ -47,6 +50,10 @@ class ApiToken(BaseModel):
     role: Role
     orgs: tuple[str, ...] = ()
     teams: tuple[str, ...] = ()
+    projects: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    customers: tuple[str, ...] = ()
+    environments: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()
     created_at: str = ""
 
@@ -54,7 +61,7 @@ class ApiToken(BaseModel):
         return self.role == "admin" or self.role == needed
 
     def scope_problem(self, event: Any) -> tuple[str, str] | None:
-        """(field, message) if ``event`` reports for an org, team or provider outside this token's scope."""
+        """(field, message) if ``event`` reports for a value of a ``SCOPE_FIELDS`` field outside this token's scope."""
         for field in SCOPE_FIELDS:
             allowed = getattr(self, field + "s")
             value = getattr(event, field)
@@ -158,12 +165,12 @@ def add_token(
     role: Role,
     name: str,
     *,
-    orgs: Iterable[str] = (),
-    teams: Iterable[str] = (),
-    providers: Iterable[str] = (),
     replace: bool = False,
+    **scope: Iterable[str],
 ) -> str:
     """Create a token, add its hash to the tokens file (atomically, mode 0600) and return the token.
+
+    ``scope`` maps plural field names (``teams``, ``features``, ...) to the values the token may report for.
 
     A name already in the file is refused unless ``replace`` (which revokes the old token).
     """
@@ -172,9 +179,12 @@ def add_token(
     if any(t.name == name for t in current) and not replace:
         raise ConfigError(f"tokens file {path}: a token named {name!r} exists; choose another --name")
     token = new_token()
+    unknown = sorted(set(scope) - {f + "s" for f in SCOPE_FIELDS})
+    if unknown:
+        raise ConfigError(f"a token cannot be limited by {', '.join(unknown)}")
     entry = ApiToken(
-        sha256=hash_key(token), name=name, role=role, orgs=tuple(orgs), teams=tuple(teams),
-        providers=tuple(providers), created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        sha256=hash_key(token), name=name, role=role, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        **{field: tuple(values) for field, values in scope.items()},
     )  # fmt: skip
     kept = [t for t in current if t.name != name] + [entry]
     write_tokens(path, kept)
