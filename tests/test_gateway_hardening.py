@@ -271,6 +271,13 @@ def test_keygen_adds_a_key_a_running_dev_gateway_accepts_and_revocation_takes_ef
     assert wait_for(lambda: status_with(url, key) == 401, 5), "a revoked key was still accepted after 5 s"
     assert status_with(url, other) == 200
 
+    # Deleting the file revokes every key it held; writing it again brings them back.
+    saved = keys_file.read_text()
+    keys_file.unlink()
+    assert wait_for(lambda: status_with(url, other) == 401, 5), "keys of a deleted file were still accepted"
+    keys_file.write_text(saved)
+    assert wait_for(lambda: status_with(url, other) == 200, 5)
+
 
 def test_sighup_reloads_the_keys_file(settings: Settings, dev_gateway: tuple[str, subprocess.Popen[str]]) -> None:
     url, proc = dev_gateway

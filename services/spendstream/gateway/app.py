@@ -359,8 +359,14 @@ class Gateway:
                 self.reload_keys()
 
     def reload_keys(self) -> None:
-        """Read the keys file again; a file that cannot be loaded leaves the keys in force as they were."""
+        """Read the keys file again; a file that cannot be parsed leaves the keys in force as they were, and a
+        deleted file revokes its keys (deleting it must not leave them working until the next restart)."""
         if self.keys_file is None:
+            return
+        if not self.keys_file.path.exists():
+            self.keys = self.keys_file.load(missing_ok=True)
+            log.warning("keys file %s deleted: its keys are revoked (%d inline keys remain)",
+                        self.keys_file.path, len(self.keys))  # fmt: skip
             return
         try:
             self.keys = self.keys_file.load()

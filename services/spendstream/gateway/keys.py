@@ -132,9 +132,14 @@ class KeysFile:
         self.inline = tuple(inline)
         self._seen: tuple[int, int, int] | None = None
 
-    def load(self) -> KeyStore:
-        """The keys now in the file (and the inline ones); raises ``ConfigError`` naming the problem."""
+    def load(self, missing_ok: bool = False) -> KeyStore:
+        """The keys now in the file (and the inline ones); raises ``ConfigError`` naming the problem.
+
+        ``missing_ok``: a file that is not there holds no keys (a running gateway's file was deleted).
+        """
         self._seen = _signature(self.path)  # before reading: a write during the read is seen next time
+        if missing_ok and self._seen is None:
+            return KeyStore(self.inline)
         return KeyStore.load(self.path, self.inline)
 
     def changed(self) -> bool:
