@@ -81,7 +81,6 @@ class RejectedSpan:
 class IngestResult:
     events: list[UsageEvent] = field(default_factory=list)
     rejected: list[RejectedSpan] = field(default_factory=list)
-    skipped: int = 0  # spans that are no GenAI inference: nothing to count
 
 
 def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
@@ -158,14 +157,12 @@ def usage_from_request(
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 if not any(kv.key in GENAI_MARKERS for kv in span.attributes):
-                    result.skipped += 1
-                    continue
+                    continue  # not GenAI: nothing is built for it
                 if resource_attribution is None:
                     resource_attribution = _attribution(_values(resource_spans.resource.attributes), attribution)
                 span_attributes = _values(span.attributes)
                 operation = span_attributes.get("gen_ai.operation.name")
                 if operation is not None and operation not in INFERENCE_OPERATIONS:
-                    result.skipped += 1
                     continue
                 try:
                     record = _usage_record(span, span_attributes, resource_attribution, attribution, project_teams)
@@ -195,6 +192,8 @@ def _usage_record(
 ) -> dict[str, Any]:
     if len(span.trace_id) != 16 or len(span.span_id) != 8:
         raise ValueError("the span needs a 16-byte trace id and an 8-byte span id (its idempotency key)")
+    if not span.start_time_unix_nano:
+        raise ValueError("the span has no start time (start_time_unix_nano is 0)")
     record: dict[str, Any] = {**resource_attribution, **_attribution(span_attributes, attribution, service=False)}
     if record.get("project") and not record.get("team") and record["project"] in project_teams:
         record["team"] = project_teams[record["project"]]
