@@ -306,6 +306,21 @@ def test_spans_of_the_openai_instrumentation_become_usage(stack: Stack, broker: 
     assert (event["model_requested"], event["input_tokens"], event["output_tokens"]) == ("gpt-4o-mini", 4, 6)
 
 
+def test_the_mapping_follows_the_policy_in_force(stack: Stack, broker: EmbeddedBroker, tmp_path: Path) -> None:
+    applied = tmp_path / "squads.yaml"
+    applied.write_text("name: squads\notlp:\n  service_name: project\n  attributes: {squad: team}\n")
+    done = cli(stack.env, "policy", "apply", "--wait", "0", str(applied))
+    assert done.returncode in (0, 3), done.stderr  # 3: published, no processor runs here to confirm it
+    token = create_token(stack.env, "--role", "ingest")
+    span = _json_span({"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o-mini",
+                       "gen_ai.usage.input_tokens": 7, "gen_ai.usage.output_tokens": 2})  # fmt: skip
+    reply = call(stack.port, "POST", "/v1/traces", json.dumps(_otlp_json([span], squad="growth")).encode(),
+                 Content_Type="application/json", Authorization=f"Bearer {token}")  # fmt: skip
+    assert reply.status == 200 and "partialSuccess" not in reply.json(), reply.body
+    [event] = read_usage(broker.bootstrap, 1)
+    assert (event["team"], event["project"], event["feature"]) == ("growth", "search", "")
+
+
 def test_policy_otlp_mapping_is_validated_with_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as refused:
         parse_policy("name: x\notlp:\n  service_name: team\n  attributes:\n    team: squad\n", "p.yaml")
