@@ -650,7 +650,7 @@ def create_app(
         except OSError as exc:
             log.warning("cannot write %s (the CLI will not find this API): %s", settings.api_address_path, exc)
         yield
-        app[OTLP_POLICY].stop()
+        await asyncio.to_thread(app[OTLP_POLICY].stop)
         remove_address(settings.api_address_path, os.getpid())
         await asyncio.to_thread(app[PRODUCER].flush, 10)
         if owned:
