@@ -29,11 +29,28 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("SPENDSTREAM_KAFKA_BOOTSTRAP", "no-port-here"),
         ("SPENDSTREAM_USAGE_PARTITIONS", "0"),
         ("SPENDSTREAM_KAFKA_SECURITY_PROTOCOL", "TELNET"),
+        ("SPENDSTREAM_OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
     ],
 )
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+def test_otlp_endpoint_is_read_from_the_standard_variable_unless_spendstream_names_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SPENDSTREAM_OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    assert load_settings().otel_exporter_otlp_endpoint is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    assert load_settings().otel_exporter_otlp_endpoint == "http://collector:4318"
+    monkeypatch.setenv("SPENDSTREAM_OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel.example:4318")
+    assert load_settings().otel_exporter_otlp_endpoint == "https://otel.example:4318"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://x")
+    monkeypatch.delenv("SPENDSTREAM_OTEL_EXPORTER_OTLP_ENDPOINT")
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
         load_settings()
 
 

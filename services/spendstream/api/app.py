@@ -23,6 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
 from spendstream.analytics import reports
@@ -37,8 +38,9 @@ from spendstream.analytics.commands import (
 from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
-from spendstream.api import cloudevents
+from spendstream.api import cloudevents, otlp
 from spendstream.api.dashboard import render_page
+from spendstream.api.otlp_policy import OTLP_POLICY, OtlpPolicy
 from spendstream.api.tokens import ApiToken, Role, TokenStore, new_read_token
 from spendstream.core import topics
 from spendstream.core.api_address import ApiAddress, remove_address, write_address
@@ -50,6 +52,7 @@ from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, ins
 from spendstream.gateway.keys import hash_key
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+OTLP_PATH = "/v1/traces"
 MAX_BATCH_EVENTS = 5_000
 LEDGER = web.AppKey("ledger", Any)
 PRODUCER = web.AppKey("producer", Any)
@@ -224,6 +227,75 @@ def usage_from_cloudevents(content_type: str, headers: Any, body: Any, max_event
     return usage
 
 
+async def post_traces(request: web.Request) -> web.Response:
+    """OTLP/HTTP ``POST /v1/traces``: GenAI spans become usage events (``api/otlp.py``)."""
+    content_type = request.content_type
+    answer_type = content_type if content_type in otlp.CONTENT_TYPES else otlp.JSON
+
+    def failure(status: int, code: int, message: str, outcome: str) -> web.Response:
+        API_INGEST_REQUESTS.labels(outcome).inc()
+        return web.Response(status=status, body=otlp.status_body(code, message, answer_type), content_type=answer_type)
+
+    if content_type not in otlp.CONTENT_TYPES:
+        return failure(415, 3, f"Content-Type must be {' or '.join(otlp.CONTENT_TYPES)}, got {content_type!r}",
+                       "unsupported")  # fmt: skip
+    try:
+        body = await request.read()
+        export = otlp.decode_request(body, content_type)
+    except web.HTTPRequestEntityTooLarge:
+        return failure(413, 8, f"request body larger than {request.app[MAX_BODY]} bytes (after inflating)", "too_large")
+    except (otlp.OtlpDecodeError, RequestPayloadError) as exc:
+        return failure(400, 3, str(exc), "invalid")
+    settings = request.app[SETTINGS]
+    policy = await request.app[OTLP_POLICY].current()
+    skew = timedelta(seconds=settings.max_future_skew_s)
+    result = otlp.usage_from_request(export, datetime.now(UTC), skew, policy.attribution, policy.project_teams)
+    caller = _caller(request)
+    if caller is None:  # revoked since the guard let the request in
+        return failure(401, 16, "the token was revoked", "unauthorized")
+    events, refused = [], []
+    for event in result.events:
+        problem = caller.scope_problem(event)
+        if problem is None:
+            events.append(event)
+        else:
+            trace_id, span_id = event.tags["trace_id"], event.tags["span_id"]
+            refused.append(otlp.RejectedSpan(trace_id, span_id, f"{problem[0]}: {problem[1]}", b""))
+    failures = await asyncio.to_thread(_publish, request.app[PRODUCER], request.app[CODEC], events) if events else []
+    if result.rejected and not failures:
+        failures = await asyncio.to_thread(_dead_letter, request.app[PRODUCER], result.rejected)
+    if failures:
+        API_INGEST_REQUESTS.labels("unacknowledged").inc()
+        message = "the broker did not acknowledge every span; retry the export (it is idempotent)"
+        return failure(503, 14, message, "unacknowledged")
+    API_INGEST_REQUESTS.labels("accepted" if not (refused or result.rejected) else "partial").inc()
+    API_INGEST_EVENTS.labels("accepted").inc(len(events))
+    API_INGEST_EVENTS.labels("dead_lettered").inc(len(result.rejected))
+    body = otlp.response_body([*result.rejected, *refused], answer_type)
+    return web.Response(status=200, body=body, content_type=answer_type)
+
+
+def _dead_letter(producer: Any, rejected: list[otlp.RejectedSpan]) -> list[str]:
+    """Each rejected span on the DLQ with its reason; the ones the broker did not acknowledge."""
+    failed: list[str] = []
+    for span in rejected:
+        producer.produce(
+            topics.USAGE_DLQ,
+            span.original,
+            key=f"{span.trace_id}/{span.span_id}".encode(),
+            headers=[
+                (topics.DLQ_REASON_HEADER, span.reason.encode()),
+                (topics.DLQ_SOURCE_HEADER, b"api POST /v1/traces"),
+                (topics.DLQ_STAGE_HEADER, b"otlp"),
+            ],
+            on_delivery=lambda err, _msg, sid=span.span_id: err is None or failed.append(sid),
+        )
+        producer.poll(0)
+    if producer.flush(15):
+        failed.append("unacknowledged dead letters")
+    return failed
+
+
 def _publish(producer: Any, codec: AvroCodec, events: list[UsageEvent]) -> list[str]:
     """Produce a batch and wait for every acknowledgement; return the event_ids that failed."""
     failed: list[str] = []
@@ -390,7 +462,7 @@ def required_role(request: web.Request) -> Role | None:
         return None
     if request.path.startswith("/v1/admin/"):
         return "admin"
-    if request.path == "/v1/usage" and request.method not in ("GET", "HEAD"):
+    if request.path in ("/v1/usage", OTLP_PATH) and request.method not in ("GET", "HEAD"):
         return "ingest"
     return "viewer"
 
@@ -444,7 +516,7 @@ def _refusal(request: web.Request, needed: Role, caller: ApiToken | None) -> web
         return response
     if not caller.allows(needed):
         return _error(403, f"token {caller.name!r} has role {caller.role}; {request.method} {request.path} needs {how}")
-    if request.method == "POST" and not _is_json(request.content_type):
+    if request.method == "POST" and not _is_json(request.content_type) and request.path != OTLP_PATH:
         return _error(415, f"Content-Type must be application/json, got {request.content_type!r}")
     return None
 
@@ -548,6 +620,8 @@ def create_app(
     app[CODEC] = AvroCodec("usage_event", settings.schema_registry_url)
     app[LEDGER_LOCK] = asyncio.Lock()
     app.router.add_post("/v1/usage", post_usage)
+    app.router.add_post(OTLP_PATH, post_traces)
+    app[OTLP_POLICY] = OtlpPolicy(settings)
     app.router.add_get("/v1/reports/{kind}", get_report)
     app.router.add_get(SPEND_WINDOWS_PATH, get_spend_windows)
 
@@ -576,6 +650,7 @@ def create_app(
         except OSError as exc:
             log.warning("cannot write %s (the CLI will not find this API): %s", settings.api_address_path, exc)
         yield
+        await asyncio.to_thread(app[OTLP_POLICY].stop)
         remove_address(settings.api_address_path, os.getpid())
         await asyncio.to_thread(app[PRODUCER].flush, 10)
         if owned:

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         5.0, gt=0, le=300, description="How often the sink samples its consumer group's lag for /metrics."
     )
 
+    # -- OpenTelemetry ----------------------------------------------------------------------
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        # the standard OTEL_EXPORTER_OTLP_ENDPOINT too (env names are case-insensitive); the SPENDSTREAM_ one wins
+        validation_alias=AliasChoices("SPENDSTREAM_OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
+        description="OTLP/HTTP base URL (e.g. http://collector:4318; else the standard OTEL_EXPORTER_OTLP_ENDPOINT) "
+        "the gateway sends GenAI spans and metrics to; unset: no telemetry, and the OpenTelemetry SDK is not loaded.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -146,6 +155,18 @@ class Settings(BaseSettings):
             if not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
         return value
+
+    @field_validator("otel_exporter_otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("http", "https") or not rest.strip("/"):
+            raise ValueError(
+                "expected an http(s) URL such as http://collector:4318 (also read from OTEL_EXPORTER_OTLP_ENDPOINT)"
+            )
+        return value.rstrip("/")
 
     @cached_property
     def ledger_dsn(self) -> str:
@@ -218,6 +239,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            problems.append(f"SPENDSTREAM_{field.upper()}: {error['msg']} (got {error.get('input')!r})")
+            field = str(error["loc"][0]).upper() if error["loc"] else "?"
+            variable = field if field.startswith("SPENDSTREAM_") else f"SPENDSTREAM_{field}"  # an alias names it whole
+            problems.append(f"{variable}: {error['msg']} (got {error.get('input')!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None

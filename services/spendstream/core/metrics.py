@@ -49,13 +49,14 @@ GATEWAY_DECISIONS = Counter(
 )
 API_INGEST_REQUESTS = Counter(
     "spendstream_api_ingest_requests",
-    "POST /v1/usage requests by outcome: accepted, invalid (400), unauthorized (401), forbidden (403), "
-    "too_large (413), unsupported (415), unacknowledged (503).",
+    "POST /v1/usage and /v1/traces requests by outcome: accepted, partial (spans rejected), invalid (400), "
+    "unauthorized (401), forbidden (403), too_large (413), unsupported (415), unacknowledged (503).",
     ["outcome"],
 )
 API_INGEST_EVENTS = Counter(
     "spendstream_api_ingest_events",
-    "Usage events in POST /v1/usage requests by outcome: accepted (on the broker) or unacknowledged.",
+    "Usage events in POST /v1/usage and /v1/traces requests by outcome: accepted (on the broker), unacknowledged, "
+    "or dead_lettered (GenAI spans that cannot be a usage event, on the DLQ with the reason).",
     ["outcome"],
 )
 AUDIT_SINK_RECORDS = Counter(

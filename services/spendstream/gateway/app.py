@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -65,6 +65,9 @@ from spendstream.gateway.routing import (
 from spendstream.gateway.upstream_client import UpstreamResponse
 from spendstream.gateway.upstreams import Upstreams, UpstreamUnavailable
 from spendstream.gateway.usage_follower import UsageFollower
+
+if TYPE_CHECKING:
+    from spendstream.gateway.telemetry import GenAiTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +299,7 @@ class Gateway:
             kind: frozenset(name for name, p in config.providers.items() if p.kind == kind)
             for kind in ("openai", "anthropic")
         }
+        self.telemetry: GenAiTelemetry | None = None  # GenAI spans and metrics, only with an OTLP endpoint
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -328,6 +332,10 @@ class Gateway:
             ).start()
         if self.emitter is None:
             self.emitter = await asyncio.to_thread(Emitter, settings=self.settings)
+        if self.settings.otel_exporter_otlp_endpoint and self.telemetry is None:
+            from spendstream.gateway.telemetry import GenAiTelemetry  # no SDK import without an endpoint
+
+            self.telemetry = GenAiTelemetry(self.settings.otel_exporter_otlp_endpoint)
         if self.routing is not None:
             self.follower = UsageFollower(self.settings, timezone=self.tz).start()
             self.provider_stats = self.follower.stats
@@ -385,6 +393,8 @@ class Gateway:
             await asyncio.to_thread(self.emitter.close, 10.0)
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.shutdown)
         GATEWAYS.retire(self)
 
     # -- handlers --------------------------------------------------------------------------------
@@ -835,6 +845,8 @@ class Gateway:
             log.exception("could not build the usage event (provider %s, model %s)", call.provider, call.model)
         else:
             self.emitter.emit(event)
+            if self.telemetry is not None:
+                self.telemetry.record(event, call.endpoint.name)
         if answer is not None and answer.cache_key is not None:
             self._store(answer.cache_key, answer.content_type, call.provider, served, raw_usage, answer.body)
 
