@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
-from spendstream.analytics.money import first_of_month, monthly_equivalent
+from spendstream.analytics.money import first_of_month
+from spendstream.core.periods import monthly_equivalent
 
 BudgetLine = tuple[str, str, int]  # (scope, period, limit_nanos)
 

@@ -14,18 +14,17 @@ from typing import Any, NamedTuple
 
 from spendstream.analytics.money import (
     allocate_shared,
-    days_in_month,
     exhaustion_instant,
     first_of_month,
     forecast_month_end,
     is_premium,
     local_date,
-    local_midnight,
     month_bounds,
     ratio,
     week_start,
 )
 from spendstream.analytics.report_model import Column, Report
+from spendstream.core.periods import days_in_month, local_midnight
 
 # Exact reads: FINAL collapses replayed event_ids. The ledger is partitioned by month of
 # occurred_at and a duplicate always has the same occurred_at, so FINAL never needs to merge

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, tzinfo
 
 from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
+from spendstream.core.periods import HOUR, HOURLY_HISTORY, period, period_window
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
     RESTRICTION,
@@ -28,14 +29,12 @@ from spendstream.processor.budget_rules import (
     quota_action,
 )
 from spendstream.processor.forecast import should_alert_forecast
-from spendstream.processor.periods import period_window
 from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas
-from spendstream.processor.spend_accounting import HOUR, window_key
+from spendstream.processor.spend_accounting import window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
 Totals = Callable[[str], tuple[int, int, int]]  # window key -> (total_nanos, requests, tokens)
 
-_EWMA_LOOKBACK_HOURS = 48
 _SEVERITY = {
     Action.alert: Severity.warning,
     Action.fallback: Severity.warning,
@@ -131,24 +130,17 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
     if lists:
         verdict.allowed_models = list(lists[0])
     for budget in matching_budgets(scope, policy):
-        period = str(budget.period)
-        if period == "rolling_24h":
-            if HOUR not in latest:
-                continue
-            hour = latest[HOUR]
-            spend = sum(totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(24))
-            start, end = _at(hour - 23 * 3600), _at(hour + 3600)
-        else:
-            if period not in latest:
-                continue
-            spend = totals(window_key(scope, period, latest[period]))[0]
-            start, end = period_window(period, _at(latest[period]), tz)
-        verdict.standings.append(BudgetStanding(scope, period, budget.limit_nanos, spend, start, end))
+        kind = period(budget.period)
+        if kind.series not in latest:
+            continue
+        starts, start, end = kind.budget_starts(latest[kind.series], tz)
+        spend = sum(totals(window_key(scope, kind.series, window))[0] for window in starts)
+        verdict.standings.append(BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end))
         evaluation = evaluate_budget(budget, scope, spend, policy)
         extra = {
             "spend_nanos": spend,
             "limit_nanos": budget.limit_nanos,
-            "period": period,
+            "period": kind.name,
             "period_start": start,
             "expires_at": end,
             "fallback_models": evaluation.fallback_models,
@@ -166,12 +158,12 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
                     f"{evaluation.action}: {evaluation.reason}",
                     spend,
                     budget.limit_nanos,
-                    period,
+                    kind.name,
                 )
             )
         thresholds = budget.thresholds or policy.thresholds
         if (
-            period != "rolling_24h"
+            kind.forecast
             and thresholds.alert is not None
             and budget.limit_nanos > 0
             and should_alert_forecast(spend, budget.limit_nanos, start, end, seen_at, thresholds.alert)
@@ -181,11 +173,11 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
                     f"forecast|{window_id}",
                     AlertKind.forecast,
                     Severity.warning,
-                    f"forecast: {scope} is on course to exceed its {period} budget of "
+                    f"forecast: {scope} is on course to exceed its {kind} budget of "
                     f"{budget_usd(budget.limit_nanos)} ({budget_usd(spend)} spent so far)",
                     spend,
                     budget.limit_nanos,
-                    period,
+                    kind.name,
                 )
             )
     if "day" in latest:
@@ -224,7 +216,7 @@ def _apply_spike(
             return
         hour = latest[HOUR]
         past = _trim_leading_zeros(
-            [totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(_EWMA_LOOKBACK_HOURS, 0, -1)]
+            [totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(HOURLY_HISTORY, 0, -1)]
         )
         ewma: int | None = None
         for value in past:
