@@ -26,7 +26,7 @@ from aiohttp import web
 
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
-from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
+from spendstream.core.metrics import GATEWAY_DECISIONS, instrument_app
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable
 from spendstream.edge.emitter import Emitter
@@ -38,6 +38,7 @@ from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, as
 from spendstream.gateway.config import GatewayConfig
 from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
+from spendstream.gateway.metrics import GATEWAYS
 from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
 from spendstream.gateway.response_cache import (
     CacheConfig,
