@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from spendstream.analytics import money, reports
 from spendstream.analytics.budgets import load_budgets
-from spendstream.analytics.commands import build_report, sql_report
+from spendstream.analytics.commands import sql_report
 from spendstream.analytics.readonly_sql import WriteRefused
 from spendstream.analytics.report_model import render
+from spendstream.analytics.report_registry import build_report
 from spendstream.analytics.reprice import reprice
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.core.periods import monthly_equivalent
