@@ -125,26 +125,6 @@ def forecast_month_end(actual_nanos: int, window_nanos: int, window_seconds: int
     return actual_nanos + window_nanos * remaining_seconds // window_seconds
 
 
-EXHAUSTION_HORIZON_S = 100 * 366 * 86_400
-
-
-def exhaustion_instant(
-    actual_nanos: int, budget_nanos: int, window_nanos: int, window_seconds: int, now: datetime
-) -> datetime | None:
-    """When the budget runs out at the current run rate: ``now`` if already spent, None if never or not within
-    a century (a few cents a week against a large budget would otherwise land past the last ``datetime``)."""
-    if budget_nanos <= 0:
-        return None
-    if actual_nanos >= budget_nanos:
-        return now
-    if window_nanos <= 0 or window_seconds <= 0:
-        return None
-    seconds = -(-(budget_nanos - actual_nanos) * window_seconds // window_nanos)  # ceiling division
-    if seconds > EXHAUSTION_HORIZON_S:
-        return None
-    return now + timedelta(seconds=seconds)
-
-
 def nanos_from_usd(value: str | int | Decimal) -> int:
     """Exact nano-USD from a USD figure given as text or Decimal ("12000", "0.000000750")."""
     amount = Decimal(str(value)) * NANOS_PER_USD
