@@ -50,6 +50,11 @@ class Action(StrEnum):
     shutoff = "shutoff"
 
 
+# The restriction rank of each action (the schema's order), for the processor and the edges alike; keyed by the
+# plain string, so an edge's ``"shutoff"`` and ``Action.shutoff`` find the same rank.
+ACTION_RANK: dict[str, int] = {str(action): rank for rank, action in enumerate(Action)}
+
+
 class AlertKind(StrEnum):
     threshold = "threshold"
     spike = "spike"

@@ -26,9 +26,10 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from spendstream.core.events import ACTION_RANK
 from spendstream.core.matching import ModelMatcher, is_template
 from spendstream.core.policy import Policy
-from spendstream.edge.verdict import ACTION_RANK, DENY_MODEL, SHUTOFF, ScopeRule, Verdict
+from spendstream.edge.verdict import DENY_MODEL, SHUTOFF, ScopeRule, Verdict
 
 # A scope with its list: (scope, matcher)
 _List = tuple[str, ModelMatcher]

@@ -29,9 +29,9 @@ from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, instrument_app
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable
+from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
-from spendstream.edge.metering import build_event
 from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess

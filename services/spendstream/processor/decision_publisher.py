@@ -18,12 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
-from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
+from spendstream.core.events import ACTION_RANK, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
 from spendstream.core.periods import HOUR, HOURLY_HISTORY, period, period_window
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
-    RESTRICTION,
     budget_usd,
     evaluate_budget,
     quota_action,
@@ -69,7 +68,10 @@ class BudgetStanding:
 
 
 @dataclass(slots=True)
-class Verdict:
+class ScopeEvaluation:
+    """What the policy's rules make of one scope's spend: the most restrictive action, what its Decision carries,
+    the alerts owed and the budget standings (an edge's per-request answer is ``edge.verdict.Verdict``)."""
+
     action: Action = Action.allow
     reason: str = ""
     spend_nanos: int = 0
@@ -88,7 +90,7 @@ class Verdict:
     def consider(self, action: Action, reason: str, **extra: object) -> None:
         """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
         records the first budget's spend and limit, so a lifting decision says where the scope stands)."""
-        if RESTRICTION[action] > RESTRICTION[self.action] or (action is self.action and not self.period):
+        if ACTION_RANK[action] > ACTION_RANK[self.action] or (action is self.action and not self.period):
             self.action = action
             self.reason = reason
             self.spend_nanos = int(extra.get("spend_nanos") or 0)  # type: ignore[call-overload]
@@ -122,10 +124,12 @@ def _trim_leading_zeros(values: list[int]) -> list[int]:
     return []
 
 
-def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime) -> Verdict:
+def evaluate_scope(
+    scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime
+) -> ScopeEvaluation:
     """Every rule that matches ``scope``; ``latest`` maps a tracked period to its newest window start."""
     tz = policy.tz
-    verdict = Verdict()
+    verdict = ScopeEvaluation()
     lists = allowed_model_lists([scope], policy)
     if lists:
         verdict.allowed_models = list(lists[0])
@@ -200,7 +204,7 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
 
 
 def _apply_spike(
-    rule: SpikeRule, scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, verdict: Verdict
+    rule: SpikeRule, scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, verdict: ScopeEvaluation
 ) -> None:
     if rule.kind == "daily":
         if "day" not in latest:
@@ -240,7 +244,7 @@ def _apply_spike(
     )
 
 
-def decision_signature(verdict: Verdict) -> list[object]:
+def decision_signature(verdict: ScopeEvaluation) -> list[object]:
     """What edges act on; a Decision is published only when this changes (JSON-friendly for table storage)."""
     return [
         str(verdict.action),
@@ -252,7 +256,7 @@ def decision_signature(verdict: Verdict) -> list[object]:
     ]
 
 
-def needs_decision(previous: list[object] | None, verdict: Verdict) -> bool:
+def needs_decision(previous: list[object] | None, verdict: ScopeEvaluation) -> bool:
     """No previous decision means edges assume ``allow`` with no model restriction."""
     if previous is None:
         return verdict.action is not Action.allow or bool(verdict.allowed_models)
@@ -268,7 +272,7 @@ def next_version(previous: int, now: datetime) -> int:
     return max(previous + 1, int(now.timestamp() * 1_000_000))
 
 
-def build_decision(scope: str, verdict: Verdict, version: int, policy_version: str, now: datetime) -> Decision:
+def build_decision(scope: str, verdict: ScopeEvaluation, version: int, policy_version: str, now: datetime) -> Decision:
     return Decision(
         scope=scope,
         action=verdict.action,
