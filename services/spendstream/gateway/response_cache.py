@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from spendstream.core.events import UsageEvent, UsageStatus
+from spendstream.core.matching import ScopeSet
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, normalise_usage, price_usage
 
 IGNORED_FIELDS = frozenset({"user", "metadata"})
@@ -61,20 +62,14 @@ class CacheConfig(BaseModel):
         if not opted_in:
             return None
         for dimension, value in attribution.items():
-            values = opted_in.get(dimension)
-            if values is not None and value in values:
+            if opted_in.covers(dimension, value):
                 return f"{dimension}:{value}"
         return None
 
     @cached_property
-    def _opted_in(self) -> dict[str, frozenset[str]]:
-        """``scopes`` as dimension -> values (read on every request, built once)."""
-        values: dict[str, set[str]] = {}
-        for scope in self.scopes:
-            dimension, _, value = scope.partition(":")
-            if value:
-                values.setdefault(dimension, set()).add(value)
-        return {dimension: frozenset(found) for dimension, found in values.items()}
+    def _opted_in(self) -> ScopeSet:
+        """``scopes`` compiled by the policy's scope matcher (read on every request, built once)."""
+        return ScopeSet(self.scopes)
 
     def cacheable(self, body: Mapping[str, Any]) -> bool:
         if self.max_temperature is None:
