@@ -45,13 +45,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.matching import is_template
 from spendstream.core.periods import budget_period_names
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
 from spendstream.core.routing_policy import RoutingPolicy
 
-HIERARCHY = ("org", "division", "team", "project")
-DIMENSIONS = (*HIERARCHY, "feature", "user", "customer", "environment", "model")
 _SCOPE_RE = re.compile(rf"^({'|'.join(DIMENSIONS)}):(\*|[^\s*]+)$")
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spendstream.core.attribution import Attribution
 from spendstream.core.events import UsageStatus
 from spendstream.edge.call_event import build_event
 from spendstream.edge.enforcer import Enforcer
@@ -265,17 +266,11 @@ def instrument(
     if enforcer is None or emitter is None:
         default_enforcer, default_emitter = default_edge()
         enforcer, emitter = enforcer or default_enforcer, emitter or default_emitter
-    values = {
-        "org": org,
-        "division": division,
-        "team": team,
-        "project": project,
-        "feature": feature,
-        "user": user,
-        "customer": customer,
-        "environment": environment,
-    }
-    edge = _Edge(module, provider or module, enforcer, emitter, values, {"sdk": module, **(tags or {})})
+    attribution = Attribution(
+        org=org, division=division, team=team, project=project, feature=feature, user=user, customer=customer,
+        environment=environment,
+    )  # fmt: skip
+    edge = _Edge(module, provider or module, enforcer, emitter, attribution.as_dict(), {"sdk": module, **(tags or {})})
     is_async = type(client).__name__.startswith("Async")
     for path, endpoint, include_usage in _OPENAI_RESOURCES if module == "openai" else _ANTHROPIC_RESOURCES:
         resource = client

@@ -450,7 +450,7 @@ class Gateway:
         assert body is not None
         self._follow_policy_in_force()
         model = body["model"]
-        attribution = key.attribution()
+        attribution = key.as_dict()
         if key.allow_header_attribution:
             for header, field in HEADER_FIELDS.items():
                 value = request.headers.get(header)
