@@ -33,10 +33,10 @@ Periods tracked for every scope: the ``series`` of every registered period (``co
 ``day``, ``week``, ``month``, ``quarter`` (local calendar windows of the policy timezone) and ``hour`` (UTC hour
 buckets: the rolling 24 h budget and the hourly spike baseline).
 
-Retention (``window_expiry``, ``Retention``). A window is kept until a partition's watermark (its newest Kafka
-timestamp applied: the clock the lateness check uses, so replays prune exactly like the first pass) passes the
-window's end + the allowed lateness + what is still read about it afterwards; then it is deleted with a
-tombstone, and events that would still land in it skip it (see ``Retention``).
+Retention (``core.periods.window_expiry``, ``Retention``). A window is kept until a partition's watermark (its
+newest Kafka timestamp applied: the clock the lateness check uses, so replays prune exactly like the first pass)
+passes the window's end + the allowed lateness + what is still read about it afterwards; then it is deleted with
+a tombstone, and events that would still land in it skip it (see ``Retention``).
 """
 
 from __future__ import annotations
