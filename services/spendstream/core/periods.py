@@ -55,7 +55,8 @@ def days_in_month(month: date) -> int:
     return calendar.monthrange(month.year, month.month)[1]
 
 
-def _at(epoch_s: int) -> datetime:
+def utc_at(epoch_s: int) -> datetime:
+    """The UTC instant of epoch seconds (window starts are kept as epoch seconds)."""
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
@@ -107,7 +108,7 @@ class Period:
     def budget_starts(self, latest_s: int, tz: tzinfo | str) -> tuple[tuple[int, ...], datetime, datetime]:
         """The starts of the ``series`` windows whose totals are the spend of the budget window at the newest
         ``series`` window ``latest_s``, and that budget window's ``[start, end)``."""
-        start, end = self.window(_at(latest_s), tz)
+        start, end = self.window(utc_at(latest_s), tz)
         return (latest_s,), start, end
 
 
@@ -227,7 +228,7 @@ class Rolling24h(Period):
 
     def budget_starts(self, latest_s: int, tz: tzinfo | str) -> tuple[tuple[int, ...], datetime, datetime]:
         starts = tuple(latest_s - 3600 * i for i in range(ROLLING_HOURS))
-        return starts, _at(starts[-1]), _at(latest_s + 3600)
+        return starts, utc_at(starts[-1]), utc_at(latest_s + 3600)
 
 
 class Hour(Period):
@@ -311,7 +312,7 @@ def window_expiry(name: str, start_s: int, allowed_lateness_s: int, tz: tzinfo |
     ``retained_windows`` after it, + the lateness.
     """
     found = period(name)
-    end = found.next_boundary(_at(start_s), tz)
+    end = found.next_boundary(utc_at(start_s), tz)
     for _ in range(found.retained_windows(history_days)):
         end = found.next_boundary(end, tz)
     return int(end.timestamp()) + allowed_lateness_s

@@ -24,16 +24,16 @@ def exhaustion_instant(
     (integer arithmetic), so the limit is not reached before the instant returned."""
     if spent_nanos >= limit_nanos:
         return now
-    step_us = micros(resolution)
-    span_steps = micros(rate_span) // step_us
+    step_us = duration_micros(resolution)
+    span_steps = duration_micros(rate_span) // step_us
     if rate_nanos <= 0 or span_steps <= 0:
         return None
     steps = -(-(limit_nanos - spent_nanos) * span_steps // rate_nanos)  # ceiling division
-    if steps * step_us > micros(HORIZON):
+    if steps * step_us > duration_micros(HORIZON):
         return None
     return now + steps * resolution
 
 
-def micros(delta: timedelta) -> int:
+def duration_micros(delta: timedelta) -> int:
     """Whole microseconds of a duration, exactly (no float on the way)."""
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

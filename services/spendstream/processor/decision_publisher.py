@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime, tzinfo
 
 from spendstream.core.events import ACTION_RANK, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
-from spendstream.core.periods import HOUR, HOURLY_HISTORY, period, period_window
+from spendstream.core.periods import HOUR, HOURLY_HISTORY, period, period_window, utc_at
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
     budget_usd,
@@ -102,16 +102,12 @@ class ScopeEvaluation:
             self.throttle_rps = extra.get("throttle_rps")  # type: ignore[assignment]
 
 
-def _at(epoch_s: int) -> datetime:
-    return datetime.fromtimestamp(epoch_s, UTC)
-
-
 def _previous_day_starts(day_start: int, tz: tzinfo, count: int) -> list[int]:
     """Starts of the ``count`` local days before the day starting at ``day_start``, oldest first."""
     out = []
     start = day_start
     for _ in range(count):
-        start = int(period_window("day", _at(start - 1), tz)[0].timestamp())
+        start = int(period_window("day", utc_at(start - 1), tz)[0].timestamp())
         out.append(start)
     return out[::-1]
 
@@ -190,7 +186,7 @@ def evaluate_scope(
         for quota in matching_quotas(scope, policy):
             outcome = quota_action(requests, tokens, quota)
             if outcome.action is not Action.allow:
-                start, end = period_window("day", _at(day), tz)
+                start, end = period_window("day", utc_at(day), tz)
                 verdict.consider(outcome.action, outcome.reason, period="day", period_start=start, expires_at=end)
                 verdict.crossings.append(
                     Crossing(f"quota|{quota.scope}|{day}", AlertKind.quota, Severity.warning, outcome.reason)
@@ -214,7 +210,7 @@ def _apply_spike(
             [totals(window_key(scope, "day", d))[0] for d in _previous_day_starts(day, policy.tz, rule.window_days)]
         )
         found = daily_spike(totals(window_key(scope, "day", day))[0], history, rule)
-        window_start, window_end = period_window("day", _at(day), policy.tz)
+        window_start, window_end = period_window("day", utc_at(day), policy.tz)
     else:
         if HOUR not in latest:
             return
@@ -226,7 +222,7 @@ def _apply_spike(
         for value in past:
             ewma = ewma_next(ewma, value, rule.alpha)
         found = hourly_spike(totals(window_key(scope, HOUR, hour))[0], ewma, len(past), rule)
-        window_start, window_end = _at(hour), _at(hour + 3600)
+        window_start, window_end = utc_at(hour), utc_at(hour + 3600)
     if found is None:
         return
     action = spike_action(rule, scope, policy)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from spendstream.core.run_rate import exhaustion_instant, micros
+from spendstream.core.run_rate import duration_micros, exhaustion_instant
 from spendstream.processor.budget_rules import reached
 
 DEFAULT_MIN_ELAPSED = timedelta(days=1)
@@ -30,10 +30,10 @@ MICROSECOND = timedelta(microseconds=1)
 def project(
     spend_nanos: int, start: datetime, end: datetime, now: datetime, min_elapsed: timedelta = DEFAULT_MIN_ELAPSED
 ) -> int | None:
-    elapsed = micros(min(now, end) - start)
-    if elapsed <= 0 or elapsed < micros(min(min_elapsed, end - start)):
+    elapsed = duration_micros(min(now, end) - start)
+    if elapsed <= 0 or elapsed < duration_micros(min(min_elapsed, end - start)):
         return None
-    return spend_nanos * micros(end - start) // elapsed
+    return spend_nanos * duration_micros(end - start) // elapsed
 
 
 @dataclass(frozen=True, slots=True)
