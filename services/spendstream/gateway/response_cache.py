@@ -47,7 +47,9 @@ class CacheConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scopes: list[str] = Field(default_factory=list, description="Scopes whose requests are cached; empty: off.")
+    scopes: list[str] = Field(
+        default_factory=list, description="Scopes whose requests are cached (``team:*``: every team); empty: off."
+    )
     ttl_s: float = Field(300.0, gt=0)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_entry_bytes: int = Field(1024 * 1024, ge=1)
