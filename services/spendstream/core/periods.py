@@ -105,6 +105,13 @@ class Period:
         """How many windows after its own a window is still read (and so kept): the current one only."""
         return 1
 
+    def retained_until_s(self, start_s: int, tz: tzinfo | str, history_days: int) -> int:
+        """Where (epoch s) the window starting at ``start_s`` and the ``retained_windows`` after it have ended."""
+        end = self.next_boundary(utc_at(start_s), tz)
+        for _ in range(self.retained_windows(history_days)):
+            end = self.next_boundary(end, tz)
+        return int(end.timestamp())
+
     def budget_starts(self, latest_s: int, tz: tzinfo | str) -> tuple[tuple[int, ...], datetime, datetime]:
         """The starts of the ``series`` windows whose totals are the spend of the budget window at the newest
         ``series`` window ``latest_s``, and that budget window's ``[start, end)``."""
@@ -127,6 +134,10 @@ class CalendarPeriod(Period):
         zone_ = as_tz(tz)
         first = self.first_day(instant.astimezone(zone_).date())
         return local_midnight(first, zone_), local_midnight(self.next_first_day(first), zone_)
+
+    def start_s(self, instant: datetime, tz: tzinfo | str) -> int:
+        zone_ = as_tz(tz)  # only the start: one local midnight, not the two of ``window``
+        return int(local_midnight(self.first_day(instant.astimezone(zone_).date()), zone_).timestamp())
 
     def local_day(self, instant: datetime, tz: tzinfo | str) -> date:
         return instant.astimezone(as_tz(tz)).date()
@@ -257,6 +268,9 @@ class Hour(Period):
         """The rolling 24 h budget reads 23 hours back, the hourly spike baseline ``HOURLY_HISTORY``."""
         return max(HOURLY_HISTORY, ROLLING_HOURS - 1)
 
+    def retained_until_s(self, start_s: int, tz: tzinfo | str, history_days: int) -> int:
+        return start_s + 3600 * (1 + self.retained_windows(history_days))
+
 
 def period(name: str | Period) -> Period:
     """The registered period (or window series) called ``name``; ``ValueError`` naming the known ones otherwise."""
@@ -311,11 +325,7 @@ def window_expiry(name: str, start_s: int, allowed_lateness_s: int, tz: tzinfo |
     skewed clocks, a previous period sent late). So a window is kept until the end of the window
     ``retained_windows`` after it, + the lateness.
     """
-    found = period(name)
-    end = found.next_boundary(utc_at(start_s), tz)
-    for _ in range(found.retained_windows(history_days)):
-        end = found.next_boundary(end, tz)
-    return int(end.timestamp()) + allowed_lateness_s
+    return period(name).retained_until_s(start_s, tz, history_days) + allowed_lateness_s
 
 
 def rolling_buckets(instant: datetime) -> list[datetime]:
