@@ -136,6 +136,7 @@ def year_period() -> Iterator[str]:
 
     class Year(CalendarPeriod):
         name = "year"
+        ledger_bucket = "toDateTime(toStartOfYear(occurred_at, '{tz}'), '{tz}')"
 
         def first_day(self, local: date) -> date:
             return date(local.year, 1, 1)

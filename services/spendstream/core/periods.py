@@ -71,6 +71,9 @@ class Period:
     series: ClassVar[str]
     budget: ClassVar[bool] = True  # may a policy's budget name it
     forecast: ClassVar[bool] = True  # does a period-end projection mean anything for it
+    # A period that is its own series: the ClickHouse expression of its window start for ``occurred_at`` (``{tz}``
+    # the policy timezone), with which a processor rebuilds its windows from the ledger (``core.ledger_spend``).
+    ledger_bucket: ClassVar[str]
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,6 +148,7 @@ class CalendarPeriod(Period):
 
 class Day(CalendarPeriod):
     name = "day"
+    ledger_bucket = "toStartOfDay(occurred_at, '{tz}')"
 
     def first_day(self, local: date) -> date:
         return local
@@ -166,6 +170,7 @@ class Day(CalendarPeriod):
 
 class Week(CalendarPeriod):
     name = "week"  # ISO week, Monday 00:00 local
+    ledger_bucket = "toDateTime(toMonday(occurred_at, '{tz}'), '{tz}')"
 
     def first_day(self, local: date) -> date:
         return local - timedelta(days=local.weekday())
@@ -188,6 +193,7 @@ def _months_later(first: date, months: int) -> date:
 
 class Month(CalendarPeriod):
     name = "month"
+    ledger_bucket = "toDateTime(toStartOfMonth(occurred_at, '{tz}'), '{tz}')"
 
     def first_day(self, local: date) -> date:
         return local.replace(day=1)
@@ -205,6 +211,7 @@ class Month(CalendarPeriod):
 
 class Quarter(CalendarPeriod):
     name = "quarter"  # starts in January, April, July, October
+    ledger_bucket = "toDateTime(toStartOfQuarter(occurred_at, '{tz}'), '{tz}')"
 
     def first_day(self, local: date) -> date:
         return date(local.year, 3 * ((local.month - 1) // 3) + 1, 1)
@@ -247,6 +254,7 @@ class Hour(Period):
 
     name = HOUR
     budget = False
+    ledger_bucket = "toStartOfHour(occurred_at)"  # UTC
 
     def window(self, instant: datetime, tz: tzinfo | str) -> tuple[datetime, datetime]:
         if instant.tzinfo is None:
