@@ -19,7 +19,8 @@ from datetime import date
 from pathlib import Path
 
 from machine_facts import cpu_model
-from spendstream.analytics.focus import ATTRIBUTION, export_focus
+from spendstream.analytics.focus import export_focus
+from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_store import connect, migrate
 
@@ -61,7 +62,7 @@ def main() -> None:
     ledger_rows = client.query("SELECT count() FROM spendstream.usage_ledger FINAL").result_rows[0][0]
     print(f"generated {ROWS:,} rows ({ledger_rows:,} after FINAL) in {time.perf_counter() - started:.1f} s")
 
-    keys = ", ".join(f"`{name}`" for name in ATTRIBUTION)
+    keys = ", ".join(f"`{name}`" for name in ATTRIBUTION_FIELDS)
     started = time.perf_counter()
     groups = client.query(
         f"SELECT count() FROM (SELECT 1 FROM spendstream.usage_ledger FINAL WHERE toYYYYMM(occurred_at) = 202611 "

@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 
 from spendstream.analytics import money, reports
 from spendstream.analytics.budgets import load_budgets
-from spendstream.analytics.commands import build_report, sql_report
+from spendstream.analytics.commands import sql_report
 from spendstream.analytics.readonly_sql import WriteRefused
 from spendstream.analytics.report_model import render
+from spendstream.analytics.report_registry import build_report
 from spendstream.analytics.reprice import reprice
 from spendstream.analytics.rollup import rebuild_spend_daily
+from spendstream.core.periods import monthly_equivalent
 
 B = 1_000_000_000  # nano-USD per USD
 DB = "spendstream"
@@ -280,5 +282,5 @@ def test_money_edges() -> None:
     assert money.nanos_from_usd("12000") == 12_000 * B
     with pytest.raises(ValueError):
         money.nanos_from_usd("0.0000000001")
-    assert money.monthly_equivalent("quarter", 9 * B, date(2026, 2, 1)) == 3 * B
-    assert money.monthly_equivalent("day", 1, date(2026, 2, 1)) == 28
+    assert monthly_equivalent("quarter", 9 * B, date(2026, 2, 1)) == 3 * B
+    assert monthly_equivalent("day", 1, date(2026, 2, 1)) == 28

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spendstream.processor.forecast import exhaustion_at, forecast, project, should_alert_forecast
+from spendstream.core.run_rate import exhaustion_instant
+from spendstream.processor.forecast import forecast, project, should_alert_forecast
 
 START = datetime(2025, 4, 1, tzinfo=UTC)
 END = datetime(2025, 5, 1, tzinfo=UTC)  # 30 days
@@ -21,12 +22,27 @@ def test_linear_projection() -> None:
     assert project(5 * USD, START, END, END + timedelta(days=3)) == 5 * USD  # after the period: what was spent
 
 
+def exhaustion_at(spend: int, limit: int, start: datetime, now: datetime) -> datetime | None:
+    """When the limit is reached at the average rate since ``start`` (what the forecast and the gauges use)."""
+    return forecast(spend, limit, start, start + timedelta(days=10_000), now).exhausts_at
+
+
 def test_exhaustion_day() -> None:
     # $8,000 budget, $4,000 after 10 days -> reached after 20 days
     assert exhaustion_at(4_000 * USD, 8_000 * USD, START, START + timedelta(days=10)) == START + timedelta(days=20)
     assert exhaustion_at(0, 8_000 * USD, START, START + timedelta(days=10)) is None
     now = START + timedelta(days=3)
     assert exhaustion_at(9_000 * USD, 8_000 * USD, START, now) == now
+
+
+def test_exhaustion_at_a_trailing_run_rate_rounds_up_to_whole_seconds() -> None:
+    now = START + timedelta(days=3)
+    week = timedelta(days=7)
+    # $70 in the last week against $100 left: 10 more days
+    assert exhaustion_instant(900 * USD, 1_000 * USD, 70 * USD, week, now) == now + timedelta(days=10)
+    assert exhaustion_instant(0, 1, 3, timedelta(seconds=1), now) == now + timedelta(seconds=1)  # 1/3 s -> 1 s
+    assert exhaustion_instant(0, 1, 0, week, now) is None  # no spend in the span: never
+    assert exhaustion_instant(0, 10**15, 1, week, now) is None  # beyond a century
 
 
 def test_forecast_reports_exhaustion_inside_the_period() -> None:

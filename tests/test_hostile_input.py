@@ -340,7 +340,7 @@ def test_gateway_refuses_hostile_requests_and_keeps_serving(gateway: GatewayThre
 def test_an_upstream_reporting_absurd_token_counts_is_still_metered(prompt_tokens: int) -> None:
     """Counts that fit Int64 but could overflow a priced cost (10**16 tokens) are out of range too."""
     from spendstream.core.events import UsageStatus
-    from spendstream.edge.metering import build_event
+    from spendstream.edge.call_event import build_event
 
     event = build_event(
         attribution={"team": "web"},
@@ -360,7 +360,7 @@ def test_an_upstream_reporting_absurd_token_counts_is_still_metered(prompt_token
 def test_a_price_table_that_prices_past_the_ceiling_still_meters_the_call() -> None:
     from spendstream.core.events import MAX_EVENT_COST_NANOS, UsageStatus
     from spendstream.core.policy import parse_policy
-    from spendstream.edge.metering import build_event
+    from spendstream.edge.call_event import build_event
 
     absurd = parse_policy(
         "pricing:\n  overrides:\n"

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from spendstream import Emitter, UsageEvent
-from spendstream.analytics.money import days_in_month
 from spendstream.api.tokens import add_token
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_store import connect
+from spendstream.core.periods import days_in_month
 from spendstream.core.policy import parse_policy
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from stub_upstream import wait_for

@@ -7,12 +7,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from spendstream.core.ledger_spend import GRAINS, SpendQuery, query_spend
+from spendstream.core.ledger_spend import SpendQuery, grains, query_spend
 from spendstream.core.policy import parse_policy
 from spendstream.processor.ledger_rebuild import RebuildPlan, fold_snapshot, usage_partition
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import Retention, WindowCalendar, split_window_key
 from spendstream.sink.ledger_sink import LEDGER_COLUMNS
+from test_periods import year_period  # noqa: F401  (the fixture that registers a period, used by name)
 
 POLICY = parse_policy(
     """
@@ -68,6 +69,20 @@ def ledger_rows(now: datetime, count: int) -> list[dict[str, Any]]:
 
 
 def test_rebuilt_windows_equal_the_stream_fold_of_the_same_events(ledger: Any, offline_settings: Any) -> None:
+    periods = _rebuild_equals_fold(ledger, offline_settings)
+    assert periods == {"hour", "day", "week", "month", "quarter"}
+
+
+def test_a_registered_period_is_rebuilt_from_the_ledger_too(
+    year_period: str,  # noqa: F811
+    ledger: Any,
+    offline_settings: Any,
+) -> None:
+    assert _rebuild_equals_fold(ledger, offline_settings) == {"hour", "day", "week", "month", "quarter", year_period}
+
+
+def _rebuild_equals_fold(ledger: Any, offline_settings: Any) -> set[str]:
+    """Rebuild windows from a seeded ledger, check them against the fold of the same events, return the periods."""
     now = datetime.now(UTC).replace(microsecond=0)
     rows = ledger_rows(now, 4000)
     ledger.insert(
@@ -78,7 +93,7 @@ def test_rebuilt_windows_equal_the_stream_fold_of_the_same_events(ledger: Any, o
     calendar = WindowCalendar(POLICY.tz)
     plan = RebuildPlan(int(now.timestamp()), LATENESS_S, Retention(POLICY.tz, LATENESS_S, 5), calendar, POLICY.timezone)
     query = plan.query(int((now - timedelta(minutes=5)).timestamp() * 1000))
-    since = dict(zip(GRAINS, query.since, strict=True))
+    since = dict(zip(grains(), query.since, strict=True))
     snapshot = query_spend(ledger, offline_settings.clickhouse_database, query)
     windows, recent = fold_snapshot(snapshot, POLICY, plan, PARTITIONS, range(PARTITIONS))
 
@@ -95,10 +110,9 @@ def test_rebuilt_windows_equal_the_stream_fold_of_the_same_events(ledger: Any, o
                 acc[1] += 1
                 acc[2] += row["input_tokens"] + row["output_tokens"]
     assert windows == expected
-    periods = {split_window_key(k)[1] for p in windows.values() for k in p}
-    assert periods == {"hour", "day", "week", "month", "quarter"}
     counted = [r for r in rows if r["cost_nanos"] is not None and r["occurred_at"].timestamp() >= min(query.since)]
     assert sorted(i for ids in recent.values() for i, _ in ids) == sorted(r["event_id"].bytes for r in counted)
+    return {split_window_key(k)[1] for p in windows.values() for k in p}
 
 
 def test_the_query_refuses_a_timezone_that_is_not_a_name() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.core.matching import ModelMatcher, scope_matches, template_of
+from spendstream.core.matching import ModelMatcher, ScopeSet, scope_matches, template_of
 
 names = st.text(alphabet="abl-./*?[]3", max_size=12)
 
@@ -56,3 +56,20 @@ def test_scope_patterns() -> None:
     assert not scope_matches("team:web", "team:webshop")
     assert not scope_matches("feature:*", "features:x")
     assert template_of("user:u1") == "user:*"
+
+
+dimensions = st.sampled_from(["team", "user", "feature"])
+values = st.text(alphabet="ab*:", max_size=3)
+patterns = st.one_of(st.just("*"), st.builds(lambda d, v: f"{d}:{v}", dimensions, values))
+
+
+@settings(max_examples=500)
+@given(patterns=st.lists(patterns, max_size=4), dimension=dimensions, value=values)
+def test_a_compiled_scope_set_answers_as_scope_matches_does(patterns: list[str], dimension: str, value: str) -> None:
+    scope = f"{dimension}:{value}"
+    expected = bool(value) and any(scope_matches(pattern, scope) for pattern in patterns)
+    assert ScopeSet(patterns).covers(dimension, value) is expected
+
+
+def test_a_scope_set_with_a_template_whose_value_has_a_colon() -> None:
+    assert ScopeSet(["team::*"]).covers("team", ":x") and not ScopeSet(["team::*"]).covers("team", "x")

@@ -34,12 +34,15 @@ from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import Decision, UsageEvent
 from spendstream.core.ledger_store import connect, migrate
 from spendstream.core.topics import USAGE
+from spendstream.edge import metrics as edge_metrics
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
+from spendstream.gateway import metrics as gateway_metrics
 from spendstream.gateway.app import Gateway, GatewayThread
 from spendstream.gateway.config import GatewayConfig, ProviderConfig, UpstreamConfig
 from spendstream.gateway.keys import VirtualKey, hash_key
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from spendstream.sink import metrics as sink_metrics
 from stub_upstream import StubUpstream, publish_decisions, publish_heartbeat, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,8 +348,10 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
 
 
 def _defined_series() -> set[str]:
+    """Every series defined in core and by the services that register their own collectors."""
     names = set()
-    for collector in (obj for obj in vars(metrics).values() if hasattr(obj, "describe")):
+    modules = (metrics, edge_metrics, gateway_metrics, sink_metrics)
+    for collector in (obj for module in modules for obj in vars(module).values() if hasattr(obj, "describe")):
         if isinstance(collector, type):
             continue
         for family in collector.describe():

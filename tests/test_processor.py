@@ -26,10 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
+from spendstream.core.periods import period_window
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.app import read_to_end, read_window_totals
-from spendstream.processor.periods import period_window
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 

@@ -20,10 +20,10 @@ from confluent_kafka.admin import AdminClient
 from spendstream.api.tokens import add_token
 from spendstream.core.config import load_settings
 from spendstream.core.ledger_store import connect
+from spendstream.core.periods import period_window
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import USAGE_DLQ
 from spendstream.edge.enforcer import Enforcer
-from spendstream.processor.periods import period_window
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
 from test_dev_stack import _wait_for_line

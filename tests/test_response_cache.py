@@ -130,6 +130,15 @@ def test_opt_in_per_scope_and_temperature() -> None:
     assert not config.cacheable({})  # the provider default temperature is 1
 
 
+def test_opt_in_scopes_match_like_the_policys_scopes() -> None:
+    """A ``dimension:*`` template opts in every value, each in its own partition, as a policy template does."""
+    config = CacheConfig(scopes=["team:*", "feature:faq_bot"])
+    assert config.partition({"team": "support", "feature": "faq_bot"}) == "team:support"
+    assert config.partition({"team": "", "feature": "faq_bot"}) == "feature:faq_bot"
+    assert config.partition({"team": "", "user": "u1"}) is None
+    assert CacheConfig(scopes=["*"]).partition({"org": "", "team": "web"}) == "team:web"
+
+
 SSE = [
     b'data: {"id":"c1","model":"gpt-4o-mini","choices":[{"delta":{"content":"Par"}}]}\n\n',
     b'data: {"id":"c1","choices":[{"delta":{"content":"is"}}]}\n\n',

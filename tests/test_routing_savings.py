@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from spendstream.analytics import reports
-from spendstream.analytics.commands import REPORTS, build_report
 from spendstream.analytics.report_model import render
+from spendstream.analytics.report_registry import REPORTS, build_report
 from spendstream.api.app import create_app
 from spendstream.api.tokens import add_token
 from spendstream.core.config import Settings

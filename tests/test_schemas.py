@@ -192,3 +192,14 @@ def test_truncated_body_is_a_decode_error() -> None:
     data = codec.encode(_sample_usage().to_avro())
     with pytest.raises(DecodeError, match="corrupt Avro body"):
         codec.decode(data[:-20])
+
+
+def test_the_usage_schema_carries_the_attribution_fields_in_their_order() -> None:
+    """``core.attribution.Attribution`` is the one declaration of the eight fields; the event mirrors them."""
+    from spendstream.core.attribution import ATTRIBUTION_FIELDS, Attribution
+    from spendstream.core.events import UsageEvent
+
+    names = [f["name"] for f in load_schema_json("usage_event")["fields"]]
+    assert [n for n in names if n in ATTRIBUTION_FIELDS] == list(ATTRIBUTION_FIELDS)
+    event = UsageEvent(provider="openai", model_requested="gpt-4o", team="web", customer="c1")
+    assert event.attribution == Attribution(team="web", customer="c1")

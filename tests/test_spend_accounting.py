@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spendstream.core.events import Action
+from spendstream.core.periods import period_window, tracked_series
 from spendstream.core.policy import parse_policy
 from spendstream.processor.decision_publisher import (
     decision_signature,
@@ -15,11 +16,9 @@ from spendstream.processor.decision_publisher import (
     needs_decision,
     next_version,
 )
-from spendstream.processor.periods import period_window
 from spendstream.processor.spend_accounting import (
     EMPTY,
     IDS_PER_RECORD,
-    TRACKED_PERIODS,
     AppliedIds,
     Partial,
     Retention,
@@ -336,7 +335,7 @@ def test_calendar_memo_agrees_with_period_window(instant: datetime, tz: str) -> 
     epoch = int(instant.timestamp())
     starts = dict(calendar.starts(epoch - epoch % 900))  # warm the memo from the bucket start
     starts = dict(calendar.starts(epoch))
-    assert set(starts) == set(TRACKED_PERIODS)
+    assert set(starts) == set(tracked_series())
     second = datetime.fromtimestamp(epoch, UTC)
     for period in ("day", "week", "month", "quarter"):
         assert starts[period] == int(period_window(period, second, tz)[0].timestamp())

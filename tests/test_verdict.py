@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.core.events import Decision
+from spendstream.core.events import ACTION_RANK, Decision
 from spendstream.edge.verdict import (
-    ACTION_RANK,
     ALERT,
     ALLOW,
     DENY_MODEL,

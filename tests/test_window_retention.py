@@ -7,11 +7,8 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.processor.periods import period_window
+from spendstream.core.periods import HOUR, HOURLY_HISTORY, period_window, window_expiry
 from spendstream.processor.spend_accounting import (
-    CALENDAR_PERIODS,
-    EWMA_LOOKBACK_HOURS,
-    HOUR,
     AppliedIds,
     Retention,
     Watermark,
@@ -25,7 +22,6 @@ from spendstream.processor.spend_accounting import (
     restore_stage1,
     split_window_key,
     totals_from_partials,
-    window_expiry,
 )
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "America/Santiago", "Australia/Lord_Howe", "Asia/Kolkata"]
@@ -52,7 +48,7 @@ def test_expiry_of_each_period_in_berlin_across_both_dst_changes() -> None:
     assert window_expiry("month", utc(2024, 12, 31, 23), late, "Europe/Berlin", 7) == utc(2025, 2, 28, 23) + late
     assert window_expiry("quarter", utc(2025, 9, 30, 22), late, "Europe/Berlin", 7) == utc(2026, 3, 31, 22) + late
     hour = utc(2025, 3, 30, 1)
-    assert window_expiry(HOUR, hour, late, "Europe/Berlin", 7) == hour + 3600 * (1 + EWMA_LOOKBACK_HOURS) + late
+    assert window_expiry(HOUR, hour, late, "Europe/Berlin", 7) == hour + 3600 * (1 + HOURLY_HISTORY) + late
 
 
 def test_expiry_where_local_midnight_does_not_exist() -> None:
@@ -95,13 +91,13 @@ def test_every_window_a_scope_evaluation_reads_is_live(tz: str, newest: int, lat
     retention = Retention(tz, lateness, days)
     watermark = newest + lateness
     hour = newest - newest % 3600
-    for back in range(EWMA_LOOKBACK_HOURS + 1):
+    for back in range(HOURLY_HISTORY + 1):
         assert retention.live(HOUR, hour - 3600 * back, watermark)
     day = start_of("day", newest, tz)
     for _ in range(days + 1):
         assert retention.live("day", day, watermark)
         day = start_of("day", day - 1, tz)
-    for period in CALENDAR_PERIODS:
+    for period in ("day", "week", "month", "quarter"):
         assert retention.live(period, start_of(period, newest, tz), watermark)
 
 
@@ -116,7 +112,7 @@ def test_retention_is_bounded_and_grows_with_the_window_start(tz: str, at: int, 
     for period, start in WindowCalendar(tz).starts(at):
         expiry = window_expiry(period, start, lateness, tz, days)
         if period == HOUR:
-            assert expiry == start + 3600 + EWMA_LOOKBACK_HOURS * 3600 + lateness
+            assert expiry == start + 3600 + HOURLY_HISTORY * 3600 + lateness
             continue
         end = int(period_window(period, _at(start), tz)[1].timestamp())
         periods_kept = max(days, 1) if period == "day" else 1

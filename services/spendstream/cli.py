@@ -20,8 +20,8 @@ from spendstream.core.config import ConfigError, Settings, load_settings
 from spendstream.runtime.topic_admin import BrokerUnreachable, require_broker
 
 COMMAND_MODULES = (
-    "spendstream.runtime.commands",  # broker, topics, dev, demo
-    "spendstream.sink.commands",  # sink, ledger
+    "spendstream.runtime.commands",  # broker, dev, demo, topics, sink
+    "spendstream.sink.commands",  # ledger
     "spendstream.processor.commands",  # processor, policy
     "spendstream.gateway.commands",  # gateway
     "spendstream.api.commands",  # api

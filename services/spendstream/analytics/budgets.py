@@ -6,7 +6,9 @@ from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
-from spendstream.analytics.money import first_of_month, monthly_equivalent
+from spendstream.analytics.money import first_of_month
+from spendstream.core.matching import is_template
+from spendstream.core.periods import monthly_equivalent
 
 BudgetLine = tuple[str, str, int]  # (scope, period, limit_nanos)
 
@@ -16,7 +18,7 @@ def budget_rows(budgets: Iterable[BudgetLine], month: date, policy_version: str)
     month = first_of_month(month)
     rows = []
     for scope, period, limit_nanos in budgets:
-        if scope.endswith(":*"):
+        if is_template(scope):
             continue
         if limit_nanos < 0:
             raise ValueError(f"budget {scope}/{period}: limit must not be negative ({limit_nanos})")

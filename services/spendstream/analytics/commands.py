@@ -1,4 +1,4 @@
-"""``spendstream report weekly|chargeback|forecast|top|mix|latency|savings``, ``spendstream sql`` and
+"""``spendstream report KIND`` (the kinds of ``report_registry``), ``spendstream sql`` and
 ``spendstream ledger reprice`` (registered by the ledger group through ``register_ledger_commands``)."""
 
 from __future__ import annotations
@@ -13,31 +13,8 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from spendstream.analytics.report_model import FORMATS, Column, Report, render
+from spendstream.analytics.report_registry import MAX_REPORT_COUNT, REPORTS, build_report, report_day_problem
 from spendstream.core.config import Settings
-
-REPORTS = ("weekly", "chargeback", "forecast", "top", "mix", "latency", "savings")
-# The days a report may name: wide enough for any real ledger, narrow enough that every period
-# around them (weeks back, the next month) stays inside Python's dates and ClickHouse's DateTime64.
-FIRST_REPORT_DAY = date(1970, 1, 1)
-LAST_REPORT_DAY = date(2199, 12, 31)
-MAX_REPORT_COUNT = 1000  # weeks of the weekly report, rows of top
-
-
-class ReportRangeError(ValueError):
-    """A report parameter outside the range the ledger can answer for; names the parameter."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def report_day_problem(day: date, monthly: bool = False) -> str | None:
-    """Why ``day`` cannot be a report parameter, or None."""
-    if FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
-        return None
-    if monthly:
-        return f"must be between {FIRST_REPORT_DAY:%Y-%m} and {LAST_REPORT_DAY:%Y-%m}, got {day.isoformat()[:7]}"
-    return f"must be between {FIRST_REPORT_DAY} and {LAST_REPORT_DAY}, got {day}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="print a report from the ledger: CFO weekly, chargeback, forecast, top spenders, mix, latency, savings",
     )
-    report.add_argument("kind", choices=REPORTS, help="which report")
+    report.add_argument("kind", choices=list(REPORTS), help="which report")
     report.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     report.add_argument("--month", type=_month, help="chargeback/savings month, YYYY-MM (default: this month)")
     report.add_argument("--as-of", type=_day, help="weekly: a day of the week to report (YYYY-MM-DD)")
@@ -208,41 +185,6 @@ def _api_error_text(body: bytes) -> str:
         return body.decode("utf-8", "replace").strip()[:500]
     problems = [f"{p.get('field')}: {p.get('message')}" for p in doc.get("problems") or [] if isinstance(p, dict)]
     return "; ".join([str(doc.get("error", "")), *problems]).strip("; ")
-
-
-def build_report(kind: str, client: Any, settings: Settings, options: dict[str, Any], now: datetime) -> Report:
-    """One report by name; ``options`` are the CLI flags or the API's query parameters."""
-    from spendstream.analytics import reports
-    from spendstream.analytics.money import local_date
-
-    for key in ("month", "as_of", "start", "end"):
-        day = options.get(key)
-        problem = day and report_day_problem(day, monthly=key == "month")
-        if problem:
-            raise ReportRangeError(key, f"{key} {problem}")
-    for key in ("weeks", "limit"):
-        count = options.get(key)
-        if count is not None and not 0 < count <= MAX_REPORT_COUNT:
-            raise ReportRangeError(key, f"{key} must be between 1 and {MAX_REPORT_COUNT}, got {count}")
-    ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
-    today = local_date(now, settings.timezone)
-    start = options.get("start") or today.replace(day=1)
-    end = options.get("end") or today
-    if kind == "weekly":
-        return reports.weekly(ledger, options.get("as_of") or today, options.get("weeks") or 4)
-    if kind == "chargeback":
-        return reports.chargeback(ledger, options.get("month") or today)
-    if kind == "forecast":
-        return reports.forecast(ledger, now)
-    if kind == "top":
-        return reports.top(ledger, options.get("by") or "feature", start, end, options.get("limit") or 10)
-    if kind == "mix":
-        return reports.model_mix(ledger, start, end)
-    if kind == "latency":
-        return reports.latency(ledger, start, end)
-    if kind == "savings":
-        return reports.savings(ledger, options.get("month") or today)
-    raise ValueError(f"unknown report {kind!r}; expected one of {', '.join(REPORTS)}")
 
 
 def run_report(args: argparse.Namespace, settings: Settings) -> int:

@@ -25,12 +25,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import IO, Any
 
 from spendstream.analytics.money import next_month
+from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.events import NANOS_PER_USD
 
 FORMATS = ("csv", "parquet")
 SERVICE_CATEGORY = "AI and Machine Learning"
 SERVICE_SUBCATEGORY = "Generative AI"
-ATTRIBUTION = ("org", "division", "team", "project", "feature", "user", "customer", "environment")
 # Display names FinOps tools already know; another provider keeps the name the edges report.
 PROVIDER_NAMES = {
     "openai": "OpenAI",
@@ -147,8 +147,8 @@ def focus_blocks(client: Any, db: str, month: date) -> Iterator[list[tuple[Any, 
     period = billing_period(month)
     query = _QUERY.format(
         db=db,
-        attribution=", ".join(f"`{name}`" for name in ATTRIBUTION),
-        tags=", ".join(f"'{name}', `{name}`" for name in ATTRIBUTION),  # the non-empty attribution, as JSON
+        attribution=", ".join(f"`{name}`" for name in ATTRIBUTION_FIELDS),
+        tags=", ".join(f"'{name}', `{name}`" for name in ATTRIBUTION_FIELDS),  # the non-empty attribution, as JSON
     )
     with client.query_row_block_stream(query, parameters={"start": period[0], "end": period[1]}) as stream:
         for block in stream:

@@ -5,14 +5,13 @@ Every function here is free of I/O so the figures finance reads can be tested ex
 
 from __future__ import annotations
 
-import calendar
 import re
 from collections.abc import Mapping
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
-from zoneinfo import ZoneInfo
 
 from spendstream.core.events import NANOS_PER_USD
+from spendstream.core.periods import local_midnight, zone
 
 _CENT = Decimal("0.01")
 
@@ -92,35 +91,12 @@ def allocate_shared(shared_nanos: int, weights: Mapping[str, int]) -> dict[str, 
     return {k: shares.get(k, 0) for k in weights}
 
 
-def days_in_month(month: date) -> int:
-    return calendar.monthrange(month.year, month.month)[1]
-
-
-def monthly_equivalent(period: str, limit_nanos: int, month: date) -> int:
-    """A budget of ``period`` expressed for one calendar month (floor to the nano-dollar)."""
-    days = days_in_month(month)
-    if period == "month":
-        return limit_nanos
-    if period in ("day", "rolling_24h"):
-        return limit_nanos * days
-    if period == "week":
-        return limit_nanos * days // 7
-    if period == "quarter":
-        return limit_nanos // 3
-    raise ValueError(f"unknown budget period {period!r} (expected day, week, month, quarter, rolling_24h)")
-
-
 def first_of_month(day: date) -> date:
     return day.replace(day=1)
 
 
 def next_month(month: date) -> date:
     return date(month.year + month.month // 12, month.month % 12 + 1, 1)
-
-
-def local_midnight(day: date, tz: str) -> datetime:
-    """The UTC instant at which ``day`` starts in ``tz`` (the budget timezone)."""
-    return datetime.combine(day, time(), ZoneInfo(tz)).astimezone(UTC)
 
 
 def month_bounds(month: date, tz: str) -> tuple[datetime, datetime]:
@@ -135,7 +111,7 @@ def week_start(day: date) -> date:
 
 
 def local_date(instant: datetime, tz: str) -> date:
-    return instant.astimezone(ZoneInfo(tz)).date()
+    return instant.astimezone(zone(tz)).date()
 
 
 def forecast_month_end(actual_nanos: int, window_nanos: int, window_seconds: int, remaining_seconds: int) -> int:
@@ -147,26 +123,6 @@ def forecast_month_end(actual_nanos: int, window_nanos: int, window_seconds: int
     if window_seconds <= 0 or remaining_seconds <= 0:
         return actual_nanos
     return actual_nanos + window_nanos * remaining_seconds // window_seconds
-
-
-EXHAUSTION_HORIZON_S = 100 * 366 * 86_400
-
-
-def exhaustion_instant(
-    actual_nanos: int, budget_nanos: int, window_nanos: int, window_seconds: int, now: datetime
-) -> datetime | None:
-    """When the budget runs out at the current run rate: ``now`` if already spent, None if never or not within
-    a century (a few cents a week against a large budget would otherwise land past the last ``datetime``)."""
-    if budget_nanos <= 0:
-        return None
-    if actual_nanos >= budget_nanos:
-        return now
-    if window_nanos <= 0 or window_seconds <= 0:
-        return None
-    seconds = -(-(budget_nanos - actual_nanos) * window_seconds // window_nanos)  # ceiling division
-    if seconds > EXHAUSTION_HORIZON_S:
-        return None
-    return now + timedelta(seconds=seconds)
 
 
 def nanos_from_usd(value: str | int | Decimal) -> int:

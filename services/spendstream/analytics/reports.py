@@ -14,18 +14,17 @@ from typing import Any, NamedTuple
 
 from spendstream.analytics.money import (
     allocate_shared,
-    days_in_month,
-    exhaustion_instant,
     first_of_month,
     forecast_month_end,
     is_premium,
     local_date,
-    local_midnight,
     month_bounds,
     ratio,
     week_start,
 )
 from spendstream.analytics.report_model import Column, Report
+from spendstream.core.periods import days_in_month, local_midnight
+from spendstream.core.run_rate import exhaustion_instant
 
 # Exact reads: FINAL collapses replayed event_ids. The ledger is partitioned by month of
 # occurred_at and a duplicate always has the same occurred_at, so FINAL never needs to merge
@@ -284,12 +283,13 @@ def forecast_rows(
 ) -> list[dict[str, Any]]:
     """Month-end forecast per team from month-to-date spend and the trailing 7-day run rate."""
     window_seconds = RUN_RATE_DAYS * 86_400
+    run_rate_span = timedelta(days=RUN_RATE_DAYS)
     remaining = max(0, int((month_end - now).total_seconds()))
     rows = []
     for team in sorted(set(budgets) | set(actual) | set(window)):
         spent, recent, budget = actual.get(team, 0), window.get(team, 0), budgets.get(team, 0)
         forecast = forecast_month_end(spent, recent, window_seconds, remaining)
-        runs_out = exhaustion_instant(spent, budget, recent, window_seconds, now)
+        runs_out = exhaustion_instant(spent, budget, recent, run_rate_span, now) if budget > 0 else None  # no budget
         rows.append(
             {
                 "team": team or UNATTRIBUTED,

@@ -28,15 +28,15 @@ from pydantic import ValidationError
 
 from spendstream.analytics import reports
 from spendstream.analytics.budgets import load_budgets
-from spendstream.analytics.commands import (
+from spendstream.analytics.focus import export_focus
+from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
+from spendstream.analytics.report_registry import (
     MAX_REPORT_COUNT,
     REPORTS,
     ReportRangeError,
     build_report,
     report_day_problem,
 )
-from spendstream.analytics.focus import export_focus
-from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.api import cloudevents, otlp
 from spendstream.api.dashboard import render_page

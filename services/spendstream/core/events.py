@@ -19,6 +19,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
+from spendstream.core.attribution import ATTRIBUTION_FIELDS, Attribution
+
 NANOS_PER_USD = 1_000_000_000
 INT64_MAX = 2**63 - 1
 # Avro ``long`` and ClickHouse ``Int64``: a larger Python int would pass validation and then fail to encode.
@@ -30,8 +32,6 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_w
 TokenCount = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_TOKENS)]
 EventCostNanos = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_COST_NANOS)]
 StrictNonNegativeInt64 = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
-
-ATTRIBUTION_FIELDS = ("org", "division", "team", "project", "feature", "user", "customer", "environment")
 
 
 class UsageStatus(StrEnum):
@@ -48,6 +48,11 @@ class Action(StrEnum):
     fallback = "fallback"
     throttle = "throttle"
     shutoff = "shutoff"
+
+
+# The restriction rank of each action (the schema's order), for the processor and the edges alike; keyed by the
+# plain string, so an edge's ``"shutoff"`` and ``Action.shutoff`` find the same rank.
+ACTION_RANK: dict[str, int] = {str(action): rank for rank, action in enumerate(Action)}
 
 
 class AlertKind(StrEnum):
@@ -88,7 +93,8 @@ class _AvroModel(BaseModel):
 
 
 class UsageEvent(_AvroModel):
-    """One LLM API call. Prompt and completion text are deliberately not fields."""
+    """One LLM API call. Prompt and completion text are deliberately not fields. The attribution fields stand
+    where the schema puts them; ``attribution`` reads them as one ``Attribution``."""
 
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     occurred_at: datetime = Field(default_factory=utcnow)
@@ -116,6 +122,10 @@ class UsageEvent(_AvroModel):
     cache_hit: bool = False
 
     _utc = field_validator("occurred_at")(_as_utc)
+
+    @property
+    def attribution(self) -> Attribution:
+        return Attribution(**{name: getattr(self, name) for name in ATTRIBUTION_FIELDS})
 
     def to_avro(self) -> dict[str, Any]:
         record = dict(self.__dict__)

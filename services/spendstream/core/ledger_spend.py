@@ -5,8 +5,9 @@ GROUPING SETS:
 
 * per ``(org, team, division, project, grain, window start)``, and per ``(org, team, <dimension>, grain, window
   start)`` for feature, user, customer, environment and model: exact sums (Int128 in SQL, integer nano-USD) of
-  cost, requests and tokens, for the grains day, week, month, quarter (local calendar windows of the policy's
-  timezone) and hour (UTC), each from its own ``since`` on (only the windows a processor still needs).
+  cost, requests and tokens, for every grain a processor keeps (``grains()``: day, week, month, quarter, local
+  calendar windows of the policy's timezone, and the UTC hour; each bucketed by its period's ``ledger_bucket``),
+  each from its own ``since`` on (only the windows a processor still needs).
   ``org``/``team`` stay in every set because the edges key usage records by ``org/team``, which decides the
   Kafka partition an event was counted in;
 * the ids of the rows ingested since ``recent_since_ms`` (``org``, ``team``, id, ingestion ms): the rows that may
@@ -22,9 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from spendstream.core.periods import PERIODS, tracked_series
+
 SPEND_WINDOWS_PATH = "/v1/ledger/spend-windows"  # the API route serving ``query_spend`` (embedded ledger)
 DIMENSION_SETS = ("hierarchy", "feature", "user", "customer", "environment", "model")
-GRAINS = ("day", "week", "month", "quarter", "hour")
 _KEYS = (
     "org", "team", "division", "project", "feature", "user", "customer", "environment", "model", "grain", "bucket",
     "rid",
@@ -34,40 +36,39 @@ _SET_COLUMNS = {
     **{name: ("org", "team", name) for name in DIMENSION_SETS[1:]},
 }
 _ZONE = re.compile(r"^[A-Za-z0-9_+\-/]{1,64}$")
-# The local start (epoch s) of an instant's window per grain; hours are UTC.
-_BUCKETS = {
-    "day": "toStartOfDay(occurred_at, '{tz}')",
-    "week": "toDateTime(toMonday(occurred_at, '{tz}'), '{tz}')",
-    "month": "toDateTime(toStartOfMonth(occurred_at, '{tz}'), '{tz}')",
-    "quarter": "toDateTime(toStartOfQuarter(occurred_at, '{tz}'), '{tz}')",
-    "hour": "toStartOfHour(occurred_at)",
-}
+
+
+def grains() -> tuple[str, ...]:
+    """The window series a processor keeps (``core.periods.tracked_series``), each bucketed by its period's
+    ``ledger_bucket``: day, week, month, quarter (local windows of the policy timezone) and the UTC hour."""
+    return tracked_series()
 
 
 @dataclass(frozen=True)
 class SpendQuery:
     tz: str  # the policy's IANA timezone: local calendar windows
-    since: tuple[int, int, int, int, int]  # per grain (``GRAINS`` order): earliest occurred_at (epoch s) bucketed
+    since: tuple[int, ...]  # per grain (``grains()`` order): earliest occurred_at (epoch s) bucketed
     recent_since_ms: int  # rows ingested since then are listed by event_id
 
     def __post_init__(self) -> None:
         if not _ZONE.match(self.tz):
             raise ValueError(f"tz: not a timezone name: {self.tz!r}")
-        if len(self.since) != len(GRAINS):
-            raise ValueError(f"since: expected {len(GRAINS)} values ({', '.join(GRAINS)})")
-        for name, value in (*zip(GRAINS, self.since, strict=True), ("recent_since_ms", self.recent_since_ms)):
+        names = grains()
+        if len(self.since) != len(names):
+            raise ValueError(f"since: expected {len(names)} values ({', '.join(names)})")
+        for name, value in (*zip(names, self.since, strict=True), ("recent_since_ms", self.recent_since_ms)):
             if not isinstance(value, int) or not 0 <= value < 2**42:
                 raise ValueError(f"{name}: expected a non-negative epoch integer, got {value!r}")
 
     def as_params(self) -> dict[str, str]:
-        return {"tz": self.tz, **{f"{g}_since": str(v) for g, v in zip(GRAINS, self.since, strict=True)},
+        return {"tz": self.tz, **{f"{g}_since": str(v) for g, v in zip(grains(), self.since, strict=True)},
                 "recent_since_ms": str(self.recent_since_ms)}  # fmt: skip
 
     @classmethod
     def from_params(cls, params: Any) -> SpendQuery:
         try:
-            since = tuple(int(params[f"{g}_since"]) for g in GRAINS)
-            return cls(str(params["tz"]), since, int(params["recent_since_ms"]))  # type: ignore[arg-type]
+            since = tuple(int(params[f"{g}_since"]) for g in grains())
+            return cls(str(params["tz"]), since, int(params["recent_since_ms"]))
         except KeyError as exc:
             raise ValueError(f"missing parameter {exc}") from exc
 
@@ -87,10 +88,10 @@ def _mask(columns: tuple[str, ...]) -> int:
 def spend_sql(db: str, query: SpendQuery) -> str:
     """Each row is expanded (ARRAY JOIN) into the grains whose ``since`` it reaches, then grouped per set."""
     sets = ", ".join(f"({', '.join(columns)})" for _, columns in _grouping_sets())
-    grains = ", ".join(
+    buckets = ", ".join(
         f"('{g}', if(occurred_at >= toDateTime64({since}, 6, 'UTC'), "
-        f"toInt64(toUnixTimestamp({_BUCKETS[g].format(tz=query.tz)})), -1))"
-        for g, since in zip(GRAINS, query.since, strict=True)
+        f"toInt64(toUnixTimestamp({PERIODS[g].ledger_bucket.format(tz=query.tz)})), -1))"
+        for g, since in zip(grains(), query.since, strict=True)
     )
     return f"""
 SELECT grouping({", ".join(_KEYS)}) AS g, {", ".join(_KEYS)},
@@ -102,7 +103,7 @@ FROM (
            if(ingested_at >= fromUnixTimestamp64Milli(toInt64({query.recent_since_ms})), toString(event_id), '') AS rid,
            assumeNotNull(cost_nanos) AS cost, input_tokens + output_tokens AS tokens,
            toUnixTimestamp64Milli(ingested_at) AS ingested_ms,
-           arrayFilter(x -> x.2 >= 0, [{grains}]) AS buckets
+           arrayFilter(x -> x.2 >= 0, [{buckets}]) AS buckets
     FROM {db}.usage_ledger FINAL
     WHERE occurred_at >= toDateTime64({min(query.since)}, 6, 'UTC') AND cost_nanos IS NOT NULL
 )

@@ -5,7 +5,8 @@
   matching is case-sensitive. ``ModelMatcher`` compiles a list once (one regular expression for all its globs)
   and remembers its answer per model name.
 - Scope patterns are ``dimension:value`` or the template ``dimension:*`` (every value of the dimension);
-  ``scope_matches`` says whether a pattern covers a concrete scope, ``template_of`` names a scope's template.
+  ``scope_matches`` says whether a pattern covers a concrete scope, ``template_of`` names a scope's template, and
+  ``ScopeSet`` compiles a list of patterns for a lookup per request (the gateway's cache opt-in).
 """
 
 from __future__ import annotations
@@ -75,3 +76,39 @@ def scope_matches(pattern: str, scope: str) -> bool:
     if pattern in (scope, GLOB):
         return True
     return is_template(pattern) and scope.startswith(pattern[:-1]) and len(scope) > len(pattern) - 1
+
+
+class ScopeSet:
+    """Scope patterns compiled once: ``covers(dimension, value)`` is ``scope_matches`` against any of them, for
+    one concrete scope, in a set lookup or two."""
+
+    __slots__ = ("_everything", "_templates", "_values")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        values: dict[str, set[str]] = {}
+        templates: dict[str, set[str]] = {}  # dimension -> the value prefixes before the ``*`` (mostly ``""``)
+        self._everything = False
+        for pattern in patterns:
+            dimension, _, value = pattern.partition(":")
+            if pattern == GLOB:
+                self._everything = True
+            elif is_template(pattern):
+                templates.setdefault(dimension, set()).add(value[:-1])
+            else:
+                values.setdefault(dimension, set()).add(value)
+        self._templates = {dimension: tuple(found) for dimension, found in templates.items()}
+        self._values = {dimension: frozenset(found) for dimension, found in values.items()}
+
+    def __bool__(self) -> bool:
+        return self._everything or bool(self._templates) or bool(self._values)
+
+    def covers(self, dimension: str, value: str) -> bool:
+        if not value:
+            return False
+        if self._everything:
+            return True
+        found = self._values.get(dimension)
+        if found is not None and value in found:
+            return True
+        prefixes = self._templates.get(dimension, ())
+        return any(value.startswith(prefix) and len(value) > len(prefix) for prefix in prefixes)

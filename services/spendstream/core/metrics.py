@@ -1,8 +1,10 @@
-"""Prometheus metrics of every spendstream service: each name is defined here once, in one registry per process.
+"""Prometheus metrics of every spendstream service, in one registry per process: the counters services increment,
+the collector registry that services read their own counters into, and the exposition.
 
-Hot paths never touch a metric per event. Counters a service already keeps (``Emitter.stats``,
-``LedgerSink.stats``, the gateway's request counts) are read at scrape time by collectors; everything
-else is incremented once per batch (``counter.inc(n)``) or once per HTTP request. Every labelled series
+Hot paths never touch a metric per event. Counters a service already keeps are read at scrape time by a
+collector the service registers itself (:func:`register_collector`: the Emitter's in ``edge.metrics``, the
+ledger sink's in ``sink.metrics``, the gateway's in ``gateway.metrics``); everything else is incremented once
+per batch (``counter.inc(n)``) or once per HTTP request. Every labelled series
 appears only once something was counted, so a process exposes the metrics of the services it runs.
 
 Exposition: aiohttp services (gateway, API) serve ``GET /metrics`` on their own port
@@ -21,7 +23,7 @@ import weakref
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -119,25 +121,29 @@ class Family:
 Reading = Mapping[str, float | Mapping[tuple[str, ...], float]]  # family name -> value, or label values -> value
 
 
-class StatsCollector(Collector):
-    """Families read at scrape time from live objects, summed; ``retire`` keeps an object's final counter totals.
+S = TypeVar("S")
+
+
+class StatsCollector(Collector, Generic[S]):
+    """Families read at scrape time from live objects of one kind, summed; ``retire`` keeps an object's final
+    counter totals.
 
     Tracked objects are weakly referenced. Retiring folds counters (not gauges) into a running total, so a
     closed Emitter's sends stay counted and ``rate()`` sees no reset.
     """
 
-    def __init__(self, families: Iterable[Family], read: Callable[[Any], Reading]) -> None:
+    def __init__(self, families: Iterable[Family], read: Callable[[S], Reading]) -> None:
         self.families = {family.name: family for family in families}
         self._read = read
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         self._retired: Tally[tuple[str, tuple[str, ...]]] = Tally()
         self._lock = threading.Lock()
 
-    def track(self, source: Any) -> None:
+    def track(self, source: S) -> None:
         with self._lock:
             self._live.add(source)
 
-    def retire(self, source: Any) -> None:
+    def retire(self, source: S) -> None:
         with self._lock:
             if source not in self._live:
                 return
@@ -146,7 +152,7 @@ class StatsCollector(Collector):
                 if self.families[key[0]].kind == "counter":
                     self._retired[key] += value
 
-    def _samples(self, source: Any) -> Iterator[tuple[tuple[str, tuple[str, ...]], float]]:
+    def _samples(self, source: S) -> Iterator[tuple[tuple[str, tuple[str, ...]], float]]:
         for name, value in self._read(source).items():
             if isinstance(value, Mapping):
                 for labels, v in value.items():
@@ -180,108 +186,15 @@ class StatsCollector(Collector):
         return GaugeMetricFamily(family.name, family.help, labels=family.labels)
 
 
-def _emitter_reading(emitter: Any) -> Reading:
-    s = emitter.stats
-    return {
-        "spendstream_emitter_emitted": s.emitted,
-        "spendstream_emitter_sent": s.sent,
-        "spendstream_emitter_spooled": s.spooled,
-        "spendstream_emitter_replayed": s.replayed,
-        "spendstream_emitter_failed": s.failed,
-        "spendstream_emitter_queued_events": s.queued,
-        "spendstream_emitter_spool_bytes": s.spool_bytes,
-        "spendstream_emitter_spool_events": s.spool_events,
-    }
+def register_collector(families: Iterable[Family], read: Callable[[S], Reading]) -> StatsCollector[S]:
+    """A service's collector of counters read at scrape time from its own objects, in this process's registry.
 
-
-EMITTERS = StatsCollector(
-    [
-        Family("spendstream_emitter_emitted", "Usage events handed to Emitter.emit().", "counter"),
-        Family("spendstream_emitter_sent", "Usage events acked by the broker (replayed ones included).", "counter"),
-        Family(
-            "spendstream_emitter_spooled", "Usage events written to the disk spool (broker unreachable).", "counter"
-        ),
-        Family("spendstream_emitter_replayed", "Spooled usage events acked by the broker after replay.", "counter"),
-        Family(
-            "spendstream_emitter_failed",
-            "Usage events dropped: spool full or unwritable, unencodable, or rejected by the broker for good.",
-            "counter",
-        ),
-        Family("spendstream_emitter_queued_events", "Usage events in memory: queue plus producer.", "gauge"),
-        Family("spendstream_emitter_spool_bytes", "Size of the disk spool in bytes.", "gauge"),
-        Family("spendstream_emitter_spool_events", "Usage events waiting in the disk spool.", "gauge"),
-    ],
-    _emitter_reading,
-)
-
-
-def _sink_reading(sink: Any) -> Reading:
-    s = sink.stats
-    return {
-        "spendstream_sink_consumed": s.consumed,
-        "spendstream_sink_inserted": s.inserted,
-        "spendstream_sink_dead_lettered": {(reason,): n for reason, n in s.dead_lettered.items()},
-        "spendstream_sink_batches": s.batches,
-        "spendstream_sink_commits": s.commits,
-        "spendstream_sink_insert_retries": s.insert_retries,
-    }
-
-
-SINKS = StatsCollector(
-    [
-        Family("spendstream_sink_consumed", "Usage events the ledger sink consumed from spendstream.usage.", "counter"),
-        Family("spendstream_sink_inserted", "Usage events inserted into the ledger (usage_ledger).", "counter"),
-        Family(
-            "spendstream_sink_dead_lettered",
-            "Usage events the ledger sink sent to spendstream.usage.dlq, by reason kind.",
-            "counter",
-            ("reason",),
-        ),
-        Family("spendstream_sink_batches", "Batches the ledger sink inserted and settled.", "counter"),
-        Family("spendstream_sink_commits", "Offset commits after a batch landed in the ledger.", "counter"),
-        Family("spendstream_sink_insert_retries", "Ledger inserts retried after a failure.", "counter"),
-    ],
-    _sink_reading,
-)
-
-
-def _gateway_reading(gateway: Any) -> Reading:
-    enforcer = gateway.enforcer
-    return {
-        "spendstream_gateway_requests": {(outcome,): n for outcome, n in gateway.counts.items()},
-        "spendstream_gateway_upstream_failures": {(url,): n for url, n in gateway.upstreams.failures.items()},
-        "spendstream_gateway_upstream_failovers": gateway.upstreams.failovers,
-        "spendstream_enforcer_staleness_seconds": enforcer.staleness_s if enforcer is not None else float("inf"),
-    }
-
-
-GATEWAYS = StatsCollector(
-    [
-        Family(
-            "spendstream_gateway_requests",
-            "Proxied requests by outcome: ok, error (upstream answered >= 400), a blocking action, cache_hit, "
-            "bad_request, unauthorized, upstream_unavailable, ...",
-            "counter",
-            ("outcome",),
-        ),
-        Family(
-            "spendstream_gateway_upstream_failures",
-            "Upstream calls that failed (5xx, timeout, connection error), by upstream base URL.",
-            "counter",
-            ("upstream",),
-        ),
-        Family("spendstream_gateway_upstream_failovers", "Requests retried on the next upstream.", "counter"),
-        Family(
-            "spendstream_enforcer_staleness_seconds",
-            "Seconds since the gateway's Enforcer view was last complete (+Inf before the first time).",
-            "gauge",
-        ),
-    ],
-    _gateway_reading,
-)
-
-for _collector in (EMITTERS, SINKS, GATEWAYS):
-    REGISTRY.register(_collector)
+    The service names its families and the ``read`` of its own objects (``edge.metrics``, ``sink.metrics``,
+    ``gateway.metrics``); core only sums and exposes what they read.
+    """
+    collector = StatsCollector(families, read)
+    REGISTRY.register(collector)
+    return collector
 
 
 # -- exposition ----------------------------------------------------------------------------------------

@@ -27,22 +27,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal, InvalidOperation
-from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.matching import is_template
 from spendstream.core.otlp_attribution import OtlpAttribution
+from spendstream.core.periods import budget_period_names
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
 from spendstream.core.routing_policy import RoutingPolicy
 
-HIERARCHY = ("org", "division", "team", "project")
-DIMENSIONS = (*HIERARCHY, "feature", "user", "customer", "environment", "model")
 _SCOPE_RE = re.compile(rf"^({'|'.join(DIMENSIONS)}):(\*|[^\s*]+)$")
 
 
@@ -54,12 +63,16 @@ class PolicyError(ValueError):
         self.problems = problems
 
 
-class Period(StrEnum):
-    day = "day"
-    week = "week"  # ISO week, Monday 00:00 local
-    month = "month"
-    quarter = "quarter"
-    rolling_24h = "rolling_24h"
+def check_period(value: object) -> str:
+    """A budget period's name, one of the registered periods (``core.periods``)."""
+    names = budget_period_names()
+    if isinstance(value, str) and value in names:
+        return value
+    expected = " or ".join([", ".join(f"'{name}'" for name in names[:-1]), f"'{names[-1]}'"])
+    raise PydanticCustomError("enum", "Input should be {expected}", {"expected": expected})
+
+
+PeriodName = Annotated[str, BeforeValidator(check_period)]
 
 
 def check_scope(value: str) -> str:
@@ -109,7 +122,7 @@ class Budget(_Model):
     """A spend limit for one scope (or every value of a ``dimension:*`` template) and period."""
 
     scope: str
-    period: Period = Period.month
+    period: PeriodName = "month"
     amount_usd: Decimal | None = Field(None, exclude=True, le=MAX_AMOUNT_USD)
     amount_nanos: int | None = Field(None, ge=0, le=MAX_AMOUNT_NANOS)
     thresholds: Thresholds | None = None  # None: the policy's default thresholds

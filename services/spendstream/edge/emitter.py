@@ -45,8 +45,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import UsageEvent, usage_bounds_problem
-from spendstream.core.metrics import EMITTERS
 from spendstream.core.topics import USAGE
+from spendstream.edge.metrics import EMITTERS
 from spendstream.edge.spool import Spool
 from spendstream.edge.usage_encoding import UsageEncoder
 

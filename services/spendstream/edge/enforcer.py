@@ -21,9 +21,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
-from spendstream.core.events import ATTRIBUTION_FIELDS, Decision, Heartbeat
+from spendstream.core.events import Decision, Heartbeat
 from spendstream.core.policy import Policy
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
@@ -44,7 +45,6 @@ from spendstream.edge.verdict import (
 log = logging.getLogger(__name__)
 
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
-DIMENSIONS = (*ATTRIBUTION_FIELDS, "model")
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 WILDCARD = "*"
 

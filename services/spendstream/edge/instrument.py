@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spendstream.core.attribution import Attribution
 from spendstream.core.events import UsageStatus
+from spendstream.edge.call_event import build_event
 from spendstream.edge.enforcer import Enforcer
-from spendstream.edge.metering import build_event
 from spendstream.edge.verdict import Verdict
 
 # (resource path on the client, endpoint tag, whether OpenAI's stream_options.include_usage applies)
@@ -67,8 +68,9 @@ def _as_dict(usage: Any) -> dict[str, Any]:
     return dump() if dump is not None else {}
 
 
-class _Call:
-    """One instrumented call: the verdict before it, the usage seen, and the single event after it."""
+class _SdkCall:
+    """One call through an instrumented SDK client: the verdict before it, the usage seen, and the single event
+    after it (the gateway's proxied request is ``gateway.app._Call``)."""
 
     __slots__ = ("_done", "edge", "endpoint", "model", "served", "started", "usage", "verdict")
 
@@ -126,7 +128,7 @@ def _is_usage_only(chunk: Any) -> bool:
 class _MeteredStream:
     """Wraps a provider stream: passes items through, meters them, emits once when it ends or closes."""
 
-    def __init__(self, stream: Any, call: _Call, drop_usage_chunk: bool) -> None:
+    def __init__(self, stream: Any, call: _SdkCall, drop_usage_chunk: bool) -> None:
         self._stream = stream
         self._call = call
         self._drop = drop_usage_chunk
@@ -185,9 +187,9 @@ class _Edge:
         self.attribution = attribution
         self.tags = tags
 
-    def prepare(self, endpoint: str, include_usage: bool, kwargs: dict[str, Any]) -> tuple[_Call, bool]:
+    def prepare(self, endpoint: str, include_usage: bool, kwargs: dict[str, Any]) -> tuple[_SdkCall, bool]:
         """Check the verdict and adapt the call's arguments; raises SpendBlocked for a blocked call."""
-        call = _Call(self, endpoint, str(kwargs.get("model") or ""))
+        call = _SdkCall(self, endpoint, str(kwargs.get("model") or ""))
         if call.verdict.blocked:
             call.finish(UsageStatus.blocked)
             raise SpendBlocked(call.verdict)
@@ -264,17 +266,11 @@ def instrument(
     if enforcer is None or emitter is None:
         default_enforcer, default_emitter = default_edge()
         enforcer, emitter = enforcer or default_enforcer, emitter or default_emitter
-    values = {
-        "org": org,
-        "division": division,
-        "team": team,
-        "project": project,
-        "feature": feature,
-        "user": user,
-        "customer": customer,
-        "environment": environment,
-    }
-    edge = _Edge(module, provider or module, enforcer, emitter, values, {"sdk": module, **(tags or {})})
+    attribution = Attribution(
+        org=org, division=division, team=team, project=project, feature=feature, user=user, customer=customer,
+        environment=environment,
+    )  # fmt: skip
+    edge = _Edge(module, provider or module, enforcer, emitter, attribution.as_dict(), {"sdk": module, **(tags or {})})
     is_async = type(client).__name__.startswith("Async")
     for path, endpoint, include_usage in _OPENAI_RESOURCES if module == "openai" else _ANTHROPIC_RESOURCES:
         resource = client

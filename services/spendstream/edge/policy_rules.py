@@ -26,9 +26,10 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from spendstream.core.events import ACTION_RANK
 from spendstream.core.matching import ModelMatcher, is_template
 from spendstream.core.policy import Policy
-from spendstream.edge.verdict import ACTION_RANK, DENY_MODEL, SHUTOFF, ScopeRule, Verdict
+from spendstream.edge.verdict import DENY_MODEL, SHUTOFF, ScopeRule, Verdict
 
 # A scope with its list: (scope, matcher)
 _List = tuple[str, ModelMatcher]
@@ -36,7 +37,7 @@ _List = tuple[str, ModelMatcher]
 _Lookup = tuple[int, dict[str, _List], _List | None]
 
 
-def allowed_model_lists(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lookup, ...]:
+def index_allowed_models(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lookup, ...]:
     """The policy's allowed-model lists, indexed by the position of their dimension in ``dimensions``."""
     by_dim: dict[int, tuple[dict[str, _List], list[_List]]] = {}
     for scope, models in policy.allowed_models.items():
@@ -135,7 +136,7 @@ class StaticRules:
 
     def __init__(self, policy: Policy, dimensions: Sequence[str], previous: StaticRules | None = None) -> None:
         self.version = policy.version
-        self.allowed = allowed_model_lists(policy, dimensions)
+        self.allowed = index_allowed_models(policy, dimensions)
         quotas = RequestQuotas(policy, dimensions)
         if previous is not None and previous.quotas is not None:
             quotas.adopt_counts(previous.quotas)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
 from spendstream.core.schemas import load_schema_json
@@ -24,8 +25,7 @@ from spendstream.core.schemas import load_schema_json
 FIELDS: tuple[tuple[str, Any], ...] = (
     ("event_id", {"type": "string", "logicalType": "uuid"}),
     ("occurred_at", {"type": "long", "logicalType": "timestamp-micros"}),
-    *((name, "string") for name in ("org", "division", "team", "project", "feature", "user", "customer")),
-    ("environment", "string"),
+    *((name, "string") for name in ATTRIBUTION_FIELDS),
     ("tags", {"type": "map", "values": "string"}),
     ("provider", "string"),
     ("model_requested", "string"),

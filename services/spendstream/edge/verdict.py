@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from spendstream.core.events import Decision
+from spendstream.core.events import ACTION_RANK, Decision
 from spendstream.core.matching import ModelMatcher
 
 ALLOW = "allow"
@@ -26,8 +26,6 @@ DENY_MODEL = "deny_model"
 SHUTOFF = "shutoff"
 UNAVAILABLE = "unavailable"
 
-# Restriction rank of a decision's action (the schema's order).
-ACTION_RANK = {ALLOW: 0, ALERT: 1, FALLBACK: 2, THROTTLE: 3, SHUTOFF: 4}
 # Outcomes that stop the request, and the HTTP status an OpenAI-compatible edge answers with.
 BLOCKING_STATUS = {THROTTLE: 429, DENY_MODEL: 403, SHUTOFF: 402, UNAVAILABLE: 503}
 # How long a client should wait when a throttle allows no requests at all.

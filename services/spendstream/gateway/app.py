@@ -26,18 +26,19 @@ from aiohttp import web
 
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
-from spendstream.core.metrics import GATEWAY_DECISIONS, GATEWAYS, instrument_app
+from spendstream.core.metrics import GATEWAY_DECISIONS, instrument_app
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable
+from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
-from spendstream.edge.metering import build_event
 from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
 from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
+from spendstream.gateway.metrics import GATEWAYS
 from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
 from spendstream.gateway.response_cache import (
     CacheConfig,
@@ -465,7 +466,7 @@ class Gateway:
         assert body is not None
         self._follow_policy_in_force()
         model = body["model"]
-        attribution = key.attribution()
+        attribution = key.as_dict()
         if key.allow_header_attribution:
             for header, field in HEADER_FIELDS.items():
                 value = request.headers.get(header)

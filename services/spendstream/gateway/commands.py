@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.config import Settings
-from spendstream.core.events import ATTRIBUTION_FIELDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -25,17 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
+from spendstream.core.attribution import ATTRIBUTION_FIELDS, Attribution
 from spendstream.core.config import ConfigError
-from spendstream.core.events import ATTRIBUTION_FIELDS
 
 KEY_PREFIX = "sk-ss-"
 # Attribution headers a key may allow, and the attribution field each sets.
-HEADER_FIELDS = {
-    f"X-Spendstream-{name.capitalize()}": name
-    for name in ("org", "division", "team", "project", "feature", "user", "customer", "environment")
-}
+HEADER_FIELDS = {f"X-Spendstream-{name.capitalize()}": name for name in ATTRIBUTION_FIELDS}
 
 
 def hash_key(key: str) -> str:
@@ -46,24 +43,15 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class VirtualKey(BaseModel):
+class VirtualKey(Attribution):
+    """A key's fixed attribution (the eight fields, at the top level of its entry) and what else it carries."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the key; the key itself is never stored.")
     name: str = ""
-    org: str = ""
-    division: str = ""
-    team: str = ""
-    project: str = ""
-    feature: str = ""
-    user: str = ""
-    customer: str = ""
-    environment: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
     allow_header_attribution: bool = False
-
-    def attribution(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name in ATTRIBUTION_FIELDS}
 
 
 class KeyStore:

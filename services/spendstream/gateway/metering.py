@@ -1,4 +1,4 @@
-"""Reading usage out of gateway responses, streamed or not (the event itself: ``spendstream.edge.metering``).
+"""Reading usage out of gateway responses, streamed or not (the event itself: ``spendstream.edge.call_event``).
 
 Only usage blocks and model names are read from responses: completion text is never kept.
 """

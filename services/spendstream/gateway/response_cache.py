@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from spendstream.core.events import UsageEvent, UsageStatus
+from spendstream.core.matching import ScopeSet
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable, UnknownModelError, normalise_usage, price_usage
 
 IGNORED_FIELDS = frozenset({"user", "metadata"})
@@ -46,7 +47,9 @@ class CacheConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scopes: list[str] = Field(default_factory=list, description="Scopes whose requests are cached; empty: off.")
+    scopes: list[str] = Field(
+        default_factory=list, description="Scopes whose requests are cached (``team:*``: every team); empty: off."
+    )
     ttl_s: float = Field(300.0, gt=0)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_entry_bytes: int = Field(1024 * 1024, ge=1)
@@ -61,20 +64,14 @@ class CacheConfig(BaseModel):
         if not opted_in:
             return None
         for dimension, value in attribution.items():
-            values = opted_in.get(dimension)
-            if values is not None and value in values:
+            if opted_in.covers(dimension, value):
                 return f"{dimension}:{value}"
         return None
 
     @cached_property
-    def _opted_in(self) -> dict[str, frozenset[str]]:
-        """``scopes`` as dimension -> values (read on every request, built once)."""
-        values: dict[str, set[str]] = {}
-        for scope in self.scopes:
-            dimension, _, value = scope.partition(":")
-            if value:
-                values.setdefault(dimension, set()).add(value)
-        return {dimension: frozenset(found) for dimension, found in values.items()}
+    def _opted_in(self) -> ScopeSet:
+        """``scopes`` compiled by the policy's scope matcher (read on every request, built once)."""
+        return ScopeSet(self.scopes)
 
     def cacheable(self, body: Mapping[str, Any]) -> bool:
         if self.max_temperature is None:

@@ -3,7 +3,7 @@
 Per scope and period (labels ``scope``, ``period``): ``spendstream_budget_limit_usd``,
 ``spendstream_budget_spent_usd``, ``spendstream_budget_remaining_usd`` (never below 0),
 ``spendstream_budget_used_ratio`` (above 1 when overspent) and ``spendstream_budget_hours_to_exhaustion``: when
-the limit is reached at the average rate of the window so far (the forecast's rate, ``forecast.exhaustion_at``),
+the limit is reached at the average rate of the window so far (the forecast's rate, ``forecast.forecast``),
 0 once reached, +Inf with no spend yet. The processor is where windows and budgets live, so the figures are
 those its decisions act on. Stage 2 records a scope's standings each time it evaluates the scope; the gauges are
 computed at scrape time, so the hours count down between events, and a window that has ended is no longer
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from spendstream.core.events import NANOS_PER_USD
 from spendstream.processor.decision_publisher import BudgetStanding
-from spendstream.processor.forecast import exhaustion_at
+from spendstream.processor.forecast import forecast
 
 _LABELS = ["scope", "period"]
 
@@ -35,7 +35,7 @@ def remaining_nanos(standing: BudgetStanding) -> int:
 
 def hours_to_exhaustion(standing: BudgetStanding, now: datetime) -> float:
     """Hours until the limit is reached at the window's average rate so far: 0 if reached, +Inf if never."""
-    at = exhaustion_at(standing.spend_nanos, standing.limit_nanos, standing.start, now)
+    at = forecast(standing.spend_nanos, standing.limit_nanos, standing.start, standing.end, now).exhausts_at
     if at is None:
         return math.inf
     return max((at - now).total_seconds(), 0.0) / 3600

@@ -12,7 +12,7 @@
   steady state costs no traffic on the compacted enforcement topic.
 - ``quota_action(requests_used, tokens_used, quota) -> QuotaVerdict``: a used-up per-day quota shuts the scope off
   (``used >= cap``: the cap-th call was allowed, the next one is not).
-- ``most_restrictive(actions)`` / ``RESTRICTION``: allow < alert < fallback < throttle < shutoff.
+- ``most_restrictive(actions)``: allow < alert < fallback < throttle < shutoff (``core.events.ACTION_RANK``).
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from spendstream.core.events import Action
+from spendstream.core.events import ACTION_RANK, Action
 from spendstream.core.policy import Budget, Policy, Quota, Thresholds
-
-RESTRICTION: dict[Action, int] = {a: i for i, a in enumerate(Action)}
 
 
 def most_restrictive(actions: Iterable[Action]) -> Action:
     """The most restrictive action (``allow`` for none)."""
-    return max(actions, key=RESTRICTION.__getitem__, default=Action.allow)
+    return max(actions, key=ACTION_RANK.__getitem__, default=Action.allow)
 
 
 def reached(spend_nanos: int, limit_nanos: int, fraction: Decimal) -> bool:

@@ -17,26 +17,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime, tzinfo
 
-from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
+from spendstream.core.events import ACTION_RANK, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
+from spendstream.core.periods import HOUR, HOURLY_HISTORY, period, period_window, utc_at
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
-    RESTRICTION,
     budget_usd,
     evaluate_budget,
     quota_action,
 )
 from spendstream.processor.forecast import should_alert_forecast
-from spendstream.processor.periods import period_window
 from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas
-from spendstream.processor.spend_accounting import HOUR, window_key
+from spendstream.processor.spend_accounting import window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
 Totals = Callable[[str], tuple[int, int, int]]  # window key -> (total_nanos, requests, tokens)
 
-_EWMA_LOOKBACK_HOURS = 48
 _SEVERITY = {
     Action.alert: Severity.warning,
     Action.fallback: Severity.warning,
@@ -71,7 +69,10 @@ class BudgetStanding:
 
 
 @dataclass(slots=True)
-class Verdict:
+class ScopeEvaluation:
+    """What the policy's rules make of one scope's spend: the most restrictive action, what its Decision carries,
+    the alerts owed and the budget standings (an edge's per-request answer is ``edge.verdict.Verdict``)."""
+
     action: Action = Action.allow
     reason: str = ""
     spend_nanos: int = 0
@@ -90,7 +91,7 @@ class Verdict:
     def consider(self, action: Action, reason: str, **extra: object) -> None:
         """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
         records the first budget's spend and limit, so a lifting decision says where the scope stands)."""
-        if RESTRICTION[action] > RESTRICTION[self.action] or (action is self.action and not self.period):
+        if ACTION_RANK[action] > ACTION_RANK[self.action] or (action is self.action and not self.period):
             self.action = action
             self.reason = reason
             self.spend_nanos = int(extra.get("spend_nanos") or 0)  # type: ignore[call-overload]
@@ -102,16 +103,12 @@ class Verdict:
             self.throttle_rps = extra.get("throttle_rps")  # type: ignore[assignment]
 
 
-def _at(epoch_s: int) -> datetime:
-    return datetime.fromtimestamp(epoch_s, UTC)
-
-
 def _previous_day_starts(day_start: int, tz: tzinfo, count: int) -> list[int]:
     """Starts of the ``count`` local days before the day starting at ``day_start``, oldest first."""
     out = []
     start = day_start
     for _ in range(count):
-        start = int(period_window("day", _at(start - 1), tz)[0].timestamp())
+        start = int(period_window("day", utc_at(start - 1), tz)[0].timestamp())
         out.append(start)
     return out[::-1]
 
@@ -124,32 +121,27 @@ def _trim_leading_zeros(values: list[int]) -> list[int]:
     return []
 
 
-def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime) -> Verdict:
+def evaluate_scope(
+    scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime
+) -> ScopeEvaluation:
     """Every rule that matches ``scope``; ``latest`` maps a tracked period to its newest window start."""
     tz = policy.tz
-    verdict = Verdict()
+    verdict = ScopeEvaluation()
     lists = allowed_model_lists([scope], policy)
     if lists:
         verdict.allowed_models = list(lists[0])
     for budget in matching_budgets(scope, policy):
-        period = str(budget.period)
-        if period == "rolling_24h":
-            if HOUR not in latest:
-                continue
-            hour = latest[HOUR]
-            spend = sum(totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(24))
-            start, end = _at(hour - 23 * 3600), _at(hour + 3600)
-        else:
-            if period not in latest:
-                continue
-            spend = totals(window_key(scope, period, latest[period]))[0]
-            start, end = period_window(period, _at(latest[period]), tz)
-        verdict.standings.append(BudgetStanding(scope, period, budget.limit_nanos, spend, start, end))
+        kind = period(budget.period)
+        if kind.series not in latest:
+            continue
+        starts, start, end = kind.budget_starts(latest[kind.series], tz)
+        spend = sum(totals(window_key(scope, kind.series, window))[0] for window in starts)
+        verdict.standings.append(BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end))
         evaluation = evaluate_budget(budget, scope, spend, policy)
         extra = {
             "spend_nanos": spend,
             "limit_nanos": budget.limit_nanos,
-            "period": period,
+            "period": kind.name,
             "period_start": start,
             "expires_at": end,
             "fallback_models": evaluation.fallback_models,
@@ -167,12 +159,12 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
                     f"{evaluation.action}: {evaluation.reason}",
                     spend,
                     budget.limit_nanos,
-                    period,
+                    kind.name,
                 )
             )
         thresholds = budget.thresholds or policy.thresholds
         if (
-            period != "rolling_24h"
+            kind.forecast
             and thresholds.alert is not None
             and budget.limit_nanos > 0
             and should_alert_forecast(spend, budget.limit_nanos, start, end, seen_at, thresholds.alert)
@@ -182,11 +174,11 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
                     f"forecast|{window_id}",
                     AlertKind.forecast,
                     Severity.warning,
-                    f"forecast: {scope} is on course to exceed its {period} budget of "
+                    f"forecast: {scope} is on course to exceed its {kind} budget of "
                     f"{budget_usd(budget.limit_nanos)} ({budget_usd(spend)} spent so far)",
                     spend,
                     budget.limit_nanos,
-                    period,
+                    kind.name,
                 )
             )
     if "day" in latest:
@@ -195,7 +187,7 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
         for quota in matching_quotas(scope, policy):
             outcome = quota_action(requests, tokens, quota)
             if outcome.action is not Action.allow:
-                start, end = period_window("day", _at(day), tz)
+                start, end = period_window("day", utc_at(day), tz)
                 verdict.consider(outcome.action, outcome.reason, period="day", period_start=start, expires_at=end)
                 verdict.crossings.append(
                     Crossing(f"quota|{quota.scope}|{day}", AlertKind.quota, Severity.warning, outcome.reason)
@@ -209,7 +201,7 @@ def evaluate_scope(scope: str, latest: Mapping[str, int], totals: Totals, policy
 
 
 def _apply_spike(
-    rule: SpikeRule, scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, verdict: Verdict
+    rule: SpikeRule, scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, verdict: ScopeEvaluation
 ) -> None:
     if rule.kind == "daily":
         if "day" not in latest:
@@ -219,19 +211,19 @@ def _apply_spike(
             [totals(window_key(scope, "day", d))[0] for d in _previous_day_starts(day, policy.tz, rule.window_days)]
         )
         found = daily_spike(totals(window_key(scope, "day", day))[0], history, rule)
-        window_start, window_end = period_window("day", _at(day), policy.tz)
+        window_start, window_end = period_window("day", utc_at(day), policy.tz)
     else:
         if HOUR not in latest:
             return
         hour = latest[HOUR]
         past = _trim_leading_zeros(
-            [totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(_EWMA_LOOKBACK_HOURS, 0, -1)]
+            [totals(window_key(scope, HOUR, hour - 3600 * i))[0] for i in range(HOURLY_HISTORY, 0, -1)]
         )
         ewma: int | None = None
         for value in past:
             ewma = ewma_next(ewma, value, rule.alpha)
         found = hourly_spike(totals(window_key(scope, HOUR, hour))[0], ewma, len(past), rule)
-        window_start, window_end = _at(hour), _at(hour + 3600)
+        window_start, window_end = utc_at(hour), utc_at(hour + 3600)
     if found is None:
         return
     action = spike_action(rule, scope, policy)
@@ -249,7 +241,7 @@ def _apply_spike(
     )
 
 
-def decision_signature(verdict: Verdict) -> list[object]:
+def decision_signature(verdict: ScopeEvaluation) -> list[object]:
     """What edges act on; a Decision is published only when this changes (JSON-friendly for table storage)."""
     return [
         str(verdict.action),
@@ -261,7 +253,7 @@ def decision_signature(verdict: Verdict) -> list[object]:
     ]
 
 
-def needs_decision(previous: list[object] | None, verdict: Verdict) -> bool:
+def needs_decision(previous: list[object] | None, verdict: ScopeEvaluation) -> bool:
     """No previous decision means edges assume ``allow`` with no model restriction."""
     if previous is None:
         return verdict.action is not Action.allow or bool(verdict.allowed_models)
@@ -277,7 +269,7 @@ def next_version(previous: int, now: datetime) -> int:
     return max(previous + 1, int(now.timestamp() * 1_000_000))
 
 
-def build_decision(scope: str, verdict: Verdict, version: int, policy_version: str, now: datetime) -> Decision:
+def build_decision(scope: str, verdict: ScopeEvaluation, version: int, policy_version: str, now: datetime) -> Decision:
     return Decision(
         scope=scope,
         action=verdict.action,

@@ -45,14 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from spendstream.core.api_address import read_address
-from spendstream.core.ledger_spend import GRAINS, SPEND_WINDOWS_PATH, SpendQuery
+from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, grains
+from spendstream.core.periods import HOUR, PERIODS, period_window
 from spendstream.core.policy import Policy
-from spendstream.processor.periods import period_window
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
-    CALENDAR_PERIODS,
-    EWMA_LOOKBACK_HOURS,
-    HOUR,
     Retention,
     WindowCalendar,
     window_key,
@@ -96,14 +93,14 @@ class RebuildPlan:
         return end.timestamp() + self.lateness_s > self.now_s
 
     def query(self, recent_since_ms: int) -> SpendQuery:
-        """The earliest window start read per grain (``GRAINS`` order); ``wanted`` then picks exactly."""
+        """The earliest window start read per grain (``grains()`` order); ``wanted`` then picks exactly."""
         oldest = datetime.fromtimestamp(self.now_s - self.lateness_s, UTC)
         history = oldest - timedelta(days=max(self.retention.history_days, 1) + 1)
-        since = {p: int(period_window(p, oldest, self.calendar.tz)[0].timestamp()) for p in CALENDAR_PERIODS}
+        since = {g: int(period_window(g, oldest, self.calendar.tz)[0].timestamp()) for g in grains() if g != HOUR}
         since["day"] = int(period_window("day", history, self.calendar.tz)[0].timestamp())
-        hour_since = self.now_s - 3600 * (EWMA_LOOKBACK_HOURS + 1) - self.lateness_s
+        hour_since = self.now_s - 3600 * (PERIODS[HOUR].retained_windows(0) + 1) - self.lateness_s
         since[HOUR] = hour_since - hour_since % 3600
-        return SpendQuery(self.tz_name, tuple(max(0, since[g]) for g in GRAINS), max(0, recent_since_ms))  # type: ignore[arg-type]
+        return SpendQuery(self.tz_name, tuple(max(0, since[g]) for g in grains()), max(0, recent_since_ms))
 
 
 def _scopes(name: str, values: list[str], policy: Policy) -> list[str]:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from spendstream.core.attribution import DIRECT_FIELDS
 from spendstream.core.matching import is_template, template_of
 from spendstream.core.policy import Budget, Policy, Quota
-
-_DIRECT = ("feature", "user", "customer", "environment")
 
 
 def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
@@ -50,7 +49,7 @@ def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
         out.extend(p for p in parents if p.startswith("team:"))
     if project:
         out.append(f"project:{project}")
-    for name in _DIRECT:
+    for name in DIRECT_FIELDS:
         value = get(name)
         if value:
             out.append(f"{name}:{value}")

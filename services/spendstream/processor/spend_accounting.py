@@ -29,13 +29,14 @@ ids) is a conflicting duplicate: the first version wins, the copy goes to the DL
 as the ledger sink keeps the first version of an event_id too.
 
 Window keys are strings (``scope|period|start_epoch_s``) because they are faust table keys and Kafka keys.
-Periods tracked for every scope: ``day``, ``week``, ``month``, ``quarter`` (local calendar windows of the
-policy timezone) and ``hour`` (UTC hour buckets: the rolling 24 h budget and the hourly spike baseline).
+Periods tracked for every scope: the ``series`` of every registered period (``core.periods.tracked_series``):
+``day``, ``week``, ``month``, ``quarter`` (local calendar windows of the policy timezone) and ``hour`` (UTC hour
+buckets: the rolling 24 h budget and the hourly spike baseline).
 
-Retention (``window_expiry``, ``Retention``). A window is kept until a partition's watermark (its newest Kafka
-timestamp applied: the clock the lateness check uses, so replays prune exactly like the first pass) passes the
-window's end + the allowed lateness + what is still read about it afterwards; then it is deleted with a
-tombstone, and events that would still land in it skip it (see ``Retention``).
+Retention (``core.periods.window_expiry``, ``Retention``). A window is kept until a partition's watermark (its
+newest Kafka timestamp applied: the clock the lateness check uses, so replays prune exactly like the first pass)
+passes the window's end + the allowed lateness + what is still read about it afterwards; then it is deleted with
+a tombstone, and events that would still land in it skip it (see ``Retention``).
 """
 
 from __future__ import annotations
@@ -47,13 +48,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, NamedTuple
 
-from spendstream.processor.periods import period_window, zone
+from spendstream.core.periods import PERIODS, tracked_series, window_expiry, zone
 
-CALENDAR_PERIODS = ("day", "week", "month", "quarter")
-HOUR = "hour"
-TRACKED_PERIODS = (*CALENDAR_PERIODS, HOUR)
 _QUARTER_HOUR_S = 900  # every UTC offset in use is a multiple of 15 minutes
-EWMA_LOOKBACK_HOURS = 48  # completed hours before the current one that the hourly spike baseline folds
 
 
 class Partial(NamedTuple):
@@ -89,12 +86,13 @@ def split_partial_key(key: str) -> tuple[str, int]:
 class WindowCalendar:
     """Window starts (epoch seconds) of the tracked periods for an instant, memoised per quarter hour.
 
-    ``period_window`` costs several microseconds (timezone arithmetic); every event needs five windows,
-    and within one quarter hour they are all the same, so a batch mostly hits the memo.
+    A window start costs several microseconds (timezone arithmetic); every event needs one window per tracked
+    series, and within one quarter hour they are all the same, so a batch mostly hits the memo.
     """
 
     def __init__(self, tz: tzinfo | str) -> None:
         self.tz = tz
+        self.series = tuple(PERIODS[name] for name in tracked_series())
         self._memo: dict[int, tuple[tuple[str, int], ...]] = {}
 
     def starts(self, epoch_s: int) -> tuple[tuple[str, int], ...]:
@@ -102,8 +100,7 @@ class WindowCalendar:
         found = self._memo.get(bucket)
         if found is None:
             instant = datetime.fromtimestamp(bucket, UTC)
-            calendar = [(p, int(period_window(p, instant, self.tz)[0].timestamp())) for p in CALENDAR_PERIODS]
-            found = (*calendar, (HOUR, bucket - bucket % 3600))
+            found = tuple((period.name, period.start_s(instant, self.tz)) for period in self.series)
             if len(self._memo) > 10_000:
                 self._memo.clear()
             self._memo[bucket] = found
@@ -465,32 +462,6 @@ def restore_stage1(
         if partition in applied:
             applied[partition].remember(key, table[key])
     return applied_high, applied
-
-
-def window_expiry(period: str, start_s: int, allowed_lateness_s: int, tz: tzinfo | str, history_days: int) -> int:
-    """The watermark (epoch s) from which the window ``period``/``start_s`` is never read or written again.
-
-    Who reads a window after it ends: stage 2 evaluates a scope at its NEWEST window per period, and an event
-    still counts up to ``allowed_lateness_s`` after it occurred, so a scope may be evaluated at a window that
-    ended up to the lateness ago. From that window it reads back:
-
-    * ``hour``: the rolling 24 h budget (23 hours back) and the hourly EWMA (``EWMA_LOOKBACK_HOURS`` back), so
-      an hour is kept ``EWMA_LOOKBACK_HOURS`` past its end + the lateness (72 buckets per scope with a one-day
-      lateness).
-    * ``day``: the daily spike rule's trailing ``history_days`` local days (the largest ``window_days`` of the
-      policy's daily rules), at least one day more: kept until the end of the local day ``history_days`` after
-      it, + the lateness. Local days, not 24-hour steps, so a 23- or 25-hour DST day is counted as one day.
-    * ``week``/``month``/``quarter``: only the current window is read (budgets, forecast); it is kept one
-      period more than its end + the lateness, a margin of one window per scope for events whose Kafka
-      timestamps arrive out of order (edges with skewed clocks, a previous period sent late).
-    """
-    if period == HOUR:
-        return start_s + 3600 * (1 + EWMA_LOOKBACK_HOURS) + allowed_lateness_s
-    later = max(history_days, 1) if period == "day" else 1
-    end = period_window(period, datetime.fromtimestamp(start_s, UTC), tz)[1]
-    for _ in range(later):
-        end = period_window(period, end, tz)[1]
-    return int(end.timestamp()) + allowed_lateness_s
 
 
 class Retention:

@@ -1,4 +1,4 @@
-"""``spendstream broker`` and ``spendstream topics create``."""
+"""``spendstream broker``, ``dev``, ``demo``, ``topics create`` and ``sink`` (the ledger process)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     create = topics_sub.add_parser("create", help="create every missing topic (idempotent)")
     create.set_defaults(handler=run_topics_create)
+
+    sink = subparsers.add_parser(
+        "sink",
+        help="run the ledger sink: spendstream.usage -> ClickHouse usage_ledger, exactly once",
+        description="Consume usage events in batches (SPENDSTREAM_SINK_BATCH_SIZE / SPENDSTREAM_SINK_BATCH_MS) "
+        "into the ledger; SIGTERM or Ctrl-C finishes the current batch, commits it and exits.",
+    )
+    sink.add_argument(
+        "--with-api",
+        action="store_true",
+        help="also serve the API and dashboard from this process (needed with an embedded chDB ledger, "
+        "which one process owns)",
+    )
+    sink.add_argument("--no-audit", action="store_true", help="do not write decisions and alerts to the ledger")
+    sink.set_defaults(handler=run_sink)
+
+
+def run_sink(args: argparse.Namespace, settings: Settings) -> int:
+    """The ledger process: the sink, the audit sink and optionally the API on one ledger client."""
+    from spendstream.runtime.ledger_process import run_ledger_process
+
+    return run_ledger_process(settings, with_audit=not args.no_audit, with_api=args.with_api)
 
 
 def run_broker(args: argparse.Namespace, settings: Settings) -> int:

@@ -22,10 +22,11 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
     With ``metrics_port`` set, ``/metrics`` is served there; with it or the API, the sink group's lag is sampled.
     """
     from spendstream.core.ledger_store import connect, migrate
-    from spendstream.core.metrics import SINKS, ConsumerLagSampler, serve_metrics
+    from spendstream.core.metrics import ConsumerLagSampler, serve_metrics
     from spendstream.core.topics import USAGE
     from spendstream.sink.audit_sink import AuditSink
     from spendstream.sink.ledger_sink import LedgerSink
+    from spendstream.sink.metrics import SINKS
     from spendstream.sink.policy_budgets import PolicyBudgets
 
     client = connect(settings)

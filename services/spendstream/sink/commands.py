@@ -1,4 +1,4 @@
-"""``spendstream sink`` and ``spendstream ledger migrate``."""
+"""``spendstream ledger migrate`` (``spendstream sink`` runs the ledger process, see ``runtime.commands``)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,6 @@ from spendstream.core.config import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    sink = subparsers.add_parser(
-        "sink",
-        help="run the ledger sink: spendstream.usage -> ClickHouse usage_ledger, exactly once",
-        description="Consume usage events in batches (SPENDSTREAM_SINK_BATCH_SIZE / SPENDSTREAM_SINK_BATCH_MS) "
-        "into the ledger; SIGTERM or Ctrl-C finishes the current batch, commits it and exits.",
-    )
-    sink.add_argument(
-        "--with-api",
-        action="store_true",
-        help="also serve the API and dashboard from this process (needed with an embedded chDB ledger, "
-        "which one process owns)",
-    )
-    sink.add_argument("--no-audit", action="store_true", help="do not write decisions and alerts to the ledger")
-    sink.set_defaults(handler=run_sink)
-
     ledger = subparsers.add_parser("ledger", help="manage the ClickHouse ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
     migrate = ledger_sub.add_parser("migrate", help="apply every pending ledger migration (idempotent)")
@@ -32,12 +17,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from spendstream.analytics.commands import register_ledger_commands
 
     register_ledger_commands(ledger_sub)
-
-
-def run_sink(args: argparse.Namespace, settings: Settings) -> int:
-    from spendstream.runtime.ledger_process import run_ledger_process
-
-    return run_ledger_process(settings, with_audit=not args.no_audit, with_api=args.with_api)
 
 
 def run_migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,114 @@
+"""Every named report, in one registry: ``spendstream report KIND`` and ``GET /v1/reports/{kind}`` both read it.
+
+Adding a report is one function in ``reports.py`` and one ``ReportSpec`` here: the CLI's choices, the API's
+route and its 404 list follow. ``build_report`` also range-checks the parameters both front ends pass, so a
+day the ledger cannot answer for is refused with the parameter's name, whichever way it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from spendstream.analytics import reports
+from spendstream.analytics.money import local_date
+from spendstream.analytics.report_model import Report
+from spendstream.core.config import Settings
+
+# The days a report may name: wide enough for any real ledger, narrow enough that every period
+# around them (weeks back, the next month) stays inside Python's dates and ClickHouse's DateTime64.
+FIRST_REPORT_DAY = date(1970, 1, 1)
+LAST_REPORT_DAY = date(2199, 12, 31)
+MAX_REPORT_COUNT = 1000  # weeks of the weekly report, rows of top
+
+
+class ReportRangeError(ValueError):
+    """A report parameter outside the range the ledger can answer for; names the parameter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def report_day_problem(day: date, monthly: bool = False) -> str | None:
+    """Why ``day`` cannot be a report parameter, or None."""
+    if FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
+        return None
+    if monthly:
+        return f"must be between {FIRST_REPORT_DAY:%Y-%m} and {LAST_REPORT_DAY:%Y-%m}, got {day.isoformat()[:7]}"
+    return f"must be between {FIRST_REPORT_DAY} and {LAST_REPORT_DAY}, got {day}"
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """What a report may be asked for, with the defaults filled in (the CLI flags or the API's query)."""
+
+    ledger: reports.Ledger
+    options: Mapping[str, Any]
+    today: date  # in the budget timezone
+    now: datetime
+
+    @property
+    def month(self) -> date:
+        return self.options.get("month") or self.today
+
+    @property
+    def start(self) -> date:
+        return self.options.get("start") or self.today.replace(day=1)
+
+    @property
+    def end(self) -> date:
+        return self.options.get("end") or self.today
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    name: str
+    build: Callable[[ReportRequest], Report]
+
+
+def _weekly(r: ReportRequest) -> Report:
+    return reports.weekly(r.ledger, r.options.get("as_of") or r.today, r.options.get("weeks") or 4)
+
+
+def _top(r: ReportRequest) -> Report:
+    return reports.top(r.ledger, r.options.get("by") or "feature", r.start, r.end, r.options.get("limit") or 10)
+
+
+REPORTS: dict[str, ReportSpec] = {
+    spec.name: spec
+    for spec in (
+        ReportSpec("weekly", _weekly),
+        ReportSpec("chargeback", lambda r: reports.chargeback(r.ledger, r.month)),
+        ReportSpec("forecast", lambda r: reports.forecast(r.ledger, r.now)),
+        ReportSpec("top", _top),
+        ReportSpec("mix", lambda r: reports.model_mix(r.ledger, r.start, r.end)),
+        ReportSpec("latency", lambda r: reports.latency(r.ledger, r.start, r.end)),
+        ReportSpec("savings", lambda r: reports.savings(r.ledger, r.month)),
+    )
+}
+
+
+def check_report_options(options: Mapping[str, Any]) -> None:
+    """Refuse a day or count outside what the ledger can answer for, naming the parameter."""
+    for key in ("month", "as_of", "start", "end"):
+        day = options.get(key)
+        problem = day and report_day_problem(day, monthly=key == "month")
+        if problem:
+            raise ReportRangeError(key, f"{key} {problem}")
+    for key in ("weeks", "limit"):
+        count = options.get(key)
+        if count is not None and not 0 < count <= MAX_REPORT_COUNT:
+            raise ReportRangeError(key, f"{key} must be between 1 and {MAX_REPORT_COUNT}, got {count}")
+
+
+def build_report(kind: str, client: Any, settings: Settings, options: Mapping[str, Any], now: datetime) -> Report:
+    """One report by name; ``options`` are the CLI flags or the API's query parameters."""
+    check_report_options(options)
+    spec = REPORTS.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown report {kind!r}; expected one of {', '.join(REPORTS)}")
+    ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
+    return spec.build(ReportRequest(ledger, options, local_date(now, settings.timezone), now))

@@ -1,0 +1,55 @@
+"""Adding a report is one registry entry: the CLI and the API both offer it, with no other file changed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from spendstream.analytics.report_model import Column, Report
+from spendstream.analytics.report_registry import REPORTS, ReportRequest, ReportSpec
+from spendstream.api.app import create_app
+from spendstream.cli import main
+from spendstream.core.config import load_settings
+from spendstream.core.ledger_store import connect
+
+
+def _teams(request: ReportRequest) -> Report:
+    rows = request.ledger.rows("SELECT team, count() FROM {db}.usage_ledger FINAL GROUP BY team ORDER BY team")
+    return Report("teams", "Events per team", [Column("team", "team"), Column("events", "events", "int")],
+                  [{"team": team, "events": n} for team, n in rows])  # fmt: skip
+
+
+def test_a_report_registered_once_is_served_by_the_cli_and_the_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPENDSTREAM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SPENDSTREAM_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setitem(REPORTS, "teams", ReportSpec("teams", _teams))
+    insert = (
+        "INSERT INTO spendstream.usage_ledger (event_id, occurred_at, team, provider, model_requested, cost_nanos) "
+        "VALUES (generateUUIDv4(), now(), 'search', 'openai', 'gpt-4o', 5)"
+    )
+    assert main(["sql", "--write", insert]) == 0
+    capsys.readouterr()
+    assert main(["report", "teams", "--format", "json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    assert from_cli["rows"] == [{"team": "search", "events": 1}]
+
+    settings = load_settings()
+    client = connect(settings)
+
+    async def ask() -> tuple[int, Any]:
+        async with TestClient(TestServer(create_app(settings, client))) as http:
+            response = await http.get("/v1/reports/teams", headers={"Authorization": "Bearer s3cret"})
+            return response.status, await response.json()
+
+    try:
+        status, from_api = asyncio.run(ask())
+    finally:
+        client.close()
+    assert status == 200 and from_api["rows"] == from_cli["rows"]
