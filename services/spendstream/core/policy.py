@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from spendstream.core.matching import is_template
+from spendstream.core.notification_policy import Notifications
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
 from spendstream.core.routing_policy import RoutingPolicy
 
@@ -261,6 +262,7 @@ class Policy(_Model):
     spike_rules: list[SpikeRule] = Field(default_factory=list)
     pricing: Pricing = Field(default_factory=Pricing)
     routing: RoutingPolicy | None = None
+    notifications: Notifications | None = None  # owners, channels, scheduled reports (notifier)
 
     _version: str = PrivateAttr("")
 
@@ -315,7 +317,10 @@ class Policy(_Model):
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, Decimals as strings, money in nanos): hashed for ``version``."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        document = self.model_dump(mode="json")
+        if document.get("notifications") is None:
+            document.pop("notifications", None)  # a policy without the section keeps the version it always had
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def summary(self) -> str:
         lines = [f"policy {self.name} version {self.version} (timezone {self.timezone})"]

@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also serve the API and dashboard from this process (needed with an embedded chDB ledger, "
         "which one process owns)",
     )
+    sink.add_argument(
+        "--with-notifier",
+        action="store_true",
+        help="also run the notifier in this process (as `spendstream dev` does with an embedded ledger)",
+    )
     sink.add_argument("--no-audit", action="store_true", help="do not write decisions and alerts to the ledger")
     sink.set_defaults(handler=run_sink)
 
@@ -37,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_sink(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.runtime.ledger_process import run_ledger_process
 
-    return run_ledger_process(settings, with_audit=not args.no_audit, with_api=args.with_api)
+    return run_ledger_process(
+        settings, with_audit=not args.no_audit, with_api=args.with_api, with_notifier=args.with_notifier
+    )
 
 
 def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
