@@ -21,7 +21,7 @@ from datetime import date, datetime, time, timedelta, tzinfo
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -213,41 +213,75 @@ class Notifications(_Model):
                 raise ValueError(f"{name!r}: names are letters, digits, '_', '.', '-'")
         return value
 
+    # Each reference is checked on the field that makes it (earlier fields are in ``info.data``, absent when they
+    # failed themselves), so an error names that field and its line, and one mistake is reported once.
+
+    @field_validator("channels")
+    @classmethod
+    def _email_needs_smtp(cls, value: dict[str, Channel], info: ValidationInfo) -> dict[str, Channel]:
+        email = sorted(name for name, channel in value.items() if channel.kind == "email")
+        if email and info.data.get("smtp") is None:
+            raise ValueError(f"e-mail channels ({', '.join(email)}) need an smtp relay (notifications.smtp)")
+        return value
+
+    @field_validator("people")
+    @classmethod
+    def _people_channels(cls, value: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
+        if "channels" not in info.data:
+            return value  # the channels themselves are wrong; that is the error to show
+        channels = info.data["channels"]
+        _refuse(
+            [f"{person}: unknown channel {n!r}" for person, names in value.items() for n in names if n not in channels]
+        )
+        return value
+
     @field_validator("scopes")
     @classmethod
-    def _scopes(cls, value: dict[str, ScopeContacts]) -> dict[str, ScopeContacts]:
+    def _scope_contacts(cls, value: dict[str, ScopeContacts], info: ValidationInfo) -> dict[str, ScopeContacts]:
         from spendstream.core.policy import check_scope
 
         for scope in value:
             check_scope(scope)
+        if "people" not in info.data or "channels" not in info.data:
+            return value
+        people, channels = info.data["people"], info.data["channels"]
+        problems = []
+        for scope, contacts in value.items():
+            problems += [f"{scope}.owners: unknown person {p!r}" for p in contacts.owners if p not in people]
+            problems += [f"{scope}.channels: unknown channel {n!r}" for n in contacts.channels if n not in channels]
+        _refuse(problems)
         return value
 
-    @model_validator(mode="after")
-    def _references(self) -> Notifications:
-        problems = []
-        for person, names in self.people.items():
-            problems += [f"people.{person}: unknown channel {n!r}" for n in names if n not in self.channels]
-        for scope, contacts in self.scopes.items():
-            unknown = [p for p in contacts.owners if p not in self.people]
-            problems += [f"scopes.{scope}.owners: unknown person {p!r}" for p in unknown]
-            problems += [
-                f"scopes.{scope}.channels: unknown channel {n!r}" for n in contacts.channels if n not in self.channels
-            ]
-        for kind, route in self.kinds.items():
-            problems += [f"kinds.{kind}.escalate: unknown person {p!r}" for p in route.escalate if p not in self.people]
-        for i, schedule in enumerate(self.reports):
-            problems += [f"reports.{i}.to: unknown person {p!r}" for p in schedule.to if p not in self.people]
-        if self.smtp is None and any(c.kind == "email" for c in self.channels.values()):
-            problems.append("smtp: e-mail channels need an smtp relay")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @field_validator("kinds")
+    @classmethod
+    def _escalation(cls, value: dict[NotificationKind, KindRoute], info: ValidationInfo) -> dict:
+        if "people" not in info.data:
+            return value
+        people = info.data["people"]
+        _refuse(
+            [f"{k}.escalate: unknown person {p!r}" for k, r in value.items() for p in r.escalate if p not in people]
+        )
+        return value
+
+    @field_validator("reports")
+    @classmethod
+    def _report_people(cls, value: list[ReportSchedule], info: ValidationInfo) -> list[ReportSchedule]:
+        if "people" not in info.data:
+            return value
+        people = info.data["people"]
+        _refuse([f"{i}.to: unknown person {p!r}" for i, r in enumerate(value) for p in r.to if p not in people])
+        return value
 
     def route(self, kind: NotificationKind) -> KindRoute:
         return self.kinds.get(kind) or _DEFAULT_ROUTE
 
 
 _DEFAULT_ROUTE = KindRoute()
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)
