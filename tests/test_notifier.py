@@ -367,3 +367,86 @@ def test_scheduled_reports_arrive_once_with_their_csv_across_restarts(
     assert (
         csv.get_filename() == "chargeback-2026-03.csv" and "marketing,8000.000000000,120.000000005" in csv.get_content()
     )
+
+
+def test_reference_scenario_owner_alert_and_emergency_stop_escalation(
+    settings: Settings, receivers: tuple[HttpReceiver, MailReceiver], tmp_path: Path
+) -> None:
+    """With the reference policy and a real processor: marketing crossing 80 % reaches its owner once; an
+    emergency stop of a non-critical feature reaches the CFO and the VP Engineering at once."""
+    _, mail = receivers
+    reference = (ROOT / "infra/policy/default.yaml").read_text()
+    assert "port: 1025" in reference
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(reference.replace("port: 1025", f"port: {mail.port}"))
+    env = {
+        **os.environ,
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SPENDSTREAM_DATA_DIR": str(tmp_path / "processor"),
+        "SPENDSTREAM_POLICY": str(policy_path),
+        "PYTHONPATH": str(ROOT / "services"),
+    }
+    log = (tmp_path / "processor.log").open("ab")
+    processor = subprocess.Popen(
+        [sys.executable, "-m", "spendstream.cli", "processor", "--allowed-lateness-s", "400000"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = connect(settings)
+    migrate(client, settings)
+    notifier = Notifier(settings, client, env={})  # follows the policy the processor seeds on spendstream.policy
+    halt = threading.Event()
+    thread = threading.Thread(target=notifier.run, args=(halt,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: notifier.policy is not None and notifier.ready.is_set(), what="the policy in force")
+        now = datetime.now(UTC)
+        events = [
+            _usage(team="marketing", feature="", cost=3_200 * B, at=now),
+            _usage(team="marketing", feature="", cost=3_200 * B, at=now),  # $6,400 of $8,000: 80 %
+            *[_usage(team="engineering", feature="ai_code_review", cost=20 * B, at=now - timedelta(days=d))
+              for d in (3, 2, 1)],
+            _usage(team="engineering", feature="ai_code_review", cost=100 * B, at=now),  # 5x the daily average
+        ]  # fmt: skip
+        _produce_usage(settings, events)
+        wait_for(lambda: _subjects(mail, "cfo@") and _subjects(mail, "vp-engineering@"), 120, "the emergency stop")
+        wait_for(lambda: _subjects(mail, "marketing-lead@"), 60, "the marketing alert")
+        rows = client.query(
+            "SELECT kind, scope, channel FROM spendstream.notifications FINAL WHERE status = 'sent'"
+        ).result_rows
+    finally:
+        halt.set()
+        thread.join(30)
+        client.close()
+        processor.terminate()
+        processor.wait(30)
+        log.close()
+    stop = "[spendstream] EMERGENCY STOP: feature:ai_code_review"
+    assert stop in _subjects(mail, "cfo@") and stop in _subjects(mail, "vp-engineering@")
+    (cfo_stop,) = [m for m in mail.to("cfo@acme.example") if m["Subject"] == stop]
+    assert "Edges now: the feature's requests are refused" in cfo_stop.get_content()
+    marketing = [m for m in mail.to("marketing-lead@acme.example") if "budget threshold" in m["Subject"]]
+    assert len(marketing) == 1 and "Spend: $6,400.00 of a $8,000.00 limit (80.0%)" in marketing[0].get_content()
+    assert [(k, c) for k, s, c in rows if k == "threshold" and s == "team:marketing"] == [
+        ("threshold", "marketing-mail")
+    ]
+    assert not any("team:marketing" in s for s in _subjects(mail, "cfo@"))
+
+
+def _usage(team: str, feature: str, cost: int, at: datetime) -> Any:
+    from spendstream.core.events import UsageEvent
+
+    return UsageEvent(org="acme", team=team, feature=feature, provider="openai", model_requested="gpt-4o-mini",
+                      input_tokens=10, output_tokens=5, cost_nanos=cost, occurred_at=at)  # fmt: skip
+
+
+def _produce_usage(settings: Settings, events: list[Any]) -> None:
+    codec = AvroCodec("usage_event")
+    producer = Producer(settings.kafka_client_config())
+    for event in events:
+        producer.produce(topics.USAGE, codec.encode(event.to_avro()), key=f"{event.org}/{event.team}".encode(),
+                         timestamp=int(event.occurred_at.timestamp() * 1000))  # fmt: skip
+    assert producer.flush(10) == 0
+
+
+def _subjects(mail: MailReceiver, prefix: str) -> list[str]:
+    return [str(m["Subject"]) for m in mail.mails if str(m["To"]).startswith(prefix)]
