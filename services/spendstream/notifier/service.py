@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -90,6 +91,7 @@ class Notifier:
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._in_flight: set[str] = set()
+        self._states: asyncio.Queue[Delivery] = asyncio.Queue()  # delivery states on their way to the ledger
         self._session: aiohttp.ClientSession | None = None
         self._mail_executors: dict[str, ThreadPoolExecutor] = {}
         self._codecs = {
@@ -158,7 +160,11 @@ class Notifier:
             for delivery in await asyncio.to_thread(self.store.unfinished):
                 self._enqueue(delivery)
             consumer_thread.start()
-            background = [asyncio.create_task(self._schedules(stop)), asyncio.create_task(self._watch_pipeline(stop))]
+            background = [
+                asyncio.create_task(self._schedules(stop)),
+                asyncio.create_task(self._watch_pipeline(stop)),
+                asyncio.create_task(self._write_states()),
+            ]
             while not stop.is_set():
                 await asyncio.sleep(0.1)
             for task in background:
@@ -168,6 +174,7 @@ class Notifier:
             for task in self._workers:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+            await asyncio.to_thread(self.store.write, self._drain_states())
             await self._session.close()
             for executor in self._mail_executors.values():
                 executor.shutdown(wait=False, cancel_futures=True)
@@ -318,12 +325,25 @@ class Notifier:
             self.counts["dead_letters"] += 1
             log.warning("notification %s to %s is a dead letter after %d attempts: %s",
                         delivery.notification_id, delivery.channel, delivery.attempts, error)  # fmt: skip
-        await asyncio.to_thread(self.store.write, [delivery], self.clock())
+        self._states.put_nowait(replace(delivery))
         if delivery.status == "failed" and delivery.next_attempt_at is not None:
             wait = (delivery.next_attempt_at - now).total_seconds()
             asyncio.get_running_loop().call_later(wait, self._queue_for(delivery.channel).put_nowait, delivery)
         else:
             self._in_flight.discard(delivery.notification_id)
+
+    async def _write_states(self) -> None:
+        """Write delivery states in batches (one insert for whatever accumulated during the previous one): a
+        state lost in a crash only means the row is still pending, and a restart delivers it again."""
+        while True:
+            first = await self._states.get()
+            await asyncio.to_thread(self.store.write, [first, *self._drain_states()], self.clock())
+
+    def _drain_states(self) -> list[Delivery]:
+        batch = []
+        while not self._states.empty():
+            batch.append(self._states.get_nowait())
+        return batch
 
     def _mail_executor(self, channel: str) -> ThreadPoolExecutor:
         """A thread per e-mail channel: a hanging SMTP server holds only its own channel's thread."""
