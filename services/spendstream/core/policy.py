@@ -339,6 +339,12 @@ class Policy(_Model):
         for scope, models in self.allowed_models.items():
             lines.append(f"allowed models for {scope}: {', '.join(models)}")
         lines.append(f"price overrides: {len(self.pricing.overrides)}; unknown models: {self.pricing.unknown_model}")
+        if self.notifications is not None:
+            n = self.notifications
+            lines.append(
+                f"notifications: {len(n.channels)} channels, {len(n.people)} people, {len(n.scopes)} owned scopes, "
+                f"{len(n.reports)} scheduled reports"
+            )
         return "\n".join(lines)
 
     # -- lookups ------------------------------------------------------------------------------------------------
