@@ -101,12 +101,16 @@ def main() -> None:
             print(f"alert -> delivered webhook: p50 {cuts[49]:.1f} ms, p99 {cuts[98]:.1f} ms ({args.samples} alerts)")
 
             # 2. throughput, a burst
-            before = len(fast.accepted)
+            before, recorded = len(fast.accepted), notifier.counts["recorded"] + args.burst
             start = time.monotonic()
+            failures: list[str] = []
             for _ in range(args.burst):
-                producer.produce(topics.ALERTS, codec.encode(alert("team:bench").to_avro()), key=b"team:bench")
-            producer.flush(30)
-            recorded = notifier.counts["recorded"] + args.burst
+                value = codec.encode(alert("team:bench").to_avro())
+                producer.produce(
+                    topics.ALERTS, value, key=b"team:bench", on_delivery=lambda e, _m: e and failures.append(str(e))
+                )
+                producer.poll(0)
+            assert producer.flush(30) == 0 and not failures, failures[:3]
             wait_for(lambda: notifier.counts["recorded"] >= recorded, timeout=600, what="the burst recorded")
             recorded_s = time.monotonic() - start
             wait_for(lambda: len(fast.accepted) >= before + args.burst, timeout=600, what="the burst")

@@ -30,7 +30,7 @@ from spendstream.analytics.budgets import load_budgets
 from spendstream.core import topics
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
-from spendstream.core.events import Action, Alert, AlertKind, Decision, Severity
+from spendstream.core.events import Action, Alert, AlertKind, Decision, Heartbeat, Severity
 from spendstream.core.ledger_store import connect, migrate
 from spendstream.core.policy import Policy, parse_policy
 from spendstream.notifier.service import Notifier
@@ -450,3 +450,26 @@ def _produce_usage(settings: Settings, events: list[Any]) -> None:
 
 def _subjects(mail: MailReceiver, prefix: str) -> list[str]:
     return [str(m["Subject"]) for m in mail.mails if str(m["To"]).startswith(prefix)]
+
+
+def test_processor_silence_is_a_pipeline_unhealthy_notification_once(
+    settings: Settings, receivers: tuple[HttpReceiver, MailReceiver]
+) -> None:
+    http, mail = receivers
+    extra = "  kinds: {pipeline_unhealthy: {owners: false, escalate: [cfo]}}"
+    text = policy_yaml(http, mail).replace("  retry:", extra + "\n  retry:")
+    policy = parse_policy(text, "notify.yaml")
+    last = datetime.now(UTC) - timedelta(minutes=5)
+    beat = Heartbeat(worker="spendstream-processor@host", policy_version=policy.version, interval_s=1.0, issued_at=last)
+    producer = Producer(settings.kafka_client_config())
+    producer.produce(topics.ENFORCEMENT, AvroCodec("heartbeat").encode(beat.to_avro()), key=b"heartbeat:p@host")
+    assert producer.flush(10) == 0
+    running = Running(settings, policy, env_for(http))
+    try:
+        wait_for(lambda: mail.to("cfo@acme.example"), what="the pipeline alarm")
+        assert running.notifier.pipeline_alarm() == []  # the same silence is reported once
+    finally:
+        running.stop()
+    (alarm,) = mail.to("cfo@acme.example")
+    assert alarm["Subject"] == "[spendstream] pipeline unhealthy: no processor heartbeat"
+    assert "last from spendstream-processor@host" in alarm.get_content()

@@ -194,6 +194,7 @@ class Notifier:
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": 6_000,
                 "heartbeat.interval.ms": 1_000,
+                "fetch.wait.max.ms": 50,  # an alert is news: do not let the broker hold a fetch for 500 ms
             }
         )
         consumer.subscribe(
@@ -201,7 +202,8 @@ class Notifier:
         )  # fmt: skip
         try:
             while not stop.is_set():
-                messages = consumer.consume(500, 0.2)
+                first = consumer.poll(0.2)  # consume(n, t) would wait out t for n: latency, not throughput
+                messages = [first, *consumer.consume(499, 0)] if first is not None else []
                 records = [m for m in messages if m.error() is None]
                 for m in messages:
                     error = m.error()
@@ -209,7 +211,9 @@ class Notifier:
                         log.warning("notifier consumer: %s", error)
                 if not records:
                     continue
-                fresh = self.store.record_new(self._handle(records), self.clock())
+                fresh = self._record_until_done(self._handle(records), stop)
+                if fresh is None:
+                    return  # stopping before the ledger took them: not committed, read again at the next start
                 consumer.commit(asynchronous=False)
                 self.counts["recorded"] += len(fresh)
                 for delivery in fresh:
@@ -219,6 +223,18 @@ class Notifier:
             raise
         finally:
             consumer.close()
+
+    def _record_until_done(self, deliveries: list[Delivery], stop: threading.Event) -> list[Delivery] | None:
+        """Record the deliveries, retrying while the ledger is unreachable (the offsets wait for it)."""
+        while not stop.is_set():
+            try:
+                return self.store.record_new(deliveries, self.clock())
+            except Exception as exc:  # the ledger's client raises its own error types
+                log.warning(
+                    "notifier: cannot record %d notifications in the ledger (retrying): %s", len(deliveries), exc
+                )
+                stop.wait(1.0)
+        return None
 
     def _handle(self, records: list[Message]) -> list[Delivery]:
         """Decisions and heartbeats update what the notifier knows; alerts become deliveries."""
