@@ -473,3 +473,20 @@ def test_processor_silence_is_a_pipeline_unhealthy_notification_once(
     (alarm,) = mail.to("cfo@acme.example")
     assert alarm["Subject"] == "[spendstream] pipeline unhealthy: no processor heartbeat"
     assert "last from spendstream-processor@host" in alarm.get_content()
+
+
+def test_notifier_refuses_to_start_without_a_secret_the_policy_names(tmp_path: Path) -> None:
+    reference = (ROOT / "infra/policy/default.yaml").read_text()
+    slack = "    marketing-slack: {kind: slack, url_env: SLACK_MARKETING_URL}\n"
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(reference.replace("  people:\n", slack + "  people:\n", 1))
+    env = {k: v for k, v in os.environ.items() if k != "SLACK_MARKETING_URL"}
+    env.update({"SPENDSTREAM_POLICY": str(policy_path), "SPENDSTREAM_DATA_DIR": str(tmp_path / "data"),
+                "PYTHONPATH": str(ROOT / "services")})  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "spendstream.cli", "notifier"], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "notifications.channels.marketing-slack.url_env: environment variable SLACK_MARKETING_URL is not set" in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr
