@@ -155,7 +155,8 @@ class Notifier:
             ).start()
             await asyncio.to_thread(follower.wait_ready, 30)
         self._session = aiohttp.ClientSession()
-        consumer_thread = threading.Thread(target=self._consume, args=(stop,), name="notifier-consumer", daemon=True)
+        halt = threading.Event()  # this notifier's own: ``stop`` may be shared with the other services of a process
+        consumer_thread = threading.Thread(target=self._consume, args=(halt,), name="notifier-consumer", daemon=True)
         try:
             for delivery in await asyncio.to_thread(self.store.unfinished):
                 self._enqueue(delivery)
@@ -170,7 +171,7 @@ class Notifier:
             for task in background:
                 task.cancel()
         finally:
-            stop.set()
+            halt.set()
             for task in self._workers:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
