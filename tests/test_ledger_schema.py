@@ -74,3 +74,13 @@ def test_cluster_ledger_ddl_has_the_same_columns_as_the_local_ddl() -> None:
     local = (ROOT / "schemas/clickhouse/0001_usage_ledger.sql").read_text()
     cluster = (ROOT / "infra/clickhouse/cluster/0001_usage_ledger.sql").read_text()
     assert _ddl_columns(cluster, "usage_ledger_local") == _ddl_columns(local, "usage_ledger")
+
+
+def test_notifications_table_agrees_with_the_notifier_and_the_cluster_ddl(ledger: Any) -> None:
+    from spendstream.notifier.store import COLUMNS
+
+    described = [name for name, *_ in ledger.query("DESCRIBE TABLE spendstream.notifications").result_rows]
+    assert described == COLUMNS
+    local = (ROOT / "schemas/clickhouse/0015_notifications.sql").read_text()
+    cluster = (ROOT / "infra/clickhouse/cluster/0005_notifications.sql").read_text()
+    assert _ddl_columns(cluster, "notifications_local") == _ddl_columns(local, "notifications")

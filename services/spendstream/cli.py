@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "spendstream.api.commands",  # api
     "spendstream.analytics.commands",  # report, sql
     "spendstream.analytics.export_commands",  # export
+    "spendstream.notifier.commands",  # notifier, notifications
 )
 
 

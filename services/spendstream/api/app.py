@@ -50,6 +50,7 @@ from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, usage_
 from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
 from spendstream.gateway.keys import hash_key
+from spendstream.notifier.store import list_notifications
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 OTLP_PATH = "/v1/traces"
@@ -444,12 +445,29 @@ def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
         decisions=reports.active_decisions(ledger, now),
         alerts=reports.recent_alerts(ledger, 15),
         policy_version=reports.budgets_policy_version(ledger, today),
+        notifications=list_notifications(client, settings.clickhouse_database, 10),
     )
 
 
 async def get_dashboard(request: web.Request) -> web.Response:
     html = await _ledger_call(request, dashboard_html, request.app[LEDGER], request.app[SETTINGS], datetime.now(UTC))
     return web.Response(text=html, content_type="text/html")
+
+
+async def get_notifications(request: web.Request) -> web.Response:
+    """``GET /v1/notifications?status=&limit=``: newest first, with delivery state (never a secret: none is stored)."""
+    status = request.query.get("status") or None
+    try:
+        limit = _int_param(request.query, "limit") or 50
+        rows = await _ledger_call(
+            request, list_notifications, request.app[LEDGER], request.app[SETTINGS].clickhouse_database, limit, status
+        )  # fmt: skip
+    except BadRequest as exc:
+        return _error(400, "bad query parameter", problems=exc.problems)
+    except ValueError as exc:
+        return _error(400, "bad query parameter", problems=[{"index": None, "field": "status", "message": str(exc)}])
+    plain = [{k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()} for row in rows]
+    return web.json_response({"notifications": plain})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -626,6 +644,7 @@ def create_app(
     app.router.add_get(SPEND_WINDOWS_PATH, get_spend_windows)
 
     app.router.add_get("/v1/exports/focus", get_focus_export)
+    app.router.add_get("/v1/notifications", get_notifications)
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)

@@ -199,6 +199,9 @@ th{color:#475569} .empty{color:#64748b;font-style:italic}
 """
 
 
+NOTIFICATION_HEADERS = ["When", "Kind", "Scope", "Channel", "For", "Status", "Attempts", "Last error"]
+
+
 def render_page(
     *,
     now: datetime,
@@ -210,6 +213,7 @@ def render_page(
     decisions: list[dict[str, Any]],
     alerts: list[dict[str, Any]],
     policy_version: str = "",
+    notifications: list[dict[str, Any]] | None = None,
 ) -> str:
     totals = chargeback.totals or {}
     ftotals = forecast.totals or {}
@@ -232,6 +236,11 @@ def render_page(
         for d in decisions
     ]  # fmt: skip
     alert_rows = [[_when(a["occurred_at"]), a["severity"], a["scope"], a["message"]] for a in alerts]
+    notification_rows = [
+        [_when(n["created_at"]), n["kind"], n["scope"], n["channel"], ", ".join(n["audience"]), n["status"],
+         str(n["attempts"]), n["last_error"]]
+        for n in notifications or []
+    ]  # fmt: skip
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>spendstream · LLM spend</title>
 <meta http-equiv="refresh" content="60"><style>{STYLE}</style></head>
@@ -250,5 +259,7 @@ policy <span id="policy-version">{escape(policy_version) or "none loaded"}</span
 {_table(DECISION_HEADERS, decision_rows, "No restrictions in force.")}
 </section>
 <section><h2>Recent alerts</h2>{_table(["When", "Severity", "Scope", "Message"], alert_rows, "No alerts.")}</section>
+<section><h2>Notifications</h2>
+{_table(NOTIFICATION_HEADERS, notification_rows, "No notifications sent.")}</section>
 </main></body></html>
 """

@@ -47,6 +47,7 @@ from pydantic_core import PydanticCustomError
 
 from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.matching import is_template
+from spendstream.core.notification_policy import Notifications
 from spendstream.core.otlp_attribution import OtlpAttribution
 from spendstream.core.periods import budget_period_names
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
@@ -257,6 +258,9 @@ class Pricing(_Model):
         return PriceTable(rows, self.unknown_model, default)
 
 
+OPTIONAL_SECTIONS = ("otlp", "notifications")  # sections added after policies were first versioned
+
+
 class Policy(_Model):
     """The whole policy; build it with ``parse_policy`` / ``load_policy`` to get file/line error messages."""
 
@@ -276,6 +280,7 @@ class Policy(_Model):
     pricing: Pricing = Field(default_factory=Pricing)
     routing: RoutingPolicy | None = None
     otlp: OtlpAttribution | None = None  # None: the defaults of core/otlp_attribution.py
+    notifications: Notifications | None = None  # owners, channels, scheduled reports (notifier)
 
     _version: str = PrivateAttr("")
 
@@ -330,7 +335,8 @@ class Policy(_Model):
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, Decimals as strings, money in nanos): hashed for ``version``."""
-        unset = {"otlp"} if self.otlp is None else None  # a policy without the section keeps its version
+        # A section a policy leaves out keeps the version the policy had before the section existed.
+        unset = {name for name in OPTIONAL_SECTIONS if getattr(self, name) is None}
         return json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
 
     def summary(self) -> str:
@@ -350,6 +356,12 @@ class Policy(_Model):
         for scope, models in self.allowed_models.items():
             lines.append(f"allowed models for {scope}: {', '.join(models)}")
         lines.append(f"price overrides: {len(self.pricing.overrides)}; unknown models: {self.pricing.unknown_model}")
+        if self.notifications is not None:
+            n = self.notifications
+            lines.append(
+                f"notifications: {len(n.channels)} channels, {len(n.people)} people, {len(n.scopes)} owned scopes, "
+                f"{len(n.reports)} scheduled reports"
+            )
         return "\n".join(lines)
 
     # -- lookups ------------------------------------------------------------------------------------------------

@@ -67,15 +67,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also serve the API and dashboard from this process (needed with an embedded chDB ledger, "
         "which one process owns)",
     )
+    sink.add_argument(
+        "--with-notifier",
+        action="store_true",
+        help="also run the notifier in this process (as `spendstream dev` does with an embedded ledger)",
+    )
     sink.add_argument("--no-audit", action="store_true", help="do not write decisions and alerts to the ledger")
     sink.set_defaults(handler=run_sink)
 
 
 def run_sink(args: argparse.Namespace, settings: Settings) -> int:
-    """The ledger process: the sink, the audit sink and optionally the API on one ledger client."""
+    """The ledger process: the sink, the audit sink and optionally the API and the notifier on one ledger client."""
     from spendstream.runtime.ledger_process import run_ledger_process
 
-    return run_ledger_process(settings, with_audit=not args.no_audit, with_api=args.with_api)
+    return run_ledger_process(
+        settings, with_audit=not args.no_audit, with_api=args.with_api, with_notifier=args.with_notifier
+    )
 
 
 def run_broker(args: argparse.Namespace, settings: Settings) -> int:

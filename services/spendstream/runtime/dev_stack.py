@@ -2,7 +2,7 @@
 
 The broker runs in this process's care; every service is a child process of the same
 ``spendstream`` command, configured only through ``SPENDSTREAM_*`` variables, exactly as in
-production. The embedded chDB ledger is owned by one process, so the sink also serves the API.
+production. The embedded chDB ledger is owned by one process, so the sink also serves the API and runs the notifier.
 
 Shutdown order is what keeps "nothing lost" true with a memory-only broker: stop the gateway
 (its Emitter flushes), wait until the sink has committed everything on the usage topic, then
@@ -183,7 +183,12 @@ class DevStack:
         metrics_host = self.settings.metrics_host
         sink_metrics, processor_metrics = free_port(), free_port()
         self.services = [
-            Service("sink", ["sink", "--with-api"], f"{api}/healthz", {"SPENDSTREAM_METRICS_PORT": str(sink_metrics)}),
+            Service(
+                "sink",
+                ["sink", "--with-api", "--with-notifier"],
+                f"{api}/healthz",
+                {"SPENDSTREAM_METRICS_PORT": str(sink_metrics)},
+            ),
             Service(
                 "processor",
                 ["processor"],
@@ -203,6 +208,7 @@ class DevStack:
         self.say(f"ledger     {self.settings.ledger_dsn} (database {self.settings.clickhouse_database})")
         self.say("processor  running (spend windows; decisions on spendstream.enforcement)")
         self.say(f"api        {api}/  (dashboard; POST /v1/usage; GET /v1/reports/weekly)")
+        self.say("notifier   alerts and reports to the policy's owners (`spendstream notifications list`)")
         self.say(f"dashboard  {api}/?token={self.api_tokens['viewer']}")
         self.say(f"api tokens ingest {self.api_tokens['ingest']}  viewer {self.api_tokens['viewer']}  (Bearer ...)")
         if self.with_gateway:

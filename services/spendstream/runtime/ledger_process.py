@@ -1,4 +1,4 @@
-"""One process that owns the ledger: usage sink, audit sink and, when asked, the API beside them.
+"""One process that owns the ledger: usage sink, audit sink and, when asked, the API and the notifier beside them.
 
 An embedded chDB ledger can be opened by one process only, so the embedded runtime runs every
 ledger reader and writer here on one shared client (chDB serves concurrent calls from threads).
@@ -15,9 +15,11 @@ from spendstream.core.config import Settings
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable
 
 
-def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api: bool = False) -> int:
+def run_ledger_process(
+    settings: Settings, *, with_audit: bool = True, with_api: bool = False, with_notifier: bool = False
+) -> int:
     """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads: the
-    ledger's budgets from the policy in force, the audit sink, the API.
+    ledger's budgets from the policy in force, the audit sink, the API, the notifier.
 
     With ``metrics_port`` set, ``/metrics`` is served there; with it or the API, the sink group's lag is sampled.
     """
@@ -50,6 +52,10 @@ def run_ledger_process(settings: Settings, *, with_audit: bool = True, with_api:
         workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
     if with_api:
         workers.append(threading.Thread(target=_serve_api, args=(settings, client, stop), name="api"))
+    if with_notifier:
+        from spendstream.notifier.service import Notifier
+
+        workers.append(threading.Thread(target=Notifier(settings, client).run, args=(stop,), name="notifier"))
     for worker in workers:
         worker.start()
     try:

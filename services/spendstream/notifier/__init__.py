@@ -1,0 +1,1 @@
+"""The notifier: alerts, decisions and scheduled reports delivered to the people who own the spend."""
