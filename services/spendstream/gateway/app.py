@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -400,6 +401,7 @@ class Gateway:
             "upstream_failures": dict(self.upstreams.failures),
             "upstream_failovers": self.upstreams.failovers,
             "requests": dict(self.counts),
+            "pid": os.getpid(),  # with several gateway workers on the port: which one answered
         }
         return web.json_response(body)
 

@@ -17,6 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gateway.add_argument("--config", help="gateway YAML/JSON (default: $SPENDSTREAM_GATEWAY_CONFIG)")
     gateway.add_argument("--host", help="listen address (default: $SPENDSTREAM_GATEWAY_HOST)")
     gateway.add_argument("--port", type=int, help="listen port (default: $SPENDSTREAM_GATEWAY_PORT)")
+    gateway.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes on the port, 0: one per CPU (default: $SPENDSTREAM_GATEWAY_WORKERS, 1)",
+    )
+    gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on each worker
     gateway.set_defaults(handler=run_gateway)
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
     keygen = actions.add_parser(
@@ -44,8 +50,16 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy import load_policy
     from spendstream.gateway.app import Gateway
     from spendstream.gateway.config import load_gateway_config
+    from spendstream.gateway.workers import workers_wanted
 
     config = load_gateway_config(args.config)
+    host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
+    workers = args.workers if args.workers is not None else settings.gateway_workers
+    if workers < 0:
+        print(f"--workers must be 0 (one per CPU) or more, got {workers}", file=sys.stderr)
+        return 2
+    if workers != 1 and not args.reuse_port:
+        return _supervise_workers(args, host, port, workers_wanted(workers))
     if settings.policy:
         policy = load_policy(settings.policy)
         gateway = Gateway(
@@ -60,7 +74,6 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         gateway = Gateway(config, settings)
-    host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
     app = gateway.app()
 
@@ -68,8 +81,30 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_keys)
 
     app.on_startup.append(reload_keys_on_sighup)
-    web.run_app(app, host=host, port=port, print=None, **gateway.server_options())
+    web.run_app(app, host=host, port=port, print=None, reuse_port=args.reuse_port, **gateway.server_options())
     return 0
+
+
+def _supervise_workers(args: argparse.Namespace, host: str, port: int, count: int) -> int:
+    """Run ``count`` gateway processes on ``host:port`` (SO_REUSEPORT) under a supervisor."""
+    from spendstream.gateway.workers import Supervisor, reuse_port_free
+
+    if not port:
+        print("--workers needs a fixed port (SPENDSTREAM_GATEWAY_PORT or --port), not 0", file=sys.stderr)
+        return 2
+    problem = reuse_port_free(host, port)
+    if problem is not None:
+        print(
+            f"gateway not started: {problem}; choose another with SPENDSTREAM_GATEWAY_PORT or --port",
+            file=sys.stderr,
+        )
+        return 1
+    argv = [sys.executable, "-m", "spendstream.cli", "gateway", "--host", host, "--port", str(port)]
+    if args.config:
+        argv += ["--config", args.config]
+    argv += ["--workers", "1", "--reuse-port"]
+    print(f"gateway: {count} worker processes on http://{host}:{port}", flush=True)
+    return Supervisor(argv, count).run()
 
 
 def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Path | None, str]:
