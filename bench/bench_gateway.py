@@ -249,6 +249,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="alternating blocks the requests are split into")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="workers of the multi-process run")
     parser.add_argument("--decisions", type=int, default=10_000, help="decisions on the enforcement topic")
+    parser.add_argument(
+        "--baseline-services",
+        type=Path,
+        help="a services/ directory of another spendstream version (e.g. `git archive REV services | tar -x -C DIR`): "
+        "its one-worker gateway is measured too, as 'before', in the same alternating blocks",
+    )
     args = parser.parse_args()
     python = sys.executable
     many = f"{args.workers} workers"
@@ -282,10 +288,19 @@ def main() -> None:
         stub = subprocess.Popen([python, "-m", "spendstream.gateway.stub_upstream", "--port", str(stub_port)])
         one = start_gateway(python, config, one_port, 1, env)
         several = start_gateway(python, config, many_port, args.workers, env)
+        before: subprocess.Popen | None = None
+        before_url = ""
+        if args.baseline_services is not None:
+            before_port = free_port()
+            before_url = f"http://127.0.0.1:{before_port}"
+            before_env = {**env, "PYTHONPATH": str(args.baseline_services.resolve())}
+            before = start_gateway(python, config, before_port, 1, before_env)
         try:
             wait_http(stub_url + "/v1/models")
             wait_workers(one_url, 1)
             wait_workers(many_url, args.workers)
+            if before is not None:
+                wait_http(before_url + "/healthz")
             print(
                 f"{args.requests:,} chat.completions requests per target and concurrency, in {args.rounds} alternating "
                 f"blocks; {args.decisions:,} decisions in force, routing policy on, metering on; latency in ms"
@@ -299,6 +314,9 @@ def main() -> None:
                     many: Target(many_url, pid=several.pid),
                 },
             }
+            if before is not None:
+                for targets in runs.values():
+                    targets["before"] = Target(before_url, pid=before.pid)
             results: dict[tuple[str, int], Measured] = {}
             for concurrency, targets in runs.items():
                 for name, m in interleaved(targets, args.requests, concurrency, args.rounds).items():
@@ -311,10 +329,17 @@ def main() -> None:
             added99 = pct(gateway.latencies, 0.99) - pct(direct.latencies, 0.99)
             print(f"added by the gateway at concurrency 1: p50 {added50:.3f} ms, p99 {added99:.3f} ms")
             print(f"gateway CPU per request at concurrency 1: {gateway.cpu_ms_per_request:.3f} ms")
-            figure("gateway", "added p50, concurrency 1", added50, "ms", target="<= 0.35")
+            baseline50 = baseline_cpu = None
+            if before is not None:
+                was = results[("before", 1)]
+                baseline50 = pct(was.latencies, 0.5) - pct(direct.latencies, 0.5)
+                baseline_cpu = was.cpu_ms_per_request
+                print(f"before: added p50 {baseline50:.3f} ms, CPU {baseline_cpu:.3f} ms per request")
+            figure("gateway", "added p50, concurrency 1", added50, "ms", baseline=baseline50, target="<= 0.35")
             figure("gateway", "added p99, concurrency 1", added99, "ms")
             cpu1 = gateway.cpu_ms_per_request
-            figure("gateway", "gateway CPU per request, concurrency 1", cpu1, "ms", target="<= 0.35")
+            name = "gateway CPU per request, concurrency 1"
+            figure("gateway", name, cpu1, "ms", baseline=baseline_cpu, target="<= 0.35")
             base32 = results[("direct", 32)].requests_per_s
             one32, many32 = results[("1 worker", 32)].requests_per_s, results[(many, 32)].requests_per_s
             print(f"req/s at concurrency 32: {many} {many32:,.0f}, 1 worker {one32:,.0f} ({many32 / one32:.2f}x), "
@@ -347,7 +372,9 @@ def main() -> None:
             emitter, requests = body["emitter"], body["requests"]
             print(f"1 worker: {requests}; usage events emitted {emitter['emitted']:,}, acked {emitter['sent']:,}")
         finally:
-            for proc in (several, one, stub):
+            for proc in (before, several, one, stub):
+                if proc is None:
+                    continue
                 proc.terminate()
                 proc.wait(30)
 

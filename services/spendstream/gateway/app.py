@@ -297,6 +297,7 @@ class Gateway:
             kind: frozenset(name for name, p in config.providers.items() if p.kind == kind)
             for kind in ("openai", "anthropic")
         }
+        self._decision_counters: dict[str, Any] = {}  # action -> its labelled counter (labels() costs per call)
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ class Gateway:
         if self.enforcer is None or self.policy is None:
             return
         policy = self.enforcer.policy
-        if policy is None or policy.version == self.policy.version:
+        if policy is None or policy is self.policy or policy.version == self.policy.version:
             return
         self.policy = policy
         self.routing, self.thresholds, self.tz = policy.routing, policy.thresholds, ZoneInfo(policy.timezone)
@@ -788,7 +789,10 @@ class Gateway:
         now: datetime,
     ) -> None:
         assert call.verdict is not None and self.emitter is not None
-        GATEWAY_DECISIONS.labels(call.verdict.action).inc()
+        counter = self._decision_counters.get(call.verdict.action)
+        if counter is None:
+            counter = self._decision_counters[call.verdict.action] = GATEWAY_DECISIONS.labels(call.verdict.action)
+        counter.inc()
         if answer is not None:
             raw_usage, served_by_upstream = usage_of_body(answer.body)
             served = served_by_upstream or served

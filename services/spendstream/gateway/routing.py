@@ -280,7 +280,12 @@ def remaining_bound(action: str, thresholds: ThresholdsView) -> float | None:
     fallback threshold, so those outcomes bound the remaining fraction by 1 - threshold. No network, no extra
     state: the edge's Enforcer already answered.
     """
-    threshold = {"alert": thresholds.alert, "fallback": thresholds.fallback}.get(action)
+    if action == "alert":
+        threshold = thresholds.alert
+    elif action == "fallback":
+        threshold = thresholds.fallback
+    else:
+        return None
     return None if threshold is None else max(0.0, float(1 - threshold))
 
 
