@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="gateway processes on the port, 0: one per CPU (default: $SPENDSTREAM_GATEWAY_WORKERS, 1)",
     )
-    gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on each worker
+    # Set on each worker by the supervisor: share the port, and reserve 1/N of each remaining budget.
+    gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    gateway.add_argument("--budget-share-of", type=int, default=1, help=argparse.SUPPRESS)
     gateway.set_defaults(handler=run_gateway)
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
     keygen = actions.add_parser(
@@ -44,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
     import signal
+    from fractions import Fraction
 
     from aiohttp import web
 
@@ -53,6 +56,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.gateway.workers import workers_wanted
 
     config = load_gateway_config(args.config)
+    share = Fraction(1, max(1, args.budget_share_of))
     host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
     workers = args.workers if args.workers is not None else settings.gateway_workers
     if workers < 0:
@@ -71,9 +75,10 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
             prices=policy.price_table,
             hierarchy=policy.parent_scopes,
             policy=policy,
+            budget_share=share,
         )
     else:
-        gateway = Gateway(config, settings)
+        gateway = Gateway(config, settings, budget_share=share)
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
     app = gateway.app()
 
@@ -102,7 +107,7 @@ def _supervise_workers(args: argparse.Namespace, host: str, port: int, count: in
     argv = [sys.executable, "-m", "spendstream.cli", "gateway", "--host", host, "--port", str(port)]
     if args.config:
         argv += ["--config", args.config]
-    argv += ["--workers", "1", "--reuse-port"]
+    argv += ["--workers", "1", "--reuse-port", "--budget-share-of", str(count)]
     print(f"gateway: {count} worker processes on http://{host}:{port}", flush=True)
     return Supervisor(argv, count).run()
 
