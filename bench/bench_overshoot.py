@@ -41,7 +41,10 @@ from bench_gateway import wait_http
 from figures import figure, machine
 
 PARTITIONS = 6
-MODEL, NANOS_PER_OUTPUT_TOKEN = "gpt-4o-mini", 600  # its output price: $0.60 per million tokens
+# Models by output price (nano-USD per token): a request's cost is set by its model and max_tokens; the stub
+# answers max_tokens, at most 256.
+MODELS = (("gpt-4o-mini", 600), ("gpt-4o", 10_000), ("o1", 60_000))
+STUB_MAX_TOKENS = 256
 
 
 def key_of(team: str) -> str:
@@ -49,10 +52,13 @@ def key_of(team: str) -> str:
 
 
 def body_for(limit_nanos: int, requests_per_budget: int) -> bytes:
-    """A chat completion that costs about ``limit / requests_per_budget`` (the stub answers ``max_tokens``)."""
-    tokens = max(1, limit_nanos // requests_per_budget // NANOS_PER_OUTPUT_TOKEN)
+    """A chat completion that costs about ``limit / requests_per_budget``: the cheapest model that gets there
+    within the stub's 256 output tokens."""
+    wanted = limit_nanos // requests_per_budget
+    model, per_token = next(((m, p) for m, p in MODELS if wanted // p <= STUB_MAX_TOKENS), MODELS[-1])
+    tokens = max(1, min(STUB_MAX_TOKENS, wanted // per_token))
     messages = [{"role": "user", "content": "write a short poem"}]
-    return json.dumps({"model": MODEL, "messages": messages, "max_tokens": tokens}).encode()
+    return json.dumps({"model": model, "messages": messages, "max_tokens": tokens}).encode()
 
 
 async def drive(url: str, key: str, body: bytes, clients: int, deadline_s: float) -> tuple[int, int, float]:
@@ -157,7 +163,9 @@ def main() -> None:
             port = free_port()
             urls[version] = f"http://127.0.0.1:{port}"
             version_env = env if services is None else {**env, "PYTHONPATH": str(services.resolve())}
-            argv = ["gateway", "--config", str(config), "--port", str(port), "--workers", str(args.workers)]
+            argv = ["gateway", "--config", str(config), "--port", str(port)]
+            if args.workers != 1:  # (a baseline version may not know --workers)
+                argv += ["--workers", str(args.workers)]
             procs.append(
                 subprocess.Popen([python, "-m", "spendstream.cli", *argv], env=version_env, stdout=log, stderr=log)
             )
