@@ -335,18 +335,35 @@ def main() -> None:
                 baseline50 = pct(was.latencies, 0.5) - pct(direct.latencies, 0.5)
                 baseline_cpu = was.cpu_ms_per_request
                 print(f"before: added p50 {baseline50:.3f} ms, CPU {baseline_cpu:.3f} ms per request")
-            figure("gateway", "added p50, concurrency 1", added50, "ms", baseline=baseline50, target="<= 0.35")
+            version = "the --baseline-services version"
+            figure(
+                "gateway",
+                "added p50, concurrency 1",
+                added50,
+                "ms",
+                baseline=baseline50,
+                baseline_of=version,
+                target="<= 0.35",
+            )
             figure("gateway", "added p99, concurrency 1", added99, "ms")
             cpu1 = gateway.cpu_ms_per_request
             name = "gateway CPU per request, concurrency 1"
-            figure("gateway", name, cpu1, "ms", baseline=baseline_cpu, target="<= 0.35")
+            figure("gateway", name, cpu1, "ms", baseline=baseline_cpu, baseline_of=version, target="<= 0.35")
             base32 = results[("direct", 32)].requests_per_s
             one32, many32 = results[("1 worker", 32)].requests_per_s, results[(many, 32)].requests_per_s
             print(f"req/s at concurrency 32: {many} {many32:,.0f}, 1 worker {one32:,.0f} ({many32 / one32:.2f}x), "
                   f"stub directly {base32:,.0f}")  # fmt: skip
-            figure("gateway", "req/s, concurrency 32, 1 worker", one32, "req/s", baseline=base32)
+            figure(
+                "gateway",
+                "req/s, concurrency 32, 1 worker",
+                one32,
+                "req/s",
+                baseline=base32,
+                baseline_of="stub directly",
+            )
             target = ">= 2x 1 worker"
-            figure("gateway", f"req/s, concurrency 32, {many}", many32, "req/s", baseline=one32, target=target)
+            name = f"req/s, concurrency 32, {many}"
+            figure("gateway", name, many32, "req/s", baseline=one32, baseline_of="1 worker", target=target)
 
             stream = json.dumps({**json.loads(BODY), "stream": True}).encode()
             streamed = interleaved(

@@ -203,9 +203,9 @@ def main() -> None:
                             before_spend = spend_of(events, teams[(limit, "before")])[0]
                             baseline = 100 * max(0, before_spend - limit_nanos) / limit_nanos
                         name = f"overshoot of a ${limit} hard budget, {args.clients} clients"
-                        figure(
-                            "overshoot", name, over, "%", baseline=baseline, target="<= 1", unspent=round(unspent, 3)
-                        )
+                        version = "the --baseline-services version"
+                        extra = {"baseline_of": version, "target": "<= 1", "unspent": round(unspent, 3)}
+                        figure("overshoot", name, over, "%", baseline=baseline, **extra)
         except BaseException:
             print((tmp / "services.log").read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
