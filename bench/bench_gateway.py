@@ -215,7 +215,9 @@ def publish_decision_set(bootstrap: str, count: int) -> None:
 
 def start_gateway(python: str, config: Path, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen:
     argv = [python, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(port)]
-    return subprocess.Popen([*argv, "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL)
+    if workers != 1:  # (a baseline version may not know --workers)
+        argv += ["--workers", str(workers)]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
 
 
 def wait_workers(url: str, workers: int, timeout: float = 60.0) -> None:

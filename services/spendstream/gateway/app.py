@@ -105,6 +105,10 @@ def _refuse_non_finite(constant: str) -> float:
     raise ValueError(f"{constant} is not a JSON value")
 
 
+# json.loads with parse_constant builds a decoder per call; one is enough.
+_BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_non_finite)
+
+
 def _header_safe(text: str) -> str:
     """A response header value: printable ASCII only (model names and reasons can come from the request)."""
     return "".join(c if " " <= c <= "~" else "?" for c in text[:300])
@@ -636,7 +640,7 @@ class Gateway:
         except (aiohttp.ClientError, ConnectionError):
             return None, b"", _Refusal(400, "request body could not be read")
         try:
-            body = json.loads(raw, parse_constant=_refuse_non_finite)
+            body = _BODY_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
             return None, b"", _Refusal(400, f"request body is not valid JSON: {exc}")
         except RecursionError:

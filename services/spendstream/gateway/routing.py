@@ -37,6 +37,7 @@ show spend as routed against spend had every request gone to the requested model
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -286,7 +287,13 @@ def remaining_bound(action: str, thresholds: ThresholdsView) -> float | None:
         threshold = thresholds.fallback
     else:
         return None
-    return None if threshold is None else max(0.0, float(1 - threshold))
+    return None if threshold is None else _remaining_below(threshold)
+
+
+@functools.lru_cache(maxsize=64)
+def _remaining_below(threshold: Decimal) -> float:
+    """1 - threshold as a float (Decimal arithmetic per request costs more than the lookup)."""
+    return max(0.0, float(1 - threshold))
 
 
 class RoutePlan(NamedTuple):
