@@ -85,14 +85,37 @@ def env_of(settings: Settings) -> dict[str, str]:
     }
 
 
+def two_free_ports() -> int:
+    """A port p with p + 1 free too (each worker's own /metrics)."""
+    while True:
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+
+
+def shutoffs_counted(port: int) -> float:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    prefix = 'spendstream_gateway_decisions_total{action="shutoff"} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_two_workers_serve_the_port_each_enforcing_and_are_supervised(
     settings: Settings, stub: StubUpstream, tmp_path: Path
 ) -> None:
     publish_decisions(settings.kafka_bootstrap, [Decision(scope="team:capped", action="shutoff", version=1)])
-    port = free_port()
+    port, metrics = free_port(), two_free_ports()
     proc = subprocess.Popen(
         [*CLI, "gateway", "--workers", "2", "--config", str(gateway_config(tmp_path, stub)), "--port", str(port)],
-        env=env_of(settings),
+        env={**env_of(settings), "SPENDSTREAM_METRICS_PORT": str(metrics)},
     )
     try:
         # Both workers answer on the one port, each once its own Enforcer has read the decisions.
@@ -107,6 +130,9 @@ def test_two_workers_serve_the_port_each_enforcing_and_are_supervised(
         for pid, body in workers.items():  # every worker refused the capped team and served the other
             assert body["requests"].get("shutoff", 0) > 0, f"worker {pid} enforced nothing: {body['requests']}"
             assert body["requests"].get("ok", 0) > 0, f"worker {pid} served nothing: {body['requests']}"
+
+        # Each worker's own /metrics (SPENDSTREAM_METRICS_PORT + its index) counts the refusals it applied.
+        assert wait_for(lambda: shutoffs_counted(metrics) > 0 and shutoffs_counted(metrics + 1) > 0, 10)
 
         # A worker that dies is replaced; the replacement enforces too.
         victim = next(iter(workers))

@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Set on each worker by the supervisor: share the port, and reserve 1/N of each remaining budget.
     gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     gateway.add_argument("--budget-share-of", type=int, default=1, help=argparse.SUPPRESS)
+    gateway.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     gateway.set_defaults(handler=run_gateway)
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
     keygen = actions.add_parser(
@@ -63,7 +64,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         print(f"--workers must be 0 (one per CPU) or more, got {workers}", file=sys.stderr)
         return 2
     if workers != 1 and not args.reuse_port:
-        return _supervise_workers(args, host, port, workers_wanted(workers))
+        return _supervise_workers(args, settings, host, port, workers_wanted(workers))
     if settings.policy:
         policy = load_policy(settings.policy)
         gateway = Gateway(
@@ -79,6 +80,10 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         gateway = Gateway(config, settings, budget_share=share)
+    if args.worker_index is not None and settings.metrics_port is not None:  # each worker scraped on its own
+        from spendstream.core.metrics import serve_metrics
+
+        serve_metrics(settings.model_copy(update={"metrics_port": settings.metrics_port + args.worker_index}))
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
     app = gateway.app()
 
@@ -90,7 +95,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _supervise_workers(args: argparse.Namespace, host: str, port: int, count: int) -> int:
+def _supervise_workers(args: argparse.Namespace, settings: Settings, host: str, port: int, count: int) -> int:
     """Run ``count`` gateway processes on ``host:port`` (SO_REUSEPORT) under a supervisor."""
     from spendstream.gateway.workers import Supervisor, reuse_port_free
 
@@ -109,6 +114,9 @@ def _supervise_workers(args: argparse.Namespace, host: str, port: int, count: in
         argv += ["--config", args.config]
     argv += ["--workers", "1", "--reuse-port", "--budget-share-of", str(count)]
     print(f"gateway: {count} worker processes on http://{host}:{port}", flush=True)
+    if settings.metrics_port is not None:
+        last = settings.metrics_port + count - 1
+        print(f"gateway: each worker's /metrics on ports {settings.metrics_port}-{last}", flush=True)
     return Supervisor(argv, count).run()
 
 

@@ -75,7 +75,8 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, worker: _Worker) -> None:
-        worker.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        argv = [*self.argv, "--worker-index", str(worker.index)]
+        worker.process = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         worker.started_at = time.monotonic()
         worker.restart_at = None
         worker.history.append(worker.process.pid)
