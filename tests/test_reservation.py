@@ -43,7 +43,7 @@ def test_admitted_requests_never_exceed_this_edges_share_of_what_remains(
     in_flight: list[tuple[Reservation, int]] = []
     spent = 0
     for i, (estimate, part) in enumerate(calls):
-        held = book.reserve(SCOPE, lambda estimate=estimate: estimate)
+        held = book.reserve(SCOPE, lambda estimate=estimate: estimate, 100.0 + i)
         if isinstance(held, str):
             assert held == "team:web"
         else:
@@ -60,14 +60,14 @@ def test_admitted_requests_never_exceed_this_edges_share_of_what_remains(
 def test_a_released_reservation_gives_its_budget_back(limit: int, estimate: int) -> None:
     book = ReservationBook()
     book.observe("team:web", 0, limit, issued_at=0.0)
-    first = book.reserve(SCOPE, lambda: estimate)
+    first = book.reserve(SCOPE, lambda: estimate, 1.0)
     if estimate > limit:
         assert first == "team:web"
         return
     assert isinstance(first, Reservation)
-    assert book.reserve(SCOPE, lambda: limit - estimate + 1) == "team:web"
+    assert book.reserve(SCOPE, lambda: limit - estimate + 1, 1.0) == "team:web"
     book.release(first)
-    assert isinstance(book.reserve(SCOPE, lambda: limit), Reservation)
+    assert isinstance(book.reserve(SCOPE, lambda: limit, 1.0), Reservation)
 
 
 @hypothesis_settings(max_examples=200)
@@ -84,7 +84,7 @@ def test_edges_holding_one_share_each_together_stay_within_what_remains(
         book.observe("team:web", 1_000, 1_000 + remaining, issued_at=0.0)
     spent = 0
     for edge, cost in order:
-        held = books[edge % edges].reserve(SCOPE, lambda cost=cost: cost)
+        held = books[edge % edges].reserve(SCOPE, lambda cost=cost: cost, 1.0)
         if isinstance(held, Reservation):
             books[edge % edges].settle(held, cost, 1.0)
             spent += cost
@@ -93,13 +93,23 @@ def test_edges_holding_one_share_each_together_stay_within_what_remains(
 
 def test_a_first_decision_counts_what_this_edge_settled_just_before_it_was_issued() -> None:
     book = ReservationBook(margin_s=0.5)
-    unknown = book.reserve(SCOPE, lambda: 1 / 0)  # no budget known: no estimate asked, nothing held
+    unknown = book.reserve(SCOPE, lambda: 1 / 0, 90.0)  # no budget known: no estimate asked, nothing held
     assert isinstance(unknown, Reservation) and unknown.nanos == 0
-    book.settle(book.reserve(SCOPE, lambda: 0), 50, at=90.0)  # long before the decision: surely in its spend
+    book.settle(book.reserve(SCOPE, lambda: 0, 90.0), 50, at=90.0)  # long before the decision: surely in its spend
     book.settle(unknown, 700, at=99.8)  # 0.2 s before it: maybe not
     book.observe("team:web", 0, 1_000, issued_at=100.0)
     assert book.ledgers["team:web"].available(Fraction(1)) == 300
-    assert book.reserve(SCOPE, lambda: 301) == "team:web"
+    assert book.reserve(SCOPE, lambda: 301, 100.0) == "team:web"
+
+
+def test_a_budget_period_that_ended_holds_nothing() -> None:
+    """The processor publishes no decision for a new period that starts at plain allow: the ledger of the old
+    period must not refuse requests of the new one."""
+    book = ReservationBook()
+    book.observe("team:web", 990, 1_000, issued_at=100.0, expires_at=200.0)
+    assert book.reserve(SCOPE, lambda: 500, 150.0) == "team:web"
+    held = book.reserve(SCOPE, lambda: 500, 200.0)
+    assert isinstance(held, Reservation) and held.ledgers == () and "team:web" not in book.ledgers
 
 
 # -- through the gateway ------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ class Enforcer:
             self._fill_ancestors(values)
         scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)
         with self._book_lock:
-            return self.reservations.reserve(scopes, estimate)
+            return self.reservations.reserve(scopes, estimate, self._wall())
 
     def settle(self, reservation: Reservation, cost_nanos: int) -> None:
         with self._book_lock:
@@ -330,7 +330,8 @@ class Enforcer:
         with self._book_lock:
             if decision.limit_nanos > 0 and decision.issued_at is not None:
                 issued_at = decision.issued_at.timestamp()
-                self.reservations.observe(scope, decision.spend_nanos, decision.limit_nanos, issued_at)
+                expires_at = decision.expires_at.timestamp() if decision.expires_at is not None else None
+                self.reservations.observe(scope, decision.spend_nanos, decision.limit_nanos, issued_at, expires_at)
             else:
                 self.reservations.forget(scope)
         if rule.critical:

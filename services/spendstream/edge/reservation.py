@@ -33,6 +33,7 @@ class ScopeLedger:
     spend_nanos: int  # the processor's spend of the budget's window when it decided
     limit_nanos: int
     issued_at: float  # epoch seconds of that decision
+    expires_at: float | None = None  # the end of the budget's period: the ledger holds nothing after it
     reserved_nanos: int = 0  # requests in flight at this edge
     settled: deque[tuple[float, int]] = field(default_factory=deque)  # (settled at, real cost) at this edge
     settled_nanos: int = 0  # the sum of ``settled``
@@ -71,11 +72,13 @@ class ReservationBook:
         # may have been issued before this edge's latest requests of that scope were counted.
         self.recent: deque[tuple[float, int, tuple[str, ...]]] = deque()
 
-    def observe(self, scope: str, spend_nanos: int, limit_nanos: int, issued_at: float) -> None:
-        """A decision told the budget of ``scope`` (older news than what is known is ignored)."""
+    def observe(
+        self, scope: str, spend_nanos: int, limit_nanos: int, issued_at: float, expires_at: float | None = None
+    ) -> None:
+        """A decision told the budget of ``scope`` until ``expires_at`` (older news than what is known is ignored)."""
         ledger = self.ledgers.get(scope)
         if ledger is None:
-            self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at)
+            self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at, expires_at)
             for at, cost, scopes in self.recent:
                 if scope in scopes and at >= issued_at - self.margin_s:
                     ledger.settled.append((at, cost))
@@ -84,26 +87,35 @@ class ReservationBook:
             return
         else:
             ledger.spend_nanos, ledger.limit_nanos, ledger.issued_at = spend_nanos, limit_nanos, issued_at
+            ledger.expires_at = expires_at
         ledger.forget_before(issued_at - self.margin_s)
 
     def forget(self, scope: str) -> None:
         """The scope has no budget decision any more (a new period, or the decision was deleted)."""
         self.ledgers.pop(scope, None)
 
-    def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int]) -> Reservation | str:
+    def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | str:
         """Hold the request's estimated cost on every known ledger of ``scopes``; else the first scope it would
-        overdraw. ``estimate`` (nanos) is asked only when some scope has a ledger."""
-        held = [ledger for scope in scopes if (ledger := self.ledgers.get(scope)) is not None]
+        overdraw. ``estimate`` (nanos) is asked only when some scope has a ledger. A ledger whose period ended
+        before ``now`` is dropped: the next period starts from nothing spent, with no decision to say so."""
+        held = []
+        for scope in scopes:
+            ledger = self.ledgers.get(scope)
+            if ledger is None:
+                continue
+            if ledger.expires_at is not None and ledger.expires_at <= now:
+                del self.ledgers[scope]
+                continue
+            held.append((scope, ledger))
         if not held:
             return Reservation(0, (), scopes)
         nanos = estimate()
-        for scope in scopes:
-            ledger = self.ledgers.get(scope)
-            if ledger is not None and nanos > ledger.available(self.share):
+        for scope, ledger in held:
+            if nanos > ledger.available(self.share):
                 return scope
-        for ledger in held:
+        for _, ledger in held:
             ledger.reserved_nanos += nanos
-        return Reservation(nanos, tuple(held), scopes)
+        return Reservation(nanos, tuple(ledger for _, ledger in held), scopes)
 
     def settle(self, reservation: Reservation, cost_nanos: int, at: float) -> None:
         """The request's real cost is known (``at``, epoch seconds): it replaces the estimate."""
