@@ -8,12 +8,16 @@ this edge has spent what it settled (the real cost of each request once its usag
 flight (the reservations of requests not yet settled). The processor's spend may already include this edge's
 requests settled shortly before ``issued_at``, but not those settled later; the edge cannot tell which, so it
 counts every request it settled from ``margin_s`` before ``issued_at`` (the processor's usual lag; counting one
-twice refuses a little early, never late). A request is admitted when
+twice refuses a little early, never late). A request is admitted, and holds its estimate, while
 
-    reserved + settled since (issued_at - margin_s) + estimate <= share x (limit - spend)
+    reserved + settled since (issued_at - margin_s) < share x (limit - spend)
 
+so the request that reaches the limit is the last one: spend crosses the limit by less than one request's
+estimate per edge (the processor sees the crossing, publishes its shutoff and raises its alerts, as without
+reservation) instead of by everything served during a decision round trip.
 ``share`` is this edge's part of the remaining budget: with G edges (gateway processes) each holding 1/G, the
-edges together cannot reserve more than what remained, whatever the others do until the next decision.
+edges together cannot pass what remained by more than one request each, whatever the others do until the next
+decision.
 """
 
 from __future__ import annotations
@@ -95,9 +99,10 @@ class ReservationBook:
         self.ledgers.pop(scope, None)
 
     def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | str:
-        """Hold the request's estimated cost on every known ledger of ``scopes``; else the first scope it would
-        overdraw. ``estimate`` (nanos) is asked only when some scope has a ledger. A ledger whose period ended
-        before ``now`` is dropped: the next period starts from nothing spent, with no decision to say so."""
+        """Hold the request's estimated cost on every known ledger of ``scopes``; else the first scope whose
+        share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger. A ledger
+        whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no decision
+        to say so."""
         held = []
         for scope in scopes:
             ledger = self.ledgers.get(scope)
@@ -109,10 +114,10 @@ class ReservationBook:
             held.append((scope, ledger))
         if not held:
             return Reservation(0, (), scopes)
-        nanos = estimate()
         for scope, ledger in held:
-            if nanos > ledger.available(self.share):
+            if ledger.available(self.share) <= 0:
                 return scope
+        nanos = estimate()
         for _, ledger in held:
             ledger.reserved_nanos += nanos
         return Reservation(nanos, tuple(ledger for _, ledger in held), scopes)

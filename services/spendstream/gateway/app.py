@@ -520,7 +520,7 @@ class Gateway:
         )
         if isinstance(held, str):
             verdict = call.verdict = Verdict(
-                "shutoff", served, None, "the request's estimated cost exceeds what remains of the budget", held
+                "shutoff", served, None, "this gateway's requests have used what remains of the budget", held
             )
             self.counts["shutoff"] += 1
             self._emit(call, served, None, UsageStatus.blocked)
