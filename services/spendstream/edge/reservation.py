@@ -14,7 +14,8 @@ twice refuses a little early, never late). A request is admitted, and holds its 
 
 so the request that reaches the limit is the last one: spend crosses the limit by less than one request's
 estimate per edge (the processor sees the crossing, publishes its shutoff and raises its alerts, as without
-reservation) instead of by everything served during a decision round trip.
+reservation, unless counting requests twice stopped the edge a little early) instead of by everything served
+during a decision round trip.
 ``share`` is this edge's part of the remaining budget: with G edges (gateway processes) each holding 1/G, the
 edges together cannot pass what remained by more than one request each, whatever the others do until the next
 decision.
