@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup browser demo dev test lint bench clean
+.PHONY: setup browser demo dev test lint bench bench-table clean
 
 $(BIN)/spendstream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test: setup browser lint ## lint, then the whole test suite (three processes; ea
 
 bench: setup ## every benchmark; each prints its figures
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+bench-table: setup ## rerun the README's benchmarks and regenerate its table from their output
+	$(BIN)/python bench/readme_table.py --run --write
 
 clean:
 	rm -rf $(VENV) .spendstream .pytest_cache .ruff_cache

@@ -1,11 +1,16 @@
-"""Gateway overhead: latency added over calling the stub upstream directly, and req/s through one process.
+"""Gateway overhead: latency and CPU added over calling the stub upstream directly, and req/s on both cores.
 
-The stub upstream, the gateway (``spendstream gateway``) and this load generator run as separate processes,
-with a real embedded broker receiving the usage events. Targets: p50 added latency < 0.5 ms at concurrency 1,
->= 2,000 req/s through one gateway process.
-Direct and gateway calls alternate in blocks, so both see the same machine conditions; the gateway process's CPU
-time per request (all threads) is printed too.
-Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10]
+The stub upstream, the gateways (``spendstream gateway``, one worker and ``--workers N``) and this load generator
+run as separate processes, with a real embedded broker receiving the usage events. The gateways run as in
+production: metering on, a routing policy (``SPENDSTREAM_POLICY`` with a ``routing:`` section) and a realistic
+decision set on the enforcement topic (10,000 decisions, and an alert on the benchmark's team, a throttle on every
+user: each request matches some). Targets (docs/architecture.md §11): added p50 <= 0.35 ms and gateway CPU
+<= 0.35 ms per request at concurrency 1; at concurrency 32, N workers >= 2x the requests/s of one.
+Targets take turns in ``--rounds`` alternating blocks, so a shared machine's drift reaches all of them alike;
+the CPU time per request (utime + stime of every gateway process, all threads) varies far less than latency.
+Streaming: added time to first byte and to last byte, separately.
+Every figure is also printed as one ``FIGURE {json}`` line (``bench/readme_table.py`` reads them).
+Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10] [--workers N]
 """
 
 from __future__ import annotations
@@ -36,11 +41,16 @@ BODY = json.dumps(
 
 
 async def load(
-    url: str, requests: int, concurrency: int, body: bytes | Callable[[], bytes] = BODY
+    url: str,
+    requests: int,
+    concurrency: int,
+    body: bytes | Callable[[], bytes] = BODY,
+    first_bytes: list[float] | None = None,
 ) -> tuple[list[float], float]:
     """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds.
 
     ``body`` is the request body, or a function that makes a new one per request (e.g. cache misses).
+    ``first_bytes`` collects the time (ms) to the first byte of each response body (streams).
     """
     make_body = body if callable(body) else lambda: body
     latencies: list[float] = []
@@ -56,6 +66,9 @@ async def load(
                 data = make_body()
                 start = time.perf_counter()
                 async with session.post(url, data=data, headers=headers) as response:
+                    if first_bytes is not None:
+                        await response.content.readany()
+                        first_bytes.append((time.perf_counter() - start) * 1000)
                     await response.read()
                     if response.status != 200:
                         raise RuntimeError(f"{url} answered {response.status}")
@@ -81,6 +94,7 @@ class Measured:
     latencies: list[float] = field(default_factory=list)  # ms
     elapsed: float = 0.0  # seconds under load
     cpu_seconds: float = 0.0  # of the target's process while it was measured (NaN: not counted)
+    first_bytes: list[float] = field(default_factory=list)  # ms, streams only
 
     @property
     def requests_per_s(self) -> float:
@@ -92,16 +106,30 @@ class Measured:
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process so far (all threads), from /proc (Linux); NaN elsewhere or for None."""
+    """User + system CPU time so far of a process and its live children (all threads: a gateway's workers too),
+    from /proc (Linux); NaN elsewhere or for None."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, TypeError):
         return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children(pid))
+
+
+def children(pid: int | None) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, TypeError):
+        return []
 
 
 def interleaved(
-    targets: dict[str, Target], requests: int, concurrency: int, rounds: int, path: str = "/v1/chat/completions"
+    targets: dict[str, Target],
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    path: str = "/v1/chat/completions",
+    streams: bool = False,
 ) -> dict[str, Measured]:
     """Latencies, elapsed seconds and CPU time per target, measured in ``rounds`` alternating blocks after a warm-up.
 
@@ -115,8 +143,9 @@ def interleaved(
     for _ in range(rounds):
         for name, target in targets.items():
             cpu_before = cpu_seconds(target.pid)
-            latencies, elapsed = asyncio.run(load(target.url + path, block, concurrency, target.body))
             result = measured[name]
+            first = result.first_bytes if streams else None
+            latencies, elapsed = asyncio.run(load(target.url + path, block, concurrency, target.body, first))
             result.cpu_seconds += cpu_seconds(target.pid) - cpu_before
             result.latencies.extend(latencies)
             result.elapsed += elapsed
@@ -145,21 +174,105 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+POLICY = """
+name: bench
+timezone: UTC
+org: acme
+budgets:
+  - {scope: "team:bench", period: month, amount_usd: 1000000}
+routing:
+  default_environment: production
+  environments:
+    production:
+      tiers:
+        simple: [openai/gpt-4o-mini]
+        medium: [openai/gpt-4o-mini]
+        complex: [openai/gpt-4o]
+  providers:
+    openai: {priority: 1}
+"""
+
+
+def publish_decision_set(bootstrap: str, count: int) -> None:
+    """``count`` decisions over teams, users, features and projects (``bench_enforcer``'s mix, with a throttle on
+    every user), and an alert on the benchmark's own team: every request matches two rules."""
+    from confluent_kafka import Producer
+
+    from bench_enforcer import decisions
+    from spendstream.core.codec import AvroCodec
+    from spendstream.core.events import Decision
+    from spendstream.core.topics import ENFORCEMENT
+
+    codec = AvroCodec("decision")
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    mine = Decision(scope="team:bench", action="alert", version=1, reason="80 % of the monthly budget")
+    for decision in [*decisions(count), mine]:
+        producer.produce(ENFORCEMENT, key=decision.scope.encode(), value=codec.encode(decision.to_avro()))
+        producer.poll(0)
+    if producer.flush(30):
+        raise SystemExit("the decision set was not delivered")
+
+
+def start_gateway(python: str, config: Path, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen:
+    argv = [python, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(port)]
+    if workers != 1:  # (a baseline version may not know --workers)
+        argv += ["--workers", str(workers)]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+
+
+def wait_workers(url: str, workers: int, timeout: float = 60.0) -> None:
+    """Until ``workers`` distinct processes have answered /healthz with their Enforcer ready."""
+
+    async def ready_pids() -> set[int]:
+        pids = set()
+        for _ in range(10 * workers):
+            async with aiohttp.ClientSession() as session, session.get(url + "/healthz") as response:
+                body = await response.json()
+                if body.get("enforcer_ready"):
+                    pids.add(body["pid"])
+        return pids
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(asyncio.run(ready_pids())) >= workers:
+                return
+        except (aiohttp.ClientError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url}: {workers} ready workers did not answer")
+
+
 def main() -> None:
+    from figures import figure, machine
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency")
     parser.add_argument("--rounds", type=int, default=10, help="alternating blocks the requests are split into")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="workers of the multi-process run")
+    parser.add_argument("--decisions", type=int, default=10_000, help="decisions on the enforcement topic")
+    parser.add_argument(
+        "--baseline-services",
+        type=Path,
+        help="a services/ directory of another spendstream version (e.g. `git archive REV services | tar -x -C DIR`): "
+        "its one-worker gateway is measured too, as 'before', in the same alternating blocks",
+    )
     args = parser.parse_args()
     python = sys.executable
+    many = f"{args.workers} workers"
+    machine("gateway")
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
-        stub_port, gateway_port = free_port(), free_port()
-        stub_url, gateway_url = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{gateway_port}"
-        config = Path(tmp) / "gateway.json"
+        publish_decision_set(broker.bootstrap, args.decisions)
+        stub_port, one_port, many_port = free_port(), free_port(), free_port()
+        stub_url = f"http://127.0.0.1:{stub_port}"
+        one_url, many_url = f"http://127.0.0.1:{one_port}", f"http://127.0.0.1:{many_port}"
+        config, policy = Path(tmp) / "gateway.json", Path(tmp) / "policy.yaml"
+        key = {"sha256": hash_key(KEY), "org": "acme", "team": "bench", "feature": "load", "user": "u-bench"}
         config.write_text(
             json.dumps(
                 {
-                    "keys": [{"sha256": hash_key(KEY), "team": "bench", "feature": "load", "name": "bench"}],
+                    "keys": [{**key, "name": "bench"}],
                     "providers": {
                         "openai": {"upstreams": [{"base_url": stub_url}]},
                         "anthropic": {"kind": "anthropic", "upstreams": [{"base_url": stub_url}]},
@@ -167,47 +280,122 @@ def main() -> None:
                 }
             )
         )
-        env = {**os.environ, "SPENDSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap, "SPENDSTREAM_DATA_DIR": tmp}
+        policy.write_text(POLICY)
+        env = {
+            **os.environ,
+            "SPENDSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "SPENDSTREAM_DATA_DIR": tmp,
+            "SPENDSTREAM_POLICY": str(policy),
+        }
         stub = subprocess.Popen([python, "-m", "spendstream.gateway.stub_upstream", "--port", str(stub_port)])
-        gateway = subprocess.Popen(
-            [python, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(gateway_port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
+        one = start_gateway(python, config, one_port, 1, env)
+        several = start_gateway(python, config, many_port, args.workers, env)
+        before: subprocess.Popen | None = None
+        before_url = ""
+        if args.baseline_services is not None:
+            before_port = free_port()
+            before_url = f"http://127.0.0.1:{before_port}"
+            before_env = {**env, "PYTHONPATH": str(args.baseline_services.resolve())}
+            before = start_gateway(python, config, before_port, 1, before_env)
         try:
             wait_http(stub_url + "/v1/models")
-            wait_http(gateway_url + "/healthz")
-            print(f"{args.requests:,} chat.completions requests per target, in {args.rounds} alternating blocks; ms")
-            print(f"  {'target':8} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8} {'cpu ms/req':>10}")
-            results = {}
-            targets = {"direct": Target(stub_url), "gateway": Target(gateway_url, pid=gateway.pid)}
-            for concurrency in (1, 32):
-                measured = interleaved(targets, args.requests, concurrency, args.rounds)
-                for name, m in measured.items():
-                    results[(name, concurrency)] = (pct(m.latencies, 0.5), pct(m.latencies, 0.99), m.requests_per_s)
-                    p50, p99, rps = results[(name, concurrency)]
-                    print(f"  {name:8} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {m.cpu_ms_per_request:10.3f}")
-            for concurrency in (1, 32):
-                added50 = results[("gateway", concurrency)][0] - results[("direct", concurrency)][0]
-                added99 = results[("gateway", concurrency)][1] - results[("direct", concurrency)][1]
-                print(f"added by the gateway at concurrency {concurrency}: p50 {added50:.3f} ms, p99 {added99:.3f} ms")
+            wait_workers(one_url, 1)
+            wait_workers(many_url, args.workers)
+            if before is not None:
+                wait_http(before_url + "/healthz")
+            print(
+                f"{args.requests:,} chat.completions requests per target and concurrency, in {args.rounds} alternating "
+                f"blocks; {args.decisions:,} decisions in force, routing policy on, metering on; latency in ms"
+            )
+            print(f"  {'target':10} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8} {'cpu ms/req':>10}")
+            runs = {
+                1: {"direct": Target(stub_url), "1 worker": Target(one_url, pid=one.pid)},
+                32: {
+                    "direct": Target(stub_url),
+                    "1 worker": Target(one_url, pid=one.pid),
+                    many: Target(many_url, pid=several.pid),
+                },
+            }
+            if before is not None:
+                for targets in runs.values():
+                    targets["before"] = Target(before_url, pid=before.pid)
+            results: dict[tuple[str, int], Measured] = {}
+            for concurrency, targets in runs.items():
+                for name, m in interleaved(targets, args.requests, concurrency, args.rounds).items():
+                    results[(name, concurrency)] = m
+                    p50, p99 = pct(m.latencies, 0.5), pct(m.latencies, 0.99)
+                    rps, cpu = m.requests_per_s, m.cpu_ms_per_request
+                    print(f"  {name:10} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {cpu:10.3f}")
+            direct, gateway = results[("direct", 1)], results[("1 worker", 1)]
+            added50 = pct(gateway.latencies, 0.5) - pct(direct.latencies, 0.5)
+            added99 = pct(gateway.latencies, 0.99) - pct(direct.latencies, 0.99)
+            print(f"added by the gateway at concurrency 1: p50 {added50:.3f} ms, p99 {added99:.3f} ms")
+            print(f"gateway CPU per request at concurrency 1: {gateway.cpu_ms_per_request:.3f} ms")
+            baseline50 = baseline_cpu = None
+            if before is not None:
+                was = results[("before", 1)]
+                baseline50 = pct(was.latencies, 0.5) - pct(direct.latencies, 0.5)
+                baseline_cpu = was.cpu_ms_per_request
+                print(f"before: added p50 {baseline50:.3f} ms, CPU {baseline_cpu:.3f} ms per request")
+            version = "the --baseline-services version"
+            figure(
+                "gateway",
+                "added p50, concurrency 1",
+                added50,
+                "ms",
+                baseline=baseline50,
+                baseline_of=version,
+                target="<= 0.35",
+            )
+            figure("gateway", "added p99, concurrency 1", added99, "ms")
+            cpu1 = gateway.cpu_ms_per_request
+            name = "gateway CPU per request, concurrency 1"
+            figure("gateway", name, cpu1, "ms", baseline=baseline_cpu, baseline_of=version, target="<= 0.35")
+            base32 = results[("direct", 32)].requests_per_s
+            one32, many32 = results[("1 worker", 32)].requests_per_s, results[(many, 32)].requests_per_s
+            print(f"req/s at concurrency 32: {many} {many32:,.0f}, 1 worker {one32:,.0f} ({many32 / one32:.2f}x), "
+                  f"stub directly {base32:,.0f}")  # fmt: skip
+            figure(
+                "gateway",
+                "req/s, concurrency 32, 1 worker",
+                one32,
+                "req/s",
+                baseline=base32,
+                baseline_of="stub directly",
+            )
+            target = ">= 2x 1 worker"
+            name = f"req/s, concurrency 32, {many}"
+            figure("gateway", name, many32, "req/s", baseline=one32, baseline_of="1 worker", target=target)
+
             stream = json.dumps({**json.loads(BODY), "stream": True}).encode()
-            latencies, _ = asyncio.run(load(gateway_url + "/v1/chat/completions", 500, 1, stream))
-            print(f"streamed through the gateway, concurrency 1: p50 {pct(latencies, 0.5):.3f} ms")
+            streamed = interleaved(
+                {"direct": Target(stub_url, stream), "1 worker": Target(one_url, stream, one.pid)},
+                max(500, args.requests // 4),
+                1,
+                args.rounds,
+                streams=True,
+            )
+            d, g = streamed["direct"], streamed["1 worker"]
+            first = pct(g.first_bytes, 0.5) - pct(d.first_bytes, 0.5)
+            last = pct(g.latencies, 0.5) - pct(d.latencies, 0.5)
+            print(f"streamed, concurrency 1, added p50: first byte {first:.3f} ms, last byte {last:.3f} ms")
+            figure("gateway", "streamed, added p50 to first byte, concurrency 1", first, "ms")
+            figure("gateway", "streamed, added p50 to last byte, concurrency 1", last, "ms")
 
             async def health() -> dict:
-                async with aiohttp.ClientSession() as session, session.get(gateway_url + "/healthz") as response:
+                async with aiohttp.ClientSession() as session, session.get(one_url + "/healthz") as response:
                     return await response.json()
 
             time.sleep(1.0)
-            emitter = asyncio.run(health())["emitter"]
-            print(
-                f"usage events emitted by the gateway: {emitter['emitted']:,}, acked by the broker: {emitter['sent']:,}"
-            )
+            body = asyncio.run(health())
+            emitter, requests = body["emitter"], body["requests"]
+            print(f"1 worker: {requests}; usage events emitted {emitter['emitted']:,}, acked {emitter['sent']:,}")
         finally:
-            for proc in (gateway, stub):
+            for proc in (before, several, one, stub):
+                if proc is None:
+                    continue
                 proc.terminate()
-                proc.wait(15)
+                proc.wait(30)
 
 
 if __name__ == "__main__":

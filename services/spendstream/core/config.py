@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     # -- service ports --------------------------------------------------------------------
     gateway_host: str = Field("127.0.0.1", description="Gateway listen address.")
     gateway_port: int = Field(8080, ge=0, le=65535, description="Gateway listen port.")
+    gateway_workers: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="Gateway processes serving the port (SO_REUSEPORT), each with its own Enforcer and Emitter; "
+        "0: one per CPU.",
+    )
     api_host: str = Field("127.0.0.1", description="API and dashboard listen address.")
     api_port: int = Field(8081, ge=0, le=65535, description="API and dashboard listen port.")
     api_header_timeout_s: float = Field(

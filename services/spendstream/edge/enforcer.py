@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from fractions import Fraction
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -29,6 +30,7 @@ from spendstream.core.policy import Policy
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import StaticRules
+from spendstream.edge.reservation import Reservation, ReservationBook
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 from spendstream.edge.verdict import (
     ALLOW,
@@ -62,6 +64,8 @@ class Enforcer:
     time, and a gateway replaying a past day (the demo) passes its own.
     ``policy`` (e.g. the ``SPENDSTREAM_POLICY`` file) is in force until a policy is read from ``policy_topic``;
     ``policy_topic=None`` applies ``policy`` alone. Without an explicit ``hierarchy``, the policy's is used.
+    ``budget_share`` is the part of a scope's remaining budget this edge may reserve (``reserve``): 1/G for each of
+    G edges (gateway processes) that serve the same scopes.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class Enforcer:
         clock: Callable[[], datetime] | None = None,
         policy: Policy | None = None,
         policy_topic: str | None = POLICY,
+        budget_share: Fraction = Fraction(1),
     ) -> None:
         if settings is None and bootstrap_servers is None:
             settings = load_settings()
@@ -108,6 +113,8 @@ class Enforcer:
         self._global: ScopeRule | None = None
         self._ancestors: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
         self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
+        self.reservations = ReservationBook(budget_share)
+        self._book_lock = threading.Lock()  # decisions update the book from the consumer thread
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -232,6 +239,35 @@ class Enforcer:
                     if not values[dim_i]:
                         values[dim_i] = value
 
+    # -- exact reservation -----------------------------------------------------------------------
+    def reserve(
+        self,
+        estimate: Callable[[], int],
+        *,
+        team: str = "",
+        project: str = "",
+        feature: str = "",
+        user: str = "",
+        customer: str = "",
+        environment: str = "",
+        model: str = "",
+        org: str = "",
+        division: str = "",
+    ) -> Reservation | str:
+        """Hold a request's estimated cost (``estimate()`` nanos, asked only when one of its scopes has a known
+        budget) against the remaining budget of each of its scopes; else the scope it would overdraw.
+        Every admitted request is ``settle``d with its real cost once known (0 if it cost nothing)."""
+        values = [org, division, team, project, feature, user, customer, environment, model]
+        if self._ancestors:
+            self._fill_ancestors(values)
+        scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)
+        with self._book_lock:
+            return self.reservations.reserve(scopes, estimate, self._wall())
+
+    def settle(self, reservation: Reservation, cost_nanos: int) -> None:
+        with self._book_lock:
+            self.reservations.settle(reservation, cost_nanos, self._wall())
+
     # -- the policy's own rules ------------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
         """Apply ``policy``'s allowed-model lists and request quotas from now on (today's counts carry over)."""
@@ -280,6 +316,8 @@ class Enforcer:
             return False
         if decision is None:
             self.stats["tombstones"] += 1
+            with self._book_lock:
+                self.reservations.forget(scope)
             self._rules.pop(scope, None)
             self._exempting.discard(scope)
             self._install(dim, value, None)
@@ -289,6 +327,13 @@ class Enforcer:
             self.stats["stale_versions"] += 1
             return False
         self._rules[scope] = rule
+        with self._book_lock:
+            if decision.limit_nanos > 0 and decision.issued_at is not None:
+                issued_at = decision.issued_at.timestamp()
+                expires_at = decision.expires_at.timestamp() if decision.expires_at is not None else None
+                self.reservations.observe(scope, decision.spend_nanos, decision.limit_nanos, issued_at, expires_at)
+            else:
+                self.reservations.forget(scope)
         if rule.critical:
             self._exempting.add(scope)
         else:

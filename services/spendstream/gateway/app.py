@@ -11,12 +11,14 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from fractions import Fraction
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -28,10 +30,11 @@ from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, instrument_app
 from spendstream.core.policy import Policy
-from spendstream.core.pricing import PriceTable
+from spendstream.core.pricing import PriceTable, UnknownModelError, price_usage
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
+from spendstream.edge.reservation import Reservation
 from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
@@ -85,6 +88,9 @@ _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anth
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
 KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
+# Output tokens reserved for a request that sets no max_tokens (what it may cost is unbounded; this is a typical
+# long answer).
+UNBOUNDED_OUTPUT_TOKENS = 1024
 
 
 def _is_unicode(text: str) -> bool:
@@ -101,6 +107,10 @@ def _refuse_non_finite(constant: str) -> float:
     """``json.loads`` accepts NaN and Infinity, which are not JSON: no provider would take them, and the cache key
     (canonical JSON) cannot be built from them."""
     raise ValueError(f"{constant} is not a JSON value")
+
+
+# json.loads with parse_constant builds a decoder per call; one is enough.
+_BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_non_finite)
 
 
 def _header_safe(text: str) -> str:
@@ -197,6 +207,7 @@ class _Call:
     tags: dict[str, str]
     verdict: Verdict | None = None
     route: Route | None = None  # set when routing chose another model or provider than the one requested
+    reservation: Reservation | None = None  # its estimated cost, held until its real cost settles it
 
     def model_headers(self) -> dict[str, str]:
         """What happened to the requested model, named for what it was: a routing rewrite (why, and the estimated
@@ -263,8 +274,10 @@ class Gateway:
         prices: PriceTable | None = None,
         hierarchy: Mapping[str, str] | None = None,
         policy: Policy | None = None,
+        budget_share: Fraction = Fraction(1),
     ) -> None:
         self.config = config
+        self.budget_share = budget_share  # of each scope's remaining budget this process may reserve
         # None: real time. A clock (aware datetimes) stamps events and judges decision expiry instead, so the
         # demo can replay a past day through a real gateway.
         self.clock = clock
@@ -301,6 +314,7 @@ class Gateway:
             for kind in ("openai", "anthropic")
         }
         self.telemetry: GenAiTelemetry | None = None  # GenAI spans and metrics, only with an OTLP endpoint
+        self._decision_counters: dict[str, Any] = {}  # action -> its labelled counter (labels() costs per call)
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -330,6 +344,7 @@ class Gateway:
                 hierarchy=self.hierarchy if self.policy is None and self.hierarchy else None,  # else the policy's
                 clock=self.clock,
                 policy=self.policy,
+                budget_share=self.budget_share,
             ).start()
         if self.emitter is None:
             self.emitter = await asyncio.to_thread(Emitter, settings=self.settings)
@@ -349,7 +364,7 @@ class Gateway:
         if self.enforcer is None or self.policy is None:
             return
         policy = self.enforcer.policy
-        if policy is None or policy.version == self.policy.version:
+        if policy is None or policy is self.policy or policy.version == self.policy.version:
             return
         self.policy = policy
         self.routing, self.thresholds, self.tz = policy.routing, policy.thresholds, ZoneInfo(policy.timezone)
@@ -417,6 +432,7 @@ class Gateway:
             "upstream_failures": dict(self.upstreams.failures),
             "upstream_failovers": self.upstreams.failovers,
             "requests": dict(self.counts),
+            "pid": os.getpid(),  # with several gateway workers on the port: which one answered
         }
         return web.json_response(body)
 
@@ -515,6 +531,18 @@ class Gateway:
             call.provider = route.provider
             if (route.provider, route.model) != (provider, model):
                 call.route = route
+        served = verdict.model
+        held = self.enforcer.reserve(
+            lambda: self._estimate(call.provider, served, body, raw), **{**attribution, "model": served}
+        )
+        if isinstance(held, str):
+            verdict = call.verdict = Verdict(
+                "shutoff", served, None, "this gateway's requests have used what remains of the budget", held
+            )
+            self.counts["shutoff"] += 1
+            self._emit(call, served, None, UsageStatus.blocked)
+            return self._blocked(verdict, anthropic)
+        call.reservation = held
         key_ = self._cache_key(body, endpoint, attribution, verdict.model)
         if key_ is not None:
             hit = self.cache.get(key_)
@@ -564,6 +592,17 @@ class Gateway:
         return pick_route(
             plan, self.routing, estimate=TokenEstimate(assessment.input_tokens, output), prices=self.prices
         )
+
+    def _estimate(self, provider: str, model: str, body: dict[str, Any], raw: bytes) -> int:
+        """The most a request should cost, in nanos: its body's size as prompt tokens (about 4 bytes a token, and
+        JSON syntax counts too) and its ``max_tokens`` (or ``UNBOUNDED_OUTPUT_TOKENS``) as output, priced."""
+        output = body.get("max_tokens", body.get("max_completion_tokens"))
+        if not isinstance(output, int) or isinstance(output, bool) or output < 0:
+            output = UNBOUNDED_OUTPUT_TOKENS
+        try:
+            return price_usage(provider, model, len(raw) // 4 + 1, output, overrides=self.prices).cost_nanos
+        except (UnknownModelError, ValueError):  # refused or unpriceable: what it costs is not known here
+            return 0
 
     def _cache_key(
         self, body: dict[str, Any], endpoint: Endpoint, attribution: Mapping[str, str], model: str
@@ -618,7 +657,7 @@ class Gateway:
         except (aiohttp.ClientError, ConnectionError):
             return None, b"", _Refusal(400, "request body could not be read")
         try:
-            body = json.loads(raw, parse_constant=_refuse_non_finite)
+            body = _BODY_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
             return None, b"", _Refusal(400, f"request body is not valid JSON: {exc}")
         except RecursionError:
@@ -803,7 +842,10 @@ class Gateway:
         now: datetime,
     ) -> None:
         assert call.verdict is not None and self.emitter is not None
-        GATEWAY_DECISIONS.labels(call.verdict.action).inc()
+        counter = self._decision_counters.get(call.verdict.action)
+        if counter is None:
+            counter = self._decision_counters[call.verdict.action] = GATEWAY_DECISIONS.labels(call.verdict.action)
+        counter.inc()
         if answer is not None:
             raw_usage, served_by_upstream = usage_of_body(answer.body)
             served = served_by_upstream or served
@@ -844,7 +886,11 @@ class Gateway:
         except Exception:  # a metering bug must not fail the request; the log says which request shape
             self.counts["meter_errors"] += 1
             log.exception("could not build the usage event (provider %s, model %s)", call.provider, call.model)
+            if call.reservation is not None:  # what it cost is not known: held as estimated
+                self.enforcer.settle(call.reservation, call.reservation.nanos)  # type: ignore[union-attr]
         else:
+            if call.reservation is not None:
+                self.enforcer.settle(call.reservation, event.cost_nanos or 0)  # type: ignore[union-attr]
             self.emitter.emit(event)
             if self.telemetry is not None:
                 self.telemetry.record(event, call.endpoint.name)

@@ -17,6 +17,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gateway.add_argument("--config", help="gateway YAML/JSON (default: $SPENDSTREAM_GATEWAY_CONFIG)")
     gateway.add_argument("--host", help="listen address (default: $SPENDSTREAM_GATEWAY_HOST)")
     gateway.add_argument("--port", type=int, help="listen port (default: $SPENDSTREAM_GATEWAY_PORT)")
+    gateway.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes on the port, 0: one per CPU (default: $SPENDSTREAM_GATEWAY_WORKERS, 1)",
+    )
+    # Set on each worker by the supervisor: share the port, and reserve 1/N of each remaining budget.
+    gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    gateway.add_argument("--budget-share-of", type=int, default=1, help=argparse.SUPPRESS)
+    gateway.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     gateway.set_defaults(handler=run_gateway)
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
     keygen = actions.add_parser(
@@ -38,14 +47,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
     import signal
+    from fractions import Fraction
 
     from aiohttp import web
 
     from spendstream.core.policy import load_policy
     from spendstream.gateway.app import Gateway
     from spendstream.gateway.config import load_gateway_config
+    from spendstream.gateway.workers import workers_wanted
 
     config = load_gateway_config(args.config)
+    share = Fraction(1, max(1, args.budget_share_of))
+    host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
+    workers = args.workers if args.workers is not None else settings.gateway_workers
+    if workers < 0:
+        print(f"--workers must be 0 (one per CPU) or more, got {workers}", file=sys.stderr)
+        return 2
+    if workers != 1 and not args.reuse_port:
+        return _supervise_workers(args, settings, host, port, workers_wanted(workers))
     if settings.policy:
         policy = load_policy(settings.policy)
         gateway = Gateway(
@@ -57,10 +76,14 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
             prices=policy.price_table,
             hierarchy=policy.parent_scopes,
             policy=policy,
+            budget_share=share,
         )
     else:
-        gateway = Gateway(config, settings)
-    host, port = args.host or settings.gateway_host, args.port or settings.gateway_port
+        gateway = Gateway(config, settings, budget_share=share)
+    if args.worker_index is not None and settings.metrics_port is not None:  # each worker scraped on its own
+        from spendstream.core.metrics import serve_metrics
+
+        serve_metrics(settings.model_copy(update={"metrics_port": settings.metrics_port + args.worker_index}))
     print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
     app = gateway.app()
 
@@ -68,8 +91,33 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_keys)
 
     app.on_startup.append(reload_keys_on_sighup)
-    web.run_app(app, host=host, port=port, print=None, **gateway.server_options())
+    web.run_app(app, host=host, port=port, print=None, reuse_port=args.reuse_port, **gateway.server_options())
     return 0
+
+
+def _supervise_workers(args: argparse.Namespace, settings: Settings, host: str, port: int, count: int) -> int:
+    """Run ``count`` gateway processes on ``host:port`` (SO_REUSEPORT) under a supervisor."""
+    from spendstream.gateway.workers import Supervisor, reuse_port_free
+
+    if not port:
+        print("--workers needs a fixed port (SPENDSTREAM_GATEWAY_PORT or --port), not 0", file=sys.stderr)
+        return 2
+    problem = reuse_port_free(host, port)
+    if problem is not None:
+        print(
+            f"gateway not started: {problem}; choose another with SPENDSTREAM_GATEWAY_PORT or --port",
+            file=sys.stderr,
+        )
+        return 1
+    argv = [sys.executable, "-m", "spendstream.cli", "gateway", "--host", host, "--port", str(port)]
+    if args.config:
+        argv += ["--config", args.config]
+    argv += ["--workers", "1", "--reuse-port", "--budget-share-of", str(count)]
+    print(f"gateway: {count} worker processes on http://{host}:{port}", flush=True)
+    if settings.metrics_port is not None:
+        last = settings.metrics_port + count - 1
+        print(f"gateway: each worker's /metrics on ports {settings.metrics_port}-{last}", flush=True)
+    return Supervisor(argv, count).run()
 
 
 def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Path | None, str]:

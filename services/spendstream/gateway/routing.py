@@ -37,6 +37,7 @@ show spend as routed against spend had every request gone to the requested model
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -280,8 +281,19 @@ def remaining_bound(action: str, thresholds: ThresholdsView) -> float | None:
     fallback threshold, so those outcomes bound the remaining fraction by 1 - threshold. No network, no extra
     state: the edge's Enforcer already answered.
     """
-    threshold = {"alert": thresholds.alert, "fallback": thresholds.fallback}.get(action)
-    return None if threshold is None else max(0.0, float(1 - threshold))
+    if action == "alert":
+        threshold = thresholds.alert
+    elif action == "fallback":
+        threshold = thresholds.fallback
+    else:
+        return None
+    return None if threshold is None else _remaining_below(threshold)
+
+
+@functools.lru_cache(maxsize=64)
+def _remaining_below(threshold: Decimal) -> float:
+    """1 - threshold as a float (Decimal arithmetic per request costs more than the lookup)."""
+    return max(0.0, float(1 - threshold))
 
 
 class RoutePlan(NamedTuple):

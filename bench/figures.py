@@ -1,0 +1,37 @@
+"""What every benchmark prints about its run, in a form ``bench/readme_table.py`` reads back.
+
+``machine()`` prints the CPU model, the load average and the date once; ``figure()`` prints one measured figure
+per line as ``FIGURE {json}``, beside the human-readable output, so the README's table is regenerated from the
+scripts' own output rather than copied by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+
+from machine_facts import cpu_model
+
+PREFIX = "FIGURE "
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def machine(bench: str) -> None:
+    """The run's facts: figures are only comparable on the same machine under similar load."""
+    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "load": load_average(), "date": datetime.now(UTC).isoformat()}
+    print(f"cpu: {facts['cpu']} ({facts['cores']} cores); load average {facts['load']}; {facts['date'][:16]} UTC")
+    print(PREFIX + json.dumps({"bench": bench, "kind": "machine", **facts}), flush=True)
+
+
+def figure(bench: str, name: str, value: float, unit: str, baseline: float | None = None, **extra: object) -> None:
+    """One figure (``baseline``: its peer measured in the same run), with the load average when it was taken."""
+    record = {"bench": bench, "kind": "figure", "name": name, "value": round(value, 4), "unit": unit}
+    if baseline is not None:
+        record["baseline"] = round(baseline, 4)
+    record.update(extra)
+    record["load"] = load_average()
+    print(PREFIX + json.dumps(record), flush=True)

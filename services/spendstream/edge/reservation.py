@@ -1,0 +1,141 @@
+"""Exact reservation at the edge: a request's estimated cost is held against the remaining budget before it leaves.
+
+Pure arithmetic in integer nano-USD; time is passed in (epoch seconds), so it is testable without sleeping.
+
+What the edge knows of a scope's budget is the newest decision that carried it (``spend_nanos``, ``limit_nanos``,
+``issued_at``: the processor publishes one at each threshold, alert and fallback, before the shutoff). Since then
+this edge has spent what it settled (the real cost of each request once its usage is known) and holds what is in
+flight (the reservations of requests not yet settled). The processor's spend may already include this edge's
+requests settled shortly before ``issued_at``, but not those settled later; the edge cannot tell which, so it
+counts every request it settled from ``margin_s`` before ``issued_at`` (the processor's usual lag; counting one
+twice refuses a little early, never late). A request is admitted, and holds its estimate, while
+
+    reserved + settled since (issued_at - margin_s) < share x (limit - spend)
+
+so the request that reaches the limit is the last one: spend crosses the limit by less than one request's
+estimate per edge (the processor sees the crossing, publishes its shutoff and raises its alerts, as without
+reservation, unless counting requests twice stopped the edge a little early) instead of by everything served
+during a decision round trip.
+``share`` is this edge's part of the remaining budget: with G edges (gateway processes) each holding 1/G, the
+edges together cannot pass what remained by more than one request each, whatever the others do until the next
+decision.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+RECENT_S = 10.0  # how long settled requests are remembered for a ledger that a first decision opens
+
+
+@dataclass(slots=True)
+class ScopeLedger:
+    """One scope's budget as the newest decision told it, and this edge's spend and reservations since."""
+
+    spend_nanos: int  # the processor's spend of the budget's window when it decided
+    limit_nanos: int
+    issued_at: float  # epoch seconds of that decision
+    expires_at: float | None = None  # the end of the budget's period: the ledger holds nothing after it
+    reserved_nanos: int = 0  # requests in flight at this edge
+    settled: deque[tuple[float, int]] = field(default_factory=deque)  # (settled at, real cost) at this edge
+    settled_nanos: int = 0  # the sum of ``settled``
+
+    def forget_before(self, at: float) -> None:
+        """Drop settled requests older than ``at`` (the decision in force includes them)."""
+        settled = self.settled
+        while settled and settled[0][0] < at:
+            self.settled_nanos -= settled.popleft()[1]
+
+    def available(self, share: Fraction) -> int:
+        """Nanos this edge may still reserve (negative: it already holds more than its share)."""
+        remaining = max(0, self.limit_nanos - self.spend_nanos)
+        return remaining * share.numerator // share.denominator - self.settled_nanos - self.reserved_nanos
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one request holds: its estimate on every scope ledger it was checked against, and its scopes."""
+
+    nanos: int
+    ledgers: tuple[ScopeLedger, ...]
+    scopes: tuple[str, ...]
+
+
+class ReservationBook:
+    """The ledgers of every scope with a known budget at this edge, by scope (``team:web``)."""
+
+    def __init__(self, share: Fraction = Fraction(1), margin_s: float = 0.5) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self.share = share
+        self.margin_s = margin_s
+        self.ledgers: dict[str, ScopeLedger] = {}
+        # Every request settled in the last RECENT_S (at, cost, scopes): the first decision of a scope (its alert)
+        # may have been issued before this edge's latest requests of that scope were counted.
+        self.recent: deque[tuple[float, int, tuple[str, ...]]] = deque()
+
+    def observe(
+        self, scope: str, spend_nanos: int, limit_nanos: int, issued_at: float, expires_at: float | None = None
+    ) -> None:
+        """A decision told the budget of ``scope`` until ``expires_at`` (older news than what is known is ignored)."""
+        ledger = self.ledgers.get(scope)
+        if ledger is None:
+            self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at, expires_at)
+            for at, cost, scopes in self.recent:
+                if scope in scopes and at >= issued_at - self.margin_s:
+                    ledger.settled.append((at, cost))
+                    ledger.settled_nanos += cost
+        elif issued_at < ledger.issued_at:
+            return
+        else:
+            ledger.spend_nanos, ledger.limit_nanos, ledger.issued_at = spend_nanos, limit_nanos, issued_at
+            ledger.expires_at = expires_at
+        ledger.forget_before(issued_at - self.margin_s)
+
+    def forget(self, scope: str) -> None:
+        """The scope has no budget decision any more (a new period, or the decision was deleted)."""
+        self.ledgers.pop(scope, None)
+
+    def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | str:
+        """Hold the request's estimated cost on every known ledger of ``scopes``; else the first scope whose
+        share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger. A ledger
+        whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no decision
+        to say so."""
+        held = []
+        for scope in scopes:
+            ledger = self.ledgers.get(scope)
+            if ledger is None:
+                continue
+            if ledger.expires_at is not None and ledger.expires_at <= now:
+                del self.ledgers[scope]
+                continue
+            held.append((scope, ledger))
+        if not held:
+            return Reservation(0, (), scopes)
+        for scope, ledger in held:
+            if ledger.available(self.share) <= 0:
+                return scope
+        nanos = estimate()
+        for _, ledger in held:
+            ledger.reserved_nanos += nanos
+        return Reservation(nanos, tuple(ledger for _, ledger in held), scopes)
+
+    def settle(self, reservation: Reservation, cost_nanos: int, at: float) -> None:
+        """The request's real cost is known (``at``, epoch seconds): it replaces the estimate."""
+        for ledger in reservation.ledgers:
+            ledger.reserved_nanos -= reservation.nanos
+            if cost_nanos:
+                ledger.settled.append((at, cost_nanos))
+                ledger.settled_nanos += cost_nanos
+        if cost_nanos:
+            recent = self.recent
+            recent.append((at, cost_nanos, reservation.scopes))
+            while recent[0][0] < at - RECENT_S:
+                recent.popleft()
+
+    def release(self, reservation: Reservation) -> None:
+        """The request failed before it cost anything."""
+        self.settle(reservation, 0, 0.0)

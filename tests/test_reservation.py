@@ -1,0 +1,165 @@
+"""Exact reservation at the edge: the pure ledger (hypothesis) and a gateway that holds requests to what remains."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from spendstream.core.config import Settings
+from spendstream.core.events import Decision
+from spendstream.edge.emitter import Emitter
+from spendstream.edge.enforcer import Enforcer
+from spendstream.edge.reservation import Reservation, ReservationBook
+from spendstream.gateway.app import Gateway, GatewayThread
+from stub_upstream import StubUpstream, publish_decisions, wait_for
+from test_gateway import gateway_config, http, read_usage
+
+SCOPE = ("team:web",)
+
+# A request: its estimate, and the fraction of it that it really cost (a model answers at most max_tokens).
+requests = st.lists(st.tuples(st.integers(0, 5_000), st.fractions(0, 1)), max_size=60)
+
+
+@given(
+    limit=st.integers(0, 100_000),
+    spend=st.integers(0, 120_000),
+    share=st.sampled_from([Fraction(1), Fraction(1, 2), Fraction(1, 3)]),
+    calls=requests,
+    settle_after=st.integers(0, 5),
+)
+def test_an_edge_passes_its_share_of_what_remains_by_less_than_one_request(
+    limit: int, spend: int, share: Fraction, calls: list[tuple[int, Fraction]], settle_after: int
+) -> None:
+    book = ReservationBook(share, margin_s=0.5)
+    book.observe("team:web", spend, limit, issued_at=100.0)
+    cap = max(0, limit - spend) * share
+    in_flight: list[tuple[Reservation, int]] = []
+    spent = 0
+    for i, (estimate, part) in enumerate(calls):
+        before = spent + sum(r.nanos for r, _ in in_flight)
+        held = book.reserve(SCOPE, lambda estimate=estimate: estimate, 100.0 + i)
+        if isinstance(held, str):
+            assert held == "team:web" and before >= cap
+        else:
+            assert before < cap  # admitted only while something of the share was left
+            in_flight.append((held, int(estimate * part)))
+        while len(in_flight) > settle_after:  # requests finish in order, some while others are in flight
+            done, cost = in_flight.pop(0)
+            book.settle(done, cost, 100.0 + i)
+            spent += cost
+        assert spent + sum(r.nanos for r, _ in in_flight) < cap + max([e for e, _ in calls], default=0) + 1
+
+
+@given(limit=st.integers(1, 10_000), estimate=st.integers(1, 20_000))
+def test_a_released_reservation_gives_its_budget_back(limit: int, estimate: int) -> None:
+    book = ReservationBook()
+    book.observe("team:web", 0, limit, issued_at=0.0)
+    first = book.reserve(SCOPE, lambda: estimate, 1.0)
+    assert isinstance(first, Reservation) and first.nanos == estimate
+    second = book.reserve(SCOPE, lambda: 1, 1.0)
+    assert (second == "team:web") == (estimate >= limit)
+    if isinstance(second, Reservation):
+        book.release(second)
+    book.release(first)
+    assert book.ledgers["team:web"].available(Fraction(1)) == limit
+
+
+@hypothesis_settings(max_examples=200)
+@given(
+    remaining=st.integers(0, 50_000),
+    edges=st.integers(1, 4),
+    order=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3_000)), max_size=80),
+)
+def test_edges_holding_one_share_each_together_pass_what_remains_by_at_most_one_request_each(
+    remaining: int, edges: int, order: list[tuple[int, int]]
+) -> None:
+    books = [ReservationBook(Fraction(1, edges)) for _ in range(edges)]
+    for book in books:
+        book.observe("team:web", 1_000, 1_000 + remaining, issued_at=0.0)
+    spent = 0
+    for edge, cost in order:
+        held = books[edge % edges].reserve(SCOPE, lambda cost=cost: cost, 1.0)
+        if isinstance(held, Reservation):
+            books[edge % edges].settle(held, cost, 1.0)
+            spent += cost
+    assert spent < remaining + edges * 3_000
+
+
+def test_a_first_decision_counts_what_this_edge_settled_just_before_it_was_issued() -> None:
+    book = ReservationBook(margin_s=0.5)
+    unknown = book.reserve(SCOPE, lambda: 1 / 0, 90.0)  # no budget known: no estimate asked, nothing held
+    assert isinstance(unknown, Reservation) and unknown.nanos == 0
+    book.settle(book.reserve(SCOPE, lambda: 0, 90.0), 50, at=90.0)  # long before the decision: surely in its spend
+    book.settle(unknown, 700, at=99.8)  # 0.2 s before it: maybe not
+    book.observe("team:web", 300, 1_000, issued_at=100.0)
+    assert book.ledgers["team:web"].available(Fraction(1)) == 0
+    assert book.reserve(SCOPE, lambda: 1, 100.0) == "team:web"
+
+
+def test_a_budget_period_that_ended_holds_nothing() -> None:
+    """The processor publishes no decision for a new period that starts at plain allow: the ledger of the old
+    period must not refuse requests of the new one."""
+    book = ReservationBook()
+    book.observe("team:web", 1_000, 1_000, issued_at=100.0, expires_at=200.0)
+    assert book.reserve(SCOPE, lambda: 500, 150.0) == "team:web"
+    held = book.reserve(SCOPE, lambda: 500, 200.0)
+    assert isinstance(held, Reservation) and held.ledgers == () and "team:web" not in book.ledgers
+
+
+# -- through the gateway ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stub() -> Iterator[StubUpstream]:
+    with StubUpstream() as running:
+        yield running
+
+
+def test_the_gateway_serves_what_remains_of_a_budget_then_refuses(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """An alert says 80 % of the team's budget is spent: the gateway serves what the rest pays for (the last
+    request crosses the limit, so the processor sees it), then refuses with 402, before the processor has counted
+    a single one of those requests."""
+    limit = 1_000_000  # $0.001
+    alert = Decision(
+        scope="team:marketing",
+        action="alert",
+        version=1,
+        spend_nanos=800_000,
+        limit_nanos=limit,
+        issued_at=datetime.now(UTC),
+    )
+    publish_decisions(settings.kafka_bootstrap, [alert])
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 50}
+    statuses: list[int] = []
+    try:
+        with GatewayThread(gateway) as running:
+            assert wait_for(lambda: "team:marketing" in enforcer.reservations.ledgers, 10)
+            for _ in range(100):
+                status, headers, data = http(running.url + "/v1/chat/completions", body)
+                statuses.append(status)
+                if status == 402:
+                    assert headers["X-Spendstream-Scope"] == "team:marketing"
+                    assert "used what remains of the budget" in json.loads(data)["error"]["message"]
+                    break
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+    assert statuses[-1] == 402 and statuses.count(200) == len(statuses) - 1 > 1
+    served = [e for e in read_usage(settings.kafka_bootstrap, len(statuses)) if e["status"] == "ok"]
+    assert len(served) == statuses.count(200)
+    costs = [e["cost_nanos"] for e in served]
+    assert limit - alert.spend_nanos <= sum(costs) < limit - alert.spend_nanos + max(costs)
