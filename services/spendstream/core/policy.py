@@ -243,6 +243,65 @@ class Pricing(_Model):
         return PriceTable(rows, self.unknown_model, default)
 
 
+class ApprovalLevel(_Model):
+    """One rung of the approval ladder: the scope dimensions it may approve for and its amount ceiling."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    dimensions: tuple[str, ...] = (*HIERARCHY, "feature")
+    max_usd: Decimal | None = Field(None, exclude=True, gt=0, le=MAX_AMOUNT_USD)
+    max_nanos: int | None = Field(None, gt=0, le=MAX_AMOUNT_NANOS)  # None: no ceiling
+
+    @field_validator("dimensions")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [d for d in value if d not in DIMENSIONS]
+        if unknown:
+            raise ValueError(f"unknown dimensions {unknown}; use {', '.join(DIMENSIONS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _to_nanos(self) -> ApprovalLevel:
+        object.__setattr__(self, "max_nanos", _money(self.max_usd, self.max_nanos, "max", required=False))
+        object.__setattr__(self, "max_usd", None)
+        return self
+
+
+def _reference_levels() -> tuple[ApprovalLevel, ...]:
+    """The reference framework's ladder: manager, director, VP, board."""
+    return (
+        ApprovalLevel(name="manager", dimensions=("team", "project", "feature"), max_usd=Decimal(1_000)),
+        ApprovalLevel(name="director", dimensions=("division", "team", "project", "feature"), max_usd=Decimal(5_000)),
+        ApprovalLevel(name="vp", dimensions=(*HIERARCHY, "feature"), max_usd=Decimal(25_000)),
+        ApprovalLevel(name="board", dimensions=DIMENSIONS),
+    )
+
+
+class Approvals(_Model):
+    """Who may approve what (``approvals:``): budget increases, overage requests and feature registrations.
+
+    An approver token names one level; a level approves an amount for a scope when the scope's dimension is
+    among its ``dimensions`` and the amount is at most its ceiling. A feature whose projected monthly cost is
+    above ``feature_threshold`` needs such an approval before it may spend.
+    """
+
+    levels: tuple[ApprovalLevel, ...] = Field(default_factory=_reference_levels)
+    feature_threshold_usd: Decimal | None = Field(None, exclude=True, ge=0, le=MAX_AMOUNT_USD)
+    feature_threshold_nanos: int | None = Field(None, ge=0, le=MAX_AMOUNT_NANOS)
+
+    @model_validator(mode="after")
+    def _check(self) -> Approvals:
+        names = [level.name for level in self.levels]
+        if len(names) != len(set(names)):
+            raise ValueError("approval level names must be unique")
+        threshold = _money(self.feature_threshold_usd, self.feature_threshold_nanos, "feature_threshold", False)
+        object.__setattr__(self, "feature_threshold_nanos", usd_to_nanos(2_000) if threshold is None else threshold)
+        object.__setattr__(self, "feature_threshold_usd", None)
+        return self
+
+    def level(self, name: str) -> ApprovalLevel | None:
+        return next((level for level in self.levels if level.name == name), None)
+
+
 class Policy(_Model):
     """The whole policy; build it with ``parse_policy`` / ``load_policy`` to get file/line error messages."""
 
@@ -261,6 +320,7 @@ class Policy(_Model):
     spike_rules: list[SpikeRule] = Field(default_factory=list)
     pricing: Pricing = Field(default_factory=Pricing)
     routing: RoutingPolicy | None = None
+    approvals: Approvals | None = None  # None: the reference ladder (``approval_rules``)
 
     _version: str = PrivateAttr("")
 
@@ -315,7 +375,10 @@ class Policy(_Model):
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, Decimals as strings, money in nanos): hashed for ``version``."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        document = self.model_dump(mode="json")
+        if self.approvals is None:  # a policy without the section keeps the version it had before the section existed
+            del document["approvals"]
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     def summary(self) -> str:
         lines = [f"policy {self.name} version {self.version} (timezone {self.timezone})"]
@@ -363,6 +426,10 @@ class Policy(_Model):
                 parents.setdefault(child, parent)
         return parents
 
+    @cached_property
+    def approval_rules(self) -> Approvals:
+        return self.approvals or _REFERENCE_APPROVALS
+
     def feature(self, name: str) -> Feature:
         return self.features.get(name) or _NON_CRITICAL
 
@@ -385,6 +452,7 @@ class Policy(_Model):
 
 
 _NON_CRITICAL = Feature()
+_REFERENCE_APPROVALS = Approvals()
 
 
 # -- YAML loading with line numbers ------------------------------------------------------------------------------
