@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "spendstream.processor.commands",  # processor, policy
     "spendstream.gateway.commands",  # gateway
     "spendstream.api.commands",  # api
+    "spendstream.api.budget_commands",  # budget, feature
     "spendstream.analytics.commands",  # report, sql
     "spendstream.analytics.export_commands",  # export
 )

@@ -38,6 +38,7 @@ from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.api import cloudevents
+from spendstream.api.budget_requests import APPROVER_PATHS, add_routes
 from spendstream.api.dashboard import render_page
 from spendstream.api.tokens import ApiToken, Role, TokenStore, new_read_token
 from spendstream.core import topics
@@ -390,6 +391,8 @@ def required_role(request: web.Request) -> Role | None:
         return None
     if request.path.startswith("/v1/admin/"):
         return "admin"
+    if APPROVER_PATHS.match(request.path):
+        return "approver"
     if request.path == "/v1/usage" and request.method not in ("GET", "HEAD"):
         return "ingest"
     return "viewer"
@@ -555,6 +558,7 @@ def create_app(
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)
+    add_routes(app, settings)
     app.router.add_get("/", get_dashboard)
     instrument_app(app, "api")
 

@@ -20,9 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--role",
         required=True,
-        choices=("viewer", "ingest", "admin"),
+        choices=("viewer", "ingest", "approver", "admin"),
         help="what the token may do (see README: API access)",
     )
+    create.add_argument("--level", default="", help="approver: its approval level (the policy's approvals.levels)")
     create.add_argument("--name", help="a unique name (default: role and scope)")
     for field in ("org", "team", "provider"):
         create.add_argument(
@@ -55,9 +56,14 @@ def run_token_create(args: argparse.Namespace, settings: Settings) -> int:
     if args.role != "ingest" and any(scope.values()):
         print("spendstream api token create: --org/--team/--provider limit ingest tokens only", file=sys.stderr)
         return 2
-    name = args.name or "-".join([args.role, *args.org, *args.team, *args.provider])
+    if (args.role == "approver") != bool(args.level):
+        print("spendstream api token create: an approver token needs --level, and only it", file=sys.stderr)
+        return 2
+    name = args.name or "-".join(
+        [args.role, *args.org, *args.team, *args.provider, *([args.level] if args.level else [])]
+    )
     try:
-        token = add_token(settings.api_tokens_path, args.role, name, **scope)
+        token = add_token(settings.api_tokens_path, args.role, name, level=args.level, **scope)
     except ConfigError as exc:
         print(f"spendstream api token create: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +85,8 @@ def run_token_list(args: argparse.Namespace, settings: Settings) -> int:
         scope = " ".join(
             f"{f}={','.join(v)}" for f, v in (("org", t.orgs), ("team", t.teams), ("provider", t.providers)) if v
         )
+        if t.level:
+            scope = f"level={t.level} {scope}".strip()
         print(f"{t.name}\t{t.role}\t{scope or '-'}\t{t.created_at}")
     return 0
 

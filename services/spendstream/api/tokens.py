@@ -5,8 +5,15 @@ such as::
 
     - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
       name: marketing-ingest
-      role: ingest          # viewer | ingest | admin
+      role: ingest          # viewer | ingest | approver | admin
       teams: [marketing]    # ingest only: the orgs, teams and providers it may report for (empty: any)
+    - sha256: ...
+      name: dana
+      role: approver        # reads like a viewer, and approves budget requests
+      level: director       # approver only: a level of the policy's ``approvals.levels``
+
+A token's name is its principal: who requested, approved or denied a budget change is the name of the token
+that made the request, never a field of the request.
 
 Only sha256 hashes are stored, as for the gateway's virtual keys; ``spendstream api token create``
 prints a token once. A running API re-reads the file when it changes, so a new or revoked token
@@ -33,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from spendstream.core.config import ConfigError
 from spendstream.gateway.keys import hash_key
 
-Role = Literal["viewer", "ingest", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "ingest", "admin")
+Role = Literal["viewer", "ingest", "approver", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "ingest", "approver", "admin")
 TOKEN_PREFIX = "ss-api-"
 SCOPE_FIELDS = ("org", "team", "provider")  # event fields an ingest token can be limited to
 
@@ -48,10 +55,11 @@ class ApiToken(BaseModel):
     orgs: tuple[str, ...] = ()
     teams: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()
+    level: str = ""  # approver only: its approval level (``approvals.levels`` of the policy)
     created_at: str = ""
 
     def allows(self, needed: Role) -> bool:
-        return self.role == "admin" or self.role == needed
+        return self.role == "admin" or self.role == needed or (self.role == "approver" and needed == "viewer")
 
     def scope_problem(self, event: Any) -> tuple[str, str] | None:
         """(field, message) if ``event`` reports for an org, team or provider outside this token's scope."""
@@ -161,6 +169,7 @@ def add_token(
     orgs: Iterable[str] = (),
     teams: Iterable[str] = (),
     providers: Iterable[str] = (),
+    level: str = "",
     replace: bool = False,
 ) -> str:
     """Create a token, add its hash to the tokens file (atomically, mode 0600) and return the token.
@@ -174,7 +183,7 @@ def add_token(
     token = new_token()
     entry = ApiToken(
         sha256=hash_key(token), name=name, role=role, orgs=tuple(orgs), teams=tuple(teams),
-        providers=tuple(providers), created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        providers=tuple(providers), level=level, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )  # fmt: skip
     kept = [t for t in current if t.name != name] + [entry]
     write_tokens(path, kept)
