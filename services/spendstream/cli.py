@@ -22,6 +22,7 @@ from spendstream.runtime.topic_admin import BrokerUnreachable, require_broker
 COMMAND_MODULES = (
     "spendstream.runtime.commands",  # broker, topics, dev, demo
     "spendstream.sink.commands",  # sink, ledger
+    "spendstream.sink.audit_verify",  # audit verify
     "spendstream.processor.commands",  # processor, policy
     "spendstream.gateway.commands",  # gateway
     "spendstream.api.commands",  # api

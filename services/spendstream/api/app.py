@@ -381,6 +381,23 @@ async def get_dashboard(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
+def _verify_audit(client: Any, db: str, anchors: dict[str, Any]) -> dict[str, Any]:
+    from spendstream.sink.audit_verify import report, verify_ledger
+
+    code, text = report(verify_ledger(client, db, anchors), len(anchors))
+    return {"code": code, "report": text}
+
+
+async def get_audit_verify(request: web.Request) -> web.Response:
+    """``spendstream audit verify`` for a ledger this process owns (anchors read before the ledger)."""
+    from spendstream.sink.audit_verify import read_anchors
+
+    settings = request.app[SETTINGS]
+    anchors = await asyncio.to_thread(read_anchors, settings.kafka_client_config())
+    db = settings.clickhouse_database
+    return web.json_response(await _ledger_call(request, _verify_audit, request.app[LEDGER], db, anchors))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -558,6 +575,7 @@ def create_app(
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/audit/verify", get_audit_verify)
     add_routes(app, settings)
     app.router.add_get("/", get_dashboard)
     instrument_app(app, "api")
