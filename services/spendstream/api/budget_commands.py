@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     amount_args(increase)
     increase.add_argument("--until", required=True, help="YYYY-MM-DD (through that local day) or an ISO time")
     increase.set_defaults(handler=run_post, path="/v1/budget/increases")
-    request = actions.add_parser("request", help="ask for an increase or, at 100 %%, an overage")
+    request = actions.add_parser("request", help="ask for an increase or, at 100 percent of a budget, an overage")
     amount_args(request)
     request.add_argument("--until", help="expiry (default for an overage: the end of the period)")
     request.add_argument(
