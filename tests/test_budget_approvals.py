@@ -6,6 +6,7 @@ Each scenario uses its own team or feature.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -159,6 +160,11 @@ def test_an_overage_is_denied_then_approved_by_the_right_role_and_a_wrong_role_i
     assert "role viewer" in stack.refused(
         "alice", "budget", "increase", "team:sales", "1", "--until", "2099-01-01", "--reason", "x"
     )
+    assert "no month budget for team:nowhere" in stack.refused(
+        "alice", "budget", "request", "team:nowhere", "5", "--reason", "x"
+    )
+    bad_amount = ("budget", "request", "team:sales", "lots", "--overage", "--reason", "x")
+    assert "amount_usd: a number of USD" in stack.refused("alice", *bad_amount)
     own = request_id(stack.ok("mike", "budget", "request", "team:sales", "5", "--overage", "--reason", "mine"))
     assert "may not also decide" in stack.refused("mike", "budget", "approve", own, "--reason", "self-service")
     denied = stack.ok("dana", "budget", "deny", rid, "--reason", "not before the review")
@@ -180,7 +186,12 @@ def test_a_feature_above_the_threshold_waits_for_approval(stack: Stack) -> None:
     blocked = stack.decision("feature:ai_summarizer", "shutoff")  # budgeted at zero until approved
     assert blocked["limit_nanos"] == 0
     assert "at most $100.00" in stack.refused("dana", "budget", "approve", request_id(line), "--reason", "ok")
-    stack.ok("vera", "budget", "approve", request_id(line), "--reason", "worth it")
+    # the approver is the token that calls, whatever the body claims
+    forged = json.dumps({"reason": "worth it", "step_by": "ceo", "approved_by": "ceo", "approver_level": "board"})
+    reply = call(stack.port, "POST", f"/v1/budget/requests/{request_id(line)}/approve", forged.encode(),
+                 Authorization=f"Bearer {stack.tokens['vera']}", Content_Type="application/json")  # fmt: skip
+    assert reply.status == 201, reply.body
+    assert (reply.json()["step_by"], reply.json()["approver_level"]) == ("vera", "vp")
     approved = stack.decision("feature:ai_summarizer", "allow", after=blocked["version"])
     assert approved["limit_nanos"] == 2500 * USD
     assert "ai_summarizer" in stack.ok("alice", "feature", "list", "--status", "approved")

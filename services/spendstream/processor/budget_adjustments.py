@@ -53,6 +53,7 @@ class BudgetAdjustmentFollower(threading.Thread):
                 due = next_expiry(self.requests.values(), checked)
                 if due is not None and due <= now:
                     changed |= self._boundaries_between(checked, now)
+                if changed:  # also what ended while no worker ran, found on the catch-up read
                     self._publish_expiries(producer, now)
                 checked = now
                 if changed:
