@@ -147,6 +147,10 @@ def test_a_temporary_increase_lifts_the_shutoff_and_expires_on_time(stack: Stack
     assert datetime.fromisoformat(str(restored["issued_at"])) >= until  # not before its expiry
     listed = stack.ok("alice", "budget", "list", "--status", "expired")
     assert request_id(line) in listed and "expired by spendstream processor" in listed
+    deadline = time.monotonic() + 30  # the grant and the expiry are chained audit records in the ledger
+    while "budget_events: 2 records, chain intact" not in (verified := stack.ok("alice", "audit", "verify")):
+        assert time.monotonic() < deadline, verified
+        time.sleep(1)
 
 
 def test_an_overage_is_denied_then_approved_by_the_right_role_and_a_wrong_role_is_refused(stack: Stack) -> None:
