@@ -131,6 +131,7 @@ def test_approval_levels_follow_the_policy_ladder() -> None:
     assert approval_problem(rules, "board", "org:acme", 10**6 * USD) is None
     assert "not in the policy" in str(approval_problem(rules, "cfo", "team:marketing", USD))
     assert "approver token" in str(approval_problem(rules, "", "team:marketing", USD))
+    assert "approval level director: up to $5,000.00 for division, team" in POLICY.summary()  # policy show
     custom = parse_policy("approvals: {levels: [{name: lead, dimensions: [team], max_usd: 50}]}").approval_rules
     assert approval_problem(custom, "lead", "team:x", 50 * USD) is None
     assert approval_problem(custom, "manager", "team:x", USD) is not None

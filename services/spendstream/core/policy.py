@@ -397,6 +397,12 @@ class Policy(_Model):
         for scope, models in self.allowed_models.items():
             lines.append(f"allowed models for {scope}: {', '.join(models)}")
         lines.append(f"price overrides: {len(self.pricing.overrides)}; unknown models: {self.pricing.unknown_model}")
+        rules = self.approval_rules
+        for level in rules.levels:
+            ceiling = "no ceiling" if level.max_nanos is None else f"up to ${Decimal(level.max_nanos) / 10**9:,.2f}"
+            lines.append(f"approval level {level.name}: {ceiling} for {', '.join(level.dimensions)}")
+        threshold = Decimal(rules.feature_threshold_nanos or 0) / 10**9
+        lines.append(f"new features above ${threshold:,.2f}/month need approval")
         return "\n".join(lines)
 
     # -- lookups ------------------------------------------------------------------------------------------------
