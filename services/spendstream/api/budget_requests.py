@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from spendstream.core.budget_lifecycle import (
     BudgetRequest,
@@ -197,7 +197,7 @@ def _caller(request: web.Request) -> Any:
 async def list_requests(request: web.Request) -> web.Response:
     try:
         _, requests = await _state(request)
-    except (LifecycleError, RuntimeError) as exc:
+    except (LifecycleError, RuntimeError, KafkaException) as exc:
         return _error(exc)
     wanted = {k: request.query[k] for k in ("status", "kind", "scope") if request.query.get(k)}
     rows = [
@@ -217,7 +217,7 @@ async def _step(request: web.Request, make: Any) -> web.Response:
             policy, requests = await _state(request)
             step = make(body, policy, requests, caller, datetime.now(UTC))
             await asyncio.to_thread(publish, request.app[SETTINGS].kafka_client_config(), step)
-    except (LifecycleError, RuntimeError) as exc:
+    except (LifecycleError, RuntimeError, KafkaException) as exc:
         return _error(exc)
     return web.json_response(request_json(step), status=201 if step.step in ("requested", "approved") else 200)
 
