@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -174,3 +176,19 @@ def test_records_round_trip_and_expire_at_their_expiry() -> None:
     ended = expire(granted)
     assert (ended.status, ended.step_at) == (Status.expired, T0 + timedelta(days=30))
     assert next_expiry([ended], T0) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("step_at", "2026-12-01T00:00:00", "no timezone"),
+        ("amount_nanos", "1000", "positive Int64"),
+        ("amount_nanos", -5, "positive Int64"),
+        ("status", "granted", "granted"),
+        ("starts_at", None, "required"),
+    ],
+)
+def test_a_malformed_record_is_refused_by_name(field: str, value: Any, problem: str) -> None:
+    good = json.loads(new_request(Kind.increase, "team:x", "month", USD, T0, None, "a", "b", T0).to_json())
+    with pytest.raises(ValueError, match=problem):
+        BudgetRequest.from_json(json.dumps({**good, field: value}))

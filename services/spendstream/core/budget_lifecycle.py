@@ -77,9 +77,18 @@ class BudgetRequest:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BudgetRequest:
+        """Raises ``ValueError`` (or ``KeyError``/``TypeError``) for anything but a well-formed record: a follower
+        skips what it cannot use rather than compare a naive time or add a string to a limit."""
         data: dict[str, Any] = json.loads(raw)
         for name in ("starts_at", "expires_at", "requested_at", "step_at"):
+            if data[name] is None and name != "expires_at":
+                raise ValueError(f"{name} is required")
             data[name] = datetime.fromisoformat(data[name]) if data[name] is not None else None
+            if data[name] is not None and data[name].tzinfo is None:
+                raise ValueError(f"{name} has no timezone")
+        amount = data["amount_nanos"]
+        if type(amount) is not int or not 0 < amount <= INT64_MAX:
+            raise ValueError(f"amount_nanos must be a positive Int64, got {amount!r}")
         data["kind"], data["status"] = Kind(data["kind"]), Status(data["status"])
         return cls(**data)
 
