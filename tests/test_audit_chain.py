@@ -13,14 +13,18 @@ from confluent_kafka import Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spendstream.api.budget_requests import read_requests
 from spendstream.core import topics
 from spendstream.core.audit_chain import Break, ChainedRow, Head, Verified, verify_chain
-from spendstream.core.budget_lifecycle import Kind, new_request
+from spendstream.core.budget_lifecycle import Kind, decide, new_request
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.events import Action, Alert, AlertKind, Decision, PolicyRecord, Severity
 from spendstream.core.ledger_store import connect, migrate
-from spendstream.sink.audit_sink import AuditSink
+from spendstream.core.policy import parse_policy
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
+from spendstream.sink.audit_sink import AuditSink, restore_budget_requests
 
 records = st.lists(
     st.fixed_dictionaries(
@@ -167,5 +171,33 @@ def test_the_chain_resumes_from_the_ledger_after_a_restart(settings: Settings) -
             sink.close()
         rows = client.query("SELECT chain_seq FROM spendstream.alerts ORDER BY chain_seq").result_rows
         assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    finally:
+        client.close()
+
+
+def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings: Settings) -> None:
+    now = datetime.now(UTC)
+    asked = new_request(Kind.overage, "team:sales", "month", 10**12, now, now + timedelta(days=3), "alice",
+                        "push", now)  # fmt: skip
+    approved = decide(asked, True, "vera", "vp", "ok", parse_policy("{}").approval_rules, now)
+    producer = Producer(settings.kafka_client_config())
+    for step in (asked, approved):
+        producer.produce(topics.BUDGET_ADJUSTMENTS, step.to_json(), key=step.id.encode())
+    assert producer.flush(10) == 0
+    client = connect(settings)
+    try:
+        migrate(client, settings)
+        sink = AuditSink(settings, client)
+        for _ in range(60):
+            sink.run_once(timeout=0.5)
+            if sink.counts["budget_events"] == 2:
+                break
+        sink.close()
+        assert restore_budget_requests(settings, client) == 0  # the topic still holds them
+        with EmbeddedBroker() as restarted:  # a memory-only broker starts empty
+            create_topics({"bootstrap.servers": restarted.bootstrap}, usage_partitions=1)
+            fresh = settings.model_copy(update={"kafka_bootstrap": restarted.bootstrap})
+            assert restore_budget_requests(fresh, client) == 1
+            assert read_requests(fresh.kafka_client_config()) == {approved.id: approved}
     finally:
         client.close()

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from spendstream.core import topics
 from spendstream.core.audit_chain import Head, normalised
@@ -255,3 +255,32 @@ class AuditSink:
             value = {"stream": table, "position": head.position, "hash": head.hash, "at": datetime.now(UTC).isoformat()}
             self.anchors.produce(topics.AUDIT_HEADS, json.dumps(value).encode(), key=table.encode())
         self.anchors.poll(0)
+
+
+def restore_budget_requests(settings: Settings, client: Any, timeout: float = 10.0) -> int:
+    """Republish the newest step of every budget request from ``budget_events`` to an EMPTY
+    ``spendstream.budget_adjustments`` (a memory-only broker that restarted): the ledger is the durable truth, and
+    an approved increase must outlive the broker (docs/architecture.md §7.6). Returns the requests republished.
+
+    The audit sink recognises the republished steps as chained already, so they are not recorded twice.
+    """
+    conf = settings.kafka_client_config()
+    consumer = Consumer({**conf, "group.id": "spendstream-budget-restore", "enable.auto.commit": False})
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topics.BUDGET_ADJUSTMENTS, 0), timeout=timeout)
+    finally:
+        consumer.close()
+    if high > 0:
+        return 0
+    rows = client.query(
+        f"SELECT {', '.join(BUDGET_EVENT_COLUMNS)} FROM {settings.clickhouse_database}.budget_events "
+        "WHERE record_hash != '' ORDER BY chain_seq"
+    ).result_rows
+    newest = {row[0]: dict(zip(BUDGET_EVENT_COLUMNS, row, strict=True)) for row in rows}  # the last step wins
+    producer = Producer(conf)
+    for request_id, row in newest.items():
+        request = BudgetRequest.from_json(json.dumps(normalised(row)))
+        producer.produce(topics.BUDGET_ADJUSTMENTS, request.to_json(), key=request_id.encode())
+    if producer.flush(timeout):
+        raise RuntimeError(f"the broker did not acknowledge the {len(newest)} restored budget requests")
+    return len(newest)
