@@ -257,7 +257,7 @@ class AuditSink:
         self.anchors.poll(0)
 
 
-def restore_budget_requests(settings: Settings, client: Any, timeout: float = 10.0) -> int:
+def restore_budget_requests(settings: Settings, client: Any, timeout: float = 5.0) -> int:
     """Republish the newest step of every budget request from ``budget_events`` to an EMPTY
     ``spendstream.budget_adjustments`` (a memory-only broker that restarted): the ledger is the durable truth, and
     an approved increase must outlive the broker (docs/architecture.md §7.6). Returns the requests republished.
