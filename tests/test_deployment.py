@@ -76,7 +76,10 @@ def test_files_mounted_or_copied_by_compose_exist() -> None:
 
 def test_topic_names_in_docs_match_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
-    for name in (topics.USAGE, topics.ENFORCEMENT, topics.ALERTS, topics.POLICY, topics.USAGE_DLQ):
+    for name in (
+        topics.USAGE, topics.ENFORCEMENT, topics.ALERTS, topics.POLICY, topics.USAGE_DLQ, topics.BUDGET_ADJUSTMENTS,
+        topics.AUDIT_HEADS,
+    ):  # fmt: skip
         assert f"`{name}`" in readme, f"README does not document topic {name}"
     assert {spec.name for spec in topics.topic_specs(6)} == {
         topics.USAGE,
@@ -84,6 +87,8 @@ def test_topic_names_in_docs_match_the_code() -> None:
         topics.ALERTS,
         topics.POLICY,
         topics.USAGE_DLQ,
+        topics.BUDGET_ADJUSTMENTS,
+        topics.AUDIT_HEADS,
     }
 
 

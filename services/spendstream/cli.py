@@ -22,9 +22,11 @@ from spendstream.runtime.topic_admin import BrokerUnreachable, require_broker
 COMMAND_MODULES = (
     "spendstream.runtime.commands",  # broker, dev, demo, topics, sink
     "spendstream.sink.commands",  # ledger
+    "spendstream.sink.audit_verify",  # audit verify
     "spendstream.processor.commands",  # processor, policy
     "spendstream.gateway.commands",  # gateway
     "spendstream.api.commands",  # api
+    "spendstream.api.budget_commands",  # budget, feature
     "spendstream.analytics.commands",  # report, sql
     "spendstream.analytics.export_commands",  # export
     "spendstream.notifier.commands",  # notifier, notifications

@@ -39,6 +39,7 @@ from spendstream.analytics.report_registry import (
 )
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.api import cloudevents, otlp
+from spendstream.api.budget_requests import APPROVER_PATHS, add_routes
 from spendstream.api.dashboard import render_page
 from spendstream.api.otlp_policy import OTLP_POLICY, OtlpPolicy
 from spendstream.api.tokens import ApiToken, Role, TokenStore, new_read_token
@@ -470,6 +471,23 @@ async def get_notifications(request: web.Request) -> web.Response:
     return web.json_response({"notifications": plain})
 
 
+def _verify_audit(client: Any, db: str, anchors: dict[str, Any]) -> dict[str, Any]:
+    from spendstream.sink.audit_verify import report, verify_ledger
+
+    code, text = report(verify_ledger(client, db, anchors), len(anchors))
+    return {"code": code, "report": text}
+
+
+async def get_audit_verify(request: web.Request) -> web.Response:
+    """``spendstream audit verify`` for a ledger this process owns (anchors read before the ledger)."""
+    from spendstream.sink.audit_verify import read_anchors
+
+    settings = request.app[SETTINGS]
+    anchors = await asyncio.to_thread(read_anchors, settings.kafka_client_config())
+    db = settings.clickhouse_database
+    return web.json_response(await _ledger_call(request, _verify_audit, request.app[LEDGER], db, anchors))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -480,6 +498,8 @@ def required_role(request: web.Request) -> Role | None:
         return None
     if request.path.startswith("/v1/admin/"):
         return "admin"
+    if APPROVER_PATHS.match(request.path):
+        return "approver"
     if request.path in ("/v1/usage", OTLP_PATH) and request.method not in ("GET", "HEAD"):
         return "ingest"
     return "viewer"
@@ -648,6 +668,8 @@ def create_app(
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/audit/verify", get_audit_verify)
+    add_routes(app, settings)
     app.router.add_get("/", get_dashboard)
     instrument_app(app, "api")
 

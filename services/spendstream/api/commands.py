@@ -21,9 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--role",
         required=True,
-        choices=("viewer", "ingest", "admin"),
+        choices=("viewer", "ingest", "approver", "admin"),
         help="what the token may do (see README: API access)",
     )
+    create.add_argument("--level", default="", help="approver: its approval level (the policy's approvals.levels)")
     create.add_argument("--name", help="a unique name (default: role and scope)")
     for field in SCOPE_FIELDS:
         create.add_argument(
@@ -57,9 +58,14 @@ def run_token_create(args: argparse.Namespace, settings: Settings) -> int:
         flags = "/".join(f"--{field}" for field in SCOPE_FIELDS)
         print(f"spendstream api token create: {flags} limit ingest tokens only", file=sys.stderr)
         return 2
-    name = args.name or "-".join([args.role, *(v for values in scope.values() for v in values)])
+    if (args.role == "approver") != bool(args.level):
+        print("spendstream api token create: an approver token needs --level, and only it", file=sys.stderr)
+        return 2
+    name = args.name or "-".join(
+        [args.role, *(v for values in scope.values() for v in values), *([args.level] if args.level else [])]
+    )
     try:
-        token = add_token(settings.api_tokens_path, args.role, name, **scope)
+        token = add_token(settings.api_tokens_path, args.role, name, level=args.level, **scope)
     except ConfigError as exc:
         print(f"spendstream api token create: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +85,8 @@ def run_token_list(args: argparse.Namespace, settings: Settings) -> int:
     tokens = parse_tokens(path.read_text(encoding="utf-8"), path).values() if path.exists() else []
     for t in tokens:
         scope = " ".join(f"{f}={','.join(getattr(t, f + 's'))}" for f in SCOPE_FIELDS if getattr(t, f + "s"))
+        if t.level:
+            scope = f"level={t.level} {scope}".strip()
         print(f"{t.name}\t{t.role}\t{scope or '-'}\t{t.created_at}")
     return 0
 

@@ -5,9 +5,16 @@ such as::
 
     - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
       name: marketing-ingest
-      role: ingest          # viewer | ingest | admin
+      role: ingest          # viewer | ingest | approver | admin
       teams: [marketing]    # ingest only: the orgs, teams, projects, features, customers, environments
                             # and providers it may report for (each empty: any)
+    - sha256: ...
+      name: dana
+      role: approver        # reads like a viewer, and approves budget requests
+      level: director       # approver only: a level of the policy's ``approvals.levels``
+
+A token's name is its principal: who requested, approved or denied a budget change is the name of the token
+that made the request, never a field of the request.
 
 Only sha256 hashes are stored, as for the gateway's virtual keys; ``spendstream api token create``
 prints a token once. A running API re-reads the file when it changes, so a new or revoked token
@@ -34,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from spendstream.core.config import ConfigError
 from spendstream.gateway.keys import hash_key
 
-Role = Literal["viewer", "ingest", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "ingest", "admin")
+Role = Literal["viewer", "ingest", "approver", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "ingest", "approver", "admin")
 TOKEN_PREFIX = "ss-api-"
 # Event fields an ingest token can be limited to. A team token that could name any feature or customer
 # could exhaust another team's feature or customer budget, so each has its own allowlist.
@@ -55,10 +62,11 @@ class ApiToken(BaseModel):
     customers: tuple[str, ...] = ()
     environments: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()
+    level: str = ""  # approver only: its approval level (``approvals.levels`` of the policy)
     created_at: str = ""
 
     def allows(self, needed: Role) -> bool:
-        return self.role == "admin" or self.role == needed
+        return self.role == "admin" or self.role == needed or (self.role == "approver" and needed == "viewer")
 
     def scope_problem(self, event: Any) -> tuple[str, str] | None:
         """(field, message) if ``event`` reports for a value of a ``SCOPE_FIELDS`` field outside this token's scope."""
@@ -165,6 +173,7 @@ def add_token(
     role: Role,
     name: str,
     *,
+    level: str = "",
     replace: bool = False,
     **scope: Iterable[str],
 ) -> str:
@@ -183,7 +192,8 @@ def add_token(
     if unknown:
         raise ConfigError(f"a token cannot be limited by {', '.join(unknown)}")
     entry = ApiToken(
-        sha256=hash_key(token), name=name, role=role, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        sha256=hash_key(token), name=name, role=role, level=level,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         **{field: tuple(values) for field, values in scope.items()},
     )  # fmt: skip
     kept = [t for t in current if t.name != name] + [entry]

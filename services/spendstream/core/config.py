@@ -110,7 +110,13 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
     api_tokens_file: Path | None = Field(
-        None, description="Hashed API tokens (viewer, ingest, admin); `spendstream api token create` adds one."
+        None,
+        description="Hashed API tokens (viewer, ingest, approver, admin); `spendstream api token create` adds one.",
+    )
+    api_token: SecretStr | None = Field(
+        None,
+        description="The token the CLI presents to the API as its principal (`spendstream budget`, `feature`): "
+        "who requests, approves or denies is that token's name.",
     )
 
     # -- metrics --------------------------------------------------------------------------

@@ -63,7 +63,8 @@ API_INGEST_EVENTS = Counter(
 )
 AUDIT_SINK_RECORDS = Counter(
     "spendstream_audit_sink_records",
-    "Records the audit sink wrote to the ledger, by kind: decision, alert, or rejected (undecodable).",
+    "Records the audit sink wrote to the ledger, by kind: decision, alert, policy_version, budget_event, "
+    "or rejected (undecodable).",
     ["kind"],
 )
 PROCESSOR_CONSUMED = Counter(

@@ -45,7 +45,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from spendstream.core.attribution import DIMENSIONS
+from spendstream.core.attribution import DIMENSIONS, HIERARCHY
 from spendstream.core.matching import is_template
 from spendstream.core.notification_policy import Notifications
 from spendstream.core.otlp_attribution import OtlpAttribution
@@ -258,7 +258,66 @@ class Pricing(_Model):
         return PriceTable(rows, self.unknown_model, default)
 
 
-OPTIONAL_SECTIONS = ("otlp", "notifications")  # sections added after policies were first versioned
+class ApprovalLevel(_Model):
+    """One rung of the approval ladder: the scope dimensions it may approve for and its amount ceiling."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    dimensions: tuple[str, ...] = (*HIERARCHY, "feature")
+    max_usd: Decimal | None = Field(None, exclude=True, gt=0, le=MAX_AMOUNT_USD)
+    max_nanos: int | None = Field(None, gt=0, le=MAX_AMOUNT_NANOS)  # None: no ceiling
+
+    @field_validator("dimensions")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [d for d in value if d not in DIMENSIONS]
+        if unknown:
+            raise ValueError(f"unknown dimensions {unknown}; use {', '.join(DIMENSIONS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _to_nanos(self) -> ApprovalLevel:
+        object.__setattr__(self, "max_nanos", _money(self.max_usd, self.max_nanos, "max", required=False))
+        object.__setattr__(self, "max_usd", None)
+        return self
+
+
+def _reference_levels() -> tuple[ApprovalLevel, ...]:
+    """The reference framework's ladder: manager, director, VP, board."""
+    return (
+        ApprovalLevel(name="manager", dimensions=("team", "project", "feature"), max_usd=Decimal(1_000)),
+        ApprovalLevel(name="director", dimensions=("division", "team", "project", "feature"), max_usd=Decimal(5_000)),
+        ApprovalLevel(name="vp", dimensions=(*HIERARCHY, "feature"), max_usd=Decimal(25_000)),
+        ApprovalLevel(name="board", dimensions=DIMENSIONS),
+    )
+
+
+class Approvals(_Model):
+    """Who may approve what (``approvals:``): budget increases, overage requests and feature registrations.
+
+    An approver token names one level; a level approves an amount for a scope when the scope's dimension is
+    among its ``dimensions`` and the amount is at most its ceiling. A feature whose projected monthly cost is
+    above ``feature_threshold`` needs such an approval before it may spend.
+    """
+
+    levels: tuple[ApprovalLevel, ...] = Field(default_factory=_reference_levels)
+    feature_threshold_usd: Decimal | None = Field(None, exclude=True, ge=0, le=MAX_AMOUNT_USD)
+    feature_threshold_nanos: int | None = Field(None, ge=0, le=MAX_AMOUNT_NANOS)
+
+    @model_validator(mode="after")
+    def _check(self) -> Approvals:
+        names = [level.name for level in self.levels]
+        if len(names) != len(set(names)):
+            raise ValueError("approval level names must be unique")
+        threshold = _money(self.feature_threshold_usd, self.feature_threshold_nanos, "feature_threshold", False)
+        object.__setattr__(self, "feature_threshold_nanos", usd_to_nanos(2_000) if threshold is None else threshold)
+        object.__setattr__(self, "feature_threshold_usd", None)
+        return self
+
+    def level(self, name: str) -> ApprovalLevel | None:
+        return next((level for level in self.levels if level.name == name), None)
+
+
+OPTIONAL_SECTIONS = ("otlp", "notifications", "approvals")  # sections added after policies were first versioned
 
 
 class Policy(_Model):
@@ -281,6 +340,7 @@ class Policy(_Model):
     routing: RoutingPolicy | None = None
     otlp: OtlpAttribution | None = None  # None: the defaults of core/otlp_attribution.py
     notifications: Notifications | None = None  # owners, channels, scheduled reports (notifier)
+    approvals: Approvals | None = None  # None: the reference ladder (``approval_rules``)
 
     _version: str = PrivateAttr("")
 
@@ -362,6 +422,12 @@ class Policy(_Model):
                 f"notifications: {len(n.channels)} channels, {len(n.people)} people, {len(n.scopes)} owned scopes, "
                 f"{len(n.reports)} scheduled reports"
             )
+        rules = self.approval_rules
+        for level in rules.levels:
+            ceiling = "no ceiling" if level.max_nanos is None else f"up to ${Decimal(level.max_nanos) / 10**9:,.2f}"
+            lines.append(f"approval level {level.name}: {ceiling} for {', '.join(level.dimensions)}")
+        threshold = Decimal(rules.feature_threshold_nanos or 0) / 10**9
+        lines.append(f"new features above ${threshold:,.2f}/month need approval")
         return "\n".join(lines)
 
     # -- lookups ------------------------------------------------------------------------------------------------
@@ -391,6 +457,10 @@ class Policy(_Model):
                 parents.setdefault(child, parent)
         return parents
 
+    @cached_property
+    def approval_rules(self) -> Approvals:
+        return self.approvals or _REFERENCE_APPROVALS
+
     def feature(self, name: str) -> Feature:
         return self.features.get(name) or _NON_CRITICAL
 
@@ -413,6 +483,7 @@ class Policy(_Model):
 
 
 _NON_CRITICAL = Feature()
+_REFERENCE_APPROVALS = Approvals()
 
 
 # -- YAML loading with line numbers ------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ ENFORCEMENT = "spendstream.enforcement"
 ALERTS = "spendstream.alerts"
 POLICY = "spendstream.policy"
 USAGE_DLQ = "spendstream.usage.dlq"
+BUDGET_ADJUSTMENTS = "spendstream.budget_adjustments"  # budget requests and their steps, keyed by request id
+AUDIT_HEADS = "spendstream.audit.heads"  # the audit chain's heads, anchored outside the ledger
 
 HEARTBEAT_KEY_PREFIX = b"heartbeat:"  # enforcement-topic keys of processor heartbeats (never a decision scope)
 
@@ -33,4 +35,6 @@ def topic_specs(usage_partitions: int) -> list[TopicSpec]:
         TopicSpec(ALERTS, 1),
         TopicSpec(POLICY, 1, compacted),
         TopicSpec(USAGE_DLQ, 1),
+        TopicSpec(BUDGET_ADJUSTMENTS, 1, compacted),
+        TopicSpec(AUDIT_HEADS, 1, compacted),
     ]

@@ -65,6 +65,7 @@ import faust
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from faust.types import TP
 
+from spendstream.core.budget_lifecycle import BudgetRequest, adjusted_policy
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import Alert, AlertKind, PolicyRecord, Severity, usage_record_problem
 from spendstream.core.metrics import (
@@ -151,23 +152,36 @@ def history_days(policy: Policy) -> int:
 
 class PolicyHolder:
     """The policy in force, swapped atomically by the policy thread and read by both stages, with the window
-    calendar and retention that follow from it (timezone, daily spike history)."""
+    calendar and retention that follow from it (timezone, daily spike history).
+
+    ``policy`` is the applied policy (``base``) with the approved budget adjustments in force now
+    (``core.budget_lifecycle.adjusted_policy``, kept current by ``budget_adjustments``); it keeps its version."""
 
     def __init__(self, policy: Policy, allowed_lateness: timedelta) -> None:
-        self.policy = policy
+        self.base = self.policy = policy
+        self.adjustments: list[BudgetRequest] = []
+        self._lock = threading.Lock()
         self.calendar = WindowCalendar(policy.tz)
         self.lateness_s = int(allowed_lateness.total_seconds())
         self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
 
     def adopt(self, policy: Policy) -> bool:
-        if policy.version == self.policy.version:
-            return False
-        if policy.timezone != self.policy.timezone:
-            self.calendar = WindowCalendar(policy.tz)
-        if policy.timezone != self.policy.timezone or history_days(policy) != self.retention.history_days:
-            self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
-        self.policy = policy
-        return True
+        with self._lock:
+            if policy.version == self.base.version:
+                return False
+            if policy.timezone != self.base.timezone:
+                self.calendar = WindowCalendar(policy.tz)
+            if policy.timezone != self.base.timezone or history_days(policy) != self.retention.history_days:
+                self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
+            self.base = policy
+            self.policy = adjusted_policy(policy, self.adjustments, _now())
+            return True
+
+    def readjust(self, adjustments: list[BudgetRequest], at: datetime) -> None:
+        """Put the budget adjustments in force at ``at`` on top of the applied policy."""
+        with self._lock:
+            self.adjustments = adjustments
+            self.policy = adjusted_policy(self.base, adjustments, at)
 
 
 class BatchOutput:

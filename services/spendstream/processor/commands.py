@@ -183,6 +183,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy_log import seed_policy
     from spendstream.core.topics import POLICY, USAGE
     from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
+    from spendstream.processor.budget_adjustments import BudgetAdjustmentFollower
     from spendstream.processor.internal_topics import ensure_internal_topics
     from spendstream.processor.ledger_rebuild import spend_source
 
@@ -226,6 +227,8 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     gc.set_threshold(100_000, 50, 100)
     follower = PolicyFollower(holder, settings.kafka_client_config(), settings.usage_partitions, policy_offset)
     follower.start()
+    adjustments = BudgetAdjustmentFollower(holder, settings.kafka_client_config(), settings.usage_partitions)
+    adjustments.start()
     lag = None
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)
         lag = ConsumerLagSampler(settings, usage_group(app_id), USAGE, settings.metrics_lag_interval_s).start()
@@ -243,4 +246,5 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         if lag is not None:
             lag.stop()
         follower.stopping.set()
+        adjustments.stopping.set()
     return 0

@@ -8,6 +8,7 @@ With a ClickHouse server the same services can run as separate processes instead
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 
@@ -33,6 +34,8 @@ def run_ledger_process(
 
     client = connect(settings)
     migrate(client, settings)
+    if with_audit:
+        _restore_budget_requests(settings, client)
     sink = LedgerSink(settings, client, prices=policy_prices(settings))
     SINKS.track(sink)
     lag: ConsumerLagSampler | None = None
@@ -67,6 +70,21 @@ def run_ledger_process(
         if lag is not None:
             lag.stop()
         client.close()
+
+
+def _restore_budget_requests(settings: Settings, client: object) -> None:
+    """An empty budget-requests topic after a broker restart gets the ledger's requests back (``audit_sink``)."""
+    from confluent_kafka import KafkaException
+
+    from spendstream.sink.audit_sink import restore_budget_requests
+
+    try:
+        restored = restore_budget_requests(settings, client)
+    except (KafkaException, RuntimeError) as exc:  # no broker yet: the requests come back at the next start
+        logging.getLogger(__name__).warning("budget requests not restored from the ledger: %s", exc)
+        return
+    if restored:
+        print(f"restored {restored} budget requests from the ledger to an empty broker", flush=True)
 
 
 def policy_prices(settings: Settings) -> PriceTable:

@@ -1,23 +1,37 @@
-"""The audit sink: Decisions (``spendstream.enforcement``) and Alerts (``spendstream.alerts``) into
-the ledger's ``decisions`` and ``alerts`` tables.
+"""The audit sink: the ledger's audit trail, one hash chain per stream (``core.audit_chain``).
 
-Idempotent by construction: both tables are ReplacingMergeTree keyed on the record's identity
-((scope, version) and alert_id), so a redelivery after a crash collapses. Offsets are committed
-only after the insert lands (at-least-once into an idempotent table = exactly once in FINAL).
-Values that do not decode go to ``audit_rejects`` with their reason and bytes, never dropped.
+| topic | table | identity |
+|---|---|---|
+| ``spendstream.enforcement`` | ``decisions`` | (scope, version) |
+| ``spendstream.alerts`` | ``alerts`` | alert_id |
+| ``spendstream.policy`` | ``policy_versions`` | (version, published_at) |
+| ``spendstream.budget_adjustments`` | ``budget_events`` | (id, step, step_at) |
+
+Each of these topics has one partition, and the sink's consumer group gives it to one sink: that sink is the
+single writer of the stream, so it appends each record to the chain as it inserts it (``chain_seq``,
+``prev_hash``, ``record_hash``). The chain heads are read back from the ledger when partitions are assigned (a
+restart, a rebalance) or after a failed insert, with the identities of the newest records: a record the ledger
+holds already (a redelivery after a crash, an expiry every processor worker announced) is skipped, so each is
+chained once. After each batch the heads are published to ``spendstream.audit.heads``, the anchor that shows a
+truncated chain. Offsets are committed only after the inserts land. Values that do not decode go to
+``audit_rejects`` with their reason and bytes, never dropped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from spendstream.core import topics
+from spendstream.core.audit_chain import Head, normalised
+from spendstream.core.budget_lifecycle import BudgetRequest
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings
 from spendstream.core.metrics import AUDIT_SINK_RECORDS
@@ -32,7 +46,14 @@ ALERT_COLUMNS = [
     "alert_id", "scope", "kind", "severity", "message", "spend_nanos", "limit_nanos", "period", "occurred_at",
     "policy_version",
 ]  # fmt: skip
+POLICY_COLUMNS = ["name", "version", "document", "published_at", "published_by"]
+BUDGET_EVENT_COLUMNS = [
+    "id", "kind", "scope", "period", "amount_nanos", "starts_at", "expires_at", "status", "requested_by",
+    "requested_at", "reason", "step", "step_by", "step_at", "step_reason", "approver_level",
+]  # fmt: skip
+CHAIN_COLUMNS = ["chain_seq", "prev_hash", "record_hash"]
 REJECT_COLUMNS = ["topic", "partition", "offset", "reason", "raw"]
+RECENT_IDENTITIES = 100_000  # per stream: how far back a redelivered record is recognised
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -53,17 +74,71 @@ def alert_row(record: dict[str, Any]) -> list[Any]:
     return row
 
 
+def policy_row(record: dict[str, Any]) -> list[Any]:
+    return [*(record[c] for c in POLICY_COLUMNS[:3]), _utc(record["published_at"]), record["published_by"]]
+
+
+def budget_event_row(request: BudgetRequest) -> list[Any]:
+    data = asdict(request)
+    return [_utc(v) if isinstance(v, datetime) else str(v) if c in ("kind", "status") else v
+            for c, v in ((c, data[c]) for c in BUDGET_EVENT_COLUMNS)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One audited topic: its table, columns, what identifies a record, and how a value becomes a row."""
+
+    table: str
+    columns: list[str]
+    identity: tuple[str, ...]
+    row: Callable[[bytes], list[Any]]
+    metric: str
+
+    def record_id(self, record: dict[str, Any]) -> str:
+        return "/".join(str(normalised(record[c])) for c in self.identity)
+
+
+@dataclass
+class Chain:
+    head: Head = field(default_factory=Head)
+    recent: dict[tuple[Any, ...], None] = field(default_factory=dict)  # identities of the newest records, in order
+
+    def remember(self, identity: tuple[Any, ...]) -> None:
+        self.recent[identity] = None
+        if len(self.recent) > RECENT_IDENTITIES:
+            del self.recent[next(iter(self.recent))]
+
+
+def audit_streams(registry_url: str | None = None) -> dict[str, Stream]:
+    """Audited topic -> its stream."""
+    decode_decision = AvroCodec("decision", registry_url).decode
+    decode_alert = AvroCodec("alert", registry_url).decode
+    decode_policy = AvroCodec("policy", registry_url).decode
+    return {
+        topics.ENFORCEMENT: Stream(
+            "decisions", DECISION_COLUMNS, ("scope", "version"), lambda v: decision_row(decode_decision(v)), "decision"
+        ),
+        topics.ALERTS: Stream("alerts", ALERT_COLUMNS, ("alert_id",), lambda v: alert_row(decode_alert(v)), "alert"),
+        topics.POLICY: Stream(
+            "policy_versions", POLICY_COLUMNS, ("version", "published_at"), lambda v: policy_row(decode_policy(v)),
+            "policy_version",
+        ),
+        topics.BUDGET_ADJUSTMENTS: Stream(
+            "budget_events", BUDGET_EVENT_COLUMNS, ("id", "step", "step_at"),
+            lambda v: budget_event_row(BudgetRequest.from_json(v)), "budget_event",
+        ),
+    }  # fmt: skip
+
+
 class AuditSink:
-    """Consume decisions and alerts in batches; ``run_once`` for tests, ``run`` beside the usage sink."""
+    """Consume the audited topics in batches; ``run_once`` for tests, ``run`` beside the usage sink."""
 
     def __init__(self, settings: Settings, client: Any, group: str = "spendstream-audit-sink") -> None:
         self.settings = settings
         self.client = client
         self.db = settings.clickhouse_database
-        self.codecs = {
-            topics.ENFORCEMENT: AvroCodec("decision", settings.schema_registry_url),
-            topics.ALERTS: AvroCodec("alert", settings.schema_registry_url),
-        }
+        self.streams = audit_streams(settings.schema_registry_url)
+        self._chains: dict[str, Chain] | None = None  # None: read the heads from the ledger before the next write
         self.consumer = Consumer(
             {
                 **settings.kafka_client_config(),
@@ -76,8 +151,12 @@ class AuditSink:
                 "heartbeat.interval.ms": 1_000,
             }
         )
-        self.consumer.subscribe([topics.ENFORCEMENT, topics.ALERTS])
-        self.counts = {"decisions": 0, "alerts": 0, "rejected": 0}
+        self.consumer.subscribe(list(self.streams), on_assign=self._assigned)
+        self.anchors = Producer(settings.kafka_client_config())
+        self.counts = {"decisions": 0, "alerts": 0, "policy_versions": 0, "budget_events": 0, "rejected": 0}
+
+    def _assigned(self, _consumer: Consumer, _partitions: list[Any]) -> None:
+        self._chains = None  # another sink may have extended the chains meanwhile
 
     def run_once(self, max_messages: int = 10_000, timeout: float = 1.0) -> int:
         """Poll one batch, write it, commit its offsets; returns the number of messages handled."""
@@ -97,6 +176,7 @@ class AuditSink:
 
     def close(self) -> None:
         self.consumer.close()
+        self.anchors.flush(5)
 
     @staticmethod
     def _is_eof(message: Message) -> bool:
@@ -107,30 +187,100 @@ class AuditSink:
             return True
         raise RuntimeError(f"audit sink consumer error: {error}")
 
+    def chains(self) -> dict[str, Chain]:
+        """Each stream's head and newest identities, as the ledger holds them."""
+        if self._chains is None:
+            self._chains = {stream.table: self._read_chain(stream) for stream in self.streams.values()}
+        return self._chains
+
+    def _read_chain(self, stream: Stream) -> Chain:
+        table = f"{self.db}.{stream.table}"
+        rows = self.client.query(
+            f"SELECT chain_seq, record_hash, {', '.join(stream.identity)} FROM {table} "
+            f"WHERE record_hash != '' ORDER BY chain_seq DESC LIMIT {RECENT_IDENTITIES}"
+        ).result_rows
+        chain = Chain(Head(rows[0][0], rows[0][1]) if rows else Head())
+        for row in reversed(rows):
+            chain.remember(tuple(normalised(v) for v in row[2:]))
+        return chain
+
     def write(self, messages: Iterable[Message]) -> None:
-        """Decode and insert one batch (each table in one insert)."""
-        decisions, alerts, rejects = [], [], []
+        """Decode, chain and insert one batch (each table in one insert); duplicates of chained records are skipped."""
+        chains = self.chains()
+        rows: dict[str, list[list[Any]]] = {stream.table: [] for stream in self.streams.values()}
+        rejects = []
         for message in messages:
             topic, value = message.topic(), message.value() or b""
             if topic == topics.ENFORCEMENT and (message.key() or b"").startswith(topics.HEARTBEAT_KEY_PREFIX):
                 continue  # a processor's proof of life, not a decision
+            stream = self.streams[topic]
             try:
-                record = self.codecs[topic].decode(value)
-                (decisions if topic == topics.ENFORCEMENT else alerts).append(
-                    decision_row(record) if topic == topics.ENFORCEMENT else alert_row(record)
-                )
-            except (DecodeError, KeyError) as exc:
+                row = stream.row(value)
+            except (DecodeError, KeyError, ValueError, TypeError) as exc:
                 rejects.append([topic, message.partition(), message.offset(), str(exc), value])
-        if decisions:
-            self.client.insert(f"{self.db}.decisions", decisions, column_names=DECISION_COLUMNS)
-        if alerts:
-            self.client.insert(f"{self.db}.alerts", alerts, column_names=ALERT_COLUMNS)
+                continue
+            record = dict(zip(stream.columns, row, strict=True))
+            chain = chains[stream.table]
+            identity = tuple(normalised(record[c]) for c in stream.identity)
+            if identity in chain.recent:
+                continue
+            chain.head, prev_hash = chain.head.next(record)
+            chain.remember(identity)
+            rows[stream.table].append([*row, chain.head.position, prev_hash, chain.head.hash])
+        try:
+            for stream in self.streams.values():
+                if rows[stream.table]:
+                    self.client.insert(
+                        f"{self.db}.{stream.table}", rows[stream.table], column_names=stream.columns + CHAIN_COLUMNS
+                    )
+        except BaseException:
+            self._chains = None  # what landed is in the ledger; the heads are read from there again
+            raise
         if rejects:
             log.warning("audit sink: %d undecodable records kept in audit_rejects", len(rejects))
             self.client.insert(f"{self.db}.audit_rejects", rejects, column_names=REJECT_COLUMNS)
-        self.counts["decisions"] += len(decisions)
-        self.counts["alerts"] += len(alerts)
-        self.counts["rejected"] += len(rejects)
-        for kind, rows in (("decision", decisions), ("alert", alerts), ("rejected", rejects)):
-            if rows:
-                AUDIT_SINK_RECORDS.labels(kind).inc(len(rows))
+        self._anchor([stream.table for stream in self.streams.values() if rows[stream.table]], chains)
+        for stream in self.streams.values():
+            if rows[stream.table]:
+                self.counts[stream.table] += len(rows[stream.table])
+                AUDIT_SINK_RECORDS.labels(stream.metric).inc(len(rows[stream.table]))
+        if rejects:
+            self.counts["rejected"] += len(rejects)
+            AUDIT_SINK_RECORDS.labels("rejected").inc(len(rejects))
+
+    def _anchor(self, tables: list[str], chains: dict[str, Chain]) -> None:
+        """Publish the new heads outside the ledger (best effort: a missed anchor is replaced by the next one)."""
+        for table in tables:
+            head = chains[table].head
+            value = {"stream": table, "position": head.position, "hash": head.hash, "at": datetime.now(UTC).isoformat()}
+            self.anchors.produce(topics.AUDIT_HEADS, json.dumps(value).encode(), key=table.encode())
+        self.anchors.poll(0)
+
+
+def restore_budget_requests(settings: Settings, client: Any, timeout: float = 5.0) -> int:
+    """Republish the newest step of every budget request from ``budget_events`` to an EMPTY
+    ``spendstream.budget_adjustments`` (a memory-only broker that restarted): the ledger is the durable truth, and
+    an approved increase must outlive the broker (docs/architecture.md §7.6). Returns the requests republished.
+
+    The audit sink recognises the republished steps as chained already, so they are not recorded twice.
+    """
+    conf = settings.kafka_client_config()
+    consumer = Consumer({**conf, "group.id": "spendstream-budget-restore", "enable.auto.commit": False})
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topics.BUDGET_ADJUSTMENTS, 0), timeout=timeout)
+    finally:
+        consumer.close()
+    if high > 0:
+        return 0
+    rows = client.query(
+        f"SELECT {', '.join(BUDGET_EVENT_COLUMNS)} FROM {settings.clickhouse_database}.budget_events "
+        "WHERE record_hash != '' ORDER BY chain_seq"
+    ).result_rows
+    newest = {row[0]: dict(zip(BUDGET_EVENT_COLUMNS, row, strict=True)) for row in rows}  # the last step wins
+    producer = Producer(conf)
+    for request_id, row in newest.items():
+        request = BudgetRequest.from_json(json.dumps(normalised(row)))
+        producer.produce(topics.BUDGET_ADJUSTMENTS, request.to_json(), key=request_id.encode())
+    if producer.flush(timeout):
+        raise RuntimeError(f"the broker did not acknowledge the {len(newest)} restored budget requests")
+    return len(newest)

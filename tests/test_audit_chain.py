@@ -1,0 +1,203 @@
+"""The audit chain: intact chains verify; a modified, deleted, duplicated or truncated record is named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spendstream.api.budget_requests import read_requests
+from spendstream.core import topics
+from spendstream.core.audit_chain import Break, ChainedRow, Head, Verified, verify_chain
+from spendstream.core.budget_lifecycle import Kind, decide, new_request
+from spendstream.core.codec import AvroCodec
+from spendstream.core.config import Settings
+from spendstream.core.events import Action, Alert, AlertKind, Decision, PolicyRecord, Severity
+from spendstream.core.ledger_store import connect, migrate
+from spendstream.core.policy import parse_policy
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
+from spendstream.sink.audit_sink import AuditSink, restore_budget_requests
+
+records = st.lists(
+    st.fixed_dictionaries(
+        {"scope": st.text(max_size=8), "spend": st.integers(0, 2**63 - 1), "rate": st.floats(allow_nan=False)}
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+def chain(items: list[dict[str, Any]]) -> list[ChainedRow]:
+    head, rows = Head(), []
+    for i, record in enumerate(items):
+        head, prev = head.next(record)
+        rows.append(ChainedRow(head.position, f"r{i}", prev, head.hash, record))
+    return rows
+
+
+@settings(max_examples=100, deadline=None)
+@given(records, st.data())
+def test_any_modification_or_deletion_is_found_at_its_position(items: list[dict[str, Any]], data: Any) -> None:
+    rows = chain(items)
+    intact = verify_chain("s", rows, Head(rows[-1].position, rows[-1].record_hash))
+    assert isinstance(intact, Verified) and intact.records == len(rows)
+    i = data.draw(st.integers(0, len(rows) - 1))
+    changed = {**rows[i].record, "spend": rows[i].record["spend"] ^ 1}
+    forged = ChainedRow(rows[i].position, "x", rows[i].prev_hash, rows[i].record_hash, changed)
+    tampered = [*rows[:i], forged, *rows[i + 1 :]]
+    found = verify_chain("s", tampered)
+    assert isinstance(found, Break) and found.position == i + 1 and "modified" in found.problem
+    if i < len(rows) - 1:  # deleting the last record is a truncation: only an anchor shows it
+        found = verify_chain("s", rows[:i] + rows[i + 1 :])
+        assert isinstance(found, Break) and found.position == i + 1 and "missing" in found.problem
+
+
+def test_a_truncated_or_rewritten_tail_needs_the_anchor() -> None:
+    rows = chain([{"n": n} for n in range(5)])
+    anchor = Head(5, rows[-1].record_hash)
+    assert isinstance(verify_chain("s", rows[:3]), Verified)  # the chain alone cannot tell
+    truncated = verify_chain("s", rows[:3], anchor)
+    assert isinstance(truncated, Break) and "anchored head is gone" in truncated.problem
+    rewritten = chain([{"n": n} for n in range(4)] + [{"n": 99}])
+    found = verify_chain("s", rewritten, anchor)
+    assert isinstance(found, Break) and "rewritten" in found.problem
+
+
+def test_audit_verify_names_a_modified_and_a_deleted_record(settings: Settings, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    producer = Producer(settings.kafka_client_config())
+    decision, alert, policy = AvroCodec("decision"), AvroCodec("alert"), AvroCodec("policy")
+    for version in range(1, 5):
+        d = Decision(scope="team:marketing", action=Action.shutoff, version=version, throttle_rps=0.5,
+                     fallback_models={"gpt-4o": "gpt-4o-mini"}, critical_throttle_rps={"bot": 2.5},
+                     expires_at=now + timedelta(days=1), reason=f"r{version}")  # fmt: skip
+        producer.produce(topics.ENFORCEMENT, decision.encode(d.to_avro()), key=d.scope)
+        a = Alert(scope="team:marketing", kind=AlertKind.threshold, severity=Severity.warning, message=f"m{version}")
+        producer.produce(topics.ALERTS, alert.encode(a.to_avro()), key=a.scope)
+    p = PolicyRecord(name="default", version="v1", document="{}", published_by="ops")
+    producer.produce(topics.POLICY, policy.encode(p.to_avro()), key=b"default")
+    request = new_request(Kind.increase, "team:marketing", "month", 10**12, now, now + timedelta(days=3), "dana",
+                          "launch", now)  # fmt: skip
+    for _ in range(2):  # as two processor workers would announce the same step: chained once
+        producer.produce(topics.BUDGET_ADJUSTMENTS, request.to_json(), key=request.id.encode())
+    assert producer.flush(10) == 0
+
+    client = connect(settings)
+    try:
+        migrate(client, settings)
+        sink = AuditSink(settings, client)
+        seen = 0
+        for _ in range(60):
+            seen += sink.run_once(max_messages=1000, timeout=0.5)
+            if seen >= 11:
+                break
+        sink.close()
+        assert sink.counts == {"decisions": 4, "alerts": 4, "policy_versions": 1, "budget_events": 1, "rejected": 0}
+    finally:
+        client.close()
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        env = {"SPENDSTREAM_DATA_DIR": str(settings.data_dir), "SPENDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+        return subprocess.run([sys.executable, "-m", "spendstream.cli", "audit", "verify"], capture_output=True,
+                              text=True, timeout=120, env={**_os_env(), **env})  # fmt: skip
+
+    done = verify()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decisions: 4 records, chain intact" in done.stdout and "anchors checked: 4" in done.stdout
+    assert "budget_events: 1 records, chain intact" in done.stdout
+
+    def tamper(sql: str) -> None:
+        client = connect(settings)
+        try:
+            client.command(sql)
+        finally:
+            client.close()
+
+    tamper(
+        "ALTER TABLE spendstream.decisions UPDATE reason = 'within budget' WHERE version = 2 "
+        "SETTINGS mutations_sync = 1"
+    )
+    done = verify()
+    assert done.returncode == 1
+    assert "decisions: broken at position 2 (record team:marketing/2): the record was modified" in done.stdout
+    assert "alerts: 4 records, chain intact" in done.stdout
+
+    tamper("ALTER TABLE spendstream.alerts DELETE WHERE message = 'm3' SETTINGS mutations_sync = 1")
+    done = verify()
+    assert "alerts: broken at position 3" in done.stdout and "record 3 is missing" in done.stdout
+
+    tamper("ALTER TABLE spendstream.policy_versions DELETE WHERE 1 SETTINGS mutations_sync = 1")
+    done = verify()  # the whole stream is gone: only its anchor tells
+    assert "policy_versions: broken at position 1" in done.stdout and "anchored head is gone" in done.stdout
+
+
+def _os_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPENDSTREAM_")}
+
+
+def test_the_chain_resumes_from_the_ledger_after_a_restart(settings: Settings) -> None:
+    producer = Producer(settings.kafka_client_config())
+    codec = AvroCodec("alert")
+
+    def send(n: int) -> None:
+        for i in range(n):
+            a = Alert(
+                alert_id=uuid.uuid4(), scope="team:x", kind=AlertKind.quota, severity=Severity.info, message=str(i)
+            )
+            producer.produce(topics.ALERTS, codec.encode(a.to_avro()), key=a.scope)
+        assert producer.flush(10) == 0
+
+    client = connect(settings)
+    try:
+        migrate(client, settings)
+        for batch in (3, 2):  # a second sink incarnation continues the chain it finds in the ledger
+            send(batch)
+            sink = AuditSink(settings, client)
+            seen = 0
+            for _ in range(60):
+                seen += sink.run_once(max_messages=1000, timeout=0.5)
+                if seen >= batch:
+                    break
+            sink.close()
+        rows = client.query("SELECT chain_seq FROM spendstream.alerts ORDER BY chain_seq").result_rows
+        assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    finally:
+        client.close()
+
+
+def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings: Settings) -> None:
+    now = datetime.now(UTC)
+    asked = new_request(Kind.overage, "team:sales", "month", 10**12, now, now + timedelta(days=3), "alice",
+                        "push", now)  # fmt: skip
+    approved = decide(asked, True, "vera", "vp", "ok", parse_policy("{}").approval_rules, now)
+    producer = Producer(settings.kafka_client_config())
+    for step in (asked, approved):
+        producer.produce(topics.BUDGET_ADJUSTMENTS, step.to_json(), key=step.id.encode())
+    assert producer.flush(10) == 0
+    client = connect(settings)
+    try:
+        migrate(client, settings)
+        sink = AuditSink(settings, client)
+        for _ in range(60):
+            sink.run_once(timeout=0.5)
+            if sink.counts["budget_events"] == 2:
+                break
+        sink.close()
+        assert restore_budget_requests(settings, client) == 0  # the topic still holds them
+        with EmbeddedBroker() as restarted:  # a memory-only broker starts empty
+            create_topics({"bootstrap.servers": restarted.bootstrap}, usage_partitions=1)
+            fresh = settings.model_copy(update={"kafka_bootstrap": restarted.bootstrap})
+            assert restore_budget_requests(fresh, client) == 1
+            assert read_requests(fresh.kafka_client_config()) == {approved.id: approved}
+    finally:
+        client.close()

@@ -1,0 +1,201 @@
+"""The budget lifecycle as users meet it: the CLI against a running API, a real processor and broker.
+
+One stack per module: a broker, a processor worker, and ``spendstream sink --with-api`` (ledger, audit sink, API).
+Each scenario uses its own team or feature.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spendstream.core.topics import ENFORCEMENT
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
+from test_api_access import base_env, call, create_token
+from test_processor import TopicReader, event, free_port, produce, start_worker, stop_worker
+
+USD = 1_000_000_000
+POLICY_YAML = """
+name: lifecycle
+org: acme
+divisions: {growth: [marketing, sales, support]}
+budgets:
+  - {scope: "team:marketing", period: month, amount_usd: 100}
+  - {scope: "team:sales", period: month, amount_usd: 60}
+  - {scope: "team:support", period: month, amount_usd: 50}
+approvals:
+  feature_threshold_usd: 2000
+  levels:
+    - {name: manager, dimensions: [team, feature], max_usd: 20}
+    - {name: director, dimensions: [division, team, feature], max_usd: 100}
+    - {name: vp, max_usd: 5000}
+"""
+
+
+@dataclass
+class Stack:
+    bootstrap: str
+    env: dict[str, str]
+    port: int
+    data_dir: Path
+    decisions: TopicReader
+    tokens: dict[str, str]
+
+    def cli(self, who: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "SPENDSTREAM_API_TOKEN": self.tokens[who]} if who else self.env
+        return subprocess.run(
+            [sys.executable, "-m", "spendstream.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    def ok(self, who: str, *args: str) -> str:
+        done = self.cli(who, *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def refused(self, who: str, *args: str) -> str:
+        done = self.cli(who, *args)
+        assert done.returncode == 1, done.stdout
+        return done.stderr
+
+    def latest(self, rid: str) -> str:
+        listed = [line.split("\t") for line in self.ok("alice", "budget", "list").splitlines()]
+        return next(columns[1] for columns in listed if columns[0] == rid)
+
+    def decision(self, scope: str, action: str, after: int = 0, timeout: float = 45.0) -> dict[str, Any]:
+        return self.decisions.wait(
+            lambda d: d["scope"] == scope and d["action"] == action and d["version"] > after, timeout
+        )
+
+    def spend(self, team: str, usd: int, **fields: Any) -> None:
+        produce(self.bootstrap, [event(team=team, org="acme", cost_nanos=usd * USD, **fields)])
+
+
+def wait_for_api(process: subprocess.Popen[bytes], port: int, data_dir: Path, log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            if call(port, "GET", "/healthz").status == 200 and (data_dir / "api.json").exists():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("lifecycle")
+    policy = root / "policy.yaml"
+    policy.write_text(POLICY_YAML)
+    with EmbeddedBroker(log_path=root / "broker.log") as broker:
+        create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
+        worker = start_worker(broker.bootstrap, root / "worker", policy)  # seeds the policy topic
+        port, data_dir = free_port(), root / "ledger"
+        env = base_env(data_dir, SPENDSTREAM_KAFKA_BOOTSTRAP=broker.bootstrap, SPENDSTREAM_API_PORT=str(port))
+        log = root / "ledger.log"
+        with log.open("wb") as out:
+            ledger = subprocess.Popen(
+                [sys.executable, "-m", "spendstream.cli", "sink", "--with-api"], env=env, stdout=out, stderr=out
+            )
+        decisions = TopicReader(broker.bootstrap, ENFORCEMENT, "decision")
+        try:
+            wait_for_api(ledger, port, data_dir, log)
+            tokens = {
+                "alice": create_token(env, "--role", "viewer", "--name", "alice"),
+                "mike": create_token(env, "--role", "approver", "--level", "manager", "--name", "mike"),
+                "dana": create_token(env, "--role", "approver", "--level", "director", "--name", "dana"),
+                "vera": create_token(env, "--role", "approver", "--level", "vp", "--name", "vera"),
+            }
+            yield Stack(broker.bootstrap, env, port, data_dir, decisions, tokens)
+        finally:
+            decisions.close()
+            for process in (ledger, worker):
+                stop_worker(process)
+
+
+def request_id(line: str) -> str:
+    return line.split("\t")[0]
+
+
+def test_a_temporary_increase_lifts_the_shutoff_and_expires_on_time(stack: Stack) -> None:
+    stack.spend("marketing", 100)  # $100 of $100
+    shutoff = stack.decision("team:marketing", "shutoff")
+    until = datetime.now(UTC) + timedelta(seconds=8)
+    line = stack.ok(
+        "dana", "budget", "increase", "team:marketing", "50", "--until", until.isoformat(), "--reason", "launch week"
+    )
+    acknowledged = datetime.now(UTC)  # the API answered: the broker holds the approved record
+    assert "\tapproved\t" in line and "approved by dana (director): launch week" in line
+    lifted = stack.decision("team:marketing", "allow", after=shutoff["version"])
+    issued = datetime.fromisoformat(str(lifted["issued_at"]))
+    lag = (issued - acknowledged).total_seconds()
+    print(f"\nincrease acknowledged -> allow decision issued: {lag:.3f} s")
+    assert (lifted["spend_nanos"], lifted["limit_nanos"]) == (100 * USD, 150 * USD)
+    restored = stack.decision("team:marketing", "shutoff", after=lifted["version"])
+    assert restored["limit_nanos"] == 100 * USD
+    assert datetime.fromisoformat(str(restored["issued_at"])) >= until  # not before its expiry
+    listed = stack.ok("alice", "budget", "list", "--status", "expired")
+    assert request_id(line) in listed and "expired by spendstream processor" in listed
+    deadline = time.monotonic() + 30  # the grant and the expiry are chained audit records in the ledger
+    while "budget_events: 2 records, chain intact" not in (verified := stack.ok("alice", "audit", "verify")):
+        assert time.monotonic() < deadline, verified
+        time.sleep(1)
+
+
+def test_an_overage_is_denied_then_approved_by_the_right_role_and_a_wrong_role_is_refused(stack: Stack) -> None:
+    stack.spend("sales", 60)
+    shutoff = stack.decision("team:sales", "shutoff")
+    line = stack.ok("alice", "budget", "request", "team:sales", "30", "--overage", "--reason", "quarter-end push")
+    rid = request_id(line)
+    assert "\tpending\t" in line and "requested by alice" in line
+    assert "role viewer" in stack.refused("alice", "budget", "approve", rid, "--reason", "mine")
+    assert "at most $20.00" in stack.refused("mike", "budget", "approve", rid, "--reason", "fine by me")
+    assert "role viewer" in stack.refused(
+        "alice", "budget", "increase", "team:sales", "1", "--until", "2099-01-01", "--reason", "x"
+    )
+    assert "no month budget for team:nowhere" in stack.refused(
+        "alice", "budget", "request", "team:nowhere", "5", "--reason", "x"
+    )
+    bad_amount = ("budget", "request", "team:sales", "lots", "--overage", "--reason", "x")
+    assert "amount_usd: a number of USD" in stack.refused("alice", *bad_amount)
+    own = request_id(stack.ok("mike", "budget", "request", "team:sales", "5", "--overage", "--reason", "mine"))
+    assert "may not also decide" in stack.refused("mike", "budget", "approve", own, "--reason", "self-service")
+    denied = stack.ok("dana", "budget", "deny", rid, "--reason", "not before the review")
+    assert "\tdenied\t" in denied and "denied by dana (director)" in denied
+    assert stack.latest(rid) == "denied"
+    approved = stack.ok("vera", "budget", "approve", rid, "--reason", "the review agreed")
+    assert "approved by vera (vp)" in approved
+    lifted = stack.decision("team:sales", "allow", after=shutoff["version"])
+    assert lifted["limit_nanos"] == 90 * USD
+    assert "cannot be approved" in stack.refused("vera", "budget", "approve", rid, "--reason", "again")
+
+
+def test_a_feature_above_the_threshold_waits_for_approval(stack: Stack) -> None:
+    cheap = stack.ok("alice", "feature", "register", "ai_tagger", "1500", "--reason", "tags tickets")
+    assert "\tapproved\t" in cheap and "policy: at or below" in cheap
+    line = stack.ok("alice", "feature", "register", "ai_summarizer", "2500", "--reason", "summaries")
+    assert "\tpending\t" in line
+    stack.spend("support", 1, feature="ai_summarizer")
+    blocked = stack.decision("feature:ai_summarizer", "shutoff")  # budgeted at zero until approved
+    assert blocked["limit_nanos"] == 0
+    assert "at most $100.00" in stack.refused("dana", "budget", "approve", request_id(line), "--reason", "ok")
+    # the approver is the token that calls, whatever the body claims
+    forged = json.dumps({"reason": "worth it", "step_by": "ceo", "approved_by": "ceo", "approver_level": "board"})
+    reply = call(stack.port, "POST", f"/v1/budget/requests/{request_id(line)}/approve", forged.encode(),
+                 Authorization=f"Bearer {stack.tokens['vera']}", Content_Type="application/json")  # fmt: skip
+    assert reply.status == 201, reply.body
+    assert (reply.json()["step_by"], reply.json()["approver_level"]) == ("vera", "vp")
+    approved = stack.decision("feature:ai_summarizer", "allow", after=blocked["version"])
+    assert approved["limit_nanos"] == 2500 * USD
+    assert "ai_summarizer" in stack.ok("alice", "feature", "list", "--status", "approved")
