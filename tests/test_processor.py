@@ -28,8 +28,8 @@ from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
-from spendstream.processor.app import read_to_end, read_window_totals
 from spendstream.processor.periods import period_window
+from spendstream.processor.recovery import read_to_end, read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 

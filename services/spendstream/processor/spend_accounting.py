@@ -1,4 +1,5 @@
-"""Exact spend accounting without Kafka transactions (pure functions; the faust wiring is in ``app.py``).
+"""Exact spend accounting without Kafka transactions (pure functions; stage 1 and 2 apply them in
+``stage_one.py`` and ``stage_two.py``).
 
 Why it is exact. Stage 1 runs per source partition of ``spendstream.usage``. A batch of events is folded
 into *partials*: one value per ``(scope, period, window_start, source_partition)`` holding
@@ -382,89 +383,6 @@ class AppliedIds:
         for key in gone:
             del self.records[key]
         return gone
-
-
-class Stage1Batch(NamedTuple):
-    """What one stage-1 batch writes: changed partials first, then its ids records, then tombstones."""
-
-    touched: dict[str, Partial]  # every partial the batch touched (announced to stage 2)
-    changed: Iterable[str]  # the partials whose value changed (written to the table)
-    ids_records: list[tuple[str, list[Any]]]  # (ids key, value), written after the partials
-    expired: list[str]  # ids records fallen behind the horizon, deleted last
-    conflicts: Sequence[tuple[int, int]] = ()  # (offset, offset of the applied first version): to the DLQ
-
-
-def fold_distinct(
-    items: Sequence[tuple[int, int, int, Sequence[str], int, bytes]],
-    partition: int,
-    newest_arrival_ms: int,
-    applied_high: int,
-    applied: AppliedIds,
-    current: Callable[[str], Sequence[int] | None],
-    calendar: WindowCalendar,
-    retention: Retention,
-    watermark_s: int,
-) -> Stage1Batch:
-    """Stage 1's fold of a batch of one source partition, counting each event_id once.
-
-    Items are ``(offset, cost_nanos, tokens, scopes, occurred_epoch_s, event_id[, content digest])`` in offset order;
-    ``applied_high`` is the highest offset in any stored partial of the partition. Copies of ids applied at
-    another offset are dropped first; the rest folds with ``fold_fresh`` when it starts above every stored
-    offset (nothing to skip), else event by event with ``fold_batch``. Windows expired at the partition's
-    watermark after the batch (``watermark_s``) are skipped: they were, or are about to be, deleted.
-    """
-    verdicts = applied.admit_versions((item[5], item[0], item[6] if len(item) > 6 else 0) for item in items)
-    kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
-    conflicts = [
-        (item[0], applied.offsets[item[5]])
-        for item, verdict in zip(items, verdicts, strict=True)
-        if verdict == CONFLICT
-    ]
-    applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
-    starts = retention.live_starts(calendar.starts, watermark_s)
-    touched: dict[str, Partial] = {}
-    changed: Iterable[str] = ()
-    if kept and kept[0][0] > applied_high:
-        fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at, *_ in kept]
-        touched = fold_fresh(fresh, partition, current, starts)
-        changed = touched
-    elif kept:
-        replay = [
-            (offset, cost, tokens, [f"{scope}|{period}|{start}" for scope in scopes for period, start in starts(at)])
-            for offset, cost, tokens, scopes, at, *_ in kept
-        ]
-        touched, changed = fold_batch(replay, partition, current)
-    records: list[tuple[str, list[Any]]] = []
-    for start in range(0, len(kept), IDS_PER_RECORD):
-        chunk = kept[start : start + IDS_PER_RECORD]
-        entries = [(item[5], item[0]) for item in chunk]
-        digests = [item[6] if len(item) > 6 else 0 for item in chunk]
-        key, value = ids_key(partition, entries[0][1]), pack_ids(applied.newest_ms, entries, digests)
-        applied.remember(key, value, entries)
-        records.append((key, value))
-    return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
-
-
-def restore_stage1(
-    table: Mapping[str, Any], partitions: Iterable[int], horizon_ms: int
-) -> tuple[dict[int, int], dict[int, AppliedIds]]:
-    """Stage 1's memory from its restored table: the highest stored offset of every source partition, and the
-    applied ids of ``partitions`` (oldest record first, the order in which they expire)."""
-    applied_high: dict[int, int] = {}
-    applied = {partition: AppliedIds(horizon_ms) for partition in partitions}
-    ids_records: list[tuple[tuple[int, int], str]] = []
-    for key, value in table.items():
-        if is_ids_key(key):
-            ids_records.append((split_ids_key(key), key))
-            continue
-        if is_clock_key(key):
-            continue
-        partition = split_partial_key(key)[1]
-        applied_high[partition] = max(applied_high.get(partition, -1), value[3])
-    for (partition, _), key in sorted(ids_records):
-        if partition in applied:
-            applied[partition].remember(key, table[key])
-    return applied_high, applied
 
 
 def window_expiry(period: str, start_s: int, allowed_lateness_s: int, tz: tzinfo | str, history_days: int) -> int:
