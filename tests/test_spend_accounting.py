@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from spendstream.core.events import Action
 from spendstream.core.policy import parse_policy
+from spendstream.processor.applied_ids import AppliedIds
 from spendstream.processor.decision_publisher import (
     decision_signature,
     evaluate_scope,
@@ -20,7 +21,6 @@ from spendstream.processor.spend_accounting import (
     EMPTY,
     IDS_PER_RECORD,
     TRACKED_PERIODS,
-    AppliedIds,
     Partial,
     Retention,
     WindowCalendar,
@@ -410,7 +410,8 @@ def test_decisions_only_on_change_and_versions_increase() -> None:
 
 
 def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> None:
-    from spendstream.processor.spend_accounting import APPLY, CONFLICT, COPY, content_digest
+    from spendstream.processor.applied_ids import APPLY, CONFLICT, COPY
+    from spendstream.processor.spend_accounting import content_digest
 
     first, other = content_digest(b"cost 3.7T"), content_digest(b"cost 0")
     item = UsageItem(10, 3_700 * USD, 15, ["team:x"], 1_700_000_000, b"e" * 16, first)

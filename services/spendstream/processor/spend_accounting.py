@@ -20,8 +20,8 @@ even when all its events were skipped as replays, which heals a crash between th
 Duplicates. Edges publish at least once: a send whose delivery timed out although the record landed is sent
 again later with the same ``event_id`` (same key, so same partition, at a later offset). Offsets cannot see
 that, so stage 1 also keeps, per source partition, the event ids it applied within a horizon of arrival time
-(``AppliedIds``) and skips a copy of an id applied at ANOTHER offset. The ids of each batch go to the same
-changelog partition as its partials, produced after them, so a crash leaves at worst partials without ids: the
+(``applied_ids.AppliedIds``) and skips a copy of an id applied at ANOTHER offset. The ids of each batch go to the
+same changelog partition as its partials, produced after them, so a crash leaves at worst partials without ids: the
 replay then skips those events by offset and records their ids again. Ids without partials are harmless too,
 because an id stored with the event's own offset never skips it (the per-key offsets decide). A copy arriving
 more than the horizon after its original is counted twice in the windows (the ledger stays exact).
@@ -303,86 +303,6 @@ def unpack_digests(value: Sequence[Any]) -> list[int]:
 def content_digest(value: bytes) -> int:
     """A non-zero 64-bit digest of an event's encoded bytes: two copies of one event_id with other content differ."""
     return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "big") or 1
-
-
-APPLY, COPY, CONFLICT = "apply", "copy", "conflict"
-
-
-class AppliedIds:
-    """The event ids one source partition applied within ``horizon_ms`` of arrival time, and their offsets.
-
-    Memory: about 170 bytes per id (measured): a 16-byte ``bytes`` key, an int offset and a dict slot here, and
-    the 32 base64 characters of its ids record, shared with the table; e.g. 1000 events/s with a one-hour
-    horizon is 3.6 M ids, about 610 MB. Records are pruned oldest first, once the partition's newest arrival
-    (Kafka timestamps, so a replay prunes alike) is more than the horizon past what it was when they were written.
-    """
-
-    def __init__(self, horizon_ms: int) -> None:
-        self.horizon_ms = horizon_ms
-        self.offsets: dict[bytes, int] = {}
-        self.digests: dict[bytes, int] = {}  # content digest of the applied version, where known
-        self.records: dict[str, Sequence[Any]] = {}  # ids key -> its record's value (see ``pack_ids``)
-        self.newest_ms = 0
-
-    def remember(self, key: str, value: Sequence[Any], entries: Iterable[tuple[bytes, int]] | None = None) -> None:
-        """Adopt an ids record: just written (its ``entries`` admitted already) or restored from the changelog."""
-        self.records[key] = value
-        if entries is None:
-            offsets = self.offsets
-            restored = unpack_ids(value)[1]
-            for event_id, offset in restored:
-                offsets.setdefault(event_id, offset)
-            for (event_id, _), digest in zip(restored, unpack_digests(value), strict=False):
-                if digest:
-                    self.digests.setdefault(event_id, digest)
-        self.newest_ms = max(self.newest_ms, int(value[0]))
-
-    def admit(self, entries: Iterable[tuple[bytes, int]]) -> list[bool]:
-        """Which ``(event_id, offset)`` entries, in offset order, to apply: all but copies of an id applied at
-        another offset. Admitted ids count as applied from now on (this batch's later copies are skipped).
-
-        An id stored with the same offset is the same record replayed after a crash: it is admitted, and the
-        per-key offsets of ``fold_batch`` decide which of its windows still need it.
-        """
-        offsets = self.offsets
-        keep: list[bool] = []
-        for event_id, offset in entries:
-            seen = offsets.setdefault(event_id, offset)
-            keep.append(seen == offset)
-        return keep
-
-    def admit_versions(self, entries: Iterable[tuple[bytes, int, int]]) -> list[str]:
-        """``admit`` for ``(event_id, offset, content digest)``: APPLY, COPY (same content, or the first version's
-        content unknown) or CONFLICT (another content under an id already applied: the first version wins)."""
-        offsets, digests = self.offsets, self.digests
-        verdicts: list[str] = []
-        for event_id, offset, digest in entries:
-            seen = offsets.setdefault(event_id, offset)
-            if seen == offset:
-                if digest:
-                    digests.setdefault(event_id, digest)
-                verdicts.append(APPLY)
-                continue
-            first = digests.get(event_id, 0)
-            verdicts.append(CONFLICT if first and digest and first != digest else COPY)
-        return verdicts
-
-    def expire(self) -> list[str]:
-        """Forget the oldest records that fell behind the horizon; returns their keys (to delete)."""
-        cutoff = self.newest_ms - self.horizon_ms
-        gone: list[str] = []
-        offsets = self.offsets
-        for key, value in self.records.items():
-            if value[0] >= cutoff:
-                break
-            gone.append(key)
-            for event_id, offset in unpack_ids(value)[1]:
-                if offsets.get(event_id) == offset:
-                    del offsets[event_id]
-                    self.digests.pop(event_id, None)
-        for key in gone:
-            del self.records[key]
-        return gone
 
 
 def window_expiry(period: str, start_s: int, allowed_lateness_s: int, tz: tzinfo | str, history_days: int) -> int:

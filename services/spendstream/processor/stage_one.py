@@ -24,15 +24,13 @@ from spendstream.core.events import usage_record_problem
 from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
+from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds
 from spendstream.processor.checkpoint import Changelog, RecordSink
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, PartialsMessage, WindowPartial, stage2_partition
 from spendstream.processor.policy_in_force import PolicyHolder
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
-    APPLY,
-    CONFLICT,
     IDS_PER_RECORD,
-    AppliedIds,
     Partial,
     Watermark,
     clock_key,
@@ -109,7 +107,7 @@ class SourcePartition:
         verdicts = applied.admit_versions((item.event_id, item.offset, item.digest) for item in items)
         kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
         conflicts = [
-            (item.offset, applied.offsets[item.event_id])
+            (item.offset, applied.first_offset(item.event_id))
             for item, verdict in zip(items, verdicts, strict=True)
             if verdict == CONFLICT
         ]
