@@ -34,7 +34,7 @@ from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, USAGE
-from spendstream.processor.app import read_window_totals
+from spendstream.processor.recovery import read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 

@@ -29,7 +29,7 @@ from spendstream.core.events import UsageEvent
 from spendstream.core.ledger_store import connect
 from spendstream.core.topics import USAGE
 from spendstream.edge.emitter import Emitter
-from spendstream.processor.app import read_window_totals
+from spendstream.processor.recovery import read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 

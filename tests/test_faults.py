@@ -33,7 +33,7 @@ from spendstream.core.events import UsageEvent
 from spendstream.core.ledger_store import connect
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.edge.emitter import Emitter, attribution_key
-from spendstream.processor.app import read_window_totals
+from spendstream.processor.recovery import read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.sink.ledger_sink import LedgerSink
 from test_processor import start_worker, stop_worker

@@ -29,7 +29,7 @@ from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.periods import period_window
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
-from spendstream.processor.app import read_to_end, read_window_totals
+from spendstream.processor.recovery import read_to_end, read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 

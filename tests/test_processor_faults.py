@@ -17,7 +17,7 @@ from spendstream.core.events import UsageEvent
 from spendstream.core.periods import period_window
 from spendstream.core.policy import Policy, parse_policy
 from spendstream.core.topics import ENFORCEMENT
-from spendstream.processor.app import read_scope_totals
+from spendstream.processor.recovery import read_scope_totals
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import WindowCalendar, split_window_key
 from spendstream.runtime.embedded_broker import EmbeddedBroker

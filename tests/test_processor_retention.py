@@ -10,7 +10,7 @@ import pytest
 
 from spendstream.core.periods import HOUR, period_window
 from spendstream.core.policy import parse_policy
-from spendstream.processor.app import read_scope_totals, read_window_totals
+from spendstream.processor.recovery import read_scope_totals, read_window_totals
 from spendstream.processor.spend_accounting import Retention
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from test_processor import event, produce, start_worker, stop_worker, wait_totals

@@ -378,7 +378,10 @@ def kafka_client_constructions() -> dict[str, str]:
 CONFIG_FROM_CALLER = {
     "sink/dead_letters.py",
     "runtime/topic_admin.py",
-    "processor/app.py",
+    "processor/checkpoint.py",
+    "processor/policy_in_force.py",
+    "processor/recovery.py",
+    "processor/usage_reader.py",
     "processor/heartbeat.py",
     "core/policy_log.py",
     "edge/policy_follower.py",

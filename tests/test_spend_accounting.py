@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from spendstream.core.events import Action
 from spendstream.core.periods import period_window, tracked_series
 from spendstream.core.policy import parse_policy
+from spendstream.processor.applied_ids import AppliedIds
 from spendstream.processor.decision_publisher import (
     decision_signature,
     evaluate_scope,
@@ -19,12 +20,10 @@ from spendstream.processor.decision_publisher import (
 from spendstream.processor.spend_accounting import (
     EMPTY,
     IDS_PER_RECORD,
-    AppliedIds,
     Partial,
     Retention,
     WindowCalendar,
     fold_batch,
-    fold_distinct,
     fold_fresh,
     ids_key,
     is_ids_key,
@@ -32,7 +31,6 @@ from spendstream.processor.spend_accounting import (
     merge_partial,
     pack_ids,
     quarter_hour,
-    restore_stage1,
     split_ids_key,
     split_partial_key,
     split_window_key,
@@ -41,6 +39,7 @@ from spendstream.processor.spend_accounting import (
     window_key,
     window_total,
 )
+from spendstream.processor.stage_one import SourcePartition, UsageItem, restore_sources
 
 KEYS = ["team:a|day|0", "team:b|day|0", "user:u|month|86400", "feature:x|hour|3600"]
 event_st = st.tuples(st.integers(0, 10**9), st.integers(0, 5000), st.lists(st.sampled_from(KEYS), unique=True))
@@ -111,6 +110,11 @@ BERLIN = WindowCalendar("Europe/Berlin")
 JAN_2025 = 1_735_689_600
 HOUR_MS = 3_600_000
 ALL_LIVE = Retention("Europe/Berlin", 86_400, 7)  # with watermark 0 (1970) every window is live
+LIVE_STARTS = ALL_LIVE.live_starts(BERLIN.starts, 0)
+
+
+def usage_items(rows: list[tuple]) -> list[UsageItem]:
+    return [UsageItem(*row) for row in rows]
 
 
 def distinct_totals(events: list[tuple[bytes, int, int, list[str], int]]) -> dict[str, tuple[int, int, int]]:
@@ -177,7 +181,7 @@ def test_copies_crashes_and_replays_in_any_interleaving_count_each_event_id_once
     log: list[tuple[str, object]] = []
     committed_offset, committed_log = 0, 0
     table: dict[str, object] = {}
-    high, applied = restore_stage1(table, [4], HOUR_MS)
+    source = restore_sources(table, [4], HOUR_MS)[4]
     crash_at = sorted(crashes)
     position = steps = 0
     while position < len(stream):
@@ -185,9 +189,7 @@ def test_copies_crashes_and_replays_in_any_interleaving_count_each_event_id_once
             (position + i, cost, tokens, scopes, at, event_id)
             for i, (event_id, cost, tokens, scopes, at) in enumerate(stream[position : position + batch])
         ]
-        out = fold_distinct(items, 4, position * 10, high.get(4, -1), applied[4], table.get, BERLIN, ALL_LIVE, 0)
-        if out.touched:
-            high[4] = max(high.get(4, -1), items[-1][0])
+        out = source.fold(usage_items(items), position * 10, table.get, LIVE_STARTS)
         writes: list[tuple[str, object]] = [(key, list(out.touched[key])) for key in sorted(out.changed)]
         writes += out.ids_records
         writes += [(key, None) for key in out.expired]
@@ -206,16 +208,16 @@ def test_copies_crashes_and_replays_in_any_interleaving_count_each_event_id_once
             tail = log[committed_log:]
             log = log[:committed_log] + [r for i, r in enumerate(tail) if survives[i % len(survives)]]
             table = restore(log)
-            high, applied = restore_stage1(table, [4], HOUR_MS)
+            source = restore_sources(table, [4], HOUR_MS)[4]
             position = committed_offset
     assert totals_from_partials(table) == distinct_totals(stream)
 
 
 def test_fresh_batch_above_every_stored_offset_still_skips_copies_of_earlier_events() -> None:
     table: dict[str, list[int]] = {}
-    applied = AppliedIds(HOUR_MS)
+    source = SourcePartition(0, AppliedIds(HOUR_MS))
     first = [(0, 100, 1, ["team:a"], JAN_2025, b"a" * 16), (1, 200, 2, ["team:a"], JAN_2025, b"b" * 16)]
-    out = fold_distinct(first, 0, 1_000, -1, applied, table.get, BERLIN, ALL_LIVE, 0)
+    out = source.fold(usage_items(first), 1_000, table.get, LIVE_STARTS)
     table.update({key: list(out.touched[key]) for key in out.changed})
     # offsets 2.. start above every stored offset (the fresh path): a copy of "a" and two copies of "c"
     later = [
@@ -223,7 +225,8 @@ def test_fresh_batch_above_every_stored_offset_still_skips_copies_of_earlier_eve
         (3, 7, 1, ["team:a"], JAN_2025, b"c" * 16),
         (4, 7, 1, ["team:a"], JAN_2025, b"c" * 16),
     ]
-    out = fold_distinct(later, 0, 2_000, 1, applied, table.get, BERLIN, ALL_LIVE, 0)
+    assert source.applied_high == 1
+    out = source.fold(usage_items(later), 2_000, table.get, LIVE_STARTS)
     table.update({key: list(out.touched[key]) for key in out.changed})
     month = BERLIN.window_keys(["team:a"], JAN_2025)[2]
     assert totals_from_partials(table)[month] == (307, 3, 4)
@@ -231,12 +234,12 @@ def test_fresh_batch_above_every_stored_offset_still_skips_copies_of_earlier_eve
 
 
 def test_a_copy_within_the_horizon_is_skipped_and_one_after_it_counts_again() -> None:
-    applied = AppliedIds(HOUR_MS)
+    source = SourcePartition(2, AppliedIds(HOUR_MS))
     table: dict[str, object] = {}
 
     def send(offset: int, event_id: bytes, arrival_ms: int) -> list[str]:
         item = [(offset, 5, 1, ["team:a"], JAN_2025, event_id)]
-        out = fold_distinct(item, 2, arrival_ms, offset - 1, applied, table.get, BERLIN, ALL_LIVE, 0)
+        out = source.fold(usage_items(item), arrival_ms, table.get, LIVE_STARTS)
         table.update({key: list(out.touched[key]) for key in out.changed})
         table.update(out.ids_records)
         for key in out.expired:
@@ -250,15 +253,15 @@ def test_a_copy_within_the_horizon_is_skipped_and_one_after_it_counts_again() ->
     assert totals_from_partials(table)[month] == (10, 2, 2)
     assert send(3, b"x" * 16, HOUR_MS + 2) == []  # its original's record is gone: counted again
     assert totals_from_partials(table)[month] == (15, 3, 3)
-    high, restored = restore_stage1(table, [2], HOUR_MS)
-    assert high == {2: 3} and set(restored[2].records) == {ids_key(2, 2), ids_key(2, 3)}
-    assert restored[2].admit([(b"y" * 16, 9), (b"x" * 16, 3), (b"z" * 16, 10)]) == [False, True, True]
+    restored = restore_sources(table, [2], HOUR_MS)[2]
+    assert restored.applied_high == 3 and set(restored.applied.records) == {ids_key(2, 2), ids_key(2, 3)}
+    assert restored.applied.admit([(b"y" * 16, 9), (b"x" * 16, 3), (b"z" * 16, 10)]) == [False, True, True]
 
 
 def test_ids_records_round_trip_are_split_and_ignored_by_window_totals() -> None:
     entries = [(i.to_bytes(16, "big"), 1_000 + i) for i in range(IDS_PER_RECORD + 3)]
     items = [(offset, 1, 1, ["org:o"], JAN_2025, event_id) for event_id, offset in entries]
-    out = fold_distinct(items, 5, 123, -1, AppliedIds(HOUR_MS), {}.get, BERLIN, ALL_LIVE, 0)
+    out = SourcePartition(5, AppliedIds(HOUR_MS)).fold(usage_items(items), 123, {}.get, LIVE_STARTS)
     assert [key for key, _ in out.ids_records] == [ids_key(5, 1_000), ids_key(5, 1_000 + IDS_PER_RECORD)]
     assert [entry for _, value in out.ids_records for entry in unpack_ids(value)[1]] == entries
     assert all(unpack_ids(value)[0] == 123 for _, value in out.ids_records)
@@ -406,21 +409,22 @@ def test_decisions_only_on_change_and_versions_increase() -> None:
 
 
 def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> None:
-    from spendstream.processor.spend_accounting import APPLY, CONFLICT, COPY, content_digest, restore_stage1
+    from spendstream.processor.applied_ids import APPLY, CONFLICT, COPY
+    from spendstream.processor.spend_accounting import content_digest
 
     first, other = content_digest(b"cost 3.7T"), content_digest(b"cost 0")
-    item = (10, 3_700 * USD, 15, ["team:x"], 1_700_000_000, b"e" * 16, first)
-    applied = AppliedIds(HOUR_MS)
-    out = fold_distinct([item], 1, 1_000, -1, applied, {}.get, BERLIN, ALL_LIVE, 0)
+    item = UsageItem(10, 3_700 * USD, 15, ["team:x"], 1_700_000_000, b"e" * 16, first)
+    source = SourcePartition(1, AppliedIds(HOUR_MS))
+    out = source.fold([item], 1_000, {}.get, LIVE_STARTS)
     assert out.conflicts == ()
     table = dict(out.ids_records)
-    restored = restore_stage1(table, [1], HOUR_MS)[1][1]
-    for state in (applied, restored):
+    restored = restore_sources(table, [1], HOUR_MS)[1]
+    for state in (source.applied, restored.applied):
         assert state.admit_versions([(b"e" * 16, 11, first), (b"e" * 16, 12, other), (b"f" * 16, 13, other)]) == [
             COPY,
             CONFLICT,
             APPLY,
         ]
-    copy = (12, 0, 15, ["team:x"], 1_700_000_000, b"e" * 16, other)
-    out = fold_distinct([copy], 1, 2_000, 10, restored, {}.get, BERLIN, ALL_LIVE, 0)
+    copy = UsageItem(12, 0, 15, ["team:x"], 1_700_000_000, b"e" * 16, other)
+    out = restore_sources(table, [1], HOUR_MS)[1].fold([copy], 2_000, {}.get, LIVE_STARTS)
     assert list(out.conflicts) == [(12, 10)] and not out.touched

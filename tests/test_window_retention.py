@@ -9,20 +9,18 @@ from hypothesis import strategies as st
 
 from spendstream.core.periods import HOUR, HOURLY_HISTORY, period_window, window_expiry
 from spendstream.processor.spend_accounting import (
-    AppliedIds,
     Retention,
     Watermark,
     WindowCalendar,
     clock_key,
-    fold_distinct,
     ids_key,
     is_ids_key,
     lateness_problem,
     restore_clock,
-    restore_stage1,
     split_window_key,
     totals_from_partials,
 )
+from spendstream.processor.stage_one import UsageItem, restore_sources
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "America/Santiago", "Australia/Lord_Howe", "Asia/Kolkata"]
 DAY_S = 86_400
@@ -176,8 +174,8 @@ def test_pruning_with_crashes_keeps_live_windows_exact_and_never_recreates_a_del
     batch: int,
     crashes: list[tuple[int, list[bool]]],
 ) -> None:
-    """Model of stage 1 on one partition, as ``app.py`` runs it: lateness check, ``fold_distinct`` at the batch's
-    watermark, a retention scan against the persisted watermark, the clock record. Every batch is flushed
+    """Model of stage 1 on one partition, as ``StageOne`` runs it: lateness check, ``SourcePartition.fold`` at
+    the batch's watermark, a retention scan against the persisted watermark, the clock record. Every batch is flushed
     before the next one starts, offsets are committed every other batch; a crash loses ANY subset of the
     records of the batch in flight and the source is replayed from the committed offset. Kafka timestamps are
     in order except for a few events shifted back by up to three days."""
@@ -190,8 +188,8 @@ def test_pruning_with_crashes_keeps_live_windows_exact_and_never_recreates_a_del
     log: list[tuple[str, object]] = []
     committed_offset = 0
     table: dict[str, object] = {}
-    high, applied = restore_stage1(table, [0], 900_000)
-    clock = Watermark(restore_clock(table, 0))
+    source = restore_sources(table, [0], 900_000)[0]
+    clock = source.clock
     crash_at = sorted(crashes)
     position = steps = 0
     scanned_at = 0
@@ -206,20 +204,9 @@ def test_pruning_with_crashes_keeps_live_windows_exact_and_never_recreates_a_del
         writes: list[tuple[str, object]] = []
         if accepted:
             watermark_ms = clock.after(max(item[6] for item in accepted) * 1000)
-            items = [item[:6] for item in accepted]
-            out = fold_distinct(
-                items,
-                0,
-                watermark_ms,
-                high.get(0, -1),
-                applied[0],
-                table.get,
-                calendar,
-                retention,
-                watermark_ms // 1000,
-            )
-            if out.touched:
-                high[0] = max(high.get(0, -1), items[-1][0])
+            items = [UsageItem(*item[:6]) for item in accepted]
+            starts = retention.live_starts(calendar.starts, watermark_ms // 1000)
+            out = source.fold(items, watermark_ms, table.get, starts)
             assert not retention.expired_partials(out.changed, 0, watermark_ms // 1000)  # expired: skipped
             writes += [(key, list(out.touched[key])) for key in sorted(out.changed)]
             writes += out.ids_records
@@ -246,8 +233,8 @@ def test_pruning_with_crashes_keeps_live_windows_exact_and_never_recreates_a_del
                     table.pop(key, None)
                 else:
                     table[key] = value
-            high, applied = restore_stage1(table, [0], 900_000)
-            clock = Watermark(restore_clock(table, 0))
+            source = restore_sources(table, [0], 900_000)[0]
+            clock = source.clock
             position = committed_offset
         elif steps % 2 == 0:
             committed_offset = position
@@ -282,6 +269,7 @@ def test_pruning_with_crashes_keeps_live_windows_exact_and_never_recreates_a_del
 def test_applied_ids_clock_is_separate_from_the_retention_clock() -> None:
     """The dedup horizon keeps its own arrival clock; the watermark record is not an ids record or a partial."""
     table = {clock_key(0): [5_000], ids_key(0, 0): [4_000, ""]}
-    high, applied = restore_stage1(table, [0], 1_000)
-    assert high == {} and applied[0].newest_ms == 4_000 and isinstance(applied[0], AppliedIds)
+    source = restore_sources(table, [0], 1_000)[0]
+    assert source.applied_high is None and source.applied.newest_ms == 4_000 and source.clock.durable_ms == 5_000
+    assert not source.blank
     assert totals_from_partials(table) == {}

@@ -21,8 +21,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.budget_lifecycle import BudgetRequest, Status, expire, next_expiry
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
-from spendstream.processor.app import PolicyHolder, stage2_partition
-from spendstream.processor.internal_topics import PARTIALS_TOPIC
+from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage, stage2_partition
+from spendstream.processor.policy_in_force import PolicyHolder
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class BudgetAdjustmentFollower(threading.Thread):
         producer.poll(0)
 
     def _reevaluate(self, producer: Producer, scopes: set[str]) -> None:
-        version = self.holder.policy.version.encode()
+        message = ReevaluateMessage(self.holder.policy.version).encode()
         for partition in sorted({stage2_partition(scope, self.partitions) for scope in scopes}):
-            producer.produce(PARTIALS_TOPIC, b'{"reevaluate": "%s"}' % version, partition=partition)
+            producer.produce(PARTIALS_TOPIC, message, partition=partition)
         producer.flush(5)

@@ -164,11 +164,11 @@ def _given(flag: int | None, setting: int) -> int:
 
 
 def run_processor(args: argparse.Namespace, settings: Settings) -> int:
-    from spendstream.processor.app import DEFAULT_APP_ID
+    from spendstream.processor.internal_topics import DEFAULT_APP_ID
 
     app_id = args.app_id or DEFAULT_APP_ID
     if args.dump_totals:
-        from spendstream.processor.app import read_window_totals
+        from spendstream.processor.recovery import read_window_totals
 
         for (scope, period, start), (nanos, requests, tokens) in sorted(
             read_window_totals(settings.kafka_client_config(), app_id).items()
@@ -182,10 +182,12 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy import parse_policy
     from spendstream.core.policy_log import seed_policy
     from spendstream.core.topics import POLICY, USAGE
-    from spendstream.processor.app import PolicyFollower, ProcessorConfig, build_app, usage_group
+    from spendstream.processor.app import ProcessorConfig, build_app
     from spendstream.processor.budget_adjustments import BudgetAdjustmentFollower
     from spendstream.processor.internal_topics import ensure_internal_topics
     from spendstream.processor.ledger_rebuild import spend_source
+    from spendstream.processor.policy_in_force import PolicyFollower
+    from spendstream.processor.usage_reader import usage_group
 
     seed = None
     if settings.policy is not None:  # only seeds an empty policy topic

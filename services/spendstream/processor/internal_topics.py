@@ -9,14 +9,76 @@ lists every partition removes the race.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+import zlib
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+DEFAULT_APP_ID = "spendstream-processor"
 PARTIALS_TOPIC = "spendstream.processor.partials"
 TABLES = ("partials", "windows", "scopes")  # faust table names of ``app.build_app``
+
+
+def stage2_partition(scope: str, partitions: int) -> int:
+    """Stable scope -> internal partition, so every window of a scope is evaluated by one stage-2 owner."""
+    return zlib.crc32(scope.encode()) % partitions
+
+
+class WindowPartial(NamedTuple):
+    """One source partition's TOTAL of a window (``scope|period|start``), as stage 2 merges it."""
+
+    window: str
+    total_nanos: int
+    requests: int
+    tokens: int
+    offset: int  # the last source offset the total includes: stage 2 keeps the highest
+
+
+@dataclass(frozen=True)
+class PartialsMessage:
+    """What stage 1 (or a rebuild from the ledger) tells a stage-2 partition after a batch of one source partition.
+
+    Wire format (JSON, unchanged since the first release): ``{"p": source partition, "at": newest occurred_at
+    (epoch s), "w": the source partition's watermark (epoch ms), "s": {scope: [[window, total, requests, tokens,
+    offset], ...]}}``.
+    """
+
+    source: int
+    newest_event_s: int
+    watermark_ms: int
+    scopes: dict[str, list[WindowPartial]]
+
+    def encode(self) -> bytes:
+        body = {"p": self.source, "at": self.newest_event_s, "w": self.watermark_ms, "s": self.scopes}
+        return json.dumps(body).encode()
+
+
+@dataclass(frozen=True)
+class ReevaluateMessage:
+    """Asks a stage-2 partition to evaluate all its scopes again (a new policy is in force).
+
+    Wire format: ``{"reevaluate": policy version}``.
+    """
+
+    policy_version: str
+
+    def encode(self) -> bytes:
+        return json.dumps({"reevaluate": self.policy_version}).encode()
+
+
+InternalMessage = PartialsMessage | ReevaluateMessage
+
+
+def internal_message(value: dict[str, Any]) -> InternalMessage:
+    """The typed form of a decoded internal-topic value."""
+    if "reevaluate" in value:
+        return ReevaluateMessage(value["reevaluate"])
+    scopes = {scope: [WindowPartial(*entry) for entry in entries] for scope, entries in value["s"].items()}
+    return PartialsMessage(value["p"], value["at"], value.get("w", 0), scopes)
 
 
 def changelog_topic(app_id: str, table: str) -> str:

@@ -1,4 +1,4 @@
-"""Rebuilding lost window state from the ledger, exactly (pure fold here; stage 1 wires it in ``app.py``).
+"""Rebuilding lost window state from the ledger, exactly (pure fold here; ``recovery.rebuild_from_ledger`` applies it).
 
 When stage 1 finds NO state for a source partition of ``spendstream.usage`` (no partial, no ids, no clock: a
 fresh memory-only broker after ``spendstream dev`` restarted, a new app id, a lost changelog topic), the ledger is

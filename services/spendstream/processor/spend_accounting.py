@@ -1,4 +1,5 @@
-"""Exact spend accounting without Kafka transactions (pure functions; the faust wiring is in ``app.py``).
+"""Exact spend accounting without Kafka transactions (pure functions; stage 1 and 2 apply them in
+``stage_one.py`` and ``stage_two.py``).
 
 Why it is exact. Stage 1 runs per source partition of ``spendstream.usage``. A batch of events is folded
 into *partials*: one value per ``(scope, period, window_start, source_partition)`` holding
@@ -19,8 +20,8 @@ even when all its events were skipped as replays, which heals a crash between th
 Duplicates. Edges publish at least once: a send whose delivery timed out although the record landed is sent
 again later with the same ``event_id`` (same key, so same partition, at a later offset). Offsets cannot see
 that, so stage 1 also keeps, per source partition, the event ids it applied within a horizon of arrival time
-(``AppliedIds``) and skips a copy of an id applied at ANOTHER offset. The ids of each batch go to the same
-changelog partition as its partials, produced after them, so a crash leaves at worst partials without ids: the
+(``applied_ids.AppliedIds``) and skips a copy of an id applied at ANOTHER offset. The ids of each batch go to the
+same changelog partition as its partials, produced after them, so a crash leaves at worst partials without ids: the
 replay then skips those events by offset and records their ids again. Ids without partials are harmless too,
 because an id stored with the event's own offset never skips it (the per-key offsets decide). A copy arriving
 more than the horizon after its original is counted twice in the windows (the ledger stays exact).
@@ -299,169 +300,6 @@ def unpack_digests(value: Sequence[Any]) -> list[int]:
 def content_digest(value: bytes) -> int:
     """A non-zero 64-bit digest of an event's encoded bytes: two copies of one event_id with other content differ."""
     return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "big") or 1
-
-
-APPLY, COPY, CONFLICT = "apply", "copy", "conflict"
-
-
-class AppliedIds:
-    """The event ids one source partition applied within ``horizon_ms`` of arrival time, and their offsets.
-
-    Memory: about 170 bytes per id (measured): a 16-byte ``bytes`` key, an int offset and a dict slot here, and
-    the 32 base64 characters of its ids record, shared with the table; e.g. 1000 events/s with a one-hour
-    horizon is 3.6 M ids, about 610 MB. Records are pruned oldest first, once the partition's newest arrival
-    (Kafka timestamps, so a replay prunes alike) is more than the horizon past what it was when they were written.
-    """
-
-    def __init__(self, horizon_ms: int) -> None:
-        self.horizon_ms = horizon_ms
-        self.offsets: dict[bytes, int] = {}
-        self.digests: dict[bytes, int] = {}  # content digest of the applied version, where known
-        self.records: dict[str, Sequence[Any]] = {}  # ids key -> its record's value (see ``pack_ids``)
-        self.newest_ms = 0
-
-    def remember(self, key: str, value: Sequence[Any], entries: Iterable[tuple[bytes, int]] | None = None) -> None:
-        """Adopt an ids record: just written (its ``entries`` admitted already) or restored from the changelog."""
-        self.records[key] = value
-        if entries is None:
-            offsets = self.offsets
-            restored = unpack_ids(value)[1]
-            for event_id, offset in restored:
-                offsets.setdefault(event_id, offset)
-            for (event_id, _), digest in zip(restored, unpack_digests(value), strict=False):
-                if digest:
-                    self.digests.setdefault(event_id, digest)
-        self.newest_ms = max(self.newest_ms, int(value[0]))
-
-    def admit(self, entries: Iterable[tuple[bytes, int]]) -> list[bool]:
-        """Which ``(event_id, offset)`` entries, in offset order, to apply: all but copies of an id applied at
-        another offset. Admitted ids count as applied from now on (this batch's later copies are skipped).
-
-        An id stored with the same offset is the same record replayed after a crash: it is admitted, and the
-        per-key offsets of ``fold_batch`` decide which of its windows still need it.
-        """
-        offsets = self.offsets
-        keep: list[bool] = []
-        for event_id, offset in entries:
-            seen = offsets.setdefault(event_id, offset)
-            keep.append(seen == offset)
-        return keep
-
-    def admit_versions(self, entries: Iterable[tuple[bytes, int, int]]) -> list[str]:
-        """``admit`` for ``(event_id, offset, content digest)``: APPLY, COPY (same content, or the first version's
-        content unknown) or CONFLICT (another content under an id already applied: the first version wins)."""
-        offsets, digests = self.offsets, self.digests
-        verdicts: list[str] = []
-        for event_id, offset, digest in entries:
-            seen = offsets.setdefault(event_id, offset)
-            if seen == offset:
-                if digest:
-                    digests.setdefault(event_id, digest)
-                verdicts.append(APPLY)
-                continue
-            first = digests.get(event_id, 0)
-            verdicts.append(CONFLICT if first and digest and first != digest else COPY)
-        return verdicts
-
-    def expire(self) -> list[str]:
-        """Forget the oldest records that fell behind the horizon; returns their keys (to delete)."""
-        cutoff = self.newest_ms - self.horizon_ms
-        gone: list[str] = []
-        offsets = self.offsets
-        for key, value in self.records.items():
-            if value[0] >= cutoff:
-                break
-            gone.append(key)
-            for event_id, offset in unpack_ids(value)[1]:
-                if offsets.get(event_id) == offset:
-                    del offsets[event_id]
-                    self.digests.pop(event_id, None)
-        for key in gone:
-            del self.records[key]
-        return gone
-
-
-class Stage1Batch(NamedTuple):
-    """What one stage-1 batch writes: changed partials first, then its ids records, then tombstones."""
-
-    touched: dict[str, Partial]  # every partial the batch touched (announced to stage 2)
-    changed: Iterable[str]  # the partials whose value changed (written to the table)
-    ids_records: list[tuple[str, list[Any]]]  # (ids key, value), written after the partials
-    expired: list[str]  # ids records fallen behind the horizon, deleted last
-    conflicts: Sequence[tuple[int, int]] = ()  # (offset, offset of the applied first version): to the DLQ
-
-
-def fold_distinct(
-    items: Sequence[tuple[int, int, int, Sequence[str], int, bytes]],
-    partition: int,
-    newest_arrival_ms: int,
-    applied_high: int,
-    applied: AppliedIds,
-    current: Callable[[str], Sequence[int] | None],
-    calendar: WindowCalendar,
-    retention: Retention,
-    watermark_s: int,
-) -> Stage1Batch:
-    """Stage 1's fold of a batch of one source partition, counting each event_id once.
-
-    Items are ``(offset, cost_nanos, tokens, scopes, occurred_epoch_s, event_id[, content digest])`` in offset order;
-    ``applied_high`` is the highest offset in any stored partial of the partition. Copies of ids applied at
-    another offset are dropped first; the rest folds with ``fold_fresh`` when it starts above every stored
-    offset (nothing to skip), else event by event with ``fold_batch``. Windows expired at the partition's
-    watermark after the batch (``watermark_s``) are skipped: they were, or are about to be, deleted.
-    """
-    verdicts = applied.admit_versions((item[5], item[0], item[6] if len(item) > 6 else 0) for item in items)
-    kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
-    conflicts = [
-        (item[0], applied.offsets[item[5]])
-        for item, verdict in zip(items, verdicts, strict=True)
-        if verdict == CONFLICT
-    ]
-    applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
-    starts = retention.live_starts(calendar.starts, watermark_s)
-    touched: dict[str, Partial] = {}
-    changed: Iterable[str] = ()
-    if kept and kept[0][0] > applied_high:
-        fresh = [(offset, cost, tokens, scopes, quarter_hour(at)) for offset, cost, tokens, scopes, at, *_ in kept]
-        touched = fold_fresh(fresh, partition, current, starts)
-        changed = touched
-    elif kept:
-        replay = [
-            (offset, cost, tokens, [f"{scope}|{period}|{start}" for scope in scopes for period, start in starts(at)])
-            for offset, cost, tokens, scopes, at, *_ in kept
-        ]
-        touched, changed = fold_batch(replay, partition, current)
-    records: list[tuple[str, list[Any]]] = []
-    for start in range(0, len(kept), IDS_PER_RECORD):
-        chunk = kept[start : start + IDS_PER_RECORD]
-        entries = [(item[5], item[0]) for item in chunk]
-        digests = [item[6] if len(item) > 6 else 0 for item in chunk]
-        key, value = ids_key(partition, entries[0][1]), pack_ids(applied.newest_ms, entries, digests)
-        applied.remember(key, value, entries)
-        records.append((key, value))
-    return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
-
-
-def restore_stage1(
-    table: Mapping[str, Any], partitions: Iterable[int], horizon_ms: int
-) -> tuple[dict[int, int], dict[int, AppliedIds]]:
-    """Stage 1's memory from its restored table: the highest stored offset of every source partition, and the
-    applied ids of ``partitions`` (oldest record first, the order in which they expire)."""
-    applied_high: dict[int, int] = {}
-    applied = {partition: AppliedIds(horizon_ms) for partition in partitions}
-    ids_records: list[tuple[tuple[int, int], str]] = []
-    for key, value in table.items():
-        if is_ids_key(key):
-            ids_records.append((split_ids_key(key), key))
-            continue
-        if is_clock_key(key):
-            continue
-        partition = split_partial_key(key)[1]
-        applied_high[partition] = max(applied_high.get(partition, -1), value[3])
-    for (partition, _), key in sorted(ids_records):
-        if partition in applied:
-            applied[partition].remember(key, table[key])
-    return applied_high, applied
 
 
 class Retention:

@@ -1,0 +1,132 @@
+"""One batch's durability, in one order: flush everything it wrote, THEN commit the source offsets it covers.
+
+Both stages write every record of a batch (table changelogs, the internal topic, decisions, alerts, DLQ) on one
+librdkafka producer (``BatchOutput``). A table change is applied in memory and produced as its changelog record
+in the same call (``Changelog``), so the changelog is the only copy that survives a crash. ``Checkpoint.commit``
+waits until the broker confirmed every record of the batch and only then commits the next source offsets: a
+committed offset never runs ahead of the changelog. A crash between the two replays the batch, which the
+offsets stored in the partials make idempotent; the reverse order could commit offsets whose changes were lost.
+If the flush fails, nothing is committed and the error propagates (the worker exits and restores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, Protocol
+
+from confluent_kafka import Producer
+
+
+class RecordSink(Protocol):
+    """Where a stage sends the records of its batch (``BatchOutput`` in the worker)."""
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None, headers: Any = None
+    ) -> None: ...
+
+
+class Flushable(Protocol):
+    def flush_now(self) -> None: ...
+
+
+class BatchOutput:
+    """Everything a batch produces, on one librdkafka producer; ``flush_now`` raises unless all of it landed."""
+
+    def __init__(self, kafka_conf: dict[str, Any]) -> None:
+        self.producer = Producer({**kafka_conf, "linger.ms": 2, "queue.buffering.max.messages": 2_000_000})
+        self.errors: list[str] = []
+
+    def _delivered(self, err: Any, _message: Any) -> None:
+        if err is not None:
+            self.errors.append(str(err))
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None, headers: Any = None
+    ) -> None:
+        kwargs: dict[str, Any] = {"on_delivery": self._delivered}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = headers
+        while True:
+            try:
+                self.producer.produce(topic, value, key, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def flush_now(self) -> None:
+        remaining = self.producer.flush(60.0)
+        if remaining or self.errors:
+            # Crashing here leaves the batch uncommitted: it is replayed, and replays are idempotent.
+            raise RuntimeError(f"batch output not confirmed: {remaining} pending, errors {self.errors[:3]}")
+
+
+class Changelog:
+    """A table's in-memory data and its changelog topic, changed together: ``put`` and ``delete`` apply a change
+    to ``data`` and send its changelog record (faust's JSON key and value; a tombstone deletes) to the partition
+    the stage owns, on the batch's output. faust restores ``data`` from the same topic on start and rebalance."""
+
+    def __init__(
+        self,
+        data: MutableMapping[str, Any],
+        topic: str,
+        out: RecordSink,
+        keys: Callable[[], list[str]] | None = None,
+    ) -> None:
+        self.data = data
+        self.topic = topic
+        self.out = out
+        self._keys = keys or (lambda: list(data))
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def key_snapshot(self) -> list[str]:
+        """A snapshot of the keys, safe to iterate while another thread changes the table."""
+        return self._keys()
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.out.send(self.topic, json.dumps(key).encode(), json.dumps(value).encode(), partition)
+
+    def delete(self, partition: int, key: str) -> None:
+        self.data.pop(key, None)
+        self.out.send(self.topic, json.dumps(key).encode(), None, partition)
+
+
+class Checkpoint:
+    """Flush-then-commit for a stage's batches.
+
+    ``store_offset`` notes how far a batch consumed a source partition; ``commit`` first flushes the output
+    (raising, with nothing committed, unless every record of the batch was confirmed) and only then hands the
+    next offset of every partition read so far to ``commit_offsets``. Without ``commit_offsets`` the caller
+    acknowledges its source itself, after ``commit`` returned (stage 2: faust acks a batch when its agent asks
+    for the next one).
+    """
+
+    def __init__(self, output: Flushable, commit_offsets: Callable[[Mapping[int, int]], None] | None = None) -> None:
+        self._output = output
+        self._commit_offsets = commit_offsets
+        self._pending: dict[int, int] = {}
+        self.committed: dict[int, int] = {}  # source partition -> next offset to read, committed
+
+    def store_offset(self, partition: int, next_offset: int) -> None:
+        """The batch consumed ``partition`` below ``next_offset``; committed by the next ``commit`` only."""
+        self._pending[partition] = next_offset
+
+    def commit(self) -> None:
+        self._output.flush_now()
+        if not self._pending:
+            return
+        positions = {**self.committed, **self._pending}
+        if self._commit_offsets is not None:
+            self._commit_offsets(positions)
+        self.committed = positions
+        self._pending = {}
+
+    async def commit_async(self) -> None:
+        """``commit`` in an executor thread, so the event loop keeps serving faust while the producer flushes."""
+        await asyncio.get_running_loop().run_in_executor(None, self.commit)

@@ -1,0 +1,130 @@
+"""The policy a worker enforces: held for both stages, and followed on ``spendstream.policy`` by every worker.
+
+The newest valid record on ``spendstream.policy`` is in force, whatever its name (``core.policy_log``). Every
+worker follows the topic with its own group-less consumer thread (a consumer group would give the single
+partition to one worker only). A valid record replaces the policy at once; an invalid one is rejected with a
+``policy`` alert and the last good policy stays. After a change the follower asks stage 2 to re-evaluate every
+scope (a ``ReevaluateMessage`` to each internal partition), which is how a raised budget lifts a shutoff
+mid-period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from spendstream.core.budget_lifecycle import BudgetRequest, adjusted_policy
+from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.events import Alert, AlertKind, PolicyRecord, Severity
+from spendstream.core.policy import Policy, PolicyError, policy_from_json
+from spendstream.core.topics import ALERTS, POLICY
+from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage
+from spendstream.processor.spend_accounting import Retention, WindowCalendar
+
+log = logging.getLogger(__name__)
+
+
+def history_days(policy: Policy) -> int:
+    """Local days of history the policy's daily spike rules read before the current day."""
+    return max((rule.window_days for rule in policy.spike_rules if rule.kind == "daily"), default=0)
+
+
+class PolicyHolder:
+    """The policy in force, swapped atomically by the policy thread and read by both stages, with the window
+    calendar and retention that follow from it (timezone, daily spike history).
+
+    ``policy`` is the applied policy (``base``) with the approved budget adjustments in force now
+    (``core.budget_lifecycle.adjusted_policy``, kept current by ``budget_adjustments``); it keeps its version."""
+
+    def __init__(self, policy: Policy, allowed_lateness: timedelta) -> None:
+        self.base = self.policy = policy
+        self.adjustments: list[BudgetRequest] = []
+        self._lock = threading.Lock()
+        self.calendar = WindowCalendar(policy.tz)
+        self.lateness_s = int(allowed_lateness.total_seconds())
+        self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
+
+    def adopt(self, policy: Policy) -> bool:
+        with self._lock:
+            if policy.version == self.base.version:
+                return False
+            if policy.timezone != self.base.timezone:
+                self.calendar = WindowCalendar(policy.tz)
+            if policy.timezone != self.base.timezone or history_days(policy) != self.retention.history_days:
+                self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
+            self.base = policy
+            self.policy = adjusted_policy(policy, self.adjustments, datetime.now(UTC))
+            return True
+
+    def readjust(self, adjustments: list[BudgetRequest], at: datetime) -> None:
+        """Put the budget adjustments in force at ``at`` on top of the applied policy."""
+        with self._lock:
+            self.adjustments = adjustments
+            self.policy = adjusted_policy(self.base, adjustments, at)
+
+
+class PolicyFollower(threading.Thread):
+    """Follows ``spendstream.policy`` from ``start_offset`` (where the startup read ended), without a consumer group,
+    and hot-swaps the policy to every valid record, whatever its name."""
+
+    def __init__(
+        self, holder: PolicyHolder, kafka_conf: dict[str, Any], partitions: int, start_offset: int = 0
+    ) -> None:
+        super().__init__(name="policy-follower", daemon=True)
+        self.holder = holder
+        self.kafka_conf = kafka_conf
+        self.partitions = partitions
+        self.start_offset = start_offset
+        self.stopping = threading.Event()
+        self.codec = AvroCodec("policy")
+        self.alert_codec = AvroCodec("alert")
+
+    def run(self) -> None:
+        consumer = Consumer({**self.kafka_conf, "group.id": "spendstream-policy-follower", "enable.auto.commit": False})
+        producer = Producer(self.kafka_conf)
+        consumer.assign([TopicPartition(POLICY, 0, self.start_offset or OFFSET_BEGINNING)])
+        try:
+            while not self.stopping.is_set():
+                message = consumer.poll(0.5)
+                if message is None or message.error():
+                    continue
+                self._handle(message.value(), producer)
+        finally:
+            consumer.close()
+            producer.flush(5)
+
+    def _handle(self, value: bytes, producer: Producer) -> None:
+        try:
+            record = PolicyRecord.from_avro(self.codec.decode(value))
+        except (DecodeError, ValueError) as exc:
+            self._reject("?", f"undecodable policy record: {exc}", producer)
+            return
+        try:
+            policy = policy_from_json(record.document)
+        except PolicyError as exc:
+            self._reject(
+                record.name, f"policy {record.name} rejected, keeping {self.holder.policy.version}: {exc}", producer
+            )
+            return
+        if self.holder.adopt(policy):
+            log.info("policy %s version %s in force", policy.name, policy.version)
+            reevaluate = ReevaluateMessage(policy.version).encode()
+            for partition in range(self.partitions):
+                producer.produce(PARTIALS_TOPIC, reevaluate, partition=partition)
+            producer.flush(5)
+
+    def _reject(self, name: str, message: str, producer: Producer) -> None:
+        log.error("%s", message)
+        alert = Alert(
+            scope=f"policy:{name}",
+            kind=AlertKind.policy,
+            severity=Severity.critical,
+            message=message,
+            policy_version=self.holder.policy.version,
+        )
+        producer.produce(ALERTS, self.alert_codec.encode(alert.to_avro()), key=alert.scope.encode())
+        producer.flush(5)

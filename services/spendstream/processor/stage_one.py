@@ -1,0 +1,350 @@
+"""Stage 1: one worker's source partitions of ``spendstream.usage``, folded batch by batch into partials.
+
+``StageOne.process`` takes one partition's batch (confluent-kafka messages in offset order): decode, validate,
+check lateness, price events that lack ``cost_nanos`` (bad events go to ``spendstream.usage.dlq`` with a
+reason), fold into the per-(window, source partition) partials of the ``partials`` table, counting each
+event_id once (``SourcePartition.fold``), write each changed partial once, then the batch's applied ids, then
+tombstones, and announce every touched partial's TOTAL to the stage-2 partition that owns its scope
+(``PartialsMessage``). Everything goes to the batch's output; ``checkpoint.Checkpoint`` flushes it before the
+source offsets are committed. Why the fold is exact: ``spend_accounting``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+from confluent_kafka import Message
+
+from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.events import usage_record_problem
+from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
+from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
+from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
+from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds
+from spendstream.processor.checkpoint import Changelog, RecordSink
+from spendstream.processor.internal_topics import PARTIALS_TOPIC, PartialsMessage, WindowPartial, stage2_partition
+from spendstream.processor.policy_in_force import PolicyHolder
+from spendstream.processor.scopes import scopes_for
+from spendstream.processor.spend_accounting import (
+    IDS_PER_RECORD,
+    Partial,
+    Watermark,
+    clock_key,
+    content_digest,
+    fold_batch,
+    fold_fresh,
+    ids_key,
+    is_clock_key,
+    is_ids_key,
+    lateness_problem,
+    pack_ids,
+    partial_key,
+    quarter_hour,
+    restore_clock,
+    split_ids_key,
+    split_partial_key,
+)
+
+Starts = Callable[[int], tuple[tuple[str, int], ...]]  # epoch s -> the live (period, window start) pairs
+
+
+class UsageItem(NamedTuple):
+    """A valid, priced usage event of one source partition, as the fold needs it."""
+
+    offset: int
+    cost_nanos: int
+    tokens: int
+    scopes: Sequence[str]
+    occurred_s: int
+    event_id: bytes
+    digest: int = 0  # ``content_digest`` of the encoded event (0: unknown)
+
+
+class Stage1Batch(NamedTuple):
+    """What one stage-1 batch writes: changed partials first, then its ids records, then tombstones."""
+
+    touched: dict[str, Partial]  # every partial the batch touched (announced to stage 2)
+    changed: Iterable[str]  # the partials whose value changed (written to the table)
+    ids_records: list[tuple[str, list[Any]]]  # (ids key, value), written after the partials
+    expired: list[str]  # ids records fallen behind the horizon, deleted last
+    conflicts: Sequence[tuple[int, int]] = ()  # (offset, offset of the applied first version): to the DLQ
+
+
+@dataclass
+class SourcePartition:
+    """Stage 1's memory of one source partition: the highest offset in any stored partial of it (None: no
+    partial), the event ids it applied within the dedup horizon, and its retention clock."""
+
+    partition: int
+    applied: AppliedIds
+    clock: Watermark = field(default_factory=Watermark)
+    applied_high: int | None = None
+
+    @property
+    def blank(self) -> bool:
+        """No partial, no ids, no clock: nothing of this partition survived (a rebuild from the ledger may help)."""
+        return self.applied_high is None and not self.applied.records and not self.clock.durable_ms
+
+    def fold(
+        self,
+        items: Sequence[UsageItem],
+        newest_arrival_ms: int,
+        current: Callable[[str], Sequence[int] | None],
+        starts: Starts,
+    ) -> Stage1Batch:
+        """Fold a batch of this partition (``items`` in offset order), counting each event_id once.
+
+        Copies of ids applied at another offset are dropped first (a copy with other content is a conflict: the
+        first version wins); the rest folds with ``fold_fresh`` when it starts above every stored offset
+        (nothing to skip), else event by event with ``fold_batch``. ``current`` reads a stored partial;
+        ``starts`` gives an event's live windows, so windows expired at the batch's watermark are skipped.
+        """
+        applied = self.applied
+        verdicts = applied.admit_versions((item.event_id, item.offset, item.digest) for item in items)
+        kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
+        conflicts = [
+            (item.offset, applied.first_offset(item.event_id))
+            for item, verdict in zip(items, verdicts, strict=True)
+            if verdict == CONFLICT
+        ]
+        applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
+        high = -1 if self.applied_high is None else self.applied_high
+        touched: dict[str, Partial] = {}
+        changed: Iterable[str] = ()
+        if kept and kept[0].offset > high:
+            fresh = [
+                (item.offset, item.cost_nanos, item.tokens, item.scopes, quarter_hour(item.occurred_s)) for item in kept
+            ]
+            touched = fold_fresh(fresh, self.partition, current, starts)
+            changed = touched
+        elif kept:
+            replay = [
+                (
+                    item.offset,
+                    item.cost_nanos,
+                    item.tokens,
+                    [f"{scope}|{period}|{start}" for scope in item.scopes for period, start in starts(item.occurred_s)],
+                )
+                for item in kept
+            ]
+            touched, changed = fold_batch(replay, self.partition, current)
+        if touched:
+            self.applied_high = max(high, items[-1].offset)
+        records: list[tuple[str, list[Any]]] = []
+        for start in range(0, len(kept), IDS_PER_RECORD):
+            chunk = kept[start : start + IDS_PER_RECORD]
+            entries = [(item.event_id, item.offset) for item in chunk]
+            key = ids_key(self.partition, entries[0][1])
+            value = pack_ids(applied.newest_ms, entries, [item.digest for item in chunk])
+            applied.remember(key, value, entries)
+            records.append((key, value))
+        return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
+
+
+def restore_sources(table: Mapping[str, Any], partitions: Iterable[int], horizon_ms: int) -> dict[int, SourcePartition]:
+    """Stage 1's memory of ``partitions`` from its restored table: the highest stored offset of each, its applied
+    ids (oldest record first, the order in which they expire) and its persisted watermark."""
+    sources = {
+        partition: SourcePartition(partition, AppliedIds(horizon_ms), Watermark(restore_clock(table, partition)))
+        for partition in partitions
+    }
+    ids_records: list[tuple[tuple[int, int], str]] = []
+    for key, value in table.items():
+        if is_ids_key(key):
+            ids_records.append((split_ids_key(key), key))
+            continue
+        if is_clock_key(key):
+            continue
+        source = sources.get(split_partial_key(key)[1])
+        if source is not None:
+            source.applied_high = max(-1 if source.applied_high is None else source.applied_high, value[3])
+    for (partition, _), key in sorted(ids_records):
+        if partition in sources:
+            sources[partition].applied.remember(key, table[key])
+    return sources
+
+
+def _at(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+class StageOne:
+    """Stage 1 of a worker: the ``SourcePartition`` memory of the usage partitions it owns, and the fold of one
+    partition's batch into ``partials`` (a ``Changelog``), the DLQ and the internal topic, all on ``out``."""
+
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        partials: Changelog,
+        out: RecordSink,
+        partitions: int,
+        *,
+        allowed_lateness: timedelta,
+        max_future_skew: timedelta,
+        dedup_horizon: timedelta,
+    ) -> None:
+        self.holder = holder
+        self.partials = partials
+        self.out = out
+        self.partitions = partitions
+        self.allowed_lateness = allowed_lateness
+        self.max_future_skew = max_future_skew
+        self.horizon_ms = int(dedup_horizon.total_seconds() * 1000)
+        self.sources: dict[int, SourcePartition] = {}
+        self._codec = AvroCodec("usage_event")
+
+    def restore(self, partitions: Iterable[int]) -> list[int]:
+        """Adopt the restored table's memory of ``partitions``; returns the blank ones."""
+        self.sources = restore_sources(self.partials.data, partitions, self.horizon_ms)
+        return [partition for partition, source in self.sources.items() if source.blank]
+
+    def source(self, partition: int) -> SourcePartition:
+        found = self.sources.get(partition)
+        if found is None:
+            found = self.sources[partition] = SourcePartition(partition, AppliedIds(self.horizon_ms))
+        return found
+
+    def process(self, partition: int, messages: Sequence[Message]) -> None:
+        """Fold one partition's batch and write what it changed; nothing is durable before the checkpoint."""
+        items, newest_ms, watermark_ms = self._accept(messages)
+        if not items:
+            return
+        source = self.source(partition)
+        clock = source.clock
+        # a producer's clock far ahead must not expire every window: the watermark stops at now + the skew
+        skew_ms = int(self.max_future_skew.total_seconds() * 1000)
+        watermark_ms = clock.after(min(watermark_ms, int(time.time() * 1000) + skew_ms))
+        retention = self.holder.retention
+        starts = retention.live_starts(self.holder.calendar.starts, watermark_ms // 1000)
+        batch = source.fold(items, newest_ms, self.partials.data.get, starts)
+        if batch.conflicts:
+            by_offset = {message.offset(): message for message in messages}
+            for offset, first in batch.conflicts:
+                reason = (
+                    f"conflicting_duplicate: event_id already counted with other content (offset {first}); "
+                    "the first version wins"
+                )
+                self._to_dlq(by_offset[offset], reason, "conflicting_duplicate")
+        partials = self.partials
+        touched = batch.touched
+        for pkey in batch.changed:
+            partials.put(partition, pkey, list(touched[pkey]))
+        # after the partials: a crash may lose these ids (the replay skips their events by offset and records the
+        # ids again), never the partials they vouch for
+        for key, value in batch.ids_records:
+            partials.put(partition, key, value)
+        for key in batch.expired:
+            partials.delete(partition, key)
+        if clock.scan_due():
+            for key in retention.expired_partials(partials.key_snapshot(), partition, clock.durable_ms // 1000):
+                partials.delete(partition, key)
+        if (record := clock.persist(watermark_ms)) is not None:
+            partials.put(partition, clock_key(partition), record)
+        self._announce(partition, touched, max(item.occurred_s for item in items), watermark_ms)
+
+    def _accept(self, messages: Sequence[Message]) -> tuple[list[UsageItem], int, int]:
+        """The valid, priced events of a batch (the rest to the DLQ), the newest arrival of any decodable
+        event and the newest arrival of an accepted one (Kafka timestamps, epoch ms)."""
+        policy = self.holder.policy
+        prices = policy.price_table
+        decode = self._codec.decode
+        skew, lateness = self.max_future_skew, self.allowed_lateness
+        items: list[UsageItem] = []
+        newest_ms = watermark_ms = 0
+        for message in messages:
+            try:
+                record = decode(message.value())
+            except DecodeError as exc:
+                self._to_dlq(message, str(exc), "undecodable")
+                continue
+            kind, stamp_ms = message.timestamp()
+            arrived = _at(stamp_ms / 1000) if kind else datetime.now(UTC)
+            arrived_ms = stamp_ms if kind else int(arrived.timestamp() * 1000)
+            newest_ms = max(newest_ms, arrived_ms)
+            occurred = record["occurred_at"]
+            problem = usage_record_problem(record, arrived, skew) or lateness_problem(occurred, arrived, lateness)
+            if problem:
+                self._to_dlq(message, problem, "late" if problem.startswith("late event") else "invalid")
+                continue
+            cost = record["cost_nanos"]
+            if cost is None:
+                try:
+                    cost = price_record(record, occurred, prices).cost_nanos  # as the ledger sink prices it
+                except UnknownModelError as exc:
+                    self._to_dlq(message, f"unknown model, policy rejects it: {exc}", "unknown_model")
+                    continue
+                except CostOverflowError as exc:
+                    self._to_dlq(message, f"cost overflow: {exc}", "cost_overflow")
+                    continue
+                except ValueError as exc:
+                    self._to_dlq(message, f"cannot price: {exc}", "unpriceable")
+                    continue
+            watermark_ms = max(watermark_ms, arrived_ms)
+            items.append(
+                UsageItem(
+                    message.offset(),
+                    cost,
+                    record["input_tokens"] + record["output_tokens"],
+                    scopes_for(record, policy),
+                    int(occurred.timestamp()),
+                    record["event_id"].bytes,
+                    content_digest(message.value()),
+                )
+            )
+        return items, newest_ms, watermark_ms
+
+    def _announce(self, partition: int, touched: Mapping[str, Partial], newest_event_s: int, watermark_ms: int) -> None:
+        """One ``PartialsMessage`` per stage-2 partition with the totals of the windows of the scopes it owns."""
+        by_target: dict[int, dict[str, list[WindowPartial]]] = {}
+        for pkey, value in touched.items():
+            wkey, _ = split_partial_key(pkey)
+            scope = wkey.partition("|")[0]
+            target = by_target.setdefault(stage2_partition(scope, self.partitions), {})
+            target.setdefault(scope, []).append(WindowPartial(wkey, *value))
+        for target, scopes in by_target.items():
+            message = PartialsMessage(partition, newest_event_s, watermark_ms, scopes)
+            self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
+
+    def seed(
+        self,
+        partition: int,
+        windows: Mapping[str, tuple[int, int, int]],
+        recent: Sequence[tuple[bytes, int]],
+        start: int,
+        now_ms: int,
+    ) -> dict[str, list[WindowPartial]]:
+        """Adopt a partition rebuilt from the ledger (``ledger_rebuild``): its window totals as partials at
+        ``start - 1`` (stage 1 reads from ``start``), its recent ids as applied at offset -1 (no offset stage 1
+        reads), its clock at ``now_ms``. Returns the scopes' window totals for stage 2."""
+        source = self.source(partition)
+        scopes: dict[str, list[WindowPartial]] = {}
+        for wkey, (nanos, requests, tokens) in windows.items():
+            value = [nanos, requests, tokens, start - 1]
+            self.partials.put(partition, partial_key(wkey, partition), value)
+            scopes.setdefault(wkey.partition("|")[0], []).append(WindowPartial(wkey, *value))
+        if windows:
+            source.applied_high = start - 1
+        applied = source.applied
+        for chunk, first in enumerate(range(0, len(recent), IDS_PER_RECORD)):
+            rows = recent[first : first + IDS_PER_RECORD]
+            entries = [(event_id, -1) for event_id, _ in rows]
+            applied.admit(entries)
+            key, value = ids_key(partition, -1 - chunk), pack_ids(max(ms for _, ms in rows), entries)
+            applied.remember(key, value, entries)
+            self.partials.put(partition, key, value)
+        source.clock = Watermark(now_ms)
+        self.partials.put(partition, clock_key(partition), [now_ms])
+        return scopes
+
+    def _to_dlq(self, message: Message, reason: str, kind: str) -> None:
+        PROCESSOR_DEAD_LETTERED.labels(kind).inc()  # bad input only, not the per-event path
+        self.out.send(
+            USAGE_DLQ,
+            message.key(),
+            message.value(),
+            headers=[(DLQ_REASON_HEADER, reason.encode()), (DLQ_SOURCE_HEADER, f"{USAGE}/processor".encode())],
+        )

@@ -1,0 +1,122 @@
+"""The compact dedup horizon behaves exactly like the plain dict it replaces, across runs, merges and expiry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spendstream.processor.applied_ids import APPLY, CONFLICT, COPY, AppliedIds
+from spendstream.processor.spend_accounting import ids_key, pack_ids, unpack_digests, unpack_ids
+
+
+class DictIds:
+    """The reference: every applied id in a dict, with its offset and content digest."""
+
+    def __init__(self, horizon_ms: int) -> None:
+        self.horizon_ms = horizon_ms
+        self.offsets: dict[bytes, int] = {}
+        self.digests: dict[bytes, int] = {}
+        self.records: dict[str, tuple[int, list[tuple[bytes, int]]]] = {}
+        self.newest_ms = 0
+
+    def admit_versions(self, entries: Iterable[tuple[bytes, int, int]]) -> list[str]:
+        verdicts = []
+        for event_id, offset, digest in entries:
+            seen = self.offsets.setdefault(event_id, offset)
+            if seen == offset:
+                if digest:
+                    self.digests.setdefault(event_id, digest)
+                verdicts.append(APPLY)
+                continue
+            first = self.digests.get(event_id, 0)
+            verdicts.append(CONFLICT if first and digest and first != digest else COPY)
+        return verdicts
+
+    def remember(self, key: str, newest_ms: int, entries: list[tuple[bytes, int]]) -> None:
+        self.records[key] = (newest_ms, entries)
+        self.newest_ms = max(self.newest_ms, newest_ms)
+
+    def expire(self) -> list[str]:
+        cutoff = self.newest_ms - self.horizon_ms
+        gone = []
+        for key, (newest_ms, entries) in self.records.items():
+            if newest_ms >= cutoff:
+                break
+            gone.append(key)
+            for event_id, offset in entries:
+                if self.offsets.get(event_id) == offset:
+                    del self.offsets[event_id]
+                    self.digests.pop(event_id, None)
+        for key in gone:
+            del self.records[key]
+        return gone
+
+
+batches = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 0, 7, 9])), min_size=1, max_size=12),
+        st.integers(0, 400),  # arrival step (ms)
+        st.booleans(),  # replay the previous batch's offsets (a restart from a lagging commit)
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=batches, restore_at=st.integers(0, 40))
+def test_compact_ids_agree_with_the_dict_through_runs_merges_expiry_and_a_restore(
+    batches: list[tuple[list[tuple[int, int]], int, bool]], restore_at: int
+) -> None:
+    compact = AppliedIds(1_000, recent_limit=5, max_run=24)  # tiny limits: many runs, merges and drops
+    reference = DictIds(1_000)
+    offset = arrival = 0
+    previous: list[tuple[bytes, int, int]] = []
+    table: dict[str, list[object]] = {}
+    for step, (events, delay, replay) in enumerate(batches):
+        arrival += delay
+        if replay and previous:
+            entries = previous
+        else:
+            entries = [(i.to_bytes(16, "big"), offset + n, digest) for n, (i, digest) in enumerate(events)]
+            offset += len(events)
+        previous = entries
+        verdicts = compact.admit_versions(entries)
+        assert verdicts == reference.admit_versions(entries)
+        applied = [entry for entry, verdict in zip(entries, verdicts, strict=True) if verdict == APPLY]
+        kept = [(event_id, at) for event_id, at, _ in applied]
+        if kept:
+            compact.newest_ms = max(compact.newest_ms, arrival)
+            reference.newest_ms = max(reference.newest_ms, arrival)
+            key = ids_key(0, kept[0][1])
+            value = pack_ids(compact.newest_ms, kept, [digest for _, _, digest in applied])
+            compact.remember(key, value, kept)
+            reference.remember(key, reference.newest_ms, kept)
+            table[key] = value
+        gone = compact.expire()
+        assert gone == reference.expire()
+        for key in gone:
+            table.pop(key, None)
+        for i in range(41):
+            event_id = i.to_bytes(16, "big")
+            assert compact.first_offset(event_id) == reference.offsets.get(event_id)
+        if step == restore_at:  # a restart: both come back from the ids records, oldest first
+            compact, reference = AppliedIds(1_000, recent_limit=5, max_run=24), DictIds(1_000)
+            for key in sorted(table, key=lambda k: int(k.rsplit("#", 1)[1])):
+                compact.remember(key, table[key])
+                restored = list(zip(unpack_ids(table[key])[1], unpack_digests(table[key]), strict=True))
+                reference.admit_versions([(event_id, at, digest) for (event_id, at), digest in restored])
+                reference.remember(key, int(table[key][0]), [entry for entry, _ in restored])  # type: ignore[arg-type]
+
+
+def test_ids_in_runs_take_48_bytes_each_and_stay_found() -> None:
+    ids = AppliedIds(3_600_000, recent_limit=10_000)
+    entries = [(i.to_bytes(16, "little"), i, i or 1) for i in range(200_000)]
+    for start in range(0, len(entries), 5_000):
+        assert set(ids.admit_versions(entries[start : start + 5_000])) == {APPLY}
+    assert len(ids) == 200_000 and ids.column_bytes() == 48 * 200_000
+    assert ids.first_offset((123_456).to_bytes(16, "little")) == 123_456
+    assert ids.admit_versions([((5).to_bytes(16, "little"), 2_000_000, 5)]) == [COPY]
+    assert ids.admit_versions([((5).to_bytes(16, "little"), 2_000_001, 6)]) == [CONFLICT]

@@ -1,0 +1,301 @@
+"""The processor's collaborators, each driven directly (no broker, no faust): stage 1, stage 2, the internal
+message, the checkpoint's flush-then-commit order and recovery from the changelog records a stage wrote."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
+
+from spendstream.core.codec import AvroCodec
+from spendstream.core.events import UsageEvent
+from spendstream.core.periods import period_window
+from spendstream.core.policy import parse_policy
+from spendstream.core.topics import DLQ_REASON_HEADER, ENFORCEMENT, USAGE, USAGE_DLQ
+from spendstream.processor.checkpoint import Changelog, Checkpoint
+from spendstream.processor.internal_topics import (
+    PARTIALS_TOPIC,
+    PartialsMessage,
+    ReevaluateMessage,
+    WindowPartial,
+    internal_message,
+    stage2_partition,
+)
+from spendstream.processor.policy_in_force import PolicyHolder
+from spendstream.processor.spend_accounting import clock_key, is_ids_key, totals_from_partials
+from spendstream.processor.stage_one import StageOne
+from spendstream.processor.stage_two import ScopeState, StageTwo
+
+USD = 1_000_000_000
+PARTITIONS = 4
+LATENESS = timedelta(hours=1)
+OCCURRED = datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
+MONTH = int(period_window("month", OCCURRED, "Europe/Berlin")[0].timestamp())
+ALPHA_MONTH = f"team:alpha|month|{MONTH}"
+POLICY_YAML = """
+name: stages
+timezone: Europe/Berlin
+org: acme
+thresholds: {alert: 0.80, fallback: 0.90, shutoff: 1.00}
+budgets:
+  - {scope: "team:alpha", period: month, amount_usd: %d}
+pricing: {unknown_model: reject}
+"""
+CODEC = AvroCodec("usage_event")
+
+
+class Recorded:
+    """The records a stage sent, in order (the stand-in for its batch's producer)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None, int | None, dict[str, bytes]]] = []
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None, headers: Any = None
+    ) -> None:
+        self.records.append((topic, key, value, partition, dict(headers or [])))
+
+    def on(self, topic: str) -> list[tuple[str, bytes | None, bytes | None, int | None, dict[str, bytes]]]:
+        return [record for record in self.records if record[0] == topic]
+
+
+def policy(budget_usd: int = 100) -> Any:
+    return parse_policy(POLICY_YAML % budget_usd, "<test>")
+
+
+def usage(offset: int, event: UsageEvent, arrival: datetime | None = None, partition: int = 1) -> Message:
+    stamp = int((arrival or event.occurred_at + timedelta(seconds=1)).timestamp() * 1000)
+    return Message(
+        topic=USAGE,
+        partition=partition,
+        offset=offset,
+        key=b"acme/alpha",
+        value=CODEC.encode(event.to_avro()),
+        timestamp=(TIMESTAMP_CREATE_TIME, stamp),
+    )
+
+
+def spend(usd: int, event_id: uuid.UUID | None = None, occurred: datetime = OCCURRED) -> UsageEvent:
+    return UsageEvent(
+        event_id=event_id or uuid.uuid4(),
+        occurred_at=occurred,
+        org="acme",
+        team="alpha",
+        provider="openai",
+        model_requested="gpt-4o",
+        input_tokens=10,
+        output_tokens=5,
+        cost_nanos=usd * USD,
+    )
+
+
+class Worker:
+    """Stage 1 of one worker on a dict table, with the changelog it wrote (a restart restores from it)."""
+
+    def __init__(self, changelog: list[tuple[str, Any]] | None = None, holder: PolicyHolder | None = None) -> None:
+        self.changelog = changelog if changelog is not None else []
+        self.table: dict[str, Any] = {}
+        for key, value in self.changelog:
+            if value is None:
+                self.table.pop(key, None)
+            else:
+                self.table[key] = value
+        self.out = Recorded()
+        self.holder = holder or PolicyHolder(policy(), LATENESS)
+        self.stage = StageOne(
+            self.holder,
+            Changelog(self.table, "partials-changelog", self.out),
+            self.out,
+            PARTITIONS,
+            allowed_lateness=LATENESS,
+            max_future_skew=timedelta(minutes=5),
+            dedup_horizon=timedelta(minutes=15),
+        )
+        self.blank = self.stage.restore([1])
+
+    def process(self, messages: list[Message]) -> None:
+        start = len(self.out.records)
+        self.stage.process(1, messages)
+        for topic, key, value, partition, _ in self.out.records[start:]:
+            if topic == "partials-changelog":
+                assert partition == 1  # the source partition's own changelog partition
+                self.changelog.append((json.loads(key or b""), None if value is None else json.loads(value)))
+
+    def month_total(self) -> tuple[int, int, int]:
+        return totals_from_partials(self.table).get(ALPHA_MONTH, (0, 0, 0))
+
+    def dead_letters(self) -> list[str]:
+        return [headers[DLQ_REASON_HEADER].decode() for *_, headers in self.out.on(USAGE_DLQ)]
+
+
+def test_stage_one_counts_each_event_id_once_within_a_batch_and_dead_letters_a_conflicting_copy() -> None:
+    worker = Worker()
+    original = spend(3)
+    worker.process(
+        [
+            usage(0, original),
+            usage(1, original),  # a re-send of the same event: skipped
+            usage(2, spend(4)),
+            usage(3, spend(50, event_id=original.event_id)),  # same id, other content: the first version wins
+        ]
+    )
+    assert worker.month_total() == (7 * USD, 2, 30)
+    assert len(worker.dead_letters()) == 1 and worker.dead_letters()[0].startswith("conflicting_duplicate")
+
+
+def test_stage_one_after_a_restart_skips_copies_and_replays_of_what_it_applied() -> None:
+    first = Worker()
+    original = spend(3)
+    first.process([usage(0, original), usage(1, spend(4))])
+    restarted = Worker(first.changelog)
+    assert restarted.blank == [] and restarted.stage.sources[1].applied_high == 1
+    # offsets 0 and 1 again (the committed offset lagged), then a re-send of the original at a later offset
+    restarted.process([usage(0, original), usage(1, spend(4, event_id=uuid.uuid4())), usage(2, original)])
+    assert restarted.month_total() == (7 * USD, 2, 30)
+    restarted.process([usage(3, spend(5))])
+    assert restarted.month_total() == (12 * USD, 3, 45)
+
+
+def test_stage_one_dead_letters_late_events_and_keeps_the_watermark_below_now_plus_the_skew() -> None:
+    worker = Worker()
+    late = spend(9, occurred=OCCURRED - timedelta(hours=2))
+    worker.process([usage(0, late, arrival=OCCURRED), usage(1, spend(1), arrival=OCCURRED)])
+    assert worker.month_total() == (1 * USD, 1, 15)
+    assert len(worker.dead_letters()) == 1 and worker.dead_letters()[0].startswith("late event")
+    assert worker.table[clock_key(1)] == [int(OCCURRED.timestamp() * 1000)]  # the watermark, with the batch
+    far = datetime(2100, 1, 1, tzinfo=UTC)  # a producer whose clock is far ahead
+    worker.process([usage(2, spend(1, occurred=far), arrival=far)])
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    assert OCCURRED.timestamp() * 1000 < worker.table[clock_key(1)][0] <= now_ms + 5 * 60_000
+    assert worker.month_total() == (1 * USD, 1, 15)  # the January window is still live
+
+
+def test_stage_one_announces_totals_as_typed_messages_to_the_owner_of_each_scope() -> None:
+    worker = Worker()
+    worker.process([usage(7, spend(3)), usage(8, spend(4))])
+    sent = worker.out.on(PARTIALS_TOPIC)
+    messages = {partition: internal_message(json.loads(value or b"")) for _, _, value, partition, _ in sent}
+    owner = stage2_partition("team:alpha", PARTITIONS)
+    message = messages[owner]
+    assert isinstance(message, PartialsMessage)
+    assert message.source == 1 and message.newest_event_s == int(OCCURRED.timestamp())
+    assert WindowPartial(ALPHA_MONTH, 7 * USD, 2, 30, 8) in message.scopes["team:alpha"]
+    assert all(stage2_partition(scope, PARTITIONS) == p for p, m in messages.items() for scope in m.scopes)  # type: ignore[union-attr]
+
+
+def test_internal_messages_round_trip_in_the_wire_format() -> None:
+    message = PartialsMessage(
+        2, 1_700_000_000, 1_700_000_000_123, {"team:a": [WindowPartial("team:a|day|0", 5, 1, 9, 41)]}
+    )
+    wire = json.loads(message.encode())
+    assert wire == {
+        "p": 2,
+        "at": 1_700_000_000,
+        "w": 1_700_000_000_123,
+        "s": {"team:a": [["team:a|day|0", 5, 1, 9, 41]]},
+    }
+    assert internal_message(wire) == message
+    assert json.loads(ReevaluateMessage("v7").encode()) == {"reevaluate": "v7"}
+    assert internal_message({"reevaluate": "v7"}) == ReevaluateMessage("v7")
+
+
+class ScopeOwner:
+    """Stage 2 of the internal partition that owns team:alpha, on dict tables."""
+
+    def __init__(self, holder: PolicyHolder) -> None:
+        self.partition = stage2_partition("team:alpha", PARTITIONS)
+        self.out = Recorded()
+        self.windows: dict[str, Any] = {}
+        self.scopes: dict[str, Any] = {}
+        self.stage = StageTwo(
+            holder,
+            Changelog(self.windows, "windows-changelog", self.out),
+            Changelog(self.scopes, "scopes-changelog", self.out),
+            self.out,
+            PARTITIONS,
+        )
+
+    def decisions(self) -> list[str]:
+        codec = AvroCodec("decision")
+        return [codec.decode(value)["action"] for _, key, value, *_ in self.out.on(ENFORCEMENT) if key == b"team:alpha"]
+
+
+def test_stage_two_merges_totals_idempotently_decides_on_change_and_reevaluates_on_a_new_policy() -> None:
+    worker = Worker()
+    worker.process([usage(0, spend(60)), usage(1, spend(60))])
+    owner = ScopeOwner(worker.holder)
+    _, _, value, _, _ = next(r for r in worker.out.on(PARTIALS_TOPIC) if r[3] == owner.partition)
+    message = internal_message(json.loads(value or b""))
+    owner.stage.process(owner.partition, [message])
+    assert owner.windows[ALPHA_MONTH] == {"1": [120 * USD, 2, 30, 1]}
+    assert owner.decisions() == ["shutoff"]
+    owner.stage.process(owner.partition, [message])  # a replayed message changes nothing
+    assert owner.windows[ALPHA_MONTH] == {"1": [120 * USD, 2, 30, 1]} and owner.decisions() == ["shutoff"]
+    state = ScopeState.from_json(owner.scopes["team:alpha"])
+    assert state.partition == owner.partition and state.latest["month"] == MONTH and state.version > 0
+    assert set(owner.scopes["team:alpha"]) == {"p", "latest", "seen", "sig", "version", "alerted"}
+    assert ScopeState.from_json(state.to_json()) == state
+    raised = policy(1_000)
+    assert worker.holder.adopt(raised)
+    owner.stage.process(owner.partition, [ReevaluateMessage(raised.version)])
+    assert owner.decisions() == ["shutoff", "allow"]
+
+
+def test_stage_one_seeded_from_the_ledger_restores_the_same_memory() -> None:
+    worker = Worker()
+    assert worker.blank == [1]
+    known = uuid.uuid4()
+    scopes = worker.stage.seed(1, {ALPHA_MONTH: (9 * USD, 3, 40)}, [(known.bytes, 1_000)], 50, 1_700_000_000_000)
+    assert scopes == {"team:alpha": [WindowPartial(ALPHA_MONTH, 9 * USD, 3, 40, 49)]}
+    changelog = [
+        (json.loads(key or b""), None if value is None else json.loads(value))
+        for _, key, value, _, _ in worker.out.on("partials-changelog")
+    ]
+    restarted = Worker(changelog)
+    source = restarted.stage.sources[1]
+    assert restarted.blank == [] and source.applied_high == 49 and source.clock.durable_ms == 1_700_000_000_000
+    assert any(is_ids_key(key) for key in restarted.table)
+    restarted.process([usage(50, spend(1, event_id=known)), usage(51, spend(2))])  # a copy of a ledger row
+    assert restarted.month_total() == (11 * USD, 4, 55)
+
+
+class Output:
+    """A batch output whose confirmation can fail, logging flushes and commits in the order they happen."""
+
+    def __init__(self) -> None:
+        self.log: list[Any] = []
+        self.fail = False
+
+    def flush_now(self) -> None:
+        if self.fail:
+            raise RuntimeError("batch output not confirmed")
+        self.log.append("flush")
+
+
+def test_checkpoint_commits_offsets_only_after_the_flush_confirmed_the_batch() -> None:
+    output = Output()
+    checkpoint = Checkpoint(output, lambda positions: output.log.append(dict(positions)))
+    checkpoint.store_offset(0, 10)
+    checkpoint.store_offset(3, 4)
+    checkpoint.commit()
+    assert output.log == ["flush", {0: 10, 3: 4}]
+    checkpoint.store_offset(0, 20)
+    output.fail = True
+    with pytest.raises(RuntimeError):
+        checkpoint.commit()
+    assert output.log == ["flush", {0: 10, 3: 4}] and checkpoint.committed == {0: 10, 3: 4}
+    output.fail = False
+    checkpoint.commit()
+    assert output.log[-2:] == ["flush", {0: 20, 3: 4}]  # every partition read so far, each at its newest
+    checkpoint.commit()
+    assert output.log[-1] == "flush"  # nothing new consumed: the flush alone
+
+
+def test_checkpoint_without_offsets_only_flushes() -> None:
+    output = Output()
+    Checkpoint(output).commit()
+    assert output.log == ["flush"]
