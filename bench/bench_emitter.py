@@ -1,15 +1,18 @@
 """Emitter throughput: emit() call rate and per-call latency, delivered rate, raw producer baseline.
 
-Run: .venv/bin/python bench/bench_emitter.py [--events 500000]
+Run: .venv/bin/python bench/bench_emitter.py [--events 500000] [--rounds 3]
 
 Starts its own embedded broker. Rows:
 - emit(), deque has room: the request-path cost (max_queue above the burst size).
 - emit(), default max_queue=100k: a burst larger than the queue, so the overflow is
-  encoded and spooled from the calling thread (still no network wait).
+  handed to the background thread, which encodes and spools it (the caller neither encodes nor writes).
 - raw produce(): confluent-kafka Producer.produce() of pre-encoded bytes, same producer settings.
-"delivered/s" is events acked by the broker per second, from the first call until flush() returned.
-Then the per-event CPU cost of encoding on one thread: the Emitter's encoder against the generic
-path it replaced (``AvroCodec.encode(event.to_avro())``: model copy, logical types, fastavro).
+"delivered/s" is events acked by the broker per second, from the first call until flush() returned;
+"CPU us/event" is this process's CPU time (every thread, librdkafka's included) per event.
+The three rows run in turn, ``--rounds`` times (load from other work spreads over all of them): the table
+shows medians and the range of delivered/s. Then the per-event CPU cost of encoding on one thread: the
+Emitter's encoder against the generic path (``AvroCodec.encode(event.to_avro())``: model copy, logical
+types, fastavro).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from spendstream.core.config import load_settings
 from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.topics import USAGE
 from spendstream.edge.emitter import DEFAULT_PRODUCER_CONFIG, Emitter, attribution_key
-from spendstream.edge.usage_encoding import UsageEncoder
+from spendstream.edge.usage_encoding import UsageEncoder, within_bounds
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 
@@ -66,6 +69,7 @@ def bench_emitter(bootstrap: str, events: list[UsageEvent], total: int, max_queu
     lat = array("q", bytes(8 * total))
     clock = time.perf_counter_ns
     emit = em.emit
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for i in range(total):
         event = events[i % DISTINCT]
@@ -75,6 +79,7 @@ def bench_emitter(bootstrap: str, events: list[UsageEvent], total: int, max_queu
     calls_s = total / (time.perf_counter() - start)
     left = em.flush(120)
     delivered_s = total / (time.perf_counter() - start)
+    cpu_us = (time.process_time() - cpu_start) / total * 1e6
     stats = em.stats
     em.close(5)
     ordered = sorted(lat)
@@ -85,6 +90,7 @@ def bench_emitter(bootstrap: str, events: list[UsageEvent], total: int, max_queu
         "p99.9 us": _percentile(ordered, 0.999),
         "mean us": statistics.fmean(lat) / 1000,
         "delivered/s": delivered_s,
+        "CPU us/event": cpu_us,
         "note": f"sent={stats.sent} spooled={stats.spooled} failed={stats.failed} undelivered={left}",
     }
 
@@ -104,6 +110,7 @@ def bench_raw(bootstrap: str, events: list[UsageEvent], total: int) -> dict:
     lat = array("q", bytes(8 * total))
     clock = time.perf_counter_ns
     produce = producer.produce
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for i in range(total):
         key, value = encoded[i % DISTINCT]
@@ -120,6 +127,7 @@ def bench_raw(bootstrap: str, events: list[UsageEvent], total: int) -> dict:
     calls_s = total / (time.perf_counter() - start)
     left = producer.flush(120)
     delivered_s = total / (time.perf_counter() - start)
+    cpu_us = (time.process_time() - cpu_start) / total * 1e6
     ordered = sorted(lat)
     return {
         "calls/s": calls_s,
@@ -128,6 +136,7 @@ def bench_raw(bootstrap: str, events: list[UsageEvent], total: int) -> dict:
         "p99.9 us": _percentile(ordered, 0.999),
         "mean us": statistics.fmean(lat) / 1000,
         "delivered/s": delivered_s,
+        "CPU us/event": cpu_us,
         "note": f"acked={acked} undelivered={left} (encoding not included)",
     }
 
@@ -142,7 +151,7 @@ def bench_encoding(events: list[UsageEvent], rounds: int = 5) -> dict[str, float
         return usage_bounds_problem(record), attribution_key(event), codec.encode(record)
 
     def emitter(event: UsageEvent) -> object:
-        return usage_bounds_problem(event.__dict__), encoder.key(event), encoder.encode(event)
+        return within_bounds(event.__dict__), *encoder.record(event)
 
     for event in events[:1000]:
         if generic(event)[1:] != emitter(event)[1:]:
@@ -161,26 +170,33 @@ def bench_encoding(events: list[UsageEvent], rounds: int = 5) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(f"CPU: {cpu_model()} x {os.cpu_count()}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     events = _events()
-    rows: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
-        rows["emit(), queue has room"] = bench_emitter(
-            broker.bootstrap, events, args.events, args.events + 1, Path(tmp) / "a"
-        )
-        rows["emit(), max_queue=100k"] = bench_emitter(broker.bootstrap, events, args.events, 100_000, Path(tmp) / "b")
-        rows["raw produce() baseline"] = bench_raw(broker.bootstrap, events, args.events)
-    cols = ["calls/s", "p50 us", "p99 us", "p99.9 us", "mean us", "delivered/s"]
+        for n in range(args.rounds):
+            room, burst = Path(tmp) / f"room{n}", Path(tmp) / f"burst{n}"
+            for name, row in (
+                ("emit(), queue has room", bench_emitter(broker.bootstrap, events, args.events, args.events + 1, room)),
+                ("emit(), max_queue=100k", bench_emitter(broker.bootstrap, events, args.events, 100_000, burst)),
+                ("raw produce() baseline", bench_raw(broker.bootstrap, events, args.events)),
+            ):
+                rounds.setdefault(name, []).append(row)
+    cols = ["calls/s", "p50 us", "p99 us", "p99.9 us", "mean us", "delivered/s", "CPU us/event"]
     encoding = bench_encoding(events)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"CPU: {cpu_model()} x {os.cpu_count()}; load average {load}; {when}")
-    print(f"{args.events} events, one emitting thread, broker {broker.bootstrap}")
-    print(f"{'':26}" + "".join(f"{c:>13}" for c in cols) + "  note")
-    for name, row in rows.items():
-        figures = "".join(f"{row[c]:>13,.0f}" if row[c] >= 100 else f"{row[c]:>13.2f}" for c in cols)
-        print(f"{name:26}{figures}  {row['note']}")
+    print(f"load average after: {load}; {when}")
+    print(f"{args.events} events, one emitting thread, {args.rounds} rounds (medians), broker {broker.bootstrap}")
+    print(f"{'':26}" + "".join(f"{c:>13}" for c in cols) + "  delivered/s range; last round")
+    for name, rows in rounds.items():
+        median = {c: statistics.median(row[c] for row in rows) for c in cols}
+        figures = "".join(f"{median[c]:>13,.0f}" if median[c] >= 100 else f"{median[c]:>13.2f}" for c in cols)
+        spread = f"{min(r['delivered/s'] for r in rows):,.0f}-{max(r['delivered/s'] for r in rows):,.0f}"
+        print(f"{name:26}{figures}  {spread}; {rows[-1]['note']}")
     print("encoding, CPU us per event (best of 5; bounds check + key + value):")
     for name, us in encoding.items():
         print(f"  {name:30} {us:6.2f}   ({1e6 / us:,.0f} events/s per core)")

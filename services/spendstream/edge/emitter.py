@@ -18,10 +18,10 @@ built with ``model_construct`` or ``model_copy`` skips validation) is refused be
 failed and logged with the field, never raised to the caller, so one bad event cannot overflow a priced total
 downstream.
 
-When the deque is full, ``emit()`` encodes the event itself (a few microseconds) and leaves the
-bytes in a bounded inbox that the background thread appends to the spool, so the caller never
-waits for a disk write. Only when that inbox is full too does ``emit()`` append to the spool
-itself. Memory stays bounded and nothing is lost. Delivery is at-least-once; order is kept per
+When the deque is full, ``emit()`` leaves the event in a bounded inbox that the background thread
+encodes and appends to the spool, so the caller neither encodes nor waits for a disk write. Only
+when that inbox is full too does ``emit()`` encode and append to the spool itself. Memory stays
+bounded (``max_queue`` plus the inbox's events) and nothing is lost. Delivery is at-least-once; order is kept per
 key except across such an overflow.
 """
 
@@ -48,13 +48,13 @@ from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.topics import USAGE
 from spendstream.edge.metrics import EMITTERS
 from spendstream.edge.spool import Spool
-from spendstream.edge.usage_encoding import UsageEncoder
+from spendstream.edge.usage_encoding import UsageEncoder, within_bounds
 
 log = logging.getLogger(__name__)
 
 _KEY_LEN = struct.Struct("<H")
 _BATCH = 4096  # events taken from the deque per loop turn
-_INBOX_RECORDS = 65_536  # encoded overflow records waiting for the background thread's spool append
+_INBOX_EVENTS = 65_536  # overflow events waiting for the background thread to encode and spool them
 _REPLAY_WINDOW = 50_000  # replayed events in flight at most
 _PROBE_INTERVAL_S = 1.0
 _PROBE_TIMEOUT_S = 1.0
@@ -201,8 +201,8 @@ class Emitter:
         self._max_queue = max_queue
         self._encoder = UsageEncoder(AvroCodec("usage_event", settings.schema_registry_url))
         self._queue: deque[UsageEvent] = deque()
-        # Overflow records encoded by emit() callers, spooled by the background thread (deque ops are atomic).
-        self._inbox: deque[bytes] = deque()
+        # Overflow events handed over by emit() callers, spooled by the background thread (deque ops are atomic).
+        self._inbox: deque[UsageEvent] = deque()
         # Counters written by the background thread only.
         self._taken = 0
         self._sent = 0
@@ -257,27 +257,26 @@ class Emitter:
             log.exception("emit() failed unexpectedly")
 
     def _bypass(self, event: UsageEvent) -> None:
-        """Deque full (or closed): encode here and leave the record for the background thread to spool.
+        """Deque full (or closed): leave the event for the background thread to encode and spool.
 
         Only if that inbox is full too (the disk is slower than the callers) is the spool written from here.
         """
         spooled = handed = False
         if self._closed:
             self._loud.error("closed", "emit() after close(): event %s dropped", getattr(event, "event_id", "?"))
+        elif len(self._inbox) < _INBOX_EVENTS:
+            self._inbox.append(event)
+            handed = True
         else:
             try:
                 check_bounds(event)
-                record = pack(self._encoder.key(event), self._encoder.encode(event))
+                record = pack(*self._encoder.record(event))
             except RefusedEvent as exc:
                 self._loud.error("refused", "%s", exc)
             except Exception as exc:
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
             else:
-                if len(self._inbox) < _INBOX_RECORDS:
-                    self._inbox.append(record)
-                    handed = True
-                else:
-                    spooled = self._spool_append([record]) == 1
+                spooled = self._spool_append([record]) == 1
         with self._bypass_lock:
             self._bypassed += 1
             self._bypass_spooled += spooled
@@ -440,30 +439,16 @@ class Emitter:
         return busy
 
     def _spool_inbox(self) -> None:
-        """Append the records emit() encoded while the deque was full (taken from the left: in order)."""
+        """Encode and append the events emit() handed over while the deque was full (taken from the left: in order)."""
         inbox = self._inbox
-        records = [inbox.popleft() for _ in range(len(inbox))]
-        self._in_hand = len(records)
-        self._to_spool(records)
+        events = [inbox.popleft() for _ in range(len(inbox))]
+        self._in_hand = len(events)
+        self._to_spool([pack(key, value) for key, value in self._encode(events)])
         self._in_hand = 0
 
     def _forward(self, events: list[UsageEvent]) -> None:
         self._taken += len(events)
-        records: list[tuple[bytes, bytes]] = []
-        key = self._encoder.key
-        encode = self._encoder.encode
-        problem = usage_bounds_problem
-        for event in events:
-            try:
-                if problem(event.__dict__) is not None:
-                    check_bounds(event)  # raises, naming the field
-                records.append((key(event), encode(event)))
-            except RefusedEvent as exc:
-                self._failed += 1
-                self._loud.error("refused", "%s", exc)
-            except Exception as exc:
-                self._failed += 1
-                self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
+        records = self._encode(events)
         if self._online and self._spool_records() == 0:
             produce = self._producer.produce
             topic = self._topic
@@ -477,6 +462,24 @@ class Emitter:
             else:
                 return
         self._to_spool([pack(key, value) for key, value in records])
+
+    def _encode(self, events: list[UsageEvent]) -> list[tuple[bytes, bytes]]:
+        """Keys and values of the events within bounds; the others are counted as failed and logged."""
+        records: list[tuple[bytes, bytes]] = []
+        append = records.append
+        record = self._encoder.record
+        for event in events:
+            try:
+                if not within_bounds(event.__dict__):
+                    check_bounds(event)  # raises, naming the field
+                append(record(event))
+            except RefusedEvent as exc:
+                self._failed += 1
+                self._loud.error("refused", "%s", exc)
+            except Exception as exc:
+                self._failed += 1
+                self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
+        return records
 
     def _replay_some(self) -> bool:
         busy = False

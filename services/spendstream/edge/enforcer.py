@@ -1,8 +1,10 @@
 """The Enforcer: follows ``spendstream.enforcement`` in a background thread and answers ``check()`` from memory.
 
-The request path does a handful of dict lookups (one per attribution dimension that has any decision)
-and calls the pure ``resolve_one``/``resolve_many`` only when some decision matches. The consumer reads the
-compacted topic from the beginning with no consumer group commits, so every edge holds the full current view.
+The request path does a handful of dict lookups (one per attribution dimension that has any decision). When
+some decision matches, the outcome of that set of rules for the request's model is planned once by the pure
+``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens.
+The consumer reads the compacted topic from the beginning with no consumer group commits, so every edge holds
+the full current view.
 
 Rules that need no spend (allowed-model lists, request quotas counted at the edge: ``policy_rules``) are
 applied from the policy itself, the newest valid record on ``spendstream.policy`` (``policy_follower``), so
@@ -36,12 +38,15 @@ from spendstream.edge.verdict import (
     ALLOW,
     BLOCKING_STATUS,
     UNAVAILABLE,
+    Plan,
     ScopeRule,
     Verdict,
+    follow,
     newer,
     parse_scope,
+    plan,
     resolve_many,
-    resolve_one,
+    throttled,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 WILDCARD = "*"
+# Plans kept per Enforcer (matched rules and model -> outcome), and allow verdicts per model; emptied when full.
+_MAX_PLANS = 8192
 
 
 class Enforcer:
@@ -115,6 +122,10 @@ class Enforcer:
         self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
         self.reservations = ReservationBook(budget_share)
         self._book_lock = threading.Lock()  # decisions update the book from the consumer thread
+        # (model, *matched rules) -> Plan: rules are immutable once installed (only their buckets change), so a
+        # plan stays right for as long as its rules are matched; emptied when a decision arrives to free old rules.
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._allow: dict[str, Verdict] = {}  # model -> its allow verdict, shared: nothing allocated to allow
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -200,36 +211,70 @@ class Enforcer:
         values = [org, division, team, project, feature, user, customer, environment, model]
         if self._ancestors:
             self._fill_ancestors(values)
-        hits: list[tuple[ScopeRule, str]] = []
+        # The matched rules and their bucket keys (the matched value for a wildcard rule, "" for an exact one).
+        rules: list[ScopeRule] = []
+        keys: list[str] = []
         static = self._static
-        if static is not None:
+        wall = None
+        if static is not None and static.quotas is not None:
             wall = self._wall()
-            if static.quotas is not None:
-                static.quotas.count(values, wall, hits)
-        for i, rules, wildcard in self._active:
+            static.quotas.count(values, wall, rules)
+            if rules:
+                keys = [""] * len(rules)
+        for i, by_value, wildcard in self._active:
             value = values[i]
             if value:
-                rule = rules.get(value)
+                rule = by_value.get(value)
                 if rule is not None:
-                    hits.append((rule, ""))
+                    rules.append(rule)
+                    keys.append("")
                 if wildcard is not None:
-                    hits.append((wildcard, value))
+                    rules.append(wildcard)
+                    keys.append(value)
         if self._global is not None:
-            hits.append((self._global, ""))
-        if static is None:
-            if not hits:
-                return Verdict(ALLOW, model)
-            wall = self._wall()
-        if feature and self._exempting:
-            hits = [(rule.for_feature(feature) if rule.critical else rule, key) for rule, key in hits]
-        if not hits:
-            verdict = Verdict(ALLOW, model)
-        elif len(hits) == 1:
-            verdict = resolve_one(hits[0][0], hits[0][1], model, wall, time.monotonic())
+            rules.append(self._global)
+            keys.append("")
+        if not rules:
+            verdict = self._allow.get(model) or self._allow_verdict(model)
         else:
-            verdict = resolve_many(hits, model, wall, time.monotonic())
+            if feature and self._exempting:
+                rules = [rule.for_feature(feature) if rule.critical else rule for rule in rules]
+            kept = self._plans.get((model, *rules))
+            if kept is None or kept.timed:
+                verdict = self._resolve(rules, keys, model, wall)
+            elif not kept.throttles:
+                verdict = kept.verdict
+            elif len(kept.throttles) == 1:  # inline: the common throttled-but-allowed request
+                position = kept.throttles[0]
+                now = time.monotonic()
+                wait = rules[position].bucket(keys[position], now).try_take(now)
+                verdict = kept.verdict if wait <= 0.0 else throttled(kept, rules[position], wait)
+            else:
+                verdict = follow(kept, rules, keys, time.monotonic())
         if static is not None and static.allowed and verdict.action not in BLOCKING_STATUS:
             return static.denial(values, verdict.model) or verdict
+        return verdict
+
+    def _resolve(self, rules: list[ScopeRule], keys: list[str], model: str, wall: float | None) -> Verdict:
+        """The verdict of rules with no plan kept or a plan that holds only for a while (rules that expire)."""
+        if wall is None:
+            wall = self._wall()
+        signature = (model, *rules)
+        kept = self._plans.get(signature)
+        if kept is None or not kept.valid_from <= wall < kept.valid_until:
+            kept = plan(rules, model, wall)
+            if kept is None:  # an expiring shutoff: its retry-after changes with the clock
+                return resolve_many(zip(rules, keys, strict=True), model, wall, time.monotonic())
+            plans = self._plans
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            plans[signature] = kept
+        return follow(kept, rules, keys, time.monotonic())
+
+    def _allow_verdict(self, model: str) -> Verdict:
+        if len(self._allow) >= _MAX_PLANS:
+            self._allow.clear()
+        verdict = self._allow[model] = Verdict(ALLOW, model)
         return verdict
 
     def _fill_ancestors(self, values: list[str]) -> None:
@@ -346,6 +391,7 @@ class Enforcer:
         # Each assignment is atomic under the GIL, so check() sees either the old or the new rule.
         if dim == "*":
             self._global = rule
+            self._plans = {}
             return
         i = _DIM_INDEX[dim]
         if rule is None:
@@ -353,6 +399,7 @@ class Enforcer:
         else:
             self._index[i][value] = rule
         self._active = tuple((j, rules, rules.get(WILDCARD)) for j, rules in enumerate(self._index) if rules)
+        self._plans = {}
 
     def decisions(self) -> dict[str, ScopeRule]:
         """The rules in force, by scope (a copy, for diagnostics)."""

@@ -93,27 +93,29 @@ class RequestQuotas:
                         self._counts[i] = dict(counts)
                 self._day_end = previous._day_end
 
-    def count(self, values: Sequence[str], wall_now: float, hits: list[tuple[ScopeRule, str]]) -> None:
+    def count(self, values: Sequence[str], wall_now: float, refusals: list[ScopeRule]) -> None:
         """Count one request for every quota scope among ``values`` (by dimension index); a scope already at its cap
-        adds a ``shutoff`` rule to ``hits`` that expires at the end of the local day."""
+        adds a ``shutoff`` rule to ``refusals`` that expires at the end of the local day."""
         if wall_now >= self._day_end:
             self._roll_over(wall_now)
         all_counts = self._counts
+        lock = self._lock
         for i, caps, template_cap in self._caps:
             value = values[i]
-            if not value:
-                continue
-            cap = caps.get(value, template_cap)
-            if cap is None:
-                continue
-            counts = all_counts[i]
-            with self._lock:
-                used = counts.get(value, 0)
-                counts[value] = used + 1
-            if used >= cap:
-                scope = f"{self._dimensions[i]}:{value}"
-                reason = f"{scope} daily requests quota used up: {used}/{cap} (counted at this edge)"
-                hits.append((ScopeRule(scope, SHUTOFF, ACTION_RANK[SHUTOFF], 0, reason, expires_at=self._day_end), ""))
+            if value:
+                cap = caps.get(value, template_cap)
+                if cap is not None:
+                    counts = all_counts[i]
+                    with lock:
+                        used = counts.get(value, 0)
+                        counts[value] = used + 1
+                    if used >= cap:
+                        refusals.append(self._refusal(i, value, used, cap))
+
+    def _refusal(self, i: int, value: str, used: int, cap: int) -> ScopeRule:
+        scope = f"{self._dimensions[i]}:{value}"
+        reason = f"{scope} daily requests quota used up: {used}/{cap} (counted at this edge)"
+        return ScopeRule(scope, SHUTOFF, ACTION_RANK[SHUTOFF], 0, reason, expires_at=self._day_end)
 
     def used(self, scope: str) -> int:
         """Requests counted today for ``scope`` (``user:u1``)."""

@@ -9,8 +9,9 @@ with the next outcome in that order.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -82,7 +83,8 @@ class TokenBucket:
         """Take a token if one is there (returning 0.0), else return the seconds until one is."""
         with self._lock:
             if now > self.updated:
-                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                tokens = self.tokens + (now - self.updated) * self.rate
+                self.tokens = tokens if tokens < self.capacity else self.capacity
                 self.updated = now
             if self.tokens >= 1.0:
                 self.tokens -= 1.0
@@ -293,3 +295,112 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
 
 def _scope_of(rule: ScopeRule) -> str:
     return rule.scope
+
+
+class Plan(NamedTuple):
+    """The outcome of one set of matched rules for one model, minus the token buckets' state.
+
+    It holds while the wall clock is in ``[valid_from, valid_until)`` (the same rules are expired), so the
+    Enforcer keeps it across requests and only takes tokens per request: see ``plan`` and ``follow``.
+    """
+
+    valid_from: float  # the latest expiry among the rules it skipped (-inf: none)
+    valid_until: float  # the earliest expiry among the rules it applies (inf: none)
+    verdict: Verdict  # the outcome when no throttle's bucket is empty
+    throttles: tuple[int, ...]  # positions of the throttling rules among the matched ones
+    timed: bool  # some rule expires or has expired: compare the wall clock with the range first
+
+
+def plan(rules: Sequence[ScopeRule], model: str, wall_now: float) -> Plan | None:
+    """``resolve_many``'s outcome for ``rules`` (in match order) with the throttles left to ``follow``.
+
+    None when the outcome changes with every clock tick (a shutoff that expires: its retry-after counts down);
+    ``resolve_many`` answers those.
+    """
+    valid_from, valid_until = -math.inf, math.inf
+    shutoff: ScopeRule | None = None
+    active: list[int] = []
+    fallbacks: list[ScopeRule] = []
+    for position, rule in enumerate(rules):
+        expires_at = rule.expires_at
+        if expires_at is not None:
+            if expires_at <= wall_now:
+                valid_from = max(valid_from, expires_at)
+                continue
+            valid_until = min(valid_until, expires_at)
+        if rule.action == SHUTOFF and (shutoff is None or rule.scope < shutoff.scope):
+            shutoff = rule
+        if rule.fallback:
+            fallbacks.append(rule)
+        active.append(position)
+    if shutoff is not None:
+        if shutoff.expires_at is not None:
+            return None
+        verdict = Verdict(SHUTOFF, model, None, shutoff.reason or "budget exhausted", shutoff.scope)
+        return Plan(valid_from, valid_until, verdict, (), _timed(valid_from, valid_until))
+    served, rewrote = model, None
+    fallbacks.sort(key=_scope_of)
+    for _ in range(len(fallbacks)):
+        for rule in fallbacks:
+            target = rule.fallback.get(served)
+            if target is not None and target != served:
+                served, rewrote = target, rule
+                break
+        else:
+            break
+    if served == model:
+        rewrote = None
+    top: ScopeRule | None = None
+    throttles: list[int] = []
+    for position in active:
+        rule = rules[position]
+        if rule.allowed is not None and served not in rule.allowed:
+            reason = f"model {served} is not allowed for {rule.scope} (allowed: {rule.allowed.describe()})"
+            deny = Verdict(DENY_MODEL, served, None, reason, rule.scope)
+            return Plan(valid_from, valid_until, deny, (), _timed(valid_from, valid_until))
+        if rule.action == THROTTLE:
+            throttles.append(position)
+        elif rule.action in (ALERT, FALLBACK) and (top is None or rule.rank > top.rank):
+            top = rule
+    if rewrote is not None:
+        verdict = Verdict(FALLBACK, served, None, rewrote.reason or f"{model} -> {served}", rewrote.scope)
+    elif top is not None:
+        verdict = Verdict(ALERT, served, None, top.reason, top.scope)
+    else:
+        verdict = Verdict(ALLOW, served)
+    return Plan(valid_from, valid_until, verdict, tuple(throttles), _timed(valid_from, valid_until))
+
+
+def follow(plan: Plan, rules: Sequence[ScopeRule], keys: Sequence[str], mono_now: float) -> Verdict:
+    """The verdict of ``plan`` for one request: tokens are taken from every throttling scope, or none is."""
+    throttles = plan.throttles
+    if not throttles:
+        return plan.verdict
+    if len(throttles) == 1:
+        position = throttles[0]
+        limiting = rules[position]
+        wait = limiting.bucket(keys[position], mono_now).try_take(mono_now)
+        if wait <= 0.0:
+            return plan.verdict
+    else:
+        buckets = [rules[position].bucket(keys[position], mono_now) for position in throttles]
+        wait, limiting = 0.0, rules[throttles[0]]
+        for position, bucket in zip(throttles, buckets, strict=True):
+            needed = bucket.wait_time(mono_now)
+            if needed > wait:
+                wait, limiting = needed, rules[position]
+        if wait <= 0.0:
+            for bucket in buckets:
+                bucket.take(mono_now)
+            return plan.verdict
+    return throttled(plan, limiting, wait)
+
+
+def throttled(plan: Plan, limiting: ScopeRule, wait: float) -> Verdict:
+    """The verdict of a request refused by the bucket of ``limiting`` for ``wait`` seconds."""
+    reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
+    return Verdict(THROTTLE, plan.verdict.model, wait, reason, limiting.scope)
+
+
+def _timed(valid_from: float, valid_until: float) -> bool:
+    return valid_from != -math.inf or valid_until != math.inf
