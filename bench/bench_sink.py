@@ -30,16 +30,9 @@ from spendstream.core.topics import USAGE
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 from spendstream.sink.avro_block import ledger_select_sql
-from spendstream.sink.ledger_sink import (
-    LEDGER_COLUMNS,
-    AvroGroup,
-    LedgerSink,
-    UsageDecoder,
-    WriterVersion,
-    columns_of,
-    create_staging,
-    judge_group,
-)
+from spendstream.sink.decode import LEDGER_COLUMNS, UsageDecoder, columns_of
+from spendstream.sink.ledger_sink import LedgerSink
+from spendstream.sink.staging import AvroGroup, WriterVersion, create_staging, judge_group
 
 
 def prefill(bootstrap: str, count: int) -> list[bytes]:

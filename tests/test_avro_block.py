@@ -18,16 +18,8 @@ from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, fingerprint
 from spendstream.core.events import usage_record_problem
 from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
 from spendstream.sink.avro_block import ROW_FIELD, SQL_TIME_RANGE, staging_columns, zigzag_varint
-from spendstream.sink.ledger_sink import (
-    AvroGroup,
-    Judged,
-    UsageDecoder,
-    WriterVersion,
-    create_staging,
-    judge_group,
-    micros,
-    split_by_writer,
-)
+from spendstream.sink.decode import UsageDecoder, micros
+from spendstream.sink.staging import AvroGroup, Judged, WriterVersion, create_staging, judge_group, split_by_writer
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
@@ -220,7 +212,7 @@ def ledger_values_of(client: Any, sql: str) -> list[tuple[Any, ...]]:
 
 def test_sql_accepted_rows_land_in_the_ledger_as_python_would_write_them(client: Any) -> None:
     from spendstream.sink.avro_block import ledger_select_sql
-    from spendstream.sink.ledger_sink import LEDGER_COLUMNS, columns_of
+    from spendstream.sink.decode import LEDGER_COLUMNS, columns_of
 
     batch = [
         base_record(

@@ -12,7 +12,7 @@ from spendstream.core.policy import parse_policy
 from spendstream.processor.ledger_rebuild import RebuildPlan, fold_snapshot, usage_partition
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import Retention, WindowCalendar, split_window_key
-from spendstream.sink.ledger_sink import LEDGER_COLUMNS
+from spendstream.sink.decode import LEDGER_COLUMNS
 from test_periods import year_period  # noqa: F401  (the fixture that registers a period, used by name)
 
 POLICY = parse_policy(

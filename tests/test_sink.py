@@ -30,18 +30,8 @@ from spendstream.core.pricing import price_record
 from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.sink.dead_letters import DLQ_STAGE_HEADER, dlq_headers
-from spendstream.sink.ledger_sink import (
-    LEDGER_COLUMNS,
-    LedgerSink,
-    UsageDecoder,
-    columns_of,
-    commit_positions,
-    dedup_token,
-    fast_problem_free,
-    micros,
-    offset_ranges,
-    reason_kind,
-)
+from spendstream.sink.decode import LEDGER_COLUMNS, UsageDecoder, columns_of, fast_problem_free, micros, reason_kind
+from spendstream.sink.ledger_sink import LedgerSink, commit_positions, dedup_token, offset_ranges
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)

@@ -1,6 +1,9 @@
 """The reports finance and platform teams read: CFO weekly, chargeback, forecast, top spenders,
 model mix, latency, routing savings. Each is one or two ``FINAL`` queries over the ledger (exact under replays),
-then the pure arithmetic of ``money.py``.
+then the pure arithmetic of ``money.py``. Chargeback, weekly, forecast and top read through :func:`spend_totals`:
+sealed buckets from the rollups of ``rollup.py`` (exact: a seal is used only while no insert touched its bucket),
+the rest of the range (the open tail, edges that cut a bucket, buckets touched since their seal) from the ledger
+with ``FINAL``, in one query.
 
 Periods are calendar days, ISO weeks and months in the configured budget timezone.
 """
@@ -23,6 +26,7 @@ from spendstream.analytics.money import (
     week_start,
 )
 from spendstream.analytics.report_model import Column, Report
+from spendstream.analytics.rollup import WIDTH_OF, interval_sql, utc_literal, valid_seals
 from spendstream.core.periods import days_in_month, local_midnight
 from spendstream.core.run_rate import exhaustion_instant
 
@@ -42,6 +46,7 @@ class Ledger:
     client: Any
     db: str
     tz: str = "UTC"
+    sealed: bool = True  # False: every figure from the ledger with FINAL (the reference the rollups are tested against)
 
     def rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         return self.client.query(sql.replace("{db}", self.db), parameters=params, settings=FINAL_SETTINGS).result_rows
@@ -78,12 +83,107 @@ def budgets_policy_version(ledger: Ledger, month: date) -> str:
 
 
 def _spend_by(ledger: Ledger, dimension: str, start: datetime, end: datetime) -> dict[str, int]:
-    rows = ledger.rows(
-        f"SELECT {dimension} AS k, sum({_COST}) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY k",
-        start=_ts(start),
-        end=_ts(end),
+    return {k: int(cost) for k, cost, *_ in spend_totals(ledger, (dimension,), start, end)}
+
+
+# -- exact totals: sealed buckets from the rollups, the rest from the ledger ---------------------------
+
+# Per key, in the ledger (raw) and in the rollups; "day" is the local date in the report's timezone.
+_RAW_KEYS = {"model": _MODEL, "day": "toDate(occurred_at, {tz:String})"}
+_RAW_MEASURES = (
+    f"sum({_COST}) AS c, count() AS r, countIf(cache_hit) AS h, sum(toInt128(input_tokens + output_tokens)) AS t"
+)
+_ROLLUP_MEASURES = "sum(cost_nanos) AS c, sum(requests) AS r, sum(cache_hits) AS h, sum(tokens) AS t"
+
+
+class Plan(NamedTuple):
+    """Where the figures of [start, end) come from: sealed buckets (start, seal id) and ledger intervals."""
+
+    sealed: list[tuple[datetime, int]]
+    raw: list[tuple[datetime, datetime]]
+
+
+def plan(start: datetime, end: datetime, width: int, seals: dict[datetime, int], cuts: list[datetime]) -> Plan:
+    """Buckets of ``width`` seconds inside [start, end) with a valid seal and no cut (an instant where the
+    report's grouping changes, such as a local midnight) strictly inside them come from the rollup; the rest
+    of the range, merged into as few intervals as possible, from the ledger."""
+    step = timedelta(seconds=width)
+    epoch_s = int(start.timestamp())
+    bucket = datetime.fromtimestamp(epoch_s - epoch_s % width, UTC)
+    sealed: list[tuple[datetime, int]] = []
+    raw: list[tuple[datetime, datetime]] = []
+    while bucket < end:
+        lo, hi = max(bucket, start), min(bucket + step, end)
+        seal_id = seals.get(bucket)
+        whole = lo == bucket and hi == bucket + step and not any(bucket < cut < hi for cut in cuts)
+        if whole and seal_id is not None:
+            sealed.append((bucket, seal_id))
+        elif raw and raw[-1][1] == lo:
+            raw[-1] = (raw[-1][0], hi)
+        else:
+            raw.append((lo, hi))
+        bucket += step
+    return Plan(sealed, raw)
+
+
+def spend_totals(
+    ledger: Ledger, keys: tuple[str, ...], start: datetime, end: datetime, *, order_limit: int | None = None
+) -> list[tuple[Any, ...]]:
+    """Exact (cost, requests, cache hits, tokens) per ``keys`` over [start, end), summed in ClickHouse.
+
+    Keys are ledger attribution columns, ``model`` (served, else requested) and ``day`` (local date). With
+    ``order_limit`` the rows are the largest ``order_limit`` by cost, each followed by the total of all keys.
+    """
+    dimensions = [k for k in keys if k != "day"]
+    width = max((WIDTH_OF[k] for k in dimensions), default=WIDTH_OF["team"])
+    if width != WIDTH_OF["team"] and len(dimensions) > 1:
+        raise ValueError(f"daily rollups hold one dimension at a time, not {dimensions}")
+    cuts = _local_midnights(start, end, ledger.tz) if "day" in keys else []
+    seals = valid_seals(ledger.client, ledger.db, width, start, end) if ledger.sealed else {}
+    source = plan(start, end, width, seals, cuts)
+    names = [f"k{i}" for i in range(len(keys))]
+    parts = []
+    if source.sealed:
+        parts.append(_rollup_part(keys, names, width, source.sealed))
+    if source.raw:
+        raw_keys = ", ".join(f"{_RAW_KEYS.get(k, f'`{k}`')} AS {n}" for k, n in zip(keys, names, strict=True))
+        parts.append(
+            f"SELECT {raw_keys}, {_RAW_MEASURES} FROM {{db}}.usage_ledger FINAL "
+            f"WHERE {interval_sql(source.raw)} GROUP BY {', '.join(names)}"
+        )
+    group = ", ".join(names)
+    ranked = order_limit is not None
+    total = ", sum(sum(c)) OVER ()" if ranked else ""
+    tail = f" ORDER BY sum(c) DESC, {group} LIMIT {int(order_limit)}" if ranked else ""
+    union = " UNION ALL ".join(parts)
+    return ledger.rows(
+        f"SELECT {group}, sum(c), sum(r), sum(h), sum(t){total} FROM ({union}) GROUP BY {group}{tail}",
+        tz=ledger.tz,
     )
-    return {k: int(v) for k, v in rows}
+
+
+def _rollup_part(keys: tuple[str, ...], names: list[str], width: int, sealed: list[tuple[datetime, int]]) -> str:
+    bucket_sql = ", ".join(f"({int(bucket.timestamp())}, {seal_id})" for bucket, seal_id in sealed)
+    lo, hi = utc_literal(sealed[0][0]), utc_literal(sealed[-1][0])
+    if width == WIDTH_OF["team"]:
+        columns = {"day": "toDate(hour, {tz:String})"}
+        source, where = "{db}.ledger_hourly", f"hour BETWEEN {lo} AND {hi} AND (toUInt32(hour), seal) IN ({bucket_sql})"
+    else:
+        (dimension,) = (k for k in keys if k != "day")
+        columns = {"day": "toDate(day, {tz:String})", dimension: "key"}
+        source = "{db}.ledger_daily_keys"
+        where = f"dimension = '{dimension}' AND day BETWEEN {lo} AND {hi} AND (toUInt32(day), seal) IN ({bucket_sql})"
+    selected = ", ".join(f"{columns.get(k, f'`{k}`')} AS {n}" for k, n in zip(keys, names, strict=True))
+    return f"SELECT {selected}, {_ROLLUP_MEASURES} FROM {source} WHERE {where} GROUP BY {', '.join(names)}"
+
+
+def _local_midnights(start: datetime, end: datetime, tz: str) -> list[datetime]:
+    day, last = local_date(start, tz), local_date(end, tz)
+    cuts = []
+    while day <= last:
+        cuts.append(local_midnight(day, tz))
+        day += timedelta(days=1)
+    return cuts
 
 
 # -- chargeback ---------------------------------------------------------------------------------
@@ -234,13 +334,7 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4) -> Report:
     start, end = local_midnight(mondays[-1], ledger.tz), local_midnight(current + timedelta(days=7), ledger.tz)
     daily = [
         (d, f, m, int(s), int(r), int(h))
-        for d, f, m, s, r, h in ledger.rows(
-            f"SELECT toDate(occurred_at, {{tz:String}}) AS d, feature, {_MODEL} AS m, sum({_COST}), "
-            f"count(), countIf(cache_hit) FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY d, feature, m",
-            tz=ledger.tz,
-            start=_ts(start),
-            end=_ts(end),
-        )
+        for d, f, m, s, r, h, _ in spend_totals(ledger, ("day", "feature", "model"), start, end)
     ]
     months = {first_of_month(mondays[-1]), first_of_month(current + timedelta(days=6))}
     months |= {first_of_month(m) for m in mondays}
@@ -346,16 +440,8 @@ def top(ledger: Ledger, by: str, start: date, end: date, limit: int = 10) -> Rep
     """The biggest spenders by one dimension over [start, end] (local dates, inclusive)."""
     if by not in TOP_DIMENSIONS:
         raise ValueError(f"cannot rank by {by!r}; choose one of {', '.join(TOP_DIMENSIONS)}")
-    column = _MODEL if by == "model" else by
     lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
-    rows = ledger.rows(
-        f"SELECT {column} AS k, sum({_COST}) AS s, count(), sum(input_tokens + output_tokens), "
-        f"sum(s) OVER () FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} "
-        f"GROUP BY k ORDER BY s DESC, k LIMIT {{limit:UInt32}}",
-        start=_ts(lo),
-        end=_ts(hi),
-        limit=limit,
-    )
+    rows = [(k, s, n, t, total) for k, s, n, _, t, total in spend_totals(ledger, (by,), lo, hi, order_limit=limit)]
     out = [
         {
             "rank": i,

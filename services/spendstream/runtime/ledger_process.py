@@ -20,10 +20,11 @@ def run_ledger_process(
     settings: Settings, *, with_audit: bool = True, with_api: bool = False, with_notifier: bool = False
 ) -> int:
     """The usage sink in the main thread (it owns signal handling and the exit code), the rest in threads: the
-    ledger's budgets from the policy in force, the audit sink, the API, the notifier.
+    ledger's budgets from the policy in force, the sealing of report rollups, the audit sink, the API, the notifier.
 
     With ``metrics_port`` set, ``/metrics`` is served there; with it or the API, the sink group's lag is sampled.
     """
+    from spendstream.analytics.rollup import seal_periodically
     from spendstream.core.ledger_store import connect, migrate
     from spendstream.core.metrics import ConsumerLagSampler, serve_metrics
     from spendstream.core.topics import USAGE
@@ -50,7 +51,12 @@ def run_ledger_process(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
     budgets = PolicyBudgets(settings, client, on_policy=lambda policy: sink.set_prices(policy.price_table))
-    workers = [threading.Thread(target=budgets.run, args=(stop,), name="policy-budgets")]
+    workers = [
+        threading.Thread(target=budgets.run, args=(stop,), name="policy-budgets"),
+        threading.Thread(
+            target=seal_periodically, args=(client, settings.clickhouse_database, stop), name="report-seals"
+        ),
+    ]
     if with_audit:
         workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
     if with_api:

@@ -1,0 +1,77 @@
+"""The sink's parts without a broker: decode and staging into a ledger writer, on a real chDB ledger."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from spendstream.core.codec import SINGLE_OBJECT_MAGIC, fingerprint
+from spendstream.core.config import Settings, load_settings
+from spendstream.sink.decode import UsageDecoder, columns_of
+from spendstream.sink.ledger_writer import EmbeddedLedgerWriter, ServerLedgerWriter, ledger_writer_for
+from spendstream.sink.staging import AvroGroup, split_by_writer
+from test_avro_block import CURRENT, NOW, SKEW, base_record, encode
+
+TABLE = "spendstream.usage_ledger"
+VERSIONS = {SINGLE_OBJECT_MAGIC + fingerprint(CURRENT.name): CURRENT}
+
+
+def ledger_rows(client: Any) -> dict[str, int]:
+    rows = client.query(f"SELECT toString(event_id), cost_nanos FROM {TABLE} ORDER BY event_id").result_rows
+    return dict(rows)
+
+
+def record(cost: int, **fields: Any) -> dict[str, Any]:
+    return base_record(event_id=str(uuid.uuid4()), cost_nanos=cost, **fields)
+
+
+def test_each_client_kind_gets_its_own_writer(offline_settings: Settings) -> None:
+    embedded = ledger_writer_for(offline_settings, client=None)
+    server = ledger_writer_for(load_settings(clickhouse_dsn="http://default:@localhost:8123"), client=None)
+    assert isinstance(embedded, EmbeddedLedgerWriter)
+    assert embedded.staging == "spendstream.usage_sink_staging"
+    assert isinstance(server, ServerLedgerWriter)
+    other = ServerLedgerWriter(None, "spendstream")
+    assert server.staging.startswith("spendstream.usage_sink_staging_") and server.staging != other.staging
+
+
+def test_a_staged_group_lands_without_its_rejected_rows_and_without_copies_the_ledger_holds(ledger: Any) -> None:
+    writer = EmbeddedLedgerWriter(ledger, "spendstream")
+    writer.open(staged=True)
+    held, fresh, bad = record(100), record(200), record(300, input_tokens=-1)
+    writer.insert_rows(columns_of(UsageDecoder(SKEW).decode([encode(held)], NOW).records), "held")
+    conflicting_copy = {**held, "cost_nanos": 999}
+    values = [encode(conflicting_copy), encode(fresh), encode(bad), encode(fresh)]
+    groups, others = split_by_writer(values, VERSIONS)
+    assert others == [] and list(groups.values()) == [[0, 1, 2, 3]]
+    group = AvroGroup.of(CURRENT, values, [0, 1, 2, 3])
+
+    judged = writer.judge(group, NOW, SKEW)
+
+    assert judged is not None and judged.exact == set()
+    assert judged.rejected == {2: "input_tokens is negative: -1"}
+    superseded = writer.insert_staged(len(values), set(judged.rejected), "batch-1")
+    assert superseded == 2  # the copy of an event the ledger holds, and the second copy of `fresh` in the group
+    assert ledger_rows(ledger) == {held["event_id"]: 100, fresh["event_id"]: 200}  # first version wins
+    writer.close()
+    assert ledger.query("EXISTS TABLE spendstream.usage_sink_staging").result_rows == [(0,)]
+
+
+def test_rows_decoded_in_python_keep_the_first_version_and_a_retry_writes_nothing(ledger: Any) -> None:
+    writer = ServerLedgerWriter(ledger, "spendstream")  # the server kind works on any clickhouse-connect client
+    writer.open(staged=False)
+    first, later_first = record(100), record(7)
+    decoder = UsageDecoder(SKEW)
+    values = [encode(first), encode({**first, "cost_nanos": 5}), b"junk", encode(later_first)]
+    decoded = decoder.decode(values, NOW)
+    assert decoded.kept == [0, 1, 3] and [r.stage for r in decoded.rejected] == ["decode"]
+
+    assert writer.insert_rows(columns_of(decoded.records), "batch-2") == 1
+    assert writer.insert_rows(columns_of(decoded.records), "batch-2") == 3  # a replay: every row is already held
+    assert ledger_rows(ledger) == {first["event_id"]: 100, later_first["event_id"]: 7}
+
+
+def test_unpriced_records_are_priced_while_decoding() -> None:
+    unpriced = record(0) | {"cost_nanos": None}
+    decoded = UsageDecoder(SKEW).decode([encode(unpriced)], NOW)
+    assert decoded.rejected == [] and decoded.records[0]["cost_nanos"] > 0
