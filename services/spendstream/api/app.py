@@ -42,7 +42,7 @@ from spendstream.api import cloudevents, otlp
 from spendstream.api.budget_requests import APPROVER_PATHS, add_routes
 from spendstream.api.dashboard import render_page
 from spendstream.api.otlp_policy import OTLP_POLICY, OtlpPolicy
-from spendstream.api.tokens import ApiToken, Role, TokenStore, new_read_token
+from spendstream.api.tokens import CALLER, ApiToken, Role, TokenStore, new_read_token
 from spendstream.core import topics
 from spendstream.core.api_address import ApiAddress, remove_address, write_address
 from spendstream.core.codec import AvroCodec
@@ -533,8 +533,10 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(405, "no cross-origin requests: this API answers no CORS preflight")
     if request.path == "/" and "token" in request.query:
         return _open_dashboard(request)
-    refused = _refusal(request, needed, _caller(request))
+    caller = _caller(request)
+    refused = _refusal(request, needed, caller)
     if refused is None:
+        request[CALLER] = caller  # who is asking, for handlers that record it (budget requests)
         return await handler(request)
     if needed == "ingest":
         API_INGEST_REQUESTS.labels({401: "unauthorized", 403: "forbidden", 415: "unsupported"}[refused.status]).inc()

@@ -27,6 +27,8 @@ from typing import Any
 from aiohttp import web
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
+from spendstream.api.tokens import CALLER, ApiToken
+from spendstream.core.attribution import check_scope
 from spendstream.core.budget_lifecycle import (
     BudgetRequest,
     Kind,
@@ -39,7 +41,7 @@ from spendstream.core.budget_lifecycle import (
 )
 from spendstream.core.config import Settings
 from spendstream.core.periods import budget_period_names, period_window
-from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy, check_scope
+from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy
 from spendstream.core.policy_log import read_policy_log
 from spendstream.core.pricing import usd_to_nanos
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
@@ -187,10 +189,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _caller(request: web.Request) -> Any:
-    from spendstream.api.app import _caller as caller_of
-
-    caller = caller_of(request)
+def _caller(request: web.Request) -> ApiToken:
+    """The authenticated caller the API's guard admitted: its name is who requests or decides."""
+    caller = request.get(CALLER)
     if caller is None:
         raise LifecycleError("the token was revoked", 401)
     return caller

@@ -49,6 +49,9 @@ TOKEN_PREFIX = "ss-api-"
 SCOPE_FIELDS = ("org", "team", "project", "feature", "customer", "environment", "provider")
 
 
+CALLER = "spendstream.caller"  # the request key under which the API's guard leaves the authenticated ApiToken
+
+
 class ApiToken(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

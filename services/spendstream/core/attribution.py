@@ -8,6 +8,8 @@ fills in (a team's division and org); the others are counted as given.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -34,3 +36,11 @@ ATTRIBUTION_FIELDS: tuple[str, ...] = tuple(Attribution.model_fields)
 HIERARCHY = ("org", "division", "team", "project")
 DIRECT_FIELDS = tuple(name for name in ATTRIBUTION_FIELDS if name not in HIERARCHY)
 DIMENSIONS = (*ATTRIBUTION_FIELDS, "model")  # what a scope ``dimension:value`` may name
+_SCOPE_RE = re.compile(rf"^({'|'.join(DIMENSIONS)}):(\*|[^\s*]+)$")
+
+
+def check_scope(value: str) -> str:
+    """A scope as policies, notifications and budget requests name it: ``dimension:value`` or ``dimension:*``."""
+    if not _SCOPE_RE.match(value):
+        raise ValueError(f"scope must be dimension:value or dimension:* with dimension one of {', '.join(DIMENSIONS)}")
+    return value

@@ -23,6 +23,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from spendstream.core.attribution import check_scope
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
@@ -238,8 +240,6 @@ class Notifications(_Model):
     @field_validator("scopes")
     @classmethod
     def _scope_contacts(cls, value: dict[str, ScopeContacts], info: ValidationInfo) -> dict[str, ScopeContacts]:
-        from spendstream.core.policy import check_scope
-
         for scope in value:
             check_scope(scope)
         if "people" not in info.data or "channels" not in info.data:

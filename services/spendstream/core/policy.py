@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, tzinfo
@@ -45,15 +44,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from spendstream.core.attribution import DIMENSIONS, HIERARCHY
+from spendstream.core.attribution import DIMENSIONS, HIERARCHY, check_scope
 from spendstream.core.matching import is_template
 from spendstream.core.notification_policy import Notifications
 from spendstream.core.otlp_attribution import OtlpAttribution
 from spendstream.core.periods import budget_period_names
 from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
 from spendstream.core.routing_policy import RoutingPolicy
-
-_SCOPE_RE = re.compile(rf"^({'|'.join(DIMENSIONS)}):(\*|[^\s*]+)$")
 
 
 class PolicyError(ValueError):
@@ -74,12 +71,6 @@ def check_period(value: object) -> str:
 
 
 PeriodName = Annotated[str, BeforeValidator(check_period)]
-
-
-def check_scope(value: str) -> str:
-    if not _SCOPE_RE.match(value):
-        raise ValueError(f"scope must be dimension:value or dimension:* with dimension one of {', '.join(DIMENSIONS)}")
-    return value
 
 
 class _Model(BaseModel):
