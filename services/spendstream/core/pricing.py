@@ -32,6 +32,8 @@ from typing import Any, Literal, NamedTuple
 
 from genai_prices import Usage, calc_price
 
+from spendstream.core.providers import NormalisedUsage, dialect_for
+
 NANOS_PER_USD = 1_000_000_000
 _NANOS_PER_TOKEN_PER_USD_PER_MTOK = Decimal(NANOS_PER_USD) / Decimal(1_000_000)  # = 1000
 _MTOK = 1_000_000
@@ -46,15 +48,6 @@ INT64_MAX = 2**63 - 1  # the ledger's cost_nanos column is Int64
 
 class CostOverflowError(ValueError):
     """The priced cost does not fit the ledger's Int64 nano-USD (absurd token counts): the caller dead-letters it."""
-
-
-class NormalisedUsage(NamedTuple):
-    """Token counts in spendstream's convention: ``input_tokens`` includes ``cached_read`` and ``cache_write``."""
-
-    input_tokens: int
-    cached_read: int
-    cache_write: int
-    output_tokens: int
 
 
 class PriceResult(NamedTuple):
@@ -144,60 +137,14 @@ EMPTY_TABLE = PriceTable()
 
 # -- usage normalisation ------------------------------------------------------------------------------------
 
-_ANTHROPIC_STYLE = frozenset({"anthropic", "bedrock-anthropic", "anthropic-vertex"})
-_GOOGLE_STYLE = frozenset({"google", "google-gla", "google-vertex", "gemini", "vertex"})
-
-
-def _int(raw: Mapping[str, Any], *path: str) -> int:
-    value: Any = raw
-    for key in path:
-        if not isinstance(value, Mapping):
-            return 0
-        value = value.get(key)
-    if value is None:
-        return 0
-    count = int(value)
-    if count < 0:
-        raise ValueError(f"negative token count at {'.'.join(path)}: {count}")
-    return count
-
 
 def normalise_usage(provider: str, raw_usage: Mapping[str, Any]) -> NormalisedUsage:
     """Map a provider's usage block to (input incl. cached, cached_read, cache_write, output).
 
-    - OpenAI and OpenAI-compatible APIs: ``prompt_tokens`` (or Responses API ``input_tokens``) already include
-      ``prompt_tokens_details.cached_tokens``.
-    - Anthropic: ``input_tokens`` EXCLUDES ``cache_read_input_tokens`` and ``cache_creation_input_tokens``,
-      so they are added.
-    - Google Gemini: ``promptTokenCount`` includes ``cachedContentTokenCount``; thinking tokens
-      (``thoughtsTokenCount``) are billed as output.
+    The provider's dialect (``spendstream.core.providers``) knows its block: OpenAI counts cached reads inside
+    the prompt, Anthropic outside it, Gemini bills thinking tokens as output.
     """
-    p = provider.lower()
-    if p in _ANTHROPIC_STYLE:
-        read = _int(raw_usage, "cache_read_input_tokens")
-        write = _int(raw_usage, "cache_creation_input_tokens")
-        return NormalisedUsage(
-            _int(raw_usage, "input_tokens") + read + write, read, write, _int(raw_usage, "output_tokens")
-        )
-    if p in _GOOGLE_STYLE and "promptTokenCount" in raw_usage:
-        output = _int(raw_usage, "candidatesTokenCount") + _int(raw_usage, "thoughtsTokenCount")
-        return NormalisedUsage(
-            _int(raw_usage, "promptTokenCount"), _int(raw_usage, "cachedContentTokenCount"), 0, output
-        )
-    if "prompt_tokens" in raw_usage:  # chat completions
-        return NormalisedUsage(
-            _int(raw_usage, "prompt_tokens"),
-            _int(raw_usage, "prompt_tokens_details", "cached_tokens"),
-            0,
-            _int(raw_usage, "completion_tokens"),
-        )
-    # Responses API shape (input_tokens includes input_tokens_details.cached_tokens)
-    return NormalisedUsage(
-        _int(raw_usage, "input_tokens"),
-        _int(raw_usage, "input_tokens_details", "cached_tokens"),
-        0,
-        _int(raw_usage, "output_tokens"),
-    )
+    return dialect_for(provider).usage(raw_usage)
 
 
 # -- pricing -------------------------------------------------------------------------------------------------
