@@ -180,7 +180,7 @@ def test_rollup_counts_replays_until_rebuilt(seeded: reports.Ledger) -> None:
 
 
 def test_reprice_keeps_old_figures_and_reports_per_team(seeded: reports.Ledger) -> None:
-    def corrected(provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime):
+    def corrected(provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime, detail):
         return inp * 2_000 + out * 8_000, "override:openai/gpt-4o-mini"  # $2/M in, $8/M out
 
     result = reprice(seeded.client, DB, "gpt-4o-mini", date(2026, 3, 1), date(2026, 3, 31), corrected, NOW)

@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from spendstream.core.codec import AvroCodec
-from spendstream.core.events import UsageEvent
+from spendstream.core.events import DETAIL_FIELDS, UsageEvent
 from spendstream.core.schemas import load_schema_json
 
 # (field name, Avro type as written in the schema) in schema order: what encode_body() writes.
@@ -37,6 +37,8 @@ FIELDS: tuple[tuple[str, Any], ...] = (
     ("status", {"type": "enum", "name": "UsageStatus", "symbols": ["ok", "error", "blocked"], "default": "ok"}),
     ("decision_applied", "string"),
     ("cache_hit", "boolean"),
+    *((name, "long") for name in DETAIL_FIELDS),
+    ("service_tier", "string"),
 )
 _CACHE_ENTRIES = 16_384  # per cache; a full cache is emptied (old values stop repeating, new ones refill it)
 _INT64_MIN, _INT64_LIMIT = -(2**63), 2**63
@@ -155,6 +157,14 @@ class UsageEncoder:
                 _STATUS[f["status"]],
                 s[f["decision_applied"]],
                 b"\x01" if f["cache_hit"] is True else b"\x00" if f["cache_hit"] is False else _bad("cache_hit"),
+                n[f["reasoning_tokens"]],
+                n[f["input_audio_tokens"]],
+                n[f["output_audio_tokens"]],
+                n[f["input_image_tokens"]],
+                n[f["output_image_tokens"]],
+                n[f["cache_write_1h_tokens"]],
+                n[f["web_search_requests"]],
+                s[f["service_tier"]],
             )
         )
 

@@ -2,7 +2,10 @@
 
 ``input_tokens`` EXCLUDES ``cache_read_input_tokens`` and ``cache_creation_input_tokens``, so both are added
 to reach spendstream's convention. A stream reports usage twice: ``message_start`` carries the input counts
-(and a first output count), ``message_delta`` the final cumulative counts.
+(and a first output count), ``message_delta`` the final cumulative counts. ``cache_creation`` splits cache
+writes by TTL (``ephemeral_5m_input_tokens``, ``ephemeral_1h_input_tokens``: the 1-hour ones cost more),
+``server_tool_use.web_search_requests`` counts web searches, and ``service_tier`` says ``batch`` for the
+Message Batches API. Thinking tokens are output tokens, not counted apart.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from spendstream.core.providers.dialect import (
     NormalisedUsage,
     SdkResource,
     StreamState,
+    UsageDetail,
     as_dict,
     count,
+    service_tier,
 )
 from spendstream.core.providers.registry import register
 
@@ -33,6 +38,13 @@ class AnthropicDialect(Dialect):
         read = count(raw, "cache_read_input_tokens")
         write = count(raw, "cache_creation_input_tokens")
         return NormalisedUsage(count(raw, "input_tokens") + read + write, read, write, count(raw, "output_tokens"))
+
+    def detail(self, raw: Mapping[str, Any]) -> UsageDetail:
+        return UsageDetail(
+            cache_write_1h_tokens=count(raw, "cache_creation", "ephemeral_1h_input_tokens"),
+            web_search_requests=count(raw, "server_tool_use", "web_search_requests"),
+            service_tier=service_tier(raw.get("service_tier")),
+        )
 
     def stream_event(self, state: StreamState, payload: Mapping[str, Any]) -> bool:
         message = payload.get("message")

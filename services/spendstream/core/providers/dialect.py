@@ -23,6 +23,32 @@ class NormalisedUsage(NamedTuple):
     output_tokens: int
 
 
+class UsageDetail(NamedTuple):
+    """What a call used beyond the four counts: each token count is part of one of them (audio and image prompt
+    tokens are the uncached ones), web searches are priced per search, and the service tier picks the price list
+    (``batch`` for the batch API, ``flex`` or ``priority``; empty for the standard one)."""
+
+    reasoning_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    web_search_requests: int = 0
+    service_tier: str = ""
+
+
+NO_DETAIL = UsageDetail()
+# Names providers give their standard tier: the standard price list.
+_STANDARD_TIERS = frozenset({"", "default", "standard", "auto", "on_demand"})
+
+
+def service_tier(value: Any) -> str:
+    """A provider's service tier as spendstream names it ("" for the standard one)."""
+    tier = str(value or "").lower()
+    return "" if tier in _STANDARD_TIERS else tier
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A path the gateway serves for this kind; ``name`` is the ``endpoint`` tag of its usage events."""
@@ -90,6 +116,10 @@ class Dialect:
     def usage(self, raw: Mapping[str, Any]) -> NormalisedUsage:
         """The usage block in spendstream's convention (input includes cached reads and cache writes)."""
         raise NotImplementedError
+
+    def detail(self, raw: Mapping[str, Any]) -> UsageDetail:
+        """Reasoning, audio and image tokens, 1-hour cache writes, web searches and tier in the usage block."""
+        return NO_DETAIL
 
     def response_usage(self, payload: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         """(usage block, served model) of a non-streamed JSON response."""
