@@ -141,6 +141,14 @@ raw_records = st.fixed_dictionaries(
         "status": st.sampled_from(["ok", "error", "blocked"]),
         "decision_applied": st.just(""),
         "cache_hit": st.booleans(),
+        "reasoning_tokens": st.integers(-1, 400),
+        "input_audio_tokens": st.integers(-1, 300),
+        "output_audio_tokens": st.integers(-1, 300),
+        "input_image_tokens": st.integers(-1, 300),
+        "output_image_tokens": st.integers(-1, 300),
+        "cache_write_1h_tokens": st.integers(-1, 300),
+        "web_search_requests": st.integers(-1, 3),
+        "service_tier": st.sampled_from(["", "batch"]),
     }
 )
 
