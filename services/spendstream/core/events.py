@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from operator import itemgetter
 from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
@@ -197,6 +198,14 @@ class PolicyRecord(_AvroModel):
     published_by: str = ""
 
 
+_DETAIL_OF = itemgetter(*DETAIL_FIELDS)
+_NO_DETAIL = (0,) * len(DETAIL_FIELDS)
+
+
+def _is_token_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_EVENT_TOKENS
+
+
 def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
     """Why a usage record's token counts or cost are not integers within the per-event bounds, or None.
 
@@ -216,7 +225,7 @@ def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
             and 0 <= c <= MAX_EVENT_TOKENS
             and 0 <= w <= MAX_EVENT_TOKENS
             and (cost is None or (type(cost) is int and 0 <= cost <= MAX_EVENT_COST_NANOS))
-            and all(type(d) is int and 0 <= d <= MAX_EVENT_TOKENS for d in (record[name] for name in DETAIL_FIELDS))
+            and ((detail := _DETAIL_OF(record)) == _NO_DETAIL or all(_is_token_count(d) for d in detail))
         ):
             return None
     except (KeyError, TypeError):
