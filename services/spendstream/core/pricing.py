@@ -5,8 +5,11 @@ API (shared by the gateway, which prices requests, and the processor, which pric
 - ``normalise_usage(provider, raw_usage) -> NormalisedUsage(input_tokens, cached_read, cache_write, output_tokens)``
   turns a provider's usage block into spendstream's convention: ``input_tokens`` INCLUDES cached reads and
   cache writes (as in ``UsageEvent`` and genai-prices' ``Usage``), so nothing is billed twice or for free.
+- ``usage_detail(provider, raw_usage, usage) -> UsageDetail``: what the block says beyond the four counts
+  (reasoning, audio and image tokens, 1-hour cache writes, web searches, the service tier).
 - ``price_usage(provider, model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, at,
-  overrides) -> PriceResult(cost_nanos, source, flagged_unknown)``.
+  overrides, detail) -> PriceResult(cost_nanos, source, flagged_unknown)``: each unit of the call in one of
+  twelve price classes (``_CLASSES``), at the long-context tier its input reaches and the tier's price list.
 - ``PriceTable``: the user's override rows (negotiated rates, self-hosted models priced by GPU time), what to do
   with an unknown model (``"default_price"``: price it at ``default_price`` and flag it, or ``"reject"``: raise
   ``UnknownModelError`` so the caller sends the event to the DLQ), and a content ``version``.
@@ -16,8 +19,9 @@ of millions of events sums to about zero instead of drifting one way), with one 
 cost is positive is never recorded below 1 nano, so a paid call never looks free. A 10-token call at
 $0.075/M is exactly 750 nanos; no rounding happens at all for prices with at most 3 decimals per million tokens.
 
-Speed: genai-prices costs ~70 us per lookup, so the per-token rates of a (provider, model, price version,
-minute) are resolved once and memoised; pricing a call is then a few Decimal multiplications.
+Speed: genai-prices costs ~70 us per lookup, so the per-unit rates of a (provider, model, price version,
+minute, service tier) are resolved once (one genai-prices call per class and long-context tier) and memoised;
+pricing a call is then a few integer (or Decimal) multiplications.
 """
 
 from __future__ import annotations
