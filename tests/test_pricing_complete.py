@@ -21,11 +21,17 @@ import pytest
 from genai_prices import data_snapshot
 
 from spendstream.core import pricing
+from spendstream.core.config import Settings
 from spendstream.core.events import UsageEvent, UsageStatus, usage_record_problem
 from spendstream.core.policy import parse_policy
 from spendstream.core.pricing import UsageDetail, price_record, price_usage, use_price_data
+from spendstream.edge.emitter import Emitter
+from spendstream.edge.enforcer import Enforcer
 from spendstream.edge.metering import build_event
+from spendstream.gateway.app import Gateway, GatewayThread
 from spendstream.gateway.metering import StreamMeter, usage_of_body
+from stub_upstream import StubUpstream
+from test_gateway import CHAT, gateway_config, http, read_usage
 
 LIST_PRICES = Path(__file__).parent / "data" / "list_prices.json"
 AT = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -308,3 +314,38 @@ def test_amounts_in_price_files_are_read_as_decimals(tmp_path: Path) -> None:
     table.write_text(json.dumps(data))
     (provider, *_) = pricing.read_price_data(table)
     assert provider.models[2].prices.input_mtok == Decimal("0.075")
+
+
+@pytest.fixture
+def gateway(settings: Settings, tmp_path: Path) -> Iterator[tuple[GatewayThread, StubUpstream]]:
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    try:
+        with StubUpstream() as primary, StubUpstream() as secondary:
+            config = gateway_config(primary, secondary)
+            with GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)) as running:
+                yield running, primary
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+
+
+def test_the_gateway_meters_reasoning_tokens_and_prices_them_streamed_or_not(
+    list_prices: None, gateway: tuple[GatewayThread, StubUpstream], settings: Settings
+) -> None:
+    running, upstream = gateway
+    upstream.reported_usage = {
+        "prompt_tokens": 2006,
+        "completion_tokens": 300,
+        "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 192, "audio_tokens": 0},
+    }
+    chat = {**CHAT, "model": "o3"}
+    assert http(running.url + "/v1/chat/completions", chat)[0] == 200
+    status, _, streamed = http(running.url + "/v1/chat/completions", {**chat, "stream": True})
+    assert status == 200 and b'"usage"' not in streamed
+    events = read_usage(settings.kafka_bootstrap, 2)
+    assert [(e["reasoning_tokens"], e["cached_input_tokens"], e["cost_nanos"]) for e in events] == [
+        (192, 1920, 3_532_000)
+    ] * 2
