@@ -137,6 +137,16 @@ def test_forecast_by_hand(seeded: reports.Ledger) -> None:
     assert report.totals["forecast"] == sum(r["forecast"] for r in report.rows)
 
 
+def test_top_by_service_tier_separates_batch_spend(seeded: reports.Ledger) -> None:
+    batch = row("2026-03-20 10:00", "engineering", "ai_code_review", "gpt-4o", 40 * B, 10)
+    seeded.client.insert(f"{DB}.usage_ledger", [[*batch, "batch"]], column_names=[*LEDGER_COLUMNS, "service_tier"])
+    top = reports.top(seeded, "service_tier", date(2026, 3, 1), date(2026, 3, 31))
+    assert [(r["key"], r["spend"], r["requests"]) for r in top.rows] == [
+        ("standard", 1198 * B + 7, 8),
+        ("batch", 40 * B, 1),
+    ]
+
+
 def test_top_mix_latency_by_hand(seeded: reports.Ledger) -> None:
     top = reports.top(seeded, "feature", date(2026, 3, 1), date(2026, 3, 31), limit=3)
     assert [(r["key"], r["spend"], r["requests"]) for r in top.rows] == [
@@ -182,7 +192,7 @@ def test_rollup_counts_replays_until_rebuilt(seeded: reports.Ledger) -> None:
 
 
 def test_reprice_keeps_old_figures_and_reports_per_team(seeded: reports.Ledger) -> None:
-    def corrected(provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime):
+    def corrected(provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime, detail):
         return inp * 2_000 + out * 8_000, "override:openai/gpt-4o-mini"  # $2/M in, $8/M out
 
     result = reprice(seeded.client, DB, "gpt-4o-mini", date(2026, 3, 1), date(2026, 3, 31), corrected, NOW)

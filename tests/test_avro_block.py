@@ -23,7 +23,7 @@ from spendstream.sink.staging import AvroGroup, Judged, WriterVersion, create_st
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
-(V1,) = history_versions("usage_event")
+V1 = history_versions("usage_event")[0]
 CURRENT = WriterVersion.of("usage_event")
 OLD = WriterVersion.of(V1)
 STAGING = "spendstream.usage_sink_staging"
@@ -264,8 +264,8 @@ def test_strings_clickhouse_keeps_but_fastavro_refuses_are_left_to_python(client
     "damage",
     [
         lambda v: v[:-1],
-        lambda v: v[:-1] + b"\x02",
-        lambda v: v[:-2] + b"\x09\x00",
+        lambda v: v[:-9] + b"\x02" + v[-8:],  # cache_hit, before the 7 detail counts and service_tier (1 byte each)
+        lambda v: v[:-11] + b"\x12" + v[-10:],  # status, before decision_applied and cache_hit
         lambda v: v + b"\x00",
         lambda v: v + b"\x00\x00\x00\x00",
         lambda v: v.replace(b"\x14", b"\x94\x00", 1),

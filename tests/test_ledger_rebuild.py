@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from spendstream.core.events import DETAIL_FIELDS
 from spendstream.core.ledger_spend import SpendQuery, grains, query_spend
 from spendstream.core.policy import parse_policy
 from spendstream.processor.ledger_rebuild import RebuildPlan, fold_snapshot, usage_partition
@@ -63,6 +64,8 @@ def ledger_rows(now: datetime, count: int) -> list[dict[str, Any]]:
                 "status": "ok",
                 "decision_applied": "",
                 "cache_hit": False,
+                **dict.fromkeys(DETAIL_FIELDS, 0),
+                "service_tier": "",
             }
         )
     return rows

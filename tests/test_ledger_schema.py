@@ -82,5 +82,5 @@ def test_notifications_table_agrees_with_the_notifier_and_the_cluster_ddl(ledger
     described = [name for name, *_ in ledger.query("DESCRIBE TABLE spendstream.notifications").result_rows]
     assert described == COLUMNS
     local = (ROOT / "schemas/clickhouse/0015_notifications.sql").read_text()
-    cluster = (ROOT / "infra/clickhouse/cluster/0005_notifications.sql").read_text()
+    cluster = (ROOT / "infra/clickhouse/cluster/0006_notifications.sql").read_text()
     assert _ddl_columns(cluster, "notifications_local") == _ddl_columns(local, "notifications")

@@ -12,7 +12,7 @@ import pytest
 
 from spendstream.core import events
 from spendstream.core.codec import AvroCodec, DecodeError, crc64_avro
-from spendstream.core.schemas import load_schema_json, parsed_schema
+from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
 
 MODELS = {
     "usage_event": events.UsageEvent,
@@ -165,11 +165,53 @@ def test_reader_on_current_schema_decodes_events_written_with_version_1() -> Non
 
 
 def test_current_schema_is_backward_compatible_with_every_older_version() -> None:
-    """Every field added since v1 has a default, so a new reader never fails on old data."""
-    old_fields = {f["name"] for f in load_schema_json("history/usage_event.v1")["fields"]}
-    for field in load_schema_json("usage_event")["fields"]:
-        if field["name"] not in old_fields:
-            assert "default" in field, f"new field {field['name']} needs a default"
+    """Every field added since an older version has a default, so a new reader never fails on old data."""
+    for old in history_versions("usage_event"):
+        old_fields = {f["name"] for f in load_schema_json(old)["fields"]}
+        for field in load_schema_json("usage_event")["fields"]:
+            if field["name"] not in old_fields:
+                assert "default" in field, f"new field {field['name']} needs a default (reading {old})"
+
+
+def _detailed_usage() -> events.UsageEvent:
+    return _sample_usage().model_copy(
+        update={"reasoning_tokens": 100, "cache_write_tokens": 50, "cache_write_1h_tokens": 20, "service_tier": "batch"}
+    )
+
+
+def test_reader_on_current_schema_decodes_events_written_with_version_2() -> None:
+    """Old writer, new reader: an event from an edge on version 2 decodes with the detail fields at their
+    defaults, and prices as it did."""
+    import io
+
+    from spendstream.core.codec import SINGLE_OBJECT_MAGIC, fingerprint
+
+    v2 = "history/usage_event.v2"
+    v2_fields = {f["name"] for f in load_schema_json(v2)["fields"]}
+    old = {k: v for k, v in _detailed_usage().to_avro().items() if k in v2_fields}
+    buf = io.BytesIO()
+    buf.write(SINGLE_OBJECT_MAGIC + fingerprint(v2))
+    fastavro.schemaless_writer(buf, parsed_schema(v2), old)
+    decoded = AvroCodec("usage_event").decode(buf.getvalue())
+    assert {name: decoded[name] for name in events.DETAIL_FIELDS} == dict.fromkeys(events.DETAIL_FIELDS, 0)
+    assert decoded["service_tier"] == "" and decoded["cache_write_tokens"] == 50
+    assert events.UsageEvent.from_avro(decoded).cost_nanos == 6_250_000
+
+
+@pytest.mark.parametrize("old", history_versions("usage_event"))
+def test_readers_on_older_versions_resolve_events_written_with_the_current_schema(old: str) -> None:
+    """New writer, old reader: a reader that still holds an older schema (and learns the writer schema, as
+    through a schema registry) reads the fields it knows and skips the new ones."""
+    import io
+
+    record = _detailed_usage().to_avro()
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, parsed_schema("usage_event"), record)
+    buf.seek(0)
+    read = fastavro.schemaless_reader(buf, parsed_schema("usage_event"), parsed_schema(old))
+    old_fields = [f["name"] for f in load_schema_json(old)["fields"]]
+    assert list(read) == old_fields
+    assert read == {name: record[name] for name in old_fields} | {"event_id": uuid.UUID(record["event_id"])}
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,14 @@ raw_records = st.fixed_dictionaries(
         "status": st.sampled_from(["ok", "error", "blocked"]),
         "decision_applied": st.just(""),
         "cache_hit": st.booleans(),
+        "reasoning_tokens": st.integers(-1, 400),
+        "input_audio_tokens": st.integers(-1, 300),
+        "output_audio_tokens": st.integers(-1, 300),
+        "input_image_tokens": st.integers(-1, 300),
+        "output_image_tokens": st.integers(-1, 300),
+        "cache_write_1h_tokens": st.integers(-1, 300),
+        "web_search_requests": st.integers(-1, 3),
+        "service_tier": st.sampled_from(["", "batch"]),
     }
 )
 
@@ -176,10 +184,8 @@ def test_decoder_rejects_undecodable_bytes_with_the_codec_reason() -> None:
     assert reason_kind("decode", decoded.rejected[1].reason) == "undecodable"
 
 
-def test_decoder_reads_older_schema_versions_through_the_exact_path() -> None:
-    from spendstream.core.schemas import history_versions, load_schema_json
-
-    (old,) = history_versions("usage_event")
+@pytest.mark.parametrize("old", history_versions("usage_event"))
+def test_decoder_reads_older_schema_versions_through_the_exact_path(old: str) -> None:
     old_fields = {f["name"] for f in load_schema_json(old)["fields"]}
     current = event(occurred_at=NOW - timedelta(hours=1), cost_nanos=750).to_avro()
     buf = io.BytesIO(SINGLE_OBJECT_MAGIC + fingerprint(old))
@@ -191,6 +197,7 @@ def test_decoder_reads_older_schema_versions_through_the_exact_path() -> None:
     assert row["event_id"] == current["event_id"]
     assert row["occurred_at"] == micros(NOW - timedelta(hours=1))
     assert row["cost_nanos"] == 750
+    assert row["reasoning_tokens"] == 0 and row["service_tier"] == ""  # fields it did not have: their defaults
 
 
 def test_columns_are_the_records_transposed_in_ledger_order() -> None:
@@ -306,8 +313,9 @@ def ledger_rows(client: Any) -> dict[str, tuple[Any, ...]]:
 
 
 def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings) -> None:
-    """Current and v1 schema, invalid and corrupt values: ledger rows and dead letters as the Python path has them."""
-    (v1,) = history_versions("usage_event")
+    """Current, v1 and v2 schemas, invalid and corrupt values: ledger rows and dead letters as the Python path
+    has them (detail counts, and the rules that fit them inside the token counts, included)."""
+    v1, v2 = history_versions("usage_event")
     now = datetime.now(UTC)
     base = event(occurred_at=now - timedelta(hours=1)).to_avro()
 
@@ -326,6 +334,14 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
             "price_source": "genai-prices:openai/gpt-4o" if i % 2 else "",
             "status": ["ok", "error", "blocked"][i % 3],
             "cache_hit": i % 2 == 1,
+            "output_tokens": 50 + i,
+            "reasoning_tokens": i % 40,
+            "output_audio_tokens": i % 3,
+            "input_audio_tokens": i % 7,
+            "input_image_tokens": i % 5,
+            "cache_write_1h_tokens": (i % 20) // 2,
+            "web_search_requests": i % 2,
+            "service_tier": "batch" if i % 6 == 0 else "",
         }
 
     good = encode_as("usage_event", valid(1))
@@ -334,6 +350,8 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
         readable[f"current-{i}".encode()] = encode_as("usage_event", valid(i))
     for i in range(300, 400):
         readable[f"v1-{i}".encode()] = encode_as(v1, valid(i))
+    for i in range(400, 450):
+        readable[f"v2-{i}".encode()] = encode_as(v2, valid(i))
     invalid = {
         "negative": {"input_tokens": -7},
         "future": {"occurred_at": datetime(2099, 1, 1, 0, 0, 0, 1, tzinfo=UTC)},
@@ -342,6 +360,15 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
         "no_id": {"event_id": ""},
         "upper_id": {"event_id": str(uuid.UUID(int=10**6)).upper()},  # valid, judged by the Python path
         "negative_cost": {"cost_nanos": -1},
+        "negative_detail": {"web_search_requests": -1},
+        "audio_exceeds": {
+            "input_tokens": 12,
+            "cached_input_tokens": 5,
+            "cache_write_tokens": 0,
+            "input_audio_tokens": 8,
+        },
+        "reasoning_exceeds": {"output_tokens": 10, "reasoning_tokens": 8, "output_image_tokens": 3},
+        "hour_exceeds": {"cache_write_tokens": 4, "cache_write_1h_tokens": 5},
     }
     for n, (name, change) in enumerate(invalid.items()):
         readable[name.encode()] = encode_as("usage_event", {**valid(1000 + n), **change})
@@ -364,12 +391,12 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
         producer.produce(USAGE, value, key=key, partition=0)
     assert producer.flush(10) == 0
     want_rows, want_letters = expected(readable)
-    assert len(want_rows) == 401 and len(want_letters) == 10
+    assert len(want_rows) == 451 and len(want_letters) == 14
     with running_sink(settings) as sink:
         wait_until(lambda: sink.stats.inserted == len(want_rows), what="the readable values")
         assert sink.stats.avro_fallbacks == 0
-        unpriced = sum(1 for i in range(400) if i % 5 == 0)  # priced in Python, like the processor prices them
-        assert sink.stats.staged_rows >= 400 - unpriced
+        unpriced = sum(1 for i in range(450) if i % 5 == 0)  # priced in Python, like the processor prices them
+        assert sink.stats.staged_rows >= 450 - unpriced
         for key, value in unreadable.items():
             producer.produce(USAGE, value, key=key, partition=0)
         assert producer.flush(10) == 0

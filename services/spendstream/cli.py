@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "spendstream.analytics.commands",  # report, sql
     "spendstream.analytics.export_commands",  # export
     "spendstream.notifier.commands",  # notifier, notifications
+    "spendstream.analytics.price_commands",  # prices
 )
 
 
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = load_settings()
+        if args.command != "prices" and (settings.price_data_file or settings.price_data_path.exists()):
+            from spendstream.core.pricing import use_configured_price_data  # `prices` reads the file itself
+
+            use_configured_price_data(settings.price_data_file, settings.price_data_path)
         if needs_broker(args, settings):
             require_broker(settings.kafka_client_config())
         code = int(args.handler(args, settings) or 0)

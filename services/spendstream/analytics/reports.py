@@ -35,7 +35,9 @@ from spendstream.core.run_rate import exhaustion_instant
 # across partitions; telling ClickHouse so lets it process partitions independently.
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 
-TOP_DIMENSIONS = ("team", "feature", "user", "customer", "project", "environment", "provider", "model", "org")
+TOP_DIMENSIONS = (
+    "team", "feature", "user", "customer", "project", "environment", "provider", "model", "org", "service_tier",
+)  # fmt: skip
 UNATTRIBUTED = "(unattributed)"
 
 
@@ -445,7 +447,7 @@ def top(ledger: Ledger, by: str, start: date, end: date, limit: int = 10) -> Rep
     out = [
         {
             "rank": i,
-            "key": k or UNATTRIBUTED,
+            "key": k or ("standard" if by == "service_tier" else UNATTRIBUTED),  # batch, flex, priority or standard
             "spend": int(s),
             "share": ratio(int(s), int(total)),
             "requests": int(n),

@@ -17,8 +17,9 @@ from typing import Any
 from spendstream.analytics.report_model import Column, Report
 from spendstream.analytics.rollup import rebuild_spend_daily
 
-# (provider, model, input, output, cached_input, cache_write, at) -> (cost_nanos, price_source)
-Pricer = Callable[[str, str, int, int, int, int, datetime], tuple[int, str]]
+# (provider, model, input, output, cached_input, cache_write, at, detail) -> (cost_nanos, price_source); detail is
+# the row's reasoning/audio/image/1h-cache/web-search counts and service tier (core.pricing.UsageDetail)
+Pricer = Callable[[str, str, int, int, int, int, datetime, Any], tuple[int, str]]
 
 AUDIT_COLUMNS = [
     "reprice_id", "repriced_at", "event_id", "occurred_at", "team", "provider", "model",
@@ -88,6 +89,8 @@ def _reprice_day(
         parameters={"d": day, "m": model},
         settings={"do_not_merge_across_partitions_select_final": 1},
     )
+    from spendstream.core.pricing import detail_of
+
     names = list(found.column_names)
     at = {n: i for i, n in enumerate(names)}
     audit, replaced = [], []
@@ -96,6 +99,7 @@ def _reprice_day(
         new_cost, source = pricer(
             row[at["provider"]], model, row[at["input_tokens"]], row[at["output_tokens"]],
             row[at["cached_input_tokens"]], row[at["cache_write_tokens"]], row[at["occurred_at"]],
+            detail_of(dict(zip(names, row, strict=True))),
         )  # fmt: skip
         old_cost = row[at["cost_nanos"]]
         if old_cost == new_cost and row[at["price_source"]] == source:
@@ -124,8 +128,10 @@ def policy_pricer(price_table: Any = None) -> Pricer:
 
     table = EMPTY_TABLE if price_table is None else price_table
 
-    def price(provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime) -> tuple[int, str]:
-        priced = price_usage(provider, model, inp, out, cached, write, at, table)
+    def price(
+        provider: str, model: str, inp: int, out: int, cached: int, write: int, at: datetime, detail: Any
+    ) -> tuple[int, str]:
+        priced = price_usage(provider, model, inp, out, cached, write, at, table, detail)
         return priced.cost_nanos, priced.source
 
     return price

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     )
     clickhouse_database: str = Field("spendstream", description="Database holding the ledger tables and views.")
     policy: Path | None = Field(None, description="Policy YAML file.")
+    price_data_file: Path | None = Field(
+        None,
+        description="List prices in genai-prices' data format, used instead of the bundled ones (default: "
+        "prices.json in the data directory, which `spendstream prices import` writes, when it exists).",
+    )
     timezone: str = Field("UTC", description="Timezone in which budget periods start and end.")
 
     # -- topics ---------------------------------------------------------------------------
@@ -194,6 +199,10 @@ class Settings(BaseSettings):
     def api_address_path(self) -> Path:
         """Where a running API writes its address and a read token for the CLI of the same data directory."""
         return self.data_dir / "api.json"
+
+    @cached_property
+    def price_data_path(self) -> Path:
+        return self.price_data_file or self.data_dir / "prices.json"
 
     @cached_property
     def spool_path(self) -> Path:

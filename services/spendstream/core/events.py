@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from operator import itemgetter
 from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
@@ -29,6 +30,16 @@ NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_EVENT_TOKENS = 10**11  # per token field of one event; a whole 1 M-token context is 10**6
 MAX_EVENT_COST_NANOS = 10**16  # $10,000,000 per event
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")
+# Counts that refine the four above (modalities, reasoning, cache TTL) or are billed per use (web searches).
+DETAIL_FIELDS = (
+    "reasoning_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "cache_write_1h_tokens",
+    "web_search_requests",
+)
 TokenCount = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_TOKENS)]
 EventCostNanos = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_COST_NANOS)]
 StrictNonNegativeInt64 = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
@@ -120,6 +131,14 @@ class UsageEvent(_AvroModel):
     status: UsageStatus = UsageStatus.ok
     decision_applied: str = ""
     cache_hit: bool = False
+    reasoning_tokens: TokenCount = 0
+    input_audio_tokens: TokenCount = 0
+    output_audio_tokens: TokenCount = 0
+    input_image_tokens: TokenCount = 0
+    output_image_tokens: TokenCount = 0
+    cache_write_1h_tokens: TokenCount = 0
+    web_search_requests: TokenCount = 0
+    service_tier: str = ""
 
     _utc = field_validator("occurred_at")(_as_utc)
 
@@ -189,6 +208,14 @@ class PolicyRecord(_AvroModel):
     published_by: str = ""
 
 
+_DETAIL_OF = itemgetter(*DETAIL_FIELDS)
+_NO_DETAIL = (0,) * len(DETAIL_FIELDS)
+
+
+def _is_token_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_EVENT_TOKENS
+
+
 def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
     """Why a usage record's token counts or cost are not integers within the per-event bounds, or None.
 
@@ -208,11 +235,13 @@ def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
             and 0 <= c <= MAX_EVENT_TOKENS
             and 0 <= w <= MAX_EVENT_TOKENS
             and (cost is None or (type(cost) is int and 0 <= cost <= MAX_EVENT_COST_NANOS))
+            and ((detail := _DETAIL_OF(record)) == _NO_DETAIL or all(_is_token_count(d) for d in detail))
         ):
             return None
     except (KeyError, TypeError):
         pass
-    for name, limit in (*((f, MAX_EVENT_TOKENS) for f in TOKEN_FIELDS), ("cost_nanos", MAX_EVENT_COST_NANOS)):
+    counts = (*TOKEN_FIELDS, *DETAIL_FIELDS)
+    for name, limit in (*((f, MAX_EVENT_TOKENS) for f in counts), ("cost_nanos", MAX_EVENT_COST_NANOS)):
         value = record.get(name, 0)
         if value is None and name == "cost_nanos":
             continue
@@ -222,6 +251,25 @@ def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
             return f"{name} is negative: {value}"
         if value > limit:
             return f"{name} {value} exceeds the limit of {limit} per event"
+    return None
+
+
+def detail_subset_problem(record: Mapping[str, Any]) -> str | None:
+    """Why the detail counts do not fit inside the four token counts they refine, or None.
+
+    Audio and image prompt tokens are the uncached ones, so they share the prompt with cached reads and cache
+    writes; reasoning, audio and image output tokens share the output; 1-hour cache writes are cache writes.
+    """
+    get = record.get
+    inputs = get("cached_input_tokens", 0) + get("cache_write_tokens", 0)
+    if inputs + get("input_audio_tokens", 0) + get("input_image_tokens", 0) > get("input_tokens", 0):
+        return "cached, cache write, audio and image input tokens exceed input_tokens"
+    if get("reasoning_tokens", 0) + get("output_audio_tokens", 0) + get("output_image_tokens", 0) > get(
+        "output_tokens", 0
+    ):
+        return "reasoning, audio and image output tokens exceed output_tokens"
+    if get("cache_write_1h_tokens", 0) > get("cache_write_tokens", 0):
+        return "cache_write_1h_tokens exceed cache_write_tokens"
     return None
 
 
@@ -242,11 +290,17 @@ def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew:
     for name in ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "latency_ms"):
         if record.get(name, 0) < 0:
             return f"{name} is negative: {record[name]}"
+    for name in DETAIL_FIELDS:
+        if record.get(name, 0) < 0:
+            return f"{name} is negative: {record[name]}"
     cost = record.get("cost_nanos")
     if cost is not None and cost < 0:
         return f"cost_nanos is negative: {cost}"
     if record.get("cached_input_tokens", 0) + record.get("cache_write_tokens", 0) > record.get("input_tokens", 0):
         return "cached_input_tokens + cache_write_tokens exceed input_tokens"
+    subset = detail_subset_problem(record)
+    if subset:
+        return subset
     occurred_at = record.get("occurred_at")
     if occurred_at is None:
         return "missing occurred_at"

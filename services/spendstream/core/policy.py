@@ -203,8 +203,19 @@ class SpikeRule(_Model):
         return self
 
 
+class LongContextRow(_Model):
+    """The rates of every token of a call whose prompt exceeds ``above_input_tokens`` (USD per million)."""
+
+    above_input_tokens: int = Field(gt=0)
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    cache_read_per_mtok: Decimal | None = Field(None, ge=0)
+    cache_write_per_mtok: Decimal | None = Field(None, ge=0)
+
+
 class PriceRow(_Model):
-    """USD per million tokens as Decimal strings; cache prices default to the input price."""
+    """USD per million tokens as Decimal strings; cache prices default to the input price, the 1-hour cache write
+    price to the cache write price, audio and image prices to the input or output price, reasoning to output."""
 
     provider: str = "*"
     model: str = "*"
@@ -212,11 +223,40 @@ class PriceRow(_Model):
     output_per_mtok: Decimal = Field(ge=0)
     cache_read_per_mtok: Decimal | None = Field(None, ge=0)
     cache_write_per_mtok: Decimal | None = Field(None, ge=0)
+    cache_write_1h_per_mtok: Decimal | None = Field(None, ge=0)
+    reasoning_per_mtok: Decimal | None = Field(None, ge=0)
+    input_audio_per_mtok: Decimal | None = Field(None, ge=0)
+    output_audio_per_mtok: Decimal | None = Field(None, ge=0)
+    input_image_per_mtok: Decimal | None = Field(None, ge=0)
+    output_image_per_mtok: Decimal | None = Field(None, ge=0)
+    per_request_usd: Decimal = Field(Decimal(0), ge=0)
+    web_search_per_1000_usd: Decimal = Field(Decimal(0), ge=0)
+    long_context: LongContextRow | None = None
+    batch_multiplier: Decimal | None = Field(None, ge=0, le=1)
     effective_from: date | datetime | None = None
     effective_to: date | datetime | None = None
 
     def rates(self) -> Rates:
-        return Rates(self.input_per_mtok, self.output_per_mtok, self.cache_read_per_mtok, self.cache_write_per_mtok)
+        long = self.long_context
+        return Rates(
+            self.input_per_mtok,
+            self.output_per_mtok,
+            self.cache_read_per_mtok,
+            self.cache_write_per_mtok,
+            self.cache_write_1h_per_mtok,
+            self.reasoning_per_mtok,
+            self.input_audio_per_mtok,
+            self.output_audio_per_mtok,
+            self.input_image_per_mtok,
+            self.output_image_per_mtok,
+            self.per_request_usd,
+            self.web_search_per_1000_usd,
+            long.above_input_tokens if long is not None else None,
+            Rates(long.input_per_mtok, long.output_per_mtok, long.cache_read_per_mtok, long.cache_write_per_mtok)
+            if long is not None
+            else None,
+            self.batch_multiplier,
+        )
 
 
 class Pricing(_Model):

@@ -5,8 +5,11 @@ API (shared by the gateway, which prices requests, and the processor, which pric
 - ``normalise_usage(provider, raw_usage) -> NormalisedUsage(input_tokens, cached_read, cache_write, output_tokens)``
   turns a provider's usage block into spendstream's convention: ``input_tokens`` INCLUDES cached reads and
   cache writes (as in ``UsageEvent`` and genai-prices' ``Usage``), so nothing is billed twice or for free.
+- ``usage_detail(provider, raw_usage, usage) -> UsageDetail``: what the block says beyond the four counts
+  (reasoning, audio and image tokens, 1-hour cache writes, web searches, the service tier).
 - ``price_usage(provider, model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, at,
-  overrides) -> PriceResult(cost_nanos, source, flagged_unknown)``.
+  overrides, detail) -> PriceResult(cost_nanos, source, flagged_unknown)``: each unit of the call in one of
+  twelve price classes (``_CLASSES``), at the long-context tier its input reaches and the tier's price list.
 - ``PriceTable``: the user's override rows (negotiated rates, self-hosted models priced by GPU time), what to do
   with an unknown model (``"default_price"``: price it at ``default_price`` and flag it, or ``"reject"``: raise
   ``UnknownModelError`` so the caller sends the event to the DLQ), and a content ``version``.
@@ -16,21 +19,28 @@ of millions of events sums to about zero instead of drifting one way), with one 
 cost is positive is never recorded below 1 nano, so a paid call never looks free. A 10-token call at
 $0.075/M is exactly 750 nanos; no rounding happens at all for prices with at most 3 decimals per million tokens.
 
-Speed: genai-prices costs ~70 us per lookup, so the per-token rates of a (provider, model, price version,
-minute) are resolved once and memoised; pricing a call is then a few Decimal multiplications.
+Speed: genai-prices costs ~70 us per lookup, so the per-unit rates of a (provider, model, price version,
+minute, service tier) are resolved once (one genai-prices call per class and long-context tier) and memoised;
+pricing a call is then a few integer (or Decimal) multiplications.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, calc_price, data_snapshot
+from genai_prices.types import ModelPrice, TieredPrices
+
+from spendstream.core.config import ConfigError
+from spendstream.core.providers import NO_DETAIL, NormalisedUsage, UsageDetail, dialect_for
 
 NANOS_PER_USD = 1_000_000_000
 _NANOS_PER_TOKEN_PER_USD_PER_MTOK = Decimal(NANOS_PER_USD) / Decimal(1_000_000)  # = 1000
@@ -48,15 +58,6 @@ class CostOverflowError(ValueError):
     """The priced cost does not fit the ledger's Int64 nano-USD (absurd token counts): the caller dead-letters it."""
 
 
-class NormalisedUsage(NamedTuple):
-    """Token counts in spendstream's convention: ``input_tokens`` includes ``cached_read`` and ``cache_write``."""
-
-    input_tokens: int
-    cached_read: int
-    cache_write: int
-    output_tokens: int
-
-
 class PriceResult(NamedTuple):
     cost_nanos: int
     source: str  # "override:<provider>/<model>", "genai-prices:<provider>/<model id>" or "default"
@@ -65,12 +66,31 @@ class PriceResult(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """USD per million tokens, as Decimals (never floats). ``None`` cache rates fall back to the input rate."""
+    """USD per million tokens, as Decimals (never floats).
+
+    ``None`` rates fall back to their parent's: cache reads and writes, audio and image input to the input
+    rate, 1-hour cache writes to the cache write rate, reasoning and audio and image output to the output rate.
+    ``per_request`` (USD a call) and ``web_search_per_1000`` (USD per 1000 searches) price what is not tokens.
+    Above ``long_context_above`` input tokens, every token of the call is priced at ``long_context`` instead
+    (its token rates; the per-request and per-search prices and the batch multiplier stay this row's);
+    a batch call costs ``batch_multiplier`` times the rates (``None``: the batch API is not discounted).
+    """
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     cache_read_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
+    cache_write_1h_per_mtok: Decimal | None = None
+    reasoning_per_mtok: Decimal | None = None
+    input_audio_per_mtok: Decimal | None = None
+    output_audio_per_mtok: Decimal | None = None
+    input_image_per_mtok: Decimal | None = None
+    output_image_per_mtok: Decimal | None = None
+    per_request: Decimal = Decimal(0)
+    web_search_per_1000: Decimal = Decimal(0)
+    long_context_above: int | None = None
+    long_context: Rates | None = None
+    batch_multiplier: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +142,33 @@ class PriceTable:
         return None
 
 
+_EXTRA_RATES = (
+    "cache_write_1h_per_mtok",
+    "reasoning_per_mtok",
+    "input_audio_per_mtok",
+    "output_audio_per_mtok",
+    "input_image_per_mtok",
+    "output_image_per_mtok",
+    "per_request",
+    "web_search_per_1000",
+    "long_context_above",
+    "long_context",
+    "batch_multiplier",
+)
+
+
 def _table_hash(table: PriceTable) -> str:
-    def rates(r: Rates) -> list[str | None]:
-        return [
+    def rates(r: Rates) -> list[Any]:
+        values: list[Any] = [
             str(v) if v is not None else None
             for v in (r.input_per_mtok, r.output_per_mtok, r.cache_read_per_mtok, r.cache_write_per_mtok)
         ]
+        extra = {
+            name: getattr(r, name) for name in _EXTRA_RATES if getattr(r, name) not in (None, Decimal(0))
+        }  # only what is set, so a table without them keeps its version
+        if extra:
+            values.append({name: rates(v) if isinstance(v, Rates) else str(v) for name, v in extra.items()})
+        return values
 
     doc = {
         "unknown_model": table.unknown_model,
@@ -144,142 +185,294 @@ EMPTY_TABLE = PriceTable()
 
 # -- usage normalisation ------------------------------------------------------------------------------------
 
-_ANTHROPIC_STYLE = frozenset({"anthropic", "bedrock-anthropic", "anthropic-vertex"})
-_GOOGLE_STYLE = frozenset({"google", "google-gla", "google-vertex", "gemini", "vertex"})
-
-
-def _int(raw: Mapping[str, Any], *path: str) -> int:
-    value: Any = raw
-    for key in path:
-        if not isinstance(value, Mapping):
-            return 0
-        value = value.get(key)
-    if value is None:
-        return 0
-    count = int(value)
-    if count < 0:
-        raise ValueError(f"negative token count at {'.'.join(path)}: {count}")
-    return count
-
 
 def normalise_usage(provider: str, raw_usage: Mapping[str, Any]) -> NormalisedUsage:
     """Map a provider's usage block to (input incl. cached, cached_read, cache_write, output).
 
-    - OpenAI and OpenAI-compatible APIs: ``prompt_tokens`` (or Responses API ``input_tokens``) already include
-      ``prompt_tokens_details.cached_tokens``.
-    - Anthropic: ``input_tokens`` EXCLUDES ``cache_read_input_tokens`` and ``cache_creation_input_tokens``,
-      so they are added.
-    - Google Gemini: ``promptTokenCount`` includes ``cachedContentTokenCount``; thinking tokens
-      (``thoughtsTokenCount``) are billed as output.
+    The provider's dialect (``spendstream.core.providers``) knows its block: OpenAI counts cached reads inside
+    the prompt, Anthropic outside it, Gemini bills thinking tokens as output.
     """
-    p = provider.lower()
-    if p in _ANTHROPIC_STYLE:
-        read = _int(raw_usage, "cache_read_input_tokens")
-        write = _int(raw_usage, "cache_creation_input_tokens")
-        return NormalisedUsage(
-            _int(raw_usage, "input_tokens") + read + write, read, write, _int(raw_usage, "output_tokens")
-        )
-    if p in _GOOGLE_STYLE and "promptTokenCount" in raw_usage:
-        output = _int(raw_usage, "candidatesTokenCount") + _int(raw_usage, "thoughtsTokenCount")
-        return NormalisedUsage(
-            _int(raw_usage, "promptTokenCount"), _int(raw_usage, "cachedContentTokenCount"), 0, output
-        )
-    if "prompt_tokens" in raw_usage:  # chat completions
-        return NormalisedUsage(
-            _int(raw_usage, "prompt_tokens"),
-            _int(raw_usage, "prompt_tokens_details", "cached_tokens"),
-            0,
-            _int(raw_usage, "completion_tokens"),
-        )
-    # Responses API shape (input_tokens includes input_tokens_details.cached_tokens)
-    return NormalisedUsage(
-        _int(raw_usage, "input_tokens"),
-        _int(raw_usage, "input_tokens_details", "cached_tokens"),
-        0,
-        _int(raw_usage, "output_tokens"),
+    return dialect_for(provider).usage(raw_usage)
+
+
+def usage_detail(provider: str, raw_usage: Mapping[str, Any], usage: NormalisedUsage) -> UsageDetail:
+    """What the usage block says beyond the four counts, fitted inside ``usage`` (the provider's own categories
+    may overlap: an audio prompt token read from the cache is priced as a cache read)."""
+    d = dialect_for(provider).detail(raw_usage)
+    free_input = usage.input_tokens - usage.cached_read - usage.cache_write
+    audio_in = min(d.input_audio_tokens, free_input)
+    image_in = min(d.input_image_tokens, free_input - audio_in)
+    reasoning = min(d.reasoning_tokens, usage.output_tokens)
+    audio_out = min(d.output_audio_tokens, usage.output_tokens - reasoning)
+    image_out = min(d.output_image_tokens, usage.output_tokens - reasoning - audio_out)
+    written_1h = min(d.cache_write_1h_tokens, usage.cache_write)
+    return d._replace(
+        reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in,
+        output_audio_tokens=audio_out,
+        input_image_tokens=image_in,
+        output_image_tokens=image_out,
+        cache_write_1h_tokens=written_1h,
     )
 
 
 # -- pricing -------------------------------------------------------------------------------------------------
 
+# Price classes, in the order of a _Linear's rates: every unit a call is billed for is in exactly one of them.
+_CLASSES = (
+    "per_call",
+    "uncached",  # text (and any other) prompt tokens not counted in another input class
+    "cache_read",
+    "cache_write",  # written with the default (5-minute) TTL
+    "cache_write_1h",
+    "input_audio",
+    "input_image",
+    "output",  # text output that is not reasoning
+    "reasoning",
+    "output_audio",
+    "output_image",
+    "web_search",  # per search
+)
+# genai-prices usage of one million units of each class (with the parent counts it is part of).
+_M = _MTOK
+_PROBES: dict[str, dict[str, int]] = {
+    "uncached": {"input_tokens": _M},
+    "cache_read": {"input_tokens": _M, "cache_read_tokens": _M},
+    "cache_write": {"input_tokens": _M, "cache_write_tokens": _M},
+    "cache_write_1h": {"input_tokens": _M, "cache_write_tokens": _M, "cache_write_1h_tokens": _M},
+    "input_audio": {"input_tokens": _M, "input_audio_tokens": _M},
+    "input_image": {"input_tokens": _M, "input_image_tokens": _M},
+    "output": {"output_tokens": _M},
+    "reasoning": {"output_tokens": _M, "output_reasoning_tokens": _M},
+    "output_audio": {"output_tokens": _M, "output_audio_tokens": _M},
+    "output_image": {"output_tokens": _M, "output_image_tokens": _M},
+    "web_search": {"web_searches": _M},
+}
+# A class genai-prices cannot price on its own (a price table without it) costs what its parent class costs.
+PARENT_CLASS = {
+    "cache_read": "uncached",
+    "cache_write": "uncached",
+    "cache_write_1h": "cache_write",
+    "input_audio": "uncached",
+    "input_image": "uncached",
+    "reasoning": "output",
+    "output_audio": "output",
+    "output_image": "output",
+}
+
 
 class _Linear(NamedTuple):
-    """Nano-USD per token for each token class plus a per-call constant (all exact Decimals)."""
+    """Nano-USD per unit of each price class (``_CLASSES``), as exact Decimals, and where they come from."""
 
-    per_call: Decimal
-    uncached: Decimal
-    cache_read: Decimal
-    cache_write: Decimal
-    output: Decimal
+    rates: tuple[Decimal, ...]
     source: str
     flagged: bool
-    # The same five as ints when every one is a whole number of nanos (most list prices: $0.15/M is 150 nanos a
+    # The same rates as ints when every one is a whole number of nanos (most list prices: $0.15/M is 150 nanos a
     # token), so a call is priced exactly in integer arithmetic, without Decimal or rounding.
-    whole: tuple[int, int, int, int, int] | None
+    whole: tuple[int, ...] | None
 
 
-def _linear(
-    per_call: Decimal, uncached: Decimal, read: Decimal, write: Decimal, output: Decimal, source: str, flagged: bool
-) -> _Linear:
-    rates = (per_call, uncached, read, write, output)
-    whole = tuple(int(r) for r in rates) if all(r == r.to_integral_value() for r in rates) else None
-    return _Linear(per_call, uncached, read, write, output, source, flagged, whole)  # type: ignore[arg-type]
+class _Tiered(NamedTuple):
+    """Long-context prices: ``linears[i]`` applies to a whole call whose input tokens exceed ``above[i]``."""
+
+    above: tuple[int, ...]  # ascending; the first is -1 (every call)
+    linears: tuple[_Linear, ...]
+
+    def for_input(self, input_tokens: int) -> _Linear:
+        chosen = self.linears[0]
+        for above, linear in zip(self.above, self.linears, strict=True):
+            if input_tokens > above:
+                chosen = linear
+        return chosen
 
 
-def _linear_from_rates(rates: Rates, source: str, flagged: bool) -> _Linear:
+def _linear(rates: dict[str, Decimal], source: str, flagged: bool) -> _Linear:
+    ordered = tuple(rates[name] for name in _CLASSES)
+    whole = tuple(int(r) for r in ordered) if all(r == r.to_integral_value() for r in ordered) else None
+    return _Linear(ordered, source, flagged, whole)
+
+
+def _linear_from_rates(rates: Rates, source: str, flagged: bool, service_tier: str = "") -> _Linear | _Tiered:
+    """A price-table row as per-unit nano-USD rates (with its long-context tier, and its batch multiplier)."""
     k = _NANOS_PER_TOKEN_PER_USD_PER_MTOK
-    read = rates.cache_read_per_mtok if rates.cache_read_per_mtok is not None else rates.input_per_mtok
-    write = rates.cache_write_per_mtok if rates.cache_write_per_mtok is not None else rates.input_per_mtok
-    return _linear(
-        Decimal(0), rates.input_per_mtok * k, read * k, write * k, rates.output_per_mtok * k, source, flagged
+    multiplier = rates.batch_multiplier if service_tier == "batch" and rates.batch_multiplier is not None else 1
+
+    def fallback(value: Decimal | None, default: Decimal) -> Decimal:
+        return value if value is not None else default
+
+    write = fallback(rates.cache_write_per_mtok, rates.input_per_mtok)
+    per_mtok = {
+        "per_call": rates.per_request * _MTOK,
+        "uncached": rates.input_per_mtok,
+        "cache_read": fallback(rates.cache_read_per_mtok, rates.input_per_mtok),
+        "cache_write": write,
+        "cache_write_1h": fallback(rates.cache_write_1h_per_mtok, write),
+        "input_audio": fallback(rates.input_audio_per_mtok, rates.input_per_mtok),
+        "input_image": fallback(rates.input_image_per_mtok, rates.input_per_mtok),
+        "output": rates.output_per_mtok,
+        "reasoning": fallback(rates.reasoning_per_mtok, rates.output_per_mtok),
+        "output_audio": fallback(rates.output_audio_per_mtok, rates.output_per_mtok),
+        "output_image": fallback(rates.output_image_per_mtok, rates.output_per_mtok),
+        "web_search": rates.web_search_per_1000 * _MTOK / 1000,
+    }
+    base = _linear({name: value * k * multiplier for name, value in per_mtok.items()}, source, flagged)
+    if rates.long_context is None or rates.long_context_above is None:
+        return base
+    # The long-context row prices tokens; what is not tokens and the batch multiplier are the row's own.
+    long = replace(
+        rates.long_context,
+        per_request=rates.per_request,
+        web_search_per_1000=rates.web_search_per_1000,
+        batch_multiplier=rates.batch_multiplier,
+        long_context=None,
     )
+    above = _linear_from_rates(long, source, flagged, service_tier)
+    assert isinstance(above, _Linear)  # a long-context tier has no tier of its own (the policy says so)
+    return _Tiered((-1, rates.long_context_above), (base, above))
 
 
 def _usd_to_nanos_exact(usd: Decimal) -> Decimal:
     return usd * NANOS_PER_USD
 
 
-def _genai_rates(provider: str, model: str, at: datetime) -> _Linear | Any | None:
-    """Linear per-token rates from genai-prices, or the ModelPrice itself when its prices are tiered."""
+def price_context(service_tier: str) -> dict[str, str] | None:
+    """genai-prices' request context for a service tier: the batch API, or a provider tier (flex, priority)."""
+    if not service_tier:
+        return None
+    return {"processing": "batch"} if service_tier == "batch" else {"service_tier": service_tier}
+
+
+def _flat_prices(model_price: Any, above: int | None) -> Any:
+    """``model_price`` with each tiered price replaced by the price of a prompt larger than ``above`` tokens."""
+    flat: dict[str, Any] = {}
+    for key, value in model_price.__dict__.items():
+        if isinstance(value, TieredPrices):
+            value = next(
+                (tier.price for tier in reversed(value.tiers) if above is not None and tier.start <= above), value.base
+            )
+        flat[key] = value
+    return ModelPrice(**flat)
+
+
+def _probed(model_price: Any, source: str) -> _Linear:
+    """Per-unit rates of a price without tiers, measured by pricing one million units of each class."""
+
+    def total(**units: int) -> Decimal:
+        return _usd_to_nanos_exact(model_price.calc_price(Usage(**units))["total_price"])
+
+    base = total(input_tokens=0, output_tokens=0)
+    rates = {"per_call": base}
+    for name in _CLASSES[1:]:
+        try:
+            rates[name] = (total(**_PROBES[name]) - base) / _MTOK
+        except ValueError:  # the price data cannot price this class on its own: it costs what its parent costs
+            rates[name] = rates[PARENT_CLASS[name]]
+    return _linear(rates, source, False)
+
+
+def _genai_rates(provider: str, model: str, at: datetime, service_tier: str = "") -> _Linear | _Tiered | None:
+    """Per-unit rates from genai-prices (one set per long-context tier), or None for a model it does not know."""
     try:
         calc = calc_price(
-            Usage(input_tokens=0, output_tokens=0), model, provider_id=provider, genai_request_timestamp=at
+            Usage(input_tokens=0, output_tokens=0),
+            model,
+            provider_id=provider,
+            genai_request_timestamp=at,
+            price_context=price_context(service_tier),
         )
     except LookupError:
         return None
     mp = calc.model_price
-    source = f"genai-prices:{calc.provider.id}/{calc.model.id}"
-    token_prices = [
-        getattr(mp, name, None) for name in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
-    ]
-    if any(v is not None and not isinstance(v, Decimal) for v in token_prices):
-        return (mp, source)  # tiered: priced per call by genai-prices itself
-
-    def total(**tokens: int) -> Decimal:
-        return _usd_to_nanos_exact(mp.calc_price(Usage(**tokens))["total_price"])
-
-    base = total(input_tokens=0, output_tokens=0)
-    uncached = (total(input_tokens=_MTOK) - base) / _MTOK
-    read = (total(input_tokens=_MTOK, cache_read_tokens=_MTOK) - base) / _MTOK
-    write = (total(input_tokens=_MTOK, cache_write_tokens=_MTOK) - base) / _MTOK
-    output = (total(input_tokens=0, output_tokens=_MTOK) - base) / _MTOK
-    return _linear(base, uncached, read, write, output, source, False)
+    source = f"genai-prices:{calc.provider.id}/{calc.model.id}" + (f"+{service_tier}" if service_tier else "")
+    starts = sorted(
+        {tier.start for value in mp.__dict__.values() if isinstance(value, TieredPrices) for tier in value.tiers}
+    )
+    if not starts:
+        return _probed(mp, source)
+    return _Tiered((-1, *starts), tuple(_probed(_flat_prices(mp, above), source) for above in (None, *starts)))
 
 
-_MEMO: dict[tuple[str, str, int, str], _Linear | tuple[Any, str]] = {}
+_MEMO: dict[tuple[str, str, int, str, str], _Linear | _Tiered] = {}
 _MEMO_MAX = 65_536
 
 
-def _resolve(provider: str, model: str, minute: datetime, table: PriceTable) -> _Linear | tuple[Any, str]:
+def _resolve(provider: str, model: str, minute: datetime, table: PriceTable, service_tier: str) -> _Linear | _Tiered:
     row = table.override_for(provider, model, minute)
     if row is not None:
-        return _linear_from_rates(row.rates, f"override:{row.provider}/{row.model}", False)
-    found = _genai_rates(provider, model, minute)
+        return _linear_from_rates(row.rates, f"override:{row.provider}/{row.model}", False, service_tier)
+    found = _genai_rates(provider, model, minute, service_tier)
     if found is not None:
         return found
     if table.unknown_model == "reject":
         raise UnknownModelError(f"no price for provider={provider!r} model={model!r} and unknown_model=reject")
-    return _linear_from_rates(table.default_price, "default", True)
+    return _linear_from_rates(table.default_price, "default", True, service_tier)
+
+
+# -- list price data ----------------------------------------------------------------------------------------
+
+
+def read_price_data(path: Path) -> list[Any]:
+    """The providers of a price file in genai-prices' data format (its ``data.json``: a JSON list of providers,
+    each with its models and their prices), validated; ``ValueError`` says what is wrong with it."""
+    from genai_prices.types import _providers_from_raw  # what genai-prices' own updater parses data.json with
+
+    try:
+        raw = json.loads(path.read_bytes(), parse_float=Decimal)  # prices stay exact: 0.075 is not a float
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{path}: expected genai-prices data: a JSON list of providers")
+    try:
+        return _providers_from_raw(raw)
+    except ValueError as exc:  # pydantic's ValidationError names the provider, model and field
+        raise ValueError(f"{path}: not genai-prices data: {str(exc)[:2000]}") from None
+
+
+def use_price_data(path: Path) -> int:
+    """Price with the list prices of ``path`` from now on (overrides still win); returns how many models it has."""
+    providers = read_price_data(path)
+    data_snapshot.set_custom_snapshot(data_snapshot.DataSnapshot(providers=providers, from_auto_update=False))
+    _MEMO.clear()
+    return sum(len(provider.models) for provider in providers)
+
+
+def use_configured_price_data(price_data_file: Path | None, default_path: Path) -> None:
+    """At start: the configured price file (``SPENDSTREAM_PRICE_DATA_FILE``, which must exist), else the one
+    ``spendstream prices import`` left in the data directory, else genai-prices' bundled data."""
+    path = price_data_file or default_path
+    if price_data_file is None and not default_path.exists():
+        return
+    try:
+        use_price_data(path)
+    except ValueError as exc:
+        raise ConfigError(f"price_data_file: {exc}") from None
+
+
+class PriceSchedule(NamedTuple):
+    """Nano-USD per unit of every price class, per long-context tier (``above`` -1: every call)."""
+
+    source: str
+    flagged_unknown: bool
+    tiers: tuple[tuple[int, dict[str, Decimal]], ...]
+
+
+def price_schedule(
+    provider: str, model: str, at: datetime, table: PriceTable = EMPTY_TABLE, service_tier: str = ""
+) -> PriceSchedule:
+    """What ``price_usage`` charges for ``model`` at ``at``: the rate of each class, for ``spendstream prices show``."""
+    resolved = _resolve(provider, model, at, table, service_tier)
+    tiers = resolved if isinstance(resolved, _Tiered) else _Tiered((-1,), (resolved,))
+    first = tiers.linears[0]
+    return PriceSchedule(
+        first.source,
+        first.flagged,
+        tuple(
+            (above, dict(zip(_CLASSES, linear.rates, strict=True)))
+            for above, linear in zip(tiers.above, tiers.linears, strict=True)
+        ),
+    )
 
 
 def to_nanos(exact_nanos: Decimal) -> int:
@@ -304,9 +497,12 @@ def price_usage(
     cache_write_tokens: int = 0,
     at: datetime | None = None,
     overrides: PriceTable = EMPTY_TABLE,
+    detail: UsageDetail = NO_DETAIL,
 ) -> PriceResult:
     """Cost of one call. ``input_tokens`` includes ``cached_input_tokens`` and ``cache_write_tokens``.
 
+    ``detail`` refines the counts (reasoning, audio and image tokens, 1-hour cache writes, web searches) and
+    names the service tier (batch, flex, priority); every detail count is a subset of a count above.
     Raises ``UnknownModelError`` only when the table says ``unknown_model: reject``; otherwise an unknown model
     is priced at the table's default rates and flagged, never at $0. Raises ``CostOverflowError`` when the cost
     exceeds Int64 nano-USD (what the ledger and every total can hold).
@@ -319,44 +515,64 @@ def price_usage(
             f"cached_input_tokens ({cached_input_tokens}) + cache_write_tokens ({cache_write_tokens}) "
             f"exceed input_tokens ({input_tokens})"
         )
-    # Memoised per (provider, model, minute, table version); the minute covers genai-prices' time-of-day prices.
-    # The key holds the minute as a number: building the datetime costs more than the rest of a memoised call.
+    # Memoised per (provider, model, minute, table version, tier); the minute covers genai-prices' time-of-day
+    # prices. The key holds the minute as a number: building the datetime costs more than the rest of a call.
     at = at or datetime.now(UTC)
-    key = (provider, model, int(at.timestamp() // 60), overrides.version)
+    tier = detail.service_tier
+    key = (provider, model, int(at.timestamp() // 60), overrides.version, tier)
     resolved = _MEMO.get(key)
     if resolved is None:
-        resolved = _resolve(provider, model, at.replace(second=0, microsecond=0), overrides)
+        resolved = _resolve(provider, model, at.replace(second=0, microsecond=0), overrides, tier)
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.clear()
         _MEMO[key] = resolved
-    if isinstance(resolved, _Linear):
-        if resolved.whole is not None:
-            per_call, per_uncached, per_read, per_write, per_output = resolved.whole
+    linear = resolved if isinstance(resolved, _Linear) else resolved.for_input(input_tokens)
+    if detail is NO_DETAIL or detail == NO_DETAIL:
+        whole = linear.whole
+        if whole is not None:  # _CLASSES order: per call, uncached, cache read, cache write, ..., output (7)
             cost = (
-                per_call
-                + uncached * per_uncached
-                + cached_input_tokens * per_read
-                + cache_write_tokens * per_write
-                + output_tokens * per_output
+                whole[0]
+                + uncached * whole[1]
+                + cached_input_tokens * whole[2]
+                + cache_write_tokens * whole[3]
+                + output_tokens * whole[7]
             )
-            return PriceResult(_bounded(cost, provider, model), resolved.source, resolved.flagged)
-        exact = (
-            resolved.per_call
-            + uncached * resolved.uncached
-            + cached_input_tokens * resolved.cache_read
-            + cache_write_tokens * resolved.cache_write
-            + output_tokens * resolved.output
-        )
-        return PriceResult(_bounded(to_nanos(exact), provider, model), resolved.source, resolved.flagged)
-    model_price, source = resolved
-    usage = Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cache_read_tokens=cached_input_tokens,
-        cache_write_tokens=cache_write_tokens,
+            return PriceResult(_bounded(cost, provider, model), linear.source, linear.flagged)
+        units: tuple[int, ...] = (1, uncached, cached_input_tokens, cache_write_tokens, 0, 0, 0, output_tokens)
+    else:
+        units = _detailed_units(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, detail)
+    if linear.whole is not None:
+        cost = sum(map(operator.mul, units, linear.whole))
+    else:
+        cost = to_nanos(sum(map(operator.mul, units, linear.rates), Decimal(0)))
+    return PriceResult(_bounded(cost, provider, model), linear.source, linear.flagged)
+
+
+def _detailed_units(
+    input_tokens: int, output_tokens: int, cached: int, written: int, detail: UsageDetail
+) -> tuple[int, ...]:
+    """Units of each price class (``_CLASSES`` order) of a call with detail counts; each unit in one class."""
+    if min(detail[:7]) < 0:
+        raise ValueError(f"detail counts must not be negative: {detail}")
+    text_input = input_tokens - cached - written - detail.input_audio_tokens - detail.input_image_tokens
+    text_output = output_tokens - detail.reasoning_tokens - detail.output_audio_tokens - detail.output_image_tokens
+    written_5m = written - detail.cache_write_1h_tokens
+    if min(text_input, text_output, written_5m) < 0:
+        raise ValueError(f"detail counts exceed the token counts they are part of: {detail}")
+    return (
+        1,
+        text_input,
+        cached,
+        written_5m,
+        detail.cache_write_1h_tokens,
+        detail.input_audio_tokens,
+        detail.input_image_tokens,
+        text_output,
+        detail.reasoning_tokens,
+        detail.output_audio_tokens,
+        detail.output_image_tokens,
+        detail.web_search_requests,
     )
-    cost = to_nanos(_usd_to_nanos_exact(model_price.calc_price(usage)["total_price"]))
-    return PriceResult(_bounded(cost, provider, model), source, False)
 
 
 def _bounded(cost_nanos: int, provider: str, model: str) -> int:
@@ -366,6 +582,20 @@ def _bounded(cost_nanos: int, provider: str, model: str) -> int:
             f"nano-USD bound ({INT64_MAX}); token counts are implausible"
         )
     return cost_nanos
+
+
+def detail_of(record: Mapping[str, Any]) -> UsageDetail:
+    """The detail counts of a UsageEvent record (an event written before they existed has none)."""
+    return UsageDetail(
+        record.get("reasoning_tokens", 0),
+        record.get("input_audio_tokens", 0),
+        record.get("output_audio_tokens", 0),
+        record.get("input_image_tokens", 0),
+        record.get("output_image_tokens", 0),
+        record.get("cache_write_1h_tokens", 0),
+        record.get("web_search_requests", 0),
+        record.get("service_tier", ""),
+    )
 
 
 def price_record(record: Mapping[str, Any], at: datetime, table: PriceTable = EMPTY_TABLE) -> PriceResult:
@@ -384,4 +614,5 @@ def price_record(record: Mapping[str, Any], at: datetime, table: PriceTable = EM
         record["cache_write_tokens"],
         at,
         table,
+        detail_of(record),
     )

@@ -9,11 +9,13 @@ from typing import Any
 from spendstream.core.events import MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent, UsageStatus
 from spendstream.core.pricing import (
     EMPTY_TABLE,
+    NO_DETAIL,
     CostOverflowError,
     PriceTable,
     UnknownModelError,
     normalise_usage,
     price_usage,
+    usage_detail,
 )
 
 
@@ -39,20 +41,24 @@ def build_event(
     """
     now = (now or datetime.now(UTC)).astimezone(UTC)  # the caller's clock, if it keeps one (the demo does)
     tokens = (0, 0, 0, 0)
+    detail = NO_DETAIL
     cost: int | None = 0
     source = ""
     if raw_usage:
         try:
             tokens = normalise_usage(provider, raw_usage)
-            if not all(0 <= count <= MAX_EVENT_TOKENS for count in tokens):
-                raise ValueError(f"token counts out of range (at most {MAX_EVENT_TOKENS} each): {tokens}")
+            detail = usage_detail(provider, raw_usage, tokens)
+            if not all(0 <= count <= MAX_EVENT_TOKENS for count in (*tokens, *detail[:7])):
+                raise ValueError(f"token counts out of range (at most {MAX_EVENT_TOKENS} each): {tokens} {detail}")
         except (TypeError, ValueError) as exc:
             # A broken upstream must not cost us the event: meter it with zero tokens and say why.
-            tokens = (0, 0, 0, 0)
+            tokens, detail = (0, 0, 0, 0), NO_DETAIL
             tags = {**tags, "usage_error": str(exc)[:200]}
         input_tokens, cached, written, output_tokens = tokens
         try:
-            price = price_usage(provider, model_served, input_tokens, output_tokens, cached, written, now, prices)
+            price = price_usage(
+                provider, model_served, input_tokens, output_tokens, cached, written, now, prices, detail
+            )
             cost, source = price.cost_nanos, price.source
             if price.flagged_unknown:
                 tags = {**tags, "price": "unknown_model"}
@@ -62,7 +68,7 @@ def build_event(
             cost = MAX_EVENT_COST_NANOS + 1  # beyond Int64, so beyond the ceiling: refused below
         if cost is not None and cost > MAX_EVENT_COST_NANOS:
             problem = f"priced cost {cost} nanos exceeds the per-event ceiling of {MAX_EVENT_COST_NANOS}: {tokens}"
-            tokens, cost, source = (0, 0, 0, 0), 0, ""
+            tokens, detail, cost, source = (0, 0, 0, 0), NO_DETAIL, 0, ""
             tags = {**tags, "usage_error": problem[:200]}
     elif status is UsageStatus.ok:
         tags = {**tags, "usage": "missing"}
@@ -84,4 +90,5 @@ def build_event(
         latency_ms=latency_ms,
         status=status,
         decision_applied=decision,
+        **detail._asdict(),
     )

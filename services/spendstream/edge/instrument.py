@@ -1,9 +1,10 @@
 """``spendstream.instrument(client, team=..., feature=...)``: enforcement and metering inside an SDK client.
 
-For the ``openai`` and ``anthropic`` Python clients, sync and async. Each call of
-``chat.completions.create``, ``completions.create``, ``embeddings.create`` (OpenAI) or ``messages.create``
-(Anthropic) asks the Enforcer first (memory only): a blocked call raises ``SpendBlocked`` without reaching the
-provider, a fallback rewrites ``model``. After the call, one UsageEvent is emitted (also for blocked and failed
+For the ``openai`` and ``anthropic`` Python clients, sync and async, and the SDK of any provider dialect that
+names one (``spendstream.core.providers``). Each call of ``chat.completions.create``, ``completions.create``,
+``embeddings.create`` (OpenAI) or ``messages.create`` (Anthropic), the dialect's ``sdk_resources``, asks the
+Enforcer first (memory only): a blocked call raises ``SpendBlocked`` without reaching the provider, a fallback
+rewrites ``model``. After the call, one UsageEvent is emitted (also for blocked and failed
 calls); streams are metered as they are consumed and emit when they end or are closed. Only usage numbers
 are read from responses, never their text.
 
@@ -20,17 +21,10 @@ from typing import Any
 
 from spendstream.core.attribution import Attribution
 from spendstream.core.events import UsageStatus
+from spendstream.core.providers import Dialect, dialect_for_sdk, dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.enforcer import Enforcer
 from spendstream.edge.verdict import Verdict
-
-# (resource path on the client, endpoint tag, whether OpenAI's stream_options.include_usage applies)
-_OPENAI_RESOURCES = (
-    (("chat", "completions"), "chat.completions", True),
-    (("completions",), "completions", True),
-    (("embeddings",), "embeddings", False),
-)
-_ANTHROPIC_RESOURCES = ((("messages",), "messages", False),)
 
 _default_lock = threading.Lock()
 _default_edge: tuple[Enforcer, Any] | None = None
@@ -59,15 +53,6 @@ def default_edge() -> tuple[Enforcer, Any]:
         return _default_edge
 
 
-def _as_dict(usage: Any) -> dict[str, Any]:
-    if usage is None:
-        return {}
-    if isinstance(usage, dict):
-        return usage
-    dump = getattr(usage, "model_dump", None)
-    return dump() if dump is not None else {}
-
-
 class _SdkCall:
     """One call through an instrumented SDK client: the verdict before it, the usage seen, and the single event
     after it (the gateway's proxied request is ``gateway.app._Call``)."""
@@ -85,22 +70,8 @@ class _SdkCall:
         self._done = False
 
     def see(self, item: Any) -> None:
-        """Record usage and served model from a response or a stream item."""
-        if self.edge.kind == "anthropic":
-            message = getattr(item, "message", None)
-            if message is not None:
-                self.served = getattr(message, "model", None) or self.served
-                self.usage.update(_as_dict(getattr(message, "usage", None)))
-            elif getattr(item, "type", None) == "message":
-                self.served = getattr(item, "model", None) or self.served
-                self.usage.update(_as_dict(getattr(item, "usage", None)))
-            else:
-                self.usage.update({k: v for k, v in _as_dict(getattr(item, "usage", None)).items() if v is not None})
-            return
-        usage = getattr(item, "usage", None)
-        if usage is not None:
-            self.usage = _as_dict(usage)
-        self.served = getattr(item, "model", None) or self.served
+        """Record usage and served model from a response or a stream item (the SDK's dialect reads it)."""
+        self.usage, self.served = self.edge.dialect.sdk_item(item, self.usage, self.served)
 
     def finish(self, status: UsageStatus) -> None:
         if self._done:
@@ -121,10 +92,6 @@ class _SdkCall:
         edge.emitter.emit(event)
 
 
-def _is_usage_only(chunk: Any) -> bool:
-    return getattr(chunk, "usage", None) is not None and not getattr(chunk, "choices", None)
-
-
 class _MeteredStream:
     """Wraps a provider stream: passes items through, meters them, emits once when it ends or closes."""
 
@@ -141,7 +108,7 @@ class _MeteredStream:
         try:
             for item in self._stream:
                 self._call.see(item)
-                if self._drop and _is_usage_only(item):
+                if self._drop and self._call.edge.dialect.sdk_usage_only(item):
                     continue
                 yield item
             status = UsageStatus.ok
@@ -153,7 +120,7 @@ class _MeteredStream:
         try:
             async for item in self._stream:
                 self._call.see(item)
-                if self._drop and _is_usage_only(item):
+                if self._drop and self._call.edge.dialect.sdk_usage_only(item):
                     continue
                 yield item
             status = UsageStatus.ok
@@ -179,8 +146,10 @@ class _MeteredStream:
 
 
 class _Edge:
-    def __init__(self, kind: str, provider: str, enforcer: Enforcer, emitter: Any, attribution: dict[str, str], tags):
-        self.kind = kind
+    def __init__(
+        self, dialect: Dialect, provider: str, enforcer: Enforcer, emitter: Any, attribution: dict[str, str], tags
+    ):
+        self.dialect = dialect
         self.provider = provider
         self.enforcer = enforcer
         self.emitter = emitter
@@ -261,8 +230,10 @@ def instrument(
     for OpenAI-compatible servers such as a local model).
     """
     module = type(client).__module__.split(".")[0]
-    if module not in ("openai", "anthropic"):
-        raise TypeError(f"instrument() supports openai and anthropic clients, not {type(client).__name__}")
+    dialect = dialect_for_sdk(module)
+    if dialect is None:
+        supported = " and ".join(d.sdk_module for d in dialects() if d.sdk_module)
+        raise TypeError(f"instrument() supports {supported} clients, not {type(client).__name__}")
     if enforcer is None or emitter is None:
         default_enforcer, default_emitter = default_edge()
         enforcer, emitter = enforcer or default_enforcer, emitter or default_emitter
@@ -270,13 +241,13 @@ def instrument(
         org=org, division=division, team=team, project=project, feature=feature, user=user, customer=customer,
         environment=environment,
     )  # fmt: skip
-    edge = _Edge(module, provider or module, enforcer, emitter, attribution.as_dict(), {"sdk": module, **(tags or {})})
+    edge = _Edge(dialect, provider or module, enforcer, emitter, attribution.as_dict(), {"sdk": module, **(tags or {})})
     is_async = type(client).__name__.startswith("Async")
-    for path, endpoint, include_usage in _OPENAI_RESOURCES if module == "openai" else _ANTHROPIC_RESOURCES:
+    for spec in dialect.sdk_resources:
         resource = client
-        for name in path:
+        for name in spec.path:
             resource = getattr(resource, name)
         original = resource.create
         wrap = edge.wrap_async if is_async else edge.wrap_sync
-        resource.create = wrap(original, endpoint, include_usage)
+        resource.create = wrap(original, spec.endpoint, spec.include_usage)
     return client

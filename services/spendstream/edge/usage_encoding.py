@@ -21,7 +21,7 @@ from uuid import UUID
 
 from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.codec import AvroCodec
-from spendstream.core.events import MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent
+from spendstream.core.events import DETAIL_FIELDS, MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent
 from spendstream.core.schemas import load_schema_json
 
 # (field name, Avro type as written in the schema) in schema order: what encode_body() writes.
@@ -40,6 +40,8 @@ FIELDS: tuple[tuple[str, Any], ...] = (
     ("status", {"type": "enum", "name": "UsageStatus", "symbols": ["ok", "error", "blocked"], "default": "ok"}),
     ("decision_applied", "string"),
     ("cache_hit", "boolean"),
+    *((name, "long") for name in DETAIL_FIELDS),
+    ("service_tier", "string"),
 )
 _CACHE_ENTRIES = 16_384  # per cache; a full cache is emptied (old values stop repeating, new ones refill it)
 _INT64_MIN, _INT64_LIMIT = -(2**63), 2**63
@@ -83,6 +85,7 @@ _REST = itemgetter(
     "decision_applied", "cache_hit",
 )  # fmt: skip
 _BOUNDED = itemgetter("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "cost_nanos")
+_DETAIL = itemgetter(*DETAIL_FIELDS)  # the counts that refine the four token counts (reasoning, audio, ...)
 
 
 def within_bounds(fields: dict[str, Any]) -> bool:
@@ -92,6 +95,7 @@ def within_bounds(fields: dict[str, Any]) -> bool:
     """
     try:
         i, o, c, w, cost = _BOUNDED(fields)
+        detail = _DETAIL(fields)
     except KeyError:
         return False
     return (
@@ -104,6 +108,7 @@ def within_bounds(fields: dict[str, Any]) -> bool:
         and 0 <= c <= MAX_EVENT_TOKENS
         and 0 <= w <= MAX_EVENT_TOKENS
         and (cost is None or (type(cost) is int and 0 <= cost <= MAX_EVENT_COST_NANOS))
+        and all(type(d) is int and 0 <= d <= MAX_EVENT_TOKENS for d in detail)
     )
 
 
@@ -190,6 +195,8 @@ class UsageEncoder:
                 _STATUS[status],
                 s[decision],
                 b"\x01" if cache_hit is True else b"\x00" if cache_hit is False else _bad("cache_hit"),
+                *(n[count] for count in _DETAIL(f)),
+                s[f["service_tier"]],
             )
         )
 

@@ -31,6 +31,7 @@ from spendstream.core.events import UsageStatus
 from spendstream.core.metrics import GATEWAY_DECISIONS, instrument_app
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable, UnknownModelError, price_usage
+from spendstream.core.providers import dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
@@ -185,13 +186,17 @@ class Endpoint:
     streams: bool = True
     include_usage: bool = False  # OpenAI stream_options.include_usage applies
     routable: bool = True  # cost-aware routing and the response cache apply (not to embeddings)
+    kind: str = "openai"  # the provider kind whose dialect reads its responses
 
 
+# The paths the provider dialects serve (spendstream.core.providers), by the kinds the gateway proxies.
 ENDPOINTS = {
-    "/v1/chat/completions": Endpoint("chat.completions", include_usage=True),
-    "/v1/completions": Endpoint("completions", include_usage=True),
-    "/v1/embeddings": Endpoint("embeddings", streams=False, routable=False),
-    "/v1/messages": Endpoint("messages", anthropic=True),
+    spec.path: Endpoint(
+        spec.name, dialect.kind == "anthropic", spec.streams, spec.include_usage, spec.routable, dialect.kind
+    )
+    for dialect in dialects()
+    if dialect.kind in ("openai", "anthropic")
+    for spec in dialect.endpoints
 }
 
 
@@ -847,7 +852,7 @@ class Gateway:
             counter = self._decision_counters[call.verdict.action] = GATEWAY_DECISIONS.labels(call.verdict.action)
         counter.inc()
         if answer is not None:
-            raw_usage, served_by_upstream = usage_of_body(answer.body)
+            raw_usage, served_by_upstream = usage_of_body(answer.body, call.endpoint.kind)
             served = served_by_upstream or served
         try:
             if hit is not None:

@@ -1,6 +1,7 @@
 """Reading usage out of gateway responses, streamed or not (the event itself: ``spendstream.edge.call_event``).
 
-Only usage blocks and model names are read from responses: completion text is never kept.
+Only usage blocks and model names are read from responses: completion text is never kept. Where a provider
+kind keeps them is its dialect's business (``spendstream.core.providers``); this module frames the stream.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from spendstream.core.providers import dialect_of_kind
 from spendstream.gateway.complexity import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class StreamMeter:
 
     def __init__(self, kind: str, drop_usage_chunk: bool = False) -> None:
         self.kind = kind
+        self.dialect = dialect_of_kind(kind)
+        self._markers = self.dialect.stream_markers
         self.drop_usage_chunk = drop_usage_chunk
         self.usage: dict[str, Any] = {}
         self.usage_final = False  # the usage block that closes the stream arrived (not only Anthropic's opening one)
@@ -69,7 +73,7 @@ class StreamMeter:
         for match in _EVENT_END.finditer(data):
             event = data[end : match.end()]
             end = match.end()
-            if (b'"usage"' in event or (not self.model and b'"model"' in event)) and self._inspect(event):
+            if self._may_carry_usage(event) and self._inspect(event):
                 continue
             out.append(event)
         self._buffer = data[end:]
@@ -80,6 +84,9 @@ class StreamMeter:
             if self._held_bytes > _HELD_BYTES:
                 self._count_held_text()
         return forwarded
+
+    def _may_carry_usage(self, event: bytes) -> bool:
+        return any(marker in event for marker in self._markers) or (not self.model and b'"model"' in event)
 
     def _count_held_text(self) -> None:
         for chunk in self._held:
@@ -97,18 +104,11 @@ class StreamMeter:
             return self.usage, False
         self._count_held_text()
         output = -(-self._text_chars // CHARS_PER_TOKEN)
-        if self.kind == "anthropic":
-            usage = dict(self.usage)
-            if not isinstance(usage.get("input_tokens"), int):
-                usage["input_tokens"] = prompt_tokens()
-            opening = usage.get("output_tokens")
-            usage["output_tokens"] = max(opening if isinstance(opening, int) else 0, output)
-            return usage, True
-        return {"prompt_tokens": prompt_tokens(), "completion_tokens": output}, True
+        return self.dialect.estimated_usage(self, prompt_tokens, output), True
 
     def finish(self) -> bytes:
         rest, self._buffer = self._buffer, b""
-        if rest and b'"usage"' in rest:
+        if rest and any(marker in rest for marker in self._markers):
             self._inspect(rest)
         return rest
 
@@ -117,26 +117,10 @@ class StreamMeter:
         payload = _data_of(event)
         if not isinstance(payload, dict):
             return False
-        if self.kind == "anthropic":
-            message = payload.get("message")
-            if isinstance(message, dict):
-                self.model = self.model or str(message.get("model") or "")
-                if isinstance(message.get("usage"), dict):
-                    self.usage.update(message["usage"])
-            if isinstance(payload.get("usage"), dict):
-                self.usage.update({k: v for k, v in payload["usage"].items() if v is not None})
-                self.usage_final = self.usage_final or payload.get("type") == "message_delta"
-            return False
-        self.model = self.model or str(payload.get("model") or "")
-        usage = payload.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-            self.usage_final = True
-            return self.drop_usage_chunk and not payload.get("choices")
-        return False
+        return self.dialect.stream_event(self, payload) and self.drop_usage_chunk
 
 
-def usage_of_body(body: bytes) -> tuple[dict[str, Any], str]:
+def usage_of_body(body: bytes, kind: str = "openai") -> tuple[dict[str, Any], str]:
     """(usage block, served model) of a non-streamed JSON response; empty when absent or not JSON."""
     try:
         payload = json.loads(body)
@@ -144,5 +128,4 @@ def usage_of_body(body: bytes) -> tuple[dict[str, Any], str]:
         return {}, ""
     if not isinstance(payload, dict):
         return {}, ""
-    usage = payload.get("usage")
-    return (usage if isinstance(usage, dict) else {}), str(payload.get("model") or "")
+    return dialect_of_kind(kind).response_usage(payload)

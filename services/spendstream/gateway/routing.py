@@ -44,7 +44,14 @@ from decimal import Decimal
 from typing import NamedTuple, Protocol
 
 from spendstream.core.events import UsageEvent
-from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_usage
+from spendstream.core.pricing import (
+    EMPTY_TABLE,
+    CostOverflowError,
+    PriceTable,
+    UnknownModelError,
+    detail_of,
+    price_usage,
+)
 from spendstream.gateway.complexity import TIER_ORDER, Tier
 from spendstream.gateway.provider_stats import RoutingStats
 
@@ -484,6 +491,7 @@ def with_requested_cost(event: UsageEvent, prices: PriceTable = EMPTY_TABLE) -> 
             event.cache_write_tokens,
             event.occurred_at,
             prices,
+            detail_of(event.__dict__),  # the same reasoning, audio, cache TTL and tier as the call that ran
         ).cost_nanos
     except UnknownModelError:
         return event

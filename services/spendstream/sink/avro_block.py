@@ -38,6 +38,8 @@ from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
 
+from spendstream.core.events import DETAIL_FIELDS
+
 # The verdict of a row that SQL does not judge: it takes the exact (Python) path. No reason
 # produced by ``usage_record_problem`` starts with this character.
 EXACT = "\x01"
@@ -48,7 +50,14 @@ SQL_TIME_RANGE = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2299, 12, 31, tzinf
 _CANONICAL_UUID_RE = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # Longs whose varint needs 10 bytes, where decoders may differ about bits past 64.
 _HUGE = 1 << 62
-_NON_NEGATIVE = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "latency_ms")
+_NON_NEGATIVE = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "latency_ms",
+    *DETAIL_FIELDS,
+)
 
 
 def zigzag_varint(n: int) -> bytes:
@@ -225,6 +234,16 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
             "toInt128(cached_input_tokens) + cache_write_tokens > input_tokens",
             "'cached_input_tokens + cache_write_tokens exceed input_tokens'",
         ),
+        (
+            "toInt128(cached_input_tokens) + cache_write_tokens + input_audio_tokens + input_image_tokens"
+            " > input_tokens",
+            "'cached, cache write, audio and image input tokens exceed input_tokens'",
+        ),
+        (
+            "toInt128(reasoning_tokens) + output_audio_tokens + output_image_tokens > output_tokens",
+            "'reasoning, audio and image output tokens exceed output_tokens'",
+        ),
+        ("cache_write_1h_tokens > cache_write_tokens", "'cache_write_1h_tokens exceed cache_write_tokens'"),
         (
             f"occurred_at > {future_limit_us}",
             f"concat('occurred_at ', {iso}, {_literal(f' is more than {max_future_skew} in the future')})",

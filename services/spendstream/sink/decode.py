@@ -21,7 +21,7 @@ from typing import Any
 import fastavro
 
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
-from spendstream.core.events import usage_record_problem
+from spendstream.core.events import DETAIL_FIELDS, usage_record_problem
 from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import load_schema_json
 
@@ -51,6 +51,8 @@ LEDGER_COLUMNS = (
     "status",
     "decision_applied",
     "cache_hit",
+    *DETAIL_FIELDS,
+    "service_tier",
 )
 _ROW = itemgetter(*LEDGER_COLUMNS)
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -77,11 +79,19 @@ def fast_problem_free(record: dict[str, Any], future_limit_us: int) -> bool:
     cached = record["cached_input_tokens"]
     written = record["cache_write_tokens"]
     cost = record["cost_nanos"]
+    output = record["output_tokens"]
+    audio_in, image_in = record["input_audio_tokens"], record["input_image_tokens"]
+    reasoning, audio_out = record["reasoning_tokens"], record["output_audio_tokens"]
+    image_out = record["output_image_tokens"]
+    written_1h = record["cache_write_1h_tokens"]
     return bool(
         cached >= 0
         and written >= 0
-        and cached + written <= inp
-        and record["output_tokens"] >= 0
+        and min(audio_in, image_in, reasoning, audio_out, image_out, written_1h, record["web_search_requests"]) >= 0
+        and cached + written + audio_in + image_in <= inp
+        and reasoning + audio_out + image_out <= output
+        and written_1h <= written
+        and output >= 0
         and record["latency_ms"] >= 0
         and (cost is None or cost >= 0)
         and record["occurred_at"] <= future_limit_us

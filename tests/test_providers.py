@@ -1,0 +1,142 @@
+"""Provider dialects: adding a provider is one module, and pricing, metering and instrument() use it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from spendstream.core.config import Settings
+from spendstream.core.events import UsageStatus
+from spendstream.core.pricing import PriceOverride, PriceTable, Rates, normalise_usage
+from spendstream.core.providers import Dialect, NormalisedUsage, SdkResource, StreamState, dialect_for, register
+from spendstream.core.providers import registry as provider_registry
+from spendstream.edge.call_event import build_event
+from spendstream.edge.emitter import Emitter
+from spendstream.edge.enforcer import Enforcer
+from spendstream.edge.instrument import instrument
+from spendstream.gateway.metering import StreamMeter
+from test_gateway import read_usage
+
+
+class AcmeDialect(Dialect):
+    """A provider whose usage block nests counts under ``billed_units`` and whose cached reads are outside them."""
+
+    kind = "acme"
+    providers = frozenset({"acme"})
+    sdk_module = "acme_sdk"
+    sdk_resources = (SdkResource(("generations",), "generations"),)
+    stream_markers = (b'"billed_units"',)
+
+    def usage(self, raw: Mapping[str, Any]) -> NormalisedUsage:
+        units = raw.get("billed_units") or {}
+        cached = int(units.get("cached_tokens", 0))
+        return NormalisedUsage(int(units["input_tokens"]) + cached, cached, 0, int(units["output_tokens"]))
+
+    def stream_event(self, state: StreamState, payload: Mapping[str, Any]) -> bool:
+        if payload.get("event") == "done":
+            state.usage, state.usage_final = dict(payload["meta"]), True
+            state.model = str(payload.get("model_id") or state.model)
+        return False
+
+    def sdk_item(self, item: Any, usage: dict[str, Any], served: str) -> tuple[dict[str, Any], str]:
+        meta = getattr(item, "meta", None)
+        return (dict(meta) if meta else usage), getattr(item, "model_id", None) or served
+
+
+ACME_PRICES = PriceTable(
+    overrides=(
+        PriceOverride(
+            "acme",
+            "acme-large",
+            Rates(input_per_mtok=Decimal("2"), output_per_mtok=Decimal("8"), cache_read_per_mtok=Decimal("0.5")),
+        ),
+    ),
+    unknown_model="reject",
+)
+ACME_USAGE = {"billed_units": {"input_tokens": 1000, "output_tokens": 200, "cached_tokens": 3000}}
+# 1000 uncached at $2/M (2000 nanos each), 3000 cached at $0.50/M (500), 200 output at $8/M (8000)
+ACME_COST = 1000 * 2000 + 3000 * 500 + 200 * 8000
+
+
+@pytest.fixture
+def acme() -> Iterator[Dialect]:
+    saved = {name: dict(getattr(provider_registry, name)) for name in ("_BY_KIND", "_BY_PROVIDER", "_BY_SDK")}
+    yield register(AcmeDialect())
+    for name, table in saved.items():
+        setattr(provider_registry, name, table)
+
+
+def test_a_registered_dialect_is_priced_and_metered_from_its_usage_block(acme: Dialect) -> None:
+    assert dialect_for("ACME") is acme
+    assert normalise_usage("acme", ACME_USAGE) == (4000, 3000, 0, 200)
+    event = build_event(
+        attribution={"team": "t"},
+        provider="acme",
+        model_requested="acme-large",
+        model_served="acme-large",
+        raw_usage=ACME_USAGE,
+        latency_ms=5,
+        status=UsageStatus.ok,
+        decision="allow",
+        tags={},
+        prices=ACME_PRICES,
+    )
+    assert (event.input_tokens, event.cached_input_tokens, event.output_tokens) == (4000, 3000, 200)
+    assert event.cost_nanos == ACME_COST
+    assert event.price_source == "override:acme/acme-large"
+
+
+def test_a_registered_dialect_reads_its_stream_events(acme: Dialect) -> None:
+    meter = StreamMeter("acme")
+    stream = (
+        b'data: {"event": "text", "text": "hello"}\n\n'
+        b'data: {"event": "done", "model_id": "acme-large", "meta": '
+        + str(ACME_USAGE).replace("'", '"').encode()
+        + b"}\n\n"
+    )
+    forwarded = meter.feed(stream[:30]) + meter.feed(stream[30:]) + meter.finish()
+    assert forwarded == stream  # the client gets every byte
+    assert meter.usage == ACME_USAGE and meter.usage_final and meter.model == "acme-large"
+    assert normalise_usage("acme", meter.usage_so_far(lambda: 0)[0]).input_tokens == 4000
+
+
+class _Generations:
+    def create(self, **kwargs: Any) -> Any:
+        return SimpleNamespace(text="hi", model_id="acme-large", meta=ACME_USAGE)
+
+
+class AcmeClient:
+    """The shape of the provider's SDK client: ``client.generations.create(...)``."""
+
+    __module__ = "acme_sdk.client"
+
+    def __init__(self) -> None:
+        self.generations = _Generations()
+
+
+def test_instrument_meters_a_client_of_a_registered_dialect(acme: Dialect, settings: Settings, tmp_path: Path) -> None:
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    try:
+        client = instrument(AcmeClient(), team="research", provider="acme", enforcer=enforcer, emitter=emitter)
+        assert client.generations.create(model="acme-large", prompt="x").text == "hi"
+        emitter.flush(10)
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+    [event] = read_usage(settings.kafka_bootstrap, 1)
+    assert (event["provider"], event["team"], event["tags"]["endpoint"]) == ("acme", "research", "generations")
+    assert (event["input_tokens"], event["cached_input_tokens"], event["output_tokens"]) == (4000, 3000, 200)
+    # No price table was given to instrument(): acme-large is not in genai-prices, so it is flagged at the default.
+    assert event["tags"].get("price") == "unknown_model" and event["cost_nanos"] > 0
+
+
+def test_an_sdk_no_dialect_speaks_is_refused_with_the_supported_ones() -> None:
+    with pytest.raises(TypeError, match="supports openai and anthropic clients, not AcmeClient"):
+        instrument(AcmeClient(), enforcer=object(), emitter=object())  # type: ignore[arg-type]
