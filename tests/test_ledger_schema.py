@@ -11,7 +11,8 @@ import pytest
 from spendstream.core.schemas import load_schema_json
 
 ROOT = Path(__file__).resolve().parents[1]
-LEDGER_ONLY = {"ingested_at"}  # columns the ledger adds: when the row landed
+# Columns the ledger adds: when the row landed, and the audit hash chain (core/audit_chain.py).
+LEDGER_ONLY = {"ingested_at", "chain_seq", "prev_hash", "record_hash"}
 
 
 def _clickhouse_type(avro_type: Any) -> str:
