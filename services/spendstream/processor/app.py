@@ -679,6 +679,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         await reader.stop()
         sealed.clear()
 
+    @app.on_partitions_assigned.connect
+    async def forget_moved_gauges(_app: faust.App, assigned: set[TP], **_: Any) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == internal.get_topic_name()}
+        BUDGET_GAUGES.retain(lambda scope: stage2_partition(scope, n) in mine)
+
     @app.on_before_shutdown.connect
     async def stop_stage1_on_shutdown(_app: faust.App, **_: Any) -> None:
         await reader.stop()

@@ -8,7 +8,8 @@ the limit is reached at the average rate of the window so far (the forecast's ra
 windows and budgets live, so the figures are those its decisions act on. Stage 2 records a scope's standings
 each time it evaluates the scope; the gauges are
 computed at scrape time, so the hours count down between events, and a window that has ended is no longer
-shown (the next period's series appears with its first event). Each worker shows the scopes it evaluates.
+shown (the next period's series appears with its first event). Each worker shows the scopes it evaluates,
+and forgets those whose partition a rebalance gives another worker.
 Prometheus samples are floats: the exact nano-USD figures stay in the ledger and the decisions.
 """
 
@@ -61,6 +62,13 @@ class BudgetGauges(Collector):
                 self._standings[scope] = tightest
             else:
                 self._standings.pop(scope, None)
+
+    def retain(self, evaluated_here: Callable[[str], bool]) -> None:
+        """Forget the scopes this worker no longer evaluates: after a rebalance another worker shows them, and a
+        frozen copy here would linger (beside the live one) until the window ends."""
+        with self._lock:
+            for scope in [scope for scope in self._standings if not evaluated_here(scope)]:
+                del self._standings[scope]
 
     def describe(self) -> list[GaugeMetricFamily]:
         return list(self._families().values())
