@@ -255,11 +255,13 @@ def test_refusals_follow_the_otlp_http_spec(stack: Stack, broker: EmbeddedBroker
     _chat_span(provider)
     assert unauthenticated.export(kept.get_finished_spans()) is SpanExportResult.FAILURE
     raw = ExportTraceServiceRequest().SerializeToString()
-    assert call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf").status == 401
+    anonymous = call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf")
+    assert anonymous.status == 401 and anonymous.headers["content-type"] == "application/x-protobuf"
+    assert "role ingest" in RpcStatus.FromString(anonymous.body).message  # a google.rpc.Status, as OTLP asks
     viewer = create_token(stack.env, "--role", "viewer")
-    refused = call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf",
+    refused = call(stack.port, "POST", "/v1/traces", b"{}", Content_Type="application/json",
                    Authorization=f"Bearer {viewer}")  # fmt: skip
-    assert refused.status == 403
+    assert refused.status == 403 and "has role viewer" in refused.json()["message"]
 
     token = create_token(stack.env, "--role", "ingest", "--team", "marketing")
     auth = {"Authorization": f"Bearer {token}"}
