@@ -35,9 +35,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from spendstream.core.config import load_settings
+from spendstream.core.events import UsageEvent
 from spendstream.core.ledger_store import connect
 from spendstream.core.policy import PolicyError, parse_policy
 from spendstream.core.topics import USAGE_DLQ
+from spendstream.gateway.telemetry import GenAiTelemetry
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.sink.dead_letters import dlq_headers
 from stub_upstream import StubUpstream, wait_for
@@ -253,11 +255,13 @@ def test_refusals_follow_the_otlp_http_spec(stack: Stack, broker: EmbeddedBroker
     _chat_span(provider)
     assert unauthenticated.export(kept.get_finished_spans()) is SpanExportResult.FAILURE
     raw = ExportTraceServiceRequest().SerializeToString()
-    assert call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf").status == 401
+    anonymous = call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf")
+    assert anonymous.status == 401 and anonymous.headers["content-type"] == "application/x-protobuf"
+    assert "role ingest" in RpcStatus.FromString(anonymous.body).message  # a google.rpc.Status, as OTLP asks
     viewer = create_token(stack.env, "--role", "viewer")
-    refused = call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf",
+    refused = call(stack.port, "POST", "/v1/traces", b"{}", Content_Type="application/json",
                    Authorization=f"Bearer {viewer}")  # fmt: skip
-    assert refused.status == 403
+    assert refused.status == 403 and "has role viewer" in refused.json()["message"]
 
     token = create_token(stack.env, "--role", "ingest", "--team", "marketing")
     auth = {"Authorization": f"Bearer {token}"}
@@ -304,6 +308,24 @@ def test_spans_of_the_openai_instrumentation_become_usage(stack: Stack, broker: 
     [event] = read_usage(broker.bootstrap, 1)
     assert (event["team"], event["feature"], event["provider"]) == ("support", "checkout-assistant", "openai")
     assert (event["model_requested"], event["input_tokens"], event["output_tokens"]) == ("gpt-4o-mini", 4, 6)
+
+
+def test_the_gateways_own_spans_are_not_counted_again(
+    stack: Stack, broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway whose OpenTelemetry exporter points at this API: its call was already a usage event."""
+    token = create_token(stack.env, "--role", "ingest")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"Authorization=Bearer%20{token}")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "team=platform")  # a team the mapping would attribute
+    telemetry = GenAiTelemetry(f"http://127.0.0.1:{stack.port}")
+    call_event = UsageEvent(team="marketing", provider="openai", model_requested="gpt-4o", input_tokens=1000,
+                            output_tokens=100, cost_nanos=3_500_000, latency_ms=40)  # fmt: skip
+    telemetry.record(call_event, "chat.completions")
+    telemetry.shutdown()  # exports the span
+    scraped = call(stack.port, "GET", "/metrics").body.decode()
+    assert 'spendstream_api_ingest_requests_total{outcome="accepted"} 1.0' in scraped, "the span reached the API"
+    assert read_usage(broker.bootstrap, 0, timeout=3) == [], "the call is not counted a second time"
+    assert _read_dlq(broker.bootstrap, 1) == [], "nor dead-lettered for want of a team"
 
 
 def test_the_mapping_follows_the_policy_in_force(stack: Stack, broker: EmbeddedBroker, tmp_path: Path) -> None:

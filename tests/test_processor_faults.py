@@ -8,10 +8,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from spendstream.core.events import UsageEvent
 from spendstream.core.periods import period_window
@@ -20,7 +22,8 @@ from spendstream.core.topics import ENFORCEMENT
 from spendstream.processor.recovery import read_scope_totals
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import WindowCalendar, split_window_key
-from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from stub_upstream import wait_for
 from test_processor import (
     ROOT,
     TopicReader,
@@ -207,3 +210,56 @@ def test_a_copy_sent_after_a_crash_still_counts_once(tmp_path: Path, broker: Emb
         wait_totals(broker.bootstrap, {day: (18, 2, 30)}, "spendstream-processor", timeout=60)
     finally:
         stop_worker(worker)
+
+
+def _budget_scopes(metrics_port: int) -> dict[str, float]:
+    """scope -> spendstream_budget_spent_usd{period="month"}, scraped as Prometheus does (empty until served)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {
+        sample.labels["scope"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "spendstream_budget_spent_usd" and sample.labels["period"] == "month"
+    }
+
+
+def test_budget_gauges_leave_the_worker_that_lost_the_scope(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """Each scope's gauges are shown once across the group: the worker that lost its partition forgets them
+    rather than showing a frozen copy beside the live one until the month ends."""
+    teams = [f"g{i}" for i in range(12)]
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(
+        f"name: default\ntimezone: UTC\norg: acme\ndivisions: {{eng: [{', '.join(teams)}]}}\nbudgets:\n"
+        + "".join(f'  - {{scope: "team:{team}", period: month, amount_usd: 100}}\n' for team in teams)
+    )
+    ports = free_port(), free_port()
+    first = start_worker(broker.bootstrap, tmp_path / "a", policy_path, metrics_port=ports[0])
+    second: subprocess.Popen[bytes] | None = None
+    scopes = {f"team:{team}" for team in teams}
+    try:
+        produce(broker.bootstrap, [event(org="acme", team=team, cost_nanos=1_000_000_000) for team in teams])
+        assert wait_for(lambda: set(_budget_scopes(ports[0])) == scopes, 90, 0.5), _budget_scopes(ports[0])
+        second = start_worker(broker.bootstrap, tmp_path / "b", policy_path, metrics_port=ports[1])
+        second_log = tmp_path / "b" / "worker.log"
+        assert wait_for(lambda: "Ready" in second_log.read_text(errors="replace"), 90, 0.2)
+        time.sleep(2)  # the first worker's side of the rebalance
+        produce(broker.bootstrap, [event(org="acme", team=team, cost_nanos=1_000_000_000) for team in teams])
+
+        def both() -> tuple[dict[str, float], dict[str, float]]:
+            return _budget_scopes(ports[0]), _budget_scopes(ports[1])
+
+        def all_live() -> bool:
+            shown = both()
+            return {scope for gauges in shown for scope, spent in gauges.items() if spent == 2.0} == scopes
+
+        assert wait_for(all_live, 90, 0.5), both()
+        first_shows, second_shows = both()
+        assert second_shows, "the second worker took partitions"
+        assert set(first_shows) & set(second_shows) == set(), "a moved scope lingers on the worker that lost it"
+    finally:
+        stop_worker(first)
+        if second is not None:
+            stop_worker(second)

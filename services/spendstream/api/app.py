@@ -20,7 +20,7 @@ import os
 import tempfile
 import uuid
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -540,7 +540,21 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     if needed == "ingest":
         API_INGEST_REQUESTS.labels({401: "unauthorized", 403: "forbidden", 415: "unsupported"}[refused.status]).inc()
+    if request.path == OTLP_PATH:
+        return _as_otlp_status(refused, request.content_type)
     return refused
+
+
+def _as_otlp_status(refused: web.Response, content_type: str) -> web.Response:
+    """OTLP/HTTP exporters read every 4xx answer as a ``google.rpc.Status`` in the request's encoding."""
+    answer_type = content_type if content_type in otlp.CONTENT_TYPES else otlp.JSON
+    code = {401: 16, 403: 7}.get(refused.status, 3)  # UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT
+    message = json.loads(cast(bytes, refused.body))["error"]
+    response = web.Response(status=refused.status, body=otlp.status_body(code, message, answer_type),
+                            content_type=answer_type)  # fmt: skip
+    if "WWW-Authenticate" in refused.headers:
+        response.headers["WWW-Authenticate"] = refused.headers["WWW-Authenticate"]
+    return response
 
 
 def _refusal(request: web.Request, needed: Role, caller: ApiToken | None) -> web.Response | None:

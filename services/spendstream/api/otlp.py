@@ -8,7 +8,8 @@ any OTLP/HTTP receiver, and spendstream counts what they spent without a line of
   and holds the inflated size to the API's body limit).
 * A span is a GenAI span when it carries ``gen_ai.provider.name`` (or the older ``gen_ai.system``): one key
   compared per attribute, nothing built for any other span. Agent, tool and other non-inference operations are
-  skipped too (their tokens are those of the inference spans beneath them).
+  skipped too (their tokens are those of the inference spans beneath them), and so are the gateway's own spans
+  (``spendstream.event_id``): a gateway exporting to this endpoint has already emitted that call's usage event.
 * ``event_id`` is the UUID5 of the trace and span ids: a span exported twice (a retrying exporter, a collector
   fanning out) is one usage event, counted once by the processor and the ledger.
 * Attribution: ``service.name`` and the attributes the policy's ``otlp:`` section maps (core/otlp_attribution.py);
@@ -47,6 +48,8 @@ CONTENT_TYPES = (PROTOBUF, JSON)
 # UUID5 namespace of event ids derived from (trace id, span id): fixed, so every API derives the same id.
 EVENT_ID_NAMESPACE = uuid.UUID("0b8f2a52-7c1e-5d3a-9f46-2e61c0d4b7a9")
 GENAI_MARKERS = frozenset({"gen_ai.provider.name", "gen_ai.system"})
+# The attribute a spendstream gateway puts on its own spans: that call is already a usage event.
+GATEWAY_EVENT_ID = "spendstream.event_id"
 # Operations that are a call to a model; agent and tool spans aggregate or surround them.
 INFERENCE_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 # Names the conventions give some providers, and the provider ids prices are looked up by.
@@ -161,6 +164,8 @@ def usage_from_request(
                 if resource_attribution is None:
                     resource_attribution = _attribution(_values(resource_spans.resource.attributes), attribution)
                 span_attributes = _values(span.attributes)
+                if GATEWAY_EVENT_ID in span_attributes:
+                    continue  # the gateway metered this call: counting its span again would double the spend
                 operation = span_attributes.get("gen_ai.operation.name")
                 if operation is not None and operation not in INFERENCE_OPERATIONS:
                     continue

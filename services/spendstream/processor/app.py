@@ -43,9 +43,10 @@ from faust.types import TP
 
 from spendstream.core.metrics import PROCESSOR_BATCH_SECONDS, PROCESSOR_CONSUMED
 from spendstream.core.policy import Policy
+from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import BatchOutput, Changelog, Checkpoint
 from spendstream.processor.heartbeat import HeartbeatPublisher
-from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC, internal_message
+from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC, internal_message, stage2_partition
 from spendstream.processor.ledger_rebuild import SpendSource
 from spendstream.processor.policy_in_force import PolicyHolder
 from spendstream.processor.recovery import OwnChangelogs, rebuild_from_ledger
@@ -205,6 +206,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         """Stop reading before faust completes the revocation, so a partition never has two stage-1 writers."""
         await reader.stop()
         own.unseal_all()
+
+    @app.on_partitions_assigned.connect
+    async def forget_moved_gauges(_app: faust.App, assigned: set[TP], **_: Any) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == internal.get_topic_name()}
+        BUDGET_GAUGES.retain(lambda scope: stage2_partition(scope, n) in mine)
 
     @app.on_before_shutdown.connect
     async def stop_stage1_on_shutdown(_app: faust.App, **_: Any) -> None:

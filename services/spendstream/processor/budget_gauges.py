@@ -4,10 +4,12 @@ Per scope and period (labels ``scope``, ``period``): ``spendstream_budget_limit_
 ``spendstream_budget_spent_usd``, ``spendstream_budget_remaining_usd`` (never below 0),
 ``spendstream_budget_used_ratio`` (above 1 when overspent) and ``spendstream_budget_hours_to_exhaustion``: when
 the limit is reached at the average rate of the window so far (the forecast's rate, ``forecast.forecast``),
-0 once reached, +Inf with no spend yet. The processor is where windows and budgets live, so the figures are
-those its decisions act on. Stage 2 records a scope's standings each time it evaluates the scope; the gauges are
+0 once reached, +Inf with no spend yet or when that is more than a century away. The processor is where
+windows and budgets live, so the figures are those its decisions act on. Stage 2 records a scope's standings
+each time it evaluates the scope; the gauges are
 computed at scrape time, so the hours count down between events, and a window that has ended is no longer
-shown (the next period's series appears with its first event). Each worker shows the scopes it evaluates.
+shown (the next period's series appears with its first event). Each worker shows the scopes it evaluates,
+and forgets those whose partition a rebalance gives another worker.
 Prometheus samples are floats: the exact nano-USD figures stay in the ledger and the decisions.
 """
 
@@ -61,6 +63,13 @@ class BudgetGauges(Collector):
             else:
                 self._standings.pop(scope, None)
 
+    def retain(self, evaluated_here: Callable[[str], bool]) -> None:
+        """Forget the scopes this worker no longer evaluates: after a rebalance another worker shows them, and a
+        frozen copy here would linger (beside the live one) until the window ends."""
+        with self._lock:
+            for scope in [scope for scope in self._standings if not evaluated_here(scope)]:
+                del self._standings[scope]
+
     def describe(self) -> list[GaugeMetricFamily]:
         return list(self._families().values())
 
@@ -91,7 +100,8 @@ class BudgetGauges(Collector):
             "ratio": gauge("used_ratio", "Spend over limit in the current window (above 1 when overspent)."),
             "hours": gauge(
                 "hours_to_exhaustion",
-                "Hours until the limit is reached at the window's average rate so far (0: reached; +Inf: no spend).",
+                "Hours until the limit is reached at the window's average rate so far "
+                "(0: reached; +Inf: no spend yet, or not within a century at that rate).",
             ),
         }
 
