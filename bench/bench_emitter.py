@@ -33,7 +33,7 @@ from spendstream.core.config import load_settings
 from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.topics import USAGE
 from spendstream.edge.emitter import DEFAULT_PRODUCER_CONFIG, Emitter, attribution_key
-from spendstream.edge.usage_encoding import UsageEncoder, within_bounds
+from spendstream.edge.usage_encoding import UsageEncoder
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 
@@ -151,7 +151,7 @@ def bench_encoding(events: list[UsageEvent], rounds: int = 5) -> dict[str, float
         return usage_bounds_problem(record), attribution_key(event), codec.encode(record)
 
     def emitter(event: UsageEvent) -> object:
-        return within_bounds(event.__dict__), *encoder.record(event)
+        return usage_bounds_problem(event.__dict__), *encoder.record(event)
 
     for event in events[:1000]:
         if generic(event)[1:] != emitter(event)[1:]:

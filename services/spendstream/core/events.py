@@ -208,6 +208,7 @@ class PolicyRecord(_AvroModel):
     published_by: str = ""
 
 
+_COUNTS_AND_COST = itemgetter(*TOKEN_FIELDS, "cost_nanos")
 _DETAIL_OF = itemgetter(*DETAIL_FIELDS)
 _NO_DETAIL = (0,) * len(DETAIL_FIELDS)
 
@@ -219,12 +220,11 @@ def _is_token_count(value: object) -> bool:
 def usage_bounds_problem(record: Mapping[str, Any]) -> str | None:
     """Why a usage record's token counts or cost are not integers within the per-event bounds, or None.
 
-    For records that did not come through ``UsageEvent`` validation (the Emitter checks what it is handed):
-    a few comparisons when all is well, a message naming the field otherwise.
+    For records that did not come through ``UsageEvent`` validation (the Emitter checks what it is handed, on
+    every event it encodes): a few comparisons when all is well, a message naming the field otherwise.
     """
     try:
-        i, o, c, w = (record[name] for name in TOKEN_FIELDS)
-        cost = record["cost_nanos"]
+        i, o, c, w, cost = _COUNTS_AND_COST(record)
         if (
             type(i) is int
             and type(o) is int

@@ -48,7 +48,7 @@ from spendstream.core.events import UsageEvent, usage_bounds_problem
 from spendstream.core.topics import USAGE
 from spendstream.edge.metrics import EMITTERS
 from spendstream.edge.spool import Spool
-from spendstream.edge.usage_encoding import UsageEncoder, within_bounds
+from spendstream.edge.usage_encoding import UsageEncoder
 
 log = logging.getLogger(__name__)
 
@@ -470,8 +470,7 @@ class Emitter:
         record = self._encoder.record
         for event in events:
             try:
-                if not within_bounds(event.__dict__):
-                    check_bounds(event)  # raises, naming the field
+                check_bounds(event)  # raises, naming the field
                 append(record(event))
             except RefusedEvent as exc:
                 self._failed += 1

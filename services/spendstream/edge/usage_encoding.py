@@ -21,7 +21,7 @@ from uuid import UUID
 
 from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.codec import AvroCodec
-from spendstream.core.events import DETAIL_FIELDS, MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent
+from spendstream.core.events import DETAIL_FIELDS, UsageEvent
 from spendstream.core.schemas import load_schema_json
 
 # (field name, Avro type as written in the schema) in schema order: what encode_body() writes.
@@ -84,32 +84,7 @@ _REST = itemgetter(
     "cached_input_tokens", "cache_write_tokens", "cost_nanos", "price_source", "latency_ms", "status",
     "decision_applied", "cache_hit",
 )  # fmt: skip
-_BOUNDED = itemgetter("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "cost_nanos")
 _DETAIL = itemgetter(*DETAIL_FIELDS)  # the counts that refine the four token counts (reasoning, audio, ...)
-
-
-def within_bounds(fields: dict[str, Any]) -> bool:
-    """The fast yes of ``core.events.usage_bounds_problem``: token counts and cost are integers within bounds.
-
-    False means "ask ``usage_bounds_problem``", which names the field.
-    """
-    try:
-        i, o, c, w, cost = _BOUNDED(fields)
-        detail = _DETAIL(fields)
-    except KeyError:
-        return False
-    return (
-        type(i) is int
-        and type(o) is int
-        and type(c) is int
-        and type(w) is int
-        and 0 <= i <= MAX_EVENT_TOKENS
-        and 0 <= o <= MAX_EVENT_TOKENS
-        and 0 <= c <= MAX_EVENT_TOKENS
-        and 0 <= w <= MAX_EVENT_TOKENS
-        and (cost is None or (type(cost) is int and 0 <= cost <= MAX_EVENT_COST_NANOS))
-        and all(type(d) is int and 0 <= d <= MAX_EVENT_TOKENS for d in detail)
-    )
 
 
 def avro_string(value: str) -> bytes:
