@@ -38,11 +38,11 @@ from spendstream.core.budget_lifecycle import (
     new_request,
 )
 from spendstream.core.config import Settings
-from spendstream.core.policy import MAX_AMOUNT_NANOS, Period, Policy, check_scope
+from spendstream.core.periods import budget_period, period_window
+from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy, check_scope
 from spendstream.core.policy_log import read_policy_log
 from spendstream.core.pricing import usd_to_nanos
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
-from spendstream.processor.periods import period_window
 
 APPROVER_PATHS = re.compile(r"^/v1/budget/(increases|requests/[^/]+/(approve|deny))$")
 LIFECYCLE_LOCK = web.AppKey("lifecycle_lock", asyncio.Lock)
@@ -141,7 +141,7 @@ def _budget_request(body: dict[str, Any], policy: Policy, by: str, now: datetime
     scope = str(_field(body, "scope"))
     try:
         check_scope(scope)
-        period = Period(str(body.get("period") or "month"))
+        period = budget_period(str(body.get("period") or "month")).name
     except ValueError as exc:
         raise LifecycleError(f"scope/period: {exc}") from None
     if not any(b.scope == scope and b.period == period for b in policy.budgets):
