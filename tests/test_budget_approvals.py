@@ -28,11 +28,12 @@ USD = 1_000_000_000
 POLICY_YAML = """
 name: lifecycle
 org: acme
-divisions: {growth: [marketing, sales, support]}
+divisions: {growth: [marketing, sales, support, product]}
 budgets:
   - {scope: "team:marketing", period: month, amount_usd: 100}
   - {scope: "team:sales", period: month, amount_usd: 60}
   - {scope: "team:support", period: month, amount_usd: 50}
+  - {scope: "team:product", period: month, amount_usd: 40}
 approvals:
   feature_threshold_usd: 2000
   levels:
@@ -199,3 +200,18 @@ def test_a_feature_above_the_threshold_waits_for_approval(stack: Stack) -> None:
     approved = stack.decision("feature:ai_summarizer", "allow", after=blocked["version"])
     assert approved["limit_nanos"] == 2500 * USD
     assert "ai_summarizer" in stack.ok("alice", "feature", "list", "--status", "approved")
+
+
+def test_an_approver_can_neither_split_past_its_ceiling_nor_overturn_a_higher_denial(stack: Stack) -> None:
+    """The ceiling bounds what a budget's approved increases add up to, not each request alone; a denial is
+    overturned only on appeal to a higher level."""
+    increase = ("budget", "increase", "team:product", "15", "--until", "2099-01-01")
+    assert "\tapproved\t" in stack.ok("mike", *increase, "--reason", "first half")
+    split = stack.refused("mike", *increase, "--reason", "second half")
+    assert "at most $20.00 on team:product, which already has $15.00" in split and "$30.00" in split
+    asked = request_id(stack.ok("alice", "budget", "request", "team:product", "10", *increase[4:], "--reason", "more"))
+    assert "already has $15.00" in stack.refused("mike", "budget", "approve", asked, "--reason", "in two steps")
+    assert "\tdenied\t" in stack.ok("dana", "budget", "deny", asked, "--reason", "not this month")
+    overturn = stack.refused("dana", "budget", "approve", asked, "--reason", "changed my mind")
+    assert "an appeal needs a level above director" in overturn
+    assert "approved by vera (vp)" in stack.ok("vera", "budget", "approve", asked, "--reason", "the appeal")

@@ -229,13 +229,13 @@ async def post_request(request: web.Request) -> web.Response:
 
 
 async def post_increase(request: web.Request) -> web.Response:
-    def make(body: dict[str, Any], policy: Policy, _r: Any, caller: Any, now: datetime) -> BudgetRequest:
+    def make(body: dict[str, Any], policy: Policy, requests: Any, caller: Any, now: datetime) -> BudgetRequest:
         if not caller.level:
             raise LifecycleError(
                 f"token {caller.name!r} has no approval level: a direct increase needs an approver", 403
             )
         asked = _budget_request(body, policy, caller.name, now, True)
-        return grant(asked, caller.name, caller.level, policy.approval_rules, now)
+        return grant(asked, caller.name, caller.level, policy.approval_rules, now, requests.values())
 
     return await _step(request, make)
 
@@ -249,7 +249,9 @@ def _decision(approve: bool) -> Any:
             if found is None:
                 raise LifecycleError(f"no budget request {request_id!r} (spendstream budget list)", 404)
             reason = str(_field(body, "reason"))
-            return decide(found, approve, caller.name, caller.level, reason, policy.approval_rules, now)
+            return decide(
+                found, approve, caller.name, caller.level, reason, policy.approval_rules, now, requests.values()
+            )
 
         return await _step(request, make)
 
