@@ -89,7 +89,7 @@ def publish(kafka_conf: dict[str, Any], request: BudgetRequest) -> None:
 
 def request_json(request: BudgetRequest) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(request.to_json())
-    out["amount_usd"] = str(Decimal(request.amount_nanos) / 10**9)
+    out["amount_usd"] = format(Decimal(request.amount_nanos).scaleb(-9).normalize(), "f")  # never 1E-9 or 2E+3
     return out
 
 
@@ -269,6 +269,12 @@ async def post_feature(request: web.Request) -> web.Response:
         ]
         if taken:
             raise LifecycleError(f"feature {name} is registered already ({taken[0].id}, {taken[0].status})", 409)
+        if any(budget.scope == scope for budget in policy.budgets):  # else a registration would raise that budget
+            raise LifecycleError(
+                f"feature {name} has a budget in the policy in force already: ask for more with "
+                f"`spendstream budget request {scope} AMOUNT --until YYYY-MM-DD --reason WHY`",
+                409,
+            )
         registration = new_request(
             Kind.feature, scope, "month", _amount(body, "monthly_cost_usd"), now, None, caller.name,
             str(_field(body, "reason")), now,

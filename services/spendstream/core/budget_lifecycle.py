@@ -229,7 +229,7 @@ def expire(request: BudgetRequest) -> BudgetRequest:
     assert request.expires_at is not None
     return replace(
         request, status=Status.expired, step="expired", step_by="spendstream processor",
-        step_at=request.expires_at, step_reason="the adjustment reached its expiry",
+        step_at=request.expires_at, step_reason="the adjustment reached its expiry", approver_level="",
     )  # fmt: skip
 
 
