@@ -201,3 +201,28 @@ def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings:
             assert read_requests(fresh.kafka_client_config()) == {approved.id: approved}
     finally:
         client.close()
+
+
+def test_audit_verify_without_a_broker_says_so_once(tmp_path: Path) -> None:
+    """With the broker down the chains are still verified; stderr says once that no anchor could be read, rather
+    than one librdkafka connection error per retry."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    env = {"SPENDSTREAM_DATA_DIR": str(tmp_path), "SPENDSTREAM_KAFKA_BOOTSTRAP": closed}
+    ledger = Settings(**{"data_dir": tmp_path, "kafka_bootstrap": closed})
+    client = connect(ledger)
+    try:
+        migrate(client, ledger)
+    finally:
+        client.close()
+    done = subprocess.run([sys.executable, "-m", "spendstream.cli", "audit", "verify"], capture_output=True,
+                          text=True, timeout=120, env={**_os_env(), **env})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decisions: 0 records, chain intact" in done.stdout and "anchors checked: 0" in done.stdout
+    assert done.stderr.splitlines() == [
+        "spendstream audit verify: no anchors (broker: Failed to get watermark offsets: Local: All broker "
+        "connections are down)"
+    ]

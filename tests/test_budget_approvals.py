@@ -28,11 +28,13 @@ USD = 1_000_000_000
 POLICY_YAML = """
 name: lifecycle
 org: acme
-divisions: {growth: [marketing, sales, support]}
+divisions: {growth: [marketing, sales, support, product]}
 budgets:
   - {scope: "team:marketing", period: month, amount_usd: 100}
   - {scope: "team:sales", period: month, amount_usd: 60}
   - {scope: "team:support", period: month, amount_usd: 50}
+  - {scope: "team:product", period: month, amount_usd: 40}
+  - {scope: "feature:ai_writer", period: month, amount_usd: 30}
 approvals:
   feature_threshold_usd: 2000
   levels:
@@ -146,7 +148,7 @@ def test_a_temporary_increase_lifts_the_shutoff_and_expires_on_time(stack: Stack
     assert restored["limit_nanos"] == 100 * USD
     assert datetime.fromisoformat(str(restored["issued_at"])) >= until  # not before its expiry
     listed = stack.ok("alice", "budget", "list", "--status", "expired")
-    assert request_id(line) in listed and "expired by spendstream processor" in listed
+    assert request_id(line) in listed and "expired by spendstream processor: the adjustment reached" in listed
     deadline = time.monotonic() + 30  # the grant and the expiry are chained audit records in the ledger
     while "budget_events: 2 records, chain intact" not in (verified := stack.ok("alice", "audit", "verify")):
         assert time.monotonic() < deadline, verified
@@ -199,3 +201,33 @@ def test_a_feature_above_the_threshold_waits_for_approval(stack: Stack) -> None:
     approved = stack.decision("feature:ai_summarizer", "allow", after=blocked["version"])
     assert approved["limit_nanos"] == 2500 * USD
     assert "ai_summarizer" in stack.ok("alice", "feature", "list", "--status", "approved")
+
+
+def test_an_approver_can_neither_split_past_its_ceiling_nor_overturn_a_higher_denial(stack: Stack) -> None:
+    """The ceiling bounds what a budget's approved increases add up to, not each request alone; a denial is
+    overturned only on appeal to a higher level."""
+    increase = ("budget", "increase", "team:product", "15", "--until", "2099-01-01")
+    assert "\tapproved\t" in stack.ok("mike", *increase, "--reason", "first half")
+    split = stack.refused("mike", *increase, "--reason", "second half")
+    assert "at most $20.00 on team:product, which already has $15.00" in split and "$30.00" in split
+    asked = request_id(stack.ok("alice", "budget", "request", "team:product", "10", *increase[4:], "--reason", "more"))
+    assert "already has $15.00" in stack.refused("mike", "budget", "approve", asked, "--reason", "in two steps")
+    assert "\tdenied\t" in stack.ok("dana", "budget", "deny", asked, "--reason", "not this month")
+    overturn = stack.refused("dana", "budget", "approve", asked, "--reason", "changed my mind")
+    assert "an appeal needs a level above director" in overturn
+    assert "approved by vera (vp)" in stack.ok("vera", "budget", "approve", asked, "--reason", "the appeal")
+
+
+def test_registering_a_budgeted_feature_does_not_raise_its_budget(stack: Stack) -> None:
+    """Below the threshold a registration is approved by the policy alone: it must not add to a budget the policy
+    already sets, or any token could raise a feature's budget without an approver."""
+    refused = stack.refused("alice", "feature", "register", "ai_writer", "1500", "--reason", "more for my feature")
+    assert "ai_writer has a budget in the policy in force already" in refused
+    assert "spendstream budget request feature:ai_writer" in refused
+    assert "feature:ai_writer" not in stack.ok("alice", "feature", "list")
+
+
+def test_an_amount_is_listed_in_plain_dollars(stack: Stack) -> None:
+    one_nano = ("team:support", "0.000000001", "--until", "2099-01-01", "--reason", "the smallest amount")
+    line = stack.ok("alice", "budget", "request", *one_nano)
+    assert "\t$0.000000001\t" in line

@@ -167,7 +167,7 @@ def test_webhook_slack_and_email_payloads_signature_and_delivery_state(
         "8000.000000000",
     )
     assert doc["edges"] == "requests pass unchanged (alert only)"
-    assert "spendstream policy apply" in doc["act"] and "http://dashboard.example/" in doc["act"]
+    assert "spendstream budget request team:" in doc["act"] and "http://dashboard.example/" in doc["act"]
     assert "Spend: $6,400.000000007 of a $8,000.00 limit (80.0%)" in doc["text"]
 
     (posted,) = slack.accepted
@@ -424,8 +424,10 @@ def test_reference_scenario_owner_alert_and_emergency_stop_escalation(
     assert stop in _subjects(mail, "cfo@") and stop in _subjects(mail, "vp-engineering@")
     (cfo_stop,) = [m for m in mail.to("cfo@acme.example") if m["Subject"] == stop]
     assert "Edges now: the feature's requests are refused" in cfo_stop.get_content()
+    assert "budget" not in cfo_stop.get_content().partition("Act:")[2]  # more budget does not lift a spike stop
     marketing = [m for m in mail.to("marketing-lead@acme.example") if "budget threshold" in m["Subject"]]
     assert len(marketing) == 1 and "Spend: $6,400.00 of a $8,000.00 limit (80.0%)" in marketing[0].get_content()
+    assert "`spendstream budget request team:marketing AMOUNT --until" in marketing[0].get_content()
     assert [(k, c) for k, s, c in rows if k == "threshold" and s == "team:marketing"] == [
         ("threshold", "marketing-mail")
     ]

@@ -40,7 +40,7 @@ from spendstream.core.budget_lifecycle import (
     new_request,
 )
 from spendstream.core.config import Settings
-from spendstream.core.periods import budget_period_names, period_window
+from spendstream.core.periods import budget_period, period_window
 from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy
 from spendstream.core.policy_log import read_policy_log
 from spendstream.core.pricing import usd_to_nanos
@@ -91,7 +91,7 @@ def publish(kafka_conf: dict[str, Any], request: BudgetRequest) -> None:
 
 def request_json(request: BudgetRequest) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(request.to_json())
-    out["amount_usd"] = str(Decimal(request.amount_nanos) / 10**9)
+    out["amount_usd"] = format(Decimal(request.amount_nanos).scaleb(-9).normalize(), "f")  # never 1E-9 or 2E+3
     return out
 
 
@@ -143,9 +143,7 @@ def _budget_request(body: dict[str, Any], policy: Policy, by: str, now: datetime
     scope = str(_field(body, "scope"))
     try:
         check_scope(scope)
-        period = str(body.get("period") or "month")
-        if period not in budget_period_names():
-            raise ValueError(f"period must be one of {', '.join(budget_period_names())}, got {period!r}")
+        period = budget_period(str(body.get("period") or "month")).name
     except ValueError as exc:
         raise LifecycleError(f"scope/period: {exc}") from None
     if not any(b.scope == scope and b.period == period for b in policy.budgets):
@@ -232,13 +230,13 @@ async def post_request(request: web.Request) -> web.Response:
 
 
 async def post_increase(request: web.Request) -> web.Response:
-    def make(body: dict[str, Any], policy: Policy, _r: Any, caller: Any, now: datetime) -> BudgetRequest:
+    def make(body: dict[str, Any], policy: Policy, requests: Any, caller: Any, now: datetime) -> BudgetRequest:
         if not caller.level:
             raise LifecycleError(
                 f"token {caller.name!r} has no approval level: a direct increase needs an approver", 403
             )
         asked = _budget_request(body, policy, caller.name, now, True)
-        return grant(asked, caller.name, caller.level, policy.approval_rules, now)
+        return grant(asked, caller.name, caller.level, policy.approval_rules, now, requests.values())
 
     return await _step(request, make)
 
@@ -252,7 +250,9 @@ def _decision(approve: bool) -> Any:
             if found is None:
                 raise LifecycleError(f"no budget request {request_id!r} (spendstream budget list)", 404)
             reason = str(_field(body, "reason"))
-            return decide(found, approve, caller.name, caller.level, reason, policy.approval_rules, now)
+            return decide(
+                found, approve, caller.name, caller.level, reason, policy.approval_rules, now, requests.values()
+            )
 
         return await _step(request, make)
 
@@ -270,6 +270,12 @@ async def post_feature(request: web.Request) -> web.Response:
         ]
         if taken:
             raise LifecycleError(f"feature {name} is registered already ({taken[0].id}, {taken[0].status})", 409)
+        if any(budget.scope == scope for budget in policy.budgets):  # else a registration would raise that budget
+            raise LifecycleError(
+                f"feature {name} has a budget in the policy in force already: ask for more with "
+                f"`spendstream budget request {scope} AMOUNT --until YYYY-MM-DD --reason WHY`",
+                409,
+            )
         registration = new_request(
             Kind.feature, scope, "month", _amount(body, "monthly_cost_usd"), now, None, caller.name,
             str(_field(body, "reason")), now,

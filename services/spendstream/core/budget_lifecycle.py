@@ -125,8 +125,13 @@ def new_request(
     )  # fmt: skip
 
 
-def approval_problem(rules: Approvals, level_name: str, scope: str, amount_nanos: int) -> str | None:
-    """Why an approver of ``level_name`` may not approve ``amount_nanos`` for ``scope`` (None: it may)."""
+def approval_problem(
+    rules: Approvals, level_name: str, scope: str, amount_nanos: int, granted_nanos: int = 0
+) -> str | None:
+    """Why an approver of ``level_name`` may not approve ``amount_nanos`` for ``scope`` (None: it may).
+
+    ``granted_nanos`` is what approved, unexpired adjustments already add to the same budget: the ceiling bounds
+    the budget's total increase, so splitting an amount into smaller requests does not get around it."""
     if not level_name:
         return "only an approver token with a level may approve (spendstream api token create --role approver)"
     level = rules.level(level_name)
@@ -135,20 +140,51 @@ def approval_problem(rules: Approvals, level_name: str, scope: str, amount_nanos
     dimension = scope.partition(":")[0]
     if dimension not in level.dimensions:
         return f"level {level.name} approves for {', '.join(level.dimensions)} scopes, not {dimension}"
-    if level.max_nanos is not None and amount_nanos > level.max_nanos:
-        return (
-            f"level {level.name} approves at most ${level.max_nanos / 10**9:,.2f}, this is ${amount_nanos / 10**9:,.2f}"
-        )
+    total = amount_nanos + granted_nanos
+    if level.max_nanos is not None and total > level.max_nanos:
+        ceiling = f"level {level.name} approves at most ${level.max_nanos / 10**9:,.2f}"
+        if granted_nanos:
+            return (
+                f"{ceiling} on {scope}, which already has ${granted_nanos / 10**9:,.2f} of approved increases; "
+                f"this would bring them to ${total / 10**9:,.2f}"
+            )
+        return f"{ceiling}, this is ${amount_nanos / 10**9:,.2f}"
     return None
 
 
-def decide(
-    request: BudgetRequest, approve: bool, by: str, level: str, reason: str, rules: Approvals, at: datetime
-) -> BudgetRequest:
-    """The request approved or denied by ``by`` (an authenticated principal of approval ``level``).
+def granted_nanos(request: BudgetRequest, others: Iterable[BudgetRequest], at: datetime) -> int:
+    """What the approved, unexpired adjustments other than ``request`` add to its budget at ``at``."""
+    return sum(
+        other.amount_nanos
+        for other in others
+        if other.id != request.id
+        and (other.scope, other.period) == (request.scope, request.period)
+        and other.status is Status.approved
+        and (other.expires_at is None or at < other.expires_at)
+    )
 
-    A pending request may be approved or denied; a denied one may still be approved (an appeal, usually to a
-    higher level); an approved or expired one is final."""
+
+def level_rank(rules: Approvals, level_name: str) -> int:
+    """The position of a level on the policy's ladder (lowest first); -1 for a level the policy does not name."""
+    names = [level.name for level in rules.levels]
+    return names.index(level_name) if level_name in names else -1
+
+
+def decide(
+    request: BudgetRequest,
+    approve: bool,
+    by: str,
+    level: str,
+    reason: str,
+    rules: Approvals,
+    at: datetime,
+    others: Iterable[BudgetRequest] = (),
+) -> BudgetRequest:
+    """The request approved or denied by ``by`` (an authenticated principal of approval ``level``); ``others`` are
+    the other requests, whose approved increases count against the approver's ceiling.
+
+    A pending request may be approved or denied; a denied one may still be approved on appeal to a higher level
+    than the denier's; an approved or expired one is final."""
     open_to = (Status.pending, Status.denied) if approve else (Status.pending,)
     if request.status not in open_to:
         raise LifecycleError(
@@ -158,18 +194,28 @@ def decide(
         raise LifecycleError(f"{by} requested {request.id} and may not also decide it", 403)
     if not reason.strip():
         raise LifecycleError("a reason is required: the audit trail says why")
-    problem = approval_problem(rules, level, request.scope, request.amount_nanos)
+    if request.status is Status.denied and level_rank(rules, level) <= level_rank(rules, request.approver_level):
+        raise LifecycleError(
+            f"{by} may not overturn {request.id}: it was denied by {request.step_by} ({request.approver_level}); "
+            f"an appeal needs a level above {request.approver_level}",
+            403,
+        )
+    granted = granted_nanos(request, others, at) if approve else 0
+    problem = approval_problem(rules, level, request.scope, request.amount_nanos, granted)
     if problem is not None:
         raise LifecycleError(f"{by} may not decide {request.id}: {problem}", 403)
     status, step = (Status.approved, "approved") if approve else (Status.denied, "denied")
     return replace(request, status=status, step=step, step_by=by, step_at=at, step_reason=reason, approver_level=level)
 
 
-def grant(request: BudgetRequest, by: str, level: str, rules: Approvals, at: datetime) -> BudgetRequest:
-    """A request its own author may approve at once: a direct increase by an approver, or a feature at or below
-    the threshold (``by`` is then the policy itself)."""
+def grant(
+    request: BudgetRequest, by: str, level: str, rules: Approvals, at: datetime, others: Iterable[BudgetRequest] = ()
+) -> BudgetRequest:
+    """A request its own author may approve at once: a direct increase by an approver (within its ceiling, the
+    approved increases in ``others`` counted), or a feature at or below the threshold (``by`` is then the policy)."""
     if level:
-        problem = approval_problem(rules, level, request.scope, request.amount_nanos)
+        granted = granted_nanos(request, others, at)
+        problem = approval_problem(rules, level, request.scope, request.amount_nanos, granted)
         if problem is not None:
             raise LifecycleError(f"{request.requested_by} may not grant this: {problem}", 403)
     return replace(
@@ -183,7 +229,7 @@ def expire(request: BudgetRequest) -> BudgetRequest:
     assert request.expires_at is not None
     return replace(
         request, status=Status.expired, step="expired", step_by="spendstream processor",
-        step_at=request.expires_at, step_reason="the adjustment reached its expiry",
+        step_at=request.expires_at, step_reason="the adjustment reached its expiry", approver_level="",
     )  # fmt: skip
 
 

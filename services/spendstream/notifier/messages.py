@@ -172,10 +172,14 @@ def act_hint(kind: NotificationKind, scope: str, dashboard_url: str | None) -> s
         command = "check the processors (`spendstream dev` log or `docker compose ps processor`)"
     else:
         by = "user" if scope.startswith("feature:") else "feature"
-        command = (
-            f"see where the spend goes with `spendstream report top --by {by}`; raise the {scope} budget in the policy "
-            "and run `spendstream policy apply FILE`"
-        )
+        command = f"see where the spend goes with `spendstream report top --by {by}`"
+        if kind in (NotificationKind.threshold, NotificationKind.forecast):
+            command += (
+                f"; ask for more with `spendstream budget request {scope} AMOUNT --until YYYY-MM-DD --reason WHY` "
+                "(`--overage` once it is spent; an approver grants it with `spendstream budget approve ID`)"
+            )
+        elif kind is NotificationKind.quota:
+            command += f"; raise the {scope} quota in the policy and run `spendstream policy apply FILE`"
     return f"{command}; dashboard: {dashboard_url}" if dashboard_url else command
 
 

@@ -111,6 +111,10 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
     if not policy.is_file():
         print(f"spendstream: policy file not found: {policy}", file=sys.stderr)
         return 2
+    missing = missing_notifier_secrets(policy)
+    if missing:  # as `spendstream notifier` refuses, rather than a notifier whose channel fails every delivery
+        print("spendstream: cannot start the notifier:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
     stub = None
     if args.stub_upstream:
         from spendstream.gateway.stub_upstream import StubUpstream
@@ -141,6 +145,23 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         if stub is not None:
             stub.stop()
     return 0
+
+
+def missing_notifier_secrets(policy_path: Path) -> list[str]:
+    """The secrets the policy's notification channels name that the environment does not set (field and variable);
+    an invalid file is left to the stack, which says what it does with it."""
+    import os
+
+    from spendstream.core.notification_policy import missing_secrets
+    from spendstream.core.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError:
+        return []
+    if policy.notifications is None:
+        return []
+    return [f"{policy_path}: {problem}" for problem in missing_secrets(policy.notifications, os.environ)]
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:

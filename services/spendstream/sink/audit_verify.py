@@ -22,7 +22,10 @@ from spendstream.sink.audit_sink import CHAIN_COLUMNS, Stream, audit_streams
 
 def read_anchors(kafka_conf: dict[str, Any], timeout: float = 5.0) -> dict[str, Head]:
     """The newest anchored head of each stream; empty if the topic holds none."""
-    consumer = Consumer({**kafka_conf, "group.id": "spendstream-audit-verify", "enable.auto.commit": False})
+    # librdkafka's level 2 (critical) and below: an unreachable broker is said once, by the caller, not by one
+    # connection-refused line per retry.
+    quiet = {"log_level": 2}
+    consumer = Consumer({**kafka_conf, **quiet, "group.id": "spendstream-audit-verify", "enable.auto.commit": False})
     anchors: dict[str, Head] = {}
     try:
         _, high = consumer.get_watermark_offsets(TopicPartition(AUDIT_HEADS, 0), timeout=timeout)
