@@ -192,3 +192,14 @@ def test_a_malformed_record_is_refused_by_name(field: str, value: Any, problem: 
     good = json.loads(new_request(Kind.increase, "team:x", "month", USD, T0, None, "a", "b", T0).to_json())
     with pytest.raises(ValueError, match=problem):
         BudgetRequest.from_json(json.dumps({**good, field: value}))
+
+
+def test_an_approval_ladder_out_of_order_or_empty_is_refused() -> None:
+    """Appeals go up the ladder as listed, so a ceiling that falls on the way up would let less overturn more."""
+    upside_down = "approvals:\n  levels:\n    - {name: board}\n    - {name: manager, max_usd: 1000}\n"
+    with pytest.raises(ValueError, match=r"approvals.*lowest first.*'manager'"):
+        parse_policy(upside_down)
+    with pytest.raises(ValueError, match=r"approvals.*at least one"):
+        parse_policy("approvals:\n  levels: []\n")
+    ordered = "approvals:\n  levels:\n    - {name: manager, max_usd: 1000}\n    - {name: board}\n"
+    assert [level.name for level in parse_policy(ordered).approval_rules.levels] == ["manager", "board"]

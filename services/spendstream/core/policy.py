@@ -337,8 +337,20 @@ class Approvals(_Model):
     @model_validator(mode="after")
     def _check(self) -> Approvals:
         names = [level.name for level in self.levels]
+        if not names:
+            raise ValueError("approval levels: name at least one (or leave approvals out for the reference ladder)")
         if len(names) != len(set(names)):
             raise ValueError("approval level names must be unique")
+        # Levels are read lowest first (a denial is overturned only by a level listed after it), so a ceiling
+        # must not fall on the way up: a later level that may approve less would outrank a higher one.
+        for lower, higher in zip(self.levels, self.levels[1:], strict=False):
+            lower_cap = MAX_AMOUNT_NANOS + 1 if lower.max_nanos is None else lower.max_nanos
+            higher_cap = MAX_AMOUNT_NANOS + 1 if higher.max_nanos is None else higher.max_nanos
+            if higher_cap < lower_cap:
+                raise ValueError(
+                    f"approval levels are listed lowest first; {higher.name!r} may approve less than "
+                    f"{lower.name!r} before it: order them by ceiling"
+                )
         threshold = _money(self.feature_threshold_usd, self.feature_threshold_nanos, "feature_threshold", False)
         object.__setattr__(self, "feature_threshold_nanos", usd_to_nanos(2_000) if threshold is None else threshold)
         object.__setattr__(self, "feature_threshold_usd", None)
