@@ -237,7 +237,7 @@ def test_an_alert_says_what_happened_spend_limit_what_edges_do_and_how_to_act() 
     assert "alert: team:marketing at 80%" in text
     assert "Spend: $6,400.00000075 of a $8,000.00 limit (80.0%)" in text
     assert "Edges now: requests pass unchanged (alert only)" in text
-    assert "spendstream policy apply" in text and "http://dash.example/" in text
+    assert "spendstream budget request" in text and "http://dash.example/" in text
     after_shutoff = alert_message(ALERT, NotificationKind.threshold, "shutoff", None)
     assert "requests are refused" in after_shutoff.edges
     stop = alert_message(

@@ -388,6 +388,9 @@ CONFIG_FROM_CALLER = {
     "edge/topic_follower.py",
     "processor/internal_topics.py",
     "processor/ledger_rebuild.py",
+    "processor/budget_adjustments.py",
+    "api/budget_requests.py",
+    "sink/audit_verify.py",
 }
 # Clients of the embedded broker only (`spendstream dev`, the broker's health check): it has no security settings.
 EMBEDDED_ONLY = {  # always a local broker

@@ -137,11 +137,12 @@ def spend_totals(
     ``order_limit`` the rows are the largest ``order_limit`` by cost, each followed by the total of all keys.
     """
     dimensions = [k for k in keys if k != "day"]
-    width = max((WIDTH_OF[k] for k in dimensions), default=WIDTH_OF["team"])
-    if width != WIDTH_OF["team"] and len(dimensions) > 1:
+    rolled_up = all(k in WIDTH_OF for k in dimensions)  # a key no rollup holds (service_tier) reads the ledger
+    width = max((WIDTH_OF.get(k, WIDTH_OF["team"]) for k in dimensions), default=WIDTH_OF["team"])
+    if rolled_up and width != WIDTH_OF["team"] and len(dimensions) > 1:
         raise ValueError(f"daily rollups hold one dimension at a time, not {dimensions}")
     cuts = _local_midnights(start, end, ledger.tz) if "day" in keys else []
-    seals = valid_seals(ledger.client, ledger.db, width, start, end) if ledger.sealed else {}
+    seals = valid_seals(ledger.client, ledger.db, width, start, end) if ledger.sealed and rolled_up else {}
     source = plan(start, end, width, seals, cuts)
     names = [f"k{i}" for i in range(len(keys))]
     parts = []
