@@ -18,7 +18,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from machine_facts import cpu_model
+from figures import figure, machine
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Decision
 from spendstream.core.policy import parse_policy
@@ -79,6 +79,7 @@ def report(results: dict[str, list[tuple[float, float, float]]]) -> None:
         cpu = statistics.median(r[2] for r in rounds)
         spread = f"{min(p99s):.2f}-{max(p99s):.2f}"
         print(f"  {name:44} {p50:6.2f} {statistics.median(p99s):6.2f} {spread:>13} {cpu:9.2f}")
+        figure("enforcer", f"check() p99, {name}", statistics.median(p99s), "us", target="< 5", cpu_us=round(cpu, 2))
 
 
 def main() -> None:
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()} x {os.cpu_count()}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    machine("enforcer")
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=1)
         codec = AvroCodec("decision")

@@ -34,6 +34,8 @@ PREFIX = "FIGURE "
 BENCHES = {
     "gateway": ["bench/bench_gateway.py"],
     "overshoot": ["bench/bench_overshoot.py"],
+    "enforcer": ["bench/bench_enforcer.py", "--rounds", "3"],
+    "emitter": ["bench/bench_emitter.py", "--events", "300000"],
 }
 
 
