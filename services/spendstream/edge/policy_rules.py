@@ -25,35 +25,73 @@ import math
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from itertools import count
 
 from spendstream.core.events import ACTION_RANK
 from spendstream.core.matching import ModelMatcher, is_template
 from spendstream.core.policy import Policy
 from spendstream.edge.verdict import DENY_MODEL, SHUTOFF, ScopeRule, Verdict
 
-# A scope with its list: (scope, matcher)
-_List = tuple[str, ModelMatcher]
+_MODELS_REMEMBERED = 4096  # answers kept per list (the names a deployment calls are few)
+
+
+class ModelList(dict[str, Verdict | None]):
+    """One scope's allowed-model list; as a dict, its answer per model name (None: allowed), decided on first sight,
+    so the request path pays one dict lookup and allocates nothing, refusals included."""
+
+    __slots__ = ("matcher", "scope")
+
+    def __init__(self, scope: str, matcher: ModelMatcher) -> None:
+        super().__init__()
+        self.scope = scope
+        self.matcher = matcher
+
+    def __missing__(self, model: str) -> Verdict | None:
+        found = None
+        if model not in self.matcher:
+            reason = f"model {model} is not allowed for {self.scope} (allowed: {self.matcher.describe()})"
+            found = Verdict(DENY_MODEL, model, None, reason, self.scope)
+        if len(self) >= _MODELS_REMEMBERED:
+            self.clear()
+        self[model] = found
+        return found
+
+
 # (dimension index, list per value, list of the dimension's template or None)
-_Lookup = tuple[int, dict[str, _List], _List | None]
+_Lookup = tuple[int, dict[str, ModelList], ModelList | None]
 
 
 def index_allowed_models(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lookup, ...]:
     """The policy's allowed-model lists, indexed by the position of their dimension in ``dimensions``."""
-    by_dim: dict[int, tuple[dict[str, _List], list[_List]]] = {}
+    by_dim: dict[int, tuple[dict[str, ModelList], list[ModelList]]] = {}
     for scope, models in policy.allowed_models.items():
         dimension, _, value = scope.partition(":")
         if dimension not in dimensions:
             continue
         exact, template = by_dim.setdefault(dimensions.index(dimension), ({}, []))
         if is_template(scope):
-            template.append((scope, ModelMatcher(models)))
+            template.append(ModelList(scope, ModelMatcher(models)))
         else:
-            exact[value] = (scope, ModelMatcher(models))
+            exact[value] = ModelList(scope, ModelMatcher(models))
     return tuple((i, exact, template[0] if template else None) for i, (exact, template) in sorted(by_dim.items()))
 
 
+# Per counted dimension: (index, (cap, counter) per value seen today, caps per value, template's cap, counters)
+_Counted = tuple[int, dict[str, tuple[int, "count[int]"]], dict[str, int], int | None, dict[str, "count[int]"]]
+
+
+def _counted(counter: count[int]) -> int:
+    """How many numbers ``counter`` has handed out (``itertools.count`` has no accessor; its repr is ``count(n)``)."""
+    return int(repr(counter)[6:-1])
+
+
 class RequestQuotas:
-    """Requests per quota scope and local day counted at this edge; ``count`` refuses the ones over a cap."""
+    """Requests per quota scope and local day counted at this edge; ``count`` refuses the ones over a cap.
+
+    Each counted scope has an ``itertools.count``: ``next()`` on it is one C call under the GIL, so concurrent
+    checks never admit two requests on one count, without a lock on the request path. The counters are shared
+    with the next policy version (same timezone), so a request counted by a check still on the old rules counts.
+    """
 
     def __init__(self, policy: Policy, dimensions: Sequence[str]) -> None:
         self.tz = policy.tz
@@ -77,9 +115,14 @@ class RequestQuotas:
             for i in sorted({*exact, *templates})
         )
         self._dimensions = tuple(dimensions)
-        self._counts: dict[int, dict[str, int]] = {i: {} for i, _, _ in self._caps}  # dimension index -> value -> n
+        self._counters: dict[int, dict[str, count[int]]] = {i: {} for i, _, _ in self._caps}  # today's, per value
+        self._counted = self._compile()
         self._day_end = -math.inf
-        self._lock = threading.Lock()  # concurrent checks never admit two requests on one count
+        self._lock = threading.Lock()  # one roll-over per day
+
+    def _compile(self) -> tuple[_Counted, ...]:
+        """What ``count`` reads per request, with no (cap, counter) seen yet."""
+        return tuple((i, {}, caps, template_cap, self._counters[i]) for i, caps, template_cap in self._caps)
 
     def __bool__(self) -> bool:
         return bool(self._caps)
@@ -88,9 +131,10 @@ class RequestQuotas:
         """Keep today's counts across a policy change (a new cap applies to the requests already made)."""
         if previous.tz == self.tz:
             with previous._lock:
-                for i, counts in previous._counts.items():
-                    if i in self._counts:
-                        self._counts[i] = dict(counts)
+                for i, counters in previous._counters.items():
+                    if i in self._counters:
+                        self._counters[i] = counters
+                self._counted = self._compile()
                 self._day_end = previous._day_end
 
     def count(self, values: Sequence[str], wall_now: float, refusals: list[ScopeRule]) -> None:
@@ -98,19 +142,19 @@ class RequestQuotas:
         adds a ``shutoff`` rule to ``refusals`` that expires at the end of the local day."""
         if wall_now >= self._day_end:
             self._roll_over(wall_now)
-        all_counts = self._counts
-        lock = self._lock
-        for i, caps, template_cap in self._caps:
+        for i, seen, caps, template_cap, counters in self._counted:
             value = values[i]
             if value:
-                cap = caps.get(value, template_cap)
-                if cap is not None:
-                    counts = all_counts[i]
-                    with lock:
-                        used = counts.get(value, 0)
-                        counts[value] = used + 1
-                    if used >= cap:
-                        refusals.append(self._refusal(i, value, used, cap))
+                entry = seen.get(value)
+                if entry is None:
+                    cap = caps.get(value, template_cap)
+                    if cap is None:
+                        continue
+                    entry = seen.setdefault(value, (cap, counters.setdefault(value, count())))
+                cap, counter = entry
+                used = next(counter)
+                if used >= cap:
+                    refusals.append(self._refusal(i, value, used, cap))
 
     def _refusal(self, i: int, value: str, used: int, cap: int) -> ScopeRule:
         scope = f"{self._dimensions[i]}:{value}"
@@ -120,7 +164,8 @@ class RequestQuotas:
     def used(self, scope: str) -> int:
         """Requests counted today for ``scope`` (``user:u1``)."""
         dimension, _, value = scope.partition(":")
-        return self._counts.get(self._dimensions.index(dimension), {}).get(value, 0)
+        counter = self._counters.get(self._dimensions.index(dimension), {}).get(value)
+        return 0 if counter is None else _counted(counter)
 
     def _roll_over(self, wall_now: float) -> None:
         with self._lock:
@@ -129,7 +174,8 @@ class RequestQuotas:
             local = datetime.fromtimestamp(wall_now, self.tz)
             start = local.replace(hour=0, minute=0, second=0, microsecond=0)
             end = (start + timedelta(days=1, hours=2)).replace(hour=0)  # the next local midnight, across DST too
-            self._counts = {i: {} for i in self._counts}
+            self._counters = {i: {} for i in self._counters}
+            self._counted = self._compile()  # before the new day's end, so a check that sees it counts afresh
             self._day_end = end.timestamp()
 
 
@@ -152,9 +198,9 @@ class StaticRules:
         for i, exact, template in self.allowed:
             value = values[i]
             if value:
-                found = exact.get(value) or template
-                if found is not None and model not in found[1]:
-                    scope, matcher = found
-                    reason = f"model {model} is not allowed for {scope} (allowed: {matcher.describe()})"
-                    return Verdict(DENY_MODEL, model, None, reason, scope)
+                found = exact.get(value, template)
+                if found is not None:
+                    denied = found[model]
+                    if denied is not None:
+                        return denied
         return None
