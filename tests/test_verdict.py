@@ -54,6 +54,7 @@ rules_strategy = st.lists(
         st.booleans(),
     ),
     max_size=6,
+    unique_by=lambda r: r.scope,  # an Enforcer holds one decision per scope
 )
 
 
