@@ -217,6 +217,25 @@ def resolve_one(rule: ScopeRule, key: str, model: str, wall_now: float, mono_now
     return Verdict(ALERT, served, None, rule.reason, rule.scope)
 
 
+def served_model(fallbacks: list[ScopeRule], model: str) -> tuple[str, ScopeRule | None]:
+    """The model a request is served after every fallback map applies (maps chain, taken in scope order so the
+    answer does not depend on the order decisions arrived in), and the rule that rewrote it last, if any."""
+    served, rewrote = model, None
+    if len(fallbacks) == 1:
+        target = fallbacks[0].fallback.get(model)
+        return (target, fallbacks[0]) if target is not None and target != model else (model, None)
+    fallbacks.sort(key=_scope_of)
+    for _ in range(len(fallbacks)):
+        for rule in fallbacks:
+            target = rule.fallback.get(served)
+            if target is not None and target != served:
+                served, rewrote = target, rule
+                break
+        else:
+            break
+    return (served, rewrote) if served != model else (model, None)
+
+
 def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: float, mono_now: float) -> Verdict:
     """``resolve`` for any number of matching rules."""
     shutoff: ScopeRule | None = None
@@ -238,23 +257,7 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
     if not active:
         return Verdict(ALLOW, model)
 
-    served, rewrote = model, None
-    if len(fallbacks) == 1:
-        target = fallbacks[0].fallback.get(model)
-        if target is not None and target != model:
-            served, rewrote = target, fallbacks[0]
-    elif fallbacks:
-        fallbacks.sort(key=_scope_of)
-        for _ in range(len(fallbacks)):
-            for rule in fallbacks:
-                target = rule.fallback.get(served)
-                if target is not None and target != served:
-                    served, rewrote = target, rule
-                    break
-            else:
-                break
-        if served == model:
-            rewrote = None
+    served, rewrote = served_model(fallbacks, model)
 
     top: ScopeRule | None = None
     throttles = []
@@ -338,18 +341,7 @@ def plan(rules: Sequence[ScopeRule], model: str, wall_now: float) -> Plan | None
             return None
         verdict = Verdict(SHUTOFF, model, None, shutoff.reason or "budget exhausted", shutoff.scope)
         return Plan(valid_from, valid_until, verdict, (), _timed(valid_from, valid_until))
-    served, rewrote = model, None
-    fallbacks.sort(key=_scope_of)
-    for _ in range(len(fallbacks)):
-        for rule in fallbacks:
-            target = rule.fallback.get(served)
-            if target is not None and target != served:
-                served, rewrote = target, rule
-                break
-        else:
-            break
-    if served == model:
-        rewrote = None
+    served, rewrote = served_model(fallbacks, model)
     top: ScopeRule | None = None
     throttles: list[int] = []
     for position in active:
