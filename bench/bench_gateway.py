@@ -9,6 +9,8 @@ user: each request matches some). Targets (docs/architecture.md §11): added p50
 Targets take turns in ``--rounds`` alternating blocks, so a shared machine's drift reaches all of them alike;
 the CPU time per request (utime + stime of every gateway process, all threads) varies far less than latency.
 Streaming: added time to first byte and to last byte, separately.
+The load generator (``http_load.py``) is lean so that the cores go to what is measured; the table shows its CPU
+and the stub's per request, and from them this machine's ceiling in requests/s at concurrency 32.
 Every figure is also printed as one ``FIGURE {json}`` line (``bench/readme_table.py`` reads them).
 Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10] [--workers N]
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
+from http_load import post_many
 from spendstream.gateway.keys import hash_key
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
@@ -47,37 +50,15 @@ async def load(
     body: bytes | Callable[[], bytes] = BODY,
     first_bytes: list[float] | None = None,
 ) -> tuple[list[float], float]:
-    """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds.
+    """Latencies (ms) of ``requests`` POSTs with ``concurrency`` in flight, and the elapsed seconds (through the
+    lean load generator of ``http_load.py``, so the machine's CPU goes to what is measured).
 
     ``body`` is the request body, or a function that makes a new one per request (e.g. cache misses).
     ``first_bytes`` collects the time (ms) to the first byte of each response body (streams).
     """
     make_body = body if callable(body) else lambda: body
-    latencies: list[float] = []
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    remaining = requests
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                data = make_body()
-                start = time.perf_counter()
-                async with session.post(url, data=data, headers=headers) as response:
-                    if first_bytes is not None:
-                        await response.content.readany()
-                        first_bytes.append((time.perf_counter() - start) * 1000)
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"{url} answered {response.status}")
-                latencies.append((time.perf_counter() - start) * 1000)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return latencies, elapsed
+    return await post_many(url, requests, concurrency, make_body, headers, first_bytes)
 
 
 @dataclass
@@ -94,6 +75,8 @@ class Measured:
     latencies: list[float] = field(default_factory=list)  # ms
     elapsed: float = 0.0  # seconds under load
     cpu_seconds: float = 0.0  # of the target's process while it was measured (NaN: not counted)
+    client_cpu_seconds: float = 0.0  # of this process (the load generator) meanwhile
+    upstream_cpu_seconds: float = 0.0  # of the stub upstream meanwhile
     first_bytes: list[float] = field(default_factory=list)  # ms, streams only
 
     @property
@@ -103,6 +86,12 @@ class Measured:
     @property
     def cpu_ms_per_request(self) -> float:
         return self.cpu_seconds * 1000 / len(self.latencies)
+
+    def ceiling(self, cores: int) -> float:
+        """The requests/s ``cores`` CPUs could serve at this target's CPU cost per request of gateway, stub
+        upstream and load generator together (the machine's limit, whatever the number of gateway workers)."""
+        per_request = self.cpu_seconds + self.client_cpu_seconds + self.upstream_cpu_seconds
+        return cores * len(self.latencies) / per_request
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -130,6 +119,7 @@ def interleaved(
     rounds: int,
     path: str = "/v1/chat/completions",
     streams: bool = False,
+    upstream_pid: int | None = None,
 ) -> dict[str, Measured]:
     """Latencies, elapsed seconds and CPU time per target, measured in ``rounds`` alternating blocks after a warm-up.
 
@@ -142,10 +132,13 @@ def interleaved(
         asyncio.run(load(target.url + path, 300, concurrency, target.body))
     for _ in range(rounds):
         for name, target in targets.items():
-            cpu_before = cpu_seconds(target.pid)
+            cpu_before, upstream_before = cpu_seconds(target.pid), cpu_seconds(upstream_pid)
+            client_before = time.process_time()
             result = measured[name]
             first = result.first_bytes if streams else None
             latencies, elapsed = asyncio.run(load(target.url + path, block, concurrency, target.body, first))
+            result.client_cpu_seconds += time.process_time() - client_before
+            result.upstream_cpu_seconds += cpu_seconds(upstream_pid) - upstream_before
             result.cpu_seconds += cpu_seconds(target.pid) - cpu_before
             result.latencies.extend(latencies)
             result.elapsed += elapsed
@@ -307,7 +300,10 @@ def main() -> None:
                 f"{args.requests:,} chat.completions requests per target and concurrency, in {args.rounds} alternating "
                 f"blocks; {args.decisions:,} decisions in force, routing policy on, metering on; latency in ms"
             )
-            print(f"  {'target':10} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8} {'cpu ms/req':>10}")
+            print(
+                f"  {'target':10} {'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>8} {'cpu ms/req':>10} "
+                f"{'stub cpu':>8} {'load cpu':>8}"
+            )
             runs = {
                 1: {"direct": Target(stub_url), "1 worker": Target(one_url, pid=one.pid)},
                 32: {
@@ -321,11 +317,17 @@ def main() -> None:
                     targets["before"] = Target(before_url, pid=before.pid)
             results: dict[tuple[str, int], Measured] = {}
             for concurrency, targets in runs.items():
-                for name, m in interleaved(targets, args.requests, concurrency, args.rounds).items():
+                measured = interleaved(targets, args.requests, concurrency, args.rounds, upstream_pid=stub.pid)
+                for name, m in measured.items():
                     results[(name, concurrency)] = m
                     p50, p99 = pct(m.latencies, 0.5), pct(m.latencies, 0.99)
                     rps, cpu = m.requests_per_s, m.cpu_ms_per_request
-                    print(f"  {name:10} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {cpu:10.3f}")
+                    stub_cpu = m.upstream_cpu_seconds * 1000 / len(m.latencies)
+                    load_cpu = m.client_cpu_seconds * 1000 / len(m.latencies)
+                    print(
+                        f"  {name:10} {concurrency:4} {p50:7.3f} {p99:7.3f} {rps:8.0f} {cpu:10.3f} "
+                        f"{stub_cpu:8.3f} {load_cpu:8.3f}"
+                    )
             direct, gateway = results[("direct", 1)], results[("1 worker", 1)]
             added50 = pct(gateway.latencies, 0.5) - pct(direct.latencies, 0.5)
             added99 = pct(gateway.latencies, 0.99) - pct(direct.latencies, 0.99)
@@ -358,6 +360,15 @@ def main() -> None:
             one32, many32 = results[("1 worker", 32)].requests_per_s, results[(many, 32)].requests_per_s
             print(f"req/s at concurrency 32: {many} {many32:,.0f}, 1 worker {one32:,.0f} ({many32 / one32:.2f}x), "
                   f"stub directly {base32:,.0f}")  # fmt: skip
+            # The gateway shares the cores with the stub upstream and the load generator: at their CPU cost per
+            # request, no number of workers can serve more than this on this machine.
+            cores = os.cpu_count() or 1
+            ceiling = results[(many, 32)].ceiling(cores)
+            print(
+                f"this machine's ceiling at the {many}' CPU cost per request (gateway + stub + load generator on "
+                f"{cores} cores): {ceiling:,.0f} req/s; {many} reach {many32 / ceiling:.0%} of it"
+            )
+            figure("gateway", f"req/s ceiling of this machine, concurrency 32, {many}", ceiling, "req/s")
             figure(
                 "gateway",
                 "req/s, concurrency 32, 1 worker",
@@ -377,6 +388,7 @@ def main() -> None:
                 1,
                 args.rounds,
                 streams=True,
+                upstream_pid=stub.pid,
             )
             d, g = streamed["direct"], streamed["1 worker"]
             first = pct(g.first_bytes, 0.5) - pct(d.first_bytes, 0.5)

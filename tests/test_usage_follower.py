@@ -157,8 +157,12 @@ def test_own_calls_are_counted_once(two_providers) -> None:
         return observed.samples if observed else 0
 
     assert wait_for(lambda: samples() >= 3, 10)
+    follower = gateway.follower
+    assert follower is not None
+    # Observed as metered; their records come back with this gateway's origin header and are skipped undecoded.
+    assert wait_for(lambda: follower.counts["own"] == 3, 10)
     time.sleep(0.5)  # anything counted a second time would have arrived by now
-    assert samples() == 3
+    assert samples() == 3 and follower.counts["fed"] == 0
 
 
 def test_warm_up_from_the_ledger_then_only_newer_stream_records(ledger, settings: Settings) -> None:

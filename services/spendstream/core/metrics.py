@@ -219,8 +219,13 @@ def instrument_app(app: Any, service: str) -> None:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
 
+    histograms: dict[tuple[str, str], Any] = {}  # (endpoint, status class) -> its child (labels() costs per call)
+
     def observe(endpoint: str, status_class: str, seconds: float) -> None:
-        HTTP_LATENCY.labels(service, endpoint, status_class).observe(seconds)
+        histogram = histograms.get((endpoint, status_class))
+        if histogram is None:
+            histogram = histograms[(endpoint, status_class)] = HTTP_LATENCY.labels(service, endpoint, status_class)
+        histogram.observe(seconds)
 
     @web.middleware
     async def observe_latency(request: web.Request, handler: Any) -> web.StreamResponse:

@@ -17,6 +17,9 @@ HEARTBEAT_KEY_PREFIX = b"heartbeat:"  # enforcement-topic keys of processor hear
 DLQ_REASON_HEADER = "spendstream.dlq.reason"
 DLQ_SOURCE_HEADER = "spendstream.dlq.source"
 DLQ_STAGE_HEADER = "spendstream.dlq.stage"
+# On every usage record an Emitter produces: that Emitter's (that process's) random id, so a gateway that follows
+# the usage topic for routing skips its own calls without decoding them (it observed them as they were made).
+ORIGIN_HEADER = "spendstream.origin"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import logging
 import struct
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import UsageEvent, usage_bounds_problem
-from spendstream.core.topics import USAGE
+from spendstream.core.topics import ORIGIN_HEADER, USAGE
 from spendstream.edge.metrics import EMITTERS
 from spendstream.edge.spool import Spool
 from spendstream.edge.usage_encoding import UsageEncoder
@@ -199,6 +200,9 @@ class Emitter:
         self._producer_conf.setdefault("logger", _KafkaLog(self._loud))
         self._topic = topic
         self._max_queue = max_queue
+        # This Emitter's id, on every record it produces (ORIGIN_HEADER); spooled records get it when replayed.
+        self.origin = uuid.uuid4().hex.encode()
+        self._headers = [(ORIGIN_HEADER, self.origin)]
         self._encoder = UsageEncoder(AvroCodec("usage_event", settings.schema_registry_url))
         self._queue: deque[UsageEvent] = deque()
         # Overflow events handed over by emit() callers, spooled by the background thread (deque ops are atomic).
@@ -451,10 +455,10 @@ class Emitter:
         records = self._encode(events)
         if self._online and self._spool_records() == 0:
             produce = self._producer.produce
-            topic = self._topic
+            topic, headers = self._topic, self._headers
             for i, (key, value) in enumerate(records):
                 try:
-                    produce(topic, value, key)
+                    produce(topic, value, key, headers=headers)
                 except BufferError:
                     records = records[i:]
                     break
@@ -483,7 +487,7 @@ class Emitter:
     def _replay_some(self) -> bool:
         busy = False
         produce = self._producer.produce
-        topic = self._topic
+        topic, headers = self._topic, self._headers
         while self._replay_inflight < _REPLAY_WINDOW:
             if not self._replay:
                 nxt = self._spool.read_next() if self._spool else None
@@ -497,7 +501,7 @@ class Emitter:
             while seg.produced < seg.total and self._replay_inflight < _REPLAY_WINDOW:
                 key, value = unpack(records[seg.produced])
                 try:
-                    produce(topic, value, key, on_delivery=callback)
+                    produce(topic, value, key, headers=headers, on_delivery=callback)
                 except BufferError:
                     return True
                 seg.produced += 1

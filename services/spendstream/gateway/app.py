@@ -358,10 +358,16 @@ class Gateway:
 
             self.telemetry = GenAiTelemetry(self.settings.otel_exporter_otlp_endpoint)
         if self.routing is not None:
-            self.follower = UsageFollower(self.settings, timezone=self.tz).start()
-            self.provider_stats = self.follower.stats
+            self._start_follower()
         if self.keys_file is not None:
             self._keys_watch = asyncio.create_task(self._watch_keys_file())
+
+    def _start_follower(self) -> None:
+        """Routing learns from every gateway's calls on the usage topic; this gateway's own calls are observed as
+        they are metered (``_meter``), so the follower skips the records its Emitter produced."""
+        own = getattr(self.emitter, "origin", None)  # an Emitter's id; a stand-in emitter (tests) may have none
+        self.follower = UsageFollower(self.settings, timezone=self.tz, own_origin=own).start()
+        self.provider_stats = self.follower.stats
 
     def _follow_policy_in_force(self) -> None:
         """A gateway started with a policy routes and prices by the policy in force, as its Enforcer reads it from
@@ -376,8 +382,7 @@ class Gateway:
         self.prices = policy.price_table
         self._plans.clear()
         if self.routing is not None and self.follower is None:
-            self.follower = UsageFollower(self.settings, timezone=self.tz).start()
-            self.provider_stats = self.follower.stats
+            self._start_follower()
         log.info("gateway routes and prices by policy %s %s", policy.name, policy.version)
 
     async def _watch_keys_file(self) -> None:
@@ -897,6 +902,8 @@ class Gateway:
             if call.reservation is not None:
                 self.enforcer.settle(call.reservation, event.cost_nanos or 0)  # type: ignore[union-attr]
             self.emitter.emit(event)
+            if self.follower is not None and self.follower.own_origin is not None:
+                self.provider_stats.observe_event(event)
             if self.telemetry is not None:
                 self.telemetry.record(event, call.endpoint.name)
         if answer is not None and answer.cache_key is not None:

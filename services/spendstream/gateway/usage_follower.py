@@ -2,9 +2,11 @@
 
 A background thread reads the tail of the usage topic (every partition, from ``lookback_s`` ago; no consumer group
 offsets are committed: each gateway reads the whole stream and keeps nothing) and feeds the decoded events into a
-``SharedProviderStats`` in batches. The gateway takes its routing snapshots from that same object, so the stream is
-the one source of its latency, error and spend figures. Its own calls come back through the topic like everyone
-else's and are not fed directly, so nothing is counted twice.
+``SharedProviderStats`` in batches. The gateway takes its routing snapshots from that same object. Its own calls
+are observed as it meters them; their records, which carry its Emitter's id in the ``spendstream.origin`` header,
+are skipped here before decoding, so nothing is counted twice and a lone gateway decodes nothing. (Records of a
+spool replayed by the same process carry the id too; a spool left by an earlier process is read under the new id
+and counts like another gateway's calls.)
 
 Where reading starts: ``offsets_for_times`` finds the first offset at or after the look-back start; a broker that
 answers with an earlier offset is corrected by skipping records whose timestamp is older, before decoding them.
@@ -32,7 +34,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings
-from spendstream.core.topics import USAGE
+from spendstream.core.topics import ORIGIN_HEADER, USAGE
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 from spendstream.gateway.provider_stats import ProviderStats, RoutingStats, feed, load_from_ledger
 
@@ -99,8 +101,10 @@ class UsageFollower:
         batch_size: int = 2000,
         poll_timeout_s: float = 0.1,
         topic: str = USAGE,
+        own_origin: bytes | None = None,
     ) -> None:
         self.settings = settings
+        self.own_origin = own_origin  # records with this ``spendstream.origin`` header are skipped (already observed)
         self.tz = timezone
         self.stats = stats or SharedProviderStats(period_start=month_start(datetime.now(UTC), timezone))
         self.lookback_s = self.stats.window_s if lookback_s is None else lookback_s
@@ -110,7 +114,7 @@ class UsageFollower:
         self.batch_size = batch_size
         self.poll_timeout_s = poll_timeout_s
         self.topic = topic
-        self.counts: Counter[str] = Counter()  # fed, skipped_old, bad_records, errors, ledger_warmups
+        self.counts: Counter[str] = Counter()  # fed, own, skipped_old, bad_records, errors, ledger_warmups
         self._codec = AvroCodec("usage_event", settings.schema_registry_url)
         self._conf = {
             **settings.kafka_client_config(),
@@ -198,8 +202,13 @@ class UsageFollower:
 
     def _decode(self, messages: list[Any], since_ms: int) -> list[dict[str, Any]]:
         records = []
+        own = (ORIGIN_HEADER, self.own_origin) if self.own_origin is not None else None
+        skipped_own = 0
         for msg in messages:
             if msg.error() is not None or msg.value() is None:
+                continue
+            if own is not None and own in (msg.headers() or ()):
+                skipped_own += 1
                 continue
             kind, at_ms = msg.timestamp()
             if kind and at_ms < since_ms:  # kind 0: the broker gave no timestamp, so the record counts
@@ -211,4 +220,5 @@ class UsageFollower:
                 self.counts["bad_records"] += 1
                 log.debug("usage follower: undecodable record at %s/%d: %s", msg.partition(), msg.offset(), exc)
         self.counts["fed"] += len(records)
+        self.counts["own"] += skipped_own
         return records
