@@ -345,3 +345,13 @@ def test_a_connection_trickling_its_headers_is_closed(api: RunningApi) -> None:
             break
         assert closed, "the API kept a connection open whose request head never ended"
     assert call(api.port, "GET", "/healthz").status == 200
+
+
+def test_a_mistyped_path_is_not_found_for_any_token_and_unauthorised_without_one(api: RunningApi) -> None:
+    ingest = create_token(api.env, "--role", "ingest", "--team", "marketing")
+    typo = call(api.port, "POST", "/v1/usages", json.dumps(event()).encode(), Content_Type="application/json",
+                Authorization=f"Bearer {ingest}")  # fmt: skip
+    assert typo.status == 404 and "POST /v1/usages" in typo.json()["error"], typo.body
+    wrong_method = call(api.port, "DELETE", "/v1/usage", Authorization=f"Bearer {ingest}")
+    assert wrong_method.status == 405 and "DELETE /v1/usage" in wrong_method.json()["error"], wrong_method.body
+    assert call(api.port, "GET", "/v1/nothing-here").status == 401  # without a token the API's paths stay unlisted

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import brotli
 import openai
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -279,6 +280,10 @@ def test_refusals_follow_the_otlp_http_spec(stack: Stack, broker: EmbeddedBroker
 
     empty = call(stack.port, "POST", "/v1/traces", raw, Content_Type="application/x-protobuf", **auth)
     assert empty.status == 200
+    # Collectors may compress with brotli too; an encoding that cannot be inflated is a Status, not plain text.
+    brotli_body = call(stack.port, "POST", "/v1/traces", brotli.compress(raw), Content_Type="application/x-protobuf",
+                       Content_Encoding="br", **auth)  # fmt: skip
+    assert brotli_body.status == 200, brotli_body.body
     assert not ExportTraceServiceResponse.FromString(empty.body).HasField("partial_success")
     other_team = _json_span({"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
                              "gen_ai.usage.input_tokens": 5, "team": "sales"})  # fmt: skip

@@ -534,6 +534,10 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path == "/" and "token" in request.query:
         return _open_dashboard(request)
     caller = _caller(request)
+    missing = request.match_info.http_exception
+    if missing is not None and caller is not None:  # a typo, not a missing right: say so to any known token
+        verb = "no endpoint" if missing.status == 404 else "method not allowed:"
+        return _error(missing.status, f"{verb} {request.method} {request.path} (the API's endpoints: README, API)")
     refused = _refusal(request, needed, caller)
     if refused is None:
         request[CALLER] = caller  # who is asking, for handlers that record it (budget requests)

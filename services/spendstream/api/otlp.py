@@ -4,8 +4,8 @@ Services already instrumented with OpenTelemetry's GenAI semantic conventions ex
 any OTLP/HTTP receiver, and spendstream counts what they spent without a line of new code in the service.
 
 * Encodings: binary protobuf (``application/x-protobuf``) and OTLP JSON (``application/json``: hex trace and
-  span ids, lowerCamelCase keys), either one gzip-compressed (``Content-Encoding: gzip``; aiohttp inflates it
-  and holds the inflated size to the API's body limit).
+  span ids, lowerCamelCase keys), either one gzip- or brotli-compressed (``Content-Encoding: gzip`` or ``br``;
+  aiohttp inflates it and holds the inflated size to the API's body limit).
 * A span is a GenAI span when it carries ``gen_ai.provider.name`` (or the older ``gen_ai.system``): one key
   compared per attribute, nothing built for any other span. Agent, tool and other non-inference operations are
   skipped too (their tokens are those of the inference spans beneath them), and so are the gateway's own spans
@@ -87,7 +87,7 @@ class IngestResult:
 
 
 def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
-    """The request a body carries (aiohttp has already inflated a gzip body); ``OtlpDecodeError`` otherwise."""
+    """The request a body carries (aiohttp has inflated a gzip or brotli body); ``OtlpDecodeError`` otherwise."""
     request = ExportTraceServiceRequest()
     if content_type == PROTOBUF:
         try:
