@@ -259,7 +259,7 @@ class Enforcer:
                             verdict = throttled(kept, limiting, wait)
                     else:
                         verdict = follow(kept, rules, keys, time.monotonic())
-        if static is not None and verdict.action not in BLOCKING_STATUS:
+        if static is not None and static.allowed and verdict.action not in BLOCKING_STATUS:
             served = verdict.model
             for i, exact, template in static.allowed:  # inline StaticRules.denial: one lookup per listed dimension
                 value = values[i]
