@@ -110,3 +110,19 @@ def test_kept_plans_follow_every_decision_that_arrives(decisions, requests) -> N
         for request in requests:
             assert long_lived.check(**request) == new.check(**request)
             assert long_lived.check(**request) == new.check(**request)  # the second answer comes from a kept plan
+
+
+def test_kept_throttle_plans_take_the_token_of_the_matched_value() -> None:
+    """``user:*`` holds one bucket per user and ``team:t`` one for the team, also when a kept plan answers."""
+    edge = enforcer()
+    once = 1e-6  # requests/s: each bucket lets one request through, then refuses for days
+    edge.apply("user:*", Decision(scope="user:*", action="throttle", version=1, throttle_rps=once))
+    answers = [edge.check(user=user, model="m") for user in ("u1", "u1", "u2", "u2", "u1")]
+    assert [a.action for a in answers] == ["allow", "throttle", "allow", "throttle", "throttle"]
+    assert answers[1].scope == "user:*" and answers[1].retry_after_s > 3600
+    edge.apply("team:t", Decision(scope="team:t", action="throttle", version=1, throttle_rps=once))
+    assert edge.check(team="t", user="u3", model="m").action == "allow"  # takes u3's token and the team's
+    refused = edge.check(team="t", user="u4", model="m")
+    assert (refused.action, refused.scope) == ("throttle", "team:t")
+    assert edge.check(user="u4", model="m").action == "allow"  # the team's refusal took none of u4's tokens
+    assert edge.check(user="u3", model="m").action == "throttle"

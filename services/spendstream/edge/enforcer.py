@@ -216,11 +216,13 @@ class Enforcer:
         keys: list[str] = []
         static = self._static
         wall = None
-        if static is not None and static.quotas is not None:
-            wall = self._wall()
-            static.quotas.count(values, wall, rules)
-            if rules:
-                keys = [""] * len(rules)
+        if static is not None:
+            quotas = static.quotas
+            if quotas is not None:
+                wall = self._wall()
+                quotas.count(values, wall, rules)
+                if rules:
+                    keys = [""] * len(rules)
         for i, by_value, wildcard in self._active:
             value = values[i]
             if value:
@@ -240,19 +242,33 @@ class Enforcer:
             if feature and self._exempting:
                 rules = [rule.for_feature(feature) if rule.critical else rule for rule in rules]
             kept = self._plans.get((model, *rules))
-            if kept is None or kept.timed:
+            if kept is None:
                 verdict = self._resolve(rules, keys, model, wall)
-            elif not kept.throttles:
-                verdict = kept.verdict
-            elif len(kept.throttles) == 1:  # inline: the common throttled-but-allowed request
-                position = kept.throttles[0]
-                now = time.monotonic()
-                wait = rules[position].bucket(keys[position], now).try_take(now)
-                verdict = kept.verdict if wait <= 0.0 else throttled(kept, rules[position], wait)
             else:
-                verdict = follow(kept, rules, keys, time.monotonic())
+                _, _, verdict, throttles, timed = kept
+                if timed:
+                    verdict = self._resolve(rules, keys, model, wall)
+                elif throttles:
+                    if len(throttles) == 1:  # inline: the common throttled-but-allowed request
+                        position = throttles[0]
+                        limiting = rules[position]
+                        key = keys[position]
+                        now = time.monotonic()
+                        wait = (limiting.buckets.get(key) or limiting.bucket(key, now)).try_take(now)
+                        if wait > 0.0:
+                            verdict = throttled(kept, limiting, wait)
+                    else:
+                        verdict = follow(kept, rules, keys, time.monotonic())
         if static is not None and static.allowed and verdict.action not in BLOCKING_STATUS:
-            return static.denial(values, verdict.model) or verdict
+            served = verdict.model
+            for i, exact, template in static.allowed:  # inline StaticRules.denial: one lookup per listed dimension
+                value = values[i]
+                if value:
+                    found = exact.get(value, template)
+                    if found is not None:
+                        denied = found[served]
+                        if denied is not None:
+                            return denied
         return verdict
 
     def _resolve(self, rules: list[ScopeRule], keys: list[str], model: str, wall: float | None) -> Verdict:

@@ -180,7 +180,10 @@ class RequestQuotas:
 
 
 class StaticRules:
-    """What an edge enforces from one policy version without any decision: model lists and request quotas."""
+    """What an edge enforces from one policy version without any decision: model lists and request quotas.
+
+    ``Enforcer.check`` reads ``allowed`` itself (one lookup per listed dimension, then the list's answer for the
+    served model), since a call per request costs as much as the lookups."""
 
     def __init__(self, policy: Policy, dimensions: Sequence[str], previous: StaticRules | None = None) -> None:
         self.version = policy.version
@@ -192,15 +195,3 @@ class StaticRules:
 
     def __bool__(self) -> bool:
         return bool(self.allowed) or self.quotas is not None
-
-    def denial(self, values: Sequence[str], model: str) -> Verdict | None:
-        """``deny_model`` if a list of one of the request's scopes (dimension ``values``) does not cover ``model``."""
-        for i, exact, template in self.allowed:
-            value = values[i]
-            if value:
-                found = exact.get(value, template)
-                if found is not None:
-                    denied = found[model]
-                    if denied is not None:
-                        return denied
-        return None
