@@ -9,8 +9,9 @@ user: each request matches some). Targets (docs/architecture.md §11): added p50
 Targets take turns in ``--rounds`` alternating blocks, so a shared machine's drift reaches all of them alike;
 the CPU time per request (utime + stime of every gateway process, all threads) varies far less than latency.
 Streaming: added time to first byte and to last byte, separately.
-The load generator (``http_load.py``) is lean so that the cores go to what is measured; the table shows its CPU
-and the stub's per request, and from them this machine's ceiling in requests/s at concurrency 32.
+The load generator (``http_load.py``) and the stub upstream (``lean_upstream.py``, where a real provider would cost
+this machine nothing) are lean so that the cores go to what is measured; the table shows their CPU per request,
+and from them this machine's ceiling in requests/s at concurrency 32.
 Every figure is also printed as one ``FIGURE {json}`` line (``bench/readme_table.py`` reads them).
 Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10] [--workers N]
 """
@@ -280,7 +281,7 @@ def main() -> None:
             "SPENDSTREAM_DATA_DIR": tmp,
             "SPENDSTREAM_POLICY": str(policy),
         }
-        stub = subprocess.Popen([python, "-m", "spendstream.gateway.stub_upstream", "--port", str(stub_port)])
+        stub = subprocess.Popen([python, str(Path(__file__).with_name("lean_upstream.py")), "--port", str(stub_port)])
         one = start_gateway(python, config, one_port, 1, env)
         several = start_gateway(python, config, many_port, args.workers, env)
         before: subprocess.Popen | None = None
