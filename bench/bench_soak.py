@@ -4,7 +4,8 @@ The processor (`spendstream processor`) and the sink (`spendstream sink`) run as
 embedded broker and a chDB ledger; the Emitter runs in this process. Reported: emit rate, end-to-end
 throughput (first emit until both services committed everything), how long each service trailed the last emit,
 ledger lag (ingested_at - occurred_at, p50/p99/max), peak RSS (VmHWM) of every process, and whether the
-processor's window totals equal the ledger's sums per scope and period, to the nano-dollar.
+processor's window totals equal the ledger's sums per scope and period, to the nano-dollar. The figures are also
+printed as ``FIGURE`` lines (``bench/readme_table.py``).
 Run: .venv/bin/python bench/bench_soak.py [--events 5000000]
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from figures import figure, machine
 from spendstream.core.config import load_settings
 from spendstream.core.events import UsageEvent
 from spendstream.core.ledger_store import connect
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5_000_000)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the services to catch up")
     args = parser.parse_args()
+    machine("soak")
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedBroker(log_path=Path(tmp_name) / "broker.log") as broker:
         tmp = Path(tmp_name)
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=PARTITIONS)
@@ -154,6 +157,8 @@ def main() -> None:
             proc_done = wait_for("processor", lambda: counted(broker.bootstrap), args.events, args.timeout)
             end = max(sink_done, proc_done)
             print(f"end to end: {args.events / (end - started):,.0f} events/s ({end - started:.1f} s)")
+            rate = args.events / (end - started)
+            figure("soak", f"end to end, {args.events:,} events, one processor and one sink", rate, "events/s")
             print(
                 f"sink caught up {sink_done - emitted_at:.1f} s after the last ack; "
                 f"processor {proc_done - emitted_at:.1f} s"
@@ -164,6 +169,8 @@ def main() -> None:
                 "emitter (this process)": peak_rss_mb(os.getpid()),
             }
             print("peak RSS (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MB" for name, mb in rss.items()))
+            figure("soak", f"processor peak RSS, {args.events:,} events", rss["processor"], "MB", target="<= 400")
+            figure("soak", f"sink peak RSS, {args.events:,} events", rss["sink"], "MB")
             sink.send_signal(signal.SIGTERM)
             sink.wait(120)
             time.sleep(3)  # the processor's last changelog writes
