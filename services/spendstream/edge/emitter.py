@@ -19,10 +19,13 @@ failed and logged with the field, never raised to the caller, so one bad event c
 downstream.
 
 When the deque is full, ``emit()`` leaves the event in a bounded inbox that the background thread
-encodes and appends to the spool, so the caller neither encodes nor waits for a disk write. Only
-when that inbox is full too does ``emit()`` encode and append to the spool itself. Memory stays
-bounded (``max_queue`` plus the inbox's events) and nothing is lost. Delivery is at-least-once; order is kept per
-key except across such an overflow.
+encodes and appends to the spool, so the caller neither encodes nor waits for a disk write. When
+that inbox is full too, ``emit()`` encodes the event (a few microseconds) and leaves its bytes in a
+second bounded inbox, which the background thread appends to the spool in batches: a burst that
+outruns the background thread costs the caller an encoding, never a disk write or a lock held
+across one. Only when both inboxes are full (the disk is slower than the callers) does ``emit()``
+append to the spool itself. Memory stays bounded (``max_queue`` plus the inboxes) and nothing is
+lost. Delivery is at-least-once; order is kept per key except across such an overflow.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 _KEY_LEN = struct.Struct("<H")
 _BATCH = 4096  # events taken from the deque per loop turn
 _INBOX_EVENTS = 65_536  # overflow events waiting for the background thread to encode and spool them
+_INBOX_RECORDS = 131_072  # overflow records encoded by emit() waiting to be spooled (a few hundred bytes each)
 _REPLAY_WINDOW = 50_000  # replayed events in flight at most
 _PROBE_INTERVAL_S = 1.0
 _PROBE_TIMEOUT_S = 1.0
@@ -201,8 +205,10 @@ class Emitter:
         self._max_queue = max_queue
         self._encoder = UsageEncoder(AvroCodec("usage_event", settings.schema_registry_url))
         self._queue: deque[UsageEvent] = deque()
-        # Overflow events handed over by emit() callers, spooled by the background thread (deque ops are atomic).
+        # Overflow handed over by emit() callers, spooled by the background thread (deque ops are atomic):
+        # events, and once that inbox is full, spool records encoded by the caller.
         self._inbox: deque[UsageEvent] = deque()
+        self._inbox_records: deque[bytes] = deque()
         # Counters written by the background thread only.
         self._taken = 0
         self._sent = 0
@@ -259,7 +265,8 @@ class Emitter:
     def _bypass(self, event: UsageEvent) -> None:
         """Deque full (or closed): leave the event for the background thread to encode and spool.
 
-        Only if that inbox is full too (the disk is slower than the callers) is the spool written from here.
+        If that inbox is full, encode here and leave the record for the background thread to spool; only if
+        that inbox is full too (the disk is slower than the callers) is the spool written from here.
         """
         spooled = handed = False
         if self._closed:
@@ -276,7 +283,11 @@ class Emitter:
             except Exception as exc:
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
             else:
-                spooled = self._spool_append([record]) == 1
+                if len(self._inbox_records) < _INBOX_RECORDS:
+                    self._inbox_records.append(record)
+                    handed = True
+                else:
+                    spooled = self._spool_append([record]) == 1
         with self._bypass_lock:
             self._bypassed += 1
             self._bypass_spooled += spooled
@@ -295,7 +306,7 @@ class Emitter:
             spooled=self._spooled + b_spooled,
             replayed=self._replayed,
             failed=self._failed + b_failed,
-            queued=queued + len(self._inbox) + self._in_hand + self._live_inflight,
+            queued=queued + len(self._inbox) + len(self._inbox_records) + self._in_hand + self._live_inflight,
             spool_bytes=spool_bytes,
             spool_events=self._spool_records(),
         )
@@ -309,7 +320,13 @@ class Emitter:
         deadline = time.monotonic() + timeout
         start = self._turns
         while self._thread.is_alive() and time.monotonic() < deadline:
-            if self._turns >= start + 2 and self._pending == 0 and not self._queue and not self._inbox:
+            if (
+                self._turns >= start + 2
+                and self._pending == 0
+                and not self._queue
+                and not self._inbox
+                and not self._inbox_records
+            ):
                 return 0
             time.sleep(0.005)
         return self._undelivered()
@@ -318,6 +335,7 @@ class Emitter:
         return (
             len(self._queue)
             + len(self._inbox)
+            + len(self._inbox_records)
             + self._in_hand
             + self._live_inflight
             + len(self._failed_live)
@@ -421,7 +439,7 @@ class Emitter:
             self._in_hand = n
             self._forward([self._queue.popleft() for _ in range(n)])
             self._in_hand = 0
-        if self._inbox:
+        if self._inbox or self._inbox_records:
             busy = True
             self._spool_inbox()
         if self._online:
@@ -439,11 +457,16 @@ class Emitter:
         return busy
 
     def _spool_inbox(self) -> None:
-        """Encode and append the events emit() handed over while the deque was full (taken from the left: in order)."""
+        """Append what emit() handed over while the deque was full (taken from the left: in order): the events
+        (encoded here), then the records emit() encoded once that inbox was full too."""
         inbox = self._inbox
         events = [inbox.popleft() for _ in range(len(inbox))]
         self._in_hand = len(events)
         self._to_spool([pack(key, value) for key, value in self._encode(events)])
+        inbox_records = self._inbox_records
+        records = [inbox_records.popleft() for _ in range(len(inbox_records))]
+        self._in_hand = len(records)
+        self._to_spool(records)
         self._in_hand = 0
 
     def _forward(self, events: list[UsageEvent]) -> None:
@@ -470,8 +493,10 @@ class Emitter:
         record = self._encoder.record
         for event in events:
             try:
-                check_bounds(event)  # raises, naming the field
-                append(record(event))
+                if usage_bounds_problem(event.__dict__) is None:
+                    append(record(event))
+                else:
+                    check_bounds(event)  # raises, naming the field
             except RefusedEvent as exc:
                 self._failed += 1
                 self._loud.error("refused", "%s", exc)
