@@ -124,7 +124,7 @@ class UsageEncoder:
         self._strings = _Cache(avro_string)
         self._longs = _Cache(avro_long)
         self._high = _Cache(varint)  # a timestamp's bits above the low 21: they change about once a second
-        self._who = _Cache(_who)  # org..environment -> (partition key, their Avro strings)
+        self._who = _Cache(self._attribution)  # org..environment -> (partition key, their Avro strings)
         self._routes = _Cache(avro_strings)  # provider, model requested and served -> their Avro strings
         self._outcomes = _Cache(self._outcome)  # status..service_tier -> their Avro bytes
 
@@ -163,6 +163,14 @@ class UsageEncoder:
         except Exception:  # a value of an unexpected type: the generic encoder accepts or names it
             return f"{fields['org']}/{fields['team']}".encode(), self._codec.encode(event.to_avro())
 
+    def _attribution(self, who: tuple[str, ...]) -> tuple[bytes, bytes]:
+        """The partition key and the Avro strings of org..environment, each string from its cache: a new
+        user of a known team costs one string encoding."""
+        if any(value.__class__ is not str for value in who):
+            raise TypeError("not a string")
+        s = self._strings
+        return f"{who[0]}/{who[2]}".encode(), b"".join([s[value] for value in who])
+
     def _outcome(self, outcome: tuple[Any, ...]) -> bytes:
         status, decision, cache_hit, *detail, service_tier = outcome
         n = self._longs
@@ -189,11 +197,6 @@ class UsageEncoder:
     def _map(self, tags: dict[str, str]) -> bytes:
         s = self._strings
         return b"".join((avro_long(len(tags)), *(s[k] + s[v] for k, v in tags.items()), b"\x00"))
-
-
-def _who(who: tuple[str, ...]) -> tuple[bytes, bytes]:
-    """The partition key and the Avro strings of org..environment."""
-    return f"{who[0]}/{who[2]}".encode(), avro_strings(who)
 
 
 def _uuid(value: UUID) -> bytes:
