@@ -439,11 +439,13 @@ class Emitter:
             self._in_hand = n
             self._forward([self._queue.popleft() for _ in range(n)])
             self._in_hand = 0
-        if self._inbox or self._inbox_records:
+        overflowing = bool(self._inbox or self._inbox_records)
+        if overflowing:
             busy = True
             self._spool_inbox()
         if self._online:
-            busy = self._replay_some() or busy
+            if not overflowing:  # replay waits while emit() overflows: draining the inboxes spares callers work
+                busy = self._replay_some() or busy
         elif time.monotonic() >= self._probe_at:
             if self._probe():
                 log.warning("Kafka broker is back; replaying %d spooled usage events", self._spool_records())
