@@ -210,12 +210,12 @@ class Emitter:
         self._inbox: deque[UsageEvent] = deque()
         self._inbox_records: deque[bytes] = deque()
         # Counters written by the background thread only.
-        self._taken = 0
+        self._taken = 0  # events and records taken from the deque and the inboxes
         self._sent = 0
         self._spooled = 0
         self._replayed = 0
         self._failed = 0
-        # Counters of emit() calls that bypassed the deque (written under _bypass_lock).
+        # Counters of emit() calls that neither queued nor handed over their event (written under _bypass_lock).
         self._bypassed = 0
         self._bypass_spooled = 0
         self._bypass_failed = 0
@@ -240,7 +240,7 @@ class Emitter:
         self._segments: dict[int, _Segment] = {}
         self._replay_inflight = 0
         self._live_inflight = 0  # produced directly, delivery report not yet seen
-        self._in_hand = 0  # events taken from the deque and not yet produced or spooled
+        self._in_hand = 0  # events taken from the deque or the inboxes and not yet produced or spooled
         self._turns = 0  # loop turns done, published with _pending for flush()
         self._pending = 0
         self._closed = False
@@ -268,30 +268,31 @@ class Emitter:
         If that inbox is full, encode here and leave the record for the background thread to spool; only if
         that inbox is full too (the disk is slower than the callers) is the spool written from here.
         """
-        spooled = handed = False
         if self._closed:
             self._loud.error("closed", "emit() after close(): event %s dropped", getattr(event, "event_id", "?"))
+            spooled = False
         elif len(self._inbox) < _INBOX_EVENTS:
-            self._inbox.append(event)
-            handed = True
+            self._inbox.append(event)  # counted by the background thread when it takes it: no lock here
+            return
         else:
             try:
                 check_bounds(event)
                 record = pack(*self._encoder.record(event))
             except RefusedEvent as exc:
                 self._loud.error("refused", "%s", exc)
+                spooled = False
             except Exception as exc:
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
+                spooled = False
             else:
                 if len(self._inbox_records) < _INBOX_RECORDS:
                     self._inbox_records.append(record)
-                    handed = True
-                else:
-                    spooled = self._spool_append([record]) == 1
+                    return
+                spooled = self._spool_append([record]) == 1
         with self._bypass_lock:
             self._bypassed += 1
             self._bypass_spooled += spooled
-            self._bypass_failed += not (spooled or handed)
+            self._bypass_failed += not spooled
 
     # -- observing and stopping --------------------------------------------------------------
     @property
@@ -299,14 +300,14 @@ class Emitter:
         spool_bytes = self._spool.bytes if self._spool else 0
         with self._bypass_lock:
             bypassed, b_spooled, b_failed = self._bypassed, self._bypass_spooled, self._bypass_failed
-        queued = len(self._queue)
+        queued = len(self._queue) + len(self._inbox) + len(self._inbox_records)
         return EmitterStats(
             emitted=self._taken + queued + bypassed,
             sent=self._sent,
             spooled=self._spooled + b_spooled,
             replayed=self._replayed,
             failed=self._failed + b_failed,
-            queued=queued + len(self._inbox) + len(self._inbox_records) + self._in_hand + self._live_inflight,
+            queued=queued + self._in_hand + self._live_inflight,
             spool_bytes=spool_bytes,
             spool_events=self._spool_records(),
         )
@@ -463,10 +464,12 @@ class Emitter:
         (encoded here), then the records emit() encoded once that inbox was full too."""
         inbox = self._inbox
         events = [inbox.popleft() for _ in range(len(inbox))]
+        self._taken += len(events)
         self._in_hand = len(events)
         self._to_spool([pack(key, value) for key, value in self._encode(events)])
         inbox_records = self._inbox_records
         records = [inbox_records.popleft() for _ in range(len(inbox_records))]
+        self._taken += len(records)
         self._in_hand = len(records)
         self._to_spool(records)
         self._in_hand = 0
