@@ -2,9 +2,14 @@
 
 Why: encoding is what bounds how many events one edge process delivers per second. The generic path copies
 the model into a dict, converts logical types and walks the schema in fastavro for every field. This one
-reads the validated model's fields directly and writes the ``usage_event`` schema's fields in order, with the
-Avro bytes of repeated strings (org to feature and provider to model served as runs; user, customer...) and
-small integers taken from bounded caches, and every field read by one ``itemgetter`` call per group.
+reads the validated model's fields directly and writes the ``usage_event`` schema's fields in order. The groups
+of fields that repeat from event to event are encoded once per distinct value and taken from bounded caches:
+who pays (org to environment, with the partition key), the route (provider to model served) and the outcome
+(status to service tier); so are strings and small integers. Only the event id, the timestamp, tags and the
+counts are written per event, and every group is read by one ``itemgetter`` call.
+
+Caches are keyed by value, so an int-valued float or a bool in a count would reuse an int's bytes: the caller
+checks bounds and integer types first (``core.events.usage_bounds_problem``), as the Emitter does.
 
 It is written for one schema version: ``UsageEncoder`` refuses to start if ``schemas/usage_event.avsc`` no
 longer has the fields it writes, and any value it does not handle (an event built with ``model_construct``
