@@ -5,7 +5,8 @@ Run: .venv/bin/python bench/bench_emitter.py [--events 500000] [--rounds 3]
 Starts its own embedded broker. Rows:
 - emit(), deque has room: the request-path cost (max_queue above the burst size).
 - emit(), default max_queue=100k: a burst larger than the queue, so the overflow is
-  handed to the background thread, which encodes and spools it (the caller neither encodes nor writes).
+  handed to the background thread, which encodes and spools it; once that inbox is full too the caller
+  encodes and hands over the record (it never writes the spool unless both inboxes are full).
 - raw produce(): confluent-kafka Producer.produce() of pre-encoded bytes, same producer settings.
 "delivered/s" is events acked by the broker per second, from the first call until flush() returned;
 "CPU us/event" is this process's CPU time (every thread, librdkafka's included) per event.

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import INT64_MAX, MAX_EVENT_COST_NANOS, MAX_EVENT_TOKENS, UsageEvent, UsageStatus
 from spendstream.core.topics import USAGE
+from spendstream.edge import emitter as emitter_module
 from spendstream.edge.emitter import Emitter
+from spendstream.edge.spool import Spool
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.topic_admin import create_topics
 
@@ -102,6 +107,32 @@ def test_full_queue_overflows_to_the_spool_and_loses_nothing(settings: Settings,
         assert em.flush(20) == 0
         stats = em.stats
     assert stats.spooled > 0 and stats.failed == 0 and stats.emitted == 3000
+    assert stats.replayed == stats.spooled and stats.sent == 3000
+    records = _consume(broker.bootstrap, len(events))
+    assert {str(r["event_id"]) for _, r in records} == set(_ids(events))
+
+
+def test_a_burst_beyond_both_inboxes_is_spooled_off_the_callers_thread(
+    settings: Settings, broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the deque and the event inbox, emit() encodes and hands the record over: no disk write on the caller."""
+    monkeypatch.setattr(emitter_module, "_INBOX_EVENTS", 10)  # a small event inbox: the burst overruns it
+    writers: set[str] = set()
+    real_append = Spool.append
+
+    def append(spool: Spool, payloads: Sequence[bytes]) -> int:
+        writers.add(threading.current_thread().name)
+        return real_append(spool, payloads)
+
+    monkeypatch.setattr(Spool, "append", append)
+    events = _events(3000)
+    with Emitter(settings=settings, max_queue=10) as em:
+        for event in events:
+            em.emit(event)
+        assert em.flush(20) == 0
+        stats = em.stats
+    assert writers == {"spendstream-emitter"}
+    assert stats.spooled > 1000 and stats.failed == 0 and stats.emitted == 3000
     assert stats.replayed == stats.spooled and stats.sent == 3000
     records = _consume(broker.bootstrap, len(events))
     assert {str(r["event_id"]) for _, r in records} == set(_ids(events))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given, settings
@@ -50,3 +51,24 @@ def test_record_is_the_generic_key_and_value(batch: list[UsageEvent]) -> None:
     encoder = UsageEncoder(CODEC)
     for event in batch * 2:  # the second time from the encoder's caches
         assert encoder.record(event) == (attribution_key(event), CODEC.encode(event.to_avro()))
+
+
+def _outcome(encode: Callable[[UsageEvent], tuple[bytes, bytes]], event: UsageEvent) -> object:
+    try:
+        return encode(event)
+    except Exception as exc:
+        return type(exc)
+
+
+def _generic(event: UsageEvent) -> tuple[bytes, bytes]:
+    return attribution_key(event), CODEC.encode(event.to_avro())
+
+
+def test_a_value_equal_to_a_cached_one_but_of_another_type_is_encoded_as_the_generic_path_does() -> None:
+    """The encoder's caches are keyed by value and 1 == True: an unvalidated event must not reuse another's bytes."""
+    encoder = UsageEncoder(CODEC)
+    event = UsageEvent(team="t", provider="openai", model_requested="m", cache_hit=True)
+    assert encoder.record(event) == _generic(event)
+    for update in ({"cache_hit": 1}, {"cache_hit": 0}, {"cache_hit": "yes"}, {"status": "lost"}, {"user": 7}):
+        odd = event.model_copy(update=update)
+        assert _outcome(encoder.record, odd) == _outcome(_generic, odd), update

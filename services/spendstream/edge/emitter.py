@@ -19,10 +19,13 @@ failed and logged with the field, never raised to the caller, so one bad event c
 downstream.
 
 When the deque is full, ``emit()`` leaves the event in a bounded inbox that the background thread
-encodes and appends to the spool, so the caller neither encodes nor waits for a disk write. Only
-when that inbox is full too does ``emit()`` encode and append to the spool itself. Memory stays
-bounded (``max_queue`` plus the inbox's events) and nothing is lost. Delivery is at-least-once; order is kept per
-key except across such an overflow.
+encodes and appends to the spool, so the caller neither encodes nor waits for a disk write. When
+that inbox is full too, ``emit()`` encodes the event (a few microseconds) and leaves its bytes in a
+second bounded inbox, which the background thread appends to the spool in batches: a burst that
+outruns the background thread costs the caller an encoding, never a disk write or a lock held
+across one. Only when both inboxes are full (the disk is slower than the callers) does ``emit()``
+append to the spool itself. Memory stays bounded (``max_queue`` plus the inboxes) and nothing is
+lost. Delivery is at-least-once; order is kept per key except across such an overflow.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 _KEY_LEN = struct.Struct("<H")
 _BATCH = 4096  # events taken from the deque per loop turn
 _INBOX_EVENTS = 65_536  # overflow events waiting for the background thread to encode and spool them
+_INBOX_RECORDS = 131_072  # overflow records encoded by emit() waiting to be spooled (a few hundred bytes each)
 _REPLAY_WINDOW = 50_000  # replayed events in flight at most
 _PROBE_INTERVAL_S = 1.0
 _PROBE_TIMEOUT_S = 1.0
@@ -205,15 +209,17 @@ class Emitter:
         self._headers = [(ORIGIN_HEADER, self.origin)]
         self._encoder = UsageEncoder(AvroCodec("usage_event", settings.schema_registry_url))
         self._queue: deque[UsageEvent] = deque()
-        # Overflow events handed over by emit() callers, spooled by the background thread (deque ops are atomic).
+        # Overflow handed over by emit() callers, spooled by the background thread (deque ops are atomic):
+        # events, and once that inbox is full, spool records encoded by the caller.
         self._inbox: deque[UsageEvent] = deque()
+        self._inbox_records: deque[bytes] = deque()
         # Counters written by the background thread only.
-        self._taken = 0
+        self._taken = 0  # events and records taken from the deque and the inboxes
         self._sent = 0
         self._spooled = 0
         self._replayed = 0
         self._failed = 0
-        # Counters of emit() calls that bypassed the deque (written under _bypass_lock).
+        # Counters of emit() calls that neither queued nor handed over their event (written under _bypass_lock).
         self._bypassed = 0
         self._bypass_spooled = 0
         self._bypass_failed = 0
@@ -238,7 +244,7 @@ class Emitter:
         self._segments: dict[int, _Segment] = {}
         self._replay_inflight = 0
         self._live_inflight = 0  # produced directly, delivery report not yet seen
-        self._in_hand = 0  # events taken from the deque and not yet produced or spooled
+        self._in_hand = 0  # events taken from the deque or the inboxes and not yet produced or spooled
         self._turns = 0  # loop turns done, published with _pending for flush()
         self._pending = 0
         self._closed = False
@@ -263,28 +269,34 @@ class Emitter:
     def _bypass(self, event: UsageEvent) -> None:
         """Deque full (or closed): leave the event for the background thread to encode and spool.
 
-        Only if that inbox is full too (the disk is slower than the callers) is the spool written from here.
+        If that inbox is full, encode here and leave the record for the background thread to spool; only if
+        that inbox is full too (the disk is slower than the callers) is the spool written from here.
         """
-        spooled = handed = False
         if self._closed:
             self._loud.error("closed", "emit() after close(): event %s dropped", getattr(event, "event_id", "?"))
+            spooled = False
         elif len(self._inbox) < _INBOX_EVENTS:
-            self._inbox.append(event)
-            handed = True
+            self._inbox.append(event)  # counted by the background thread when it takes it: no lock here
+            return
         else:
             try:
                 check_bounds(event)
                 record = pack(*self._encoder.record(event))
             except RefusedEvent as exc:
                 self._loud.error("refused", "%s", exc)
+                spooled = False
             except Exception as exc:
                 self._loud.error("encode", "cannot encode usage event: %s: %s", type(exc).__name__, exc)
+                spooled = False
             else:
+                if len(self._inbox_records) < _INBOX_RECORDS:
+                    self._inbox_records.append(record)
+                    return
                 spooled = self._spool_append([record]) == 1
         with self._bypass_lock:
             self._bypassed += 1
             self._bypass_spooled += spooled
-            self._bypass_failed += not (spooled or handed)
+            self._bypass_failed += not spooled
 
     # -- observing and stopping --------------------------------------------------------------
     @property
@@ -292,14 +304,14 @@ class Emitter:
         spool_bytes = self._spool.bytes if self._spool else 0
         with self._bypass_lock:
             bypassed, b_spooled, b_failed = self._bypassed, self._bypass_spooled, self._bypass_failed
-        queued = len(self._queue)
+        queued = len(self._queue) + len(self._inbox) + len(self._inbox_records)
         return EmitterStats(
             emitted=self._taken + queued + bypassed,
             sent=self._sent,
             spooled=self._spooled + b_spooled,
             replayed=self._replayed,
             failed=self._failed + b_failed,
-            queued=queued + len(self._inbox) + self._in_hand + self._live_inflight,
+            queued=queued + self._in_hand + self._live_inflight,
             spool_bytes=spool_bytes,
             spool_events=self._spool_records(),
         )
@@ -313,7 +325,13 @@ class Emitter:
         deadline = time.monotonic() + timeout
         start = self._turns
         while self._thread.is_alive() and time.monotonic() < deadline:
-            if self._turns >= start + 2 and self._pending == 0 and not self._queue and not self._inbox:
+            if (
+                self._turns >= start + 2
+                and self._pending == 0
+                and not self._queue
+                and not self._inbox
+                and not self._inbox_records
+            ):
                 return 0
             time.sleep(0.005)
         return self._undelivered()
@@ -322,6 +340,7 @@ class Emitter:
         return (
             len(self._queue)
             + len(self._inbox)
+            + len(self._inbox_records)
             + self._in_hand
             + self._live_inflight
             + len(self._failed_live)
@@ -425,11 +444,13 @@ class Emitter:
             self._in_hand = n
             self._forward([self._queue.popleft() for _ in range(n)])
             self._in_hand = 0
-        if self._inbox:
+        overflowing = bool(self._inbox or self._inbox_records)
+        if overflowing:
             busy = True
             self._spool_inbox()
         if self._online:
-            busy = self._replay_some() or busy
+            if not overflowing:  # replay waits while emit() overflows: draining the inboxes spares callers work
+                busy = self._replay_some() or busy
         elif time.monotonic() >= self._probe_at:
             if self._probe():
                 log.warning("Kafka broker is back; replaying %d spooled usage events", self._spool_records())
@@ -443,11 +464,18 @@ class Emitter:
         return busy
 
     def _spool_inbox(self) -> None:
-        """Encode and append the events emit() handed over while the deque was full (taken from the left: in order)."""
+        """Append what emit() handed over while the deque was full (taken from the left: in order): the events
+        (encoded here), then the records emit() encoded once that inbox was full too."""
         inbox = self._inbox
         events = [inbox.popleft() for _ in range(len(inbox))]
+        self._taken += len(events)
         self._in_hand = len(events)
         self._to_spool([pack(key, value) for key, value in self._encode(events)])
+        inbox_records = self._inbox_records
+        records = [inbox_records.popleft() for _ in range(len(inbox_records))]
+        self._taken += len(records)
+        self._in_hand = len(records)
+        self._to_spool(records)
         self._in_hand = 0
 
     def _forward(self, events: list[UsageEvent]) -> None:
@@ -474,8 +502,10 @@ class Emitter:
         record = self._encoder.record
         for event in events:
             try:
-                check_bounds(event)  # raises, naming the field
-                append(record(event))
+                if usage_bounds_problem(event.__dict__) is None:
+                    append(record(event))
+                else:
+                    check_bounds(event)  # raises, naming the field
             except RefusedEvent as exc:
                 self._failed += 1
                 self._loud.error("refused", "%s", exc)

@@ -2,9 +2,14 @@
 
 Why: encoding is what bounds how many events one edge process delivers per second. The generic path copies
 the model into a dict, converts logical types and walks the schema in fastavro for every field. This one
-reads the validated model's fields directly and writes the ``usage_event`` schema's fields in order, with the
-Avro bytes of repeated strings (org to feature and provider to model served as runs; user, customer...) and
-small integers taken from bounded caches, and every field read by one ``itemgetter`` call per group.
+reads the validated model's fields directly and writes the ``usage_event`` schema's fields in order. The groups
+of fields that repeat from event to event are encoded once per distinct value and taken from bounded caches:
+who pays (org to environment, with the partition key), the route (provider to model served) and the outcome
+(status to service tier); so are strings and small integers. Only the event id, the timestamp, tags and the
+counts are written per event, and every group is read by one ``itemgetter`` call.
+
+Caches are keyed by value, so an int-valued float or a bool in a count would reuse an int's bytes: the caller
+checks bounds and integer types first (``core.events.usage_bounds_problem``), as the Emitter does.
 
 It is written for one schema version: ``UsageEncoder`` refuses to start if ``schemas/usage_event.avsc`` no
 longer has the fields it writes, and any value it does not handle (an event built with ``model_construct``
@@ -13,7 +18,6 @@ holding a wrong type) goes through ``AvroCodec.encode``, which decides exactly a
 
 from __future__ import annotations
 
-import binascii
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from typing import Any
@@ -74,17 +78,17 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_UUID_TEXT = b"\x48"  # the Avro length (zig-zag 36) of a UUID's text
 _LOW_BITS = 21  # a timestamp's varint: 3 bytes of its low 21 bits, then the varint of the rest (cached)
-# Fields read in one call each (itemgetter runs in C): who pays, which model, and the rest in schema order.
-_WHO = itemgetter("org", "division", "team", "project", "feature")
+# Fields read in one call each (itemgetter runs in C), in groups that repeat together and are encoded once per
+# distinct value: who pays (the partition key comes from it), which model, and the outcome after the counts.
+_WHO = itemgetter("org", "division", "team", "project", "feature", "user", "customer", "environment")
 _ROUTE = itemgetter("provider", "model_requested", "model_served")
-_REST = itemgetter(
-    "event_id", "occurred_at", "user", "customer", "environment", "tags", "input_tokens", "output_tokens",
-    "cached_input_tokens", "cache_write_tokens", "cost_nanos", "price_source", "latency_ms", "status",
-    "decision_applied", "cache_hit",
+_OUTCOME = itemgetter("status", "decision_applied", "cache_hit", *DETAIL_FIELDS, "service_tier")
+# What changes from event to event, in schema order.
+_OWN = itemgetter(
+    "event_id", "occurred_at", "tags", "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
+    "cost_nanos", "price_source", "latency_ms",
 )  # fmt: skip
-_DETAIL = itemgetter(*DETAIL_FIELDS)  # the counts that refine the four token counts (reasoning, audio, ...)
 
 
 def avro_string(value: str) -> bytes:
@@ -125,58 +129,68 @@ class UsageEncoder:
         self._strings = _Cache(avro_string)
         self._longs = _Cache(avro_long)
         self._high = _Cache(varint)  # a timestamp's bits above the low 21: they change about once a second
-        # Runs of string fields that repeat together (org..feature; provider and models), encoded once.
-        self._runs = _Cache(avro_strings)
-        # org..feature -> the partition key
-        self._who_keys = _Cache(lambda who: f"{who[0]}/{who[2]}".encode())
+        self._who = _Cache(self._attribution)  # org..environment -> (partition key, their Avro strings)
+        self._routes = _Cache(avro_strings)  # provider, model requested and served -> their Avro strings
+        self._outcomes = _Cache(self._outcome)  # status..service_tier -> their Avro bytes
 
     def record(self, event: UsageEvent) -> tuple[bytes, bytes]:
         """The partition key (``org/team``: one producer partition per team keeps its events in order) and the
         framed Avro value of a validated event (bounds are checked by the caller)."""
-        if self._header is None:
-            self._header = self._codec.frame_header()
+        header = self._header
+        if header is None:
+            header = self._header = self._codec.frame_header()
         fields = event.__dict__
         try:
-            who = _WHO(fields)
-            return self._who_keys[who], self._header + self._body(fields, who)
+            key, who = self._who[_WHO(fields)]
+            outcome = _OUTCOME(fields)
+            if outcome[2].__class__ is not bool:  # True == 1: an int must not hit a boolean's cache entry
+                raise TypeError("cache_hit")
+            n = self._longs
+            event_id, occurred_at, tags, inputs, outputs, cached, written, cost, price_source, latency = _OWN(fields)
+            return key, b"".join(
+                (
+                    header,
+                    _uuid(event_id) if event_id.__class__ is UUID else avro_string(str(event_id)),
+                    self._timestamp(occurred_at),
+                    who,
+                    self._map(tags) if tags else b"\x00",
+                    self._routes[_ROUTE(fields)],
+                    n[inputs],
+                    n[outputs],
+                    n[cached],
+                    n[written],
+                    b"\x00" if cost is None else b"\x02" + n[cost],
+                    self._strings[price_source],
+                    n[latency] if latency.__class__ is int else avro_long(latency),
+                    self._outcomes[outcome],
+                )
+            )
         except Exception:  # a value of an unexpected type: the generic encoder accepts or names it
             return f"{fields['org']}/{fields['team']}".encode(), self._codec.encode(event.to_avro())
 
-    def _body(self, f: dict[str, Any], who: tuple[str, ...]) -> bytes:
+    def _attribution(self, who: tuple[str, ...]) -> tuple[bytes, bytes]:
+        """The partition key and the Avro strings of org..environment, each string from its cache: a new
+        user of a known team costs one string encoding."""
+        if any(value.__class__ is not str for value in who):
+            raise TypeError("not a string")
         s = self._strings
+        return f"{who[0]}/{who[2]}".encode(), b"".join([s[value] for value in who])
+
+    def _outcome(self, outcome: tuple[Any, ...]) -> bytes:
+        status, decision, cache_hit, *detail, service_tier = outcome
         n = self._longs
-        runs = self._runs
-        (
-            event_id, occurred_at, user, customer, environment, tags, input_tokens, output_tokens, cached_tokens,
-            cache_write_tokens, cost, price_source, latency, status, decision, cache_hit,
-        ) = _REST(f)  # fmt: skip
         return b"".join(
             (
-                _uuid(event_id) if type(event_id) is UUID else avro_string(str(event_id)),
-                self._timestamp(occurred_at),
-                runs[who],
-                s[user],
-                s[customer],
-                s[environment],
-                self._map(tags) if tags else b"\x00",
-                runs[_ROUTE(f)],
-                n[input_tokens],
-                n[output_tokens],
-                n[cached_tokens],
-                n[cache_write_tokens],
-                b"\x00" if cost is None else b"\x02" + avro_long(cost),
-                s[price_source],
-                n[latency] if type(latency) is int else avro_long(latency),
                 _STATUS[status],
-                s[decision],
+                avro_strings((decision,)),
                 b"\x01" if cache_hit is True else b"\x00" if cache_hit is False else _bad("cache_hit"),
-                *(n[count] for count in _DETAIL(f)),
-                s[f["service_tier"]],
+                *(n[count] for count in detail),
+                avro_strings((service_tier,)),
             )
         )
 
     def _timestamp(self, occurred_at: datetime) -> bytes:
-        if type(occurred_at) is not datetime:
+        if occurred_at.__class__ is not datetime:
             raise TypeError("occurred_at")
         micros = (occurred_at - _EPOCH) // _MICROSECOND
         if not 1 << (_LOW_BITS - 1) <= micros < _INT64_LIMIT:  # before 1970-01-01T00:00:01: no high bits
@@ -192,8 +206,8 @@ class UsageEncoder:
 
 def _uuid(value: UUID) -> bytes:
     """The Avro string of a UUID's canonical text (lower-case hex, 8-4-4-4-12)."""
-    h = binascii.hexlify(value.bytes)
-    return b"%b%b-%b-%b-%b-%b" % (_UUID_TEXT, h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+    h = f"{value.int:032x}"
+    return f"H{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()  # H: the Avro length (zig-zag 36)
 
 
 def _bad(name: str) -> bytes:
