@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping, MutableMapping
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
 from confluent_kafka import Producer
@@ -90,11 +91,24 @@ class Changelog:
 
     def put(self, partition: int, key: str, value: Any) -> None:
         self.data[key] = value
-        self.out.send(self.topic, json.dumps(key).encode(), json.dumps(value).encode(), partition)
+        self.out.send(self.topic, json_key(key), json_value(value), partition)
 
     def delete(self, partition: int, key: str) -> None:
         self.data.pop(key, None)
-        self.out.send(self.topic, json.dumps(key).encode(), None, partition)
+        self.out.send(self.topic, json_key(key), None, partition)
+
+
+def json_key(key: str) -> bytes:
+    """``json.dumps(key).encode()`` for a string key, without the encoder's per-call setup (same bytes)."""
+    return encode_basestring_ascii(key).encode()
+
+
+def json_value(value: Any) -> bytes:
+    """``json.dumps(value).encode()``; a list of ints (a partial, a clock) is joined directly (same bytes, half
+    the time: two changelog records per touched window and batch make this a worker's busiest encoder)."""
+    if type(value) is list and all(type(item) is int for item in value):
+        return f"[{', '.join(map(str, value))}]".encode()
+    return json.dumps(value).encode()
 
 
 class Checkpoint:
