@@ -33,6 +33,7 @@ from spendstream.processor.policy_in_force import PolicyHolder
 from spendstream.processor.scopes import hierarchy_scopes, scopes_for
 from spendstream.processor.spend_accounting import (
     IDS_PER_RECORD,
+    QUARTER_HOUR_S,
     Partial,
     Watermark,
     clock_key,
@@ -45,7 +46,6 @@ from spendstream.processor.spend_accounting import (
     lateness_problem,
     pack_ids,
     partial_key,
-    quarter_hour,
     restore_clock,
     split_ids_key,
     split_partial_key,
@@ -107,20 +107,25 @@ class SourcePartition:
         ``starts`` gives an event's live windows, so windows expired at the batch's watermark are skipped.
         """
         applied = self.applied
-        verdicts = applied.admit_versions((item.event_id, item.offset, item.digest) for item in items)
-        kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
-        conflicts = [
-            (item.offset, applied.first_offset(item.event_id))
-            for item, verdict in zip(items, verdicts, strict=True)
-            if verdict == CONFLICT
-        ]
+        versions = [(event_id, offset, digest) for offset, _, _, _, _, event_id, digest in items]
+        verdicts = applied.admit_versions(versions)
+        if verdicts.count(APPLY) == len(verdicts):  # no copies: the usual batch
+            kept, conflicts = items, []
+        else:
+            kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
+            conflicts = [
+                (item.offset, applied.first_offset(item.event_id))
+                for item, verdict in zip(items, verdicts, strict=True)
+                if verdict == CONFLICT
+            ]
         applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
         high = -1 if self.applied_high is None else self.applied_high
         touched: dict[str, Partial] = {}
         changed: Iterable[str] = ()
         if kept and kept[0].offset > high:
             fresh = [
-                (item.offset, item.cost_nanos, item.tokens, item.scopes, quarter_hour(item.occurred_s)) for item in kept
+                (offset, cost, tokens, scopes, occurred_s - occurred_s % QUARTER_HOUR_S)  # ``quarter_hour``, inline
+                for offset, cost, tokens, scopes, occurred_s, _, _ in kept
             ]
             touched = fold_fresh(fresh, self.partition, current, starts)
             changed = touched
@@ -140,9 +145,9 @@ class SourcePartition:
         records: list[tuple[str, list[Any]]] = []
         for start in range(0, len(kept), IDS_PER_RECORD):
             chunk = kept[start : start + IDS_PER_RECORD]
-            entries = [(item.event_id, item.offset) for item in chunk]
+            entries = [(event_id, offset) for offset, _, _, _, _, event_id, _ in chunk]
             key = ids_key(self.partition, entries[0][1])
-            value = pack_ids(applied.newest_ms, entries, [item.digest for item in chunk])
+            value = pack_ids(applied.newest_ms, entries, [digest for _, _, _, _, _, _, digest in chunk])
             applied.remember(key, value, entries)
             records.append((key, value))
         return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
@@ -172,6 +177,7 @@ def restore_sources(table: Mapping[str, Any], partitions: Iterable[int], horizon
 
 
 _MICROSECOND = timedelta(microseconds=1)
+_new_item = tuple.__new__
 DIRECT_PREFIXES = tuple(f"{name}:" for name in DIRECT_FIELDS)
 # the fast path's fields: what the checks of ``usage_record_problem`` and the fold read, in this order
 FOLD_FIELDS = (
@@ -340,14 +346,17 @@ class StageOne:
                     model = fields[-2] or fields[-1]
                     if model:
                         scopes.append("model:" + model)
-                    item = UsageItem(
-                        message.offset(),
-                        cost,
-                        inputs + outputs,
-                        scopes,
-                        occurred_us // 1_000_000,
-                        event_id,
-                        content_digest(value),
+                    item = _new_item(  # ``UsageItem(...)`` without its Python-level __new__
+                        UsageItem,
+                        (
+                            message.offset(),
+                            cost,
+                            inputs + outputs,
+                            scopes,
+                            occurred_us // 1_000_000,
+                            event_id,
+                            content_digest(value),
+                        ),
                     )
                     append(item)
                     continue

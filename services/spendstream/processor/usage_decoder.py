@@ -86,19 +86,24 @@ class _Source:
         self.add(depth + 1, f"{target}, pos = _varint(buf, pos)")
 
     def emit_string(self, depth: int, target: str | None, raw: bool = False) -> None:
-        """A string into ``target`` (its UTF-8 bytes if ``raw``); without a target only checked as UTF-8."""
+        """A string into ``target`` (its UTF-8 bytes if ``raw``); without a target only checked as UTF-8. A length
+        past the end is caught by the next read or the final position check."""
         size = self.fresh("n")
-        self.emit_long(depth, size)
-        self.add(depth, f"if {size} < 0 or pos + {size} > end:")
-        self.add(depth + 1, "return None")
+        self.add(depth, f"{size} = buf[pos]")
+        self.add(depth, f"if {size} < 128 and not {size} & 1:")  # a one-byte length, not negative
+        self.add(depth + 1, f"{size} >>= 1")
+        self.add(depth + 1, "pos += 1")
+        self.add(depth, "else:")
+        self.add(depth + 1, f"{size}, pos = _varint(buf, pos)")
+        self.add(depth + 1, f"if {size} < 0:")
+        self.add(depth + 2, "return None")
         if target is None:
             self.add(depth, f"if {size}:")
-            self.add(depth + 1, f"buf[pos : pos + {size}].decode()")
+            self.add(depth + 1, f"buf[pos : (pos := pos + {size})].decode()")
         elif raw:
-            self.add(depth, f"{target} = buf[pos : pos + {size}]")
+            self.add(depth, f"{target} = buf[pos : (pos := pos + {size})]")
         else:
-            self.add(depth, f"{target} = buf[pos : pos + {size}].decode()")
-        self.add(depth, f"pos += {size}")
+            self.add(depth, f"{target} = buf[pos : (pos := pos + {size})].decode()")
 
     def emit(self, depth: int, schema: Any, target: str | None) -> None:
         """Read one value of ``schema`` into ``target`` (None: a plain string nobody reads, only checked)."""
@@ -171,14 +176,13 @@ def generate_reader(schema: dict[str, Any], wanted: Sequence[str]) -> Reader:
         raise UnsupportedSchema(f"fields not in the schema: {', '.join(missing)}")
     source = _Source()
     source.add(0, "def read(buf, pos):")
-    source.add(1, "end = len(buf)")
     source.add(1, "try:")
     for index, field in enumerate(schema["fields"]):
         unread = field["type"] == "string" and field["name"] not in wanted
         source.emit(2, field["type"], None if unread else f"f{index}")
     source.add(1, "except (IndexError, ValueError):")  # truncated, bad UTF-8, a varint too long
     source.add(2, "return None")
-    source.add(1, "if pos != end:")
+    source.add(1, "if pos != len(buf):")
     source.add(2, "return None")
     source.add(1, f"return ({''.join(f'f{names.index(name)}, ' for name in wanted)})")
     namespace: dict[str, Any] = {"_varint": _varint, "_uuid_bytes": _uuid_bytes}
