@@ -203,9 +203,19 @@ FOLD_FIELDS = (
     "model_served",
     "model_requested",
 )
-_HIERARCHY_AT = slice(17, 17 + len(HIERARCHY))  # where ``FOLD_FIELDS`` holds them
-_DIRECT_AT = slice(17 + len(HIERARCHY), -2)
-HIERARCHY_MEMO = 100_000  # (org, division, team, project) whose scopes are kept (the memo starts over when full)
+_HIERARCHY_AT = slice(17, 17 + len(HIERARCHY))  # where ``FOLD_FIELDS`` holds the scopes' fields
+_REST_AT = slice(17 + len(HIERARCHY), None)
+SCOPES_MEMO = 100_000  # attributions whose scopes each memo keeps (it starts over when full)
+
+
+def _rest_scopes(rest: tuple[str, ...]) -> list[str]:
+    """The scopes ``scopes_for`` adds after the hierarchy: the direct fields, then the model (served, else
+    requested). ``rest`` holds the values of ``DIRECT_FIELDS``, ``model_served`` and ``model_requested``."""
+    *direct, served, requested = rest
+    scopes = [prefix + value for prefix, value in zip(DIRECT_PREFIXES, direct, strict=True) if value]
+    if served or requested:
+        scopes.append(f"model:{served or requested}")
+    return scopes
 
 
 def _at(epoch_s: float) -> datetime:
@@ -240,6 +250,7 @@ class StageOne:
         self._hierarchies_policy: Policy | None = None
         # (org, division, team, project) -> ``hierarchy_scopes`` under ``_hierarchies_policy``
         self._hierarchies: dict[tuple[str, ...], list[str]] = {}
+        self._rests: dict[tuple[str, ...], list[str]] = {}  # the other fields -> ``_rest_scopes``
 
     def restore(self, partitions: Iterable[int]) -> list[int]:
         """Adopt the restored table's memory of ``partitions``; returns the blank ones."""
@@ -300,7 +311,7 @@ class StageOne:
         policy = self.holder.policy
         if policy is not self._hierarchies_policy:
             self._hierarchies_policy, self._hierarchies = policy, {}
-        known_hierarchies = self._hierarchies
+        known_hierarchies, known_rests = self._hierarchies, self._rests
         fast = self._fields.decode
         skew_us = self.max_future_skew // _MICROSECOND  # the checks of ``usage_record_problem`` and
         lateness_us = self.allowed_lateness // _MICROSECOND  # ``lateness_problem``, in epoch microseconds
@@ -335,17 +346,18 @@ class StageOne:
                     newest_ms = max(newest_ms, stamp_ms)
                     watermark_ms = max(watermark_ms, stamp_ms)
                     hierarchy = fields[_HIERARCHY_AT]
-                    scopes = known_hierarchies.get(hierarchy)
-                    if scopes is None:
-                        if len(known_hierarchies) >= HIERARCHY_MEMO:
+                    upper = known_hierarchies.get(hierarchy)
+                    if upper is None:
+                        if len(known_hierarchies) >= SCOPES_MEMO:
                             known_hierarchies.clear()
-                        scopes = known_hierarchies[hierarchy] = hierarchy_scopes(*hierarchy, policy)
-                    # the rest of ``scopes_for``: the direct fields, then the model (served, else requested)
-                    direct = zip(DIRECT_PREFIXES, fields[_DIRECT_AT], strict=True)
-                    scopes = scopes + [prefix + value for prefix, value in direct if value]
-                    model = fields[-2] or fields[-1]
-                    if model:
-                        scopes.append("model:" + model)
+                        upper = known_hierarchies[hierarchy] = hierarchy_scopes(*hierarchy, policy)
+                    rest = fields[_REST_AT]
+                    lower = known_rests.get(rest)
+                    if lower is None:
+                        if len(known_rests) >= SCOPES_MEMO:
+                            known_rests.clear()
+                        lower = known_rests[rest] = _rest_scopes(rest)
+                    scopes = upper + lower
                     item = _new_item(  # ``UsageItem(...)`` without its Python-level __new__
                         UsageItem,
                         (
