@@ -4,7 +4,8 @@ The processor (`spendstream processor`) and the sink (`spendstream sink`) run as
 embedded broker and a chDB ledger; the Emitter runs in this process. Reported: emit rate, end-to-end
 throughput (first emit until both services committed everything), how long each service trailed the last emit,
 ledger lag (ingested_at - occurred_at, p50/p99/max), peak RSS (VmHWM) of every process, and whether the
-processor's window totals equal the ledger's sums per scope and period, to the nano-dollar.
+processor's window totals equal the ledger's sums per scope and period, to the nano-dollar. The processor's peak RSS
+and the end-to-end rate are also printed as FIGURE lines (``bench/figures.py``).
 Run: .venv/bin/python bench/bench_soak.py [--events 5000000]
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from figures import figure, machine
 from spendstream.core.config import load_settings
 from spendstream.core.events import UsageEvent
 from spendstream.core.ledger_store import connect
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5_000_000)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the services to catch up")
     args = parser.parse_args()
+    machine("soak")
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedBroker(log_path=Path(tmp_name) / "broker.log") as broker:
         tmp = Path(tmp_name)
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=PARTITIONS)
@@ -164,6 +167,11 @@ def main() -> None:
                 "emitter (this process)": peak_rss_mb(os.getpid()),
             }
             print("peak RSS (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MB" for name, mb in rss.items()))
+            rate = args.events / emit_s
+            horizon_min = settings.processor_dedup_horizon_s / 60
+            name = f"processor peak RSS, {args.events:,} events emitted at {rate / 1000:.0f} k/s"
+            figure("soak", name, rss["processor"], "MB", target="<= 400", dedup_horizon_min=horizon_min)
+            figure("soak", "end to end, emitter -> processor + sink", args.events / (end - started), "events/s")
             sink.send_signal(signal.SIGTERM)
             sink.wait(120)
             time.sleep(3)  # the processor's last changelog writes

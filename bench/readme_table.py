@@ -36,6 +36,7 @@ BENCHES = {
     "overshoot": ["bench/bench_overshoot.py"],
     "enforcer": ["bench/bench_enforcer.py", "--rounds", "3"],
     "emitter": ["bench/bench_emitter.py", "--events", "300000"],
+    "processor": ["bench/bench_processor.py", "--events", "300000", "--rounds", "3", "--samples", "20"],
 }
 
 
