@@ -3,14 +3,18 @@
 * Throughput: N usage events (8 scopes per event: org, division, team, project, feature, user,
   environment, model; 5 tracked periods each) are produced first, then one worker starts; events/s is
   measured from the moment stage 1 starts reading its partitions to the moment every event is counted in
-  the changelog.
+  the changelog. Also printed: the worker's CPU time (every thread) per event over that interval, the figure
+  that load from other work on the machine disturbs least.
+* ``--baseline-services DIR``: the same measurement, in the same run, of another checkout's ``services``
+  directory (e.g. ``git archive <commit> services schemas | tar -x -C /tmp/old``); rounds alternate
+  between the two, and the medians are compared.
 * Latency: with the worker warm (and a background load of ``--load`` events/s), single events that each
   cross a fresh team's budget are emitted; latency = emit -> the shutoff Decision read from
-  ``spendstream.enforcement``. p50/p99 are printed.
+  ``spendstream.enforcement``. p50/p99 are printed (with the last worker, after every throughput round).
 * ``--profile`` runs the worker under cProfile and prints where its time went.
 
-Run: ``.venv/bin/python bench/bench_processor.py [--events 60000] [--samples 60] [--load 2000] [--fetch-wait-ms 100]
-[--profile]``.
+Run: ``.venv/bin/python bench/bench_processor.py [--events 300000] [--rounds 3] [--samples 60] [--load 2000]
+[--fetch-wait-ms 100] [--baseline-services /tmp/old/services] [--profile]``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import pstats
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,10 +36,13 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
+from figures import figure, machine
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, USAGE
+from spendstream.processor.internal_topics import DEFAULT_APP_ID
 from spendstream.processor.recovery import read_window_totals
+from spendstream.processor.usage_reader import usage_group
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 
@@ -83,35 +91,42 @@ def produce(producer: Producer, codec: AvroCodec, events: list[UsageEvent]) -> N
 PROFILED_WORKER = """
 import cProfile, sys
 from spendstream.processor import app
-main_out, stage1_out = sys.argv[1], sys.argv[2]
+main_out, stage1_out, app_id = sys.argv[1], sys.argv[2], sys.argv[3]
 run = app.UsageReader._run
 
-def profiled_run(self, partitions):
+def profiled_run(self, partitions, starts):
     profiler = cProfile.Profile()
     profiler.enable()
     try:
-        run(self, partitions)
+        run(self, partitions, starts)
     finally:
         profiler.disable()
         profiler.dump_stats(stage1_out)
 
 app.UsageReader._run = profiled_run
-sys.argv = ["spendstream", "processor"]
+sys.argv = ["spendstream", "processor", "--app-id", app_id]
 from spendstream.cli import main
 cProfile.run("main()", main_out)
 """
 
 
-def start_worker(bootstrap: str, root: Path, profile: Path | None) -> subprocess.Popen[bytes]:
+PARTITIONS = 6
+
+
+def start_worker(
+    bootstrap: str, root: Path, app_id: str, profile: Path | None, services: Path | None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
         "SPENDSTREAM_DATA_DIR": str(root),
-        "SPENDSTREAM_POLICY": str(root / "policy.yaml"),
+        "SPENDSTREAM_POLICY": str(root.parent / "policy.yaml"),
     }
-    command = [sys.executable, "-m", "spendstream.cli", "processor"]
+    if services is not None:  # another checkout's code
+        env["PYTHONPATH"] = os.pathsep.join([str(services), *filter(None, [os.environ.get("PYTHONPATH")])])
+    command = [sys.executable, "-m", "spendstream.cli", "processor", "--app-id", app_id]
     if profile:  # the event loop (faust, stage 2) and the stage-1 thread, each into its own profile
-        command = [sys.executable, "-c", PROFILED_WORKER, str(profile), str(profile.with_suffix(".stage1"))]
+        command = [sys.executable, "-c", PROFILED_WORKER, str(profile), str(profile.with_suffix(".stage1")), app_id]
     return subprocess.Popen(
         command,
         env=env,
@@ -120,55 +135,134 @@ def start_worker(bootstrap: str, root: Path, profile: Path | None) -> subprocess
     )
 
 
-def org_requests(bootstrap: str) -> int:
-    totals = read_window_totals({"bootstrap.servers": bootstrap})
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, every thread included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stage1_read(consumer: Consumer) -> int:
+    """Usage events stage 1 has folded, flushed and committed (cheap to ask, unlike reading the changelog)."""
+    found = consumer.committed([TopicPartition(USAGE, p) for p in range(PARTITIONS)], timeout=10)
+    return sum(max(tp.offset, 0) for tp in found)
+
+
+def throughput_round(
+    bootstrap: str, root: Path, events: int, app_id: str, services: Path | None, profile: Path | None
+) -> tuple[float, float, subprocess.Popen[bytes]]:
+    """One fresh worker (its own app id and usage group) reads every event; (events/s, CPU us per event, worker)."""
+    root.mkdir()
+    worker = start_worker(bootstrap, root, app_id, profile, services)
+    progress = Consumer({"bootstrap.servers": bootstrap, "group.id": usage_group(app_id)})
+    try:
+        while b"stage 1 reads" not in (root / "worker.log").read_bytes():  # the worker owns its partitions
+            if worker.poll() is not None:
+                raise SystemExit(f"the worker exited: {(root / 'worker.log').read_text()[-2000:]}")
+            time.sleep(0.01)
+        started, cpu_started = time.perf_counter(), cpu_seconds(worker.pid)
+        while stage1_read(progress) < events:
+            time.sleep(0.05)
+        while org_requests_of(bootstrap, app_id) < events:  # stage 2 counted them too
+            time.sleep(0.05)
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(worker.pid) - cpu_started
+    finally:
+        progress.close()
+    return events / elapsed, cpu / events * 1e6, worker
+
+
+def org_requests_of(bootstrap: str, app_id: str) -> int:
+    totals = read_window_totals({"bootstrap.servers": bootstrap}, app_id=app_id)
     return sum(v[1] for (scope, period, _), v in totals.items() if scope == "org:acme" and period == "quarter")
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=60_000)
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--load", type=int, default=2000, help="background events/s during the latency phase")
     parser.add_argument(
         "--fetch-wait-ms", type=int, default=100, help="the decision reader's fetch.wait.max.ms (the Enforcer's: 100)"
     )
+    parser.add_argument("--baseline-services", type=Path, help="another checkout's services/ to compare with")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    machine("processor")
     rng = random.Random(1)
     codec = AvroCodec("usage_event")
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
-        root = Path(tmp)
-        (root / "policy.yaml").write_text(POLICY)
-        create_topics({"bootstrap.servers": broker.bootstrap}, 6)
+        base = Path(tmp)
+        (base / "policy.yaml").write_text(POLICY)
+        create_topics({"bootstrap.servers": broker.bootstrap}, PARTITIONS)
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
         produce(producer, codec, [usage(rng, rng.choice(TEAMS), 1000) for _ in range(args.events)])
-        profile = root / "worker.prof" if args.profile else None
-        worker = start_worker(broker.bootstrap, root, profile)
-        try:
-            while b"stage 1 reads" not in (root / "worker.log").read_bytes():  # the worker owns its partitions
-                time.sleep(0.01)
-            started = time.perf_counter()
-            while (done := org_requests(broker.bootstrap)) < args.events:
-                time.sleep(0.2)
-            elapsed = time.perf_counter() - started
-            print(f"throughput: {done:,} events in {elapsed:.2f}s = {done / elapsed:,.0f} events/s (one worker)")
-            latencies = measure_latency(broker.bootstrap, producer, codec, rng, args)
-            latencies.sort()
-            p50 = latencies[len(latencies) // 2]
-            p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-            print(
-                f"emit -> decision latency ({len(latencies)} samples, background load {args.load}/s): "
-                f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
-            )
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(60)
-        if profile:
-            for title, path in (("event loop (faust, stage 2)", profile), ("stage 1", profile.with_suffix(".stage1"))):
-                if path.exists():
-                    print(f"--- profile: {title}")
-                    pstats.Stats(str(path)).sort_stats("tottime").print_stats(22)
+        variants: list[tuple[str, Path | None]] = [("this checkout", None)]
+        if args.baseline_services:
+            variants.insert(0, ("baseline", args.baseline_services.resolve()))
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in variants}
+        for round_ in range(args.rounds):
+            for name, services in variants:
+                root = base / f"{name.replace(' ', '-')}-{round_}"
+                last = round_ == args.rounds - 1 and services is None
+                profile = root / "worker.prof" if args.profile and last else None
+                app_id = f"{DEFAULT_APP_ID}-{name.replace(' ', '-')}-{round_}"
+                rate, cpu_us, worker = throughput_round(broker.bootstrap, root, args.events, app_id, services, profile)
+                results[name].append((rate, cpu_us))
+                print(
+                    f"{name}, round {round_ + 1}: {args.events:,} events at {rate:,.0f} events/s "
+                    f"({cpu_us:.1f} us worker CPU per event)",
+                    flush=True,
+                )
+                try:
+                    if last and args.samples:  # after every throughput round: its load reaches no other round
+                        report_latency(broker.bootstrap, producer, codec, rng, args)
+                finally:
+                    stop(worker)
+                if profile:
+                    for title, path in (
+                        ("event loop (faust, stage 2)", profile),
+                        ("stage 1", profile.with_suffix(".stage1")),
+                    ):
+                        if path.exists():
+                            print(f"--- profile: {title}")
+                            pstats.Stats(str(path)).sort_stats("tottime").print_stats(22)
+        medians = {
+            name: (statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs))
+            for name, runs in results.items()
+        }
+        for name, (rate, cpu_us) in medians.items():
+            print(f"median, {name}: {rate:,.0f} events/s, {cpu_us:.1f} us worker CPU per event")
+        rate, cpu_us = medians["this checkout"]
+        baseline = medians.get("baseline")
+        extra: dict[str, object] = {"cpu_us_per_event": round(cpu_us, 1)}
+        if baseline:
+            extra |= {"baseline_of": str(args.baseline_services), "baseline_cpu_us_per_event": round(baseline[1], 1)}
+        figure(
+            "processor",
+            "usage events/s through one worker (reference policy, 8 scopes x 5 periods)",
+            rate,
+            "events/s",
+            baseline=baseline[0] if baseline else None,
+            target=">= 50k",
+            **extra,
+        )
+
+
+def report_latency(
+    bootstrap: str, producer: Producer, codec: AvroCodec, rng: random.Random, args: argparse.Namespace
+) -> None:
+    latencies = sorted(measure_latency(bootstrap, producer, codec, rng, args))
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(
+        f"emit -> decision latency ({len(latencies)} samples, background load {args.load}/s): "
+        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    )
 
 
 def measure_latency(

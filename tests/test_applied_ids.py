@@ -111,12 +111,21 @@ def test_compact_ids_agree_with_the_dict_through_runs_merges_expiry_and_a_restor
                 reference.remember(key, int(table[key][0]), [entry for entry, _ in restored])  # type: ignore[arg-type]
 
 
-def test_ids_in_runs_take_48_bytes_each_and_stay_found() -> None:
+def test_ids_in_runs_take_40_bytes_each_and_stay_found() -> None:
     ids = AppliedIds(3_600_000, recent_limit=10_000)
     entries = [(i.to_bytes(16, "little"), i, i or 1) for i in range(200_000)]
     for start in range(0, len(entries), 5_000):
         assert set(ids.admit_versions(entries[start : start + 5_000])) == {APPLY}
-    assert len(ids) == 200_000 and ids.column_bytes() == 48 * 200_000
+    assert len(ids) == 200_000 and ids.column_bytes() == 40 * 200_000
     assert ids.first_offset((123_456).to_bytes(16, "little")) == 123_456
     assert ids.admit_versions([((5).to_bytes(16, "little"), 2_000_000, 5)]) == [COPY]
     assert ids.admit_versions([((5).to_bytes(16, "little"), 2_000_001, 6)]) == [CONFLICT]
+
+
+def test_ids_whose_halves_swap_share_a_search_key_and_stay_apart() -> None:
+    ids = AppliedIds(3_600_000, recent_limit=2)
+    first, swapped = b"A" * 8 + b"B" * 8, b"B" * 8 + b"A" * 8  # the same xor of halves
+    assert ids.admit_versions([(first, 1, 11), (b"C" * 16, 2, 12)]) == [APPLY, APPLY]  # both into a run
+    assert ids.column_bytes() > 0
+    assert ids.admit_versions([(swapped, 3, 13), (first, 4, 11)]) == [APPLY, COPY]
+    assert ids.first_offset(swapped) == 3 and ids.first_offset(first) == 1

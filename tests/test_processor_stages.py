@@ -26,6 +26,7 @@ from spendstream.processor.internal_topics import (
     stage2_partition,
 )
 from spendstream.processor.policy_in_force import PolicyHolder
+from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import clock_key, is_ids_key, totals_from_partials
 from spendstream.processor.stage_one import StageOne
 from spendstream.processor.stage_two import ScopeState, StageTwo
@@ -185,6 +186,35 @@ def test_stage_one_announces_totals_as_typed_messages_to_the_owner_of_each_scope
     assert message.source == 1 and message.newest_event_s == int(OCCURRED.timestamp())
     assert WindowPartial(ALPHA_MONTH, 7 * USD, 2, 30, 8) in message.scopes["team:alpha"]
     assert all(stage2_partition(scope, PARTITIONS) == p for p, m in messages.items() for scope in m.scopes)  # type: ignore[union-attr]
+
+
+def test_stage_one_counts_each_event_in_the_scopes_of_scopes_for_and_dead_letters_what_the_checks_reject() -> None:
+    """Valid events count in exactly ``scopes_for``'s scopes; each invalid one goes to the DLQ with the reason
+    ``usage_record_problem`` gives it, whichever way stage 1 read it."""
+    holder = PolicyHolder(
+        parse_policy(POLICY_YAML % 100 + "divisions: {eng: [alpha]}\nprojects: {apollo: alpha}\n", "<test>"), LATENESS
+    )
+    worker = Worker(holder=holder)
+    attributions = [
+        {"team": "alpha", "user": "u1", "model_served": "gpt-4o-mini"},
+        {"project": "apollo", "customer": "c9", "environment": "prod"},  # team, division, org from the policy
+        {"org": "other", "division": "ops", "feature": "chat", "user": "u1"},
+        {"team": "alpha", "user": "u2"},
+    ]
+    events = [spend(1).model_copy(update={"team": "", **fields}) for fields in attributions]
+    bad = {
+        "input_tokens is negative: -1": {"input_tokens": -1},
+        "cost_nanos is negative: -5": {"cost_nanos": -5},
+        "cached_input_tokens + cache_write_tokens exceed input_tokens": {"cached_input_tokens": 11},
+        "reasoning, audio and image output tokens exceed output_tokens": {"reasoning_tokens": 6},
+        "missing provider or model_requested": {"provider": ""},
+    }
+    invalid = [spend(1).model_copy(update=fields) for fields in bad.values()]
+    worker.process([usage(offset, event) for offset, event in enumerate(events + invalid)])
+    counted = {key.rsplit("|", 2)[0] for key in totals_from_partials(worker.table)}
+    expected = {scope for event in events for scope in scopes_for(event.model_dump(), holder.policy)}
+    assert counted == expected and "division:eng" in counted and "model:gpt-4o-mini" in counted
+    assert worker.dead_letters() == list(bad)
 
 
 def test_internal_messages_round_trip_in_the_wire_format() -> None:

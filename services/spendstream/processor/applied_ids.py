@@ -4,8 +4,9 @@ Edges publish at least once, so stage 1 skips a copy of an event_id applied at A
 horizon (``spend_accounting`` explains why that keeps totals exact). At 30 k events/s a 15-minute horizon is
 27 M ids. Dicts of ``bytes`` keys with the offset and content digest took 172 bytes per id (measured: 2 M ids,
 344 MB). Here only the newest ids sit in such dicts (at most ``recent_limit``), older ones in runs: numpy
-columns of 48 bytes per id (a 64-bit search key, the id, offset, content digest, generation) sorted by key and
-searched for a whole batch at once; 2 M ids take 122 MB (181 MB at the peak of a merge).
+columns of 40 bytes per id (a 64-bit search key, the id's first half, offset, content digest, generation) sorted
+by key and searched for a whole batch at once. The key is the xor of the id's halves, so key and first half
+together are the whole id.
 Runs are ordered by age and merged with their neighbour while it is not more than twice as large (at most
 ``max_run`` entries, which bounds the copy a merge makes), so a batch searches a few runs.
 
@@ -26,14 +27,19 @@ import numpy as np
 from spendstream.processor.spend_accounting import unpack_digests, unpack_ids
 
 APPLY, COPY, CONFLICT = "apply", "copy", "conflict"
-RECENT_LIMIT = 65_536  # ids kept in dicts before they move into a run (~15 MB)
-MAX_RUN = 4_194_304  # entries a merge may produce (200 MB of columns)
+RECENT_LIMIT = 8_192  # ids kept in dicts before they move into a run (~2 MB; per source partition)
+MAX_RUN = 4_194_304  # entries a merge may produce (168 MB of columns)
+
+
+def _halves(ids: np.ndarray) -> np.ndarray:
+    """The two 64-bit halves of each 16-byte id, one row per id."""
+    return ids.view(np.uint64).reshape(-1, 2)
 
 
 def _search_keys(ids: np.ndarray) -> np.ndarray:
     """A well-spread 64-bit key per 16-byte id (the xor of its halves: random bits of UUID v4 and v7 alike);
-    equal keys of different ids are told apart by the id itself."""
-    halves = ids.view(np.uint64).reshape(-1, 2)
+    equal keys of different ids are told apart by their first halves (key and first half give the second)."""
+    halves = _halves(ids)
     return halves[:, 0] ^ halves[:, 1]
 
 
@@ -42,7 +48,7 @@ class _Run:
     """Entries sorted by search key; among equal ids (one live, older ones expired) the newest comes first."""
 
     keys: np.ndarray  # uint64
-    ids: np.ndarray  # S16
+    firsts: np.ndarray  # uint64, the first half of each id
     offsets: np.ndarray  # int64
     digests: np.ndarray  # uint64, 0: unknown
     generations: np.ndarray  # int64
@@ -55,7 +61,7 @@ class _Run:
         return len(self.keys)
 
     def nbytes(self) -> int:
-        return sum(column.nbytes for column in (self.keys, self.ids, self.offsets, self.digests, self.generations))
+        return sum(column.nbytes for column in (self.keys, self.firsts, self.offsets, self.digests, self.generations))
 
     @classmethod
     def of(cls, ids: list[bytes], offsets: list[int], digests: list[int], generations: np.ndarray) -> _Run:
@@ -64,7 +70,7 @@ class _Run:
         order = np.argsort(keys, kind="stable")
         return cls(
             keys[order],
-            packed[order],
+            _halves(packed)[:, 0][order],
             np.array(offsets, dtype=np.int64)[order],
             np.array(digests, dtype=np.uint64)[order],
             generations[order],
@@ -75,7 +81,7 @@ class _Run:
         at = np.searchsorted(self.keys, newer.keys, side="left")
         return _Run(
             np.insert(self.keys, at, newer.keys),
-            np.insert(self.ids, at, newer.ids),
+            np.insert(self.firsts, at, newer.firsts),
             np.insert(self.offsets, at, newer.offsets),
             np.insert(self.digests, at, newer.digests),
             np.insert(self.generations, at, newer.generations),
@@ -114,6 +120,7 @@ class AppliedIds:
             return {}
         wanted = np.frombuffer(b"".join(event_ids), dtype="S16")
         keys = _search_keys(wanted)
+        firsts = _halves(wanted)[:, 0]
         order = np.argsort(keys)  # sorted needles: each binary search starts where the previous one ended
         sorted_keys = keys[order]
         found: dict[bytes, tuple[int, int, int, int]] = {}
@@ -129,7 +136,7 @@ class AppliedIds:
                     continue
                 j = int(at[k])
                 while j < len(run) and run.keys[j] == keys[i]:
-                    if run.ids[j] == wanted[i] and run.generations[j] >= self._live:
+                    if run.firsts[j] == firsts[i] and run.generations[j] >= self._live:
                         found[event_id] = (int(run.offsets[j]), int(run.digests[j]), index, j)
                         break
                     j += 1

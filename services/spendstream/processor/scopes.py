@@ -23,16 +23,26 @@ from spendstream.core.policy import Budget, Policy, Quota
 def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
     """Every scope of one event (team with its ancestors, project, feature, user, customer, environment, model)."""
     get = attribution.get
-    team = get("team")
-    project = get("project")
+    out = hierarchy_scopes(get("org"), get("division"), get("team"), get("project"), policy)
+    for name in DIRECT_FIELDS:
+        value = get(name)
+        if value:
+            out.append(f"{name}:{value}")
+    model = get("model") or get("model_served") or get("model_requested")
+    if model:
+        out.append(f"model:{model}")
+    return out
+
+
+def hierarchy_scopes(org: object, division: object, team: object, project: object, policy: Policy) -> list[str]:
+    """The org, division, team and project scopes of an event, missing parents filled from the policy (the first
+    scopes of ``scopes_for``; stage 1 memoises them per attribution)."""
     if team:
         parents = policy.ancestors.get(f"team:{team}", ())  # (division, org)
     elif project:
         parents = policy.ancestors.get(f"project:{project}", ())  # (team, division, org)
     else:
         parents = ()
-    org = get("org")
-    division = get("division")
     out: list[str] = []
     if org:
         out.append(f"org:{org}")
@@ -49,13 +59,6 @@ def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
         out.extend(p for p in parents if p.startswith("team:"))
     if project:
         out.append(f"project:{project}")
-    for name in DIRECT_FIELDS:
-        value = get(name)
-        if value:
-            out.append(f"{name}:{value}")
-    model = get("model") or get("model_served") or get("model_requested")
-    if model:
-        out.append(f"model:{model}")
     return out
 
 

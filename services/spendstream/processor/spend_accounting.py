@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 
 from spendstream.core.periods import PERIODS, tracked_series, window_expiry, zone
 
-_QUARTER_HOUR_S = 900  # every UTC offset in use is a multiple of 15 minutes
+QUARTER_HOUR_S = 900  # every UTC offset in use is a multiple of 15 minutes
 
 
 class Partial(NamedTuple):
@@ -97,7 +97,7 @@ class WindowCalendar:
         self._memo: dict[int, tuple[tuple[str, int], ...]] = {}
 
     def starts(self, epoch_s: int) -> tuple[tuple[str, int], ...]:
-        bucket = epoch_s - epoch_s % _QUARTER_HOUR_S
+        bucket = epoch_s - epoch_s % QUARTER_HOUR_S
         found = self._memo.get(bucket)
         if found is None:
             instant = datetime.fromtimestamp(bucket, UTC)
@@ -187,7 +187,7 @@ def fold_fresh(
 
 def quarter_hour(epoch_s: int) -> int:
     """The memo bucket of ``WindowCalendar.starts`` an instant falls in."""
-    return epoch_s - epoch_s % _QUARTER_HOUR_S
+    return epoch_s - epoch_s % QUARTER_HOUR_S
 
 
 def merge_partial(parts: dict[str, list[int]], partition: int, value: Sequence[int]) -> bool:

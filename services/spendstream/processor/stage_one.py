@@ -19,18 +19,21 @@ from typing import Any, NamedTuple
 
 from confluent_kafka import Message
 
+from spendstream.core.attribution import DIRECT_FIELDS, HIERARCHY
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import usage_record_problem
 from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
+from spendstream.core.policy import Policy
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds
 from spendstream.processor.checkpoint import Changelog, RecordSink
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, PartialsMessage, WindowPartial, stage2_partition
 from spendstream.processor.policy_in_force import PolicyHolder
-from spendstream.processor.scopes import scopes_for
+from spendstream.processor.scopes import hierarchy_scopes, scopes_for
 from spendstream.processor.spend_accounting import (
     IDS_PER_RECORD,
+    QUARTER_HOUR_S,
     Partial,
     Watermark,
     clock_key,
@@ -43,11 +46,11 @@ from spendstream.processor.spend_accounting import (
     lateness_problem,
     pack_ids,
     partial_key,
-    quarter_hour,
     restore_clock,
     split_ids_key,
     split_partial_key,
 )
+from spendstream.processor.usage_decoder import FieldDecoder
 
 Starts = Callable[[int], tuple[tuple[str, int], ...]]  # epoch s -> the live (period, window start) pairs
 
@@ -104,20 +107,25 @@ class SourcePartition:
         ``starts`` gives an event's live windows, so windows expired at the batch's watermark are skipped.
         """
         applied = self.applied
-        verdicts = applied.admit_versions((item.event_id, item.offset, item.digest) for item in items)
-        kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
-        conflicts = [
-            (item.offset, applied.first_offset(item.event_id))
-            for item, verdict in zip(items, verdicts, strict=True)
-            if verdict == CONFLICT
-        ]
+        versions = [(event_id, offset, digest) for offset, _, _, _, _, event_id, digest in items]
+        verdicts = applied.admit_versions(versions)
+        if verdicts.count(APPLY) == len(verdicts):  # no copies: the usual batch
+            kept, conflicts = items, []
+        else:
+            kept = [item for item, verdict in zip(items, verdicts, strict=True) if verdict == APPLY]
+            conflicts = [
+                (item.offset, applied.first_offset(item.event_id))
+                for item, verdict in zip(items, verdicts, strict=True)
+                if verdict == CONFLICT
+            ]
         applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
         high = -1 if self.applied_high is None else self.applied_high
         touched: dict[str, Partial] = {}
         changed: Iterable[str] = ()
         if kept and kept[0].offset > high:
             fresh = [
-                (item.offset, item.cost_nanos, item.tokens, item.scopes, quarter_hour(item.occurred_s)) for item in kept
+                (offset, cost, tokens, scopes, occurred_s - occurred_s % QUARTER_HOUR_S)  # ``quarter_hour``, inline
+                for offset, cost, tokens, scopes, occurred_s, _, _ in kept
             ]
             touched = fold_fresh(fresh, self.partition, current, starts)
             changed = touched
@@ -137,9 +145,9 @@ class SourcePartition:
         records: list[tuple[str, list[Any]]] = []
         for start in range(0, len(kept), IDS_PER_RECORD):
             chunk = kept[start : start + IDS_PER_RECORD]
-            entries = [(item.event_id, item.offset) for item in chunk]
+            entries = [(event_id, offset) for offset, _, _, _, _, event_id, _ in chunk]
             key = ids_key(self.partition, entries[0][1])
-            value = pack_ids(applied.newest_ms, entries, [item.digest for item in chunk])
+            value = pack_ids(applied.newest_ms, entries, [digest for _, _, _, _, _, _, digest in chunk])
             applied.remember(key, value, entries)
             records.append((key, value))
         return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
@@ -166,6 +174,48 @@ def restore_sources(table: Mapping[str, Any], partitions: Iterable[int], horizon
         if partition in sources:
             sources[partition].applied.remember(key, table[key])
     return sources
+
+
+_MICROSECOND = timedelta(microseconds=1)
+_new_item = tuple.__new__
+DIRECT_PREFIXES = tuple(f"{name}:" for name in DIRECT_FIELDS)
+# the fast path's fields: what the checks of ``usage_record_problem`` and the fold read, in this order
+FOLD_FIELDS = (
+    "event_id",
+    "occurred_at",
+    "provider",
+    "model_requested",
+    "cost_nanos",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "latency_ms",
+    "reasoning_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "cache_write_1h_tokens",
+    "web_search_requests",
+    *HIERARCHY,
+    *DIRECT_FIELDS,
+    "model_served",
+    "model_requested",
+)
+_HIERARCHY_AT = slice(17, 17 + len(HIERARCHY))  # where ``FOLD_FIELDS`` holds the scopes' fields
+_REST_AT = slice(17 + len(HIERARCHY), None)
+SCOPES_MEMO = 100_000  # attributions whose scopes each memo keeps (it starts over when full)
+
+
+def _rest_scopes(rest: tuple[str, ...]) -> list[str]:
+    """The scopes ``scopes_for`` adds after the hierarchy: the direct fields, then the model (served, else
+    requested). ``rest`` holds the values of ``DIRECT_FIELDS``, ``model_served`` and ``model_requested``."""
+    *direct, served, requested = rest
+    scopes = [prefix + value for prefix, value in zip(DIRECT_PREFIXES, direct, strict=True) if value]
+    if served or requested:
+        scopes.append(f"model:{served or requested}")
+    return scopes
 
 
 def _at(epoch_s: float) -> datetime:
@@ -196,6 +246,11 @@ class StageOne:
         self.horizon_ms = int(dedup_horizon.total_seconds() * 1000)
         self.sources: dict[int, SourcePartition] = {}
         self._codec = AvroCodec("usage_event")
+        self._fields = FieldDecoder(self._codec, FOLD_FIELDS)
+        self._hierarchies_policy: Policy | None = None
+        # (org, division, team, project) -> ``hierarchy_scopes`` under ``_hierarchies_policy``
+        self._hierarchies: dict[tuple[str, ...], list[str]] = {}
+        self._rests: dict[tuple[str, ...], list[str]] = {}  # the other fields -> ``_rest_scopes``
 
     def restore(self, partitions: Iterable[int]) -> list[int]:
         """Adopt the restored table's memory of ``partitions``; returns the blank ones."""
@@ -248,54 +303,126 @@ class StageOne:
 
     def _accept(self, messages: Sequence[Message]) -> tuple[list[UsageItem], int, int]:
         """The valid, priced events of a batch (the rest to the DLQ), the newest arrival of any decodable
-        event and the newest arrival of an accepted one (Kafka timestamps, epoch ms)."""
+        event and the newest arrival of an accepted one (Kafka timestamps, epoch ms).
+
+        Most events take the fast path: the fold's fields read by ``usage_decoder`` and checked with integer
+        arithmetic. An event it cannot read, one that fails a check and one without ``cost_nanos`` takes the full
+        path (``_accept_decoded``), which decides and words every DLQ reason."""
         policy = self.holder.policy
-        prices = policy.price_table
-        decode = self._codec.decode
-        skew, lateness = self.max_future_skew, self.allowed_lateness
+        if policy is not self._hierarchies_policy:
+            self._hierarchies_policy, self._hierarchies = policy, {}
+        known_hierarchies, known_rests = self._hierarchies, self._rests
+        fast = self._fields.decode
+        skew_us = self.max_future_skew // _MICROSECOND  # the checks of ``usage_record_problem`` and
+        lateness_us = self.allowed_lateness // _MICROSECOND  # ``lateness_problem``, in epoch microseconds
         items: list[UsageItem] = []
+        append = items.append
         newest_ms = watermark_ms = 0
         for message in messages:
-            try:
-                record = decode(message.value())
-            except DecodeError as exc:
-                self._to_dlq(message, str(exc), "undecodable")
-                continue
+            value = message.value()
             kind, stamp_ms = message.timestamp()
-            arrived = _at(stamp_ms / 1000) if kind else datetime.now(UTC)
-            arrived_ms = stamp_ms if kind else int(arrived.timestamp() * 1000)
-            newest_ms = max(newest_ms, arrived_ms)
-            occurred = record["occurred_at"]
-            problem = usage_record_problem(record, arrived, skew) or lateness_problem(occurred, arrived, lateness)
-            if problem:
-                self._to_dlq(message, problem, "late" if problem.startswith("late event") else "invalid")
-                continue
-            cost = record["cost_nanos"]
-            if cost is None:
-                try:
-                    cost = price_record(record, occurred, prices).cost_nanos  # as the ledger sink prices it
-                except UnknownModelError as exc:
-                    self._to_dlq(message, f"unknown model, policy rejects it: {exc}", "unknown_model")
-                    continue
-                except CostOverflowError as exc:
-                    self._to_dlq(message, f"cost overflow: {exc}", "cost_overflow")
-                    continue
-                except ValueError as exc:
-                    self._to_dlq(message, f"cannot price: {exc}", "unpriceable")
-                    continue
-            watermark_ms = max(watermark_ms, arrived_ms)
-            items.append(
-                UsageItem(
-                    message.offset(),
-                    cost,
-                    record["input_tokens"] + record["output_tokens"],
-                    scopes_for(record, policy),
-                    int(occurred.timestamp()),
-                    record["event_id"].bytes,
-                    content_digest(message.value()),
+            fields = fast(value) if kind and value else None
+            if fields is not None:
+                (event_id, occurred_us, provider, model_requested, cost, inputs, outputs, cached, written, latency) = (
+                    fields[:10]
                 )
-            )
+                (reasoning, in_audio, out_audio, in_image, out_image, written_1h, searches) = fields[10:17]
+                arrived_us = stamp_ms * 1000
+                if not (
+                    cost is None
+                    or cost < 0
+                    # a bitwise or of ints is negative if any of them is
+                    or inputs | outputs | cached | written | latency | reasoning | in_audio | out_audio < 0
+                    or in_image | out_image | written_1h | searches < 0
+                    or cached + written + in_audio + in_image > inputs
+                    or reasoning + out_audio + out_image > outputs
+                    or written_1h > written
+                    or not provider
+                    or not model_requested
+                    or occurred_us < 0
+                    or occurred_us > arrived_us + skew_us
+                    or arrived_us - occurred_us > lateness_us
+                ):
+                    newest_ms = max(newest_ms, stamp_ms)
+                    watermark_ms = max(watermark_ms, stamp_ms)
+                    hierarchy = fields[_HIERARCHY_AT]
+                    upper = known_hierarchies.get(hierarchy)
+                    if upper is None:
+                        if len(known_hierarchies) >= SCOPES_MEMO:
+                            known_hierarchies.clear()
+                        upper = known_hierarchies[hierarchy] = hierarchy_scopes(*hierarchy, policy)
+                    rest = fields[_REST_AT]
+                    lower = known_rests.get(rest)
+                    if lower is None:
+                        if len(known_rests) >= SCOPES_MEMO:
+                            known_rests.clear()
+                        lower = known_rests[rest] = _rest_scopes(rest)
+                    scopes = upper + lower
+                    item = _new_item(  # ``UsageItem(...)`` without its Python-level __new__
+                        UsageItem,
+                        (
+                            message.offset(),
+                            cost,
+                            inputs + outputs,
+                            scopes,
+                            occurred_us // 1_000_000,
+                            event_id,
+                            content_digest(value),
+                        ),
+                    )
+                    append(item)
+                    continue
+            decoded = self._accept_decoded(message)
+            if decoded is not None:
+                accepted, arrived_ms = decoded
+                newest_ms = max(newest_ms, arrived_ms)
+                if accepted is not None:
+                    watermark_ms = max(watermark_ms, arrived_ms)
+                    append(accepted)
         return items, newest_ms, watermark_ms
+
+    def _accept_decoded(self, message: Message) -> tuple[UsageItem | None, int] | None:
+        """One event through the codec and the full checks: None if it does not decode (to the DLQ), else its
+        item (None: it went to the DLQ) and its arrival (epoch ms)."""
+        try:
+            record = self._codec.decode(message.value())
+        except DecodeError as exc:
+            self._to_dlq(message, str(exc), "undecodable")
+            return None
+        policy = self.holder.policy
+        kind, stamp_ms = message.timestamp()
+        arrived = _at(stamp_ms / 1000) if kind else datetime.now(UTC)
+        arrived_ms = stamp_ms if kind else int(arrived.timestamp() * 1000)
+        occurred = record["occurred_at"]
+        problem = usage_record_problem(record, arrived, self.max_future_skew) or lateness_problem(
+            occurred, arrived, self.allowed_lateness
+        )
+        if problem:
+            self._to_dlq(message, problem, "late" if problem.startswith("late event") else "invalid")
+            return None, arrived_ms
+        cost = record["cost_nanos"]
+        if cost is None:
+            try:
+                cost = price_record(record, occurred, policy.price_table).cost_nanos  # as the ledger sink prices it
+            except UnknownModelError as exc:
+                self._to_dlq(message, f"unknown model, policy rejects it: {exc}", "unknown_model")
+                return None, arrived_ms
+            except CostOverflowError as exc:
+                self._to_dlq(message, f"cost overflow: {exc}", "cost_overflow")
+                return None, arrived_ms
+            except ValueError as exc:
+                self._to_dlq(message, f"cannot price: {exc}", "unpriceable")
+                return None, arrived_ms
+        item = UsageItem(
+            message.offset(),
+            cost,
+            record["input_tokens"] + record["output_tokens"],
+            scopes_for(record, policy),
+            int(occurred.timestamp()),
+            record["event_id"].bytes,
+            content_digest(message.value()),
+        )
+        return item, arrived_ms
 
     def _announce(self, partition: int, touched: Mapping[str, Partial], newest_event_s: int, watermark_ms: int) -> None:
         """One ``PartialsMessage`` per stage-2 partition with the totals of the windows of the scopes it owns."""

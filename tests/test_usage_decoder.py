@@ -1,0 +1,103 @@
+"""Stage 1's fast usage decoder reads exactly what the codec reads, and declines whatever the codec would decide
+differently (so the codec's path keeps deciding it, DLQ reason included)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import fastavro
+import pytest
+
+from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.events import UsageEvent
+from spendstream.core.schemas import load_schema_json, parsed_schema
+from spendstream.processor.usage_decoder import FieldDecoder
+
+CODEC = AvroCodec("usage_event")
+ALL_FIELDS = [field["name"] for field in load_schema_json("usage_event")["fields"]]
+DECODER = FieldDecoder(CODEC, ALL_FIELDS)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event(**changes: object) -> UsageEvent:
+    base = UsageEvent(
+        org="acme",
+        team="ünïcode-team",
+        user="u1",
+        provider="openai",
+        model_requested="gpt-4o",
+        input_tokens=123_456_789,
+        output_tokens=70,
+        cached_input_tokens=64,
+        reasoning_tokens=7,
+        cost_nanos=2**40 + 3,
+        tags={"k": "v", "ключ": "значение"},
+        occurred_at=datetime(2025, 1, 15, 12, 0, 0, 123456, tzinfo=UTC),
+    )
+    return base.model_copy(update=changes)
+
+
+def as_codec_reads(data: bytes) -> list[object]:
+    record = CODEC.decode(data)
+    record["event_id"] = record["event_id"].bytes
+    record["occurred_at"] = (record["occurred_at"] - EPOCH) // timedelta(microseconds=1)
+    return [record[name] for name in ALL_FIELDS]
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        event(),
+        event(cost_nanos=None, tags={}),
+        event(status="blocked", cache_hit=True, price_source="policy", service_tier="flex"),
+        event(occurred_at=datetime(1969, 12, 31, 23, 59, tzinfo=UTC), latency_ms=10**12),
+    ],
+)
+def test_reads_every_field_as_the_codec_does(sample: UsageEvent) -> None:
+    data = CODEC.encode(sample.to_avro())
+    assert list(DECODER.decode(data) or ()) == as_codec_reads(data)
+
+
+def test_reads_only_the_wanted_fields_in_the_order_asked() -> None:
+    sample = event()
+    data = CODEC.encode(sample.to_avro())
+    wanted = FieldDecoder(CODEC, ["cost_nanos", "event_id", "team", "event_id"])
+    assert wanted.decode(data) == (sample.cost_nanos, sample.event_id.bytes, sample.team, sample.event_id.bytes)
+
+
+def body(record: dict[str, object]) -> bytes:
+    """A current-schema value of a raw record (logical types already in wire form)."""
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, parsed_schema("usage_event"), record)
+    return CODEC.frame_header() + out.getvalue()
+
+
+def wire(**changes: object) -> dict[str, object]:
+    record = event().to_avro()
+    record["occurred_at"] = (record["occurred_at"] - EPOCH) // timedelta(microseconds=1)  # type: ignore[operator]
+    record["event_id"] = str(record["event_id"])
+    record.update(changes)
+    return record
+
+
+def test_declines_what_the_codec_rejects_or_reads_otherwise() -> None:
+    good = CODEC.encode(event().to_avro())
+    assert DECODER.decode(good) is not None
+    v1 = AvroCodec("history/usage_event.v1")
+    assert DECODER.decode(v1.frame_header() + good[10:]) is None  # another writer schema: the codec resolves it
+    assert DECODER.decode(good[:-3]) is None  # truncated
+    assert DECODER.decode(good + b"\x00") is None  # trailing bytes
+    assert DECODER.decode(b"\x00\x00\x00\x00\x01" + good[10:]) is None  # registry framing
+    not_canonical = body(wire(event_id=uuid.uuid4().hex))  # a UUID the codec parses, in another spelling
+    assert DECODER.decode(not_canonical) is None and CODEC.decode(not_canonical)["event_id"]
+    for bad_id in ("not-a-uuid", "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"):
+        with pytest.raises(DecodeError):
+            CODEC.decode(body(wire(event_id=bad_id)))
+        assert DECODER.decode(body(wire(event_id=bad_id))) is None
+    bad_utf8 = body(wire(price_source="x" * 8))  # a field stage 1 does not use, corrupted: the codec rejects it
+    bad_utf8 = bad_utf8.replace(b"x" * 8, b"\xff" * 8)
+    with pytest.raises(DecodeError):
+        CODEC.decode(bad_utf8)
+    assert DECODER.decode(bad_utf8) is None
