@@ -69,9 +69,8 @@ _INF = math.inf
 _Answer = tuple[
     Verdict, bool, float, float, tuple[tuple[int, int, "count[int]"], ...], tuple[tuple[ScopeRule, TokenBucket], ...]
 ]
-
-# The answer of a request seen once: it holds at no time, so check() asks for the answer the second time.
-_SEEN_ONCE: _Answer = (Verdict(ALLOW, ""), True, _INF, -_INF, (), ())
+# Hashes of requests seen once, by their low bits: an answer is kept when its request comes again.
+_SEEN_SLOTS = 4096
 
 
 def _count(counted: tuple[tuple[int, int, count[int]], ...]) -> list[tuple[int, int, int]]:
@@ -155,6 +154,7 @@ class Enforcer:
         # request (its nine fields) -> its answer; replaced by every change of the rules, the policy or the hierarchy
         # (after the change is installed), so an answer is only ever kept from the rules in force.
         self._answers: dict[tuple[str, ...], _Answer] = {}
+        self._seen_once: list[int] = [0] * _SEEN_SLOTS  # only decides what is kept, so never emptied
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -276,7 +276,7 @@ class Enforcer:
         """``check`` from the rules, for a request with no answer kept (or one that no longer holds); keeps the
         answer for the next identical request when it holds for a while. ``refused``: the request's quota counts
         already taken, that reached their cap (None: not counted yet)."""
-        first_seen = wall is None  # check() found no answer (not one that no longer holds)
+        first_seen = wall is None  # check() found no answer kept (not one that no longer holds)
         values: Sequence[str] = request
         if self._ancestors:
             values = list(request)
@@ -310,8 +310,8 @@ class Enforcer:
             rules.append(self._global)
             keys.append("")
         throttles: tuple[tuple[ScopeRule, TokenBucket], ...] = ()
-        valid_from, valid_until = -_INF, _INF
         if not rules:
+            valid_from, valid_until = -_INF, _INF
             verdict = base = self._allow.get(model) or self._allow_verdict(model)
         else:
             feature = values[_DIM_INDEX["feature"]]
@@ -319,15 +319,14 @@ class Enforcer:
                 rules = [rule.for_feature(feature) if rule.critical else rule for rule in rules]
             signature = (model, *rules)
             kept = self._plans.get(signature)
-            if kept is None or kept.timed:
+            if kept is None or kept[4]:  # none kept, or one that holds for a while: plan again if it lapsed
                 if wall is None:
                     wall = self._wall()
                 kept = self._plan(signature, kept, wall)
                 if kept is None:  # an expiring shutoff: its retry-after changes with the clock
                     return resolve_many(zip(rules, keys, strict=True), model, wall, time.monotonic())
-                valid_from, valid_until = kept.valid_from, kept.valid_until
-            verdict = base = kept.verdict
-            positions = kept.throttles
+            valid_from, valid_until, base, positions, _ = kept
+            verdict = base
             if positions:
                 now = time.monotonic()
                 if len(positions) == 1:  # inline buckets() and take(): the common throttled-but-allowed request
@@ -346,13 +345,19 @@ class Enforcer:
                 base = denied
                 if verdict.action not in BLOCKING_STATUS:
                     verdict = denied
-        if len(answers) >= _MAX_PLANS:
-            answers.clear()
-        if first_seen:  # kept once seen again, so a stream of one-off requests keeps nothing alive
-            answers[request] = _SEEN_ONCE
-        elif not refused:  # a used-up quota's refusal counts down to midnight: never kept
+        if first_seen:
+            # Kept from the second time it is seen: a stream of requests that each come once (more users than
+            # answers kept) then costs a hash per request, with nothing kept alive, no dict growing or emptied.
+            digest = hash(request)
+            slot = digest & (_SEEN_SLOTS - 1)
+            if self._seen_once[slot] != digest:
+                self._seen_once[slot] = digest
+                return verdict
+        if not refused:  # a used-up quota's refusal counts down to midnight: never kept
             if quotas is not None and counted:
                 valid_until = min(valid_until, quotas.day_end)  # the counters are today's
+            if len(answers) >= _MAX_PLANS:
+                answers.clear()
             timed = valid_from != -_INF or valid_until != _INF
             answers[request] = (base, timed, valid_from, valid_until, counted, throttles)
         return verdict
