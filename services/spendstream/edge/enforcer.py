@@ -2,7 +2,10 @@
 
 The request path does a handful of dict lookups (one per attribution dimension that has any decision). When
 some decision matches, the outcome of that set of rules for the request's model is planned once by the pure
-``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens.
+``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens. A request
+seen again (the same nine fields) is answered from what was kept of its answer, with one lookup: the verdict,
+its quota counters and throttle buckets, and the wall-clock range it holds in; every change of the decisions, the
+policy or the hierarchy drops the kept answers.
 The consumer reads the compacted topic from the beginning with no consumer group commits, so every edge holds
 the full current view.
 
