@@ -2,7 +2,10 @@
 
 The request path does a handful of dict lookups (one per attribution dimension that has any decision). When
 some decision matches, the outcome of that set of rules for the request's model is planned once by the pure
-``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens.
+``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens. A request
+seen again (the same nine fields) is answered from what was kept of its answer, with one lookup: the verdict,
+its quota counters and throttle buckets, and the wall-clock range it holds in; every change of the decisions, the
+policy or the hierarchy drops the kept answers.
 The consumer reads the compacted topic from the beginning with no consumer group commits, so every edge holds
 the full current view.
 
@@ -14,12 +17,14 @@ they hold from the first request instead of after the processor has seen traffic
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from fractions import Fraction
+from itertools import count
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -40,12 +45,15 @@ from spendstream.edge.verdict import (
     UNAVAILABLE,
     Plan,
     ScopeRule,
+    TokenBucket,
     Verdict,
-    follow,
+    buckets,
     newer,
     parse_scope,
     plan,
     resolve_many,
+    take,
+    take_all,
     throttled,
 )
 
@@ -54,8 +62,28 @@ log = logging.getLogger(__name__)
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 WILDCARD = "*"
-# Plans kept per Enforcer (matched rules and model -> outcome), and allow verdicts per model; emptied when full.
+# Plans kept per Enforcer (matched rules and model -> outcome), answers per request, allow verdicts per model;
+# each emptied when full.
 _MAX_PLANS = 8192
+_INF = math.inf
+# What check() keeps per request (its nine fields): the verdict when no throttle refuses and no quota is used up,
+# whether it only holds in [valid_from, valid_until) of the wall clock (rules that expire, or quotas counted today),
+# the quota counters to count, as (dimension index, cap, counter), and the throttles' (rule, bucket) to take from.
+_Answer = tuple[
+    Verdict, bool, float, float, tuple[tuple[int, int, "count[int]"], ...], tuple[tuple[ScopeRule, TokenBucket], ...]
+]
+# Hashes of requests seen once, by their low bits: an answer is kept when its request comes again.
+_SEEN_SLOTS = 4096
+
+
+def _count(counted: tuple[tuple[int, int, count[int]], ...]) -> list[tuple[int, int, int]]:
+    """Count one request on each of its quota counters; (dimension index, count, cap) of those at their cap."""
+    refused = []
+    for i, cap, counter in counted:
+        used = next(counter)
+        if used >= cap:
+            refused.append((i, used, cap))
+    return refused
 
 
 class Enforcer:
@@ -126,6 +154,10 @@ class Enforcer:
         # plan stays right for as long as its rules are matched; emptied when a decision arrives to free old rules.
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._allow: dict[str, Verdict] = {}  # model -> its allow verdict, shared: nothing allocated to allow
+        # request (its nine fields) -> its answer; replaced by every change of the rules, the policy or the hierarchy
+        # (after the change is installed), so an answer is only ever kept from the rules in force.
+        self._answers: dict[tuple[str, ...], _Answer] = {}
+        self._seen_once: list[int] = [0] * _SEEN_SLOTS  # only decides what is kept, so never emptied
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -208,21 +240,65 @@ class Enforcer:
         """The verdict for one request, from memory. Never blocks, never touches the network."""
         if self.fail_closed and self.staleness_s > self.max_staleness_s:
             return Verdict(UNAVAILABLE, model, 1.0, "enforcement view is stale or no processor is alive", "")
-        values = [org, division, team, project, feature, user, customer, environment, model]
+        answers = self._answers  # read before any rule: a change replaces it after installing the new rules
+        request = (org, division, team, project, feature, user, customer, environment, model)
+        kept = answers.get(request)
+        if kept is None:
+            return self._check_and_keep(answers, request, None, None)
+        verdict, timed, valid_from, valid_until, counted, throttles = kept
+        if timed:
+            wall = self._wall()
+            if not valid_from <= wall < valid_until:
+                return self._check_and_keep(answers, request, wall, None)
+            if counted:
+                refused = []
+                for i, cap, counter in counted:  # _count, inline: on every request of a quota scope
+                    used = next(counter)
+                    if used >= cap:
+                        refused.append((i, used, cap))
+                if refused:
+                    return self._check_and_keep(answers, request, wall, refused)
+        if throttles:
+            now = time.monotonic()
+            if len(throttles) == 1:  # inline: the common throttled-but-allowed request
+                limiting, bucket = throttles[0]
+                wait = bucket.try_take(now)
+            else:
+                wait, limiting = take_all(throttles, now)
+            if wait > 0.0:
+                return throttled(verdict.model, limiting, wait)
+        return verdict
+
+    def _check_and_keep(
+        self,
+        answers: dict[tuple[str, ...], _Answer],
+        request: tuple[str, ...],
+        wall: float | None,
+        refused: list[tuple[int, int, int]] | None,
+    ) -> Verdict:
+        """``check`` from the rules, for a request with no answer kept (or one that no longer holds); keeps the
+        answer for the next identical request when it holds for a while. ``refused``: the request's quota counts
+        already taken, that reached their cap (None: not counted yet)."""
+        first_seen = wall is None  # check() found no answer kept (not one that no longer holds)
+        values: Sequence[str] = request
         if self._ancestors:
+            values = list(request)
             self._fill_ancestors(values)
+        model = request[-1]
         # The matched rules and their bucket keys (the matched value for a wildcard rule, "" for an exact one).
         rules: list[ScopeRule] = []
-        keys: list[str] = []
         static = self._static
-        wall = None
-        if static is not None:
-            quotas = static.quotas
-            if quotas is not None:
+        quotas = static.quotas if static is not None else None
+        counted: tuple[tuple[int, int, count[int]], ...] = ()
+        if quotas is not None:
+            if wall is None:
                 wall = self._wall()
-                quotas.count(values, wall, rules)
-                if rules:
-                    keys = [""] * len(rules)
+            if refused is None:
+                counted = quotas.scopes(values, wall)
+                refused = _count(counted)
+            if refused:
+                rules = [quotas.refusal(i, values[i], used, cap) for i, used, cap in refused]
+        keys = [""] * len(rules) if rules else []
         for i, by_value, wildcard in self._active:
             value = values[i]
             if value:
@@ -236,56 +312,71 @@ class Enforcer:
         if self._global is not None:
             rules.append(self._global)
             keys.append("")
+        throttles: tuple[tuple[ScopeRule, TokenBucket], ...] = ()
         if not rules:
-            verdict = self._allow.get(model) or self._allow_verdict(model)
+            valid_from, valid_until = -_INF, _INF
+            verdict = base = self._allow.get(model) or self._allow_verdict(model)
         else:
+            feature = values[_DIM_INDEX["feature"]]
             if feature and self._exempting:
                 rules = [rule.for_feature(feature) if rule.critical else rule for rule in rules]
-            kept = self._plans.get((model, *rules))
-            if kept is None:
-                verdict = self._resolve(rules, keys, model, wall)
-            else:
-                _, _, verdict, throttles, timed = kept
-                if timed:
-                    verdict = self._resolve(rules, keys, model, wall)
-                elif throttles:
-                    if len(throttles) == 1:  # inline: the common throttled-but-allowed request
-                        position = throttles[0]
-                        limiting = rules[position]
-                        key = keys[position]
-                        now = time.monotonic()
-                        wait = (limiting.buckets.get(key) or limiting.bucket(key, now)).try_take(now)
-                        if wait > 0.0:
-                            verdict = throttled(kept, limiting, wait)
-                    else:
-                        verdict = follow(kept, rules, keys, time.monotonic())
-        if static is not None and static.allowed and verdict.action not in BLOCKING_STATUS:
-            served = verdict.model
-            for i, exact, template in static.allowed:  # inline StaticRules.denial: one lookup per listed dimension
-                value = values[i]
-                if value:
-                    found = exact.get(value, template)
-                    if found is not None:
-                        denied = found[served]
-                        if denied is not None:
-                            return denied
+            signature = (model, *rules)
+            kept = self._plans.get(signature)
+            if kept is None or kept[4]:  # none kept, or one that holds for a while: plan again if it lapsed
+                if wall is None:
+                    wall = self._wall()
+                kept = self._plan(signature, kept, wall)
+                if kept is None:  # an expiring shutoff: its retry-after changes with the clock
+                    return resolve_many(zip(rules, keys, strict=True), model, wall, time.monotonic())
+            valid_from, valid_until, base, positions, _ = kept
+            verdict = base
+            if positions:
+                now = time.monotonic()
+                if len(positions) == 1:  # inline buckets() and take(): the common throttled-but-allowed request
+                    limiting, key = rules[positions[0]], keys[positions[0]]
+                    bucket = limiting.buckets.get(key) or limiting.bucket(key, now)
+                    throttles = ((limiting, bucket),)
+                    wait = bucket.try_take(now)
+                    if wait > 0.0:
+                        verdict = throttled(base.model, limiting, wait)
+                else:
+                    throttles = buckets(kept, rules, keys, now)
+                    verdict = take(base, throttles, now)
+        if static is not None and static.allowed and base.action not in BLOCKING_STATUS:
+            denied = static.denial(values, base.model)
+            if denied is not None:
+                base = denied
+                if verdict.action not in BLOCKING_STATUS:
+                    verdict = denied
+        if first_seen:
+            # Kept from the second time it is seen: a stream of requests that each come once (more users than
+            # answers kept) then costs a hash per request, with nothing kept alive, no dict growing or emptied.
+            digest = hash(request)
+            slot = digest & (_SEEN_SLOTS - 1)
+            if self._seen_once[slot] != digest:
+                self._seen_once[slot] = digest
+                return verdict
+        if not refused:  # a used-up quota's refusal counts down to midnight: never kept
+            if quotas is not None and counted:
+                valid_until = min(valid_until, quotas.day_end)  # the counters are today's
+            if len(answers) >= _MAX_PLANS:
+                answers.clear()
+            timed = valid_from != -_INF or valid_until != _INF
+            answers[request] = (base, timed, valid_from, valid_until, counted, throttles)
         return verdict
 
-    def _resolve(self, rules: list[ScopeRule], keys: list[str], model: str, wall: float | None) -> Verdict:
-        """The verdict of rules with no plan kept or a plan that holds only for a while (rules that expire)."""
-        if wall is None:
-            wall = self._wall()
-        signature = (model, *rules)
-        kept = self._plans.get(signature)
+    def _plan(self, signature: tuple[Any, ...], kept: Plan | None, wall: float) -> Plan | None:
+        """``kept``, the plan of ``signature`` (model, *rules), if it holds at ``wall``, else a new one (None: none
+        holds: an expiring shutoff)."""
         if kept is None or not kept.valid_from <= wall < kept.valid_until:
-            kept = plan(rules, model, wall)
-            if kept is None:  # an expiring shutoff: its retry-after changes with the clock
-                return resolve_many(zip(rules, keys, strict=True), model, wall, time.monotonic())
+            kept = plan(signature[1:], signature[0], wall)
+            if kept is None:
+                return None
             plans = self._plans
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
             plans[signature] = kept
-        return follow(kept, rules, keys, time.monotonic())
+        return kept
 
     def _allow_verdict(self, model: str) -> Verdict:
         if len(self._allow) >= _MAX_PLANS:
@@ -336,6 +427,7 @@ class Enforcer:
             self.set_hierarchy(policy.parent_scopes)
         static = StaticRules(policy, DIMENSIONS, self._static)
         self._static = static if static else None
+        self._answers = {}
         self.policy = policy
         log.info("enforcer applies policy %s %s", policy.name, policy.version)
 
@@ -362,6 +454,7 @@ class Enforcer:
                 node = parents.get(node)
             chains[start] = tuple(chain)
         self._ancestors = chains
+        self._answers = {}
 
     def apply(self, scope: str, decision: Decision | None) -> bool:
         """Install (or, with None, delete) the decision of one scope; False if ignored as stale or invalid."""
@@ -408,6 +501,7 @@ class Enforcer:
         if dim == "*":
             self._global = rule
             self._plans = {}
+            self._answers = {}
             return
         i = _DIM_INDEX[dim]
         if rule is None:
@@ -416,6 +510,7 @@ class Enforcer:
             self._index[i][value] = rule
         self._active = tuple((j, rules, rules.get(WILDCARD)) for j, rules in enumerate(self._index) if rules)
         self._plans = {}
+        self._answers = {}
 
     def decisions(self) -> dict[str, ScopeRule]:
         """The rules in force, by scope (a copy, for diagnostics)."""

@@ -76,8 +76,8 @@ def index_allowed_models(policy: Policy, dimensions: Sequence[str]) -> tuple[_Lo
     return tuple((i, exact, template[0] if template else None) for i, (exact, template) in sorted(by_dim.items()))
 
 
-# Per counted dimension: (index, (cap, counter) per value seen today, caps per value, template's cap, counters)
-_Counted = tuple[int, dict[str, tuple[int, "count[int]"]], dict[str, int], int | None, dict[str, "count[int]"]]
+# Per counted dimension: (index, (index, cap, counter) per value seen today, caps per value, template's cap, counters)
+_Counted = tuple[int, dict[str, tuple[int, int, "count[int]"]], dict[str, int], int | None, dict[str, "count[int]"]]
 
 
 def _counted(counter: count[int]) -> int:
@@ -86,7 +86,8 @@ def _counted(counter: count[int]) -> int:
 
 
 class RequestQuotas:
-    """Requests per quota scope and local day counted at this edge; ``count`` refuses the ones over a cap.
+    """Requests per quota scope and local day counted at this edge: ``scopes`` hands out a request's counters, the
+    caller counts (``next()``) and asks for the ``refusal`` of a count that reached its cap.
 
     Each counted scope has an ``itertools.count``: ``next()`` on it is one C call under the GIL, so concurrent
     checks never admit two requests on one count, without a lock on the request path. The counters are shared
@@ -121,7 +122,7 @@ class RequestQuotas:
         self._lock = threading.Lock()  # one roll-over per day
 
     def _compile(self) -> tuple[_Counted, ...]:
-        """What ``count`` reads per request, with no (cap, counter) seen yet."""
+        """What ``scopes`` reads per request, with no (cap, counter) seen yet."""
         return tuple((i, {}, caps, template_cap, self._counters[i]) for i, caps, template_cap in self._caps)
 
     def __bool__(self) -> bool:
@@ -137,11 +138,17 @@ class RequestQuotas:
                 self._counted = self._compile()
                 self._day_end = previous._day_end
 
-    def count(self, values: Sequence[str], wall_now: float, refusals: list[ScopeRule]) -> None:
-        """Count one request for every quota scope among ``values`` (by dimension index); a scope already at its cap
-        adds a ``shutoff`` rule to ``refusals`` that expires at the end of the local day."""
+    @property
+    def day_end(self) -> float:
+        """Epoch seconds of the next local midnight, when today's counters are replaced."""
+        return self._day_end
+
+    def scopes(self, values: Sequence[str], wall_now: float) -> tuple[tuple[int, int, count[int]], ...]:
+        """(dimension index, cap, today's counter) of every quota scope among ``values`` (by dimension index); the
+        counters hold until ``day_end``, so an edge can keep them for a request it sees again that day."""
         if wall_now >= self._day_end:
             self._roll_over(wall_now)
+        found: tuple[tuple[int, int, count[int]], ...] = ()
         for i, seen, caps, template_cap, counters in self._counted:
             value = values[i]
             if value:
@@ -150,13 +157,12 @@ class RequestQuotas:
                     cap = caps.get(value, template_cap)
                     if cap is None:
                         continue
-                    entry = seen.setdefault(value, (cap, counters.setdefault(value, count())))
-                cap, counter = entry
-                used = next(counter)
-                if used >= cap:
-                    refusals.append(self._refusal(i, value, used, cap))
+                    entry = seen.setdefault(value, (i, cap, counters.setdefault(value, count())))
+                found += (entry,)
+        return found
 
-    def _refusal(self, i: int, value: str, used: int, cap: int) -> ScopeRule:
+    def refusal(self, i: int, value: str, used: int, cap: int) -> ScopeRule:
+        """The ``shutoff`` of the request that found the quota of ``value`` (dimension ``i``) used up."""
         scope = f"{self._dimensions[i]}:{value}"
         reason = f"{scope} daily requests quota used up: {used}/{cap} (counted at this edge)"
         return ScopeRule(scope, SHUTOFF, ACTION_RANK[SHUTOFF], 0, reason, expires_at=self._day_end)
@@ -180,10 +186,7 @@ class RequestQuotas:
 
 
 class StaticRules:
-    """What an edge enforces from one policy version without any decision: model lists and request quotas.
-
-    ``Enforcer.check`` reads ``allowed`` itself (one lookup per listed dimension, then the list's answer for the
-    served model), since a call per request costs as much as the lookups."""
+    """What an edge enforces from one policy version without any decision: model lists and request quotas."""
 
     def __init__(self, policy: Policy, dimensions: Sequence[str], previous: StaticRules | None = None) -> None:
         self.version = policy.version
@@ -195,3 +198,16 @@ class StaticRules:
 
     def __bool__(self) -> bool:
         return bool(self.allowed) or self.quotas is not None
+
+    def denial(self, values: Sequence[str], served: str) -> Verdict | None:
+        """The ``deny_model`` verdict of the first list among ``values`` (by dimension index) that does not cover the
+        model ``served``; None if every list covers it (one lookup per listed dimension)."""
+        for i, exact, template in self.allowed:
+            value = values[i]
+            if value:
+                found = exact.get(value, template)
+                if found is not None:
+                    denied = found[served]
+                    if denied is not None:
+                        return denied
+        return None

@@ -285,19 +285,11 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
         limiting, bucket = throttles[0]
         wait = bucket.try_take(mono_now)
         if wait > 0.0:
-            reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
-            return Verdict(THROTTLE, served, wait, reason, limiting.scope)
+            return throttled(served, limiting, wait)
     elif throttles:
-        wait, limiting = 0.0, throttles[0][0]
-        for rule, bucket in throttles:
-            needed = bucket.wait_time(mono_now)
-            if needed > wait:
-                wait, limiting = needed, rule
+        wait, limiting = take_all(throttles, mono_now)
         if wait > 0.0:
-            reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
-            return Verdict(THROTTLE, served, wait, reason, limiting.scope)
-        for _, bucket in throttles:
-            bucket.take(mono_now)
+            return throttled(served, limiting, wait)
 
     if rewrote is not None:
         return Verdict(FALLBACK, served, None, rewrote.reason or f"{model} -> {served}", rewrote.scope)
@@ -375,33 +367,50 @@ def plan(rules: Sequence[ScopeRule], model: str, wall_now: float) -> Plan | None
 
 def follow(plan: Plan, rules: Sequence[ScopeRule], keys: Sequence[str], mono_now: float) -> Verdict:
     """The verdict of ``plan`` for one request: tokens are taken from every throttling scope, or none is."""
-    throttles = plan.throttles
-    if not throttles:
+    if not plan.throttles:
         return plan.verdict
+    return take(plan.verdict, buckets(plan, rules, keys, mono_now), mono_now)
+
+
+def buckets(
+    plan: Plan, rules: Sequence[ScopeRule], keys: Sequence[str], mono_now: float
+) -> tuple[tuple[ScopeRule, TokenBucket], ...]:
+    """The throttling rules of ``plan`` with the buckets of ``keys``: what ``take`` takes from, for one request."""
+    if len(plan.throttles) == 1:
+        position = plan.throttles[0]
+        rule, key = rules[position], keys[position]
+        return ((rule, rule.buckets.get(key) or rule.bucket(key, mono_now)),)
+    return tuple([(rules[position], rules[position].bucket(keys[position], mono_now)) for position in plan.throttles])
+
+
+def take(verdict: Verdict, throttles: Sequence[tuple[ScopeRule, TokenBucket]], mono_now: float) -> Verdict:
+    """``verdict`` once a token is taken from every bucket of ``throttles``; else (none is taken) the refusal of
+    the rule whose bucket needs the longest wait."""
     if len(throttles) == 1:
-        position = throttles[0]
-        limiting = rules[position]
-        wait = limiting.bucket(keys[position], mono_now).try_take(mono_now)
-        if wait <= 0.0:
-            return plan.verdict
+        limiting, bucket = throttles[0]
+        wait = bucket.try_take(mono_now)
     else:
-        buckets = [rules[position].bucket(keys[position], mono_now) for position in throttles]
-        wait, limiting = 0.0, rules[throttles[0]]
-        for position, bucket in zip(throttles, buckets, strict=True):
-            needed = bucket.wait_time(mono_now)
-            if needed > wait:
-                wait, limiting = needed, rules[position]
-        if wait <= 0.0:
-            for bucket in buckets:
-                bucket.take(mono_now)
-            return plan.verdict
-    return throttled(plan, limiting, wait)
+        wait, limiting = take_all(throttles, mono_now)
+    return verdict if wait <= 0.0 else throttled(verdict.model, limiting, wait)
 
 
-def throttled(plan: Plan, limiting: ScopeRule, wait: float) -> Verdict:
-    """The verdict of a request refused by the bucket of ``limiting`` for ``wait`` seconds."""
+def take_all(throttles: Sequence[tuple[ScopeRule, TokenBucket]], mono_now: float) -> tuple[float, ScopeRule]:
+    """A token from every bucket or from none: (0.0, any rule) once taken, else the longest wait and its rule."""
+    wait, limiting = 0.0, throttles[0][0]
+    for rule, bucket in throttles:
+        needed = bucket.wait_time(mono_now)
+        if needed > wait:
+            wait, limiting = needed, rule
+    if wait <= 0.0:
+        for _, bucket in throttles:
+            bucket.take(mono_now)
+    return wait, limiting
+
+
+def throttled(served: str, limiting: ScopeRule, wait: float) -> Verdict:
+    """The verdict of a request for ``served`` refused by the bucket of ``limiting`` for ``wait`` seconds."""
     reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
-    return Verdict(THROTTLE, plan.verdict.model, wait, reason, limiting.scope)
+    return Verdict(THROTTLE, served, wait, reason, limiting.scope)
 
 
 def _timed(valid_from: float, valid_until: float) -> bool:

@@ -1,0 +1,146 @@
+"""The answers the Enforcer keeps per repeated request change with every decision, expiry, policy and hierarchy change.
+
+A request is answered from the rules the first two times and from its kept answer after that, so each check below
+repeats a request several times before and after the change it must see.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spendstream.core.events import Decision
+from spendstream.core.policy import parse_policy
+from spendstream.edge.enforcer import Enforcer
+
+NOW = 1_800_000_000.0
+REPEATS = 4  # enough for the answer to come from the kept one
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return datetime.fromtimestamp(self.now, UTC)
+
+
+def repeated(edge: Enforcer, **request: str) -> list[str]:
+    """The actions of the same request checked several times in a row."""
+    return [edge.check(**request).action for _ in range(REPEATS)]
+
+
+def test_a_kept_answer_changes_when_a_decision_arrives_expires_or_is_deleted() -> None:
+    clock = Clock(NOW)
+    edge = Enforcer("127.0.0.1:1", policy_topic=None, clock=clock)
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["allow"] * REPEATS
+    fallback = Decision(
+        scope="team:t",
+        action="fallback",
+        version=1,
+        fallback_models={"gpt-4o": "gpt-4o-mini"},
+        expires_at=datetime.fromtimestamp(NOW + 60, UTC),
+    )
+    edge.apply("team:t", fallback)
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["fallback"] * REPEATS
+    assert edge.check(team="t", user="u", model="gpt-4o").model == "gpt-4o-mini"
+    clock.now = NOW + 61  # the fallback expired: no decision arrives, the clock alone changes the answer
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["allow"] * REPEATS
+    edge.apply("user:u", Decision(scope="user:u", action="shutoff", version=1))
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["shutoff"] * REPEATS
+    edge.apply("user:u", None)  # a tombstone
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["allow"] * REPEATS
+    edge.apply("*", Decision(scope="*", action="shutoff", version=1))  # the global scope
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["shutoff"] * REPEATS
+
+
+def test_a_kept_answer_changes_with_the_policy_and_the_hierarchy() -> None:
+    edge = Enforcer("127.0.0.1:1", policy_topic=None, hierarchy={})  # set here, not taken from the policy
+    edge.apply("division:eng", Decision(scope="division:eng", action="alert", version=1, reason="eng at 80%"))
+    assert repeated(edge, team="web", environment="development", model="gpt-4o") == ["allow"] * REPEATS
+    edge.set_hierarchy({"team:web": "division:eng"})
+    assert repeated(edge, team="web", environment="development", model="gpt-4o") == ["alert"] * REPEATS
+    edge.set_policy(parse_policy("allowed_models:\n  'environment:development': [gpt-4o-mini]\n"))
+    assert repeated(edge, team="web", environment="development", model="gpt-4o") == ["deny_model"] * REPEATS
+    edge.set_policy(parse_policy("quotas:\n  - {scope: 'team:*', requests_per_day: 6}\n"))
+    assert repeated(edge, team="web", model="gpt-4o") == ["alert"] * REPEATS
+    # the team's four earlier requests today were not counted (no quota then): two more go out, then none
+    assert repeated(edge, team="web", model="gpt-4o") == ["alert", "alert", "shutoff", "shutoff"]
+
+
+def test_a_kept_answer_counts_its_quota_until_midnight_then_counts_afresh() -> None:
+    midnight = datetime(2027, 1, 2, tzinfo=UTC).timestamp()
+    clock = Clock(midnight - 10)
+    edge = Enforcer(
+        "127.0.0.1:1",
+        policy=parse_policy("quotas:\n  - {scope: 'user:*', requests_per_day: 3}\n"),
+        policy_topic=None,
+        clock=clock,
+    )
+    assert repeated(edge, user="u", model="m") == ["allow", "allow", "allow", "shutoff"]
+    assert edge.requests_counted("user:u") == REPEATS
+    clock.now = midnight
+    assert repeated(edge, user="u", model="m") == ["allow", "allow", "allow", "shutoff"]
+    assert edge.requests_counted("user:u") == REPEATS
+
+
+def test_a_kept_throttle_answer_takes_a_token_per_request() -> None:
+    edge = Enforcer("127.0.0.1:1", policy_topic=None)
+    edge.apply("user:*", Decision(scope="user:*", action="throttle", version=1, throttle_rps=1e-6))
+    assert repeated(edge, user="u1", model="m") == ["allow"] + ["throttle"] * (REPEATS - 1)
+    assert repeated(edge, user="u2", model="m") == ["allow"] + ["throttle"] * (REPEATS - 1)
+
+
+MODELS = ["gpt-4o", "gpt-4o-mini"]
+decisions_strategy = st.lists(
+    st.builds(
+        lambda scope, action, version, allowed, expires_in: Decision(
+            scope=scope,
+            action=action,
+            version=version,
+            fallback_models={"gpt-4o": "gpt-4o-mini"} if action == "fallback" else {},
+            allowed_models=["gpt-4o-mini"] if allowed else [],
+            throttle_rps=1e9 if action == "throttle" else None,
+            expires_at=None if expires_in is None else datetime.fromtimestamp(NOW + expires_in, UTC),
+        ),
+        st.sampled_from(["*", "team:t1", "team:*", "user:u1", "user:*", "feature:f"]),
+        st.sampled_from(["alert", "fallback", "throttle", "shutoff", "allow"]),
+        st.integers(1, 3),
+        st.booleans(),
+        st.sampled_from([None, None, 30.0, 90.0]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+requests_strategy = st.lists(
+    st.fixed_dictionaries(
+        {
+            "team": st.sampled_from(["", "t1", "t2"]),
+            "user": st.sampled_from(["", "u1", "u2"]),
+            "feature": st.sampled_from(["", "f"]),
+            "model": st.sampled_from(MODELS),
+        }
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(decisions_strategy, requests_strategy)
+def test_a_long_lived_enforcer_answers_as_a_new_one_after_each_decision_and_clock_step(decisions, requests) -> None:
+    clock = Clock(NOW)
+    long_lived = Enforcer("127.0.0.1:1", policy_topic=None, clock=clock)
+    for n, arriving in enumerate(decisions):
+        long_lived.apply(arriving.scope, arriving)
+        for step in (0.0, 60.0):  # some decisions expire in between
+            clock.now = NOW + step
+            new = Enforcer("127.0.0.1:1", policy_topic=None, clock=clock)
+            for earlier in decisions[: n + 1]:
+                new.apply(earlier.scope, earlier)
+            for request in requests:
+                expected = new.check(**request)
+                assert [long_lived.check(**request) for _ in range(REPEATS)] == [expected] * REPEATS
+        clock.now = NOW
