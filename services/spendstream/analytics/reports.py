@@ -438,7 +438,8 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4, now: datetime | None = N
         notes=[
             "budget = the week's days' share of the team monthly budgets; premium = complex-tier models",
             "cache hit rate = requests served from cache / requests",
-            "a month's budgets include the approved increases in force at its end (the running month: now); "
+            "a month's budgets include the approved increases in force at its end (the running month: now, "
+            "a month to come: its start); "
             "of which increases = their share of the week's budget",
         ],
     )
