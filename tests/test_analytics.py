@@ -83,12 +83,13 @@ def test_chargeback_by_hand(seeded: reports.Ledger) -> None:
     assert rows["engineering"] == {
         "department": "engineering", "budget": 12_000 * B, "actual": 1160 * B, "variance": 10_840 * B,
         "utilisation": Decimal("0.0967"), "shared": 2_912_133_898, "chargeback": 1160 * B + 2_912_133_898,
+        "policy_budget": 12_000 * B, "increase": 0,
     }  # fmt: skip
     assert rows["marketing"]["shared"] == 87_866_109
     assert rows["marketing"]["variance"] == 7_965 * B
     assert rows["sales"] == {
         "department": "sales", "budget": 6_200 * B, "actual": 0, "variance": 6_200 * B,
-        "utilisation": Decimal("0"), "shared": 0, "chargeback": 0,
+        "utilisation": Decimal("0"), "shared": 0, "chargeback": 0, "policy_budget": 6_200 * B, "increase": 0,
     }  # fmt: skip
     assert report.totals["chargeback"] == 1198 * B + 7 == report.totals["actual"]
     assert report.totals["budget"] == 26_200 * B
@@ -114,11 +115,13 @@ def test_cfo_weekly_by_hand(seeded: reports.Ledger) -> None:
         "week": date(2026, 3, 16), "spend": 1040 * B, "previous": 58 * B + 7, "change": Decimal("16.9310"),
         "budget": week_budget, "budget_used": Decimal("0.1758"), "top_feature": "ai_code_review",
         "top_feature_spend": 1000 * B, "cache_hit_rate": Decimal("0.3333"), "premium_share": Decimal("0.9904"),
+        "budget_increase": 0,
     }  # fmt: skip
     assert last == {
         "week": date(2026, 3, 9), "spend": 58 * B + 7, "previous": 100 * B, "change": Decimal("-0.4200"),
         "budget": week_budget, "budget_used": Decimal("0.0098"), "top_feature": "ai_code_review",
         "top_feature_spend": 50 * B, "cache_hit_rate": Decimal("0.2500"), "premium_share": Decimal("0.8621"),
+        "budget_increase": 0,
     }  # fmt: skip
 
 
@@ -215,7 +218,7 @@ def test_reprice_keeps_old_figures_and_reports_per_team(seeded: reports.Ledger) 
 
 def test_budgets_reload_replaces_the_month(seeded: reports.Ledger) -> None:
     load_budgets(seeded.client, DB, [("team:engineering", "month", 1 * B)], date(2026, 3, 20), "pv-2")
-    assert reports.team_budgets(seeded, date(2026, 3, 1)) == {"engineering": 1 * B}
+    assert reports.team_budgets(seeded, date(2026, 3, 1), NOW).policy == {"engineering": 1 * B}
     with pytest.raises(ValueError, match="unknown budget period"):
         load_budgets(seeded.client, DB, [("team:x", "fortnight", 1)], date(2026, 3, 1))
 
@@ -242,7 +245,7 @@ def test_sql_is_read_only_by_default(seeded: reports.Ledger, offline_settings: A
     with pytest.raises(Exception, match="SETTINGS refused"):  # a settings change hidden in a SELECT
         sql_report(seeded.client, offline_settings, "SELECT * FROM usage_ledger SETTINGS readonly = 0")
     sql_report(seeded.client, offline_settings, "DELETE FROM budgets WHERE month = '2026-03-01'", write=True)
-    assert reports.team_budgets(seeded, date(2026, 3, 1)) == {}
+    assert reports.team_budgets(seeded, date(2026, 3, 1), NOW).policy == {}
 
 
 # -- pure arithmetic ------------------------------------------------------------------------------

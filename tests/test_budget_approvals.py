@@ -34,6 +34,7 @@ budgets:
   - {scope: "team:sales", period: month, amount_usd: 60}
   - {scope: "team:support", period: month, amount_usd: 50}
   - {scope: "team:product", period: month, amount_usd: 40}
+  - {scope: "team:finance", period: month, amount_usd: 1000}
   - {scope: "feature:ai_writer", period: month, amount_usd: 30}
 approvals:
   feature_threshold_usd: 2000
@@ -231,3 +232,29 @@ def test_an_amount_is_listed_in_plain_dollars(stack: Stack) -> None:
     one_nano = ("team:support", "0.000000001", "--until", "2099-01-01", "--reason", "the smallest amount")
     line = stack.ok("alice", "budget", "request", *one_nano)
     assert "\t$0.000000001\t" in line
+
+
+def test_reports_show_the_budget_an_approved_increase_raised(stack: Stack) -> None:
+    """``spendstream report chargeback`` and ``forecast`` (through the API that owns the ledger) show the limit the
+    processor enforces, the policy's amount and the increase; a pending or denied request adds nothing."""
+    now = datetime.now(UTC)
+    next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    until = ("--until", next_month.isoformat())
+    assert "\tapproved\t" in stack.ok("vera", "budget", "increase", "team:finance", "500", *until, "--reason", "audit")
+    stack.ok("alice", "budget", "request", "team:finance", "70", *until, "--reason", "pending")
+    denied = request_id(stack.ok("alice", "budget", "request", "team:finance", "80", *until, "--reason", "denied"))
+    stack.ok("dana", "budget", "deny", denied, "--reason", "no")
+    deadline = time.monotonic() + 60  # the audit sink writes the approval to budget_events
+    while True:
+        chargeback = json.loads(stack.ok("alice", "report", "chargeback", "--format", "json"))
+        finance = next((r for r in chargeback["rows"] if r["department"] == "finance"), None)
+        if (finance and finance["budget_nanos"] != 1000 * USD) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert finance is not None
+    assert finance["budget_nanos"] == 1500 * USD
+    assert (finance["policy_budget_nanos"], finance["increase_nanos"]) == (1000 * USD, 500 * USD)
+    assert any("approved increases in force now" in note for note in chargeback["notes"])
+    forecast = json.loads(stack.ok("alice", "report", "forecast", "--format", "json"))
+    row = next(r for r in forecast["rows"] if r["team"] == "finance")
+    assert (row["budget_nanos"], row["increase_nanos"]) == (1500 * USD, 500 * USD)

@@ -193,3 +193,20 @@ def test_dashboard_with_a_few_cents_against_a_large_budget(ledger: Any, offline_
     for url in _serve(ledger, offline_settings):
         page = _page(url)
         assert 'id="forecast"' in page and "$40,000.00" in page
+
+
+def test_dashboard_budget_includes_an_approved_increase(ledger: Any, offline_settings: Settings) -> None:
+    """The headline budget is the limit the processor enforces, with the approved increase named beside it."""
+    from spendstream.core.budget_lifecycle import Kind, grant, new_request
+    from spendstream.core.policy import parse_policy
+    from spendstream.sink.audit_sink import BUDGET_EVENT_COLUMNS, budget_event_row
+
+    now = datetime.now(UTC)
+    load_budgets(ledger, "spendstream", [("team:marketing", "month", 1000 * B)], now.date(), "pv-dash")
+    asked = new_request(Kind.increase, "team:marketing", "month", 500 * B, now - timedelta(hours=1), None, "vera",
+                        "campaign", now - timedelta(hours=1))  # fmt: skip
+    granted = grant(asked, "vera", "vp", parse_policy("{}").approval_rules, now - timedelta(hours=1))
+    ledger.insert("spendstream.budget_events", [budget_event_row(granted)], column_names=BUDGET_EVENT_COLUMNS)
+    for url in _serve(ledger, offline_settings):
+        page = _page(url)
+        assert "of $1,500.00 budget (incl. +$500.00 approved increases)" in page

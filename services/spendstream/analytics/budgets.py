@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from spendstream.analytics.money import first_of_month
+from spendstream.core.budget_lifecycle import BudgetRequest, effective_limit
 from spendstream.core.matching import is_template
 from spendstream.core.periods import monthly_equivalent
 
@@ -53,3 +54,12 @@ def load_budgets(client: Any, db: str, budgets: Iterable[BudgetLine], month: dat
 def policy_budget_lines(policy: Any) -> list[BudgetLine]:
     """(scope, period, limit_nanos) of a parsed ``core.policy.Policy``."""
     return [(b.scope, str(b.period), b.limit_nanos) for b in policy.budgets]
+
+
+def monthly_increase(line: BudgetLine, requests: Iterable[BudgetRequest], month: date, at: datetime) -> int:
+    """What the adjustments in force at ``at`` add to the policy's budget ``line``, expressed for ``month`` (the
+    processor's limit at ``at`` minus the policy's amount). Only requests for exactly that scope and period count."""
+    scope, period, limit_nanos = line
+    limit = effective_limit(limit_nanos, requests, scope, period, at)
+    assert limit is not None  # the policy declares this budget
+    return monthly_equivalent(period, limit, month) - monthly_equivalent(period, limit_nanos, month)

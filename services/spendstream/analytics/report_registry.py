@@ -70,7 +70,7 @@ class ReportSpec:
 
 
 def _weekly(r: ReportRequest) -> Report:
-    return reports.weekly(r.ledger, r.options.get("as_of") or r.today, r.options.get("weeks") or 4)
+    return reports.weekly(r.ledger, r.options.get("as_of") or r.today, r.options.get("weeks") or 4, r.now)
 
 
 def _top(r: ReportRequest) -> Report:
@@ -81,7 +81,7 @@ REPORTS: dict[str, ReportSpec] = {
     spec.name: spec
     for spec in (
         ReportSpec("weekly", _weekly),
-        ReportSpec("chargeback", lambda r: reports.chargeback(r.ledger, r.month)),
+        ReportSpec("chargeback", lambda r: reports.chargeback(r.ledger, r.month, r.now)),
         ReportSpec("forecast", lambda r: reports.forecast(r.ledger, r.now)),
         ReportSpec("top", _top),
         ReportSpec("mix", lambda r: reports.model_mix(r.ledger, r.start, r.end)),

@@ -10,11 +10,13 @@ Periods are calendar days, ISO weeks and months in the configured budget timezon
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
 
+from spendstream.analytics.budgets import monthly_increase
 from spendstream.analytics.money import (
     allocate_shared,
     first_of_month,
@@ -27,6 +29,8 @@ from spendstream.analytics.money import (
 )
 from spendstream.analytics.report_model import Column, Report
 from spendstream.analytics.rollup import WIDTH_OF, interval_sql, utc_literal, valid_seals
+from spendstream.core.audit_chain import normalised
+from spendstream.core.budget_lifecycle import BudgetRequest
 from spendstream.core.periods import days_in_month, local_midnight
 from spendstream.core.run_rate import exhaustion_instant
 
@@ -65,14 +69,72 @@ _COST = "toInt128(ifNull(cost_nanos, 0))"
 _RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:DateTime64(6, 'UTC')}"
 
 
-def team_budgets(ledger: Ledger, month: date) -> dict[str, int]:
-    """Monthly budget per team (scope ``team:<name>``) loaded for ``month``."""
+@dataclass(frozen=True)
+class TeamBudgets:
+    """The monthly budget per team (scope ``team:<name>``): the policy's amount and what the approved increases in
+    force at ``at`` add to it, both as monthly equivalents. The limit is their sum, what the processor enforced."""
+
+    policy: dict[str, int]
+    increases: dict[str, int]
+    at: datetime
+
+    def limits(self) -> dict[str, int]:
+        return {team: amount + self.increases.get(team, 0) for team, amount in self.policy.items()}
+
+
+def budget_instant(month: date, now: datetime, tz: str) -> datetime:
+    """The instant whose limits a report of ``month`` shows: ``now`` for the running month, the month's last
+    instant for a past one (what was in force when it closed), its first for a month to come."""
+    start, end = month_bounds(month, tz)
+    return min(max(now, start), end - timedelta(microseconds=1))
+
+
+_REQUEST_FIELDS = [f.name for f in fields(BudgetRequest)]  # the columns of budget_events that make a request
+
+
+def approved_requests(ledger: Ledger) -> list[BudgetRequest]:
+    """The newest step of every approved request on a team budget, from the audit trail (``budget_events``); a
+    row that does not make a well-formed request is left out, as the processor skips such a record."""
     rows = ledger.rows(
-        "SELECT substring(scope, 6) AS team, sum(monthly_limit_nanos) FROM {db}.budgets FINAL "
-        "WHERE month = {month:Date} AND startsWith(scope, 'team:') GROUP BY team",
+        f"SELECT {', '.join(_REQUEST_FIELDS)} FROM (SELECT * FROM {{db}}.budget_events "
+        "ORDER BY chain_seq DESC LIMIT 1 BY id) WHERE status = 'approved' AND startsWith(scope, 'team:')"
+    )
+    requests = []
+    for row in rows:
+        record = json.dumps(normalised(dict(zip(_REQUEST_FIELDS, row, strict=True))))
+        try:
+            requests.append(BudgetRequest.from_json(record))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return requests
+
+
+def team_budgets(ledger: Ledger, month: date, now: datetime) -> TeamBudgets:
+    """``month``'s team budgets as loaded from the policy, with the approved increases in force at
+    ``budget_instant(month, now)``."""
+    at = budget_instant(month, now, ledger.tz)
+    rows = ledger.rows(
+        "SELECT scope, period, limit_nanos, monthly_limit_nanos FROM {db}.budgets FINAL "
+        "WHERE month = {month:Date} AND startsWith(scope, 'team:')",
         month=first_of_month(month),
     )
-    return {team: int(limit) for team, limit in rows}
+    requests = approved_requests(ledger) if rows else []
+    policy: dict[str, int] = defaultdict(int)
+    increases: dict[str, int] = defaultdict(int)
+    for scope, period, limit, monthly_limit in rows:
+        team = scope.removeprefix("team:")
+        policy[team] += int(monthly_limit)
+        increases[team] += monthly_increase((scope, period, int(limit)), requests, month, at)
+    return TeamBudgets(dict(policy), dict(increases), at)
+
+
+def budgets_note(budgets: TeamBudgets, now: datetime) -> str:
+    """What a report's budget means: the limit in force at one instant, said in the report."""
+    when = "now" if budgets.at == now else "at the end of the month" if budgets.at < now else "at its start"
+    return (
+        f"budget = policy budget + approved increases in force {when} ({_ts(budgets.at)[:19]} UTC); "
+        "an increase that ended earlier in the month is not included"
+    )
 
 
 def budgets_policy_version(ledger: Ledger, month: date) -> str:
@@ -199,22 +261,25 @@ CHARGEBACK_COLUMNS = [
     Column("utilisation", "Used", "pct"),
     Column("shared", "Shared alloc.", "usd"),
     Column("chargeback", "Chargeback", "usd"),
+    Column("policy_budget", "Policy budget", "usd"),
+    Column("increase", "Approved increases", "usd"),
 ]
 
 
-def chargeback_rows(budgets: dict[str, int], actual: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per department (= team): budget, actual, variance (budget - actual), chargeback.
+def chargeback_rows(budgets: TeamBudgets, actual: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per department (= team): budget (policy + approved increases), actual, variance (budget - actual), chargeback.
 
     Spend without a team is shared cost, allocated to departments in proportion to their own
     spend, so the chargebacks add up to the month's whole bill to the nano-dollar.
     """
     shared = actual.get("", 0)
-    departments = sorted((set(budgets) | set(actual)) - {""})
+    limits = budgets.limits()
+    departments = sorted((set(limits) | set(actual)) - {""})
     own = {d: actual.get(d, 0) for d in departments}
     allocation = allocate_shared(shared, own)
     rows = []
     for d in departments:
-        budget = budgets.get(d, 0)
+        budget = limits.get(d, 0)
         rows.append(
             {
                 "department": d,
@@ -224,13 +289,16 @@ def chargeback_rows(budgets: dict[str, int], actual: dict[str, int]) -> tuple[li
                 "utilisation": ratio(own[d], budget),
                 "shared": allocation[d],
                 "chargeback": own[d] + allocation[d],
+                "policy_budget": budgets.policy.get(d, 0),
+                "increase": budgets.increases.get(d, 0),
             }
         )
     unallocated = shared - sum(allocation.values())
     if unallocated:
         rows.append(
             {"department": UNATTRIBUTED, "budget": 0, "actual": unallocated, "variance": -unallocated,
-             "utilisation": None, "shared": 0, "chargeback": unallocated}
+             "utilisation": None, "shared": 0, "chargeback": unallocated,
+             "policy_budget": 0, "increase": 0}
         )  # fmt: skip
     total_budget = sum(r["budget"] for r in rows)
     total_actual = sum(r["actual"] for r in rows) + sum(allocation.values())
@@ -242,21 +310,29 @@ def chargeback_rows(budgets: dict[str, int], actual: dict[str, int]) -> tuple[li
         "utilisation": ratio(total_actual, total_budget),
         "shared": sum(r["shared"] for r in rows),
         "chargeback": sum(r["chargeback"] for r in rows),
+        "policy_budget": sum(r["policy_budget"] for r in rows),
+        "increase": sum(r["increase"] for r in rows),
     }
     return rows, totals
 
 
-def chargeback(ledger: Ledger, month: date) -> Report:
+def chargeback(ledger: Ledger, month: date, now: datetime | None = None) -> Report:
+    """``month``'s chargeback; its budgets are the limits in force at ``budget_instant(month, now)``."""
+    now = now or datetime.now(UTC)
     start, end = month_bounds(month, ledger.tz)
-    rows, totals = chargeback_rows(team_budgets(ledger, month), _spend_by(ledger, "team", start, end))
+    budgets = team_budgets(ledger, month, now)
+    rows, totals = chargeback_rows(budgets, _spend_by(ledger, "team", start, end))
     return Report(
         "chargeback",
         f"Chargeback {first_of_month(month):%B %Y}",
         CHARGEBACK_COLUMNS,
         rows,
         totals,
-        params={"month": first_of_month(month), "timezone": ledger.tz},
-        notes=["variance = budget - actual (negative: over budget); chargeback = actual + shared allocation"],
+        params={"month": first_of_month(month), "timezone": ledger.tz, "budgets_at": budgets.at},
+        notes=[
+            "variance = budget - actual (negative: over budget); chargeback = actual + shared allocation",
+            budgets_note(budgets, now),
+        ],
     )
 
 
@@ -273,6 +349,7 @@ WEEKLY_COLUMNS = [
     Column("top_feature_spend", "Top feature spend", "usd"),
     Column("cache_hit_rate", "Cache hit rate", "pct"),
     Column("premium_share", "Premium share", "pct"),
+    Column("budget_increase", "Of which increases", "usd"),
 ]
 
 
@@ -293,11 +370,15 @@ class _WeekTotals:
 
 
 def weekly_rows(
-    daily: list[tuple[date, str, str, int, int, int]], weeks: list[date], monthly_budget: dict[date, int]
+    daily: list[tuple[date, str, str, int, int, int]],
+    weeks: list[date],
+    monthly_budget: dict[date, int],
+    monthly_increases: dict[date, int],
 ) -> list[dict[str, Any]]:
     """CFO rows, newest week first, from (day, feature, model, spend, requests, cache_hits) groups.
 
-    ``weeks`` lists the Mondays to report plus, last, the week before the oldest (for its change).
+    ``weeks`` lists the Mondays to report plus, last, the week before the oldest (for its change);
+    ``monthly_budget`` is per month the team budgets in force, ``monthly_increases`` the approved increases in them.
     """
     totals: dict[date, _WeekTotals] = defaultdict(_WeekTotals)
     for day, feature, model, spend, requests, hits in daily:
@@ -311,7 +392,8 @@ def weekly_rows(
     rows = []
     for monday in sorted(weeks, reverse=True)[:-1]:
         this, last = totals[monday], totals[monday - timedelta(days=7)]
-        budget = prorated_budget([monday + timedelta(days=i) for i in range(7)], monthly_budget)
+        days = [monday + timedelta(days=i) for i in range(7)]
+        budget = prorated_budget(days, monthly_budget)
         top = max(sorted(this.features), key=lambda f: this.features[f], default=None)
         rows.append(
             {
@@ -325,13 +407,16 @@ def weekly_rows(
                 "top_feature_spend": this.features[top] if top is not None else None,
                 "cache_hit_rate": ratio(this.cache_hits, this.requests),
                 "premium_share": ratio(this.premium, this.spend),
+                "budget_increase": prorated_budget(days, monthly_increases),
             }
         )
     return rows
 
 
-def weekly(ledger: Ledger, as_of: date, weeks: int = 4) -> Report:
-    """The CFO weekly report: the ISO week containing ``as_of`` and the ``weeks - 1`` before it."""
+def weekly(ledger: Ledger, as_of: date, weeks: int = 4, now: datetime | None = None) -> Report:
+    """The CFO weekly report: the ISO week containing ``as_of`` and the ``weeks - 1`` before it; each month's
+    budgets are the limits in force at ``budget_instant(month, now)``, as in that month's chargeback."""
+    now = now or datetime.now(UTC)
     current = week_start(as_of)
     mondays = [current - timedelta(days=7 * i) for i in range(weeks + 1)]
     start, end = local_midnight(mondays[-1], ledger.tz), local_midnight(current + timedelta(days=7), ledger.tz)
@@ -341,16 +426,21 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4) -> Report:
     ]
     months = {first_of_month(mondays[-1]), first_of_month(current + timedelta(days=6))}
     months |= {first_of_month(m) for m in mondays}
-    monthly_budget = {m: sum(team_budgets(ledger, m).values()) for m in months}
+    budgets = {m: team_budgets(ledger, m, now) for m in months}
+    monthly_budget = {m: sum(b.limits().values()) for m, b in budgets.items()}
+    monthly_increases = {m: sum(b.increases.values()) for m, b in budgets.items()}
     return Report(
         "weekly",
         f"CFO weekly report, week of {current.isoformat()}",
         WEEKLY_COLUMNS,
-        weekly_rows(daily, mondays, monthly_budget),
+        weekly_rows(daily, mondays, monthly_budget, monthly_increases),
         params={"as_of": as_of, "weeks": weeks, "timezone": ledger.tz},
         notes=[
             "budget = the week's days' share of the team monthly budgets; premium = complex-tier models",
             "cache hit rate = requests served from cache / requests",
+            "a month's budgets include the approved increases in force at its end (the running month: now, "
+            "a month to come: its start); "
+            "of which increases = their share of the week's budget",
         ],
     )
 
@@ -366,25 +456,29 @@ FORECAST_COLUMNS = [
     Column("forecast_used", "Forecast / budget", "pct"),
     Column("over_by", "Over budget by", "usd"),
     Column("exhausted_on", "Budget runs out", "date"),
+    Column("policy_budget", "Policy budget", "usd"),
+    Column("increase", "Approved increases", "usd"),
 ]
 RUN_RATE_DAYS = 7
 
 
 def forecast_rows(
-    budgets: dict[str, int],
+    budgets: TeamBudgets,
     actual: dict[str, int],
     window: dict[str, int],
     now: datetime,
     month_end: datetime,
     tz: str,
 ) -> list[dict[str, Any]]:
-    """Month-end forecast per team from month-to-date spend and the trailing 7-day run rate."""
+    """Month-end forecast per team from month-to-date spend and the trailing 7-day run rate, against the budget in
+    force (policy + approved increases)."""
+    limits = budgets.limits()
     window_seconds = RUN_RATE_DAYS * 86_400
     run_rate_span = timedelta(days=RUN_RATE_DAYS)
     remaining = max(0, int((month_end - now).total_seconds()))
     rows = []
-    for team in sorted(set(budgets) | set(actual) | set(window)):
-        spent, recent, budget = actual.get(team, 0), window.get(team, 0), budgets.get(team, 0)
+    for team in sorted(set(limits) | set(actual) | set(window)):
+        spent, recent, budget = actual.get(team, 0), window.get(team, 0), limits.get(team, 0)
         forecast = forecast_month_end(spent, recent, window_seconds, remaining)
         runs_out = exhaustion_instant(spent, budget, recent, run_rate_span, now) if budget > 0 else None  # no budget
         rows.append(
@@ -397,6 +491,8 @@ def forecast_rows(
                 "forecast_used": ratio(forecast, budget),
                 "over_by": max(0, forecast - budget) if budget else None,
                 "exhausted_on": local_date(runs_out, tz) if runs_out is not None and runs_out < month_end else None,
+                "policy_budget": budgets.policy.get(team, 0),
+                "increase": budgets.increases.get(team, 0),
             }
         )
     return rows
@@ -407,10 +503,14 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
     start, end = month_bounds(month, ledger.tz)
     actual = _spend_by(ledger, "team", start, now)
     window = _spend_by(ledger, "team", now - timedelta(days=RUN_RATE_DAYS), now)
-    rows = forecast_rows(team_budgets(ledger, month), actual, window, now, end, ledger.tz)
+    budgets = team_budgets(ledger, month, now)
+    rows = forecast_rows(budgets, actual, window, now, end, ledger.tz)
     totals = {
         "team": "TOTAL",
-        **{k: sum(r[k] for r in rows) for k in ("budget", "actual", "run_rate", "forecast")},
+        **{
+            k: sum(r[k] for r in rows)
+            for k in ("budget", "actual", "run_rate", "forecast", "policy_budget", "increase")
+        },
     }
     totals["forecast_used"] = ratio(totals["forecast"], totals["budget"])
     return Report(
@@ -421,7 +521,8 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
         totals,
         params={"as_of": now, "timezone": ledger.tz},
         notes=[
-            f"forecast = month to date + trailing {RUN_RATE_DAYS}-day spend x remaining time / {RUN_RATE_DAYS} days"
+            f"forecast = month to date + trailing {RUN_RATE_DAYS}-day spend x remaining time / {RUN_RATE_DAYS} days",
+            budgets_note(budgets, now),
         ],
     )
 

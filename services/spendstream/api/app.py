@@ -440,7 +440,7 @@ def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
         now=now,
         trend=reports.spend_trend(ledger, trend_start, now.date()),
         trend_start=trend_start,
-        chargeback=reports.chargeback(ledger, today),
+        chargeback=reports.chargeback(ledger, today, now),
         forecast=reports.forecast(ledger, now),
         mix=reports.model_mix(ledger, first_of_month(today), today),
         decisions=reports.active_decisions(ledger, now),

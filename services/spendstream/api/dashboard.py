@@ -217,9 +217,10 @@ def render_page(
 ) -> str:
     totals = chargeback.totals or {}
     ftotals = forecast.totals or {}
-    budget = totals.get("budget", 0)
+    budget, increase = totals.get("budget", 0), totals.get("increase", 0)
+    of_budget = f"of {money(budget)} budget" + (f" (incl. +{money(increase)} approved increases)" if increase else "")
     kpis = [
-        ("Spend this month", money(totals.get("actual", 0)), f"of {money(budget)} budget" if budget else "no budget"),
+        ("Spend this month", money(totals.get("actual", 0)), of_budget if budget else "no budget"),
         ("Budget used", fmt_pct(totals.get("utilisation")), "all departments" if budget else "no budget in the ledger"),
         ("Month-end forecast", money(ftotals.get("forecast", 0)), "at the 7-day run rate"),
         ("Active decisions", str(len(decisions)), f"{len(alerts)} recent alerts"),

@@ -46,18 +46,20 @@ def chargeback_summary(report: Report) -> list[str]:
     return lines or ["No spend recorded."]
 
 
-def build_scheduled_report(client: Any, db: str, tz: str, schedule: ReportSchedule, period: date) -> Report:
+def build_scheduled_report(
+    client: Any, db: str, tz: str, schedule: ReportSchedule, period: date, now: datetime
+) -> Report:
     ledger = reports.Ledger(client, db, tz)
     if schedule.report == "weekly":
-        return reports.weekly(ledger, period, weeks=4)
-    return reports.chargeback(ledger, period)
+        return reports.weekly(ledger, period, weeks=4, now=now)
+    return reports.chargeback(ledger, period, now)
 
 
 def scheduled_report_message(
     client: Any, db: str, tz: str, schedule: ReportSchedule, period: date, source_id: str,
     dashboard_url: str | None, now: datetime,
 ) -> Message:  # fmt: skip
-    report = build_scheduled_report(client, db, tz, schedule, period)
+    report = build_scheduled_report(client, db, tz, schedule, period, now)
     summary: Iterable[str]
     if schedule.report == "weekly":
         summary, name = weekly_summary(report), f"cfo-weekly-{period.isoformat()}.csv"
