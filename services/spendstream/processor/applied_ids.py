@@ -37,7 +37,7 @@ from spendstream.processor.spend_accounting import unpack_digests, unpack_ids
 APPLY, COPY, CONFLICT = "apply", "copy", "conflict"
 RECENT_LIMIT = 8_192  # ids kept in dicts before they move into a run (~2 MB; per source partition)
 SPILL_AT = 131_072  # entries of a run in memory (5 MB of columns) that move it to disk
-MAX_DISK_RUN = 8_388_608  # entries a merge of disk runs may produce (~4.5 min at 30 k/s: how long a run outlives)
+MAX_RUN = 8_388_608  # entries a merge may produce (~4.5 min at 30 k/s: how long a run may outlive its ids)
 ENTRY = np.dtype([("key", "<u8"), ("first", "<u8"), ("offset", "<i8"), ("digest", "<u8"), ("generation", "<i8")])
 _DIGEST_AT = ENTRY.fields["digest"][1]
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads keys that are not random (tests, non-UUID ids) over the filter
@@ -50,7 +50,7 @@ class Spill:
 
     directory: Path | None = None
     at: int = SPILL_AT
-    max_run: int = MAX_DISK_RUN
+    max_run: int = MAX_RUN  # entries a merge may produce
     filter_bits: int = 12  # per entry
     sparse_every: int = 64  # keys of a disk run kept in memory: one per block read
     merge_chunk: int = 65_536  # entries read per file and step of a merge (2.6 MB)
@@ -181,18 +181,40 @@ class _DiskRun:
 
     def find(self, keys: np.ndarray, firsts: np.ndarray, probes: _Probes, live: int) -> list[tuple[int, int, int, int]]:
         words, mask = self._words[probes.words(len(self._words))], probes.mask
-        found = []
-        for k in np.flatnonzero(words & mask == mask).tolist():  # the ids this run may hold: read their block
-            key = keys[k]
-            first_block = max(int(np.searchsorted(self._sparse, key, side="left")) - 1, 0)
-            start = first_block * self._every
-            stop = min(int(np.searchsorted(self._sparse, key, side="right")) * self._every, self._length)
-            block = self.read(start, stop) if stop > start else np.empty(0, dtype=ENTRY)
-            hits = np.flatnonzero((block["key"] == key) & (block["first"] == firsts[k]) & (block["generation"] >= live))
-            if len(hits):
-                j = int(hits[0])
-                found.append((k, start + j, int(block["offset"][j]), int(block["digest"][j])))
-        return found
+        maybe = np.flatnonzero(words & mask == mask)  # the ids this run may hold: copies and ~1 % others
+        if not len(maybe):
+            return []
+        wanted = keys[maybe]
+        # an id's equal keys lie from the block before the first block starting at or after it, to the last
+        # block starting at or before it (one block unless a block starts with its key)
+        starts = np.maximum(np.searchsorted(self._sparse, wanted, side="left") - 1, 0) * self._every
+        stops = np.minimum(np.searchsorted(self._sparse, wanted, side="right") * self._every, self._length)
+        stops = np.maximum(starts, stops)
+        size = ENTRY.itemsize
+        blocks = np.frombuffer(
+            b"".join(
+                os.pread(self._fd, (stop - start) * size, start * size)
+                for start, stop in zip(starts.tolist(), stops.tolist(), strict=True)
+            ),
+            dtype=ENTRY,
+        )
+        owner = np.repeat(np.arange(len(maybe)), stops - starts)  # which wanted id each entry read is for
+        hits = np.flatnonzero(
+            (blocks["key"] == wanted[owner])
+            & (blocks["first"] == firsts[maybe][owner])
+            & (blocks["generation"] >= live)
+        )
+        positions = starts[owner[hits]] + hits - (np.cumsum(stops - starts) - (stops - starts))[owner[hits]]
+        return [
+            (int(maybe[o]), int(position), int(offset), int(digest))
+            for o, position, offset, digest in zip(
+                owner[hits].tolist(),
+                positions.tolist(),
+                blocks["offset"][hits].tolist(),
+                blocks["digest"][hits].tolist(),
+                strict=True,
+            )
+        ]
 
     def set_digest(self, position: int, digest: int) -> None:
         os.pwrite(self._fd, np.uint64(digest).tobytes(), position * ENTRY.itemsize + _DIGEST_AT)
@@ -217,11 +239,7 @@ class _DiskRunWriter:
         keys, every = entries["key"], self._spill.sparse_every
         self._sparse.append(keys[(-self._length) % every :: every].copy())
         probes = _Probes(keys)
-        at = probes.words(len(self._words))
-        order = np.argsort(at, kind="stable")
-        at, masks = at[order], probes.mask[order]
-        starts = np.flatnonzero(np.concatenate(([True], at[1:] != at[:-1])))
-        self._words[at[starts]] |= np.bitwise_or.reduceat(masks, starts)
+        np.bitwise_or.at(self._words, probes.words(len(self._words)), probes.mask)
         data = memoryview(entries.tobytes())
         while data:
             data = data[os.write(self._fd, data) :]
@@ -265,9 +283,9 @@ def _merged(older: _DiskRun, newer: _DiskRun, live: int, spill: Spill) -> _DiskR
             int(np.searchsorted(pending["key"], min(unread_limits), side="right")) if unread_limits else len(pending)
             for pending in pendings
         ]
-        part = np.concatenate([pending[:take] for pending, take in zip(pendings, takes, strict=True)])
-        part = part[np.argsort(part["key"], kind="stable")]
-        writer.write(part[part["generation"] >= live])
+        (olders, newers) = (pending[:take] for pending, take in zip(pendings, takes, strict=True))
+        olders, newers = olders[olders["generation"] >= live], newers[newers["generation"] >= live]
+        writer.write(np.insert(olders, np.searchsorted(olders["key"], newers["key"]), newers))
         for source, take in zip(sources, takes, strict=True):
             source[2] = source[2][take:]
 
@@ -425,13 +443,11 @@ class AppliedIds:
             if len(runs) < 2 or len(runs[-2]) > 2 * len(newest):
                 return
             older = runs[-2]
+            if len(older) + len(newest) > spill.max_run:
+                return
             if isinstance(older, _Run) and isinstance(newest, _Run):
                 self._replace(2, older.absorb(newest))
-            elif (
-                isinstance(older, _DiskRun)
-                and isinstance(newest, _DiskRun)
-                and len(older) + len(newest) <= spill.max_run
-            ):
+            elif isinstance(older, _DiskRun) and isinstance(newest, _DiskRun):
                 self._replace(2, _merged(older, newest, self._live, spill))
             else:
                 return
