@@ -43,6 +43,7 @@ from faust.types import TP
 
 from spendstream.core.metrics import PROCESSOR_BATCH_SECONDS, PROCESSOR_CONSUMED
 from spendstream.core.policy import Policy
+from spendstream.processor.applied_ids import Spill
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import BatchOutput, Changelog, Checkpoint
 from spendstream.processor.heartbeat import HeartbeatPublisher
@@ -119,6 +120,13 @@ def _changelog(table: faust.Table, out: BatchOutput) -> Changelog:
     return Changelog(table.data, table.changelog_topic.get_topic_name(), out, keys=lambda: list(table.data.data))
 
 
+def horizon_directory(datadir: Path) -> Path:
+    """Where the dedup horizons' runs on disk go: unlinked files, so nothing is left after the worker stops."""
+    directory = datadir / "horizon"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     _prompt_fetches()
     holder = PolicyHolder(config.policy, config.allowed_lateness)
@@ -156,6 +164,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         allowed_lateness=config.allowed_lateness,
         max_future_skew=config.max_future_skew,
         dedup_horizon=config.dedup_horizon,
+        spill=Spill(horizon_directory(config.datadir)),
     )
     stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n)
 
