@@ -91,8 +91,15 @@ class Settings(BaseSettings):
     processor_dedup_horizon_s: int = Field(
         900,
         ge=0,
-        description="Arrival time within which the processor skips a re-sent event_id (memory: ~40-50 bytes per id "
-        "in the horizon); a copy arriving later is counted twice in the spend windows, never in the ledger.",
+        description="Arrival time within which the processor skips a re-sent event_id (memory: ~2 bytes per id in "
+        "the horizon, the rest in files under the data directory); a copy arriving later is counted twice in the "
+        "spend windows, never in the ledger.",
+    )
+    processor_dedup_memory_ids: int = Field(
+        131_072,
+        ge=1,
+        description="Ids of a usage partition's dedup horizon held in process memory (40 bytes each) before they "
+        "move to files under the data directory (page cache, not the process).",
     )
 
     # -- service ports --------------------------------------------------------------------

@@ -297,8 +297,8 @@ class AppliedIds:
 
     def __init__(self, horizon_ms: int, recent_limit: int = RECENT_LIMIT, spill: Spill | None = None) -> None:
         self.horizon_ms = horizon_ms
-        self.recent_limit = recent_limit
         self.spill = spill or Spill()
+        self.recent_limit = min(recent_limit, self.spill.at)
         self.newest_ms = 0
         self.records: dict[str, tuple[int, int]] = {}  # ids key -> (its newest arrival ms, generation)
         self._offsets: dict[bytes, int] = {}  # the newest ids (all live), in the order they were admitted
