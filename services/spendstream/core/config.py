@@ -96,10 +96,11 @@ class Settings(BaseSettings):
         "spend windows, never in the ledger.",
     )
     processor_dedup_memory_ids: int = Field(
-        131_072,
+        65_536,
         ge=1,
-        description="Ids of a usage partition's dedup horizon held in process memory (40 bytes each) before they "
-        "move to files under the data directory (page cache, not the process).",
+        description="A run of this many ids of a usage partition's dedup horizon moves from process memory (40 bytes "
+        "per id) to a file under the data directory (page cache, not the process); a partition keeps fewer than "
+        "twice as many in memory.",
     )
 
     # -- service ports --------------------------------------------------------------------

@@ -36,7 +36,7 @@ from spendstream.processor.spend_accounting import unpack_digests, unpack_ids
 
 APPLY, COPY, CONFLICT = "apply", "copy", "conflict"
 RECENT_LIMIT = 8_192  # ids kept in dicts before they move into a run (~2 MB; per source partition)
-SPILL_AT = 131_072  # entries of a run in memory (5 MB of columns) that move it to disk
+SPILL_AT = 65_536  # entries of a run in memory (2.6 MB of columns) that move it to disk
 MAX_RUN = 8_388_608  # entries a merge may produce (~4.5 min at 30 k/s: how long a run may outlive its ids)
 ENTRY = np.dtype([("key", "<u8"), ("first", "<u8"), ("offset", "<i8"), ("digest", "<u8"), ("generation", "<i8")])
 _DIGEST_AT = ENTRY.fields["digest"][1]
