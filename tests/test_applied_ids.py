@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spendstream.processor.applied_ids import APPLY, CONFLICT, COPY, AppliedIds, Spill
-from spendstream.processor.spend_accounting import ids_key, pack_ids, unpack_digests, unpack_ids
+from spendstream.processor.spend_accounting import (
+    adopted_ids,
+    ids_key,
+    is_adopted,
+    pack_ids,
+    unpack_digests,
+    unpack_ids,
+)
+from spendstream.processor.stage_one import SourcePartition, UsageItem, restore_sources
 
 
 class DictIds:
@@ -141,3 +150,27 @@ def test_ids_whose_halves_swap_share_a_search_key_and_stay_apart(spill_at: int) 
     assert ids.heap_bytes() > 0 and (ids.spilled() == 2) == (spill_at == 2)
     assert ids.admit_versions([(swapped, 3, 13), (first, 4, 11)]) == [APPLY, COPY]
     assert ids.first_offset(swapped) == 3 and ids.first_offset(first) == 1
+
+
+def test_a_restore_keeps_the_horizon_of_adopted_records_and_drops_adopted_leftovers(tmp_path: Path) -> None:
+    """The worker's table keeps ``adopted_ids`` of the ids records its horizon holds. A rebalance that leaves a
+    partition here restores only the records written since (faust reads on from where it stopped): the horizon
+    stays and adopts what it lacks. After a break (no horizon of it here) adopted records are leftovers: dropped."""
+    spill = Spill(tmp_path, at=1)
+    starts = lambda _: (("day", 0),)  # noqa: E731
+    source = SourcePartition(3, AppliedIds(3_600_000, spill=spill))
+    first = [UsageItem(10 + n, 5, 1, ["team:x"], 1_700_000_000, bytes([n]) * 16, 100 + n) for n in range(3)]
+    table: dict[str, Any] = {}
+    for key, value in source.fold(first, 1_000, table.get, starts).ids_records:
+        table[key] = adopted_ids(value)
+    later = UsageItem(20, 5, 1, ["team:x"], 1_700_000_000, b"z" * 16, 200)
+    elsewhere = SourcePartition(3, AppliedIds(3_600_000, spill=spill))  # the same record as faust restores it
+    [(key, value)] = elsewhere.fold([later], 2_000, {}.get, starts).ids_records
+    table[key] = value
+    kept = restore_sources(table, [3], 3_600_000, spill, {3: source})[3]
+    assert kept.applied is source.applied and kept.applied.spilled() == 4
+    assert all(is_adopted(value) for value in table.values())
+    copies = [(bytes([n]) * 16, 30 + n, 100 + n) for n in range(3)] + [(b"z" * 16, 33, 200)]
+    assert kept.applied.admit_versions(copies) == [COPY] * 4
+    fresh = restore_sources(table, [3], 3_600_000, spill, {})[3]
+    assert fresh.applied is not source.applied and table == {} and fresh.blank
