@@ -1,4 +1,5 @@
-"""The compact dedup horizon behaves exactly like the plain dict it replaces, across runs, merges and expiry."""
+"""The compact dedup horizon behaves exactly like the plain dict it replaces, across runs, spills to disk, merges
+and expiry."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ batches = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(batches=batches, restore_at=st.integers(0, 40))
-def test_compact_ids_agree_with_the_dict_through_runs_merges_expiry_and_a_restore(
+def test_compact_ids_agree_with_the_dict_through_runs_spills_merges_expiry_and_a_restore(
     batches: list[tuple[list[tuple[int, int]], int, bool]], restore_at: int
 ) -> None:
     compact = AppliedIds(1_000, recent_limit=5, spill=TINY_SPILL)  # tiny limits: many runs, merges and drops
