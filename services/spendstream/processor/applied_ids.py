@@ -263,6 +263,18 @@ def _spilled(run: _Run, live: int, spill: Spill) -> _DiskRun | None:
     return writer.finish()
 
 
+def _interleaved(older: np.ndarray, newer: np.ndarray) -> np.ndarray:
+    """One array of two arrays of entries sorted by key, still sorted (copied as rows of five 64-bit words, which
+    numpy moves faster than records)."""
+    at = np.searchsorted(older["key"], newer["key"]) + np.arange(len(newer))
+    rows = np.empty((len(older) + len(newer), len(ENTRY)), dtype=np.uint64)
+    from_newer = np.zeros(len(rows), dtype=bool)
+    from_newer[at] = True
+    rows[at] = np.ascontiguousarray(newer).view(np.uint64).reshape(-1, len(ENTRY))
+    rows[~from_newer] = np.ascontiguousarray(older).view(np.uint64).reshape(-1, len(ENTRY))
+    return rows.view(ENTRY).ravel()
+
+
 def _merged(older: _DiskRun, newer: _DiskRun, live: int, spill: Spill) -> _DiskRun | None:
     """One disk run of the live entries of both, merged a chunk of each file at a time (bounded memory)."""
     writer = _DiskRunWriter(spill, len(older) + len(newer))
@@ -285,7 +297,7 @@ def _merged(older: _DiskRun, newer: _DiskRun, live: int, spill: Spill) -> _DiskR
         ]
         (olders, newers) = (pending[:take] for pending, take in zip(pendings, takes, strict=True))
         olders, newers = olders[olders["generation"] >= live], newers[newers["generation"] >= live]
-        writer.write(np.insert(olders, np.searchsorted(olders["key"], newers["key"]), newers))
+        writer.write(_interleaved(olders, newers))
         for source, take in zip(sources, takes, strict=True):
             source[2] = source[2][take:]
 
