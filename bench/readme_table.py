@@ -37,6 +37,7 @@ BENCHES = {
     "enforcer": ["bench/bench_enforcer.py", "--rounds", "3"],
     "emitter": ["bench/bench_emitter.py", "--events", "300000"],
     "soak": ["bench/bench_soak.py", "--events", "1000000"],
+    "dedup_horizon": ["bench/bench_dedup_horizon.py", "--ids", "27000000"],
     "processor": ["bench/bench_processor.py", "--events", "300000", "--rounds", "3", "--samples", "20"],
 }
 

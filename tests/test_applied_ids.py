@@ -1,14 +1,26 @@
-"""The compact dedup horizon behaves exactly like the plain dict it replaces, across runs, merges and expiry."""
+"""The compact dedup horizon behaves exactly like the plain dict it replaces, across runs, spills to disk, merges
+and expiry."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.processor.applied_ids import APPLY, CONFLICT, COPY, AppliedIds
-from spendstream.processor.spend_accounting import ids_key, pack_ids, unpack_digests, unpack_ids
+from spendstream.processor.applied_ids import APPLY, CONFLICT, COPY, AppliedIds, Spill
+from spendstream.processor.spend_accounting import (
+    adopted_ids,
+    ids_key,
+    is_adopted,
+    pack_ids,
+    unpack_digests,
+    unpack_ids,
+)
+from spendstream.processor.stage_one import SourcePartition, UsageItem, restore_sources
 
 
 class DictIds:
@@ -54,6 +66,8 @@ class DictIds:
         return gone
 
 
+# tiny limits: many runs in memory and on disk, merges of files chunk by chunk, blocks of 4 entries
+TINY_SPILL = Spill(at=12, max_run=48, sparse_every=4, merge_chunk=7)
 batches = st.lists(
     st.tuples(
         st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 0, 7, 9])), min_size=1, max_size=12),
@@ -67,10 +81,10 @@ batches = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(batches=batches, restore_at=st.integers(0, 40))
-def test_compact_ids_agree_with_the_dict_through_runs_merges_expiry_and_a_restore(
+def test_compact_ids_agree_with_the_dict_through_runs_spills_merges_expiry_and_a_restore(
     batches: list[tuple[list[tuple[int, int]], int, bool]], restore_at: int
 ) -> None:
-    compact = AppliedIds(1_000, recent_limit=5, max_run=24)  # tiny limits: many runs, merges and drops
+    compact = AppliedIds(1_000, recent_limit=5, spill=TINY_SPILL)  # tiny limits: many runs, merges and drops
     reference = DictIds(1_000)
     offset = arrival = 0
     previous: list[tuple[bytes, int, int]] = []
@@ -103,7 +117,7 @@ def test_compact_ids_agree_with_the_dict_through_runs_merges_expiry_and_a_restor
             event_id = i.to_bytes(16, "big")
             assert compact.first_offset(event_id) == reference.offsets.get(event_id)
         if step == restore_at:  # a restart: both come back from the ids records, oldest first
-            compact, reference = AppliedIds(1_000, recent_limit=5, max_run=24), DictIds(1_000)
+            compact, reference = AppliedIds(1_000, recent_limit=5, spill=TINY_SPILL), DictIds(1_000)
             for key in sorted(table, key=lambda k: int(k.rsplit("#", 1)[1])):
                 compact.remember(key, table[key])
                 restored = list(zip(unpack_ids(table[key])[1], unpack_digests(table[key]), strict=True))
@@ -111,21 +125,53 @@ def test_compact_ids_agree_with_the_dict_through_runs_merges_expiry_and_a_restor
                 reference.remember(key, int(table[key][0]), [entry for entry, _ in restored])  # type: ignore[arg-type]
 
 
-def test_ids_in_runs_take_40_bytes_each_and_stay_found() -> None:
-    ids = AppliedIds(3_600_000, recent_limit=10_000)
-    entries = [(i.to_bytes(16, "little"), i, i or 1) for i in range(200_000)]
+def test_spilled_ids_take_under_2_heap_bytes_each_and_stay_found_with_their_content(tmp_path: Path) -> None:
+    ids = AppliedIds(3_600_000, recent_limit=10_000, spill=Spill(tmp_path, at=20_000))
+    entries = [(i.to_bytes(16, "little"), i, i) for i in range(200_000)]  # id 0: content unknown
     for start in range(0, len(entries), 5_000):
         assert set(ids.admit_versions(entries[start : start + 5_000])) == {APPLY}
-    assert len(ids) == 200_000 and ids.column_bytes() == 40 * 200_000
+    assert len(ids) == 200_000 and ids.spilled() >= 160_000
+    assert ids.heap_bytes() < 2 * ids.spilled() + 40 * (len(ids) - ids.spilled())
+    assert list(tmp_path.iterdir()) == []  # unlinked files: nothing is left behind by a crash
     assert ids.first_offset((123_456).to_bytes(16, "little")) == 123_456
     assert ids.admit_versions([((5).to_bytes(16, "little"), 2_000_000, 5)]) == [COPY]
     assert ids.admit_versions([((5).to_bytes(16, "little"), 2_000_001, 6)]) == [CONFLICT]
+    zero = (0).to_bytes(16, "little")
+    assert ids.admit_versions([(zero, 0, 77)]) == [APPLY]  # replayed at its offset: its content is learnt...
+    assert ids.admit_versions([(zero, 9, 78), (zero, 10, 77)]) == [CONFLICT, COPY]  # ...on disk
+    absent = [(i.to_bytes(16, "little"), 300_000 + i, 1) for i in range(200_000, 205_000)]
+    assert set(ids.admit_versions(absent)) == {APPLY}
 
 
-def test_ids_whose_halves_swap_share_a_search_key_and_stay_apart() -> None:
-    ids = AppliedIds(3_600_000, recent_limit=2)
+@pytest.mark.parametrize("spill_at", [2, 1_000], ids=["on disk", "in memory"])
+def test_ids_whose_halves_swap_share_a_search_key_and_stay_apart(spill_at: int) -> None:
+    ids = AppliedIds(3_600_000, recent_limit=2, spill=Spill(at=spill_at))
     first, swapped = b"A" * 8 + b"B" * 8, b"B" * 8 + b"A" * 8  # the same xor of halves
     assert ids.admit_versions([(first, 1, 11), (b"C" * 16, 2, 12)]) == [APPLY, APPLY]  # both into a run
-    assert ids.column_bytes() > 0
+    assert ids.heap_bytes() > 0 and (ids.spilled() == 2) == (spill_at == 2)
     assert ids.admit_versions([(swapped, 3, 13), (first, 4, 11)]) == [APPLY, COPY]
     assert ids.first_offset(swapped) == 3 and ids.first_offset(first) == 1
+
+
+def test_a_restore_keeps_the_horizon_of_adopted_records_and_drops_adopted_leftovers(tmp_path: Path) -> None:
+    """The worker's table keeps ``adopted_ids`` of the ids records its horizon holds. A rebalance that leaves a
+    partition here restores only the records written since (faust reads on from where it stopped): the horizon
+    stays and adopts what it lacks. After a break (no horizon of it here) adopted records are leftovers: dropped."""
+    spill = Spill(tmp_path, at=1)
+    starts = lambda _: (("day", 0),)  # noqa: E731
+    source = SourcePartition(3, AppliedIds(3_600_000, spill=spill))
+    first = [UsageItem(10 + n, 5, 1, ["team:x"], 1_700_000_000, bytes([n]) * 16, 100 + n) for n in range(3)]
+    table: dict[str, Any] = {}
+    for key, value in source.fold(first, 1_000, table.get, starts).ids_records:
+        table[key] = adopted_ids(value)
+    later = UsageItem(20, 5, 1, ["team:x"], 1_700_000_000, b"z" * 16, 200)
+    elsewhere = SourcePartition(3, AppliedIds(3_600_000, spill=spill))  # the same record as faust restores it
+    [(key, value)] = elsewhere.fold([later], 2_000, {}.get, starts).ids_records
+    table[key] = value
+    kept = restore_sources(table, [3], 3_600_000, spill, {3: source})[3]
+    assert kept.applied is source.applied and kept.applied.spilled() == 4
+    assert all(is_adopted(value) for value in table.values())
+    copies = [(bytes([n]) * 16, 30 + n, 100 + n) for n in range(3)] + [(b"z" * 16, 33, 200)]
+    assert kept.applied.admit_versions(copies) == [COPY] * 4
+    fresh = restore_sources(table, [3], 3_600_000, spill, {})[3]
+    assert fresh.applied is not source.applied and table == {} and fresh.blank

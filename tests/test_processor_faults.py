@@ -263,3 +263,43 @@ def test_budget_gauges_leave_the_worker_that_lost_the_scope(tmp_path: Path, brok
         stop_worker(first)
         if second is not None:
             stop_worker(second)
+
+
+def _spilled_files(pid: int, directory: Path) -> list[str]:
+    """The unlinked files under ``directory`` a process holds open (where the dedup horizon spills its runs)."""
+    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return [link for link in links if link.startswith(str(directory)) and link.endswith("(deleted)")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads a process's open files in /proc")
+def test_a_copy_of_an_event_whose_id_moved_to_disk_is_skipped_before_and_after_a_crash(
+    tmp_path: Path, broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every id moves to disk at once (memory ids 1): a copy is found there; after a SIGKILL the horizon comes back
+    from the changelog, although the worker's table kept only the newest arrival of each ids record."""
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    monkeypatch.setenv("SPENDSTREAM_PROCESSOR_DEDUP_MEMORY_IDS", "1")
+    at = datetime.now(UTC)
+    day = ("user:spilled", "day", int(period_window("day", at, "America/New_York")[0].timestamp()))
+    original, first, second, third = (
+        event(org="acme", team="t3", user="spilled", occurred_at=at, cost_nanos=cost) for cost in (7, 11, 13, 17)
+    )
+    worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+    try:
+        horizon = (tmp_path / "w" / "processor" / "spendstream-processor" / "horizon").resolve()
+        produce(broker.bootstrap, [original])
+        wait_totals(broker.bootstrap, {day: (7, 1, 15)}, "spendstream-processor")
+        assert _spilled_files(worker.pid, horizon) and list(horizon.iterdir()) == []
+        produce(broker.bootstrap, [original, first], arrival=datetime.now(UTC))
+        wait_totals(broker.bootstrap, {day: (18, 2, 30)}, "spendstream-processor", timeout=60)
+        worker.kill()
+        worker.wait()
+        worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+        produce(broker.bootstrap, [original, second], arrival=datetime.now(UTC))
+        wait_totals(broker.bootstrap, {day: (31, 3, 45)}, "spendstream-processor", timeout=60)
+        produce(broker.bootstrap, [original, first, second, third], arrival=datetime.now(UTC))
+        wait_totals(broker.bootstrap, {day: (48, 4, 60)}, "spendstream-processor", timeout=60)
+    finally:
+        stop_worker(worker)

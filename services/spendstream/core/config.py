@@ -91,8 +91,16 @@ class Settings(BaseSettings):
     processor_dedup_horizon_s: int = Field(
         900,
         ge=0,
-        description="Arrival time within which the processor skips a re-sent event_id (memory: ~40-50 bytes per id "
-        "in the horizon); a copy arriving later is counted twice in the spend windows, never in the ledger.",
+        description="Arrival time within which the processor skips a re-sent event_id (memory: ~2 bytes per id in "
+        "the horizon, the rest in files under the data directory); a copy arriving later is counted twice in the "
+        "spend windows, never in the ledger.",
+    )
+    processor_dedup_memory_ids: int = Field(
+        65_536,
+        ge=1,
+        description="A run of this many ids of a usage partition's dedup horizon moves from process memory (40 bytes "
+        "per id) to a file under the data directory (page cache, not the process); a partition keeps fewer than "
+        "twice as many in memory.",
     )
 
     # -- service ports --------------------------------------------------------------------

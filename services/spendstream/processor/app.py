@@ -43,6 +43,7 @@ from faust.types import TP
 
 from spendstream.core.metrics import PROCESSOR_BATCH_SECONDS, PROCESSOR_CONSUMED
 from spendstream.core.policy import Policy
+from spendstream.processor.applied_ids import SPILL_AT, Spill
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import BatchOutput, Changelog, Checkpoint
 from spendstream.processor.heartbeat import HeartbeatPublisher
@@ -67,6 +68,7 @@ class ProcessorConfig:
     batch_size: int = 5000
     batch_within_s: float = 0.05
     dedup_horizon: timedelta = timedelta(minutes=15)  # arrival time within which a re-sent event_id is skipped
+    dedup_memory_ids: int = SPILL_AT  # ids of a partition's horizon in memory before they move to disk
     heartbeat_interval_s: float = 1.0
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
     spend_source: SpendSource | None = None  # the ledger, to rebuild lost window state from (``ledger_rebuild``)
@@ -119,6 +121,13 @@ def _changelog(table: faust.Table, out: BatchOutput) -> Changelog:
     return Changelog(table.data, table.changelog_topic.get_topic_name(), out, keys=lambda: list(table.data.data))
 
 
+def horizon_directory(datadir: Path) -> Path:
+    """Where the dedup horizons' runs on disk go: unlinked files, so nothing is left after the worker stops."""
+    directory = datadir / "horizon"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     _prompt_fetches()
     holder = PolicyHolder(config.policy, config.allowed_lateness)
@@ -156,6 +165,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         allowed_lateness=config.allowed_lateness,
         max_future_skew=config.max_future_skew,
         dedup_horizon=config.dedup_horizon,
+        spill=Spill(horizon_directory(config.datadir), at=config.dedup_memory_ids),
     )
     stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n)
 

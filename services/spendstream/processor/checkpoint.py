@@ -98,8 +98,9 @@ class Changelog:
         """A snapshot of the keys, safe to iterate while another thread changes the table."""
         return self._keys()
 
-    def put(self, partition: int, key: str, value: Any) -> None:
-        self.data[key] = value
+    def put(self, partition: int, key: str, value: Any, kept: Any = None) -> None:
+        """Write ``value``; the table keeps ``kept`` in memory instead when given (what a stage needs of it)."""
+        self.data[key] = value if kept is None else kept
         self.out.send(self.topic, json_key(key), json_value(value), partition)
 
     def delete(self, partition: int, key: str) -> None:

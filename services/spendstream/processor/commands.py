@@ -214,6 +214,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=_given(args.batch_size, settings.processor_batch_size),
         batch_within_s=_given(args.batch_ms, settings.processor_batch_ms) / 1000,
         dedup_horizon=timedelta(seconds=settings.processor_dedup_horizon_s),
+        dedup_memory_ids=settings.processor_dedup_memory_ids,
         kafka_conf=settings.kafka_client_config(),
         spend_source=spend_source(settings.ledger_dsn, settings.clickhouse_database, settings.api_address_path),
         sink_group=settings.sink_group,

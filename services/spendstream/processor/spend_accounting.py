@@ -297,6 +297,17 @@ def unpack_digests(value: Sequence[Any]) -> list[int]:
     return [d for (d,) in _DIGEST.iter_unpack(base64.b64decode(value[2]))] if len(value) > 2 else []
 
 
+def adopted_ids(value: Sequence[Any]) -> list[Any]:
+    """What a worker's table keeps in memory of an ids record its horizon adopted: the newest arrival alone.
+    The entries live in ``AppliedIds`` (mostly on disk) and in the changelog, which a restore reads them from."""
+    return [value[0]]
+
+
+def is_adopted(value: Sequence[Any]) -> bool:
+    """Whether a table value is ``adopted_ids`` of an ids record (a record itself has two or three elements)."""
+    return len(value) == 1
+
+
 def content_digest(value: bytes) -> int:
     """A non-zero 64-bit digest of an event's encoded bytes: two copies of one event_id with other content differ."""
     return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "big") or 1

@@ -12,7 +12,7 @@ source offsets are committed. Why the fold is exact: ``spend_accounting``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -26,7 +26,7 @@ from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
-from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds
+from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds, Spill
 from spendstream.processor.checkpoint import Changelog, RecordSink
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, PartialsMessage, WindowPartial, stage2_partition
 from spendstream.processor.policy_in_force import PolicyHolder
@@ -36,11 +36,13 @@ from spendstream.processor.spend_accounting import (
     QUARTER_HOUR_S,
     Partial,
     Watermark,
+    adopted_ids,
     clock_key,
     content_digest,
     fold_batch,
     fold_fresh,
     ids_key,
+    is_adopted,
     is_clock_key,
     is_ids_key,
     lateness_problem,
@@ -153,26 +155,51 @@ class SourcePartition:
         return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
 
 
-def restore_sources(table: Mapping[str, Any], partitions: Iterable[int], horizon_ms: int) -> dict[int, SourcePartition]:
+def restore_sources(
+    table: MutableMapping[str, Any],
+    partitions: Iterable[int],
+    horizon_ms: int,
+    spill: Spill | None = None,
+    previous: Mapping[int, SourcePartition] | None = None,
+) -> dict[int, SourcePartition]:
     """Stage 1's memory of ``partitions`` from its restored table: the highest stored offset of each, its applied
-    ids (oldest record first, the order in which they expire) and its persisted watermark."""
-    sources = {
-        partition: SourcePartition(partition, AppliedIds(horizon_ms), Watermark(restore_clock(table, partition)))
-        for partition in partitions
-    }
-    ids_records: list[tuple[tuple[int, int], str]] = []
+    ids (oldest record first, the order in which they expire) and its persisted watermark.
+
+    With ``previous`` (the worker's sources before this restore), the table keeps only ``adopted_ids`` of the ids
+    records a horizon adopted: the entries are the horizon's, and the changelog's for a restart. faust's restore
+    brings back whole records it read from the changelog. A partition whose table holds adopted records kept its
+    horizon in ``previous`` (this worker wrote it without a break: after a break faust reads the changelog from
+    its start, overwriting every adopted record), which adopts the whole records it lacks; without one, adopted
+    records are left over from records deleted meanwhile, and are dropped."""
+    highs: dict[int, int] = {}
+    ids_records: dict[int, list[tuple[int, str]]] = {partition: [] for partition in partitions}
     for key, value in table.items():
         if is_ids_key(key):
-            ids_records.append((split_ids_key(key), key))
-            continue
-        if is_clock_key(key):
-            continue
-        source = sources.get(split_partial_key(key)[1])
-        if source is not None:
-            source.applied_high = max(-1 if source.applied_high is None else source.applied_high, value[3])
-    for (partition, _), key in sorted(ids_records):
-        if partition in sources:
-            sources[partition].applied.remember(key, table[key])
+            partition, first_offset = split_ids_key(key)
+            if partition in ids_records:
+                ids_records[partition].append((first_offset, key))
+        elif not is_clock_key(key) and (partition := split_partial_key(key)[1]) in ids_records:
+            highs[partition] = max(highs.get(partition, -1), value[3])
+    sources = {}
+    for partition, records in ids_records.items():
+        records.sort()
+        adopted = [key for _, key in records if is_adopted(table[key])]
+        kept = None if previous is None else previous.get(partition)
+        if adopted and kept is not None:
+            applied = kept.applied
+        else:
+            applied = AppliedIds(horizon_ms, spill=spill)
+            for key in adopted:
+                del table[key]
+        for _, key in records:
+            value = table.get(key)
+            if value is not None and not is_adopted(value):
+                if key not in applied.records:
+                    applied.remember(key, value)
+                if previous is not None:
+                    table[key] = adopted_ids(value)
+        clock = Watermark(restore_clock(table, partition))
+        sources[partition] = SourcePartition(partition, applied, clock, highs.get(partition))
     return sources
 
 
@@ -236,6 +263,7 @@ class StageOne:
         allowed_lateness: timedelta,
         max_future_skew: timedelta,
         dedup_horizon: timedelta,
+        spill: Spill | None = None,
     ) -> None:
         self.holder = holder
         self.partials = partials
@@ -244,6 +272,7 @@ class StageOne:
         self.allowed_lateness = allowed_lateness
         self.max_future_skew = max_future_skew
         self.horizon_ms = int(dedup_horizon.total_seconds() * 1000)
+        self.spill = spill  # where the horizons' older runs go (``applied_ids``)
         self.sources: dict[int, SourcePartition] = {}
         self._codec = AvroCodec("usage_event")
         self._fields = FieldDecoder(self._codec, FOLD_FIELDS)
@@ -254,13 +283,13 @@ class StageOne:
 
     def restore(self, partitions: Iterable[int]) -> list[int]:
         """Adopt the restored table's memory of ``partitions``; returns the blank ones."""
-        self.sources = restore_sources(self.partials.data, partitions, self.horizon_ms)
+        self.sources = restore_sources(self.partials.data, partitions, self.horizon_ms, self.spill, self.sources)
         return [partition for partition, source in self.sources.items() if source.blank]
 
     def source(self, partition: int) -> SourcePartition:
         found = self.sources.get(partition)
         if found is None:
-            found = self.sources[partition] = SourcePartition(partition, AppliedIds(self.horizon_ms))
+            found = self.sources[partition] = SourcePartition(partition, AppliedIds(self.horizon_ms, spill=self.spill))
         return found
 
     def process(self, partition: int, messages: Sequence[Message]) -> None:
@@ -291,7 +320,7 @@ class StageOne:
         # after the partials: a crash may lose these ids (the replay skips their events by offset and records the
         # ids again), never the partials they vouch for
         for key, value in batch.ids_records:
-            partials.put(partition, key, value)
+            partials.put(partition, key, value, kept=adopted_ids(value))
         for key in batch.expired:
             partials.delete(partition, key)
         if clock.scan_due():
@@ -462,7 +491,7 @@ class StageOne:
             applied.admit(entries)
             key, value = ids_key(partition, -1 - chunk), pack_ids(max(ms for _, ms in rows), entries)
             applied.remember(key, value, entries)
-            self.partials.put(partition, key, value)
+            self.partials.put(partition, key, value, kept=adopted_ids(value))
         source.clock = Watermark(now_ms)
         self.partials.put(partition, clock_key(partition), [now_ms])
         return scopes
