@@ -568,7 +568,7 @@ class Emitter:
             while seg.produced < seg.total and self._replay_inflight < _REPLAY_WINDOW:
                 key, value = unpack(records[seg.produced])
                 try:
-                    produce(topic, value, key, -1, None, callback, 0, headers)
+                    produce(topic, value, key, -1, callback, None, 0, headers)  # callback: the per-record one
                 except BufferError:
                     return True
                 seg.produced += 1
