@@ -18,7 +18,8 @@ holding a wrong type) goes through ``AvroCodec.encode``, which decides exactly a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from binascii import hexlify
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 from uuid import UUID
@@ -50,7 +51,6 @@ FIELDS: tuple[tuple[str, Any], ...] = (
 _CACHE_ENTRIES = 16_384  # per cache; a full cache is emptied (old values stop repeating, new ones refill it)
 _INT64_MIN, _INT64_LIMIT = -(2**63), 2**63
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _ONE_BYTE = tuple(bytes([b]) for b in range(128))
 _STATUS = {"ok": b"\x00", "error": b"\x02", "blocked": b"\x04"}
 
@@ -192,7 +192,8 @@ class UsageEncoder:
     def _timestamp(self, occurred_at: datetime) -> bytes:
         if occurred_at.__class__ is not datetime:
             raise TypeError("occurred_at")
-        micros = (occurred_at - _EPOCH) // _MICROSECOND
+        since = occurred_at - _EPOCH  # its fields in C beat dividing by a timedelta
+        micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
         if not 1 << (_LOW_BITS - 1) <= micros < _INT64_LIMIT:  # before 1970-01-01T00:00:01: no high bits
             return avro_long(micros)
         n = micros << 1  # the zig-zag of a non-negative long
@@ -205,9 +206,13 @@ class UsageEncoder:
 
 
 def _uuid(value: UUID) -> bytes:
-    """The Avro string of a UUID's canonical text (lower-case hex, 8-4-4-4-12)."""
-    h = f"{value.int:032x}"
-    return f"H{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()  # H: the Avro length (zig-zag 36)
+    """The Avro string of a UUID's canonical text (lower-case hex, 8-4-4-4-12).
+
+    ``hexlify`` writes the 16 bytes as eight dash-separated groups of four digits in C; three dashes are
+    dropped (formatting the 128-bit int and slicing text took twice as long).
+    """
+    h = hexlify(value.int.to_bytes(16), b"-", 2)
+    return b"".join((b"H", h[:4], h[5:29], h[30:34], h[35:]))  # H: the Avro length (zig-zag 36)
 
 
 def _bad(name: str) -> bytes:
