@@ -78,7 +78,9 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_LOW_BITS = 21  # a timestamp's varint: 3 bytes of its low 21 bits, then the varint of the rest (cached)
+_LOW_BITS = 14  # a timestamp's varint: 2 bytes of its low 14 bits (a table), then the varint of the rest (cached)
+# The varint groups of every 14-bit value, with continuation bits (about 0.7 MB): a lookup beats the bit arithmetic.
+_LOW_GROUPS = tuple(bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80)) for n in range(1 << _LOW_BITS))
 # Fields read in one call each (itemgetter runs in C), in groups that repeat together and are encoded once per
 # distinct value: who pays (the partition key comes from it), which model, and the outcome after the counts.
 _WHO = itemgetter("org", "division", "team", "project", "feature", "user", "customer", "environment")
@@ -128,7 +130,7 @@ class UsageEncoder:
         self._header: bytes | None = None
         self._strings = _Cache(avro_string)
         self._longs = _Cache(avro_long)
-        self._high = _Cache(varint)  # a timestamp's bits above the low 21: they change about once a second
+        self._high = _Cache(varint)  # a timestamp's bits above the low 14: they change every 8 ms
         self._who = _Cache(self._attribution)  # org..environment -> (partition key, their Avro strings)
         self._routes = _Cache(avro_strings)  # provider, model requested and served -> their Avro strings
         self._outcomes = _Cache(self._outcome)  # status..service_tier -> their Avro bytes
@@ -194,11 +196,10 @@ class UsageEncoder:
             raise TypeError("occurred_at")
         since = occurred_at - _EPOCH  # its fields in C beat dividing by a timedelta
         micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
-        if not 1 << (_LOW_BITS - 1) <= micros < _INT64_LIMIT:  # before 1970-01-01T00:00:01: no high bits
+        if not 1 << _LOW_BITS <= micros < _INT64_LIMIT:  # before 1970 or within its first 16 ms: no high bits
             return avro_long(micros)
         n = micros << 1  # the zig-zag of a non-negative long
-        low = (n & 0x7F) | ((n & 0x3F80) << 1) | ((n & 0x1FC000) << 2) | 0x808080  # with continuation bits
-        return low.to_bytes(3, "little") + self._high[n >> _LOW_BITS]
+        return _LOW_GROUPS[n & 0x3FFF] + self._high[n >> _LOW_BITS]
 
     def _map(self, tags: dict[str, str]) -> bytes:
         s = self._strings
