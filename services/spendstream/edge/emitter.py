@@ -568,7 +568,8 @@ class Emitter:
             while seg.produced < seg.total and self._replay_inflight < _REPLAY_WINDOW:
                 key, value = unpack(records[seg.produced])
                 try:
-                    produce(topic, value, key, -1, callback, None, 0, headers)  # callback: the per-record one
+                    # the callback slot: a callback of None would make confluent-kafka ignore on_delivery's
+                    produce(topic, value, key, -1, callback, None, 0, headers)
                 except BufferError:
                     return True
                 seg.produced += 1
