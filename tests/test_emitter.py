@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -338,3 +339,46 @@ def test_full_spool_counts_failed(tmp_path: Path) -> None:
     assert stats.spooled + stats.failed == 1000
     assert 0 < stats.spooled < 1000
     assert stats.spool_bytes <= 1 << 16
+
+
+def test_a_replayed_chunk_leaves_the_spool_only_once_the_broker_acked_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay without per-record acks: a chunk in flight when the broker freezes stays on disk and is resent."""
+    monkeypatch.setattr(emitter_module, "_REPLAY_WINDOW", 500)  # several chunks
+    monkeypatch.setattr(emitter_module, "Spool", functools.partial(Spool, segment_bytes=4096))  # ~20 records each
+    port = free_port()
+    events = _events(3000)
+    # linger: a chunk waits in the producer long enough for the broker to be frozen before it is sent
+    em = Emitter(
+        f"127.0.0.1:{port}", settings=load_settings(data_dir=tmp_path), producer_config={**FAST, "linger.ms": 300}
+    )
+    broker = None
+    try:
+        for event in events:
+            em.emit(event)
+        assert em.flush(3) == 3000  # no broker yet: all of it in the spool
+        broker = _start_broker(port, tmp_path, "late")
+        deadline = time.monotonic() + 30
+        while em.stats.replayed == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        broker.pause()  # the first chunk was acked, the second is in the producer
+        try:
+            replayed = em.stats.replayed
+            assert 0 < replayed < 3000
+            for _ in range(2):  # while in flight, then after its deliveries failed (message.timeout.ms)
+                assert em.stats.spool_events >= 3000 - replayed
+                time.sleep(3)
+            assert em.stats.replayed == replayed
+        finally:
+            broker.resume()
+        assert em.flush(40) == 0
+        stats = em.stats
+        records = _consume(broker.bootstrap, len(events))
+    finally:
+        em.close(0)
+        if broker is not None:
+            broker.stop()
+    assert {str(r["event_id"]) for _, r in records} == set(_ids(events))
+    assert stats.failed == 0 and stats.replayed >= 3000 and stats.spool_events == 0
+    assert not list((tmp_path / "spool").glob("*.seg"))

@@ -72,3 +72,15 @@ def test_a_value_equal_to_a_cached_one_but_of_another_type_is_encoded_as_the_gen
     for update in ({"cache_hit": 1}, {"cache_hit": 0}, {"cache_hit": "yes"}, {"status": "lost"}, {"user": 7}):
         odd = event.model_copy(update=update)
         assert _outcome(encoder.record, odd) == _outcome(_generic, odd), update
+
+
+def test_timestamps_around_every_varint_group_boundary_are_the_generic_bytes() -> None:
+    """The timestamp's low groups come from a table and its high ones from a cache: every split point is exact."""
+    encoder = UsageEncoder(CODEC)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for bits in range(56):  # 2**56 microseconds before 1970 is before datetime.min
+        for delta in (-1, 0, 1):
+            micros = (1 << bits) + delta
+            for at in (epoch + timedelta(microseconds=micros), epoch - timedelta(microseconds=micros)):
+                event = UsageEvent(team="t", provider="openai", model_requested="m", occurred_at=at)
+                assert encoder.record(event) == _generic(event), at

@@ -9,9 +9,16 @@ disk spool. States of that thread:
   the producer is purged, every undelivered event goes to the spool in order, and so does
   every new event; the broker is probed with metadata requests once a second.
 * online, spool not empty (replay): new events keep going to the spool tail, while the spool
-  is replayed from its head in order; a segment is deleted only after all its events were
-  acked. A failed replay delivery switches back to offline and replay restarts from the
-  oldest segment still on disk (resends are fine: the ledger dedups by event_id).
+  is replayed from its head in order, a chunk of records at a time; a segment is deleted only
+  after all its events were acked. A failed replay delivery switches back to offline and replay
+  restarts from the oldest segment still on disk (resends are fine: the ledger dedups by event_id).
+
+librdkafka reports only failed deliveries (``delivery.report.only.error``): a Python callback and a
+``Message`` per delivered event would cost about as much as producing it. A failure report carries
+the event back (to the spool, or counted as failed when resending cannot help); a record that left
+the producer without one was acked. So the delivered count is what was produced minus what was
+reported failed minus what the producer still holds, and a replayed chunk counts as acked once the
+producer holds nothing and no failure was reported for it.
 
 An event whose token counts or cost are not integers within the per-event bounds (``core.events``; an event
 built with ``model_construct`` or ``model_copy`` skips validation) is refused before it is encoded: counted as
@@ -32,7 +39,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import logging
 import struct
 import threading
@@ -60,7 +66,7 @@ _KEY_LEN = struct.Struct("<H")
 _BATCH = 4096  # events taken from the deque per loop turn
 _INBOX_EVENTS = 65_536  # overflow events waiting for the background thread to encode and spool them
 _INBOX_RECORDS = 131_072  # overflow records encoded by emit() waiting to be spooled (a few hundred bytes each)
-_REPLAY_WINDOW = 50_000  # replayed events in flight at most
+_REPLAY_WINDOW = 50_000  # replayed events per chunk: the next chunk is produced once this one is acked
 _PROBE_INTERVAL_S = 1.0
 _PROBE_TIMEOUT_S = 1.0
 _SYNC_INTERVAL_S = 0.05
@@ -79,6 +85,8 @@ DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
     "acks": "all",
     "compression.type": "lz4",
     "linger.ms": 20,
+    # Acks are counted from what the producer no longer holds (see the module docstring); failures are reported.
+    "delivery.report.only.error": True,
     "batch.num.messages": 10_000,
     "queue.buffering.max.messages": 200_000,
     # An unreachable or frozen broker fails deliveries within seconds, which starts spooling.
@@ -123,7 +131,7 @@ class EmitterStats:
     emitted: int  # emit() calls
     sent: int  # acked by the broker (replayed ones included; a resend is counted again)
     spooled: int  # written to the disk spool
-    replayed: int  # acked by the broker after coming from the spool
+    replayed: int  # acked by the broker after coming from the spool (counted when their chunk is acked)
     failed: int  # dropped: out of bounds, unencodable, spool full or unwritable, or rejected by the broker for good
     queued: int  # in memory: deque plus producer queue
     spool_bytes: int
@@ -166,15 +174,14 @@ class _KafkaLog:
 
 
 class _Segment:
-    """Replay bookkeeping for one spool segment: it may be deleted once every record is acked."""
+    """Replay bookkeeping for one spool segment: it may be deleted once every record was produced and acked."""
 
-    __slots__ = ("acked", "id", "produced", "total")
+    __slots__ = ("id", "produced", "total")
 
     def __init__(self, seg_id: int, total: int) -> None:
         self.id = seg_id
         self.total = total
         self.produced = 0
-        self.acked = 0
 
 
 class Emitter:
@@ -215,7 +222,10 @@ class Emitter:
         self._inbox_records: deque[bytes] = deque()
         # Counters written by the background thread only.
         self._taken = 0  # events and records taken from the deque and the inboxes
-        self._sent = 0
+        self._sent = 0  # acked by producers already replaced; the current one's are derived (_acked_now)
+        self._sent_seen = 0  # _sent plus _acked_now, as of the last loop turn (what stats shows)
+        self._produced = 0  # records handed to the current producer (live and replayed)
+        self._reported = 0  # failure reports served from the current producer
         self._spooled = 0
         self._replayed = 0
         self._failed = 0
@@ -239,11 +249,10 @@ class Emitter:
         self._replay_trouble = False
         self._trouble = ""  # the first delivery error since the last state change, for the log
         self._fatal = False
-        self._epoch = 0  # bumped on every replay restart; callbacks of older epochs are stale
         self._replay: deque[tuple[_Segment, list[bytes]]] = deque()
         self._segments: dict[int, _Segment] = {}
-        self._replay_inflight = 0
-        self._live_inflight = 0  # produced directly, delivery report not yet seen
+        self._replay_inflight = 0  # replayed records of the chunk not yet acked as a whole
+        self._replay_reports = 0  # failure reports of that chunk
         self._in_hand = 0  # events taken from the deque or the inboxes and not yet produced or spooled
         self._turns = 0  # loop turns done, published with _pending for flush()
         self._pending = 0
@@ -307,11 +316,11 @@ class Emitter:
         queued = len(self._queue) + len(self._inbox) + len(self._inbox_records)
         return EmitterStats(
             emitted=self._taken + queued + bypassed,
-            sent=self._sent,
+            sent=self._sent_seen,
             spooled=self._spooled + b_spooled,
             replayed=self._replayed,
             failed=self._failed + b_failed,
-            queued=queued + self._in_hand + self._live_inflight,
+            queued=queued + self._in_hand + self._live_in_flight(),
             spool_bytes=spool_bytes,
             spool_events=self._spool_records(),
         )
@@ -342,7 +351,7 @@ class Emitter:
             + len(self._inbox)
             + len(self._inbox_records)
             + self._in_hand
-            + self._live_inflight
+            + self._live_in_flight()
             + len(self._failed_live)
             + self._spool_records()
         )
@@ -367,33 +376,50 @@ class Emitter:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
 
+    # -- in flight: derived, since librdkafka reports failures only ---------------------------
+    def _held(self) -> int:
+        """Records the current producer may still hold (not acked, failure not yet reported).
+
+        ``len(producer)`` also counts reports and log lines not yet served, so it is capped by the records
+        produced and not reported failed: an over-estimate only until the next poll serves them.
+        """
+        return min(len(self._producer), self._produced - self._reported)
+
+    def _acked_now(self) -> int:
+        """Records the current producer got acked: produced, minus failure reports, minus what it still holds.
+
+        Background thread only (it alone produces and serves reports, so the counts cannot move while this
+        reads them); never an over-count.
+        """
+        return self._produced - self._reported - self._held()
+
+    def _live_in_flight(self) -> int:
+        """Events produced directly and not yet acked (the producer holds the replayed chunk too)."""
+        return max(0, self._held() - (self._replay_inflight - self._replay_reports))
+
     # -- producer callbacks (run inside poll() on the background thread) ---------------------
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        self._live_inflight -= 1
-        if err is None:
-            self._sent += 1
-        elif err.code() in _PERMANENT:
+        if err is None:  # only with delivery.report.only.error overridden: counted by _acked_now
+            return
+        self._reported += 1
+        if err.code() in _PERMANENT:
             self._failed += 1
             self._loud.error("rejected", "usage event rejected by the broker for good: %s", err)
         else:
             self._failed_live.append((msg.key(), msg.value()))
             self._trouble = self._trouble or str(err)
 
-    def _on_replayed(self, epoch: int, seg: _Segment, err: KafkaError | None, msg: Any) -> None:
-        if epoch == self._epoch:
-            self._replay_inflight -= 1
+    def _on_replayed(self, err: KafkaError | None, _msg: Any) -> None:
         if err is None:
-            self._sent += 1
-            self._replayed += 1
-        elif err.code() in _PERMANENT:
+            return
+        self._reported += 1
+        self._replay_reports += 1
+        if err.code() in _PERMANENT:
             self._failed += 1
             self._loud.error("rejected", "spooled usage event rejected by the broker for good: %s", err)
-        else:
+        else:  # the record is still on disk: replayed again after the broker is back
             self._replay_trouble = True
             self._trouble = self._trouble or str(err)
-            return
-        if epoch == self._epoch:
-            seg.acked += 1
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -418,6 +444,7 @@ class Emitter:
                 except Exception as exc:  # keep serving: a bug here must not stop usage publishing
                     self._loud.error("loop", "emitter loop error: %s: %s", type(exc).__name__, exc)
                     time.sleep(0.1)
+                self._sent_seen = max(self._sent_seen, self._sent + self._acked_now())  # a counter never goes down
                 self._pending = self._undelivered()
                 self._turns += 1
         finally:
@@ -484,15 +511,19 @@ class Emitter:
         if self._online and self._spool_records() == 0:
             produce = self._producer.produce
             topic, headers = self._topic, self._headers
-            for i, (key, value) in enumerate(records):
-                try:
-                    produce(topic, value, key, headers=headers)
-                except BufferError:
-                    records = records[i:]
-                    break
-                self._live_inflight += 1
-            else:
+            produced = 0
+            try:
+                for key, value in records:
+                    # positional: keyword parsing would cost a third of the call (partition -1: by key)
+                    produce(topic, value, key, -1, None, None, 0, headers)
+                    produced += 1
+            except BufferError:
+                pass
+            finally:
+                self._produced += produced
+            if produced == len(records):
                 return
+            records = records[produced:]
         self._to_spool([pack(key, value) for key, value in records])
 
     def _encode(self, events: list[UsageEvent]) -> list[tuple[bytes, bytes]]:
@@ -515,9 +546,16 @@ class Emitter:
         return records
 
     def _replay_some(self) -> bool:
-        busy = False
+        """Produce the next chunk of spooled records once the previous one is acked, deleting its segments.
+
+        Without success reports, a chunk is acked when the producer holds nothing any more and none of its
+        records was reported failed (a failure switches to offline before this runs again).
+        """
+        if self._replay_inflight and (self._held() or self._replay_trouble):
+            return False
+        busy = self._settle_replayed_chunk()
         produce = self._producer.produce
-        topic, headers = self._topic, self._headers
+        topic, headers, callback = self._topic, self._headers, self._on_replayed
         while self._replay_inflight < _REPLAY_WINDOW:
             if not self._replay:
                 nxt = self._spool.read_next() if self._spool else None
@@ -527,23 +565,31 @@ class Emitter:
                 self._segments[seg.id] = seg
                 self._replay.append((seg, nxt[1]))
             seg, records = self._replay[0]
-            callback = functools.partial(self._on_replayed, self._epoch, seg)
             while seg.produced < seg.total and self._replay_inflight < _REPLAY_WINDOW:
                 key, value = unpack(records[seg.produced])
                 try:
-                    produce(topic, value, key, headers=headers, on_delivery=callback)
+                    # the callback slot: a callback of None would make confluent-kafka ignore on_delivery's
+                    produce(topic, value, key, -1, callback, None, 0, headers)
                 except BufferError:
                     return True
                 seg.produced += 1
+                self._produced += 1
                 self._replay_inflight += 1
                 busy = True
             if seg.produced == seg.total:
                 self._replay.popleft()
-        for seg in [s for s in self._segments.values() if s.produced == s.total and s.acked >= s.total]:
+        return busy
+
+    def _settle_replayed_chunk(self) -> bool:
+        """The replayed chunk is acked (failures excepted, counted when reported): count it and delete every
+        segment whose records were all produced."""
+        self._replayed += self._replay_inflight - self._replay_reports
+        self._replay_inflight = self._replay_reports = 0
+        done = [seg for seg in self._segments.values() if seg.produced == seg.total]
+        for seg in done:
             del self._segments[seg.id]
             self._spool.release(seg.id)  # type: ignore[union-attr]
-            busy = True
-        return busy
+        return bool(done)
 
     def _go_offline(self, why: str) -> None:
         """Stop producing: take back everything the producer holds, spool it in order, restart replay later.
@@ -559,28 +605,35 @@ class Emitter:
         self._reclaim()
         self._producer = Producer(self._producer_conf)
         self._fatal = False
-        self._epoch += 1
         self._replay.clear()
         self._segments.clear()
-        self._replay_inflight = 0
+        self._replay_inflight = self._replay_reports = 0
         self._replay_trouble = False
         self._trouble = ""
         if self._spool:
             self._spool.rewind()
 
     def _reclaim(self) -> None:
-        """Purge the producer and spool the live events it gave back (replayed ones are still on disk)."""
+        """Purge the producer and spool the live events it gave back (replayed ones are still on disk).
+
+        Purged records come back as failure reports; what was acked before is counted as sent.
+        """
         with contextlib.suppress(Exception):
             self._producer.purge(in_queue=True, in_flight=True, blocking=True)
         deadline = time.monotonic() + 2.0
-        while (self._live_inflight or self._replay_inflight) and time.monotonic() < deadline:
+        while self._held() and time.monotonic() < deadline:
             self._poll(0.01)
-        if self._live_inflight:
-            self._loud.error(
-                "purge", "%d usage events not returned by the producer; they may be lost", self._live_inflight
-            )
-            self._failed += self._live_inflight
-            self._live_inflight = 0
+        lost = self._live_in_flight()
+        if lost:
+            self._loud.error("purge", "%d usage events not returned by the producer; they may be lost", lost)
+            self._failed += lost
+        # the replayed records of an unfinished chunk that were not reported failed were acked
+        self._replayed += max(0, self._replay_inflight - self._replay_reports - self._held())
+        acked = self._acked_now()
+        self._produced = self._reported = 0
+        self._sent += acked
+        self._sent_seen = max(self._sent_seen, self._sent)
+        self._replay_inflight = self._replay_reports = 0
         failed, self._failed_live = self._failed_live, []
         self._to_spool([pack(key, value) for key, value in failed])
 

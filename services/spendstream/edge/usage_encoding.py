@@ -18,7 +18,8 @@ holding a wrong type) goes through ``AvroCodec.encode``, which decides exactly a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from binascii import hexlify
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 from uuid import UUID
@@ -50,7 +51,6 @@ FIELDS: tuple[tuple[str, Any], ...] = (
 _CACHE_ENTRIES = 16_384  # per cache; a full cache is emptied (old values stop repeating, new ones refill it)
 _INT64_MIN, _INT64_LIMIT = -(2**63), 2**63
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _ONE_BYTE = tuple(bytes([b]) for b in range(128))
 _STATUS = {"ok": b"\x00", "error": b"\x02", "blocked": b"\x04"}
 
@@ -78,7 +78,9 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_LOW_BITS = 21  # a timestamp's varint: 3 bytes of its low 21 bits, then the varint of the rest (cached)
+_LOW_BITS = 14  # a timestamp's varint: 2 bytes of its low 14 bits (a table), then the varint of the rest (cached)
+# The varint groups of every 14-bit value, with continuation bits (about 0.7 MB): a lookup beats the bit arithmetic.
+_LOW_GROUPS = tuple(bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80)) for n in range(1 << _LOW_BITS))
 # Fields read in one call each (itemgetter runs in C), in groups that repeat together and are encoded once per
 # distinct value: who pays (the partition key comes from it), which model, and the outcome after the counts.
 _WHO = itemgetter("org", "division", "team", "project", "feature", "user", "customer", "environment")
@@ -128,7 +130,7 @@ class UsageEncoder:
         self._header: bytes | None = None
         self._strings = _Cache(avro_string)
         self._longs = _Cache(avro_long)
-        self._high = _Cache(varint)  # a timestamp's bits above the low 21: they change about once a second
+        self._high = _Cache(varint)  # a timestamp's bits above the low 14: they change every 8 ms
         self._who = _Cache(self._attribution)  # org..environment -> (partition key, their Avro strings)
         self._routes = _Cache(avro_strings)  # provider, model requested and served -> their Avro strings
         self._outcomes = _Cache(self._outcome)  # status..service_tier -> their Avro bytes
@@ -192,12 +194,12 @@ class UsageEncoder:
     def _timestamp(self, occurred_at: datetime) -> bytes:
         if occurred_at.__class__ is not datetime:
             raise TypeError("occurred_at")
-        micros = (occurred_at - _EPOCH) // _MICROSECOND
-        if not 1 << (_LOW_BITS - 1) <= micros < _INT64_LIMIT:  # before 1970-01-01T00:00:01: no high bits
+        since = occurred_at - _EPOCH  # its fields in C beat dividing by a timedelta
+        micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
+        if not 1 << _LOW_BITS <= micros < _INT64_LIMIT:  # before 1970 or within its first 16 ms: no high bits
             return avro_long(micros)
         n = micros << 1  # the zig-zag of a non-negative long
-        low = (n & 0x7F) | ((n & 0x3F80) << 1) | ((n & 0x1FC000) << 2) | 0x808080  # with continuation bits
-        return low.to_bytes(3, "little") + self._high[n >> _LOW_BITS]
+        return _LOW_GROUPS[n & 0x3FFF] + self._high[n >> _LOW_BITS]
 
     def _map(self, tags: dict[str, str]) -> bytes:
         s = self._strings
@@ -205,9 +207,13 @@ class UsageEncoder:
 
 
 def _uuid(value: UUID) -> bytes:
-    """The Avro string of a UUID's canonical text (lower-case hex, 8-4-4-4-12)."""
-    h = f"{value.int:032x}"
-    return f"H{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()  # H: the Avro length (zig-zag 36)
+    """The Avro string of a UUID's canonical text (lower-case hex, 8-4-4-4-12).
+
+    ``hexlify`` writes the 16 bytes as eight dash-separated groups of four digits in C; three dashes are
+    dropped (formatting the 128-bit int and slicing text took twice as long).
+    """
+    h = hexlify(value.int.to_bytes(16), b"-", 2)
+    return b"".join((b"H", h[:4], h[5:29], h[30:34], h[35:]))  # H: the Avro length (zig-zag 36)
 
 
 def _bad(name: str) -> bytes:
