@@ -6,7 +6,10 @@ throughput (first emit until both services committed everything), how long each 
 ledger lag (ingested_at - occurred_at, p50/p99/max), peak RSS (VmHWM) of every process, and whether the
 processor's window totals equal the ledger's sums per scope and period, to the nano-dollar. The figures are also
 printed as ``FIGURE`` lines (``bench/readme_table.py``).
-Run: .venv/bin/python bench/bench_soak.py [--events 5000000]
+With ``--rate`` the events are emitted at that many per second (paced every 10 ms) instead of as fast as the
+Emitter takes them: ``--events 27000000 --rate 30000`` is the processor's sizing case, 15 minutes of traffic at
+30 k/s, so the whole default dedup horizon (15 minutes of arrivals) is full at the end.
+Run: .venv/bin/python bench/bench_soak.py [--events 5000000] [--rate EVENTS_PER_S] [--name soak]
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ def ledger_windows(client) -> dict:  # type: ignore[no-untyped-def]
     return out
 
 
-def emit_all(emitter: Emitter, count: int) -> float:
-    """Emit ``count`` events built on the fly (a pool of attributions, fresh ids and times); returns seconds."""
+def emit_all(emitter: Emitter, count: int, rate: float | None = None) -> float:
+    """Emit ``count`` events built on the fly (a pool of attributions, fresh ids and times), ``rate`` a second if
+    given; returns seconds."""
     rng = random.Random(1)
     templates = [
         UsageEvent(
@@ -100,6 +104,8 @@ def emit_all(emitter: Emitter, count: int) -> float:
     for i in range(count):
         template = templates[i % 1000]
         emitter.emit(template.model_copy(update={"event_id": uuid.uuid4(), "occurred_at": datetime.now(UTC)}))
+        if rate is not None and i % 100 == 99 and (ahead := (i + 1) / rate - (time.perf_counter() - started)) > 0.01:
+            time.sleep(ahead)
         if i % 50_000 == 49_999:
             while emitter.stats.queued > 200_000:  # keep memory bounded: the deque would spill to the spool
                 time.sleep(0.01)
@@ -119,9 +125,11 @@ def wait_for(what: str, progress, target: int, timeout: float) -> float:  # type
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5_000_000)
+    parser.add_argument("--rate", type=float, help="events emitted per second (default: as fast as possible)")
+    parser.add_argument("--name", default="soak", help="the benchmark's name in its FIGURE lines")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the services to catch up")
     args = parser.parse_args()
-    machine("soak")
+    machine(args.name)
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedBroker(log_path=Path(tmp_name) / "broker.log") as broker:
         tmp = Path(tmp_name)
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=PARTITIONS)
@@ -142,7 +150,7 @@ def main() -> None:
             print(f"soak: {args.events:,} usage events, {PARTITIONS} partitions, policy timezone UTC")
             started = time.monotonic()
             with Emitter(settings=settings) as emitter:
-                emit_s = emit_all(emitter, args.events)
+                emit_s = emit_all(emitter, args.events, args.rate)
                 assert emitter.flush(600) == 0, "the emitter could not deliver everything"
                 stats = emitter.stats
             emitted_at = time.monotonic()
@@ -170,9 +178,9 @@ def main() -> None:
             rate = args.events / emit_s
             horizon_min = settings.processor_dedup_horizon_s / 60
             name = f"processor peak RSS, {args.events:,} events emitted at {rate / 1000:.0f} k/s"
-            figure("soak", name, rss["processor"], "MB", target="<= 400", dedup_horizon_min=horizon_min)
-            figure("soak", "end to end, emitter -> processor + sink", args.events / (end - started), "events/s")
-            figure("soak", f"sink peak RSS, {args.events:,} events", rss["sink"], "MB")
+            figure(args.name, name, rss["processor"], "MB", target="<= 400", dedup_horizon_min=horizon_min)
+            figure(args.name, "end to end, emitter -> processor + sink", args.events / (end - started), "events/s")
+            figure(args.name, f"sink peak RSS, {args.events:,} events", rss["sink"], "MB")
             sink.send_signal(signal.SIGTERM)
             sink.wait(120)
             time.sleep(3)  # the processor's last changelog writes

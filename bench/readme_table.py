@@ -37,6 +37,8 @@ BENCHES = {
     "enforcer": ["bench/bench_enforcer.py", "--rounds", "3"],
     "emitter": ["bench/bench_emitter.py", "--events", "300000"],
     "soak": ["bench/bench_soak.py", "--events", "1000000"],
+    # 15 minutes at 30 k events/s: the processor's memory with its whole dedup horizon full (about 20 minutes)
+    "soak_horizon": ["bench/bench_soak.py", "--events", "27000000", "--rate", "30000", "--name", "soak_horizon"],
     "dedup_horizon": ["bench/bench_dedup_horizon.py", "--ids", "27000000"],
     "processor": ["bench/bench_processor.py", "--events", "300000", "--rounds", "3", "--samples", "20"],
 }
