@@ -4,8 +4,10 @@ Prints catch-up time and, for typical request shapes, p50/p99 of check() (target
 time per call of the calling thread. The shapes are measured in turn, ``--rounds`` times, so load from
 other work on the machine spreads over all of them; the table shows the median and the range over rounds.
 The "no decision matches" shape is the floor every other shape is compared with.
-A request seen again is answered from what the Enforcer kept of its first answers; the last shape sends every call
-from a user not seen lately (more users than answers kept), so it measures the path from the rules.
+A request seen again is answered from what the Enforcer kept of its first answers; the last two shapes send every
+call from a user not seen lately (more users than answers kept), so they measure the path from the rules: users whose
+``user:*`` throttle bucket exists (made in an untimed pass first), and users never seen (new names each round, so
+each call also makes a bucket; its CPU column is measured on other new users).
 Each timed call is two ``perf_counter_ns`` reads apart (about 0.1 us of the figure) and passes its fields as a dict
 (``check(**request)``, as the gateway does). The garbage collector stays on, as in a gateway; the table counts the
 collections that ran during the timed calls.
@@ -60,9 +62,11 @@ def decisions(n: int) -> list[Decision]:
     return out
 
 
-def measure(enforcer: Enforcer, requests: list[dict[str, str]]) -> tuple[float, float, float, int]:
-    """p50 and p99 of timed calls, CPU microseconds per call of an untimed loop (this thread only), and the garbage
-    collections that ran during the timed calls."""
+def measure(
+    enforcer: Enforcer, requests: list[dict[str, str]], untimed: list[dict[str, str]] | None = None
+) -> tuple[float, float, float, int]:
+    """p50 and p99 of timed calls, CPU microseconds per call of an untimed loop (this thread only) over ``untimed``
+    (default: the same requests again), and the garbage collections that ran during the timed calls."""
     check = enforcer.check
     samples = []
     clock = time.perf_counter_ns
@@ -80,10 +84,11 @@ def measure(enforcer: Enforcer, requests: list[dict[str, str]]) -> tuple[float, 
     finally:
         gc.callbacks.remove(count_collection)
     samples.sort()
+    untimed = requests if untimed is None else untimed
     cpu_start = time.thread_time()
-    for request in requests:
+    for request in untimed:
         check(**request)
-    cpu_us = (time.thread_time() - cpu_start) / len(requests) * 1e6
+    cpu_us = (time.thread_time() - cpu_start) / len(untimed) * 1e6
     return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000, cpu_us, collections[0]
 
 
@@ -150,14 +155,23 @@ def main() -> None:
                     with_rules,
                     [{"team": "vf", "user": "someone", "environment": "development", "model": "gpt-4o"}] * args.calls,
                 )
-                runs["team fallback + user:* throttle, a user not seen lately"] = (
-                    enforcer,
-                    [{"team": "vf", "user": f"user{i}", "model": "gpt-4o"} for i in range(args.calls)],
-                )
+                not_seen_lately = [{"team": "vf", "user": f"user{i}", "model": "gpt-4o"} for i in range(args.calls)]
+                for request in not_seen_lately:  # their buckets exist, as for users seen before (untimed)
+                    enforcer.check(**request)
+                runs["team fallback + user:* throttle, a user not seen lately"] = (enforcer, not_seen_lately)
+                never_seen = "team fallback + user:* throttle, a user never seen"
+                runs[never_seen] = (enforcer, not_seen_lately[:1])  # (for the action printed below)
                 results: dict[str, list[tuple[float, float, float, int]]] = {name: [] for name in runs}
-                for _ in range(args.rounds):
+                for round_ in range(args.rounds):
                     for name, (target, requests) in runs.items():
-                        results[name].append(measure(target, requests))
+                        if name == never_seen:
+                            new = [
+                                {"team": "vf", "user": f"new{round_}-{i}", "model": "gpt-4o"}
+                                for i in range(2 * args.calls)
+                            ]
+                            results[name].append(measure(target, new[: args.calls], new[args.calls :]))
+                        else:
+                            results[name].append(measure(target, requests))
             for name, (target, requests) in runs.items():
                 print(f"  {name}: {target.check(**requests[0]).action}")
             print(f"check() over {args.calls:,} calls per shape and round, {args.rounds} rounds (us):")

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
+_FEATURE = _DIM_INDEX["feature"]
 WILDCARD = "*"
 # Plans kept per Enforcer (matched rules and model -> outcome), answers per request, allow verdicts per model;
 # each emptied when full.
@@ -74,6 +75,7 @@ _Answer = tuple[
 ]
 # Hashes of requests seen once, by their low bits: an answer is kept when its request comes again.
 _SEEN_SLOTS = 4096
+_SEEN_MASK = _SEEN_SLOTS - 1
 
 
 def _count(counted: tuple[tuple[int, int, count[int]], ...]) -> list[tuple[int, int, int]]:
@@ -237,7 +239,11 @@ class Enforcer:
         org: str = "",
         division: str = "",
     ) -> Verdict:
-        """The verdict for one request, from memory. Never blocks, never touches the network."""
+        """The verdict for one request, from memory. Never blocks, never touches the network.
+
+        Safe from many threads (the gateway's event loop, SDK clients): each dict or list read and write is atomic
+        under the GIL, rules and kept answers are replaced rather than changed, and a token is taken under the lock
+        its throttle's buckets share (one per rule, not one per user)."""
         if self.fail_closed and self.staleness_s > self.max_staleness_s:
             return Verdict(UNAVAILABLE, model, 1.0, "enforcement view is stale or no processor is alive", "")
         answers = self._answers  # read before any rule: a change replaces it after installing the new rules
@@ -287,6 +293,7 @@ class Enforcer:
         model = request[-1]
         # The matched rules and their bucket keys (the matched value for a wildcard rule, "" for an exact one).
         rules: list[ScopeRule] = []
+        keys: list[str] = []
         static = self._static
         quotas = static.quotas if static is not None else None
         counted: tuple[tuple[int, int, count[int]], ...] = ()
@@ -298,7 +305,7 @@ class Enforcer:
                 refused = _count(counted)
             if refused:
                 rules = [quotas.refusal(i, values[i], used, cap) for i, used, cap in refused]
-        keys = [""] * len(rules) if rules else []
+                keys = [""] * len(rules)
         for i, by_value, wildcard in self._active:
             value = values[i]
             if value:
@@ -313,11 +320,12 @@ class Enforcer:
             rules.append(self._global)
             keys.append("")
         throttles: tuple[tuple[ScopeRule, TokenBucket], ...] = ()
+        bucket: TokenBucket | None = None  # a single throttle's, paired with its rule only if the answer is kept
         if not rules:
             valid_from, valid_until = -_INF, _INF
             verdict = base = self._allow.get(model) or self._allow_verdict(model)
         else:
-            feature = values[_DIM_INDEX["feature"]]
+            feature = values[_FEATURE]
             if feature and self._exempting:
                 rules = [rule.for_feature(feature) if rule.critical else rule for rule in rules]
             signature = (model, *rules)
@@ -333,9 +341,11 @@ class Enforcer:
             if positions:
                 now = time.monotonic()
                 if len(positions) == 1:  # inline buckets() and take(): the common throttled-but-allowed request
-                    limiting, key = rules[positions[0]], keys[positions[0]]
-                    bucket = limiting.buckets.get(key) or limiting.bucket(key, now)
-                    throttles = ((limiting, bucket),)
+                    position = positions[0]
+                    limiting = rules[position]
+                    bucket = limiting.buckets.get(keys[position])
+                    if bucket is None:  # the first request of a user under a user:* throttle
+                        bucket = limiting.bucket(keys[position], now)
                     wait = bucket.try_take(now)
                     if wait > 0.0:
                         verdict = throttled(base.model, limiting, wait)
@@ -352,15 +362,18 @@ class Enforcer:
             # Kept from the second time it is seen: a stream of requests that each come once (more users than
             # answers kept) then costs a hash per request, with nothing kept alive, no dict growing or emptied.
             digest = hash(request)
-            slot = digest & (_SEEN_SLOTS - 1)
-            if self._seen_once[slot] != digest:
-                self._seen_once[slot] = digest
+            seen_once = self._seen_once
+            slot = digest & _SEEN_MASK
+            if seen_once[slot] != digest:
+                seen_once[slot] = digest
                 return verdict
         if not refused:  # a used-up quota's refusal counts down to midnight: never kept
             if quotas is not None and counted:
                 valid_until = min(valid_until, quotas.day_end)  # the counters are today's
             if len(answers) >= _MAX_PLANS:
                 answers.clear()
+            if bucket is not None:
+                throttles = ((limiting, bucket),)
             timed = valid_from != -_INF or valid_until != _INF
             answers[request] = (base, timed, valid_from, valid_until, counted, throttles)
         return verdict

@@ -54,17 +54,19 @@ class Verdict(NamedTuple):
 class TokenBucket:
     """Requests-per-second limiter; capacity is one second of traffic (at least one request; none at rate 0).
 
-    Time is passed in (monotonic seconds) so the arithmetic is testable without sleeping.
+    Time is passed in (monotonic seconds) so the arithmetic is testable without sleeping. ``lock`` guards the
+    read-modify-write of the tokens (threads may call ``check()`` at once, and the GIL can switch between any two
+    bytecodes): the buckets of one rule share their rule's lock, so a rule on every user (``user:*``) allocates no
+    lock per user; a bucket made alone gets its own.
     """
 
     __slots__ = ("_lock", "capacity", "rate", "tokens", "updated")
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, now: float, lock: threading.Lock | None = None) -> None:
         self.rate = rate
-        self.capacity = max(1.0, rate) if rate > 0 else 0.0
-        self.tokens = self.capacity
+        self.capacity = self.tokens = rate if rate >= 1.0 else (1.0 if rate > 0 else 0.0)
         self.updated = now
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if lock is None else lock
 
     def _refill(self, now: float) -> None:
         if now > self.updated:
@@ -130,6 +132,7 @@ class ScopeRule:
     expires_at: float | None = None  # epoch seconds
     critical: dict[str, float] = field(default_factory=dict)  # for a shutoff: critical feature -> throttle rate
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shared by its buckets
     exempted: dict[str, ScopeRule] = field(default_factory=dict)  # the throttles for_feature derived
 
     @classmethod
@@ -170,7 +173,7 @@ class ScopeRule:
     def bucket(self, key: str, now: float) -> TokenBucket:
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets.setdefault(key, TokenBucket(self.rate or 0.0, now))
+            bucket = self.buckets.setdefault(key, TokenBucket(self.rate or 0.0, now, self.lock))
         return bucket
 
 
