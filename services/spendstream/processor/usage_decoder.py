@@ -85,9 +85,9 @@ class _Source:
         self.add(depth, "else:")
         self.add(depth + 1, f"{target}, pos = _varint(buf, pos)")
 
-    def emit_string(self, depth: int, target: str | None, raw: bool = False) -> None:
-        """A string into ``target`` (its UTF-8 bytes if ``raw``); without a target only checked as UTF-8. A length
-        past the end is caught by the next read or the final position check."""
+    def emit_string(self, depth: int, target: str | None, raw: bool = False, skip: bool = False) -> None:
+        """A string into ``target`` (its UTF-8 bytes if ``raw``); without a target only checked as UTF-8, or with
+        ``skip`` not even that. A length past the end is caught by the next read or the final position check."""
         size = self.fresh("n")
         self.add(depth, f"{size} = buf[pos]")
         self.add(depth, f"if {size} < 128 and not {size} & 1:")  # a one-byte length, not negative
@@ -97,7 +97,9 @@ class _Source:
         self.add(depth + 1, f"{size}, pos = _varint(buf, pos)")
         self.add(depth + 1, f"if {size} < 0:")
         self.add(depth + 2, "return None")
-        if target is None:
+        if skip:
+            self.add(depth, f"pos += {size}")
+        elif target is None:
             self.add(depth, f"if {size}:")
             self.add(depth + 1, f"buf[pos : (pos := pos + {size})].decode()")
         elif raw:
@@ -167,36 +169,59 @@ class _Source:
         self.emit_long(depth + 1, count)
 
 
-def generate_reader(schema: dict[str, Any], wanted: Sequence[str]) -> Reader:
+def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> Reader:
     """A function ``(buf, pos) -> tuple of the wanted fields`` for a record of ``schema`` starting at ``pos``, or
-    None where the value is malformed or outside what the codec would turn into the same result."""
+    None where the value is malformed or outside what the codec would turn into the same result.
+
+    Each of ``spans`` (a run of consecutive fields) adds, after the wanted fields, the raw bytes that encode those
+    fields. Strings inside a span that are not wanted are skipped, NOT checked as UTF-8: a caller may only trust a
+    span's bytes once it has seen the same bytes decoded (e.g. a memo keyed by them, filled by a reader that
+    decodes those fields)."""
     names = [field["name"] for field in schema["fields"]]
-    missing = [name for name in wanted if name not in names]
+    missing = [name for name in (*wanted, *(name for span in spans for name in span)) if name not in names]
     if missing:
         raise UnsupportedSchema(f"fields not in the schema: {', '.join(missing)}")
+    opens: dict[int, int] = {}  # field index -> the span that starts there
+    closes: dict[int, int] = {}  # field index -> the span that ends there
+    skipped: set[int] = set()  # unwanted strings inside a span
+    for number, span in enumerate(spans):
+        first = names.index(span[0])
+        if [names.index(name) for name in span] != list(range(first, first + len(span))):
+            raise UnsupportedSchema(f"span fields are not consecutive in the schema: {', '.join(span)}")
+        opens[first], closes[first + len(span) - 1] = number, number
+        skipped.update(index for index in range(first, first + len(span)) if names[index] not in wanted)
     source = _Source()
     source.add(0, "def read(buf, pos):")
     source.add(1, "try:")
     for index, field in enumerate(schema["fields"]):
+        if index in opens:
+            source.add(2, f"s{opens[index]} = pos")
         unread = field["type"] == "string" and field["name"] not in wanted
-        source.emit(2, field["type"], None if unread else f"f{index}")
+        if unread and index in skipped:
+            source.emit_string(2, None, skip=True)
+        else:
+            source.emit(2, field["type"], None if unread else f"f{index}")
+        if index in closes:
+            source.add(2, f"s{closes[index]} = buf[s{closes[index]} : pos]")
     source.add(1, "except (IndexError, ValueError):")  # truncated, bad UTF-8, a varint too long
     source.add(2, "return None")
     source.add(1, "if pos != len(buf):")
     source.add(2, "return None")
-    source.add(1, f"return ({''.join(f'f{names.index(name)}, ' for name in wanted)})")
+    returned = [f"f{names.index(name)}" for name in wanted] + [f"s{number}" for number in range(len(spans))]
+    source.add(1, f"return ({''.join(f'{name}, ' for name in returned)})")
     namespace: dict[str, Any] = {"_varint": _varint, "_uuid_bytes": _uuid_bytes}
     exec(compile("\n".join(source.lines), f"<usage reader of {schema['name']}>", "exec"), namespace)
     return namespace["read"]  # type: ignore[no-any-return]
 
 
 class FieldDecoder:
-    """``wanted`` fields of values framed with ``codec``'s current writer schema; None: let the codec decode."""
+    """``wanted`` fields (then the raw bytes of each of ``spans``: ``generate_reader``) of values framed with
+    ``codec``'s current writer schema; None: let the codec decode."""
 
-    def __init__(self, codec: AvroCodec, wanted: Sequence[str]) -> None:
+    def __init__(self, codec: AvroCodec, wanted: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> None:
         self._header = codec.frame_header()
         self._skip = len(self._header)
-        self._read = generate_reader(load_schema_json(codec.schema_name), wanted)
+        self._read = generate_reader(load_schema_json(codec.schema_name), wanted, spans)
 
     def decode(self, data: bytes) -> tuple[Any, ...] | None:
         if not data.startswith(self._header):
