@@ -60,6 +60,8 @@ def as_codec_reads(data: bytes) -> list[object]:
         event(cost_nanos=None, tags={}),
         event(status="blocked", cache_hit=True, price_source="policy", service_tier="flex"),
         event(occurred_at=datetime(1969, 12, 31, 23, 59, tzinfo=UTC), latency_ms=10**12),
+        event(occurred_at=datetime(9999, 1, 1, tzinfo=UTC)),  # timestamps of nine bytes and of two
+        event(occurred_at=datetime(1970, 1, 1, 0, 0, 0, 100, tzinfo=UTC)),
     ],
 )
 def test_reads_every_field_as_the_codec_does(sample: UsageEvent) -> None:

@@ -47,6 +47,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
+from itertools import starmap
 from typing import Any, NamedTuple
 
 from spendstream.core.periods import PERIODS, tracked_series, window_expiry, zone
@@ -295,10 +296,10 @@ def pack_ids(
 ) -> list[Any]:
     """The JSON value of an ids record: ``[newest arrival ms, base64 of (event_id, offset) * n]``, and with
     ``digests`` (one per entry, 0 = unknown) a third element: base64 of the content digests."""
-    packed = b"".join(_ID_ENTRY.pack(event_id, offset) for event_id, offset in entries)
+    packed = b"".join(starmap(_ID_ENTRY.pack, entries))
     value = [newest_arrival_ms, base64.b64encode(packed).decode()]
     if digests is not None:
-        value.append(base64.b64encode(b"".join(_DIGEST.pack(d) for d in digests)).decode())
+        value.append(base64.b64encode(b"".join(map(_DIGEST.pack, digests))).decode())
     return value
 
 

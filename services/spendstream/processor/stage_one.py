@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from typing import Any, NamedTuple
 
 from confluent_kafka import Message
@@ -110,8 +111,9 @@ class SourcePartition:
         ``starts`` gives an event's live windows, so windows expired at the batch's watermark are skipped.
         """
         applied = self.applied
-        versions = [(event_id, offset, digest) for offset, _, _, _, _, event_id, digest, _ in items]
-        verdicts = applied.admit_versions(versions)
+        # the items' columns, transposed in C: offsets, costs, tokens, scopes, occurred_s, event_ids, digests, more
+        columns = tuple(zip(*items, strict=True)) or ((),) * len(UsageItem._fields)
+        verdicts = applied.admit_versions(zip(columns[5], columns[0], columns[6], strict=True))
         if verdicts.count(APPLY) == len(verdicts):  # no copies: the usual batch
             kept, conflicts = items, []
         else:
@@ -121,18 +123,19 @@ class SourcePartition:
                 for item, verdict in zip(items, verdicts, strict=True)
                 if verdict == CONFLICT
             ]
+            columns = tuple(zip(*kept, strict=True)) or ((),) * len(UsageItem._fields)
+        offsets, costs, tokens, scopes, occurred, event_ids, digests, more = columns
         applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
         high = -1 if self.applied_high is None else self.applied_high
         touched: dict[str, Partial] = {}
         changed: Iterable[str] = ()
-        if kept and kept[0].offset > high:
-            fresh = []
-            append = fresh.append
-            for offset, cost, tokens, scopes, occurred_s, _, _, more in kept:
-                bucket = occurred_s - occurred_s % QUARTER_HOUR_S  # ``quarter_hour``, inline
-                append((offset, cost, tokens, scopes, bucket))
-                if more:
-                    append((offset, cost, tokens, more, bucket))
+        if kept and offsets[0] > high:
+            buckets = [at - at % QUARTER_HOUR_S for at in occurred]  # ``quarter_hour``, inline
+            # each event as two items with disjoint scope lists, every list's events in offset order
+            fresh = chain(
+                zip(offsets, costs, tokens, scopes, buckets, strict=True),
+                zip(offsets, costs, tokens, more, buckets, strict=True),
+            )
             touched = fold_fresh(fresh, self.partition, current, starts)
             changed = touched
         elif kept:
@@ -154,10 +157,10 @@ class SourcePartition:
             self.applied_high = max(high, items[-1].offset)
         records: list[tuple[str, list[Any]]] = []
         for start in range(0, len(kept), IDS_PER_RECORD):
-            chunk = kept[start : start + IDS_PER_RECORD]
-            entries = [(event_id, offset) for offset, _, _, _, _, event_id, _, _ in chunk]
+            end = start + IDS_PER_RECORD
+            entries = list(zip(event_ids[start:end], offsets[start:end], strict=True))
             key = ids_key(self.partition, entries[0][1])
-            value = pack_ids(applied.newest_ms, entries, [item.digest for item in chunk])
+            value = pack_ids(applied.newest_ms, entries, digests[start:end])
             applied.remember(key, value, entries)
             records.append((key, value))
         return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))

@@ -48,16 +48,6 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _uuid_bytes(text: bytes) -> bytes | None:
-    """The 16 bytes of a UUID in canonical text form (what edges write), else None."""
-    if len(text) != 36 or text[8] != 45 or text[13] != 45 or text[18] != 45 or text[23] != 45:  # 45: "-"
-        return None
-    try:
-        return unhexlify(text.replace(b"-", b""))
-    except ValueError:  # not hex, or another "-" made it odd-length
-        return None
-
-
 class _Source:
     """Straight-line Python for one reader: each ``emit_*`` appends the statements that read one value."""
 
@@ -82,6 +72,18 @@ class _Source:
         self.add(depth + 1, "b = (b & 127) | (buf[pos + 1] << 7)")
         self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
         self.add(depth + 1, "pos += 2")
+        self.add(depth, "else:")
+        self.add(depth + 1, f"{target}, pos = _varint(buf, pos)")
+
+    def emit_timestamp(self, depth: int, target: str) -> None:
+        """A zigzag varint of eight bytes (epoch microseconds of these decades) from one ``int.from_bytes`` and
+        masks, any other length by ``_varint``."""
+        self.add(depth, 'b = int.from_bytes(buf[pos : pos + 8], "little")')
+        self.add(depth, "if b & 0x8080808080808080 == 0x0080808080808080:")  # seven continuation bytes, then the last
+        groups = " | ".join(f"(b >> {i} & {0x7F << (7 * i):#x})" for i in range(8))
+        self.add(depth + 1, f"b = {groups}")
+        self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
+        self.add(depth + 1, "pos += 8")
         self.add(depth, "else:")
         self.add(depth + 1, f"{target}, pos = _varint(buf, pos)")
 
@@ -116,17 +118,22 @@ class _Source:
         logical = schema.get("logicalType") if isinstance(schema, dict) else None
         if isinstance(kind, (dict, list)):
             self.emit(depth, kind, target)
-        elif kind == "string" and logical in (None, "uuid"):
-            self.emit_string(depth, target, raw=logical == "uuid")
-            if logical == "uuid":
-                self.add(depth, f"{target} = _uuid_bytes({target})")
-                self.add(depth, f"if {target} is None:")
-                self.add(depth + 1, "return None")
-        elif kind in ("long", "int") and logical in (None, "timestamp-micros"):
+        elif kind == "string" and logical is None:
+            self.emit_string(depth, target)
+        elif kind == "string" and logical == "uuid":  # canonical text only (what edges write), as its 16 bytes
+            dashes = " and ".join(f"buf[pos + {1 + at}] == 45" for at in (8, 13, 18, 23))  # 45: "-"
+            self.add(depth, f"if buf[pos] != 72 or not ({dashes}):")  # 72: the length 36, zigzag
+            self.add(depth + 1, "return None")
+            if target is None:
+                self.add(depth, "pos += 37")
+            else:  # not hex, or another "-" made it odd-length: ValueError
+                self.add(depth, f'{target} = unhexlify(buf[pos + 1 : (pos := pos + 37)].replace(b"-", b""))')
+        elif kind in ("long", "int") and logical is None:
             self.emit_long(depth, target)
-            if logical == "timestamp-micros":
-                self.add(depth, f"if not {_MIN_MICROS} <= {target} <= {_MAX_MICROS}:")
-                self.add(depth + 1, "return None")
+        elif kind == "long" and logical == "timestamp-micros":
+            self.emit_timestamp(depth, target)
+            self.add(depth, f"if not {_MIN_MICROS} <= {target} <= {_MAX_MICROS}:")
+            self.add(depth + 1, "return None")
         elif kind == "boolean":
             self.add(depth, "b = buf[pos]")
             self.add(depth, "pos += 1")
@@ -209,7 +216,7 @@ def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequen
     source.add(2, "return None")
     returned = [f"f{names.index(name)}" for name in wanted] + [f"s{number}" for number in range(len(spans))]
     source.add(1, f"return ({''.join(f'{name}, ' for name in returned)})")
-    namespace: dict[str, Any] = {"_varint": _varint, "_uuid_bytes": _uuid_bytes}
+    namespace: dict[str, Any] = {"_varint": _varint, "unhexlify": unhexlify}
     exec(compile("\n".join(source.lines), f"<usage reader of {schema['name']}>", "exec"), namespace)
     return namespace["read"]  # type: ignore[no-any-return]
 
