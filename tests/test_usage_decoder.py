@@ -60,6 +60,9 @@ def as_codec_reads(data: bytes) -> list[object]:
         event(cost_nanos=None, tags={}),
         event(status="blocked", cache_hit=True, price_source="policy", service_tier="flex"),
         event(occurred_at=datetime(1969, 12, 31, 23, 59, tzinfo=UTC), latency_ms=10**12),
+        event(cached_input_tokens=0, reasoning_tokens=0),  # every counter after the cost zero: read at once
+        event(reasoning_tokens=0, web_search_requests=3),  # zeros, then a counter that is not
+        event(reasoning_tokens=0, service_tier="priority"),
         event(occurred_at=datetime(9999, 1, 1, tzinfo=UTC)),  # timestamps of nine bytes and of two
         event(occurred_at=datetime(1970, 1, 1, 0, 0, 0, 100, tzinfo=UTC)),
     ],

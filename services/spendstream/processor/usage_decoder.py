@@ -176,6 +176,23 @@ class _Source:
         self.emit_long(depth + 1, count)
 
 
+_NO_ZERO = object()
+
+
+def _zero_value(schema: Any) -> Any:
+    """The value a single zero byte encodes for ``schema`` (0, False, "", the first symbol), else ``_NO_ZERO``.
+    Unions are left out: the usual one, ``cost_nanos``, is seldom null."""
+    if isinstance(schema, dict):
+        if schema.get("logicalType"):
+            return _NO_ZERO
+        if schema.get("type") == "enum":
+            return schema["symbols"][0]
+        schema = schema.get("type")
+    if not isinstance(schema, str):
+        return _NO_ZERO
+    return {"long": 0, "int": 0, "boolean": False, "string": ""}.get(schema, _NO_ZERO)
+
+
 def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> Reader:
     """A function ``(buf, pos) -> tuple of the wanted fields`` for a record of ``schema`` starting at ``pos``, or
     None where the value is malformed or outside what the codec would turn into the same result.
@@ -188,8 +205,8 @@ def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequen
     missing = [name for name in (*wanted, *(name for span in spans for name in span)) if name not in names]
     if missing:
         raise UnsupportedSchema(f"fields not in the schema: {', '.join(missing)}")
-    opens: dict[int, int] = {}  # field index -> the span that starts there
-    closes: dict[int, int] = {}  # field index -> the span that ends there
+    opens: dict[int, int] = {}  # field index -> the span that starts there (in span order)
+    closes: dict[int, int] = {}  # field index -> the span that ends there (in span order)
     skipped: set[int] = set()  # unwanted strings inside a span
     for number, span in enumerate(spans):
         first = names.index(span[0])
@@ -198,18 +215,48 @@ def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequen
         opens[first], closes[first + len(span) - 1] = number, number
         skipped.update(index for index in range(first, first + len(span)) if names[index] not in wanted)
     source = _Source()
-    source.add(0, "def read(buf, pos):")
-    source.add(1, "try:")
-    for index, field in enumerate(schema["fields"]):
-        if index in opens:
-            source.add(2, f"s{opens[index]} = pos")
+
+    def emit_field(depth: int, index: int) -> None:
+        field = schema["fields"][index]
         unread = field["type"] == "string" and field["name"] not in wanted
         if unread and index in skipped:
-            source.emit_string(2, None, skip=True)
+            source.emit_string(depth, None, skip=True)
         else:
-            source.emit(2, field["type"], None if unread else f"f{index}")
+            source.emit(depth, field["type"], None if unread else f"f{index}")
+
+    def emit_run(depth: int, run: list[int]) -> None:
+        """Fields that one zero byte each may encode: all of them at once when the bytes are zeros (most of a usage
+        event's counters), else the first one alone and the rest as a run again."""
+        if len(run) < 3:
+            for index in run:
+                emit_field(depth, index)
+            return
+        source.add(depth, f"if buf[pos : pos + {len(run)}] == {bytes(len(run))!r}:")
+        for index in run:
+            field = schema["fields"][index]
+            if field["name"] in wanted:
+                source.add(depth + 1, f"f{index} = {_zero_value(field['type'])!r}")
+        source.add(depth + 1, f"pos += {len(run)}")
+        source.add(depth, "else:")
+        emit_field(depth + 1, run[0])
+        emit_run(depth + 1, run[1:])
+
+    source.add(0, "def read(buf, pos):")
+    source.add(1, "try:")
+    run: list[int] = []
+    for index, field in enumerate(schema["fields"]):
+        in_span = any(first <= index <= last for first, last in zip(opens, closes, strict=True))
+        if not in_span and _zero_value(field["type"]) is not _NO_ZERO:
+            run.append(index)
+            continue
+        emit_run(2, run)
+        run = []
+        if index in opens:
+            source.add(2, f"s{opens[index]} = pos")
+        emit_field(2, index)
         if index in closes:
             source.add(2, f"s{closes[index]} = buf[s{closes[index]} : pos]")
+    emit_run(2, run)
     source.add(1, "except (IndexError, ValueError):")  # truncated, bad UTF-8, a varint too long
     source.add(2, "return None")
     source.add(1, "if pos != len(buf):")
