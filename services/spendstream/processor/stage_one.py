@@ -340,8 +340,26 @@ class StageOne:
             kind, stamp_ms = message.timestamp()
             fields = fast(value) if kind and value else None
             if fields is not None:
-                (event_id, occurred_us, cost, inputs, outputs, cached, written, latency, reasoning) = fields[:9]
-                (in_audio, out_audio, in_image, out_image, written_1h, searches, hierarchy, direct, model) = fields[9:]
+                (
+                    event_id,
+                    occurred_us,
+                    cost,
+                    inputs,
+                    outputs,
+                    cached,
+                    written,
+                    latency,
+                    reasoning,
+                    in_audio,
+                    out_audio,
+                    in_image,
+                    out_image,
+                    written_1h,
+                    searches,
+                    hierarchy,
+                    direct,
+                    model,
+                ) = fields
                 arrived_us = stamp_ms * 1000
                 if not (
                     cost is None

@@ -22,7 +22,7 @@ from typing import Any
 from spendstream.core.codec import AvroCodec
 from spendstream.core.schemas import load_schema_json
 
-Reader = Callable[[bytes, int], tuple[Any, ...] | None]
+Reader = Callable[[bytes], tuple[Any, ...] | None]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # occurred_at values a datetime holds (fastavro's conversion fails outside them)
@@ -193,9 +193,11 @@ def _zero_value(schema: Any) -> Any:
     return {"long": 0, "int": 0, "boolean": False, "string": ""}.get(schema, _NO_ZERO)
 
 
-def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> Reader:
-    """A function ``(buf, pos) -> tuple of the wanted fields`` for a record of ``schema`` starting at ``pos``, or
-    None where the value is malformed or outside what the codec would turn into the same result.
+def generate_reader(
+    schema: dict[str, Any], wanted: Sequence[str], spans: Sequence[Sequence[str]] = (), header: bytes = b""
+) -> Reader:
+    """A function ``buf -> tuple of the wanted fields`` for a record of ``schema`` after ``header``, or None where
+    the value has another header, is malformed or is outside what the codec would turn into the same result.
 
     Each of ``spans`` (a run of consecutive fields) adds, after the wanted fields, the raw bytes that encode those
     fields. Strings inside a span that are not wanted are skipped, NOT checked as UTF-8: a caller may only trust a
@@ -241,7 +243,10 @@ def generate_reader(schema: dict[str, Any], wanted: Sequence[str], spans: Sequen
         emit_field(depth + 1, run[0])
         emit_run(depth + 1, run[1:])
 
-    source.add(0, "def read(buf, pos):")
+    source.add(0, "def read(buf):")
+    source.add(1, f"if not buf.startswith({header!r}):")
+    source.add(2, "return None")
+    source.add(1, f"pos = {len(header)}")
     source.add(1, "try:")
     run: list[int] = []
     for index, field in enumerate(schema["fields"]):
@@ -273,11 +278,5 @@ class FieldDecoder:
     ``codec``'s current writer schema; None: let the codec decode."""
 
     def __init__(self, codec: AvroCodec, wanted: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> None:
-        self._header = codec.frame_header()
-        self._skip = len(self._header)
-        self._read = generate_reader(load_schema_json(codec.schema_name), wanted, spans)
-
-    def decode(self, data: bytes) -> tuple[Any, ...] | None:
-        if not data.startswith(self._header):
-            return None
-        return self._read(data, self._skip)
+        # one generated function, called directly: ``decode(data) -> tuple | None``
+        self.decode: Reader = generate_reader(load_schema_json(codec.schema_name), wanted, spans, codec.frame_header())
