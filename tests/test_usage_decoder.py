@@ -124,6 +124,8 @@ def test_a_span_is_the_raw_encoding_of_consecutive_fields_whose_strings_it_does_
     corrupted = body(wire(team="alpha")).replace(b"alpha", b"\xffalph")
     assert DECODER.decode(corrupted) is None  # what decodes the team rejects it
     assert (spans.decode(corrupted) or ())[1] == b"\x08acme\x00\x0a\xffalph\x00"  # the span only carries it
+    long_team = spans.decode(CODEC.encode(event(team="t" * 100).to_avro())) or ()
+    assert long_team[1] == b"\x08acme\x00\xc8\x01" + b"t" * 100 + b"\x00"  # a length of two bytes
     with pytest.raises(UnsupportedSchema):
         FieldDecoder(CODEC, [], [("org", "team")])  # not consecutive
 

@@ -91,6 +91,16 @@ class _Source:
         """A string into ``target`` (its UTF-8 bytes if ``raw``); without a target only checked as UTF-8, or with
         ``skip`` not even that. A length past the end is caught by the next read or the final position check."""
         size = self.fresh("n")
+        if skip:  # a one-byte length, not negative: skipped in one step
+            self.add(depth, f"{size} = buf[pos]")
+            self.add(depth, f"if {size} < 128 and not {size} & 1:")
+            self.add(depth + 1, f"pos += 1 + ({size} >> 1)")
+            self.add(depth, "else:")
+            self.add(depth + 1, f"{size}, pos = _varint(buf, pos)")
+            self.add(depth + 1, f"if {size} < 0:")
+            self.add(depth + 2, "return None")
+            self.add(depth + 1, f"pos += {size}")
+            return
         self.add(depth, f"{size} = buf[pos]")
         self.add(depth, f"if {size} < 128 and not {size} & 1:")  # a one-byte length, not negative
         self.add(depth + 1, f"{size} >>= 1")
@@ -99,9 +109,7 @@ class _Source:
         self.add(depth + 1, f"{size}, pos = _varint(buf, pos)")
         self.add(depth + 1, f"if {size} < 0:")
         self.add(depth + 2, "return None")
-        if skip:
-            self.add(depth, f"pos += {size}")
-        elif target is None:
+        if target is None:
             self.add(depth, f"if {size}:")
             self.add(depth + 1, f"buf[pos : (pos := pos + {size})].decode()")
         elif raw:
@@ -164,6 +172,10 @@ class _Source:
     def emit_map(self, depth: int, values: Any, target: str) -> None:
         count, key, item = self.fresh("c"), self.fresh("k"), self.fresh("v")
         self.add(depth, f"{target} = {{}}")
+        self.add(depth, "if buf[pos] == 0:")  # the usual empty map
+        self.add(depth + 1, "pos += 1")
+        self.add(depth, "else:")
+        depth += 1
         self.emit_long(depth, count)
         self.add(depth, f"while {count}:")
         self.add(depth + 1, f"if {count} < 0:")  # a negative count is followed by the block's size in bytes
