@@ -6,14 +6,21 @@ from __future__ import annotations
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import fastavro
 import pytest
+from confluent_kafka import Message
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import UsageEvent
+from spendstream.core.policy import parse_policy
 from spendstream.core.schemas import load_schema_json, parsed_schema
-from spendstream.processor.usage_decoder import FieldDecoder
+from spendstream.core.topics import DLQ_REASON_HEADER, USAGE, USAGE_DLQ
+from spendstream.processor.checkpoint import Changelog
+from spendstream.processor.policy_in_force import PolicyHolder
+from spendstream.processor.stage_one import StageOne
+from spendstream.processor.usage_decoder import FieldDecoder, UnsupportedSchema
 
 CODEC = AvroCodec("usage_event")
 ALL_FIELDS = [field["name"] for field in load_schema_json("usage_event")["fields"]]
@@ -53,6 +60,11 @@ def as_codec_reads(data: bytes) -> list[object]:
         event(cost_nanos=None, tags={}),
         event(status="blocked", cache_hit=True, price_source="policy", service_tier="flex"),
         event(occurred_at=datetime(1969, 12, 31, 23, 59, tzinfo=UTC), latency_ms=10**12),
+        event(cached_input_tokens=0, reasoning_tokens=0),  # every counter after the cost zero: read at once
+        event(reasoning_tokens=0, web_search_requests=3),  # zeros, then a counter that is not
+        event(reasoning_tokens=0, service_tier="priority"),
+        event(occurred_at=datetime(9999, 1, 1, tzinfo=UTC)),  # timestamps of nine bytes and of two
+        event(occurred_at=datetime(1970, 1, 1, 0, 0, 0, 100, tzinfo=UTC)),
     ],
 )
 def test_reads_every_field_as_the_codec_does(sample: UsageEvent) -> None:
@@ -101,3 +113,49 @@ def test_declines_what_the_codec_rejects_or_reads_otherwise() -> None:
     with pytest.raises(DecodeError):
         CODEC.decode(bad_utf8)
     assert DECODER.decode(bad_utf8) is None
+
+
+def test_a_span_is_the_raw_encoding_of_consecutive_fields_whose_strings_it_does_not_check() -> None:
+    spans = FieldDecoder(CODEC, ["cost_nanos"], [("org", "division", "team", "project")])
+    sample = event(team="alpha", project="apollo")
+    cost, hierarchy = spans.decode(CODEC.encode(sample.to_avro())) or ()
+    assert cost == sample.cost_nanos
+    assert hierarchy == b"\x08acme" + b"\x00" + b"\x0aalpha" + b"\x0capollo"  # zigzag length, then UTF-8
+    corrupted = body(wire(team="alpha")).replace(b"alpha", b"\xffalph")
+    assert DECODER.decode(corrupted) is None  # what decodes the team rejects it
+    assert (spans.decode(corrupted) or ())[1] == b"\x08acme\x00\x0a\xffalph\x00"  # the span only carries it
+    long_team = spans.decode(CODEC.encode(event(team="t" * 100).to_avro())) or ()
+    assert long_team[1] == b"\x08acme\x00\xc8\x01" + b"t" * 100 + b"\x00"  # a length of two bytes
+    with pytest.raises(UnsupportedSchema):
+        FieldDecoder(CODEC, [], [("org", "team")])  # not consecutive
+
+
+def test_stage_one_dead_letters_an_attribution_that_is_not_utf8_whatever_it_read_before() -> None:
+    """The fast path keys its memo of scopes by an attribution's raw bytes: bytes it never decoded still reach the
+    codec, and the DLQ, with the codec's reason."""
+    sent: list[tuple[str, dict[str, bytes]]] = []
+
+    class Out:
+        def send(self, topic: str, key: Any, value: Any, partition: Any = None, headers: Any = None) -> None:
+            sent.append((topic, dict(headers or [])))
+
+    policy = parse_policy("name: p\ntimezone: UTC\norg: acme\n", "<test>")
+    stage = StageOne(
+        PolicyHolder(policy, timedelta(days=1)),
+        Changelog({}, "partials-changelog", Out()),
+        Out(),
+        6,
+        allowed_lateness=timedelta(days=1),
+        max_future_skew=timedelta(minutes=5),
+        dedup_horizon=timedelta(minutes=15),
+    )
+    now = datetime.now(UTC).replace(microsecond=0)
+    good = wire(team="alpha", occurred_at=(now - EPOCH) // timedelta(microseconds=1))
+    values = [body(good), body({**good, "event_id": str(uuid.uuid4())}).replace(b"alpha", b"\xffalph")]
+    stamp = int(now.timestamp() * 1000)
+    messages = [
+        Message(topic=USAGE, partition=1, offset=n, value=v, timestamp=(1, stamp)) for n, v in enumerate(values)
+    ]
+    stage.process(1, messages)
+    reasons = [headers[DLQ_REASON_HEADER].decode() for topic, headers in sent if topic == USAGE_DLQ]
+    assert len(reasons) == 1 and reasons[0].startswith("corrupt Avro body") and "utf-8" in reasons[0]

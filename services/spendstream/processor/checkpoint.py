@@ -44,6 +44,9 @@ class BatchOutput:
                 # ``flush_now`` waits for every record anyway; reporting only failures spares a Python callback
                 # per record (about one record per two events)
                 "delivery.report.only.error": True,
+                # one callback for the whole producer, so ``produce`` takes positional arguments only (keyword
+                # arguments cost a third of each call, measured)
+                "on_delivery": self._delivered,
             }
         )
         self.errors: list[str] = []
@@ -55,14 +58,13 @@ class BatchOutput:
     def send(
         self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None, headers: Any = None
     ) -> None:
-        kwargs: dict[str, Any] = {"on_delivery": self._delivered}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = headers
+        target = -1 if partition is None else partition  # -1: the configured partitioner picks
         while True:
             try:
-                self.producer.produce(topic, value, key, **kwargs)
+                if headers:
+                    self.producer.produce(topic, value, key, target, headers=headers)
+                else:
+                    self.producer.produce(topic, value, key, target)
                 return
             except BufferError:
                 self.producer.poll(0.05)

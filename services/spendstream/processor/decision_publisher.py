@@ -18,10 +18,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
+from functools import lru_cache
 
 from spendstream.core.events import ACTION_RANK, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
-from spendstream.core.periods import HOUR, HOURLY_HISTORY, period, period_window, utc_at
+from spendstream.core.periods import HOUR, HOURLY_HISTORY, Period, period, period_window, utc_at
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
     budget_usd,
@@ -121,6 +122,13 @@ def _trim_leading_zeros(values: list[int]) -> list[int]:
     return []
 
 
+@lru_cache(maxsize=4096)
+def _budget_starts(kind: Period, latest_s: int, tz: tzinfo) -> tuple[tuple[int, ...], datetime, datetime]:
+    """``Period.budget_starts``, memoised: every scope evaluated in a batch asks for the same few windows, and each
+    answer costs timezone arithmetic."""
+    return kind.budget_starts(latest_s, tz)
+
+
 def evaluate_scope(
     scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime
 ) -> ScopeEvaluation:
@@ -134,7 +142,7 @@ def evaluate_scope(
         kind = period(budget.period)
         if kind.series not in latest:
             continue
-        starts, start, end = kind.budget_starts(latest[kind.series], tz)
+        starts, start, end = _budget_starts(kind, latest[kind.series], tz)
         spend = sum(totals(window_key(scope, kind.series, window))[0] for window in starts)
         verdict.standings.append(BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end))
         evaluation = evaluate_budget(budget, scope, spend, policy)

@@ -47,6 +47,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
+from itertools import starmap
 from typing import Any, NamedTuple
 
 from spendstream.core.periods import PERIODS, tracked_series, window_expiry, zone
@@ -149,28 +150,42 @@ def fold_fresh(
 ) -> dict[str, Partial]:
     """``fold_batch`` for a batch that starts above every stored offset of its partition (no replay).
 
-    Items are ``(offset, cost_nanos, tokens, scopes, quarter_hour_bucket)``. Every event then applies, so the
-    batch is first summed per (bucket, scope), a few dict operations per scope, and only then expanded into
-    the windows of each bucket (``starts(bucket)``): the per-event cost does not grow with the number of
-    tracked periods. Returns every touched partial (all of them changed).
+    Items are ``(offset, cost_nanos, tokens, scopes, quarter_hour_bucket)``; an event may come as several items
+    with the same offset whose scope lists are disjoint. Every event then applies, so the batch is first summed
+    per (bucket, scope list OBJECT): stage 1 hands out one memoised list per attribution, so an event costs a few
+    dict operations whatever the number of its scopes. Only then is each list summed per scope and expanded into
+    the windows of its bucket (``starts(bucket)``). Returns every touched partial (all of them changed).
     """
-    by_bucket: dict[int, dict[str, list[int]]] = {}
+    by_bucket: dict[int, dict[int, list[Any]]] = {}
+    groups: dict[int, list[Any]] = {}
+    last_bucket = None
     for offset, cost, tokens, scopes, bucket in items:
-        acc = by_bucket.get(bucket)
-        if acc is None:
-            acc = by_bucket[bucket] = {}
-        for scope in scopes:
-            row = acc.get(scope)
-            if row is None:
-                acc[scope] = [cost, 1, tokens, offset]
-            else:
-                row[0] += cost
-                row[1] += 1
-                row[2] += tokens
-                row[3] = offset
+        if bucket != last_bucket:
+            groups = by_bucket.setdefault(bucket, {})
+            last_bucket = bucket
+        row = groups.get(id(scopes))  # the items hold every list until the end: no id is reused meanwhile
+        if row is None:
+            groups[id(scopes)] = [cost, 1, tokens, offset, scopes]
+        else:
+            row[0] += cost
+            row[1] += 1
+            row[2] += tokens
+            row[3] = offset  # items come in offset order
     out: dict[str, Partial] = {}
     suffix = f"#{partition}"
-    for bucket, acc in by_bucket.items():
+    for bucket, bucket_groups in by_bucket.items():
+        acc: dict[str, list[int]] = {}
+        for cost, requests, tokens, offset, scopes in bucket_groups.values():
+            for scope in scopes:
+                row = acc.get(scope)
+                if row is None:
+                    acc[scope] = [cost, requests, tokens, offset]
+                else:
+                    row[0] += cost
+                    row[1] += requests
+                    row[2] += tokens
+                    if offset > row[3]:
+                        row[3] = offset
         for period, start in starts(bucket):
             tail = f"|{period}|{start}{suffix}"
             for scope, (cost, requests, tokens, offset) in acc.items():
@@ -281,10 +296,10 @@ def pack_ids(
 ) -> list[Any]:
     """The JSON value of an ids record: ``[newest arrival ms, base64 of (event_id, offset) * n]``, and with
     ``digests`` (one per entry, 0 = unknown) a third element: base64 of the content digests."""
-    packed = b"".join(_ID_ENTRY.pack(event_id, offset) for event_id, offset in entries)
+    packed = b"".join(starmap(_ID_ENTRY.pack, entries))
     value = [newest_arrival_ms, base64.b64encode(packed).decode()]
     if digests is not None:
-        value.append(base64.b64encode(b"".join(_DIGEST.pack(d) for d in digests)).decode())
+        value.append(base64.b64encode(b"".join(map(_DIGEST.pack, digests))).decode())
     return value
 
 
@@ -308,9 +323,14 @@ def is_adopted(value: Sequence[Any]) -> bool:
     return len(value) == 1
 
 
+_DIGEST_START = hashlib.blake2b(digest_size=8)  # copied per event: cheaper than a new hasher's parameters
+
+
 def content_digest(value: bytes) -> int:
     """A non-zero 64-bit digest of an event's encoded bytes: two copies of one event_id with other content differ."""
-    return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "big") or 1
+    hasher = _DIGEST_START.copy()
+    hasher.update(value)
+    return int.from_bytes(hasher.digest(), "big") or 1
 
 
 class Retention:

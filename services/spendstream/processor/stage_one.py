@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from typing import Any, NamedTuple
 
 from confluent_kafka import Message
@@ -67,6 +68,9 @@ class UsageItem(NamedTuple):
     occurred_s: int
     event_id: bytes
     digest: int = 0  # ``content_digest`` of the encoded event (0: unknown)
+    # more of the event's scopes: stage 1 passes its two memoised lists (hierarchy, the rest) as they are, so the
+    # fold sums every event of one list at once instead of scope by scope
+    more_scopes: Sequence[str] = ()
 
 
 class Stage1Batch(NamedTuple):
@@ -109,8 +113,9 @@ class SourcePartition:
         ``starts`` gives an event's live windows, so windows expired at the batch's watermark are skipped.
         """
         applied = self.applied
-        versions = [(event_id, offset, digest) for offset, _, _, _, _, event_id, digest in items]
-        verdicts = applied.admit_versions(versions)
+        # the items' columns, transposed in C: offsets, costs, tokens, scopes, occurred_s, event_ids, digests, more
+        columns = tuple(zip(*items, strict=True)) or ((),) * len(UsageItem._fields)
+        verdicts = applied.admit_versions(zip(columns[5], columns[0], columns[6], strict=True))
         if verdicts.count(APPLY) == len(verdicts):  # no copies: the usual batch
             kept, conflicts = items, []
         else:
@@ -120,15 +125,19 @@ class SourcePartition:
                 for item, verdict in zip(items, verdicts, strict=True)
                 if verdict == CONFLICT
             ]
+            columns = tuple(zip(*kept, strict=True)) or ((),) * len(UsageItem._fields)
+        offsets, costs, tokens, scopes, occurred, event_ids, digests, more = columns
         applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
         high = -1 if self.applied_high is None else self.applied_high
         touched: dict[str, Partial] = {}
         changed: Iterable[str] = ()
-        if kept and kept[0].offset > high:
-            fresh = [
-                (offset, cost, tokens, scopes, occurred_s - occurred_s % QUARTER_HOUR_S)  # ``quarter_hour``, inline
-                for offset, cost, tokens, scopes, occurred_s, _, _ in kept
-            ]
+        if kept and offsets[0] > high:
+            buckets = [at - at % QUARTER_HOUR_S for at in occurred]  # ``quarter_hour``, inline
+            # each event as two items with disjoint scope lists, every list's events in offset order
+            fresh = chain(
+                zip(offsets, costs, tokens, scopes, buckets, strict=True),
+                zip(offsets, costs, tokens, more, buckets, strict=True),
+            )
             touched = fold_fresh(fresh, self.partition, current, starts)
             changed = touched
         elif kept:
@@ -137,7 +146,11 @@ class SourcePartition:
                     item.offset,
                     item.cost_nanos,
                     item.tokens,
-                    [f"{scope}|{period}|{start}" for scope in item.scopes for period, start in starts(item.occurred_s)],
+                    [
+                        f"{scope}|{period}|{start}"
+                        for scope in (*item.scopes, *item.more_scopes)
+                        for period, start in starts(item.occurred_s)
+                    ],
                 )
                 for item in kept
             ]
@@ -146,10 +159,10 @@ class SourcePartition:
             self.applied_high = max(high, items[-1].offset)
         records: list[tuple[str, list[Any]]] = []
         for start in range(0, len(kept), IDS_PER_RECORD):
-            chunk = kept[start : start + IDS_PER_RECORD]
-            entries = [(event_id, offset) for offset, _, _, _, _, event_id, _ in chunk]
+            end = start + IDS_PER_RECORD
+            entries = list(zip(event_ids[start:end], offsets[start:end], strict=True))
             key = ids_key(self.partition, entries[0][1])
-            value = pack_ids(applied.newest_ms, entries, [digest for _, _, _, _, _, _, digest in chunk])
+            value = pack_ids(applied.newest_ms, entries, digests[start:end])
             applied.remember(key, value, entries)
             records.append((key, value))
         return Stage1Batch(touched, changed, records, applied.expire(), tuple(conflicts))
@@ -206,12 +219,11 @@ def restore_sources(
 _MICROSECOND = timedelta(microseconds=1)
 _new_item = tuple.__new__
 DIRECT_PREFIXES = tuple(f"{name}:" for name in DIRECT_FIELDS)
-# the fast path's fields: what the checks of ``usage_record_problem`` and the fold read, in this order
-FOLD_FIELDS = (
+# the fast path's fields: what the checks of ``usage_record_problem`` and the fold read, in this order, but the
+# strings (``SCOPE_SPANS``)
+CHECKED_FIELDS = (
     "event_id",
     "occurred_at",
-    "provider",
-    "model_requested",
     "cost_nanos",
     "input_tokens",
     "output_tokens",
@@ -225,13 +237,13 @@ FOLD_FIELDS = (
     "output_image_tokens",
     "cache_write_1h_tokens",
     "web_search_requests",
-    *HIERARCHY,
-    *DIRECT_FIELDS,
-    "model_served",
-    "model_requested",
 )
-_HIERARCHY_AT = slice(17, 17 + len(HIERARCHY))  # where ``FOLD_FIELDS`` holds the scopes' fields
-_REST_AT = slice(17 + len(HIERARCHY), None)
+MODEL_FIELDS = ("provider", "model_requested", "model_served")
+# runs of consecutive string fields read as raw bytes, the keys of the memos of scopes: the hierarchy's (its scopes
+# depend on the policy), then the direct fields' and the model's (together: the rest of the scopes)
+SCOPE_SPANS = (HIERARCHY, DIRECT_FIELDS, MODEL_FIELDS)
+# what an event whose spans miss a memo decodes: every string of the spans, checked as the codec would
+SCOPE_FIELDS = ("provider", "model_requested", *HIERARCHY, *DIRECT_FIELDS, "model_served", "model_requested")
 SCOPES_MEMO = 100_000  # attributions whose scopes each memo keeps (it starts over when full)
 
 
@@ -275,11 +287,14 @@ class StageOne:
         self.spill = spill  # where the horizons' older runs go (``applied_ids``)
         self.sources: dict[int, SourcePartition] = {}
         self._codec = AvroCodec("usage_event")
-        self._fields = FieldDecoder(self._codec, FOLD_FIELDS)
+        self._checked = FieldDecoder(self._codec, CHECKED_FIELDS, SCOPE_SPANS)
+        self._scope_fields = FieldDecoder(self._codec, SCOPE_FIELDS)
         self._hierarchies_policy: Policy | None = None
-        # (org, division, team, project) -> ``hierarchy_scopes`` under ``_hierarchies_policy``
-        self._hierarchies: dict[tuple[str, ...], list[str]] = {}
-        self._rests: dict[tuple[str, ...], list[str]] = {}  # the other fields -> ``_rest_scopes``
+        # the hierarchy span's bytes -> ``hierarchy_scopes`` under ``_hierarchies_policy``
+        self._hierarchies: dict[bytes, list[str]] = {}
+        # the direct fields' and the model's spans, joined -> ``_rest_scopes`` (only events with a provider and a
+        # requested model: a hit vouches for both)
+        self._rests: dict[bytes, list[str]] = {}
 
     def restore(self, partitions: Iterable[int]) -> list[int]:
         """Adopt the restored table's memory of ``partitions``; returns the blank ones."""
@@ -334,14 +349,16 @@ class StageOne:
         """The valid, priced events of a batch (the rest to the DLQ), the newest arrival of any decodable
         event and the newest arrival of an accepted one (Kafka timestamps, epoch ms).
 
-        Most events take the fast path: the fold's fields read by ``usage_decoder`` and checked with integer
-        arithmetic. An event it cannot read, one that fails a check and one without ``cost_nanos`` takes the full
-        path (``_accept_decoded``), which decides and words every DLQ reason."""
+        Most events take the fast path: the numbers the checks and the fold need read by ``usage_decoder``, checked
+        with integer arithmetic, and the attribution's raw bytes looked up in the memos of scopes (an event whose
+        bytes miss them decodes its attribution once: ``_learn_scopes``). An event it cannot read, one that fails
+        a check and one without ``cost_nanos`` takes the full path (``_accept_decoded``), which decides and words
+        every DLQ reason."""
         policy = self.holder.policy
         if policy is not self._hierarchies_policy:
             self._hierarchies_policy, self._hierarchies = policy, {}
         known_hierarchies, known_rests = self._hierarchies, self._rests
-        fast = self._fields.decode
+        fast = self._checked.decode
         skew_us = self.max_future_skew // _MICROSECOND  # the checks of ``usage_record_problem`` and
         lateness_us = self.allowed_lateness // _MICROSECOND  # ``lateness_problem``, in epoch microseconds
         items: list[UsageItem] = []
@@ -352,10 +369,26 @@ class StageOne:
             kind, stamp_ms = message.timestamp()
             fields = fast(value) if kind and value else None
             if fields is not None:
-                (event_id, occurred_us, provider, model_requested, cost, inputs, outputs, cached, written, latency) = (
-                    fields[:10]
-                )
-                (reasoning, in_audio, out_audio, in_image, out_image, written_1h, searches) = fields[10:17]
+                (
+                    event_id,
+                    occurred_us,
+                    cost,
+                    inputs,
+                    outputs,
+                    cached,
+                    written,
+                    latency,
+                    reasoning,
+                    in_audio,
+                    out_audio,
+                    in_image,
+                    out_image,
+                    written_1h,
+                    searches,
+                    hierarchy,
+                    direct,
+                    model,
+                ) = fields
                 arrived_us = stamp_ms * 1000
                 if not (
                     cost is None
@@ -366,41 +399,35 @@ class StageOne:
                     or cached + written + in_audio + in_image > inputs
                     or reasoning + out_audio + out_image > outputs
                     or written_1h > written
-                    or not provider
-                    or not model_requested
                     or occurred_us < 0
                     or occurred_us > arrived_us + skew_us
                     or arrived_us - occurred_us > lateness_us
                 ):
-                    newest_ms = max(newest_ms, stamp_ms)
-                    watermark_ms = max(watermark_ms, stamp_ms)
-                    hierarchy = fields[_HIERARCHY_AT]
                     upper = known_hierarchies.get(hierarchy)
-                    if upper is None:
-                        if len(known_hierarchies) >= SCOPES_MEMO:
-                            known_hierarchies.clear()
-                        upper = known_hierarchies[hierarchy] = hierarchy_scopes(*hierarchy, policy)
-                    rest = fields[_REST_AT]
-                    lower = known_rests.get(rest)
-                    if lower is None:
-                        if len(known_rests) >= SCOPES_MEMO:
-                            known_rests.clear()
-                        lower = known_rests[rest] = _rest_scopes(rest)
-                    scopes = upper + lower
-                    item = _new_item(  # ``UsageItem(...)`` without its Python-level __new__
-                        UsageItem,
-                        (
-                            message.offset(),
-                            cost,
-                            inputs + outputs,
-                            scopes,
-                            occurred_us // 1_000_000,
-                            event_id,
-                            content_digest(value),
-                        ),
-                    )
-                    append(item)
-                    continue
+                    lower = known_rests.get(rest := direct + model)
+                    if upper is None or lower is None:
+                        learned = self._learn_scopes(value, hierarchy, rest, policy)
+                        upper, lower = learned or (None, None)
+                    if upper is not None:
+                        if stamp_ms > newest_ms:
+                            newest_ms = stamp_ms
+                        if stamp_ms > watermark_ms:
+                            watermark_ms = stamp_ms
+                        item = _new_item(  # ``UsageItem(...)`` without its Python-level __new__
+                            UsageItem,
+                            (
+                                message.offset(),
+                                cost,
+                                inputs + outputs,
+                                upper,
+                                occurred_us // 1_000_000,
+                                event_id,
+                                content_digest(value),
+                                lower,
+                            ),
+                        )
+                        append(item)
+                        continue
             decoded = self._accept_decoded(message)
             if decoded is not None:
                 accepted, arrived_ms = decoded
@@ -409,6 +436,27 @@ class StageOne:
                     watermark_ms = max(watermark_ms, arrived_ms)
                     append(accepted)
         return items, newest_ms, watermark_ms
+
+    def _learn_scopes(
+        self, value: bytes, hierarchy: bytes, rest: bytes, policy: Policy
+    ) -> tuple[list[str], list[str]] | None:
+        """The scopes of an event whose attribution bytes missed a memo, memoised under those bytes: its strings
+        decoded (so checked as the codec checks them). None if they do not decode or the event lacks a provider
+        or a requested model (the full path words why)."""
+        fields = self._scope_fields.decode(value)
+        if fields is None or not fields[0] or not fields[1]:
+            return None
+        upper = self._hierarchies.get(hierarchy)
+        if upper is None:
+            if len(self._hierarchies) >= SCOPES_MEMO:
+                self._hierarchies.clear()
+            upper = self._hierarchies[hierarchy] = hierarchy_scopes(*fields[2 : 2 + len(HIERARCHY)], policy)
+        lower = self._rests.get(rest)
+        if lower is None:
+            if len(self._rests) >= SCOPES_MEMO:
+                self._rests.clear()
+            lower = self._rests[rest] = _rest_scopes(fields[2 + len(HIERARCHY) :])
+        return upper, lower
 
     def _accept_decoded(self, message: Message) -> tuple[UsageItem | None, int] | None:
         """One event through the codec and the full checks: None if it does not decode (to the DLQ), else its

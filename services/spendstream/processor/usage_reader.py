@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from itertools import groupby
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
@@ -34,6 +35,18 @@ def usage_group(app_id: str) -> str:
 
 def usage_offsets(positions: Mapping[int, int]) -> list[TopicPartition]:
     return [TopicPartition(USAGE, partition, offset) for partition, offset in positions.items()]
+
+
+def by_partition(messages: list[Message]) -> dict[int, list[Message]]:
+    """A consumed batch split by partition, each in offset order; errors are logged and left out. Grouped by a sort
+    on ``Message.partition`` (stable, and mostly runs already) rather than a Python loop per message."""
+    if any(map(Message.error, messages)):
+        for message in messages:
+            if message.error():
+                log.warning("usage consumer: %s", message.error())
+        messages = [message for message in messages if not message.error()]
+    messages.sort(key=Message.partition)
+    return {partition: list(group) for partition, group in groupby(messages, key=Message.partition)}
 
 
 class UsageReader:
@@ -103,12 +116,7 @@ class UsageReader:
             )
             consumed, seconds = PROCESSOR_CONSUMED.labels("usage"), PROCESSOR_BATCH_SECONDS.labels("usage")
             while not self._stopping.is_set():
-                batch: dict[int, list[Message]] = {}
-                for message in consumer.consume(self._batch_size * len(partitions), self._wait_s):
-                    if message.error():
-                        log.warning("usage consumer: %s", message.error())
-                        continue
-                    batch.setdefault(message.partition(), []).append(message)
+                batch = by_partition(consumer.consume(self._batch_size * len(partitions), self._wait_s))
                 if not batch:
                     continue
                 started = time.perf_counter()
