@@ -168,7 +168,7 @@ def test_a_restore_keeps_the_horizon_of_adopted_records_and_drops_adopted_leftov
     elsewhere = SourcePartition(3, AppliedIds(3_600_000, spill=spill))  # the same record as faust restores it
     [(key, value)] = elsewhere.fold([later], 2_000, {}.get, starts).ids_records
     table[key] = value
-    kept = restore_sources(table, [3], 3_600_000, spill, {3: source})[3]
+    kept = restore_sources(table, [3], 3_600_000, spill, {3: source.applied})[3]
     assert kept.applied is source.applied and kept.applied.spilled() == 4
     assert all(is_adopted(value) for value in table.values())
     copies = [(bytes([n]) * 16, 30 + n, 100 + n) for n in range(3)] + [(b"z" * 16, 33, 200)]
