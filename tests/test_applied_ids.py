@@ -168,10 +168,34 @@ def test_a_restore_keeps_the_horizon_of_adopted_records_and_drops_adopted_leftov
     elsewhere = SourcePartition(3, AppliedIds(3_600_000, spill=spill))  # the same record as faust restores it
     [(key, value)] = elsewhere.fold([later], 2_000, {}.get, starts).ids_records
     table[key] = value
-    kept = restore_sources(table, [3], 3_600_000, spill, {3: source})[3]
+    kept = restore_sources(table, [3], 3_600_000, spill, {3: source.applied})[3]
     assert kept.applied is source.applied and kept.applied.spilled() == 4
     assert all(is_adopted(value) for value in table.values())
     copies = [(bytes([n]) * 16, 30 + n, 100 + n) for n in range(3)] + [(b"z" * 16, 33, 200)]
     assert kept.applied.admit_versions(copies) == [COPY] * 4
     fresh = restore_sources(table, [3], 3_600_000, spill, {})[3]
     assert fresh.applied is not source.applied and table == {} and fresh.blank
+
+
+def test_records_read_back_from_the_changelog_are_adopted_in_order_and_forgotten_at_their_tombstones(
+    tmp_path: Path,
+) -> None:
+    """A restore hands each ids record to the horizon as faust applies it: a tombstone forgets its record, a newer
+    version of a record adds its entries, and a record already behind the horizon adds nothing but is deleted."""
+    ids = AppliedIds(60_000, recent_limit=2, spill=Spill(tmp_path, at=2))
+    old, kept, replayed, stale = (bytes([n]) * 16 for n in (1, 2, 3, 4))
+    ids.adopt("ids#0#10", pack_ids(1_000, [(old, 10)], [5]))
+    ids.adopt("ids#0#11", pack_ids(2_000, [(kept, 11)], [6]))
+    ids.adopt("ids#0#11", pack_ids(3_000, [(kept, 11), (replayed, 12)], [6, 7]))  # the batch replayed longer
+    ids.forget("ids#0#10")
+    ids.forget("ids#0#99")  # a record this horizon never held
+    ids.adopt("ids#0#500", pack_ids(200_000, [(bytes([9]) * 16, 500)], [8]))
+    ids.adopt("ids#0#5", pack_ids(100_000, [(stale, 5)], [9]))  # written and expired before: behind the horizon
+    assert list(ids.records) == ["ids#0#11", "ids#0#500"]
+    assert ids.admit_versions([(old, 20, 5), (kept, 21, 6), (replayed, 22, 7), (stale, 23, 9)]) == [
+        APPLY,
+        COPY,
+        COPY,
+        APPLY,
+    ]
+    assert ids.expire() == ["ids#0#5", "ids#0#11"]

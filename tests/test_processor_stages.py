@@ -116,7 +116,7 @@ class Worker:
             max_future_skew=timedelta(minutes=5),
             dedup_horizon=timedelta(minutes=15),
         )
-        self.blank = self.stage.restore([1])
+        self.blank = self.stage.restore([1], {})
 
     def process(self, messages: list[Message]) -> None:
         start = len(self.out.records)

@@ -50,7 +50,7 @@ from spendstream.processor.heartbeat import HeartbeatPublisher
 from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC, internal_message, stage2_partition
 from spendstream.processor.ledger_rebuild import SpendSource
 from spendstream.processor.policy_in_force import PolicyHolder
-from spendstream.processor.recovery import OwnChangelogs, rebuild_from_ledger
+from spendstream.processor.recovery import HorizonAdoption, OwnChangelogs, rebuild_from_ledger
 from spendstream.processor.stage_one import StageOne
 from spendstream.processor.stage_two import StageTwo
 from spendstream.processor.usage_reader import FETCH_MAX_WAIT_MS, UsageReader, usage_group
@@ -152,14 +152,21 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         broker_rebalance_timeout=6.0,
         broker_heartbeat_interval=1.0,
         producer_linger=0.005,
+        # no standby copies of the tables: faust's in-memory store drops a standby's data when each recovery ends
+        # and restores a partition that moves here from its changelog's start anyway, so a standby only cost
+        # memory (the whole ids records of another worker's horizon)
+        table_standby_replicas=0,
     )
     internal = app.topic(PARTIALS_TOPIC, key_serializer="raw", value_serializer="json", partitions=n, internal=True)
     out1 = BatchOutput(kafka_conf)  # stage 1 (its own thread)
     out2 = BatchOutput(kafka_conf)  # stage 2
     table_kw: dict[str, Any] = {"partitions": n}  # keys and values are JSON (faust's table default)
-    partials = app.Table("partials", **table_kw)  # "scope|period|start#partition" -> [total, requests, tokens, offset]
+    # "scope|period|start#partition" -> [total, requests, tokens, offset]; small restore batches, because faust holds
+    # a batch's records whole until it applies them (an ids record is ~0.7 MB)
+    partials = app.Table("partials", recovery_buffer_size=16, **table_kw)
     windows = app.Table("windows", **table_kw)  # "scope|period|start" -> {partition: [total, requests, tokens, offset]}
     scope_states = app.Table("scopes", **table_kw)  # scope -> ``stage_two.ScopeState`` as JSON
+    spill = Spill(horizon_directory(config.datadir), at=config.dedup_memory_ids)
     stage1 = StageOne(
         holder,
         _changelog(partials, out1),
@@ -168,7 +175,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         allowed_lateness=config.allowed_lateness,
         max_future_skew=config.max_future_skew,
         dedup_horizon=config.dedup_horizon,
-        spill=Spill(horizon_directory(config.datadir), at=config.dedup_memory_ids),
+        spill=spill,
     )
     stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n)
 
@@ -177,7 +184,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic)
 
     own = OwnChangelogs(kafka_conf, active_partitions)
-    for table in (partials, windows, scope_states):
+    adoption = HorizonAdoption(stage1.horizon_ms, spill)
+    own.guard(partials, adoption.take)
+    for table in (windows, scope_states):
         own.guard(table)
     for stage2_table in (windows, scope_states):
         stage2_table.on_recover(functools.partial(own.complete_restore, stage2_table))
@@ -196,7 +205,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         await reader.stop()
         await own.complete_restore(partials)
         mine = active_partitions(partials)
-        blank = stage1.restore(mine)
+        blank = stage1.restore(mine, adoption.horizons)
         starts: dict[int, int] = {}
         if blank and config.spend_source:
             rebuild = functools.partial(

@@ -319,6 +319,7 @@ class AppliedIds:
         self._runs: list[_Run | _DiskRun] = []  # oldest first
         self._generation = 0  # of the ids admitted last
         self._live = 0  # entries of older generations are expired
+        self._behind: list[str] = []  # ids records read back from the changelog already behind the horizon
 
     def __len__(self) -> int:
         """Entries stored, expired ones not yet dropped included."""
@@ -409,17 +410,44 @@ class AppliedIds:
         self.records[key] = (int(value[0]), self._generation)
         self.newest_ms = max(self.newest_ms, int(value[0]))
 
+    def adopt(self, key: str, value: Sequence[Any]) -> None:
+        """Take in an ids record read back from the changelog, in the changelog's order (restore).
+
+        A record already behind the horizon adds nothing: it is only deleted at the next ``expire`` (a worker that
+        reads on from where it stopped reads again the records it wrote and expired since). A newer version of a
+        record held (a batch replayed after a crash) adds its entries, all applied, and keeps the record's place
+        and generation, so records still expire oldest first."""
+        newest_ms = int(value[0])
+        if newest_ms < self.newest_ms - self.horizon_ms:
+            if key not in self.records:
+                self._behind.append(key)
+            return
+        known = self.records.get(key)
+        self.remember(key, value)
+        if known is not None:
+            self.records[key] = (max(known[0], newest_ms), known[1])
+
+    def forget(self, key: str) -> None:
+        """An ids record deleted in the changelog (restore): forget it and the entries of every generation older
+        than the oldest record left (records are deleted oldest first; out of order, entries stay a while)."""
+        if self.records.pop(key, None) is None:
+            return
+        oldest = next(iter(self.records.values()), None)
+        self._live = max(self._live, self._generation + 1 if oldest is None else oldest[1])
+        self._drop_expired()
+
     def expire(self) -> list[str]:
         """Forget the oldest records that fell behind the horizon; returns their keys (to delete)."""
         cutoff = self.newest_ms - self.horizon_ms
-        gone: list[str] = []
+        gone: list[str] = self._behind
+        self._behind = []
         for key, (newest_ms, generation) in self.records.items():
             if newest_ms >= cutoff:
                 break
             gone.append(key)
             self._live = max(self._live, generation + 1)
         for key in gone:
-            del self.records[key]
+            self.records.pop(key, None)
         if gone:
             self._drop_expired()
         return gone

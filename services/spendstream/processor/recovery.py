@@ -4,6 +4,9 @@
   embedded broker reports, which is one record BATCH short (see ``read_to_end``). ``OwnChangelogs`` applies the
   rest (``complete_restore``) and then seals the partitions this worker writes: faust keeps applying records it
   fetched beyond the watermark AFTER recovery ended, and an old value would overwrite a newer one in memory.
+* ``HorizonAdoption`` takes every ``partials`` ids record into its partition's dedup horizon as faust applies it,
+  and the table keeps only ``adopted_ids`` of it: whole records (about 43 bytes per id) are never all in memory,
+  so a restart or rebalance with a full horizon peaks near the worker's steady state.
 * A source partition with no state at all is rebuilt from the ledger (``rebuild_from_ledger``; why it is
   exact: ``ledger_rebuild``).
 * ``read_window_totals``/``read_scope_totals`` read the changelogs with a group-less consumer, whether or not a
@@ -24,6 +27,7 @@ import faust
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from faust.types import TP
 
+from spendstream.processor.applied_ids import AppliedIds, Spill
 from spendstream.processor.checkpoint import BatchOutput, Checkpoint
 from spendstream.processor.internal_topics import (
     DEFAULT_APP_ID,
@@ -41,7 +45,16 @@ from spendstream.processor.ledger_rebuild import (
     scope_chunks,
     sink_positions,
 )
-from spendstream.processor.spend_accounting import is_clock_key, split_window_key, totals_from_partials, window_total
+from spendstream.processor.spend_accounting import (
+    adopted_ids,
+    is_adopted,
+    is_clock_key,
+    is_ids_key,
+    split_ids_key,
+    split_window_key,
+    totals_from_partials,
+    window_total,
+)
 from spendstream.processor.stage_one import StageOne
 from spendstream.processor.usage_reader import usage_offsets
 
@@ -121,6 +134,39 @@ def read_scope_totals(kafka_conf: dict[str, Any], app_id: str = DEFAULT_APP_ID, 
     return {split_window_key(k): window_total(v) for k, v in latest.items() if not is_clock_key(k)}
 
 
+Adopt = Callable[[str, Any], Any]  # (key, value or None) of a changelog record -> the value the table keeps
+
+
+class HorizonAdoption:
+    """The dedup horizons of the source partitions whose ``partials`` changelog faust restores here, built record
+    by record as faust applies it (``take``), in the changelog's order: an ids record is adopted, a tombstone
+    forgets its record (``AppliedIds.adopt``/``forget``). ``StageOne.restore`` then takes over the horizons of
+    its partitions; they stay here, so a rebalance that keeps a partition (faust reads on from where it stopped)
+    adds to the horizon the worker kept writing."""
+
+    def __init__(self, horizon_ms: int, spill: Spill | None = None) -> None:
+        self.horizon_ms = horizon_ms
+        self.spill = spill
+        self.horizons: dict[int, AppliedIds] = {}
+
+    def take(self, key: str, value: Any) -> Any:
+        """The value the table keeps of a changelog record: ``adopted_ids`` of an ids record, else the value."""
+        if not isinstance(key, str) or not is_ids_key(key):
+            return value
+        partition = split_ids_key(key)[0]
+        if value is None:
+            if (horizon := self.horizons.get(partition)) is not None:
+                horizon.forget(key)
+            return None
+        if is_adopted(value):
+            return value
+        horizon = self.horizons.get(partition)
+        if horizon is None:
+            horizon = self.horizons[partition] = AppliedIds(self.horizon_ms, spill=self.spill)
+        horizon.adopt(key, value)
+        return adopted_ids(value)
+
+
 class OwnChangelogs:
     """The changelog partitions this worker writes whose restore is complete (sealed): their tables ignore
     further changelog records from faust's recovery, because this worker's own writes are newer."""
@@ -129,17 +175,24 @@ class OwnChangelogs:
         self.kafka_conf = kafka_conf
         self.active_partitions = active_partitions
         self.sealed: set[TP] = set()
+        self.adopters: dict[str, Adopt] = {}  # table name -> what its restored records pass through
 
-    def guard(self, table: faust.Table) -> None:
-        """Make ``table`` drop the changelog records faust applies to a sealed partition."""
+    def guard(self, table: faust.Table, adopt: Adopt | None = None) -> None:
+        """Make ``table`` drop the changelog records faust applies to a sealed partition, and keep ``adopt`` of
+        the others (records are adopted before faust stores them, so a whole one is never kept)."""
         apply = table.apply_changelog_batch
         sealed = self.sealed
+        if adopt is not None:
+            self.adopters[table.name] = adopt
 
         def apply_unsealed(batch: Iterable[Any]) -> None:
             events = list(batch)
             kept = [event for event in events if event.message.tp not in sealed]
             if len(kept) < len(events):
                 log.info("%s: ignored %d late changelog records", table.name, len(events) - len(kept))
+            if adopt is not None:
+                for event in kept:
+                    event.value = adopt(event.key, event.value)
             apply(kept)
 
         table.apply_changelog_batch = apply_unsealed  # type: ignore[method-assign]
@@ -152,6 +205,7 @@ class OwnChangelogs:
         """Apply the changelog records faust's recovery stops short of (see ``read_to_end``), then seal."""
         topic = table.changelog_topic.get_topic_name()
         partitions = self.active_partitions(table)
+        adopt = self.adopters.get(table.name)
 
         def tail() -> list[tuple[int, Any, Any]]:
             consumer = Consumer({**self.kafka_conf, "group.id": f"{topic}-restore", "enable.auto.commit": False})
@@ -161,6 +215,8 @@ class OwnChangelogs:
                 consumer.close()
 
         for _, key, value in await asyncio.to_thread(tail):
+            if adopt is not None:
+                value = adopt(key, value)
             if value is None:
                 table.data.pop(key, None)
             else:

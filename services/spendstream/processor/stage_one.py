@@ -173,17 +173,22 @@ def restore_sources(
     partitions: Iterable[int],
     horizon_ms: int,
     spill: Spill | None = None,
-    previous: Mapping[int, SourcePartition] | None = None,
+    horizons: MutableMapping[int, AppliedIds] | None = None,
 ) -> dict[int, SourcePartition]:
     """Stage 1's memory of ``partitions`` from its restored table: the highest stored offset of each, its applied
-    ids (oldest record first, the order in which they expire) and its persisted watermark.
+    ids and its persisted watermark.
 
-    With ``previous`` (the worker's sources before this restore), the table keeps only ``adopted_ids`` of the ids
-    records a horizon adopted: the entries are the horizon's, and the changelog's for a restart. faust's restore
-    brings back whole records it read from the changelog. A partition whose table holds adopted records kept its
-    horizon in ``previous`` (this worker wrote it without a break: after a break faust reads the changelog from
-    its start, overwriting every adopted record), which adopts the whole records it lacks; without one, adopted
-    records are left over from records deleted meanwhile, and are dropped."""
+    ``horizons`` are the worker's horizons by partition: its own, and those faust's restore built as it applied
+    the changelog (``recovery.HorizonAdoption``), the table keeping only ``adopted_ids`` of each ids record. A
+    whole record still in the table is adopted here (oldest first); with ``horizons`` the table then keeps only
+    its ``adopted_ids`` (without, the table is left whole). An adopted value whose record the horizon does not hold
+    is left over from a record deleted meanwhile, and is dropped. Horizons of other partitions are dropped: faust
+    reads a partition that comes back from its start."""
+    keep_whole = horizons is None
+    horizons = {} if horizons is None else horizons
+    partitions = list(partitions)
+    for partition in [p for p in horizons if p not in partitions]:
+        del horizons[partition]
     highs: dict[int, int] = {}
     ids_records: dict[int, list[tuple[int, str]]] = {partition: [] for partition in partitions}
     for key, value in table.items():
@@ -195,22 +200,16 @@ def restore_sources(
             highs[partition] = max(highs.get(partition, -1), value[3])
     sources = {}
     for partition, records in ids_records.items():
-        records.sort()
-        adopted = [key for _, key in records if is_adopted(table[key])]
-        kept = None if previous is None else previous.get(partition)
-        if adopted and kept is not None:
-            applied = kept.applied
-        else:
-            applied = AppliedIds(horizon_ms, spill=spill)
-            for key in adopted:
-                del table[key]
-        for _, key in records:
-            value = table.get(key)
-            if value is not None and not is_adopted(value):
-                if key not in applied.records:
-                    applied.remember(key, value)
-                if previous is not None:
+        applied = horizons.get(partition) or AppliedIds(horizon_ms, spill=spill)
+        horizons[partition] = applied
+        for _, key in sorted(records):
+            value = table[key]
+            if not is_adopted(value):
+                applied.adopt(key, value)
+                if not keep_whole:
                     table[key] = adopted_ids(value)
+            elif key not in applied.records:
+                del table[key]
         clock = Watermark(restore_clock(table, partition))
         sources[partition] = SourcePartition(partition, applied, clock, highs.get(partition))
     return sources
@@ -296,9 +295,10 @@ class StageOne:
         # requested model: a hit vouches for both)
         self._rests: dict[bytes, list[str]] = {}
 
-    def restore(self, partitions: Iterable[int]) -> list[int]:
-        """Adopt the restored table's memory of ``partitions``; returns the blank ones."""
-        self.sources = restore_sources(self.partials.data, partitions, self.horizon_ms, self.spill, self.sources)
+    def restore(self, partitions: Iterable[int], horizons: MutableMapping[int, AppliedIds]) -> list[int]:
+        """Adopt the restored table's memory of ``partitions`` and the ``horizons`` restored with it; returns the
+        blank ones."""
+        self.sources = restore_sources(self.partials.data, partitions, self.horizon_ms, self.spill, horizons)
         return [partition for partition, source in self.sources.items() if source.blank]
 
     def source(self, partition: int) -> SourcePartition:
