@@ -85,6 +85,13 @@ def exact_totals(events: list[UsageEvent], policy: Policy) -> dict[tuple[str, st
     return {k: (v[0], v[1], v[2]) for k, v in acc.items()}
 
 
+def window_differences(windows: dict, expected: dict) -> str:
+    """Which windows stage 2 holds differently from the exact sums, and how (a failure must say which)."""
+    wrong = sorted(key for key in set(windows) | set(expected) if windows.get(key) != expected.get(key))
+    shown = "; ".join(f"{key}: {windows.get(key)} != exact {expected.get(key)}" for key in wrong[:5])
+    return f"stage-2 window totals differ from the exact sums in {len(wrong)} of {len(expected)} windows: {shown}"
+
+
 def paced_producer(bootstrap: str, events: list[UsageEvent], seconds: float) -> threading.Thread:
     chunks = [events[i : i + 500] for i in range(0, len(events), 500)]
 
@@ -137,8 +144,8 @@ def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, b
         producer.join()
         wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
         deadline = time.monotonic() + 30
-        while read_scope_totals({"bootstrap.servers": broker.bootstrap}) != expected:
-            assert time.monotonic() < deadline, "stage-2 window totals differ from the exact sums"
+        while (windows := read_scope_totals({"bootstrap.servers": broker.bootstrap})) != expected:
+            assert time.monotonic() < deadline, window_differences(windows, expected)
             time.sleep(0.5)
     finally:
         stop_worker(worker)
