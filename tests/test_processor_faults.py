@@ -202,6 +202,52 @@ def test_two_workers_then_one_killed_stay_exact_and_keep_deciding(tmp_path: Path
         decisions.close()
 
 
+def _scope_records_consumed(metrics_port: int) -> float:
+    """Stage-2 records this worker has consumed (0 until its metrics are served)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "spendstream_processor_consumed_total" and sample.labels.get("stage") == "scopes"
+    )
+
+
+def test_a_second_worker_joining_a_running_one_keeps_both_alive_and_exact(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """Scaling out revokes stage-2 partitions from the running worker; it must hand them over, not exit."""
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    events = make_stream(10_000, seed=5)
+    expected = exact_totals(events, parse_policy(POLICY_YAML))
+    port_a, port_b = free_port(), free_port()
+    first = start_worker(broker.bootstrap, tmp_path / "a", policy_path, metrics_port=port_a)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        producer = paced_producer(broker.bootstrap, events, seconds=20)
+        consumed = wait_for(lambda: _scope_records_consumed(port_a) > 0, timeout=60, interval=0.5)
+        assert consumed, "the first worker never consumed"
+        second = start_worker(broker.bootstrap, tmp_path / "b", policy_path, metrics_port=port_b)
+        second_log = tmp_path / "b" / "worker.log"
+        assert wait_for(lambda: "Ready" in second_log.read_text(errors="replace"), timeout=90, interval=0.2)
+        time.sleep(5)  # the revoked actors' crash loop ends the first worker within a second or two
+        assert first.poll() is None, "the first worker exited when the second joined"
+        consumed_by_first = _scope_records_consumed(port_a)
+        producer.join()
+        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
+        assert first.poll() is None and second.poll() is None
+        assert _scope_records_consumed(port_b) > 0, "the second worker owns no stage-2 partition"
+        assert _scope_records_consumed(port_a) > consumed_by_first, "the first worker kept no stage-2 partition"
+    finally:
+        stop_worker(first)
+        if second is not None:
+            stop_worker(second)
+
+
 @pytest.mark.slow
 def test_a_copy_sent_after_a_crash_still_counts_once(tmp_path: Path, broker: EmbeddedBroker) -> None:
     """The applied event ids survive a SIGKILL in the changelog, so a re-send after the restart is skipped."""

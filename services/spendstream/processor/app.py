@@ -40,6 +40,8 @@ from typing import Any
 
 import faust
 from faust.types import TP
+from mode import ServiceT
+from mode.supervisors import OneForOneSupervisor
 
 from spendstream.core.metrics import PROCESSOR_BATCH_SECONDS, PROCESSOR_CONSUMED
 from spendstream.core.policy import Policy
@@ -73,6 +75,18 @@ class ProcessorConfig:
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
     spend_source: SpendSource | None = None  # the ledger, to rebuild lost window state from (``ledger_rebuild``)
     sink_group: str = "spendstream-sink"  # the ledger sink's consumer group: how far the ledger holds the topic
+
+
+class RevocationAwareSupervisor(OneForOneSupervisor):
+    """Restarts crashed stage-2 actors, but not the ones faust stopped because their partition was revoked.
+
+    On revocation faust cancels and stops the partition's actor; the cancel reaches the agent as a crash, and the
+    default supervisor would restart it on a stream that is gone, crash-looping until ``MaxRestartsExceeded``
+    ends the worker. A stopped actor is not dead, it is done.
+    """
+
+    def service_operational(self, service: ServiceT) -> bool:
+        return service.should_stop or super().service_operational(service)
 
 
 def _prompt_fetches() -> None:
@@ -251,7 +265,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
 
     checkpoint2 = Checkpoint(out2)  # faust acks a batch when the agent asks for the next one
 
-    @app.agent(internal, isolated_partitions=True)
+    @app.agent(internal, isolated_partitions=True, supervisor_strategy=RevocationAwareSupervisor)
     async def scope_stage(stream: faust.StreamT) -> None:
         consumed, seconds = PROCESSOR_CONSUMED.labels("scopes"), PROCESSOR_BATCH_SECONDS.labels("scopes")
         async for events in stream.take_events(config.batch_size, within=config.batch_within_s):
