@@ -228,7 +228,9 @@ def test_a_second_worker_joining_a_running_one_keeps_both_alive_and_exact(
     first = start_worker(broker.bootstrap, tmp_path / "a", policy_path, metrics_port=port_a)
     second: subprocess.Popen[bytes] | None = None
     try:
-        producer = paced_producer(broker.bootstrap, events, seconds=20)
+        # Most events flow while the second worker joins; the rest follow once both run, so each worker has some
+        # of its own to count however long the join took.
+        producer = paced_producer(broker.bootstrap, events[:7_000], seconds=20)
         consumed = wait_for(lambda: _scope_records_consumed(port_a) > 0, timeout=60, interval=0.5)
         assert consumed, "the first worker never consumed"
         second = start_worker(broker.bootstrap, tmp_path / "b", policy_path, metrics_port=port_b)
@@ -238,6 +240,7 @@ def test_a_second_worker_joining_a_running_one_keeps_both_alive_and_exact(
         assert first.poll() is None, "the first worker exited when the second joined"
         consumed_by_first = _scope_records_consumed(port_a)
         producer.join()
+        produce(broker.bootstrap, events[7_000:])
         wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
         assert first.poll() is None and second.poll() is None
         assert _scope_records_consumed(port_b) > 0, "the second worker owns no stage-2 partition"
