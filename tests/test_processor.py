@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -151,13 +151,25 @@ def start_worker(
         env["SPENDSTREAM_POLICY"] = str(policy_path)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "worker.log", "ab")  # noqa: SIM115
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "spendstream.cli", "processor", "--app-id", app_id, *extra],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
+    proc.log_path = data_dir / "worker.log"  # type: ignore[attr-defined]  # for ``worker_report``
+    return proc
+
+
+def worker_report(workers: Sequence[subprocess.Popen[bytes]], lines: int = 30) -> str:
+    """Whether each worker still runs, and the end of its log: what a failed wait needs to be diagnosed."""
+    parts = []
+    for proc in workers:
+        state = "running" if proc.poll() is None else f"exited {proc.returncode}"
+        tail = proc.log_path.read_text(errors="replace").splitlines()[-lines:]  # type: ignore[attr-defined]
+        parts.append(f"worker pid {proc.pid} ({state}), last lines of {proc.log_path}:\n" + "\n".join(tail))  # type: ignore[attr-defined]
+    return "\n".join(parts)
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -171,9 +183,15 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> None:
 
 
 def wait_totals(
-    bootstrap: str, expected: dict[tuple[str, str, int], tuple[int, int, int]], app_id: str, timeout: float = 60.0
+    bootstrap: str,
+    expected: dict[tuple[str, str, int], tuple[int, int, int]],
+    app_id: str,
+    timeout: float = 60.0,
+    workers: Sequence[subprocess.Popen[bytes]] = (),
 ) -> dict:
-    """Wait until the changelog shows ``expected`` for each of its windows; return the totals last read."""
+    """Wait until the changelog shows ``expected`` for each of its windows; return the totals last read.
+
+    On failure the message carries ``workers``' state and log ends."""
     deadline = time.monotonic() + timeout
     totals: dict = {}
     while time.monotonic() < deadline:
@@ -182,7 +200,9 @@ def wait_totals(
             return totals
         time.sleep(0.5)
     wrong = {k: (totals.get(k), v) for k, v in expected.items() if totals.get(k) != v}
-    raise AssertionError(f"{len(wrong)} windows differ (got, want), e.g. {list(wrong.items())[:5]}")
+    raise AssertionError(
+        f"{len(wrong)} windows differ (got, want), e.g. {list(wrong.items())[:5]}\n{worker_report(workers)}"
+    )
 
 
 # -- shared worker ------------------------------------------------------------------------------------------------

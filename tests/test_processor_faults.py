@@ -142,7 +142,7 @@ def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, b
             worker.wait()
             worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
         producer.join()
-        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90)
+        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90, workers=[worker])
         deadline = time.monotonic() + 30
         while (windows := read_scope_totals({"bootstrap.servers": broker.bootstrap})) != expected:
             assert time.monotonic() < deadline, window_differences(windows, expected)
