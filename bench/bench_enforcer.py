@@ -5,9 +5,9 @@ time per call of the calling thread. The shapes are measured in turn, ``--rounds
 other work on the machine spreads over all of them; the table shows the median and the range over rounds.
 The "no decision matches" shape is the floor every other shape is compared with.
 A request seen again is answered from what the Enforcer kept of its first answers; the last two shapes send every
-call from a user not seen lately (more users than answers kept), so they measure the path from the rules: users whose
-``user:*`` throttle bucket exists (made in an untimed pass first), and users never seen (new names each round, so
-each call also makes a bucket; its CPU column is measured on other new users).
+call from a user not seen lately (more users than answers kept), so they measure the path from the rules: users seen
+once before in an untimed pass, and users never seen (new names each round, so each call also adds the user to the
+``user:*`` throttle's table; its CPU column is measured on other new users).
 Each timed call is two ``perf_counter_ns`` reads apart (about 0.1 us of the figure) and passes its fields as a dict
 (``check(**request)``, as the gateway does). The garbage collector stays on, as in a gateway; the table counts the
 collections that ran during the timed calls.
@@ -156,7 +156,7 @@ def main() -> None:
                     [{"team": "vf", "user": "someone", "environment": "development", "model": "gpt-4o"}] * args.calls,
                 )
                 not_seen_lately = [{"team": "vf", "user": f"user{i}", "model": "gpt-4o"} for i in range(args.calls)]
-                for request in not_seen_lately:  # their buckets exist, as for users seen before (untimed)
+                for request in not_seen_lately:  # seen once before, untimed
                     enforcer.check(**request)
                 runs["team fallback + user:* throttle, a user not seen lately"] = (enforcer, not_seen_lately)
                 never_seen = "team fallback + user:* throttle, a user never seen"

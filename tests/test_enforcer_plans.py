@@ -48,7 +48,7 @@ decisions_strategy = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(decisions_strategy, st.sampled_from(MODELS), st.lists(st.sampled_from(["", "u1", "u2"]), min_size=8))
 def test_following_a_kept_plan_answers_as_resolve_many_call_after_call(decisions, model, keys) -> None:
-    """Same rules, two copies (separate buckets): one resolved each time, the other planned once and followed."""
+    """Same rules, two copies (separate limits): one resolved each time, the other planned once and followed."""
     general = [ScopeRule.from_decision(d) for d in decisions]
     planned = [ScopeRule.from_decision(d) for d in decisions]
     keys = keys[: len(decisions)]

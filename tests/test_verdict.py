@@ -1,4 +1,4 @@
-"""Most-restrictive resolution, fallback chains, allowed models and the token bucket (pure logic)."""
+"""Most-restrictive resolution, fallback chains, allowed models and the rate limit (pure logic)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from spendstream.edge.verdict import (
     FALLBACK,
     SHUTOFF,
     THROTTLE,
+    ZERO_RATE_RETRY_S,
+    RateLimit,
     ScopeRule,
-    TokenBucket,
     Verdict,
     newer,
     parse_scope,
@@ -63,8 +64,8 @@ def outcome(rules: list[ScopeRule], model: str = "gpt-4o") -> Verdict:
 
 
 def fresh(rules: list[ScopeRule]) -> list[ScopeRule]:
-    """Copies with new buckets, so one resolution's tokens do not leak into the next."""
-    return [ScopeRule(**{**r.__dict__, "buckets": {}}) for r in rules]
+    """Copies with new limits, so what one resolution counted does not leak into the next."""
+    return [ScopeRule(**{k: v for k, v in r.__dict__.items() if k != "limit"}) for r in rules]
 
 
 @settings(max_examples=300)
@@ -175,19 +176,74 @@ def test_blocked_throttle_takes_no_token_from_other_scopes() -> None:
     assert outcome([open_team]).action == ALLOW  # the team's single token is still there
 
 
+class TokenBucketModel:
+    """The reference a ``RateLimit`` must agree with: a token bucket per value, full when first seen."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = rate if rate >= 1.0 else (1.0 if rate > 0 else 0.0)
+        self.buckets: dict[str, tuple[float, float]] = {}  # value -> (tokens, updated)
+
+    def try_take(self, key: str, now: float) -> float:
+        if self.rate <= 0:
+            return ZERO_RATE_RETRY_S
+        tokens, updated = self.buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - updated) * self.rate)
+        if tokens >= 1.0:
+            self.buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self.buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([0.0, 0.2, 1.0, 2.5, 10.0, 333.0]),
+    st.lists(st.tuples(st.sampled_from("abcd"), st.floats(0.0, 0.7)), min_size=1, max_size=300),
+    st.integers(1, 3),
+)
+def test_rate_limit_grants_what_a_token_bucket_per_value_grants(
+    rate: float, requests: list[tuple[str, float]], keep: int
+) -> None:
+    """Same grants and (to rounding) the same waits as a token bucket per value, with pruning at ``keep`` values
+    (a value back on schedule is forgotten, and must be answered as if never seen)."""
+    limit, model = RateLimit(rate, keep=keep), TokenBucketModel(rate)
+    now = 1000.0
+    for key, gap in requests:
+        now += gap
+        expected = model.try_take(key, now)
+        got = limit.try_take(key, now)
+        assert (got == 0.0) == (expected == 0.0) or abs(got - expected) < 1e-6, (key, now, got, expected)
+        if got > 0.0 and expected > 0.0:
+            assert got == pytest.approx(expected, abs=1e-6)
+
+
 @given(
     st.floats(0.1, 500.0),
     st.lists(st.floats(0.0, 0.5), min_size=1, max_size=200),
 )
-def test_token_bucket_never_exceeds_rate_plus_burst(rate: float, gaps: list[float]) -> None:
-    bucket = TokenBucket(rate, 0.0)
+def test_rate_limit_never_exceeds_rate_plus_burst(rate: float, gaps: list[float]) -> None:
+    limit = RateLimit(rate)
     now, granted = 0.0, 0
     for gap in gaps:
         now += gap
-        if bucket.wait_time(now) == 0.0:
-            bucket.take(now)
+        if limit.wait_time("u", now) == 0.0:
+            limit.take("u", now)
             granted += 1
-    assert granted <= bucket.capacity + rate * now + 1e-6
+    assert granted <= limit.capacity + rate * now + 1e-6
+
+
+def test_a_throttle_on_every_user_keeps_only_the_users_still_limited() -> None:
+    """One float per user, and users back on schedule are dropped: a million one-off users do not stay in memory."""
+    limit = RateLimit(2.0, keep=1000)
+    for i in range(1_000_000):
+        assert limit.try_take(f"user{i}", i * 0.001) == 0.0  # 1,000 new users a second, each once
+    assert len(limit) <= 2 * 1000  # only those seen within the last second (their next request is not yet due)
+    busy = RateLimit(1.0, keep=10)
+    for i in range(100):
+        busy.try_take(f"user{i}", 5.0)  # all at once: none is back on schedule, so none may be dropped
+    assert len(busy) == 100
+    assert all(busy.try_take(f"user{i}", 5.0) > 0.0 for i in range(100))
 
 
 def test_versions_only_move_forward() -> None:

@@ -4,7 +4,7 @@ The request path does a handful of dict lookups (one per attribution dimension t
 some decision matches, the outcome of that set of rules for the request's model is planned once by the pure
 ``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens. A request
 seen again (the same nine fields) is answered from what was kept of its answer, with one lookup: the verdict,
-its quota counters and throttle buckets, and the wall-clock range it holds in; every change of the decisions, the
+its quota counters and throttle limits, and the wall-clock range it holds in; every change of the decisions, the
 policy or the hierarchy drops the kept answers.
 The consumer reads the compacted topic from the beginning with no consumer group commits, so every edge holds
 the full current view.
@@ -45,9 +45,7 @@ from spendstream.edge.verdict import (
     UNAVAILABLE,
     Plan,
     ScopeRule,
-    TokenBucket,
     Verdict,
-    buckets,
     newer,
     parse_scope,
     plan,
@@ -55,6 +53,7 @@ from spendstream.edge.verdict import (
     take,
     take_all,
     throttled,
+    throttles_of,
 )
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,9 @@ _MAX_PLANS = 8192
 _INF = math.inf
 # What check() keeps per request (its nine fields): the verdict when no throttle refuses and no quota is used up,
 # whether it only holds in [valid_from, valid_until) of the wall clock (rules that expire, or quotas counted today),
-# the quota counters to count, as (dimension index, cap, counter), and the throttles' (rule, bucket) to take from.
+# the quota counters to count, as (dimension index, cap, counter), and the throttles' (rule, limited value) to count on.
 _Answer = tuple[
-    Verdict, bool, float, float, tuple[tuple[int, int, "count[int]"], ...], tuple[tuple[ScopeRule, TokenBucket], ...]
+    Verdict, bool, float, float, tuple[tuple[int, int, "count[int]"], ...], tuple[tuple[ScopeRule, str], ...]
 ]
 # Hashes of requests seen once, by their low bits: an answer is kept when its request comes again.
 _SEEN_SLOTS = 4096
@@ -152,7 +151,7 @@ class Enforcer:
         self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
         self.reservations = ReservationBook(budget_share)
         self._book_lock = threading.Lock()  # decisions update the book from the consumer thread
-        # (model, *matched rules) -> Plan: rules are immutable once installed (only their buckets change), so a
+        # (model, *matched rules) -> Plan: rules are immutable once installed (only their limits' counts change), so a
         # plan stays right for as long as its rules are matched; emptied when a decision arrives to free old rules.
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._allow: dict[str, Verdict] = {}  # model -> its allow verdict, shared: nothing allocated to allow
@@ -242,8 +241,8 @@ class Enforcer:
         """The verdict for one request, from memory. Never blocks, never touches the network.
 
         Safe from many threads (the gateway's event loop, SDK clients): each dict or list read and write is atomic
-        under the GIL, rules and kept answers are replaced rather than changed, and a token is taken under the lock
-        its throttle's buckets share (one per rule, not one per user)."""
+        under the GIL, rules and kept answers are replaced rather than changed, and a request is counted under the lock
+        of its throttle's limit (one per rule, not one per user)."""
         if self.fail_closed and self.staleness_s > self.max_staleness_s:
             return Verdict(UNAVAILABLE, model, 1.0, "enforcement view is stale or no processor is alive", "")
         answers = self._answers  # read before any rule: a change replaces it after installing the new rules
@@ -267,8 +266,8 @@ class Enforcer:
         if throttles:
             now = time.monotonic()
             if len(throttles) == 1:  # inline: the common throttled-but-allowed request
-                limiting, bucket = throttles[0]
-                wait = bucket.try_take(now)
+                limiting, key = throttles[0]
+                wait = limiting.limit.try_take(key, now)
             else:
                 wait, limiting = take_all(throttles, now)
             if wait > 0.0:
@@ -291,7 +290,7 @@ class Enforcer:
             values = list(request)
             self._fill_ancestors(values)
         model = request[-1]
-        # The matched rules and their bucket keys (the matched value for a wildcard rule, "" for an exact one).
+        # The matched rules and the values their limits count (a wildcard rule: the matched value; an exact one: "").
         rules: list[ScopeRule] = []
         keys: list[str] = []
         static = self._static
@@ -319,8 +318,7 @@ class Enforcer:
         if self._global is not None:
             rules.append(self._global)
             keys.append("")
-        throttles: tuple[tuple[ScopeRule, TokenBucket], ...] = ()
-        bucket: TokenBucket | None = None  # a single throttle's, paired with its rule only if the answer is kept
+        throttles: tuple[tuple[ScopeRule, str], ...] = ()
         if not rules:
             valid_from, valid_until = -_INF, _INF
             verdict = base = self._allow.get(model) or self._allow_verdict(model)
@@ -340,17 +338,15 @@ class Enforcer:
             verdict = base
             if positions:
                 now = time.monotonic()
-                if len(positions) == 1:  # inline buckets() and take(): the common throttled-but-allowed request
+                if len(positions) == 1:  # inline take(): the common throttled-but-allowed request
                     position = positions[0]
                     limiting = rules[position]
-                    bucket = limiting.buckets.get(keys[position])
-                    if bucket is None:  # the first request of a user under a user:* throttle
-                        bucket = limiting.bucket(keys[position], now)
-                    wait = bucket.try_take(now)
+                    throttles = ((limiting, keys[position]),)
+                    wait = limiting.limit.try_take(keys[position], now)
                     if wait > 0.0:
                         verdict = throttled(base.model, limiting, wait)
                 else:
-                    throttles = buckets(kept, rules, keys, now)
+                    throttles = throttles_of(kept, rules, keys)
                     verdict = take(base, throttles, now)
         if static is not None and static.allowed and base.action not in BLOCKING_STATUS:
             denied = static.denial(values, base.model)
@@ -372,8 +368,6 @@ class Enforcer:
                 valid_until = min(valid_until, quotas.day_end)  # the counters are today's
             if len(answers) >= _MAX_PLANS:
                 answers.clear()
-            if bucket is not None:
-                throttles = ((limiting, bucket),)
             timed = valid_from != -_INF or valid_until != _INF
             answers[request] = (base, timed, valid_from, valid_until, counted, throttles)
         return verdict

@@ -3,7 +3,7 @@
 Kept free of I/O so it can be tested exhaustively; the ``Enforcer`` only feeds it rules and clocks.
 Outcomes, from most to least restrictive:
 ``unavailable`` (fail-closed, no fresh view) > ``shutoff`` > ``deny_model`` > ``throttle`` > ``fallback`` >
-``alert`` > ``allow``. A throttle only blocks when its token bucket is empty; otherwise the request goes on
+``alert`` > ``allow``. A throttle only blocks when its limit is reached; otherwise the request goes on
 with the next outcome in that order.
 """
 
@@ -51,62 +51,78 @@ class Verdict(NamedTuple):
         return BLOCKING_STATUS.get(self.action, 200)
 
 
-class TokenBucket:
-    """Requests-per-second limiter; capacity is one second of traffic (at least one request; none at rate 0).
+class RateLimit:
+    """A requests-per-second limit kept per matched value, as one float each: the generic cell rate algorithm.
 
-    Time is passed in (monotonic seconds) so the arithmetic is testable without sleeping. ``lock`` guards the
-    read-modify-write of the tokens (threads may call ``check()`` at once, and the GIL can switch between any two
-    bytecodes): the buckets of one rule share their rule's lock, so a rule on every user (``user:*``) allocates no
-    lock per user; a bucket made alone gets its own.
+    It grants what a token bucket of ``capacity`` (one second of traffic, at least one request; none at rate 0)
+    grants, but a value's whole state is its theoretical arrival time: when its next request would be on schedule.
+    A value whose time has passed is indistinguishable from one never seen (a full bucket), so ``try_take`` drops
+    those once the table outgrows ``keep`` values: a throttle on every user stays bounded by its active users, and
+    a user's first request allocates no object but a float.
+
+    Time is passed in (monotonic seconds) so the arithmetic is testable without sleeping. ``lock`` guards each
+    read-modify-write (threads may call ``check()`` at once, and the GIL can switch between any two bytecodes);
+    one lock per rule, not per value.
     """
 
-    __slots__ = ("_lock", "capacity", "rate", "tokens", "updated")
+    __slots__ = ("_arrivals", "_lock", "_prune_at", "capacity", "interval", "keep", "rate", "tolerance")
 
-    def __init__(self, rate: float, now: float, lock: threading.Lock | None = None) -> None:
+    def __init__(self, rate: float, keep: int = 65_536) -> None:
         self.rate = rate
-        self.capacity = self.tokens = rate if rate >= 1.0 else (1.0 if rate > 0 else 0.0)
-        self.updated = now
-        self._lock = threading.Lock() if lock is None else lock
+        self.capacity = rate if rate >= 1.0 else (1.0 if rate > 0 else 0.0)
+        self.interval = 1.0 / rate if rate > 0 else math.inf  # the schedule's step: one request's share
+        self.tolerance = (self.capacity - 1.0) * self.interval if rate > 0 else 0.0  # how far ahead a burst may run
+        self.keep = keep
+        self._prune_at = keep
+        self._arrivals: dict[str, float] = {}
+        self._lock = threading.Lock()
 
-    def _refill(self, now: float) -> None:
-        if now > self.updated:
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
+    def __len__(self) -> int:
+        return len(self._arrivals)
 
-    def wait_time(self, now: float) -> float:
-        """Seconds until one token is available (0.0 if one is available now)."""
-        with self._lock:
-            self._refill(now)
-            if self.tokens >= 1.0:
-                return 0.0
-            return ZERO_RATE_RETRY_S if self.rate <= 0 else (1.0 - self.tokens) / self.rate
+    def wait_time(self, key: str, now: float) -> float:
+        """Seconds until ``key`` may make a request (0.0: now)."""
+        if self.rate <= 0:
+            return ZERO_RATE_RETRY_S
+        ahead = self._arrivals.get(key, now) - now - self.tolerance
+        return ahead if ahead > 0.0 else 0.0
 
-    def try_take(self, now: float) -> float:
-        """Take a token if one is there (returning 0.0), else return the seconds until one is."""
-        # On every throttled request: acquire/release costs half of ``with`` (CPython 3.11), each attribute is read
-        # and written once.
+    def try_take(self, key: str, now: float) -> float:
+        """Count a request of ``key`` if it is within the limit (returning 0.0), else return the seconds to wait."""
+        if self.rate <= 0:
+            return ZERO_RATE_RETRY_S
         lock = self._lock
-        lock.acquire()
+        lock.acquire()  # acquire/release costs half of ``with`` (CPython 3.11), on every throttled request
         try:
-            tokens = self.tokens
-            updated = self.updated
-            if now > updated:
-                tokens += (now - updated) * self.rate
-                if tokens >= self.capacity:
-                    tokens = self.capacity
-                self.updated = now
-            if tokens >= 1.0:
-                self.tokens = tokens - 1.0
-                return 0.0
-            self.tokens = tokens
-            return ZERO_RATE_RETRY_S if self.rate <= 0 else (1.0 - tokens) / self.rate
+            arrivals = self._arrivals
+            due = arrivals.get(key)
+            if due is None:
+                if len(arrivals) >= self._prune_at:
+                    arrivals = self._prune(now)
+                due = now
+            elif due < now:
+                due = now
+            ahead = due - now - self.tolerance
+            if ahead > 0.0:
+                return ahead
+            arrivals[key] = due + self.interval
+            return 0.0
         finally:
             lock.release()
 
-    def take(self, now: float) -> None:
-        with self._lock:
-            self._refill(now)
-            self.tokens -= 1.0
+    def take(self, key: str, now: float) -> None:
+        """Count a request of ``key`` whatever the wait (after ``wait_time`` said every limit has room)."""
+        if self.rate > 0:
+            with self._lock:
+                due = self._arrivals.get(key, now)
+                self._arrivals[key] = max(due, now) + self.interval
+
+    def _prune(self, now: float) -> dict[str, float]:
+        """Drop the values back on schedule (their next request is granted as if never seen), under the lock; the
+        next prune waits until the table doubles, so pruning stays amortised O(1) per request."""
+        self._arrivals = kept = {key: due for key, due in self._arrivals.items() if due > now}
+        self._prune_at = max(self.keep, 2 * len(kept))
+        return kept
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -117,7 +133,7 @@ def _epoch(value: datetime | None) -> float | None:
 class ScopeRule:
     """A decision, precomputed for the request path: sets and ranks instead of lists and strings.
 
-    A wildcard rule (``user:*``) keeps one token bucket per matched value, so a throttle on every user
+    A wildcard rule (``user:*``) limits each matched value on its own (``RateLimit``), so a throttle on every user
     limits each user separately.
     """
 
@@ -131,9 +147,11 @@ class ScopeRule:
     rate: float | None = None
     expires_at: float | None = None  # epoch seconds
     critical: dict[str, float] = field(default_factory=dict)  # for a shutoff: critical feature -> throttle rate
-    buckets: dict[str, TokenBucket] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shared by its buckets
     exempted: dict[str, ScopeRule] = field(default_factory=dict)  # the throttles for_feature derived
+    limit: RateLimit = field(init=False, repr=False)  # a throttle's limit, per matched value of a wildcard rule
+
+    def __post_init__(self) -> None:
+        self.limit = RateLimit(self.rate or 0.0)
 
     @classmethod
     def from_decision(cls, decision: Decision) -> ScopeRule:
@@ -156,7 +174,7 @@ class ScopeRule:
 
     def for_feature(self, feature: str) -> ScopeRule:
         """This rule as it applies to a request of ``feature``: a shutoff throttles a critical feature instead
-        (one derived rule per feature, so its token bucket lasts as long as the decision)."""
+        (one derived rule per feature, so its limit lasts as long as the decision)."""
         rate = self.critical.get(feature)
         if rate is None:
             return self
@@ -169,12 +187,6 @@ class ScopeRule:
             )  # fmt: skip
             derived = self.exempted.setdefault(feature, derived)
         return derived
-
-    def bucket(self, key: str, now: float) -> TokenBucket:
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets.setdefault(key, TokenBucket(self.rate or 0.0, now, self.lock))
-        return bucket
 
 
 def newer(current: ScopeRule | None, candidate: ScopeRule) -> bool:
@@ -195,7 +207,7 @@ def parse_scope(scope: str) -> tuple[str, str]:
 def resolve(hits: list[tuple[ScopeRule, str]], model: str, wall_now: float, mono_now: float) -> Verdict:
     """Apply the most restrictive of the matched rules to a request for ``model``.
 
-    ``hits`` pairs each matched rule with its bucket key (the matched value for wildcard rules, ``""`` for
+    ``hits`` pairs each matched rule with its limit's key (the matched value for wildcard rules, ``""`` for
     exact ones). Expired rules are skipped. Fallback maps are applied in scope order until no rule
     rewrites the model any more (so ``team`` gpt-4o -> gpt-4o-mini and ``org`` gpt-4o-mini -> local chain),
     and the allowed-model lists are checked on the model actually served. Tokens are only taken when the
@@ -219,7 +231,7 @@ def resolve_one(rule: ScopeRule, key: str, model: str, wall_now: float, mono_now
         reason = f"model {served} is not allowed for {rule.scope} (allowed: {rule.allowed.describe()})"
         return Verdict(DENY_MODEL, served, None, reason, rule.scope)
     if action == THROTTLE:
-        wait = rule.bucket(key, mono_now).try_take(mono_now)
+        wait = rule.limit.try_take(key, mono_now)
         if wait > 0.0:
             return Verdict(THROTTLE, served, wait, rule.reason or f"throttled to {rule.rate:g} requests/s", rule.scope)
         return Verdict(ALLOW, served)
@@ -280,13 +292,13 @@ def resolve_many(hits: Iterable[tuple[ScopeRule, str]], model: str, wall_now: fl
             return Verdict(DENY_MODEL, served, None, reason, rule.scope)
         action = rule.action
         if action == THROTTLE:
-            throttles.append((rule, rule.bucket(key, mono_now)))
+            throttles.append((rule, key))
         elif action in (ALERT, FALLBACK) and (top is None or rule.rank > top.rank):
             top = rule
 
     if len(throttles) == 1:
-        limiting, bucket = throttles[0]
-        wait = bucket.try_take(mono_now)
+        limiting, key = throttles[0]
+        wait = limiting.limit.try_take(key, mono_now)
         if wait > 0.0:
             return throttled(served, limiting, wait)
     elif throttles:
@@ -306,7 +318,7 @@ def _scope_of(rule: ScopeRule) -> str:
 
 
 class Plan(NamedTuple):
-    """The outcome of one set of matched rules for one model, minus the token buckets' state.
+    """The outcome of one set of matched rules for one model, minus the throttles' state.
 
     It holds while the wall clock is in ``[valid_from, valid_until)`` (the same rules are expired), so the
     Enforcer keeps it across requests and only takes tokens per request: see ``plan`` and ``follow``.
@@ -314,7 +326,7 @@ class Plan(NamedTuple):
 
     valid_from: float  # the latest expiry among the rules it skipped (-inf: none)
     valid_until: float  # the earliest expiry among the rules it applies (inf: none)
-    verdict: Verdict  # the outcome when no throttle's bucket is empty
+    verdict: Verdict  # the outcome when no throttle's limit is reached
     throttles: tuple[int, ...]  # positions of the throttling rules among the matched ones
     timed: bool  # some rule expires or has expired: compare the wall clock with the range first
 
@@ -369,49 +381,43 @@ def plan(rules: Sequence[ScopeRule], model: str, wall_now: float) -> Plan | None
 
 
 def follow(plan: Plan, rules: Sequence[ScopeRule], keys: Sequence[str], mono_now: float) -> Verdict:
-    """The verdict of ``plan`` for one request: tokens are taken from every throttling scope, or none is."""
+    """The verdict of ``plan`` for one request: a request is counted by every throttling scope, or by none."""
     if not plan.throttles:
         return plan.verdict
-    return take(plan.verdict, buckets(plan, rules, keys, mono_now), mono_now)
+    return take(plan.verdict, throttles_of(plan, rules, keys), mono_now)
 
 
-def buckets(
-    plan: Plan, rules: Sequence[ScopeRule], keys: Sequence[str], mono_now: float
-) -> tuple[tuple[ScopeRule, TokenBucket], ...]:
-    """The throttling rules of ``plan`` with the buckets of ``keys``: what ``take`` takes from, for one request."""
-    if len(plan.throttles) == 1:
-        position = plan.throttles[0]
-        rule, key = rules[position], keys[position]
-        return ((rule, rule.buckets.get(key) or rule.bucket(key, mono_now)),)
-    return tuple([(rules[position], rules[position].bucket(keys[position], mono_now)) for position in plan.throttles])
+def throttles_of(plan: Plan, rules: Sequence[ScopeRule], keys: Sequence[str]) -> tuple[tuple[ScopeRule, str], ...]:
+    """The throttling rules of ``plan`` with the values they limit (``keys``): what ``take`` counts on."""
+    return tuple([(rules[position], keys[position]) for position in plan.throttles])
 
 
-def take(verdict: Verdict, throttles: Sequence[tuple[ScopeRule, TokenBucket]], mono_now: float) -> Verdict:
-    """``verdict`` once a token is taken from every bucket of ``throttles``; else (none is taken) the refusal of
-    the rule whose bucket needs the longest wait."""
+def take(verdict: Verdict, throttles: Sequence[tuple[ScopeRule, str]], mono_now: float) -> Verdict:
+    """``verdict`` once every limit of ``throttles`` counted the request; else (none counts it) the refusal of
+    the rule that needs the longest wait."""
     if len(throttles) == 1:
-        limiting, bucket = throttles[0]
-        wait = bucket.try_take(mono_now)
+        limiting, key = throttles[0]
+        wait = limiting.limit.try_take(key, mono_now)
     else:
         wait, limiting = take_all(throttles, mono_now)
     return verdict if wait <= 0.0 else throttled(verdict.model, limiting, wait)
 
 
-def take_all(throttles: Sequence[tuple[ScopeRule, TokenBucket]], mono_now: float) -> tuple[float, ScopeRule]:
-    """A token from every bucket or from none: (0.0, any rule) once taken, else the longest wait and its rule."""
+def take_all(throttles: Sequence[tuple[ScopeRule, str]], mono_now: float) -> tuple[float, ScopeRule]:
+    """Counted by every limit or by none: (0.0, any rule) once counted, else the longest wait and its rule."""
     wait, limiting = 0.0, throttles[0][0]
-    for rule, bucket in throttles:
-        needed = bucket.wait_time(mono_now)
+    for rule, key in throttles:
+        needed = rule.limit.wait_time(key, mono_now)
         if needed > wait:
             wait, limiting = needed, rule
     if wait <= 0.0:
-        for _, bucket in throttles:
-            bucket.take(mono_now)
+        for rule, key in throttles:
+            rule.limit.take(key, mono_now)
     return wait, limiting
 
 
 def throttled(served: str, limiting: ScopeRule, wait: float) -> Verdict:
-    """The verdict of a request for ``served`` refused by the bucket of ``limiting`` for ``wait`` seconds."""
+    """The verdict of a request for ``served`` refused by the limit of ``limiting`` for ``wait`` seconds."""
     reason = limiting.reason or f"throttled to {limiting.rate:g} requests/s"
     return Verdict(THROTTLE, served, wait, reason, limiting.scope)
 
