@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -86,14 +87,21 @@ def env_of(settings: Settings) -> dict[str, str]:
 
 
 def two_free_ports() -> int:
-    """A port p with p + 1 free too (each worker's own /metrics)."""
+    """A port p with p + 1 free too (each worker's own /metrics), below the kernel's ephemeral range.
+
+    A replaced worker binds its port again after the dead one released it; a port from the ephemeral range can
+    meanwhile become the source port of any outgoing connection on the machine (the parallel tests make many),
+    and the replacement would find it taken."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
     while True:
-        base = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
+        base = rng.randrange(20_000, low - 1)
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("127.0.0.1", base))
+                second.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
         return base
 
 
