@@ -14,18 +14,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from spendstream.core.events import UsageEvent
 from spendstream.core.periods import period_window
 from spendstream.core.policy import Policy, parse_policy
-from spendstream.core.topics import ENFORCEMENT
+from spendstream.core.topics import ENFORCEMENT, USAGE
 from spendstream.processor.checkpoint import json_key, json_value
 from spendstream.processor.internal_topics import changelog_topic
 from spendstream.processor.recovery import read_scope_totals
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import IDS_PER_RECORD, WindowCalendar, ids_key, pack_ids, split_window_key
+from spendstream.processor.usage_reader import usage_group
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from stub_upstream import wait_for
 from test_processor import (
@@ -92,6 +93,21 @@ def window_differences(windows: dict, expected: dict) -> str:
     return f"stage-2 window totals differ from the exact sums in {len(wrong)} of {len(expected)} windows: {shown}"
 
 
+def usage_progress(broker: EmbeddedBroker) -> str:
+    """How far stage 1 committed each usage partition against its end, and the broker log's end: whether a stuck
+    worker never read, or read and stopped."""
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": usage_group("spendstream-processor")})
+    try:
+        partitions = [TopicPartition(USAGE, p) for p in range(6)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
+    finally:
+        consumer.close()
+    log = broker.log_path.read_text(errors="replace").splitlines()[-20:] if broker.log_path else []
+    progress = {p: (committed[p], ends[p]) for p in ends}
+    return f"usage partitions (committed, end): {progress}\nbroker log:\n" + "\n".join(log)
+
+
 def paced_producer(bootstrap: str, events: list[UsageEvent], seconds: float) -> threading.Thread:
     chunks = [events[i : i + 500] for i in range(0, len(events), 500)]
 
@@ -142,7 +158,10 @@ def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, b
             worker.wait()
             worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
         producer.join()
-        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90, workers=[worker])
+        try:
+            wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90, workers=[worker])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{usage_progress(broker)}") from None
         deadline = time.monotonic() + 30
         while (windows := read_scope_totals({"bootstrap.servers": broker.bootstrap})) != expected:
             assert time.monotonic() < deadline, window_differences(windows, expected)
