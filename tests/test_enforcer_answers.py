@@ -144,3 +144,83 @@ def test_a_long_lived_enforcer_answers_as_a_new_one_after_each_decision_and_cloc
                 expected = new.check(**request)
                 assert [long_lived.check(**request) for _ in range(REPEATS)] == [expected] * REPEATS
         clock.now = NOW
+
+
+def test_users_without_rules_of_their_own_share_an_answer_but_each_has_its_own_throttle() -> None:
+    """A user never seen before is answered from the answer users like them share, counted by its own limit."""
+    edge = Enforcer("127.0.0.1:1", policy_topic=None)
+    edge.apply("user:*", Decision(scope="user:*", action="throttle", version=1, throttle_rps=1e-6))
+    edge.apply("team:t", Decision(scope="team:t", action="fallback", version=1, fallback_models={"m": "m-mini"}))
+    edge.apply("user:boss", Decision(scope="user:boss", action="shutoff", version=1))
+    first = [edge.check(team="t", user=f"u{i}", model="m") for i in range(50)]
+    assert {(v.action, v.model) for v in first} == {("fallback", "m-mini")}  # one request each: within its limit
+    assert {edge.check(team="t", user=f"u{i}", model="m").action for i in range(50)} == {"throttle"}
+    assert edge.check(team="t", user="boss", model="m").action == "shutoff"  # a decision of its own: not shared
+    assert edge.check(team="t", user="new", model="m").action == "fallback"
+    assert len(edge._answers) <= 2  # one shared answer (and boss's), not one per user
+
+
+def test_a_per_user_policy_rule_stops_the_sharing_and_a_team_quota_counts_all_its_users() -> None:
+    per_user = Enforcer(
+        "127.0.0.1:1", policy=parse_policy("quotas:\n  - {scope: 'user:*', requests_per_day: 2}\n"), policy_topic=None
+    )
+    for user in ("u1", "u2", "u3"):
+        assert repeated(per_user, team="t", user=user, model="m") == ["allow", "allow", "shutoff", "shutoff"]
+    per_team = Enforcer(
+        "127.0.0.1:1", policy=parse_policy("quotas:\n  - {scope: 'team:*', requests_per_day: 5}\n"), policy_topic=None
+    )
+    actions = [per_team.check(team="t", user=f"u{i % 3}", model="m").action for i in range(8)]
+    assert actions == ["allow"] * 5 + ["shutoff"] * 3
+    listed = Enforcer(
+        "127.0.0.1:1", policy=parse_policy("allowed_models:\n  'user:intern': [m-mini]\n"), policy_topic=None
+    )
+    for user in ("u1", "u2", "intern", "u3"):
+        expected = "deny_model" if user == "intern" else "allow"
+        assert repeated(listed, team="t", user=user, model="m") == [expected] * REPEATS
+
+
+one_request_throttles = st.lists(
+    st.builds(
+        lambda scope, action, version: Decision(
+            scope=scope,
+            action=action,
+            version=version,
+            fallback_models={"gpt-4o": "gpt-4o-mini"} if action == "fallback" else {},
+            throttle_rps=1e-6 if action == "throttle" else None,  # one request per limit, then refused for days
+        ),
+        st.sampled_from(["*", "team:t1", "team:*", "user:u1", "user:*", "feature:f", "feature:*"]),
+        st.sampled_from(["alert", "fallback", "throttle", "shutoff", "allow"]),
+        st.integers(1, 3),
+    ),
+    min_size=1,
+    max_size=6,
+)
+many_users = st.lists(
+    st.fixed_dictionaries(
+        {
+            "team": st.sampled_from(["", "t1", "t2"]),
+            "user": st.sampled_from(["", "u1", "u2", "u3", "u4"]),
+            "feature": st.sampled_from(["", "f"]),
+            "model": st.sampled_from(MODELS),
+        }
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(one_request_throttles, many_users)
+def test_shared_answers_give_every_user_what_answers_of_its_own_would(decisions, requests) -> None:
+    """The same decisions and requests through an Enforcer that shares answers among users and one that does not:
+    every verdict is the same, throttles included (each limit lets exactly one request through)."""
+    sharing = Enforcer("127.0.0.1:1", policy_topic=None)
+    alone = Enforcer("127.0.0.1:1", policy_topic=None)
+    for decision in decisions:
+        sharing.apply(decision.scope, decision)
+        alone.apply(decision.scope, decision)
+    alone._shared_users = None  # what a per-user policy rule sets: every user answered on its own
+    for request in requests:
+        shared, own = sharing.check(**request), alone.check(**request)
+        assert shared._replace(retry_after_s=None) == own._replace(retry_after_s=None), request  # waits: real time
+        assert (shared.retry_after_s is None) == (own.retry_after_s is None), request

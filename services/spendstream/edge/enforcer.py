@@ -5,7 +5,9 @@ some decision matches, the outcome of that set of rules for the request's model 
 ``verdict.plan`` and kept (until a decision arrives), so a request only takes its throttles' tokens. A request
 seen again (the same nine fields) is answered from what was kept of its answer, with one lookup: the verdict,
 its quota counters and throttle limits, and the wall-clock range it holds in; every change of the decisions, the
-policy or the hierarchy drops the kept answers.
+policy or the hierarchy drops the kept answers. Users with no decision and no policy rule of their own share one
+answer per value of the other eight fields (a ``user:*`` throttle still counts each of them): a request of a user
+never seen before is answered with two lookups too.
 The consumer reads the compacted topic from the beginning with no consumer group commits, so every edge holds
 the full current view.
 
@@ -61,6 +63,10 @@ log = logging.getLogger(__name__)
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 _FEATURE = _DIM_INDEX["feature"]
+_USER = _DIM_INDEX["user"]
+# In the key of an answer kept for every user with no rule and no policy rule of its own (``_shared_answer_key``):
+# the user's place; in its throttles, the key of the ``user:*`` limit, which counts each user on its own.
+_ANY_USER: Any = object()
 WILDCARD = "*"
 # Plans kept per Enforcer (matched rules and model -> outcome), answers per request, allow verdicts per model;
 # each emptied when full.
@@ -157,8 +163,11 @@ class Enforcer:
         self._allow: dict[str, Verdict] = {}  # model -> its allow verdict, shared: nothing allocated to allow
         # request (its nine fields) -> its answer; replaced by every change of the rules, the policy or the hierarchy
         # (after the change is installed), so an answer is only ever kept from the rules in force.
-        self._answers: dict[tuple[str, ...], _Answer] = {}
+        self._answers: dict[tuple[Any, ...], _Answer] = {}
         self._seen_once: list[int] = [0] * _SEEN_SLOTS  # only decides what is kept, so never emptied
+        # The users with a decision of their own (and "*"), while no policy rule names a user: the others share their
+        # answers (``_shared_answer_key``). None: a policy quota or model list is per user, so nobody shares.
+        self._shared_users: dict[str, ScopeRule] | None = self._index[_USER]
         self.set_hierarchy(hierarchy or {})
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -249,7 +258,12 @@ class Enforcer:
         request = (org, division, team, project, feature, user, customer, environment, model)
         kept = answers.get(request)
         if kept is None:
-            return self._check_and_keep(answers, request, None, None)
+            shared = self._shared_users
+            if not user or shared is None or user in shared:
+                return self._check_and_keep(answers, request, None, None)
+            kept = answers.get((org, division, team, project, feature, _ANY_USER, customer, environment, model))
+            if kept is None:
+                return self._check_and_keep(answers, request, None, None)
         verdict, timed, valid_from, valid_until, counted, throttles = kept
         if timed:
             wall = self._wall()
@@ -267,16 +281,16 @@ class Enforcer:
             now = time.monotonic()
             if len(throttles) == 1:  # inline: the common throttled-but-allowed request
                 limiting, key = throttles[0]
-                wait = limiting.limit.try_take(key, now)
+                wait = limiting.limit.try_take(user if key is _ANY_USER else key, now)
             else:
-                wait, limiting = take_all(throttles, now)
+                wait, limiting = take_all([(rule, user if key is _ANY_USER else key) for rule, key in throttles], now)
             if wait > 0.0:
                 return throttled(verdict.model, limiting, wait)
         return verdict
 
     def _check_and_keep(
         self,
-        answers: dict[tuple[str, ...], _Answer],
+        answers: dict[tuple[Any, ...], _Answer],
         request: tuple[str, ...],
         wall: float | None,
         refused: list[tuple[int, int, int]] | None,
@@ -285,6 +299,8 @@ class Enforcer:
         answer for the next identical request when it holds for a while. ``refused``: the request's quota counts
         already taken, that reached their cap (None: not counted yet)."""
         first_seen = wall is None  # check() found no answer kept (not one that no longer holds)
+        shared_key = self._shared_answer_key(request)
+        user_at = -1  # where the user:* rule is among the matched rules (its limit's key is the user)
         values: Sequence[str] = request
         if self._ancestors:
             values = list(request)
@@ -313,12 +329,15 @@ class Enforcer:
                     rules.append(rule)
                     keys.append("")
                 if wildcard is not None:
+                    if i == _USER:
+                        user_at = len(rules)
                     rules.append(wildcard)
                     keys.append(value)
         if self._global is not None:
             rules.append(self._global)
             keys.append("")
         throttles: tuple[tuple[ScopeRule, str], ...] = ()
+        planned: Plan | None = None
         if not rules:
             valid_from, valid_until = -_INF, _INF
             verdict = base = self._allow.get(model) or self._allow_verdict(model)
@@ -334,6 +353,7 @@ class Enforcer:
                 kept = self._plan(signature, kept, wall)
                 if kept is None:  # an expiring shutoff: its retry-after changes with the clock
                     return resolve_many(zip(rules, keys, strict=True), model, wall, time.monotonic())
+            planned = kept
             valid_from, valid_until, base, positions, _ = kept
             verdict = base
             if positions:
@@ -357,7 +377,7 @@ class Enforcer:
         if first_seen:
             # Kept from the second time it is seen: a stream of requests that each come once (more users than
             # answers kept) then costs a hash per request, with nothing kept alive, no dict growing or emptied.
-            digest = hash(request)
+            digest = hash(request if shared_key is None else shared_key)
             seen_once = self._seen_once
             slot = digest & _SEEN_MASK
             if seen_once[slot] != digest:
@@ -369,8 +389,24 @@ class Enforcer:
             if len(answers) >= _MAX_PLANS:
                 answers.clear()
             timed = valid_from != -_INF or valid_until != _INF
-            answers[request] = (base, timed, valid_from, valid_until, counted, throttles)
+            if shared_key is None:
+                answers[request] = (base, timed, valid_from, valid_until, counted, throttles)
+            else:
+                if throttles and user_at >= 0 and planned is not None:
+                    keys[user_at] = _ANY_USER
+                    throttles = throttles_of(planned, rules, keys)
+                answers[shared_key] = (base, timed, valid_from, valid_until, counted, throttles)
         return verdict
+
+    def _shared_answer_key(self, request: tuple[str, ...]) -> tuple[Any, ...] | None:
+        """The key of the answer ``request`` shares with every user like its own (None: its user has a decision or
+        a policy rule of its own, or it names no user). Their answers differ only in which user a ``user:*`` throttle
+        counts: the key of that limit is ``_ANY_USER`` in the kept answer, and ``check`` puts the user there."""
+        shared = self._shared_users
+        user = request[_USER]
+        if not user or shared is None or user in shared:
+            return None
+        return (*request[:_USER], _ANY_USER, *request[_USER + 1 :])
 
     def _plan(self, signature: tuple[Any, ...], kept: Plan | None, wall: float) -> Plan | None:
         """``kept``, the plan of ``signature`` (model, *rules), if it holds at ``wall``, else a new one (None: none
@@ -434,6 +470,7 @@ class Enforcer:
             self.set_hierarchy(policy.parent_scopes)
         static = StaticRules(policy, DIMENSIONS, self._static)
         self._static = static if static else None
+        self._shared_users = None if static.names(_USER) else self._index[_USER]
         self._answers = {}
         self.policy = policy
         log.info("enforcer applies policy %s %s", policy.name, policy.version)

@@ -128,6 +128,10 @@ class RequestQuotas:
     def __bool__(self) -> bool:
         return bool(self._caps)
 
+    def dimensions(self) -> tuple[int, ...]:
+        """The indexes of the dimensions with a quota."""
+        return tuple(i for i, _, _ in self._caps)
+
     def adopt_counts(self, previous: RequestQuotas) -> None:
         """Keep today's counts across a policy change (a new cap applies to the requests already made)."""
         if previous.tz == self.tz:
@@ -198,6 +202,12 @@ class StaticRules:
 
     def __bool__(self) -> bool:
         return bool(self.allowed) or self.quotas is not None
+
+    def names(self, dimension: int) -> bool:
+        """Whether a model list or a request quota applies per value of ``dimension`` (by index): then requests
+        that differ only in that value may get different answers."""
+        counted = self.quotas.dimensions() if self.quotas is not None else ()
+        return any(i == dimension for i, _, _ in self.allowed) or dimension in counted
 
     def denial(self, values: Sequence[str], served: str) -> Verdict | None:
         """The ``deny_model`` verdict of the first list among ``values`` (by dimension index) that does not cover the
