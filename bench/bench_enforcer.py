@@ -5,9 +5,9 @@ time per call of the calling thread. The shapes are measured in turn, ``--rounds
 other work on the machine spreads over all of them; the table shows the median and the range over rounds.
 The "no decision matches" shape is the floor every other shape is compared with.
 A request seen again is answered from what the Enforcer kept of its first answers; the last two shapes send every
-call from a user not seen lately (more users than answers kept), so they measure the path from the rules: users seen
-once before in an untimed pass, and users never seen (new names each round, so each call also adds the user to the
-``user:*`` throttle's table; its CPU column is measured on other new users).
+call from a user not seen lately (more users than answers kept): users seen once before in an untimed pass, and users
+never seen (new names each round, so each call also adds the user to the ``user:*`` throttle's table; its CPU column
+is measured on other new users). Such users, with no rule of their own, share a kept answer.
 Each timed call is two ``perf_counter_ns`` reads apart (about 0.1 us of the figure) and passes its fields as a dict
 (``check(**request)``, as the gateway does). The garbage collector stays on, as in a gateway; the table counts the
 collections that ran during the timed calls.
