@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import pytest
 from spendstream.core.config import Settings
 from spendstream.core.events import Decision
 from spendstream.gateway.keys import hash_key
+from spendstream.gateway.workers import FAST_FAILURE_S, restart_delay
 from spendstream.runtime.embedded_broker import free_port
 from stub_upstream import StubUpstream, publish_decisions, wait_for
 
@@ -161,6 +164,73 @@ def test_two_workers_serve_the_port_each_enforcing_and_are_supervised(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def listening_pid(port: int, pids: set[int]) -> int:
+    """Which of ``pids`` listens on 127.0.0.1:``port`` (from /proc: the socket's inode among their open files)."""
+    wanted = f"0100007F:{port:04X}"
+    inodes = {
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if (fields := line.split())[1] == wanted and fields[3] == "0A"  # 0A: LISTEN
+    }
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
+                    return pid
+    raise LookupError(f"none of {pids} listens on {port}")
+
+
+def test_a_worker_that_cannot_start_again_leaves_the_others_serving_and_is_retried(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """Once the gateway has run, a worker whose restarts fail (here: its /metrics port taken meanwhile) is retried
+    with a growing delay while the other worker keeps serving; it comes back once the port is free."""
+    port, metrics = free_port(), two_free_ports()
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [*CLI, "gateway", "--workers", "2", "--config", str(gateway_config(tmp_path, stub)), "--port", str(port)],
+            env={**env_of(settings), "SPENDSTREAM_METRICS_PORT": str(metrics)},
+            stderr=stderr,
+        )
+    started = time.monotonic()
+    try:
+        assert wait_for(
+            lambda: len([b for b in pids_answering(port, 20).values() if b["enforcer_ready"]]) == 2, 60, interval=0.2
+        ), "two ready workers did not answer on the port"
+        first = set(pids_answering(port))
+        time.sleep(max(0.0, started + FAST_FAILURE_S + 1 - time.monotonic()))  # the gateway has run
+        victim = listening_pid(metrics + 1, first)
+        os.kill(victim, signal.SIGKILL)
+        with socket.socket() as squatter:
+            deadline = time.monotonic() + 1  # the replacement starts RESTART_DELAY_S after the death
+            while True:
+                try:
+                    squatter.bind(("127.0.0.1", metrics + 1))
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the dead worker's metrics port was not released"
+                    time.sleep(0.01)
+            squatter.listen()
+            assert wait_for(lambda: "other worker(s) keep serving" in log.read_text(), 60), log.read_text()
+            assert proc.poll() is None, log.read_text()
+            assert call(port, "POST", "/v1/chat/completions", OPEN)[0] == 200  # the survivor serves
+        # the port is free again: a later try brings the worker back
+        assert wait_for(lambda: {p for p, b in pids_answering(port, 20).items() if b["enforcer_ready"]} - first, 90), (
+            log.read_text()
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_restart_delays_grow_only_for_a_worker_that_keeps_failing() -> None:
+    assert [restart_delay(n) for n in range(10)] == [1, 1, 2, 4, 8, 16, 32, 60, 60, 60]
 
 
 def _zombie(pid: int) -> bool:

@@ -5,6 +5,11 @@ One Python process serves requests on one core. N worker processes each bind the
 Enforcer (the full decision view), Emitter, upstream pool, response cache and request counters. The
 supervisor serves nothing: it restarts a worker that dies, forwards SIGHUP (reload keys) and stops every
 worker on SIGTERM/SIGINT, each one flushing its Emitter before it exits.
+
+A worker that keeps exiting right after it starts means two different things. Before the gateway has ever run
+(no worker lasted ``FAST_FAILURE_S``) the configuration or the port is wrong, and the gateway stops with status 1
+so the operator sees it at once. Once it has run, the other workers are serving: the supervisor keeps them, says
+so on stderr, and retries the failing one with a growing delay (e.g. its ``/metrics`` port taken meanwhile).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from dataclasses import dataclass, field
 
 RESTART_DELAY_S = 1.0  # between a worker's death and its replacement
 FAST_FAILURE_S = 5.0  # a worker that dies sooner than this after its start failed to start
-MAX_FAST_FAILURES = 3  # in a row: the gateway cannot start (bad config, port taken); stop instead of looping
+MAX_FAST_FAILURES = 3  # in a row before the gateway ever ran: it cannot start (bad config, port taken), so stop
+MAX_RESTART_DELAY_S = 60.0  # the longest wait between two tries of a worker that keeps failing once the gateway ran
 STOP_TIMEOUT_S = 20.0  # a worker still running this long after SIGTERM is killed
 _PR_SET_PDEATHSIG = 1
 
@@ -50,6 +56,14 @@ def reuse_port_free(host: str, port: int) -> str | None:
     return None
 
 
+def restart_delay(fast_failures: int) -> float:
+    """Seconds before the next try of a worker after ``fast_failures`` exits in a row right after starting:
+    ``RESTART_DELAY_S`` after a worker that ran, doubling with each fast exit up to ``MAX_RESTART_DELAY_S``."""
+    if fast_failures <= 1:
+        return RESTART_DELAY_S
+    return min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (fast_failures - 1))
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the supervisor dies, so no orphan keeps serving on the port."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: a worker outlives a killed supervisor
@@ -73,6 +87,7 @@ class Supervisor:
         self.argv = list(argv)
         self.workers = [_Worker(i) for i in range(count)]
         self._stopping = False
+        self._has_run = False  # some worker lasted FAST_FAILURE_S: the configuration and the port are good
 
     def _spawn(self, worker: _Worker) -> None:
         argv = [*self.argv, "--worker-index", str(worker.index)]
@@ -113,9 +128,10 @@ class Supervisor:
                 if code is None:
                     if now - worker.started_at >= FAST_FAILURE_S:
                         worker.fast_failures = 0
+                        self._has_run = True
                     continue
                 worker.fast_failures = worker.fast_failures + 1 if now - worker.started_at < FAST_FAILURE_S else 0
-                if worker.fast_failures >= MAX_FAST_FAILURES:
+                if worker.fast_failures >= MAX_FAST_FAILURES and not self._has_run:
                     print(
                         f"gateway worker {worker.index} exited {MAX_FAST_FAILURES} times right after starting "
                         f"(last exit status {code}); stopping the gateway",
@@ -124,13 +140,16 @@ class Supervisor:
                     )
                     self._stopping, status = True, 1
                     break
+                delay = restart_delay(worker.fast_failures) if self._has_run else RESTART_DELAY_S
+                others = sum(1 for other in self.workers if other.process is not None and other.process.poll() is None)
+                also = f"; {others} other worker(s) keep serving" if worker.fast_failures >= MAX_FAST_FAILURES else ""
                 print(
                     f"gateway worker {worker.index} (pid {worker.process.pid}) exited with status {code}; "
-                    f"restarting it in {RESTART_DELAY_S:g} s",
+                    f"restarting it in {delay:g} s{also}",
                     file=sys.stderr,
                     flush=True,
                 )
-                worker.restart_at = now + RESTART_DELAY_S
+                worker.restart_at = now + delay
         self._stop_all()
         return status
 
