@@ -4,7 +4,8 @@
   environment, model; 5 tracked periods each) are produced first, then one worker starts; events/s is
   measured from the moment stage 1 starts reading its partitions to the moment every event is counted in
   the changelog. Also printed: the worker's CPU time (every thread) per event over that interval, the figure
-  that load from other work on the machine disturbs least.
+  that load from other work on the machine disturbs least, and its peak RSS (catching up on a backlog fills
+  every batch: ``SPENDSTREAM_PROCESSOR_BATCH_SIZE`` events per partition in hand).
 * ``--baseline-services DIR``: the same measurement, in the same run, of another checkout's ``services``
   directory (e.g. ``git archive <commit> services schemas | tar -x -C /tmp/old``); rounds alternate
   between the two, and the medians are compared.
@@ -141,6 +142,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM): what catching up on a backlog costs in memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def stage1_read(consumer: Consumer) -> int:
     """Usage events stage 1 has folded, flushed and committed (cheap to ask, unlike reading the changelog)."""
     found = consumer.committed([TopicPartition(USAGE, p) for p in range(PARTITIONS)], timeout=10)
@@ -215,7 +224,7 @@ def main() -> None:
                 results[name].append((rate, cpu_us))
                 print(
                     f"{name}, round {round_ + 1}: {args.events:,} events at {rate:,.0f} events/s "
-                    f"({cpu_us:.1f} us worker CPU per event)",
+                    f"({cpu_us:.1f} us worker CPU per event, worker peak RSS {peak_rss_mb(worker.pid):,.0f} MB)",
                     flush=True,
                 )
                 try:
