@@ -85,11 +85,12 @@ class Settings(BaseSettings):
         86_400, ge=0, description="Events arriving later than this after occurred_at go to the DLQ."
     )
     processor_batch_size: int = Field(
-        20_000,
+        5_000,
         ge=1,
         le=100_000,
-        description="Most usage events per partition in one processor batch (a worker that is behind fills them: "
-        "bigger ones write fewer changelog records per event and cost ~0.7 KB of memory per event in hand).",
+        description="Most usage events per partition in one processor batch. A worker that is behind fills them: "
+        "bigger ones write fewer changelog records per event but hold ~0.7 KB of memory per event (20000: ~10 % "
+        "more events/s while catching up, ~60 MB more peak memory per worker of 6 partitions).",
     )
     processor_batch_ms: int = Field(
         50, ge=1, le=10_000, description="Longest wait to fill a processor batch (bigger: fewer writes, more latency)."

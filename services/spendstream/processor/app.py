@@ -67,7 +67,7 @@ class ProcessorConfig:
     app_id: str = DEFAULT_APP_ID
     allowed_lateness: timedelta = timedelta(days=1)
     max_future_skew: timedelta = timedelta(minutes=5)
-    batch_size: int = 20_000  # per partition; see Settings.processor_batch_size
+    batch_size: int = 5000  # per partition; see Settings.processor_batch_size
     batch_within_s: float = 0.05
     dedup_horizon: timedelta = timedelta(minutes=15)  # arrival time within which a re-sent event_id is skipped
     dedup_memory_ids: int = SPILL_AT  # ids of a partition's horizon in memory before they move to disk
