@@ -94,38 +94,54 @@ def test_a_kept_throttle_answer_takes_a_token_per_request() -> None:
 
 
 MODELS = ["gpt-4o", "gpt-4o-mini"]
-decisions_strategy = st.lists(
-    st.builds(
-        lambda scope, action, version, allowed, expires_in: Decision(
-            scope=scope,
-            action=action,
-            version=version,
-            fallback_models={"gpt-4o": "gpt-4o-mini"} if action == "fallback" else {},
-            allowed_models=["gpt-4o-mini"] if allowed else [],
-            throttle_rps=1e9 if action == "throttle" else None,
-            expires_at=None if expires_in is None else datetime.fromtimestamp(NOW + expires_in, UTC),
+
+
+def decision_lists(scopes: list[str], throttle_rps: float, expiries: list[float | None]) -> st.SearchStrategy:
+    """Lists of decisions on ``scopes``: every action, fallbacks and allowed lists on gpt-4o, throttles at
+    ``throttle_rps``, expiring after one of ``expiries`` seconds (None: never)."""
+    return st.lists(
+        st.builds(
+            lambda scope, action, version, allowed, expires_in: Decision(
+                scope=scope,
+                action=action,
+                version=version,
+                fallback_models={"gpt-4o": "gpt-4o-mini"} if action == "fallback" else {},
+                allowed_models=["gpt-4o-mini"] if allowed else [],
+                throttle_rps=throttle_rps if action == "throttle" else None,
+                expires_at=None if expires_in is None else datetime.fromtimestamp(NOW + expires_in, UTC),
+            ),
+            st.sampled_from(scopes),
+            st.sampled_from(["alert", "fallback", "throttle", "shutoff", "allow"]),
+            st.integers(1, 3),
+            st.booleans(),
+            st.sampled_from(expiries),
         ),
-        st.sampled_from(["*", "team:t1", "team:*", "user:u1", "user:*", "feature:f"]),
-        st.sampled_from(["alert", "fallback", "throttle", "shutoff", "allow"]),
-        st.integers(1, 3),
-        st.booleans(),
-        st.sampled_from([None, None, 30.0, 90.0]),
-    ),
-    min_size=1,
-    max_size=6,
+        min_size=1,
+        max_size=6,
+    )
+
+
+def request_lists(users: list[str], max_size: int) -> st.SearchStrategy:
+    """Lists of requests over two teams, ``users`` and one feature, for either model."""
+    return st.lists(
+        st.fixed_dictionaries(
+            {
+                "team": st.sampled_from(["", "t1", "t2"]),
+                "user": st.sampled_from(users),
+                "feature": st.sampled_from(["", "f"]),
+                "model": st.sampled_from(MODELS),
+            }
+        ),
+        min_size=1,
+        max_size=max_size,
+    )
+
+
+# throttles that never refuse, so answers depend on the decisions and the clock alone
+decisions_strategy = decision_lists(
+    ["*", "team:t1", "team:*", "user:u1", "user:*", "feature:f"], 1e9, [None, None, 30.0, 90.0]
 )
-requests_strategy = st.lists(
-    st.fixed_dictionaries(
-        {
-            "team": st.sampled_from(["", "t1", "t2"]),
-            "user": st.sampled_from(["", "u1", "u2"]),
-            "feature": st.sampled_from(["", "f"]),
-            "model": st.sampled_from(MODELS),
-        }
-    ),
-    min_size=1,
-    max_size=4,
-)
+requests_strategy = request_lists(["", "u1", "u2"], 4)
 
 
 @settings(max_examples=150, deadline=None)
@@ -179,34 +195,11 @@ def test_a_per_user_policy_rule_stops_the_sharing_and_a_team_quota_counts_all_it
         assert repeated(listed, team="t", user=user, model="m") == [expected] * REPEATS
 
 
-one_request_throttles = st.lists(
-    st.builds(
-        lambda scope, action, version: Decision(
-            scope=scope,
-            action=action,
-            version=version,
-            fallback_models={"gpt-4o": "gpt-4o-mini"} if action == "fallback" else {},
-            throttle_rps=1e-6 if action == "throttle" else None,  # one request per limit, then refused for days
-        ),
-        st.sampled_from(["*", "team:t1", "team:*", "user:u1", "user:*", "feature:f", "feature:*"]),
-        st.sampled_from(["alert", "fallback", "throttle", "shutoff", "allow"]),
-        st.integers(1, 3),
-    ),
-    min_size=1,
-    max_size=6,
+# one request per limit, then refused for days: answers show whose limit counted
+one_request_throttles = decision_lists(
+    ["*", "team:t1", "team:*", "user:u1", "user:*", "feature:f", "feature:*"], 1e-6, [None]
 )
-many_users = st.lists(
-    st.fixed_dictionaries(
-        {
-            "team": st.sampled_from(["", "t1", "t2"]),
-            "user": st.sampled_from(["", "u1", "u2", "u3", "u4"]),
-            "feature": st.sampled_from(["", "f"]),
-            "model": st.sampled_from(MODELS),
-        }
-    ),
-    min_size=1,
-    max_size=30,
-)
+many_users = request_lists(["", "u1", "u2", "u3", "u4"], 30)
 
 
 @settings(max_examples=150, deadline=None)
