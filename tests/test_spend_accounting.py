@@ -428,3 +428,21 @@ def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> Non
     copy = UsageItem(12, 0, 15, ["team:x"], 1_700_000_000, b"e" * 16, other)
     out = restore_sources(table, [1], HOUR_MS)[1].fold([copy], 2_000, {}.get, LIVE_STARTS)
     assert list(out.conflicts) == [(12, 10)] and not out.touched
+
+
+def test_digests_of_an_earlier_digest_function_read_back_as_unknown_so_a_copy_is_dropped_not_dead_lettered() -> None:
+    """An ids record written before the digest function changed (three elements, blake2b digests) must not make
+    every retry of its events look like a conflicting duplicate after an upgrade."""
+    from spendstream.processor.spend_accounting import DIGEST_FUNCTION, content_digest, unpack_digests
+
+    digest = content_digest(b"event")
+    item = UsageItem(10, 5 * USD, 15, ["team:x"], 1_700_000_000, b"e" * 16, digest)
+    key, value = SourcePartition(1, AppliedIds(HOUR_MS)).fold([item], 1_000, {}.get, LIVE_STARTS).ids_records[0]
+    assert value[3] == DIGEST_FUNCTION and unpack_digests(value) == [digest]
+    earlier = value[:3]  # as an earlier release wrote it
+    assert unpack_digests(earlier) == []
+    copy = UsageItem(12, 5 * USD, 15, ["team:x"], 1_700_000_000, b"e" * 16, content_digest(b"same event, re-encoded"))
+    out = restore_sources({key: earlier}, [1], HOUR_MS)[1].fold([copy], 2_000, {}.get, LIVE_STARTS)
+    assert out.conflicts == () and not out.touched  # dropped as a copy, not counted
+    out = restore_sources({key: value}, [1], HOUR_MS)[1].fold([copy], 2_000, {}.get, LIVE_STARTS)
+    assert list(out.conflicts) == [(12, 10)] and not out.touched

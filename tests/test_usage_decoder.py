@@ -11,6 +11,8 @@ from typing import Any
 import fastavro
 import pytest
 from confluent_kafka import Message
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import UsageEvent
@@ -94,6 +96,24 @@ def wire(**changes: object) -> dict[str, object]:
     return record
 
 
+# longs of every varint length (1 to 10 bytes), either sign, near each length's boundaries
+LONGS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from([b for n in range(1, 64) for b in (2**n - 1, 2**n, -(2**n), -(2**n) - 1) if b < 2**63]),
+)
+
+
+@given(inputs=LONGS, cost=LONGS, latency=LONGS, micros=LONGS)
+def test_reads_longs_of_every_length_as_the_codec_does(inputs: int, cost: int, latency: int, micros: int) -> None:
+    data = body(wire(input_tokens=inputs, cost_nanos=cost, latency_ms=latency, occurred_at=micros))
+    try:
+        expected = as_codec_reads(data)
+    except DecodeError:  # a timestamp no datetime holds: the codec's path decides
+        assert DECODER.decode(data) is None
+        return
+    assert list(DECODER.decode(data) or ()) == expected
+
+
 def test_declines_what_the_codec_rejects_or_reads_otherwise() -> None:
     good = CODEC.encode(event().to_avro())
     assert DECODER.decode(good) is not None
@@ -104,7 +124,11 @@ def test_declines_what_the_codec_rejects_or_reads_otherwise() -> None:
     assert DECODER.decode(b"\x00\x00\x00\x00\x01" + good[10:]) is None  # registry framing
     not_canonical = body(wire(event_id=uuid.uuid4().hex))  # a UUID the codec parses, in another spelling
     assert DECODER.decode(not_canonical) is None and CODEC.decode(not_canonical)["event_id"]
-    for bad_id in ("not-a-uuid", "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"):
+    h = uuid.uuid4().hex
+    moved = body(wire(event_id=f"{h[:7]}-{h[7:12]}-{h[12:18]}-{h[18:20]}-{h[20:]}"))  # dashes elsewhere
+    assert DECODER.decode(moved)[0] == CODEC.decode(moved)["event_id"].bytes == bytes.fromhex(h)  # what UUID reads
+    five_dashes = "01234567-89ab-cdef-0123-456789abcd-f"
+    for bad_id in ("not-a-uuid", "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz", five_dashes, "-" * 36):
         with pytest.raises(DecodeError):
             CODEC.decode(body(wire(event_id=bad_id)))
         assert DECODER.decode(body(wire(event_id=bad_id))) is None

@@ -65,7 +65,8 @@ class _Source:
         return f"{stem}{self.counter}"
 
     def emit_long(self, depth: int, target: str) -> None:
-        """A zigzag varint, of one or two bytes inline (counts below 8192), longer ones by ``_varint``."""
+        """A zigzag varint, of up to four bytes inline (below 2**27: counts, and costs below $0.13), longer ones
+        by ``_varint`` (a call cost as much as the rest of a cost's decoding)."""
         self.add(depth, "b = buf[pos]")
         self.add(depth, "if b < 128:")
         self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
@@ -74,16 +75,27 @@ class _Source:
         self.add(depth + 1, "b = (b & 127) | (buf[pos + 1] << 7)")
         self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
         self.add(depth + 1, "pos += 2")
+        self.add(depth, "elif buf[pos + 2] < 128:")
+        self.add(depth + 1, "b = (b & 127) | (buf[pos + 1] & 127) << 7 | buf[pos + 2] << 14")
+        self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
+        self.add(depth + 1, "pos += 3")
+        self.add(depth, "elif buf[pos + 3] < 128:")
+        self.add(depth + 1, "b = (b & 127) | (buf[pos + 1] & 127) << 7 | (buf[pos + 2] & 127) << 14")
+        self.add(depth + 1, "b |= buf[pos + 3] << 21")
+        self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
+        self.add(depth + 1, "pos += 4")
         self.add(depth, "else:")
         self.add(depth + 1, f"{target}, pos = _varint(buf, pos)")
 
     def emit_timestamp(self, depth: int, target: str) -> None:
         """A zigzag varint of eight bytes (epoch microseconds of these decades) from one ``int.from_bytes`` and
-        masks, any other length by ``_varint``."""
+        masks, any other length by ``_varint``. The eight 7-bit groups are packed in three steps, each halving
+        the number of gaps (pairs of 7 bits, then of 14, then of 28): 13 integer operations instead of 23."""
         self.add(depth, 'b = int.from_bytes(buf[pos : pos + 8], "little")')
         self.add(depth, "if b & 0x8080808080808080 == 0x0080808080808080:")  # seven continuation bytes, then the last
-        groups = " | ".join(f"(b >> {i} & {0x7F << (7 * i):#x})" for i in range(8))
-        self.add(depth + 1, f"b = {groups}")
+        self.add(depth + 1, "b = (b & 0x007F007F007F007F) | (b >> 1 & 0x3F803F803F803F80)")
+        self.add(depth + 1, "b = (b & 0x00003FFF00003FFF) | (b >> 2 & 0x0FFFC0000FFFC000)")
+        self.add(depth + 1, "b = (b & 0x000000000FFFFFFF) | (b >> 4 & 0x00FFFFFFF0000000)")
         self.add(depth + 1, f"{target} = (b >> 1) ^ -(b & 1)")
         self.add(depth + 1, "pos += 8")
         self.add(depth, "else:")
@@ -130,14 +142,15 @@ class _Source:
             self.emit(depth, kind, target)
         elif kind == "string" and logical is None:
             self.emit_string(depth, target)
-        elif kind == "string" and logical == "uuid":  # canonical text only (what edges write), as its 16 bytes
-            dashes = " and ".join(f"buf[pos + {1 + at}] == 45" for at in (8, 13, 18, 23))  # 45: "-"
-            self.add(depth, f"if buf[pos] != 72 or not ({dashes}):")  # 72: the length 36, zigzag
+        elif kind == "string" and logical == "uuid":  # 36 characters, 32 of them hex: its 16 bytes
+            self.add(depth, "if buf[pos] != 72:")  # 72: the length 36, zigzag
             self.add(depth + 1, "return None")
             if target is None:
                 self.add(depth, "pos += 37")
-            else:  # not hex, or another "-" made it odd-length: ValueError
+            else:  # not hex, or a "-" too many made it odd-length: ValueError; four "-" anywhere: what ``UUID`` reads
                 self.add(depth, f'{target} = unhexlify(buf[pos + 1 : (pos := pos + 37)].replace(b"-", b""))')
+                self.add(depth, f"if len({target}) != 16:")
+                self.add(depth + 1, "return None")
         elif kind in ("long", "int") and logical is None:
             self.emit_long(depth, target)
         elif kind == "long" and logical == "timestamp-micros":
