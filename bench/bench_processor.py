@@ -6,6 +6,9 @@
   the changelog. Also printed: the worker's CPU time (every thread) per event over that interval, the figure
   that load from other work on the machine disturbs least, and its peak RSS (catching up on a backlog fills
   every batch: ``SPENDSTREAM_PROCESSOR_BATCH_SIZE`` events per partition in hand).
+* Every round starts on an empty internal topic (``spendstream.processor.partials``, which every app id shares):
+  a new app id's stage 2 would otherwise read all the earlier rounds' messages too, and each round would be
+  slower than the one before.
 * ``--baseline-services DIR``: the same measurement, in the same run, of another checkout's ``services``
   directory (e.g. ``git archive <commit> services schemas | tar -x -C /tmp/old``); rounds alternate
   between the two, and the medians are compared.
@@ -36,12 +39,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from figures import figure, machine
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, USAGE
-from spendstream.processor.internal_topics import DEFAULT_APP_ID
+from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC
 from spendstream.processor.recovery import read_window_totals
 from spendstream.processor.usage_reader import usage_group
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -156,11 +160,22 @@ def stage1_read(consumer: Consumer) -> int:
     return sum(max(tp.offset, 0) for tp in found)
 
 
+def empty_internal_topic(bootstrap: str) -> None:
+    """Delete the internal topic the earlier rounds' workers wrote; the next worker creates it again, empty."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if PARTIALS_TOPIC not in admin.list_topics(timeout=10).topics:
+        return
+    admin.delete_topics([PARTIALS_TOPIC])[PARTIALS_TOPIC].result(timeout=30)
+    while PARTIALS_TOPIC in admin.list_topics(timeout=10).topics:
+        time.sleep(0.1)
+
+
 def throughput_round(
     bootstrap: str, root: Path, events: int, app_id: str, services: Path | None, profile: Path | None
 ) -> tuple[float, float, subprocess.Popen[bytes]]:
     """One fresh worker (its own app id and usage group) reads every event; (events/s, CPU us per event, worker)."""
     root.mkdir()
+    empty_internal_topic(bootstrap)
     worker = start_worker(bootstrap, root, app_id, profile, services)
     progress = Consumer({"bootstrap.servers": bootstrap, "group.id": usage_group(app_id)})
     try:

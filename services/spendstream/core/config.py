@@ -88,9 +88,10 @@ class Settings(BaseSettings):
         5_000,
         ge=1,
         le=100_000,
-        description="Most usage events per partition in one processor batch. A worker that is behind fills them: "
-        "bigger ones write fewer changelog records per event but hold ~0.7 KB of memory per event (20000: ~10 % "
-        "more events/s while catching up, ~60 MB more peak memory per worker of 6 partitions).",
+        description="Usage events per owned partition in one processor round: a round reads up to this many times "
+        "the worker's partition count, from whichever partitions have them. A worker that is behind fills its "
+        "rounds: bigger ones write fewer changelog records per event but hold ~0.7 KB of memory per event (20000: "
+        "~10 % more events/s while catching up, ~60 MB more peak memory per worker of 6 partitions).",
     )
     processor_batch_ms: int = Field(
         50, ge=1, le=10_000, description="Longest wait to fill a processor batch (bigger: fewer writes, more latency)."

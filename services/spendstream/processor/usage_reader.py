@@ -52,9 +52,10 @@ def by_partition(messages: list[Message]) -> dict[int, list[Message]]:
 class UsageReader:
     """Stage 1's consumer, in a thread of its own (the event loop stays free for faust and stage 2).
 
-    Each round reads up to ``batch_size`` events per partition (a partition's batch writes each touched window
-    once, so bigger batches mean fewer changelog records per event), hands every partition's events to
-    ``process`` in offset order, then commits a ``Checkpoint``: ``output`` must confirm everything written before
+    Each round reads up to ``batch_size`` times the number of partitions events, from whichever partitions
+    librdkafka has them for (one partition may fill a round; a partition's batch writes each touched window once,
+    so bigger batches mean fewer changelog records per event), hands every partition's events to ``process`` in
+    offset order, then commits a ``Checkpoint``: ``output`` must confirm everything written before
     the next offsets are committed to ``usage_group``. Anything that goes wrong ends the process (``os._exit``),
     because its in-memory table may hold values whose changelog records were not confirmed; a restart restores
     from the changelog and replays from the committed offsets.
