@@ -13,7 +13,9 @@ from spendstream.core.config import Settings
 def register(subparsers: argparse._SubParsersAction) -> None:
     proc = subparsers.add_parser("processor", help="run a spend-window processor worker (faust)")
     proc.add_argument(
-        "--app-id", default=None, help="consumer group and table namespace (default spendstream-processor)"
+        "--app-id",
+        default=None,
+        help="consumer group and table namespace (default spendstream-processor); one app id per set of topics",
     )
     proc.add_argument(
         "--allowed-lateness-s",
