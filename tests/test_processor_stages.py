@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
+from faust.serializers.codecs import get_codec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
 from spendstream.core.periods import period_window
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import DLQ_REASON_HEADER, ENFORCEMENT, USAGE, USAGE_DLQ
-from spendstream.processor.checkpoint import Changelog, Checkpoint
+from spendstream.processor.checkpoint import Changelog, Checkpoint, json_value
 from spendstream.processor.internal_topics import (
     PARTIALS_TOPIC,
     PartialsMessage,
@@ -329,3 +332,21 @@ def test_checkpoint_without_offsets_only_flushes() -> None:
     output = Output()
     Checkpoint(output).commit()
     assert output.log == ["flush"]
+
+
+@settings(deadline=None)
+@given(
+    value=st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.text() | st.floats(allow_nan=False),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_table_values_and_internal_messages_read_back_as_written(value: Any) -> None:
+    """What both stages write (``json_value``) is read back by faust's JSON codec as the same value: money of any
+    size stays an exact integer, text of any language stays text."""
+    assert get_codec("json").loads(json_value(value)) == value
+    message = PartialsMessage(
+        3, 1_700_000_000, 1_700_000_000_123, {"team:ü": [WindowPartial("team:ü|day|0", 2**70, 1, 2, 9)]}
+    )
+    assert internal_message(get_codec("json").loads(message.encode())) == message

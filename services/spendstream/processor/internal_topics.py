@@ -9,7 +9,6 @@ lists every partition removes the race.
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from spendstream.processor.checkpoint import json_value
 
 DEFAULT_APP_ID = "spendstream-processor"
 PARTIALS_TOPIC = "spendstream.processor.partials"
@@ -53,8 +54,7 @@ class PartialsMessage:
     scopes: dict[str, list[WindowPartial]]
 
     def encode(self) -> bytes:
-        body = {"p": self.source, "at": self.newest_event_s, "w": self.watermark_ms, "s": self.scopes}
-        return json.dumps(body).encode()
+        return json_value({"p": self.source, "at": self.newest_event_s, "w": self.watermark_ms, "s": self.scopes})
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class ReevaluateMessage:
     policy_version: str
 
     def encode(self) -> bytes:
-        return json.dumps({"reevaluate": self.policy_version}).encode()
+        return json_value({"reevaluate": self.policy_version})
 
 
 InternalMessage = PartialsMessage | ReevaluateMessage
