@@ -97,7 +97,8 @@ def test_compact_ids_agree_with_the_dict_through_runs_spills_merges_expiry_and_a
             entries = [(i.to_bytes(16, "big"), offset + n, digest) for n, (i, digest) in enumerate(events)]
             offset += len(events)
         previous = entries
-        verdicts = compact.admit_versions(entries)
+        columns = [list(column) for column in zip(*entries, strict=True)]  # stage 1 tries ``admit_new`` first
+        verdicts = [APPLY] * len(entries) if compact.admit_new(*columns) else compact.admit_versions(entries)
         assert verdicts == reference.admit_versions(entries)
         applied = [entry for entry, verdict in zip(entries, verdicts, strict=True) if verdict == APPLY]
         kept = [(event_id, at) for event_id, at, _ in applied]
@@ -199,3 +200,23 @@ def test_records_read_back_from_the_changelog_are_adopted_in_order_and_forgotten
         APPLY,
     ]
     assert ids.expire() == ["ids#0#5", "ids#0#11"]
+
+
+def test_admit_new_takes_only_batches_of_new_ids_with_known_digests_and_changes_nothing_otherwise() -> None:
+    ids = AppliedIds(1_000, recent_limit=3)  # the fourth id moves the dict into a run
+    first = [i.to_bytes(16, "big") for i in range(4)]
+    assert ids.admit_new(first, [0, 1, 2, 3], [7, 7, 7, 7])
+    assert [ids.first_offset(event_id) for event_id in first] == [0, 1, 2, 3]
+    new, held_in_run = (9).to_bytes(16, "big"), first[0]
+    assert ids.admit_new([new], [4], [7])  # now held in the dict
+    for event_ids, digests in (
+        ([new, (10).to_bytes(16, "big")], [7, 7]),  # held in the dict
+        ([held_in_run], [5]),  # held in a run
+        ([(11).to_bytes(16, "big")] * 2, [7, 7]),  # twice in the batch
+        ([(12).to_bytes(16, "big")], [0]),  # content unknown
+        ([], []),
+    ):
+        before = len(ids)
+        assert not ids.admit_new(event_ids, list(range(20, 20 + len(event_ids))), digests)
+        assert len(ids) == before
+    assert ids.admit_versions([((11).to_bytes(16, "big"), 20, 7), ((11).to_bytes(16, "big"), 21, 7)]) == [APPLY, COPY]

@@ -391,6 +391,26 @@ class AppliedIds:
         self._compact()
         return verdicts
 
+    def admit_new(self, event_ids: Sequence[bytes], offsets: Sequence[int], digests: Sequence[int]) -> bool:
+        """``admit_versions`` for a batch whose ids are all new (none held, none twice, every digest known): all
+        admitted at once by dict updates in C, where the usual batch spent ~0.5 us per event in a Python loop.
+        False (nothing admitted) for any other batch: ``admit_versions`` then decides entry by entry."""
+        held = self._offsets
+        if (
+            not event_ids
+            or len(set(event_ids)) != len(event_ids)
+            or not held.keys().isdisjoint(event_ids)
+            or 0 in digests
+            or self._in_runs(list(event_ids))
+        ):
+            return False
+        self._generation += 1
+        held.update(zip(event_ids, offsets, strict=True))
+        self._digests.update(zip(event_ids, digests, strict=True))
+        self._added.append((self._generation, len(event_ids)))
+        self._compact()
+        return True
+
     def first_offset(self, event_id: bytes) -> int | None:
         """The offset at which ``event_id`` was applied, if it is within the horizon."""
         found = self._offsets.get(event_id)
