@@ -22,7 +22,7 @@ from spendstream.core.periods import period_window
 from spendstream.core.policy import Policy, parse_policy
 from spendstream.core.topics import ENFORCEMENT, USAGE
 from spendstream.processor.checkpoint import json_key, json_value
-from spendstream.processor.internal_topics import changelog_topic
+from spendstream.processor.internal_topics import PARTIALS_TOPIC, changelog_topic
 from spendstream.processor.recovery import read_scope_totals
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import IDS_PER_RECORD, WindowCalendar, ids_key, pack_ids, split_window_key
@@ -37,6 +37,7 @@ from test_processor import (
     start_worker,
     stop_worker,
     wait_totals,
+    worker_report,
 )
 
 TEAMS = [f"t{i}" for i in range(6)]
@@ -93,19 +94,24 @@ def window_differences(windows: dict, expected: dict) -> str:
     return f"stage-2 window totals differ from the exact sums in {len(wrong)} of {len(expected)} windows: {shown}"
 
 
-def usage_progress(broker: EmbeddedBroker) -> str:
-    """How far stage 1 committed each usage partition against its end, and the broker log's end: whether a stuck
-    worker never read, or read and stopped."""
-    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": usage_group("spendstream-processor")})
-    try:
-        partitions = [TopicPartition(USAGE, p) for p in range(6)]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
-    finally:
-        consumer.close()
+def progress(broker: EmbeddedBroker) -> str:
+    """How far each stage committed its source against the end (stage 1: the usage partitions, stage 2: the
+    internal topic), and the broker log's end: whether a stuck stage never read, or read and stopped."""
+    lines = []
+    for stage, group, topic in (
+        ("stage 1", usage_group("spendstream-processor"), USAGE),
+        ("stage 2", "spendstream-processor", PARTIALS_TOPIC),
+    ):
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group})
+        try:
+            partitions = [TopicPartition(topic, p) for p in range(6)]
+            committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
+            ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
+        finally:
+            consumer.close()
+        lines.append(f"{stage}: {topic} partitions (committed, end): { {p: (committed[p], ends[p]) for p in ends} }")
     log = broker.log_path.read_text(errors="replace").splitlines()[-20:] if broker.log_path else []
-    progress = {p: (committed[p], ends[p]) for p in ends}
-    return f"usage partitions (committed, end): {progress}\nbroker log:\n" + "\n".join(log)
+    return "\n".join(lines) + "\nbroker log:\n" + "\n".join(log)
 
 
 def paced_producer(bootstrap: str, events: list[UsageEvent], seconds: float) -> threading.Thread:
@@ -161,10 +167,12 @@ def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, b
         try:
             wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=90, workers=[worker])
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{usage_progress(broker)}") from None
+            raise AssertionError(f"{exc}\n{progress(broker)}") from None
         deadline = time.monotonic() + 30
         while (windows := read_scope_totals({"bootstrap.servers": broker.bootstrap})) != expected:
-            assert time.monotonic() < deadline, window_differences(windows, expected)
+            if time.monotonic() > deadline:
+                report = f"{worker_report([worker], lines=60)}\n{progress(broker)}"
+                raise AssertionError(f"{window_differences(windows, expected)}\n{report}")
             time.sleep(0.5)
     finally:
         stop_worker(worker)

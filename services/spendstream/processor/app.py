@@ -9,7 +9,7 @@ parts, each in its own module and testable without a broker:
   offsets, applied ids within the dedup horizon, the retention watermark), and announce every touched
   partial's TOTAL to the internal topic ``spendstream.processor.partials`` (``internal_topics.PartialsMessage``).
   ``usage_reader.UsageReader`` runs it in a thread on the partitions whose ``partials`` faust assigned here.
-* ``stage_two.StageTwo`` (a faust agent on the internal topic, one actor per partition): merge totals into the
+* ``stage_two.StageTwo`` (a faust agent on the internal topic, one actor for all its partitions): merge totals into the
   ``windows`` table, evaluate each touched scope (``ScopeState``), publish Decisions to
   ``spendstream.enforcement`` when a scope's action changes and Alerts to ``spendstream.alerts`` once per
   crossing.
@@ -40,8 +40,6 @@ from typing import Any
 
 import faust
 from faust.types import TP
-from mode import ServiceT
-from mode.supervisors import OneForOneSupervisor
 
 from spendstream.core.metrics import PROCESSOR_BATCH_SECONDS, PROCESSOR_CONSUMED
 from spendstream.core.policy import Policy
@@ -75,18 +73,6 @@ class ProcessorConfig:
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
     spend_source: SpendSource | None = None  # the ledger, to rebuild lost window state from (``ledger_rebuild``)
     sink_group: str = "spendstream-sink"  # the ledger sink's consumer group: how far the ledger holds the topic
-
-
-class RevocationAwareSupervisor(OneForOneSupervisor):
-    """Restarts crashed stage-2 actors, but not the ones faust stopped because their partition was revoked.
-
-    On revocation faust cancels and stops the partition's actor; the cancel reaches the agent as a crash, and the
-    default supervisor would restart it on a stream that is gone, crash-looping until ``MaxRestartsExceeded``
-    ends the worker. A stopped actor is not dead, it is done.
-    """
-
-    def service_operational(self, service: ServiceT) -> bool:
-        return service.should_stop or super().service_operational(service)
 
 
 def _prompt_fetches() -> None:
@@ -265,12 +251,23 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
 
     checkpoint2 = Checkpoint(out2)  # faust acks a batch when the agent asks for the next one
 
-    @app.agent(internal, isolated_partitions=True, supervisor_strategy=RevocationAwareSupervisor)
+    @app.agent(internal)
     async def scope_stage(stream: faust.StreamT) -> None:
+        """One actor for every internal partition this worker owns, each partition's messages in order.
+
+        Not an actor per partition (faust's ``isolated_partitions``): after a rebalance that revoked and assigned
+        partitions again, the actors of the revoked ones could come back without a stream to read, and stage 2
+        silently stopped evaluating their scopes (seen after kill -9 with a dead member still in the group)."""
         consumed, seconds = PROCESSOR_CONSUMED.labels("scopes"), PROCESSOR_BATCH_SECONDS.labels("scopes")
         async for events in stream.take_events(config.batch_size, within=config.batch_within_s):
             started = time.perf_counter()
-            stage2.process(events[0].message.partition, [internal_message(event.value) for event in events])
+            owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == PARTIALS_TOPIC}
+            by_partition: dict[int, list[Any]] = {}
+            for event in events:  # messages of a partition revoked meanwhile belong to its new owner
+                if (partition := event.message.partition) in owned:
+                    by_partition.setdefault(partition, []).append(internal_message(event.value))
+            for partition, messages in by_partition.items():
+                stage2.process(partition, messages)
             await checkpoint2.commit_async()
             consumed.inc(len(events))
             seconds.observe(time.perf_counter() - started)
