@@ -5,7 +5,7 @@
   measured from the moment stage 1 starts reading its partitions to the moment every event is counted in
   the changelog. Also printed: the worker's CPU time (every thread) per event over that interval, the figure
   that load from other work on the machine disturbs least, and its peak RSS (catching up on a backlog fills
-  every batch: ``SPENDSTREAM_PROCESSOR_BATCH_SIZE`` events per partition in hand).
+  every round: up to ``SPENDSTREAM_PROCESSOR_BATCH_SIZE`` x partitions events in hand).
 * Every round starts on an empty internal topic (``spendstream.processor.partials``, which every app id shares):
   a new app id's stage 2 would otherwise read all the earlier rounds' messages too, and each round would be
   slower than the one before.

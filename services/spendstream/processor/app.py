@@ -184,9 +184,12 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     )
     stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n)
 
-    def active_partitions(table: faust.Table) -> list[int]:
-        topic = table.changelog_topic.get_topic_name()
+    def owned_partitions(topic: str) -> list[int]:
+        """The partitions of ``topic`` assigned to this worker as active (not standby)."""
         return sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic)
+
+    def active_partitions(table: faust.Table) -> list[int]:
+        return owned_partitions(table.changelog_topic.get_topic_name())
 
     own = OwnChangelogs(kafka_conf, active_partitions)
     adoption = HorizonAdoption(stage1.horizon_ms, spill)
@@ -266,7 +269,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         consumed, seconds = PROCESSOR_CONSUMED.labels("scopes"), PROCESSOR_BATCH_SECONDS.labels("scopes")
         async for events in stream.take_events(config.batch_size, within=config.batch_within_s):
             started = time.perf_counter()
-            owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == PARTIALS_TOPIC}
+            owned = set(owned_partitions(PARTIALS_TOPIC))
             by_partition: dict[int, list[Any]] = {}
             for event in events:  # messages of a partition revoked meanwhile belong to its new owner
                 if (partition := event.message.partition) in owned:

@@ -115,9 +115,10 @@ class SourcePartition:
         applied = self.applied
         # the items' columns, transposed in C: offsets, costs, tokens, scopes, occurred_s, event_ids, digests, more
         columns = tuple(zip(*items, strict=True)) or ((),) * len(UsageItem._fields)
+        ids, at, digested = columns[5], columns[0], columns[6]
         verdicts = None
-        if not applied.admit_new(columns[5], columns[0], columns[6]):  # event ids, offsets, digests
-            verdicts = applied.admit_versions(zip(columns[5], columns[0], columns[6], strict=True))
+        if not applied.admit_new(ids, at, digested):
+            verdicts = applied.admit_versions(zip(ids, at, digested, strict=True))
         if verdicts is None or verdicts.count(APPLY) == len(verdicts):  # no copies: the usual batch
             kept, conflicts = items, []
         else:
