@@ -75,3 +75,37 @@ def test_unpriced_records_are_priced_while_decoding() -> None:
     unpriced = record(0) | {"cost_nanos": None}
     decoded = UsageDecoder(SKEW).decode([encode(unpriced)], NOW)
     assert decoded.rejected == [] and decoded.records[0]["cost_nanos"] > 0
+
+
+def team_rows(client: Any) -> set[tuple[str, str, int]]:
+    return set(client.query(f"SELECT team, toString(event_id), cost_nanos FROM {TABLE}").result_rows)
+
+
+def test_a_copy_under_another_team_in_the_same_staged_group_lands_as_that_teams_own_row(ledger: Any) -> None:
+    """The ledger's key is (org, team, day, event_id): one team's event never decides whether another's row lands,
+    even when both arrive in one batch (a team-scoped token must not be able to erase another team's spend)."""
+    writer = EmbeddedLedgerWriter(ledger, "spendstream")
+    writer.open(staged=True)
+    sales = record(5_000_000_000, team="sales")
+    marketing = {**sales, "team": "marketing", "cost_nanos": 1}
+    values = [encode(marketing), encode(sales), encode({**sales, "cost_nanos": 2})]
+    group = AvroGroup.of(CURRENT, values, [0, 1, 2])
+    judged = writer.judge(group, NOW, SKEW)
+    assert judged is not None and judged.rejected == {}
+
+    assert writer.insert_staged(len(values), set(), "batch-teams") == 1  # only sales' own later copy
+    event_id = sales["event_id"]
+    assert team_rows(ledger) == {("marketing", event_id, 1), ("sales", event_id, 5_000_000_000)}
+    writer.close()
+
+
+def test_a_copy_under_another_team_decoded_in_python_lands_as_that_teams_own_row(ledger: Any) -> None:
+    writer = ServerLedgerWriter(ledger, "spendstream")
+    writer.open(staged=False)
+    sales = record(5_000_000_000, team="sales")
+    marketing = {**sales, "team": "marketing", "cost_nanos": 1}
+    decoded = UsageDecoder(SKEW).decode([encode(marketing), encode(sales), encode({**sales, "cost_nanos": 2})], NOW)
+
+    assert writer.insert_rows(columns_of(decoded.records), "batch-teams") == 1
+    event_id = sales["event_id"]
+    assert team_rows(ledger) == {("marketing", event_id, 1), ("sales", event_id, 5_000_000_000)}

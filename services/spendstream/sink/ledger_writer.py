@@ -178,20 +178,21 @@ def refusal_reason(exc: BaseException) -> str:
 # sorting key (org, team, day, event_id) the one inserted LAST survives. A re-sent event_id with other content
 # would then replace what the processor counted (it keeps the first version and dead-letters the copy as a
 # conflicting duplicate). So the sink never inserts a row whose key the ledger already holds, nor a second row of
-# one event_id within a batch: identical replays change nothing, a conflicting copy is dropped here. The lookups
-# go through the primary index (the full sorting key). A copy that changes org, team or day is another row.
+# one key within a batch: identical replays change nothing, a conflicting copy is dropped here. The lookups go
+# through the primary index (the full sorting key). A copy that changes org, team or day is another row, within a
+# batch as across batches: a team's key never decides whether another team's row lands.
 _KEY = "(org, team, toDate(occurred_at), event_id)"
 
 
 def superseded_staged_rows(client: Any, staging: str, table: str, excluded: set[int]) -> set[int]:
-    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their id."""
+    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their key."""
     staged_key = "(org, team, toDate(fromUnixTimestamp64Micro(occurred_at, 'UTC')), toUUIDOrZero(toString(event_id)))"
     row = f"reinterpretAsUInt32({ROW_FIELD})"
     skip = f" AND {row} NOT IN ({', '.join(map(str, sorted(excluded)))})" if excluded else ""
     rows = client.query(
         f"SELECT {row} FROM {staging} WHERE 1{skip} AND ("
         f"{staged_key} IN (SELECT {_KEY} FROM {table} WHERE {_KEY} IN (SELECT {staged_key} FROM {staging}))"
-        f" OR {row} NOT IN (SELECT min({row}) FROM {staging} WHERE 1{skip} GROUP BY event_id))"
+        f" OR {row} NOT IN (SELECT min({row}) FROM {staging} WHERE 1{skip} GROUP BY {staged_key}))"
     ).result_rows
     return {r[0] for r in rows}
 
@@ -221,13 +222,13 @@ def first_versions(client: Any, table: str, keys_table: str, columns: list[Seque
             f"WHERE {_KEY} IN (SELECT org, team, day, event_id FROM {keys_table})"
         ).result_rows
     }
-    seen: set[str] = set()
+    seen: set[tuple[str, str, date, str]] = set()
     keep = []
     for i in range(len(ids)):
-        event_id = str(ids[i])
-        if event_id not in seen and (orgs[i], teams[i], days[i], event_id) not in held:
+        key = (orgs[i], teams[i], days[i], str(ids[i]))
+        if key not in seen and key not in held:
             keep.append(i)
-        seen.add(event_id)
+        seen.add(key)
     if len(keep) == len(ids):
         return columns
     return [[column[i] for i in keep] for column in columns]
