@@ -40,7 +40,9 @@ def post(api: RunningApi, body: Any, content_type: str, token: str | None, **hea
 
 def test_cloudevents_structured_batch_and_binary_become_usage_events(api: RunningApi, broker: EmbeddedBroker):
     token = create_token(api.env, "--role", "ingest", "--team", "marketing")
-    structured = cloudevent("order-42", time="2026-12-05T10:00:00.250Z")
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=250_000)  # within the lateness
+    on_the_hour = an_hour_ago.replace(minute=0, second=0, microsecond=0)
+    structured = cloudevent("order-42", time=an_hour_ago.isoformat().replace("+00:00", "Z"))
     assert post(api, structured, "application/cloudevents+json", None).status == 401  # same auth as JSON
 
     first = post(api, structured, "application/cloudevents+json; charset=utf-8", token)
@@ -57,14 +59,15 @@ def test_cloudevents_structured_batch_and_binary_become_usage_events(api: Runnin
     assert accepted.status == 202 and accepted.json()["event_ids"] == [ce["id"] for ce in batch]  # UUID ids as is
 
     binary_id = str(uuid.uuid4())
+    ce_time = on_the_hour.isoformat().replace("+00:00", "Z")
     binary = post(api, usage(input_tokens=7), "application/json", token, ce_specversion="1.0", ce_id=binary_id,
-                  ce_source="/services/search", ce_type=USAGE_TYPE, ce_time="2026-12-05T11:00:00Z")  # fmt: skip
+                  ce_source="/services/search", ce_type=USAGE_TYPE, ce_time=ce_time)  # fmt: skip
     assert binary.status == 202 and binary.json()["event_ids"] == [binary_id], binary.body
 
     published = {str(e["event_id"]): e for e in read_usage(broker.bootstrap, 7)}
     assert set(published) == {derived, elsewhere.json()["event_ids"][0], *(ce["id"] for ce in batch), binary_id}
-    assert published[derived]["occurred_at"] == datetime(2026, 12, 5, 10, 0, 0, 250000, UTC)
-    assert published[binary_id]["occurred_at"] == datetime(2026, 12, 5, 11, tzinfo=UTC)
+    assert published[derived]["occurred_at"] == an_hour_ago
+    assert published[binary_id]["occurred_at"] == on_the_hour
     assert (published[binary_id]["input_tokens"], published[batch[1]["id"]]["input_tokens"]) == (7, 30)
     assert published[derived]["team"] == "marketing"
 

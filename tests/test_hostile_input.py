@@ -215,6 +215,7 @@ def api_cases() -> list[tuple[str, bytes, str, int]]:
         ("prompt-field", with_fields(prompt="hello"), "application/json", 400),
         ("status-unknown", with_fields(status="exploded"), "application/json", 400),
         ("date-beyond-9999", with_fields(occurred_at=10**20), "application/json", 400),
+        ("later-than-the-allowed-lateness", with_fields(occurred_at="2020-01-01T00:00:00Z"), "application/json", 400),
         ("truncated", ev[:-7], "application/json", 400),
         ("invalid-utf8", b'{"event_id": "\xff\xfe"}', "application/json", 400),
         ("empty-body", b"", "application/json", 400),
@@ -241,7 +242,9 @@ def test_api_ingest_refuses_hostile_bodies_and_keeps_serving(settings: Settings,
             assert response.content_type == "application/json", name
             reply = json.loads(text)
             assert isinstance(reply["error"], str) and reply["error"], name
-            good = event_dict(team="a\x00b", tags={"emoji": "\U0001f4b8", "nul": "\x00"})
+            good = event_dict(
+                team="a\x00b", tags={"emoji": "\U0001f4b8", "nul": "\x00"}, occurred_at=datetime.now(UTC).isoformat()
+            )
             response = await http_client.post("/v1/usage", json=good)
             assert response.status == 202, (f"after {name}", await response.text())
             accepted.append(good["event_id"])
@@ -380,3 +383,20 @@ def test_a_price_table_that_prices_past_the_ceiling_still_meters_the_call() -> N
     )
     assert (event.input_tokens, event.cost_nanos) == (0, 0)
     assert f"ceiling of {MAX_EVENT_COST_NANOS}" in event.tags["usage_error"]
+
+
+def test_an_event_later_than_the_processors_allowed_lateness_is_refused_naming_occurred_at() -> None:
+    """The processor would dead-letter it; the client is told at once instead of getting a 202 for spend that is
+    never counted."""
+    late = event_dict(occurred_at=(NOW - timedelta(days=2)).isoformat())
+    assert parse_batch([late], NOW, SKEW, 10) != []  # without a lateness (a caller that does not judge it)
+    try:
+        parse_batch([event_dict(), late], NOW, SKEW, 10, allowed_lateness=timedelta(days=1))
+    except BadRequest as exc:
+        [problem] = exc.problems
+        assert problem["index"] == 1 and problem["field"] == "occurred_at"
+        assert "beyond the allowed lateness 1 day" in problem["message"]
+    else:
+        raise AssertionError("a late event was accepted")
+    on_time = event_dict(occurred_at=(NOW - timedelta(hours=23)).isoformat())
+    assert len(parse_batch([on_time], NOW, SKEW, 10, allowed_lateness=timedelta(days=1))) == 1

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.core.events import Action
+from spendstream.core.events import Action, lateness_problem
 from spendstream.core.periods import period_window, tracked_series
 from spendstream.core.policy import parse_policy
 from spendstream.processor.applied_ids import AppliedIds
@@ -27,7 +27,6 @@ from spendstream.processor.spend_accounting import (
     fold_fresh,
     ids_key,
     is_ids_key,
-    lateness_problem,
     merge_partial,
     pack_ids,
     quarter_hour,

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spendstream.core.events import lateness_problem
 from spendstream.core.periods import HOUR, HOURLY_HISTORY, period_window, window_expiry
 from spendstream.processor.spend_accounting import (
     Retention,
@@ -15,7 +16,6 @@ from spendstream.processor.spend_accounting import (
     clock_key,
     ids_key,
     is_ids_key,
-    lateness_problem,
     restore_clock,
     split_window_key,
     totals_from_partials,

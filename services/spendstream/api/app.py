@@ -47,7 +47,7 @@ from spendstream.core import topics
 from spendstream.core.api_address import ApiAddress, remove_address, write_address
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
-from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, usage_record_problem
+from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, lateness_problem, usage_record_problem
 from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
 from spendstream.gateway.keys import hash_key
@@ -107,12 +107,16 @@ def _unencodable_field(event: UsageEvent) -> str | None:
     return None
 
 
-def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events: int) -> list[UsageEvent]:
+def parse_batch(
+    body: Any, now: datetime, max_future_skew: timedelta, max_events: int, allowed_lateness: timedelta | None = None
+) -> list[UsageEvent]:
     """Events of a request body (one object, an array, or ``{"events": [...]}``), all or none.
 
     Raises ``BadRequest`` naming every bad field as (index, field, message); ``OverflowError`` if
     the batch is larger than ``max_events``. ``event_id`` is required so a client retry is idempotent.
     One bad event refuses the whole batch: a client fixes and re-posts it, with no partial state to track.
+    An event older than ``allowed_lateness`` is refused here rather than accepted and then dead-lettered by the
+    processor, so the client learns at once that it will not be counted.
     """
     if isinstance(body, dict) and set(body) == {"events"}:
         body = body["events"]
@@ -147,6 +151,8 @@ def parse_batch(body: Any, now: datetime, max_future_skew: timedelta, max_events
             )
             continue
         problem = usage_record_problem(event.__dict__, now, max_future_skew)
+        if problem is None and allowed_lateness is not None:
+            problem = lateness_problem(event.occurred_at, now, allowed_lateness)
         if problem is not None:
             problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
             continue
@@ -176,8 +182,12 @@ async def post_usage(request: web.Request) -> web.Response:
         if cloud:
             body = usage_from_cloudevents(request.content_type, request.headers, body, request.app[MAX_EVENTS])
         events = parse_batch(
-            body, datetime.now(UTC), timedelta(seconds=settings.max_future_skew_s), request.app[MAX_EVENTS]
-        )  # fmt: skip
+            body,
+            datetime.now(UTC),
+            timedelta(seconds=settings.max_future_skew_s),
+            request.app[MAX_EVENTS],
+            timedelta(seconds=settings.processor_allowed_lateness_s),
+        )
     except OverflowError as exc:
         API_INGEST_REQUESTS.labels("too_large").inc()
         return _error(413, str(exc))
@@ -251,7 +261,10 @@ async def post_traces(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     policy = await request.app[OTLP_POLICY].current()
     skew = timedelta(seconds=settings.max_future_skew_s)
-    result = otlp.usage_from_request(export, datetime.now(UTC), skew, policy.attribution, policy.project_teams)
+    lateness = timedelta(seconds=settings.processor_allowed_lateness_s)
+    result = otlp.usage_from_request(
+        export, datetime.now(UTC), skew, policy.attribution, policy.project_teams, allowed_lateness=lateness
+    )
     caller = _caller(request)
     if caller is None:  # revoked since the guard let the request in
         return failure(401, 16, "the token was revoked", "unauthorized")

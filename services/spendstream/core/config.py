@@ -10,6 +10,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -82,7 +83,9 @@ class Settings(BaseSettings):
 
     # -- processor ------------------------------------------------------------------------
     processor_allowed_lateness_s: int = Field(
-        86_400, ge=0, description="Events arriving later than this after occurred_at go to the DLQ."
+        86_400,
+        ge=0,
+        description="Events arriving later than this after occurred_at go to the DLQ (the API refuses them: 400).",
     )
     processor_batch_size: int = Field(
         5_000,
@@ -188,6 +191,15 @@ class Settings(BaseSettings):
             host, _, port = server.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"no time zone named {value!r}: expected an IANA name such as Europe/Paris") from None
         return value
 
     @field_validator("otel_exporter_otlp_endpoint")

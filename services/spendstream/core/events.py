@@ -273,6 +273,20 @@ def detail_subset_problem(record: Mapping[str, Any]) -> str | None:
     return None
 
 
+def lateness_problem(occurred_at: datetime, arrived_at: datetime, allowed_lateness: timedelta) -> str | None:
+    """Why an event is too late to count, or None.
+
+    Lateness is measured against the event's Kafka timestamp (when it was produced), not the processor's
+    clock, so a replay after a crash judges every event exactly as the first pass did.
+    """
+    if arrived_at - occurred_at > allowed_lateness:
+        return (
+            f"late event: occurred_at {occurred_at.isoformat()} arrived {arrived_at - occurred_at} later, "
+            f"beyond the allowed lateness {allowed_lateness}"
+        )
+    return None
+
+
 def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew: timedelta) -> str | None:
     """Why a decoded usage record must not enter the ledger, or None if it may.
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, tzinfo
 from itertools import starmap
 from typing import Any, NamedTuple
 
@@ -224,20 +224,6 @@ def window_total(parts: Mapping[str, Sequence[int]]) -> tuple[int, int, int]:
         requests += value[1]
         tokens += value[2]
     return total, requests, tokens
-
-
-def lateness_problem(occurred_at: datetime, arrived_at: datetime, allowed_lateness: timedelta) -> str | None:
-    """Why an event is too late to count, or None.
-
-    Lateness is measured against the event's Kafka timestamp (when it was produced), not the processor's
-    clock, so a replay after a crash judges every event exactly as the first pass did.
-    """
-    if arrived_at - occurred_at > allowed_lateness:
-        return (
-            f"late event: occurred_at {occurred_at.isoformat()} arrived {arrived_at - occurred_at} later, "
-            f"beyond the allowed lateness {allowed_lateness}"
-        )
-    return None
 
 
 def totals_from_partials(latest: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int, int]]:

@@ -22,7 +22,7 @@ from confluent_kafka import Message
 
 from spendstream.core.attribution import DIRECT_FIELDS, HIERARCHY
 from spendstream.core.codec import AvroCodec, DecodeError
-from spendstream.core.events import usage_record_problem
+from spendstream.core.events import lateness_problem, usage_record_problem
 from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
@@ -46,7 +46,6 @@ from spendstream.processor.spend_accounting import (
     is_adopted,
     is_clock_key,
     is_ids_key,
-    lateness_problem,
     pack_ids,
     partial_key,
     restore_clock,
