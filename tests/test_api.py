@@ -218,6 +218,18 @@ def test_budgets_for_a_month_outside_the_report_range_get_a_400(api_settings: Se
     run(_with_client(api_settings, shared_client, body))
 
 
+def test_a_range_that_ends_before_it_starts_gets_a_400_naming_to(api_settings: Settings, shared_client: Any) -> None:
+    async def body(http: TestClient) -> None:
+        for kind in ("top", "mix", "latency"):
+            for query in ("from=2199-12-31&to=1970-01-01", "from=2199-12-31"):  # the second: to defaults to today
+                response = await http.get(f"/v1/reports/{kind}?{query}", headers=ADMIN)
+                assert response.status == 400, (kind, query, await response.text())
+                [problem] = (await response.json())["problems"]
+                assert problem["field"] == "to" and "ends before it starts" in problem["message"], problem
+
+    run(_with_client(api_settings, shared_client, body))
+
+
 def test_report_totals_beyond_int64_are_exact(api_settings: Settings, shared_client: Any) -> None:
     """Two accepted costs of $5 B each sum past Int64: reports show $10 B, not a wrapped negative total."""
     big = 5 * 10**18

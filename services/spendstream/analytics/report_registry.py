@@ -91,6 +91,9 @@ REPORTS: dict[str, ReportSpec] = {
 }
 
 
+RANGE_REPORTS = frozenset({"top", "mix", "latency"})  # the reports over a from..to range of days
+
+
 def check_report_options(options: Mapping[str, Any]) -> None:
     """Refuse a day or count outside what the ledger can answer for, naming the parameter."""
     for key in ("month", "as_of", "start", "end"):
@@ -111,4 +114,7 @@ def build_report(kind: str, client: Any, settings: Settings, options: Mapping[st
     if spec is None:
         raise ValueError(f"unknown report {kind!r}; expected one of {', '.join(REPORTS)}")
     ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
-    return spec.build(ReportRequest(ledger, options, local_date(now, settings.timezone), now))
+    request = ReportRequest(ledger, options, local_date(now, settings.timezone), now)
+    if kind in RANGE_REPORTS and request.start > request.end:  # with defaults: a `from` after today, alone
+        raise ReportRangeError("to", f"the range ends before it starts: from {request.start} to {request.end}")
+    return spec.build(request)
