@@ -30,6 +30,8 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("SPENDSTREAM_USAGE_PARTITIONS", "0"),
         ("SPENDSTREAM_KAFKA_SECURITY_PROTOCOL", "TELNET"),
         ("SPENDSTREAM_OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+        ("SPENDSTREAM_TIMEZONE", "Mars/Base"),
+        ("SPENDSTREAM_TIMEZONE", "../etc/passwd"),
     ],
 )
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
