@@ -400,3 +400,25 @@ def test_an_event_later_than_the_processors_allowed_lateness_is_refused_naming_o
         raise AssertionError("a late event was accepted")
     on_time = event_dict(occurred_at=(NOW - timedelta(hours=23)).isoformat())
     assert len(parse_batch([on_time], NOW, SKEW, 10, allowed_lateness=timedelta(days=1))) == 1
+
+
+def test_a_body_that_does_not_inflate_after_a_401_is_one_log_line_not_a_traceback(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp reads the rest of a refused request's body; garbage under ``Content-Encoding: gzip`` raised there and
+    was logged as an unhandled exception, 20 lines per request from anyone who can reach the port."""
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(settings))) as client:
+            for path, content_type in (("/v1/usage", "application/json"), ("/v1/traces", "application/x-protobuf")):
+                headers = {"Connection": "close", "Content-Encoding": "gzip", "Content-Type": content_type}
+                response = await client.post(path, data=b"not gzip\n", headers=headers)
+                assert response.status == 401, path
+                await response.read()
+            await asyncio.sleep(0.1)  # the server reads the body after answering
+
+    with caplog.at_level("INFO"):
+        asyncio.run(run())
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"], [r.getMessage() for r in caplog.records]
+    lines = [r for r in caplog.records if r.name == "spendstream.http"]
+    assert len(lines) == 2 and all(r.exc_info is None and "content-encoding" in r.getMessage() for r in lines)

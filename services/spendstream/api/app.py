@@ -48,6 +48,7 @@ from spendstream.core.api_address import ApiAddress, remove_address, write_addre
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, lateness_problem, usage_record_problem
+from spendstream.core.http_server_log import quiet_client_body_errors
 from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
 from spendstream.gateway.keys import hash_key
@@ -680,6 +681,7 @@ def create_app(
     max_events: int = MAX_BATCH_EVENTS,
 ) -> web.Application:
     """The aiohttp application; opens (and later closes) its own ledger client unless given one."""
+    quiet_client_body_errors()
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard])
     app[SETTINGS] = settings
     app[READ_TOKEN] = new_read_token()

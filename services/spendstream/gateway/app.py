@@ -28,6 +28,7 @@ from aiohttp import web
 
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
+from spendstream.core.http_server_log import quiet_client_body_errors
 from spendstream.core.metrics import GATEWAY_DECISIONS, instrument_app
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable, UnknownModelError, price_usage
@@ -330,6 +331,7 @@ class Gateway:
         return {"keepalive_timeout": self.config.header_timeout_s, "access_log": None}
 
     def app(self) -> web.Application:
+        quiet_client_body_errors()
         app = web.Application(client_max_size=self.config.max_body_bytes + 1)
         for path in ENDPOINTS:
             app.router.add_post(path, self.proxy)
