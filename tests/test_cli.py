@@ -30,6 +30,19 @@ def test_typo_prints_usage_not_a_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_flag_typo_under_a_subcommand_prints_that_subcommands_usage_and_the_flag_meant() -> None:
+    cases = {
+        ("policy", "apply", "--wiat", "3", "p.yaml"): ("usage: spendstream policy apply", "did you mean --wait?"),
+        ("report", "weekly", "--wekks", "3"): ("usage: spendstream report", "did you mean --weeks?"),
+        ("--verbos", "report", "weekly"): ("usage: spendstream [-h]", "did you mean --verbose?"),
+    }
+    for argv, (usage, hint) in cases.items():
+        result = run_cli(*argv)
+        assert result.returncode == 2, argv
+        assert result.stderr.startswith(usage) and hint in result.stderr, (argv, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_bad_configuration_names_the_variable() -> None:
     result = run_cli("topics", "create", env={"SPENDSTREAM_USAGE_PARTITIONS": "lots"})
     assert result.returncode == 2

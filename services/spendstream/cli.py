@@ -8,6 +8,7 @@ Bad configuration and usage errors print a message, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -91,9 +92,38 @@ def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
         _describe_subcommands(sub)
 
 
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)subcommand ``args`` were parsed for: ``spendstream policy apply``'s for
+    ``policy apply``, so that its usage is the one printed for a flag it does not know."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, action.dest, None) if action is not None else None
+        if action is None or name not in action.choices:
+            return parser
+        parser = action.choices[name]
+
+
+def unknown_arguments_error(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """``unrecognized arguments: ...``, with the flag meant when an unknown one is a near miss of a known one."""
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    for word in extra:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+                break
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse would name the top-level usage: name the subcommand's, and the flag meant
+        words = list(sys.argv[1:] if argv is None else argv)
+        before_command = words[: words.index(args.command)] if args.command in words else words
+        chosen = parser if any(word in before_command for word in extra) else chosen_parser(parser, args)
+        chosen.error(unknown_arguments_error(chosen, extra))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
