@@ -133,6 +133,22 @@ def test_a_port_in_use_stops_dev_naming_the_port_and_the_setting(setting: str, t
     assert "ready" not in result.stdout and "Traceback" not in result.stderr
 
 
+def test_an_invalid_policy_file_stops_dev_at_start_naming_the_field(tmp_path: Path) -> None:
+    """Also with a data directory that holds an applied policy: the services are started with the file too."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('name: x\ntimezone: UTC\nbudgets:\n  - {scope: "team:a", period: day, amout_usd: 5}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "dev", "--stub-upstream", "--policy", str(bad)],
+        env=dev_env(tmp_path / "data"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{bad}:4: budgets.0.amout_usd" in result.stderr and "not started" in result.stderr, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
 def time_wait_on(port: int) -> None:
     """Leave a connection on ``port`` in TIME_WAIT, as a stopped broker does: its side closed first."""
     with socket.socket() as listener:

@@ -111,6 +111,13 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
     if not policy.is_file():
         print(f"spendstream: policy file not found: {policy}", file=sys.stderr)
         return 2
+    from spendstream.core.policy import PolicyError, load_policy
+
+    try:  # every service of the stack is started with it (SPENDSTREAM_POLICY), even when a restart restores another
+        load_policy(policy)
+    except PolicyError as exc:
+        print(f"spendstream: {policy} is not a valid policy, so the stack is not started:\n  {exc}", file=sys.stderr)
+        return 2
     missing = missing_notifier_secrets(policy)
     if missing:  # as `spendstream notifier` refuses, rather than a notifier whose channel fails every delivery
         print("spendstream: cannot start the notifier:\n  " + "\n  ".join(missing), file=sys.stderr)
@@ -149,7 +156,7 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 def missing_notifier_secrets(policy_path: Path) -> list[str]:
     """The secrets the policy's notification channels name that the environment does not set (field and variable);
-    an invalid file is left to the stack, which says what it does with it."""
+    none for an invalid file (its problems are reported on their own)."""
     import os
 
     from spendstream.core.notification_policy import missing_secrets
