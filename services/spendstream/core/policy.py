@@ -46,6 +46,7 @@ from pydantic_core import PydanticCustomError
 
 from spendstream.core.attribution import DIMENSIONS, HIERARCHY, check_scope
 from spendstream.core.matching import is_template
+from spendstream.core.money_text import usd_text
 from spendstream.core.notification_policy import Notifications
 from spendstream.core.otlp_attribution import OtlpAttribution
 from spendstream.core.periods import budget_period_names
@@ -449,9 +450,11 @@ class Policy(_Model):
         lines.append(f"budgets ({len(self.budgets)}):")
         for b in self.budgets:
             cap = "  hard cap" if b.hard_cap else ""
-            lines.append(f"  {b.scope:<36} {b.period:<12} ${Decimal(b.limit_nanos) / 10**9:,.2f}{cap}")
+            lines.append(f"  {b.scope:<36} {b.period:<12} {usd_text(b.limit_nanos)}{cap}")
         for q in self.quotas:
-            lines.append(f"quota {q.scope}: {q.requests_per_day} requests/day, {q.tokens_per_day} tokens/day")
+            requests = "no request limit" if q.requests_per_day is None else f"{q.requests_per_day} requests/day"
+            tokens = "no token limit" if q.tokens_per_day is None else f"{q.tokens_per_day} tokens/day"
+            lines.append(f"quota {q.scope}: {requests}, {tokens}")
         crit = sorted(n for n, f in self.features.items() if f.critical)
         lines.append(f"critical features: {', '.join(crit) or '-'}")
         for r in self.spike_rules:
@@ -467,10 +470,9 @@ class Policy(_Model):
             )
         rules = self.approval_rules
         for level in rules.levels:
-            ceiling = "no ceiling" if level.max_nanos is None else f"up to ${Decimal(level.max_nanos) / 10**9:,.2f}"
+            ceiling = "no ceiling" if level.max_nanos is None else f"up to {usd_text(level.max_nanos)}"
             lines.append(f"approval level {level.name}: {ceiling} for {', '.join(level.dimensions)}")
-        threshold = Decimal(rules.feature_threshold_nanos or 0) / 10**9
-        lines.append(f"new features above ${threshold:,.2f}/month need approval")
+        lines.append(f"new features above {usd_text(rules.feature_threshold_nanos or 0)}/month need approval")
         return "\n".join(lines)
 
     # -- lookups ------------------------------------------------------------------------------------------------

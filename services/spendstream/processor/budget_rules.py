@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from spendstream.core.events import ACTION_RANK, Action
+from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Budget, Policy, Quota, Thresholds
 
 
@@ -63,7 +64,7 @@ def _pct(spend_nanos: int, limit_nanos: int) -> str:
 
 
 def budget_usd(nanos: int) -> str:
-    return f"${Decimal(nanos) / 10**9:,.2f}"
+    return usd_text(nanos)
 
 
 def evaluate_budget(budget: Budget, scope: str, spend_nanos: int, policy: Policy) -> Evaluation:

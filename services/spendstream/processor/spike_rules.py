@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from spendstream.core.events import Action
+from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy, SpikeRule
 
 
@@ -32,7 +33,7 @@ class SpikeVerdict:
 
 
 def _usd(nanos: int) -> str:
-    return f"${Decimal(nanos) / 10**9:,.2f}"
+    return usd_text(nanos)
 
 
 def daily_spike(today_nanos: int, trailing_daily_nanos: Sequence[int], rule: SpikeRule) -> SpikeVerdict | None:
