@@ -178,6 +178,9 @@ def test_a_critical_feature_is_throttled_not_shut_off_by_any_exhausted_scope(dep
 
 def test_staleness_is_the_time_since_the_processor_proved_it_is_alive(deployment: Deployment) -> None:
     enforcer = deployment.enforcer
+    if enforcer.check(team="marketing", model="gpt-4o").action != "shutoff":  # run without the tests before it
+        deployment.spend(1.05, org="acme", team="marketing", feature="campaigns")
+    assert wait_for(lambda: enforcer.check(team="marketing", model="gpt-4o").action == "shutoff", 30, interval=0.1)
     with Enforcer(deployment.bootstrap, fail_closed=True, max_staleness_s=3.0) as closed:
         assert closed.wait_ready(15)
         assert wait_for(lambda: closed.staleness_s < 3.0, 15, interval=0.1)

@@ -337,7 +337,13 @@ def test_checkpoint_without_offsets_only_flushes() -> None:
 @settings(deadline=None)
 @given(
     value=st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.text() | st.floats(allow_nan=False),
+        # finite floats only: the stages write no float (money and counts are integers), and a non-finite one has
+        # no JSON spelling (msgspec writes null)
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**80), 2**80)
+        | st.text()
+        | st.floats(allow_nan=False, allow_infinity=False),
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
         max_leaves=20,
     )
