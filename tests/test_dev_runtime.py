@@ -149,6 +149,23 @@ def test_an_invalid_policy_file_stops_dev_at_start_naming_the_field(tmp_path: Pa
     assert result.stdout == "" and "Traceback" not in result.stderr
 
 
+def test_a_second_dev_on_the_same_data_directory_is_refused_before_it_writes_anything(tmp_path: Path) -> None:
+    from spendstream.runtime.data_dir_lock import hold_data_dir
+
+    data = tmp_path / "data"
+    with hold_data_dir(data):  # as a running `spendstream dev` holds it
+        result = subprocess.run(
+            [sys.executable, "-m", "spendstream.cli", "dev", "--stub-upstream"],
+            env=dev_env(data),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"(pid {os.getpid()}) runs on the data directory {data}" in result.stderr, result.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["stack.lock"]  # no tokens, keys or ledger written
+
+
 def time_wait_on(port: int) -> None:
     """Leave a connection on ``port`` in TIME_WAIT, as a stopped broker does: its side closed first."""
     with socket.socket() as listener:

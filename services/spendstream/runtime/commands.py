@@ -103,16 +103,14 @@ def run_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_dev(args: argparse.Namespace, settings: Settings) -> int:
-    import os
-
-    from spendstream.runtime.dev_stack import DevStack, default_policy_path, write_dev_gateway_config
+    from spendstream.core.policy import PolicyError, load_policy
+    from spendstream.runtime.data_dir_lock import DataDirInUse, hold_data_dir
+    from spendstream.runtime.dev_stack import default_policy_path
 
     policy = args.policy or settings.policy or default_policy_path()
     if not policy.is_file():
         print(f"spendstream: policy file not found: {policy}", file=sys.stderr)
         return 2
-    from spendstream.core.policy import PolicyError, load_policy
-
     try:  # every service of the stack is started with it (SPENDSTREAM_POLICY), even when a restart restores another
         load_policy(policy)
     except PolicyError as exc:
@@ -122,6 +120,19 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
     if missing:  # as `spendstream notifier` refuses, rather than a notifier whose channel fails every delivery
         print("spendstream: cannot start the notifier:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
+    try:
+        with hold_data_dir(settings.data_dir.resolve()):
+            return _run_dev_stack(args, settings, policy)
+    except DataDirInUse as exc:
+        print(f"spendstream: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_dev_stack(args: argparse.Namespace, settings: Settings, policy: Path) -> int:
+    import os
+
+    from spendstream.runtime.dev_stack import DevStack, write_dev_gateway_config
+
     stub = None
     if args.stub_upstream:
         from spendstream.gateway.stub_upstream import StubUpstream
