@@ -492,3 +492,21 @@ def test_notifier_refuses_to_start_without_a_secret_the_policy_names(tmp_path: P
         done.stderr
     )
     assert "Traceback" not in done.stderr
+
+
+def test_a_policy_adopted_while_running_that_names_an_unset_secret_is_logged_as_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start such a policy is refused (above); one applied while the notifier runs is adopted, and said loudly."""
+    from spendstream.core.config import load_settings
+    from spendstream.core.policy import parse_policy
+
+    reference = (ROOT / "infra/policy/default.yaml").read_text()
+    slack = "    marketing-slack: {kind: slack, url_env: SLACK_MARKETING_URL}\n"
+    policy = parse_policy(reference.replace("  people:\n", slack + "  people:\n", 1))
+    notifier = Notifier(load_settings(data_dir=tmp_path), None, env={"OTHER": "x"})
+    with caplog.at_level("ERROR", logger="spendstream.notifier.service"):
+        notifier._adopt(policy)
+    assert notifier.policy is policy
+    [record] = [r for r in caplog.records if "SLACK_MARKETING_URL" in r.getMessage()]
+    assert record.levelname == "ERROR" and "marketing-slack.url_env" in record.getMessage()

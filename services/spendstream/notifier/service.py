@@ -34,6 +34,7 @@ from spendstream.core.notification_policy import (
     Notifications,
     ReportSchedule,
     last_occurrence,
+    missing_secrets,
     notification_kind,
     recipients,
     report_period,
@@ -109,6 +110,11 @@ class Notifier:
     def _adopt(self, policy: Policy) -> None:
         self._policy = policy
         log.info("notifier: policy %s version %s", policy.name, policy.version)
+        # At start the notifier refuses such a policy; one applied while it runs is adopted, so say it here, loudly,
+        # rather than only in the failed deliveries of `spendstream notifications list`.
+        if policy.notifications is not None:
+            for problem in missing_secrets(policy.notifications, self.env):
+                log.error("notifier: policy version %s: %s; deliveries through it fail", policy.version, problem)
 
     @property
     def notifications(self) -> Notifications | None:
