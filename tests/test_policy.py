@@ -245,3 +245,23 @@ def test_cli_validates_a_policy_of_many_budgets_with_every_error_located(tmp_pat
     path.write_text("\n".join(lines) + "\n")
     done = _validate(path)
     assert done.stderr.splitlines()[1:] == [f"{path}:40001: budgets.19999.amount_usd: Input should be a finite number"]
+
+
+def test_a_fallback_model_without_a_list_price_is_a_warning_naming_the_field_and_the_model_meant() -> None:
+    text = DEFAULT.read_text()
+    assert load_policy(DEFAULT).fallback_price_warnings() == []
+    typo = parse_policy(text.replace("gpt-4o: gpt-4o-mini", "gpt-4o: gpt-4o-mnii", 1))
+    assert typo.fallback_price_warnings() == [
+        "fallback_models.gpt-4o: gpt-4o-mnii has no list price (did you mean gpt-4o-mini?)"
+    ]
+    self_hosted = parse_policy(text.replace("gpt-4o: gpt-4o-mini", "gpt-4o: llama-3.2-3b", 1))
+    assert self_hosted.fallback_price_warnings() == []  # priced by the policy's own override row
+
+
+def test_policy_validate_prints_the_warning_and_still_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text(DEFAULT.read_text().replace("gpt-4o: gpt-4o-mini", "gpt-4o: gpt-4o-mnii", 1))
+    done = subprocess.run([sys.executable, "-m", "spendstream.cli", "policy", "validate", str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("ok: policy"), done.stderr
+    assert f"warning: {path}: fallback_models.gpt-4o: gpt-4o-mnii has no list price" in done.stderr

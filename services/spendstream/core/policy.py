@@ -50,7 +50,14 @@ from spendstream.core.money_text import usd_text
 from spendstream.core.notification_policy import Notifications
 from spendstream.core.otlp_attribution import OtlpAttribution
 from spendstream.core.periods import budget_period_names
-from spendstream.core.pricing import DEFAULT_UNKNOWN_RATES, PriceOverride, PriceTable, Rates, usd_to_nanos
+from spendstream.core.pricing import (
+    DEFAULT_UNKNOWN_RATES,
+    PriceOverride,
+    PriceTable,
+    Rates,
+    unpriced_model_problem,
+    usd_to_nanos,
+)
 from spendstream.core.routing_policy import RoutingPolicy
 
 
@@ -442,6 +449,24 @@ class Policy(_Model):
         # A section a policy leaves out keeps the version the policy had before the section existed.
         unset = {name for name in OPTIONAL_SECTIONS if getattr(self, name) is None}
         return json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
+
+    def fallback_price_warnings(self) -> list[str]:
+        """``field: problem`` for each fallback model without a list price: a typo in a cheaper model's name would be
+        priced at the default rates (often above the model it replaces) or refused, and the upstream would not know
+        it either. Warnings, not errors: a self-hosted model may be meant, priced by default on purpose."""
+        overridden = [row.model for row in self.pricing.overrides]
+        maps = [("fallback_models", self.fallback_models)]
+        maps += [(f"budgets.{i}.fallback_models", b.fallback_models or {}) for i, b in enumerate(self.budgets)]
+        warnings, seen = [], set()
+        for field, fallbacks in maps:
+            for source, target in fallbacks.items():
+                if (source, target) in seen:  # budgets without a map of their own carry the policy's
+                    continue
+                seen.add((source, target))
+                problem = unpriced_model_problem(target, overridden)
+                if problem is not None:
+                    warnings.append(f"{field}.{source}: {problem}")
+        return warnings
 
     def summary(self) -> str:
         lines = [f"policy {self.name} version {self.version} (timezone {self.timezone})"]

@@ -26,10 +26,11 @@ pricing a call is then a few integer (or Decimal) multiplications.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -616,3 +617,22 @@ def price_record(record: Mapping[str, Any], at: datetime, table: PriceTable = EM
         table,
         detail_of(record),
     )
+
+
+def unpriced_model_problem(model: str, overridden: Iterable[str] = ()) -> str | None:
+    """Why ``model`` has no list price (neither in ``overridden``, the models a price table overrides, nor in the
+    price data genai-prices finds it in, whatever its provider), naming the nearest known model; else None.
+
+    For a policy's checks: a model name with a typo would be priced at the table's default rates, or refused.
+    """
+    if model in set(overridden):
+        return None
+    try:
+        calc_price(Usage(input_tokens=0, output_tokens=0), model)
+        return None
+    except LookupError:
+        pass
+    known = {m.id for provider in data_snapshot.get_snapshot().providers for m in provider.models} | set(overridden)
+    near = difflib.get_close_matches(model, known, n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"{model} has no list price{hint}"

@@ -78,10 +78,13 @@ def _load(path: str):  # type: ignore[no-untyped-def]
     from spendstream.core.policy import PolicyError, load_policy
 
     try:
-        return load_policy(path)
+        policy = load_policy(path)
     except PolicyError as exc:
         print(f"invalid policy:\n{exc}", file=sys.stderr)
         return None
+    for warning in policy.fallback_price_warnings():
+        print(f"warning: {path}: {warning}", file=sys.stderr)
+    return policy
 
 
 def run_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
