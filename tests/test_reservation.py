@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 
@@ -137,6 +137,7 @@ def test_the_gateway_serves_what_remains_of_a_budget_then_refuses(
         spend_nanos=800_000,
         limit_nanos=limit,
         issued_at=datetime.now(UTC),
+        expires_at=datetime.now(UTC) + timedelta(hours=5),  # the end of the budget's period
     )
     publish_decisions(settings.kafka_bootstrap, [alert])
     enforcer = Enforcer(settings=settings).start()
@@ -154,6 +155,7 @@ def test_the_gateway_serves_what_remains_of_a_budget_then_refuses(
                 if status == 402:
                     assert headers["X-Spendstream-Scope"] == "team:marketing"
                     assert "used what remains of the budget" in json.loads(data)["error"]["message"]
+                    assert 5 * 3600 - 60 < int(headers["Retry-After"]) <= 5 * 3600  # when the period ends
                     break
     finally:
         emitter.close(10)

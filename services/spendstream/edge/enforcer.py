@@ -459,6 +459,14 @@ class Enforcer:
         with self._book_lock:
             return self.reservations.reserve(scopes, estimate, self._wall())
 
+    def resets_in_s(self, scope: str) -> float | None:
+        """Seconds until the budget period of ``scope`` this edge reserves against ends (its decision's
+        ``expires_at``), or None when no decision said: what a refusal's ``Retry-After`` tells a client."""
+        with self._book_lock:
+            ledger = self.reservations.ledgers.get(scope)
+            expires_at = ledger.expires_at if ledger is not None else None
+        return None if expires_at is None else max(0.0, expires_at - self._wall())
+
     def settle(self, reservation: Reservation, cost_nanos: int) -> None:
         with self._book_lock:
             self.reservations.settle(reservation, cost_nanos, self._wall())

@@ -549,7 +549,11 @@ class Gateway:
         )
         if isinstance(held, str):
             verdict = call.verdict = Verdict(
-                "shutoff", served, None, "this gateway's requests have used what remains of the budget", held
+                "shutoff",
+                served,
+                self.enforcer.resets_in_s(held),
+                "this gateway's requests have used what remains of the budget",
+                held,
             )
             self.counts["shutoff"] += 1
             self._emit(call, served, None, UsageStatus.blocked)
