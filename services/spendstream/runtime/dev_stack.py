@@ -38,6 +38,7 @@ from spendstream.core.config import Settings
 from spendstream.core.policy import PolicyError, load_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
+from spendstream.runtime.mail_catcher import LOOPBACK, MailCatcher
 from spendstream.runtime.policy_memory import PolicyRecorder, republish_last_policy
 from spendstream.runtime.topic_admin import create_topics
 from spendstream.runtime.usage_spill import SpilledRecord, replay_spill, spill_files, unconsumed_usage, write_spill
@@ -135,6 +136,7 @@ class DevStack:
         self.extra_env = dict(env or {})
         self.broker: EmbeddedBroker | None = None
         self.recorder: PolicyRecorder | None = None
+        self.mail: MailCatcher | None = None
         self.services: list[Service] = []
         self.data_dir = settings.data_dir.resolve()
         self._print_lock = threading.Lock()
@@ -177,6 +179,7 @@ class DevStack:
             self.say(f"policy     {self.policy} applied")
         self.recorder = PolicyRecorder({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
         self.recorder.start()
+        self._start_mail_catcher()
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         self.api_tokens = _dev_api_tokens(self.settings)
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
@@ -242,6 +245,9 @@ class DevStack:
             self.recorder.stopping.set()
             self.recorder.join(timeout=5)
             self.recorder = None
+        if self.mail is not None:
+            self.mail.stop()
+            self.mail = None
         if self.broker is not None:
             self._spill_unconsumed()
             self.broker.stop()
@@ -263,6 +269,21 @@ class DevStack:
     def say(self, line: str) -> None:
         with self._print_lock:
             print(f"spendstream  {line}", file=self.out, flush=True)
+
+    def _start_mail_catcher(self) -> None:
+        """Catch the policy's e-mail when it goes to a loopback port nothing listens on (``runtime.mail_catcher``)."""
+        try:
+            notifications = load_policy(self.policy).notifications if self.policy is not None else None
+        except PolicyError:
+            return
+        smtp = notifications.smtp if notifications is not None else None
+        if smtp is None or smtp.host not in LOOPBACK:
+            return
+        if not _port_free(smtp.port, smtp.host):
+            self.say(f"mail       {smtp.host}:{smtp.port} in use: the policy's e-mail goes to what listens there")
+            return
+        self.mail = MailCatcher(smtp.host, smtp.port, self.data_dir / "mail").start()
+        self.say(f"mail       {smtp.host}:{smtp.port} catches the policy's e-mail, saved in {self.mail.directory}")
 
     def _check_ports(self, broker_port: int | None) -> None:
         """Stop before starting anything when a configured port is in use (a port in TIME_WAIT is reused)."""
