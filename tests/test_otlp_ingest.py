@@ -359,3 +359,26 @@ def test_policy_otlp_mapping_is_validated_with_file_and_line(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-m", "spendstream.cli", "policy", "validate", str(bad)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode != 0 and f"{bad}:2: otlp.attributes.team" in done.stderr + done.stdout
+
+
+def test_a_span_older_than_the_allowed_lateness_is_rejected_in_partial_success_not_accepted() -> None:
+    """The processor would dead-letter its event as late; the exporter is told in the answer instead."""
+    from datetime import UTC, datetime, timedelta
+
+    from spendstream.api import otlp
+
+    attributes = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o", "team": "search",
+                  "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 1}  # fmt: skip
+    two_days = 2 * 86_400 * 10**9
+    late = _json_span(dict(attributes))
+    late["startTimeUnixNano"] = str(int(late["startTimeUnixNano"]) - two_days)
+    late["endTimeUnixNano"] = str(int(late["endTimeUnixNano"]) - two_days)
+    fresh = _json_span(dict(attributes))
+    export = otlp.decode_request(json.dumps(_otlp_json([late, fresh])).encode(), "application/json")
+
+    day = timedelta(days=1)
+    result = otlp.usage_from_request(export, datetime.now(UTC), timedelta(minutes=5), allowed_lateness=day)
+
+    assert len(result.events) == 1
+    [rejected] = result.rejected
+    assert rejected.span_id == late["spanId"] and "beyond the allowed lateness 1 day" in rejected.reason
