@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from spendstream.api.app import BadRequest, create_app, parse_batch
+from spendstream.api.app import BadRequest, create_app, late_events, parse_batch
 from spendstream.api.tokens import add_token
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
@@ -215,7 +215,7 @@ def api_cases() -> list[tuple[str, bytes, str, int]]:
         ("prompt-field", with_fields(prompt="hello"), "application/json", 400),
         ("status-unknown", with_fields(status="exploded"), "application/json", 400),
         ("date-beyond-9999", with_fields(occurred_at=10**20), "application/json", 400),
-        ("later-than-the-allowed-lateness", with_fields(occurred_at="2020-01-01T00:00:00Z"), "application/json", 400),
+        ("older-than-the-ledger-keeps", with_fields(occurred_at="2020-01-01T00:00:00Z"), "application/json", 400),
         ("truncated", ev[:-7], "application/json", 400),
         ("invalid-utf8", b'{"event_id": "\xff\xfe"}', "application/json", 400),
         ("empty-body", b"", "application/json", 400),
@@ -248,6 +248,13 @@ def test_api_ingest_refuses_hostile_bodies_and_keeps_serving(settings: Settings,
             response = await http_client.post("/v1/usage", json=good)
             assert response.status == 202, (f"after {name}", await response.text())
             accepted.append(good["event_id"])
+        two_days_ago = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+        late = {**good, "event_id": str(uuid.uuid4()), "occurred_at": two_days_ago}
+        response = await http_client.post("/v1/usage", json=late)  # the ledger records it; no budget counts it
+        assert response.status == 202, await response.text()
+        [said] = (await response.json())["not_counted_in_budgets"]
+        assert said["event_id"] == late["event_id"] and "recorded in the ledger" in said["message"]
+        accepted.append(late["event_id"])
 
     async def run() -> None:
         ingest = {"Authorization": f"Bearer {add_token(settings.api_tokens_path, 'ingest', 'hostile')}"}
@@ -385,21 +392,29 @@ def test_a_price_table_that_prices_past_the_ceiling_still_meters_the_call() -> N
     assert f"ceiling of {MAX_EVENT_COST_NANOS}" in event.tags["usage_error"]
 
 
-def test_an_event_later_than_the_processors_allowed_lateness_is_refused_naming_occurred_at() -> None:
-    """The processor would dead-letter it; the client is told at once instead of getting a 202 for spend that is
-    never counted."""
-    late = event_dict(occurred_at=(NOW - timedelta(days=2)).isoformat())
-    assert parse_batch([late], NOW, SKEW, 10) != []  # without a lateness (a caller that does not judge it)
+def test_an_event_older_than_the_ledger_keeps_is_refused_naming_occurred_at() -> None:
+    """The ledger's TTL would delete it at once: a 202 would be a promise nobody keeps."""
+    expired = event_dict(occurred_at=datetime(2025, 1, 31, 12, tzinfo=UTC).isoformat())  # + 13 months: 2026-02-28
+    kept = event_dict(occurred_at=datetime(2025, 2, 1, 12, 0, 1, tzinfo=UTC).isoformat())  # a second after NOW
+    assert len(parse_batch([expired], NOW, SKEW, 10)) == 1  # without a TTL (a caller that does not judge it)
     try:
-        parse_batch([event_dict(), late], NOW, SKEW, 10, allowed_lateness=timedelta(days=1))
+        parse_batch([kept, expired], NOW, SKEW, 10, ledger_ttl_months=13)
     except BadRequest as exc:
         [problem] = exc.problems
         assert problem["index"] == 1 and problem["field"] == "occurred_at"
-        assert "beyond the allowed lateness 1 day" in problem["message"]
+        assert "older than the ledger keeps (13 months" in problem["message"]
     else:
-        raise AssertionError("a late event was accepted")
-    on_time = event_dict(occurred_at=(NOW - timedelta(hours=23)).isoformat())
-    assert len(parse_batch([on_time], NOW, SKEW, 10, allowed_lateness=timedelta(days=1))) == 1
+        raise AssertionError("an event the ledger would delete was accepted")
+    assert len(parse_batch([kept], NOW, SKEW, 10, ledger_ttl_months=13)) == 1
+
+
+def test_an_event_beyond_the_processors_lateness_is_accepted_and_said_not_to_count_in_budgets() -> None:
+    """The ledger records it (chargeback is exact); no budget window counts it, and the 202 says which."""
+    on_time, late = event_dict(), event_dict(occurred_at=(NOW - timedelta(days=2)).isoformat())
+    events = parse_batch([on_time, late], NOW, SKEW, 10, ledger_ttl_months=13)
+    [said] = late_events(events, NOW, timedelta(days=1))
+    assert (said["index"], said["event_id"], said["field"]) == (1, late["event_id"], "occurred_at")
+    assert "beyond the allowed lateness 1 day" in said["message"] and "recorded in the ledger" in said["message"]
 
 
 def test_a_body_that_does_not_inflate_after_a_401_is_one_log_line_not_a_traceback(

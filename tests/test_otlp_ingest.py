@@ -361,24 +361,26 @@ def test_policy_otlp_mapping_is_validated_with_file_and_line(tmp_path: Path) -> 
     assert done.returncode != 0 and f"{bad}:2: otlp.attributes.team" in done.stderr + done.stdout
 
 
-def test_a_span_older_than_the_allowed_lateness_is_rejected_in_partial_success_not_accepted() -> None:
-    """The processor would dead-letter its event as late; the exporter is told in the answer instead."""
+def test_a_span_older_than_the_ledger_keeps_is_rejected_in_partial_success_a_late_one_accepted() -> None:
+    """The ledger's TTL would delete the first; the second is late for budgets, but the ledger records it."""
     from datetime import UTC, datetime, timedelta
 
     from spendstream.api import otlp
 
     attributes = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o", "team": "search",
                   "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 1}  # fmt: skip
-    two_days = 2 * 86_400 * 10**9
-    late = _json_span(dict(attributes))
-    late["startTimeUnixNano"] = str(int(late["startTimeUnixNano"]) - two_days)
-    late["endTimeUnixNano"] = str(int(late["endTimeUnixNano"]) - two_days)
-    fresh = _json_span(dict(attributes))
-    export = otlp.decode_request(json.dumps(_otlp_json([late, fresh])).encode(), "application/json")
 
-    day = timedelta(days=1)
-    result = otlp.usage_from_request(export, datetime.now(UTC), timedelta(minutes=5), allowed_lateness=day)
+    def span_days_ago(days: int) -> dict[str, Any]:
+        span = _json_span(dict(attributes))
+        for end in ("startTimeUnixNano", "endTimeUnixNano"):
+            span[end] = str(int(span[end]) - days * 86_400 * 10**9)
+        return span
 
-    assert len(result.events) == 1
+    expired, late = span_days_ago(400), span_days_ago(2)
+    export = otlp.decode_request(json.dumps(_otlp_json([expired, late])).encode(), "application/json")
+
+    result = otlp.usage_from_request(export, datetime.now(UTC), timedelta(minutes=5), ledger_ttl_months=13)
+
+    assert [str(e.occurred_at.date()) for e in result.events] == [str((datetime.now(UTC) - timedelta(days=2)).date())]
     [rejected] = result.rejected
-    assert rejected.span_id == late["spanId"] and "beyond the allowed lateness 1 day" in rejected.reason
+    assert rejected.span_id == expired["spanId"] and "older than the ledger keeps" in rejected.reason

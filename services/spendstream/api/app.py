@@ -47,7 +47,14 @@ from spendstream.core import topics
 from spendstream.core.api_address import ApiAddress, remove_address, write_address
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
-from spendstream.core.events import INT64_MAX, NANOS_PER_USD, UsageEvent, lateness_problem, usage_record_problem
+from spendstream.core.events import (
+    INT64_MAX,
+    NANOS_PER_USD,
+    UsageEvent,
+    lateness_problem,
+    ledger_expiry_problem,
+    usage_record_problem,
+)
 from spendstream.core.http_server_log import quiet_client_body_errors
 from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
@@ -109,15 +116,14 @@ def _unencodable_field(event: UsageEvent) -> str | None:
 
 
 def parse_batch(
-    body: Any, now: datetime, max_future_skew: timedelta, max_events: int, allowed_lateness: timedelta | None = None
+    body: Any, now: datetime, max_future_skew: timedelta, max_events: int, ledger_ttl_months: int | None = None
 ) -> list[UsageEvent]:
     """Events of a request body (one object, an array, or ``{"events": [...]}``), all or none.
 
     Raises ``BadRequest`` naming every bad field as (index, field, message); ``OverflowError`` if
     the batch is larger than ``max_events``. ``event_id`` is required so a client retry is idempotent.
     One bad event refuses the whole batch: a client fixes and re-posts it, with no partial state to track.
-    An event older than ``allowed_lateness`` is refused here rather than accepted and then dead-lettered by the
-    processor, so the client learns at once that it will not be counted.
+    An event older than the ledger keeps (``ledger_ttl_months``) is refused: the ledger would delete it at once.
     """
     if isinstance(body, dict) and set(body) == {"events"}:
         body = body["events"]
@@ -152,8 +158,8 @@ def parse_batch(
             )
             continue
         problem = usage_record_problem(event.__dict__, now, max_future_skew)
-        if problem is None and allowed_lateness is not None:
-            problem = lateness_problem(event.occurred_at, now, allowed_lateness)
+        if problem is None and ledger_ttl_months is not None:
+            problem = ledger_expiry_problem(event.occurred_at, now, ledger_ttl_months)
         if problem is not None:
             problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
             continue
@@ -182,13 +188,9 @@ async def post_usage(request: web.Request) -> web.Response:
     try:
         if cloud:
             body = usage_from_cloudevents(request.content_type, request.headers, body, request.app[MAX_EVENTS])
-        events = parse_batch(
-            body,
-            datetime.now(UTC),
-            timedelta(seconds=settings.max_future_skew_s),
-            request.app[MAX_EVENTS],
-            timedelta(seconds=settings.processor_allowed_lateness_s),
-        )
+        now = datetime.now(UTC)
+        skew = timedelta(seconds=settings.max_future_skew_s)
+        events = parse_batch(body, now, skew, request.app[MAX_EVENTS], settings.ledger_ttl_months)
     except OverflowError as exc:
         API_INGEST_REQUESTS.labels("too_large").inc()
         return _error(413, str(exc))
@@ -216,7 +218,22 @@ async def post_usage(request: web.Request) -> web.Response:
                       failed_event_ids=failures)  # fmt: skip
     API_INGEST_REQUESTS.labels("accepted").inc()
     API_INGEST_EVENTS.labels("accepted").inc(len(events))
-    return web.json_response({"accepted": len(events), "event_ids": [str(e.event_id) for e in events]}, status=202)
+    answer: dict[str, Any] = {"accepted": len(events), "event_ids": [str(e.event_id) for e in events]}
+    late = late_events(events, now, timedelta(seconds=settings.processor_allowed_lateness_s))
+    if late:  # recorded in the ledger (chargeback, reports), but no budget window counts them any more
+        answer["not_counted_in_budgets"] = late
+    return web.json_response(answer, status=202)
+
+
+def late_events(events: list[UsageEvent], now: datetime, allowed_lateness: timedelta) -> list[dict[str, Any]]:
+    """The accepted events the processor will not count (it dead-letters them as late): the ledger records them."""
+    late = []
+    for index, event in enumerate(events):
+        problem = lateness_problem(event.occurred_at, now, allowed_lateness)
+        if problem is not None:
+            late.append({"index": index, "event_id": str(event.event_id), "field": "occurred_at",
+                         "message": f"{problem}: recorded in the ledger, not counted in any budget"})  # fmt: skip
+    return late
 
 
 def usage_from_cloudevents(content_type: str, headers: Any, body: Any, max_events: int) -> list[dict[str, Any]]:
@@ -262,9 +279,8 @@ async def post_traces(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     policy = await request.app[OTLP_POLICY].current()
     skew = timedelta(seconds=settings.max_future_skew_s)
-    lateness = timedelta(seconds=settings.processor_allowed_lateness_s)
     result = otlp.usage_from_request(
-        export, datetime.now(UTC), skew, policy.attribution, policy.project_teams, allowed_lateness=lateness
+        export, datetime.now(UTC), skew, policy.attribution, policy.project_teams, settings.ledger_ttl_months
     )
     caller = _caller(request)
     if caller is None:  # revoked since the guard let the request in

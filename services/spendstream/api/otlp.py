@@ -39,7 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
 from pydantic import ValidationError
 
-from spendstream.core.events import UsageEvent, lateness_problem, usage_record_problem
+from spendstream.core.events import UsageEvent, ledger_expiry_problem, usage_record_problem
 from spendstream.core.otlp_attribution import DEFAULT_OTLP_ATTRIBUTION, OtlpAttribution
 
 PROTOBUF = "application/x-protobuf"
@@ -150,10 +150,10 @@ def usage_from_request(
     max_future_skew: timedelta,
     attribution: OtlpAttribution | None = None,
     project_teams: Mapping[str, str] | None = None,
-    allowed_lateness: timedelta | None = None,
+    ledger_ttl_months: int | None = None,
 ) -> IngestResult:
     """The usage events of a request's GenAI spans, and the GenAI spans that cannot be one (with the reason;
-    spans older than ``allowed_lateness`` among them, which the processor would not count)."""
+    spans older than the ledger keeps, ``ledger_ttl_months``, among them)."""
     attribution = attribution or DEFAULT_OTLP_ATTRIBUTION
     project_teams = project_teams or {}
     result = IngestResult()
@@ -175,8 +175,8 @@ def usage_from_request(
                     record = _usage_record(span, span_attributes, resource_attribution, attribution, project_teams)
                     usage = UsageEvent.model_validate(record)
                     problem = usage_record_problem(usage.__dict__, now, max_future_skew)
-                    if problem is None and allowed_lateness is not None:
-                        problem = lateness_problem(usage.occurred_at, now, allowed_lateness)
+                    if problem is None and ledger_ttl_months is not None:
+                        problem = ledger_expiry_problem(usage.occurred_at, now, ledger_ttl_months)
                     if problem is None and not usage.team:
                         problem = (
                             "no team attribution: set a 'team' resource attribute (OTEL_RESOURCE_ATTRIBUTES=team=...), "

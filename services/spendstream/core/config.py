@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     processor_allowed_lateness_s: int = Field(
         86_400,
         ge=0,
-        description="Events arriving later than this after occurred_at go to the DLQ (the API refuses them: 400).",
+        description="Events arriving later than this after occurred_at are not counted in budgets (they go to the DLQ; "
+        "the ledger records them, and the API's 202 lists them).",
     )
     processor_batch_size: int = Field(
         5_000,

@@ -11,6 +11,7 @@ such events, within Int64 (Avro ``long``, ClickHouse ``Int64``).
 
 from __future__ import annotations
 
+import calendar
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -283,6 +284,21 @@ def lateness_problem(occurred_at: datetime, arrived_at: datetime, allowed_latene
         return (
             f"late event: occurred_at {occurred_at.isoformat()} arrived {arrived_at - occurred_at} later, "
             f"beyond the allowed lateness {allowed_lateness}"
+        )
+    return None
+
+
+def ledger_expiry_problem(occurred_at: datetime, now: datetime, ttl_months: int) -> str | None:
+    """Why the ledger would delete an event at once (its TTL, ``occurred_at + ttl_months`` months, has passed), or
+    None. An event older than the processor's lateness but within the TTL is still real spend for the ledger."""
+    months = occurred_at.year * 12 + occurred_at.month - 1 + ttl_months
+    year, month = divmod(months, 12)
+    last_day = calendar.monthrange(year, month + 1)[1]  # ClickHouse's month arithmetic keeps the day, clamped
+    expires = occurred_at.replace(year=year, month=month + 1, day=min(occurred_at.day, last_day))
+    if expires <= now:
+        return (
+            f"occurred_at {occurred_at.isoformat()} is older than the ledger keeps ({ttl_months} months, "
+            "SPENDSTREAM_LEDGER_TTL_MONTHS): it would be deleted, not recorded"
         )
     return None
 
