@@ -222,6 +222,22 @@ def test_dev_restarts_a_killed_processor_says_so_and_keeps_the_console_quiet(tmp
     assert len(console.lines) < 30, console.text
 
 
+def test_a_dead_broker_stops_the_stack_saying_why_and_leaves_no_service_running(tmp_path: Path) -> None:
+    """The broker held every topic in memory: restarting the services against a new, empty one would be a new
+    stack. So dev stops, says why, and stops its services (it used to flood the console, then leave them running
+    after a Ctrl-C that failed with a traceback)."""
+    with dev(dev_env(tmp_path / "data")) as console:
+        console.wait_for("ready; Ctrl-C stops everything")
+        services = {name: child_pid(console.proc.pid, name) for name in ("processor", "sink", "gateway")}
+        os.kill(child_pid(console.proc.pid, "--listener-url"), signal.SIGKILL)
+        console.wait_for(f"broker     exited with code -{signal.SIGKILL}; its topics were in memory, so the stack")
+        assert console.proc.wait(120) == 1, console.text
+    assert "stopping: the broker is gone" in console.text and "Traceback" not in console.text, console.text
+    assert console.text.rstrip().endswith("stopped"), console.text
+    for name, pid in services.items():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], name
+
+
 # -- Ctrl-C with events the sink has not written -------------------------------------------------------
 
 

@@ -155,14 +155,15 @@ def _run_dev_stack(args: argparse.Namespace, settings: Settings, policy: Path) -
             verbose=getattr(args, "verbose", False),
         ) as stack:
             stack.say("ready; Ctrl-C stops everything")
-            stop.wait()
+            while not stop.wait(0.5) and not stack.failed.is_set():
+                pass
     except RuntimeError as exc:
         print(f"spendstream: {exc}", file=sys.stderr)
         return 1
     finally:
         if stub is not None:
             stub.stop()
-    return 0
+    return 1 if stack.failed.is_set() else 0
 
 
 def missing_notifier_secrets(policy_path: Path) -> list[str]:

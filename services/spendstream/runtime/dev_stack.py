@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from spendstream.core.config import Settings
 from spendstream.core.policy import PolicyError, load_policy
@@ -137,6 +137,7 @@ class DevStack:
         self.broker: EmbeddedBroker | None = None
         self.recorder: PolicyRecorder | None = None
         self.mail: MailCatcher | None = None
+        self.failed = threading.Event()  # the stack cannot go on (its broker died): the caller stops it
         self.services: list[Service] = []
         self.data_dir = settings.data_dir.resolve()
         self._print_lock = threading.Lock()
@@ -235,9 +236,15 @@ class DevStack:
         if self.with_gateway:
             self.say("stopping: gateway")
             self._stop_service("gateway", timeout)
-        if self.broker is not None and self._alive("sink"):
-            lag = self.wait_sink_caught_up(timeout=timeout)
-            self.say("stopping: ledger drained" if lag == 0 else f"stopping: {lag} events not yet in the ledger")
+        broker_alive = self.broker.exit_code is None
+        if not broker_alive:
+            self.say("stopping: the broker is gone; usage events it held and the ledger had not written are lost")
+        elif self._alive("sink"):
+            try:
+                lag = self.wait_sink_caught_up(timeout=timeout)
+                self.say("stopping: ledger drained" if lag == 0 else f"stopping: {lag} events not yet in the ledger")
+            except KafkaException as exc:
+                self.say(f"stopping: WARNING the sink's lag could not be read ({exc}); stopping anyway")
         self.say("stopping: processor, sink")
         self._stop_service("processor", timeout)
         self._stop_service("sink", timeout)
@@ -249,7 +256,11 @@ class DevStack:
             self.mail.stop()
             self.mail = None
         if self.broker is not None:
-            self._spill_unconsumed()
+            if broker_alive:
+                try:
+                    self._spill_unconsumed()
+                except KafkaException as exc:
+                    self.say(f"stopping: WARNING the usage topic could not be read ({exc}); later events may be lost")
             self.broker.stop()
             self.broker = None
         self.say("stopped")
@@ -360,8 +371,17 @@ class DevStack:
                         self.out.flush()
 
     def _supervise(self) -> None:
-        """Restart a child that exited, with backoff, and say so; say when it is healthy again."""
+        """Restart a child that exited, with backoff, and say so; say when it is healthy again. A dead broker is
+        not restarted: it held every topic in memory, so the stack stops (``failed``) and says why."""
         while not self._stopping.wait(0.25):
+            code = self.broker.exit_code if self.broker is not None else None
+            if code is not None:
+                self.say(
+                    f"broker     exited with code {code}; its topics were in memory, so the stack stops: start "
+                    f"`spendstream dev` again (log: {self.data_dir / 'broker.log'})"
+                )
+                self.failed.set()
+                return
             for service in self.services:
                 with self._services_lock:
                     if self._stopping.is_set():

@@ -71,6 +71,11 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """The broker process's exit code once it has died on its own; None while it runs (or was never started)."""
+        return self._proc.poll() if self._proc is not None else None
+
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         if self._proc is not None and self._proc.poll() is None:
             return self
