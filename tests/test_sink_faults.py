@@ -155,3 +155,21 @@ def test_events_at_offsets_a_previous_broker_life_used_still_land(tmp_path: Path
         assert sorted(ledger_ids(client)) == sorted(costs)
     finally:
         client.close()
+
+
+def test_a_thread_beside_the_sink_that_fails_ends_the_process_with_code_70(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a broker outage the audit sink's thread died on a commit error while the process went on without it,
+    so decisions and alerts stopped reaching the audit tables unseen. Now the process ends, saying which thread
+    failed, and what runs it (dev, systemd, Kubernetes) restarts it whole."""
+    from spendstream.runtime.ledger_process import EXIT_WORKER_FAILED, run_ledger_process
+    from spendstream.sink.audit_sink import AuditSink
+
+    def fail(self: AuditSink, stop: object) -> None:
+        raise RuntimeError("Commit failed: Waiting for coordinator")
+
+    monkeypatch.setattr(AuditSink, "run", fail)
+    with caplog.at_level("ERROR"):
+        assert run_ledger_process(settings) == EXIT_WORKER_FAILED
+    assert any("audit-sink stopped on an error" in r.getMessage() and r.exc_info for r in caplog.records)

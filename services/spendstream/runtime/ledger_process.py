@@ -11,9 +11,13 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from spendstream.core.config import Settings
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable
+
+log = logging.getLogger(__name__)
+EXIT_WORKER_FAILED = 70  # EX_SOFTWARE: a thread beside the sink failed; the process is to be restarted
 
 
 def run_ledger_process(
@@ -51,28 +55,43 @@ def run_ledger_process(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
     budgets = PolicyBudgets(settings, client, on_policy=lambda policy: sink.set_prices(policy.price_table))
+    failed: list[str] = []
+
+    def worker(name: str, target: Callable[..., object], *args: object) -> threading.Thread:
+        """A thread beside the sink whose death ends the process (exit code 70) rather than leaving it running
+        without, say, the audit tables being written: whatever runs it (``dev``, systemd, Kubernetes) restarts it."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException:
+                log.exception("%s stopped on an error; stopping this process so that it is restarted whole", name)
+                failed.append(name)
+                shutdown()
+
+        return threading.Thread(target=run, name=name)
+
     workers = [
-        threading.Thread(target=budgets.run, args=(stop,), name="policy-budgets"),
-        threading.Thread(
-            target=seal_periodically, args=(client, settings.clickhouse_database, stop), name="report-seals"
-        ),
+        worker("policy-budgets", budgets.run, stop),
+        worker("report-seals", seal_periodically, client, settings.clickhouse_database, stop),
     ]
     if with_audit:
-        workers.append(threading.Thread(target=AuditSink(settings, client).run, args=(stop,), name="audit-sink"))
+        workers.append(worker("audit-sink", AuditSink(settings, client).run, stop))
     if with_api:
-        workers.append(threading.Thread(target=_serve_api, args=(settings, client, stop), name="api"))
+        workers.append(worker("api", _serve_api, settings, client, stop))
     if with_notifier:
         from spendstream.notifier.service import Notifier
 
-        workers.append(threading.Thread(target=Notifier(settings, client).run, args=(stop,), name="notifier"))
-    for worker in workers:
-        worker.start()
+        workers.append(worker("notifier", Notifier(settings, client).run, stop))
+    for thread in workers:
+        thread.start()
     try:
-        return sink.run()
+        code = sink.run()
+        return EXIT_WORKER_FAILED if failed else code
     finally:
         stop.set()
-        for worker in workers:
-            worker.join(timeout=30)
+        for thread in workers:
+            thread.join(timeout=30)
         if lag is not None:
             lag.stop()
         client.close()
