@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from spendstream.core.events import Decision
 from spendstream.edge.enforcer import Enforcer
 from spendstream.runtime.embedded_broker import EmbeddedBroker
@@ -89,3 +91,22 @@ def test_staleness_grows_while_the_broker_is_down(tmp_path) -> None:
         broker.kill()
         assert wait_for(lambda: enforcer.staleness_s > 1.0, 10)
         assert enforcer.check(team="u", model="m").action == "unavailable"
+
+
+def test_a_view_that_turns_stale_and_fresh_again_is_said_once_each_in_the_log(
+    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fail-open edge serving on decisions no processor confirms any more says so, not only in a metric."""
+    logged = caplog.at_level("WARNING", logger="spendstream.edge.enforcer")
+    with logged, Enforcer(broker.bootstrap, max_staleness_s=1.0) as enforcer:
+        assert enforcer.wait_ready(10)
+        with heartbeating(broker.bootstrap, interval_s=0.2):
+            assert wait_for(lambda: enforcer.staleness_s < 1.0, 10)
+            time.sleep(1.5)  # fresh past the quiet start: nothing to say
+        assert wait_for(lambda: any("stale" in r.getMessage() for r in caplog.records), 10)
+        with heartbeating(broker.bootstrap, interval_s=0.2):
+            assert wait_for(lambda: any("fresh again" in r.getMessage() for r in caplog.records), 10)
+            time.sleep(1.0)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert "enforcement view stale" in said[0] and "requests are served (fail-open)" in said[0], said

@@ -174,6 +174,8 @@ class Enforcer:
         self._thread: threading.Thread | None = None
         self._fresh_at: float | None = None
         self._alive_at: float | None = None  # epoch seconds of the newest processor heartbeat read
+        self._ready_at: float | None = None  # monotonic seconds when the view was first complete
+        self._stale_reported = False  # the log says the view is stale (until it says it is fresh again)
         self.processor_policy_version = ""  # the policy version that heartbeat reported
         self.policy: Policy | None = None  # the policy in force at this edge (the newest valid one read)
         self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
@@ -600,12 +602,13 @@ class Enforcer:
                 and not messages
                 and all(next_offset[p] >= high_at_start[p] for p in partitions)
             ):
-                self._fresh_at = time.monotonic()
+                self._fresh_at = self._ready_at = time.monotonic()
                 self._ready.set()
                 log.info("enforcer ready: %d scopes with decisions", len(self._rules))
             now = time.monotonic()
             if now - last_probe >= 0.5:
                 last_probe = now
+                self._report_staleness()
                 try:
                     for p in partitions:
                         highs[p] = consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=1)[1]
@@ -613,6 +616,28 @@ class Enforcer:
                     continue  # broker unreachable: the view ages, staleness_s says by how much
                 if all(next_offset[p] >= highs[p] for p in partitions):
                     self._fresh_at = now
+
+    def _report_staleness(self) -> None:
+        """One warning when the view turns stale (``staleness_s`` past ``max_staleness_s``: no processor heartbeat,
+        or the topic not read to its end) and one when it is fresh again, so that an edge serving on old decisions
+        says so in its log, not only in a metric. Quiet for ``max_staleness_s`` after the view is first complete,
+        while a processor that starts with it has not beaten yet."""
+        if self._ready_at is None or time.monotonic() - self._ready_at < self.max_staleness_s:
+            return
+        staleness = self.staleness_s
+        stale = staleness > self.max_staleness_s
+        if stale == self._stale_reported:
+            return
+        self._stale_reported = stale
+        if stale:
+            age = "no processor heartbeat yet" if staleness == float("inf") else f"{staleness:.0f} s old"
+            then = "requests get 503 (fail-closed)" if self.fail_closed else "requests are served (fail-open)"
+            log.warning(
+                "enforcement view stale (%s, limit %.0f s): no processor is confirming decisions; %s",
+                age, self.max_staleness_s, then,
+            )  # fmt: skip
+        else:
+            log.warning("enforcement view fresh again: a processor heartbeat %.1f s ago", staleness)
 
     def _on_message(self, key: bytes | None, value: bytes | None) -> None:
         if key is not None and key.startswith(HEARTBEAT_KEY_PREFIX):
