@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -265,3 +266,14 @@ def test_policy_validate_prints_the_warning_and_still_succeeds(tmp_path: Path) -
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0 and done.stdout.startswith("ok: policy"), done.stderr
     assert f"warning: {path}: fallback_models.gpt-4o: gpt-4o-mnii has no list price" in done.stderr
+
+
+def test_a_configured_timezone_other_than_the_policys_is_a_warning_at_validate() -> None:
+    policy = load_policy(DEFAULT)
+    assert policy.timezone_warning(policy.timezone) is None
+    warning = policy.timezone_warning("Asia/Kolkata")
+    assert warning is not None and f"timezone {policy.timezone}" in warning and "Asia/Kolkata" in warning
+    done = subprocess.run([sys.executable, "-m", "spendstream.cli", "policy", "validate", str(DEFAULT)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SPENDSTREAM_TIMEZONE": "Asia/Kolkata"})  # fmt: skip
+    assert done.returncode == 0 and "warning: SPENDSTREAM_TIMEZONE is Asia/Kolkata" in done.stderr, done.stderr

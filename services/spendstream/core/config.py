@@ -62,7 +62,11 @@ class Settings(BaseSettings):
         description="List prices in genai-prices' data format, used instead of the bundled ones (default: "
         "prices.json in the data directory, which `spendstream prices import` writes, when it exists).",
     )
-    timezone: str = Field("UTC", description="Timezone in which budget periods start and end.")
+    timezone: str = Field(
+        "UTC",
+        description="Timezone by which reports cut days and months, and a policy without one enforces budgets; keep it "
+        "equal to the policy's timezone (budgets are enforced by the policy's: dev and policy validate warn otherwise).",
+    )
 
     # -- topics ---------------------------------------------------------------------------
     usage_partitions: int = Field(

@@ -450,6 +450,17 @@ class Policy(_Model):
         unset = {name for name in OPTIONAL_SECTIONS if getattr(self, name) is None}
         return json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
 
+    def timezone_warning(self, configured: str) -> str | None:
+        """When ``SPENDSTREAM_TIMEZONE`` (``configured``: what the reports and the ledger's budgets cut days and
+        months by) differs from this policy's ``timezone`` (what budget periods are enforced by), say so: a team
+        would be shut off on another day than the reports show."""
+        if configured == self.timezone:
+            return None
+        return (
+            f"SPENDSTREAM_TIMEZONE is {configured} but policy {self.name} has timezone {self.timezone}: budgets are "
+            f"enforced by {self.timezone} days and months, reports cut them by {configured}; set both alike"
+        )
+
     def fallback_price_warnings(self) -> list[str]:
         """``field: problem`` for each fallback model without a list price: a typo in a cheaper model's name would be
         priced at the default rates (often above the model it replaces) or refused, and the upstream would not know

@@ -6,8 +6,12 @@ import argparse
 import gc
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from spendstream.core.config import Settings
+
+if TYPE_CHECKING:
+    from spendstream.core.policy import Policy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,11 +91,18 @@ def _load(path: str):  # type: ignore[no-untyped-def]
     return policy
 
 
+def _warn_of_timezones(policy: Policy, settings: Settings) -> None:
+    warning = policy.timezone_warning(settings.timezone)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def run_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
     path = _policy_file(args, settings)
     policy = _load(path) if path else None
     if policy is None:
         return 2
+    _warn_of_timezones(policy, settings)
     print(f"ok: policy {policy.name} version {policy.version} ({len(policy.budgets)} budgets)")
     return 0
 
@@ -104,6 +115,7 @@ def run_policy_apply(args: argparse.Namespace, settings: Settings) -> int:
     policy = _load(path) if path else None
     if policy is None:
         return 2
+    _warn_of_timezones(policy, settings)
     conf = settings.kafka_client_config()
     try:
         publish_policy(conf, policy, settings.schema_registry_url)
@@ -241,6 +253,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)
         lag = ConsumerLagSampler(settings, usage_group(app_id), USAGE, settings.metrics_lag_interval_s).start()
     print(f"processor {app_id}: policy {policy.name} version {policy.version} in force", flush=True)
+    _warn_of_timezones(policy, settings)
     if seed is not None and seed.version != policy.version:
         print(
             f"processor {app_id}: SPENDSTREAM_POLICY {settings.policy} (version {seed.version}) only seeds an empty "

@@ -180,6 +180,7 @@ class DevStack:
             self.say(f"policy     {self.policy} applied")
         self.recorder = PolicyRecorder({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
         self.recorder.start()
+        self._say_if_timezones_differ()
         self._start_mail_catcher()
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         self.api_tokens = _dev_api_tokens(self.settings)
@@ -280,6 +281,15 @@ class DevStack:
     def say(self, line: str) -> None:
         with self._print_lock:
             print(f"spendstream  {line}", file=self.out, flush=True)
+
+    def _say_if_timezones_differ(self) -> None:
+        try:
+            policy = load_policy(self.policy) if self.policy is not None else None
+        except PolicyError:
+            return
+        warning = policy.timezone_warning(self.settings.timezone) if policy is not None else None
+        if warning is not None:
+            self.say(f"policy     WARNING {warning}")
 
     def _start_mail_catcher(self) -> None:
         """Catch the policy's e-mail when it goes to a loopback port nothing listens on (``runtime.mail_catcher``)."""
