@@ -64,8 +64,9 @@ class Settings(BaseSettings):
     )
     timezone: str = Field(
         "UTC",
-        description="Timezone by which reports cut days and months, and a policy without one enforces budgets; keep it "
-        "equal to the policy's timezone (budgets are enforced by the policy's: dev and policy validate warn otherwise).",
+        description="Timezone by which reports cut days and months, and a policy without one enforces budgets; "
+        "keep it equal to the policy's timezone (budgets are enforced by the policy's: dev and policy validate warn "
+        "otherwise).",
     )
 
     # -- topics ---------------------------------------------------------------------------
