@@ -128,6 +128,8 @@ def test_approval_levels_follow_the_policy_ladder() -> None:
     rules = POLICY.approval_rules  # the reference ladder: manager, director, vp, board
     assert approval_problem(rules, "manager", "team:marketing", 1000 * USD) is None
     assert "at most $1,000.00" in str(approval_problem(rules, "manager", "team:marketing", 2000 * USD))
+    one_nano_over = str(approval_problem(rules, "manager", "team:marketing", 1000 * USD + 1))
+    assert "at most $1,000.00, this is $1,000.000000001" in one_nano_over  # the refusal shows what it refused
     assert "not division" in str(approval_problem(rules, "manager", "division:growth", USD))
     assert approval_problem(rules, "director", "division:growth", 5000 * USD) is None
     assert approval_problem(rules, "board", "org:acme", 10**6 * USD) is None

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from spendstream.core.money_text import exact_usd_text
 from spendstream.core.notification_policy import (
     NotificationKind,
     Recipient,
@@ -27,7 +28,6 @@ from spendstream.core.policy import PolicyError, load_policy, parse_policy, poli
 from spendstream.notifier.messages import (
     alert_message,
     email_message,
-    exact_usd,
     message_from_record,
     message_record,
     notification_id,
@@ -225,10 +225,10 @@ ALERT = {
 
 
 def test_exact_dollars() -> None:
-    assert exact_usd(6_400 * B) == "$6,400.00"
-    assert exact_usd(750) == "$0.00000075"
-    assert exact_usd(-1_500_000_000) == "-$1.50"
-    assert exact_usd(1_234_567_890_123) == "$1,234.567890123"
+    assert exact_usd_text(6_400 * B) == "$6,400.00"
+    assert exact_usd_text(750) == "$0.00000075"
+    assert exact_usd_text(-1_500_000_000) == "-$1.50"
+    assert exact_usd_text(1_234_567_890_123) == "$1,234.567890123"
 
 
 def test_an_alert_says_what_happened_spend_limit_what_edges_do_and_how_to_act() -> None:

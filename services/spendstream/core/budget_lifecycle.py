@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from spendstream.core.events import INT64_MAX
+from spendstream.core.money_text import exact_usd_text
 from spendstream.core.policy import Approvals, Budget, Policy
 
 
@@ -142,13 +143,13 @@ def approval_problem(
         return f"level {level.name} approves for {', '.join(level.dimensions)} scopes, not {dimension}"
     total = amount_nanos + granted_nanos
     if level.max_nanos is not None and total > level.max_nanos:
-        ceiling = f"level {level.name} approves at most ${level.max_nanos / 10**9:,.2f}"
+        ceiling = f"level {level.name} approves at most {exact_usd_text(level.max_nanos)}"
         if granted_nanos:
             return (
-                f"{ceiling} on {scope}, which already has ${granted_nanos / 10**9:,.2f} of approved increases; "
-                f"this would bring them to ${total / 10**9:,.2f}"
+                f"{ceiling} on {scope}, which already has {exact_usd_text(granted_nanos)} of approved increases; "
+                f"this would bring them to {exact_usd_text(total)}"
             )
-        return f"{ceiling}, this is ${amount_nanos / 10**9:,.2f}"
+        return f"{ceiling}, this is {exact_usd_text(amount_nanos)}"
     return None
 
 

@@ -21,6 +21,7 @@ from email.utils import format_datetime
 from typing import Any
 
 from spendstream.core.events import NANOS_PER_USD
+from spendstream.core.money_text import exact_usd_text
 from spendstream.core.notification_policy import NotificationKind
 
 SIGNATURE_HEADER = "X-Spendstream-Signature"
@@ -57,8 +58,9 @@ class Message:
     def text(self) -> str:
         lines = [self.happened]
         if self.spend_nanos is not None:
-            limit = f" of a {exact_usd(self.limit_nanos)} limit" if self.limit_nanos else ""
-            lines.append(f"Spend: {exact_usd(self.spend_nanos)}{limit}{_share(self.spend_nanos, self.limit_nanos)}")
+            limit = f" of a {exact_usd_text(self.limit_nanos)} limit" if self.limit_nanos else ""
+            share = _share(self.spend_nanos, self.limit_nanos)
+            lines.append(f"Spend: {exact_usd_text(self.spend_nanos)}{limit}{share}")
         lines += list(self.summary_lines)
         if self.edges:
             lines.append(f"Edges now: {self.edges}")
@@ -101,17 +103,6 @@ def message_from_record(text: str) -> Message:
     if document["occurred_at"]:
         document["occurred_at"] = datetime.fromisoformat(document["occurred_at"])
     return Message(**document)
-
-
-def exact_usd(nanos: int | None) -> str:
-    """Dollars for people without losing a nano-dollar: ``$6,400.00``, ``$0.000000750``, ``-$1.50``."""
-    if nanos is None:
-        return "-"
-    amount = Decimal(abs(nanos)) / NANOS_PER_USD
-    sign = "-" if nanos < 0 else ""
-    if amount == amount.quantize(Decimal("0.01")):
-        return f"{sign}${amount:,.2f}"
-    return f"{sign}${amount.normalize():,f}"
 
 
 def _plain_usd(nanos: int) -> str:

@@ -10,8 +10,9 @@ from typing import Any
 from spendstream.analytics import reports
 from spendstream.analytics.money import fmt_pct
 from spendstream.analytics.report_model import Report, render_csv
+from spendstream.core.money_text import exact_usd_text
 from spendstream.core.notification_policy import ReportSchedule
-from spendstream.notifier.messages import Message, exact_usd, report_message
+from spendstream.notifier.messages import Message, report_message
 
 
 def weekly_summary(report: Report) -> list[str]:
@@ -20,12 +21,12 @@ def weekly_summary(report: Report) -> list[str]:
         return ["No spend recorded."]
     row = report.rows[0]
     lines = [
-        f"Spend: {exact_usd(row['spend'])} (previous week {exact_usd(row['previous'])}, "
+        f"Spend: {exact_usd_text(row['spend'])} (previous week {exact_usd_text(row['previous'])}, "
         f"change {fmt_pct(row['change'])})",
-        f"Budget (pro rata): {exact_usd(row['budget'])}, used {fmt_pct(row['budget_used'])}",
+        f"Budget (pro rata): {exact_usd_text(row['budget'])}, used {fmt_pct(row['budget_used'])}",
     ]
     if row["top_feature"] is not None:
-        lines.append(f"Top feature: {row['top_feature']} ({exact_usd(row['top_feature_spend'])})")
+        lines.append(f"Top feature: {row['top_feature']} ({exact_usd_text(row['top_feature_spend'])})")
     lines.append(
         f"Cache hit rate: {fmt_pct(row['cache_hit_rate'])}; premium-model share: {fmt_pct(row['premium_share'])}"
     )
@@ -35,14 +36,14 @@ def weekly_summary(report: Report) -> list[str]:
 def chargeback_summary(report: Report) -> list[str]:
     """One line per department and the total: actual against budget, and what is charged back."""
     lines = [
-        f"{row['department']}: {exact_usd(row['actual'])} of {exact_usd(row['budget'])} "
-        f"(variance {exact_usd(row['variance'])}), charged back {exact_usd(row['chargeback'])}"
+        f"{row['department']}: {exact_usd_text(row['actual'])} of {exact_usd_text(row['budget'])} "
+        f"(variance {exact_usd_text(row['variance'])}), charged back {exact_usd_text(row['chargeback'])}"
         for row in report.rows
     ]
     totals: dict[str, Any] = report.totals or {}
     if totals:
-        lines.append(f"Total: {exact_usd(totals['actual'])} of {exact_usd(totals['budget'])}, "
-                     f"charged back {exact_usd(totals['chargeback'])}")  # fmt: skip
+        lines.append(f"Total: {exact_usd_text(totals['actual'])} of {exact_usd_text(totals['budget'])}, "
+                     f"charged back {exact_usd_text(totals['chargeback'])}")  # fmt: skip
     return lines or ["No spend recorded."]
 
 
