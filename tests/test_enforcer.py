@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import pytest
 
@@ -108,5 +109,7 @@ def test_a_view_that_turns_stale_and_fresh_again_is_said_once_each_in_the_log(
             assert wait_for(lambda: any("fresh again" in r.getMessage() for r in caplog.records), 10)
             time.sleep(1.0)
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 2, said
+    # each change is said once: stale and fresh alternate (a loaded machine may delay a heartbeat past the limit)
     assert "enforcement view stale" in said[0] and "requests are served (fail-open)" in said[0], said
+    assert "fresh again" in said[1], said
+    assert all(("fresh again" in a) != ("fresh again" in b) for a, b in pairwise(said)), said

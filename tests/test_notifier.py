@@ -410,9 +410,14 @@ def test_reference_scenario_owner_alert_and_emergency_stop_escalation(
         _produce_usage(settings, events)
         wait_for(lambda: _subjects(mail, "cfo@") and _subjects(mail, "vp-engineering@"), 120, "the emergency stop")
         wait_for(lambda: _subjects(mail, "marketing-lead@"), 60, "the marketing alert")
-        rows = client.query(
-            "SELECT kind, scope, channel FROM spendstream.notifications FINAL WHERE status = 'sent'"
-        ).result_rows
+
+        def sent() -> list[tuple[str, str, str]]:
+            query = "SELECT kind, scope, channel FROM spendstream.notifications FINAL WHERE status = 'sent'"
+            return [tuple(row) for row in client.query(query).result_rows]
+
+        # the notifier writes delivery states in batches, after the mail has left
+        wait_for(lambda: ("threshold", "team:marketing", "marketing-mail") in sent(), 30, "the sent state")
+        rows = sent()
     finally:
         halt.set()
         thread.join(30)
