@@ -10,7 +10,6 @@ import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -19,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from spendstream.core.periods import known_timezone
 
 
 class ConfigError(Exception):
@@ -199,14 +200,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
         return value
 
-    @field_validator("timezone")
-    @classmethod
-    def _timezone_is_known(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"no time zone named {value!r}: expected an IANA name such as Europe/Paris") from None
-        return value
+    _timezone = field_validator("timezone")(known_timezone)
 
     @field_validator("otel_exporter_otlp_endpoint")
     @classmethod

@@ -24,7 +24,7 @@ import calendar
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import ClassVar
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 HOUR = "hour"  # the name of the UTC hour bucket series
 _ONE_HOUR = timedelta(hours=1)
@@ -35,6 +35,15 @@ HOURLY_HISTORY = 48  # completed hours before the current one that the hourly sp
 @lru_cache(maxsize=64)
 def zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
+
+
+def known_timezone(name: str) -> str:
+    """``name`` if it is an IANA time zone; else a ValueError saying what is expected (settings and policies)."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r}: expected an IANA name such as Europe/Paris") from None
+    return name
 
 
 def as_tz(tz: tzinfo | str) -> tzinfo:

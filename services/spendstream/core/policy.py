@@ -29,7 +29,7 @@ from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import (
@@ -49,7 +49,7 @@ from spendstream.core.matching import is_template
 from spendstream.core.money_text import usd_text
 from spendstream.core.notification_policy import Notifications
 from spendstream.core.otlp_attribution import OtlpAttribution
-from spendstream.core.periods import budget_period_names
+from spendstream.core.periods import budget_period_names, known_timezone
 from spendstream.core.pricing import (
     DEFAULT_UNKNOWN_RATES,
     PriceOverride,
@@ -395,14 +395,7 @@ class Policy(_Model):
 
     _version: str = PrivateAttr("")
 
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Berlin)") from None
-        return value
+    _timezone = field_validator("timezone")(known_timezone)
 
     @field_validator("allowed_models")
     @classmethod
