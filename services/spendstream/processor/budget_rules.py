@@ -60,11 +60,7 @@ class Evaluation:
 def _pct(spend_nanos: int, limit_nanos: int) -> str:
     if limit_nanos == 0:
         return "budget is zero"
-    return f"{Decimal(spend_nanos * 100) / Decimal(limit_nanos):.1f}% of {budget_usd(limit_nanos)}"
-
-
-def budget_usd(nanos: int) -> str:
-    return usd_text(nanos)
+    return f"{Decimal(spend_nanos * 100) / Decimal(limit_nanos):.1f}% of {usd_text(limit_nanos)}"
 
 
 def evaluate_budget(budget: Budget, scope: str, spend_nanos: int, policy: Policy) -> Evaluation:
@@ -73,7 +69,7 @@ def evaluate_budget(budget: Budget, scope: str, spend_nanos: int, policy: Policy
     critical = dimension == "feature" and policy.is_critical(value) and not budget.hard_cap
     thresholds = budget.thresholds or policy.thresholds
     action = action_for_spend(spend_nanos, budget.limit_nanos, thresholds, critical)
-    spent = budget_usd(spend_nanos)
+    spent = usd_text(spend_nanos)
     reason = f"{budget.period} budget {scope}: {spent} spent, {_pct(spend_nanos, budget.limit_nanos)}"
     if action is Action.fallback:
         fallback = budget.fallback_models if budget.fallback_models is not None else policy.fallback_models

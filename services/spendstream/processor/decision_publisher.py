@@ -22,10 +22,10 @@ from functools import lru_cache
 
 from spendstream.core.events import ACTION_RANK, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
+from spendstream.core.money_text import usd_text
 from spendstream.core.periods import HOUR, HOURLY_HISTORY, Period, period, period_window, utc_at
 from spendstream.core.policy import Policy, SpikeRule
 from spendstream.processor.budget_rules import (
-    budget_usd,
     evaluate_budget,
     quota_action,
 )
@@ -183,7 +183,7 @@ def evaluate_scope(
                     AlertKind.forecast,
                     Severity.warning,
                     f"forecast: {scope} is on course to exceed its {kind} budget of "
-                    f"{budget_usd(budget.limit_nanos)} ({budget_usd(spend)} spent so far)",
+                    f"{usd_text(budget.limit_nanos)} ({usd_text(spend)} spent so far)",
                     spend,
                     budget.limit_nanos,
                     kind.name,

@@ -32,10 +32,6 @@ class SpikeVerdict:
     reason: str
 
 
-def _usd(nanos: int) -> str:
-    return usd_text(nanos)
-
-
 def daily_spike(today_nanos: int, trailing_daily_nanos: Sequence[int], rule: SpikeRule) -> SpikeVerdict | None:
     history = list(trailing_daily_nanos)[-rule.window_days :]
     if len(history) < rule.min_history_days or today_nanos < (rule.min_spend_nanos or 0):
@@ -50,7 +46,7 @@ def daily_spike(today_nanos: int, trailing_daily_nanos: Sequence[int], rule: Spi
         rule.name,
         today_nanos,
         average,
-        f"daily spend {_usd(today_nanos)} > {rule.factor}x the {len(history)}-day average {_usd(average)}",
+        f"daily spend {usd_text(today_nanos)} > {rule.factor}x the {len(history)}-day average {usd_text(average)}",
     )
 
 
@@ -76,7 +72,7 @@ def hourly_spike(
         rule.name,
         current_hour_nanos,
         ewma_nanos,
-        f"spend this hour {_usd(current_hour_nanos)} > {rule.factor}x the hourly EWMA {_usd(ewma_nanos)}",
+        f"spend this hour {usd_text(current_hour_nanos)} > {rule.factor}x the hourly EWMA {usd_text(ewma_nanos)}",
     )
 
 
