@@ -7,8 +7,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spendstream.core.config import Settings
+
+if TYPE_CHECKING:
+    from spendstream.core.policy import Policy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -112,11 +116,11 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         print(f"spendstream: policy file not found: {policy}", file=sys.stderr)
         return 2
     try:  # every service of the stack is started with it (SPENDSTREAM_POLICY), even when a restart restores another
-        load_policy(policy)
+        in_file = load_policy(policy)
     except PolicyError as exc:
         print(f"spendstream: {policy} is not a valid policy, so the stack is not started:\n  {exc}", file=sys.stderr)
         return 2
-    missing = missing_notifier_secrets(policy)
+    missing = missing_notifier_secrets(in_file, policy)
     if missing:  # as `spendstream notifier` refuses, rather than a notifier whose channel fails every delivery
         print("spendstream: cannot start the notifier:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
@@ -166,18 +170,12 @@ def _run_dev_stack(args: argparse.Namespace, settings: Settings, policy: Path) -
     return 1 if stack.failed.is_set() else 0
 
 
-def missing_notifier_secrets(policy_path: Path) -> list[str]:
-    """The secrets the policy's notification channels name that the environment does not set (field and variable);
-    none for an invalid file (its problems are reported on their own)."""
+def missing_notifier_secrets(policy: Policy, policy_path: Path) -> list[str]:
+    """The secrets the policy's notification channels name that the environment does not set (field and variable)."""
     import os
 
     from spendstream.core.notification_policy import missing_secrets
-    from spendstream.core.policy import PolicyError, load_policy
 
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError:
-        return []
     if policy.notifications is None:
         return []
     return [f"{policy_path}: {problem}" for problem in missing_secrets(policy.notifications, os.environ)]

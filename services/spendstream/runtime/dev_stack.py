@@ -29,13 +29,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import IO
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from spendstream.core.config import Settings
-from spendstream.core.policy import PolicyError, load_policy
+from spendstream.core.policy import Policy, PolicyError, load_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.mail_catcher import LOOPBACK, MailCatcher
@@ -146,15 +147,21 @@ class DevStack:
         self._threads: list[threading.Thread] = []
         self.api_tokens: dict[str, str] = {}  # role -> token made for this run (dev-ingest, dev-viewer)
 
+    @cached_property
+    def policy_in_file(self) -> Policy | None:
+        """The ``--policy`` file's policy, parsed once (None: no file, or not a valid policy)."""
+        try:
+            return load_policy(self.policy) if self.policy is not None else None
+        except PolicyError:
+            return None
+
     def _say_if_policy_file_differs(self, restored_version: str) -> None:
         """A restart restores the last applied policy, not the startup file: say so when they differ, so an edited
         ``--policy`` file is not believed to be in force."""
         if self.policy is None:
             return
-        try:
-            version = f"version {load_policy(self.policy).version}"
-        except PolicyError:
-            version = "not a valid policy"
+        in_file = self.policy_in_file
+        version = f"version {in_file.version}" if in_file is not None else "not a valid policy"
         if version != f"version {restored_version}":
             self.say(
                 f"policy     {self.policy} ({version}) not applied: the last applied policy stays in force; "
@@ -283,20 +290,15 @@ class DevStack:
             print(f"spendstream  {line}", file=self.out, flush=True)
 
     def _say_if_timezones_differ(self) -> None:
-        try:
-            policy = load_policy(self.policy) if self.policy is not None else None
-        except PolicyError:
-            return
+        policy = self.policy_in_file
         warning = policy.timezone_warning(self.settings.timezone) if policy is not None else None
         if warning is not None:
             self.say(f"policy     WARNING {warning}")
 
     def _start_mail_catcher(self) -> None:
         """Catch the policy's e-mail when it goes to a loopback port nothing listens on (``runtime.mail_catcher``)."""
-        try:
-            notifications = load_policy(self.policy).notifications if self.policy is not None else None
-        except PolicyError:
-            return
+        policy = self.policy_in_file
+        notifications = policy.notifications if policy is not None else None
         smtp = notifications.smtp if notifications is not None else None
         if smtp is None or smtp.host not in LOOPBACK:
             return
