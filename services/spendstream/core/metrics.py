@@ -7,8 +7,9 @@ ledger sink's in ``sink.metrics``, the gateway's in ``gateway.metrics``); everyt
 per batch (``counter.inc(n)``) or once per HTTP request. Every labelled series
 appears only once something was counted, so a process exposes the metrics of the services it runs.
 
-Exposition: aiohttp services (gateway, API) serve ``GET /metrics`` on their own port
-(:func:`instrument_app`); the others (sink, processor) start an HTTP server on
+Exposition: the HTTP services serve ``GET /metrics`` on their own port (the API through
+:func:`instrument_app`, the gateway's own server through :func:`metrics_exposition` and
+:class:`HttpLatency`); the others (sink, processor) start an HTTP server on
 ``SPENDSTREAM_METRICS_PORT`` (:func:`serve_metrics`). Consumer lag is sampled in a background thread
 (:class:`ConsumerLagSampler`), never per message.
 """
@@ -211,21 +212,36 @@ def serve_metrics(settings: Settings) -> int | None:
     return port
 
 
+class HttpLatency:
+    """``HTTP_LATENCY`` of one service, its labelled children kept (``labels()`` costs per call)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self._children: dict[tuple[str, int], Any] = {}  # (endpoint, status class) -> its child
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status // 100)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = HTTP_LATENCY.labels(self.service, endpoint, f"{status // 100}xx")
+        child.observe(seconds)
+
+
+def metrics_exposition(accept: str) -> tuple[bytes, str]:
+    """This process's metrics in the format the scraper's ``Accept`` header asks for: (body, content type)."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(REGISTRY), content_type
+
+
 def instrument_app(app: Any, service: str) -> None:
     """Add ``GET /metrics`` and the request latency middleware to an aiohttp application (before it starts)."""
     from aiohttp import web
 
     async def metrics(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
+        body, content_type = metrics_exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
-    histograms: dict[tuple[str, str], Any] = {}  # (endpoint, status class) -> its child (labels() costs per call)
-
-    def observe(endpoint: str, status_class: str, seconds: float) -> None:
-        histogram = histograms.get((endpoint, status_class))
-        if histogram is None:
-            histogram = histograms[(endpoint, status_class)] = HTTP_LATENCY.labels(service, endpoint, status_class)
-        histogram.observe(seconds)
+    latency = HttpLatency(service)
 
     @web.middleware
     async def observe_latency(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -245,9 +261,7 @@ def instrument_app(app: Any, service: str) -> None:
             resource = request.match_info.route.resource
             endpoint = resource.canonical if resource is not None else "unmatched"
             if endpoint != "/metrics":  # recorded once the response is written: not part of the latency it measures
-                asyncio.get_running_loop().call_soon(
-                    observe, endpoint, f"{status // 100}xx", time.perf_counter() - started
-                )
+                asyncio.get_running_loop().call_soon(latency.observe, endpoint, status, time.perf_counter() - started)
 
     app.router.add_get("/metrics", metrics)
     app.middlewares.insert(0, observe_latency)  # outermost: requests refused by other middlewares count too

@@ -46,13 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
+    import gc
     import signal
     from fractions import Fraction
 
-    from aiohttp import web
-
     from spendstream.core.policy import load_policy
-    from spendstream.gateway.app import Gateway
+    from spendstream.gateway.app import Gateway, new_event_loop, serve, shut_down
     from spendstream.gateway.config import load_gateway_config
     from spendstream.gateway.workers import workers_wanted
 
@@ -84,15 +83,32 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         from spendstream.core.metrics import serve_metrics
 
         serve_metrics(settings.model_copy(update={"metrics_port": settings.metrics_port + args.worker_index}))
-    print(f"gateway listening on http://{host}:{port} ({len(gateway.keys)} virtual keys)", flush=True)
-    app = gateway.app()
 
-    async def reload_keys_on_sighup(app: web.Application) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_keys)
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        try:
+            server, bound = await serve(gateway, host, port, reuse_port=args.reuse_port)
+        except OSError as exc:
+            print(f"gateway not started: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            return 1
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
+        print(f"gateway listening on http://{host}:{bound} ({len(gateway.keys)} virtual keys)", flush=True)
+        # A request allocates a few hundred objects that reference counting frees; with the default thresholds
+        # the cyclic collector ran every few requests and its older generations rescanned the Enforcer's view.
+        gc.set_threshold(50_000, 50, 100)
+        gc.freeze()  # what startup built (modules, config, policy) is never garbage: out of every collection
+        await stop.wait()
+        await shut_down(gateway, server)
+        return 0
 
-    app.on_startup.append(reload_keys_on_sighup)
-    web.run_app(app, host=host, port=port, print=None, reuse_port=args.reuse_port, **gateway.server_options())
-    return 0
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 def _supervise_workers(args: argparse.Namespace, settings: Settings, host: str, port: int, count: int) -> int:
