@@ -76,6 +76,7 @@ def free_port() -> int:
 # pproxy switches to uvloop when it is installed (the gateway's loop) and then asks for a loop the way uvloop no
 # longer allows; on asyncio's own loop it runs as documented.
 PPROXY_WITHOUT_UVLOOP = "import sys; sys.modules['uvloop'] = None; from pproxy.server import main; sys.exit(main())"
+ARGS = ("-v", "--auth", "0")  # print each relayed connection; check the credentials on every request
 
 
 @pytest.fixture
@@ -84,8 +85,7 @@ def proxy(tmp_path: Path) -> Iterator[ProxyProcess]:
     port, log = free_port(), tmp_path / "proxy.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", PPROXY_WITHOUT_UVLOOP, "-l", f"http://127.0.0.1:{port}#{USER}:{PASSWORD}", "-v",
-             "--auth", "0"],  # fmt: skip
+            [sys.executable, "-c", PPROXY_WITHOUT_UVLOOP, "-l", f"http://127.0.0.1:{port}#{USER}:{PASSWORD}", *ARGS],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -531,7 +531,7 @@ class Gateway:
             bound = remaining_bound(verdict.action, self.thresholds) if self.thresholds is not None else None
             if bound is not None and verdict.model == route.model:
                 route = self._route(model, provider, assessment, attribution, bound, endpoint)
-                verdict = call.verdict = verdict._replace(model=route.model)
+                verdict = call.verdict = Verdict(verdict.action, route.model, *verdict[2:])
             tags.update(routing_tags(route, provider, model))
             call.provider = route.provider
             if (route.provider, route.model) != (provider, model):

@@ -237,6 +237,7 @@ class _Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._received_any = False
         self._last_data_at = 0.0
+        self._timeout = 0.0  # of the response under way
         self._watchdog: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -312,7 +313,6 @@ class _Connection(asyncio.Protocol):
     def finish(self) -> None:
         """Back to the pool if the response was read to the end and may be kept; closed otherwise."""
         parser = self._parser
-        self._cancel_watchdog()
         reusable = parser is not None and parser.complete and parser.keep_alive and not self._body
         self._parser = None
         self._body.clear()
@@ -358,22 +358,27 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _arm_watchdog(self, timeout: float) -> None:
-        """A silence longer than ``timeout`` fails the response (one timer per request, re-armed lazily)."""
+        """A silence longer than ``timeout`` fails the response. The timer outlives a response on a kept connection
+        and is re-armed from the last bytes when it fires, so a request on a busy connection costs no timer."""
+        self._timeout = timeout
+        due = self._last_data_at + timeout
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > due:  # (a shorter timeout than the previous response's)
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = self._loop.call_at(due, self._check_silence)
 
-        def check() -> None:
-            parser = self._parser
-            if parser is None or parser.complete:
-                self._watchdog = None
-                return
-            due = self._last_data_at + timeout
-            if self._loop.time() >= due:
-                self._watchdog = None
-                self._fail(TimeoutError(f"no bytes from the upstream for {timeout:g} s"))
-            else:
-                self._watchdog = self._loop.call_at(due, check)
-
-        self._cancel_watchdog()
-        self._watchdog = self._loop.call_at(self._last_data_at + timeout, check)
+    def _check_silence(self) -> None:
+        parser = self._parser
+        if parser is None or parser.complete:  # idle: armed again by the next request
+            self._watchdog = None
+            return
+        due = self._last_data_at + self._timeout
+        if self._loop.time() >= due:
+            self._watchdog = None
+            self._fail(TimeoutError(f"no bytes from the upstream for {self._timeout:g} s"))
+        else:
+            self._watchdog = self._loop.call_at(due, self._check_silence)
 
     def _cancel_watchdog(self) -> None:
         if self._watchdog is not None:
