@@ -415,6 +415,74 @@ def test_a_silent_upstream_ends_the_stream_with_an_error_and_no_terminating_chun
     assert event["output_tokens"] == 3  # "word word": 9 characters
 
 
+def test_a_stream_the_gateway_stops_is_cut_with_an_error_event_and_metered(
+    settings: Settings, stub: StubUpstream, tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """On SIGTERM (here: the thread's stop) a stream past ``shutdown_timeout_s`` ends with an SSE error event and
+    no terminating chunk, and its usage event is emitted before the gateway stops."""
+    enforcer = Enforcer(settings=settings).start()
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    stub.cut_stream_after, stub.stall_stream_s = 2, 5.0
+    config = gateway_config(stub, stub, shutdown_timeout_s=0.5)
+    running = GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)).start()
+    request = json.dumps({**CHAT, "stream": True, "max_tokens": 10}).encode()
+    with socket.create_connection(("127.0.0.1", running.port), timeout=15) as sock:
+        sock.sendall(
+            (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Length: {len(request)}\r\n\r\n"
+            ).encode()
+            + request
+        )
+        answer = sock.recv(65536)
+        while answer.count(b'"content"') < 2:
+            answer += sock.recv(65536)
+        started = time.monotonic()
+        running.stop()
+        assert time.monotonic() - started < 4
+        while chunk := sock.recv(65536):
+            answer += chunk
+    emitter.close(10)
+    enforcer.stop()
+    assert b"the gateway is stopping" in answer and not answer.endswith(b"0\r\n\r\n")
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["status"] == "error" and event["tags"]["stream_error"] == "GatewayStopping"
+    assert event["output_tokens"] == 3  # what was streamed: "word word"
+
+
+def test_a_key_that_is_not_utf8_gets_401(gateway: GatewayThread) -> None:
+    request = json.dumps(CHAT).encode()
+    for header in (b"Authorization: Bearer sk-ss-\xff\xfe", b"x-api-key: sk-ss-\xe9"):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + header
+                + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(request)
+                + request
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+def test_upstream_retry_after_and_rate_limit_headers_reach_the_client(gateway: GatewayThread, stub: StubUpstream):
+    stub.response_headers = {
+        "retry-after": "7",
+        "x-ratelimit-remaining-requests": "99",
+        "x-ratelimit-reset-tokens": "6m0s",
+        "anthropic-ratelimit-tokens-remaining": "1000",
+        "x-internal-trace": "not for clients",
+    }
+    stub.fail_status = 429
+    status, headers, _ = http(gateway.url + "/v1/chat/completions", CHAT)
+    assert status == 429 and headers["retry-after"] == "7" and headers["x-ratelimit-remaining-requests"] == "99"
+    stub.fail_status = None
+    status, headers, _ = http(gateway.url + "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-ratelimit-reset-tokens"] == "6m0s"
+    assert headers["anthropic-ratelimit-tokens-remaining"] == "1000" and "x-internal-trace" not in headers
+
+
 # -- usage whose price cannot be represented -------------------------------------------------------------------------
 def test_usage_priced_beyond_int64_is_metered_as_a_usage_error_not_lost(
     gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker

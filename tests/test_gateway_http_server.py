@@ -4,6 +4,7 @@ limits, malformed requests, streamed responses and a graceful stop, with handler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -45,10 +46,30 @@ class Running:
             await out.write_eof()
             return out  # type: ignore[return-value]
 
+        async def endless(request: Request) -> Response:
+            out = request.stream(200, {"Content-Type": "text/event-stream"})
+            await out.prepare()
+            try:
+                await out.write(b"data: first\n\n")
+                await asyncio.sleep(60)
+            finally:
+                self.seen.append("endless cleaned up")
+            return out  # type: ignore[return-value]
+
+        async def refuse(request: Request) -> Response:  # answers without reading the body (as a 401 does)
+            return Response(401, b"who are you")
+
         async def missing(request: Request) -> Response:
             return Response(404, b"no " + request.path.encode())
 
-        routes = {("POST", "/echo"): echo, ("GET", "/echo"): echo, ("GET", "/slow"): slow, ("GET", "/stream"): stream}
+        routes = {
+            ("POST", "/echo"): echo,
+            ("GET", "/echo"): echo,
+            ("GET", "/slow"): slow,
+            ("GET", "/stream"): stream,
+            ("GET", "/endless"): endless,
+            ("POST", "/refuse"): refuse,
+        }
         self.server = HttpServer(routes, head_timeout_s=head_timeout_s, max_body_bytes=1000, not_found=missing)
         started = threading.Event()
 
@@ -170,11 +191,69 @@ def test_head_gets_the_headers_of_get_without_the_body(server: Running) -> None:
     assert data.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 11\r\n" in data and data.endswith(b"\r\n\r\n")
 
 
+def test_a_refused_request_gets_no_100_continue_and_its_body_need_not_be_sent(server: Running) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        ((status, headers, body),) = responses(read_all(sock))
+    assert (status, body) == (401, b"who are you") and headers["connection"] == "close"
+
+
+def test_an_upgrade_offer_is_declined_and_its_body_still_read(server: Running) -> None:
+    """As `curl --http2` sends a POST on a cleartext connection: answered in HTTP/1.1, with the body."""
+    offer = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    for framing, body in (
+        (b"Content-Length: 5\r\n", b"hello"),
+        (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+    ):
+        for split in (False, True):  # the body in the read of the head, or after it
+            with connect(server) as sock:
+                head = b"POST /echo HTTP/1.1\r\nHost: x\r\n" + offer + framing + b"\r\n"
+                if split:
+                    sock.sendall(head)
+                    time.sleep(0.1)
+                    sock.sendall(body)
+                else:
+                    sock.sendall(head + body)
+                ((status, _, answer),) = responses(read_all(sock))
+            assert (status, answer) == (200, b"POST /echo hello"), (framing, split)
+    with connect(server) as sock:  # without a body
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n" + offer + b"\r\n")
+        ((status, _, answer),) = responses(read_all(sock))
+    assert (status, answer) == (200, b"GET /echo ")
+
+
+def refused(server: Running, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with connect(server) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        ((status, headers, body),) = responses(read_all(sock))
+    return status, headers, body
+
+
+def test_heads_that_cannot_be_served_get_a_status_that_says_why(server: Running) -> None:
+    big = b"X-Big: " + b"y" * (MAX_HEAD_BYTES + 10) + b"\r\n"  # in one read: the head completes in it
+    status, headers, body = refused(server, b"GET /echo HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+    assert status == 431 and b"request_head_too_large" in body and headers["server"] == "spendstream"
+    status, _, body = refused(server, b"GET /echo HTTP/1.1\r\n\r\n")
+    assert status == 400 and b"Host header" in body
+    status, _, body = refused(server, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+    assert status == 405 and b"CONNECT" in body
+    status, _, body = refused(server, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert status == 505 and b"HTTP/1.1" in body
+
+
+def test_a_body_that_cannot_be_framed_gets_400(server: Running) -> None:
+    status, headers, body = refused(
+        server, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    )
+    assert status == 400 and headers["connection"] == "close" and b"cannot be framed" in body
+
+
 def test_malformed_and_oversized_heads_are_refused_and_closed(server: Running) -> None:
     with connect(server) as sock:
         sock.sendall(b"GET /echo HTTP/1.1\r\nBad Header Line\r\n\r\n")
         ((status, _, body),) = responses(read_all(sock))
-    assert status == 400 and b"malformed HTTP request" in body
+    assert status == 400 and b"malformed HTTP request" in body and b'"code": "malformed_request"' in body
     with connect(server) as sock:
         sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
         try:
@@ -182,7 +261,7 @@ def test_malformed_and_oversized_heads_are_refused_and_closed(server: Running) -
                 sock.sendall(b"X-Filler: " + b"y" * 990 + b"\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
-        data = read_all(sock)
+        data = read_all(sock)  # the answer arrives although the client was still sending (no reset)
     assert data.startswith(b"HTTP/1.1 431") and b"larger than" in data
 
 
@@ -230,3 +309,19 @@ def test_shutdown_lets_a_request_in_flight_finish_and_closes_idle_connections() 
     idle.close()
     busy.close()
     running.stop()
+
+
+def test_a_stream_that_outlives_the_grace_period_is_cancelled_and_cleans_up() -> None:
+    running = Running(head_timeout_s=30)
+    sock = connect(running)
+    sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    started = time.monotonic()
+    running.call(running.server.shutdown(0.5))
+    assert time.monotonic() - started < 3
+    data = read_all(sock)  # what was streamed, then the connection ends without the terminating chunk
+    assert b"data: first" in data and not data.endswith(b"0\r\n\r\n")
+    assert "endless cleaned up" in running.seen
+    sock.close()
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    running.thread.join(10)

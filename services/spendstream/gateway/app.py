@@ -37,7 +37,14 @@ from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
-from spendstream.gateway.http_server import BodyTooLarge, HttpServer, Request, Response, StreamedResponse
+from spendstream.gateway.http_server import (
+    BodyTooLarge,
+    HttpServer,
+    MalformedBody,
+    Request,
+    Response,
+    StreamedResponse,
+)
 from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
 from spendstream.gateway.metrics import GATEWAYS
@@ -83,15 +90,16 @@ _BLOCK_ERRORS = {
 }
 # Headers passed on to upstreams (besides content type and the upstream's own auth).
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
-_RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "anthropic-ratelimit-requests-remaining")
+_RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after", "retry-after-ms")
+# Upstream rate-limit headers (x-ratelimit-remaining-tokens, anthropic-ratelimit-requests-reset, ...) are passed on
+# too: the OpenAI and Anthropic SDKs pace their retries by them.
+_RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
 KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
 # Output tokens reserved for a request that sets no max_tokens (what it may cost is unbounded; this is a typical
 # long answer).
 UNBOUNDED_OUTPUT_TOKENS = 1024
-SHUTDOWN_S = 8.0  # on SIGTERM, how long requests in flight (streams too) may take to finish (then the Emitter
-# flushes within 10 s: a supervisor kills a worker 20 s after SIGTERM)
 
 
 def _is_unicode(text: str) -> bool:
@@ -127,10 +135,9 @@ def _is_json_type(content_type: str) -> bool:
     return content_type.startswith("application/") and content_type.endswith("+json")
 
 
-async def _cut_short(out: StreamedResponse, anthropic: bool, exc: BaseException) -> None:
+async def _cut_short(out: StreamedResponse, anthropic: bool, message: str) -> None:
     """End a stream that broke so the client can tell: an SSE error event (which the OpenAI and Anthropic SDKs
     raise), then the connection closes without the terminating chunk, so the body is visibly incomplete."""
-    message = f"the upstream stream was interrupted ({type(exc).__name__}); the response is incomplete"
     if anthropic:
         payload = {"type": "error", "error": {"type": "api_error", "message": message}}
         event = b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
@@ -297,6 +304,7 @@ class Gateway:
         }
         self.telemetry: GenAiTelemetry | None = None  # GenAI spans and metrics, only with an OTLP endpoint
         self._http: HttpServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._decision_counters: dict[str, Any] = {}  # action -> its labelled counter (labels() costs per call)
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
@@ -322,6 +330,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Start what serves requests: the Enforcer, the Emitter, routing's follower, the keys-file watch."""
+        self._loop = asyncio.get_running_loop()  # (asking for it per request costs a getpid() system call)
         if self.enforcer is None:
             self.enforcer = Enforcer(
                 settings=self.settings,
@@ -412,7 +421,9 @@ class Gateway:
             presented = presented[7:].strip()
         else:
             presented = request.headers.get("x-api-key") or request.headers.get("api-key") or ""
-        return self.keys.lookup(presented) if presented else None
+        if not presented or not _is_unicode(presented):  # (bytes that are not UTF-8 are no key of ours)
+            return None
+        return self.keys.lookup(presented)
 
     async def health(self, request: Request) -> Response:
         enforcer, emitter = self.enforcer, self.emitter
@@ -659,6 +670,8 @@ class Gateway:
             return None, b"", _Refusal(413, f"request body exceeds the limit of {limit} bytes")
         except TimeoutError:
             return None, b"", _Refusal(408, f"request body not received within {self.config.body_timeout_s:g} s")
+        except MalformedBody as exc:
+            return None, b"", _Refusal(400, str(exc))
         except ConnectionError:
             return None, b"", _Refusal(400, "request body could not be read")
         try:
@@ -726,10 +739,17 @@ class Gateway:
             return error_response(
                 502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error", anthropic=endpoint.anthropic
             )
+        except asyncio.CancelledError:  # the gateway is stopping: the call may have reached the upstream
+            self._emit_cut(call)
+            raise
         call.tags["upstream"] = target.base_url
+        upstream_headers = response.headers
         for name in _RESPONSE_HEADERS:
-            value = response.headers.get(name)
+            value = upstream_headers.get(name)
             if value:
+                out_headers[name] = value
+        for name, value in upstream_headers.items():
+            if name.startswith(_RATE_LIMIT_PREFIXES):
                 out_headers[name] = value
         status = UsageStatus.ok if response.status < 400 else UsageStatus.error
         self.counts[status.value] += 1
@@ -743,6 +763,9 @@ class Gateway:
             return error_response(
                 502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
             )
+        except asyncio.CancelledError:
+            self._emit_cut(call)
+            raise
         content_type = response.headers.get("content-type", "application/json")
         if status is UsageStatus.ok:  # its usage block is read once the answer is sent
             answer = _Answer(data, content_type, cache_key_ if response.status == 200 else None)
@@ -790,7 +813,12 @@ class Gateway:
             completed = True
         except (TimeoutError, ConnectionError) as exc:
             call.tags["stream_error"] = type(exc).__name__
-            await _cut_short(out, call.endpoint.anthropic, exc)
+            message = f"the upstream stream was interrupted ({type(exc).__name__}); the response is incomplete"
+            await _cut_short(out, call.endpoint.anthropic, message)
+        except asyncio.CancelledError:  # the gateway is stopping and the stream outlived the grace period
+            call.tags["stream_error"] = "GatewayStopping"
+            await _cut_short(out, call.endpoint.anthropic, "the gateway is stopping; the response is incomplete")
+            raise
         finally:
             served = meter.model or call.verdict.model
             usage = meter.usage
@@ -802,10 +830,17 @@ class Gateway:
             self._emit(call, served, usage, status)
         events = recorder.finish() if recorder is not None and status is UsageStatus.ok else None
         if cache_key_ is not None and events:
-            asyncio.get_running_loop().call_soon(
+            self._loop.call_soon(  # type: ignore[union-attr]
                 self._store, cache_key_, content_type, call.provider, served, meter.usage, b"", events
             )
         return out
+
+    def _emit_cut(self, call: _Call) -> None:
+        """Meter a call the gateway's stop cut short before an answer arrived: an error event tagged
+        ``error: gateway_stopping``, so the ledger shows the call was made (what it cost is unknown here)."""
+        assert call.verdict is not None
+        call.tags["error"] = "gateway_stopping"
+        self._emit(call, call.verdict.model, None, UsageStatus.error)
 
     def _emit(
         self,
@@ -826,7 +861,9 @@ class Gateway:
         """
         latency_ms = int((time.perf_counter() - call.started) * 1000)
         now = datetime.now(UTC) if self.clock is None else self.clock()
-        asyncio.get_running_loop().call_soon(self._meter, call, served, raw_usage, status, hit, answer, latency_ms, now)
+        self._loop.call_soon(  # type: ignore[union-attr]
+            self._meter, call, served, raw_usage, status, hit, answer, latency_ms, now
+        )
 
     def _meter(
         self,
@@ -934,8 +971,8 @@ async def serve(gateway: Gateway, host: str, port: int, *, reuse_port: bool = Fa
 
 
 async def shut_down(gateway: Gateway, server: HttpServer) -> None:
-    """Stop taking requests, let those in flight finish (up to ``SHUTDOWN_S``), then stop the gateway."""
-    await server.shutdown(SHUTDOWN_S)
+    """Stop taking requests, let those in flight finish (up to ``shutdown_timeout_s``), then stop the gateway."""
+    await server.shutdown(gateway.config.shutdown_timeout_s)
     await gateway.stop()
 
 

@@ -63,7 +63,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         print(f"--workers must be 0 (one per CPU) or more, got {workers}", file=sys.stderr)
         return 2
     if workers != 1 and not args.reuse_port:
-        return _supervise_workers(args, settings, host, port, workers_wanted(workers))
+        return _supervise_workers(args, settings, host, port, workers_wanted(workers), config.shutdown_timeout_s)
     if settings.policy:
         policy = load_policy(settings.policy)
         gateway = Gateway(
@@ -111,7 +111,9 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
         loop.close()
 
 
-def _supervise_workers(args: argparse.Namespace, settings: Settings, host: str, port: int, count: int) -> int:
+def _supervise_workers(
+    args: argparse.Namespace, settings: Settings, host: str, port: int, count: int, drain_s: float
+) -> int:
     """Run ``count`` gateway processes on ``host:port`` (SO_REUSEPORT) under a supervisor."""
     from spendstream.gateway.workers import Supervisor, reuse_port_free
 
@@ -133,7 +135,7 @@ def _supervise_workers(args: argparse.Namespace, settings: Settings, host: str, 
     if settings.metrics_port is not None:
         last = settings.metrics_port + count - 1
         print(f"gateway: each worker's /metrics on ports {settings.metrics_port}-{last}", flush=True)
-    return Supervisor(argv, count).run()
+    return Supervisor(argv, count, drain_s).run()
 
 
 def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Path | None, str]:

@@ -114,6 +114,14 @@ class GatewayConfig(_Model):
         "previous response, else it is closed (slow-header clients; idle keep-alive connections too).",
     )
     body_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the rest of a request body (408).")
+    shutdown_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="On SIGTERM, how long requests in flight (streams too) may take to finish before they are cut "
+        "(an SSE error event, metered with what was streamed); the Emitter's flush follows. Give the service "
+        "manager this plus 20 s before it kills the gateway.",
+    )
     fail_closed: bool = Field(False, description="Refuse requests (503) while the enforcement view is stale.")
     max_staleness_s: float = Field(30.0, gt=0)
     anthropic_version: str = Field("2023-06-01", description="Sent when the client did not send one.")

@@ -8,11 +8,19 @@ uvicorn 37 µs with no time limit on a request head. The gateway's whole budget 
 What it does, and the gateway relies on:
 
 * Keep-alive, and pipelined requests answered in order (the next one is read once its predecessor is answered).
-* ``Expect: 100-continue`` is answered before the body is read (curl sends it with every body above 1 KiB).
+* ``Expect: 100-continue`` is answered when the handler starts reading the body, so a request refused before
+  (no key, too large) is answered at once and its body never sent (curl expects it above 1 KiB).
 * A request head must arrive whole within ``head_timeout_s`` of the connection's opening or of the previous
-  response, and stay under ``MAX_HEAD_BYTES``: a slow or endless head (slowloris) is cut off.
+  response, and stay under ``MAX_HEAD_BYTES``: a slow or endless head (slowloris) is cut off. An HTTP/1.1 head
+  must name its ``Host``. Heads that cannot be framed get 400 (431, 405 for CONNECT, 505 for HTTP/2) and the
+  connection closes.
 * Bodies by ``Content-Length`` or chunked, read by the handler with its own size and time limits
   (:meth:`Request.read`); a body beyond the limit is not kept, and its connection closes after the answer.
+  A body that cannot be framed (a bad chunk) fails the read with :class:`MalformedBody`.
+* An upgrade offer (``Upgrade: h2c``, as ``curl --http2`` sends) is declined by answering in HTTP/1.1, its body
+  read as usual.
+* A connection closed while the client may still be sending is closed gracefully (our side first, the rest
+  of its bytes read and dropped for ``LINGER_S``), so the client reads the answer instead of a reset.
 * Responses are whole (:class:`Response`, one write) or streamed (:class:`StreamedResponse`, chunked, waiting
   while the client's socket buffer is full).
 * :meth:`HttpServer.shutdown` stops listening, closes idle connections and lets requests in flight finish.
@@ -21,6 +29,7 @@ What it does, and the gateway relies on:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -36,11 +45,30 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 MAX_PIPELINED = 16  # requests read ahead of the one being answered; reading pauses beyond
 SWEEP_S = 0.5  # how often idle connections are checked against the head timeout
+LINGER_S = 2.0  # how long the bytes a refused client still sends are read and dropped before the socket closes
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 class BodyTooLarge(Exception):
     """The request body exceeds the limit its reader set."""
+
+
+class MalformedBody(ConnectionError):
+    """The request body cannot be framed (a bad chunk, an unsupported transfer coding)."""
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: the request is answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The OpenAI-style error body the gateway answers with (Anthropic clients also find ``error.type``)."""
+    error = {"code": code, "message": message, "type": "invalid_request_error", "param": None}
+    return json.dumps({"error": error}).encode()
 
 
 class Headers(dict[str, str]):
@@ -72,6 +100,7 @@ class Request:
         "_chunks",
         "_complete",
         "_connection",
+        "_expects_continue",
         "_limit",
         "_size",
         "_waiter",
@@ -100,6 +129,8 @@ class Request:
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
         self._answered = False
+        expect = headers.get("expect")
+        self._expects_continue = expect is not None and expect.lower() == "100-continue"
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -126,10 +157,16 @@ class Request:
             self._chunks.clear()
             raise BodyTooLarge
         if not self._complete:
-            if self._connection.closed:
+            connection = self._connection
+            if connection.closed:
                 raise ConnectionResetError("the client closed the connection before its body arrived")
-            self._waiter = asyncio.get_running_loop().create_future()
-            self._connection.resume()
+            if connection.malformed is not None:
+                raise MalformedBody(connection.malformed)
+            if self._expects_continue:
+                self._expects_continue = False
+                connection.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            self._waiter = connection.server.loop.create_future()
+            connection.resume()
             try:
                 async with asyncio.timeout(timeout_s):
                     await self._waiter
@@ -206,8 +243,7 @@ class StreamedResponse:
         """Close the connection once what was written is sent, without the terminating chunk."""
         connection = self._request._connection
         connection.must_close = True
-        if connection.transport is not None:
-            connection.transport.close()
+        connection.close_gracefully()
 
 
 Handler = Callable[[Request], Awaitable["Response | StreamedResponse"]]
@@ -239,15 +275,22 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.must_close = False
+        self.malformed: str | None = None  # why the body under way cannot be framed
         self.head_deadline: float | None = None  # loop time by which a whole request head must have arrived
         self._in_head = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # read since the head under way began (an endless header line is not in _head_size)
+        self._head_size = 0  # of the request line and the header fields parsed so far
         self._url = b""
         self._headers = Headers()
         self._request: Request | None = None  # the one whose body is arriving
+        self._upgrade_offer: Request | None = None  # declined upgrade whose body the next parser reads
+        self._continuing: Request | None = None
         self._queue: deque[Request] = deque()  # read, waiting for their turn
         self._busy = False  # a request is being answered
+        self._task: asyncio.Task[None] | None = None
         self._paused = False
+        self._discarding = False  # what the client sends is dropped (it cannot be framed, or we are closing)
+        self._lingering = False
         self._drain: asyncio.Future[None] | None = None
         self._writing_paused = False
 
@@ -258,21 +301,20 @@ class _Connection(asyncio.Protocol):
         self.head_deadline = self.server.loop.time() + self.server.head_timeout_s
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An upgrade offer (h2c, websocket) on a request without a body: answered in HTTP/1.1, then closed,
-            # since the bytes after it are not ours to parse.
-            self.must_close = True
-            self.pause()
+        except httptools.HttpParserUpgrade as exc:
+            self._decline_upgrade(data[exc.args[0] :] if exc.args else b"")
             return
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"malformed HTTP request: {exc}")
+            self._parse_error(exc)
             return
         if self._in_head:  # (counts from the read the head began in: bytes of a pipelined body before it too)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+                self._refuse(431, "request_head_too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -300,11 +342,14 @@ class _Connection(asyncio.Protocol):
         self._headers = Headers()
         self._in_head = True
         self._head_bytes = 0
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
         key = name.decode("latin-1").lower()
         if key not in self._headers:
             # Header values that are not UTF-8 keep their bytes as lone surrogates, for the handler to refuse.
@@ -313,11 +358,29 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.head_deadline = None
         self._in_head = False
+        if self._continuing is not None:  # the framing of a declined upgrade's body: no request of its own
+            self._request, self._continuing = self._continuing, None
+            return
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refused(431, "request_head_too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes")
         parser = self.parser
-        request = self._request = Request(self, parser.get_method().decode("latin-1"), self._url, self._headers,
-                                          parser)  # fmt: skip
+        method = parser.get_method().decode("latin-1")
+        if method == "CONNECT":
+            raise _Refused(405, "method_not_allowed", "CONNECT is not served: this is an API gateway, not a proxy")
+        headers = self._headers
+        request = Request(self, method, self._url, headers, parser)
+        if request.http_11 and "host" not in headers:
+            raise _Refused(400, "malformed_request", "an HTTP/1.1 request must carry a Host header")
+        if parser.should_upgrade():
+            # Declined: answered in HTTP/1.1, then closed. llhttp stops before the body of an upgrade offer, so a
+            # request with one reads it through a new parser (see _decline_upgrade).
+            self.must_close = True
+            length = headers.get("content-length")
+            if "chunked" in headers.get("transfer-encoding", "").lower() or (length and length.strip("0 ")):
+                self._upgrade_offer = request
         if self.must_close:
             request.keep_alive = False
+        self._request = request
         if self._busy or self._queue:
             self._queue.append(request)
             if len(self._queue) >= MAX_PIPELINED:
@@ -331,18 +394,51 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request, self._request = self._request, None
-        if request is not None:
+        if request is not None and request is not self._upgrade_offer:
             request._finish()
         if not self._busy and not self._queue:
             self.head_deadline = self.server.loop.time() + self.server.head_timeout_s
 
+    # -- parser outcomes --------------------------------------------------------------------------------
+    def _decline_upgrade(self, rest: bytes) -> None:
+        request, self._upgrade_offer = self._upgrade_offer, None
+        if request is None:  # nothing follows that is ours to parse
+            self.pause()
+            return
+        headers = request.headers
+        framing = (
+            b"Transfer-Encoding: chunked"
+            if "chunked" in headers.get("transfer-encoding", "").lower()
+            else b"Content-Length: %d" % int(headers.get("content-length", "0"))
+        )
+        self.parser = httptools.HttpRequestParser(self)
+        self._continuing = request
+        self.parser.feed_data(b"POST / HTTP/1.1\r\nHost: body\r\n" + framing + b"\r\n\r\n")
+        if rest:
+            self.data_received(rest)
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__cause__ or exc.__context__  # httptools raises its own error while handling the callback's
+        if isinstance(cause, _Refused):
+            self._refuse(cause.status, cause.code, cause.message)
+            return
+        detail = str(exc)
+        if "PRI" in detail:
+            self._refuse(505, "http_version_not_supported", "HTTP/2 is not served here: send HTTP/1.1")
+            return
+        request = self._request
+        if request is not None:  # its head was fine, its body is not: the handler's read() says so
+            self.malformed = f"the request body cannot be framed ({detail})"
+            self.must_close = True
+            request._wake(MalformedBody(self.malformed))
+            self._discarding = True
+            return
+        self._refuse(400, "malformed_request", f"malformed HTTP request: {detail}")
+
     # -- answering ----------------------------------------------------------------------------------------
     def _start(self, request: Request) -> None:
         self._busy = True
-        expect = request.headers.get("expect")
-        if expect is not None and expect.lower() == "100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.server.loop.create_task(self._answer(request))
+        self._task = self.server.loop.create_task(self._answer(request))
 
     async def _answer(self, request: Request) -> None:
         server = self.server
@@ -350,15 +446,18 @@ class _Connection(asyncio.Protocol):
         route = server.route_of(request)
         try:
             response = await server.dispatch(route, request)
+        except MalformedBody as exc:
+            response = Response(400, error_body("malformed_request", str(exc)), {"Content-Type": "application/json"})
         except (ConnectionError, asyncio.CancelledError):
             response = None
             self.must_close = True
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
-            response = Response(500, b'{"error":{"message":"internal error","type":"api_error"}}',
-                                {"Content-Type": "application/json"})  # fmt: skip
+            body = error_body("internal_error", "internal error")
+            response = Response(500, body, {"Content-Type": "application/json"})
         request._answered = True
-        if not request._complete:  # its body is still arriving (unread, or beyond the limit): do not parse on
+        still_sending = not request._complete  # its body is still arriving (unread, or beyond the limit)
+        if still_sending:
             self.must_close = True
         if isinstance(response, Response):
             if not self.closed:
@@ -368,10 +467,14 @@ class _Connection(asyncio.Protocol):
         if response is not None and server.observe is not None:
             server.observe(route or "unmatched", response.status, time.perf_counter() - started)
         self._busy = False
+        self._task = None
         if self.closed:
             return
         if self.must_close or not request.keep_alive or server.closing:
-            self.transport.close()  # type: ignore[union-attr]
+            if still_sending or self._discarding:
+                self.close_gracefully()
+            else:
+                self.transport.close()  # type: ignore[union-attr]
             return
         if self._queue:
             self._start(self._queue.popleft())
@@ -383,10 +486,9 @@ class _Connection(asyncio.Protocol):
     def write_head(self, request: Request, status: int, headers: Mapping[str, str], body: bytes | None) -> None:
         """The status line and headers, with the body of a whole response (``None``: a streamed one follows)."""
         close = self.must_close or not request.keep_alive or self.server.closing
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()]).encode("latin-1", "replace")
         parts = [b"HTTP/1.1 %d %b\r\nServer: spendstream\r\n" % (status, _REASONS.get(status, b"Unknown")),
-                 _DATE.line()]  # fmt: skip
-        for name, value in headers.items():
-            parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+                 _DATE.line(), lines]  # fmt: skip
         if body is not None:
             parts.append(b"Content-Length: %d\r\n" % len(body))
         elif request.http_11:
@@ -412,17 +514,38 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._drain = None
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer a request that cannot be parsed, then close: what follows on the connection cannot be framed."""
         self.head_deadline = None
-        if self.transport is not None and not self.closed and not self._busy:
-            body = b'{"error":{"message":"%b","type":"invalid_request_error"}}' % message.encode().replace(b'"', b"'")
-            head = (
-                b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        self.must_close = True
+        if self._busy:  # a pipelined head: the request being answered is answered first, then the connection closes
+            self._discarding = True
+            return
+        if self.transport is not None and not self.closed:
+            body = error_body(code, message)
+            self.transport.write(
+                b"HTTP/1.1 %d %b\r\nServer: spendstream\r\n%bContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+                % (status, _REASONS[status], _DATE.line(), len(body), body)
             )
-            self.transport.write(head % (status, _REASONS[status], len(body)) + body)
-        if self.transport is not None:
-            self.transport.close()
+            if self.server.observe is not None:
+                self.server.observe("unmatched", status, 0.0)
+        self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        """Close our side once the answer is sent, and read and drop what the client still sends for ``LINGER_S``:
+        closing a socket with unread bytes resets it, and the client would lose the answer."""
+        transport = self.transport
+        if transport is None or self.closed or self._lingering:
+            return
+        self._lingering = self._discarding = True
+        self.head_deadline = None
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.resume()
+            self.server.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None and not self.closed:
@@ -500,7 +623,8 @@ class HttpServer:
         self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     async def shutdown(self, timeout_s: float) -> None:
-        """Stop listening, close idle connections, and give requests in flight ``timeout_s`` to finish."""
+        """Stop listening, close idle connections, give requests in flight ``timeout_s`` to finish, then cancel
+        those still running (their handlers' cleanup runs: a cut stream is still metered) and close the rest."""
         self.closing = True
         if self._server is not None:
             self._server.close()
@@ -511,6 +635,12 @@ class HttpServer:
             for connection in list(self.connections):
                 connection.close_if_idle()
             await asyncio.sleep(0.05)
+        running = [c._task for c in self.connections if c._task is not None and not c._task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=5.0)
+        await asyncio.sleep(0)  # what the cancelled handlers scheduled (their usage events) runs
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()

@@ -58,6 +58,7 @@ class StubUpstream:
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
+        self.response_headers: dict[str, str] = {}  # sent with every chat answer (e.g. rate-limit headers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -125,7 +126,9 @@ class StubUpstream:
             await asyncio.sleep(self.hang_s)
         if self.fail_status is not None:
             return web.json_response(
-                {"error": {"message": "stub failure", "type": "server_error"}}, status=self.fail_status
+                {"error": {"message": "stub failure", "type": "server_error"}},
+                status=self.fail_status,
+                headers=self.response_headers,
             )
         body = await request.json()
         self.last_body = body
@@ -155,7 +158,8 @@ class StubUpstream:
                     "model": model,
                     "choices": [choice],
                     "usage": usage,
-                }
+                },
+                headers=self.response_headers,
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)

@@ -30,7 +30,7 @@ RESTART_DELAY_S = 1.0  # between a worker's death and its replacement
 FAST_FAILURE_S = 5.0  # a worker that dies sooner than this after its start failed to start
 MAX_FAST_FAILURES = 3  # in a row before the gateway ever ran: it cannot start (bad config, port taken), so stop
 MAX_RESTART_DELAY_S = 60.0  # the longest wait between two tries of a worker that keeps failing once the gateway ran
-STOP_TIMEOUT_S = 20.0  # a worker still running this long after SIGTERM is killed
+STOP_GRACE_S = 20.0  # a worker still running this long after its shutdown_timeout_s is killed (Emitter flush)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -83,8 +83,9 @@ class _Worker:
 class Supervisor:
     """Start ``count`` workers with ``argv`` (a whole ``spendstream gateway`` command line), keep them running."""
 
-    def __init__(self, argv: Sequence[str], count: int) -> None:
+    def __init__(self, argv: Sequence[str], count: int, drain_s: float = 10.0) -> None:
         self.argv = list(argv)
+        self.stop_timeout_s = drain_s + STOP_GRACE_S  # a worker still running this long after SIGTERM is killed
         self.workers = [_Worker(i) for i in range(count)]
         self._stopping = False
         self._has_run = False  # some worker lasted FAST_FAILURE_S: the configuration and the port are good
@@ -155,7 +156,7 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + self.stop_timeout_s
         for worker in self.workers:
             if worker.process is None:
                 continue
