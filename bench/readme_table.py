@@ -33,6 +33,7 @@ PREFIX = "FIGURE "
 # bench name (as the script prints it) -> the command that measures it, from the repository root.
 BENCHES = {
     "gateway": ["bench/bench_gateway.py"],
+    "http_server": ["bench/bench_http_server.py"],
     "overshoot": ["bench/bench_overshoot.py"],
     "enforcer": ["bench/bench_enforcer.py", "--rounds", "3"],
     "emitter": ["bench/bench_emitter.py", "--events", "300000"],
