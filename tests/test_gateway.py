@@ -106,6 +106,22 @@ def gateway(settings: Settings, upstreams, tmp_path: Path) -> Iterator[GatewayTh
     enforcer.stop()
 
 
+def test_requests_answered_just_before_a_stop_are_metered(
+    settings: Settings, upstreams, tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """Usage events are built in batches after the answers; stopping the gateway meters what is pending."""
+    enforcer = Enforcer(settings=settings).start()
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(*upstreams), settings, enforcer=enforcer, emitter=emitter, meter_batch_s=30.0)
+    with GatewayThread(gateway) as running:
+        statuses = [http(running.url + "/v1/chat/completions", CHAT)[0] for _ in range(5)]
+        assert len(gateway._unmetered) == 5  # a batch 30 s long: nothing metered yet
+    emitter.close(10)
+    enforcer.stop()
+    assert statuses == [200] * 5
+    assert len(read_usage(broker.bootstrap, 5)) == 5
+
+
 def test_each_request_becomes_one_usage_event(gateway: GatewayThread, broker: EmbeddedBroker, upstreams) -> None:
     primary, _ = upstreams
     status, headers, body = http(gateway.url + "/v1/chat/completions", CHAT)

@@ -133,6 +133,7 @@ def test_gateway_metrics_count_requests_decisions_latency_and_failovers(gateway,
         return statuses[-1] == 402
 
     assert wait_for(blocked, 5, interval=0.05)
+    running.gateway.flush_metering()
     assert emitter.flush(10) == 0
     after = scrape(running.url + "/metrics")
 

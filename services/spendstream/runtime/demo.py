@@ -448,6 +448,7 @@ class Story:
 
         from spendstream.core.topics import USAGE
 
+        self.gateway.flush_metering()  # the events of the requests answered so far, in the Emitter
         self.emitter.inner.flush(DECISION_TIMEOUT_S)
         sent = len(self.emitter.events)
         consumer = Consumer({"bootstrap.servers": self.watcher.bootstrap, "group.id": PROCESSOR_USAGE_GROUP})
@@ -807,7 +808,14 @@ def run_demo(
         )
         config_path, key = write_dev_gateway_config(data_dir, stub.url)
         emitter = RecordingEmitter(Emitter(settings=gateway_settings))
-        gateway = Gateway(load_gateway_config(config_path), gateway_settings, emitter=emitter, clock=clock)  # type: ignore[arg-type]
+        # Each call metered as soon as it is answered: the story stops its traffic at exact thresholds.
+        gateway = Gateway(
+            load_gateway_config(config_path),
+            gateway_settings,
+            emitter=emitter,
+            clock=clock,
+            meter_batch_s=0,  # type: ignore[arg-type]
+        )
         gateway_thread = GatewayThread(gateway, stack_settings.gateway_host, stack_settings.gateway_port).start()
         watcher = Watcher(stack.broker.bootstrap)
         watcher.start()
@@ -825,6 +833,7 @@ def run_demo(
         asyncio.run(story.run())
 
         story.act(5, "The ledger: what finance sees", "from ClickHouse, through the API")
+        gateway.flush_metering()
         emitter.inner.flush(30)
         lag = stack.wait_sink_caught_up(timeout=60)
         if lag:
