@@ -207,13 +207,9 @@ def usage_detail(provider: str, raw_usage: Mapping[str, Any], usage: NormalisedU
     audio_out = min(d.output_audio_tokens, usage.output_tokens - reasoning)
     image_out = min(d.output_image_tokens, usage.output_tokens - reasoning - audio_out)
     written_1h = min(d.cache_write_1h_tokens, usage.cache_write)
-    return d._replace(
-        reasoning_tokens=reasoning,
-        input_audio_tokens=audio_in,
-        output_audio_tokens=audio_out,
-        input_image_tokens=image_in,
-        output_image_tokens=image_out,
-        cache_write_1h_tokens=written_1h,
+    # (positional, in the field order: a NamedTuple's _replace costs more than the rest of this function)
+    return UsageDetail(
+        reasoning, audio_in, audio_out, image_in, image_out, written_1h, d.web_search_requests, d.service_tier
     )
 
 
