@@ -1,9 +1,9 @@
 """The gateway's HTTP/1.1 server: llhttp framing (through ``httptools``) on an asyncio protocol.
 
-Why not aiohttp's server, which the API runs on: answering a fixed JSON at concurrency 1 on the reference machine,
-aiohttp's server cost 79-94 µs of CPU per request, this protocol on the same parser 22-27 µs (15-18 on uvloop), and
-uvicorn 37 µs with no time limit on a request head. The gateway's whole budget is 350 µs a request
-(docs/architecture.md §11), so the server was a quarter of it.
+Why not aiohttp's server, which the API runs on: the gateway's whole budget is 0.35 ms of CPU a request
+(docs/architecture.md §11), and answering a fixed JSON alone, aiohttp's server took 1.6-2x the CPU of this
+protocol on the same parser, and about 2x on uvloop (``bench/bench_http_server.py`` runs the three side by side;
+the README's table has its last run). uvicorn, the other llhttp server, sets no time limit on a request head.
 
 What it does, and the gateway relies on:
 
