@@ -523,9 +523,10 @@ class Gateway:
         route: Route | None = None
         assessment: Assessment | None = None
         if self.routing is not None and endpoint.routable:
+            costs: dict[tuple[str, str], int | None] = {}  # estimated costs priced for this request
             try:
                 assessment = assess(body, request.headers.get(COMPLEXITY_HEADER))
-                route = self._route(model, provider, assessment, attribution, None, endpoint)
+                route = self._route(model, provider, assessment, attribution, None, endpoint, costs)
             except ComplexityHeaderError as exc:
                 self.counts["bad_request"] += 1
                 return error_response(400, str(exc), "invalid_request", "invalid_request_error", anthropic=anthropic)
@@ -546,7 +547,7 @@ class Gateway:
             # Enforcer's fallback map already replaced the model.
             bound = remaining_bound(verdict.action, self.thresholds) if self.thresholds is not None else None
             if bound is not None and verdict.model == route.model:
-                route = self._route(model, provider, assessment, attribution, bound, endpoint)
+                route = self._route(model, provider, assessment, attribution, bound, endpoint, costs)
                 verdict = call.verdict = Verdict(verdict.action, route.model, *verdict[2:])
             tags.update(routing_tags(route, provider, model))
             call.provider = route.provider
@@ -587,6 +588,7 @@ class Gateway:
         attribution: Mapping[str, str],
         remaining: float | None,
         endpoint: Endpoint,
+        costs: dict[tuple[str, str], int | None],
     ) -> Route:
         """``choose_route`` in two steps: the plan (eligibility, tiers, reasons; the same for every request with
         these inputs until the stats snapshot or the minute of the price table changes) is reused, and only the
@@ -619,7 +621,11 @@ class Gateway:
             )
         output = assessment.output_tokens or self.routing.default_output_tokens
         return pick_route(
-            plan, self.routing, estimate=TokenEstimate(assessment.input_tokens, output), prices=self.prices
+            plan,
+            self.routing,
+            estimate=TokenEstimate(assessment.input_tokens, output),
+            prices=self.prices,
+            priced=costs,
         )
 
     def _estimate(self, provider: str, model: str, body: dict[str, Any], raw: bytes) -> int:

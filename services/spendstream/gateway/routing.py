@@ -41,7 +41,7 @@ import functools
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from spendstream.core.events import UsageEvent
 from spendstream.core.pricing import (
@@ -151,6 +151,9 @@ class Route(NamedTuple):
 class TokenEstimate(NamedTuple):
     input_tokens: int
     output_tokens: int
+
+
+_UNPRICED: Any = object()  # not yet in a request's costs
 
 
 def _cost(provider: str, model: str, estimate: TokenEstimate, prices: PriceTable, at: datetime | None) -> int | None:
@@ -382,12 +385,19 @@ def pick_route(
     estimate: TokenEstimate,
     prices: PriceTable = EMPTY_TABLE,
     at: datetime | None = None,
+    priced: dict[tuple[str, str], int | None] | None = None,
 ) -> Route:
     """The route for one request under ``plan``: estimated costs, the score, and the requested model kept when it
-    is cheaper (see the module docstring). Raises ``NoRouteError`` when the plan allows nothing."""
+    is cheaper (see the module docstring). Raises ``NoRouteError`` when the plan allows nothing.
+
+    ``priced`` keeps the estimated cost of each (provider, model) priced for this request (the same estimate, table
+    and time), so routing it again under a budget bound prices nothing twice."""
     at = at or datetime.now(UTC)
+    priced = {} if priced is None else priced
     model, provider = plan.requested_model, plan.requested_provider
-    requested_cost = _cost(provider, model, estimate, prices, at)
+    requested_cost = priced.get((provider, model), _UNPRICED)
+    if requested_cost is _UNPRICED:
+        requested_cost = priced[(provider, model)] = _cost(provider, model, estimate, prices, at)
     if not plan.routed:
         return Route(model, provider, "", "unrouted", requested_cost, requested_cost)
     if not plan.candidates:
@@ -396,7 +406,9 @@ def pick_route(
         raise NoRouteError(plan.no_route)
     rows, costs = [], []
     for row in plan.candidates:  # all priced when planned (with the same table and minute)
-        cost = _cost(row.provider, row.model, estimate, prices, at)
+        cost = priced.get((row.provider, row.model), _UNPRICED)
+        if cost is _UNPRICED:
+            cost = priced[(row.provider, row.model)] = _cost(row.provider, row.model, estimate, prices, at)
         if cost is not None:
             rows.append(row)
             costs.append(cost)
