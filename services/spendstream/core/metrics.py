@@ -44,12 +44,6 @@ HTTP_LATENCY = Histogram(
     ["service", "endpoint", "status_class"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-GATEWAY_DECISIONS = Counter(
-    "spendstream_gateway_decisions",
-    "Enforcer verdicts applied by the gateway to proxied requests, by action (allow, alert, fallback, throttle, "
-    "shutoff, deny_model, unavailable).",
-    ["action"],
-)
 API_INGEST_REQUESTS = Counter(
     "spendstream_api_ingest_requests",
     "POST /v1/usage and /v1/traces requests by outcome: accepted, partial (spans rejected), invalid (400), "

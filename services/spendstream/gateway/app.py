@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import UsageStatus
-from spendstream.core.metrics import GATEWAY_DECISIONS, HttpLatency, metrics_exposition
+from spendstream.core.metrics import HttpLatency, metrics_exposition
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable, UnknownModelError, price_usage
 from spendstream.core.providers import dialects
@@ -309,7 +309,7 @@ class Gateway:
         self._http: HttpServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unmetered: list[tuple[Any, ...]] = []  # answered requests whose events are built in the next batch
-        self._decision_counters: dict[str, Any] = {}  # action -> its labelled counter (labels() costs per call)
+        self.decisions: Counter[str] = Counter()  # verdicts applied, by action (read at scrape time)
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -926,10 +926,7 @@ class Gateway:
         now: datetime,
     ) -> None:
         assert call.verdict is not None and self.emitter is not None
-        counter = self._decision_counters.get(call.verdict.action)
-        if counter is None:
-            counter = self._decision_counters[call.verdict.action] = GATEWAY_DECISIONS.labels(call.verdict.action)
-        counter.inc()
+        self.decisions[call.verdict.action] += 1
         if answer is not None:
             raw_usage, served_by_upstream = usage_of_body(answer.body, call.endpoint.kind)
             served = served_by_upstream or served

@@ -1,4 +1,5 @@
-"""The gateway's metrics read at scrape time: request outcomes, upstream failures, the Enforcer's staleness."""
+"""The gateway's metrics read at scrape time: request outcomes, decisions applied, upstream failures, the
+Enforcer's staleness."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def _gateway_reading(gateway: Gateway) -> Reading:
     enforcer = gateway.enforcer
     return {
         "spendstream_gateway_requests": {(outcome,): n for outcome, n in gateway.counts.items()},
+        "spendstream_gateway_decisions": {(action,): n for action, n in gateway.decisions.items()},
         "spendstream_gateway_upstream_failures": {(url,): n for url, n in gateway.upstreams.failures.items()},
         "spendstream_gateway_upstream_failovers": gateway.upstreams.failovers,
         "spendstream_enforcer_staleness_seconds": enforcer.staleness_s if enforcer is not None else float("inf"),
@@ -28,6 +30,13 @@ GATEWAYS = register_collector(
             "bad_request, unauthorized, upstream_unavailable, ...",
             "counter",
             ("outcome",),
+        ),
+        Family(
+            "spendstream_gateway_decisions",
+            "Enforcer verdicts applied by the gateway to proxied requests, by action (allow, alert, fallback, "
+            "throttle, shutoff, deny_model, unavailable).",
+            "counter",
+            ("action",),
         ),
         Family(
             "spendstream_gateway_upstream_failures",
