@@ -380,3 +380,20 @@ def test_grafana_dashboard_charts_only_defined_metrics_from_provisioned_sources(
     migrations = "".join(p.read_text() for p in (ROOT / "schemas" / "clickhouse").glob("*.sql"))
     assert used_tables and all(re.search(rf"\b{table}\b", migrations) for table in used_tables), used_tables
     assert load_settings().clickhouse_database == "spendstream"
+
+
+def test_http_latency_counts_each_request_in_the_first_bucket_that_holds_it() -> None:
+    latency = metrics.HttpLatency("unit-test")
+    for seconds in (0.001, 0.0011, 60.0, 61.0):
+        latency.observe("/x", 204, seconds)
+    samples = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in metrics.HTTP_LATENCY.collect()
+        for sample in family.samples
+        if sample.labels.get("service") == "unit-test"
+    }
+    bucket = "spendstream_http_request_duration_seconds_bucket"
+    assert samples[(bucket, "0.001")] == 1  # le: a request of exactly 1 ms is in the 1 ms bucket
+    assert samples[(bucket, "0.0025")] == 2 and samples[(bucket, "60.0")] == 3 and samples[(bucket, "+Inf")] == 4
+    assert samples[("spendstream_http_request_duration_seconds_count", None)] == 4
+    assert samples[("spendstream_http_request_duration_seconds_sum", None)] == pytest.approx(121.0021)
