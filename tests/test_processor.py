@@ -29,6 +29,7 @@ from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.periods import period_window
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
+from spendstream.processor.decision_publisher import SPEND_REFRESH_S
 from spendstream.processor.recovery import read_to_end, read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
@@ -49,6 +50,7 @@ budgets:
   - {scope: "team:alpha", period: month, amount_usd: 100}
   - {scope: "team:beta", period: month, amount_usd: 100}
   - {scope: "team:gamma", period: month, amount_usd: 100}
+  - {scope: "team:refresh", period: month, amount_usd: 100}
   - {scope: "feature:support_bot", period: month, amount_usd: 10}
   - {scope: "team:roll", period: day, amount_usd: 10}
   - {scope: "team:raise", period: month, amount_usd: 10}
@@ -287,6 +289,17 @@ def test_thresholds_alert_fallback_shutoff_in_order(stack: Stack) -> None:
     assert shutoff["policy_version"] == parse_policy(POLICY_YAML).version
     for level in ("alert", "fallback", "shutoff"):
         stack.alerts.wait(lambda a, lv=level: a["scope"] == "team:alpha" and a["message"].startswith(lv))
+
+
+def test_an_alert_is_republished_with_its_spend_while_the_spend_moves(stack: Stack) -> None:
+    """Edges reserve against the spend an alert carried: the processor refreshes it (at most every
+    SPEND_REFRESH_S) while the budget is spent, without a new threshold."""
+    spend(stack, "refresh", 10, 8)  # $80 of $100
+    first = stack.decision("team:refresh", "alert", spend_nanos=80 * USD)
+    time.sleep(SPEND_REFRESH_S)
+    spend(stack, "refresh", 1, 3)  # $83: still an alert
+    again = stack.decision("team:refresh", "alert", spend_nanos=83 * USD)
+    assert again["version"] > first["version"] and again["issued_at"] > first["issued_at"]
 
 
 def test_critical_feature_is_throttled_instead_of_shut_off(stack: Stack) -> None:

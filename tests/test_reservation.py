@@ -104,6 +104,21 @@ def test_a_first_decision_counts_what_this_edge_settled_just_before_it_was_issue
     assert book.reserve(SCOPE, lambda: 1, 100.0) == "team:web"
 
 
+def test_a_refusal_from_counting_requests_twice_is_lifted_by_the_refreshed_spend() -> None:
+    """At 100 requests/s the half second before an alert holds 50 requests the processor had already counted: the
+    edge counts them again and refuses at 75 % of the budget. The processor's refresh of the alert's spend (the
+    refused requests cost nothing, so no threshold would be crossed again) lets the edge serve the rest."""
+    book = ReservationBook(margin_s=0.5)
+    for i in range(50):
+        at = 99.5 + i / 100
+        book.settle(book.reserve(SCOPE, lambda: 0, at), 40, at=at)
+    book.observe("team:web", spend_nanos=3_000, limit_nanos=4_000, issued_at=100.0)  # its spend includes them
+    assert book.reserve(SCOPE, lambda: 40, 100.1) == "team:web"  # 1,000 remain, 2,000 counted twice: refused
+    book.observe("team:web", spend_nanos=3_000, limit_nanos=4_000, issued_at=102.0)  # the refresh, same spend
+    held = book.reserve(SCOPE, lambda: 40, 102.1)
+    assert isinstance(held, Reservation) and book.ledgers["team:web"].available(Fraction(1)) == 1_000 - 40
+
+
 def test_a_budget_period_that_ended_holds_nothing() -> None:
     """The processor publishes no decision for a new period that starts at plain allow: the ledger of the old
     period must not refuse requests of the new one."""

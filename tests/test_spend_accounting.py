@@ -12,9 +12,11 @@ from spendstream.core.periods import period_window, tracked_series
 from spendstream.core.policy import parse_policy
 from spendstream.processor.applied_ids import AppliedIds
 from spendstream.processor.decision_publisher import (
+    SPEND_REFRESH_S,
     decision_signature,
     evaluate_scope,
     needs_decision,
+    needs_spend_refresh,
     next_version,
 )
 from spendstream.processor.spend_accounting import (
@@ -405,6 +407,25 @@ def test_decisions_only_on_change_and_versions_increase() -> None:
     now = datetime.now(UTC)
     assert next_version(0, now) >= int(now.timestamp() * 1e6)
     assert next_version(10**18, now) == 10**18 + 1
+
+
+def test_a_budget_alert_is_republished_with_its_new_spend_at_most_every_refresh_interval() -> None:
+    latest = {"month": MAR}
+    alert = _evaluate({window_key("team:a", "month", MAR): (85 * USD, 1, 1)}, latest)
+    later = _evaluate({window_key("team:a", "month", MAR): (86 * USD, 2, 2)}, latest)
+    assert alert.action is later.action is Action.alert and not needs_decision(decision_signature(alert), later)
+    now = datetime.now(UTC)
+    published = next_version(0, now)  # its version is the clock of its publication
+    soon, due = now + timedelta(seconds=SPEND_REFRESH_S / 2), now + timedelta(seconds=SPEND_REFRESH_S + 0.01)
+    assert not needs_spend_refresh(alert.spend_nanos, later, published, soon)  # not yet
+    assert needs_spend_refresh(alert.spend_nanos, later, published, due)
+    assert not needs_spend_refresh(later.spend_nanos, later, published, due)  # the spend did not move
+    assert needs_spend_refresh(None, later, published, due)  # state stored before the spend was kept
+    shutoff = _evaluate({window_key("team:a", "month", MAR): (100 * USD, 3, 3)}, latest)
+    assert not needs_spend_refresh(alert.spend_nanos, shutoff, published, due)  # a new action is a new decision
+    allow = _evaluate({}, latest)
+    assert not needs_spend_refresh(0, _evaluate({window_key("team:a", "month", MAR): (1, 1, 1)}, latest), 0, due)
+    assert allow.action is Action.allow
 
 
 def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> None:

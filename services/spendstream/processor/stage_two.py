@@ -26,6 +26,7 @@ from spendstream.processor.decision_publisher import (
     decision_signature,
     evaluate_scope,
     needs_decision,
+    needs_spend_refresh,
     next_version,
 )
 from spendstream.processor.internal_topics import InternalMessage, PartialsMessage, stage2_partition
@@ -57,6 +58,7 @@ class ScopeState:
     signature: list[Any] | None = None  # ``decision_signature`` of the last published Decision
     version: int = 0  # version of the last published Decision
     alerted: list[str] = field(default_factory=list)  # keys of the crossings already alerted, oldest first
+    spent: int | None = None  # the spend the last published Decision carried
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,12 +68,19 @@ class ScopeState:
             "sig": self.signature,
             "version": self.version,
             "alerted": self.alerted,
+            "spent": self.spent,
         }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> ScopeState:
         return cls(
-            value["p"], dict(value["latest"]), value["seen"], value["sig"], value["version"], list(value["alerted"])
+            value["p"],
+            dict(value["latest"]),
+            value["seen"],
+            value["sig"],
+            value["version"],
+            list(value["alerted"]),
+            value.get("spent"),  # (absent in state stored before it was kept)
         )
 
 
@@ -166,12 +175,13 @@ class StageTwo:
                 PROCESSOR_ALERTS.labels(alert.kind.value).inc()
                 alerted.append(crossing.key)
         state.alerted = alerted[-MAX_ALERTED:]
-        if needs_decision(state.signature, verdict):
+        if needs_decision(state.signature, verdict) or needs_spend_refresh(state.spent, verdict, state.version, now):
             version = next_version(state.version, now)
             decision = build_decision(scope, verdict, version, policy.version, now)
             self.out.send(ENFORCEMENT, scope.encode(), self._decision_codec.encode(decision.to_avro()))
             PROCESSOR_DECISIONS.labels(decision.action.value).inc()
             state.signature = decision_signature(verdict)
             state.version = version
+            state.spent = verdict.spend_nanos
         state.partition = partition
         self.scopes.put(partition, scope, state.to_json())
