@@ -195,10 +195,26 @@ def test_a_broker_port_in_time_wait_after_a_quick_restart_is_reused(tmp_path: Pa
 # -- supervision and the console ----------------------------------------------------------------------
 
 
+def free_port_pair() -> int:
+    """A port whose next port is free too."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
 def test_dev_restarts_a_killed_processor_says_so_and_keeps_the_console_quiet(tmp_path: Path) -> None:
-    env = dev_env(tmp_path / "data")
+    metrics = free_port_pair()
+    env = dev_env(tmp_path / "data", SPENDSTREAM_METRICS_PORT=str(metrics))
     with dev(env) as console:
         console.wait_for("ready; Ctrl-C stops everything")
+        # SPENDSTREAM_METRICS_PORT: the sink's /metrics on it, the processor's on the next port
+        console.wait_for(f"sink http://127.0.0.1:{metrics}/metrics, processor http://127.0.0.1:{metrics + 1}/metrics")
         ready_at = time.monotonic()
         processor = child_pid(console.proc.pid, "processor")
         os.kill(processor, signal.SIGKILL)

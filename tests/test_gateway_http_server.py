@@ -236,6 +236,8 @@ def test_heads_that_cannot_be_served_get_a_status_that_says_why(server: Running)
     assert status == 431 and b"request_head_too_large" in body and headers["server"] == "spendstream"
     status, _, body = refused(server, b"GET /echo HTTP/1.1\r\n\r\n")
     assert status == 400 and b"Host header" in body
+    status, _, body = refused(server, b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert status == 400 and b"one Host header" in body
     status, _, body = refused(server, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
     assert status == 405 and b"CONNECT" in body
     status, _, body = refused(server, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

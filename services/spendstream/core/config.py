@@ -159,7 +159,9 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="Port of the /metrics server of the sink and processor (unset: none). "
-        "The gateway and the API serve /metrics on their own port.",
+        "The gateway and the API serve /metrics on their own port. `spendstream dev` serves the sink's on it, "
+        "the processor's on the next port and, with gateway workers, worker i's on the port + 2 + i (unset: free "
+        "ports, which it prints).",
     )
     metrics_lag_interval_s: float = Field(
         5.0, gt=0, le=300, description="How often the sink samples its consumer group's lag for /metrics."

@@ -280,6 +280,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = False
         self._head_bytes = 0  # read since the head under way began (an endless header line is not in _head_size)
         self._head_size = 0  # of the request line and the header fields parsed so far
+        self._hosts = 0  # Host headers beyond the first
         self._url = b""
         self._headers = Headers()
         self._request: Request | None = None  # the one whose body is arriving
@@ -343,6 +344,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_size = 0
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -354,6 +356,8 @@ class _Connection(asyncio.Protocol):
         if key not in self._headers:
             # Header values that are not UTF-8 keep their bytes as lone surrogates, for the handler to refuse.
             dict.__setitem__(self._headers, key, value.decode("utf-8", "surrogateescape"))
+        elif key == "host":
+            self._hosts += 1
 
     def on_headers_complete(self) -> None:
         self.head_deadline = None
@@ -371,6 +375,8 @@ class _Connection(asyncio.Protocol):
         request = Request(self, method, self._url, headers, parser)
         if request.http_11 and "host" not in headers:
             raise _Refused(400, "malformed_request", "an HTTP/1.1 request must carry a Host header")
+        if self._hosts:
+            raise _Refused(400, "malformed_request", "a request must carry one Host header, not several")
         if parser.should_upgrade():
             # Declined: answered in HTTP/1.1, then closed. llhttp stops before the body of an upgrade offer, so a
             # request with one reads it through a new parser (see _decline_upgrade).

@@ -193,7 +193,8 @@ class DevStack:
         self.api_tokens = _dev_api_tokens(self.settings)
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
         metrics_host = self.settings.metrics_host
-        sink_metrics, processor_metrics = free_port(), free_port()
+        base = self.settings.metrics_port  # set: the sink serves on it, the processor on the next port
+        sink_metrics, processor_metrics = (base, base + 1) if base else (free_port(), free_port())
         self.services = [
             Service(
                 "sink",
@@ -210,7 +211,9 @@ class DevStack:
         ]
         if self.with_gateway:
             config = ["--config", str(self.gateway_config)] if self.gateway_config else []
-            self.services.append(Service("gateway", ["gateway", *config], f"{gateway}/healthz"))
+            # Its workers (with --workers) serve /metrics from the port after the processor's on.
+            env = {"SPENDSTREAM_METRICS_PORT": str(base + 2)} if base else {}
+            self.services.append(Service("gateway", ["gateway", *config], f"{gateway}/healthz", env))
         for service in self.services:
             self._spawn(service)
         self._wait_healthy(timeout=60)
