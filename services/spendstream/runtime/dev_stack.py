@@ -443,6 +443,7 @@ class DevStack:
         decision_codec, alert_codec = AvroCodec("decision"), AvroCodec("alert")
         consumer = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": "spendstream-dev-console"})
         consumer.assign([TopicPartition(ENFORCEMENT, 0, OFFSET_BEGINNING), TopicPartition(ALERTS, 0, OFFSET_BEGINNING)])
+        announced: dict[str, str] = {}  # scope -> the action last printed
         try:
             while not self._stopping.is_set():
                 message = consumer.poll(0.5)
@@ -451,6 +452,9 @@ class DevStack:
                 try:
                     if message.topic() == ENFORCEMENT:
                         decision = Decision.from_avro(decision_codec.decode(message.value()))
+                        if announced.get(decision.scope) == decision.action:
+                            continue  # the same action with a fresher spend (the processor refreshes it)
+                        announced[decision.scope] = decision.action
                         reason = f": {decision.reason}" if decision.reason else ""
                         self.say(f"decision   {decision.scope} {decision.action}{reason}")
                     else:
