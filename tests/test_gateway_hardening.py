@@ -382,6 +382,14 @@ def test_a_stream_the_upstream_drops_raises_in_the_anthropic_client(
     assert usage["cost_nanos"] > 0
 
 
+_STREAMED_BODY = json.dumps({**CHAT, "stream": True, "max_tokens": 10}).encode()
+# A streamed chat request as raw bytes (the tests read the answer off the socket as it arrives).
+STREAMED_CHAT = (
+    f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    f"Authorization: Bearer {KEY}\r\nContent-Length: {len(_STREAMED_BODY)}\r\n\r\n"
+).encode() + _STREAMED_BODY
+
+
 def test_a_silent_upstream_ends_the_stream_with_an_error_and_no_terminating_chunk(
     settings: Settings, stub: StubUpstream, tmp_path: Path, broker: EmbeddedBroker
 ) -> None:
@@ -390,19 +398,14 @@ def test_a_silent_upstream_ends_the_stream_with_an_error_and_no_terminating_chun
     enforcer = Enforcer(settings=settings).start()
     emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
     stub.cut_stream_after, stub.stall_stream_s = 2, 3.0
-    with GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)) as silent:
-        request = json.dumps({**CHAT, "stream": True, "max_tokens": 10}).encode()
-        with socket.create_connection(("127.0.0.1", silent.port), timeout=15) as sock:
-            sock.sendall(
-                (
-                    f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    f"Authorization: Bearer {KEY}\r\nContent-Length: {len(request)}\r\n\r\n"
-                ).encode()
-                + request
-            )
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
+    with (
+        GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)) as silent,
+        socket.create_connection(("127.0.0.1", silent.port), timeout=15) as sock,
+    ):
+        sock.sendall(STREAMED_CHAT)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
     emitter.close(10)
     enforcer.stop()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -425,15 +428,8 @@ def test_a_stream_the_gateway_stops_is_cut_with_an_error_event_and_metered(
     stub.cut_stream_after, stub.stall_stream_s = 2, 5.0
     config = gateway_config(stub, stub, shutdown_timeout_s=0.5)
     running = GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)).start()
-    request = json.dumps({**CHAT, "stream": True, "max_tokens": 10}).encode()
     with socket.create_connection(("127.0.0.1", running.port), timeout=15) as sock:
-        sock.sendall(
-            (
-                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer {KEY}\r\nContent-Length: {len(request)}\r\n\r\n"
-            ).encode()
-            + request
-        )
+        sock.sendall(STREAMED_CHAT)
         answer = sock.recv(65536)
         while answer.count(b'"content"') < 2:
             answer += sock.recv(65536)

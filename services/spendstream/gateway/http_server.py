@@ -96,7 +96,6 @@ class Request:
     """One request as its head arrived; its body is read with :meth:`read`."""
 
     __slots__ = (
-        "_answered",
         "_chunks",
         "_complete",
         "_connection",
@@ -109,17 +108,15 @@ class Request:
         "keep_alive",
         "method",
         "path",
-        "query",
     )  # fmt: skip
 
     def __init__(self, connection: _Connection, method: str, target: bytes, headers: Headers, parser: Any) -> None:
         self._connection = connection
         self.method = method
-        path, _, query = target.partition(b"?")
+        path = target.partition(b"?")[0]  # (the gateway's routes take no query)
         if not path.startswith(b"/"):  # absolute form (a client that takes us for a proxy): keep the path
             path = httptools.parse_url(target).path or b"/"
         self.path = path.decode("latin-1")
-        self.query = query.decode("latin-1")
         self.headers = headers
         self.keep_alive: bool = parser.should_keep_alive()
         self.http_11 = parser.get_http_version() == "1.1"
@@ -128,13 +125,8 @@ class Request:
         self._limit = connection.server.max_body_bytes  # read() may lower it: beyond it the body is not kept
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
-        self._answered = False
         expect = headers.get("expect")
         self._expects_continue = expect is not None and expect.lower() == "100-continue"
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        return self._connection.transport
 
     @property
     def content_type(self) -> str:
@@ -461,7 +453,6 @@ class _Connection(asyncio.Protocol):
             log.exception("%s %s failed", request.method, request.path)
             body = error_body("internal_error", "internal error")
             response = Response(500, body, {"Content-Type": "application/json"})
-        request._answered = True
         still_sending = not request._complete  # its body is still arriving (unread, or beyond the limit)
         if still_sending:
             self.must_close = True
@@ -563,11 +554,9 @@ class _Connection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    def close_if_idle(self) -> bool:
+    def close_if_idle(self) -> None:
         if not self._busy and self._request is None and not self._queue and self.transport is not None:
             self.transport.close()
-            return True
-        return False
 
 
 class HttpServer:
