@@ -291,15 +291,16 @@ def test_thresholds_alert_fallback_shutoff_in_order(stack: Stack) -> None:
         stack.alerts.wait(lambda a, lv=level: a["scope"] == "team:alpha" and a["message"].startswith(lv))
 
 
-def test_an_alert_is_republished_with_its_spend_while_the_spend_moves(stack: Stack) -> None:
+def test_an_alert_is_republished_while_its_scope_has_traffic(stack: Stack) -> None:
     """Edges reserve against the spend an alert carried: the processor refreshes it (at most every
-    SPEND_REFRESH_S) while the budget is spent, without a new threshold."""
+    SPEND_REFRESH_S) while the scope has traffic, even requests an edge refused (they cost nothing)."""
     spend(stack, "refresh", 10, 8)  # $80 of $100
     first = stack.decision("team:refresh", "alert", spend_nanos=80 * USD)
     time.sleep(SPEND_REFRESH_S)
-    spend(stack, "refresh", 1, 3)  # $83: still an alert
-    again = stack.decision("team:refresh", "alert", spend_nanos=83 * USD)
-    assert again["version"] > first["version"] and again["issued_at"] > first["issued_at"]
+    spend(stack, "refresh", 0, 3, status="blocked", decision_applied="shutoff")  # refused at an edge
+    again = stack.decisions.wait(lambda d: d["scope"] == "team:refresh" and d["version"] > first["version"], 20)
+    assert again["action"] == "alert" and again["spend_nanos"] == 80 * USD
+    assert again["issued_at"] > first["issued_at"]
 
 
 def test_critical_feature_is_throttled_instead_of_shut_off(stack: Stack) -> None:

@@ -270,10 +270,8 @@ def test_stage_two_merges_totals_idempotently_decides_on_change_and_reevaluates_
     assert owner.windows[ALPHA_MONTH] == {"1": [120 * USD, 2, 30, 1]} and owner.decisions() == ["shutoff"]
     state = ScopeState.from_json(owner.scopes["team:alpha"])
     assert state.partition == owner.partition and state.latest["month"] == MONTH and state.version > 0
-    assert set(owner.scopes["team:alpha"]) == {"p", "latest", "seen", "sig", "version", "alerted", "spent"}
+    assert set(owner.scopes["team:alpha"]) == {"p", "latest", "seen", "sig", "version", "alerted"}
     assert ScopeState.from_json(state.to_json()) == state
-    stored_before = {k: v for k, v in state.to_json().items() if k != "spent"}  # by a release that did not keep it
-    assert ScopeState.from_json(stored_before).spent is None
     raised = policy(1_000)
     assert worker.holder.adopt(raised)
     owner.stage.process(owner.partition, [ReevaluateMessage(raised.version)])

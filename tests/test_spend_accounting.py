@@ -409,23 +409,20 @@ def test_decisions_only_on_change_and_versions_increase() -> None:
     assert next_version(10**18, now) == 10**18 + 1
 
 
-def test_a_budget_alert_is_republished_with_its_new_spend_at_most_every_refresh_interval() -> None:
+def test_a_budget_alert_is_republished_at_most_every_refresh_interval_while_its_scope_has_traffic() -> None:
     latest = {"month": MAR}
     alert = _evaluate({window_key("team:a", "month", MAR): (85 * USD, 1, 1)}, latest)
-    later = _evaluate({window_key("team:a", "month", MAR): (86 * USD, 2, 2)}, latest)
-    assert alert.action is later.action is Action.alert and not needs_decision(decision_signature(alert), later)
+    assert alert.action is Action.alert and not needs_decision(decision_signature(alert), alert)
     now = datetime.now(UTC)
     published = next_version(0, now)  # its version is the clock of its publication
     soon, due = now + timedelta(seconds=SPEND_REFRESH_S / 2), now + timedelta(seconds=SPEND_REFRESH_S + 0.01)
-    assert not needs_spend_refresh(alert.spend_nanos, later, published, soon)  # not yet
-    assert needs_spend_refresh(alert.spend_nanos, later, published, due)
-    assert not needs_spend_refresh(later.spend_nanos, later, published, due)  # the spend did not move
-    assert needs_spend_refresh(None, later, published, due)  # state stored before the spend was kept
+    assert not needs_spend_refresh(alert, published, soon)
+    assert needs_spend_refresh(alert, published, due)  # the same spend too: an edge may be refusing on its own
+    fallback = _evaluate({window_key("team:a", "month", MAR): (95 * USD, 2, 2)}, latest)
+    assert fallback.action is Action.fallback and needs_spend_refresh(fallback, published, due)
     shutoff = _evaluate({window_key("team:a", "month", MAR): (100 * USD, 3, 3)}, latest)
-    assert not needs_spend_refresh(alert.spend_nanos, shutoff, published, due)  # a new action is a new decision
-    allow = _evaluate({}, latest)
-    assert not needs_spend_refresh(0, _evaluate({window_key("team:a", "month", MAR): (1, 1, 1)}, latest), 0, due)
-    assert allow.action is Action.allow
+    assert not needs_spend_refresh(shutoff, published, due)  # edges refuse a shutoff without reserving
+    assert not needs_spend_refresh(_evaluate({window_key("team:a", "month", MAR): (1, 1, 1)}, latest), 0, due)
 
 
 def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> None:

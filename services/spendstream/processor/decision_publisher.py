@@ -8,9 +8,9 @@ of shut off), per-day quotas, spike rules (daily and hourly EWMA) and the foreca
 restrictive action. A shutoff carries the policy's critical features and their throttle rates
 (``critical_throttle_rps``): an edge throttles a request of a critical feature where it stops the others, so a
 critical feature is never shut off by any scope's budget or quota, unless a ``hard_cap`` budget shut it off.
-``decision_signature`` is what must change for a new Decision to be published (or, for a budget's alert and
-fallback, its spend, every ``SPEND_REFRESH_S``: ``needs_spend_refresh``), and ``next_version`` keeps versions
-increasing per scope across restarts (it never goes below the clock).
+``decision_signature`` is what must change for a new Decision to be published (a budget's alert and fallback
+are also refreshed every ``SPEND_REFRESH_S`` while the scope has traffic: ``needs_spend_refresh``), and
+``next_version`` keeps versions increasing per scope across restarts (it never goes below the clock).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from spendstream.processor.spend_accounting import window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
 Totals = Callable[[str], tuple[int, int, int]]  # window key -> (total_nanos, requests, tokens)
-SPEND_REFRESH_S = 2.0  # a budget decision edges reserve against carries a spend at most this old while it moves
+SPEND_REFRESH_S = 2.0  # a budget decision edges reserve against is at most this old while its scope has traffic
 
 _SEVERITY = {
     Action.alert: Severity.warning,
@@ -273,19 +273,17 @@ def needs_decision(previous: list[object] | None, verdict: ScopeEvaluation) -> b
     return current != previous
 
 
-def needs_spend_refresh(
-    published_spend: int | None, verdict: ScopeEvaluation, last_version: int, now: datetime
-) -> bool:
-    """A budget's alert or fallback is published again with its new spend, at most every ``SPEND_REFRESH_S``.
+def needs_spend_refresh(verdict: ScopeEvaluation, last_version: int, now: datetime) -> bool:
+    """A budget's alert or fallback is published again, with its spend as it is now, at most every
+    ``SPEND_REFRESH_S`` while the scope has traffic (stage 2 evaluates a scope when its events arrive).
 
     Edges hold each request against the spend the decision carried and count their own requests since, and those
-    just before it too, which they cannot tell the processor had already counted (``edge/reservation.py``). Without
-    a fresh figure that double count grew with the request rate, and once it refused a scope nothing lifted it:
-    its refused requests cost nothing, so no threshold was crossed and no decision came until the period ended.
+    of the half second before it too, which they cannot tell the processor had already counted
+    (``edge/reservation.py``). That double count grew with the request rate, and once it refused a scope nothing
+    lifted it: refused requests cost nothing, so no threshold was crossed and no decision came until the period
+    ended. A fresh decision moves the edge's half second past them; the refused requests' own events bring it.
     """
     if verdict.action not in (Action.alert, Action.fallback) or verdict.limit_nanos <= 0:
-        return False
-    if verdict.spend_nanos == published_spend:
         return False
     return now.timestamp() * 1_000_000 - last_version >= SPEND_REFRESH_S * 1_000_000
 

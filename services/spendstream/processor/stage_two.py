@@ -58,7 +58,6 @@ class ScopeState:
     signature: list[Any] | None = None  # ``decision_signature`` of the last published Decision
     version: int = 0  # version of the last published Decision
     alerted: list[str] = field(default_factory=list)  # keys of the crossings already alerted, oldest first
-    spent: int | None = None  # the spend the last published Decision carried
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,7 +67,6 @@ class ScopeState:
             "sig": self.signature,
             "version": self.version,
             "alerted": self.alerted,
-            "spent": self.spent,
         }
 
     @classmethod
@@ -80,7 +78,6 @@ class ScopeState:
             value["sig"],
             value["version"],
             list(value["alerted"]),
-            value.get("spent"),  # (absent in state stored before it was kept)
         )
 
 
@@ -175,13 +172,12 @@ class StageTwo:
                 PROCESSOR_ALERTS.labels(alert.kind.value).inc()
                 alerted.append(crossing.key)
         state.alerted = alerted[-MAX_ALERTED:]
-        if needs_decision(state.signature, verdict) or needs_spend_refresh(state.spent, verdict, state.version, now):
+        if needs_decision(state.signature, verdict) or needs_spend_refresh(verdict, state.version, now):
             version = next_version(state.version, now)
             decision = build_decision(scope, verdict, version, policy.version, now)
             self.out.send(ENFORCEMENT, scope.encode(), self._decision_codec.encode(decision.to_avro()))
             PROCESSOR_DECISIONS.labels(decision.action.value).inc()
             state.signature = decision_signature(verdict)
             state.version = version
-            state.spent = verdict.spend_nanos
         state.partition = partition
         self.scopes.put(partition, scope, state.to_json())
