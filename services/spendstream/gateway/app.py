@@ -44,6 +44,7 @@ from spendstream.gateway.http_server import (
     Request,
     Response,
     StreamedResponse,
+    error_body,
 )
 from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
 from spendstream.gateway.metering import StreamMeter, usage_of_body
@@ -234,11 +235,9 @@ def error_response(
     anthropic: bool = False,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """An OpenAI-style error (Anthropic clients also find ``type: error`` and ``error.type``)."""
-    body: dict[str, Any] = {"error": {"code": code, "message": message, "type": kind, "param": None}}
-    if anthropic:
-        body["type"] = "error"
-    return json_response(body, status, headers)
+    """An OpenAI-style error (``http_server.error_body``) as a response."""
+    body = error_body(code, message, kind, anthropic=anthropic)
+    return Response(status, body, {**(headers or {}), "Content-Type": "application/json"})
 
 
 def json_response(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

@@ -65,10 +65,13 @@ class _Refused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def error_body(code: str, message: str) -> bytes:
-    """The OpenAI-style error body the gateway answers with (Anthropic clients also find ``error.type``)."""
-    error = {"code": code, "message": message, "type": "invalid_request_error", "param": None}
-    return json.dumps({"error": error}).encode()
+def error_body(code: str, message: str, kind: str = "invalid_request_error", *, anthropic: bool = False) -> bytes:
+    """The OpenAI-style error body the gateway answers with (Anthropic clients also find ``type: error`` and
+    ``error.type``)."""
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "type": kind, "param": None}}
+    if anthropic:
+        body["type"] = "error"
+    return json.dumps(body).encode()
 
 
 class Headers(dict[str, str]):
@@ -451,7 +454,7 @@ class _Connection(asyncio.Protocol):
             self.must_close = True
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
-            body = error_body("internal_error", "internal error")
+            body = error_body("internal_error", "internal error", "api_error")
             response = Response(500, body, {"Content-Type": "application/json"})
         still_sending = not request._complete  # its body is still arriving (unread, or beyond the limit)
         if still_sending:
