@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.events import Decision
 from spendstream.core.policy import parse_policy
 from spendstream.edge.enforcer import Enforcer
@@ -217,3 +218,39 @@ def test_shared_answers_give_every_user_what_answers_of_its_own_would(decisions,
         shared, own = sharing.check(**request), alone.check(**request)
         assert shared._replace(retry_after_s=None) == own._replace(retry_after_s=None), request  # waits: real time
         assert (shared.retry_after_s is None) == (own.retry_after_s is None), request
+
+
+def test_a_refreshed_decision_keeps_the_rule_in_force_and_a_hard_caps_allow_only_opens_a_ledger() -> None:
+    """The processor refreshes an alert's spend every few seconds, and publishes a hard cap's standing as an allow:
+    neither may change an answer, restart a throttle's count, or stop a user's requests sharing answers; a
+    refresh still moves the reservation ledger to the new spend."""
+    clock = Clock(NOW)
+    edge = Enforcer("127.0.0.1:1", policy_topic=None, clock=clock)
+    period_end = datetime.fromtimestamp(NOW + 3600, UTC)
+    issued = datetime.fromtimestamp(NOW, UTC)
+
+    def alert(version: int, spend: int) -> Decision:
+        return Decision(
+            scope="team:t", action="alert", version=version, reason=f"{spend} spent", spend_nanos=spend,
+            limit_nanos=1_000, issued_at=issued, expires_at=period_end,
+        )  # fmt: skip
+
+    edge.apply("team:t", alert(1, 800))
+    rule = edge.decisions()["team:t"]
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["alert"] * REPEATS
+    answers = edge._answers
+    edge.apply("team:t", alert(2, 900))
+    assert edge.decisions()["team:t"] is rule and (rule.version, rule.reason) == (2, "900 spent")
+    assert edge._answers is answers  # nothing the answers were built on changed
+    assert edge.reservations.ledgers["team:t"].spend_nanos == 900
+    tracked = Decision(
+        scope="user:u", action="allow", version=1, spend_nanos=5, limit_nanos=1_000, issued_at=issued,
+        expires_at=period_end,
+    )  # fmt: skip
+    edge.apply("user:u", tracked)
+    assert edge._answers is answers and "u" not in edge._index[DIMENSIONS.index("user")]  # u shares answers still
+    assert edge.reservations.ledgers["user:u"].spend_nanos == 5
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["alert"] * REPEATS
+    edge.apply("team:t", Decision(scope="team:t", action="allow", version=3, spend_nanos=10, limit_nanos=1_000))
+    assert repeated(edge, team="t", user="u", model="gpt-4o") == ["allow"] * REPEATS  # lifted
+    assert "team:t" not in edge.reservations.ledgers  # a plain allow is not refreshed: it opens no ledger

@@ -51,6 +51,7 @@ budgets:
   - {scope: "team:beta", period: month, amount_usd: 100}
   - {scope: "team:gamma", period: month, amount_usd: 100}
   - {scope: "team:refresh", period: month, amount_usd: 100}
+  - {scope: "team:capped", period: month, amount_usd: 100, hard_cap: true}
   - {scope: "feature:support_bot", period: month, amount_usd: 10}
   - {scope: "team:roll", period: day, amount_usd: 10}
   - {scope: "team:raise", period: month, amount_usd: 10}
@@ -301,6 +302,18 @@ def test_an_alert_is_republished_while_its_scope_has_traffic(stack: Stack) -> No
     again = stack.decisions.wait(lambda d: d["scope"] == "team:refresh" and d["version"] > first["version"], 20)
     assert again["action"] == "alert" and again["spend_nanos"] == 80 * USD
     assert again["issued_at"] > first["issued_at"]
+
+
+def test_a_hard_cap_is_published_from_its_scopes_first_traffic(stack: Stack) -> None:
+    """Far below its alert, a hard-capped team's standing reaches the edges (an allow with its spend, limit and
+    period end), so they hold a burst to what remains; refreshed like an alert while the team has traffic."""
+    spend(stack, "capped", 1, 2)  # $2 of $100
+    first = stack.decision("team:capped", "allow", spend_nanos=2 * USD, limit_nanos=100 * USD, period="month")
+    assert first["expires_at"] is not None
+    time.sleep(SPEND_REFRESH_S)
+    spend(stack, "capped", 1, 1)
+    again = stack.decisions.wait(lambda d: d["scope"] == "team:capped" and d["version"] > first["version"], 20)
+    assert again["action"] == "allow" and again["spend_nanos"] == 3 * USD
 
 
 def test_critical_feature_is_throttled_instead_of_shut_off(stack: Stack) -> None:

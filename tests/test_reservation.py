@@ -129,6 +129,77 @@ def test_a_budget_period_that_ended_holds_nothing() -> None:
     assert isinstance(held, Reservation) and held.ledgers == () and "team:web" not in book.ledgers
 
 
+class _Caps:
+    """A hard cap of 1,000 nanos on team:web, with periods of 100 s."""
+
+    def opening(self, scope: str, now: float) -> tuple[int, float, float] | None:
+        start = now - now % 100
+        return (1_000, start, start + 100) if scope == "team:web" else None
+
+
+def test_a_hard_cap_holds_its_scope_from_the_first_request_before_any_decision() -> None:
+    """A burst before the processor has said anything is held to the cap's limit (nothing spent assumed); the first
+    decision replaces that assumption with the processor's spend, and the ledger ends with its period."""
+    book = ReservationBook(margin_s=0.5)
+    book.set_caps(_Caps())
+    served = 0
+    while isinstance(held := book.reserve(SCOPE, lambda: 300, 100.0), Reservation):
+        book.settle(held, 300, at=100.0)
+        served += 300
+    assert held == "team:web" and served == 1_200  # the request that reaches the limit is the last one
+    book.observe("team:web", spend_nanos=1_200, limit_nanos=1_000, issued_at=101.0, expires_at=200.0)
+    assert book.ledgers["team:web"].settled_nanos == 0  # the processor counted them
+    assert book.reserve(SCOPE, lambda: 300, 150.0) == "team:web"
+    fresh = book.reserve(SCOPE, lambda: 300, 200.0)  # the next period: the cap opens again from nothing spent
+    assert isinstance(fresh, Reservation) and fresh.nanos == 300 and book.ledgers["team:web"].spend_nanos == 0
+
+
+def test_a_hard_cap_the_policy_no_longer_has_holds_nothing() -> None:
+    book = ReservationBook()
+    book.set_caps(_Caps())
+    book.settle(book.reserve(SCOPE, lambda: 900, 100.0), 1_000, at=100.0)
+    assert book.reserve(SCOPE, lambda: 300, 100.0) == "team:web"
+    book.set_caps(None)
+    held = book.reserve(SCOPE, lambda: 300, 100.0)
+    assert isinstance(held, Reservation) and held.ledgers == ()
+
+
+def test_a_decision_in_flight_when_the_cap_opened_still_replaces_it() -> None:
+    """A ledger opened from the policy knows nothing of the scope's spend: any decision is newer news."""
+    book = ReservationBook(margin_s=0.5)
+    book.set_caps(_Caps())
+    book.settle(book.reserve(SCOPE, lambda: 100, 100.0), 100, at=100.0)
+    book.observe("team:web", spend_nanos=950, limit_nanos=1_000, issued_at=99.0, expires_at=200.0)
+    assert book.ledgers["team:web"].spend_nanos == 950 and book.ledgers["team:web"].settled_nanos == 100
+
+
+def test_the_tightest_hard_cap_of_a_scope_and_its_period_end() -> None:
+    from spendstream.core.policy import parse_policy
+    from spendstream.edge.policy_rules import HardCaps
+
+    caps = HardCaps(
+        parse_policy(
+            """
+timezone: Europe/Berlin
+budgets:
+  - {scope: "team:web", period: month, amount_usd: 100, hard_cap: true}
+  - {scope: "team:web", period: day, amount_usd: 10, hard_cap: true}
+  - {scope: "team:app", period: day, amount_usd: 1}
+  - {scope: "user:*", period: week, amount_usd: 2, hard_cap: true}
+"""
+        )
+    )
+    noon = datetime(2026, 3, 4, 12, tzinfo=UTC).timestamp()  # a Wednesday
+    berlin_midnight = datetime(2026, 3, 4, 23, tzinfo=UTC).timestamp()
+    assert caps.opening("team:web", noon) == (10 * 10**9, berlin_midnight - 86400, berlin_midnight)
+    assert caps.opening("team:app", noon) is None  # not a hard cap
+    monday = datetime(2026, 3, 1, 23, tzinfo=UTC).timestamp()
+    assert caps.opening("user:u1", noon) == (2 * 10**9, monday, monday + 7 * 86400)
+    next_day = (10 * 10**9, berlin_midnight, berlin_midnight + 86400)
+    assert caps.opening("team:web", berlin_midnight) == next_day
+    assert not HardCaps(parse_policy("budgets: [{scope: 'team:app', period: day, amount_usd: 1}]"))
+
+
 # -- through the gateway ------------------------------------------------------------------------------------------
 
 
@@ -180,3 +251,41 @@ def test_the_gateway_serves_what_remains_of_a_budget_then_refuses(
     assert len(served) == statuses.count(200)
     costs = [e["cost_nanos"] for e in served]
     assert limit - alert.spend_nanos <= sum(costs) < limit - alert.spend_nanos + max(costs)
+
+
+def test_a_burst_under_a_hard_cap_is_held_to_the_cap_before_any_decision(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """No processor has said anything about the team (it is far below its alert): 8 clients at once still get no
+    more than the hard cap's limit served, give or take the last request of each, because the gateway holds the
+    team's requests against the policy's cap from the first one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spendstream.core.policy import parse_policy
+
+    limit = 2_000_000  # $0.002: a few hundred requests
+    policy = parse_policy(f"budgets: [{{scope: 'team:marketing', period: day, amount_nanos: {limit}, hard_cap: true}}]")
+    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 50}
+
+    def client(url: str) -> list[int]:
+        statuses = []
+        while len(statuses) < 200 and (not statuses or statuses[-1] == 200):
+            statuses.append(http(url + "/v1/chat/completions", body)[0])
+        return statuses
+
+    try:
+        with GatewayThread(gateway) as running, ThreadPoolExecutor(8) as pool:
+            statuses = [s for one in pool.map(client, [running.url] * 8) for s in one]
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+    assert statuses.count(402) == 8 and len(statuses) < 8 * 200
+    served = [e for e in read_usage(settings.kafka_bootstrap, len(statuses)) if e["status"] == "ok"]
+    costs = [e["cost_nanos"] for e in served]
+    assert len(served) == statuses.count(200) > 8
+    # Over by at most one request per client; under by at most what 8 requests in flight held (their estimates)
+    assert limit * 9 // 10 <= sum(costs) < limit + 8 * max(costs)

@@ -13,6 +13,7 @@ from spendstream.core.policy import parse_policy
 from spendstream.processor.applied_ids import AppliedIds
 from spendstream.processor.decision_publisher import (
     SPEND_REFRESH_S,
+    build_decision,
     decision_signature,
     evaluate_scope,
     needs_decision,
@@ -423,6 +424,58 @@ def test_a_budget_alert_is_republished_at_most_every_refresh_interval_while_its_
     shutoff = _evaluate({window_key("team:a", "month", MAR): (100 * USD, 3, 3)}, latest)
     assert not needs_spend_refresh(shutoff, published, due)  # edges refuse a shutoff without reserving
     assert not needs_spend_refresh(_evaluate({window_key("team:a", "month", MAR): (1, 1, 1)}, latest), 0, due)
+
+
+CAPPED = parse_policy(
+    """
+timezone: UTC
+budgets:
+  - {scope: "team:a", period: month, amount_usd: 100, hard_cap: true}
+  - {scope: "team:a", period: day, amount_usd: 10, hard_cap: true}
+  - {scope: "team:a", period: week, amount_usd: 1}
+  - {scope: "user:*", period: day, amount_usd: 2, hard_cap: true}
+"""
+)
+
+
+def _capped(windows: dict[str, tuple[int, int, int]], scope: str = "team:a"):  # type: ignore[no-untyped-def]
+    latest = {"month": MAR, "week": MAR - 5 * 86400, "day": MAR}  # 2025-03-01 is a Saturday
+    return evaluate_scope(scope, latest, lambda k: windows.get(k, (0, 0, 0)), CAPPED, datetime.fromtimestamp(MAR, UTC))
+
+
+def test_a_hard_cap_below_its_alert_is_published_with_its_standing_from_the_first_traffic() -> None:
+    """Edges hold a hard cap's requests against what remains from the scope's first traffic: the processor publishes
+    an allow that carries the standing of the hard cap closest to its limit (not a soft budget's), with its period's
+    end, and refreshes it like an alert while the scope has traffic."""
+    verdict = _capped(
+        {window_key("team:a", "month", MAR): (50 * USD, 1, 1), window_key("team:a", "day", MAR): (USD, 1, 1)}
+    )
+    assert verdict.action is Action.allow and verdict.tracks_hard_cap
+    assert (verdict.spend_nanos, verdict.limit_nanos, verdict.period) == (USD, 10 * USD, "day")  # $9 left, not $50
+    assert verdict.expires_at == datetime.fromtimestamp(MAR + 86400, UTC)
+    now = datetime.now(UTC)
+    assert not needs_decision(None, verdict) and needs_spend_refresh(verdict, 0, now)  # first traffic: published
+    decision = build_decision("team:a", verdict, next_version(0, now), "v1", now)
+    assert decision.action is Action.allow and decision.expires_at == verdict.expires_at
+    assert (decision.spend_nanos, decision.limit_nanos) == (USD, 10 * USD)
+    published = next_version(0, now)
+    assert not needs_spend_refresh(verdict, published, now + timedelta(seconds=SPEND_REFRESH_S / 2))
+    assert needs_spend_refresh(verdict, published, now + timedelta(seconds=SPEND_REFRESH_S + 0.01))
+    user = _capped({}, "user:u1")  # a template's hard cap holds every user on its own
+    assert user.tracks_hard_cap and user.limit_nanos == 2 * USD
+    # The soft weekly budget's alert is the decision: it carries that budget, as before
+    alert = _capped({window_key("team:a", "week", MAR - 5 * 86400): (USD * 85 // 100, 1, 1)})
+    assert alert.action is Action.alert and not alert.tracks_hard_cap and alert.limit_nanos == USD
+
+
+def test_a_hard_cap_the_policy_dropped_is_withdrawn_from_the_edges() -> None:
+    """A plain allow is published when the scope's standing was a hard cap's, so edges stop reserving against it."""
+    tracked = _capped({})
+    plain = _evaluate({}, {"month": MAR}, "team:b")
+    assert not plain.tracks_hard_cap
+    assert needs_decision(decision_signature(tracked), plain)
+    assert not needs_decision(decision_signature(tracked), tracked)
+    assert build_decision("team:b", plain, 1, "v1", datetime.now(UTC)).expires_at is None
 
 
 def test_a_copy_with_other_content_is_a_conflict_and_survives_a_restore() -> None:

@@ -34,11 +34,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
-from spendstream.core.events import Decision, Heartbeat
+from spendstream.core.events import Action, Decision, Heartbeat
 from spendstream.core.policy import Policy
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
-from spendstream.edge.policy_rules import StaticRules
+from spendstream.edge.policy_rules import HardCaps, StaticRules
 from spendstream.edge.reservation import Reservation, ReservationBook
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 from spendstream.edge.verdict import (
@@ -480,6 +480,9 @@ class Enforcer:
             self.set_hierarchy(policy.parent_scopes)
         static = StaticRules(policy, DIMENSIONS, self._static)
         self._static = static if static else None
+        caps = HardCaps(policy)
+        with self._book_lock:
+            self.reservations.set_caps(caps if caps else None)
         self._shared_users = None if static.names(_USER) else self._index[_USER]
         self._answers = {}
         self.policy = policy
@@ -531,23 +534,41 @@ class Enforcer:
             self._install(dim, value, None)
             return True
         rule = ScopeRule.from_decision(decision)
-        if not newer(self._rules.get(scope), rule):
+        current = self._rules.get(scope)
+        if not newer(current, rule):
             self.stats["stale_versions"] += 1
             return False
         self._rules[scope] = rule
         with self._book_lock:
-            if decision.limit_nanos > 0 and decision.issued_at is not None:
+            # A plain allow (a lifted alert) says where one budget stood, but no more will come while the scope stays
+            # below its alert: only decisions refreshed while the scope has traffic (its alert, its fallback, a hard
+            # cap's allow, which has a period end) keep a ledger right, so only they open one.
+            if (
+                decision.limit_nanos > 0
+                and decision.issued_at is not None
+                and (decision.action is not Action.allow or decision.expires_at is not None)
+            ):
                 issued_at = decision.issued_at.timestamp()
                 expires_at = decision.expires_at.timestamp() if decision.expires_at is not None else None
                 self.reservations.observe(scope, decision.spend_nanos, decision.limit_nanos, issued_at, expires_at)
             else:
                 self.reservations.forget(scope)
+        self.stats["decisions"] += 1
+        if current is not None and rule.same_effect(current):
+            # A refresh (a budget's spend every few seconds): the rule in force stays, with its throttle's counts,
+            # and the answers and plans built on it are kept; only its reason says where the spend is now.
+            current.version, current.reason = rule.version, rule.reason
+            self._rules[scope] = current
+            return True
         if rule.critical:
             self._exempting.add(scope)
         else:
             self._exempting.discard(scope)
-        self._install(dim, value, rule)
-        self.stats["decisions"] += 1
+        # An allow with no model list changes no answer (a hard cap's standing is for the reservation book alone):
+        # the scope is left out of the index, so its requests keep sharing the answers of scopes without a rule.
+        no_effect = rule.action == ALLOW and rule.allowed is None
+        if not (no_effect and current is None):
+            self._install(dim, value, None if no_effect else rule)
         return True
 
     def _install(self, dim: str, value: str, rule: ScopeRule | None) -> None:

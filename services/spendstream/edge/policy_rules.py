@@ -17,6 +17,9 @@ applies them straight from the policy instead of waiting for a decision:
 
 A used-up quota becomes a ``shutoff`` ``ScopeRule``, so ``resolve`` weighs it with the decisions of the
 request's other scopes.
+
+- hard caps (``HardCaps``): the limit and period end of the tightest ``hard_cap`` budget of a scope, so the edge's
+  reservation ledger (``edge/reservation.py``) holds the scope's requests from its first one, before any decision.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import count
 
 from spendstream.core.events import ACTION_RANK
 from spendstream.core.matching import ModelMatcher, is_template
-from spendstream.core.policy import Policy
+from spendstream.core.periods import period
+from spendstream.core.policy import Budget, Policy
 from spendstream.edge.verdict import DENY_MODEL, SHUTOFF, ScopeRule, Verdict
 
 _MODELS_REMEMBERED = 4096  # answers kept per list (the names a deployment calls are few)
@@ -221,3 +225,45 @@ class StaticRules:
                     if denied is not None:
                         return denied
         return None
+
+
+_NOT_CAPPED = (0, -math.inf, math.inf)  # a scope with no hard cap, remembered as such for good
+_CAPS_REMEMBERED = 65536  # scopes looked up per policy (emptied when full)
+
+
+class HardCaps:
+    """The policy's ``hard_cap`` budgets by scope: a scope's own and its ``dimension:*`` template's, as the processor
+    matches them. ``opening`` answers from a table, so a scope costs one dict lookup after its first request."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.tz = policy.tz
+        self._exact: dict[str, list[Budget]] = {}
+        self._templates: dict[str, list[Budget]] = {}
+        for budget in policy.budgets:
+            if budget.hard_cap:
+                if budget.is_template:
+                    self._templates.setdefault(budget.dimension, []).append(budget)
+                else:
+                    self._exact.setdefault(budget.scope, []).append(budget)
+        self._found: dict[str, tuple[int, float, float]] = {}  # scope -> (limit, period start, end) or _NOT_CAPPED
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._templates)
+
+    def opening(self, scope: str, now: float) -> tuple[int, float, float] | None:
+        """(limit nanos, epoch seconds its period starts and ends) of the smallest hard cap of ``scope`` at ``now``,
+        or None."""
+        found = self._found.get(scope)
+        if found is None or found[2] <= now:
+            budgets = [*self._exact.get(scope, ()), *self._templates.get(scope.partition(":")[0], ())]
+            if budgets:
+                at = datetime.fromtimestamp(now, UTC)
+                tightest = min(budgets, key=lambda b: b.limit_nanos)
+                start, end = period(tightest.period).window(at, self.tz)
+                found = (tightest.limit_nanos, start.timestamp(), end.timestamp())
+            else:
+                found = _NOT_CAPPED
+            if len(self._found) >= _CAPS_REMEMBERED:
+                self._found.clear()
+            self._found[scope] = found
+        return None if found is _NOT_CAPPED else found

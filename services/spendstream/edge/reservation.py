@@ -19,6 +19,13 @@ during a decision round trip.
 ``share`` is this edge's part of the remaining budget: with G edges (gateway processes) each holding 1/G, the
 edges together cannot pass what remained by more than one request each, whatever the others do until the next
 decision.
+
+A scope under a ``hard_cap`` budget (``caps``, from the policy) is held from its first request, before any
+decision: its ledger opens with nothing spent, the budget's whole limit and its period's end, and counts what this
+edge settles. The processor publishes a hard cap's standing from the scope's first traffic on (an ``allow`` that
+carries its spend), which then replaces that assumption. Until it arrives, a burst at one edge is bounded by the
+limit instead of by a decision round trip; nothing spent is the optimistic guess (after a restart the scope may
+have spent more), so it never refuses what the budget allows.
 """
 
 from __future__ import annotations
@@ -27,8 +34,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 RECENT_S = 10.0  # how long settled requests are remembered for a ledger that a first decision opens
+UNKNOWN = float("-inf")  # the ``issued_at`` of a ledger opened from the policy: any decision is newer
+
+
+class HardCapLimits(Protocol):
+    """The policy's hard caps: ``opening(scope, now)`` is (limit nanos, start and end of its period) or None."""
+
+    def opening(self, scope: str, now: float) -> tuple[int, float, float] | None: ...
 
 
 @dataclass(slots=True)
@@ -73,6 +88,7 @@ class ReservationBook:
         self.share = share
         self.margin_s = margin_s
         self.ledgers: dict[str, ScopeLedger] = {}
+        self.caps: HardCapLimits | None = None  # the policy's hard caps, for scopes no decision has told yet
         # Every request settled in the last RECENT_S (at, cost, scopes): the first decision of a scope (its alert)
         # may have been issued before this edge's latest requests of that scope were counted.
         self.recent: deque[tuple[float, int, tuple[str, ...]]] = deque()
@@ -83,11 +99,7 @@ class ReservationBook:
         """A decision told the budget of ``scope`` until ``expires_at`` (older news than what is known is ignored)."""
         ledger = self.ledgers.get(scope)
         if ledger is None:
-            self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at, expires_at)
-            for at, cost, scopes in self.recent:
-                if scope in scopes and at >= issued_at - self.margin_s:
-                    ledger.settled.append((at, cost))
-                    ledger.settled_nanos += cost
+            ledger = self._open(scope, spend_nanos, limit_nanos, issued_at, expires_at, issued_at - self.margin_s)
         elif issued_at < ledger.issued_at:
             return
         else:
@@ -95,23 +107,52 @@ class ReservationBook:
             ledger.expires_at = expires_at
         ledger.forget_before(issued_at - self.margin_s)
 
+    def _open(
+        self,
+        scope: str,
+        spend_nanos: int,
+        limit_nanos: int,
+        issued_at: float,
+        expires_at: float | None,
+        counted_from: float,
+    ) -> ScopeLedger:
+        """A new ledger, counting the requests this edge settled since ``counted_from`` (epoch seconds)."""
+        self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at, expires_at)
+        for at, cost, scopes in self.recent:
+            if scope in scopes and at >= counted_from:
+                ledger.settled.append((at, cost))
+                ledger.settled_nanos += cost
+        return ledger
+
     def forget(self, scope: str) -> None:
         """The scope has no budget decision any more (a new period, or the decision was deleted)."""
         self.ledgers.pop(scope, None)
+
+    def set_caps(self, caps: HardCapLimits | None) -> None:
+        """A new policy's hard caps; the ledgers opened from the previous policy's are dropped (reopened on the
+        next request if the scope is still capped)."""
+        self.caps = caps
+        for scope in [scope for scope, ledger in self.ledgers.items() if ledger.issued_at == UNKNOWN]:
+            del self.ledgers[scope]
 
     def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | str:
         """Hold the request's estimated cost on every known ledger of ``scopes``; else the first scope whose
         share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger. A ledger
         whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no decision
-        to say so."""
+        to say so (a hard cap's opens again from the policy)."""
         held = []
+        ledgers, caps = self.ledgers, self.caps
         for scope in scopes:
-            ledger = self.ledgers.get(scope)
+            ledger = ledgers.get(scope)
+            if ledger is not None and ledger.expires_at is not None and ledger.expires_at <= now:
+                del ledgers[scope]
+                ledger = None
             if ledger is None:
-                continue
-            if ledger.expires_at is not None and ledger.expires_at <= now:
-                del self.ledgers[scope]
-                continue
+                opening = caps.opening(scope, now) if caps is not None else None
+                if opening is None:
+                    continue
+                limit, start, end = opening
+                ledger = self._open(scope, 0, limit, UNKNOWN, end, start)
             held.append((scope, ledger))
         if not held:
             return Reservation(0, (), scopes)

@@ -172,6 +172,18 @@ class ScopeRule:
             critical=dict(decision.critical_throttle_rps) if action == SHUTOFF else {},
         )
 
+    def same_effect(self, other: ScopeRule) -> bool:
+        """Whether ``other`` gives every request the same answer (a decision refreshed with a new spend)."""
+        mine, theirs = self.allowed, other.allowed
+        return (
+            self.action == other.action
+            and self.fallback == other.fallback
+            and self.rate == other.rate
+            and self.expires_at == other.expires_at
+            and self.critical == other.critical
+            and (mine is theirs or (mine is not None and theirs is not None and mine.entries == theirs.entries))
+        )
+
     def for_feature(self, feature: str) -> ScopeRule:
         """This rule as it applies to a request of ``feature``: a shutoff throttles a critical feature instead
         (one derived rule per feature, so its limit lasts as long as the decision)."""

@@ -8,8 +8,12 @@ of shut off), per-day quotas, spike rules (daily and hourly EWMA) and the foreca
 restrictive action. A shutoff carries the policy's critical features and their throttle rates
 (``critical_throttle_rps``): an edge throttles a request of a critical feature where it stops the others, so a
 critical feature is never shut off by any scope's budget or quota, unless a ``hard_cap`` budget shut it off.
-``decision_signature`` is what must change for a new Decision to be published (a budget's alert and fallback
-are also refreshed every ``SPEND_REFRESH_S`` while the scope has traffic: ``needs_spend_refresh``), and
+A scope with a ``hard_cap`` budget and no other action is still published (``allow``, carrying the spend and
+limit of the hard cap closest to its limit), so edges hold its requests against the remaining budget
+(``edge/reservation.py``) from its first traffic, not only after its alert.
+``decision_signature`` is what must change for a new Decision to be published (a budget's alert and fallback,
+and a hard cap's allow, are also refreshed every ``SPEND_REFRESH_S`` while the scope has traffic:
+``needs_spend_refresh``), and
 ``next_version`` keeps versions increasing per scope across restarts (it never goes below the clock).
 """
 
@@ -90,6 +94,7 @@ class ScopeEvaluation:
     hard_stop: bool = False  # a hard-cap budget is shut off: nothing is exempt
     critical_throttle_rps: dict[str, float] = field(default_factory=dict)
     standings: list[BudgetStanding] = field(default_factory=list)  # one per budget of the scope with a window
+    tracks_hard_cap: bool = False  # an ``allow`` that carries the standing of a hard cap, for edges to reserve against
 
     def consider(self, action: Action, reason: str, **extra: object) -> None:
         """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
@@ -140,6 +145,7 @@ def evaluate_scope(
     lists = allowed_model_lists([scope], policy)
     if lists:
         verdict.allowed_models = list(lists[0])
+    closest_cap: tuple[int, str, dict[str, object]] | None = None  # (remaining, reason, extra) of a hard cap at allow
     for budget in matching_budgets(scope, policy):
         kind = period(budget.period)
         if kind.series not in latest:
@@ -159,6 +165,10 @@ def evaluate_scope(
         }
         verdict.consider(evaluation.action, evaluation.reason, **extra)
         verdict.hard_stop |= budget.hard_cap and evaluation.action is Action.shutoff
+        remaining = budget.limit_nanos - spend
+        capped = budget.hard_cap and evaluation.action is Action.allow
+        if capped and (closest_cap is None or remaining < closest_cap[0]):
+            closest_cap = (remaining, evaluation.reason, extra)
         window_id = f"{budget.id}|{int(start.timestamp())}"
         if evaluation.action is not Action.allow:
             verdict.crossings.append(
@@ -207,6 +217,13 @@ def evaluate_scope(
             _apply_spike(rule, scope, latest, totals, policy, verdict)
     if verdict.action is Action.shutoff and not verdict.hard_stop:
         verdict.critical_throttle_rps = dict(policy.critical_throttle_rps)
+    if verdict.action is Action.allow and closest_cap is not None:
+        _, reason, extra = closest_cap
+        verdict.reason = reason
+        verdict.spend_nanos, verdict.limit_nanos = extra["spend_nanos"], extra["limit_nanos"]  # type: ignore[assignment]
+        verdict.period = str(extra["period"])
+        verdict.period_start, verdict.expires_at = extra["period_start"], extra["expires_at"]  # type: ignore[assignment]
+        verdict.tracks_hard_cap = True
     return verdict
 
 
@@ -260,6 +277,7 @@ def decision_signature(verdict: ScopeEvaluation) -> list[object]:
         sorted(verdict.allowed_models),
         verdict.expires_at.isoformat() if verdict.expires_at else None,
         sorted(verdict.critical_throttle_rps.items()),
+        verdict.tracks_hard_cap,
     ]
 
 
@@ -269,21 +287,27 @@ def needs_decision(previous: list[object] | None, verdict: ScopeEvaluation) -> b
         return verdict.action is not Action.allow or bool(verdict.allowed_models)
     current = decision_signature(verdict)
     if verdict.action is Action.allow and previous[0] == str(Action.allow):
-        return current[:4] != previous[:4]  # a new period of plain allow changes nothing at the edge
+        # A new period of plain allow changes nothing at the edge; a hard cap's standing dropped (the policy no longer
+        # caps the scope) must reach the edges' reservation books.
+        return current[:4] != previous[:4] or current[6:] != previous[6:]
     return current != previous
 
 
 def needs_spend_refresh(verdict: ScopeEvaluation, last_version: int, now: datetime) -> bool:
-    """A budget's alert or fallback is published again, with its spend as it is now, at most every
-    ``SPEND_REFRESH_S`` while the scope has traffic (stage 2 evaluates a scope when its events arrive).
+    """A budget's alert or fallback, or a hard cap's allow, is published again, with its spend as it is now, at
+    most every ``SPEND_REFRESH_S`` while the scope has traffic (stage 2 evaluates a scope when its events arrive).
 
     Edges hold each request against the spend the decision carried and count their own requests since, and those
     of the half second before it too, which they cannot tell the processor had already counted
     (``edge/reservation.py``). That double count grew with the request rate, and once it refused a scope nothing
     lifted it: refused requests cost nothing, so no threshold was crossed and no decision came until the period
     ended. A fresh decision moves the edge's half second past them; the refused requests' own events bring it.
+    A hard cap below its alert threshold is published the same way, the first time on its first traffic, so edges
+    bound a burst by the remaining budget instead of serving it until the shutoff's round trip.
     """
-    if verdict.action not in (Action.alert, Action.fallback) or verdict.limit_nanos <= 0:
+    if verdict.limit_nanos <= 0:
+        return False
+    if verdict.action not in (Action.alert, Action.fallback) and not verdict.tracks_hard_cap:
         return False
     return now.timestamp() * 1_000_000 - last_version >= SPEND_REFRESH_S * 1_000_000
 
@@ -306,7 +330,7 @@ def build_decision(scope: str, verdict: ScopeEvaluation, version: int, policy_ve
         limit_nanos=verdict.limit_nanos,
         period=verdict.period,
         period_start=verdict.period_start,
-        expires_at=verdict.expires_at if verdict.action is not Action.allow else None,
+        expires_at=verdict.expires_at if verdict.action is not Action.allow or verdict.tracks_hard_cap else None,
         version=version,
         issued_at=now,
         policy_version=policy_version,

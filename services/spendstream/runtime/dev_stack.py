@@ -452,8 +452,8 @@ class DevStack:
                 try:
                     if message.topic() == ENFORCEMENT:
                         decision = Decision.from_avro(decision_codec.decode(message.value()))
-                        if announced.get(decision.scope) == decision.action:
-                            continue  # the same action with a fresher spend (the processor refreshes it)
+                        if announced.get(decision.scope, "allow") == decision.action:
+                            continue  # the same action with a fresher spend, or a hard cap's standing while allowed
                         announced[decision.scope] = decision.action
                         reason = f": {decision.reason}" if decision.reason else ""
                         self.say(f"decision   {decision.scope} {decision.action}{reason}")
