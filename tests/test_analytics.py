@@ -16,7 +16,7 @@ from spendstream.analytics import money, reports
 from spendstream.analytics.budgets import load_budgets
 from spendstream.analytics.commands import sql_report
 from spendstream.analytics.readonly_sql import WriteRefused
-from spendstream.analytics.report_model import render
+from spendstream.analytics.report_model import cell_text, render
 from spendstream.analytics.report_registry import build_report
 from spendstream.analytics.reprice import reprice
 from spendstream.analytics.rollup import rebuild_spend_daily
@@ -290,7 +290,9 @@ def test_premium_regex_in_views_is_the_python_one() -> None:
 
 
 def test_money_edges() -> None:
-    assert money.fmt_usd(-3_105_000_000) == "-$3.10"
+    assert cell_text("usd", -3_105_000_000) == "-$3.10"
+    assert cell_text("usd", 21_750) == "$0.00002175"  # a cheap call's spend is not $0.00 in a report table
+    assert cell_text("usd", 12_340_000) == "$0.01234"
     assert money.usd_str(750) == "0.000000750"
     assert money.nanos_from_usd("12000") == 12_000 * B
     with pytest.raises(ValueError):

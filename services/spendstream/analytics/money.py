@@ -13,7 +13,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from spendstream.core.events import NANOS_PER_USD
 from spendstream.core.periods import local_midnight, zone
 
-_CENT = Decimal("0.01")
 
 # Complex-tier models (docs/architecture.md §10): what "premium-model share" counts. A model name may carry a
 # provider prefix ("openai/gpt-4o") and a dated snapshot suffix ("gpt-4o-2024-08-06"); the small
@@ -52,13 +51,6 @@ def usd(nanos: int) -> Decimal:
 def usd_str(nanos: int) -> str:
     """Exact USD as a plain decimal string, e.g. ``"12.000000750"``."""
     return f"{usd(nanos):.9f}"
-
-
-def fmt_usd(nanos: int) -> str:
-    """USD rounded half-even to the cent, for people: ``$12,345.68`` / ``-$3.10``."""
-    cents = usd(nanos).quantize(_CENT, rounding=ROUND_HALF_EVEN)
-    sign = "-" if cents < 0 else ""
-    return f"{sign}${abs(cents):,.2f}"
 
 
 def ratio(part: int, whole: int) -> Decimal | None:

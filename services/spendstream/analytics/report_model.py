@@ -14,7 +14,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from spendstream.analytics.money import fmt_pct, fmt_usd, usd_str
+from spendstream.analytics.money import fmt_pct, usd_str
+from spendstream.core.money_text import usd_text
 
 Kind = Literal["text", "usd", "pct", "int", "ms", "date"]
 FORMATS = ("table", "csv", "json")
@@ -105,7 +106,7 @@ def cell_text(kind: Kind, value: Any) -> str:
     if value is None:
         return "" if kind == "text" else "-"
     if kind == "usd":
-        return fmt_usd(value)
+        return usd_text(value)  # a call of a few hundred-thousandths of a dollar does not read $0.00
     if kind == "pct":
         return fmt_pct(value)
     if kind == "int":
