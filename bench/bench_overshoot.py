@@ -62,7 +62,9 @@ def body_for(limit_nanos: int, requests_per_budget: int) -> bytes:
 
 
 async def drive(url: str, key: str, body: bytes, clients: int, deadline_s: float) -> tuple[int, int, float]:
-    """Requests until every client was refused (402) once; returns (ok, refused, elapsed)."""
+    """Requests until every client was refused (402) once; returns (ok, refused, elapsed). A 429 (requests in
+    flight hold what remains of the budget) is retried at once, as a client that wants the rest of the budget
+    would (SDKs wait its one-second Retry-After)."""
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     ok = refused = 0
     started = time.monotonic()
@@ -78,6 +80,8 @@ async def drive(url: str, key: str, body: bytes, clients: int, deadline_s: float
                 elif response.status == 402:
                     refused += 1
                     return
+                elif response.status == 429:
+                    continue
                 else:
                     raise RuntimeError(f"gateway answered {response.status}")
 

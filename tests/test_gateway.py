@@ -342,6 +342,55 @@ def test_config_file_and_openai_client_compatibility(settings: Settings, upstrea
     assert {e["price_source"] for e in events if e["cost_nanos"]} == {"override:openai/gpt-4o"}
 
 
+def test_anthropic_token_counting_is_passed_through_unmetered(
+    settings: Settings, gateway: GatewayThread, upstreams
+) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    primary, _ = upstreams
+    client = anthropic.Anthropic(api_key=KEY, base_url=gateway.url, max_retries=0)
+    counted = client.messages.count_tokens(
+        model="claude-3-5-sonnet-latest", messages=[{"role": "user", "content": "four words of prompt"}]
+    )
+    assert counted.input_tokens == 4 and primary.last_headers["anthropic-version"]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(api_key="sk-wrong", base_url=gateway.url, max_retries=0).messages.count_tokens(
+            model="claude-3-5-sonnet-latest", messages=[{"role": "user", "content": "x"}]
+        )
+    client.messages.create(model="claude-3-5-sonnet-latest", max_tokens=3, messages=[{"role": "user", "content": "x"}])
+    (event,) = read_usage(settings.kafka_bootstrap, 1)  # the message, not the count: counting costs nothing
+    assert event["tags"]["endpoint"] == "messages"
+
+
+def test_the_openai_responses_api_is_proxied_metered_and_held_to_budgets(
+    settings: Settings, gateway: GatewayThread, upstreams
+) -> None:
+    """``client.responses.create`` through the gateway, plain and streamed: the SDK reads the answer, the usage event
+    carries the Responses API's token counts and cost, and a shutoff stops it like a chat call."""
+    openai = pytest.importorskip("openai")
+    primary, _ = upstreams
+    client = openai.OpenAI(api_key=KEY, base_url=gateway.url + "/v1", max_retries=0)
+    reply = client.responses.create(model="gpt-4o-mini", input="three words here", max_output_tokens=6)
+    assert reply.output_text == " ".join(["word"] * 6) and reply.usage.input_tokens == 3
+    with client.responses.stream(model="gpt-4o-mini", input=[{"role": "user", "content": "two words"}]) as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == " ".join(["word"] * 8) and final.usage.output_tokens == 8
+    assert "stream_options" not in primary.last_body  # chat's include_usage is not the Responses API's
+    events = read_usage(settings.kafka_bootstrap, 2)
+    shapes = sorted((e["tags"]["endpoint"], e["input_tokens"], e["output_tokens"], e["status"]) for e in events)
+    assert shapes == [("responses", 2, 8, "ok"), ("responses", 3, 6, "ok")]
+    for event in events:
+        cost = price_usage(
+            "openai", "gpt-4o-mini", event["input_tokens"], event["output_tokens"], at=event["occurred_at"]
+        )
+        assert event["cost_nanos"] == cost.cost_nanos > 0
+    publish_decisions(settings.kafka_bootstrap, [Decision(scope="team:marketing", action="shutoff", version=1)])
+    assert wait_for(lambda: http(gateway.url + "/v1/responses", {"model": "gpt-4o-mini", "input": "x"})[0] == 402, 5)
+    with pytest.raises(openai.APIStatusError) as blocked:
+        client.responses.create(model="gpt-4o-mini", input="x")
+    assert blocked.value.status_code == 402
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

@@ -358,6 +358,25 @@ def test_a_stream_the_upstream_drops_raises_in_the_openai_client_and_is_metered(
     assert event["cost_nanos"] > 0
 
 
+def test_a_responses_api_stream_the_upstream_drops_is_metered_from_its_deltas(
+    gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker
+) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(api_key=KEY, base_url=gateway.url + "/v1", max_retries=0)
+    stub.cut_stream_after = 3
+    prompt = "tell me a long story about " + "dragons " * 40
+    received = []
+    with pytest.raises(openai.APIError):
+        for event in client.responses.create(model="gpt-4o-mini", input=prompt, max_output_tokens=20, stream=True):
+            if event.type == "response.output_text.delta":
+                received.append(event.delta)
+    assert "".join(received) == "word word word"
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["status"] == "error" and event["tags"]["usage"] == "estimated"
+    assert event["output_tokens"] == 4  # 14 characters streamed, about 4 per token
+    assert 40 <= event["input_tokens"] <= 200  # estimated from the input (~350 characters)
+
+
 def test_a_stream_the_upstream_drops_raises_in_the_anthropic_client(
     gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker
 ) -> None:

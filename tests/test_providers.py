@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -140,3 +141,20 @@ def test_instrument_meters_a_client_of_a_registered_dialect(acme: Dialect, setti
 def test_an_sdk_no_dialect_speaks_is_refused_with_the_supported_ones() -> None:
     with pytest.raises(TypeError, match="supports openai and anthropic clients, not AcmeClient"):
         instrument(AcmeClient(), enforcer=object(), emitter=object())  # type: ignore[arg-type]
+
+
+def test_a_cut_responses_stream_counts_its_text_once() -> None:
+    """The Responses API repeats an item's text in the events that close it: a stream cut after them (before
+    ``response.completed``) is estimated from the deltas alone."""
+    meter = StreamMeter("openai")
+    where = {"item_id": "m", "output_index": 0, "content_index": 0}
+    events = [
+        {"type": "response.output_text.delta", **where, "delta": "word" * 10},  # 40 characters
+        {"type": "response.output_text.done", **where, "text": "word" * 10},
+        {"type": "response.content_part.done", **where, "part": {"type": "output_text", "text": "word" * 10}},
+        {"type": "response.output_item.done", "output_index": 0, "item": {"content": [{"text": "word" * 10}]}},
+    ]
+    for event in events:
+        meter.feed(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+    usage, estimated = meter.usage_so_far(lambda: 7)
+    assert estimated and (usage["prompt_tokens"], usage["completion_tokens"]) == (7, 10)

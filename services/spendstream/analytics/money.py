@@ -13,7 +13,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from spendstream.core.events import NANOS_PER_USD
 from spendstream.core.periods import local_midnight, zone
 
-
 # Complex-tier models (docs/architecture.md §10): what "premium-model share" counts. A model name may carry a
 # provider prefix ("openai/gpt-4o") and a dated snapshot suffix ("gpt-4o-2024-08-06"); the small
 # siblings (gpt-4o-mini, claude-3-5-haiku, gemini-1.5-flash) are deliberately not matched.

@@ -65,6 +65,9 @@ class Action(StrEnum):
 # The restriction rank of each action (the schema's order), for the processor and the edges alike; keyed by the
 # plain string, so an edge's ``"shutoff"`` and ``Action.shutoff`` find the same rank.
 ACTION_RANK: dict[str, int] = {str(action): rank for rank, action in enumerate(Action)}
+# While a scope has traffic, the processor publishes its budget's decision again at most this often (seconds), with
+# the spend as it is then: edges reserve against it, and a refusal of an edge's own is confirmed or lifted this soon.
+SPEND_REFRESH_S = 2.0
 
 
 class AlertKind(StrEnum):

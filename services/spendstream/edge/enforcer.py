@@ -39,7 +39,7 @@ from spendstream.core.policy import Policy
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import HardCaps, StaticRules
-from spendstream.edge.reservation import Reservation, ReservationBook
+from spendstream.edge.reservation import Refusal, Reservation, ReservationBook
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 from spendstream.edge.verdict import (
     ALLOW,
@@ -450,9 +450,10 @@ class Enforcer:
         model: str = "",
         org: str = "",
         division: str = "",
-    ) -> Reservation | str:
+    ) -> Reservation | Refusal:
         """Hold a request's estimated cost (``estimate()`` nanos, asked only when one of its scopes has a known
-        budget) against the remaining budget of each of its scopes; else the scope it would overdraw.
+        budget) against the remaining budget of each of its scopes; else why the first scope it would overdraw is
+        refused (``Refusal``).
         Every admitted request is ``settle``d with its real cost once known (0 if it cost nothing)."""
         values = [org, division, team, project, feature, user, customer, environment, model]
         if self._ancestors:
@@ -460,14 +461,6 @@ class Enforcer:
         scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)
         with self._book_lock:
             return self.reservations.reserve(scopes, estimate, self._wall())
-
-    def resets_in_s(self, scope: str) -> float | None:
-        """Seconds until the budget period of ``scope`` this edge reserves against ends (its decision's
-        ``expires_at``), or None when no decision said: what a refusal's ``Retry-After`` tells a client."""
-        with self._book_lock:
-            ledger = self.reservations.ledgers.get(scope)
-            expires_at = ledger.expires_at if ledger is not None else None
-        return None if expires_at is None else max(0.0, expires_at - self._wall())
 
     def settle(self, reservation: Reservation, cost_nanos: int) -> None:
         with self._book_lock:

@@ -71,6 +71,19 @@ class ScopeLedger:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why this edge refuses a request of ``scope``: what it holds for requests in flight fills what remains
+    (``in_flight``: it frees up as they settle, within a second), or what it settled since the last decision does
+    (the processor's next decision confirms it with a shutoff or lifts it). ``spent_nanos``: the decision's spend
+    plus what this edge settled since."""
+
+    scope: str
+    in_flight: bool
+    spent_nanos: int
+    limit_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """What one request holds: its estimate on every scope ledger it was checked against, and its scopes."""
 
@@ -135,11 +148,11 @@ class ReservationBook:
         for scope in [scope for scope, ledger in self.ledgers.items() if ledger.issued_at == UNKNOWN]:
             del self.ledgers[scope]
 
-    def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | str:
-        """Hold the request's estimated cost on every known ledger of ``scopes``; else the first scope whose
-        share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger. A ledger
-        whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no decision
-        to say so (a hard cap's opens again from the policy)."""
+    def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | Refusal:
+        """Hold the request's estimated cost on every known ledger of ``scopes``; else the refusal of the first
+        scope whose share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger.
+        A ledger whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no
+        decision to say so (a hard cap's opens again from the policy)."""
         held = []
         ledgers, caps = self.ledgers, self.caps
         for scope in scopes:
@@ -157,8 +170,10 @@ class ReservationBook:
         if not held:
             return Reservation(0, (), scopes)
         for scope, ledger in held:
-            if ledger.available(self.share) <= 0:
-                return scope
+            available = ledger.available(self.share)
+            if available <= 0:
+                spent = ledger.spend_nanos + ledger.settled_nanos
+                return Refusal(scope, available + ledger.reserved_nanos > 0, spent, ledger.limit_nanos)
         nanos = estimate()
         for _, ledger in held:
             ledger.reserved_nanos += nanos

@@ -24,15 +24,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from spendstream.core.config import ConfigError, Settings
-from spendstream.core.events import UsageStatus
+from spendstream.core.events import SPEND_REFRESH_S, UsageStatus
 from spendstream.core.metrics import HttpLatency, metrics_exposition
+from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import PriceTable, UnknownModelError, price_usage
 from spendstream.core.providers import dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
-from spendstream.edge.reservation import Reservation
+from spendstream.edge.reservation import Refusal, Reservation
 from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
@@ -226,6 +227,22 @@ class _Answer:
     cache_key: str | None
 
 
+def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
+    """What a client is told when this gateway's reservations refuse its request. Requests in flight holding what
+    remains: 429 (SDKs retry it), a second from now, when they settle. What this gateway settled since the last
+    decision: 402, retry after the processor's next decision, which confirms it (a shutoff, with the period's end)
+    or lifts it; never the period's end on this gateway's word alone."""
+    standing = f"{usd_text(refusal.spent_nanos)} of {usd_text(refusal.limit_nanos)} spent as far as this gateway knows"
+    if refusal.in_flight:
+        reason = f"requests in flight at this gateway hold what remains of the budget ({standing}); retry in a second"
+        return Verdict("throttle", model, 1.0, reason, refusal.scope)
+    reason = (
+        f"this gateway's requests have used its part of what remained of the budget ({standing}); "
+        f"the processor confirms or lifts this within {SPEND_REFRESH_S:g} s"
+    )
+    return Verdict("shutoff", model, SPEND_REFRESH_S, reason, refusal.scope)
+
+
 def error_response(
     status: int,
     message: str,
@@ -318,6 +335,7 @@ class Gateway:
         does not."""
         routes = {("POST", path): self.proxy for path in ENDPOINTS}
         routes[("GET", "/v1/models")] = self.models
+        routes[("POST", "/v1/messages/count_tokens")] = self.count_tokens
         routes[("GET", "/healthz")] = self.health
         routes[("GET", "/metrics")] = self.metrics
         latency = HttpLatency("gateway")
@@ -470,6 +488,38 @@ class Gateway:
             return error_response(502, problem, "upstream_error", "api_error")
         return Response(response.status, data, {"Content-Type": "application/json"})
 
+    async def count_tokens(self, request: Request) -> Response:
+        """Anthropic's token counting, passed through to the model's provider: it costs nothing, so it is neither
+        metered nor held to budgets, but it takes a virtual key like every call."""
+        if self._authenticate(request) is None:
+            return error_response(
+                401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=True
+            )
+        body, raw, refusal = await self._read_json(request)
+        if refusal is not None:
+            return error_response(
+                refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=True
+            )
+        assert body is not None
+        headers = {"Content-Type": "application/json", "anthropic-version": self.config.anthropic_version}
+        for name in _FORWARDED_HEADERS:
+            value = request.headers.get(name)
+            if value:
+                headers[name] = value
+        try:
+            provider = self.config.provider_for(body["model"], True)
+            response, _ = await self.upstreams.send(provider, "POST", request.path, raw, headers)
+            async with response:
+                data = await response.read()
+        except UpstreamUnavailable as exc:
+            return error_response(
+                502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error", anthropic=True
+            )
+        except (TimeoutError, ConnectionError) as exc:
+            problem = f"upstream failed mid-response: {type(exc).__name__}"
+            return error_response(502, problem, "upstream_error", "api_error", anthropic=True)
+        return Response(response.status, data, {"Content-Type": "application/json"})
+
     async def proxy(self, request: Request) -> Response | StreamedResponse:
         """One proxied call; an unexpected failure answers 500 and is logged by type only (no request text)."""
         try:
@@ -555,20 +605,14 @@ class Gateway:
         served = verdict.model
         scopes = {**attribution, "model": served}
         held = self.enforcer.reserve(lambda: self._estimate(call.provider, served, body, raw), **scopes)
-        if isinstance(held, str) and self._unmetered:
+        if isinstance(held, Refusal) and self._unmetered:
             # Requests answered but not yet metered still hold their estimates: settle them with their real
             # costs, then ask again, so batching never refuses what metering each at once would have served.
             self._meter_pending()
             held = self.enforcer.reserve(lambda: self._estimate(call.provider, served, body, raw), **scopes)
-        if isinstance(held, str):
-            verdict = call.verdict = Verdict(
-                "shutoff",
-                served,
-                self.enforcer.resets_in_s(held),
-                "this gateway's requests have used what remains of the budget",
-                held,
-            )
-            self.counts["shutoff"] += 1
+        if isinstance(held, Refusal):
+            verdict = call.verdict = refusal_verdict(held, served)
+            self.counts[verdict.action] += 1
             self._emit(call, served, None, UsageStatus.blocked)
             return self._blocked(verdict, anthropic)
         call.reservation = held
@@ -630,7 +674,7 @@ class Gateway:
     def _estimate(self, provider: str, model: str, body: dict[str, Any], raw: bytes) -> int:
         """The most a request should cost, in nanos: its body's size as prompt tokens (about 4 bytes a token, and
         JSON syntax counts too) and its ``max_tokens`` (or ``UNBOUNDED_OUTPUT_TOKENS``) as output, priced."""
-        output = body.get("max_tokens", body.get("max_completion_tokens"))
+        output = body.get("max_tokens", body.get("max_completion_tokens", body.get("max_output_tokens")))
         if not isinstance(output, int) or isinstance(output, bool) or output < 0:
             output = UNBOUNDED_OUTPUT_TOKENS
         try:

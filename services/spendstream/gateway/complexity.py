@@ -259,11 +259,12 @@ def assess(body: Mapping[str, Any], header: str | None = None) -> Assessment:
     ``ComplexityHeaderError``)."""
     messages = body.get("messages")
     if not isinstance(messages, list):
-        messages = []
+        given = body.get("input")  # the Responses API: a string, or messages
+        messages = given if isinstance(given, list) else [{"role": "user", "content": given}] if given else []
     total_chars = 0
     last_user = ""
     system_parts: list[str] = []
-    system = body.get("system")  # Anthropic
+    system = body.get("system") or body.get("instructions")  # Anthropic; the Responses API
     for text in _texts(system):
         total_chars += len(text)
         system_parts.append(text)

@@ -34,6 +34,16 @@ def _text_chars(value: Any, key: str = "") -> int:
     return 0
 
 
+def _event_text_chars(payload: dict[str, Any]) -> int:
+    """Characters of generated text in one stream event. The Responses API repeats its text in the events that close
+    an item (``response.output_text.done``, ``response.content_part.done``, ...): only its deltas count."""
+    kind = payload.get("type")
+    if isinstance(kind, str) and kind.startswith("response."):
+        delta = payload.get("delta")
+        return len(delta) if kind.endswith(".delta") and isinstance(delta, str) else 0
+    return _text_chars(payload)
+
+
 def _data_of(event: bytes) -> Any:
     """The JSON payload of one SSE event (its ``data:`` lines joined), or None."""
     lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
@@ -93,7 +103,7 @@ class StreamMeter:
             for event in _EVENT_END.split(chunk):
                 payload = _data_of(event)
                 if isinstance(payload, dict):
-                    self._text_chars += _text_chars(payload)
+                    self._text_chars += _event_text_chars(payload)
         self._held, self._held_bytes = [], 0
 
     def usage_so_far(self, prompt_tokens: Callable[[], int]) -> tuple[dict[str, Any], bool]:

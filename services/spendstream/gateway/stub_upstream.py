@@ -35,7 +35,12 @@ def _words(value: Any) -> int:
 
 
 def _output_tokens(body: dict[str, Any]) -> int:
-    wanted = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
+    wanted = (
+        body.get("max_tokens")
+        or body.get("max_completion_tokens")
+        or body.get("max_output_tokens")
+        or DEFAULT_OUTPUT_TOKENS
+    )
     return max(1, min(int(wanted), 256))
 
 
@@ -73,6 +78,8 @@ class StubUpstream:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -258,6 +265,67 @@ class StubUpstream:
         await response.write(_sse({"type": "message_stop"}, "message_stop"))
         await response.write_eof()
         return response
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: ``input`` (a string or messages) and ``max_output_tokens``; a stream of typed events
+        whose ``response.completed`` carries the whole response with its usage."""
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        n_in = _words(body.get("input", "")) + _words(body.get("instructions", ""))
+        n_out = _output_tokens(body)
+        usage = {
+            "input_tokens": n_in,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": n_out,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": n_in + n_out,
+        }
+        rid, item_id = f"resp_{uuid.uuid4().hex[:12]}", f"msg_{uuid.uuid4().hex[:12]}"
+        text = " ".join(["word"] * n_out)
+        content = {"type": "output_text", "text": text, "annotations": []}
+        item = {"type": "message", "id": item_id, "status": "completed", "role": "assistant", "content": [content]}
+        done = {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body["model"],
+            "output": [item],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": self.reported_usage or usage,
+        }
+        if not body.get("stream"):
+            return web.json_response(done, headers=self.response_headers)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        seq = iter(range(1 << 30))
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+        async def send(kind: str, **fields: Any) -> None:
+            await response.write(_sse({"type": kind, "sequence_number": next(seq), **fields}, kind))
+
+        await send("response.created", response=started)
+        await send("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
+        await send("response.content_part.added", **where, part={**content, "text": ""})
+        for i in range(n_out):
+            await self._maybe_cut(request, i)
+            await send("response.output_text.delta", **where, delta=" word" if i else "word", logprobs=[])
+        await send("response.output_text.done", **where, text=text, logprobs=[])
+        await send("response.content_part.done", **where, part=content)
+        await send("response.output_item.done", output_index=0, item=item)
+        await send("response.completed", response=done)
+        await response.write_eof()
+        return response
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        return web.json_response({"input_tokens": _words(body.get("messages", [])) + _words(body.get("system", ""))})
 
     async def _maybe_cut(self, request: web.Request, chunks_sent: int) -> None:
         """The injected mid-stream fault: silence, then a dropped connection (no terminating chunk)."""

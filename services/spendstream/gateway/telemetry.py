@@ -39,6 +39,7 @@ OPERATIONS = {
     "messages": "chat",
     "completions": "text_completion",
     "embeddings": "embeddings",
+    "responses": "chat",
 }
 # The bucket boundaries the conventions advise for the two histograms.
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from functools import lru_cache
 
-from spendstream.core.events import ACTION_RANK, Action, Alert, AlertKind, Decision, Severity
+from spendstream.core.events import ACTION_RANK, SPEND_REFRESH_S, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
 from spendstream.core.money_text import usd_text
 from spendstream.core.periods import HOUR, HOURLY_HISTORY, Period, period, period_window, utc_at
@@ -40,7 +40,6 @@ from spendstream.processor.spend_accounting import window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
 Totals = Callable[[str], tuple[int, int, int]]  # window key -> (total_nanos, requests, tokens)
-SPEND_REFRESH_S = 2.0  # a budget decision edges reserve against is at most this old while its scope has traffic
 
 _SEVERITY = {
     Action.alert: Severity.warning,

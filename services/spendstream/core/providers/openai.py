@@ -40,6 +40,8 @@ class OpenAIDialect(Dialect):
         Endpoint("/v1/chat/completions", "chat.completions", include_usage=True),
         Endpoint("/v1/completions", "completions", include_usage=True),
         Endpoint("/v1/embeddings", "embeddings", streams=False, routable=False),
+        # Not routed or cached: a response may continue a stored one (``previous_response_id``) on its provider.
+        Endpoint("/v1/responses", "responses", routable=False),
     )
 
     def usage(self, raw: Mapping[str, Any]) -> NormalisedUsage:
