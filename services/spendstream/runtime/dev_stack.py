@@ -229,6 +229,10 @@ class DevStack:
         if self.with_gateway:
             self.say(f"gateway    {gateway}/v1  (OpenAI- and Anthropic-compatible)")
         gateway_metrics = f"gateway {gateway}/metrics, " if self.with_gateway else ""
+        workers = self.settings.gateway_workers or (os.cpu_count() or 1)  # 0: one per CPU, as the gateway reads it
+        if self.with_gateway and base and workers > 1:
+            each = ", ".join(f"http://{metrics_host}:{base + 2 + i}/metrics" for i in range(workers))
+            gateway_metrics = f"gateway {gateway}/metrics (any worker; each: {each}), "
         self.say(
             f"metrics    {gateway_metrics}api {api}/metrics, sink http://{metrics_host}:{sink_metrics}/metrics"
             f", processor http://{metrics_host}:{processor_metrics}/metrics"
