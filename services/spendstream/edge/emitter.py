@@ -315,7 +315,7 @@ class Emitter:
     # -- observing and stopping --------------------------------------------------------------
     @property
     def stats(self) -> EmitterStats:
-        spool_bytes = self._spool.bytes if self._spool else 0
+        spool_bytes = self._spool.bytes if self._spool is not None else 0
         with self._bypass_lock:
             bypassed, b_spooled, b_failed = self._bypassed, self._bypass_spooled, self._bypass_failed
         queued = len(self._queue) + len(self._inbox) + len(self._inbox_records)
@@ -563,7 +563,7 @@ class Emitter:
         topic, headers, callback = self._topic, self._headers, self._on_replayed
         while self._replay_inflight < _REPLAY_WINDOW:
             if not self._replay:
-                nxt = self._spool.read_next() if self._spool else None
+                nxt = self._spool.read_next() if self._spool is not None else None
                 if nxt is None:
                     break
                 seg = _Segment(nxt[0], len(nxt[1]))
@@ -615,7 +615,7 @@ class Emitter:
         self._replay_inflight = self._replay_reports = 0
         self._replay_trouble = False
         self._trouble = ""
-        if self._spool:
+        if self._spool is not None:
             self._spool.rewind()
 
     def _reclaim(self) -> None:
@@ -658,7 +658,7 @@ class Emitter:
 
     # -- spool access ------------------------------------------------------------------------
     def _spool_records(self) -> int:
-        return self._spool.records if self._spool else 0
+        return self._spool.records if self._spool is not None else 0
 
     def _to_spool(self, records: list[bytes]) -> None:
         if records:
@@ -689,7 +689,7 @@ class Emitter:
         return written
 
     def _sync(self) -> None:
-        if self._spool:
+        if self._spool is not None:
             try:
                 self._spool.sync()
             except OSError as exc:
@@ -709,7 +709,7 @@ class Emitter:
         finally:
             self._closed = True
             self._spool_inbox()  # what emit() handed over before it saw the Emitter closed
-            if self._spool:
+            if self._spool is not None:
                 try:
                     self._spool.sync()
                     self._spool.close()
