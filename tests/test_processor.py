@@ -306,14 +306,15 @@ def test_an_alert_is_republished_while_its_scope_has_traffic(stack: Stack) -> No
 
 def test_a_hard_cap_is_published_from_its_scopes_first_traffic(stack: Stack) -> None:
     """Far below its alert, a hard-capped team's standing reaches the edges (an allow with its spend, limit and
-    period end), so they hold a burst to what remains; refreshed like an alert while the team has traffic."""
-    spend(stack, "capped", 1, 2)  # $2 of $100
-    first = stack.decision("team:capped", "allow", spend_nanos=2 * USD, limit_nanos=100 * USD, period="month")
+    period end), so they hold a burst to what remains; refreshed like an alert while the team has traffic, once
+    half of it is spent."""
+    spend(stack, "capped", 60, 1)  # $60 of $100: over half, so refreshed like an alert
+    first = stack.decision("team:capped", "allow", spend_nanos=60 * USD, limit_nanos=100 * USD, period="month")
     assert first["expires_at"] is not None
     time.sleep(SPEND_REFRESH_S)
     spend(stack, "capped", 1, 1)
     again = stack.decisions.wait(lambda d: d["scope"] == "team:capped" and d["version"] > first["version"], 20)
-    assert again["action"] == "allow" and again["spend_nanos"] == 3 * USD
+    assert again["action"] == "allow" and again["spend_nanos"] == 61 * USD
 
 
 def test_critical_feature_is_throttled_instead_of_shut_off(stack: Stack) -> None:

@@ -12,6 +12,7 @@ from spendstream.core.periods import period_window, tracked_series
 from spendstream.core.policy import parse_policy
 from spendstream.processor.applied_ids import AppliedIds
 from spendstream.processor.decision_publisher import (
+    FAR_REFRESH_S,
     SPEND_REFRESH_S,
     build_decision,
     decision_signature,
@@ -459,8 +460,12 @@ def test_a_hard_cap_below_its_alert_is_published_with_its_standing_from_the_firs
     assert decision.action is Action.allow and decision.expires_at == verdict.expires_at
     assert (decision.spend_nanos, decision.limit_nanos) == (USD, 10 * USD)
     published = next_version(0, now)
-    assert not needs_spend_refresh(verdict, published, now + timedelta(seconds=SPEND_REFRESH_S / 2))
-    assert needs_spend_refresh(verdict, published, now + timedelta(seconds=SPEND_REFRESH_S + 0.01))
+    assert not needs_spend_refresh(verdict, published, now + timedelta(seconds=FAR_REFRESH_S - 1))  # 10 % spent
+    assert needs_spend_refresh(verdict, published, now + timedelta(seconds=FAR_REFRESH_S + 0.01))
+    near = _capped({window_key("team:a", "day", MAR): (6 * USD, 1, 1)})  # over half of the $10 cap: as an alert
+    assert near.tracks_hard_cap and near.spend_nanos == 6 * USD
+    assert not needs_spend_refresh(near, published, now + timedelta(seconds=SPEND_REFRESH_S / 2))
+    assert needs_spend_refresh(near, published, now + timedelta(seconds=SPEND_REFRESH_S + 0.01))
     user = _capped({}, "user:u1")  # a template's hard cap holds every user on its own
     assert user.tracks_hard_cap and user.limit_nanos == 2 * USD
     # The soft weekly budget's alert is the decision: it carries that budget, as before

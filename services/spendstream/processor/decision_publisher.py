@@ -40,6 +40,7 @@ from spendstream.processor.spend_accounting import window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
 Totals = Callable[[str], tuple[int, int, int]]  # window key -> (total_nanos, requests, tokens)
+FAR_REFRESH_S = 30.0  # a hard cap's standing while less than half of it is spent: refreshed at most this often
 
 _SEVERITY = {
     Action.alert: Severity.warning,
@@ -302,13 +303,19 @@ def needs_spend_refresh(verdict: ScopeEvaluation, last_version: int, now: dateti
     lifted it: refused requests cost nothing, so no threshold was crossed and no decision came until the period
     ended. A fresh decision moves the edge's half second past them; the refused requests' own events bring it.
     A hard cap below its alert threshold is published the same way, the first time on its first traffic, so edges
-    bound a burst by the remaining budget instead of serving it until the shutoff's round trip.
+    bound a burst by the remaining budget instead of serving it until the shutoff's round trip; while less than
+    half of it is spent, at most every ``FAR_REFRESH_S`` (a ``user:*`` cap has a decision per active user, and
+    far from its limit an edge's own count keeps it safe).
     """
     if verdict.limit_nanos <= 0:
         return False
-    if verdict.action not in (Action.alert, Action.fallback) and not verdict.tracks_hard_cap:
+    if verdict.action in (Action.alert, Action.fallback):
+        interval = SPEND_REFRESH_S
+    elif verdict.tracks_hard_cap:
+        interval = SPEND_REFRESH_S if verdict.spend_nanos * 2 >= verdict.limit_nanos else FAR_REFRESH_S
+    else:
         return False
-    return now.timestamp() * 1_000_000 - last_version >= SPEND_REFRESH_S * 1_000_000
+    return now.timestamp() * 1_000_000 - last_version >= interval * 1_000_000
 
 
 def next_version(previous: int, now: datetime) -> int:
