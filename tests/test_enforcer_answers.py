@@ -254,3 +254,27 @@ def test_a_refreshed_decision_keeps_the_rule_in_force_and_a_hard_caps_allow_only
     edge.apply("team:t", Decision(scope="team:t", action="allow", version=3, spend_nanos=10, limit_nanos=1_000))
     assert repeated(edge, team="t", user="u", model="gpt-4o") == ["allow"] * REPEATS  # lifted
     assert "team:t" not in edge.reservations.ledgers  # a plain allow is not refreshed: it opens no ledger
+
+
+def test_a_critical_features_request_is_not_refused_by_an_ordinary_budgets_reservation() -> None:
+    """README: a critical feature is throttled, never shut off, whatever scope is exhausted, unless by a hard cap."""
+    policy = parse_policy(
+        """
+features: {support_bot: {critical: true, throttle_rps: 2}}
+budgets:
+  - {scope: "team:t", period: day, amount_usd: 1}
+  - {scope: "team:h", period: day, amount_usd: 1, hard_cap: true}
+"""
+    )
+    edge = Enforcer("127.0.0.1:1", policy=policy, policy_topic=None)
+    issued, end = datetime.fromtimestamp(NOW, UTC), datetime.fromtimestamp(NOW + 3600, UTC)
+    edge._wall = lambda: NOW  # type: ignore[method-assign]
+    for team in ("t", "h"):
+        used_up = Decision(
+            scope=f"team:{team}", action="fallback", version=1, spend_nanos=10**9, limit_nanos=10**9,
+            issued_at=issued, expires_at=end,
+        )  # fmt: skip
+        edge.apply(f"team:{team}", used_up)
+    assert edge.reserve(lambda: 5, team="t", feature="search").scope == "team:t"
+    assert edge.reserve(lambda: 5, team="t", feature="support_bot").ledgers == ()
+    assert edge.reserve(lambda: 5, team="h", feature="support_bot").scope == "team:h"

@@ -177,6 +177,22 @@ def test_a_decision_in_flight_when_the_cap_opened_still_replaces_it() -> None:
     assert book.ledgers["team:web"].spend_nanos == 950 and book.ledgers["team:web"].settled_nanos == 100
 
 
+def test_a_critical_feature_is_held_by_hard_caps_alone() -> None:
+    """A used-up budget throttles a critical feature instead of stopping it (the processor's shutoff says at what
+    rate): the edge's ledger of an ordinary budget neither refuses nor counts its requests; a hard cap does both."""
+    book = ReservationBook()
+    book.set_caps(_Caps())  # team:web has a hard cap, team:app an ordinary budget
+    book.observe("team:app", 1_000, 1_000, issued_at=100.0, expires_at=200.0)  # used up
+    app = ("team:app",)
+    assert book.reserve(app, lambda: 10, 100.0).scope == "team:app"
+    held = book.reserve(app, lambda: 10, 100.0, critical=True)
+    assert isinstance(held, Reservation) and held.ledgers == ()
+    book.settle(held, 10, at=100.0)
+    assert book.ledgers["team:app"].settled_nanos == 0
+    book.settle(book.reserve(SCOPE, lambda: 1_000, 100.0), 1_000, at=100.0)  # the hard cap used up
+    assert book.reserve(SCOPE, lambda: 10, 100.0, critical=True).scope == "team:web"
+
+
 def test_the_tightest_hard_cap_of_a_scope_and_its_period_end() -> None:
     from spendstream.core.policy import parse_policy
     from spendstream.edge.policy_rules import HardCaps
@@ -246,7 +262,8 @@ def test_the_gateway_serves_what_remains_of_a_budget_then_refuses(
                 if status == 402:
                     assert headers["X-Spendstream-Scope"] == "team:marketing"
                     message = json.loads(data)["error"]["message"]
-                    assert "used its part of what remained of the budget" in message and "of $0.001 spent" in message
+                    assert "used its part of what remained of the budget" in message
+                    assert "the last decision: $0.0008 of $0.001 spent; this gateway served $0.000" in message
                     assert headers["Retry-After"] == "2"  # the processor's next decision confirms it or lifts it
                     break
     finally:

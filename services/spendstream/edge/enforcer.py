@@ -459,8 +459,9 @@ class Enforcer:
         if self._ancestors:
             self._fill_ancestors(values)
         scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)
+        critical = bool(feature) and self.policy is not None and self.policy.is_critical(feature)
         with self._book_lock:
-            return self.reservations.reserve(scopes, estimate, self._wall())
+            return self.reservations.reserve(scopes, estimate, self._wall(), critical)
 
     def settle(self, reservation: Reservation, cost_nanos: int) -> None:
         with self._book_lock:

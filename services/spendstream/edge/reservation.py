@@ -74,12 +74,15 @@ class ScopeLedger:
 class Refusal:
     """Why this edge refuses a request of ``scope``: what it holds for requests in flight fills what remains
     (``in_flight``: it frees up as they settle, within a second), or what it settled since the last decision does
-    (the processor's next decision confirms it with a shutoff or lifts it). ``spent_nanos``: the decision's spend
-    plus what this edge settled since."""
+    (the processor's next decision confirms it with a shutoff or lifts it). ``decided_nanos``: the spend the last
+    decision carried (None: no decision yet, a hard cap held from the policy); ``settled_nanos`` and
+    ``held_nanos``: what this edge counted since (settled requests, those in flight)."""
 
     scope: str
     in_flight: bool
-    spent_nanos: int
+    decided_nanos: int | None
+    settled_nanos: int
+    held_nanos: int
     limit_nanos: int
 
 
@@ -148,11 +151,15 @@ class ReservationBook:
         for scope in [scope for scope, ledger in self.ledgers.items() if ledger.issued_at == UNKNOWN]:
             del self.ledgers[scope]
 
-    def reserve(self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float) -> Reservation | Refusal:
+    def reserve(
+        self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float, critical: bool = False
+    ) -> Reservation | Refusal:
         """Hold the request's estimated cost on every known ledger of ``scopes``; else the refusal of the first
         scope whose share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger.
         A ledger whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no
-        decision to say so (a hard cap's opens again from the policy)."""
+        decision to say so (a hard cap's opens again from the policy). A request of a ``critical`` feature is held
+        by hard caps alone: any other budget, used up, throttles it instead of stopping it (the processor's
+        shutoff says at what rate), so its ledger neither refuses nor counts it."""
         held = []
         ledgers, caps = self.ledgers, self.caps
         for scope in scopes:
@@ -160,20 +167,25 @@ class ReservationBook:
             if ledger is not None and ledger.expires_at is not None and ledger.expires_at <= now:
                 del ledgers[scope]
                 ledger = None
+            opening = caps.opening(scope, now) if caps is not None and (ledger is None or critical) else None
             if ledger is None:
-                opening = caps.opening(scope, now) if caps is not None else None
                 if opening is None:
                     continue
                 limit, start, end = opening
                 ledger = self._open(scope, 0, limit, UNKNOWN, end, start)
+            elif critical and opening is None:
+                continue
             held.append((scope, ledger))
         if not held:
             return Reservation(0, (), scopes)
         for scope, ledger in held:
             available = ledger.available(self.share)
             if available <= 0:
-                spent = ledger.spend_nanos + ledger.settled_nanos
-                return Refusal(scope, available + ledger.reserved_nanos > 0, spent, ledger.limit_nanos)
+                decided = None if ledger.issued_at == UNKNOWN else ledger.spend_nanos
+                in_flight = available + ledger.reserved_nanos > 0
+                return Refusal(
+                    scope, in_flight, decided, ledger.settled_nanos, ledger.reserved_nanos, ledger.limit_nanos
+                )
         nanos = estimate()
         for _, ledger in held:
             ledger.reserved_nanos += nanos

@@ -231,14 +231,23 @@ def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
     """What a client is told when this gateway's reservations refuse its request. Requests in flight holding what
     remains: 429 (SDKs retry it), a second from now, when they settle. What this gateway settled since the last
     decision: 402, retry after the processor's next decision, which confirms it (a shutoff, with the period's end)
-    or lifts it; never the period's end on this gateway's word alone."""
-    standing = f"{usd_text(refusal.spent_nanos)} of {usd_text(refusal.limit_nanos)} spent as far as this gateway knows"
+    or lifts it; never the period's end on this gateway's word alone. The message gives the processor's figure
+    and this gateway's count apart: the count may include requests the decision had counted already."""
+    limit = usd_text(refusal.limit_nanos)
+    if refusal.decided_nanos is None:
+        standing = f"no spend reported by the processor yet for this hard cap of {limit}"
+    else:
+        standing = f"the last decision: {usd_text(refusal.decided_nanos)} of {limit} spent"
+    counted = f"this gateway served {usd_text(refusal.settled_nanos)} since"
     if refusal.in_flight:
-        reason = f"requests in flight at this gateway hold what remains of the budget ({standing}); retry in a second"
+        reason = (
+            f"requests in flight at this gateway hold what remains of the budget ({standing}; {counted} and holds "
+            f"{usd_text(refusal.held_nanos)} for requests in flight); retry in a second"
+        )
         return Verdict("throttle", model, 1.0, reason, refusal.scope)
     reason = (
-        f"this gateway's requests have used its part of what remained of the budget ({standing}); "
-        f"the processor confirms or lifts this within {SPEND_REFRESH_S:g} s"
+        f"this gateway's requests used its part of what remained of the budget ({standing}; {counted}); "
+        "the processor confirms this with its shutoff or lifts it within seconds"
     )
     return Verdict("shutoff", model, SPEND_REFRESH_S, reason, refusal.scope)
 
