@@ -359,6 +359,8 @@ def test_anthropic_token_counting_is_passed_through_unmetered(
     client.messages.create(model="claude-3-5-sonnet-latest", max_tokens=3, messages=[{"role": "user", "content": "x"}])
     (event,) = read_usage(settings.kafka_bootstrap, 1)  # the message, not the count: counting costs nothing
     assert event["tags"]["endpoint"] == "messages"
+    counts = json.loads(http(gateway.url + "/healthz")[2])["requests"]
+    assert counts["token_count"] == 1 and counts["unauthorized"] >= 1
 
 
 def test_the_openai_responses_api_is_proxied_metered_and_held_to_budgets(
@@ -384,6 +386,8 @@ def test_the_openai_responses_api_is_proxied_metered_and_held_to_budgets(
             "openai", "gpt-4o-mini", event["input_tokens"], event["output_tokens"], at=event["occurred_at"]
         )
         assert event["cost_nanos"] == cost.cost_nanos > 0
+    with pytest.raises(openai.BadRequestError):  # a provider's 400 reaches the client as it is
+        client.responses.create(model="gpt-4o-mini", input="x", max_output_tokens=-5)
     publish_decisions(settings.kafka_bootstrap, [Decision(scope="team:marketing", action="shutoff", version=1)])
     assert wait_for(lambda: http(gateway.url + "/v1/responses", {"model": "gpt-4o-mini", "input": "x"})[0] == 402, 5)
     with pytest.raises(openai.APIStatusError) as blocked:

@@ -729,7 +729,8 @@ def savings(ledger: Ledger, month: date) -> Report:
         totals,
         params={"month": first_of_month(month), "timezone": ledger.tz},
         notes=[
-            "cost as requested: every request on the model its client asked for, uncached; "
+            "cost as requested: every request on the model its client asked for, uncached, except those a budget's "
+            "fallback served from another model (enforcement, not routing: counted at what they cost); "
             "saved = as requested - as routed = by routing + by cache"
         ],
     )

@@ -499,13 +499,15 @@ class Gateway:
 
     async def count_tokens(self, request: Request) -> Response:
         """Anthropic's token counting, passed through to the model's provider: it costs nothing, so it is neither
-        metered nor held to budgets, but it takes a virtual key like every call."""
+        metered nor held to budgets, but it takes a virtual key like every call (counted as ``token_count``)."""
         if self._authenticate(request) is None:
+            self.counts["unauthorized"] += 1
             return error_response(
                 401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=True
             )
         body, raw, refusal = await self._read_json(request)
         if refusal is not None:
+            self.counts["bad_request"] += 1
             return error_response(
                 refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=True
             )
@@ -521,12 +523,15 @@ class Gateway:
             async with response:
                 data = await response.read()
         except UpstreamUnavailable as exc:
+            self.counts["upstream_unavailable"] += 1
             return error_response(
                 502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error", anthropic=True
             )
         except (TimeoutError, ConnectionError) as exc:
+            self.counts["upstream_unavailable"] += 1
             problem = f"upstream failed mid-response: {type(exc).__name__}"
             return error_response(502, problem, "upstream_error", "api_error", anthropic=True)
+        self.counts["token_count"] += 1
         return Response(response.status, data, {"Content-Type": "application/json"})
 
     async def proxy(self, request: Request) -> Response | StreamedResponse:

@@ -27,7 +27,7 @@ GATEWAYS = register_collector(
         Family(
             "spendstream_gateway_requests",
             "Proxied requests by outcome: ok, error (upstream answered >= 400), a blocking action, cache_hit, "
-            "bad_request, unauthorized, upstream_unavailable, ...",
+            "bad_request, unauthorized, upstream_unavailable, token_count (Anthropic's count_tokens), ...",
             "counter",
             ("outcome",),
         ),

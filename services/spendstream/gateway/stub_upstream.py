@@ -139,6 +139,11 @@ class StubUpstream:
             )
         body = await request.json()
         self.last_body = body
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                error = {"message": f"invalid '{name}': expected an integer >= 1", "type": "invalid_request_error"}
+                return web.json_response({"error": error}, status=400)
         return body
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
