@@ -120,7 +120,7 @@ def test_cfo_weekly_by_hand(seeded: reports.Ledger) -> None:
     assert last == {
         "week": date(2026, 3, 9), "spend": 58 * B + 7, "previous": 100 * B, "change": Decimal("-0.4200"),
         "budget": week_budget, "budget_used": Decimal("0.0098"), "top_feature": "ai_code_review",
-        "top_feature_spend": 50 * B, "cache_hit_rate": Decimal("0.2500"), "premium_share": Decimal("0.8621"),
+        "top_feature_spend": 50 * B, "cache_hit_rate": Decimal("0.3333"), "premium_share": Decimal("0.8621"),
         "budget_increase": 0,
     }  # fmt: skip
 
@@ -145,7 +145,7 @@ def test_top_by_service_tier_separates_batch_spend(seeded: reports.Ledger) -> No
     seeded.client.insert(f"{DB}.usage_ledger", [[*batch, "batch"]], column_names=[*LEDGER_COLUMNS, "service_tier"])
     top = reports.top(seeded, "service_tier", date(2026, 3, 1), date(2026, 3, 31))
     assert [(r["key"], r["spend"], r["requests"]) for r in top.rows] == [
-        ("standard", 1198 * B + 7, 8),
+        ("standard", 1198 * B + 7, 7),  # the refused call is no request
         ("batch", 40 * B, 1),
     ]
 
@@ -162,7 +162,7 @@ def test_top_mix_latency_by_hand(seeded: reports.Ledger) -> None:
     assert {m: (r["requests"], r["spend"], r["tier"]) for m, r in mix.items()} == {
         "gpt-4o": (3, 1150 * B, "premium"),
         "claude-3-5-sonnet-20241022": (1, 30 * B, "premium"),
-        "gpt-4o-mini": (3, 15 * B, "standard"),
+        "gpt-4o-mini": (2, 15 * B, "standard"),  # the refused call is no request
         "llama-3.2-1b": (1, 3 * B + 7, "standard"),
     }
     lat = by(reports.latency(seeded, date(2026, 3, 1), date(2026, 3, 31)), "model")
@@ -285,8 +285,10 @@ def test_premium_tier(model: str, premium: bool) -> None:
 def test_premium_regex_in_views_is_the_python_one() -> None:
     from spendstream.core.schemas import schema_dir
 
+    literal = "'" + money.PREMIUM_MODEL_REGEX.replace("\\", "\\\\") + "'"
     views = (schema_dir() / "clickhouse" / "0005_report_views.sql").read_text()
-    assert views.count("'" + money.PREMIUM_MODEL_REGEX.replace("\\", "\\\\") + "'") == 2
+    assert views.count(literal) == 2
+    assert (schema_dir() / "clickhouse" / "0021_served_requests.sql").read_text().count(literal) == 1  # model mix
 
 
 def test_money_edges() -> None:

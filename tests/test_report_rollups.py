@@ -24,6 +24,7 @@ COLUMNS = [
     "model_requested",
     "cost_nanos",
     "cache_hit",
+    "status",
 ]
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
 TEAMS = ("search", "ads", "")
@@ -40,8 +41,9 @@ def events(count: int, start: datetime, spacing: timedelta, salt: int = 0) -> li
             f"u{(i * 7 + salt) % 11}",
             "openai",
             MODELS[i % 3],
-            1_000_000_007 * (i % 5 + 1) + salt,
+            0 if i % 7 == 3 else 1_000_000_007 * (i % 5 + 1) + salt,
             i % 4 == 0,
+            "blocked" if i % 7 == 3 else "ok",  # refused calls are no requests, sealed or not
         ]
         for i in range(count)
     ]
@@ -88,7 +90,7 @@ def test_sealed_reports_equal_final_through_replays_late_events_and_corrections(
     late = events(20, NOW - timedelta(days=9, minutes=3), timedelta(hours=5), salt=1)
     insert(ledger, late)  # new events in sealed hours
     insert(ledger, history[100:160])  # replayed copies of sealed events
-    corrected = [[*row[:7], row[7] + 999, row[8]] for row in history[300:310]]
+    corrected = [[*row[:7], row[7] + 999, *row[8:]] for row in history[300:310]]
     insert(ledger, corrected)  # a correction: the last version of an event is the one FINAL keeps
 
     assert every_report(fast) == every_report(reference)

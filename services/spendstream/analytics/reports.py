@@ -28,7 +28,7 @@ from spendstream.analytics.money import (
     week_start,
 )
 from spendstream.analytics.report_model import Column, Report
-from spendstream.analytics.rollup import WIDTH_OF, interval_sql, utc_literal, valid_seals
+from spendstream.analytics.rollup import SERVED, WIDTH_OF, interval_sql, utc_literal, valid_seals
 from spendstream.core.audit_chain import normalised
 from spendstream.core.budget_lifecycle import BudgetRequest
 from spendstream.core.periods import days_in_month, local_midnight
@@ -155,7 +155,7 @@ def _spend_by(ledger: Ledger, dimension: str, start: datetime, end: datetime) ->
 # Per key, in the ledger (raw) and in the rollups; "day" is the local date in the report's timezone.
 _RAW_KEYS = {"model": _MODEL, "day": "toDate(occurred_at, {tz:String})"}
 _RAW_MEASURES = (
-    f"sum({_COST}) AS c, count() AS r, countIf(cache_hit) AS h, sum(toInt128(input_tokens + output_tokens)) AS t"
+    f"sum({_COST}) AS c, {SERVED} AS r, countIf(cache_hit) AS h, sum(toInt128(input_tokens + output_tokens)) AS t"
 )
 _ROLLUP_MEASURES = "sum(cost_nanos) AS c, sum(requests) AS r, sum(cache_hits) AS h, sum(tokens) AS t"
 
@@ -581,7 +581,7 @@ MIX_COLUMNS = [
 def model_mix(ledger: Ledger, start: date, end: date) -> Report:
     lo, hi = local_midnight(start, ledger.tz), local_midnight(end + timedelta(days=1), ledger.tz)
     rows = ledger.rows(
-        f"SELECT provider, {_MODEL} AS m, count() AS n, sum({_COST}) AS s "
+        f"SELECT provider, {_MODEL} AS m, {SERVED} AS n, sum({_COST}) AS s "
         f"FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY provider, m ORDER BY s DESC, n DESC, m",
         start=_ts(lo),
         end=_ts(hi),
@@ -713,7 +713,7 @@ def savings(ledger: Ledger, month: date) -> Report:
     """What cost-aware routing and the response cache saved per team in ``month`` (budget timezone)."""
     start, end = month_bounds(month, ledger.tz)
     rows = ledger.rows(
-        f"SELECT team, count(), countIf(mapContains(tags, 'requested_model')), countIf(cache_hit), "
+        f"SELECT team, {SERVED}, countIf(mapContains(tags, 'requested_model')), countIf(cache_hit), "
         f"sum({_COST}), sum(toInt128({_REQUESTED_COST})), "
         f"sumIf(toInt128(toInt64OrZero(tags['saved_nanos'])), cache_hit) "
         f"FROM {{db}}.usage_ledger FINAL WHERE {_RANGE} GROUP BY team",

@@ -71,8 +71,12 @@ DAILY_KEYS = ("user", "customer")
 WIDTH_OF = {**dict.fromkeys(HOURLY_KEYS, HOUR), **dict.fromkeys(DAILY_KEYS, DAY)}
 SEAL_DELAY = timedelta(minutes=5)  # buckets that ended this recently still receive stragglers
 
+# A report's requests are the calls served, by a provider or the cache: a call the gateway refused (a ``blocked``
+# row, $0) is in the ledger for the audit, but counting it would make a refused burst look like traffic and
+# divide the spend per request by calls that cost nothing.
+SERVED = "countIf(status != 'blocked')"
 _MEASURES = (
-    "sum(toInt128(ifNull(cost_nanos, 0))), count(), countIf(cache_hit), sum(toInt128(input_tokens + output_tokens))"
+    f"sum(toInt128(ifNull(cost_nanos, 0))), {SERVED}, countIf(cache_hit), sum(toInt128(input_tokens + output_tokens))"
 )
 _SEAL_HOURLY = f"""
 INSERT INTO {{db}}.ledger_hourly
