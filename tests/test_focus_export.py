@@ -85,7 +85,9 @@ def seed(env: dict[str, str]) -> None:
         "(generateUUIDv4(), '2026-10-31 23:59:59.999999', 'acme', '', 'edges', '', '', '', '', '', 'openai',"
         " 'gpt-4o', '', 1, 1, 0, 0, 999999, 'ok'), "
         "(generateUUIDv4(), '2026-12-01 00:00:00', 'acme', '', 'edges', '', '', '', '', '', 'openai', 'gpt-4o',"
-        " '', 1, 1, 0, 0, 888888, 'ok')"
+        " '', 1, 1, 0, 0, 888888, 'ok'), "
+        "(generateUUIDv4(), '2026-11-20 09:00:00', 'acme', '', 'refused', '', '', '', '', '', 'openai', 'gpt-4o',"
+        " 'gpt-4o', 0, 0, 0, 0, NULL, 'blocked')"
     )
     replay = (
         f"INSERT INTO usage_ledger ({LEDGER_COLUMNS}) VALUES ('{DUPLICATE_ID}', '2026-11-15 12:00:00', 'acme', '',"
@@ -99,7 +101,7 @@ def seed(env: dict[str, str]) -> None:
 def ledger_figures(env: dict[str, str]) -> dict[str, Any]:
     done = cli(
         env, "sql", "--format", "json",
-        "SELECT toString(sum(ifNull(cost_nanos, 0))) AS nanos, count() AS requests, "
+        "SELECT toString(sum(ifNull(cost_nanos, 0))) AS nanos, countIf(status != 'blocked') AS requests, "
         "toString(sum(input_tokens + output_tokens)) AS tokens FROM usage_ledger FINAL "
         "WHERE occurred_at >= '2026-11-01 00:00:00' AND occurred_at < '2026-12-01 00:00:00'",
     )  # fmt: skip
@@ -179,6 +181,7 @@ def test_focus_csv_obeys_the_column_rules_and_adds_up_to_the_ledger(seeded_env: 
     replayed = next(row for row in rows if json.loads(row["Tags"]).get("team") == "replayed")
     assert (replayed["x_Requests"], replayed["BilledCost"]) == ("1", "0.000004")
     assert sum(int(row["x_UnpricedRequests"]) for row in rows) > 0
+    assert not [row for row in rows if json.loads(row["Tags"]).get("team") == "refused"]  # a refused call is no usage
 
 
 def test_focus_parquet_has_decimal_costs_and_the_same_rows_as_csv(seeded_env: dict[str, str], tmp_path: Path):

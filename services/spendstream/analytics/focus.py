@@ -9,7 +9,8 @@ would have to re-price it; the counts per kind ride in ``x_`` columns instead.
 Every cost column is the exact sum of ``cost_nanos`` as a decimal (integer arithmetic; 750 nano-USD is
 ``0.00000075``). spendstream records what a call cost by the policy's price table or the provider's report, with
 no commitment discount or amortization, so BilledCost = EffectiveCost = ListCost = ContractedCost. Calls without a
-price count zero and are counted in ``x_UnpricedRequests``.
+price count zero and are counted in ``x_UnpricedRequests``. Calls the gateway refused (``blocked``) used nothing and
+are left out.
 
 The rows stream: ClickHouse returns blocks, each block is written (CSV, or a Parquet row group with
 ``decimal128`` cost columns) before the next is read.
@@ -106,6 +107,7 @@ SELECT toDate(occurred_at) AS day, org, team, toJSONString(mapFilter((k, v) -> v
        sum(toInt128(cached_input_tokens)), sum(toInt128(cache_write_tokens))
 FROM {db}.usage_ledger FINAL
 WHERE occurred_at >= {{start:DateTime64(6, 'UTC')}} AND occurred_at < {{end:DateTime64(6, 'UTC')}}
+  AND status != 'blocked'
 GROUP BY day, {attribution}, provider, model
 ORDER BY day, {attribution}, provider, model
 """
