@@ -1,6 +1,7 @@
 """What every benchmark prints about its run, in a form ``bench/readme_table.py`` reads back.
 
-``machine()`` prints the CPU model, the load average and the date once; ``figure()`` prints one measured figure
+``machine()`` prints the CPU model, the load average, the date and the host's speed at the moment (a fixed
+workload's time) once; ``figure()`` prints one measured figure
 per line as ``FIGURE {json}``, beside the human-readable output, so the README's table is regenerated from the
 scripts' own output rather than copied by hand.
 """
@@ -11,7 +12,7 @@ import json
 import os
 from datetime import UTC, datetime
 
-from machine_facts import cpu_model
+from machine_facts import cpu_model, reference_ms
 
 PREFIX = "FIGURE "
 
@@ -22,8 +23,17 @@ def load_average() -> str:
 
 def machine(bench: str) -> None:
     """The run's facts: figures are only comparable on the same machine under similar load."""
-    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "load": load_average(), "date": datetime.now(UTC).isoformat()}
-    print(f"cpu: {facts['cpu']} ({facts['cores']} cores); load average {facts['load']}; {facts['date'][:16]} UTC")
+    facts = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load": load_average(),
+        "date": datetime.now(UTC).isoformat(),
+        "reference_ms": reference_ms(),
+    }
+    print(
+        f"cpu: {facts['cpu']} ({facts['cores']} cores); load average {facts['load']}; {facts['date'][:16]} UTC; "
+        f"reference workload {facts['reference_ms']} ms (machine_facts.reference_ms: lower is a quicker host)"
+    )
     print(PREFIX + json.dumps({"bench": bench, "kind": "machine", **facts}), flush=True)
 
 
@@ -34,4 +44,5 @@ def figure(bench: str, name: str, value: float, unit: str, baseline: float | Non
         record["baseline"] = round(baseline, 4)
     record.update(extra)
     record["load"] = load_average()
+    record["reference_ms"] = reference_ms(3)  # the host's speed when the figure was taken
     print(PREFIX + json.dumps(record), flush=True)

@@ -91,9 +91,9 @@ def render(records: list[dict[str, Any]]) -> str:
             lines += [
                 "",
                 f"`{record['command']}` on {record['cpu']} ({record['cores']} cores), load average {record['load']}, "
-                f"{record['date'][:16].replace('T', ' ')} UTC:",
+                f"{record['date'][:16].replace('T', ' ')} UTC{_speed(record)}:",
                 "",
-                "| figure | measured | baseline in the same run | target | load average |",
+                "| figure | measured | baseline in the same run | target | load average (reference workload) |",
                 "|---|---|---|---|---|",
             ]
         else:
@@ -104,10 +104,18 @@ def render(records: list[dict[str, Any]]) -> str:
             baseline = _quantity(record.get("baseline"), unit)
             if baseline and record.get("baseline_of"):
                 baseline += f" ({record['baseline_of']})"
-            cells = (record["name"], measured, baseline, record.get("target", ""), record["load"])
+            load = record["load"] + (f" ({record['reference_ms']} ms)" if "reference_ms" in record else "")
+            cells = (record["name"], measured, baseline, record.get("target", ""), load)
             lines.append("| " + " | ".join(cells) + " |")
     lines.append(END)
     return "\n".join(lines)
+
+
+def _speed(record: dict[str, Any]) -> str:
+    """The host's speed when the benchmark ran (records from before it was measured have none)."""
+    if "reference_ms" not in record:
+        return ""
+    return f", reference workload {record['reference_ms']} ms"
 
 
 def readme_block(text: str) -> str:
