@@ -388,6 +388,20 @@ def test_the_openai_responses_api_is_proxied_metered_and_held_to_budgets(
         assert event["cost_nanos"] == cost.cost_nanos > 0
     with pytest.raises(openai.BadRequestError):  # a provider's 400 reaches the client as it is
         client.responses.create(model="gpt-4o-mini", input="x", max_output_tokens=-5)
+    # Calls on stored responses cost nothing: passed through, unmetered (counted apart)
+    assert client.responses.retrieve(reply.id).output_text == reply.output_text
+    assert list(client.responses.input_items.list(reply.id, limit=5)) == [] and primary.last_query == "limit=5"
+    assert client.responses.input_tokens.count(model="gpt-4o-mini", input="four words of input").input_tokens == 4
+    assert client.responses.delete(reply.id) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(reply.id)
+    status, headers, _ = http(gateway.url + f"/v1/responses/{reply.id}/cancel")  # a GET where only POST is served
+    assert status == 405 and headers["Allow"] == "POST"
+    assert http(gateway.url + f"/v1/responses/{reply.id}", key="sk-wrong")[0] == 401
+    assert json.loads(http(gateway.url + "/healthz")[2])["requests"]["stored_response"] == 5
+    with pytest.raises(openai.BadRequestError) as background:  # its usage would come later, unmetered
+        client.responses.create(model="gpt-4o-mini", input="x", background=True)
+    assert "background responses are not served" in background.value.message
     publish_decisions(settings.kafka_bootstrap, [Decision(scope="team:marketing", action="shutoff", version=1)])
     assert wait_for(lambda: http(gateway.url + "/v1/responses", {"model": "gpt-4o-mini", "input": "x"})[0] == 402, 5)
     with pytest.raises(openai.APIStatusError) as blocked:

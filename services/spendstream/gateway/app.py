@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -91,6 +92,9 @@ _BLOCK_ERRORS = {
     "unavailable": ("enforcement_unavailable", "service_unavailable"),
 }
 # Headers passed on to upstreams (besides content type and the upstream's own auth).
+# The Responses API's calls on stored responses and its input token count (``Gateway.stored_response``).
+_STORED_RESPONSE = re.compile(r"/v1/responses/(?:(input_tokens)|[A-Za-z0-9_-]+(?:/(cancel|input_items))?)")
+_STORED_RESPONSE_METHODS = {"input_tokens": ("POST",), "cancel": ("POST",), "input_items": ("GET",)}
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "accept")
 _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after", "retry-after-ms")
 # Upstream rate-limit headers (x-ratelimit-remaining-tokens, anthropic-ratelimit-requests-reset, ...) are passed on
@@ -476,6 +480,9 @@ class Gateway:
 
     async def not_found(self, request: Request) -> Response:
         assert self._http is not None
+        stored = _STORED_RESPONSE.fullmatch(request.path)
+        if stored is not None:
+            return await self.stored_response(request, stored.group(1) or stored.group(2))
         methods = self._http.methods_of(request.path)
         if methods:
             message = f"{request.method} is not served on {request.path} (use {', '.join(methods)})"
@@ -496,6 +503,54 @@ class Gateway:
             problem = f"upstream failed mid-response: {type(exc).__name__}"
             return error_response(502, problem, "upstream_error", "api_error")
         return Response(response.status, data, {"Content-Type": "application/json"})
+
+    async def stored_response(self, request: Request, action: str | None) -> Response:
+        """The Responses API's calls on responses already made (retrieve, delete, cancel, list input items) and its
+        input token count (``action``: ``input_tokens``, ``cancel``, ``input_items`` or None for the response
+        itself): they cost nothing, so they are passed through to the OpenAI provider unmetered, with the virtual
+        key checked (counted as ``stored_response``)."""
+        allowed = _STORED_RESPONSE_METHODS.get(action or "", ("GET", "DELETE"))
+        if request.method not in allowed:
+            message = f"{request.method} is not served on {request.path} (use {', '.join(allowed)})"
+            return error_response(405, message, "method_not_allowed", "invalid_request_error",
+                                  headers={"Allow": ", ".join(allowed)})  # fmt: skip
+        if self._authenticate(request) is None:
+            self.counts["unauthorized"] += 1
+            return error_response(401, "invalid or missing API key", "invalid_api_key", "invalid_request_error")
+        provider, payload = self.config.openai_provider, None
+        headers: dict[str, str] = {}
+        if request.method == "POST":
+            body, raw, refusal = await self._read_json(request)
+            if refusal is not None:
+                self.counts["bad_request"] += 1
+                return error_response(refusal.status, refusal.message, "invalid_request", "invalid_request_error")
+            assert body is not None
+            provider, payload, headers = (
+                self.config.provider_for(body["model"], False),
+                raw,
+                {"Content-Type": "application/json"},
+            )
+        for name in _FORWARDED_HEADERS:
+            value = request.headers.get(name)
+            if value:
+                headers[name] = value
+        target = request.path + (f"?{request.query}" if request.query else "")
+        try:
+            response, _ = await self.upstreams.send(provider, request.method, target, payload, headers)
+            async with response:
+                data = await response.read()
+        except UpstreamUnavailable as exc:
+            self.counts["upstream_unavailable"] += 1
+            return error_response(502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error")
+        except (TimeoutError, ConnectionError) as exc:
+            self.counts["upstream_unavailable"] += 1
+            return error_response(
+                502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
+            )
+        self.counts["stored_response"] += 1
+        return Response(
+            response.status, data, {"Content-Type": response.headers.get("content-type", "application/json")}
+        )
 
     async def count_tokens(self, request: Request) -> Response:
         """Anthropic's token counting, passed through to the model's provider: it costs nothing, so it is neither
@@ -564,6 +619,13 @@ class Gateway:
                 refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=anthropic
             )
         assert body is not None
+        if endpoint.name == "responses" and body.get("background") is True:
+            self.counts["bad_request"] += 1
+            message = (
+                "background responses are not served through the gateway: their usage arrives only when the response "
+                "is retrieved later, so it could be neither metered nor held to a budget; send it without background"
+            )
+            return error_response(400, message, "unsupported_parameter", "invalid_request_error")
         self._follow_policy_in_force()
         model = body["model"]
         attribution = key.as_dict()

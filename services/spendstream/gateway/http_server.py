@@ -111,15 +111,18 @@ class Request:
         "keep_alive",
         "method",
         "path",
+        "query",
     )  # fmt: skip
 
     def __init__(self, connection: _Connection, method: str, target: bytes, headers: Headers, parser: Any) -> None:
         self._connection = connection
         self.method = method
-        path = target.partition(b"?")[0]  # (the gateway's routes take no query)
+        path, _, query = target.partition(b"?")
         if not path.startswith(b"/"):  # absolute form (a client that takes us for a proxy): keep the path
-            path = httptools.parse_url(target).path or b"/"
+            url = httptools.parse_url(target)
+            path, query = url.path or b"/", url.query or b""
         self.path = path.decode("latin-1")
+        self.query = query.decode("latin-1")  # without the "?"; routes match the path alone
         self.headers = headers
         self.keep_alive: bool = parser.should_keep_alive()
         self.http_11 = parser.get_http_version() == "1.1"

@@ -63,6 +63,8 @@ class StubUpstream:
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
+        self.last_query = ""
+        self.stored: dict[str, dict[str, Any]] = {}  # Responses API responses it made, by id (the last thousand)
         self.response_headers: dict[str, str] = {}  # sent with every chat answer (e.g. rate-limit headers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -80,6 +82,10 @@ class StubUpstream:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_post("/v1/responses/input_tokens", self._input_tokens)
+        app.router.add_get("/v1/responses/{id}", self._stored)
+        app.router.add_delete("/v1/responses/{id}", self._stored)
+        app.router.add_get("/v1/responses/{id}/input_items", self._input_items)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -302,6 +308,9 @@ class StubUpstream:
             "tools": [],
             "usage": self.reported_usage or usage,
         }
+        self.stored[rid] = done
+        while len(self.stored) > 1000:
+            del self.stored[next(iter(self.stored))]
         if not body.get("stream"):
             return web.json_response(done, headers=self.response_headers)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -325,6 +334,31 @@ class StubUpstream:
         await send("response.completed", response=done)
         await response.write_eof()
         return response
+
+    async def _stored(self, request: web.Request) -> web.StreamResponse:
+        """A response it made (the last thousand), retrieved or deleted."""
+        self.requests += 1
+        rid = request.match_info["id"]
+        found = self.stored.get(rid)
+        if found is None:
+            error = {"message": f"No response found with id '{rid}'.", "type": "invalid_request_error"}
+            return web.json_response({"error": error}, status=404)
+        if request.method == "DELETE":
+            del self.stored[rid]
+            return web.json_response({"id": rid, "object": "response.deleted", "deleted": True})
+        return web.json_response(found)
+
+    async def _input_items(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.last_query = request.query_string
+        return web.json_response({"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False})
+
+    async def _input_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request)
+        if isinstance(body, web.Response):
+            return body
+        n_in = _words(body.get("input", "")) + _words(body.get("instructions", ""))
+        return web.json_response({"object": "response.input_tokens", "input_tokens": n_in})
 
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await self._accept(request)
