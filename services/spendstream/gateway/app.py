@@ -491,45 +491,41 @@ class Gateway:
         return error_response(404, f"no such endpoint: {request.path}", "not_found", "invalid_request_error")
 
     async def models(self, request: Request) -> Response:
-        if self._authenticate(request) is None:
-            return error_response(401, "invalid or missing API key", "invalid_api_key", "invalid_request_error")
-        try:
-            response, _ = await self.upstreams.send(self.config.openai_provider, "GET", "/v1/models", None, {})
-            async with response:
-                data = await response.read()
-        except UpstreamUnavailable as exc:
-            return error_response(502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error")
-        except (TimeoutError, ConnectionError) as exc:
-            problem = f"upstream failed mid-response: {type(exc).__name__}"
-            return error_response(502, problem, "upstream_error", "api_error")
-        return Response(response.status, data, {"Content-Type": "application/json"})
+        return await self._pass_through(request, "model_list", anthropic=False, with_body=False)
 
     async def stored_response(self, request: Request, action: str | None) -> Response:
         """The Responses API's calls on responses already made (retrieve, delete, cancel, list input items) and its
         input token count (``action``: ``input_tokens``, ``cancel``, ``input_items`` or None for the response
-        itself): they cost nothing, so they are passed through to the OpenAI provider unmetered, with the virtual
-        key checked (counted as ``stored_response``)."""
+        itself)."""
         allowed = _STORED_RESPONSE_METHODS.get(action or "", ("GET", "DELETE"))
         if request.method not in allowed:
             message = f"{request.method} is not served on {request.path} (use {', '.join(allowed)})"
             return error_response(405, message, "method_not_allowed", "invalid_request_error",
                                   headers={"Allow": ", ".join(allowed)})  # fmt: skip
-        if self._authenticate(request) is None:
-            self.counts["unauthorized"] += 1
-            return error_response(401, "invalid or missing API key", "invalid_api_key", "invalid_request_error")
-        provider, payload = self.config.openai_provider, None
+        return await self._pass_through(request, "stored_response", anthropic=False, with_body=request.method == "POST")
+
+    async def count_tokens(self, request: Request) -> Response:
+        """Anthropic's token counting."""
+        return await self._pass_through(request, "token_count", anthropic=True, with_body=True)
+
+    async def _pass_through(self, request: Request, outcome: str, *, anthropic: bool, with_body: bool) -> Response:
+        """A call that costs nothing (a model list, a token count, a stored response), passed through to the
+        provider as it came (query included): neither metered nor held to budgets, but it takes a virtual key like
+        every call, and is counted by ``outcome``. With a body, the body's model picks the provider."""
+        key = self._authorized(request, anthropic)
+        if isinstance(key, Response):
+            return key
+        provider = self.config.anthropic_provider if anthropic else self.config.openai_provider
+        payload: bytes | None = None
         headers: dict[str, str] = {}
-        if request.method == "POST":
-            body, raw, refusal = await self._read_json(request)
-            if refusal is not None:
-                self.counts["bad_request"] += 1
-                return error_response(refusal.status, refusal.message, "invalid_request", "invalid_request_error")
-            assert body is not None
-            provider, payload, headers = (
-                self.config.provider_for(body["model"], False),
-                raw,
-                {"Content-Type": "application/json"},
-            )
+        if with_body:
+            read = await self._json_body(request, anthropic)
+            if isinstance(read, Response):
+                return read
+            body, payload = read
+            provider, headers = self.config.provider_for(body["model"], anthropic), {"Content-Type": "application/json"}
+        if anthropic:
+            headers["anthropic-version"] = self.config.anthropic_version
         for name in _FORWARDED_HEADERS:
             value = request.headers.get(name)
             if value:
@@ -541,53 +537,15 @@ class Gateway:
                 data = await response.read()
         except UpstreamUnavailable as exc:
             self.counts["upstream_unavailable"] += 1
-            return error_response(502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error")
+            message = f"no upstream answered: {exc}"
+            return error_response(502, message, "upstream_unavailable", "api_error", anthropic=anthropic)
         except (TimeoutError, ConnectionError) as exc:
             self.counts["upstream_unavailable"] += 1
-            return error_response(
-                502, f"upstream failed mid-response: {type(exc).__name__}", "upstream_error", "api_error"
-            )
-        self.counts["stored_response"] += 1
-        return Response(
-            response.status, data, {"Content-Type": response.headers.get("content-type", "application/json")}
-        )
-
-    async def count_tokens(self, request: Request) -> Response:
-        """Anthropic's token counting, passed through to the model's provider: it costs nothing, so it is neither
-        metered nor held to budgets, but it takes a virtual key like every call (counted as ``token_count``)."""
-        if self._authenticate(request) is None:
-            self.counts["unauthorized"] += 1
-            return error_response(
-                401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=True
-            )
-        body, raw, refusal = await self._read_json(request)
-        if refusal is not None:
-            self.counts["bad_request"] += 1
-            return error_response(
-                refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=True
-            )
-        assert body is not None
-        headers = {"Content-Type": "application/json", "anthropic-version": self.config.anthropic_version}
-        for name in _FORWARDED_HEADERS:
-            value = request.headers.get(name)
-            if value:
-                headers[name] = value
-        try:
-            provider = self.config.provider_for(body["model"], True)
-            response, _ = await self.upstreams.send(provider, "POST", request.path, raw, headers)
-            async with response:
-                data = await response.read()
-        except UpstreamUnavailable as exc:
-            self.counts["upstream_unavailable"] += 1
-            return error_response(
-                502, f"no upstream answered: {exc}", "upstream_unavailable", "api_error", anthropic=True
-            )
-        except (TimeoutError, ConnectionError) as exc:
-            self.counts["upstream_unavailable"] += 1
-            problem = f"upstream failed mid-response: {type(exc).__name__}"
-            return error_response(502, problem, "upstream_error", "api_error", anthropic=True)
-        self.counts["token_count"] += 1
-        return Response(response.status, data, {"Content-Type": "application/json"})
+            message = f"upstream failed mid-response: {type(exc).__name__}"
+            return error_response(502, message, "upstream_error", "api_error", anthropic=anthropic)
+        self.counts[outcome] += 1
+        content_type = response.headers.get("content-type", "application/json")
+        return Response(response.status, data, {"Content-Type": content_type})
 
     async def proxy(self, request: Request) -> Response | StreamedResponse:
         """One proxied call; an unexpected failure answers 500 and is logged by type only (no request text)."""
@@ -606,19 +564,13 @@ class Gateway:
         started = time.perf_counter()
         endpoint = ENDPOINTS[request.path]
         anthropic = endpoint.anthropic
-        key = self._authenticate(request)
-        if key is None:
-            self.counts["unauthorized"] += 1
-            return error_response(
-                401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=anthropic
-            )
-        body, raw, refusal = await self._read_json(request)
-        if refusal is not None:
-            self.counts["bad_request"] += 1
-            return error_response(
-                refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=anthropic
-            )
-        assert body is not None
+        key = self._authorized(request, anthropic)
+        if isinstance(key, Response):
+            return key
+        read = await self._json_body(request, anthropic)
+        if isinstance(read, Response):
+            return read
+        body, raw = read
         if endpoint.name == "responses" and body.get("background") is True:
             self.counts["bad_request"] += 1
             message = (
@@ -786,6 +738,27 @@ class Gateway:
             out = Response(entry.status, entry.body, {**headers, "Content-Type": entry.content_type})
         self._emit(call, entry.model_served, None, UsageStatus.ok, hit=entry)
         return out
+
+    def _authorized(self, request: Request, anthropic: bool) -> VirtualKey | Response:
+        """The request's virtual key, or the 401 that refuses it (counted)."""
+        key = self._authenticate(request)
+        if key is None:
+            self.counts["unauthorized"] += 1
+            return error_response(
+                401, "invalid or missing API key", "invalid_api_key", "authentication_error", anthropic=anthropic
+            )
+        return key
+
+    async def _json_body(self, request: Request, anthropic: bool) -> tuple[dict[str, Any], bytes] | Response:
+        """(body, raw bytes), or the answer that refuses the body (counted as a bad request)."""
+        body, raw, refusal = await self._read_json(request)
+        if refusal is not None:
+            self.counts["bad_request"] += 1
+            return error_response(
+                refusal.status, refusal.message, "invalid_request", "invalid_request_error", anthropic=anthropic
+            )
+        assert body is not None
+        return body, raw
 
     async def _read_json(self, request: Request) -> tuple[dict[str, Any] | None, bytes, _Refusal | None]:
         """(body, raw bytes, None) or (None, b"", why the request is refused)."""

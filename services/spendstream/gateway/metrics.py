@@ -27,7 +27,8 @@ GATEWAYS = register_collector(
         Family(
             "spendstream_gateway_requests",
             "Proxied requests by outcome: ok, error (upstream answered >= 400), a blocking action, cache_hit, "
-            "bad_request, unauthorized, upstream_unavailable, token_count (Anthropic's count_tokens), ...",
+            "bad_request, unauthorized, upstream_unavailable; unmetered pass-throughs: model_list, token_count, "
+            "stored_response",
             "counter",
             ("outcome",),
         ),
