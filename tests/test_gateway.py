@@ -395,10 +395,13 @@ def test_the_openai_responses_api_is_proxied_metered_and_held_to_budgets(
     assert client.responses.delete(reply.id) is None
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(reply.id)
+    with pytest.raises(openai.BadRequestError) as cancel:  # a POST without a body, passed through as it is
+        client.responses.cancel(reply.id)
+    assert "background" in cancel.value.message
     status, headers, _ = http(gateway.url + f"/v1/responses/{reply.id}/cancel")  # a GET where only POST is served
     assert status == 405 and headers["Allow"] == "POST"
     assert http(gateway.url + f"/v1/responses/{reply.id}", key="sk-wrong")[0] == 401
-    assert json.loads(http(gateway.url + "/healthz")[2])["requests"]["stored_response"] == 5
+    assert json.loads(http(gateway.url + "/healthz")[2])["requests"]["stored_response"] == 6
     with pytest.raises(openai.BadRequestError) as background:  # its usage would come later, unmetered
         client.responses.create(model="gpt-4o-mini", input="x", background=True)
     assert "background responses are not served" in background.value.message

@@ -186,7 +186,7 @@ def test_a_critical_feature_is_held_by_hard_caps_alone() -> None:
     app = ("team:app",)
     assert book.reserve(app, lambda: 10, 100.0).scope == "team:app"
     held = book.reserve(app, lambda: 10, 100.0, critical=True)
-    assert isinstance(held, Reservation) and held.ledgers == ()
+    assert isinstance(held, Reservation) and held.ledgers == () and held.exhausted == "team:app"  # to throttle
     book.settle(held, 10, at=100.0)
     assert book.ledgers["team:app"].settled_nanos == 0
     book.settle(book.reserve(SCOPE, lambda: 1_000, 100.0), 1_000, at=100.0)  # the hard cap used up
@@ -263,7 +263,7 @@ def test_the_gateway_serves_what_remains_of_a_budget_then_refuses(
                     assert headers["X-Spendstream-Scope"] == "team:marketing"
                     message = json.loads(data)["error"]["message"]
                     assert "used its part of what remained of the budget" in message
-                    assert "the last decision: $0.0008 of $0.001 spent; this gateway served $0.000" in message
+                    assert "the last decision: $0.0008 of $0.001 spent; this gateway counted $0.000" in message
                     assert headers["Retry-After"] == "2"  # the processor's next decision confirms it or lifts it
                     break
     finally:

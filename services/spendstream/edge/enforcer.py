@@ -46,6 +46,7 @@ from spendstream.edge.verdict import (
     BLOCKING_STATUS,
     UNAVAILABLE,
     Plan,
+    RateLimit,
     ScopeRule,
     Verdict,
     newer,
@@ -157,6 +158,8 @@ class Enforcer:
         self._exempting: set[str] = set()  # scopes whose shutoff throttles critical features instead
         self.reservations = ReservationBook(budget_share)
         self._book_lock = threading.Lock()  # decisions update the book from the consumer thread
+        # (scope, critical feature) -> its throttle past an ordinary budget of the scope this edge has used up
+        self._critical_paces: dict[tuple[str, str], RateLimit] = {}
         # (model, *matched rules) -> Plan: rules are immutable once installed (only their limits' counts change), so a
         # plan stays right for as long as its rules are matched; emptied when a decision arrives to free old rules.
         self._plans: dict[tuple[Any, ...], Plan] = {}
@@ -459,9 +462,23 @@ class Enforcer:
         if self._ancestors:
             self._fill_ancestors(values)
         scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)
-        critical = bool(feature) and self.policy is not None and self.policy.is_critical(feature)
+        policy = self.policy
+        critical = bool(feature) and policy is not None and policy.is_critical(feature)
         with self._book_lock:
-            return self.reservations.reserve(scopes, estimate, self._wall(), critical)
+            held = self.reservations.reserve(scopes, estimate, self._wall(), critical)
+            if isinstance(held, Refusal) or held.exhausted is None or policy is None:
+                return held
+            # A critical feature past an ordinary budget this edge has used up: throttled at the policy's rate until
+            # the processor's shutoff (which lists the same rate) arrives.
+            key = (held.exhausted, feature)
+            pace = self._critical_paces.get(key)
+            if pace is None or pace.rate != policy.throttle_rps(feature):
+                pace = self._critical_paces[key] = RateLimit(policy.throttle_rps(feature))
+            wait = pace.try_take(feature, time.monotonic())
+            if wait <= 0:
+                return held
+            self.reservations.release(held)
+            return self.reservations.refusal(held.exhausted, pace.rate, wait)
 
     def settle(self, reservation: Reservation, cost_nanos: int) -> None:
         with self._book_lock:

@@ -84,6 +84,8 @@ class Refusal:
     settled_nanos: int
     held_nanos: int
     limit_nanos: int
+    throttle_rps: float | None = None  # a critical feature's request over its throttle (the budget used up)
+    retry_after_s: float | None = None  # with ``throttle_rps``: when the next one may go
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,7 @@ class Reservation:
     nanos: int
     ledgers: tuple[ScopeLedger, ...]
     scopes: tuple[str, ...]
+    exhausted: str | None = None  # for a critical feature: an ordinary budget it used up (it throttles the feature)
 
 
 class ReservationBook:
@@ -158,9 +161,10 @@ class ReservationBook:
         scope whose share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger.
         A ledger whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no
         decision to say so (a hard cap's opens again from the policy). A request of a ``critical`` feature is held
-        by hard caps alone: any other budget, used up, throttles it instead of stopping it (the processor's
-        shutoff says at what rate), so its ledger neither refuses nor counts it."""
+        by hard caps alone: any other budget, used up, throttles it instead of stopping it, so its ledger neither
+        refuses nor counts it, and the reservation names it (``exhausted``) for the caller to throttle."""
         held = []
+        exhausted = None
         ledgers, caps = self.ledgers, self.caps
         for scope in scopes:
             ledger = ledgers.get(scope)
@@ -174,22 +178,29 @@ class ReservationBook:
                 limit, start, end = opening
                 ledger = self._open(scope, 0, limit, UNKNOWN, end, start)
             elif critical and opening is None:
+                if exhausted is None and ledger.available(self.share) <= 0:
+                    exhausted = scope
                 continue
             held.append((scope, ledger))
         if not held:
-            return Reservation(0, (), scopes)
+            return Reservation(0, (), scopes, exhausted)
         for scope, ledger in held:
-            available = ledger.available(self.share)
-            if available <= 0:
-                decided = None if ledger.issued_at == UNKNOWN else ledger.spend_nanos
-                in_flight = available + ledger.reserved_nanos > 0
-                return Refusal(
-                    scope, in_flight, decided, ledger.settled_nanos, ledger.reserved_nanos, ledger.limit_nanos
-                )
+            if ledger.available(self.share) <= 0:
+                return self.refusal(scope)
         nanos = estimate()
         for _, ledger in held:
             ledger.reserved_nanos += nanos
-        return Reservation(nanos, tuple(ledger for _, ledger in held), scopes)
+        return Reservation(nanos, tuple(ledger for _, ledger in held), scopes, exhausted)
+
+    def refusal(self, scope: str, throttle_rps: float | None = None, retry_after_s: float | None = None) -> Refusal:
+        """Why ``scope``'s ledger refuses a request now (its share used, by requests in flight or settled ones)."""
+        ledger = self.ledgers[scope]
+        decided = None if ledger.issued_at == UNKNOWN else ledger.spend_nanos
+        in_flight = ledger.available(self.share) + ledger.reserved_nanos > 0
+        return Refusal(
+            scope, in_flight, decided, ledger.settled_nanos, ledger.reserved_nanos, ledger.limit_nanos,
+            throttle_rps, retry_after_s,
+        )  # fmt: skip
 
     def settle(self, reservation: Reservation, cost_nanos: int, at: float) -> None:
         """The request's real cost is known (``at``, epoch seconds): it replaces the estimate."""

@@ -242,7 +242,16 @@ def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
         standing = f"no spend reported by the processor yet for this hard cap of {limit}"
     else:
         standing = f"the last decision: {usd_text(refusal.decided_nanos)} of {limit} spent"
-    counted = f"this gateway served {usd_text(refusal.settled_nanos)} since"
+    counted = (
+        f"this gateway counted {usd_text(refusal.settled_nanos)} of its requests from half a second before that "
+        "decision on (some may be in that spend already)"
+    )
+    if refusal.throttle_rps is not None:
+        reason = (
+            f"critical feature throttled to {refusal.throttle_rps:g} requests/s: this gateway's requests used its part "
+            f"of what remained of the budget ({standing})"
+        )
+        return Verdict("throttle", model, refusal.retry_after_s, reason, refusal.scope)
     if refusal.in_flight:
         reason = (
             f"requests in flight at this gateway hold what remains of the budget ({standing}; {counted} and holds "
@@ -502,7 +511,8 @@ class Gateway:
             message = f"{request.method} is not served on {request.path} (use {', '.join(allowed)})"
             return error_response(405, message, "method_not_allowed", "invalid_request_error",
                                   headers={"Allow": ", ".join(allowed)})  # fmt: skip
-        return await self._pass_through(request, "stored_response", anthropic=False, with_body=request.method == "POST")
+        with_body = action == "input_tokens"  # a cancel is a POST without a body
+        return await self._pass_through(request, "stored_response", anthropic=False, with_body=with_body)
 
     async def count_tokens(self, request: Request) -> Response:
         """Anthropic's token counting."""

@@ -86,6 +86,7 @@ class StubUpstream:
         app.router.add_get("/v1/responses/{id}", self._stored)
         app.router.add_delete("/v1/responses/{id}", self._stored)
         app.router.add_get("/v1/responses/{id}/input_items", self._input_items)
+        app.router.add_post("/v1/responses/{id}/cancel", self._cancel)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -347,6 +348,15 @@ class StubUpstream:
             del self.stored[rid]
             return web.json_response({"id": rid, "object": "response.deleted", "deleted": True})
         return web.json_response(found)
+
+    async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        """Only a background response can be cancelled, and this stub makes none (the gateway refuses them)."""
+        self.requests += 1
+        error = {
+            "message": "Only responses created with background=true can be cancelled.",
+            "type": "invalid_request_error",
+        }
+        return web.json_response({"error": error}, status=400)
 
     async def _input_items(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
