@@ -178,17 +178,20 @@ def test_a_decision_in_flight_when_the_cap_opened_still_replaces_it() -> None:
 
 
 def test_a_critical_feature_is_held_by_hard_caps_alone() -> None:
-    """A used-up budget throttles a critical feature instead of stopping it (the processor's shutoff says at what
-    rate): the edge's ledger of an ordinary budget neither refuses nor counts its requests; a hard cap does both."""
+    """A used-up budget throttles a critical feature instead of stopping it: the edge's ledger of an ordinary
+    budget counts its requests but does not refuse them, and names itself once used up (the caller throttles);
+    a hard cap refuses it."""
     book = ReservationBook()
     book.set_caps(_Caps())  # team:web has a hard cap, team:app an ordinary budget
-    book.observe("team:app", 1_000, 1_000, issued_at=100.0, expires_at=200.0)  # used up
+    book.observe("team:app", 900, 1_000, issued_at=100.0, expires_at=200.0)
     app = ("team:app",)
-    assert book.reserve(app, lambda: 10, 100.0).scope == "team:app"
+    held = book.reserve(app, lambda: 100, 100.0, critical=True)
+    assert isinstance(held, Reservation) and held.exhausted is None  # 100 remained
+    book.settle(held, 100, at=100.0)
+    assert book.ledgers["team:app"].settled_nanos == 100  # counted: critical traffic uses the budget too
+    assert book.reserve(app, lambda: 10, 100.0).scope == "team:app"  # used up: others are refused
     held = book.reserve(app, lambda: 10, 100.0, critical=True)
-    assert isinstance(held, Reservation) and held.ledgers == () and held.exhausted == "team:app"  # to throttle
-    book.settle(held, 10, at=100.0)
-    assert book.ledgers["team:app"].settled_nanos == 0
+    assert isinstance(held, Reservation) and held.exhausted == "team:app"  # the critical feature is throttled
     book.settle(book.reserve(SCOPE, lambda: 1_000, 100.0), 1_000, at=100.0)  # the hard cap used up
     assert book.reserve(SCOPE, lambda: 10, 100.0, critical=True).scope == "team:web"
 

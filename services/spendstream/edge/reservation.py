@@ -160,11 +160,11 @@ class ReservationBook:
         """Hold the request's estimated cost on every known ledger of ``scopes``; else the refusal of the first
         scope whose share this edge has used up. ``estimate`` (nanos) is asked only when some scope has a ledger.
         A ledger whose period ended before ``now`` is dropped: the next period starts from nothing spent, with no
-        decision to say so (a hard cap's opens again from the policy). A request of a ``critical`` feature is held
-        by hard caps alone: any other budget, used up, throttles it instead of stopping it, so its ledger neither
-        refuses nor counts it, and the reservation names it (``exhausted``) for the caller to throttle."""
+        decision to say so (a hard cap's opens again from the policy). A request of a ``critical`` feature is
+        refused by hard caps alone: any other budget, used up, throttles it instead of stopping it, so that ledger
+        holds and counts it but names itself (``exhausted``) for the caller to throttle."""
         held = []
-        exhausted = None
+        throttling: set[str] = set()  # ledgers a critical request is counted on but not refused by
         ledgers, caps = self.ledgers, self.caps
         for scope in scopes:
             ledger = ledgers.get(scope)
@@ -178,15 +178,16 @@ class ReservationBook:
                 limit, start, end = opening
                 ledger = self._open(scope, 0, limit, UNKNOWN, end, start)
             elif critical and opening is None:
-                if exhausted is None and ledger.available(self.share) <= 0:
-                    exhausted = scope
-                continue
+                throttling.add(scope)
             held.append((scope, ledger))
         if not held:
-            return Reservation(0, (), scopes, exhausted)
+            return Reservation(0, (), scopes)
+        exhausted = None
         for scope, ledger in held:
             if ledger.available(self.share) <= 0:
-                return self.refusal(scope)
+                if scope not in throttling:
+                    return self.refusal(scope)
+                exhausted = exhausted or scope
         nanos = estimate()
         for _, ledger in held:
             ledger.reserved_nanos += nanos
