@@ -441,3 +441,20 @@ def test_keys_file_problems_are_named(tmp_path: Path) -> None:
     path.write_text(f"keys:\n  - {{sha256: {hash_key('a')}, team: t}}\n")
     store = KeyStore.load(path)
     assert store.lookup("a").team == "t" and store.lookup("b") is None
+
+
+def test_a_request_without_org_or_division_is_attributed_as_the_policy_places_its_team() -> None:
+    """A key minted with --team only: the ledger row names the org and division the processor counts it under."""
+    from spendstream.core.policy import parse_policy
+    from spendstream.gateway.app import fill_from_policy
+
+    policy = parse_policy("org: acme\ndivisions: {growth: [marketing]}\n")
+    attribution = {"team": "marketing"}
+    fill_from_policy(attribution, policy)
+    assert attribution == {"team": "marketing", "division": "growth", "org": "acme"}
+    named = {"team": "marketing", "org": "other", "division": "own"}
+    fill_from_policy(named, policy)  # what the request names stays
+    assert named == {"team": "marketing", "org": "other", "division": "own"}
+    lone = {"team": "sales"}
+    fill_from_policy(lone, policy)
+    assert lone == {"team": "sales", "org": "acme"}

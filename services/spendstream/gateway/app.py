@@ -231,6 +231,18 @@ class _Answer:
     cache_key: str | None
 
 
+def fill_from_policy(attribution: dict[str, str], policy: Policy) -> None:
+    """The org and division a request does not name, from the policy: its team's division and org, else the
+    policy's org, as the processor counts the request, so the ledger's rows and ``report top --by org`` say so too."""
+    team = attribution.get("team")
+    for parent in policy.ancestors.get(f"team:{team}", ()) if team else ():
+        dimension, _, value = parent.partition(":")
+        if dimension in ("division", "org") and not attribution.get(dimension):
+            attribution[dimension] = value
+    if not attribution.get("org") and policy.org:
+        attribution["org"] = policy.org
+
+
 def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
     """What a client is told when this gateway's reservations refuse its request. Requests in flight holding what
     remains: 429 (SDKs retry it), a second from now, when they settle. What this gateway settled since the last
@@ -602,6 +614,8 @@ class Gateway:
                             anthropic=anthropic,
                         )  # fmt: skip
                     attribution[field] = value
+        if self.policy is not None and not (attribution.get("org") and attribution.get("division")):
+            fill_from_policy(attribution, self.policy)
         provider = self.config.provider_for(model, anthropic)
         tags = {**key.tags, "endpoint": endpoint.name}
         if key.name:
