@@ -150,6 +150,16 @@ def test_top_by_service_tier_separates_batch_spend(seeded: reports.Ledger) -> No
     ]
 
 
+def test_top_by_division(seeded: reports.Ledger) -> None:
+    growth = row("2026-03-20 10:00", "marketing", "ai_chatbot", "gpt-4o", 40 * B, 10)
+    seeded.client.insert(f"{DB}.usage_ledger", [[*growth, "growth"]], column_names=[*LEDGER_COLUMNS, "division"])
+    top = reports.top(seeded, "division", date(2026, 3, 1), date(2026, 3, 31))
+    assert [(r["key"], r["spend"], r["requests"]) for r in top.rows] == [
+        (reports.UNATTRIBUTED, 1198 * B + 7, 7),
+        ("growth", 40 * B, 1),
+    ]
+
+
 def test_top_mix_latency_by_hand(seeded: reports.Ledger) -> None:
     top = reports.top(seeded, "feature", date(2026, 3, 1), date(2026, 3, 31), limit=3)
     assert [(r["key"], r["spend"], r["requests"]) for r in top.rows] == [

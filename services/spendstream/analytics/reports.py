@@ -40,7 +40,8 @@ from spendstream.core.run_rate import exhaustion_instant
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 
 TOP_DIMENSIONS = (
-    "team", "feature", "user", "customer", "project", "environment", "provider", "model", "org", "service_tier",
+    "team", "feature", "user", "customer", "project", "environment", "provider", "model", "org", "division",
+    "service_tier",
 )  # fmt: skip
 UNATTRIBUTED = "(unattributed)"
 
