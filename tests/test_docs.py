@@ -221,3 +221,25 @@ def test_documented_sql_runs_on_a_migrated_ledger(tmp_path: Path, file: str, lin
                 [*cli, "sql", "--format", "csv", statement], env=env, capture_output=True, text=True, timeout=120
             )
             assert done.returncode == 0, f"{file}:{line}: {statement}\n{done.stderr}"
+
+
+def test_the_documented_premium_share_counts_calls_by_the_model_requested_too(tmp_path: Path) -> None:
+    """A call metered without a served model (an ingested event) counts by the model it asked for; a share is a
+    number, not an empty cell (user session: the README's query printed nothing for a month of gpt-4o calls)."""
+    (statement,) = [s.strip() for _, _, _, code in SQL for s in code.split(";") if "premium_share" in s]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDSTREAM_")}
+    env["SPENDSTREAM_DATA_DIR"] = str(tmp_path / "data")
+    cli = [sys.executable, "-m", "spendstream.cli"]
+    subprocess.run([*cli, "ledger", "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    seed = (
+        "INSERT INTO spendstream.usage_ledger (event_id, occurred_at, team, provider, model_requested, model_served, "
+        "cost_nanos, status) VALUES (generateUUIDv4(), now(), 'web', 'openai', 'gpt-4o', '', 3000, 'ok'), "
+        "(generateUUIDv4(), now(), 'web', 'openai', 'gpt-4o-mini', 'gpt-4o-mini', 1000, 'ok'), "
+        "(generateUUIDv4(), now(), 'web', 'openai', 'gpt-4o', 'gpt-4o', NULL, 'blocked')"
+    )
+    subprocess.run([*cli, "sql", "--write", seed], env=env, check=True, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [*cli, "sql", "--format", "csv", statement], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[1:] == ["web,0.75"], done.stdout
