@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.core.policy import load_policy, parse_policy
-from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas, scopes_for
+from spendstream.processor.scopes import allowed_model_lists, matching_quotas, scopes_for
 
 DEFAULT = load_policy(Path(__file__).resolve().parents[1] / "infra" / "policy" / "default.yaml")
 HIER = parse_policy(
@@ -72,10 +72,10 @@ def test_reference_policy_marketing_scopes() -> None:
 
 
 def test_templates_give_every_value_a_budget() -> None:
-    assert [b.limit_nanos for b in matching_budgets("user:vip", HIER)] == [200 * 10**9, 20 * 10**9]
-    assert [b.scope for b in matching_budgets("user:anyone", HIER)] == ["user:*"]
-    assert [b.scope for b in matching_budgets("team:engineering", HIER)] == ["team:engineering"]
-    assert matching_budgets("feature:x", HIER) == []
+    assert [b.limit_nanos for b in HIER.matching_budgets("user:vip")] == [200 * 10**9, 20 * 10**9]
+    assert [b.scope for b in HIER.matching_budgets("user:anyone")] == ["user:*"]
+    assert [b.scope for b in HIER.matching_budgets("team:engineering")] == ["team:engineering"]
+    assert HIER.matching_budgets("feature:x") == []
 
 
 def test_quota_templates() -> None:

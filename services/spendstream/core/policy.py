@@ -9,8 +9,8 @@ API:
 - ``Policy.to_json()`` (canonical document, what ``spendstream.policy`` carries) and ``Policy.summary()``
   (text for ``spendstream policy show``).
 - Lookups the processor needs per event: ``policy.tz``, ``policy.ancestors`` (team/project -> parent scopes),
-  ``policy.feature(name)``, ``policy.is_critical(feature)``, ``policy.price_table``. Budget lookup per scope is
-  ``scopes.matching_budgets``.
+  ``policy.feature(name)``, ``policy.is_critical(feature)``, ``policy.price_table``, and
+  ``policy.matching_budgets(scope)`` (the processor evaluates them, edges hold hard caps by them).
 
 Money in the YAML is human (``amount_usd: 8000``, ``min_spend_usd: "12.5"``) and becomes integer nano-USD via
 Decimal; floats never appear because the YAML loader reads every float literal as a Decimal.
@@ -509,6 +509,24 @@ class Policy(_Model):
     @cached_property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @cached_property
+    def budgets_by_scope(self) -> tuple[dict[str, list[Budget]], dict[str, list[Budget]]]:
+        """(budgets per concrete scope, ``dimension:*`` template budgets per dimension)."""
+        exact: dict[str, list[Budget]] = {}
+        templates: dict[str, list[Budget]] = {}
+        for budget in self.budgets:
+            if budget.is_template:
+                templates.setdefault(budget.dimension, []).append(budget)
+            else:
+                exact.setdefault(budget.scope, []).append(budget)
+        return exact, templates
+
+    def matching_budgets(self, scope: str) -> list[Budget]:
+        """Budgets for this concrete scope: its own plus its dimension's templates (exact ones first); every user
+        gets its own ``user:*`` budget, keyed by its own scope."""
+        exact, templates = self.budgets_by_scope
+        return [*exact.get(scope, ()), *templates.get(scope.partition(":")[0], ())]
 
     @cached_property
     def ancestors(self) -> dict[str, tuple[str, ...]]:

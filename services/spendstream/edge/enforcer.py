@@ -470,10 +470,10 @@ class Enforcer:
                 return held
             # A critical feature past an ordinary budget this edge has used up: throttled at the policy's rate until
             # the processor's shutoff (which lists the same rate) arrives.
-            key = (held.exhausted, feature)
+            key, rate = (held.exhausted, feature), policy.throttle_rps(feature)
             pace = self._critical_paces.get(key)
-            if pace is None or pace.rate != policy.throttle_rps(feature):
-                pace = self._critical_paces[key] = RateLimit(policy.throttle_rps(feature))
+            if pace is None or pace.rate != rate:  # a new policy may have changed the feature's rate
+                pace = self._critical_paces[key] = RateLimit(rate)
             wait = pace.try_take(feature, time.monotonic())
             if wait <= 0:
                 return held

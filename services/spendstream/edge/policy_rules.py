@@ -33,7 +33,7 @@ from itertools import count
 from spendstream.core.events import ACTION_RANK
 from spendstream.core.matching import ModelMatcher, is_template
 from spendstream.core.periods import period
-from spendstream.core.policy import Budget, Policy
+from spendstream.core.policy import Policy
 from spendstream.edge.verdict import DENY_MODEL, SHUTOFF, ScopeRule, Verdict
 
 _MODELS_REMEMBERED = 4096  # answers kept per list (the names a deployment calls are few)
@@ -232,34 +232,26 @@ _CAPS_REMEMBERED = 65536  # scopes looked up per policy (emptied when full)
 
 
 class HardCaps:
-    """The policy's ``hard_cap`` budgets by scope: a scope's own and its ``dimension:*`` template's, as the processor
-    matches them. ``opening`` answers from a table, so a scope costs one dict lookup after its first request."""
+    """The policy's ``hard_cap`` budgets by scope, matched as the processor matches budgets
+    (``Policy.matching_budgets``); ``opening`` answers from a table, so a scope costs one dict lookup after its
+    first request."""
 
     def __init__(self, policy: Policy) -> None:
-        self.tz = policy.tz
-        self._exact: dict[str, list[Budget]] = {}
-        self._templates: dict[str, list[Budget]] = {}
-        for budget in policy.budgets:
-            if budget.hard_cap:
-                if budget.is_template:
-                    self._templates.setdefault(budget.dimension, []).append(budget)
-                else:
-                    self._exact.setdefault(budget.scope, []).append(budget)
+        self.policy = policy
         self._found: dict[str, tuple[int, float, float]] = {}  # scope -> (limit, period start, end) or _NOT_CAPPED
 
     def __bool__(self) -> bool:
-        return bool(self._exact or self._templates)
+        return any(budget.hard_cap for budget in self.policy.budgets)
 
     def opening(self, scope: str, now: float) -> tuple[int, float, float] | None:
         """(limit nanos, epoch seconds its period starts and ends) of the smallest hard cap of ``scope`` at ``now``,
         or None."""
         found = self._found.get(scope)
         if found is None or found[2] <= now:
-            budgets = [*self._exact.get(scope, ()), *self._templates.get(scope.partition(":")[0], ())]
-            if budgets:
-                at = datetime.fromtimestamp(now, UTC)
-                tightest = min(budgets, key=lambda b: b.limit_nanos)
-                start, end = period(tightest.period).window(at, self.tz)
+            caps = [budget for budget in self.policy.matching_budgets(scope) if budget.hard_cap]
+            if caps:
+                tightest = min(caps, key=lambda b: b.limit_nanos)
+                start, end = period(tightest.period).window(datetime.fromtimestamp(now, UTC), self.policy.tz)
                 found = (tightest.limit_nanos, start.timestamp(), end.timestamp())
             else:
                 found = _NOT_CAPPED

@@ -35,7 +35,7 @@ from spendstream.processor.budget_rules import (
     quota_action,
 )
 from spendstream.processor.forecast import should_alert_forecast
-from spendstream.processor.scopes import allowed_model_lists, matching_budgets, matching_quotas
+from spendstream.processor.scopes import allowed_model_lists, matching_quotas
 from spendstream.processor.spend_accounting import window_key
 from spendstream.processor.spike_rules import daily_spike, ewma_next, hourly_spike, spike_action
 
@@ -100,15 +100,19 @@ class ScopeEvaluation:
         """Adopt a rule's outcome if it is more restrictive than what is already decided (an ``allow`` still
         records the first budget's spend and limit, so a lifting decision says where the scope stands)."""
         if ACTION_RANK[action] > ACTION_RANK[self.action] or (action is self.action and not self.period):
-            self.action = action
-            self.reason = reason
-            self.spend_nanos = int(extra.get("spend_nanos") or 0)  # type: ignore[call-overload]
-            self.limit_nanos = int(extra.get("limit_nanos") or 0)  # type: ignore[call-overload]
-            self.period = str(extra.get("period") or "")
-            self.period_start = extra.get("period_start")  # type: ignore[assignment]
-            self.expires_at = extra.get("expires_at")  # type: ignore[assignment]
-            self.fallback_models = dict(extra.get("fallback_models") or {})  # type: ignore[call-overload]
-            self.throttle_rps = extra.get("throttle_rps")  # type: ignore[assignment]
+            self.adopt(action, reason, **extra)
+
+    def adopt(self, action: Action, reason: str, **extra: object) -> None:
+        """Take this outcome and what its Decision carries, whatever was decided before."""
+        self.action = action
+        self.reason = reason
+        self.spend_nanos = int(extra.get("spend_nanos") or 0)  # type: ignore[call-overload]
+        self.limit_nanos = int(extra.get("limit_nanos") or 0)  # type: ignore[call-overload]
+        self.period = str(extra.get("period") or "")
+        self.period_start = extra.get("period_start")  # type: ignore[assignment]
+        self.expires_at = extra.get("expires_at")  # type: ignore[assignment]
+        self.fallback_models = dict(extra.get("fallback_models") or {})  # type: ignore[call-overload]
+        self.throttle_rps = extra.get("throttle_rps")  # type: ignore[assignment]
 
 
 def _previous_day_starts(day_start: int, tz: tzinfo, count: int) -> list[int]:
@@ -146,7 +150,7 @@ def evaluate_scope(
     if lists:
         verdict.allowed_models = list(lists[0])
     closest_cap: tuple[int, str, dict[str, object]] | None = None  # (remaining, reason, extra) of a hard cap at allow
-    for budget in matching_budgets(scope, policy):
+    for budget in policy.matching_budgets(scope):
         kind = period(budget.period)
         if kind.series not in latest:
             continue
@@ -219,10 +223,7 @@ def evaluate_scope(
         verdict.critical_throttle_rps = dict(policy.critical_throttle_rps)
     if verdict.action is Action.allow and closest_cap is not None:
         _, reason, extra = closest_cap
-        verdict.reason = reason
-        verdict.spend_nanos, verdict.limit_nanos = extra["spend_nanos"], extra["limit_nanos"]  # type: ignore[assignment]
-        verdict.period = str(extra["period"])
-        verdict.period_start, verdict.expires_at = extra["period_start"], extra["expires_at"]  # type: ignore[assignment]
+        verdict.adopt(Action.allow, reason, **extra)
         verdict.tracks_hard_cap = True
     return verdict
 

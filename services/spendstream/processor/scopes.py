@@ -5,10 +5,9 @@
   (a team's division and org, a project's team), so an event tagged only ``team=marketing`` also counts against
   ``division:...`` and ``org:...``. Empty attribution fields give no scope. ``model`` is read from ``model``,
   else ``model_served``, else ``model_requested``.
-- ``matching_budgets(scope, policy) -> list[Budget]``: budgets declared for exactly that scope plus the
-  ``dimension:*`` templates of its dimension (every user gets its own ``user:*`` budget, keyed by its own scope).
-- ``matching_quotas`` / ``allowed_model_lists`` do the same for quotas and allowed-model lists (a scope's own list
-  replaces its template's); whether a model is in a list is ``core.matching``'s, as at the edges.
+- ``matching_quotas`` / ``allowed_model_lists`` do for quotas and allowed-model lists what
+  ``Policy.matching_budgets`` does for budgets (a scope's own list replaces its template's); whether a model is in
+  a list is ``core.matching``'s, as at the edges.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from collections.abc import Mapping
 
 from spendstream.core.attribution import DIRECT_FIELDS
 from spendstream.core.matching import is_template, template_of
-from spendstream.core.policy import Budget, Policy, Quota
+from spendstream.core.policy import Policy, Quota
 
 
 def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
@@ -63,16 +62,9 @@ def hierarchy_scopes(org: object, division: object, team: object, project: objec
 
 
 class _Index:
-    __slots__ = ("allowed", "budgets", "quotas", "template_quotas", "templates")
+    __slots__ = ("allowed", "quotas", "template_quotas")
 
     def __init__(self, policy: Policy) -> None:
-        self.budgets: dict[str, list[Budget]] = {}
-        self.templates: dict[str, list[Budget]] = {}
-        for b in policy.budgets:
-            if b.is_template:
-                self.templates.setdefault(b.dimension, []).append(b)
-            else:
-                self.budgets.setdefault(b.scope, []).append(b)
         self.quotas: dict[str, list[Quota]] = {}
         self.template_quotas: dict[str, list[Quota]] = {}
         for q in policy.quotas:
@@ -94,13 +86,6 @@ def _index(policy: Policy) -> _Index:
             _INDEXES.clear()
         entry = _INDEXES[id(policy)] = (policy, _Index(policy))
     return entry[1]
-
-
-def matching_budgets(scope: str, policy: Policy) -> list[Budget]:
-    """Budgets for this concrete scope: its own plus its dimension's templates (exact ones first)."""
-    index = _index(policy)
-    dimension = scope.partition(":")[0]
-    return [*index.budgets.get(scope, ()), *index.templates.get(dimension, ())]
 
 
 def matching_quotas(scope: str, policy: Policy) -> list[Quota]:
