@@ -27,7 +27,6 @@ from spendstream.core.budget_lifecycle import (
 )
 from spendstream.core.events import INT64_MAX
 from spendstream.core.policy import parse_policy
-from spendstream.processor.scopes import matching_budgets
 
 USD = 1_000_000_000
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -109,19 +108,19 @@ def test_an_adjusted_policy_changes_only_the_adjusted_budgets_and_keeps_its_vers
     adjusted = adjusted_policy(POLICY, requests, at)
     assert adjusted.version == POLICY.version
     for scope in SCOPES:  # the hierarchy is not summed: a team's increase leaves its division's limit alone
-        for budget in matching_budgets(scope, adjusted):
+        for budget in adjusted.matching_budgets(scope):
             base = next(b.limit_nanos for b in POLICY.budgets if b.id == budget.id)
             assert budget.limit_nanos == effective_limit(base, requests, scope, str(budget.period), at)
-    assert not matching_budgets("feature:ai_chatbot", adjusted)  # an increase needs a budget to increase
+    assert not adjusted.matching_budgets("feature:ai_chatbot")  # an increase needs a budget to increase
 
 
 def test_a_registered_feature_is_budgeted_at_zero_until_approved() -> None:
     feature = new_request(Kind.feature, "feature:ai_summarizer", "month", 2500 * USD, T0, None, "bob", "launch", T0)
     pending = adjusted_policy(POLICY, [feature], T0)
-    assert [b.limit_nanos for b in matching_budgets("feature:ai_summarizer", pending)] == [0]
+    assert [b.limit_nanos for b in pending.matching_budgets("feature:ai_summarizer")] == [0]
     approved = adjusted_policy(POLICY, [replace(feature, status=Status.approved)], T0)
-    assert [b.limit_nanos for b in matching_budgets("feature:ai_summarizer", approved)] == [2500 * USD]
-    assert matching_budgets("feature:ai_summarizer", approved)[0].thresholds == POLICY.thresholds
+    assert [b.limit_nanos for b in approved.matching_budgets("feature:ai_summarizer")] == [2500 * USD]
+    assert approved.matching_budgets("feature:ai_summarizer")[0].thresholds == POLICY.thresholds
 
 
 def test_approval_levels_follow_the_policy_ladder() -> None:

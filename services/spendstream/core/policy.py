@@ -510,22 +510,22 @@ class Policy(_Model):
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
-    @cached_property
-    def budgets_by_scope(self) -> tuple[dict[str, list[Budget]], dict[str, list[Budget]]]:
-        """(budgets per concrete scope, ``dimension:*`` template budgets per dimension)."""
-        exact: dict[str, list[Budget]] = {}
-        templates: dict[str, list[Budget]] = {}
-        for budget in self.budgets:
-            if budget.is_template:
-                templates.setdefault(budget.dimension, []).append(budget)
-            else:
-                exact.setdefault(budget.scope, []).append(budget)
-        return exact, templates
-
     def matching_budgets(self, scope: str) -> list[Budget]:
         """Budgets for this concrete scope: its own plus its dimension's templates (exact ones first); every user
         gets its own ``user:*`` budget, keyed by its own scope."""
-        exact, templates = self.budgets_by_scope
+        # Indexed once per budget list, kept beside it: a copy with other budgets (``model_copy``, as budget increases
+        # make) carries this policy's attributes, so a cached_property would answer with the old budgets.
+        index = self.__dict__.get("budget_index")
+        if index is None or index[0] is not self.budgets:
+            exact: dict[str, list[Budget]] = {}
+            templates: dict[str, list[Budget]] = {}
+            for budget in self.budgets:
+                if budget.is_template:
+                    templates.setdefault(budget.dimension, []).append(budget)
+                else:
+                    exact.setdefault(budget.scope, []).append(budget)
+            index = self.__dict__["budget_index"] = (self.budgets, exact, templates)
+        _, exact, templates = index
         return [*exact.get(scope, ()), *templates.get(scope.partition(":")[0], ())]
 
     @cached_property
