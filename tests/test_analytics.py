@@ -93,6 +93,9 @@ def test_chargeback_by_hand(seeded: reports.Ledger) -> None:
     }  # fmt: skip
     assert report.totals["chargeback"] == 1198 * B + 7 == report.totals["actual"]
     assert report.totals["budget"] == 26_200 * B
+    # sales is held to $1,400 a week; its $6,200 is said to be a monthly equivalent, and how it is made
+    assert any("team budgets by week are shown as monthly equivalents" in n and "x the month's days / 7" in n
+               for n in report.notes)  # fmt: skip
 
 
 def test_chargeback_view_agrees_with_report(seeded: reports.Ledger) -> None:
@@ -123,6 +126,16 @@ def test_cfo_weekly_by_hand(seeded: reports.Ledger) -> None:
         "top_feature_spend": 50 * B, "cache_hit_rate": Decimal("0.3333"), "premium_share": Decimal("0.8621"),
         "budget_increase": 0,
     }  # fmt: skip
+    assert any("shown as monthly equivalents" in note for note in report.notes)
+
+
+def test_monthly_equivalents_are_named_only_when_a_team_budget_is_not_monthly(seeded: reports.Ledger) -> None:
+    load_budgets(seeded.client, DB, [("team:engineering", "month", 1 * B)], date(2026, 3, 20), "pv-2")
+    assert not any("monthly equivalents" in note for note in reports.chargeback(seeded, date(2026, 3, 1)).notes)
+    load_budgets(seeded.client, DB, [("team:engineering", "day", 10 * B)], date(2026, 3, 20), "pv-3")
+    (note,) = [n for n in reports.forecast(seeded, NOW).notes if "monthly equivalents" in n]
+    assert note.startswith("team budgets by day are shown") and "a day budget x the month's days" in note
+    assert by(reports.forecast(seeded, NOW), "team")["engineering"]["budget"] == 310 * B
 
 
 def test_forecast_by_hand(seeded: reports.Ledger) -> None:
@@ -138,6 +151,7 @@ def test_forecast_by_hand(seeded: reports.Ledger) -> None:
     assert rows["sales"]["forecast"] == 0 and rows["sales"]["budget"] == 6_200 * B
     assert rows[reports.UNATTRIBUTED]["actual"] == 3 * B + 7
     assert report.totals["forecast"] == sum(r["forecast"] for r in report.rows)
+    assert any("shown as monthly equivalents" in note for note in report.notes)
 
 
 def test_top_by_service_tier_separates_batch_spend(seeded: reports.Ledger) -> None:

@@ -78,6 +78,7 @@ class TeamBudgets:
     policy: dict[str, int]
     increases: dict[str, int]
     at: datetime
+    periods: frozenset[str] = frozenset()  # the periods of the policy's team budgets ("day", "week", "month")
 
     def limits(self) -> dict[str, int]:
         return {team: amount + self.increases.get(team, 0) for team, amount in self.policy.items()}
@@ -126,7 +127,20 @@ def team_budgets(ledger: Ledger, month: date, now: datetime) -> TeamBudgets:
         team = scope.removeprefix("team:")
         policy[team] += int(monthly_limit)
         increases[team] += monthly_increase((scope, period, int(limit)), requests, month, at)
-    return TeamBudgets(dict(policy), dict(increases), at)
+    return TeamBudgets(dict(policy), dict(increases), at, frozenset(str(row[1]) for row in rows))
+
+
+def monthly_equivalents_note(periods: frozenset[str]) -> list[str]:
+    """Says how day and week budgets enter a report that compares with months ([] when all budgets are monthly):
+    a reader of "$310 budget" for a team held to $10 a day must know where the figure comes from."""
+    named = {"day": "a day budget x the month's days", "week": "a week budget x the month's days / 7"}
+    shown = [named[p] for p in ("day", "week") if p in periods]
+    if not shown:
+        return []
+    return [
+        f"team budgets by {' or '.join(p for p in ('day', 'week') if p in periods)} are shown as monthly "
+        f"equivalents ({'; '.join(shown)}); the edges hold each day or week to its own limit"
+    ]
 
 
 def budgets_note(budgets: TeamBudgets, now: datetime) -> str:
@@ -333,6 +347,7 @@ def chargeback(ledger: Ledger, month: date, now: datetime | None = None) -> Repo
         notes=[
             "variance = budget - actual (negative: over budget); chargeback = actual + shared allocation",
             budgets_note(budgets, now),
+            *monthly_equivalents_note(budgets.periods),
         ],
     )
 
@@ -437,11 +452,12 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4, now: datetime | None = N
         weekly_rows(daily, mondays, monthly_budget, monthly_increases),
         params={"as_of": as_of, "weeks": weeks, "timezone": ledger.tz},
         notes=[
-            "budget = the week's days' share of the team monthly budgets; premium = complex-tier models",
+            "budget = the week's days' share of the team budgets for their months; premium = complex-tier models",
             "cache hit rate = requests served from cache / requests",
             "a month's budgets include the approved increases in force at its end (the running month: now, "
             "a month to come: its start); "
             "of which increases = their share of the week's budget",
+            *monthly_equivalents_note(frozenset().union(*(b.periods for b in budgets.values()))),
         ],
     )
 
@@ -524,6 +540,7 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
         notes=[
             f"forecast = month to date + trailing {RUN_RATE_DAYS}-day spend x remaining time / {RUN_RATE_DAYS} days",
             budgets_note(budgets, now),
+            *monthly_equivalents_note(budgets.periods),
         ],
     )
 
