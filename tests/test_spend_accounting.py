@@ -14,6 +14,7 @@ from spendstream.processor.applied_ids import AppliedIds
 from spendstream.processor.decision_publisher import (
     FAR_REFRESH_S,
     SPEND_REFRESH_S,
+    ScopeEvaluation,
     build_decision,
     decision_signature,
     evaluate_scope,
@@ -425,6 +426,33 @@ def test_a_budget_alert_is_republished_at_most_every_refresh_interval_while_its_
     shutoff = _evaluate({window_key("team:a", "month", MAR): (100 * USD, 3, 3)}, latest)
     assert not needs_spend_refresh(shutoff, published, due)  # edges refuse a shutoff without reserving
     assert not needs_spend_refresh(_evaluate({window_key("team:a", "month", MAR): (1, 1, 1)}, latest), 0, due)
+
+
+def test_a_shutoff_that_critical_features_still_spend_under_is_refreshed_with_its_spend() -> None:
+    """Critical features are throttled, not refused, by a budget's shutoff and keep spending: the shutoff is published
+    again (at most every FAR_REFRESH_S) so its spend and reason say where the budget stands, not where it stood
+    when it was issued. Without critical features, or under a hard cap that stops them too, nothing spends."""
+    policy = parse_policy(
+        "timezone: UTC\nfeatures: {support: {critical: true, throttle_rps: 2.0}}\nbudgets:\n"
+        '  - {scope: "team:a", period: month, amount_usd: 100}\n'
+        '  - {scope: "team:b", period: month, amount_usd: 100, hard_cap: true}\n'
+    )
+
+    def shutoff(scope: str, spent: int) -> ScopeEvaluation:
+        windows = {window_key(scope, "month", MAR): (spent, 1, 1)}
+        now = datetime.fromtimestamp(MAR, UTC)
+        return evaluate_scope(scope, {"month": MAR}, lambda k: windows.get(k, (0, 0, 0)), policy, now)
+
+    first, later = shutoff("team:a", 127 * USD), shutoff("team:a", 367 * USD)
+    assert first.action is later.action is Action.shutoff and later.critical_throttle_rps
+    assert "367" in later.reason and later.spend_nanos == 367 * USD
+    now = datetime.now(UTC)
+    published = next_version(0, now)
+    assert not needs_spend_refresh(later, published, now + timedelta(seconds=FAR_REFRESH_S - 1))
+    assert needs_spend_refresh(later, published, now + timedelta(seconds=FAR_REFRESH_S + 0.01))
+    capped = shutoff("team:b", 150 * USD)
+    assert capped.action is Action.shutoff and capped.hard_stop
+    assert not needs_spend_refresh(capped, published, now + timedelta(hours=1))
 
 
 CAPPED = parse_policy(

@@ -12,8 +12,8 @@ A scope with a ``hard_cap`` budget and no other action is still published (``all
 limit of the hard cap closest to its limit), so edges hold its requests against the remaining budget
 (``edge/reservation.py``) from its first traffic, not only after its alert.
 ``decision_signature`` is what must change for a new Decision to be published (a budget's alert and fallback,
-and a hard cap's allow, are also refreshed every ``SPEND_REFRESH_S`` while the scope has traffic:
-``needs_spend_refresh``), and
+and a hard cap's allow, are also refreshed every ``SPEND_REFRESH_S`` while the scope has traffic, a shutoff its
+critical features still spend under every ``FAR_REFRESH_S``: ``needs_spend_refresh``), and
 ``next_version`` keeps versions increasing per scope across restarts (it never goes below the clock).
 """
 
@@ -306,7 +306,9 @@ def needs_spend_refresh(verdict: ScopeEvaluation, last_version: int, now: dateti
     A hard cap below its alert threshold is published the same way, the first time on its first traffic, so edges
     bound a burst by the remaining budget instead of serving it until the shutoff's round trip; while less than
     half of it is spent, at most every ``FAR_REFRESH_S`` (a ``user:*`` cap has a decision per active user, and
-    far from its limit an edge's own count keeps it safe).
+    far from its limit an edge's own count keeps it safe). A shutoff that lets critical features through (throttled)
+    is refreshed at most every ``FAR_REFRESH_S`` too: edges refuse it without reserving, but the spend and reason
+    that dashboards and the ledger show would otherwise stay those of the moment it was issued while spend goes on.
     """
     if verdict.limit_nanos <= 0:
         return False
@@ -314,6 +316,8 @@ def needs_spend_refresh(verdict: ScopeEvaluation, last_version: int, now: dateti
         interval = SPEND_REFRESH_S
     elif verdict.tracks_hard_cap:
         interval = SPEND_REFRESH_S if verdict.spend_nanos * 2 >= verdict.limit_nanos else FAR_REFRESH_S
+    elif verdict.action is Action.shutoff and verdict.critical_throttle_rps and not verdict.hard_stop:
+        interval = FAR_REFRESH_S  # critical features still spend: the shutoff's spend and reason keep up with them
     else:
         return False
     return now.timestamp() * 1_000_000 - last_version >= interval * 1_000_000
