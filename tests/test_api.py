@@ -141,12 +141,14 @@ def test_not_json_and_size_limits(api_settings: Settings, shared_client: Any) ->
 
 
 def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
+    now = datetime.now(UTC)
     shared_client.insert(
         "spendstream.usage_ledger",
-        [[uuid.uuid4(), datetime.now(UTC), "engineering", "ai_code_review", "openai", "gpt-4o", 5 * B]],
+        [[uuid.uuid4(), now, "engineering", "ai_code_review", "openai", "gpt-4o", 5 * B]],
         column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
     )
-    month = datetime.now(UTC).strftime("%Y-%m")
+    month = now.strftime("%Y-%m")
+    around_now = {"from": str((now - timedelta(days=1)).date()), "to": str((now + timedelta(days=1)).date())}
 
     async def body(http: TestClient) -> None:
         doc = {
@@ -175,8 +177,7 @@ def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
         assert (await http.get("/v1/reports/top?by=colour", headers=ADMIN)).status == 400
         assert (await http.get("/v1/reports/weekly?as_of=yesterday", headers=ADMIN)).status == 400
         assert (await http.get("/v1/reports/nope", headers=ADMIN)).status == 404
-        rebuilt = await http.post("/v1/admin/rollup/rebuild", json={"from": "2026-01-01", "to": "2027-01-01"},
-                                  headers=auth)  # fmt: skip
+        rebuilt = await http.post("/v1/admin/rollup/rebuild", json=around_now, headers=auth)
         assert (await rebuilt.json())["rebuilt_groups"] == 1
 
     run(_with_client(api_settings, shared_client, body))
@@ -184,13 +185,15 @@ def test_reports_and_admin(api_settings: Settings, shared_client: Any) -> None:
 
 def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, shared_client: Any) -> None:
     """A few cheap calls against a large budget run it out centuries away: the forecast says never, not a 500."""
+    now = datetime.now(UTC)
+    an_hour_ago_this_month = max(now - timedelta(hours=1), now.replace(day=1, hour=0, minute=0, second=0))
     shared_client.insert(
         "spendstream.usage_ledger",
-        [[uuid.uuid4(), datetime.now(UTC) - timedelta(hours=1), "sales", "ai_lead_scorer", "openai", "gpt-4o-mini", 1]],
+        [[uuid.uuid4(), an_hour_ago_this_month, "sales", "ai_lead_scorer", "openai", "gpt-4o-mini", 1]],
         column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
     )
     doc = {
-        "month": datetime.now(UTC).strftime("%Y-%m"),
+        "month": now.strftime("%Y-%m"),
         "policy_version": "pv-1",
         "budgets": [{"scope": "team:sales", "limit_usd": "6000"}],
     }

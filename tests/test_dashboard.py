@@ -39,8 +39,10 @@ def seed(client: Any, now: datetime, scale: tuple[int, int] = (1, 1), with_budge
     for day in range(14):
         for n, (team, (model, usd)) in enumerate(TEAMS.items()):
             when = now - timedelta(days=day, minutes=5)
-            if when.month != now.month and day > 0:
-                continue
+            if when.month != now.month:  # the first minutes of a month: today's rows at its start, no earlier day
+                if day > 0:
+                    continue
+                when = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
             rows.append([uuid.uuid4(), when, team, "ai_chatbot" if n else "ai_code_review", "openai", model,
                          (usd + 13 * day) * B * times // per, 200 + 40 * n, day % 3 == 0])  # fmt: skip
     client.insert(

@@ -338,9 +338,17 @@ def test_allowed_model_list_is_published_for_the_scope(stack: Stack) -> None:
     assert decision["allowed_models"] == ["llama-3.2-1b", "gpt-4o-mini"]
 
 
+def local_noon_days_ago(days: int) -> datetime:
+    """Noon of the local day ``days`` before today in the policy's timezone: 24-hour steps back from the last hour of
+    a 25-hour day (the autumn clock change) are still on the same local day."""
+    start = period_window("day", now(), "Europe/Berlin")[0]
+    for _ in range(days):
+        start = period_window("day", start - timedelta(seconds=1), "Europe/Berlin")[0]
+    return start + timedelta(hours=12)
+
+
 def test_period_rollover_lifts_the_decision(stack: Stack) -> None:
-    yesterday = now() - timedelta(days=1)
-    spend(stack, "roll", 5, 2, at=yesterday)  # $10 of a $10 daily budget, yesterday (Berlin)
+    spend(stack, "roll", 5, 2, at=local_noon_days_ago(1))  # $10 of a $10 daily budget, yesterday (Berlin)
     shutoff = stack.decision("team:roll", "shutoff", period="day")
     spend(stack, "roll", 1, 1)  # first event of today
     lifted = stack.decision("team:roll", "allow")
@@ -394,7 +402,7 @@ def test_unknown_model_is_rejected_to_the_dlq_and_known_models_are_priced(stack:
 
 def test_daily_spike_three_times_the_trailing_average(stack: Stack) -> None:
     for days_ago in (3, 2, 1):
-        spend(stack, "omega", 1, 1, at=now() - timedelta(days=days_ago), project="spiky")
+        spend(stack, "omega", 1, 1, at=local_noon_days_ago(days_ago), project="spiky")
     spend(stack, "omega", 4, 1, project="spiky")  # $4 today > 3 x $1
     alert = stack.alerts.wait(lambda a: a["scope"] == "project:spiky" and a["kind"] == "spike")
     assert "daily3x" in alert["message"]

@@ -81,7 +81,7 @@ def test_follower_reads_the_lookback_and_skips_older_and_undecodable_records(set
             (b"\xc3\x01 not avro", recent),
         ],
     )
-    stats = SharedProviderStats(period_start=month_start(now, UTC))
+    stats = SharedProviderStats(period_start=month_start(recent, UTC))  # (2 minutes ago may be last month)
     with UsageFollower(settings, stats=stats, lookback_s=600) as follower:
         assert follower.wait_assigned(10)
         assert wait_for(lambda: follower.counts["fed"] == 3, 10)
@@ -167,7 +167,7 @@ def test_own_calls_are_counted_once(two_providers) -> None:
 
 def test_warm_up_from_the_ledger_then_only_newer_stream_records(ledger, settings: Settings) -> None:
     now = datetime.now(UTC)
-    earlier = now - timedelta(minutes=3)
+    earlier = max(now - timedelta(minutes=3), month_start(now, UTC))  # the follower counts this month's spend
     rows = [
         [uuid.uuid4(), earlier, "openai", "gpt-4o", "gpt-4o", 400, "error", 2_000],
         [uuid.uuid4(), earlier, "openai", "gpt-4o", "gpt-4o", 200, "ok", 3_000],
