@@ -123,6 +123,10 @@ def test_every_kept_schema_version_has_staging_columns() -> None:
 # -- SQL verdicts against the Python path -----------------------------------------------------
 
 texts = st.text(max_size=6)
+# names: short ones, the template value "*", and lengths about the 256-character limit (in characters, not bytes)
+names = st.one_of(
+    texts, st.just("*"), st.integers(250, 260).flatmap(lambda n: st.sampled_from(["x" * n, "é" * n, "*" + "y" * n]))
+)
 int64 = st.integers(-(2**63), 2**63 - 1)
 records = st.fixed_dictionaries(
     {
@@ -135,16 +139,16 @@ records = st.fixed_dictionaries(
         ),
         "org": texts,
         "division": st.just(""),
-        "team": texts,
+        "team": names,
         "project": st.just("p"),
-        "feature": texts,
+        "feature": names,
         "user": st.just(""),
-        "customer": texts,
+        "customer": names,
         "environment": st.just(""),
         "tags": st.dictionaries(texts, texts, max_size=3),
         "provider": st.sampled_from(["", "openai"]),
-        "model_requested": st.sampled_from(["", "gpt-4o", "ü"]),
-        "model_served": texts,
+        "model_requested": st.one_of(st.sampled_from(["", "gpt-4o", "ü"]), names),
+        "model_served": names,
         "input_tokens": st.one_of(st.integers(-3, 1000), int64),
         "output_tokens": st.one_of(st.integers(-3, 1000), int64),
         "cached_input_tokens": st.one_of(st.integers(-3, 600), int64),

@@ -217,6 +217,22 @@ def test_events_the_encoder_cannot_write_are_counted_failed(settings: Settings) 
     assert (stats.emitted, stats.failed, stats.sent) == (5, 4, 1)
 
 
+def test_an_event_larger_than_the_broker_takes_is_refused_alone(settings: Settings, broker: EmbeddedBroker) -> None:
+    """librdkafka raises on a record over message.max.bytes in produce(); that cost the events after it in the same
+    batch, uncounted (an attacker's megabyte of tags made other teams' calls vanish from the ledger)."""
+    events = _events(40)
+    huge = events[20].model_copy(update={"tags": {"pad": "x" * 1_100_000}})
+    events[20] = huge
+    with Emitter(settings=settings) as em:
+        for event in events:
+            em.emit(event)
+        assert em.flush(20) == 0
+        stats = em.stats
+    records = _consume(broker.bootstrap, 39)
+    assert sorted(str(r["event_id"]) for _, r in records) == sorted(_ids(events[:20] + events[21:]))
+    assert (stats.emitted, stats.sent, stats.failed, stats.spooled) == (40, 39, 1, 0)
+
+
 def test_unreachable_broker_spools_then_replays_in_order(tmp_path: Path) -> None:
     port = free_port()
     events = _events(3000)

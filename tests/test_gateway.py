@@ -32,7 +32,7 @@ KEY = "sk-ss-test-marketing"
 HEADER_KEY = "sk-ss-test-platform"
 KEYS = [
     VirtualKey(sha256=hash_key(KEY), name="mkt", org="acme", team="marketing", feature="ai_chatbot", user="u1"),
-    VirtualKey(sha256=hash_key(HEADER_KEY), name="platform", team="platform", allow_header_attribution=True),
+    VirtualKey(sha256=hash_key(HEADER_KEY), name="platform", org="acme", allow_header_attribution=True),
 ]
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "four words of prompt"}], "max_tokens": 5}
 

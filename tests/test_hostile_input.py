@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from spendstream.api.app import BadRequest, create_app, late_events, parse_batch
 from spendstream.api.tokens import add_token
+from spendstream.core.attribution import attribution_value_problem
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import MAX_EVENT_COST_NANOS, UsageEvent, usage_record_problem
@@ -83,7 +84,8 @@ def test_random_bytes_raise_decode_error_or_are_judged(data: bytes) -> None:
 @given(st.data())
 def test_truncated_and_bit_flipped_encodings(data: st.DataObject) -> None:
     value = good_encoding(
-        team=data.draw(st.text(max_size=5)), cost_nanos=data.draw(st.integers(0, MAX_EVENT_COST_NANOS))
+        team=data.draw(st.text(max_size=5).filter(lambda team: attribution_value_problem("team", team) is None)),
+        cost_nanos=data.draw(st.integers(0, MAX_EVENT_COST_NANOS)),
     )
     cut = data.draw(st.integers(0, len(value) - 1))
     assert decode_or_reason(value[:cut]) is not None  # a truncated value never passes as a record
@@ -199,6 +201,12 @@ def api_cases() -> list[tuple[str, bytes, str, int]]:
         ("deep-object", deep_tags.encode(), "application/json", 400),
         ("lone-surrogate-team", with_fields(team="\ud800x"), "application/json", 400),
         ("lone-surrogate-tag-key", with_fields(tags={"\udfff": "v"}), "application/json", 400),
+        ("template-user", with_fields(user="*"), "application/json", 400),  # user:* would shut off every user
+        ("template-customer", with_fields(customer="*"), "application/json", 400),
+        ("spaced-team", with_fields(team="product "), "application/json", 400),
+        ("feature-of-900-kb", with_fields(feature="f" * 900_000), "application/json", 413),
+        ("feature-of-257-chars", with_fields(feature="f" * 257), "application/json", 400),
+        ("model-of-257-chars", with_fields(model_requested="m" * 257), "application/json", 400),
         ("tokens-beyond-int64", with_fields(input_tokens=2**63), "application/json", 400),
         ("tokens-10e30", with_fields(output_tokens=10**30), "application/json", 400),
         ("cost-beyond-int64", with_fields(cost_nanos=2**64), "application/json", 400),
@@ -320,7 +328,15 @@ def gateway_cases(good: dict[str, Any]) -> list[tuple[str, bytes, dict[str, str]
         ("header-latin1-user", raw, {"X-Spendstream-User": "caf\xe9"}, 400),
         ("header-utf8-bytes-user", raw, {"X-Spendstream-User": "\u00c3\u00a9t\u00c3\u00a9"}, 200),
         ("header-invalid-utf8-team", raw, {"X-Spendstream-Team": "\xff\xfe"}, 400),
-        ("header-long-feature", raw, {"X-Spendstream-Feature": "f" * 4000}, 200),
+        ("header-long-feature", raw, {"X-Spendstream-Feature": "f" * 4000}, 400),
+        ("header-feature-at-the-limit", raw, {"X-Spendstream-Feature": "f" * 256}, 200),
+        ("header-template-user", raw, {"X-Spendstream-User": "*"}, 400),  # user:* would be every user's scope
+        ("header-spaced-customer", raw, {"X-Spendstream-Customer": "acme "}, 400),
+        ("header-other-team-than-the-key", raw, {"X-Spendstream-Team": "ops"}, 403),
+        ("header-the-keys-own-team", raw, {"X-Spendstream-Team": "qa"}, 200),
+        ("model-of-a-megabyte", json.dumps({**good, "model": "m" * 257}).encode(), {}, 400),
+        ("stream-one", json.dumps({**good, "stream": 1}).encode(), {}, 400),  # served, unmetered, by lax upstreams
+        ("stream-text", json.dumps({**good, "stream": "true"}).encode(), {}, 400),
     ]
 
 
@@ -341,7 +357,8 @@ def test_gateway_refuses_hostile_requests_and_keeps_serving(gateway: GatewayThre
             served += 1
     events = read_usage(broker.bootstrap, served, timeout=30)
     assert len(events) == served  # every served request is metered, none of the refused ones is
-    assert {"\u00e9t\u00e9", "f" * 4000} <= {e["user"] for e in events} | {e["feature"] for e in events}
+    assert {"\u00e9t\u00e9", "f" * 256} <= {e["user"] for e in events} | {e["feature"] for e in events}
+    assert {e["team"] for e in events} == {"qa"}  # a header never moved a request to another team
     assert gateway.gateway.counts["internal_error"] == 0
     assert gateway.gateway.emitter is not None and gateway.gateway.emitter.stats.failed == 0
 

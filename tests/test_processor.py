@@ -384,6 +384,29 @@ def test_late_events_inside_lateness_count_and_later_ones_go_to_the_dlq(stack: S
     wait_totals(stack.bootstrap, {("team:late", "month", start): (7 * USD, 1, 15)}, "spendstream-processor")
 
 
+def test_names_that_cannot_make_scopes_go_to_the_dlq_and_the_processor_keeps_counting(stack: Stack) -> None:
+    """An edge that does not check its events (the pydantic model refuses these) must not stop the budgets: a
+    user of ``*`` would be counted as the ``user:*`` template (one call's spend shutting off every user) and a
+    feature of 900 kB made a scope key larger than the processor's own messages may be (it crash-looped)."""
+
+    def unchecked(**fields: Any) -> UsageEvent:
+        base = {"provider": "openai", "model_requested": "gpt-4o", "input_tokens": 10, "output_tokens": 5}
+        return UsageEvent.model_construct(**{**base, **fields})
+
+    template, huge = unchecked(team="names", user="*"), unchecked(team="names", feature="f" * 900_000)
+    produce(stack.bootstrap, [template, huge, event(team="names", project="after-them")])
+    _, headers = stack.dlq.wait(lambda r: str(template.event_id).encode() in r[0] or b"user '*'" in r[0])
+    assert b"names every user (a policy template)" in headers["spendstream.dlq.reason"]
+    _, headers = stack.dlq.wait(lambda r: len(r[0]) > 800_000)
+    assert b"feature is longer than 256 characters (900000)" in headers["spendstream.dlq.reason"]
+    start = int(period_window("month", now(), "Europe/Berlin")[0].timestamp())
+    deadline, totals = time.monotonic() + 30, {}
+    while ("project:after-them", "month", start) not in totals and time.monotonic() < deadline:
+        totals = read_window_totals({"bootstrap.servers": stack.bootstrap}, "spendstream-processor")
+    assert totals[("project:after-them", "month", start)][1] == 1  # counted: the processor kept running
+    assert not any(key[0] in ("user:*", "feature:" + "f" * 900_000) for key in totals)
+
+
 def test_unknown_model_is_rejected_to_the_dlq_and_known_models_are_priced(stack: Stack) -> None:
     unknown = event(team="omega", project="pricing", model_requested="no-such-model-x")
     known = event(team="omega", project="pricing", model_requested="gpt-4o-mini", input_tokens=1_000_000)

@@ -9,8 +9,36 @@ fills in (a team's division and org); the others are counted as given.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+
+# Names, not text: a longer one is a bug or an attack (a scope key of megabytes stalls whatever carries it).
+MAX_NAME_CHARS = 256
+WILDCARD_VALUE = "*"  # a policy's scope template ("user:*"): never the value of one call's attribution
+
+
+def attribution_value_problem(field: str, value: str) -> str | None:
+    """Why ``value`` cannot attribute a call, or None: ``*`` would make the scope ``user:*``, the policy's template
+    for every user (its spend would stop them all); surrounding spaces make a scope no policy can name
+    (``"product "`` escapes ``team:product``); and a name is at most ``MAX_NAME_CHARS`` characters."""
+    if value == WILDCARD_VALUE:
+        return f"'*' names every {field} (a policy template), not the one that made this call"
+    if value != value.strip():
+        return f"{field} {value[:40]!r} has leading or trailing whitespace, so no policy scope would match it"
+    if len(value) > MAX_NAME_CHARS:
+        return f"{field} is longer than {MAX_NAME_CHARS} characters ({len(value)})"
+    return None
+
+
+def _attribution_value(value: str, info: ValidationInfo) -> str:
+    problem = attribution_value_problem(info.field_name or "value", value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+AttributionValue = Annotated[str, AfterValidator(_attribution_value)]
 
 
 class Attribution(BaseModel):
@@ -18,14 +46,14 @@ class Attribution(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    org: str = ""
-    division: str = ""
-    team: str = ""
-    project: str = ""
-    feature: str = ""
-    user: str = ""
-    customer: str = ""
-    environment: str = ""
+    org: AttributionValue = ""
+    division: AttributionValue = ""
+    team: AttributionValue = ""
+    project: AttributionValue = ""
+    feature: AttributionValue = ""
+    user: AttributionValue = ""
+    customer: AttributionValue = ""
+    environment: AttributionValue = ""
 
     def as_dict(self) -> dict[str, str]:
         """The eight fields by name, in ``ATTRIBUTION_FIELDS`` order (empty ones included)."""

@@ -21,7 +21,13 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-from spendstream.core.attribution import ATTRIBUTION_FIELDS, Attribution
+from spendstream.core.attribution import (
+    ATTRIBUTION_FIELDS,
+    MAX_NAME_CHARS,
+    WILDCARD_VALUE,
+    Attribution,
+    AttributionValue,
+)
 
 NANOS_PER_USD = 1_000_000_000
 INT64_MAX = 2**63 - 1
@@ -42,6 +48,10 @@ DETAIL_FIELDS = (
     "web_search_requests",
 )
 TokenCount = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_TOKENS)]
+# The names an event's scopes are built from; usage_record_problem holds them to what AttributionValue and Name
+# refuse at the edges (length, a template value), so a bad edge's event goes to the DLQ instead of stalling a stage.
+NAME_FIELDS = (*ATTRIBUTION_FIELDS, "provider", "model_requested", "model_served")
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 EventCostNanos = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_COST_NANOS)]
 StrictNonNegativeInt64 = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
 
@@ -113,18 +123,18 @@ class UsageEvent(_AvroModel):
 
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     occurred_at: datetime = Field(default_factory=utcnow)
-    org: str = ""
-    division: str = ""
-    team: str = ""
-    project: str = ""
-    feature: str = ""
-    user: str = ""
-    customer: str = ""
-    environment: str = ""
+    org: AttributionValue = ""
+    division: AttributionValue = ""
+    team: AttributionValue = ""
+    project: AttributionValue = ""
+    feature: AttributionValue = ""
+    user: AttributionValue = ""
+    customer: AttributionValue = ""
+    environment: AttributionValue = ""
     tags: dict[str, str] = Field(default_factory=dict)
-    provider: str
-    model_requested: str
-    model_served: str = ""
+    provider: Name
+    model_requested: Name
+    model_served: Name = ""
     input_tokens: TokenCount = 0
     output_tokens: TokenCount = 0
     cached_input_tokens: TokenCount = 0
@@ -277,6 +287,20 @@ def detail_subset_problem(record: Mapping[str, Any]) -> str | None:
     return None
 
 
+def name_fields_problem(record: Mapping[str, Any]) -> str | None:
+    """Why an event's names cannot make scopes, or None: one longer than ``MAX_NAME_CHARS`` characters, or an
+    attribution value of ``*``, whose scope (``user:*``) would be a policy template: its spend would count against,
+    and its decision stop, every user."""
+    for name in NAME_FIELDS:
+        value = record.get(name) or ""
+        if len(value) > MAX_NAME_CHARS:
+            return f"{name} is longer than {MAX_NAME_CHARS} characters ({len(value)})"
+    for name in ATTRIBUTION_FIELDS:
+        if record.get(name) == WILDCARD_VALUE:
+            return f"{name} '*' names every {name} (a policy template), not the one that made this call"
+    return None
+
+
 def lateness_problem(occurred_at: datetime, arrived_at: datetime, allowed_lateness: timedelta) -> str | None:
     """Why an event is too late to count, or None.
 
@@ -341,4 +365,4 @@ def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew:
         return f"occurred_at {occurred_at.isoformat()} is more than {max_future_skew} in the future"
     if not record.get("provider") or not record.get("model_requested"):
         return "missing provider or model_requested"
-    return None
+    return name_fields_problem(record)

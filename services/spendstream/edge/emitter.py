@@ -118,6 +118,9 @@ def attribution_key(event: UsageEvent) -> bytes:
     return f"{event.org}/{event.team}".encode()
 
 
+_RECORD_OVERHEAD = 1024  # a record's framing and headers beside its key and value, within message.max.bytes
+
+
 class RefusedEvent(ValueError):
     """A usage event outside the bounds every consumer relies on."""
 
@@ -214,6 +217,8 @@ class Emitter:
         self._producer_conf["on_delivery"] = self._on_delivery
         self._producer_conf["error_cb"] = self._on_error
         self._producer_conf.setdefault("logger", _KafkaLog(self._loud))
+        # librdkafka refuses a larger record in produce(); refused here first, it cannot cost its batch the others
+        self._max_record_bytes = int(self._producer_conf.get("message.max.bytes", 1_000_000)) - _RECORD_OVERHEAD
         self._topic = topic
         self._max_queue = max_queue
         # This Emitter's id, on every record it produces (ORIGIN_HEADER); spooled records get it when replayed.
@@ -522,7 +527,7 @@ class Emitter:
                     # positional: keyword parsing would cost a third of the call (partition -1: by key)
                     produce(topic, value, key, -1, None, None, 0, headers)
                     produced += 1
-            except BufferError:
+            except (BufferError, KafkaException):  # a full queue, or a refusal: the rest waits in the spool
                 pass
             finally:
                 self._produced += produced
@@ -539,7 +544,13 @@ class Emitter:
         for event in events:
             try:
                 if usage_bounds_problem(event.__dict__) is None:
-                    append(record(event))
+                    key, value = encoded = record(event)
+                    if len(key) + len(value) > self._max_record_bytes:
+                        raise RefusedEvent(
+                            f"usage event {event.event_id} is {len(value)} bytes, more than the broker takes "
+                            f"(message.max.bytes {self._producer_conf.get('message.max.bytes', 1_000_000)})"
+                        )
+                    append(encoded)
                 else:
                     check_bounds(event)  # raises, naming the field
             except RefusedEvent as exc:

@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
 
+from spendstream.core.attribution import MAX_NAME_CHARS, attribution_value_problem
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import SPEND_REFRESH_S, UsageStatus
 from spendstream.core.metrics import HttpLatency, metrics_exposition
@@ -293,6 +294,28 @@ def error_response(
 
 def json_response(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(status, json.dumps(body).encode(), {**(headers or {}), "Content-Type": "application/json"})
+
+
+def _refine_attribution(attribution: dict[str, str], headers: Mapping[str, str]) -> tuple[int, str] | None:
+    """Fill the fields a key leaves open from its caller's ``X-Spendstream-*`` headers, or (status, why) refused.
+
+    A header refines a key, it never overrides it: a field the key fixes (its team, say) can be repeated but not
+    changed (403), or a key pinned to a team could charge another team or step out of its team's hard cap. A value
+    must be one that a policy scope can name (not ``*``, no surrounding spaces, at most ``MAX_NAME_CHARS``)."""
+    for header, field in HEADER_FIELDS.items():
+        value = headers.get(header)
+        if not value:
+            continue
+        if not _is_unicode(value):
+            return 400, f"header {header} is not valid UTF-8"
+        fixed = attribution.get(field)
+        if fixed and value != fixed:
+            return 403, f"this key is bound to {field} {fixed!r}; header {header} cannot change it"
+        problem = attribution_value_problem(field, value)
+        if problem:
+            return 400, f"header {header}: {problem}"
+        attribution[field] = value
+    return None
 
 
 class Gateway:
@@ -604,16 +627,12 @@ class Gateway:
         model = body["model"]
         attribution = key.as_dict()
         if key.allow_header_attribution:
-            for header, field in HEADER_FIELDS.items():
-                value = request.headers.get(header)
-                if value:
-                    if not _is_unicode(value):
-                        self.counts["bad_request"] += 1
-                        return error_response(
-                            400, f"header {header} is not valid UTF-8", "invalid_request", "invalid_request_error",
-                            anthropic=anthropic,
-                        )  # fmt: skip
-                    attribution[field] = value
+            refused = _refine_attribution(attribution, request.headers)
+            if refused is not None:
+                status, message = refused
+                self.counts["bad_request" if status == 400 else "forbidden_attribution"] += 1
+                kind = "invalid_request_error" if status == 400 else "permission_error"
+                return error_response(status, message, "invalid_attribution", kind, anthropic=anthropic)
         if self.policy is not None and not (attribution.get("org") and attribution.get("division")):
             fill_from_policy(attribution, self.policy)
         provider = self.config.provider_for(model, anthropic)
@@ -818,6 +837,11 @@ class Gateway:
             return None, b"", _Refusal(400, "you must provide a model parameter (a non-empty string)")
         if not _is_unicode(model):
             return None, b"", _Refusal(400, "the model parameter is not valid Unicode (it contains a lone surrogate)")
+        if len(model) > MAX_NAME_CHARS:
+            return None, b"", _Refusal(400, f"the model parameter is longer than {MAX_NAME_CHARS} characters")
+        for flag in ("stream", "background"):  # a truthy non-boolean would be served unmetered by a lax upstream
+            if flag in body and not isinstance(body[flag], bool):
+                return None, b"", _Refusal(400, f"'{flag}' must be a boolean, got {type(body[flag]).__name__}")
         return body, raw, None
 
     def _blocked(self, verdict: Verdict, anthropic: bool) -> Response:

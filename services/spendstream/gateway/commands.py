@@ -40,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keygen.add_argument("--name", default="", help="a label for the key (shown in usage tags)")
     for field in ATTRIBUTION_FIELDS:
         keygen.add_argument(f"--{field}", default="", help=f"the {field} every call with this key is charged to")
-    keygen.add_argument("--allow-header-attribution", action="store_true", help="let X-Spendstream-* refine it")
+    keygen.add_argument(
+        "--allow-header-attribution",
+        action="store_true",
+        help="let X-Spendstream-* headers fill the fields it leaves empty (never change one it sets)",
+    )
     keygen.set_defaults(handler=run_keygen)
 
 

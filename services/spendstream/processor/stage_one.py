@@ -22,7 +22,7 @@ from confluent_kafka import Message
 
 from spendstream.core.attribution import DIRECT_FIELDS, HIERARCHY
 from spendstream.core.codec import AvroCodec, DecodeError
-from spendstream.core.events import lateness_problem, usage_record_problem
+from spendstream.core.events import lateness_problem, name_fields_problem, usage_record_problem
 from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
@@ -443,10 +443,12 @@ class StageOne:
         self, value: bytes, hierarchy: bytes, rest: bytes, policy: Policy
     ) -> tuple[list[str], list[str]] | None:
         """The scopes of an event whose attribution bytes missed a memo, memoised under those bytes: its strings
-        decoded (so checked as the codec checks them). None if they do not decode or the event lacks a provider
-        or a requested model (the full path words why)."""
+        decoded (so checked as the codec checks them). None if they do not decode, the event lacks a provider
+        or a requested model, or a name cannot make a scope (the full path words why)."""
         fields = self._scope_fields.decode(value)
         if fields is None or not fields[0] or not fields[1]:
+            return None
+        if name_fields_problem(dict(zip(SCOPE_FIELDS, fields, strict=True))):
             return None
         upper = self._hierarchies.get(hierarchy)
         if upper is None:

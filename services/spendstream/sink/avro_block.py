@@ -38,7 +38,8 @@ from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
 
-from spendstream.core.events import DETAIL_FIELDS
+from spendstream.core.attribution import ATTRIBUTION_FIELDS, MAX_NAME_CHARS, WILDCARD_VALUE
+from spendstream.core.events import DETAIL_FIELDS, NAME_FIELDS
 
 # The verdict of a row that SQL does not judge: it takes the exact (Python) path. No reason
 # produced by ``usage_record_problem`` starts with this character.
@@ -249,6 +250,21 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
             f"concat('occurred_at ', {iso}, {_literal(f' is more than {max_future_skew} in the future')})",
         ),
         ("provider = '' OR model_requested = ''", "'missing provider or model_requested'"),
+        *(
+            (
+                f"lengthUTF8({_quote(name)}) > {MAX_NAME_CHARS}",
+                f"concat({_literal(f'{name} is longer than {MAX_NAME_CHARS} characters (')}, "
+                f"toString(lengthUTF8({_quote(name)})), ')')",
+            )
+            for name in NAME_FIELDS
+        ),
+        *(
+            (
+                f"{_quote(name)} = {_literal(WILDCARD_VALUE)}",
+                _literal(f"{name} '*' names every {name} (a policy template), not the one that made this call"),
+            )
+            for name in ATTRIBUTION_FIELDS
+        ),
         ("cost_nanos IS NULL", exact),  # valid but unpriced: Python prices it (core.pricing.price_record)
     ]
     return "multiIf(" + ", ".join(f"{cond}, {verdict}" for cond, verdict in branches) + ", '')"

@@ -211,6 +211,8 @@ _REASON_KINDS = (
     ("in the future", "future_occurred_at"),
     ("missing occurred_at", "missing_occurred_at"),
     ("missing provider or model_requested", "missing_provider_or_model"),
+    ("characters (", "name_too_long"),
+    ("(a policy template)", "template_value"),
     ("unknown model", "unknown_model"),
     ("the ledger refuses this record", "ledger_refused"),
 )
