@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.core.events import Action, lateness_problem
+from spendstream.core.events import Action, AlertKind, lateness_problem
 from spendstream.core.periods import period_window, tracked_series
 from spendstream.core.policy import parse_policy
 from spendstream.processor.applied_ids import AppliedIds
@@ -15,6 +15,7 @@ from spendstream.processor.decision_publisher import (
     FAR_REFRESH_S,
     SPEND_REFRESH_S,
     ScopeEvaluation,
+    alert_id_for,
     build_decision,
     decision_signature,
     evaluate_scope,
@@ -453,6 +454,26 @@ def test_a_shutoff_that_critical_features_still_spend_under_is_refreshed_with_it
     capped = shutoff("team:b", 150 * USD)
     assert capped.action is Action.shutoff and capped.hard_stop
     assert not needs_spend_refresh(capped, published, now + timedelta(hours=1))
+
+
+def test_a_threshold_of_an_increased_limit_is_a_new_crossing_with_its_own_alert_id() -> None:
+    """After an approved increase lifts a shutoff, reaching 80 % of the new limit must alert (and notify) again:
+    the crossing, and the alert id the ledger and the notifier deduplicate on, name the limit that was crossed."""
+    latest = {"month": MAR}
+    windows = {window_key("team:a", "month", MAR): (85 * USD, 1, 1)}
+    before = _evaluate(windows, latest)
+    raised = POLICY.model_copy(update={"budgets": [b.model_copy(update={"amount_nanos": 200 * USD})
+                                                   if b.period == "month" else b for b in POLICY.budgets]})  # fmt: skip
+    windows = {window_key("team:a", "month", MAR): (170 * USD, 2, 2)}  # 85 % of the new $200
+    after = evaluate_scope(
+        "team:a", latest, lambda k: windows.get(k, (0, 0, 0)), raised, datetime.fromtimestamp(MAR, UTC)
+    )
+    (first,) = [c for c in before.crossings if c.kind is AlertKind.threshold]
+    second = next(c for c in after.crossings if c.kind is AlertKind.threshold and c.limit_nanos == 200 * USD)
+    assert second.key != first.key and alert_id_for("team:a", second) != alert_id_for("team:a", first)
+    again = _evaluate({window_key("team:a", "month", MAR): (88 * USD, 3, 3)}, latest)
+    (same,) = [c for c in again.crossings if c.kind is AlertKind.threshold]
+    assert same.key == first.key  # the same limit crossed again in the same window: one alert
 
 
 CAPPED = parse_policy(

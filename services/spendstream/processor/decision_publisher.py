@@ -173,7 +173,9 @@ def evaluate_scope(
         capped = budget.hard_cap and evaluation.action is Action.allow
         if capped and (closest_cap is None or remaining < closest_cap[0]):
             closest_cap = (remaining, evaluation.reason, extra)
-        window_id = f"{budget.id}|{int(start.timestamp())}"
+        # the limit is part of what was crossed: after an approved increase, reaching a threshold of the new limit
+        # is a new crossing (alerted, notified), not the one already alerted at the old limit
+        window_id = f"{budget.id}|{int(start.timestamp())}|{budget.limit_nanos}"
         if evaluation.action is not Action.allow:
             verdict.crossings.append(
                 Crossing(
