@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from spendstream.analytics.budgets import load_budgets, policy_budget_lines
+from spendstream.analytics.budgets import load_budgets, monthly_increase, policy_budget_lines
 from spendstream.analytics.report_model import render
 from spendstream.analytics.report_registry import build_report
 from spendstream.core import topics
@@ -170,3 +170,20 @@ def test_forecast_compares_with_the_raised_budget(ledger: tuple[Any, Settings]) 
     assert finance["over_by"] == finance["forecast"] - 1500 * B
     # $300 left at $1,200 a week: 1.75 days after now, not "already exhausted" against the policy's $1,000.
     assert finance["exhausted_on"] == date(2026, 3, 18) == (NOW + timedelta(days=1.75)).date()
+
+
+def test_an_increase_of_a_day_or_week_budget_counts_for_the_days_it_covers_not_as_a_monthly_equivalent() -> None:
+    """A one-day $10 overage of a $100-a-day budget adds $10 to March, not 31 x $10 (the reports showed $310 of
+    increases for $10 approved); a one-week $70 increase of a week budget adds $10 for each of its days in March."""
+    at = utc("2026-03-10T12:00:00")
+    one_day = approved(asked("team:ops", 10, "2026-03-10", "2026-03-11", period="day"))[1]
+    assert monthly_increase(("team:ops", "day", 100 * B), [one_day], date(2026, 3, 1), at) == 10 * B
+    one_week = approved(asked("team:ops", 70, "2026-03-09", "2026-03-16", period="week"))[1]
+    assert monthly_increase(("team:ops", "week", 700 * B), [one_week], date(2026, 3, 1), at) == 70 * B
+    across = approved(asked("team:ops", 70, "2026-03-28", "2026-04-04", period="week"))[1]  # 4 of its days in March
+    assert monthly_increase(("team:ops", "week", 700 * B), [across], date(2026, 3, 1), utc("2026-03-29")) == 40 * B
+    standing = approved(asked("team:ops", 5, "2026-03-21", None, period="day"))[1]  # to the month's end: 11 days
+    assert monthly_increase(("team:ops", "day", 100 * B), [standing], date(2026, 3, 1), utc("2026-03-22")) == 55 * B
+    assert monthly_increase(("team:ops", "day", 100 * B), [one_day], date(2026, 3, 1), utc("2026-03-12")) == 0
+    month = approved(asked("team:finance", 500, "2026-03-01", "2026-04-01"))[1]
+    assert monthly_increase(("team:finance", "month", 1000 * B), [month], date(2026, 3, 1), at) == 500 * B

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from spendstream.analytics.money import first_of_month
+from spendstream.analytics.money import first_of_month, month_bounds
 from spendstream.core.budget_lifecycle import BudgetRequest, effective_limit
 from spendstream.core.matching import is_template
 from spendstream.core.periods import monthly_equivalent
@@ -56,10 +57,31 @@ def policy_budget_lines(policy: Any) -> list[BudgetLine]:
     return [(b.scope, str(b.period), b.limit_nanos) for b in policy.budgets]
 
 
-def monthly_increase(line: BudgetLine, requests: Iterable[BudgetRequest], month: date, at: datetime) -> int:
-    """What the adjustments in force at ``at`` add to the policy's budget ``line``, expressed for ``month`` (the
-    processor's limit at ``at`` minus the policy's amount). Only requests for exactly that scope and period count."""
+def monthly_increase(
+    line: BudgetLine, requests: Iterable[BudgetRequest], month: date, at: datetime, tz: str = "UTC"
+) -> int:
+    """What the adjustments in force at ``at`` add to the policy's budget ``line``, expressed for ``month``. Only
+    requests for exactly that scope and period count.
+
+    A month budget's increase counts once (the processor's limit at ``at`` minus the policy's amount). A day or week
+    budget's increase counts for the days of the month it covers, not as a monthly equivalent: a one-day $10 overage
+    of a day budget adds $10 to the month (its monthly equivalent, $310, was never approved), a one-week increase of
+    a week budget adds its amount for each of that week's days in the month, a seventh per day."""
     scope, period, limit_nanos = line
-    limit = effective_limit(limit_nanos, requests, scope, period, at)
-    assert limit is not None  # the policy declares this budget
-    return monthly_equivalent(period, limit, month) - monthly_equivalent(period, limit_nanos, month)
+    if period not in ("day", "week"):
+        limit = effective_limit(limit_nanos, requests, scope, period, at)
+        assert limit is not None  # the policy declares this budget
+        return monthly_equivalent(period, limit, month) - monthly_equivalent(period, limit_nanos, month)
+    start, end = month_bounds(month, tz)
+    zone = ZoneInfo(tz)
+    added = 0
+    for request in requests:
+        if request.scope != scope or request.period != period or not request.active_at(at):
+            continue
+        since, until = max(request.starts_at, start), min(request.expires_at or end, end)
+        if until <= since:
+            continue
+        days = (until - timedelta(microseconds=1)).astimezone(zone).date() - since.astimezone(zone).date()
+        covered = days.days + 1  # the local days of the month the increase raised the limit of
+        added += request.amount_nanos * covered if period == "day" else request.amount_nanos * covered // 7
+    return added

@@ -126,7 +126,7 @@ def team_budgets(ledger: Ledger, month: date, now: datetime) -> TeamBudgets:
     for scope, period, limit, monthly_limit in rows:
         team = scope.removeprefix("team:")
         policy[team] += int(monthly_limit)
-        increases[team] += monthly_increase((scope, period, int(limit)), requests, month, at)
+        increases[team] += monthly_increase((scope, period, int(limit)), requests, month, at, ledger.tz)
     return TeamBudgets(dict(policy), dict(increases), at, frozenset(str(row[1]) for row in rows))
 
 
