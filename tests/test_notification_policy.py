@@ -240,6 +240,13 @@ def test_an_alert_says_what_happened_spend_limit_what_edges_do_and_how_to_act() 
     assert "spendstream budget request" in text and "http://dash.example/" in text
     after_shutoff = alert_message(ALERT, NotificationKind.threshold, "shutoff", None)
     assert "requests are refused" in after_shutoff.edges
+    # a fallback alert read before its decision, the scope's newest still a hard cap's standing (an allow)
+    fallback = alert_message({**ALERT, "message": "fallback: team:growth at 90%"}, NotificationKind.threshold, "allow",
+                             None)  # fmt: skip
+    assert "routed to their cheaper fallback" in fallback.edges
+    assert "--period" not in text  # a month budget: the command's default
+    daily = alert_message({**ALERT, "period": "day"}, NotificationKind.threshold, None, None)
+    assert "spendstream budget request team:marketing AMOUNT --period day --until" in daily.text()
     stop = alert_message(
         {**ALERT, "kind": "spike", "severity": "critical"}, NotificationKind.emergency_stop, None, None
     )

@@ -141,7 +141,9 @@ def edge_effect(kind: NotificationKind, message: str, decision_action: str | Non
             "are exempt)"
         )
     action = decision_action
-    if action is None and kind is NotificationKind.threshold:
+    if action in (None, "allow") and kind is NotificationKind.threshold:
+        # the alert's own action: the scope's newest decision may still be the one before it (a hard cap's
+        # standing is an allow), since alerts and decisions arrive on two topics
         action = message.partition(":")[0].strip()
     if action in _ACTION_EFFECT:
         return _ACTION_EFFECT[action]
@@ -152,8 +154,9 @@ def edge_effect(kind: NotificationKind, message: str, decision_action: str | Non
     return "requests pass unchanged"
 
 
-def act_hint(kind: NotificationKind, scope: str, dashboard_url: str | None) -> str:
-    """The command (and link) that lets the recipient act."""
+def act_hint(kind: NotificationKind, scope: str, dashboard_url: str | None, period: str = "") -> str:
+    """The command (and link) that lets the recipient act (a budget request names the budget's period unless it is
+    the month, the command's default)."""
     if kind is NotificationKind.policy_rejected:
         command = (
             "fix the policy file and run `spendstream policy apply FILE` (`spendstream policy show` shows what is "
@@ -166,7 +169,8 @@ def act_hint(kind: NotificationKind, scope: str, dashboard_url: str | None) -> s
         command = f"see where the spend goes with `spendstream report top --by {by}`"
         if kind in (NotificationKind.threshold, NotificationKind.forecast):
             command += (
-                f"; ask for more with `spendstream budget request {scope} AMOUNT --until YYYY-MM-DD --reason WHY` "
+                f"; ask for more with `spendstream budget request {scope} AMOUNT"
+                f"{f' --period {period}' if period and period != 'month' else ''} --until YYYY-MM-DD --reason WHY` "
                 "(`--overage` once it is spent; an approver grants it with `spendstream budget approve ID`)"
             )
         elif kind is NotificationKind.quota:
@@ -202,7 +206,7 @@ def alert_message(
         spend_nanos=spend if has_money else None,
         limit_nanos=limit if has_money and limit else None,
         edges=edge_effect(kind, str(alert["message"]), decision_action),
-        act=act_hint(kind, alert["scope"], dashboard_url),
+        act=act_hint(kind, alert["scope"], dashboard_url, str(alert.get("period") or "")),
         occurred_at=alert.get("occurred_at"),
     )
 
