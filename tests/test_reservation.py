@@ -20,7 +20,7 @@ from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.edge.reservation import Refusal, Reservation, ReservationBook
 from spendstream.gateway.app import Gateway, GatewayThread
-from stub_upstream import StubUpstream, publish_decisions, wait_for
+from stub_upstream import StubUpstream, publish_decisions, publish_heartbeat, wait_for
 from test_gateway import gateway_config, http, read_usage
 
 SCOPE = ("team:web",)
@@ -63,6 +63,7 @@ def test_an_edge_passes_its_share_of_what_remains_by_less_than_one_request(
 @given(limit=st.integers(1, 10_000), estimate=st.integers(1, 20_000))
 def test_a_released_reservation_gives_its_budget_back(limit: int, estimate: int) -> None:
     book = ReservationBook()
+    book.standing_known = True
     book.observe("team:web", 0, limit, issued_at=0.0)
     first = book.reserve(SCOPE, lambda: estimate, 1.0)
     assert isinstance(first, Reservation) and first.nanos == estimate
@@ -125,6 +126,7 @@ def test_a_budget_period_that_ended_holds_nothing() -> None:
     """The processor publishes no decision for a new period that starts at plain allow: the ledger of the old
     period must not refuse requests of the new one."""
     book = ReservationBook()
+    book.standing_known = True
     book.observe("team:web", 1_000, 1_000, issued_at=100.0, expires_at=200.0)
     assert book.reserve(SCOPE, lambda: 500, 150.0).scope == "team:web"
     held = book.reserve(SCOPE, lambda: 500, 200.0)
@@ -144,6 +146,9 @@ def test_a_hard_cap_holds_its_scope_from_the_first_request_before_any_decision()
     decision replaces that assumption with the processor's spend, and the ledger ends with its period."""
     book = ReservationBook(margin_s=0.5)
     book.set_caps(_Caps())
+    starting = book.reserve(SCOPE, lambda: 300, 100.0)  # no processor has reported since this edge started
+    assert isinstance(starting, Refusal) and starting.starting and starting.limit_nanos == 1_000
+    book.standing_known = True  # (the Enforcer sets it at the first processor heartbeat it reads)
     served = 0
     while isinstance(held := book.reserve(SCOPE, lambda: 300, 100.0), Reservation):
         book.settle(held, 300, at=100.0)
@@ -160,6 +165,7 @@ def test_a_hard_cap_holds_its_scope_from_the_first_request_before_any_decision()
 
 def test_a_hard_cap_the_policy_no_longer_has_holds_nothing() -> None:
     book = ReservationBook()
+    book.standing_known = True
     book.set_caps(_Caps())
     book.settle(book.reserve(SCOPE, lambda: 900, 100.0), 1_000, at=100.0)
     assert book.reserve(SCOPE, lambda: 300, 100.0).scope == "team:web"
@@ -171,6 +177,7 @@ def test_a_hard_cap_the_policy_no_longer_has_holds_nothing() -> None:
 def test_a_decision_in_flight_when_the_cap_opened_still_replaces_it() -> None:
     """A ledger opened from the policy knows nothing of the scope's spend: any decision is newer news."""
     book = ReservationBook(margin_s=0.5)
+    book.standing_known = True
     book.set_caps(_Caps())
     book.settle(book.reserve(SCOPE, lambda: 100, 100.0), 100, at=100.0)
     book.observe("team:web", spend_nanos=950, limit_nanos=1_000, issued_at=99.0, expires_at=200.0)
@@ -182,6 +189,7 @@ def test_a_critical_feature_is_held_by_hard_caps_alone() -> None:
     budget counts its requests but does not refuse them, and names itself once used up (the caller throttles);
     a hard cap refuses it."""
     book = ReservationBook()
+    book.standing_known = True
     book.set_caps(_Caps())  # team:web has a hard cap, team:app an ordinary budget
     book.observe("team:app", 900, 1_000, issued_at=100.0, expires_at=200.0)
     app = ("team:app",)
@@ -310,6 +318,12 @@ def test_a_burst_under_a_hard_cap_is_held_to_the_cap_before_any_decision(
 
     try:
         with GatewayThread(gateway) as running, ThreadPoolExecutor(8) as pool:
+            # before any processor reported, the cap's spend is unknown (a restart): refused until one does
+            status, headers, answer = http(running.url + "/v1/chat/completions", body)
+            assert (status, headers["Retry-After"], headers["X-Spendstream-Scope"]) == (503, "2", "team:marketing")
+            assert "not known yet" in json.loads(answer)["error"]["message"]
+            publish_heartbeat(settings.kafka_bootstrap)
+            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
             statuses = [s for one in pool.map(client, [running.url] * 8) for s in one]
     finally:
         emitter.close(10)

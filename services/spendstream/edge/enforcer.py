@@ -697,6 +697,7 @@ class Enforcer:
             log.warning("ignoring undecodable processor heartbeat: %s", exc)
             return
         at = beat.issued_at.timestamp()
+        self.reservations.standing_known = True  # hard caps may open from the policy: the processor has reported
         if self._alive_at is None or at >= self._alive_at:
             self._alive_at = at
             self.processor_policy_version = beat.policy_version

@@ -86,6 +86,7 @@ class Refusal:
     limit_nanos: int
     throttle_rps: float | None = None  # a critical feature's request over its throttle (the budget used up)
     retry_after_s: float | None = None  # with ``throttle_rps``: when the next one may go
+    starting: bool = False  # a hard cap whose spend no processor has reported since this edge started
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,10 @@ class ReservationBook:
         self.margin_s = margin_s
         self.ledgers: dict[str, ScopeLedger] = {}
         self.caps: HardCapLimits | None = None  # the policy's hard caps, for scopes no decision has told yet
+        # Whether a processor has reported since this edge started (its heartbeat, which it sends once its spend
+        # windows are restored): before that, "no decision" may mean "not republished yet" (an embedded broker
+        # restarts empty), so a hard cap is not opened from the policy on the assumption that nothing is spent.
+        self.standing_known = False
         # Every request settled in the last RECENT_S (at, cost, scopes): the first decision of a scope (its alert)
         # may have been issued before this edge's latest requests of that scope were counted.
         self.recent: deque[tuple[float, int, tuple[str, ...]]] = deque()
@@ -176,6 +181,8 @@ class ReservationBook:
                 if opening is None:
                     continue
                 limit, start, end = opening
+                if not self.standing_known:
+                    return Refusal(scope, False, None, 0, 0, limit, starting=True)
                 ledger = self._open(scope, 0, limit, UNKNOWN, end, start)
             elif critical and opening is None:
                 throttling.add(scope)

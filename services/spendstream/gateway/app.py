@@ -251,6 +251,12 @@ def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
     or lifts it; never the period's end on this gateway's word alone. The message gives the processor's figure
     and this gateway's count apart: the count may include requests the decision had counted already."""
     limit = usd_text(refusal.limit_nanos)
+    if refusal.starting:
+        reason = (
+            f"the spend of this hard cap of {limit} is not known yet: no spend processor has reported since this "
+            "gateway started (it reports once its budgets are restored); retry in a few seconds"
+        )
+        return Verdict("unavailable", model, SPEND_REFRESH_S, reason, refusal.scope)
     if refusal.decided_nanos is None:
         standing = f"no spend reported by the processor yet for this hard cap of {limit}"
     else:

@@ -207,6 +207,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         kafka_conf, usage_group(config.app_id), config.batch_size, config.batch_within_s, stage1.process, out1
     )
 
+    restored = asyncio.Event()  # set once this worker's windows are restored (rebuilt from the ledger if lost)
+
     @partials.on_recover
     async def start_stage1() -> None:
         """Faust restored this worker's active partials: read the matching usage partitions from here on."""
@@ -230,6 +232,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             starts = await asyncio.to_thread(rebuild)
         if mine:
             reader.start(mine, starts)
+        restored.set()
 
     @app.on_partitions_revoked.connect
     async def stop_stage1(_app: faust.App, _revoked: set[TP], **_: Any) -> None:
@@ -250,8 +253,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
 
     @app.timer(config.heartbeat_interval_s)
     async def heartbeat() -> None:
-        """From the event loop stage 2 runs on, so a worker whose loop is stuck stops proving it is alive."""
-        heartbeats.beat()
+        """From the event loop stage 2 runs on, so a worker whose loop is stuck stops proving it is alive; the first
+        once its windows are restored, so that an edge opens a hard cap only on spend this worker knows (after an
+        embedded broker's restart, the decisions are republished only from the rebuilt windows)."""
+        if restored.is_set():
+            heartbeats.beat()
 
     @app.on_before_shutdown.connect
     async def stop_heartbeats(_app: faust.App, **_: Any) -> None:
