@@ -260,3 +260,25 @@ def test_report_totals_beyond_int64_are_exact(api_settings: Settings, shared_cli
         assert min(v for k, v in saving.items() if k.endswith("_nanos") and v is not None) >= 0
 
     run(_with_client(api_settings, shared_client, body))
+
+
+def test_an_unknown_model_the_policy_rejects_is_refused_at_ingest_naming_it(
+    api_settings: Settings, shared_client: Any, tmp_path: Any
+) -> None:
+    """With ``pricing.unknown_model: reject`` the processor dead-letters an unpriced event of an unknown model; the
+    API refuses it with 400 and the reason instead of a 202 whose events then vanish into the DLQ."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: strict\npricing: {unknown_model: reject}\n")
+    settings = api_settings.model_copy(update={"policy": policy})
+    unknown = event(model_requested="gpt-9-turbo", cost_nanos=None)
+    priced = event(model_requested="gpt-9-turbo", cost_nanos=5)  # a cost the client sends is its own word
+
+    async def body(http: TestClient) -> None:
+        refused = await http.post("/v1/usage", json=[event(cost_nanos=None), unknown], headers=ADMIN)
+        assert refused.status == 400, await refused.text()
+        (problem,) = (await refused.json())["problems"]
+        assert problem["index"] == 1 and problem["field"] == "model_requested"
+        assert "gpt-9-turbo" in problem["message"] and "unknown_model: reject" in problem["message"]
+        assert (await http.post("/v1/usage", json=[priced, event(cost_nanos=None)], headers=ADMIN)).status == 202
+
+    run(_with_client(settings, shared_client, body))

@@ -58,6 +58,7 @@ from spendstream.core.events import (
 from spendstream.core.http_server_log import quiet_client_body_errors
 from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, query_spend
 from spendstream.core.metrics import API_INGEST_EVENTS, API_INGEST_REQUESTS, instrument_app
+from spendstream.core.pricing import PriceTable, UnknownModelError, price_record
 from spendstream.gateway.keys import hash_key
 from spendstream.notifier.store import list_notifications
 
@@ -210,6 +211,11 @@ async def post_usage(request: web.Request) -> web.Response:
         API_INGEST_REQUESTS.labels("forbidden").inc()
         return _error(403, f"{len(refused)} event(s) outside this token's scope; nothing was accepted",
                       problems=refused)  # fmt: skip
+    rejected = unpriceable(events, (await request.app[OTLP_POLICY].current()).prices)
+    if rejected:
+        API_INGEST_REQUESTS.labels("invalid").inc()
+        problems = [{"index": i, "field": field_of("model_requested"), "message": why} for i, why in rejected]
+        return _error(400, f"{len(problems)} problem(s); nothing was accepted", problems=problems)
     failures = await asyncio.to_thread(_publish, request.app[PRODUCER], request.app[CODEC], events)
     if failures:
         API_INGEST_REQUESTS.labels("unacknowledged").inc()
@@ -326,6 +332,26 @@ def _dead_letter(producer: Any, rejected: list[otlp.RejectedSpan]) -> list[str]:
     if producer.flush(15):
         failed.append("unacknowledged dead letters")
     return failed
+
+
+def unpriceable(events: list[UsageEvent], prices: PriceTable | None) -> list[tuple[int, str]]:
+    """(index, why) of the events without ``cost_nanos`` whose model the policy in force neither prices nor lets
+    through (``pricing.unknown_model: reject``): refused here, with the reason, rather than accepted with 202 and
+    dead-lettered by the processor where only its log would say so."""
+    if prices is None:
+        return []
+    refused = []
+    for i, event in enumerate(events):
+        if event.cost_nanos is not None:
+            continue
+        try:
+            price_record(event.__dict__, event.occurred_at, prices)
+        except UnknownModelError as exc:
+            refused.append((i, f"{exc}; the policy rejects unpriced models (pricing.unknown_model: reject): send "
+                               "cost_nanos, or add the model to the policy's price overrides"))  # fmt: skip
+        except ValueError:  # an overflow and the like: the processor words it
+            continue
+    return refused
 
 
 def _publish(producer: Any, codec: AvroCodec, events: list[UsageEvent]) -> list[str]:

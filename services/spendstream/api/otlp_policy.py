@@ -16,6 +16,7 @@ from aiohttp import web
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.otlp_attribution import DEFAULT_OTLP_ATTRIBUTION, OtlpAttribution
 from spendstream.core.policy import Policy, PolicyError, load_policy
+from spendstream.core.pricing import PriceTable
 
 FIRST_READ_TIMEOUT_S = 5.0
 
@@ -24,10 +25,11 @@ FIRST_READ_TIMEOUT_S = 5.0
 class OtlpView:
     attribution: OtlpAttribution = DEFAULT_OTLP_ATTRIBUTION
     project_teams: Mapping[str, str] = field(default_factory=dict)
+    prices: PriceTable | None = None  # the policy's price table: ingest refuses what the processor would reject
 
     @classmethod
     def of(cls, policy: Policy) -> OtlpView:
-        return cls(policy.otlp or DEFAULT_OTLP_ATTRIBUTION, dict(policy.projects))
+        return cls(policy.otlp or DEFAULT_OTLP_ATTRIBUTION, dict(policy.projects), policy.price_table)
 
 
 class OtlpPolicy:
