@@ -201,6 +201,7 @@ def api_cases() -> list[tuple[str, bytes, str, int]]:
         ("deep-object", deep_tags.encode(), "application/json", 400),
         ("lone-surrogate-team", with_fields(team="\ud800x"), "application/json", 400),
         ("lone-surrogate-tag-key", with_fields(tags={"\udfff": "v"}), "application/json", 400),
+        ("blocked-with-a-cost", with_fields(status="blocked", cost_nanos=5 * 10**9), "application/json", 400),
         ("template-user", with_fields(user="*"), "application/json", 400),  # user:* would shut off every user
         ("template-customer", with_fields(customer="*"), "application/json", 400),
         ("spaced-team", with_fields(team="product "), "application/json", 400),

@@ -98,7 +98,7 @@ def problem_for(old: str, new: str) -> str:
 def test_a_secret_value_is_refused_and_errors_name_file_line_and_field() -> None:
     # a Slack URL is a credential: only the name of the variable that holds it may be in the policy
     text = problem_for("{kind: slack, url_env: MKT_SLACK_URL}", "{kind: slack, url: https://hooks.slack.com/T/B/x}")
-    assert "n.yaml:10: notifications.channels.mkt-slack.slack.url: Extra inputs are not permitted" in text
+    assert "n.yaml:10: notifications.channels.mkt-slack.slack.url: unknown field 'url' (did you mean url_env?)" in text
     text = problem_for("password_env: SMTP_PASSWORD", "password_env: hunter2-secret!")
     assert "n.yaml:6: notifications.smtp.password_env: expected the NAME of an environment variable" in text
     text = problem_for('url: "https://hooks.acme.example/x"', 'url: "https://user:pw@hooks.acme.example/x"')

@@ -95,7 +95,10 @@ def test_error_names_file_line_and_field() -> None:
         ("budgets:\n  - scope: team:x\n", "p.yaml:2: budgets.0: amount_usd (or amount_nanos) is required"),
         ("budgets:\n  - scope: team:x\n    amount_usd: -1\n", "p.yaml:2: budgets.0: amount_usd must not be negative"),
         ("thresholds:\n  alert: 0.95\n  fallback: 0.9\n", "p.yaml:2: thresholds: thresholds must satisfy"),
-        ("quotas:\n  - scope: user:*\n    requests_per_dya: 5\n", "p.yaml:3: quotas.0.requests_per_dya: Extra inputs"),
+        (
+            "quotas:\n  - scope: user:*\n    requests_per_dya: 5\n",
+            "p.yaml:3: quotas.0.requests_per_dya: unknown field 'requests_per_dya' (did you mean requests_per_day?)",
+        ),
         (
             "spike_rules:\n  - {name: s, kind: daily, scope: 'team:*', action: emergency_stop}\n",
             "p.yaml:2: spike_rules.0: action emergency_stop stops non-critical features",
@@ -277,3 +280,14 @@ def test_a_configured_timezone_other_than_the_policys_is_a_warning_at_validate()
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "SPENDSTREAM_TIMEZONE": "Asia/Kolkata"})  # fmt: skip
     assert done.returncode == 0 and "warning: SPENDSTREAM_TIMEZONE is Asia/Kolkata" in done.stderr, done.stderr
+
+
+def test_a_misspelt_field_is_named_with_the_field_it_is_most_likely_a_typo_of() -> None:
+    """Not pydantic's "Extra inputs are not permitted": which field, where, and what was probably meant."""
+    text = 'budgets:\n  - {scope: "team:a", period: month, amout_usd: 5}\nthreshholds: {alert: 0.5}\nzzz: 1\n'
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "p.yaml")
+    problems = str(caught.value)
+    assert "p.yaml:2: budgets.0.amout_usd: unknown field 'amout_usd' (did you mean amount_usd?)" in problems
+    assert "p.yaml:3: threshholds: unknown field 'threshholds' (did you mean thresholds?)" in problems
+    assert "p.yaml:4: zzz: unknown field 'zzz'" in problems and "Extra inputs" not in problems

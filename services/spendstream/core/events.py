@@ -19,7 +19,7 @@ from enum import StrEnum
 from operator import itemgetter
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 
 from spendstream.core.attribution import (
     ATTRIBUTION_FIELDS,
@@ -155,6 +155,16 @@ class UsageEvent(_AvroModel):
     service_tier: str = ""
 
     _utc = field_validator("occurred_at")(_as_utc)
+
+    @field_validator("status")
+    @classmethod
+    def _blocked_costs_nothing(cls, status: UsageStatus, info: ValidationInfo) -> UsageStatus:
+        """A call the edge refused reached no model: a cost on it would be spend that never happened (counted
+        against its budgets and charged back). Cost is declared before status, so it is validated by now."""
+        cost = info.data.get("cost_nanos")
+        if status is UsageStatus.blocked and cost:
+            raise ValueError(f"a blocked call reached no model and costs nothing, but cost_nanos is {cost}")
+        return status
 
     @property
     def attribution(self) -> Attribution:

@@ -19,16 +19,19 @@ Scopes are ``dimension:value``; ``dimension:*`` is a template that gives every v
 
 from __future__ import annotations
 
+import difflib
+import functools
 import gc
 import hashlib
 import json
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import yaml
@@ -758,8 +761,32 @@ def _parse_policy(text: str, source_name: str) -> Policy:
             line = node.start_mark.line + 1 if node is not None else 1
             field = ".".join(str(p) for p in loc) or "(policy)"
             message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden" and loc:
+                known = [name for name in _policy_field_names() if name != loc[-1]]  # (a field of another section)
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                message = f"unknown field {loc[-1]!r}" + (f" (did you mean {close[0]}?)" if close else "")
             problems.append(f"{source_name}:{line}: {field}: {message}")
         raise PolicyError(problems) from None
+
+
+@functools.cache
+def _policy_field_names() -> tuple[str, ...]:
+    """Every field name a policy may use, at any depth: what an unknown field is most likely a typo of."""
+    names: set[str] = set()
+    pending: list[Any] = [Policy]
+    seen: set[Any] = set()
+    while pending:
+        annotation = pending.pop()
+        if annotation in seen:
+            continue
+        seen.add(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for name, info in annotation.model_fields.items():
+                names.add(info.alias or name)
+                pending.append(info.annotation)
+        else:
+            pending.extend(typing.get_args(annotation))
+    return tuple(sorted(names))
 
 
 def load_policy(path: str | Path) -> Policy:
