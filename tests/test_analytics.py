@@ -254,6 +254,7 @@ def test_reports_render_in_every_format(seeded: reports.Ledger, offline_settings
     csv_text = render(report, "csv")
     assert csv_text.splitlines()[0].startswith("department,budget_usd,actual_usd")
     assert "engineering,12000.000000000,1160.000000000,10840.000000000,0.0967,2.912133898,1162.912133898" in csv_text
+    assert len(csv_text.splitlines()) == 1 + len(report.rows) and "TOTAL" not in csv_text  # summing it adds up
     doc = json.loads(render(report, "json"))
     assert doc["rows"][0]["chargeback_nanos"] == 1160 * B + 2_912_133_898
     assert doc["totals"]["chargeback_usd"] == "1198.000000007"

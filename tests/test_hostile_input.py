@@ -338,6 +338,7 @@ def gateway_cases(good: dict[str, Any]) -> list[tuple[str, bytes, dict[str, str]
         ("model-of-a-megabyte", json.dumps({**good, "model": "m" * 257}).encode(), {}, 400),
         ("stream-one", json.dumps({**good, "stream": 1}).encode(), {}, 400),  # served, unmetered, by lax upstreams
         ("stream-text", json.dumps({**good, "stream": "true"}).encode(), {}, 400),
+        ("stream-null", json.dumps({**good, "stream": None}).encode(), {}, 200),  # the API's default, as OpenAI's
     ]
 
 

@@ -158,11 +158,12 @@ def render_table(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
+    """One line per row, no TOTAL line: a spreadsheet that sums a column would count every figure twice (the
+    table and JSON formats carry the totals)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([f"{c.key}_usd" if c.kind == "usd" else c.key for c in report.columns])
-    rows = report.rows + ([report.totals] if report.totals is not None else [])
-    for row in rows:
+    for row in report.rows:
         writer.writerow([_csv_cell(c.kind, row.get(c.key)) for c in report.columns])
     return buf.getvalue()
 

@@ -150,7 +150,7 @@ def parse_batch(
         except ValidationError as exc:
             for error in exc.errors():
                 field = ".".join(str(p) for p in error["loc"]) or None
-                problems.append({"index": index, "field": field, "message": error["msg"]})
+                problems.append({"index": index, "field": field, "message": error["msg"].removeprefix("Value error, ")})
             continue
         field = _unencodable_field(event)
         if field is not None:

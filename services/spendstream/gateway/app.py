@@ -846,8 +846,9 @@ class Gateway:
         if len(model) > MAX_NAME_CHARS:
             return None, b"", _Refusal(400, f"the model parameter is longer than {MAX_NAME_CHARS} characters")
         for flag in ("stream", "background"):  # a truthy non-boolean would be served unmetered by a lax upstream
-            if flag in body and not isinstance(body[flag], bool):
-                return None, b"", _Refusal(400, f"'{flag}' must be a boolean, got {type(body[flag]).__name__}")
+            value = body.get(flag)
+            if value is not None and not isinstance(value, bool):
+                return None, b"", _Refusal(400, f"'{flag}' must be true or false, got {json.dumps(value)[:40]}")
         return body, raw, None
 
     def _blocked(self, verdict: Verdict, anthropic: bool) -> Response:
