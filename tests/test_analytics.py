@@ -326,3 +326,20 @@ def test_money_edges() -> None:
         money.nanos_from_usd("0.0000000001")
     assert monthly_equivalent("quarter", 9 * B, date(2026, 2, 1)) == 3 * B
     assert monthly_equivalent("day", 1, date(2026, 2, 1)) == 28
+
+
+def test_a_team_with_several_budgets_is_held_by_the_tightest_in_reports_and_views(seeded: reports.Ledger) -> None:
+    """$100 a day and $12,000 a month allow $3,000 in April: the team's budget is the tightest monthly equivalent,
+    not the sum of its budgets ($15,000), in the chargeback, the forecast and the SQL views alike."""
+    april = date(2026, 4, 1)
+    lines = [("team:engineering", "day", 100 * B), ("team:engineering", "month", 12_000 * B)]
+    load_budgets(seeded.client, DB, [*lines, ("team:sales", "month", 500 * B)], april, "pv-4")
+    chargeback = reports.chargeback(seeded, april, datetime(2026, 4, 10, tzinfo=UTC))
+    assert by(chargeback, "department")["engineering"]["budget"] == 3_000 * B
+    assert chargeback.totals["budget"] == 3_500 * B
+    view = dict(seeded.client.query(
+        f"SELECT department, budget_nanos FROM {DB}.chargeback_monthly WHERE month = '2026-04-01'"
+    ).result_rows)  # fmt: skip
+    assert view == {"engineering": 3_000 * B, "sales": 500 * B}
+    forecast = reports.forecast(seeded, datetime(2026, 4, 10, tzinfo=UTC))
+    assert by(forecast, "team")["engineering"]["budget"] == 3_000 * B

@@ -113,7 +113,8 @@ def approved_requests(ledger: Ledger) -> list[BudgetRequest]:
 
 def team_budgets(ledger: Ledger, month: date, now: datetime) -> TeamBudgets:
     """``month``'s team budgets as loaded from the policy, with the approved increases in force at
-    ``budget_instant(month, now)``."""
+    ``budget_instant(month, now)``. A team with several budgets (a day's and a month's) is held by the tightest of
+    them over the month: that one is its budget, not their sum ($1 a day and $100 a month allow $31 in March)."""
     at = budget_instant(month, now, ledger.tz)
     rows = ledger.rows(
         "SELECT scope, period, limit_nanos, monthly_limit_nanos FROM {db}.budgets FINAL "
@@ -121,13 +122,15 @@ def team_budgets(ledger: Ledger, month: date, now: datetime) -> TeamBudgets:
         month=first_of_month(month),
     )
     requests = approved_requests(ledger) if rows else []
-    policy: dict[str, int] = defaultdict(int)
-    increases: dict[str, int] = defaultdict(int)
+    binding: dict[str, tuple[int, int]] = {}  # team -> (policy amount, increases) of its tightest budget
     for scope, period, limit, monthly_limit in rows:
         team = scope.removeprefix("team:")
-        policy[team] += int(monthly_limit)
-        increases[team] += monthly_increase((scope, period, int(limit)), requests, month, at, ledger.tz)
-    return TeamBudgets(dict(policy), dict(increases), at, frozenset(str(row[1]) for row in rows))
+        candidate = (int(monthly_limit), monthly_increase((scope, period, int(limit)), requests, month, at, ledger.tz))
+        if team not in binding or sum(candidate) < sum(binding[team]):
+            binding[team] = candidate
+    policy = {team: amount for team, (amount, _) in binding.items()}
+    increases = {team: added for team, (_, added) in binding.items()}
+    return TeamBudgets(policy, increases, at, frozenset(str(row[1]) for row in rows))
 
 
 def monthly_equivalents_note(periods: frozenset[str]) -> list[str]:
