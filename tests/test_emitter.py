@@ -147,7 +147,7 @@ def _varied_events() -> list[UsageEvent]:
         UsageEvent(
             occurred_at=datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
             org="ακμή",
-            division="d" * 300,
+            division="d" * 256,  # the longest name an event may carry
             team="t",
             project="p",
             feature="f",

@@ -32,7 +32,7 @@ KEY = "sk-ss-test-marketing"
 HEADER_KEY = "sk-ss-test-platform"
 KEYS = [
     VirtualKey(sha256=hash_key(KEY), name="mkt", org="acme", team="marketing", feature="ai_chatbot", user="u1"),
-    VirtualKey(sha256=hash_key(HEADER_KEY), name="platform", org="acme", allow_header_attribution=True),
+    VirtualKey(sha256=hash_key(HEADER_KEY), name="platform", team="platform", allow_header_attribution=True),
 ]
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "four words of prompt"}], "max_tokens": 5}
 
@@ -148,7 +148,8 @@ def test_each_request_becomes_one_usage_event(gateway: GatewayThread, broker: Em
     status, _, streamed = http(gateway.url + "/v1/messages", {**message, "stream": True})
     assert status == 200 and b"message_stop" in streamed
     assert http(gateway.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["x y z"]})[0] == 200
-    headers = {"X-Spendstream-Team": "search", "X-Spendstream-User": "u9", "X-Spendstream-Feature": "ai_lead_scorer"}
+    # headers refine what the key leaves open (its team may be repeated, not changed)
+    headers = {"X-Spendstream-Team": "platform", "X-Spendstream-User": "u9", "X-Spendstream-Feature": "ai_lead_scorer"}
     assert (
         http(gateway.url + "/v1/completions", {"model": "gpt-4o-mini", "prompt": "p q"}, HEADER_KEY, headers)[0] == 200
     )
@@ -181,7 +182,7 @@ def test_each_request_becomes_one_usage_event(gateway: GatewayThread, broker: Em
         "mkt",
     )
     refined = by_shape[("gpt-4o-mini", "completions", 8)]
-    assert (refined["team"], refined["user"], refined["feature"]) == ("search", "u9", "ai_lead_scorer")
+    assert (refined["team"], refined["user"], refined["feature"]) == ("platform", "u9", "ai_lead_scorer")
     assert all("four words" not in json.dumps(e, default=str) for e in events)  # no prompt text in events
 
 
