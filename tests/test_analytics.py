@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -343,3 +343,18 @@ def test_a_team_with_several_budgets_is_held_by_the_tightest_in_reports_and_view
     assert view == {"engineering": 3_000 * B, "sales": 500 * B}
     forecast = reports.forecast(seeded, datetime(2026, 4, 10, tzinfo=UTC))
     assert by(forecast, "team")["engineering"]["budget"] == 3_000 * B
+
+
+def test_the_forecast_says_what_the_edges_do_to_a_team_now(seeded: reports.Ledger) -> None:
+    """A team held by a day or week budget can be shut off today while its month looks far from its budget: the
+    forecast names the restriction in force (the newest decision on the team, unexpired, not an allow)."""
+    columns = ["scope", "action", "reason", "spend_nanos", "limit_nanos", "period", "version", "issued_at",
+               "expires_at", "policy_version"]  # fmt: skip
+    later = NOW + timedelta(hours=6)
+    seeded.client.insert(f"{DB}.decisions", [
+        ["team:sales", "shutoff", "week budget used", 1_400 * B, 1_400 * B, "week", 2, NOW, later, "pv-1"],
+        ["team:marketing", "alert", "80 %", 1, 1, "month", 3, NOW - timedelta(days=30), NOW - timedelta(days=1), "pv"],
+    ], column_names=columns)  # fmt: skip
+    rows = by(reports.forecast(seeded, NOW), "team")
+    assert rows["sales"]["edges_now"] == "shutoff (week)"
+    assert rows["marketing"]["edges_now"] == rows["engineering"]["edges_now"] == ""  # expired; never restricted

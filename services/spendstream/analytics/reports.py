@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
@@ -478,6 +479,7 @@ FORECAST_COLUMNS = [
     Column("exhausted_on", "Budget runs out", "date"),
     Column("policy_budget", "Policy budget", "usd"),
     Column("increase", "Approved increases", "usd"),
+    Column("edges_now", "Edges now"),
 ]
 RUN_RATE_DAYS = 7
 
@@ -489,9 +491,11 @@ def forecast_rows(
     now: datetime,
     month_end: datetime,
     tz: str,
+    edges_now: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Month-end forecast per team from month-to-date spend and the trailing 7-day run rate, against the budget in
-    force (policy + approved increases)."""
+    force (policy + approved increases); ``edges_now`` is what the edges do to a team now where it is restricted
+    (a team held by a day budget can be shut off today while its month looks far from its budget)."""
     limits = budgets.limits()
     window_seconds = RUN_RATE_DAYS * 86_400
     run_rate_span = timedelta(days=RUN_RATE_DAYS)
@@ -513,6 +517,7 @@ def forecast_rows(
                 "exhausted_on": local_date(runs_out, tz) if runs_out is not None and runs_out < month_end else None,
                 "policy_budget": budgets.policy.get(team, 0),
                 "increase": budgets.increases.get(team, 0),
+                "edges_now": (edges_now or {}).get(team, ""),
             }
         )
     return rows
@@ -524,7 +529,12 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
     actual = _spend_by(ledger, "team", start, now)
     window = _spend_by(ledger, "team", now - timedelta(days=RUN_RATE_DAYS), now)
     budgets = team_budgets(ledger, month, now)
-    rows = forecast_rows(budgets, actual, window, now, end, ledger.tz)
+    restricted = {
+        d["scope"].removeprefix("team:"): f"{d['action']} ({d['period']})" if d["period"] else str(d["action"])
+        for d in active_decisions(ledger, now)
+        if d["scope"].startswith("team:")
+    }
+    rows = forecast_rows(budgets, actual, window, now, end, ledger.tz, restricted)
     totals = {
         "team": "TOTAL",
         **{
@@ -544,6 +554,7 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
             f"forecast = month to date + trailing {RUN_RATE_DAYS}-day spend x remaining time / {RUN_RATE_DAYS} days",
             budgets_note(budgets, now),
             *monthly_equivalents_note(budgets.periods),
+            "edges now = the newest decision on the team where it restricts its requests (and the budget period)",
         ],
     )
 
