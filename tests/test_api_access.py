@@ -86,9 +86,11 @@ def api(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[RunningApi]:
     """``spendstream api`` as a user starts it, on a free port, owning the embedded ledger of its data dir."""
     port = free_port()
     data_dir = tmp_path / "stack-a"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: access\norg: acme\n")
     env = base_env(
         data_dir, SPENDSTREAM_KAFKA_BOOTSTRAP=broker.bootstrap, SPENDSTREAM_API_PORT=str(port),
-        SPENDSTREAM_ADMIN_TOKEN=ADMIN_TOKEN, SPENDSTREAM_API_HEADER_TIMEOUT_S="1",
+        SPENDSTREAM_ADMIN_TOKEN=ADMIN_TOKEN, SPENDSTREAM_API_HEADER_TIMEOUT_S="1", SPENDSTREAM_POLICY=str(policy),
     )  # fmt: skip
     log = (tmp_path / "api.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "spendstream.cli", "api"], env=env, stdout=log, stderr=log)
@@ -162,6 +164,9 @@ def test_ingest_needs_a_token_json_and_the_token_scope(api: RunningApi, broker: 
     other_division = post_json(api.port, event(division="engineering"), marketing)
     assert other_division.status == 403
     assert other_division.json()["problems"][0]["field"] == "division"
+    # Nor another org: it would step out of the org's budgets and hard caps the same way.
+    other_org = post_json(api.port, event(org="shadow"), marketing)
+    assert other_org.status == 403 and other_org.json()["problems"][0]["field"] == "org"
     # A token limited to its features and customers cannot burn another feature's or customer's budget.
     chatbot = create_token(api.env, "--role", "ingest", "--team", "marketing", "--feature", "chatbot",
                            "--customer", "acme")  # fmt: skip

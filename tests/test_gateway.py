@@ -451,11 +451,13 @@ def test_a_request_without_org_or_division_is_attributed_as_the_policy_places_it
 
     policy = parse_policy("org: acme\ndivisions: {growth: [marketing]}\n")
     attribution = {"team": "marketing"}
-    fill_from_policy(attribution, policy)
+    assert fill_from_policy(attribution, policy) is None
     assert attribution == {"team": "marketing", "division": "growth", "org": "acme"}
-    named = {"team": "marketing", "org": "other", "division": "own"}
-    fill_from_policy(named, policy)  # what the request names stays
-    assert named == {"team": "marketing", "org": "other", "division": "own"}
+    same = {"team": "marketing", "org": "acme", "division": "growth"}
+    assert fill_from_policy(same, policy) is None and same["division"] == "growth"
     lone = {"team": "sales"}
-    fill_from_policy(lone, policy)
-    assert lone == {"team": "sales", "org": "acme"}
+    assert fill_from_policy(lone, policy) is None and lone == {"team": "sales", "org": "acme"}
+    # naming another division or org would step out of its hard caps and charge another department: refused
+    moved = fill_from_policy({"team": "marketing", "division": "technology"}, policy)
+    assert moved == "team 'marketing' is in division 'growth' by the policy; a request cannot name 'technology'"
+    assert "the policy's org is 'acme'" in (fill_from_policy({"team": "sales", "org": "shadow"}, policy) or "")

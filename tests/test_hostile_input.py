@@ -25,6 +25,7 @@ from spendstream.core.attribution import attribution_value_problem
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.config import Settings
 from spendstream.core.events import MAX_EVENT_COST_NANOS, UsageEvent, usage_record_problem
+from spendstream.core.policy import parse_policy
 from spendstream.edge.emitter import Emitter
 from spendstream.edge.enforcer import Enforcer
 from spendstream.gateway.app import Gateway, GatewayThread
@@ -300,7 +301,8 @@ def gateway(settings: Settings, tmp_path: Path) -> Iterator[GatewayThread]:
             },
             max_body_bytes=32 * 1024,
         )
-        with GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter)) as running:
+        policy = parse_policy("org: acme\ndivisions: {quality: [qa]}\n")  # the key's team qa is in division quality
+        with GatewayThread(Gateway(config, settings, enforcer=enforcer, emitter=emitter, policy=policy)) as running:
             yield running
         emitter.close(10)
         enforcer.stop()
@@ -335,6 +337,8 @@ def gateway_cases(good: dict[str, Any]) -> list[tuple[str, bytes, dict[str, str]
         ("header-spaced-customer", raw, {"X-Spendstream-Customer": "acme "}, 400),
         ("header-other-team-than-the-key", raw, {"X-Spendstream-Team": "ops"}, 403),
         ("header-the-keys-own-team", raw, {"X-Spendstream-Team": "qa"}, 200),
+        ("header-another-division", raw, {"X-Spendstream-Division": "technology"}, 403),  # out of its hard caps
+        ("header-another-org", raw, {"X-Spendstream-Org": "shadow"}, 403),
         ("model-of-a-megabyte", json.dumps({**good, "model": "m" * 257}).encode(), {}, 400),
         ("stream-one", json.dumps({**good, "stream": 1}).encode(), {}, 400),  # served, unmetered, by lax upstreams
         ("stream-text", json.dumps({**good, "stream": "true"}).encode(), {}, 400),

@@ -204,14 +204,15 @@ async def post_usage(request: web.Request) -> web.Response:
     caller = _caller(request)
     if caller is None:  # revoked since the guard let the request in
         return _error(401, "the token was revoked")
-    outside = [(i, caller.scope_problem(e)) for i, e in enumerate(events)]
+    view = await request.app[OTLP_POLICY].current()
+    outside = [(i, caller.scope_problem(e) or caller.org_problem(e, view.org)) for i, e in enumerate(events)]
     field_of = cloudevents.attribute_of if cloud else str
     refused = [{"index": i, "field": field_of(p[0]), "message": p[1]} for i, p in outside if p is not None]
     if refused:
         API_INGEST_REQUESTS.labels("forbidden").inc()
         return _error(403, f"{len(refused)} event(s) outside this token's scope; nothing was accepted",
                       problems=refused)  # fmt: skip
-    rejected = unpriceable(events, (await request.app[OTLP_POLICY].current()).prices)
+    rejected = unpriceable(events, view.prices)
     if rejected:
         API_INGEST_REQUESTS.labels("invalid").inc()
         problems = [{"index": i, "field": field_of("model_requested"), "message": why} for i, why in rejected]
@@ -293,7 +294,7 @@ async def post_traces(request: web.Request) -> web.Response:
         return failure(401, 16, "the token was revoked", "unauthorized")
     events, refused = [], []
     for event in result.events:
-        problem = caller.scope_problem(event)
+        problem = caller.scope_problem(event) or caller.org_problem(event, policy.org)
         if problem is None:
             events.append(event)
         else:

@@ -26,10 +26,11 @@ class OtlpView:
     attribution: OtlpAttribution = DEFAULT_OTLP_ATTRIBUTION
     project_teams: Mapping[str, str] = field(default_factory=dict)
     prices: PriceTable | None = None  # the policy's price table: ingest refuses what the processor would reject
+    org: str = ""  # the policy's org: a team-bound token may not name another
 
     @classmethod
     def of(cls, policy: Policy) -> OtlpView:
-        return cls(policy.otlp or DEFAULT_OTLP_ATTRIBUTION, dict(policy.projects), policy.price_table)
+        return cls(policy.otlp or DEFAULT_OTLP_ATTRIBUTION, dict(policy.projects), policy.price_table, policy.org or "")
 
 
 class OtlpPolicy:

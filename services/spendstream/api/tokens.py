@@ -87,6 +87,16 @@ class ApiToken(BaseModel):
             )
         return None
 
+    def org_problem(self, event: Any, policy_org: str) -> tuple[str, str] | None:
+        """(field, message) if a team-bound token (not bound to orgs) reports an org other than the policy's: the
+        event's org is counted instead, so it would step out of the org's budgets and hard caps."""
+        if self.teams and not self.orgs and policy_org and event.org and event.org != policy_org:
+            return "org", (
+                f"token {self.name!r} reports for team {', '.join(self.teams)} of the policy's org {policy_org!r}; "
+                f"leave org out or name that one (got {event.org!r})"
+            )
+        return None
+
 
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -232,16 +232,29 @@ class _Answer:
     cache_key: str | None
 
 
-def fill_from_policy(attribution: dict[str, str], policy: Policy) -> None:
+def fill_from_policy(attribution: dict[str, str], policy: Policy) -> str | None:
     """The org and division a request does not name, from the policy: its team's division and org, else the
-    policy's org, as the processor counts the request, so the ledger's rows and ``report top --by org`` say so too."""
+    policy's org, as the processor counts the request, so the ledger's rows and ``report top --by org`` say so too.
+
+    Returns why the request is refused when it names another division or org than the policy gives its team (or
+    another org than the policy's): an event's own division and org are counted instead of its team's, so a
+    caller could step out of its division's or org's hard cap, and charge another department, by naming one."""
     team = attribution.get("team")
     for parent in policy.ancestors.get(f"team:{team}", ()) if team else ():
         dimension, _, value = parent.partition(":")
-        if dimension in ("division", "org") and not attribution.get(dimension):
+        if dimension not in ("division", "org"):
+            continue
+        named = attribution.get(dimension)
+        if not named:
             attribution[dimension] = value
-    if not attribution.get("org") and policy.org:
+        elif named != value:
+            return f"team {team!r} is in {dimension} {value!r} by the policy; a request cannot name {named!r}"
+    org = attribution.get("org")
+    if policy.org and org and org != policy.org:
+        return f"the policy's org is {policy.org!r}; a request cannot name {org!r}"
+    if not org and policy.org:
         attribution["org"] = policy.org
+    return None
 
 
 def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
@@ -639,8 +652,9 @@ class Gateway:
                 self.counts["bad_request" if status == 400 else "forbidden_attribution"] += 1
                 kind = "invalid_request_error" if status == 400 else "permission_error"
                 return error_response(status, message, "invalid_attribution", kind, anthropic=anthropic)
-        if self.policy is not None and not (attribution.get("org") and attribution.get("division")):
-            fill_from_policy(attribution, self.policy)
+        if self.policy is not None and (misplaced := fill_from_policy(attribution, self.policy)):
+            self.counts["forbidden_attribution"] += 1
+            return error_response(403, misplaced, "invalid_attribution", "permission_error", anthropic=anthropic)
         provider = self.config.provider_for(model, anthropic)
         tags = {**key.tags, "endpoint": endpoint.name}
         if key.name:
