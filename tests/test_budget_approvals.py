@@ -185,6 +185,8 @@ def test_an_overage_is_denied_then_approved_by_the_right_role_and_a_wrong_role_i
 
 
 def test_a_feature_above_the_threshold_waits_for_approval(stack: Stack) -> None:
+    # "*" is the policy's template for every feature: registered at $0, it stopped every feature without a budget
+    assert "'*' names every feature" in stack.refused("alice", "feature", "register", "*", "2500", "--reason", "x")
     cheap = stack.ok("alice", "feature", "register", "ai_tagger", "1500", "--reason", "tags tickets")
     assert "\tapproved\t" in cheap and "policy: at or below" in cheap
     line = stack.ok("alice", "feature", "register", "ai_summarizer", "2500", "--reason", "summaries")

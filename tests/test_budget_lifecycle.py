@@ -121,6 +121,10 @@ def test_a_registered_feature_is_budgeted_at_zero_until_approved() -> None:
     approved = adjusted_policy(POLICY, [replace(feature, status=Status.approved)], T0)
     assert [b.limit_nanos for b in approved.matching_budgets("feature:ai_summarizer")] == [2500 * USD]
     assert approved.matching_budgets("feature:ai_summarizer")[0].thresholds == POLICY.thresholds
+    # a denied registration leaves the feature as it was: registering a feature someone else runs, then having it
+    # denied, froze that feature at $0 for good
+    denied = adjusted_policy(POLICY, [replace(feature, status=Status.denied)], T0)
+    assert denied.matching_budgets("feature:ai_summarizer") == []
 
 
 def test_approval_levels_follow_the_policy_ladder() -> None:

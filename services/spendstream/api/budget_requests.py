@@ -28,7 +28,7 @@ from aiohttp import web
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from spendstream.api.tokens import CALLER, ApiToken
-from spendstream.core.attribution import check_scope
+from spendstream.core.attribution import attribution_value_problem, check_scope
 from spendstream.core.budget_lifecycle import (
     BudgetRequest,
     Kind,
@@ -262,6 +262,8 @@ def _decision(approve: bool) -> Any:
 async def post_feature(request: web.Request) -> web.Response:
     def make(body: dict[str, Any], policy: Policy, requests: dict[str, BudgetRequest], caller: Any, now: datetime):
         name = str(_field(body, "name"))
+        if problem := attribution_value_problem("feature", name):  # "*" would budget every feature at $0
+            raise LifecycleError(f"name: {problem}", 400)
         scope = check_scope_or_error(f"feature:{name}")
         taken = [
             r

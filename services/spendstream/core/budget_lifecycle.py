@@ -240,8 +240,8 @@ def effective_limit(
     """The limit of the ``(scope, period)`` budget at ``at``: its base plus every adjustment active then (capped at
     Int64). None: no budget (no base and no feature registration)."""
     mine = [r for r in requests if r.scope == scope and r.period == period]
-    if base_nanos is None and any(r.kind is Kind.feature for r in mine):
-        base_nanos = 0  # a registered feature is budgeted, at zero until approved
+    if base_nanos is None and any(r.kind is Kind.feature and r.status is not Status.denied for r in mine):
+        base_nanos = 0  # a registered feature is budgeted, at zero until approved; a denied one is as it was
     if base_nanos is None:
         return None  # an increase of a budget the policy does not have changes nothing
     return min(base_nanos + sum(r.amount_nanos for r in mine if r.active_at(at)), INT64_MAX)
