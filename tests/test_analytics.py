@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -358,3 +359,24 @@ def test_the_forecast_says_what_the_edges_do_to_a_team_now(seeded: reports.Ledge
     rows = by(reports.forecast(seeded, NOW), "team")
     assert rows["sales"]["edges_now"] == "shutoff (week)"
     assert rows["marketing"]["edges_now"] == rows["engineering"]["edges_now"] == ""  # expired; never restricted
+
+
+def test_a_name_that_starts_like_a_formula_stays_text_in_csv(seeded: reports.Ledger) -> None:
+    """Any caller can name a feature or user (a header, an ingested event): in the CSV finance opens in a
+    spreadsheet it must not run as a formula. Money, written by spendstream, stays a number, negative or not."""
+    from spendstream.analytics import focus
+    from spendstream.analytics.report_model import Column, Report
+
+    hostile = ['=HYPERLINK("http://evil","x")', "+1+cmd|calc", "@SUM(1)", "-2+3"]
+    report = Report("top", "t", [Column("key", "Name"), Column("spend", "Spend", "usd")],
+                    [{"key": name, "spend": -5 * B} for name in hostile])  # fmt: skip
+    lines = render(report, "csv").splitlines()[1:]
+    assert [line.split(",")[-1] for line in lines] == ["-5.000000000"] * 4
+    assert all(line.startswith("\"'") or line.startswith("'") for line in lines), lines
+    out = io.StringIO()
+    string_column = next(i for i, c in enumerate(focus.COLUMNS) if c.kind == "string")
+    typical = {"cost": 0, "quantity": 0, "integer": 0, "datetime": NOW, "json": "{}", "string": "x"}
+    row = [typical[c.kind] for c in focus.COLUMNS]
+    row[string_column] = "=1+1"
+    focus.write_csv(iter([[tuple(row)]]), out)
+    assert "'=1+1" in out.getvalue().splitlines()[1]

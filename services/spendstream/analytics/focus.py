@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import IO, Any
 
 from spendstream.analytics.money import next_month
+from spendstream.analytics.report_model import spreadsheet_text
 from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.events import NANOS_PER_USD
 
@@ -162,7 +163,12 @@ def _timestamp(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-_CSV_TEXT = {"cost": decimal_usd, "datetime": _timestamp}  # the rest is written as is (None: an empty cell)
+def _string(value: str | None) -> str | None:
+    return spreadsheet_text(value) if value else value
+
+
+# names (string columns) are kept from running as spreadsheet formulas; the rest is written as is (None: empty)
+_CSV_TEXT = {"cost": decimal_usd, "datetime": _timestamp, "string": _string}
 _CSV_CONVERSIONS = [(i, _CSV_TEXT[c.kind]) for i, c in enumerate(COLUMNS) if c.kind in _CSV_TEXT]
 
 

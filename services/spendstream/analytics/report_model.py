@@ -116,11 +116,23 @@ def cell_text(kind: Kind, value: Any) -> str:
     return value if isinstance(value, str) else str(_plain(value))
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one that starts like a formula (``=HYPERLINK(...)``, ``+1+cmd``,
+    ``@SUM``) gets a leading ``'``, so a team, feature or user name that any caller can set does not run as a
+    formula in the finance team's spreadsheet (numbers, written by spendstream, are never text cells)."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def _csv_cell(kind: Kind, value: Any) -> str:
     if value is None:
         return ""
     if kind == "usd":
         return usd_str(value)
+    if kind == "text" and isinstance(value, str):
+        return spreadsheet_text(value)
     return str(_plain(value))
 
 
