@@ -52,6 +52,9 @@ TokenCount = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_TOKENS)]
 # refuse at the edges (length, a template value), so a bad edge's event goes to the DLQ instead of stalling a stage.
 NAME_FIELDS = (*ATTRIBUTION_FIELDS, "provider", "model_requested", "model_served")
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+MAX_TAGS, MAX_TAG_VALUE_CHARS = 64, 1024
+# free labels, bounded so that no event is larger than a broker takes (a tag of a megabyte was accepted with 202)
+Tags = Annotated[dict[Name, Annotated[str, Field(max_length=MAX_TAG_VALUE_CHARS)]], Field(max_length=MAX_TAGS)]
 EventCostNanos = Annotated[int, Strict(), Field(ge=0, le=MAX_EVENT_COST_NANOS)]
 StrictNonNegativeInt64 = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
 
@@ -131,7 +134,7 @@ class UsageEvent(_AvroModel):
     user: AttributionValue = ""
     customer: AttributionValue = ""
     environment: AttributionValue = ""
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: Tags = Field(default_factory=dict)
     provider: Name
     model_requested: Name
     model_served: Name = ""
@@ -140,10 +143,10 @@ class UsageEvent(_AvroModel):
     cached_input_tokens: TokenCount = 0
     cache_write_tokens: TokenCount = 0
     cost_nanos: EventCostNanos | None = None
-    price_source: str = ""
+    price_source: Name = ""
     latency_ms: StrictNonNegativeInt64 = 0
     status: UsageStatus = UsageStatus.ok
-    decision_applied: str = ""
+    decision_applied: Name = ""
     cache_hit: bool = False
     reasoning_tokens: TokenCount = 0
     input_audio_tokens: TokenCount = 0
@@ -152,7 +155,7 @@ class UsageEvent(_AvroModel):
     output_image_tokens: TokenCount = 0
     cache_write_1h_tokens: TokenCount = 0
     web_search_requests: TokenCount = 0
-    service_tier: str = ""
+    service_tier: Name = ""
 
     _utc = field_validator("occurred_at")(_as_utc)
 

@@ -22,13 +22,14 @@ import secrets
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
 from spendstream.core.attribution import ATTRIBUTION_FIELDS, Attribution
 from spendstream.core.config import ConfigError
+from spendstream.core.events import MAX_TAG_VALUE_CHARS, MAX_TAGS, Name
 
 KEY_PREFIX = "sk-ss-"
 # Attribution headers a key may allow, and the attribution field each sets.
@@ -50,7 +51,10 @@ class VirtualKey(Attribution):
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the key; the key itself is never stored.")
     name: str = ""
-    tags: dict[str, str] = Field(default_factory=dict)
+    # at most half of an event's tags: the gateway adds its own (endpoint, key, upstream, routing) to each event
+    tags: dict[Name, Annotated[str, Field(max_length=MAX_TAG_VALUE_CHARS)]] = Field(
+        default_factory=dict, max_length=MAX_TAGS // 2
+    )
     allow_header_attribution: bool = False
 
 
