@@ -461,3 +461,21 @@ def test_a_request_without_org_or_division_is_attributed_as_the_policy_places_it
     moved = fill_from_policy({"team": "marketing", "division": "technology"}, policy)
     assert moved == "team 'marketing' is in division 'growth' by the policy; a request cannot name 'technology'"
     assert "the policy's org is 'acme'" in (fill_from_policy({"team": "sales", "org": "shadow"}, policy) or "")
+
+
+def test_a_keys_file_with_a_bad_entry_still_revokes_the_keys_it_no_longer_lists(tmp_path: Path) -> None:
+    """An edit that deletes one key and adds a broken entry cannot be loaded; the keys loaded before stay in force,
+    but not the deleted one (it kept working until the file was fixed)."""
+    from spendstream.gateway.keys import KeysFile
+
+    path = tmp_path / "keys.yaml"
+    inline = VirtualKey(sha256=hash_key("inline"), team="ops")
+    path.write_text(f"- {{sha256: {hash_key('kept')}, team: a}}\n- {{sha256: {hash_key('gone')}, team: b}}\n")
+    keys_file = KeysFile(path, [inline])
+    before = keys_file.load()
+    path.write_text(f"- {{sha256: {hash_key('kept')}, team: a}}\n- {{sha256: {hash_key('new')}, user: '*'}}\n")
+    with pytest.raises(ConfigError, match="names every user"):
+        keys_file.load()
+    after = keys_file.still_listed(before)
+    assert after.lookup("kept") is not None and after.lookup("inline") is not None
+    assert after.lookup("gone") is None and after.lookup("new") is None

@@ -480,8 +480,9 @@ class Gateway:
                 self.reload_keys()
 
     def reload_keys(self) -> None:
-        """Read the keys file again; a file that cannot be parsed leaves the keys in force as they were, and a
-        deleted file revokes its keys (deleting it must not leave them working until the next restart)."""
+        """Read the keys file again; a file that cannot be parsed leaves in force the keys it still lists (a key
+        deleted in the same edit as a bad entry is revoked), and a deleted file revokes its keys (deleting it must
+        not leave them working until the next restart)."""
         if self.keys_file is None:
             return
         if not self.keys_file.path.exists():
@@ -492,7 +493,9 @@ class Gateway:
         try:
             self.keys = self.keys_file.load()
         except ConfigError as exc:
-            log.error("%s; the %d keys loaded before stay in force", exc, len(self.keys))
+            before, self.keys = len(self.keys), self.keys_file.still_listed(self.keys)
+            log.error("%s; of the %d keys loaded before, the %d the file still lists stay in force (the others are "
+                      "revoked)", exc, before, len(self.keys))  # fmt: skip
             return
         log.info("keys file %s reloaded: %d virtual keys", self.keys_file.path, len(self.keys))
 

@@ -20,7 +20,7 @@ import json
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,6 +70,9 @@ class KeyStore:
 
     def __len__(self) -> int:
         return len(self._by_hash)
+
+    def __iter__(self) -> Iterator[VirtualKey]:
+        return iter(self._by_hash.values())
 
     def lookup(self, presented: str) -> VirtualKey | None:
         digest = hash_key(presented)
@@ -136,6 +139,16 @@ class KeysFile:
 
     def changed(self) -> bool:
         return _signature(self.path) != self._seen
+
+    def still_listed(self, keys: KeyStore) -> KeyStore:
+        """Of ``keys``, the inline ones and those whose hash the file still holds: what a file that cannot be
+        loaded leaves in force, so a key deleted in the same edit as a bad entry is revoked all the same."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return keys
+        inline = {key.sha256 for key in self.inline}
+        return KeyStore(key for key in keys if key.sha256 in inline or key.sha256 in text)
 
 
 def add_key(path: Path, entry: dict[str, Any]) -> None:
