@@ -54,7 +54,8 @@ def call(provider: str, model: str, status: UsageStatus, at: datetime, latency_m
     """A usage event as another gateway would publish it."""
     return UsageEvent(
         occurred_at=at, team="platform", provider=provider, model_requested=model, model_served=model,
-        input_tokens=10, output_tokens=5, latency_ms=latency_ms, status=status, cost_nanos=1000,
+        input_tokens=10, output_tokens=5, latency_ms=latency_ms, status=status,
+        cost_nanos=0 if status is UsageStatus.blocked else 1000,  # a refused call costs nothing
     )  # fmt: skip
 
 
@@ -93,7 +94,7 @@ def test_follower_reads_the_lookback_and_skips_older_and_undecodable_records(set
     gpt = snapshot.models[("openai", "gpt-4o")]
     assert (gpt.samples, gpt.errors, gpt.p50_ms, gpt.p95_ms) == (2, 1, 300, 900)
     assert snapshot.models[("anthropic", "claude-3-5-haiku")].samples == 1
-    assert snapshot.provider_spend_nanos == {"openai": 3000, "anthropic": 1000}  # every priced event this month
+    assert snapshot.provider_spend_nanos == {"openai": 2000, "anthropic": 1000}  # priced this month (blocked: $0)
 
 
 def test_only_a_clickhouse_server_is_read_for_warm_up() -> None:

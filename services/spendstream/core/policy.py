@@ -20,7 +20,6 @@ Scopes are ``dimension:value``; ``dimension:*`` is a template that gives every v
 from __future__ import annotations
 
 import difflib
-import functools
 import gc
 import hashlib
 import json
@@ -29,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal, InvalidOperation
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -769,7 +768,7 @@ def _parse_policy(text: str, source_name: str) -> Policy:
         raise PolicyError(problems) from None
 
 
-@functools.cache
+@lru_cache(maxsize=1)
 def _policy_field_names() -> tuple[str, ...]:
     """Every field name a policy may use, at any depth: what an unknown field is most likely a typo of."""
     names: set[str] = set()
