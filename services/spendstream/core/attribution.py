@@ -18,16 +18,26 @@ MAX_NAME_CHARS = 256
 WILDCARD_VALUE = "*"  # a policy's scope template ("user:*"): never the value of one call's attribution
 
 
+def template_value_text(field: str) -> str:
+    """Why ``*`` is refused as ``field``'s value (the edges, the ingest API, the processor and the sink say it so)."""
+    return f"{field} '*' names every {field} (a policy template), not the one that made this call"
+
+
+def name_too_long_text(field: str, length: int | str) -> str:
+    """Why a name of ``length`` characters is refused (``length`` may be SQL that computes it)."""
+    return f"{field} is longer than {MAX_NAME_CHARS} characters ({length})"
+
+
 def attribution_value_problem(field: str, value: str) -> str | None:
     """Why ``value`` cannot attribute a call, or None: ``*`` would make the scope ``user:*``, the policy's template
     for every user (its spend would stop them all); surrounding spaces make a scope no policy can name
     (``"product "`` escapes ``team:product``); and a name is at most ``MAX_NAME_CHARS`` characters."""
     if value == WILDCARD_VALUE:
-        return f"'*' names every {field} (a policy template), not the one that made this call"
+        return template_value_text(field)
     if value != value.strip():
         return f"{field} {value[:40]!r} has leading or trailing whitespace, so no policy scope would match it"
     if len(value) > MAX_NAME_CHARS:
-        return f"{field} is longer than {MAX_NAME_CHARS} characters ({len(value)})"
+        return name_too_long_text(field, len(value))
     return None
 
 

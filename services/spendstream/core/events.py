@@ -27,6 +27,8 @@ from spendstream.core.attribution import (
     WILDCARD_VALUE,
     Attribution,
     AttributionValue,
+    name_too_long_text,
+    template_value_text,
 )
 
 NANOS_PER_USD = 1_000_000_000
@@ -307,10 +309,10 @@ def name_fields_problem(record: Mapping[str, Any]) -> str | None:
     for name in NAME_FIELDS:
         value = record.get(name) or ""
         if len(value) > MAX_NAME_CHARS:
-            return f"{name} is longer than {MAX_NAME_CHARS} characters ({len(value)})"
+            return name_too_long_text(name, len(value))
     for name in ATTRIBUTION_FIELDS:
         if record.get(name) == WILDCARD_VALUE:
-            return f"{name} '*' names every {name} (a policy template), not the one that made this call"
+            return template_value_text(name)
     return None
 
 

@@ -38,7 +38,13 @@ from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
 
-from spendstream.core.attribution import ATTRIBUTION_FIELDS, MAX_NAME_CHARS, WILDCARD_VALUE
+from spendstream.core.attribution import (
+    ATTRIBUTION_FIELDS,
+    MAX_NAME_CHARS,
+    WILDCARD_VALUE,
+    name_too_long_text,
+    template_value_text,
+)
 from spendstream.core.events import DETAIL_FIELDS, NAME_FIELDS
 
 # The verdict of a row that SQL does not judge: it takes the exact (Python) path. No reason
@@ -197,6 +203,12 @@ def _micros(moment: datetime) -> int:
     return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
+def _too_long_sql(name: str) -> str:
+    """``name_too_long_text`` of a staging row's column, its length computed in SQL."""
+    before, after = name_too_long_text(name, "\x00").split("\x00")
+    return f"concat({_literal(before)}, toString(lengthUTF8({_quote(name)})), {_literal(after)})"
+
+
 def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: timedelta) -> str:
     """SQL mirroring ``usage_record_problem`` on a staging row: '' (accept), a reason, or :data:`EXACT`.
 
@@ -250,19 +262,9 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
             f"concat('occurred_at ', {iso}, {_literal(f' is more than {max_future_skew} in the future')})",
         ),
         ("provider = '' OR model_requested = ''", "'missing provider or model_requested'"),
+        *((f"lengthUTF8({_quote(name)}) > {MAX_NAME_CHARS}", _too_long_sql(name)) for name in NAME_FIELDS),
         *(
-            (
-                f"lengthUTF8({_quote(name)}) > {MAX_NAME_CHARS}",
-                f"concat({_literal(f'{name} is longer than {MAX_NAME_CHARS} characters (')}, "
-                f"toString(lengthUTF8({_quote(name)})), ')')",
-            )
-            for name in NAME_FIELDS
-        ),
-        *(
-            (
-                f"{_quote(name)} = {_literal(WILDCARD_VALUE)}",
-                _literal(f"{name} '*' names every {name} (a policy template), not the one that made this call"),
-            )
+            (f"{_quote(name)} = {_literal(WILDCARD_VALUE)}", _literal(template_value_text(name)))
             for name in ATTRIBUTION_FIELDS
         ),
         ("cost_nanos IS NULL", exact),  # valid but unpriced: Python prices it (core.pricing.price_record)
