@@ -1,6 +1,8 @@
-"""The policy's ``otlp:`` mapping and project teams, for ``POST /v1/traces``: the policy in force.
+"""What the ingest endpoints need of the policy in force: the ``otlp:`` mapping and project teams (for
+``POST /v1/traces``), its price table and its org (for every ingest: an event the processor would reject for an
+unknown model, or a team-bound token naming another org, is refused at once).
 
-Read from ``spendstream.policy`` by an edge ``PolicyFollower`` started at the first export (an API that never
+Read from ``spendstream.policy`` by an edge ``PolicyFollower`` started at the first ingest (an API that never
 receives one follows nothing); until the topic has been read, the ``SPENDSTREAM_POLICY`` file, else defaults.
 """
 
