@@ -128,7 +128,7 @@ def test_the_query_refuses_a_timezone_that_is_not_a_name() -> None:
 
 
 def test_rebuilt_windows_reach_stage_two_in_bounded_chunks() -> None:
-    from spendstream.processor.ledger_rebuild import scope_chunks
+    from spendstream.processor.internal_topics import scope_chunks
 
     scopes = {f"user:u{i}": [["w"]] * 75 for i in range(100)}
     chunks = list(scope_chunks(scopes, limit=2_000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -23,7 +24,7 @@ from spendstream.core.policy import Policy, parse_policy
 from spendstream.core.topics import ENFORCEMENT, USAGE
 from spendstream.processor.checkpoint import json_key, json_value
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, changelog_topic
-from spendstream.processor.recovery import read_scope_totals
+from spendstream.processor.recovery import read_scope_totals, read_to_end
 from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import IDS_PER_RECORD, WindowCalendar, ids_key, pack_ids, split_window_key
 from spendstream.processor.usage_reader import usage_group
@@ -114,6 +115,17 @@ def progress(broker: EmbeddedBroker) -> str:
     return "\n".join(lines) + "\nbroker log:\n" + "\n".join(log)
 
 
+def has_joined(worker_log: Path, pid: int) -> bool:
+    return f"[{pid}] [INFO] Joined group" in worker_log.read_text(errors="replace")
+
+
+def timeline(worker_log: Path) -> str:
+    """What every worker of a log did to its partitions (joins, assignments, restores, crashes), in order."""
+    marks = ("Joined group", "stage 1 reads", "stage 1 announced", "rebuilt", "ignored", "Signal", "CRITICAL")
+    lines = [line for line in worker_log.read_text(errors="replace").splitlines() if any(m in line for m in marks)]
+    return "timeline of the workers:\n" + "\n".join(lines)
+
+
 def paced_producer(bootstrap: str, events: list[UsageEvent], seconds: float) -> threading.Thread:
     chunks = [events[i : i + 500] for i in range(0, len(events), 500)]
 
@@ -157,9 +169,13 @@ def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, b
     rng = random.Random(11)
     producer = paced_producer(broker.bootstrap, events, seconds=25)
     worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+    worker_log = tmp_path / "w" / "worker.log"
     try:
         for _ in range(5):
-            time.sleep(rng.uniform(4.0, 7.0))  # ~4 s to start, then some processing, then a crash
+            # a crash once the worker is a group member: sometimes before its first batch, sometimes amid them; the
+            # next worker joins beside its ghost (half the partitions, then all once the session times out)
+            wait_for(functools.partial(has_joined, worker_log, worker.pid), 60, 0.05)
+            time.sleep(rng.uniform(0.5, 4.0))
             worker.kill()
             worker.wait()
             worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
@@ -171,7 +187,7 @@ def test_kill_9_at_five_random_points_keeps_every_window_exact(tmp_path: Path, b
         deadline = time.monotonic() + 30
         while (windows := read_scope_totals({"bootstrap.servers": broker.bootstrap})) != expected:
             if time.monotonic() > deadline:
-                report = f"{worker_report([worker], lines=60)}\n{progress(broker)}"
+                report = f"{timeline(worker_log)}\n{worker_report([worker], lines=20)}\n{progress(broker)}"
                 raise AssertionError(f"{window_differences(windows, expected)}\n{report}")
             time.sleep(0.5)
     finally:
@@ -296,6 +312,44 @@ def test_a_copy_sent_after_a_crash_still_counts_once(tmp_path: Path, broker: Emb
         marker = event(org="acme", team="t2", user="copied", occurred_at=at, cost_nanos=11)
         produce(broker.bootstrap, [original, marker], arrival=datetime.now(UTC))
         wait_totals(broker.bootstrap, {day: (18, 2, 30)}, "spendstream-processor", timeout=60)
+    finally:
+        stop_worker(worker)
+
+
+def test_windows_stage_two_lost_come_back_from_stage_one_on_restart(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """Stage 2's windows are derived from stage 1's announcements: with every window of its changelog gone (what a
+    stage-2 owner that missed announcements across a crash and a rebalance amounts to) and nothing left for stage 1
+    to read, the next start announces the restored totals again and every window comes back exact."""
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    events = make_stream(600, seed=3)
+    expected = exact_totals(events, parse_policy(POLICY_YAML))
+    worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+    try:
+        produce(broker.bootstrap, events)
+        wait_totals(broker.bootstrap, expected, "spendstream-processor", timeout=60)
+        assert wait_for(lambda: read_scope_totals({"bootstrap.servers": broker.bootstrap}) == expected, 30, 0.5)
+    finally:
+        stop_worker(worker)
+    topic = changelog_topic("spendstream-processor", "windows")
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "test-wipe", "enable.auto.commit": False})
+    try:
+        records = list(read_to_end(consumer, topic, range(6), 15.0))
+    finally:
+        consumer.close()
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for partition, key in {(partition, key) for partition, key, _ in records}:
+        producer.produce(topic, None, json_key(key), partition)
+    producer.flush(10)
+    assert read_scope_totals({"bootstrap.servers": broker.bootstrap}) == {}
+    worker = start_worker(broker.bootstrap, tmp_path / "w", policy_path)
+    try:
+        deadline = time.monotonic() + 60
+        while (windows := read_scope_totals({"bootstrap.servers": broker.bootstrap})) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{window_differences(windows, expected)}\n{worker_report([worker], lines=40)}")
+            time.sleep(0.5)
+        assert "stage 1 announced" in (tmp_path / "w" / "worker.log").read_text()
     finally:
         stop_worker(worker)
 

@@ -278,6 +278,34 @@ def test_stage_two_merges_totals_idempotently_decides_on_change_and_reevaluates_
     assert owner.decisions() == ["shutoff", "allow"]
 
 
+def test_a_restored_stage_one_announces_every_window_again_so_a_stage_two_that_missed_them_converges() -> None:
+    """After kill -9 and a rebalance a stage-2 owner was seen without the totals announced in the generation
+    before; stage 1 had committed everything, so nothing would ever have been sent again."""
+    first = Worker()
+    first.process([usage(0, spend(60)), usage(1, spend(30))])
+    restarted = Worker(first.changelog)
+    assert restarted.stage.announce_restored([]) == 0 and restarted.out.on(PARTIALS_TOPIC) == []
+    announced = restarted.stage.announce_restored([1])
+    sent = restarted.out.on(PARTIALS_TOPIC)
+    partial_keys = [key for key in restarted.table if not is_ids_key(key) and key != clock_key(1)]
+    assert announced == len(partial_keys) > 0
+    owner = ScopeOwner(restarted.holder)  # a stage-2 owner that never saw the first worker's announcements
+    for _, _, value, partition, _ in sent:
+        message = internal_message(json.loads(value or b""))
+        assert isinstance(message, PartialsMessage) and message.source == 1 and message.newest_event_s == 0
+        assert message.watermark_ms == restarted.stage.sources[1].clock.durable_ms
+        assert all(stage2_partition(scope, PARTITIONS) == partition for scope in message.scopes)
+        if partition == owner.partition:
+            owner.stage.process(owner.partition, [message])
+    assert owner.windows[ALPHA_MONTH] == {"1": [90 * USD, 2, 30, 1]}
+    assert owner.decisions() == ["fallback"]  # $90 of $100
+    before = dict(owner.windows)
+    for _, _, value, partition, _ in sent:  # announced again (another rebalance): nothing changes
+        if partition == owner.partition:
+            owner.stage.process(owner.partition, [internal_message(json.loads(value or b""))])
+    assert owner.windows == before and owner.decisions() == ["fallback"]
+
+
 def test_stage_one_seeded_from_the_ledger_restores_the_same_memory() -> None:
     worker = Worker()
     assert worker.blank == [1]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import ssl
 import time
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ from spendstream.processor.recovery import HorizonAdoption, OwnChangelogs, rebui
 from spendstream.processor.stage_one import StageOne
 from spendstream.processor.stage_two import StageTwo
 from spendstream.processor.usage_reader import FETCH_MAX_WAIT_MS, UsageReader, usage_group
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
 
     @partials.on_recover
     async def start_stage1() -> None:
-        """Faust restored this worker's active partials: read the matching usage partitions from here on."""
+        """Faust restored this worker's active partials: announce their totals to stage 2 again (whatever a stage-2
+        owner missed, ``StageOne.announce_restored``), then read the matching usage partitions from here on."""
         await reader.stop()
         await own.complete_restore(partials)
         mine = active_partitions(partials)
@@ -230,6 +234,10 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 dedup_horizon=config.dedup_horizon,
             )
             starts = await asyncio.to_thread(rebuild)
+        restored_partitions = [partition for partition in mine if partition not in blank]
+        if announced := stage1.announce_restored(restored_partitions):
+            await asyncio.to_thread(out1.flush_now)
+            log.info("stage 1 announced %d restored window totals of partitions %s", announced, restored_partitions)
         if mine:
             reader.start(mine, starts)
         restored.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -55,6 +56,22 @@ class PartialsMessage:
 
     def encode(self) -> bytes:
         return json_value({"p": self.source, "at": self.newest_event_s, "w": self.watermark_ms, "s": self.scopes})
+
+
+def scope_chunks(scopes: dict[str, list[Any]], limit: int = 2_000) -> Iterator[dict[str, list[Any]]]:
+    """Scopes with their window entries, in chunks of about ``limit`` entries (~150 KB of JSON): a rebuild or a
+    restored stage 1 announces a whole partition's windows to stage 2 in messages far below the broker's size
+    limit."""
+    chunk: dict[str, list[Any]] = {}
+    size = 0
+    for scope, entries in scopes.items():
+        if chunk and size + len(entries) > limit:
+            yield chunk
+            chunk, size = {}, 0
+        chunk[scope] = entries
+        size += len(entries)
+    if chunk:
+        yield chunk
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -158,21 +158,6 @@ def sink_positions(kafka_conf: dict[str, Any], sink_group: str, partitions: Iter
         return {tp.partition: tp.offset if tp.offset >= 0 else -1 for tp in committed}
     finally:
         consumer.close()
-
-
-def scope_chunks(scopes: dict[str, list[Any]], limit: int = 2_000) -> Iterator[dict[str, list[Any]]]:
-    """Scopes with their window entries, in chunks of about ``limit`` entries (~150 KB of JSON): a rebuild
-    announces them to stage 2 in messages far below the broker's size limit."""
-    chunk: dict[str, list[Any]] = {}
-    size = 0
-    for scope, entries in scopes.items():
-        if chunk and size + len(entries) > limit:
-            yield chunk
-            chunk, size = {}, 0
-        chunk[scope] = entries
-        size += len(entries)
-    if chunk:
-        yield chunk
 
 
 def recent_since_ms(positions_read_at_s: float, now_s: float, dedup_horizon: timedelta) -> int:

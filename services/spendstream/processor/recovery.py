@@ -35,6 +35,7 @@ from spendstream.processor.internal_topics import (
     PartialsMessage,
     WindowPartial,
     changelog_topic,
+    scope_chunks,
     stage2_partition,
 )
 from spendstream.processor.ledger_rebuild import (
@@ -42,7 +43,6 @@ from spendstream.processor.ledger_rebuild import (
     SpendSource,
     fold_snapshot,
     recent_since_ms,
-    scope_chunks,
     sink_positions,
 )
 from spendstream.processor.spend_accounting import (

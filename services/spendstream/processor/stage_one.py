@@ -29,7 +29,13 @@ from spendstream.core.pricing import CostOverflowError, UnknownModelError, price
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds, Spill
 from spendstream.processor.checkpoint import Changelog, RecordSink
-from spendstream.processor.internal_topics import PARTIALS_TOPIC, PartialsMessage, WindowPartial, stage2_partition
+from spendstream.processor.internal_topics import (
+    PARTIALS_TOPIC,
+    PartialsMessage,
+    WindowPartial,
+    scope_chunks,
+    stage2_partition,
+)
 from spendstream.processor.policy_in_force import PolicyHolder
 from spendstream.processor.scopes import hierarchy_scopes, scopes_for
 from spendstream.processor.spend_accounting import (
@@ -516,6 +522,39 @@ class StageOne:
         for target, scopes in by_target.items():
             message = PartialsMessage(partition, newest_event_s, watermark_ms, scopes)
             self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
+
+    def announce_restored(self, partitions: Iterable[int]) -> int:
+        """Tell stage 2 again the total of every window these restored source partitions hold; returns how many.
+
+        Stage 2's windows are derived from these announcements, and a stage-2 owner may miss some: after kill -9
+        and a rebalance, a worker was seen holding windows without the totals of the source partitions announced
+        in the generation before (a window short by two thirds, nothing re-sent because stage 1 had committed
+        everything). Announcing the restored totals after every restore makes stage 2 converge to stage 1's exact
+        state whatever it missed; ``merge_partial`` ignores a total it already holds, so a repeat changes nothing.
+        ``newest_event_s`` is 0 (a repeat says nothing new of when a scope last spent) and the watermark is the
+        one the partition persisted (never ahead of what stage 2 saw)."""
+        wanted = set(partitions)
+        by_source: dict[int, dict[int, dict[str, list[WindowPartial]]]] = {}
+        count = 0
+        for key, value in list(self.partials.data.items()):
+            if is_ids_key(key) or is_clock_key(key):
+                continue
+            wkey, source = split_partial_key(key)
+            if source not in wanted:
+                continue
+            scope = wkey.partition("|")[0]
+            targets = by_source.setdefault(source, {})
+            targets.setdefault(stage2_partition(scope, self.partitions), {}).setdefault(scope, []).append(
+                WindowPartial(wkey, *value)
+            )
+            count += 1
+        for source, targets in by_source.items():
+            watermark_ms = self.source(source).clock.durable_ms
+            for target, scopes in targets.items():
+                for chunk in scope_chunks(scopes):
+                    message = PartialsMessage(source, 0, watermark_ms, chunk)
+                    self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
+        return count
 
     def seed(
         self,
