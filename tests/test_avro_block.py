@@ -210,6 +210,26 @@ def test_sql_validation_agrees_with_usage_record_problem(
             assert row == record
 
 
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"team": "*"}, "team '*' names every team"),
+        ({"user": "*"}, "user '*' names every user"),
+        ({"feature": "f" * 257}, "feature is longer than 256 characters (257)"),
+        ({"model_served": "m" * 300}, "model_served is longer than 256 characters (300)"),
+    ],
+)
+def test_the_python_decoder_refuses_what_makes_no_scope_on_its_fast_path_too(
+    fields: dict[str, Any], reason: str
+) -> None:
+    """The fast path's "no problem" must imply the full check's: a ``*`` or an over-long name passed it (the ledger
+    then held a row the processor dead-lettered), found by the SQL mirror's property test."""
+    decoded = UsageDecoder(SKEW).decode([encode(base_record(**fields))], NOW)
+    assert decoded.records == []
+    [rejected] = decoded.rejected
+    assert rejected.stage == "validate" and rejected.reason.startswith(reason)
+
+
 def ledger_values_of(client: Any, sql: str) -> list[tuple[Any, ...]]:
     return client.query(sql).result_rows
 

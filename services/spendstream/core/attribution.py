@@ -9,6 +9,7 @@ fills in (a team's division and org); the others are counted as given.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
@@ -30,14 +31,27 @@ def name_too_long_text(field: str, length: int | str) -> str:
 
 def attribution_value_problem(field: str, value: str) -> str | None:
     """Why ``value`` cannot attribute a call, or None: ``*`` would make the scope ``user:*``, the policy's template
-    for every user (its spend would stop them all); surrounding spaces make a scope no policy can name
-    (``"product "`` escapes ``team:product``); and a name is at most ``MAX_NAME_CHARS`` characters."""
+    for every user (its spend would stop them all); surrounding spaces, an invisible character or another Unicode
+    spelling of the same text make a name that looks like one a policy names but escapes its scope
+    (``"product "``, ``"product\u200b"`` and a decomposed ``"équipe"`` are not ``team:product``/``team:équipe``);
+    and a name is at most ``MAX_NAME_CHARS`` characters."""
     if value == WILDCARD_VALUE:
         return template_value_text(field)
     if value != value.strip():
         return f"{field} {value[:40]!r} has leading or trailing whitespace, so no policy scope would match it"
     if len(value) > MAX_NAME_CHARS:
         return name_too_long_text(field, len(value))
+    if not value.isprintable():  # control and format characters (zero-width, bidi), separators other than space
+        hidden = next(char for char in value if not char.isprintable())
+        return (
+            f"{field} {value[:40]!r} contains the invisible or control character U+{ord(hidden):04X}, so it would "
+            "look like a name a policy scope names without being it"
+        )
+    if not value.isascii() and not unicodedata.is_normalized("NFC", value):
+        return (
+            f"{field} {value[:40]!r} is not in Unicode normal form NFC (the same text spelt with other code points "
+            "would be another scope): normalise it to NFC"
+        )
     return None
 
 

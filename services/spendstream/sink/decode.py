@@ -20,8 +20,9 @@ from typing import Any
 
 import fastavro
 
+from spendstream.core.attribution import MAX_NAME_CHARS, WILDCARD_VALUE
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
-from spendstream.core.events import DETAIL_FIELDS, usage_record_problem
+from spendstream.core.events import ATTRIBUTION_FIELDS, DETAIL_FIELDS, NAME_FIELDS, usage_record_problem
 from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import load_schema_json
 
@@ -56,6 +57,8 @@ LEDGER_COLUMNS = (
 )
 _ROW = itemgetter(*LEDGER_COLUMNS)
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_names = itemgetter(*NAME_FIELDS)  # the checks of ``name_fields_problem``, on a raw record
+_attributions = itemgetter(*ATTRIBUTION_FIELDS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -98,6 +101,8 @@ def fast_problem_free(record: dict[str, Any], future_limit_us: int) -> bool:
         and record["provider"]
         and record["model_requested"]
         and _CANONICAL_UUID.fullmatch(record["event_id"])
+        and WILDCARD_VALUE not in _attributions(record)
+        and max(map(len, _names(record))) <= MAX_NAME_CHARS
     )
 
 
