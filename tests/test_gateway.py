@@ -184,6 +184,10 @@ def test_each_request_becomes_one_usage_event(gateway: GatewayThread, broker: Em
     refined = by_shape[("gpt-4o-mini", "completions", 8)]
     assert (refined["team"], refined["user"], refined["feature"]) == ("platform", "u9", "ai_lead_scorer")
     assert all("four words" not in json.dumps(e, default=str) for e in events)  # no prompt text in events
+    # a header naming a user that looks like "u9" but is not (a zero-width space, sent as UTF-8): refused
+    hidden = {"X-Spendstream-User": "u9\u200b".encode().decode("latin-1")}
+    status, _, said = http(gateway.url + "/v1/completions", {"model": "gpt-4o-mini", "prompt": "p"}, HEADER_KEY, hidden)
+    assert status == 400 and b"invisible or control character" in said, said
 
 
 def test_decisions_change_the_gateway_within_a_second(gateway: GatewayThread, broker: EmbeddedBroker, upstreams):
