@@ -221,6 +221,22 @@ def test_an_approver_can_neither_split_past_its_ceiling_nor_overturn_a_higher_de
     assert "approved by vera (vp)" in stack.ok("vera", "budget", "approve", asked, "--reason", "the appeal")
 
 
+def test_a_feature_in_use_cannot_be_held_at_zero_by_a_registration(stack: Stack) -> None:
+    """A pending registration budgets its feature at $0: any viewer could stop a feature a team already runs (its
+    calls refused until an approver denied the registration)."""
+    stack.spend("marketing", 1, feature="ai_campaign_writer")
+    deadline = time.monotonic() + 60
+    while "ai_campaign_writer" not in stack.ok("alice", "report", "top", "--by", "feature"):
+        assert time.monotonic() < deadline, "the call never reached the ledger"
+        time.sleep(0.5)
+    refused = stack.refused("alice", "feature", "register", "ai_campaign_writer", "2500", "--reason", "mine now")
+    assert "team marketing: 1 requests, $1.00 in the last 35 days" in refused
+    assert 'scope: "feature:ai_campaign_writer", period: month' in refused
+    assert "feature:ai_campaign_writer" not in stack.ok("alice", "feature", "list")
+    below = stack.refused("dana", "feature", "register", "ai_campaign_writer", "100", "--reason", "a small cap")
+    assert "in use already" in below  # granted at once, it would have capped marketing's writer at $100
+
+
 def test_registering_a_budgeted_feature_does_not_raise_its_budget(stack: Stack) -> None:
     """Below the threshold a registration is approved by the policy alone: it must not add to a budget the policy
     already sets, or any token could raise a feature's budget without an approver."""

@@ -741,6 +741,18 @@ def savings_rows(by_team: dict[str, SavingsTotals]) -> tuple[list[dict[str, Any]
     return rows, row("TOTAL", total)
 
 
+def feature_users(ledger: Ledger, feature: str, start: datetime, end: datetime) -> dict[str, tuple[int, int]]:
+    """``{team: (served requests, spend)}`` under ``feature`` in [start, end): whom a $0 hold on it would stop."""
+    rows = ledger.rows(
+        f"SELECT team, {SERVED}, sum({_COST}) FROM {{db}}.usage_ledger FINAL "
+        f"WHERE feature = {{feature:String}} AND {_RANGE} GROUP BY team HAVING {SERVED} > 0",
+        feature=feature,
+        start=_ts(start),
+        end=_ts(end),
+    )
+    return {team: (int(requests), int(spend)) for team, requests, spend in rows}
+
+
 def savings(ledger: Ledger, month: date) -> Report:
     """What cost-aware routing and the response cache saved per team in ``month`` (budget timezone)."""
     start, end = month_bounds(month, ledger.tz)

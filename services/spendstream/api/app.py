@@ -39,7 +39,7 @@ from spendstream.analytics.report_registry import (
 )
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.api import cloudevents, otlp
-from spendstream.api.budget_requests import APPROVER_PATHS, add_routes
+from spendstream.api.budget_requests import APPROVER_PATHS, FEATURE_IN_USE_WITHIN, add_routes
 from spendstream.api.dashboard import render_page
 from spendstream.api.otlp_policy import OTLP_POLICY, OtlpPolicy
 from spendstream.api.tokens import CALLER, ApiToken, Role, TokenStore, new_read_token
@@ -488,6 +488,13 @@ async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
 
+async def _feature_users(request: web.Request, feature: str) -> dict[str, tuple[int, int]]:
+    """Who used ``feature`` recently (``budget_requests.post_feature`` refuses to hold another team's at $0)."""
+    settings, now = request.app[SETTINGS], datetime.now(UTC)
+    ledger = reports.Ledger(request.app[LEDGER], settings.clickhouse_database, settings.timezone)
+    return await _ledger_call(request, reports.feature_users, ledger, feature, now - FEATURE_IN_USE_WITHIN, now)
+
+
 def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
     """Everything the page shows, read in one go."""
     ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
@@ -747,7 +754,7 @@ def create_app(
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/audit/verify", get_audit_verify)
-    add_routes(app, settings)
+    add_routes(app, settings, _feature_users)
     app.router.add_get("/", get_dashboard)
     instrument_app(app, "api")
 

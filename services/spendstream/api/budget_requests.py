@@ -40,6 +40,7 @@ from spendstream.core.budget_lifecycle import (
     new_request,
 )
 from spendstream.core.config import Settings
+from spendstream.core.money_text import usd_text
 from spendstream.core.periods import budget_period, period_window
 from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy
 from spendstream.core.policy_log import read_policy_log
@@ -48,6 +49,9 @@ from spendstream.core.topics import BUDGET_ADJUSTMENTS
 
 APPROVER_PATHS = re.compile(r"^/v1/budget/(increases|requests/[^/]+/(approve|deny))$")
 LIFECYCLE_LOCK = web.AppKey("lifecycle_lock", asyncio.Lock)
+# async (request, feature) -> {team: (served requests, spend nanos)} under the feature within FEATURE_IN_USE_WITHIN
+FEATURE_USERS = web.AppKey("feature_users", Any)
+FEATURE_IN_USE_WITHIN = timedelta(days=35)
 SETTINGS = web.AppKey("lifecycle_settings", Settings)
 
 
@@ -260,10 +264,17 @@ def _decision(approve: bool) -> Any:
 
 
 async def post_feature(request: web.Request) -> web.Response:
-    def make(body: dict[str, Any], policy: Policy, requests: dict[str, BudgetRequest], caller: Any, now: datetime):
-        name = str(_field(body, "name"))
+    try:
+        name = str(_field(await _body(request), "name"))
         if problem := attribution_value_problem("feature", name):  # "*" would budget every feature at $0
             raise LifecycleError(f"name: {problem}", 400)
+        users = await request.app[FEATURE_USERS](request, name)
+    except LifecycleError as exc:
+        return _error(exc)
+    except Exception as exc:  # whoever it would stop is unknown: refused, and said why
+        return _error(LifecycleError(f"cannot read from the ledger who uses feature {name}: {exc}", 503))
+
+    def make(body: dict[str, Any], policy: Policy, requests: dict[str, BudgetRequest], caller: Any, now: datetime):
         scope = check_scope_or_error(f"feature:{name}")
         taken = [
             r
@@ -276,6 +287,19 @@ async def post_feature(request: web.Request) -> web.Response:
             raise LifecycleError(
                 f"feature {name} has a budget in the policy in force already: ask for more with "
                 f"`spendstream budget request {scope} AMOUNT --until YYYY-MM-DD --reason WHY`",
+                409,
+            )
+        # a registration is for a new feature: pending, it holds the feature at $0, and a viewer could stop a
+        # feature teams already run (granted, it would cap it): a feature in use gets its budget in the policy
+        if users:
+            used = ", ".join(
+                f"team {team or '(unattributed)'}: {requests:,} requests, {usd_text(spend)}"
+                for team, (requests, spend) in sorted(users.items())
+            )
+            raise LifecycleError(
+                f"feature {name} is in use already ({used} in the last {FEATURE_IN_USE_WITHIN.days} days): a "
+                "registration would hold it at $0 until approved and stop them. Give it a budget in the policy: "
+                f'budgets: - {{scope: "{scope}", period: month, amount_usd: N}}',
                 409,
             )
         registration = new_request(
@@ -297,8 +321,9 @@ def check_scope_or_error(scope: str) -> str:
         raise LifecycleError(f"name: {exc}") from None
 
 
-def add_routes(app: web.Application, settings: Settings) -> None:
+def add_routes(app: web.Application, settings: Settings, feature_users: Any) -> None:
     app[SETTINGS] = settings
+    app[FEATURE_USERS] = feature_users
     app[LIFECYCLE_LOCK] = asyncio.Lock()
     app.router.add_get("/v1/budget/requests", list_requests)
     app.router.add_post("/v1/budget/requests", post_request)
