@@ -235,7 +235,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             )
             starts = await asyncio.to_thread(rebuild)
         restored_partitions = [partition for partition in mine if partition not in blank]
-        if announced := stage1.announce_restored(restored_partitions):
+        if announced := await asyncio.to_thread(stage1.announce_restored, restored_partitions):
             await asyncio.to_thread(out1.flush_now)
             log.info("stage 1 announced %d restored window totals of partitions %s", announced, restored_partitions)
         if mine:

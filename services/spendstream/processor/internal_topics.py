@@ -23,6 +23,7 @@ from spendstream.processor.checkpoint import json_value
 DEFAULT_APP_ID = "spendstream-processor"
 PARTIALS_TOPIC = "spendstream.processor.partials"
 TABLES = ("partials", "windows", "scopes")  # faust table names of ``app.build_app``
+ENTRIES_PER_MESSAGE = 2_000  # window totals in one message of a whole partition's windows (~150 KB of JSON)
 
 
 def stage2_partition(scope: str, partitions: int) -> int:
@@ -58,10 +59,9 @@ class PartialsMessage:
         return json_value({"p": self.source, "at": self.newest_event_s, "w": self.watermark_ms, "s": self.scopes})
 
 
-def scope_chunks(scopes: dict[str, list[Any]], limit: int = 2_000) -> Iterator[dict[str, list[Any]]]:
-    """Scopes with their window entries, in chunks of about ``limit`` entries (~150 KB of JSON): a rebuild or a
-    restored stage 1 announces a whole partition's windows to stage 2 in messages far below the broker's size
-    limit."""
+def scope_chunks(scopes: dict[str, list[Any]], limit: int = ENTRIES_PER_MESSAGE) -> Iterator[dict[str, list[Any]]]:
+    """Scopes with their window entries, in chunks of about ``limit`` entries: a rebuild from the ledger announces
+    a whole partition's windows to stage 2 in messages far below the broker's size limit."""
     chunk: dict[str, list[Any]] = {}
     size = 0
     for scope, entries in scopes.items():
