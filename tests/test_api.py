@@ -233,6 +233,19 @@ def test_a_range_that_ends_before_it_starts_gets_a_400_naming_to(api_settings: S
     run(_with_client(api_settings, shared_client, body))
 
 
+def test_a_weekly_report_of_more_than_two_years_gets_a_400(api_settings: Settings, shared_client: Any) -> None:
+    """1,000 weeks took 75 s and held the ledger: every report, export and registration waited behind it."""
+
+    async def body(http: TestClient) -> None:
+        response = await http.get("/v1/reports/weekly?weeks=1000", headers=ADMIN)
+        assert response.status == 400, await response.text()
+        [problem] = (await response.json())["problems"]
+        assert problem["field"] == "weeks" and "between 1 and 104, got 1000" in problem["message"], problem
+        assert (await http.get("/v1/reports/weekly?weeks=104", headers=ADMIN)).status == 200
+
+    run(_with_client(api_settings, shared_client, body))
+
+
 def test_report_totals_beyond_int64_are_exact(api_settings: Settings, shared_client: Any) -> None:
     """Two accepted costs of $5 B each sum past Int64: reports show $10 B, not a wrapped negative total."""
     big = 5 * 10**18

@@ -208,3 +208,36 @@ def test_an_approval_ladder_out_of_order_or_empty_is_refused() -> None:
         parse_policy("approvals:\n  levels: []\n")
     ordered = "approvals:\n  levels:\n    - {name: manager, max_usd: 1000}\n    - {name: board}\n"
     assert [level.name for level in parse_policy(ordered).approval_rules.levels] == ["manager", "board"]
+
+
+def test_an_increase_that_ended_cannot_be_approved_any_more() -> None:
+    """An approval after the expiry was recorded in the audit trail as approved, and changed nothing."""
+    request = adjustment("team:sales", "month", 5 * USD, 0, 3600, Status.pending)
+    rules = POLICY.approval_rules
+    assert decide(request, True, "dana", "director", "ok", rules, T0 + timedelta(minutes=59)).status is Status.approved
+    with pytest.raises(LifecycleError, match="an approval now would change nothing") as ended:
+        decide(request, True, "dana", "director", "ok", rules, T0 + timedelta(hours=1))
+    assert ended.value.status == 409
+    assert decide(request, False, "dana", "director", "late", rules, T0 + timedelta(hours=2)).status is Status.denied
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"until": "9999-12-31"}, "until: at most 366 days ahead (got 9999-12-31)"),  # answered 500 (date overflow)
+        ({"until": "9999-12-31T23:59:59Z"}, "until: at most 366 days ahead"),
+        ({"until": "2199-12-31"}, "until: at most 366 days ahead"),
+        ({"kind": "overage", "until": "2026-12-20"}, "until: an overage lasts to the end of the period it is for"),
+    ],
+)
+def test_a_budget_request_s_expiry_is_bounded(body: dict[str, Any], problem: str) -> None:
+    from spendstream.api.budget_requests import _budget_request
+
+    base = {"scope": "team:marketing", "period": "day", "amount_usd": "900", "reason": "launch"}
+    with pytest.raises(LifecycleError) as refused:
+        _budget_request({**base, **body}, POLICY, "vera", T0, False)
+    assert str(refused.value).startswith(problem) and refused.value.status == 400
+    overage = _budget_request({**base, "kind": "overage"}, POLICY, "vera", T0, False)
+    assert overage.expires_at == datetime(2026, 12, 2, tzinfo=UTC)  # the end of the day it is for (policy tz UTC)
+    in_a_year = _budget_request({**base, "until": "2027-11-30"}, POLICY, "vera", T0, False)
+    assert in_a_year.expires_at == datetime(2027, 12, 1, tzinfo=UTC)

@@ -627,7 +627,7 @@ def _as_otlp_status(refused: web.Response, content_type: str) -> web.Response:
 
 def _refusal(request: web.Request, needed: Role, caller: ApiToken | None) -> web.Response | None:
     """Why the caller may not make this request (401, 403, 415), or None."""
-    how = f"'Authorization: Bearer <token>' with role {needed} or admin"
+    how = f"'Authorization: Bearer <token>' with role {needed}" + ("" if needed == "admin" else " or admin")
     how += f" (`spendstream api token create --role {needed}`)"
     if needed == "admin" and request.app[SETTINGS].admin_token is None and (caller is None or caller.role != "admin"):
         return _error(403, "admin endpoints are disabled: set SPENDSTREAM_ADMIN_TOKEN or create an admin token "

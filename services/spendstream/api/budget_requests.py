@@ -123,18 +123,31 @@ def _amount(body: dict[str, Any], name: str) -> int:
     return nanos
 
 
-def _until(body: dict[str, Any], policy: Policy) -> datetime | None:
-    """``until``: a date (the adjustment lasts through that local day) or an ISO time (local if naive)."""
+MAX_INCREASE_DAYS = 366  # a temporary increase is temporary: a lasting one is a change of the policy
+
+
+def _until(body: dict[str, Any], policy: Policy, now: datetime) -> datetime | None:
+    """``until``: a date (the adjustment lasts through that local day) or an ISO time (local if naive), within
+    ``MAX_INCREASE_DAYS`` from now (``9999-12-31`` made an increase permanent, and answered 500)."""
     text = _field(body, "until", required=False)
     if text is None:
         return None
     try:
         if len(str(text)) == 10:
-            return datetime.combine(date.fromisoformat(text) + timedelta(days=1), time(), policy.tz).astimezone(UTC)
-        at = datetime.fromisoformat(text)
+            at = datetime.combine(date.fromisoformat(text) + timedelta(days=1), time(), policy.tz)
+        else:
+            at = datetime.fromisoformat(text)
+            at = at if at.tzinfo else at.replace(tzinfo=policy.tz)
+        at = at.astimezone(UTC)
     except (TypeError, ValueError):
         raise LifecycleError(f"until: expected YYYY-MM-DD or an ISO date-time, got {text!r}") from None
-    return (at if at.tzinfo else at.replace(tzinfo=policy.tz)).astimezone(UTC)
+    except OverflowError:  # the last day there is
+        at = datetime.max.replace(tzinfo=UTC)
+    if at > now + timedelta(days=MAX_INCREASE_DAYS):
+        raise LifecycleError(
+            f"until: at most {MAX_INCREASE_DAYS} days ahead (got {text}); a lasting budget belongs in the policy"
+        )
+    return at
 
 
 def _budget_request(body: dict[str, Any], policy: Policy, by: str, now: datetime, direct: bool) -> BudgetRequest:
@@ -152,9 +165,11 @@ def _budget_request(body: dict[str, Any], policy: Policy, by: str, now: datetime
         raise LifecycleError(f"scope/period: {exc}") from None
     if not any(b.scope == scope and b.period == period for b in policy.budgets):
         raise LifecycleError(f"scope: the policy in force has no {period} budget for {scope} to increase")
-    until = _until(body, policy)
-    if until is None and kind is Kind.overage:
-        until = period_window(period, now, policy.tz)[1]  # an overage lasts to the end of the period it is for
+    until = _until(body, policy, now)
+    if kind is Kind.overage:
+        if until is not None:  # with one, a day budget's overage went on adding its amount every day for years
+            raise LifecycleError("until: an overage lasts to the end of the period it is for; leave until out")
+        until = period_window(period, now, policy.tz)[1]
     if until is None:
         raise LifecycleError("until: a temporary increase needs an expiry (YYYY-MM-DD: through that day)")
     reason = str(_field(body, "reason"))

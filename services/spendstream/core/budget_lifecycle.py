@@ -191,6 +191,10 @@ def decide(
         raise LifecycleError(
             f"request {request.id} is {request.status}; it cannot be {'approved' if approve else 'denied'}", 409
         )
+    if approve and request.expires_at is not None and request.expires_at <= at:
+        raise LifecycleError(
+            f"request {request.id} ended {request.expires_at.isoformat()}: an approval now would change nothing", 409
+        )
     if by == request.requested_by:
         raise LifecycleError(f"{by} requested {request.id} and may not also decide it", 403)
     if not reason.strip():
