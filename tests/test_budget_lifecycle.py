@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -241,3 +242,18 @@ def test_a_budget_request_s_expiry_is_bounded(body: dict[str, Any], problem: str
     assert overage.expires_at == datetime(2026, 12, 2, tzinfo=UTC)  # the end of the day it is for (policy tz UTC)
     in_a_year = _budget_request({**base, "until": "2027-11-30"}, POLICY, "vera", T0, False)
     assert in_a_year.expires_at == datetime(2027, 12, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("amount", ["0.00000000001", "1.0000000005"])
+def test_an_amount_finer_than_a_nano_dollar_is_refused_not_rounded(amount: str) -> None:
+    """``0.00000000001`` became $0.000000001 (ten times the amount) and ``1.0000000005`` lost its last digit."""
+    from spendstream.api.budget_requests import _budget_request
+
+    asked = {"scope": "team:sales", "amount_usd": amount, "until": "2026-12-20", "reason": "r"}
+    with pytest.raises(LifecycleError, match=re.escape(f"amount_usd: {amount} USD is finer than a nano-dollar")):
+        _budget_request(asked, POLICY, "vera", T0, False)
+    with pytest.raises(ValueError, match=r"amount_usd: \S+ USD is finer than a nano-dollar"):
+        parse_policy(f'budgets:\n  - {{scope: "team:a", period: month, amount_usd: "{amount}"}}\n')
+    assert _budget_request({**asked, "amount_usd": "1.000000001"}, POLICY, "vera", T0, False).amount_nanos == (
+        1_000_000_001
+    )

@@ -44,7 +44,7 @@ from spendstream.core.money_text import usd_text
 from spendstream.core.periods import budget_period, period_window
 from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy
 from spendstream.core.policy_log import read_policy_log
-from spendstream.core.pricing import usd_to_nanos
+from spendstream.core.pricing import whole_nanos
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
 
 APPROVER_PATHS = re.compile(r"^/v1/budget/(increases|requests/[^/]+/(approve|deny))$")
@@ -115,9 +115,11 @@ def _amount(body: dict[str, Any], name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str | float):
         raise LifecycleError(f"{name}: a number of USD")
     try:
-        nanos = usd_to_nanos(Decimal(str(value)))
-    except (InvalidOperation, ArithmeticError, ValueError):
+        nanos = whole_nanos(Decimal(str(value)))
+    except (InvalidOperation, ArithmeticError):
         raise LifecycleError(f"{name}: a number of USD, got {value!r}") from None
+    except ValueError as exc:
+        raise LifecycleError(f"{name}: {exc}") from None
     if not 0 < nanos <= MAX_AMOUNT_NANOS:
         raise LifecycleError(f"{name}: more than 0 and at most 1,000,000,000 USD, got {value!r}")
     return nanos

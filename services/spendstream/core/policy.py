@@ -59,6 +59,7 @@ from spendstream.core.pricing import (
     Rates,
     unpriced_model_problem,
     usd_to_nanos,
+    whole_nanos,
 )
 from spendstream.core.routing_policy import RoutingPolicy
 
@@ -99,7 +100,10 @@ def _money(usd: Decimal | None, nanos: int | None, what: str, required: bool = T
     if usd is not None:
         if usd < 0:
             raise ValueError(f"{what}_usd must not be negative")
-        return usd_to_nanos(usd)
+        try:
+            return whole_nanos(usd)
+        except ValueError as exc:
+            raise ValueError(f"{what}_usd: {exc}") from None
     if nanos is None and required:
         raise ValueError(f"{what}_usd (or {what}_nanos) is required")
     return nanos

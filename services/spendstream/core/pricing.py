@@ -485,6 +485,19 @@ def usd_to_nanos(usd: Decimal | int | str) -> int:
     return to_nanos(Decimal(usd) * NANOS_PER_USD)
 
 
+def whole_nanos(usd: Decimal | int | str) -> int:
+    """An amount a person sets (a budget, a ceiling, a request) in integer nano-USD, refused rather than rounded when
+    it is finer than a nano-dollar: ``0.00000000001`` became $0.000000001, ten times what was written, and
+    ``1.0000000005`` lost its last digit, both without a word."""
+    amount = Decimal(usd)
+    if not amount.is_finite():
+        raise ValueError(f"{usd} is not an amount of USD")
+    exact = amount * NANOS_PER_USD
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{amount:f} USD is finer than a nano-dollar (at most 9 decimal places)")
+    return int(exact)
+
+
 def price_usage(
     provider: str,
     model: str,
