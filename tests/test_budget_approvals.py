@@ -96,6 +96,9 @@ def wait_for_api(process: subprocess.Popen[bytes], port: int, data_dir: Path, lo
         time.sleep(0.2)
 
 
+LATER = (datetime.now(UTC) + timedelta(days=200)).date().isoformat()  # within the 366 days an increase may last
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("lifecycle")
@@ -165,7 +168,7 @@ def test_an_overage_is_denied_then_approved_by_the_right_role_and_a_wrong_role_i
     assert "role viewer" in stack.refused("alice", "budget", "approve", rid, "--reason", "mine")
     assert "at most $20.00" in stack.refused("mike", "budget", "approve", rid, "--reason", "fine by me")
     assert "role viewer" in stack.refused(
-        "alice", "budget", "increase", "team:sales", "1", "--until", "2099-01-01", "--reason", "x"
+        "alice", "budget", "increase", "team:sales", "1", "--until", LATER, "--reason", "x"
     )
     assert "no month budget for team:nowhere" in stack.refused(
         "alice", "budget", "request", "team:nowhere", "5", "--reason", "x"
@@ -209,7 +212,7 @@ def test_a_feature_above_the_threshold_waits_for_approval(stack: Stack) -> None:
 def test_an_approver_can_neither_split_past_its_ceiling_nor_overturn_a_higher_denial(stack: Stack) -> None:
     """The ceiling bounds what a budget's approved increases add up to, not each request alone; a denial is
     overturned only on appeal to a higher level."""
-    increase = ("budget", "increase", "team:product", "15", "--until", "2099-01-01")
+    increase = ("budget", "increase", "team:product", "15", "--until", LATER)
     assert "\tapproved\t" in stack.ok("mike", *increase, "--reason", "first half")
     split = stack.refused("mike", *increase, "--reason", "second half")
     assert "at most $20.00 on team:product, which already has $15.00" in split and "$30.00" in split
@@ -247,7 +250,7 @@ def test_registering_a_budgeted_feature_does_not_raise_its_budget(stack: Stack) 
 
 
 def test_an_amount_is_listed_in_plain_dollars(stack: Stack) -> None:
-    one_nano = ("team:support", "0.000000001", "--until", "2099-01-01", "--reason", "the smallest amount")
+    one_nano = ("team:support", "0.000000001", "--until", LATER, "--reason", "the smallest amount")
     line = stack.ok("alice", "budget", "request", *one_nano)
     assert "\t$0.000000001\t" in line
 
