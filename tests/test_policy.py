@@ -262,6 +262,40 @@ def test_a_fallback_model_without_a_list_price_is_a_warning_naming_the_field_and
     assert self_hosted.fallback_price_warnings() == []  # priced by the policy's own override row
 
 
+def test_a_rule_whose_scope_the_policy_cannot_place_as_written_is_a_warning() -> None:
+    """A ``team:Support`` hard cap validated without a word and was never enforced: matching is exact."""
+    assert load_policy(DEFAULT).scope_warnings() == []
+    policy = parse_policy(
+        """
+org: acme
+divisions: {care: [support], growth: [marketing]}
+projects: {alpha: support}
+budgets:
+  - {scope: "team:Support", period: day, amount_usd: 1, hard_cap: true}
+  - {scope: "team:markting", period: month, amount_usd: 1}
+  - {scope: "team:sales", period: month, amount_usd: 1}
+  - {scope: "org:acmee", period: month, amount_usd: 1}
+  - {scope: "division:grwth", period: month, amount_usd: 1}
+  - {scope: "user:*", period: day, amount_usd: 1}
+quotas:
+  - {scope: "project:Alpha", requests_per_day: 5}
+allowed_models: {"division:nosuch": [gpt-4o-mini]}
+"""
+    )
+    assert policy.scope_warnings() == [
+        "budgets.0.scope: team:Support: the policy names team 'support', not 'Support' (matching is exact: calls of "
+        "team:support never count here); did you mean team:support?",
+        "budgets.1.scope: team:markting: the policy names team 'marketing', not 'markting' (matching is exact: calls "
+        "of team:marketing never count here); did you mean team:marketing?",
+        "budgets.3.scope: org:acmee: the policy's org is 'acme'; the edges refuse calls naming another org, so this "
+        "rule never applies",
+        "budgets.4.scope: division:grwth: divisions: lists no division 'grwth' (did you mean division:growth?)",
+        "quotas.0.scope: project:Alpha: the policy names project 'alpha', not 'Alpha' (matching is exact: calls of "
+        "project:alpha never count here); did you mean project:alpha?",
+        "allowed_models.division:nosuch: division:nosuch: divisions: lists no division 'nosuch'",
+    ]  # team:sales is outside the divisions, as a team may be: no warning
+
+
 def test_policy_validate_prints_the_warning_and_still_succeeds(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text(DEFAULT.read_text().replace("gpt-4o: gpt-4o-mini", "gpt-4o: gpt-4o-mnii", 1))

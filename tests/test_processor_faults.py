@@ -26,7 +26,15 @@ from spendstream.processor.checkpoint import json_key, json_value
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, changelog_topic
 from spendstream.processor.recovery import read_scope_totals, read_to_end
 from spendstream.processor.scopes import scopes_for
-from spendstream.processor.spend_accounting import IDS_PER_RECORD, WindowCalendar, ids_key, pack_ids, split_window_key
+from spendstream.processor.spend_accounting import (
+    IDS_PER_RECORD,
+    WindowCalendar,
+    dedup_id,
+    ids_key,
+    owner_prefix,
+    pack_ids,
+    split_window_key,
+)
 from spendstream.processor.usage_reader import usage_group
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from stub_upstream import wait_for
@@ -477,14 +485,14 @@ def test_a_restart_with_a_large_horizon_adopts_ids_records_as_they_are_restored(
         worker.kill()
         worker.wait()
         # the ids records a worker writes in a long run: 16 of 16,384 ids per source partition, arrived just now
-        copied = uuid.uuid4()
+        copied, owner = uuid.uuid4(), owner_prefix("acme", "t4")
         changelog = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "message.max.bytes": 2_000_000})
         written = 0
         newest_ms = int(time.time() * 1000)
         for partition in range(6):
             for record in range(16):
                 first_offset = 1_000_000 + record * IDS_PER_RECORD
-                ids = [os.urandom(16) for _ in range(IDS_PER_RECORD - 1)] + [copied.bytes]
+                ids = [os.urandom(16) for _ in range(IDS_PER_RECORD - 1)] + [dedup_id(copied.bytes, owner)]
                 entries = [(event_id, first_offset + n) for n, event_id in enumerate(ids)]
                 value = json_value(pack_ids(newest_ms, entries, [1] * len(entries)))
                 changelog.produce(CHANGELOG, value, json_key(ids_key(partition, first_offset)), partition=partition)

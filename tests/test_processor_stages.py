@@ -30,7 +30,7 @@ from spendstream.processor.internal_topics import (
 )
 from spendstream.processor.policy_in_force import PolicyHolder
 from spendstream.processor.scopes import scopes_for
-from spendstream.processor.spend_accounting import clock_key, is_ids_key, totals_from_partials
+from spendstream.processor.spend_accounting import clock_key, dedup_id, is_ids_key, owner_prefix, totals_from_partials
 from spendstream.processor.stage_one import StageOne
 from spendstream.processor.stage_two import ScopeState, StageTwo
 
@@ -149,6 +149,23 @@ def test_stage_one_counts_each_event_id_once_within_a_batch_and_dead_letters_a_c
     )
     assert worker.month_total() == (7 * USD, 2, 30)
     assert len(worker.dead_letters()) == 1 and worker.dead_letters()[0].startswith("conflicting_duplicate")
+
+
+def test_an_event_id_is_one_event_within_its_team_so_another_team_cannot_claim_it() -> None:
+    """A token scoped to one team posted the ids another team's clients derive predictably (CloudEvents' source and
+    id): the other team's real events on the same source partition were dead-lettered as conflicting copies, in
+    the ledger (whose rows are keyed by team) but never in its budgets."""
+    worker = Worker()
+    claimed = uuid.uuid4()
+    squatter = spend(1, event_id=claimed).model_copy(update={"team": "squatter"})
+    worker.process([usage(0, squatter), usage(1, spend(40, event_id=claimed))])
+    assert worker.month_total() == (40 * USD, 1, 15) and worker.dead_letters() == []
+    worker.process([usage(2, spend(40, event_id=claimed))])  # alpha's retry: a copy, skipped
+    worker.process([usage(3, spend(99, event_id=claimed))])  # alpha's other content under that id: a conflict
+    assert worker.month_total() == (40 * USD, 1, 15)
+    assert [reason.split(":")[0] for reason in worker.dead_letters()] == ["conflicting_duplicate"]
+    squatters = totals_from_partials(worker.table)[ALPHA_MONTH.replace("team:alpha", "team:squatter")]
+    assert squatters == (1 * USD, 1, 15)
 
 
 def test_stage_one_after_a_restart_skips_copies_and_replays_of_what_it_applied() -> None:
@@ -310,7 +327,8 @@ def test_stage_one_seeded_from_the_ledger_restores_the_same_memory() -> None:
     worker = Worker()
     assert worker.blank == [1]
     known = uuid.uuid4()
-    scopes = worker.stage.seed(1, {ALPHA_MONTH: (9 * USD, 3, 40)}, [(known.bytes, 1_000)], 50, 1_700_000_000_000)
+    recent = [(dedup_id(known.bytes, owner_prefix("acme", "alpha")), 1_000)]  # as ``fold_snapshot`` lists the ledger's
+    scopes = worker.stage.seed(1, {ALPHA_MONTH: (9 * USD, 3, 40)}, recent, 50, 1_700_000_000_000)
     assert scopes == {"team:alpha": [WindowPartial(ALPHA_MONTH, 9 * USD, 3, 40, 49)]}
     changelog = [
         (json.loads(key or b""), None if value is None else json.loads(value))

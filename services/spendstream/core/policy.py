@@ -377,6 +377,15 @@ class Approvals(_Model):
 OPTIONAL_SECTIONS = ("otlp", "notifications", "approvals")  # sections added after policies were first versioned
 
 
+def _close_name(value: str, known: list[str]) -> str | None:
+    """The name ``value`` was probably meant to be: one that differs only in case, else a close spelling."""
+    same = [name for name in known if name.casefold() == value.casefold()]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 class Policy(_Model):
     """The whole policy; build it with ``parse_policy`` / ``load_policy`` to get file/line error messages."""
 
@@ -476,6 +485,39 @@ class Policy(_Model):
                 problem = unpriced_model_problem(target, overridden)
                 if problem is not None:
                     warnings.append(f"{field}.{source}: {problem}")
+        return warnings
+
+    def scope_warnings(self) -> list[str]:
+        """``field: problem`` for each rule whose scope the calls this policy places cannot carry as written: another
+        org than ``org``, a division ``divisions`` does not list, a team or project that differs from one it lists
+        only in case or by a typo. Matching is exact, so such a rule never applies (a ``team:Support`` hard cap
+        validated and was never enforced). Warnings, not errors: teams may be left out of ``divisions``."""
+        teams = sorted({team for members in self.divisions.values() for team in members})
+        named = [(f"budgets.{i}.scope", b.scope) for i, b in enumerate(self.budgets)]
+        named += [(f"quotas.{i}.scope", q.scope) for i, q in enumerate(self.quotas)]
+        named += [(f"allowed_models.{scope}", scope) for scope in self.allowed_models]
+        named += [(f"spike_rules.{i}.scope", r.scope) for i, r in enumerate(self.spike_rules)]
+        warnings = []
+        for field, scope in named:
+            dimension, _, value = scope.partition(":")
+            if not value or is_template(scope):
+                continue
+            if dimension == "org" and self.org and value != self.org:
+                warnings.append(
+                    f"{field}: {scope}: the policy's org is {self.org!r}; the edges refuse calls naming another "
+                    "org, so this rule never applies"
+                )
+            elif dimension == "division" and self.divisions and value not in self.divisions:
+                close = _close_name(value, list(self.divisions))
+                hint = f" (did you mean division:{close}?)" if close else ""
+                warnings.append(f"{field}: {scope}: divisions: lists no division {value!r}{hint}")
+            elif (known := {"team": teams, "project": list(self.projects)}.get(dimension)) and value not in known:
+                close = _close_name(value, known)
+                if close:
+                    warnings.append(
+                        f"{field}: {scope}: the policy names {dimension} {close!r}, not {value!r} (matching is "
+                        f"exact: calls of {dimension}:{close} never count here); did you mean {dimension}:{close}?"
+                    )
         return warnings
 
     def summary(self) -> str:

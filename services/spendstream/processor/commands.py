@@ -86,7 +86,7 @@ def _load(path: str):  # type: ignore[no-untyped-def]
     except PolicyError as exc:
         print(f"invalid policy:\n{exc}", file=sys.stderr)
         return None
-    for warning in policy.fallback_price_warnings():
+    for warning in [*policy.scope_warnings(), *policy.fallback_price_warnings()]:
         print(f"warning: {path}: {warning}", file=sys.stderr)
     return policy
 

@@ -52,6 +52,8 @@ from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import (
     Retention,
     WindowCalendar,
+    dedup_id,
+    owner_prefix,
     window_key,
 )
 
@@ -115,7 +117,7 @@ def fold_snapshot(
     snapshot: dict[str, list[list[Any]]], policy: Policy, plan: RebuildPlan, partitions: int, rebuild: Iterable[int]
 ) -> tuple[dict[int, dict[str, list[int]]], dict[int, list[tuple[bytes, int]]]]:
     """The rebuilt windows ``{partition: {window key: [nanos, requests, tokens]}}`` of the ``rebuild`` partitions,
-    and their recent ids ``{partition: [(event_id bytes, ingested ms)]}`` (see the module docstring)."""
+    and their recent ids ``{partition: [(dedup_id, ingested ms)]}`` (see the module docstring)."""
     mine = set(rebuild)
     windows: dict[int, dict[str, list[int]]] = {p: {} for p in mine}
     starts: dict[tuple[str, int], int | None] = {}  # (grain, bucket) -> the window start, None if not wanted
@@ -142,7 +144,7 @@ def fold_snapshot(
     for org, team, event_id, ingested_ms in snapshot.get("recent", ()):
         partition = usage_partition(org, team, partitions)
         if partition in mine:
-            recent[partition].append((uuid.UUID(event_id).bytes, int(ingested_ms)))
+            recent[partition].append((dedup_id(uuid.UUID(event_id).bytes, owner_prefix(org, team)), int(ingested_ms)))
     return windows, recent
 
 

@@ -46,6 +46,7 @@ import base64
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
+from hashlib import blake2b
 from itertools import starmap
 from typing import Any, NamedTuple
 
@@ -325,6 +326,23 @@ def content_digest(value: bytes) -> int:
     cryptographic, and it need not be: a collision only lets a conflicting copy be dropped as a plain copy
     instead of going to the DLQ; either way it is not counted."""
     return xxh3_64_intdigest(value) or 1
+
+
+def owner_prefix(org: str, team: str) -> bytes:
+    """Who an event is charged to, as the ledger keys its rows ((org, team, day, event_id)): an event_id names one
+    event within its owner. Length-prefixed, so that (``a``, ``bc``) and (``ab``, ``c``) differ."""
+    return f"{len(org)}:{org}{team}".encode()
+
+
+def dedup_id(event_id: bytes, owner: bytes) -> bytes:
+    """The 16 bytes stage 1 counts once: ``event_id`` within its ``owner_prefix``.
+
+    With the bare event_id, a token scoped to one team claimed ids another team's clients derive predictably
+    (CloudEvents' source and id, OTLP's trace and span ids): the other team's real events on the same source
+    partition were dropped as conflicting copies, in the ledger but never in its budgets. blake2b, not a fast
+    non-cryptographic hash: the attacker chooses its event_id, so matching another owner's identity must mean a
+    second preimage (0.54 us per event)."""
+    return blake2b(owner + event_id, digest_size=16).digest()
 
 
 class Retention:

@@ -46,12 +46,14 @@ from spendstream.processor.spend_accounting import (
     adopted_ids,
     clock_key,
     content_digest,
+    dedup_id,
     fold_batch,
     fold_fresh,
     ids_key,
     is_adopted,
     is_clock_key,
     is_ids_key,
+    owner_prefix,
     pack_ids,
     partial_key,
     restore_clock,
@@ -71,7 +73,7 @@ class UsageItem(NamedTuple):
     tokens: int
     scopes: Sequence[str]
     occurred_s: int
-    event_id: bytes
+    event_id: bytes  # its ``dedup_id``: the event_id within the (org, team) it is charged to
     digest: int = 0  # ``content_digest`` of the encoded event (0: unknown)
     # more of the event's scopes: stage 1 passes its two memoised lists (hierarchy, the rest) as they are, so the
     # fold sums every event of one list at once instead of scope by scope
@@ -297,8 +299,8 @@ class StageOne:
         self._checked = FieldDecoder(self._codec, CHECKED_FIELDS, SCOPE_SPANS)
         self._scope_fields = FieldDecoder(self._codec, SCOPE_FIELDS)
         self._hierarchies_policy: Policy | None = None
-        # the hierarchy span's bytes -> ``hierarchy_scopes`` under ``_hierarchies_policy``
-        self._hierarchies: dict[bytes, list[str]] = {}
+        # the hierarchy span's bytes -> (``hierarchy_scopes`` under ``_hierarchies_policy``, ``owner_prefix``)
+        self._hierarchies: dict[bytes, tuple[list[str], bytes]] = {}
         # the direct fields' and the model's spans, joined -> ``_rest_scopes`` (only events with a provider and a
         # requested model: a hit vouches for both)
         self._rests: dict[bytes, list[str]] = {}
@@ -411,12 +413,13 @@ class StageOne:
                     or occurred_us > arrived_us + skew_us
                     or arrived_us - occurred_us > lateness_us
                 ):
-                    upper = known_hierarchies.get(hierarchy)
+                    known = known_hierarchies.get(hierarchy)
                     lower = known_rests.get(rest := direct + model)
-                    if upper is None or lower is None:
+                    if known is None or lower is None:
                         learned = self._learn_scopes(value, hierarchy, rest, policy)
-                        upper, lower = learned or (None, None)
-                    if upper is not None:
+                        known, lower = learned or (None, None)
+                    if known is not None:
+                        upper, owner = known
                         if stamp_ms > newest_ms:
                             newest_ms = stamp_ms
                         if stamp_ms > watermark_ms:
@@ -429,7 +432,7 @@ class StageOne:
                                 inputs + outputs,
                                 upper,
                                 occurred_us // 1_000_000,
-                                event_id,
+                                dedup_id(event_id, owner),
                                 content_digest(value),
                                 lower,
                             ),
@@ -447,20 +450,23 @@ class StageOne:
 
     def _learn_scopes(
         self, value: bytes, hierarchy: bytes, rest: bytes, policy: Policy
-    ) -> tuple[list[str], list[str]] | None:
-        """The scopes of an event whose attribution bytes missed a memo, memoised under those bytes: its strings
-        decoded (so checked as the codec checks them). None if they do not decode, the event lacks a provider
-        or a requested model, or a name cannot make a scope (the full path words why)."""
+    ) -> tuple[tuple[list[str], bytes], list[str]] | None:
+        """The scopes of an event whose attribution bytes missed a memo, memoised under those bytes (with the
+        hierarchy's ``owner_prefix``): its strings decoded (so checked as the codec checks them). None if they do
+        not decode, the event lacks a provider or a requested model, or a name cannot make a scope (the full path
+        words why)."""
         fields = self._scope_fields.decode(value)
         if fields is None or not fields[0] or not fields[1]:
             return None
-        if name_fields_problem(dict(zip(SCOPE_FIELDS, fields, strict=True))):
+        named = dict(zip(SCOPE_FIELDS, fields, strict=True))
+        if name_fields_problem(named):
             return None
         upper = self._hierarchies.get(hierarchy)
         if upper is None:
             if len(self._hierarchies) >= SCOPES_MEMO:
                 self._hierarchies.clear()
-            upper = self._hierarchies[hierarchy] = hierarchy_scopes(*fields[2 : 2 + len(HIERARCHY)], policy)
+            scopes = hierarchy_scopes(*fields[2 : 2 + len(HIERARCHY)], policy)
+            upper = self._hierarchies[hierarchy] = (scopes, owner_prefix(named["org"], named["team"]))
         lower = self._rests.get(rest)
         if lower is None:
             if len(self._rests) >= SCOPES_MEMO:
@@ -506,7 +512,7 @@ class StageOne:
             record["input_tokens"] + record["output_tokens"],
             scopes_for(record, policy),
             int(occurred.timestamp()),
-            record["event_id"].bytes,
+            dedup_id(record["event_id"].bytes, owner_prefix(record["org"], record["team"])),
             content_digest(message.value()),
         )
         return item, arrived_ms
