@@ -384,3 +384,22 @@ def test_a_span_older_than_the_ledger_keeps_is_rejected_in_partial_success_a_lat
     assert [str(e.occurred_at.date()) for e in result.events] == [str((datetime.now(UTC) - timedelta(days=2)).date())]
     [rejected] = result.rejected
     assert rejected.span_id == expired["spanId"] and "older than the ledger keeps" in rejected.reason
+
+
+def test_spans_with_all_zero_ids_are_rejected_not_collapsed_into_one_event() -> None:
+    """OTLP calls all-zero ids invalid; accepted, every such span of an exporter became one event and the rest
+    were dropped as its copies, answered 200."""
+    from datetime import UTC, datetime, timedelta
+
+    from spendstream.api import otlp
+
+    attributes = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o", "team": "search",
+                  "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 1}  # fmt: skip
+    zero_trace = _json_span(dict(attributes), traceId="0" * 32)
+    zero_span = _json_span(dict(attributes), spanId="0" * 16)
+    good = _json_span(dict(attributes))
+    export = otlp.decode_request(json.dumps(_otlp_json([zero_trace, zero_span, good])).encode(), "application/json")
+    result = otlp.usage_from_request(export, datetime.now(UTC), timedelta(minutes=5), ledger_ttl_months=13)
+    assert [e.tags["span_id"] for e in result.events] == [good["spanId"]]
+    assert [r.span_id for r in result.rejected] == [zero_trace["spanId"], "0" * 16]
+    assert all("all-zero trace id or span id is invalid" in r.reason for r in result.rejected)

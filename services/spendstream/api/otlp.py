@@ -201,6 +201,8 @@ def _usage_record(
 ) -> dict[str, Any]:
     if len(span.trace_id) != 16 or len(span.span_id) != 8:
         raise ValueError("the span needs a 16-byte trace id and an 8-byte span id (its idempotency key)")
+    if not any(span.trace_id) or not any(span.span_id):  # every such span would be one event: the rest lost
+        raise ValueError("an all-zero trace id or span id is invalid (OTLP); the ids are the span's idempotency key")
     if not span.start_time_unix_nano:
         raise ValueError("the span has no start time (start_time_unix_nano is 0)")
     record: dict[str, Any] = {**resource_attribution, **_attribution(span_attributes, attribution, service=False)}
