@@ -323,6 +323,33 @@ def test_a_restored_stage_one_announces_every_window_again_so_a_stage_two_that_m
     assert owner.windows == before and owner.decisions() == ["fallback"]
 
 
+def test_a_feature_registered_at_zero_is_shut_off_before_its_first_call() -> None:
+    """A pending registration budgets its feature at $0; with no spend seen there was no decision until the first
+    calls' usage arrived, and a burst of 60 calls passed 22 before the shutoff."""
+    from spendstream.core.budget_lifecycle import Kind, new_request
+
+    holder = PolicyHolder(policy(), LATENESS)
+    now = datetime.now(UTC)
+    holder.readjust(
+        [new_request(Kind.feature, "feature:newfeat", "month", 3000 * USD, now, None, "vera", "x", now)], now
+    )
+    scope, out = "feature:newfeat", Recorded()
+    partition = stage2_partition(scope, PARTITIONS)
+    stage = StageTwo(holder, Changelog({}, "w", out), Changelog({}, "s", out), out, PARTITIONS)
+    stage.process(partition, [ReevaluateMessage(holder.policy.version)])
+    assert out.on(ENFORCEMENT) == []  # a scope without spend is evaluated only when named
+    other = next(f"feature:f{i}" for i in range(100) if stage2_partition(f"feature:f{i}", PARTITIONS) != partition)
+    stage.process(partition, [ReevaluateMessage(holder.policy.version, (scope, other))])
+    codec = AvroCodec("decision")
+    decided = [codec.decode(value) for _, key, value, *_ in out.on(ENFORCEMENT)]
+    assert [(d["scope"], d["action"], d["limit_nanos"], d["spend_nanos"]) for d in decided] == [
+        (scope, "shutoff", 0, 0)
+    ]
+    assert decided[0]["expires_at"] == period_window("month", now, "Europe/Berlin")[1]
+    assert internal_message(json.loads(ReevaluateMessage("v", (scope,)).encode())) == ReevaluateMessage("v", (scope,))
+    assert json.loads(ReevaluateMessage("v").encode()) == {"reevaluate": "v"}  # the wire format of every release
+
+
 def test_stage_one_seeded_from_the_ledger_restores_the_same_memory() -> None:
     worker = Worker()
     assert worker.blank == [1]

@@ -98,7 +98,10 @@ class BudgetAdjustmentFollower(threading.Thread):
         producer.poll(0)
 
     def _reevaluate(self, producer: Producer, scopes: set[str]) -> None:
-        message = ReevaluateMessage(self.holder.policy.version).encode()
-        for partition in sorted({stage2_partition(scope, self.partitions) for scope in scopes}):
+        by_partition: dict[int, list[str]] = {}
+        for scope in sorted(scopes):
+            by_partition.setdefault(stage2_partition(scope, self.partitions), []).append(scope)
+        for partition, named in sorted(by_partition.items()):
+            message = ReevaluateMessage(self.holder.policy.version, tuple(named)).encode()
             producer.produce(PARTIALS_TOPIC, message, partition=partition)
         producer.flush(5)

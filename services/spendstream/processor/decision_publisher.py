@@ -141,9 +141,16 @@ def _budget_starts(kind: Period, latest_s: int, tz: tzinfo) -> tuple[tuple[int, 
 
 
 def evaluate_scope(
-    scope: str, latest: Mapping[str, int], totals: Totals, policy: Policy, seen_at: datetime
+    scope: str,
+    latest: Mapping[str, int],
+    totals: Totals,
+    policy: Policy,
+    seen_at: datetime,
+    now: datetime | None = None,
 ) -> ScopeEvaluation:
-    """Every rule that matches ``scope``; ``latest`` maps a tracked period to its newest window start."""
+    """Every rule that matches ``scope``; ``latest`` maps a tracked period to its newest window start. A budget of
+    $0 applies from ``now`` without spend (a feature registered at $0 is shut off before its first call: a burst
+    otherwise passed during the decision round trip); any other budget waits for its period's first window."""
     tz = policy.tz
     verdict = ScopeEvaluation()
     lists = allowed_model_lists([scope], policy)
@@ -152,10 +159,14 @@ def evaluate_scope(
     closest_cap: tuple[int, str, dict[str, object]] | None = None  # (remaining, reason, extra) of a hard cap at allow
     for budget in policy.matching_budgets(scope):
         kind = period(budget.period)
-        if kind.series not in latest:
+        if kind.series in latest:
+            starts, start, end = _budget_starts(kind, latest[kind.series], tz)
+            spend = sum(totals(window_key(scope, kind.series, window))[0] for window in starts)
+        elif budget.limit_nanos == 0 and now is not None:
+            start, end = period_window(kind.name, now, tz)
+            spend = 0
+        else:
             continue
-        starts, start, end = _budget_starts(kind, latest[kind.series], tz)
-        spend = sum(totals(window_key(scope, kind.series, window))[0] for window in starts)
         verdict.standings.append(BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end))
         evaluation = evaluate_budget(budget, scope, spend, policy)
         extra = {

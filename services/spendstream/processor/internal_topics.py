@@ -76,15 +76,19 @@ def scope_chunks(scopes: dict[str, list[Any]], limit: int = ENTRIES_PER_MESSAGE)
 
 @dataclass(frozen=True)
 class ReevaluateMessage:
-    """Asks a stage-2 partition to evaluate all its scopes again (a new policy is in force).
+    """Asks a stage-2 partition to evaluate all its scopes again (a new policy is in force, a budget changed), and
+    ``scopes`` of it even if it has seen no spend of them yet (a feature registered at $0 is shut off before its
+    first call, not after a burst).
 
-    Wire format: ``{"reevaluate": policy version}``.
+    Wire format: ``{"reevaluate": policy version}``, with ``"scopes": [...]`` when there are any.
     """
 
     policy_version: str
+    scopes: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        return json_value({"reevaluate": self.policy_version})
+        named = {"scopes": list(self.scopes)} if self.scopes else {}
+        return json_value({"reevaluate": self.policy_version, **named})
 
 
 InternalMessage = PartialsMessage | ReevaluateMessage
@@ -93,7 +97,7 @@ InternalMessage = PartialsMessage | ReevaluateMessage
 def internal_message(value: dict[str, Any]) -> InternalMessage:
     """The typed form of a decoded internal-topic value."""
     if "reevaluate" in value:
-        return ReevaluateMessage(value["reevaluate"])
+        return ReevaluateMessage(value["reevaluate"], tuple(value.get("scopes", ())))
     scopes = {scope: [WindowPartial(*entry) for entry in entries] for scope, entries in value["s"].items()}
     return PartialsMessage(value["p"], value["at"], value.get("w", 0), scopes)
 

@@ -29,7 +29,12 @@ from spendstream.processor.decision_publisher import (
     needs_spend_refresh,
     next_version,
 )
-from spendstream.processor.internal_topics import InternalMessage, PartialsMessage, stage2_partition
+from spendstream.processor.internal_topics import (
+    InternalMessage,
+    PartialsMessage,
+    ReevaluateMessage,
+    stage2_partition,
+)
 from spendstream.processor.policy_in_force import PolicyHolder
 from spendstream.processor.spend_accounting import (
     Retention,
@@ -139,6 +144,10 @@ class StageTwo:
             for scope, stored in list(self.scopes.data.items()):
                 if stored["p"] == partition and scope not in states:
                     states[scope] = ScopeState.from_json(stored)
+            for message in messages:  # named scopes without spend yet (a feature registered at $0)
+                for scope in message.scopes if isinstance(message, ReevaluateMessage) else ():
+                    if scope not in states and stage2_partition(scope, self.partitions) == partition:
+                        states[scope] = ScopeState(partition)
         for scope, state in states.items():
             self._evaluate(scope, state, partition)
         if clock.scan_due():
@@ -162,7 +171,9 @@ class StageTwo:
     def _evaluate(self, scope: str, state: ScopeState, partition: int) -> None:
         policy = self.holder.policy
         now = datetime.now(UTC)
-        verdict = evaluate_scope(scope, state.latest, self._totals, policy, datetime.fromtimestamp(state.seen, UTC))
+        verdict = evaluate_scope(
+            scope, state.latest, self._totals, policy, datetime.fromtimestamp(state.seen, UTC), now
+        )
         BUDGET_GAUGES.update(scope, verdict.standings)
         alerted = state.alerted
         for crossing in verdict.crossings:
