@@ -208,6 +208,22 @@ def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, sh
     run(_with_client(api_settings, shared_client, body))
 
 
+def test_a_batch_holding_one_event_twice_gets_a_400_naming_both(api_settings: Settings, shared_client: Any) -> None:
+    """It was answered "accepted": 2 and kept once; the same id under another team is another event."""
+    twice = event()
+    other_team = {**twice, "team": "sales"}
+
+    async def body(http: TestClient) -> None:
+        response = await http.post("/v1/usage", json=[twice, event(), dict(twice)], headers=ADMIN)
+        assert response.status == 400, await response.text()
+        [problem] = (await response.json())["problems"]
+        assert problem == {"index": 2, "field": "event_id", "message": "the same event as index 0 of this batch"}
+        both = await http.post("/v1/usage", json=[twice, other_team], headers=ADMIN)
+        assert both.status == 202 and (await both.json())["accepted"] == 2
+
+    run(_with_client(api_settings, shared_client, body))
+
+
 def test_budgets_for_a_month_outside_the_report_range_get_a_400(api_settings: Settings, shared_client: Any) -> None:
     async def body(http: TestClient) -> None:
         for month in ("0001-01", "9999-12", "1969-12"):

@@ -135,7 +135,7 @@ def parse_batch(
         raise BadRequest([{"index": None, "field": "events", "message": "the batch is empty"}])
     if len(items) > max_events:
         raise OverflowError(f"{len(items)} events in one request; at most {max_events}")
-    events, problems = [], []
+    events, indices, problems = [], [], []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             problems.append({"index": index, "field": None, "message": "an event must be a JSON object"})
@@ -165,6 +165,14 @@ def parse_batch(
             problems.append({"index": index, "field": _field_of(problem, event), "message": problem})
             continue
         events.append(event)
+        indices.append(index)
+    first_index: dict[tuple[str, str, Any], int] = {}  # one event per (org, team, event_id): the ledger's identity
+    for index, event in zip(indices, events, strict=True):
+        identity = (event.org, event.team, event.event_id)
+        if (first := first_index.setdefault(identity, index)) != index:  # answered "accepted" and kept once
+            problems.append(
+                {"index": index, "field": "event_id", "message": f"the same event as index {first} of this batch"}
+            )
     if problems:
         raise BadRequest(problems)
     return events
