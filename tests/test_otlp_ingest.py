@@ -403,3 +403,22 @@ def test_spans_with_all_zero_ids_are_rejected_not_collapsed_into_one_event() -> 
     assert [e.tags["span_id"] for e in result.events] == [good["spanId"]]
     assert [r.span_id for r in result.rejected] == [zero_trace["spanId"], "0" * 16]
     assert all("all-zero trace id or span id is invalid" in r.reason for r in result.rejected)
+
+
+def test_an_export_of_a_late_span_says_it_is_not_counted_in_budgets(stack: Stack) -> None:
+    """``/v1/usage`` says so of a late event; an OTLP exporter got ``{}``. The spec's way: a ``partial_success``
+    with no rejected span and a message."""
+    token = create_token(stack.env, "--role", "ingest")
+    late = _json_span({"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o", "team": "search",
+                       "gen_ai.usage.input_tokens": 5, "gen_ai.usage.output_tokens": 1})  # fmt: skip
+    for end in ("startTimeUnixNano", "endTimeUnixNano"):
+        late[end] = str(int(late[end]) - 2 * 86_400 * 10**9)
+    reply = call(stack.port, "POST", "/v1/traces", json.dumps(_otlp_json([late])).encode(),
+                 Content_Type="application/json", Authorization=f"Bearer {token}")  # fmt: skip
+    assert reply.status == 200, reply.body
+    partial = reply.json()["partialSuccess"]
+    assert "rejectedSpans" not in partial  # 0, the default, is left out of OTLP JSON
+    assert partial["errorMessage"] == (
+        f"1 span(s) older than the allowed lateness (e.g. span {late['spanId']}): recorded in the ledger, "
+        "not counted in any budget"
+    )

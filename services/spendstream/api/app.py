@@ -318,7 +318,14 @@ async def post_traces(request: web.Request) -> web.Response:
     API_INGEST_REQUESTS.labels("accepted" if not (refused or result.rejected) else "partial").inc()
     API_INGEST_EVENTS.labels("accepted").inc(len(events))
     API_INGEST_EVENTS.labels("dead_lettered").inc(len(result.rejected))
-    body = otlp.response_body([*result.rejected, *refused], answer_type)
+    late = late_events(events, datetime.now(UTC), timedelta(seconds=settings.processor_allowed_lateness_s))
+    warning = (
+        f"{len(late)} span(s) older than the allowed lateness (e.g. span {events[late[0]['index']].tags['span_id']}): "
+        "recorded in the ledger, not counted in any budget"
+        if late
+        else ""
+    )
+    body = otlp.response_body([*result.rejected, *refused], answer_type, warning)
     return web.Response(status=200, body=body, content_type=answer_type)
 
 

@@ -291,14 +291,19 @@ def _one_span_request(resource_spans: ResourceSpans, scope_spans: ScopeSpans, sp
     return single.SerializeToString()
 
 
-def response_body(rejected: list[RejectedSpan], content_type: str) -> bytes:
-    """ExportTraceServiceResponse: ``partial_success`` only when a span was rejected, as the OTLP spec asks."""
+def response_body(rejected: list[RejectedSpan], content_type: str, warning: str = "") -> bytes:
+    """ExportTraceServiceResponse: ``partial_success`` when a span was rejected, as the OTLP spec asks, or with
+    ``rejected_spans`` 0 and a ``warning`` (the spec's way to tell an exporter something of spans it accepted)."""
     response = ExportTraceServiceResponse()
     if rejected:
         shown = "; ".join(f"span {r.span_id}: {r.reason}" for r in rejected[:3])
         more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
         response.partial_success.rejected_spans = len(rejected)
         response.partial_success.error_message = f"{len(rejected)} span(s) rejected: {shown}{more}"
+        if warning:
+            response.partial_success.error_message += f"; {warning}"
+    elif warning:
+        response.partial_success.error_message = warning
     if content_type == PROTOBUF:
         return response.SerializeToString()
     return json_format.MessageToJson(response, indent=None).encode()
