@@ -24,7 +24,8 @@ from spendstream.core.ledger_store import connect, migrate
 from spendstream.core.policy import parse_policy
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
-from spendstream.sink.audit_sink import AuditSink, restore_budget_requests
+from spendstream.sink.audit_sink import RESTORED_DECISION_S, AuditSink, restore_budget_requests, restore_decisions
+from test_processor import TopicReader
 
 records = st.lists(
     st.fixed_dictionaries(
@@ -201,6 +202,54 @@ def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings:
             assert read_requests(fresh.kafka_client_config()) == {approved.id: approved}
     finally:
         client.close()
+
+
+def test_an_empty_broker_gets_the_decisions_still_in_force_back_from_the_ledger(settings: Settings) -> None:
+    """After a restart of the embedded stack a shut-off team, and a feature waiting for approval at $0, were served
+    for the seconds until the processor had rebuilt its windows and decided again."""
+    now = datetime.now(UTC)
+    end = now + timedelta(days=3)
+    steps = [
+        Decision(scope="team:sales", action=Action.shutoff, version=1, expires_at=end),
+        Decision(scope="feature:new", action=Action.shutoff, version=1, expires_at=end),
+        Decision(scope="team:ops", action=Action.shutoff, version=1, expires_at=end),
+        Decision(scope="team:ops", action=Action.allow, version=2),  # lifted: nothing to restore
+        Decision(scope="team:old", action=Action.fallback, version=1, expires_at=now - timedelta(minutes=1)),
+        Decision(scope="user:spiky", action=Action.throttle, version=1, throttle_rps=1.0),  # no end of its own
+    ]
+    codec = AvroCodec("decision")
+    producer = Producer(settings.kafka_client_config())
+    for decision in steps:
+        producer.produce(topics.ENFORCEMENT, codec.encode(decision.to_avro()), key=decision.scope.encode())
+    assert producer.flush(10) == 0
+    client = connect(settings)
+    try:
+        migrate(client, settings)
+        sink = AuditSink(settings, client)
+        for _ in range(60):
+            sink.run_once(timeout=0.5)
+            if sink.counts["decisions"] == len(steps):
+                break
+        sink.close()
+        assert restore_decisions(settings, client, now) == 0  # the topic still holds them
+        with EmbeddedBroker() as restarted:  # a memory-only broker starts empty
+            create_topics({"bootstrap.servers": restarted.bootstrap}, usage_partitions=1)
+            fresh = settings.model_copy(update={"kafka_bootstrap": restarted.bootstrap})
+            assert restore_decisions(fresh, client, now) == 3
+            reader = TopicReader(restarted.bootstrap, topics.ENFORCEMENT, "decision")
+            try:
+                reader.wait(lambda _: len(reader.records) == 3)
+                restored = {d["scope"]: d for d in reader.records}
+            finally:
+                reader.close()
+    finally:
+        client.close()
+    assert sorted(restored) == ["feature:new", "team:sales", "user:spiky"]
+    assert [(restored[s]["action"], restored[s]["version"]) for s in sorted(restored)] == [("shutoff", 1)] * 2 + [
+        ("throttle", 1)
+    ]
+    # each bridges the processor's rebuild, no longer: a restriction lifted meanwhile lapses on its own
+    assert all(d["expires_at"] == now + RESTORED_DECISION_S for d in restored.values())
 
 
 def test_audit_verify_without_a_broker_says_so_once(tmp_path: Path) -> None:

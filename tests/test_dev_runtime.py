@@ -295,3 +295,38 @@ def test_events_left_on_the_broker_at_ctrl_c_are_saved_and_replayed_exactly_once
     assert sorted((str(event_id), cost, copies) for event_id, cost, copies in rows) == sorted(
         (str(r["event_id"]), r["cost_nanos"], 1) for r in records
     )
+
+
+def test_a_team_shut_off_before_a_restart_is_refused_from_the_first_call_after_it(tmp_path: Path) -> None:
+    """The embedded broker restarts empty: edges served a shut-off team (and a feature held at $0 for approval) for
+    the seconds until the processor had rebuilt its windows. The ledger now gives the decisions in force back to
+    the empty broker before the gateway starts."""
+    from test_edge_policy import post
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: restart\ntimezone: UTC\norg: acme\ndivisions: {sales_org: [sales]}\nbudgets:\n"
+        '  - {scope: "team:sales", period: day, amount_usd: 0.000001}\n'
+    )
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+    sales = {"X-Spendstream-Team": "sales"}
+
+    def started(console: Console, env: dict[str, str]) -> tuple[str, str]:
+        console.wait_for("ready; Ctrl-C stops everything", 120)
+        key = console.wait_for("dev key").split()[3]
+        return f"http://127.0.0.1:{env['SPENDSTREAM_GATEWAY_PORT']}/v1/chat/completions", key
+
+    env = dev_env(tmp_path / "data")
+    with dev(env, "--policy", str(policy)) as console:
+        url, key = started(console, env)
+        assert post(url, chat, sales, key)[0] == 200  # past its $0.000001 at once
+        deadline = time.monotonic() + 60
+        while (status := post(url, chat, sales, key)[0]) != 402:
+            assert status == 200 and time.monotonic() < deadline, status
+            time.sleep(0.2)
+    env = dev_env(tmp_path / "data")  # the same data directory, a fresh (empty) broker
+    with dev(env, "--policy", str(policy)) as console:
+        url, key = started(console, env)
+        status, _, body = post(url, chat, sales, key)
+        assert status == 402, body
+    assert "restored 1 decisions in force from the ledger" in (tmp_path / "data" / "sink.log").read_text()

@@ -98,18 +98,20 @@ def run_ledger_process(
 
 
 def _restore_budget_requests(settings: Settings, client: object) -> None:
-    """An empty budget-requests topic after a broker restart gets the ledger's requests back (``audit_sink``)."""
+    """An empty budget-requests topic after a broker restart gets the ledger's requests back, and an empty
+    enforcement topic the decisions still in force (``audit_sink``)."""
     from confluent_kafka import KafkaException
 
-    from spendstream.sink.audit_sink import restore_budget_requests
+    from spendstream.sink.audit_sink import restore_budget_requests, restore_decisions
 
-    try:
-        restored = restore_budget_requests(settings, client)
-    except (KafkaException, RuntimeError) as exc:  # no broker yet: the requests come back at the next start
-        logging.getLogger(__name__).warning("budget requests not restored from the ledger: %s", exc)
-        return
-    if restored:
-        print(f"restored {restored} budget requests from the ledger to an empty broker", flush=True)
+    for what, restore in (("budget requests", restore_budget_requests), ("decisions in force", restore_decisions)):
+        try:
+            restored = restore(settings, client)
+        except (KafkaException, RuntimeError) as exc:  # no broker yet: they come back at the next start
+            logging.getLogger(__name__).warning("%s not restored from the ledger: %s", what, exc)
+            continue
+        if restored:
+            print(f"restored {restored} {what} from the ledger to an empty broker", flush=True)
 
 
 def policy_prices(settings: Settings) -> PriceTable:

@@ -24,7 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
@@ -54,6 +54,8 @@ BUDGET_EVENT_COLUMNS = [
 CHAIN_COLUMNS = ["chain_seq", "prev_hash", "record_hash"]
 REJECT_COLUMNS = ["topic", "partition", "offset", "reason", "raw"]
 RECENT_IDENTITIES = 100_000  # per stream: how far back a redelivered record is recognised
+# how long a decision restored to a restarted broker stays in force: the processor decides again within seconds
+RESTORED_DECISION_S = timedelta(minutes=2)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -255,6 +257,47 @@ class AuditSink:
             value = {"stream": table, "position": head.position, "hash": head.hash, "at": datetime.now(UTC).isoformat()}
             self.anchors.produce(topics.AUDIT_HEADS, json.dumps(value).encode(), key=table.encode())
         self.anchors.poll(0)
+
+
+def restore_decisions(settings: Settings, client: Any, now: datetime | None = None, timeout: float = 5.0) -> int:
+    """Republish the newest decision of every scope that still restricts it (not ``allow``, its period not over)
+    from the ``decisions`` table to an EMPTY ``spendstream.enforcement`` (a memory-only broker that restarted), with
+    their versions: edges refuse a shut-off team, or a feature whose registration waits for approval, from their
+    start, instead of serving it for the seconds until a processor has rebuilt its windows and decided again (the
+    processor's next decisions carry higher versions). Each lasts at most ``RESTORED_DECISION_S`` from now: a
+    processor that starts with no state of a scope publishes nothing while it allows it (edges assume ``allow``), so
+    a restriction lifted meanwhile (an increase approved during the restart) would otherwise stay in force.
+    Returns the decisions republished."""
+    conf = settings.kafka_client_config()
+    consumer = Consumer({**conf, "group.id": "spendstream-decision-restore", "enable.auto.commit": False})
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topics.ENFORCEMENT, 0), timeout=timeout)
+    finally:
+        consumer.close()
+    if high > 0:
+        return 0
+    db, now = settings.clickhouse_database, now or datetime.now(UTC)
+    rows = client.query(
+        f"SELECT {', '.join(DECISION_COLUMNS)} FROM {db}.decisions "
+        f"WHERE (scope, version) IN (SELECT scope, max(version) FROM {db}.decisions GROUP BY scope)"
+    ).result_rows
+    codec = AvroCodec("decision")
+    producer = Producer(conf)
+    restored = 0
+    for row in rows:
+        record = dict(zip(DECISION_COLUMNS, row, strict=True))
+        for name in ("period_start", "expires_at", "issued_at"):
+            if record[name] is not None and record[name].tzinfo is None:
+                record[name] = record[name].replace(tzinfo=UTC)
+        if record["action"] == "allow" or (record["expires_at"] is not None and record["expires_at"] <= now):
+            continue
+        bridge = now + RESTORED_DECISION_S
+        record["expires_at"] = bridge if record["expires_at"] is None else min(record["expires_at"], bridge)
+        producer.produce(topics.ENFORCEMENT, codec.encode(record), key=record["scope"].encode())
+        restored += 1
+    if producer.flush(timeout):
+        raise RuntimeError(f"the broker did not acknowledge the {restored} restored decisions")
+    return restored
 
 
 def restore_budget_requests(settings: Settings, client: Any, timeout: float = 5.0) -> int:
