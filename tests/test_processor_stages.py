@@ -346,6 +346,7 @@ def test_a_feature_registered_at_zero_is_shut_off_before_its_first_call() -> Non
         (scope, "shutoff", 0, 0)
     ]
     assert decided[0]["expires_at"] == period_window("month", now, "Europe/Berlin")[1]
+    assert "stays at $0 until approved: `spendstream budget list --status pending`" in decided[0]["reason"]
     assert internal_message(json.loads(ReevaluateMessage("v", (scope,)).encode())) == ReevaluateMessage("v", (scope,))
     assert json.loads(ReevaluateMessage("v").encode()) == {"reevaluate": "v"}  # the wire format of every release
 

@@ -8,12 +8,18 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
 from spendstream.analytics.report_model import FORMATS, Column, Report, render
-from spendstream.analytics.report_registry import MAX_REPORT_COUNT, REPORTS, build_report, report_day_problem
+from spendstream.analytics.report_registry import (
+    MAX_REPORT_COUNT,
+    MAX_REPORT_WEEKS,
+    REPORTS,
+    build_report,
+    report_day_problem,
+)
 from spendstream.core.config import Settings
 
 
@@ -26,9 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     report.add_argument("--month", type=_month, help="chargeback/savings month, YYYY-MM (default: this month)")
     report.add_argument("--as-of", type=_day, help="weekly: a day of the week to report (YYYY-MM-DD)")
-    report.add_argument("--weeks", type=_count, default=4, help="weekly: how many weeks (default 4)")
+    report.add_argument(
+        "--weeks",
+        type=_counter(MAX_REPORT_WEEKS),
+        default=4,
+        help=f"weekly: how many weeks (default 4, at most {MAX_REPORT_WEEKS})",
+    )
     report.add_argument("--by", default="feature", help="top: team, feature, user, customer, model, ...")
-    report.add_argument("--limit", type=_count, default=10, help="top: how many rows")
+    report.add_argument("--limit", type=_counter(MAX_REPORT_COUNT), default=10, help="top: how many rows")
     report.add_argument("--from", dest="start", type=_day, help="top/mix/latency: first day")
     report.add_argument("--to", dest="end", type=_day, help="top/mix/latency: last day")
     report.set_defaults(handler=run_report)
@@ -79,10 +90,13 @@ def _day(text: str) -> date:
     return day
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= MAX_REPORT_COUNT:
-        raise argparse.ArgumentTypeError(f"expected 1..{MAX_REPORT_COUNT}, got {text!r}")
-    return int(text)
+def _counter(most: int) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        if not text.isdigit() or not 0 < int(text) <= most:
+            raise argparse.ArgumentTypeError(f"expected 1..{most}, got {text!r}")
+        return int(text)
+
+    return count
 
 
 class LedgerBusy(RuntimeError):

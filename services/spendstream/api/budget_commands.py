@@ -29,11 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     increase = actions.add_parser("increase", help="grant a temporary increase at once (approver token)")
     amount_args(increase)
-    increase.add_argument("--until", required=True, help="YYYY-MM-DD (through that local day) or an ISO time")
+    increase.add_argument(
+        "--until", required=True, help="YYYY-MM-DD (through that local day) or an ISO time, at most 366 days ahead"
+    )
     increase.set_defaults(handler=run_post, path="/v1/budget/increases")
     request = actions.add_parser("request", help="ask for an increase or, at 100 percent of a budget, an overage")
     amount_args(request)
-    request.add_argument("--until", help="expiry (default for an overage: the end of the period)")
+    request.add_argument(
+        "--until",
+        help="an increase's expiry: YYYY-MM-DD (through that local day) or an ISO time, at most 366 days ahead; "
+        "an overage takes none (it lasts to the end of its period)",
+    )
     request.add_argument(
         "--overage", action="store_const", const="overage", default="increase", dest="kind",
         help="an overage request: lifts the scope's shutoff once approved",

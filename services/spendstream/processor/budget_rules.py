@@ -71,6 +71,11 @@ def evaluate_budget(budget: Budget, scope: str, spend_nanos: int, policy: Policy
     action = action_for_spend(spend_nanos, budget.limit_nanos, thresholds, critical)
     spent = usd_text(spend_nanos)
     reason = f"{budget.period} budget {scope}: {spent} spent, {_pct(spend_nanos, budget.limit_nanos)}"
+    if budget.limit_nanos == 0 and dimension == "feature":  # what the developer refused and the approver need to know
+        reason += (
+            " (a feature registered above the approval threshold stays at $0 until approved: "
+            "`spendstream budget list --status pending`)"
+        )
     if action is Action.fallback:
         fallback = budget.fallback_models if budget.fallback_models is not None else policy.fallback_models
         return Evaluation(action, reason, dict(fallback))
