@@ -176,6 +176,18 @@ def test_the_chain_resumes_from_the_ledger_after_a_restart(settings: Settings) -
         client.close()
 
 
+def audit_until(settings: Settings, client: Any, table: str, count: int) -> None:
+    """Run an audit sink until it wrote ``count`` records to ``table`` (or 30 s passed)."""
+    sink = AuditSink(settings, client)
+    try:
+        for _ in range(60):
+            sink.run_once(timeout=0.5)
+            if sink.counts[table] == count:
+                return
+    finally:
+        sink.close()
+
+
 def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings: Settings) -> None:
     now = datetime.now(UTC)
     asked = new_request(Kind.overage, "team:sales", "month", 10**12, now, now + timedelta(days=3), "alice",
@@ -188,12 +200,7 @@ def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings:
     client = connect(settings)
     try:
         migrate(client, settings)
-        sink = AuditSink(settings, client)
-        for _ in range(60):
-            sink.run_once(timeout=0.5)
-            if sink.counts["budget_events"] == 2:
-                break
-        sink.close()
+        audit_until(settings, client, "budget_events", 2)
         assert restore_budget_requests(settings, client) == 0  # the topic still holds them
         with EmbeddedBroker() as restarted:  # a memory-only broker starts empty
             create_topics({"bootstrap.servers": restarted.bootstrap}, usage_partitions=1)
@@ -225,12 +232,7 @@ def test_an_empty_broker_gets_the_decisions_still_in_force_back_from_the_ledger(
     client = connect(settings)
     try:
         migrate(client, settings)
-        sink = AuditSink(settings, client)
-        for _ in range(60):
-            sink.run_once(timeout=0.5)
-            if sink.counts["decisions"] == len(steps):
-                break
-        sink.close()
+        audit_until(settings, client, "decisions", len(steps))
         assert restore_decisions(settings, client, now) == 0  # the topic still holds them
         with EmbeddedBroker() as restarted:  # a memory-only broker starts empty
             create_topics({"bootstrap.servers": restarted.bootstrap}, usage_partitions=1)
