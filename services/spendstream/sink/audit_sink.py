@@ -259,8 +259,9 @@ class AuditSink:
         self.anchors.poll(0)
 
 
-def _audited_topic_is_empty(conf: dict[str, Any], topic: str, timeout: float) -> bool:
+def _audited_topic_is_empty(settings: Settings, topic: str, timeout: float) -> bool:
     """Whether an audited topic (one partition) holds nothing: a memory-only broker that restarted."""
+    conf = settings.kafka_client_config()
     consumer = Consumer({**conf, "group.id": "spendstream-ledger-restore", "enable.auto.commit": False})
     try:
         return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)[1] <= 0
@@ -278,7 +279,7 @@ def restore_decisions(settings: Settings, client: Any, now: datetime | None = No
     a restriction lifted meanwhile (an increase approved during the restart) would otherwise stay in force.
     Returns the decisions republished."""
     conf = settings.kafka_client_config()
-    if not _audited_topic_is_empty(conf, topics.ENFORCEMENT, timeout):
+    if not _audited_topic_is_empty(settings, topics.ENFORCEMENT, timeout):
         return 0
     db, now = settings.clickhouse_database, now or datetime.now(UTC)
     rows = client.query(
@@ -312,7 +313,7 @@ def restore_budget_requests(settings: Settings, client: Any, timeout: float = 5.
     The audit sink recognises the republished steps as chained already, so they are not recorded twice.
     """
     conf = settings.kafka_client_config()
-    if not _audited_topic_is_empty(conf, topics.BUDGET_ADJUSTMENTS, timeout):
+    if not _audited_topic_is_empty(settings, topics.BUDGET_ADJUSTMENTS, timeout):
         return 0
     rows = client.query(
         f"SELECT {', '.join(BUDGET_EVENT_COLUMNS)} FROM {settings.clickhouse_database}.budget_events "
