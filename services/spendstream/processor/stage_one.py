@@ -526,8 +526,7 @@ class StageOne:
             target = by_target.setdefault(stage2_partition(scope, self.partitions), {})
             target.setdefault(scope, []).append(WindowPartial(wkey, *value))
         for target, scopes in by_target.items():
-            message = PartialsMessage(partition, newest_event_s, watermark_ms, scopes)
-            self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
+            self._send_partials(partition, target, newest_event_s, watermark_ms, scopes)
 
     def announce_restored(self, partitions: Iterable[int]) -> int:
         """Tell stage 2 again the total of every window these restored source partitions hold; returns how many.
@@ -564,13 +563,15 @@ class StageOne:
                 sizes[bucket] = size
                 continue
             sizes[bucket] = 0
-            self._send_partials(source, target, watermarks[source], pending.pop(bucket))
+            self._send_partials(source, target, 0, watermarks[source], pending.pop(bucket))
         for (source, target), scopes in pending.items():
-            self._send_partials(source, target, watermarks[source], scopes)
+            self._send_partials(source, target, 0, watermarks[source], scopes)
         return count
 
-    def _send_partials(self, source: int, target: int, watermark_ms: int, scopes: dict[str, list[WindowPartial]]):
-        message = PartialsMessage(source, 0, watermark_ms, scopes)
+    def _send_partials(
+        self, source: int, target: int, newest_event_s: int, watermark_ms: int, scopes: dict[str, list[WindowPartial]]
+    ) -> None:
+        message = PartialsMessage(source, newest_event_s, watermark_ms, scopes)
         self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
 
     def seed(
