@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,50 @@ def test_sasl_settings_reach_the_kafka_client_config(monkeypatch: pytest.MonkeyP
     assert conf["security.protocol"] == "SASL_SSL"
     assert conf["sasl.password"] == "s3cret"
     assert "s3cret" not in repr(load_settings())
+
+
+def test_a_misspelt_variable_is_refused_naming_the_setting_meant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ignored, SPENDSTREAM_POLCY would leave every service running without the policy it was meant to enforce.
+    monkeypatch.setenv("SPENDSTREAM_POLCY", "/etc/spendstream/policy.yaml")
+    with pytest.raises(
+        ConfigError, match=r"SPENDSTREAM_POLCY is not a spendstream setting \(did you mean SPENDSTREAM_POLICY\?\)"
+    ):
+        load_settings()
+
+
+def test_a_variable_like_no_setting_points_at_the_configuration_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPENDSTREAM_WHATEVER", "1")
+    with pytest.raises(ConfigError, match=r"SPENDSTREAM_WHATEVER is not a spendstream setting \(see the README"):
+        load_settings()
+
+
+def test_variables_read_outside_the_settings_and_any_case_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPENDSTREAM_GATEWAY_CONFIG", "/nowhere/gateway.yaml")
+    monkeypatch.setenv("SPENDSTREAM_BROKER_BIN", "/nowhere/tansu")
+    monkeypatch.setenv("spendstream_sink_batch_ms", "42")  # setting names are case-insensitive
+    assert load_settings().sink_batch_ms == 42
+
+
+def test_a_misspelt_key_of_the_config_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("sink_batch_ms: 42\nkafka_bootstrp: kafka:9092\n")
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(config))
+    with pytest.raises(
+        ConfigError, match=r"'kafka_bootstrp' is not a spendstream setting \(did you mean kafka_bootstrap\?\)"
+    ):
+        load_settings()
+
+
+def test_the_cli_refuses_a_misspelt_variable_before_doing_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "SPENDSTREAM_DATA_DIR": str(tmp_path), "SPENDSTREAM_PROCESOR_BATCH_SIZE": "500"}
+    done = subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "policy", "validate", "/nowhere.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "SPENDSTREAM_PROCESOR_BATCH_SIZE is not a spendstream setting" in done.stderr
+    assert "did you mean SPENDSTREAM_PROCESSOR_BATCH_SIZE?" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -6,11 +6,15 @@ thing on a laptop running the embedded runtime and in a production deployment.
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -284,8 +288,57 @@ def settings_reference_markdown() -> str:
     return "\n".join(rows)
 
 
+# SPENDSTREAM_* variables that are not settings: read by one command each (documented with it).
+OTHER_VARIABLES = frozenset({"SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_BROKER_BIN"})
+
+
+def setting_variables() -> frozenset[str]:
+    """Every environment variable a setting is read from (upper case: the names are case-insensitive)."""
+    return frozenset(f"SPENDSTREAM_{name.upper()}" for name in Settings.model_fields)
+
+
+def unknown_names_problems(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``SPENDSTREAM_*`` variable, and per key of ``SPENDSTREAM_CONFIG_FILE``, that names no setting.
+
+    Why: a setting spelt wrong is otherwise ignored without a word, and the service runs on its default; for
+    ``SPENDSTREAM_POLCY`` that is a gateway enforcing no policy at all."""
+    known = setting_variables()
+    variables = sorted(name for name in environ if name.upper().startswith("SPENDSTREAM_"))
+    problems = [
+        f"{name} is not a spendstream setting{_did_you_mean(name.upper(), known | OTHER_VARIABLES)}"
+        for name in variables
+        if name.upper() not in known | OTHER_VARIABLES
+    ]
+    config_file = next((environ[name] for name in variables if name.upper() == "SPENDSTREAM_CONFIG_FILE"), None)
+    if config_file and Path(config_file).is_file():
+        try:
+            document = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return problems  # the YAML source reports what is wrong with the file itself
+        fields = frozenset(Settings.model_fields)
+        if isinstance(document, Mapping):
+            problems += [
+                f"{config_file}: {key!r} is not a spendstream setting{_did_you_mean(str(key), fields)}"
+                for key in document
+                if str(key) not in fields
+            ]
+    return problems
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """The closest known name, compared without the shared prefix (it would make every name look alike)."""
+    prefix = "SPENDSTREAM_" if name.startswith("SPENDSTREAM_") else ""
+    stems = {candidate.removeprefix(prefix): candidate for candidate in known}
+    close = difflib.get_close_matches(name.removeprefix(prefix), sorted(stems), n=1, cutoff=0.75)
+    return f" (did you mean {stems[close[0]]}?)" if close else " (see the README's Configuration table)"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings, turning validation errors into one message per bad variable."""
+    """Read the settings, turning validation errors into one message per bad variable; a ``SPENDSTREAM_*``
+    variable or a config file key that names no setting is refused too (``unknown_names_problems``)."""
+    unknown = unknown_names_problems(os.environ)
+    if unknown:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(unknown))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
