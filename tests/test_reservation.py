@@ -335,3 +335,46 @@ def test_a_burst_under_a_hard_cap_is_held_to_the_cap_before_any_decision(
     # Over by at most one request per client; what was held for requests in flight was retried, so the last
     # refusals came from spend: under by less than one request
     assert limit - max(costs) <= sum(costs) < limit + 8 * max(costs)
+
+
+def test_a_burst_of_many_completions_each_is_held_at_what_all_its_completions_may_cost(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """``n`` completions are billed ``n`` times: 16 requests at once, each asking for 8 completions of 50 tokens,
+    under a hard cap that pays for 3.5 of them. Each is held at all 8 completions, so the cap is passed by less
+    than one request (held at one completion, 12 of 16 were served: several times the cap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spendstream.core.policy import parse_policy
+    from spendstream.gateway.cost_estimate import request_cost_estimate
+
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 50,
+        "n": 8,
+    }
+    held = request_cost_estimate("openai", "gpt-4o-mini", body, len(json.dumps(body)))
+    limit = held * 7 // 2
+    policy = parse_policy(f"budgets: [{{scope: 'team:marketing', period: day, amount_nanos: {limit}, hard_cap: true}}]")
+    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    stub.hang_s = 1.0  # every request of the burst is in flight at once
+    try:
+        with GatewayThread(gateway) as running, ThreadPoolExecutor(16) as pool:
+            publish_heartbeat(settings.kafka_bootstrap)
+            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
+            url = running.url + "/v1/chat/completions"
+            statuses = [status for status, _, _ in pool.map(lambda _: http(url, body), range(16))]
+    finally:
+        stub.hang_s = 0.0
+        emitter.close(10)
+        enforcer.stop()
+    served = [e for e in read_usage(settings.kafka_bootstrap, len(statuses)) if e["status"] == "ok"]
+    assert len(served) == statuses.count(200) >= 3
+    assert {e["output_tokens"] for e in served} == {8 * 50}  # what the stub billed: every completion
+    costs = [e["cost_nanos"] for e in served]
+    assert sum(costs) < limit + max(costs)
+    assert statuses.count(200) + statuses.count(429) == 16

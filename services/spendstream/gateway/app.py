@@ -30,7 +30,7 @@ from spendstream.core.events import SPEND_REFRESH_S, UsageStatus
 from spendstream.core.metrics import HttpLatency, metrics_exposition
 from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy
-from spendstream.core.pricing import PriceTable, UnknownModelError, price_usage
+from spendstream.core.pricing import PriceTable
 from spendstream.core.providers import dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
@@ -40,6 +40,7 @@ from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
+from spendstream.gateway.cost_estimate import request_cost_estimate
 from spendstream.gateway.http_server import (
     BodyTooLarge,
     HttpServer,
@@ -104,9 +105,6 @@ _RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
 KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
-# Output tokens reserved for a request that sets no max_tokens (what it may cost is unbounded; this is a typical
-# long answer).
-UNBOUNDED_OUTPUT_TOKENS = 1024
 METER_BATCH_S = 0.01  # answered requests are metered together, at most this long after their answer
 
 
@@ -766,15 +764,7 @@ class Gateway:
         )
 
     def _estimate(self, provider: str, model: str, body: dict[str, Any], raw: bytes) -> int:
-        """The most a request should cost, in nanos: its body's size as prompt tokens (about 4 bytes a token, and
-        JSON syntax counts too) and its ``max_tokens`` (or ``UNBOUNDED_OUTPUT_TOKENS``) as output, priced."""
-        output = body.get("max_tokens", body.get("max_completion_tokens", body.get("max_output_tokens")))
-        if not isinstance(output, int) or isinstance(output, bool) or output < 0:
-            output = UNBOUNDED_OUTPUT_TOKENS
-        try:
-            return price_usage(provider, model, len(raw) // 4 + 1, output, overrides=self.prices).cost_nanos
-        except (UnknownModelError, ValueError):  # refused or unpriceable: what it costs is not known here
-            return 0
+        return request_cost_estimate(provider, model, body, len(raw), self.prices)
 
     def _cache_key(
         self, body: dict[str, Any], endpoint: Endpoint, attribution: Mapping[str, str], model: str

@@ -1,7 +1,8 @@
 """A stub OpenAI- and Anthropic-compatible LLM server for tests, benchmarks and the demo.
 
 Deterministic: input tokens = words in the prompt, output tokens = ``max_tokens`` (default 8, at most 256)
-words of filler. Streams honour ``stream_options.include_usage`` the way OpenAI does. Faults are injected
+words of filler for each of the ``n`` completions asked for (legacy completions: ``best_of``), all billed as OpenAI
+bills them. Streams honour ``stream_options.include_usage`` the way OpenAI does. Faults are injected
 with ``fail_status`` (answer every request with that status), ``hang_s`` (sleep before answering) or
 ``cut_stream_after`` (a stream stops after that many text chunks: the connection drops, after ``stall_stream_s`` of
 silence when that is set); ``reported_usage`` replaces the chat usage block (a broken upstream).
@@ -42,6 +43,12 @@ def _output_tokens(body: dict[str, Any]) -> int:
         or DEFAULT_OUTPUT_TOKENS
     )
     return max(1, min(int(wanted), 256))
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """Completions asked for (``n``; legacy completions bill ``best_of``): each is billed, as OpenAI bills them."""
+    asked = [value for name in ("n", "best_of") if isinstance(value := body.get(name), int) and value > 0]
+    return min(max([1, *asked]), 128)
 
 
 def _sse(data: Any, event: str | None = None) -> bytes:
@@ -157,7 +164,8 @@ class StubUpstream:
         body = await self._accept(request)
         if isinstance(body, web.Response):
             return body
-        model, n_in, n_out = body["model"], _words(body.get("messages", [])), _output_tokens(body)
+        model, n_in, per_choice = body["model"], _words(body.get("messages", [])), _output_tokens(body)
+        choices, n_out = _choices(body), per_choice * _choices(body)
         usage = {
             "prompt_tokens": n_in,
             "completion_tokens": n_out,
@@ -167,15 +175,17 @@ class StubUpstream:
         usage = self.reported_usage or usage
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
         if not body.get("stream"):
-            message = {"role": "assistant", "content": " ".join(["word"] * n_out)}
-            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            message = {"role": "assistant", "content": " ".join(["word"] * per_choice)}
+            answers = [
+                {"index": i, "message": message, "finish_reason": "stop", "logprobs": None} for i in range(choices)
+            ]
             return web.json_response(
                 {
                     "id": rid,
                     "object": "chat.completion",
                     "created": created,
                     "model": model,
-                    "choices": [choice],
+                    "choices": answers,
                     "usage": usage,
                 },
                 headers=self.response_headers,
@@ -183,7 +193,7 @@ class StubUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        for i in range(n_out):
+        for i in range(per_choice):
             delta = {"role": "assistant", "content": "word"} if i == 0 else {"content": " word"}
             await self._maybe_cut(request, i)
             await response.write(_sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
@@ -198,8 +208,9 @@ class StubUpstream:
         body = await self._accept(request)
         if isinstance(body, web.Response):
             return body
-        n_in, n_out = _words(body.get("prompt", "")), _output_tokens(body)
-        choice = {"index": 0, "text": " ".join(["word"] * n_out), "finish_reason": "stop", "logprobs": None}
+        n_in, per_choice = _words(body.get("prompt", "")), _output_tokens(body)
+        n_out = per_choice * _choices(body)
+        choice = {"index": 0, "text": " ".join(["word"] * per_choice), "finish_reason": "stop", "logprobs": None}
         return web.json_response(
             {
                 "id": f"cmpl-{uuid.uuid4().hex[:12]}",
