@@ -5,7 +5,8 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY schemas ./schemas
 COPY infra/policy ./infra/policy
-RUN pip install --no-cache-dir . && mkdir -p /var/lib/spendstream && chown nobody /var/lib/spendstream
+RUN pip install --no-cache-dir . && mkdir -p /var/lib/spendstream /etc/spendstream-keys/signing /etc/spendstream-keys/verify \
+    && chown nobody /var/lib/spendstream /etc/spendstream-keys/signing /etc/spendstream-keys/verify
 USER nobody
 ENTRYPOINT ["spendstream"]
 CMD ["--help"]

@@ -12,29 +12,39 @@ from confluent_kafka import Producer
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Decision, Heartbeat
+from spendstream.core.record_signature import RecordSigner
 from spendstream.core.topics import ENFORCEMENT
 from spendstream.gateway.stub_upstream import StubUpstream
 
 __all__ = ["StubUpstream", "heartbeating", "publish_decisions", "publish_heartbeat", "wait_for"]
 
 
-def publish_decisions(bootstrap: str, decisions: Iterable[Decision | tuple[str, None]]) -> None:
-    """Publish decisions (or ``(scope, None)`` tombstones) keyed by scope, as the processor does."""
+def publish_decisions(
+    bootstrap: str, decisions: Iterable[Decision | tuple[str, None]], signer: RecordSigner | None = None
+) -> None:
+    """Publish decisions (or ``(scope, None)`` tombstones) keyed by scope, as the processor does (signed by
+    ``signer``, as a processor with a signing key does)."""
     codec = AvroCodec("decision")
     producer = Producer({"bootstrap.servers": bootstrap})
     for item in decisions:
         if isinstance(item, Decision):
-            producer.produce(ENFORCEMENT, key=item.scope.encode(), value=codec.encode(item.to_avro()))
+            key, value = item.scope.encode(), codec.encode(item.to_avro())
         else:
-            producer.produce(ENFORCEMENT, key=item[0].encode(), value=None)
+            key, value = item[0].encode(), None
+        headers = signer.headers(ENFORCEMENT, key, value) if signer is not None else None
+        producer.produce(ENFORCEMENT, key=key, value=value, headers=headers)
     assert producer.flush(10) == 0, "decisions not delivered"
 
 
-def publish_heartbeat(bootstrap: str, policy_version: str = "", issued_at: datetime | None = None) -> None:
+def publish_heartbeat(
+    bootstrap: str, policy_version: str = "", issued_at: datetime | None = None, signer: RecordSigner | None = None
+) -> None:
     """A processor heartbeat, as a live worker publishes it every second."""
     beat = Heartbeat(worker="test-processor", policy_version=policy_version, issued_at=issued_at or datetime.now(UTC))
     producer = Producer({"bootstrap.servers": bootstrap})
-    producer.produce(ENFORCEMENT, key=b"heartbeat:test-processor", value=AvroCodec("heartbeat").encode(beat.to_avro()))
+    key, value = b"heartbeat:test-processor", AvroCodec("heartbeat").encode(beat.to_avro())
+    headers = signer.headers(ENFORCEMENT, key, value) if signer is not None else None
+    producer.produce(ENFORCEMENT, key=key, value=value, headers=headers)
     assert producer.flush(10) == 0, "heartbeat not delivered"
 
 

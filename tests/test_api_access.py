@@ -360,3 +360,28 @@ def test_a_mistyped_path_is_not_found_for_any_token_and_unauthorised_without_one
     wrong_method = call(api.port, "DELETE", "/v1/usage", Authorization=f"Bearer {ingest}")
     assert wrong_method.status == 405 and "DELETE /v1/usage" in wrong_method.json()["error"], wrong_method.body
     assert call(api.port, "GET", "/v1/nothing-here").status == 401  # without a token the API's paths stay unlisted
+
+
+def test_a_tokens_file_broken_by_hand_keeps_only_the_tokens_it_still_lists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An admin deletes a token's block by hand and leaves a stray line, so the file no longer parses: the deleted
+    token is refused from the next request (it stayed in force with the rest on the old code), the listed ones
+    still work, and the API says why in its log."""
+    from spendstream.api.tokens import TokenStore, add_token
+
+    path = tmp_path / "api-tokens.yaml"
+    admin = add_token(path, "admin", "adm")
+    viewer = add_token(path, "viewer", "view")
+    store = TokenStore(path)
+    assert store.lookup(admin) is not None and store.lookup(viewer) is not None
+    head, *blocks = path.read_text().split("\n- ")
+    kept = [block for block in blocks if "name: view" in block]
+    path.write_text(head + "\n- " + "\n- ".join(kept) + "  - {broken\n")  # the admin's block deleted, and a typo
+    with caplog.at_level("ERROR", logger="spendstream.api.tokens"):
+        assert store.lookup(admin) is None
+        assert store.lookup(viewer) is not None
+    assert store.problem is not None and "(view)" in store.problem
+    assert any("stay in force (view)" in record.getMessage() for record in caplog.records)
+    path.write_text("garbage: [")  # nothing listed any more: nothing stays in force
+    assert store.lookup(viewer) is None

@@ -330,3 +330,48 @@ def test_a_team_shut_off_before_a_restart_is_refused_from_the_first_call_after_i
         status, _, body = post(url, chat, sales, key)
         assert status == 402, body
     assert "restored 1 decisions in force from the ledger" in (tmp_path / "data" / "sink.log").read_text()
+
+
+def test_a_client_that_may_write_to_the_broker_cannot_lift_a_shutoff(tmp_path: Path) -> None:
+    """The attack found by a review: a shut-off team's service, with the broker credentials every edge has,
+    publishes an ``allow`` for its team with a version far ahead of the processor's (and a tombstone), then a
+    policy without budgets. ``dev`` signs decisions and policies with its data directory's key pair and every
+    service verifies them: the team stays refused (the gateway served it on the old code)."""
+    from confluent_kafka import Producer
+
+    from spendstream.core.codec import AvroCodec
+    from spendstream.core.events import Decision, PolicyRecord
+    from spendstream.core.policy import parse_policy
+    from spendstream.core.topics import ENFORCEMENT, POLICY
+    from test_edge_policy import post
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: forge\ntimezone: UTC\norg: acme\ndivisions: {sales_org: [sales]}\nbudgets:\n"
+        '  - {scope: "team:sales", period: day, amount_usd: 0.000001}\n'
+    )
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+    sales = {"X-Spendstream-Team": "sales"}
+    env = dev_env(tmp_path / "data")
+    with dev(env, "--policy", str(policy)) as console:
+        console.wait_for("ready; Ctrl-C stops everything", 120)
+        assert "signs decisions and policies (new key pair)" in console.text
+        key = console.wait_for("dev key").split()[3]
+        url = f"http://127.0.0.1:{env['SPENDSTREAM_GATEWAY_PORT']}/v1/chat/completions"
+        assert post(url, chat, sales, key)[0] == 200  # past its $0.000001 at once
+        deadline = time.monotonic() + 60
+        while (status := post(url, chat, sales, key)[0]) != 402:
+            assert status == 200 and time.monotonic() < deadline, status
+            time.sleep(0.2)
+
+        forger = Producer({"bootstrap.servers": env["SPENDSTREAM_KAFKA_BOOTSTRAP"]})
+        allow = Decision(scope="team:sales", action="allow", version=10**18)
+        forger.produce(ENFORCEMENT, AvroCodec("decision").encode(allow.to_avro()), key=b"team:sales")
+        forger.produce(ENFORCEMENT, None, key=b"team:sales")
+        unlimited = parse_policy("name: forge\ntimezone: UTC\norg: acme\n")
+        record = PolicyRecord(name="forge", version=unlimited.version, document=unlimited.to_json())
+        forger.produce(POLICY, AvroCodec("policy").encode(record.to_avro()), key=b"forge")
+        assert forger.flush(10) == 0
+        time.sleep(3)  # edges read the enforcement topic within 0.1 s and the policy within 0.2 s
+        statuses = [post(url, chat, sales, key)[0] for _ in range(5)]
+        assert statuses == [402] * 5, statuses

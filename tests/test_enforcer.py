@@ -108,7 +108,7 @@ def test_a_view_that_turns_stale_and_fresh_again_is_said_once_each_in_the_log(
         with heartbeating(broker.bootstrap, interval_s=0.2):
             assert wait_for(lambda: any("fresh again" in r.getMessage() for r in caplog.records), 10)
             time.sleep(1.0)
-    said = [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if "enforcement view" in r.getMessage()]
     # each change is said once: stale and fresh alternate (a loaded machine may delay a heartbeat past the limit)
     assert "enforcement view stale" in said[0] and "requests are served (fail-open)" in said[0], said
     assert "fresh again" in said[1], said

@@ -210,6 +210,28 @@ def test_a_statement_that_runs_past_its_time_limit_is_cancelled(ledger: tuple[An
         sql_report(client, settings, endless, timeout_s=1)
 
 
+def test_a_statement_that_would_use_more_memory_than_allowed_is_stopped(ledger: tuple[Any, Settings]) -> None:
+    """One read-only query folded a 2 M array in one block: 8.7 GB, and with 8 M all the machine's memory."""
+    client, settings = ledger
+    hungry = "SELECT arrayFold((acc, x) -> cityHash64(acc, x), range(2000000), toUInt64(0))"
+    with pytest.raises(Exception, match="MEMORY_LIMIT_EXCEEDED"):
+        sql_report(client, settings, hungry, max_memory_mb=200)
+
+
+def test_a_read_the_engine_cannot_cancel_ends_the_command_saying_why() -> None:
+    """The engine checks its time limit between blocks; a read stuck in one block ends with the process that runs
+    the embedded engine (``spendstream sql`` arms this for every read)."""
+    stuck = (
+        "import time\n"
+        "from spendstream.analytics.commands import _end_after\n"
+        "_end_after(0.3, 'the statement ran past --timeout 1; stopped')\n"
+        "time.sleep(30)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "spendstream sql: the statement ran past --timeout 1; stopped"
+
+
 def test_an_abbreviated_flag_is_refused_not_guessed(sql_env: dict[str, str]) -> None:
     """``--wr`` must not quietly become ``--write`` (nor ``--time`` ``--timeout``)."""
     for flag in ("--wr", "--time=5"):

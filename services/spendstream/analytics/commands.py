@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from typing import Any
@@ -21,6 +22,8 @@ from spendstream.analytics.report_registry import (
     report_day_problem,
 )
 from spendstream.core.config import Settings
+
+SQL_GRACE_S = 5.0  # past --timeout, before a read the engine did not cancel ends the command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_positive_seconds,
         default=60,
         metavar="SECONDS",
-        help="stop a statement that runs longer (default 60; the engine cancels it)",
+        help="stop a statement that runs longer (default 60; the engine cancels it, and a read that it cannot cancel "
+        "ends this command a few seconds later)",
+    )
+    sql.add_argument(
+        "--max-memory-mb",
+        type=_positive_megabytes,
+        default=4096,
+        metavar="MB",
+        help="stop a statement that would use more memory (default 4096), so one query cannot starve the ledger",
     )
     sql.set_defaults(handler=run_sql)
 
@@ -244,8 +255,12 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
+    if not args.write:  # the engine checks its time limit between blocks: one long block runs past it
+        _end_after(args.timeout + SQL_GRACE_S, f"the statement ran past --timeout {args.timeout}; stopped")
     try:
-        report = sql_report(client, settings, args.query, write=args.write, timeout_s=args.timeout)
+        report = sql_report(
+            client, settings, args.query, write=args.write, timeout_s=args.timeout, max_memory_mb=args.max_memory_mb
+        )
     except Exception as exc:  # the server's message is the useful part
         print(f"spendstream sql: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
@@ -255,8 +270,29 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def sql_report(client: Any, settings: Settings, query: str, write: bool = False, timeout_s: int = 60) -> Report:
-    """Run one statement; read-only unless ``write``, and cancelled by the engine after ``timeout_s``.
+def _end_after(seconds: float, message: str) -> None:
+    """End this process (exit 1, saying why) if it is still running ``seconds`` from now: the embedded engine runs
+    in it and can only be stopped with it."""
+
+    def end() -> None:
+        print(f"spendstream sql: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+
+
+def sql_report(
+    client: Any,
+    settings: Settings,
+    query: str,
+    write: bool = False,
+    timeout_s: int = 60,
+    max_memory_mb: int = 4096,
+) -> Report:
+    """Run one statement; read-only unless ``write``, and cancelled by the engine after ``timeout_s`` or past
+    ``max_memory_mb``.
 
     Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
     and that statement runs with ``readonly=1`` (no writes, no settings changes). The time limit keeps one
@@ -266,11 +302,18 @@ def sql_report(client: Any, settings: Settings, query: str, write: bool = False,
 
     client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
     statement = query if write else read_only_statement(client, query)
-    limits = {"max_execution_time": timeout_s}
+    limits = {"max_execution_time": timeout_s, "max_memory_usage": max_memory_mb << 20}
     result = client.query(statement, settings=limits if write else {**limits, **READ_ONLY_SETTINGS})
     columns = [Column(name, name) for name in result.column_names]
     rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]
     return Report("sql", query, columns, rows)
+
+
+def _positive_megabytes(text: str) -> int:
+    megabytes = int(text) if text.isdigit() else 0
+    if megabytes <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of megabytes above 0, got {text!r}")
+    return megabytes
 
 
 def _positive_seconds(text: str) -> int:

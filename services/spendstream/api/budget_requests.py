@@ -185,7 +185,8 @@ async def _state(request: web.Request) -> tuple[Policy, dict[str, BudgetRequest]
     conf = request.app[SETTINGS].kafka_client_config()
 
     def read() -> tuple[Policy, dict[str, BudgetRequest]]:
-        found = read_policy_log(conf, request.app[SETTINGS].schema_registry_url)
+        settings = request.app[SETTINGS]
+        found = read_policy_log(conf, settings.schema_registry_url, verifier=settings.record_verifier())
         if found.in_force is None:
             raise LifecycleError("no policy is in force yet (spendstream policy apply FILE)", 409)
         return found.in_force.policy, read_requests(conf)

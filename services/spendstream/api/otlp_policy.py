@@ -54,7 +54,10 @@ class OtlpPolicy:
 
             settings = self._settings
             self._follower = PolicyFollower(
-                settings.kafka_client_config(), self._adopt, schema_registry_url=settings.schema_registry_url
+                settings.kafka_client_config(),
+                self._adopt,
+                schema_registry_url=settings.schema_registry_url,
+                verifier=settings.record_verifier(),
             ).start()
             self._first_read = asyncio.ensure_future(asyncio.to_thread(self._follower.wait_ready, FIRST_READ_TIMEOUT_S))
         await self._first_read

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import os
 import secrets
 import tempfile
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from spendstream.core.config import ConfigError
 from spendstream.gateway.keys import hash_key
 
+log = logging.getLogger(__name__)
 Role = Literal["viewer", "ingest", "approver", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "ingest", "approver", "admin")
 TOKEN_PREFIX = "ss-api-"
@@ -128,13 +130,15 @@ def parse_tokens(text: str, path: Path) -> dict[str, ApiToken]:
 
 
 class TokenStore:
-    """The tokens of a file, re-read whenever the file changes (checked at most once a second).
+    """The tokens of a file, re-read whenever the file changes (a ``stat`` at each lookup, so a revoked token is
+    refused from the next request).
 
-    A file that stops parsing keeps the last good set in force (and says so in ``problem``); a
-    missing file means no tokens.
+    A file that stops parsing keeps in force only the tokens of the last good set whose hash it still holds, so a
+    token deleted in the same edit as a typo is revoked all the same (and the API logs the problem, also kept in
+    ``problem``); a missing file means no tokens.
     """
 
-    CHECK_INTERVAL_S = 1.0
+    CHECK_INTERVAL_S = 0.0
 
     def __init__(self, path: Path, extra: Iterable[ApiToken] = ()) -> None:
         self.path = path
@@ -161,11 +165,16 @@ class TokenStore:
         stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp == self._stamp:
             return
+        text = ""
         try:
-            self._tokens = parse_tokens(self.path.read_text(encoding="utf-8"), self.path)
+            text = self.path.read_text(encoding="utf-8")
+            self._tokens = parse_tokens(text, self.path)
             self.problem = None
         except (ConfigError, OSError, UnicodeDecodeError) as exc:
-            self.problem = f"{exc}; the previous tokens stay in force"
+            self._tokens = {digest: token for digest, token in self._tokens.items() if digest in text}
+            kept = ", ".join(sorted(token.name for token in self._tokens.values())) or "none"
+            self.problem = f"{exc}; of the previous tokens, those the file still lists stay in force ({kept})"
+            log.error("%s", self.problem)
         self._stamp = stamp
 
     def lookup(self, presented: str) -> ApiToken | None:

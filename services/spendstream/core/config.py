@@ -9,10 +9,10 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -24,6 +24,15 @@ from pydantic_settings import (
 )
 
 from spendstream.core.periods import known_timezone
+from spendstream.core.record_signature import (
+    SIGNING_KEY_FILE,
+    VERIFY_KEY_FILE,
+    RecordSigner,
+    RecordVerifier,
+    SignatureKeyError,
+)
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -62,6 +71,18 @@ class Settings(BaseSettings):
     )
     clickhouse_database: str = Field("spendstream", description="Database holding the ledger tables and views.")
     policy: Path | None = Field(None, description="Policy YAML file.")
+    signing_key: Path | None = Field(
+        None,
+        description="PEM file of the Ed25519 private key that signs decisions, heartbeats and policies (the "
+        "processor, the ledger sink and whoever applies policies hold it; `spendstream keygen` writes one); default "
+        "`DATA_DIR/signing-key.pem` if it exists.",
+    )
+    verify_key: Path | None = Field(
+        None,
+        description="PEM file of its public key: edges and the processor apply only decisions and policies it "
+        "verifies; default `DATA_DIR/verify-key.pem` if it exists. Without one, records are not checked (a warning "
+        "at start).",
+    )
     price_data_file: Path | None = Field(
         None,
         description="List prices in genai-prices' data format, used instead of the bundled ones (default: "
@@ -242,6 +263,26 @@ class Settings(BaseSettings):
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
 
+    def record_signer(self) -> RecordSigner | None:
+        """The signer of governing records: ``signing_key``, else the data directory's key if there is one."""
+        path = self._key_path(self.signing_key, SIGNING_KEY_FILE, "SPENDSTREAM_SIGNING_KEY")
+        return None if path is None else _loaded(RecordSigner.from_file, path, "SPENDSTREAM_SIGNING_KEY")
+
+    def record_verifier(self) -> RecordVerifier | None:
+        """The verifier of governing records: ``verify_key``, else the data directory's key if there is one."""
+        path = self._key_path(self.verify_key, VERIFY_KEY_FILE, "SPENDSTREAM_VERIFY_KEY")
+        return None if path is None else _loaded(RecordVerifier.from_file, path, "SPENDSTREAM_VERIFY_KEY")
+
+    def _key_path(self, configured: Path | None, default_name: str, variable: str) -> Path | None:
+        if configured is not None:
+            if not configured.is_file():
+                raise ConfigError(
+                    f"{variable}: no such file: {configured} (`spendstream keygen DIR` writes a key pair)"
+                )
+            return configured
+        default = self.data_dir / default_name
+        return default if default.is_file() else None
+
     def kafka_client_config(self) -> dict[str, Any]:
         """librdkafka settings for the broker connection (security included), shared by every client.
 
@@ -262,6 +303,13 @@ class Settings(BaseSettings):
         if self.kafka_ssl_ca_location:
             conf["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
         return conf
+
+
+def _loaded(load: Callable[[Path], T], path: Path, variable: str) -> T:
+    try:
+        return load(path)
+    except SignatureKeyError as exc:
+        raise ConfigError(f"{variable}: {exc}") from None
 
 
 def _config_file_from(*sources: PydanticBaseSettingsSource) -> Path | None:

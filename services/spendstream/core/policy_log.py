@@ -19,7 +19,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import Heartbeat, PolicyRecord
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
+from spendstream.core.record_signature import RecordSigner, RecordVerifier
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
+
+# Why a record is not adopted as the policy when services verify what they adopt.
+UNSIGNED = "is not signed with the signing key (SPENDSTREAM_SIGNING_KEY) that SPENDSTREAM_VERIFY_KEY pairs with"
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,15 @@ def decode_policy(codec: AvroCodec, value: bytes | None) -> tuple[PolicyRecord |
         return record, None, f"policy {record.name} rejected: {exc}"
 
 
-def read_policy_log(kafka_conf: dict[str, Any], registry_url: str | None = None, timeout: float = 10.0) -> PolicyLog:
+def read_policy_log(
+    kafka_conf: dict[str, Any],
+    registry_url: str | None = None,
+    timeout: float = 10.0,
+    verifier: RecordVerifier | None = None,
+) -> PolicyLog:
     """Read ``spendstream.policy`` from the beginning to its end, without a consumer group; raises
-    ``KafkaException`` or ``PolicyLogUnreadable`` when the broker does not let it."""
+    ``KafkaException`` or ``PolicyLogUnreadable`` when the broker does not let it. With a ``verifier``, a record
+    not signed with its key pair is rejected like an invalid one."""
     codec = AvroCodec("policy", registry_url)
     consumer = Consumer({**kafka_conf, "group.id": "spendstream-policy-reader", "enable.auto.commit": False})
     log = PolicyLog()
@@ -70,6 +80,11 @@ def read_policy_log(kafka_conf: dict[str, Any], registry_url: str | None = None,
             if message.error():
                 continue
             log.next_offset = message.offset() + 1
+            if verifier is not None and not verifier.verifies(
+                POLICY, message.key(), message.value(), message.headers()
+            ):
+                log.rejected.append(f"the policy record at offset {message.offset()} {UNSIGNED}")
+                continue
             record, policy, problem = decode_policy(codec, message.value())
             if policy is not None and record is not None:
                 log.in_force = PolicyInForce(policy, record, message.offset())
@@ -83,15 +98,20 @@ def read_policy_log(kafka_conf: dict[str, Any], registry_url: str | None = None,
         consumer.close()
 
 
-def publish_policy(kafka_conf: dict[str, Any], policy: Policy, registry_url: str | None = None) -> PolicyRecord:
-    """Publish ``policy`` as the policy in force; raises ``RuntimeError`` if the broker does not confirm it."""
+def publish_policy(
+    kafka_conf: dict[str, Any], policy: Policy, registry_url: str | None = None, signer: RecordSigner | None = None
+) -> PolicyRecord:
+    """Publish ``policy`` as the policy in force (signed by ``signer``); raises ``RuntimeError`` if the broker does
+    not confirm it."""
     record = PolicyRecord(name=policy.name, version=policy.version, document=policy.to_json(), published_by=_who())
     producer = Producer(kafka_conf)
     errors: list[str] = []
+    key, value = policy.name.encode(), AvroCodec("policy", registry_url).encode(record.to_avro())
     producer.produce(
         POLICY,
-        AvroCodec("policy", registry_url).encode(record.to_avro()),
-        key=policy.name.encode(),
+        value,
+        key=key,
+        headers=signer.headers(POLICY, key, value) if signer is not None else None,
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )
     if producer.flush(15) or errors:
@@ -100,19 +120,24 @@ def publish_policy(kafka_conf: dict[str, Any], policy: Policy, registry_url: str
 
 
 def seed_policy(
-    kafka_conf: dict[str, Any], seed: Policy | None, default: Policy, registry_url: str | None = None
+    kafka_conf: dict[str, Any],
+    seed: Policy | None,
+    default: Policy,
+    registry_url: str | None = None,
+    signer: RecordSigner | None = None,
+    verifier: RecordVerifier | None = None,
 ) -> tuple[Policy, int]:
     """The policy a starting service enforces and the offset to follow the topic from.
 
     The newest valid record wins; with none, ``seed`` (the ``SPENDSTREAM_POLICY`` file) is published so every
     service agrees on it; with no seed either, ``default`` (no budgets) applies until a policy is applied.
     """
-    found = read_policy_log(kafka_conf, registry_url)
+    found = read_policy_log(kafka_conf, registry_url, verifier=verifier)
     if found.in_force is not None:
         return found.in_force.policy, found.next_offset
     if seed is None:
         return default, found.next_offset
-    publish_policy(kafka_conf, seed, registry_url)
+    publish_policy(kafka_conf, seed, registry_url, signer)
     return seed, found.next_offset
 
 

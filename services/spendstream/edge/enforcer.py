@@ -36,6 +36,7 @@ from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import Action, Decision, Heartbeat
 from spendstream.core.policy import Policy
+from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import HardCaps, StaticRules
@@ -109,6 +110,8 @@ class Enforcer:
     ``policy_topic=None`` applies ``policy`` alone. Without an explicit ``hierarchy``, the policy's is used.
     ``budget_share`` is the part of a scope's remaining budget this edge may reserve (``reserve``): 1/G for each of
     G edges (gateway processes) that serve the same scopes.
+    ``verifier`` (default: the settings' ``verify_key``) makes the edge apply only decisions, heartbeats and
+    policies signed with its key pair's private key: a client that may write to the broker cannot lift a shutoff.
     """
 
     def __init__(
@@ -125,9 +128,19 @@ class Enforcer:
         policy: Policy | None = None,
         policy_topic: str | None = POLICY,
         budget_share: Fraction = Fraction(1),
+        verifier: RecordVerifier | None = None,
     ) -> None:
         if settings is None and bootstrap_servers is None:
             settings = load_settings()
+        if verifier is None and settings is not None:
+            verifier = settings.record_verifier()
+        self._verifier = verifier
+        if verifier is None:
+            log.warning(
+                "decisions on %s are applied unverified: a client that may write to it could lift a shutoff; set "
+                "SPENDSTREAM_VERIFY_KEY (docs/architecture.md, signed records)",
+                topic,
+            )
         conf: dict[str, Any] = settings.kafka_client_config() if settings is not None else {}
         if bootstrap_servers:
             conf["bootstrap.servers"] = bootstrap_servers
@@ -181,14 +194,17 @@ class Enforcer:
         self._stale_reported = False  # the log says the view is stale (until it says it is fresh again)
         self.processor_policy_version = ""  # the policy version that heartbeat reported
         self.policy: Policy | None = None  # the policy in force at this edge (the newest valid one read)
-        self.stats = {"decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "errors": 0}
+        self.stats = {
+            "decisions": 0, "tombstones": 0, "stale_versions": 0, "bad_records": 0, "unsigned": 0, "errors": 0,
+        }  # fmt: skip
+        self._unsigned_logged_at = float("-inf")
         # The policy's own rules (None: no policy, or one with no such rule).
         self._static: StaticRules | None = None
         self._hierarchy_from_policy = hierarchy is None
         if policy is not None:
             self.set_policy(policy)
         self._policy_follower = (
-            PolicyFollower(conf, self.set_policy, topic=policy_topic, schema_registry_url=registry)
+            PolicyFollower(conf, self.set_policy, topic=policy_topic, schema_registry_url=registry, verifier=verifier)
             if policy_topic is not None
             else None
         )
@@ -626,7 +642,11 @@ class Enforcer:
                 if msg.error() is not None:
                     continue
                 next_offset[msg.partition()] = msg.offset() + 1
-                self._on_message(msg.key(), msg.value())
+                key, value = msg.key(), msg.value()
+                if self._verifier is None or self._verifier.verifies(self._topic, key, value, msg.headers()):
+                    self._on_message(key, value)
+                else:
+                    self._refuse_unsigned(key)
             # Ready at the watermarks seen at start and with nothing more to read right now (some brokers
             # report a watermark that lags the last batch they acknowledged).
             if (
@@ -670,6 +690,18 @@ class Enforcer:
             )  # fmt: skip
         else:
             log.warning("enforcement view fresh again: a processor heartbeat %.1f s ago", staleness)
+
+    def _refuse_unsigned(self, key: bytes | None) -> None:
+        """A record the verify key does not vouch for is not applied: counted, and logged at most once a minute."""
+        self.stats["unsigned"] += 1
+        now = time.monotonic()
+        if now - self._unsigned_logged_at >= 60.0:
+            self._unsigned_logged_at = now
+            log.error(
+                "ignoring a record on %s that is not signed with the processor's key (key %r; %d so far): a client "
+                "that may write to the topic tried to forge a decision, or the processor has no signing key",
+                self._topic, key, self.stats["unsigned"],
+            )  # fmt: skip
 
     def _on_message(self, key: bytes | None, value: bytes | None) -> None:
         if key is not None and key.startswith(HEARTBEAT_KEY_PREFIX):

@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from spendstream.core.codec import AvroCodec
 from spendstream.core.policy import Policy
 from spendstream.core.policy_log import decode_policy
+from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import POLICY
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
 
@@ -35,6 +36,7 @@ class PolicyFollower:
         topic: str = POLICY,
         schema_registry_url: str | None = None,
         poll_interval_s: float = 0.2,
+        verifier: RecordVerifier | None = None,
     ) -> None:
         self._conf = {
             **kafka_conf,
@@ -44,6 +46,7 @@ class PolicyFollower:
             "auto.offset.reset": "earliest",
         }
         self._on_policy = on_policy
+        self._verifier = verifier  # None: every valid policy record is adopted
         self._topic = topic
         self._codec = AvroCodec("policy", schema_registry_url)
         self._poll_interval_s = poll_interval_s
@@ -51,7 +54,7 @@ class PolicyFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.version = ""  # of the policy in force, "" before the first one
-        self.stats = {"adopted": 0, "invalid": 0, "errors": 0}
+        self.stats = {"adopted": 0, "invalid": 0, "unsigned": 0, "errors": 0}
 
     def start(self) -> PolicyFollower:
         if self._thread is None:
@@ -94,7 +97,17 @@ class PolicyFollower:
                 if message.error() is not None:
                     continue
                 next_offset[message.partition()] = message.offset() + 1
-                self._on_record(message.value())
+                value = message.value()
+                if self._verifier is None or self._verifier.verifies(
+                    self._topic, message.key(), value, message.headers()
+                ):
+                    self._on_record(value)
+                else:
+                    self.stats["unsigned"] += 1
+                    log.error(
+                        "ignoring a policy record on %s not signed with the policy key (key %r): keeping %s",
+                        self._topic, message.key(), self.version or "none",
+                    )  # fmt: skip
             caught_up = all(next_offset[p] >= high_at_start[p] for p in partitions)
             if not self._ready.is_set() and not messages and caught_up:
                 self._ready.set()

@@ -157,7 +157,10 @@ class Notifier:
         follower = None
         if self._follow_policy:
             follower = PolicyFollower(
-                self.settings.kafka_client_config(), self._adopt, schema_registry_url=self.settings.schema_registry_url
+                self.settings.kafka_client_config(),
+                self._adopt,
+                schema_registry_url=self.settings.schema_registry_url,
+                verifier=self.settings.record_verifier(),
             ).start()
             await asyncio.to_thread(follower.wait_ready, 30)
         self._session = aiohttp.ClientSession()

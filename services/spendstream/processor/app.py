@@ -44,6 +44,7 @@ from faust.types import TP
 
 from spendstream.core.metrics import PROCESSOR_BATCH_SECONDS, PROCESSOR_CONSUMED
 from spendstream.core.policy import Policy
+from spendstream.core.record_signature import RecordSigner
 from spendstream.processor.applied_ids import SPILL_AT, Spill
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import BatchOutput, Changelog, Checkpoint
@@ -76,6 +77,7 @@ class ProcessorConfig:
     kafka_conf: dict[str, Any] | None = None  # librdkafka settings (security included) for direct clients
     spend_source: SpendSource | None = None  # the ledger, to rebuild lost window state from (``ledger_rebuild``)
     sink_group: str = "spendstream-sink"  # the ledger sink's consumer group: how far the ledger holds the topic
+    signer: RecordSigner | None = None  # signs decisions and heartbeats (``core.record_signature``)
 
 
 def _prompt_fetches() -> None:
@@ -185,7 +187,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         dedup_horizon=config.dedup_horizon,
         spill=spill,
     )
-    stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n)
+    stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n, config.signer)
 
     def owned_partitions(topic: str) -> list[int]:
         """The partitions of ``topic`` assigned to this worker as active (not standby)."""
@@ -257,7 +259,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     async def stop_stage1_on_shutdown(_app: faust.App, **_: Any) -> None:
         await reader.stop()
 
-    heartbeats = HeartbeatPublisher(kafka_conf, config.app_id, config.heartbeat_interval_s, lambda: holder.policy)
+    heartbeats = HeartbeatPublisher(
+        kafka_conf, config.app_id, config.heartbeat_interval_s, lambda: holder.policy, config.signer
+    )
 
     @app.timer(config.heartbeat_interval_s)
     async def heartbeat() -> None:

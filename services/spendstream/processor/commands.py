@@ -6,12 +6,14 @@ import argparse
 import gc
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spendstream.core.config import Settings
 
 if TYPE_CHECKING:
     from spendstream.core.policy import Policy
+    from spendstream.core.record_signature import RecordSigner
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +45,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     proc.add_argument("--dump-totals", action="store_true", help="print every window total from the changelog and exit")
     proc.set_defaults(handler=run_processor)
+
+    keygen = subparsers.add_parser(
+        "keygen",
+        help="write the key pair that signs decisions and policies (signing-key.pem, verify-key.pem)",
+        description="Write a new Ed25519 key pair to DIR: signing-key.pem (readable by its owner only) for the "
+        "processor, the ledger sink and whoever applies policies (SPENDSTREAM_SIGNING_KEY), verify-key.pem for every "
+        "gateway, instrumented service and processor (SPENDSTREAM_VERIFY_KEY): they then apply only decisions and "
+        "policies signed with it. `spendstream dev` makes one in its data directory.",
+    )
+    keygen.add_argument("directory", type=Path, help="where to write the two files")
+    keygen.add_argument(
+        "--public-dir",
+        type=Path,
+        default=None,
+        help="write verify-key.pem here instead (a volume every service mounts)",
+    )
+    replace = keygen.add_mutually_exclusive_group()
+    replace.add_argument("--force", action="store_true", help="replace a key pair already there")
+    replace.add_argument("--keep", action="store_true", help="leave a key pair already there and exit 0 (provisioning)")
+    keygen.set_defaults(handler=run_keygen)
 
     policy = subparsers.add_parser("policy", help="validate, publish or show the spend policy")
     actions = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
@@ -107,6 +129,40 @@ def run_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
+    from spendstream.core.record_signature import SIGNING_KEY_FILE, VERIFY_KEY_FILE, write_key_pair
+
+    public_dir = args.public_dir or args.directory
+    existing = [path for path in (args.directory / SIGNING_KEY_FILE, public_dir / VERIFY_KEY_FILE) if path.exists()]
+    if len(existing) == 2 and args.keep:
+        print(f"signing key {existing[0]} kept (and {existing[1]})")
+        return 0
+    if existing and not args.force:
+        print(
+            f"spendstream keygen: {existing[0]} exists; a new pair would make every edge that holds the old "
+            "verify key ignore the new decisions: pass --force to replace it",
+            file=sys.stderr,
+        )
+        return 2
+    signing, verify = write_key_pair(args.directory, public_dir)
+    print(f"signing key {signing} (keep it secret: SPENDSTREAM_SIGNING_KEY of the processor, sink and policy admins)")
+    print(f"verify key  {verify} (SPENDSTREAM_VERIFY_KEY of every gateway, instrumented service and processor)")
+    return 0
+
+
+def _policy_signer(settings: Settings) -> RecordSigner | None:
+    """The key that signs an applied policy; without one, a warning: services that verify will not adopt it."""
+    signer = settings.record_signer()
+    if signer is None:
+        print(
+            "spendstream policy apply: warning: no signing key (SPENDSTREAM_SIGNING_KEY, or DATA_DIR/signing-key.pem):"
+            " the policy goes out unsigned, and services that verify policies (SPENDSTREAM_VERIFY_KEY) will keep the "
+            "one in force",
+            file=sys.stderr,
+        )
+    return signer
+
+
 def run_policy_apply(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy_log import publish_policy, wait_for_confirmations
     from spendstream.core.topics import POLICY
@@ -118,7 +174,7 @@ def run_policy_apply(args: argparse.Namespace, settings: Settings) -> int:
     _warn_of_timezones(policy, settings)
     conf = settings.kafka_client_config()
     try:
-        publish_policy(conf, policy, settings.schema_registry_url)
+        publish_policy(conf, policy, settings.schema_registry_url, _policy_signer(settings))
     except RuntimeError as exc:
         print(f"spendstream policy apply: {exc}", file=sys.stderr)
         return 1
@@ -154,7 +210,7 @@ def run_policy_show(args: argparse.Namespace, settings: Settings) -> int:
 
     conf = settings.kafka_client_config()
     try:
-        found = read_policy_log(conf, settings.schema_registry_url)
+        found = read_policy_log(conf, settings.schema_registry_url, verifier=settings.record_verifier())
     except (KafkaException, RuntimeError) as exc:
         print(f"spendstream policy show: cannot read spendstream.policy: {exc}", file=sys.stderr)
         return 1
@@ -214,7 +270,9 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     defaults = parse_policy(f"timezone: {settings.timezone}\n", "<defaults>")
     try:
         conf = settings.kafka_client_config()
-        policy, policy_offset = seed_policy(conf, seed, defaults, settings.schema_registry_url)
+        policy, policy_offset = seed_policy(
+            conf, seed, defaults, settings.schema_registry_url, settings.record_signer(), settings.record_verifier()
+        )
     except (KafkaException, RuntimeError) as exc:
         print(f"spendstream processor: cannot read or seed the policy in force on {POLICY}: {exc}", file=sys.stderr)
         return 1
@@ -235,7 +293,15 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         kafka_conf=settings.kafka_client_config(),
         spend_source=spend_source(settings.ledger_dsn, settings.clickhouse_database, settings.api_address_path),
         sink_group=settings.sink_group,
+        signer=settings.record_signer(),
     )
+    if config.signer is None:
+        print(
+            f"spendstream processor {app_id}: warning: no signing key (SPENDSTREAM_SIGNING_KEY, or "
+            "DATA_DIR/signing-key.pem): its decisions go out unsigned, and edges that verify decisions ignore them; "
+            "`spendstream keygen DIR` writes a key pair",
+            file=sys.stderr,
+        )
     try:
         ensure_internal_topics(settings.kafka_client_config(), app_id, settings.usage_partitions)
     except (RuntimeError, TimeoutError) as exc:
@@ -245,7 +311,9 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     # The tables hold many small lists and each batch allocates a few per event; with the default thresholds the
     # cyclic collector ran so often (and rescanned the tables) that one worker moved ~26k events/s instead of ~35k.
     gc.set_threshold(100_000, 50, 100)
-    follower = PolicyFollower(holder, settings.kafka_client_config(), settings.usage_partitions, policy_offset)
+    follower = PolicyFollower(
+        holder, settings.kafka_client_config(), settings.usage_partitions, policy_offset, settings.record_verifier()
+    )
     follower.start()
     adjustments = BudgetAdjustmentFollower(holder, settings.kafka_client_config(), settings.usage_partitions)
     adjustments.start()

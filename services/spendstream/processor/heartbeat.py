@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Heartbeat
 from spendstream.core.policy import Policy
+from spendstream.core.record_signature import RecordSigner
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX
 
 
@@ -36,9 +37,15 @@ class HeartbeatPublisher:
     """Publishes this worker's heartbeat with the policy ``current_policy()`` returns (never blocks)."""
 
     def __init__(
-        self, kafka_conf: dict[str, Any], app_id: str, interval_s: float, current_policy: Callable[[], Policy]
+        self,
+        kafka_conf: dict[str, Any],
+        app_id: str,
+        interval_s: float,
+        current_policy: Callable[[], Policy],
+        signer: RecordSigner | None = None,
     ) -> None:
         self.worker = worker_name(app_id)
+        self._signer = signer
         self.key = heartbeat_key(app_id)
         self.interval_s = interval_s
         self._current_policy = current_policy
@@ -50,10 +57,14 @@ class HeartbeatPublisher:
         heartbeat = Heartbeat(
             worker=self.worker, policy_name=policy.name, policy_version=policy.version, interval_s=self.interval_s
         )
-        self._producer.produce(ENFORCEMENT, self._codec.encode(heartbeat.to_avro()), key=self.key)
+        self._produce(self._codec.encode(heartbeat.to_avro()))
         self._producer.poll(0)
 
     def close(self) -> None:
         """A clean stop: delete this worker's key, so compaction drops its heartbeats."""
-        self._producer.produce(ENFORCEMENT, None, key=self.key)
+        self._produce(None)
         self._producer.flush(5)
+
+    def _produce(self, value: bytes | None) -> None:
+        signed = self._signer.headers(ENFORCEMENT, self.key, value) if self._signer is not None else None
+        self._producer.produce(ENFORCEMENT, value, key=self.key, headers=signed)

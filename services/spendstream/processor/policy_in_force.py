@@ -21,6 +21,8 @@ from spendstream.core.budget_lifecycle import BudgetRequest, adjusted_policy
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import Alert, AlertKind, PolicyRecord, Severity
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
+from spendstream.core.policy_log import UNSIGNED
+from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import ALERTS, POLICY
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage
 from spendstream.processor.spend_accounting import Retention, WindowCalendar
@@ -72,9 +74,15 @@ class PolicyFollower(threading.Thread):
     and hot-swaps the policy to every valid record, whatever its name."""
 
     def __init__(
-        self, holder: PolicyHolder, kafka_conf: dict[str, Any], partitions: int, start_offset: int = 0
+        self,
+        holder: PolicyHolder,
+        kafka_conf: dict[str, Any],
+        partitions: int,
+        start_offset: int = 0,
+        verifier: RecordVerifier | None = None,
     ) -> None:
         super().__init__(name="policy-follower", daemon=True)
+        self.verifier = verifier  # None: every valid record is adopted
         self.holder = holder
         self.kafka_conf = kafka_conf
         self.partitions = partitions
@@ -92,7 +100,13 @@ class PolicyFollower(threading.Thread):
                 message = consumer.poll(0.5)
                 if message is None or message.error():
                     continue
-                self._handle(message.value(), producer)
+                key, value = message.key(), message.value()
+                if self.verifier is None or self.verifier.verifies(POLICY, key, value, message.headers()):
+                    self._handle(value, producer)
+                else:
+                    name = (key or b"?").decode("utf-8", "replace")
+                    kept = f"keeping {self.holder.policy.version}"
+                    self._reject(name, f"a policy record {name!r} {UNSIGNED}: rejected, {kept}", producer)
         finally:
             consumer.close()
             producer.flush(5)

@@ -17,6 +17,7 @@ from typing import Any
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.metrics import PROCESSOR_ALERTS, PROCESSOR_DECISIONS
+from spendstream.core.record_signature import RecordSigner
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import Changelog, RecordSink
@@ -90,9 +91,16 @@ class StageTwo:
     """Stage 2 of a worker: merges, evaluates and publishes for every internal partition it is assigned."""
 
     def __init__(
-        self, holder: PolicyHolder, windows: Changelog, scopes: Changelog, out: RecordSink, partitions: int
+        self,
+        holder: PolicyHolder,
+        windows: Changelog,
+        scopes: Changelog,
+        out: RecordSink,
+        partitions: int,
+        signer: RecordSigner | None = None,
     ) -> None:
         self.holder = holder
+        self.signer = signer
         self.windows = windows
         self.scopes = scopes
         self.out = out
@@ -186,7 +194,9 @@ class StageTwo:
         if needs_decision(state.signature, verdict) or needs_spend_refresh(verdict, state.version, now):
             version = next_version(state.version, now)
             decision = build_decision(scope, verdict, version, policy.version, now)
-            self.out.send(ENFORCEMENT, scope.encode(), self._decision_codec.encode(decision.to_avro()))
+            key, value = scope.encode(), self._decision_codec.encode(decision.to_avro())
+            signed = self.signer.headers(ENFORCEMENT, key, value) if self.signer is not None else None
+            self.out.send(ENFORCEMENT, key, value, headers=signed)
             PROCESSOR_DECISIONS.labels(decision.action.value).inc()
             state.signature = decision_signature(verdict)
             state.version = version

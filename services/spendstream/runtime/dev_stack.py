@@ -37,6 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 
 from spendstream.core.config import Settings
 from spendstream.core.policy import Policy, PolicyError, load_policy
+from spendstream.core.record_signature import SIGNING_KEY_FILE, VERIFY_KEY_FILE, write_key_pair
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 from spendstream.runtime.mail_catcher import LOOPBACK, MailCatcher
@@ -168,9 +169,19 @@ class DevStack:
                 f"`spendstream policy apply {self.policy}` puts the file in force"
             )
 
+    def _ensure_signing_keys(self) -> None:
+        """Every service of the stack signs and verifies decisions and policies with one key pair: the data
+        directory's, made at first start (kept across restarts) unless the settings name their own."""
+        if self.settings.signing_key is not None or self.settings.verify_key is not None:
+            return
+        if not (self.data_dir / SIGNING_KEY_FILE).is_file() or not (self.data_dir / VERIFY_KEY_FILE).is_file():
+            write_key_pair(self.data_dir)
+            self.say(f"keys       {self.data_dir / SIGNING_KEY_FILE} signs decisions and policies (new key pair)")
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_signing_keys()
         wanted = _bootstrap_port(self.settings.kafka_bootstrap)
         self._check_ports(wanted)
         self.broker = EmbeddedBroker(port=wanted or free_port(), log_path=self.data_dir / "broker.log").start()
@@ -178,7 +189,9 @@ class DevStack:
         create_topics({"bootstrap.servers": self.broker.bootstrap}, self.settings.usage_partitions)
         self.say(f"broker     {self.broker.bootstrap} (Kafka protocol, memory-only), topics created")
         self._replay_spills()
-        restored = republish_last_policy({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
+        restored = republish_last_policy(
+            {"bootstrap.servers": self.broker.bootstrap}, self.data_dir, self.settings.record_signer()
+        )
         if restored is not None:
             self.say(f"policy     {restored.name} version {restored.version} restored (the last applied)")
             self._say_if_policy_file_differs(restored.version)

@@ -123,7 +123,9 @@ def policy_prices(settings: Settings) -> PriceTable:
     from spendstream.core.policy_log import read_policy_log
 
     try:
-        found = read_policy_log(settings.kafka_client_config(), settings.schema_registry_url)
+        found = read_policy_log(
+            settings.kafka_client_config(), settings.schema_registry_url, verifier=settings.record_verifier()
+        )
     except (KafkaException, RuntimeError):  # no broker yet: the policy thread sets the prices once it can
         found = None
     if found is not None and found.in_force is not None:

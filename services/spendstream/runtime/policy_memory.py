@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import PolicyRecord
 from spendstream.core.policy import PolicyError, policy_from_json
+from spendstream.core.record_signature import RecordSigner
 from spendstream.core.topics import POLICY
 
 LAST_POLICY_FILE = "policy-in-force.avro"
@@ -31,8 +32,11 @@ def _valid(value: bytes, codec: AvroCodec) -> PolicyRecord | None:
     return record
 
 
-def republish_last_policy(kafka_conf: dict[str, Any], data_dir: Path) -> PolicyRecord | None:
-    """Publish the recorded policy record again (None if there is none, or it is not a valid policy)."""
+def republish_last_policy(
+    kafka_conf: dict[str, Any], data_dir: Path, signer: RecordSigner | None = None
+) -> PolicyRecord | None:
+    """Publish the recorded policy record again, signed by ``signer`` (None if there is none, or it is not a valid
+    policy)."""
     path = data_dir / LAST_POLICY_FILE
     if not path.is_file():
         return None
@@ -41,7 +45,8 @@ def republish_last_policy(kafka_conf: dict[str, Any], data_dir: Path) -> PolicyR
     if record is None:
         return None
     producer = Producer(kafka_conf)
-    producer.produce(POLICY, value, key=record.name.encode())
+    key = record.name.encode()
+    producer.produce(POLICY, value, key=key, headers=signer.headers(POLICY, key, value) if signer else None)
     if producer.flush(15):
         raise RuntimeError(f"the broker did not confirm the restored policy {record.name}")
     return record

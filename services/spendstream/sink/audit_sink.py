@@ -288,6 +288,7 @@ def restore_decisions(settings: Settings, client: Any, now: datetime | None = No
     ).result_rows
     codec = AvroCodec("decision")
     producer = Producer(conf)
+    signer = settings.record_signer()  # edges that verify decisions apply only signed ones
     restored = 0
     for row in rows:
         record = dict(zip(DECISION_COLUMNS, row, strict=True))
@@ -298,7 +299,9 @@ def restore_decisions(settings: Settings, client: Any, now: datetime | None = No
             continue
         bridge = now + RESTORED_DECISION_S
         record["expires_at"] = bridge if record["expires_at"] is None else min(record["expires_at"], bridge)
-        producer.produce(topics.ENFORCEMENT, codec.encode(record), key=record["scope"].encode())
+        key, value = record["scope"].encode(), codec.encode(record)
+        signed = signer.headers(topics.ENFORCEMENT, key, value) if signer is not None else None
+        producer.produce(topics.ENFORCEMENT, value, key=key, headers=signed)
         restored += 1
     if producer.flush(timeout):
         raise RuntimeError(f"the broker did not acknowledge the {restored} restored decisions")

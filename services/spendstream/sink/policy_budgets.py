@@ -21,7 +21,7 @@ from spendstream.analytics.budgets import load_budgets, policy_budget_lines
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.policy import Policy
-from spendstream.core.policy_log import PolicyLogUnreadable, decode_policy, read_policy_log
+from spendstream.core.policy_log import UNSIGNED, PolicyLogUnreadable, decode_policy, read_policy_log
 from spendstream.core.topics import POLICY
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ class PolicyBudgets:
 
     def run(self, stop: threading.Event) -> None:
         conf = self.settings.kafka_client_config()
+        verifier = self.settings.record_verifier()
         while True:
             try:
-                found = read_policy_log(conf, self.settings.schema_registry_url)
+                found = read_policy_log(conf, self.settings.schema_registry_url, verifier=verifier)
                 break
             except (KafkaException, PolicyLogUnreadable) as exc:
                 log.warning("cannot read %s yet (%s); retrying", POLICY, exc)
@@ -65,6 +66,10 @@ class PolicyBudgets:
                 message = consumer.poll(0.5)
                 if message is not None and not message.error():
                     _, policy, problem = decode_policy(codec, message.value())
+                    if verifier is not None and not verifier.verifies(
+                        POLICY, message.key(), message.value(), message.headers()
+                    ):
+                        policy, problem = None, f"a policy record {UNSIGNED}"
                     if policy is None:
                         log.warning("ledger budgets unchanged: %s", problem)
                     else:
