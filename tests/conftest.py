@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,15 @@ import pytest
 from spendstream.core.config import Settings, load_settings
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
+
+# Tests never read the settings of the shell they run from: a developer's `spendstream dev` data directory
+# (`.spendstream` in the checkout) holds a ledger and a verify key that would make every Enforcer ignore the
+# tests' unsigned decisions. Each worker starts from no SPENDSTREAM_* variable but the broker binary, and an
+# empty data directory of its own; a test that needs one names its own.
+for _name in [name for name in os.environ if name.upper().startswith("SPENDSTREAM_")]:
+    if _name.upper() != "SPENDSTREAM_BROKER_BIN":
+        del os.environ[_name]
+os.environ["SPENDSTREAM_DATA_DIR"] = tempfile.mkdtemp(prefix="spendstream-tests-")
 
 
 @pytest.fixture

@@ -385,3 +385,35 @@ def test_a_tokens_file_broken_by_hand_keeps_only_the_tokens_it_still_lists(
     assert any("stay in force (view)" in record.getMessage() for record in caplog.records)
     path.write_text("garbage: [")  # nothing listed any more: nothing stays in force
     assert store.lookup(viewer) is None
+
+
+def test_a_team_bound_ingest_token_cannot_report_a_feature_the_policy_gives_another_team() -> None:
+    from types import SimpleNamespace
+
+    from spendstream.api.tokens import ApiToken
+    from spendstream.core.policy import parse_policy
+
+    policy = parse_policy("features:\n  ai_chatbot: {critical: true, teams: [support]}\n")
+    marketing = ApiToken(sha256="0" * 64, name="mkt", role="ingest", teams=("marketing",))
+    event = SimpleNamespace(team="marketing", feature="ai_chatbot")
+    assert marketing.feature_problem(event, policy) == (
+        "feature",
+        "token 'mkt': feature 'ai_chatbot' belongs to team support by the policy; a call of team 'marketing' "
+        "cannot name it",
+    )
+    assert marketing.feature_problem(SimpleNamespace(team="marketing", feature="campaigns"), policy) is None
+    trusted = ApiToken(sha256="1" * 64, name="etl", role="ingest")  # bound to no team: reports for any
+    assert trusted.feature_problem(event, policy) is None
+
+
+def test_admin_endpoints_are_disabled_only_while_no_admin_token_exists(tmp_path: Path) -> None:
+    """A viewer calling an admin endpoint was told "admin endpoints are disabled" although an admin token
+    existed in the tokens file: the refusal must say which role is needed instead."""
+    from spendstream.api.tokens import TokenStore, add_token
+
+    path = tmp_path / "api-tokens.yaml"
+    add_token(path, "viewer", "view")
+    store = TokenStore(path)
+    assert not store.any_with_role("admin")
+    add_token(path, "admin", "adm")
+    assert store.any_with_role("admin") and store.any_with_role("viewer") and not store.any_with_role("approver")

@@ -70,7 +70,7 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
                 "Authorization": f"Bearer {key}",
                 "Content-Type": "application/json",
                 "X-Spendstream-Team": "marketing",
-                "X-Spendstream-Feature": "ai_chatbot",
+                "X-Spendstream-Feature": "ai_content_generator",
             },
         )
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -120,5 +120,5 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
         client.close()
     assert len(rows) == 1
     team, feature, model, input_tokens, cost_nanos = rows[0]
-    assert (team, feature, model, input_tokens) == ("marketing", "ai_chatbot", "gpt-4o-mini", 3)
+    assert (team, feature, model, input_tokens) == ("marketing", "ai_content_generator", "gpt-4o-mini", 3)
     assert cost_nanos > 0

@@ -39,6 +39,8 @@ quotas:
   - {{scope: "user:*", requests_per_day: {QUOTA}}}
 allowed_models:
   "environment:development": [llama-3.2-1b, "local/*"]
+features:
+  ai_chatbot: {{critical: true, throttle_rps: 2.0, teams: [support]}}
 """
 
 
@@ -55,6 +57,21 @@ def post(
             return response.status, dict(response.headers), json.load(response)
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), json.load(exc)
+
+
+def test_a_team_cannot_name_a_feature_the_policy_gives_another_team(gateway_url: str) -> None:
+    """A review found: marketing, shut off, named support's critical ``ai_chatbot`` on its key (header
+    attribution) and was throttled at 2 requests/s instead of stopped, spending support's feature budget."""
+    url = gateway_url + "/v1/chat/completions"
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    named = {"X-Spendstream-Team": "marketing", "X-Spendstream-Feature": "ai_chatbot"}
+    status, _, body = post(url, chat, named)
+    assert status == 403, body
+    assert body["error"]["message"] == (
+        "feature 'ai_chatbot' belongs to team support by the policy; a call of team 'marketing' cannot name it"
+    )
+    assert post(url, chat, {**named, "X-Spendstream-Team": "support"})[0] == 200
+    assert post(url, chat, {"X-Spendstream-Team": "marketing", "X-Spendstream-Feature": "campaigns"})[0] == 200
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

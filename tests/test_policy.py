@@ -325,3 +325,17 @@ def test_a_misspelt_field_is_named_with_the_field_it_is_most_likely_a_typo_of() 
     assert "p.yaml:2: budgets.0.amout_usd: unknown field 'amout_usd' (did you mean amount_usd?)" in problems
     assert "p.yaml:3: threshholds: unknown field 'threshholds' (did you mean thresholds?)" in problems
     assert "p.yaml:4: zzz: unknown field 'zzz'" in problems and "Extra inputs" not in problems
+
+
+def test_a_critical_feature_without_teams_is_warned_of_and_its_teams_place_calls() -> None:
+    policy = parse_policy(
+        "features:\n  ai_chatbot: {critical: true, teams: [support]}\n  ai_search: {critical: true}\n"
+        "  ai_drafts: {critical: false}\n"
+    )
+    warnings = policy.scope_warnings()
+    assert len(warnings) == 1 and warnings[0].startswith("features.ai_search: a critical feature without teams")
+    assert policy.feature_owner_problem("support", "ai_chatbot") is None
+    assert policy.feature_owner_problem("", "ai_chatbot") is not None  # a call that names no team either
+    assert policy.feature_owner_problem("marketing", "ai_drafts") is None  # no teams listed: any team
+    # a policy that lists no teams keeps the version it had before features could list them
+    assert "teams" not in parse_policy("features:\n  ai_drafts: {critical: false}\n").to_json()

@@ -213,7 +213,10 @@ async def post_usage(request: web.Request) -> web.Response:
     if caller is None:  # revoked since the guard let the request in
         return _error(401, "the token was revoked")
     view = await request.app[OTLP_POLICY].current()
-    outside = [(i, caller.scope_problem(e) or caller.org_problem(e, view.org)) for i, e in enumerate(events)]
+    outside = [
+        (i, caller.scope_problem(e) or caller.org_problem(e, view.org) or caller.feature_problem(e, view.policy))
+        for i, e in enumerate(events)
+    ]
     field_of = cloudevents.attribute_of if cloud else str
     refused = [{"index": i, "field": field_of(p[0]), "message": p[1]} for i, p in outside if p is not None]
     if refused:
@@ -302,7 +305,11 @@ async def post_traces(request: web.Request) -> web.Response:
         return failure(401, 16, "the token was revoked", "unauthorized")
     events, refused = [], []
     for event in result.events:
-        problem = caller.scope_problem(event) or caller.org_problem(event, policy.org)
+        problem = (
+            caller.scope_problem(event)
+            or caller.org_problem(event, policy.org)
+            or caller.feature_problem(event, policy.policy)
+        )
         if problem is None:
             events.append(event)
         else:
@@ -644,7 +651,8 @@ def _refusal(request: web.Request, needed: Role, caller: ApiToken | None) -> web
     """Why the caller may not make this request (401, 403, 415), or None."""
     how = f"'Authorization: Bearer <token>' with role {needed}" + ("" if needed == "admin" else " or admin")
     how += f" (`spendstream api token create --role {needed}`)"
-    if needed == "admin" and request.app[SETTINGS].admin_token is None and (caller is None or caller.role != "admin"):
+    no_admin = request.app[SETTINGS].admin_token is None and not request.app[TOKENS].any_with_role("admin")
+    if needed == "admin" and no_admin and (caller is None or caller.role != "admin"):
         return _error(403, "admin endpoints are disabled: set SPENDSTREAM_ADMIN_TOKEN or create an admin token "
                       "(`spendstream api token create --role admin`)")  # fmt: skip
     if caller is None:

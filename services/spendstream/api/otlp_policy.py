@@ -29,10 +29,12 @@ class OtlpView:
     project_teams: Mapping[str, str] = field(default_factory=dict)
     prices: PriceTable | None = None  # the policy's price table: ingest refuses what the processor would reject
     org: str = ""  # the policy's org: a team-bound token may not name another
+    policy: Policy | None = None  # whose features' teams a team-bound token's events must belong to
 
     @classmethod
     def of(cls, policy: Policy) -> OtlpView:
-        return cls(policy.otlp or DEFAULT_OTLP_ATTRIBUTION, dict(policy.projects), policy.price_table, policy.org or "")
+        attribution = policy.otlp or DEFAULT_OTLP_ATTRIBUTION
+        return cls(attribution, dict(policy.projects), policy.price_table, policy.org or "", policy)
 
 
 class OtlpPolicy:

@@ -34,13 +34,16 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spendstream.core.config import ConfigError
 from spendstream.gateway.keys import hash_key
+
+if TYPE_CHECKING:
+    from spendstream.core.policy import Policy
 
 log = logging.getLogger(__name__)
 Role = Literal["viewer", "ingest", "approver", "admin"]
@@ -88,6 +91,12 @@ class ApiToken(BaseModel):
                 f"leave division out (got {event.division!r})"
             )
         return None
+
+    def feature_problem(self, event: Any, policy: Policy | None) -> tuple[str, str] | None:
+        """(field, message) if a team-bound token reports a feature the policy gives other teams: it would spend
+        that feature's budget, and a critical one would be throttled instead of stopped past its team's."""
+        problem = policy.feature_owner_problem(event.team, event.feature) if self.teams and policy else None
+        return None if problem is None else ("feature", f"token {self.name!r}: {problem}")
 
     def org_problem(self, event: Any, policy_org: str) -> tuple[str, str] | None:
         """(field, message) if a team-bound token (not bound to orgs) reports an org other than the policy's: the
@@ -176,6 +185,12 @@ class TokenStore:
             self.problem = f"{exc}; of the previous tokens, those the file still lists stay in force ({kept})"
             log.error("%s", self.problem)
         self._stamp = stamp
+
+    def any_with_role(self, role: Role) -> bool:
+        """Whether some token in force has ``role`` (so endpoints that need it are not "disabled")."""
+        with self._lock:
+            self._refresh()
+            return any(token.role == role for token in (*self.extra.values(), *self._tokens.values()))
 
     def lookup(self, presented: str) -> ApiToken | None:
         digest = hash_key(presented)

@@ -46,7 +46,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from spendstream.core.attribution import DIMENSIONS, HIERARCHY, check_scope
+from spendstream.core.attribution import DIMENSIONS, HIERARCHY, AttributionValue, check_scope
 from spendstream.core.matching import is_template
 from spendstream.core.money_text import usd_text
 from spendstream.core.notification_policy import Notifications
@@ -179,10 +179,14 @@ class Quota(_Model):
 
 class Feature(_Model):
     """Critical features are throttled, never shut off, whatever budget is exhausted (their own, their team's,
-    the org's, ...) unless that budget is a ``hard_cap``, and exempt from emergency stops."""
+    the org's, ...) unless that budget is a ``hard_cap``, and exempt from emergency stops. ``teams``: the teams
+    whose calls may name the feature (empty: any team); the gateway and team-bound ingest tokens refuse the
+    others, so a team past its budget cannot name another's critical feature to be throttled instead of stopped,
+    nor spend another team's feature budget."""
 
     critical: bool = False
     throttle_rps: float | None = Field(None, gt=0, allow_inf_nan=False)
+    teams: tuple[AttributionValue, ...] = Field((), exclude_if=lambda teams: not teams)  # unset: the version stays
 
 
 class SpikeRule(_Model):
@@ -518,7 +522,24 @@ class Policy(_Model):
                         f"{field}: {scope}: the policy names {dimension} {close!r}, not {value!r} (matching is "
                         f"exact: calls of {dimension}:{close} never count here); did you mean {dimension}:{close}?"
                     )
+        for name, spec in sorted(self.features.items()):
+            if spec.critical and not spec.teams:
+                warnings.append(
+                    f"features.{name}: a critical feature without teams: any team whose keys may name features "
+                    f"can name {name} and be throttled instead of stopped past its budget; list its teams "
+                    f"(teams: [...])"
+                )
         return warnings
+
+    def feature_owner_problem(self, team: str, feature: str) -> str | None:
+        """Why a call of ``team`` may not name ``feature`` (the policy lists the teams it belongs to), or None."""
+        spec = self.features.get(feature) if feature else None
+        if spec is None or not spec.teams or team in spec.teams:
+            return None
+        return (
+            f"feature {feature!r} belongs to team {', '.join(spec.teams)} by the policy; a call of team "
+            f"{team or '(none)'!r} cannot name it"
+        )
 
     def summary(self) -> str:
         lines = [f"policy {self.name} version {self.version} (timezone {self.timezone})"]

@@ -10,6 +10,7 @@ record publishes that file (``seed_policy``).
 from __future__ import annotations
 
 import getpass
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from spendstream.core.policy import Policy, PolicyError, policy_from_json
 from spendstream.core.record_signature import RecordSigner, RecordVerifier
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 
+log = logging.getLogger(__name__)
 # Why a record is not adopted as the policy when services verify what they adopt.
 UNSIGNED = "is not signed with the signing key (SPENDSTREAM_SIGNING_KEY) that SPENDSTREAM_VERIFY_KEY pairs with"
 
@@ -135,6 +137,13 @@ def seed_policy(
     found = read_policy_log(kafka_conf, registry_url, verifier=verifier)
     if found.in_force is not None:
         return found.in_force.policy, found.next_offset
+    unsigned = sum(UNSIGNED in problem for problem in found.rejected)
+    if unsigned:  # keys added to a deployment whose policy was applied before: apply it again, signed
+        log.error(
+            "%s holds %d policy record(s) and none is signed with the key SPENDSTREAM_VERIFY_KEY pairs with; "
+            "enforcing %s until a policy is applied with the signing key (`spendstream policy apply FILE`)",
+            POLICY, unsigned, "the SPENDSTREAM_POLICY file" if seed is not None else "no budgets",
+        )  # fmt: skip
     if seed is None:
         return default, found.next_offset
     publish_policy(kafka_conf, seed, registry_url, signer)

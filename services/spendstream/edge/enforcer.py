@@ -132,8 +132,8 @@ class Enforcer:
     ) -> None:
         if settings is None and bootstrap_servers is None:
             settings = load_settings()
-        if verifier is None and settings is not None:
-            verifier = settings.record_verifier()
+        if verifier is None:  # the settings' verify key, also when only the broker's address was given
+            verifier = (settings or load_settings()).record_verifier()
         self._verifier = verifier
         if verifier is None:
             log.warning(

@@ -236,7 +236,8 @@ def fill_from_policy(attribution: dict[str, str], policy: Policy) -> str | None:
 
     Returns why the request is refused when it names another division or org than the policy gives its team (or
     another org than the policy's): an event's own division and org are counted instead of its team's, so a
-    caller could step out of its division's or org's hard cap, and charge another department, by naming one."""
+    caller could step out of its division's or org's hard cap, and charge another department, by naming one; or
+    a feature the policy gives other teams (``Policy.feature_owner_problem``)."""
     team = attribution.get("team")
     for parent in policy.ancestors.get(f"team:{team}", ()) if team else ():
         dimension, _, value = parent.partition(":")
@@ -252,7 +253,7 @@ def fill_from_policy(attribution: dict[str, str], policy: Policy) -> str | None:
         return f"the policy's org is {policy.org!r}; a request cannot name {org!r}"
     if not org and policy.org:
         attribution["org"] = policy.org
-    return None
+    return policy.feature_owner_problem(team or "", attribution.get("feature", ""))
 
 
 def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
@@ -653,7 +654,9 @@ class Gateway:
                 self.counts["bad_request" if status == 400 else "forbidden_attribution"] += 1
                 kind = "invalid_request_error" if status == 400 else "permission_error"
                 return error_response(status, message, "invalid_attribution", kind, anthropic=anthropic)
-        if self.policy is not None and (misplaced := fill_from_policy(attribution, self.policy)):
+        # the policy in force places the call, whether or not this gateway was started with a policy file
+        in_force = self.policy or (self.enforcer.policy if self.enforcer is not None else None)
+        if in_force is not None and (misplaced := fill_from_policy(attribution, in_force)):
             self.counts["forbidden_attribution"] += 1
             return error_response(403, misplaced, "invalid_attribution", "permission_error", anthropic=anthropic)
         provider = self.config.provider_for(model, anthropic)

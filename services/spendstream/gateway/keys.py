@@ -3,8 +3,8 @@
 A keys file is a YAML/JSON list (or ``{keys: [...]}``) of entries such as::
 
     - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
-      name: marketing-chatbot
-      team: marketing
+      name: support-chatbot
+      team: support
       feature: ai_chatbot
       allow_header_attribution: true   # X-Spendstream-User etc. may refine the attribution
 
