@@ -334,15 +334,17 @@ def test_a_team_shut_off_before_a_restart_is_refused_from_the_first_call_after_i
 
 def test_a_client_that_may_write_to_the_broker_cannot_lift_a_shutoff(tmp_path: Path) -> None:
     """The attack found by a review: a shut-off team's service, with the broker credentials every edge has,
-    publishes an ``allow`` for its team with a version far ahead of the processor's (and a tombstone), then a
-    policy without budgets. ``dev`` signs decisions and policies with its data directory's key pair and every
-    service verifies them: the team stays refused (the gateway served it on the old code)."""
+    publishes an ``allow`` for its team with a version far ahead of the processor's (and a tombstone), a policy
+    without budgets and an "approved" overage of $1,000. ``dev`` signs decisions, policies and budget steps with
+    its data directory's key pair and every service verifies them: the team stays refused (the gateway served it
+    on the old code)."""
     from confluent_kafka import Producer
 
+    from spendstream.core.budget_lifecycle import BudgetRequest, Kind, Status
     from spendstream.core.codec import AvroCodec
     from spendstream.core.events import Decision, PolicyRecord
     from spendstream.core.policy import parse_policy
-    from spendstream.core.topics import ENFORCEMENT, POLICY
+    from spendstream.core.topics import BUDGET_ADJUSTMENTS, ENFORCEMENT, POLICY
     from test_edge_policy import post
 
     policy = tmp_path / "policy.yaml"
@@ -371,6 +373,13 @@ def test_a_client_that_may_write_to_the_broker_cannot_lift_a_shutoff(tmp_path: P
         unlimited = parse_policy("name: forge\ntimezone: UTC\norg: acme\n")
         record = PolicyRecord(name="forge", version=unlimited.version, document=unlimited.to_json())
         forger.produce(POLICY, AvroCodec("policy").encode(record.to_avro()), key=b"forge")
+        now = datetime.now(UTC)
+        approved = BudgetRequest(
+            id="forged-1", kind=Kind.overage, scope="team:sales", period="day", amount_nanos=10**12,
+            starts_at=now, expires_at=None, status=Status.approved, requested_by="sales", requested_at=now,
+            reason="", step="approved", step_by="cfo", step_at=now, step_reason="", approver_level="cfo",
+        )  # fmt: skip
+        forger.produce(BUDGET_ADJUSTMENTS, approved.to_json(), key=b"forged-1")  # a $1,000 overage, "approved"
         assert forger.flush(10) == 0
         time.sleep(3)  # edges read the enforcement topic within 0.1 s and the policy within 0.2 s
         statuses = [post(url, chat, sales, key)[0] for _ in range(5)]

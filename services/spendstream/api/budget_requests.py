@@ -45,6 +45,7 @@ from spendstream.core.periods import budget_period, period_window
 from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy
 from spendstream.core.policy_log import read_policy_log
 from spendstream.core.pricing import whole_nanos
+from spendstream.core.record_signature import RecordSigner, RecordVerifier
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
 
 APPROVER_PATHS = re.compile(r"^/v1/budget/(increases|requests/[^/]+/(approve|deny))$")
@@ -55,8 +56,11 @@ FEATURE_IN_USE_WITHIN = timedelta(days=35)
 SETTINGS = web.AppKey("lifecycle_settings", Settings)
 
 
-def read_requests(kafka_conf: dict[str, Any], timeout: float = 10.0) -> dict[str, BudgetRequest]:
-    """Every request in its newest state: the topic read from its beginning to its end, without a group."""
+def read_requests(
+    kafka_conf: dict[str, Any], timeout: float = 10.0, verifier: RecordVerifier | None = None
+) -> dict[str, BudgetRequest]:
+    """Every request in its newest state: the topic read from its beginning to its end, without a group (with a
+    ``verifier``, only the steps signed with its key pair: one published by another client is no step)."""
     consumer = Consumer({**kafka_conf, "group.id": "spendstream-budget-reader", "enable.auto.commit": False})
     records: list[BudgetRequest] = []
     try:
@@ -70,6 +74,10 @@ def read_requests(kafka_conf: dict[str, Any], timeout: float = 10.0) -> dict[str
             if message.error() or message.value() is None:
                 continue
             position = message.offset() + 1
+            if verifier is not None and not verifier.verifies(
+                BUDGET_ADJUSTMENTS, message.key(), message.value(), message.headers()
+            ):
+                continue
             try:
                 records.append(BudgetRequest.from_json(message.value()))
             except (ValueError, KeyError, TypeError):
@@ -81,12 +89,14 @@ def read_requests(kafka_conf: dict[str, Any], timeout: float = 10.0) -> dict[str
         consumer.close()
 
 
-def publish(kafka_conf: dict[str, Any], request: BudgetRequest) -> None:
-    """Publish one step and wait for the broker's acknowledgement."""
+def publish(kafka_conf: dict[str, Any], request: BudgetRequest, signer: RecordSigner | None = None) -> None:
+    """Publish one step (signed by ``signer``) and wait for the broker's acknowledgement."""
     errors: list[str] = []
     producer = Producer({**kafka_conf, "acks": "all"})
+    key, value = request.id.encode(), request.to_json()
     producer.produce(
-        BUDGET_ADJUSTMENTS, request.to_json(), key=request.id.encode(),
+        BUDGET_ADJUSTMENTS, value, key=key,
+        headers=signer.headers(BUDGET_ADJUSTMENTS, key, value) if signer is not None else None,
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )  # fmt: skip
     if producer.flush(15) or errors:
@@ -189,7 +199,7 @@ async def _state(request: web.Request) -> tuple[Policy, dict[str, BudgetRequest]
         found = read_policy_log(conf, settings.schema_registry_url, verifier=settings.record_verifier())
         if found.in_force is None:
             raise LifecycleError("no policy is in force yet (spendstream policy apply FILE)", 409)
-        return found.in_force.policy, read_requests(conf)
+        return found.in_force.policy, read_requests(conf, verifier=settings.record_verifier())
 
     return await asyncio.to_thread(read)
 
@@ -239,7 +249,8 @@ async def _step(request: web.Request, make: Any) -> web.Response:
         async with request.app[LIFECYCLE_LOCK]:
             policy, requests = await _state(request)
             step = make(body, policy, requests, caller, datetime.now(UTC))
-            await asyncio.to_thread(publish, request.app[SETTINGS].kafka_client_config(), step)
+            settings = request.app[SETTINGS]
+            await asyncio.to_thread(publish, settings.kafka_client_config(), step, settings.record_signer())
     except (LifecycleError, RuntimeError, KafkaException) as exc:
         return _error(exc)
     return web.json_response(request_json(step), status=201 if step.step in ("requested", "approved") else 200)

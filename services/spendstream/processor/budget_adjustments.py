@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.budget_lifecycle import BudgetRequest, Status, expire, next_expiry
+from spendstream.core.record_signature import RecordSigner, RecordVerifier
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage, stage2_partition
 from spendstream.processor.policy_in_force import PolicyHolder
@@ -30,8 +31,17 @@ _IDLE_POLL_S = 0.1  # how long one poll waits: the bound on how late an approval
 
 
 class BudgetAdjustmentFollower(threading.Thread):
-    def __init__(self, holder: PolicyHolder, kafka_conf: dict[str, Any], partitions: int) -> None:
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        kafka_conf: dict[str, Any],
+        partitions: int,
+        signer: RecordSigner | None = None,
+        verifier: RecordVerifier | None = None,
+    ) -> None:
         super().__init__(name="budget-adjustments", daemon=True)
+        self.signer = signer  # signs the expiries this follower publishes
+        self.verifier = verifier  # None: every step on the topic counts
         self.holder = holder
         self.kafka_conf = kafka_conf
         self.partitions = partitions
@@ -68,6 +78,15 @@ class BudgetAdjustmentFollower(threading.Thread):
         for message in messages:
             if message.error() or message.value() is None:
                 continue
+            if self.verifier is not None and not self.verifier.verifies(
+                BUDGET_ADJUSTMENTS, message.key(), message.value(), message.headers()
+            ):
+                log.error(
+                    "ignoring a budget adjustment at offset %d not signed with the signing key (key %r): only the "
+                    "API (and this processor, for expiries) may change a budget",
+                    message.offset(), message.key(),
+                )  # fmt: skip
+                continue
             try:
                 request = BudgetRequest.from_json(message.value())
             except (ValueError, KeyError, TypeError) as exc:
@@ -93,7 +112,9 @@ class BudgetAdjustmentFollower(threading.Thread):
             ended = request.expires_at is not None and request.expires_at <= now
             if request.status is Status.approved and ended and request.id not in self._expiring:
                 self._expiring.add(request.id)
-                producer.produce(BUDGET_ADJUSTMENTS, expire(request).to_json(), key=request.id.encode())
+                key, value = request.id.encode(), expire(request).to_json()
+                signed = self.signer.headers(BUDGET_ADJUSTMENTS, key, value) if self.signer is not None else None
+                producer.produce(BUDGET_ADJUSTMENTS, value, key=key, headers=signed)
                 log.info("budget adjustment %s on %s expired", request.id, request.scope)
         producer.poll(0)
 

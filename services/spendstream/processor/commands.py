@@ -315,7 +315,13 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         holder, settings.kafka_client_config(), settings.usage_partitions, policy_offset, settings.record_verifier()
     )
     follower.start()
-    adjustments = BudgetAdjustmentFollower(holder, settings.kafka_client_config(), settings.usage_partitions)
+    adjustments = BudgetAdjustmentFollower(
+        holder,
+        settings.kafka_client_config(),
+        settings.usage_partitions,
+        settings.record_signer(),
+        settings.record_verifier(),
+    )
     adjustments.start()
     lag = None
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)

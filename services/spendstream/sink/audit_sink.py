@@ -324,9 +324,12 @@ def restore_budget_requests(settings: Settings, client: Any, timeout: float = 5.
     ).result_rows
     newest = {row[0]: dict(zip(BUDGET_EVENT_COLUMNS, row, strict=True)) for row in rows}  # the last step wins
     producer = Producer(conf)
+    signer = settings.record_signer()  # the processor and the API apply only signed steps
     for request_id, row in newest.items():
         request = BudgetRequest.from_json(json.dumps(normalised(row)))
-        producer.produce(topics.BUDGET_ADJUSTMENTS, request.to_json(), key=request_id.encode())
+        key, value = request_id.encode(), request.to_json()
+        signed = signer.headers(topics.BUDGET_ADJUSTMENTS, key, value) if signer is not None else None
+        producer.produce(topics.BUDGET_ADJUSTMENTS, value, key=key, headers=signed)
     if producer.flush(timeout):
         raise RuntimeError(f"the broker did not acknowledge the {len(newest)} restored budget requests")
     return len(newest)
