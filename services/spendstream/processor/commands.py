@@ -295,13 +295,6 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         sink_group=settings.sink_group,
         signer=settings.record_signer(),
     )
-    if config.signer is None:
-        print(
-            f"spendstream processor {app_id}: warning: no signing key (SPENDSTREAM_SIGNING_KEY, or "
-            "DATA_DIR/signing-key.pem): its decisions go out unsigned, and edges that verify decisions ignore them; "
-            "`spendstream keygen DIR` writes a key pair",
-            file=sys.stderr,
-        )
     try:
         ensure_internal_topics(settings.kafka_client_config(), app_id, settings.usage_partitions)
     except (RuntimeError, TimeoutError) as exc:
@@ -327,6 +320,14 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)
         lag = ConsumerLagSampler(settings, usage_group(app_id), USAGE, settings.metrics_lag_interval_s).start()
     print(f"processor {app_id}: policy {policy.name} version {policy.version} in force", flush=True)
+    if config.signer is None:
+        print(
+            f"processor {app_id}: warning: no signing key (SPENDSTREAM_SIGNING_KEY, or "
+            "DATA_DIR/signing-key.pem): its decisions go out unsigned, and edges that verify decisions ignore them; "
+            "`spendstream keygen DIR` writes a key pair",
+            file=sys.stderr,
+            flush=True,
+        )
     _warn_of_timezones(policy, settings)
     if seed is not None and seed.version != policy.version:
         print(
