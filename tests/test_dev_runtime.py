@@ -297,37 +297,54 @@ def test_events_left_on_the_broker_at_ctrl_c_are_saved_and_replayed_exactly_once
     )
 
 
+# -- a team shut off ------------------------------------------------------------------------------------------
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+SALES = {"X-Spendstream-Team": "sales"}
+
+
+def tiny_sales_budget(tmp_path: Path) -> Path:
+    """A policy whose team:sales budget its first call spends."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: sales\ntimezone: UTC\norg: acme\ndivisions: {sales_org: [sales]}\nbudgets:\n"
+        '  - {scope: "team:sales", period: day, amount_usd: 0.000001}\n'
+    )
+    return policy
+
+
+def gateway_of(console: Console, env: dict[str, str]) -> tuple[str, str]:
+    """The chat URL and the dev key of a dev stack, once it is ready."""
+    console.wait_for("ready; Ctrl-C stops everything", 120)
+    key = console.wait_for("dev key").split()[3]
+    return f"http://127.0.0.1:{env['SPENDSTREAM_GATEWAY_PORT']}/v1/chat/completions", key
+
+
+def shut_off_sales(url: str, key: str) -> None:
+    """Spend team:sales's budget, then wait for the processor's shutoff to reach the gateway."""
+    from test_edge_policy import post
+
+    assert post(url, CHAT, SALES, key)[0] == 200  # past its $0.000001 at once
+    deadline = time.monotonic() + 60
+    while (status := post(url, CHAT, SALES, key)[0]) != 402:
+        assert status == 200 and time.monotonic() < deadline, status
+        time.sleep(0.2)
+
+
 def test_a_team_shut_off_before_a_restart_is_refused_from_the_first_call_after_it(tmp_path: Path) -> None:
     """The embedded broker restarts empty: edges served a shut-off team (and a feature held at $0 for approval) for
     the seconds until the processor had rebuilt its windows. The ledger now gives the decisions in force back to
     the empty broker before the gateway starts."""
     from test_edge_policy import post
 
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "name: restart\ntimezone: UTC\norg: acme\ndivisions: {sales_org: [sales]}\nbudgets:\n"
-        '  - {scope: "team:sales", period: day, amount_usd: 0.000001}\n'
-    )
-    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
-    sales = {"X-Spendstream-Team": "sales"}
-
-    def started(console: Console, env: dict[str, str]) -> tuple[str, str]:
-        console.wait_for("ready; Ctrl-C stops everything", 120)
-        key = console.wait_for("dev key").split()[3]
-        return f"http://127.0.0.1:{env['SPENDSTREAM_GATEWAY_PORT']}/v1/chat/completions", key
-
+    policy = tiny_sales_budget(tmp_path)
     env = dev_env(tmp_path / "data")
     with dev(env, "--policy", str(policy)) as console:
-        url, key = started(console, env)
-        assert post(url, chat, sales, key)[0] == 200  # past its $0.000001 at once
-        deadline = time.monotonic() + 60
-        while (status := post(url, chat, sales, key)[0]) != 402:
-            assert status == 200 and time.monotonic() < deadline, status
-            time.sleep(0.2)
+        shut_off_sales(*gateway_of(console, env))
     env = dev_env(tmp_path / "data")  # the same data directory, a fresh (empty) broker
     with dev(env, "--policy", str(policy)) as console:
-        url, key = started(console, env)
-        status, _, body = post(url, chat, sales, key)
+        url, key = gateway_of(console, env)
+        status, _, body = post(url, CHAT, SALES, key)
         assert status == 402, body
     assert "restored 1 decisions in force from the ledger" in (tmp_path / "data" / "sink.log").read_text()
 
@@ -347,32 +364,19 @@ def test_a_client_that_may_write_to_the_broker_cannot_lift_a_shutoff(tmp_path: P
     from spendstream.core.topics import BUDGET_ADJUSTMENTS, ENFORCEMENT, POLICY
     from test_edge_policy import post
 
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "name: forge\ntimezone: UTC\norg: acme\ndivisions: {sales_org: [sales]}\nbudgets:\n"
-        '  - {scope: "team:sales", period: day, amount_usd: 0.000001}\n'
-    )
-    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
-    sales = {"X-Spendstream-Team": "sales"}
     env = dev_env(tmp_path / "data")
-    with dev(env, "--policy", str(policy)) as console:
-        console.wait_for("ready; Ctrl-C stops everything", 120)
+    with dev(env, "--policy", str(tiny_sales_budget(tmp_path))) as console:
+        url, key = gateway_of(console, env)
         assert "signs decisions and policies (new key pair)" in console.text
-        key = console.wait_for("dev key").split()[3]
-        url = f"http://127.0.0.1:{env['SPENDSTREAM_GATEWAY_PORT']}/v1/chat/completions"
-        assert post(url, chat, sales, key)[0] == 200  # past its $0.000001 at once
-        deadline = time.monotonic() + 60
-        while (status := post(url, chat, sales, key)[0]) != 402:
-            assert status == 200 and time.monotonic() < deadline, status
-            time.sleep(0.2)
+        shut_off_sales(url, key)
 
         forger = Producer({"bootstrap.servers": env["SPENDSTREAM_KAFKA_BOOTSTRAP"]})
         allow = Decision(scope="team:sales", action="allow", version=10**18)
         forger.produce(ENFORCEMENT, AvroCodec("decision").encode(allow.to_avro()), key=b"team:sales")
         forger.produce(ENFORCEMENT, None, key=b"team:sales")
-        unlimited = parse_policy("name: forge\ntimezone: UTC\norg: acme\n")
-        record = PolicyRecord(name="forge", version=unlimited.version, document=unlimited.to_json())
-        forger.produce(POLICY, AvroCodec("policy").encode(record.to_avro()), key=b"forge")
+        unlimited = parse_policy("name: sales\ntimezone: UTC\norg: acme\n")
+        record = PolicyRecord(name="sales", version=unlimited.version, document=unlimited.to_json())
+        forger.produce(POLICY, AvroCodec("policy").encode(record.to_avro()), key=b"sales")
         now = datetime.now(UTC)
         approved = BudgetRequest(
             id="forged-1", kind=Kind.overage, scope="team:sales", period="day", amount_nanos=10**12,
@@ -382,5 +386,5 @@ def test_a_client_that_may_write_to_the_broker_cannot_lift_a_shutoff(tmp_path: P
         forger.produce(BUDGET_ADJUSTMENTS, approved.to_json(), key=b"forged-1")  # a $1,000 overage, "approved"
         assert forger.flush(10) == 0
         time.sleep(3)  # edges read the enforcement topic within 0.1 s and the policy within 0.2 s
-        statuses = [post(url, chat, sales, key)[0] for _ in range(5)]
+        statuses = [post(url, CHAT, SALES, key)[0] for _ in range(5)]
         assert statuses == [402] * 5, statuses

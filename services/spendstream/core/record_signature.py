@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+K = TypeVar("K", Ed25519PrivateKey, Ed25519PublicKey)
 SIGNATURE_HEADER = "spendstream-signature"
 SIGNING_KEY_FILE, VERIFY_KEY_FILE = "signing-key.pem", "verify-key.pem"
 
@@ -46,13 +49,8 @@ class RecordSigner:
 
     @classmethod
     def from_file(cls, path: Path) -> RecordSigner:
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise SignatureKeyError(f"{path}: not a readable Ed25519 private key in PEM ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise SignatureKeyError(f"{path}: a {type(key).__name__}, not an Ed25519 private key")
-        return cls(key)
+        load = partial(serialization.load_pem_private_key, password=None)
+        return cls(_key_file(path, load, Ed25519PrivateKey, "private"))
 
     def headers(self, topic: str, key: bytes | None, value: bytes | None) -> list[tuple[str, bytes]]:
         return [(SIGNATURE_HEADER, self._key.sign(signed_bytes(topic, key, value)))]
@@ -66,13 +64,7 @@ class RecordVerifier:
 
     @classmethod
     def from_file(cls, path: Path) -> RecordVerifier:
-        try:
-            key = serialization.load_pem_public_key(path.read_bytes())
-        except (OSError, ValueError, TypeError) as exc:
-            raise SignatureKeyError(f"{path}: not a readable Ed25519 public key in PEM ({exc})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise SignatureKeyError(f"{path}: a {type(key).__name__}, not an Ed25519 public key")
-        return cls(key)
+        return cls(_key_file(path, serialization.load_pem_public_key, Ed25519PublicKey, "public"))
 
     def verifies(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None
@@ -88,6 +80,17 @@ class RecordVerifier:
                 continue
             return True
         return False
+
+
+def _key_file(path: Path, load: Callable[[bytes], object], kind: type[K], what: str) -> K:
+    """The key a PEM file holds, if it is of ``kind``; ``SignatureKeyError`` naming the file otherwise."""
+    try:
+        key = load(path.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureKeyError(f"{path}: not a readable Ed25519 {what} key in PEM ({exc})") from None
+    if not isinstance(key, kind):
+        raise SignatureKeyError(f"{path}: a {type(key).__name__}, not an Ed25519 {what} key")
+    return key
 
 
 def write_key_pair(directory: Path, public_directory: Path | None = None) -> tuple[Path, Path]:
