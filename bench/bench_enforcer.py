@@ -28,6 +28,7 @@ from confluent_kafka import Producer
 
 from figures import figure, machine
 from spendstream.core.codec import AvroCodec
+from spendstream.core.config import load_settings
 from spendstream.core.events import Decision
 from spendstream.core.policy import parse_policy
 from spendstream.core.topics import ENFORCEMENT
@@ -119,7 +120,9 @@ def main() -> None:
             producer.produce(ENFORCEMENT, key=decision.scope.encode(), value=codec.encode(decision.to_avro()))
         producer.flush(60)
         started = time.perf_counter()
-        with Enforcer(broker.bootstrap) as enforcer:
+        # its own data directory: a verify key in the shell's (`spendstream dev`'s) would refuse these decisions
+        settings = load_settings(kafka_bootstrap=broker.bootstrap, data_dir=Path(tmp))
+        with Enforcer(settings=settings) as enforcer:
             if not enforcer.wait_ready(120):
                 raise SystemExit("enforcer did not catch up")
             loaded = time.perf_counter() - started
@@ -147,7 +150,7 @@ def main() -> None:
                 "allowed_models:\n  'environment:development': [gpt-4o-mini, 'local/*']\n"
                 "quotas:\n  - {scope: 'user:*', requests_per_day: 1000000000000}\n"
             )
-            with Enforcer(broker.bootstrap, policy=rules, policy_topic=None) as with_rules:
+            with Enforcer(settings=settings, policy=rules, policy_topic=None) as with_rules:
                 if not with_rules.wait_ready(120):
                     raise SystemExit("enforcer did not catch up")
                 runs = {name: (enforcer, [request] * args.calls) for name, request in shapes.items()}
