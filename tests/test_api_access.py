@@ -383,6 +383,8 @@ def test_a_tokens_file_broken_by_hand_keeps_only_the_tokens_it_still_lists(
         assert store.lookup(viewer) is not None
     assert store.problem is not None and "(view)" in store.problem
     assert any("stay in force (view)" in record.getMessage() for record in caplog.records)
+    path.write_text("tokens:\n#" + "\n#".join(kept) + "\n  - {broken\n")  # the viewer commented out too
+    assert store.lookup(viewer) is None
     path.write_text("garbage: [")  # nothing listed any more: nothing stays in force
     assert store.lookup(viewer) is None
 

@@ -257,3 +257,16 @@ def test_an_amount_finer_than_a_nano_dollar_is_refused_not_rounded(amount: str) 
     assert _budget_request({**asked, "amount_usd": "1.000000001"}, POLICY, "vera", T0, False).amount_nanos == (
         1_000_000_001
     )
+
+
+def test_a_replayed_older_step_does_not_bring_a_request_back() -> None:
+    """A signed "approved" step replayed after the increase expired would approve it again: the newest step (by
+    when it was taken) stands, whatever order the topic holds them in."""
+    from spendstream.core.budget_lifecycle import expire, latest_by_id
+
+    requested = adjustment("team:marketing", "day", 5 * USD, 0, 60, Status.pending)
+    approved = replace(requested, status=Status.approved, step="approved", step_at=T0 + timedelta(seconds=10))
+    expired = expire(approved)  # taken at the expiry, after the approval
+    assert latest_by_id([requested, approved, expired, approved])[requested.id].status is Status.expired
+    assert latest_by_id([requested, approved, requested])[requested.id].status is Status.approved
+    assert latest_by_id([approved, approved])[requested.id] == approved  # the same step again: no change

@@ -117,6 +117,18 @@ def test_a_misspelt_key_of_the_config_file_is_refused(monkeypatch: pytest.Monkey
         load_settings()
 
 
+def test_a_config_file_key_spelt_as_its_variable_is_refused_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("SPENDSTREAM_POLICY: /etc/policy.yaml\n")
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(config))
+    with pytest.raises(
+        ConfigError, match=r"'SPENDSTREAM_POLICY' is not a spendstream setting \(did you mean policy\?\)"
+    ):
+        load_settings()
+
+
 def test_the_cli_refuses_a_misspelt_variable_before_doing_anything(tmp_path: Path) -> None:
     env = {**os.environ, "SPENDSTREAM_DATA_DIR": str(tmp_path), "SPENDSTREAM_PROCESOR_BATCH_SIZE": "500"}
     done = subprocess.run(

@@ -282,3 +282,32 @@ budgets:
     assert first.exhausted == second.exhausted == "team:t"
     assert third.scope == "team:t" and third.throttle_rps == 2 and 0 < third.retry_after_s <= 0.5
     assert edge.reserve(lambda: 5, team="h", feature="support_bot").scope == "team:h"  # a hard cap stops it
+
+
+def test_a_team_the_policy_does_not_give_a_critical_feature_is_shut_off_not_throttled() -> None:
+    """A review, through the SDK's Enforcer: marketing, shut off, checked its calls as support's critical
+    ``ai_chatbot`` and got throttles (2 requests/s) instead of its shutoff. The gateway refuses such a call (403);
+    the Enforcer gives the critical feature's throttle only to the teams the policy gives it."""
+    policy = parse_policy(
+        """
+features: {ai_chatbot: {critical: true, throttle_rps: 2, teams: [support]}}
+budgets:
+  - {scope: "team:marketing", period: day, amount_usd: 1}
+  - {scope: "team:support", period: day, amount_usd: 1}
+"""
+    )
+    edge = Enforcer("127.0.0.1:1", policy=policy, policy_topic=None)
+    for team in ("marketing", "support"):
+        shutoff = Decision(scope=f"team:{team}", action="shutoff", version=1, critical_throttle_rps={"ai_chatbot": 2.0})
+        edge.apply(f"team:{team}", shutoff)
+    assert edge.check(team="marketing", feature="ai_chatbot", model="gpt-4o").action == "shutoff"
+    assert edge.check(team="support", feature="ai_chatbot", model="gpt-4o").action != "shutoff"
+    issued, end = datetime.fromtimestamp(NOW, UTC), datetime.fromtimestamp(NOW + 3600, UTC)
+    edge._wall = lambda: NOW  # type: ignore[method-assign]
+    used_up = Decision(
+        scope="team:marketing", action="fallback", version=2, spend_nanos=10**9, limit_nanos=10**9,
+        issued_at=issued, expires_at=end,
+    )  # fmt: skip
+    edge.apply("team:marketing", used_up)
+    held = edge.reserve(lambda: 5, team="marketing", feature="ai_chatbot")
+    assert held.scope == "team:marketing" and not getattr(held, "throttle_rps", None)  # refused, not paced

@@ -155,3 +155,96 @@ def test_keygen_writes_a_pair_and_never_replaces_one_unasked(tmp_path: Path) -> 
     assert kept.returncode == 0 and signing.read_bytes() == before  # what provisioning runs at every start
     forced = keygen(str(tmp_path / "signing"), "--public-dir", str(tmp_path / "verify"), "--force")
     assert forced.returncode == 0 and signing.read_bytes() != before
+
+
+def _republish(bootstrap: str, offset: int) -> None:
+    """Publish the record at ``offset`` of the policy topic again, byte for byte, signature included."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "replay", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(POLICY, 0, OFFSET_BEGINNING)])
+    try:
+        while (message := consumer.poll(5)) is not None and message.offset() < offset:
+            pass
+        assert message is not None and message.offset() == offset
+        producer = Producer({"bootstrap.servers": bootstrap})
+        producer.produce(POLICY, message.value(), key=message.key(), headers=message.headers())
+        assert producer.flush(10) == 0
+    finally:
+        consumer.close()
+
+
+def _last_policy_value(bootstrap: str) -> bytes:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "last", "enable.auto.commit": False})
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(POLICY, 0), timeout=5)
+        consumer.assign([TopicPartition(POLICY, 0, high - 1)])
+        message = consumer.poll(5)
+        assert message is not None
+        return message.value()
+    finally:
+        consumer.close()
+
+
+def test_a_replayed_older_signed_policy_is_not_put_back_in_force(
+    broker: EmbeddedBroker, keys: tuple[RecordSigner, RecordVerifier]
+) -> None:
+    """A review replayed the first of two signed policies byte for byte: the newest record on the topic was in
+    force, so the older policy (without the later hard cap) came back at once. The one published last is in force;
+    the processor refuses the replay with an alert and publishes the record in force again, so compaction keeps
+    it."""
+    from datetime import timedelta
+
+    from spendstream.processor.policy_in_force import PolicyFollower, PolicyHolder
+
+    signer, verifier = keys
+    conf = {"bootstrap.servers": broker.bootstrap}
+    loose = parse_policy("name: acme\nbudgets: [{scope: 'team:marketing', period: month, amount_usd: 1000000}]\n")
+    tight = parse_policy("name: acme\nbudgets: [{scope: 'team:marketing', period: month, amount_usd: 100}]\n")
+    publish_policy(conf, loose, signer=signer)
+    publish_policy(conf, tight, signer=signer)
+    found = read_policy_log(conf, verifier=verifier)
+    assert found.in_force is not None and found.in_force.policy.version == tight.version
+    holder = PolicyHolder(tight, timedelta(days=1))
+    processor = PolicyFollower(holder, conf, 1, found.next_offset, verifier, found.in_force)
+    processor.start()
+    try:
+        with Enforcer(broker.bootstrap, verifier=verifier) as enforcer:
+            assert enforcer.wait_ready(10) and wait_for(lambda: enforcer.policy is not None, 5)
+            _republish(broker.bootstrap, 0)  # the loose policy again, validly signed
+            assert wait_for(lambda: _last_policy_value(broker.bootstrap) == found.in_force.value, 10)
+            time.sleep(0.5)
+            assert enforcer.policy.version == tight.version and holder.policy.version == tight.version
+        after = read_policy_log(conf, verifier=verifier)
+        assert after.in_force is not None and after.in_force.policy.version == tight.version
+    finally:
+        processor.stopping.set()
+        processor.join(10)
+
+
+def test_dev_s_policy_memory_records_only_what_every_service_adopts(
+    broker: EmbeddedBroker, keys: tuple[RecordSigner, RecordVerifier], tmp_path: Path
+) -> None:
+    """A review published an unsigned policy: every service refused it, but ``dev``'s memory of the policy in force
+    recorded it, and the next start signed it and put it in force."""
+    from spendstream.runtime.policy_memory import LAST_POLICY_FILE, PolicyRecorder
+
+    signer, verifier = keys
+    conf = {"bootstrap.servers": broker.bootstrap}
+    recorder = PolicyRecorder(conf, tmp_path, verifier)
+    recorder.start()
+    try:
+        genuine = parse_policy("name: acme\nbudgets: [{scope: 'team:marketing', period: month, amount_usd: 100}]\n")
+        publish_policy(conf, genuine, signer=signer)
+        memory = tmp_path / LAST_POLICY_FILE
+        assert wait_for(memory.is_file, 10)
+        recorded = memory.read_bytes()
+        publish_policy(conf, parse_policy("name: acme\n"))  # unsigned
+        _republish(broker.bootstrap, 0)  # the genuine one again: nothing newer
+        time.sleep(1.5)
+        assert memory.read_bytes() == recorded
+    finally:
+        recorder.stopping.set()
+        recorder.join(10)

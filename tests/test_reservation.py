@@ -153,10 +153,14 @@ def test_a_hard_cap_holds_its_scope_from_the_first_request_before_any_decision()
     while isinstance(held := book.reserve(SCOPE, lambda: 300, 100.0), Reservation):
         book.settle(held, 300, at=100.0)
         served += 300
-    assert (
-        isinstance(held, Refusal) and not held.in_flight and served == 1_200
-    )  # the request that reaches the limit is the last one
-    book.observe("team:web", spend_nanos=1_200, limit_nanos=1_000, issued_at=101.0, expires_at=200.0)
+    # a request that may cost more than what remains of a hard cap is refused as too large, not served to pass it
+    assert isinstance(held, Refusal) and not held.in_flight and held.larger_nanos == 300 and served == 900
+    last = book.reserve(SCOPE, lambda: 100, 100.0)  # one that fits what remains is the last one
+    assert isinstance(last, Reservation)
+    book.settle(last, 100, at=100.0)
+    spent = book.reserve(SCOPE, lambda: 1, 100.0)
+    assert isinstance(spent, Refusal) and not spent.larger_nanos  # nothing remains
+    book.observe("team:web", spend_nanos=1_000, limit_nanos=1_000, issued_at=101.0, expires_at=200.0)
     assert book.ledgers["team:web"].settled_nanos == 0  # the processor counted them
     assert book.reserve(SCOPE, lambda: 300, 150.0).scope == "team:web"
     fresh = book.reserve(SCOPE, lambda: 300, 200.0)  # the next period: the cap opens again from nothing spent
@@ -378,3 +382,33 @@ def test_a_burst_of_many_completions_each_is_held_at_what_all_its_completions_ma
     costs = [e["cost_nanos"] for e in served]
     assert sum(costs) < limit + max(costs)
     assert statuses.count(200) + statuses.count(429) == 16
+
+
+def test_one_request_that_may_cost_more_than_a_hard_cap_has_left_is_refused(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """A review: a fresh user under a $0.05 ``user:*`` hard cap sent one request of n=128 x 16,000 tokens, which
+    may cost $20; it was served (the last request may pass the cap) and billed 6.5 times the cap. It is refused
+    with what it may cost and what to change; a request that fits is served."""
+    from spendstream.core.policy import parse_policy
+
+    limit = 50_000_000  # $0.05
+    policy = parse_policy(f"budgets: [{{scope: 'user:*', period: day, amount_nanos: {limit}, hard_cap: true}}]")
+    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    huge = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16_000, "n": 128}
+    try:
+        with GatewayThread(gateway) as running:
+            publish_heartbeat(settings.kafka_bootstrap)
+            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
+            url = running.url + "/v1/chat/completions"
+            status, headers, data = http(url, huge)
+            assert status == 402 and headers["X-Spendstream-Scope"].startswith("user:")
+            message = json.loads(data)["error"]["message"]
+            assert "this request may cost up to $20.48" in message and "set max_tokens (or n) lower" in message
+            assert http(url, {**huge, "max_tokens": 50, "n": 1})[0] == 200
+    finally:
+        emitter.close(10)
+        enforcer.stop()

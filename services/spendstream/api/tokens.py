@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spendstream.core.config import ConfigError
-from spendstream.gateway.keys import hash_key
+from spendstream.gateway.keys import hash_key, uncommented
 
 if TYPE_CHECKING:
     from spendstream.core.policy import Policy
@@ -180,7 +180,8 @@ class TokenStore:
             self._tokens = parse_tokens(text, self.path)
             self.problem = None
         except (ConfigError, OSError, UnicodeDecodeError) as exc:
-            self._tokens = {digest: token for digest, token in self._tokens.items() if digest in text}
+            listed = uncommented(text)
+            self._tokens = {digest: token for digest, token in self._tokens.items() if digest in listed}
             kept = ", ".join(sorted(token.name for token in self._tokens.values())) or "none"
             self.problem = f"{exc}; of the previous tokens, those the file still lists stay in force ({kept})"
             log.error("%s", self.problem)

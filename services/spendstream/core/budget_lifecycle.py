@@ -295,8 +295,15 @@ def next_expiry(requests: Iterable[BudgetRequest], after: datetime) -> datetime 
 
 
 def latest_by_id(records: Iterable[BudgetRequest]) -> dict[str, BudgetRequest]:
-    """The newest version of every request, in topic order (what compaction keeps)."""
+    """The newest version of every request: its latest step (topic order among steps of the same time). An older
+    step read later is a replay (an "approved" after its "expired" would approve the increase again): ignored."""
     out: dict[str, BudgetRequest] = {}
     for record in records:
-        out[record.id] = record
+        if supersedes_step(record, out.get(record.id)):
+            out[record.id] = record
     return out
+
+
+def supersedes_step(step: BudgetRequest, current: BudgetRequest | None) -> bool:
+    """Whether ``step`` is a request's newer state than ``current``: it was taken at the same time or later."""
+    return current is None or step.step_at >= current.step_at

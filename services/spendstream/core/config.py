@@ -366,7 +366,8 @@ def unknown_names_problems(environ: Mapping[str, str]) -> list[str]:
         fields = frozenset(Settings.model_fields)
         if isinstance(document, Mapping):
             problems += [
-                f"{config_file}: {key!r} is not a spendstream setting{_did_you_mean(str(key), fields)}"
+                f"{config_file}: {key!r} is not a spendstream setting"
+                f"{_did_you_mean(str(key).lower().removeprefix('spendstream_'), fields)}"
                 for key in document
                 if str(key) not in fields
             ]

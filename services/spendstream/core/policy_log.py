@@ -33,6 +33,22 @@ class PolicyInForce:
     policy: Policy
     record: PolicyRecord
     offset: int
+    value: bytes = b""  # the message as published (republished verbatim after a replay: ``supersedes``)
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def supersedes(record: PolicyRecord, in_force: PolicyRecord | None) -> bool:
+    """Whether ``record`` replaces the policy in force: it was published after it. Not its place on the topic: a
+    signed record replayed later (an older policy, with bigger budgets) would otherwise be put back in force."""
+    return in_force is None or record.published_at > in_force.published_at
+
+
+def replay_text(record: PolicyRecord, in_force: PolicyRecord) -> str:
+    return (
+        f"policy {record.name} version {record.version} was published {record.published_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"before the one in force ({in_force.version}, {in_force.published_at:%Y-%m-%d %H:%M:%S} UTC): a replay, "
+        "not adopted"
+    )
 
 
 @dataclass
@@ -88,11 +104,15 @@ def read_policy_log(
                 log.rejected.append(f"the policy record at offset {message.offset()} {UNSIGNED}")
                 continue
             record, policy, problem = decode_policy(codec, message.value())
-            if policy is not None and record is not None:
-                log.in_force = PolicyInForce(policy, record, message.offset())
-                log.rejected.clear()
-            else:
+            if policy is None or record is None:
                 log.rejected.append(problem)
+            elif log.in_force is not None and not supersedes(record, log.in_force.record):
+                if record.published_at < log.in_force.record.published_at:
+                    log.rejected.append(replay_text(record, log.in_force.record))
+            else:
+                headers = tuple(message.headers() or ())
+                log.in_force = PolicyInForce(policy, record, message.offset(), message.value(), headers)
+                log.rejected.clear()
         if log.next_offset < high:  # a partial read must not look like "no policy yet" (a seed would replace it)
             raise PolicyLogUnreadable(f"could not read {POLICY} to its end (offset {log.next_offset} of {high})")
         return log
@@ -128,15 +148,16 @@ def seed_policy(
     registry_url: str | None = None,
     signer: RecordSigner | None = None,
     verifier: RecordVerifier | None = None,
-) -> tuple[Policy, int]:
-    """The policy a starting service enforces and the offset to follow the topic from.
+) -> tuple[Policy, int, PolicyInForce | None]:
+    """The policy a starting service enforces, the offset to follow the topic from and the record read (None for
+    the seed or the default).
 
     The newest valid record wins; with none, ``seed`` (the ``SPENDSTREAM_POLICY`` file) is published so every
     service agrees on it; with no seed either, ``default`` (no budgets) applies until a policy is applied.
     """
     found = read_policy_log(kafka_conf, registry_url, verifier=verifier)
     if found.in_force is not None:
-        return found.in_force.policy, found.next_offset
+        return found.in_force.policy, found.next_offset, found.in_force
     unsigned = sum(UNSIGNED in problem for problem in found.rejected)
     if unsigned:  # keys added to a deployment whose policy was applied before: apply it again, signed
         log.error(
@@ -145,9 +166,9 @@ def seed_policy(
             POLICY, unsigned, "the SPENDSTREAM_POLICY file" if seed is not None else "no budgets",
         )  # fmt: skip
     if seed is None:
-        return default, found.next_offset
-    publish_policy(kafka_conf, seed, registry_url, signer)
-    return seed, found.next_offset
+        return default, found.next_offset, None
+    publish_policy(kafka_conf, seed, registry_url, signer)  # the follower reads it back as the policy in force
+    return seed, found.next_offset, None
 
 
 def _who() -> str:

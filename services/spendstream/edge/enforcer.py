@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 # The order of check()'s dimensions; a scope's dimension must be one of these (or the global "*").
 _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 _FEATURE = _DIM_INDEX["feature"]
+_TEAM = _DIM_INDEX["team"]
 _USER = _DIM_INDEX["user"]
 # In the key of an answer kept for every user with no rule and no policy rule of its own (``_shared_answer_key``):
 # the user's place; in its throttles, the key of the ``user:*`` limit, which counts each user on its own.
@@ -364,7 +365,7 @@ class Enforcer:
             verdict = base = self._allow.get(model) or self._allow_verdict(model)
         else:
             feature = values[_FEATURE]
-            if feature and self._exempting:
+            if feature and self._exempting and self._may_name(values[_TEAM], feature):
                 rules = [rule.for_feature(feature) if rule.critical else rule for rule in rules]
             signature = (model, *rules)
             kept = self._plans.get(signature)
@@ -479,7 +480,9 @@ class Enforcer:
             self._fill_ancestors(values)
         scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)
         policy = self.policy
-        critical = bool(feature) and policy is not None and policy.is_critical(feature)
+        critical = (
+            bool(feature) and policy is not None and policy.is_critical(feature) and self._may_name(team, feature)
+        )
         with self._book_lock:
             held = self.reservations.reserve(scopes, estimate, self._wall(), critical)
             if isinstance(held, Refusal) or held.exhausted is None or policy is None:
@@ -690,6 +693,12 @@ class Enforcer:
             )  # fmt: skip
         else:
             log.warning("enforcement view fresh again: a processor heartbeat %.1f s ago", staleness)
+
+    def _may_name(self, team: str, feature: str) -> bool:
+        """Whether a call of ``team`` gets what ``feature`` is given (a critical feature's throttle instead of a
+        shutoff): not when the policy gives the feature to other teams."""
+        policy = self.policy
+        return policy is None or policy.feature_owner_problem(team, feature) is None
 
     def _refuse_unsigned(self, key: bytes | None) -> None:
         """A record the verify key does not vouch for is not applied: counted, and logged at most once a minute."""

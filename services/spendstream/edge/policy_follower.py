@@ -16,8 +16,9 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from spendstream.core.codec import AvroCodec
+from spendstream.core.events import PolicyRecord
 from spendstream.core.policy import Policy
-from spendstream.core.policy_log import decode_policy
+from spendstream.core.policy_log import decode_policy, replay_text, supersedes
 from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import POLICY
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
@@ -54,7 +55,8 @@ class PolicyFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.version = ""  # of the policy in force, "" before the first one
-        self.stats = {"adopted": 0, "invalid": 0, "unsigned": 0, "errors": 0}
+        self._record: PolicyRecord | None = None  # the record in force: an older one (a replay) is not adopted
+        self.stats = {"adopted": 0, "invalid": 0, "unsigned": 0, "replayed": 0, "errors": 0}
 
     def start(self) -> PolicyFollower:
         if self._thread is None:
@@ -116,12 +118,19 @@ class PolicyFollower:
     def _on_record(self, value: bytes | None) -> None:
         if value is None:
             return  # a tombstone removes an old name's record; the policy in force stays
-        _, policy, problem = decode_policy(self._codec, value)
+        record, policy, problem = decode_policy(self._codec, value)
+        in_force = self._record
+        if record is not None and policy is not None and in_force is not None and not supersedes(record, in_force):
+            if record.published_at < in_force.published_at:  # equal: the record in force, published again
+                self.stats["replayed"] += 1
+                log.error("ignoring a policy record: %s", replay_text(record, in_force))
+            return
         if policy is None:
             self.stats["invalid"] += 1
             kept = self.version or "none"
             log.warning("ignoring invalid policy record (keeping %s): %s", kept, problem.splitlines()[0])
             return
+        self._record = record
         if policy.version == self.version:
             return
         self.version = policy.version

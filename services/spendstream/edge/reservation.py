@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Protocol
 
@@ -87,6 +87,7 @@ class Refusal:
     throttle_rps: float | None = None  # a critical feature's request over its throttle (the budget used up)
     retry_after_s: float | None = None  # with ``throttle_rps``: when the next one may go
     starting: bool = False  # a hard cap whose spend no processor has reported since this edge started
+    larger_nanos: int = 0  # the estimate of a request that alone may cost more than what remains of a hard cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +197,15 @@ class ReservationBook:
                     return self.refusal(scope)
                 exhausted = exhausted or scope
         nanos = estimate()
+        for scope, ledger in held:
+            # A hard cap is passed by at most the last request: not by one the caller made larger than what remains
+            # (``n`` x ``max_tokens`` can cost many times a small cap). While requests in flight hold part of it,
+            # the request may fit once they settle: refused as held by them (retry), else as too large.
+            available = ledger.available(self.share)
+            if nanos > available and caps is not None and caps.opening(scope, now) is not None:
+                refused = self.refusal(scope)
+                too_large = replace(refused, in_flight=False, larger_nanos=nanos)
+                return refused if nanos <= available + ledger.reserved_nanos else too_large
         for _, ledger in held:
             ledger.reserved_nanos += nanos
         return Reservation(nanos, tuple(ledger for _, ledger in held), scopes, exhausted)

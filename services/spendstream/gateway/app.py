@@ -277,6 +277,14 @@ def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
         f"this gateway counted {usd_text(refusal.settled_nanos)} of its requests from half a second before that "
         "decision on (some may be in that spend already)"
     )
+    if refusal.larger_nanos:
+        reason = (
+            f"this request may cost up to {usd_text(refusal.larger_nanos)} (its max_tokens, or 32,768 output tokens "
+            f"without one, for each of its n completions), more than remains of this hard cap of {limit} "
+            f"({standing}; {counted} and holds {usd_text(refusal.held_nanos)} for requests in flight): set "
+            "max_tokens (or n) lower"
+        )
+        return Verdict("shutoff", model, SPEND_REFRESH_S, reason, refusal.scope)
     if refusal.throttle_rps is not None:
         reason = (
             f"critical feature throttled to {refusal.throttle_rps:g} requests/s: this gateway's requests used its part "

@@ -147,8 +147,13 @@ class KeysFile:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return keys
-        inline = {key.sha256 for key in self.inline}
-        return KeyStore(key for key in keys if key.sha256 in inline or key.sha256 in text)
+        inline, listed = {key.sha256 for key in self.inline}, uncommented(text)
+        return KeyStore(key for key in keys if key.sha256 in inline or key.sha256 in listed)
+
+
+def uncommented(text: str) -> str:
+    """A YAML file's text without its comments: a hash left in a comment (a key commented out) is not listed."""
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
 
 
 def add_key(path: Path, entry: dict[str, Any]) -> None:

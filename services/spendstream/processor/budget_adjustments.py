@@ -19,7 +19,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from spendstream.core.budget_lifecycle import BudgetRequest, Status, expire, next_expiry
+from spendstream.core.budget_lifecycle import BudgetRequest, Status, expire, next_expiry, supersedes_step
 from spendstream.core.record_signature import RecordSigner, RecordVerifier
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage, stage2_partition
@@ -91,6 +91,12 @@ class BudgetAdjustmentFollower(threading.Thread):
                 request = BudgetRequest.from_json(message.value())
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("undecodable budget adjustment at offset %d: %s", message.offset(), exc)
+                continue
+            if not supersedes_step(request, self.requests.get(request.id)):
+                log.error(
+                    "ignoring budget adjustment %s at offset %d: its step %s (%s) is older than the one applied (a "
+                    "replay)", request.id, message.offset(), request.step, request.step_at.isoformat(),
+                )  # fmt: skip
                 continue
             self.requests[request.id] = request
             if request.status is Status.expired:

@@ -209,11 +209,18 @@ def run_policy_show(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.policy_log import read_policy_log, wait_for_confirmations
 
     conf = settings.kafka_client_config()
+    verifier = settings.record_verifier()
     try:
-        found = read_policy_log(conf, settings.schema_registry_url, verifier=settings.record_verifier())
+        found = read_policy_log(conf, settings.schema_registry_url, verifier=verifier)
     except (KafkaException, RuntimeError) as exc:
         print(f"spendstream policy show: cannot read spendstream.policy: {exc}", file=sys.stderr)
         return 1
+    if verifier is None:
+        print(
+            "signatures not checked (no SPENDSTREAM_VERIFY_KEY, nor DATA_DIR/verify-key.pem): services that verify "
+            "may have refused the record shown; the processors' versions below say what they enforce",
+            file=sys.stderr,
+        )
     for problem in found.rejected:
         print(f"rejected (not in force): {problem}", file=sys.stderr)
     if found.in_force is None:
@@ -270,7 +277,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     defaults = parse_policy(f"timezone: {settings.timezone}\n", "<defaults>")
     try:
         conf = settings.kafka_client_config()
-        policy, policy_offset = seed_policy(
+        policy, policy_offset, read_in_force = seed_policy(
             conf, seed, defaults, settings.schema_registry_url, settings.record_signer(), settings.record_verifier()
         )
     except (KafkaException, RuntimeError) as exc:
@@ -305,7 +312,12 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     # cyclic collector ran so often (and rescanned the tables) that one worker moved ~26k events/s instead of ~35k.
     gc.set_threshold(100_000, 50, 100)
     follower = PolicyFollower(
-        holder, settings.kafka_client_config(), settings.usage_partitions, policy_offset, settings.record_verifier()
+        holder,
+        settings.kafka_client_config(),
+        settings.usage_partitions,
+        policy_offset,
+        settings.record_verifier(),
+        read_in_force,
     )
     follower.start()
     adjustments = BudgetAdjustmentFollower(

@@ -21,7 +21,7 @@ from spendstream.core.budget_lifecycle import BudgetRequest, adjusted_policy
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import Alert, AlertKind, PolicyRecord, Severity
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
-from spendstream.core.policy_log import UNSIGNED
+from spendstream.core.policy_log import UNSIGNED, PolicyInForce, replay_text, supersedes
 from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import ALERTS, POLICY
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage
@@ -71,7 +71,9 @@ class PolicyHolder:
 
 class PolicyFollower(threading.Thread):
     """Follows ``spendstream.policy`` from ``start_offset`` (where the startup read ended), without a consumer group,
-    and hot-swaps the policy to every valid record, whatever its name."""
+    and hot-swaps the policy to every valid record published after the one in force, whatever its name. An older
+    one (a replayed record) is refused, and the record in force is published again as it was, so that compaction,
+    which keeps a key's last record, keeps it and not the replay."""
 
     def __init__(
         self,
@@ -80,8 +82,10 @@ class PolicyFollower(threading.Thread):
         partitions: int,
         start_offset: int = 0,
         verifier: RecordVerifier | None = None,
+        in_force: PolicyInForce | None = None,
     ) -> None:
         super().__init__(name="policy-follower", daemon=True)
+        self.in_force = in_force  # the record in force as read (None: the seed or the defaults, until one is read)
         self.verifier = verifier  # None: every valid record is adopted
         self.holder = holder
         self.kafka_conf = kafka_conf
@@ -100,9 +104,9 @@ class PolicyFollower(threading.Thread):
                 message = consumer.poll(0.5)
                 if message is None or message.error():
                     continue
-                key, value = message.key(), message.value()
-                if self.verifier is None or self.verifier.verifies(POLICY, key, value, message.headers()):
-                    self._handle(value, producer)
+                key, value, headers = message.key(), message.value(), message.headers()
+                if self.verifier is None or self.verifier.verifies(POLICY, key, value, headers):
+                    self._handle(message.offset(), key, value, tuple(headers or ()), producer)
                 else:
                     name = (key or b"?").decode("utf-8", "replace")
                     kept = f"keeping {self.holder.policy.version}"
@@ -111,11 +115,20 @@ class PolicyFollower(threading.Thread):
             consumer.close()
             producer.flush(5)
 
-    def _handle(self, value: bytes, producer: Producer) -> None:
+    def _handle(
+        self, offset: int, key: bytes | None, value: bytes, headers: tuple[tuple[str, bytes], ...], producer: Producer
+    ) -> None:
         try:
             record = PolicyRecord.from_avro(self.codec.decode(value))
         except (DecodeError, ValueError) as exc:
             self._reject("?", f"undecodable policy record: {exc}", producer)
+            return
+        current = self.in_force
+        if current is not None and not supersedes(record, current.record):
+            if record.published_at < current.record.published_at:  # equal: the record in force, published again
+                self._reject(record.name, replay_text(record, current.record), producer)
+                producer.produce(POLICY, current.value, key=current.record.name.encode(), headers=list(current.headers))
+                producer.flush(5)
             return
         try:
             policy = policy_from_json(record.document)
@@ -124,6 +137,7 @@ class PolicyFollower(threading.Thread):
                 record.name, f"policy {record.name} rejected, keeping {self.holder.policy.version}: {exc}", producer
             )
             return
+        self.in_force = PolicyInForce(policy, record, offset, value, headers)
         if self.holder.adopt(policy):
             log.info("policy %s version %s in force", policy.name, policy.version)
             reevaluate = ReevaluateMessage(policy.version).encode()

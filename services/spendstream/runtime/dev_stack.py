@@ -198,7 +198,8 @@ class DevStack:
         elif self.policy is not None:
             self._run_cli("policy", "apply", "--wait", "0", str(self.policy))  # the processor starts below
             self.say(f"policy     {self.policy} applied")
-        self.recorder = PolicyRecorder({"bootstrap.servers": self.broker.bootstrap}, self.data_dir)
+        bootstrap = {"bootstrap.servers": self.broker.bootstrap}
+        self.recorder = PolicyRecorder(bootstrap, self.data_dir, self.settings.record_verifier())
         self.recorder.start()
         self._say_if_timezones_differ()
         self._start_mail_catcher()

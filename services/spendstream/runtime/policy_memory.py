@@ -17,7 +17,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import PolicyRecord
 from spendstream.core.policy import PolicyError, policy_from_json
-from spendstream.core.record_signature import RecordSigner
+from spendstream.core.policy_log import supersedes
+from spendstream.core.record_signature import RecordSigner, RecordVerifier
 from spendstream.core.topics import POLICY
 
 LAST_POLICY_FILE = "policy-in-force.avro"
@@ -53,10 +54,13 @@ def republish_last_policy(
 
 
 class PolicyRecorder(threading.Thread):
-    """Follows ``spendstream.policy`` and writes its newest valid record to the data directory (atomically)."""
+    """Follows ``spendstream.policy`` and writes the record in force to the data directory (atomically): the newest
+    valid record by publication that ``verifier`` vouches for. A record every service refused (unsigned, or a
+    replayed older one) must not come back, signed, at the next start."""
 
-    def __init__(self, kafka_conf: dict[str, Any], data_dir: Path) -> None:
+    def __init__(self, kafka_conf: dict[str, Any], data_dir: Path, verifier: RecordVerifier | None = None) -> None:
         super().__init__(name="policy-recorder", daemon=True)
+        self.verifier = verifier
         self.kafka_conf = kafka_conf
         self.path = data_dir / LAST_POLICY_FILE
         self.stopping = threading.Event()
@@ -65,11 +69,20 @@ class PolicyRecorder(threading.Thread):
         codec = AvroCodec("policy")
         consumer = Consumer({**self.kafka_conf, "group.id": "spendstream-policy-recorder", "enable.auto.commit": False})
         consumer.assign([TopicPartition(POLICY, 0, OFFSET_BEGINNING)])
+        recorded: PolicyRecord | None = None
         try:
             while not self.stopping.is_set():
                 message = consumer.poll(0.5)
-                if message is None or message.error() or _valid(message.value(), codec) is None:
+                if message is None or message.error():
                     continue
+                record = _valid(message.value(), codec)
+                if record is None or not supersedes(record, recorded):
+                    continue
+                if self.verifier is not None and not self.verifier.verifies(
+                    POLICY, message.key(), message.value(), message.headers()
+                ):
+                    continue
+                recorded = record
                 partial = self.path.with_suffix(".tmp")
                 partial.write_bytes(message.value())
                 partial.replace(self.path)

@@ -21,7 +21,13 @@ from spendstream.analytics.budgets import load_budgets, policy_budget_lines
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.policy import Policy
-from spendstream.core.policy_log import UNSIGNED, PolicyLogUnreadable, decode_policy, read_policy_log
+from spendstream.core.policy_log import (
+    UNSIGNED,
+    PolicyLogUnreadable,
+    decode_policy,
+    read_policy_log,
+    supersedes,
+)
 from spendstream.core.topics import POLICY
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class PolicyBudgets:
                 log.warning("cannot read %s yet (%s); retrying", POLICY, exc)
                 if stop.wait(2.0):
                     return
+        in_force = found.in_force.record if found.in_force is not None else None
         if found.in_force is not None:
             self.adopt(found.in_force.policy)
         codec = AvroCodec("policy", self.settings.schema_registry_url)
@@ -65,15 +72,19 @@ class PolicyBudgets:
             while not stop.is_set():
                 message = consumer.poll(0.5)
                 if message is not None and not message.error():
-                    _, policy, problem = decode_policy(codec, message.value())
+                    record, policy, problem = decode_policy(codec, message.value())
                     if verifier is not None and not verifier.verifies(
                         POLICY, message.key(), message.value(), message.headers()
                     ):
                         policy, problem = None, f"a policy record {UNSIGNED}"
-                    if policy is None:
-                        log.warning("ledger budgets unchanged: %s", problem)
-                    else:
+                    elif record is not None and policy is not None and not supersedes(record, in_force):
+                        policy, problem = None, ""  # a replayed older record, or the one in force published again
+                    elif record is not None and policy is not None:
+                        in_force = record
+                    if policy is not None:
                         self.adopt(policy)
+                    elif problem:
+                        log.warning("ledger budgets unchanged: %s", problem)
                 self.sync()
         finally:
             consumer.close()
