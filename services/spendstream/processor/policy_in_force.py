@@ -106,7 +106,7 @@ class PolicyFollower(threading.Thread):
                     continue
                 key, value, headers = message.key(), message.value(), message.headers()
                 if self.verifier is None or self.verifier.verifies(POLICY, key, value, headers):
-                    self._handle(message.offset(), key, value, tuple(headers or ()), producer)
+                    self._handle(message.offset(), value, tuple(headers or ()), producer)
                 else:
                     name = (key or b"?").decode("utf-8", "replace")
                     kept = f"keeping {self.holder.policy.version}"
@@ -115,9 +115,7 @@ class PolicyFollower(threading.Thread):
             consumer.close()
             producer.flush(5)
 
-    def _handle(
-        self, offset: int, key: bytes | None, value: bytes, headers: tuple[tuple[str, bytes], ...], producer: Producer
-    ) -> None:
+    def _handle(self, offset: int, value: bytes, headers: tuple[tuple[str, bytes], ...], producer: Producer) -> None:
         try:
             record = PolicyRecord.from_avro(self.codec.decode(value))
         except (DecodeError, ValueError) as exc:
