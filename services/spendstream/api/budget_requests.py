@@ -45,7 +45,7 @@ from spendstream.core.periods import budget_period, period_window
 from spendstream.core.policy import MAX_AMOUNT_NANOS, Policy
 from spendstream.core.policy_log import read_policy_log
 from spendstream.core.pricing import whole_nanos
-from spendstream.core.record_signature import RecordSigner, RecordVerifier
+from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers, vouched_for
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
 
 APPROVER_PATHS = re.compile(r"^/v1/budget/(increases|requests/[^/]+/(approve|deny))$")
@@ -74,9 +74,7 @@ def read_requests(
             if message.error() or message.value() is None:
                 continue
             position = message.offset() + 1
-            if verifier is not None and not verifier.verifies(
-                BUDGET_ADJUSTMENTS, message.key(), message.value(), message.headers()
-            ):
+            if not vouched_for(verifier, BUDGET_ADJUSTMENTS, message):
                 continue
             try:
                 records.append(BudgetRequest.from_json(message.value()))
@@ -96,7 +94,7 @@ def publish(kafka_conf: dict[str, Any], request: BudgetRequest, signer: RecordSi
     key, value = request.id.encode(), request.to_json()
     producer.produce(
         BUDGET_ADJUSTMENTS, value, key=key,
-        headers=signer.headers(BUDGET_ADJUSTMENTS, key, value) if signer is not None else None,
+        headers=signature_headers(signer, BUDGET_ADJUSTMENTS, key, value),
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )  # fmt: skip
     if producer.flush(15) or errors:

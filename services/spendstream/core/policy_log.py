@@ -13,14 +13,14 @@ import getpass
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import Heartbeat, PolicyRecord
 from spendstream.core.policy import Policy, PolicyError, policy_from_json
-from spendstream.core.record_signature import RecordSigner, RecordVerifier
+from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers, vouched_for
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,42 @@ def supersedes(record: PolicyRecord, in_force: PolicyRecord | None) -> bool:
     """Whether ``record`` replaces the policy in force: it was published after it. Not its place on the topic: a
     signed record replayed later (an older policy, with bigger budgets) would otherwise be put back in force."""
     return in_force is None or record.published_at > in_force.published_at
+
+
+@dataclass(frozen=True)
+class PolicyRead:
+    """What one message of ``spendstream.policy`` is to a reader whose record in force is given: ``adopt`` (it
+    replaces it: ``policy`` is set), ``same`` (the record in force published again), ``replay`` (a valid record
+    published before it), ``unsigned`` or ``invalid``; ``problem`` says why it is not adopted."""
+
+    outcome: Literal["adopt", "same", "replay", "unsigned", "invalid"]
+    record: PolicyRecord | None = None
+    policy: Policy | None = None
+    problem: str = ""
+
+    def in_force(self, message: Any) -> PolicyInForce:
+        """The adopted record as the policy in force (its message kept to publish it again after a replay)."""
+        assert self.policy is not None and self.record is not None
+        headers = tuple(message.headers() or ())
+        return PolicyInForce(self.policy, self.record, message.offset(), message.value(), headers)
+
+
+def read_policy_record(
+    codec: AvroCodec, message: Any, verifier: RecordVerifier | None, in_force: PolicyRecord | None
+) -> PolicyRead:
+    """The one rule every reader of the policy topic applies: signed (where it verifies), valid, and published
+    after the record in force (``supersedes``)."""
+    if not vouched_for(verifier, POLICY, message):
+        return PolicyRead("unsigned", problem=f"the policy record at offset {message.offset()} {UNSIGNED}")
+    record, policy, problem = decode_policy(codec, message.value())
+    if record is None or policy is None:
+        return PolicyRead("invalid", record, problem=problem)
+    if supersedes(record, in_force):
+        return PolicyRead("adopt", record, policy)
+    assert in_force is not None
+    if record.published_at == in_force.published_at:
+        return PolicyRead("same", record)
+    return PolicyRead("replay", record, problem=replay_text(record, in_force))
 
 
 def replay_text(record: PolicyRecord, in_force: PolicyRecord) -> str:
@@ -98,21 +134,12 @@ def read_policy_log(
             if message.error():
                 continue
             log.next_offset = message.offset() + 1
-            if verifier is not None and not verifier.verifies(
-                POLICY, message.key(), message.value(), message.headers()
-            ):
-                log.rejected.append(f"the policy record at offset {message.offset()} {UNSIGNED}")
-                continue
-            record, policy, problem = decode_policy(codec, message.value())
-            if policy is None or record is None:
-                log.rejected.append(problem)
-            elif log.in_force is not None and not supersedes(record, log.in_force.record):
-                if record.published_at < log.in_force.record.published_at:
-                    log.rejected.append(replay_text(record, log.in_force.record))
-            else:
-                headers = tuple(message.headers() or ())
-                log.in_force = PolicyInForce(policy, record, message.offset(), message.value(), headers)
+            read = read_policy_record(codec, message, verifier, log.in_force.record if log.in_force else None)
+            if read.outcome == "adopt":
+                log.in_force = read.in_force(message)
                 log.rejected.clear()
+            elif read.problem:
+                log.rejected.append(read.problem)
         if log.next_offset < high:  # a partial read must not look like "no policy yet" (a seed would replace it)
             raise PolicyLogUnreadable(f"could not read {POLICY} to its end (offset {log.next_offset} of {high})")
         return log
@@ -133,7 +160,7 @@ def publish_policy(
         POLICY,
         value,
         key=key,
-        headers=signer.headers(POLICY, key, value) if signer is not None else None,
+        headers=signature_headers(signer, POLICY, key, value),
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )
     if producer.flush(15) or errors:

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -80,6 +80,18 @@ class RecordVerifier:
                 continue
             return True
         return False
+
+
+def signature_headers(
+    signer: RecordSigner | None, topic: str, key: bytes | None, value: bytes | None
+) -> list[tuple[str, bytes]] | None:
+    """The headers a record is produced with: its signature, or none without a signing key."""
+    return signer.headers(topic, key, value) if signer is not None else None
+
+
+def vouched_for(verifier: RecordVerifier | None, topic: str, message: Any) -> bool:
+    """Whether a consumed message may be applied: any without a verify key, else only one signed with its pair."""
+    return verifier is None or verifier.verifies(topic, message.key(), message.value(), message.headers())
 
 
 def _key_file(path: Path, load: Callable[[bytes], object], kind: type[K], what: str) -> K:

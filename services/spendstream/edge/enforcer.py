@@ -36,7 +36,7 @@ from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import Action, Decision, Heartbeat
 from spendstream.core.policy import Policy
-from spendstream.core.record_signature import RecordVerifier
+from spendstream.core.record_signature import RecordVerifier, vouched_for
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 from spendstream.edge.policy_follower import PolicyFollower
 from spendstream.edge.policy_rules import HardCaps, StaticRules
@@ -646,7 +646,7 @@ class Enforcer:
                     continue
                 next_offset[msg.partition()] = msg.offset() + 1
                 key, value = msg.key(), msg.value()
-                if self._verifier is None or self._verifier.verifies(self._topic, key, value, msg.headers()):
+                if vouched_for(self._verifier, self._topic, msg):
                     self._on_message(key, value)
                 else:
                     self._refuse_unsigned(key)

@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord
 from spendstream.core.policy import Policy
-from spendstream.core.policy_log import decode_policy, replay_text, supersedes
+from spendstream.core.policy_log import read_policy_record
 from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import POLICY
 from spendstream.edge.topic_follower import follow_with_retries, topic_partitions
@@ -56,7 +56,7 @@ class PolicyFollower:
         self._thread: threading.Thread | None = None
         self.version = ""  # of the policy in force, "" before the first one
         self._record: PolicyRecord | None = None  # the record in force: an older one (a replay) is not adopted
-        self.stats = {"adopted": 0, "invalid": 0, "unsigned": 0, "replayed": 0, "errors": 0}
+        self.stats = {"adopted": 0, "invalid": 0, "unsigned": 0, "replay": 0, "errors": 0}
 
     def start(self) -> PolicyFollower:
         if self._thread is None:
@@ -99,38 +99,23 @@ class PolicyFollower:
                 if message.error() is not None:
                     continue
                 next_offset[message.partition()] = message.offset() + 1
-                value = message.value()
-                if self._verifier is None or self._verifier.verifies(
-                    self._topic, message.key(), value, message.headers()
-                ):
-                    self._on_record(value)
-                else:
-                    self.stats["unsigned"] += 1
-                    log.error(
-                        "ignoring a policy record on %s not signed with the policy key (key %r): keeping %s",
-                        self._topic, message.key(), self.version or "none",
-                    )  # fmt: skip
+                if message.value() is not None:  # a tombstone removes an old name's record; the policy stays
+                    self._on_record(message)
             caught_up = all(next_offset[p] >= high_at_start[p] for p in partitions)
             if not self._ready.is_set() and not messages and caught_up:
                 self._ready.set()
                 log.info("edge policy view ready: %s", self.version or "no policy published")
 
-    def _on_record(self, value: bytes | None) -> None:
-        if value is None:
-            return  # a tombstone removes an old name's record; the policy in force stays
-        record, policy, problem = decode_policy(self._codec, value)
-        in_force = self._record
-        if record is not None and policy is not None and in_force is not None and not supersedes(record, in_force):
-            if record.published_at < in_force.published_at:  # equal: the record in force, published again
-                self.stats["replayed"] += 1
-                log.error("ignoring a policy record: %s", replay_text(record, in_force))
+    def _on_record(self, message: Any) -> None:
+        read = read_policy_record(self._codec, message, self._verifier, self._record)
+        if read.outcome != "adopt":
+            if read.problem:
+                self.stats[read.outcome] += 1  # unsigned, replay or invalid
+                kept = self.version or "none"
+                log.error("ignoring a policy record (keeping %s): %s", kept, read.problem.splitlines()[0])
             return
-        if policy is None:
-            self.stats["invalid"] += 1
-            kept = self.version or "none"
-            log.warning("ignoring invalid policy record (keeping %s): %s", kept, problem.splitlines()[0])
-            return
-        self._record = record
+        self._record, policy = read.record, read.policy
+        assert policy is not None
         if policy.version == self.version:
             return
         self.version = policy.version

@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.budget_lifecycle import BudgetRequest, Status, expire, next_expiry, supersedes_step
-from spendstream.core.record_signature import RecordSigner, RecordVerifier
+from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers, vouched_for
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage, stage2_partition
 from spendstream.processor.policy_in_force import PolicyHolder
@@ -78,9 +78,7 @@ class BudgetAdjustmentFollower(threading.Thread):
         for message in messages:
             if message.error() or message.value() is None:
                 continue
-            if self.verifier is not None and not self.verifier.verifies(
-                BUDGET_ADJUSTMENTS, message.key(), message.value(), message.headers()
-            ):
+            if not vouched_for(self.verifier, BUDGET_ADJUSTMENTS, message):
                 log.error(
                     "ignoring a budget adjustment at offset %d not signed with the signing key (key %r): only the "
                     "API (and this processor, for expiries) may change a budget",
@@ -119,7 +117,7 @@ class BudgetAdjustmentFollower(threading.Thread):
             if request.status is Status.approved and ended and request.id not in self._expiring:
                 self._expiring.add(request.id)
                 key, value = request.id.encode(), expire(request).to_json()
-                signed = self.signer.headers(BUDGET_ADJUSTMENTS, key, value) if self.signer is not None else None
+                signed = signature_headers(self.signer, BUDGET_ADJUSTMENTS, key, value)
                 producer.produce(BUDGET_ADJUSTMENTS, value, key=key, headers=signed)
                 log.info("budget adjustment %s on %s expired", request.id, request.scope)
         producer.poll(0)

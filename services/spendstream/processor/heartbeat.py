@@ -19,7 +19,7 @@ from confluent_kafka import Producer
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Heartbeat
 from spendstream.core.policy import Policy
-from spendstream.core.record_signature import RecordSigner
+from spendstream.core.record_signature import RecordSigner, signature_headers
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX
 
 
@@ -66,5 +66,5 @@ class HeartbeatPublisher:
         self._producer.flush(5)
 
     def _produce(self, value: bytes | None) -> None:
-        signed = self._signer.headers(ENFORCEMENT, self.key, value) if self._signer is not None else None
+        signed = signature_headers(self._signer, ENFORCEMENT, self.key, value)
         self._producer.produce(ENFORCEMENT, value, key=self.key, headers=signed)

@@ -18,10 +18,10 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from spendstream.core.budget_lifecycle import BudgetRequest, adjusted_policy
-from spendstream.core.codec import AvroCodec, DecodeError
-from spendstream.core.events import Alert, AlertKind, PolicyRecord, Severity
-from spendstream.core.policy import Policy, PolicyError, policy_from_json
-from spendstream.core.policy_log import UNSIGNED, PolicyInForce, replay_text, supersedes
+from spendstream.core.codec import AvroCodec
+from spendstream.core.events import Alert, AlertKind, Severity
+from spendstream.core.policy import Policy
+from spendstream.core.policy_log import PolicyInForce, read_policy_record
 from spendstream.core.record_signature import RecordVerifier
 from spendstream.core.topics import ALERTS, POLICY
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage
@@ -104,38 +104,25 @@ class PolicyFollower(threading.Thread):
                 message = consumer.poll(0.5)
                 if message is None or message.error():
                     continue
-                key, value, headers = message.key(), message.value(), message.headers()
-                if self.verifier is None or self.verifier.verifies(POLICY, key, value, headers):
-                    self._handle(message.offset(), value, tuple(headers or ()), producer)
-                else:
-                    name = (key or b"?").decode("utf-8", "replace")
-                    kept = f"keeping {self.holder.policy.version}"
-                    self._reject(name, f"a policy record {name!r} {UNSIGNED}: rejected, {kept}", producer)
+                self._handle(message, producer)
         finally:
             consumer.close()
             producer.flush(5)
 
-    def _handle(self, offset: int, value: bytes, headers: tuple[tuple[str, bytes], ...], producer: Producer) -> None:
-        try:
-            record = PolicyRecord.from_avro(self.codec.decode(value))
-        except (DecodeError, ValueError) as exc:
-            self._reject("?", f"undecodable policy record: {exc}", producer)
-            return
+    def _handle(self, message: Any, producer: Producer) -> None:
         current = self.in_force
-        if current is not None and not supersedes(record, current.record):
-            if record.published_at < current.record.published_at:  # equal: the record in force, published again
-                self._reject(record.name, replay_text(record, current.record), producer)
+        read = read_policy_record(self.codec, message, self.verifier, current.record if current else None)
+        if read.outcome == "same":
+            return
+        if read.outcome != "adopt":
+            name = read.record.name if read.record else (message.key() or b"?").decode("utf-8", "replace")
+            self._reject(name, f"{read.problem}; keeping {self.holder.policy.version}", producer)
+            if read.outcome == "replay" and current is not None:  # so that compaction keeps the record in force
                 producer.produce(POLICY, current.value, key=current.record.name.encode(), headers=list(current.headers))
                 producer.flush(5)
             return
-        try:
-            policy = policy_from_json(record.document)
-        except PolicyError as exc:
-            self._reject(
-                record.name, f"policy {record.name} rejected, keeping {self.holder.policy.version}: {exc}", producer
-            )
-            return
-        self.in_force = PolicyInForce(policy, record, offset, value, headers)
+        self.in_force = read.in_force(message)
+        policy = self.in_force.policy
         if self.holder.adopt(policy):
             log.info("policy %s version %s in force", policy.name, policy.version)
             reevaluate = ReevaluateMessage(policy.version).encode()

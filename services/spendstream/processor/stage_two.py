@@ -17,7 +17,7 @@ from typing import Any
 
 from spendstream.core.codec import AvroCodec
 from spendstream.core.metrics import PROCESSOR_ALERTS, PROCESSOR_DECISIONS
-from spendstream.core.record_signature import RecordSigner
+from spendstream.core.record_signature import RecordSigner, signature_headers
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import Changelog, RecordSink
@@ -195,8 +195,7 @@ class StageTwo:
             version = next_version(state.version, now)
             decision = build_decision(scope, verdict, version, policy.version, now)
             key, value = scope.encode(), self._decision_codec.encode(decision.to_avro())
-            signed = self.signer.headers(ENFORCEMENT, key, value) if self.signer is not None else None
-            self.out.send(ENFORCEMENT, key, value, headers=signed)
+            self.out.send(ENFORCEMENT, key, value, headers=signature_headers(self.signer, ENFORCEMENT, key, value))
             PROCESSOR_DECISIONS.labels(decision.action.value).inc()
             state.signature = decision_signature(verdict)
             state.version = version

@@ -17,8 +17,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import PolicyRecord
 from spendstream.core.policy import PolicyError, policy_from_json
-from spendstream.core.policy_log import supersedes
-from spendstream.core.record_signature import RecordSigner, RecordVerifier
+from spendstream.core.policy_log import read_policy_record
+from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers
 from spendstream.core.topics import POLICY
 
 LAST_POLICY_FILE = "policy-in-force.avro"
@@ -47,7 +47,7 @@ def republish_last_policy(
         return None
     producer = Producer(kafka_conf)
     key = record.name.encode()
-    producer.produce(POLICY, value, key=key, headers=signer.headers(POLICY, key, value) if signer else None)
+    producer.produce(POLICY, value, key=key, headers=signature_headers(signer, POLICY, key, value))
     if producer.flush(15):
         raise RuntimeError(f"the broker did not confirm the restored policy {record.name}")
     return record
@@ -75,14 +75,10 @@ class PolicyRecorder(threading.Thread):
                 message = consumer.poll(0.5)
                 if message is None or message.error():
                     continue
-                record = _valid(message.value(), codec)
-                if record is None or not supersedes(record, recorded):
+                read = read_policy_record(codec, message, self.verifier, recorded)
+                if read.outcome != "adopt":
                     continue
-                if self.verifier is not None and not self.verifier.verifies(
-                    POLICY, message.key(), message.value(), message.headers()
-                ):
-                    continue
-                recorded = record
+                recorded = read.record
                 partial = self.path.with_suffix(".tmp")
                 partial.write_bytes(message.value())
                 partial.replace(self.path)

@@ -35,6 +35,7 @@ from spendstream.core.budget_lifecycle import BudgetRequest
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings
 from spendstream.core.metrics import AUDIT_SINK_RECORDS
+from spendstream.core.record_signature import signature_headers
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def restore_decisions(settings: Settings, client: Any, now: datetime | None = No
         bridge = now + RESTORED_DECISION_S
         record["expires_at"] = bridge if record["expires_at"] is None else min(record["expires_at"], bridge)
         key, value = record["scope"].encode(), codec.encode(record)
-        signed = signer.headers(topics.ENFORCEMENT, key, value) if signer is not None else None
+        signed = signature_headers(signer, topics.ENFORCEMENT, key, value)
         producer.produce(topics.ENFORCEMENT, value, key=key, headers=signed)
         restored += 1
     if producer.flush(timeout):
@@ -328,7 +329,7 @@ def restore_budget_requests(settings: Settings, client: Any, timeout: float = 5.
     for request_id, row in newest.items():
         request = BudgetRequest.from_json(json.dumps(normalised(row)))
         key, value = request_id.encode(), request.to_json()
-        signed = signer.headers(topics.BUDGET_ADJUSTMENTS, key, value) if signer is not None else None
+        signed = signature_headers(signer, topics.BUDGET_ADJUSTMENTS, key, value)
         producer.produce(topics.BUDGET_ADJUSTMENTS, value, key=key, headers=signed)
     if producer.flush(timeout):
         raise RuntimeError(f"the broker did not acknowledge the {len(newest)} restored budget requests")

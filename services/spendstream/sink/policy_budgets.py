@@ -21,13 +21,7 @@ from spendstream.analytics.budgets import load_budgets, policy_budget_lines
 from spendstream.core.codec import AvroCodec
 from spendstream.core.config import Settings
 from spendstream.core.policy import Policy
-from spendstream.core.policy_log import (
-    UNSIGNED,
-    PolicyLogUnreadable,
-    decode_policy,
-    read_policy_log,
-    supersedes,
-)
+from spendstream.core.policy_log import PolicyLogUnreadable, read_policy_log, read_policy_record
 from spendstream.core.topics import POLICY
 
 log = logging.getLogger(__name__)
@@ -72,19 +66,12 @@ class PolicyBudgets:
             while not stop.is_set():
                 message = consumer.poll(0.5)
                 if message is not None and not message.error():
-                    record, policy, problem = decode_policy(codec, message.value())
-                    if verifier is not None and not verifier.verifies(
-                        POLICY, message.key(), message.value(), message.headers()
-                    ):
-                        policy, problem = None, f"a policy record {UNSIGNED}"
-                    elif record is not None and policy is not None and not supersedes(record, in_force):
-                        policy, problem = None, ""  # a replayed older record, or the one in force published again
-                    elif record is not None and policy is not None:
-                        in_force = record
-                    if policy is not None:
-                        self.adopt(policy)
-                    elif problem:
-                        log.warning("ledger budgets unchanged: %s", problem)
+                    read = read_policy_record(codec, message, verifier, in_force)
+                    if read.outcome == "adopt" and read.policy is not None:
+                        in_force = read.record
+                        self.adopt(read.policy)
+                    elif read.problem:
+                        log.warning("ledger budgets unchanged: %s", read.problem)
                 self.sync()
         finally:
             consumer.close()
