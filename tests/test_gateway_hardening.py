@@ -310,6 +310,23 @@ def test_keygen_without_a_keys_file_in_the_config_says_so(settings: Settings, tm
     assert result.returncode == 1 and "no keys_file" in result.stderr and "keys-file entry:" in result.stdout
 
 
+def test_keygen_warns_of_a_key_whose_team_the_policy_refuses_its_feature(settings: Settings, tmp_path: Path) -> None:
+    """A review: a key minted for marketing's calls of support's feature only ever got 403, and keygen said
+    nothing."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("features: {ai_chatbot: {critical: true, teams: [support]}}\n")
+    env = {**cli_env(settings), "SPENDSTREAM_POLICY": str(policy)}
+
+    def keygen(team: str) -> subprocess.CompletedProcess[str]:
+        command = [*CLI, "gateway", "keygen", "--print-only", "--team", team, "--feature", "ai_chatbot"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    refused = keygen("marketing")
+    assert refused.returncode == 0 and "key (give it to the client" in refused.stdout
+    assert "belongs to team support" in refused.stderr and "403" in refused.stderr
+    assert "warning" not in keygen("support").stderr
+
+
 # -- credentials in upstream URLs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "base_url", ["https://user:s3cr3t-pw@api.example.com", "http://:s3cr3t-pw@127.0.0.1:9/v1", "https://s3cr3t-pw@x.io"]

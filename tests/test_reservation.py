@@ -358,7 +358,7 @@ def test_a_burst_of_many_completions_each_is_held_at_what_all_its_completions_ma
         "max_tokens": 50,
         "n": 8,
     }
-    held = request_cost_estimate("openai", "gpt-4o-mini", body, len(json.dumps(body)))
+    held = request_cost_estimate("openai", "gpt-4o-mini", body, json.dumps(body).encode())
     limit = held * 7 // 2
     policy = parse_policy(f"budgets: [{{scope: 'team:marketing', period: day, amount_nanos: {limit}, hard_cap: true}}]")
     enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
@@ -409,6 +409,36 @@ def test_one_request_that_may_cost_more_than_a_hard_cap_has_left_is_refused(
             message = json.loads(data)["error"]["message"]
             assert "this request may cost up to $20.48" in message and "set max_tokens (or n) lower" in message
             assert http(url, {**huge, "max_tokens": 50, "n": 1})[0] == 200
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+
+
+def test_a_request_whose_images_may_cost_more_than_a_hard_cap_has_left_is_refused(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """A review: two image URLs are a few bytes of JSON but up to 7,558 prompt tokens of gpt-4o; the estimate
+    counted their bytes, so a request that may cost $0.019 fitted in what remained of a $0.01 cap."""
+    from spendstream.core.policy import parse_policy
+
+    limit = 10_000_000  # $0.01
+    policy = parse_policy(f"budgets: [{{scope: 'user:*', period: day, amount_nanos: {limit}, hard_cap: true}}]")
+    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/chart.png", "detail": "high"}}
+    content = [{"type": "text", "text": "compare"}, image, image]
+    pictures = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], "max_tokens": 50}
+    try:
+        with GatewayThread(gateway) as running:
+            publish_heartbeat(settings.kafka_bootstrap)
+            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
+            url = running.url + "/v1/chat/completions"
+            status, _, data = http(url, pictures)
+            assert status == 402, data
+            assert "images" in json.loads(data)["error"]["message"]
+            assert http(url, {**pictures, "messages": [{"role": "user", "content": "compare"}]})[0] == 200
     finally:
         emitter.close(10)
         enforcer.stop()

@@ -13,6 +13,7 @@ import getpass
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -26,6 +27,22 @@ from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
 log = logging.getLogger(__name__)
 # Why a record is not adopted as the policy when services verify what they adopt.
 UNSIGNED = "is not signed with the signing key (SPENDSTREAM_SIGNING_KEY) that SPENDSTREAM_VERIFY_KEY pairs with"
+# Where ``spendstream dev`` keeps the record in force across restarts of its memory-only broker (raw Avro bytes).
+LAST_POLICY_FILE = "policy-in-force.avro"
+
+
+def last_policy_recorded(data_dir: Path) -> tuple[bytes, PolicyRecord, Policy] | None:
+    """The policy record ``spendstream dev`` recorded in ``data_dir`` as (its bytes, the record, the policy); None
+    if there is none or it is not a valid policy. Only records the stack verified are recorded."""
+    path = data_dir / LAST_POLICY_FILE
+    if not path.is_file():
+        return None
+    value = path.read_bytes()
+    try:
+        record = PolicyRecord.from_avro(AvroCodec("policy").decode(value))
+        return value, record, policy_from_json(record.document)
+    except (DecodeError, ValueError, PolicyError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -391,6 +391,21 @@ def _genai_rates(provider: str, model: str, at: datetime, service_tier: str = ""
 
 _MEMO: dict[tuple[str, str, int, str, str], _Linear | _Tiered] = {}
 _MEMO_MAX = 65_536
+_CONTEXT_WINDOWS: dict[tuple[str, str], int | None] = {}
+
+
+def context_window(provider: str, model: str) -> int | None:
+    """The most tokens a call to ``model`` can hold (prompt and answer), from the price data; None if unknown."""
+    key = (provider, model)
+    if key not in _CONTEXT_WINDOWS:
+        try:
+            found = calc_price(Usage(input_tokens=0, output_tokens=0), model, provider_id=provider).model
+            _CONTEXT_WINDOWS[key] = found.context_window or None
+        except LookupError:
+            _CONTEXT_WINDOWS[key] = None
+        if len(_CONTEXT_WINDOWS) > _MEMO_MAX:
+            _CONTEXT_WINDOWS.clear()
+    return _CONTEXT_WINDOWS[key]
 
 
 def _resolve(provider: str, model: str, minute: datetime, table: PriceTable, service_tier: str) -> _Linear | _Tiered:
@@ -432,6 +447,7 @@ def use_price_data(path: Path) -> int:
     providers = read_price_data(path)
     data_snapshot.set_custom_snapshot(data_snapshot.DataSnapshot(providers=providers, from_auto_update=False))
     _MEMO.clear()
+    _CONTEXT_WINDOWS.clear()
     return sum(len(provider.models) for provider in providers)
 
 

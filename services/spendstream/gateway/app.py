@@ -280,7 +280,8 @@ def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
     if refusal.larger_nanos:
         reason = (
             f"this request may cost up to {usd_text(refusal.larger_nanos)} (its max_tokens, or 32,768 output tokens "
-            f"without one, for each of its n completions), more than remains of this hard cap of {limit} "
+            "without one, for each of its n completions, and the most its images, documents and web searches may "
+            f"cost), more than remains of this hard cap of {limit} "
             f"({standing}; {counted} and holds {usd_text(refusal.held_nanos)} for requests in flight): set "
             "max_tokens (or n) lower"
         )
@@ -775,7 +776,7 @@ class Gateway:
         )
 
     def _estimate(self, provider: str, model: str, body: dict[str, Any], raw: bytes) -> int:
-        return request_cost_estimate(provider, model, body, len(raw), self.prices)
+        return request_cost_estimate(provider, model, body, raw, self.prices)
 
     def _cache_key(
         self, body: dict[str, Any], endpoint: Endpoint, attribution: Mapping[str, str], model: str

@@ -155,6 +155,23 @@ def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Pat
     return data_dir_keys_file(settings.data_dir), "the keys file `spendstream dev` uses, in SPENDSTREAM_DATA_DIR"
 
 
+def _feature_owner_problem(team: str, feature: str, settings: Settings) -> str | None:
+    """Why the policy refuses a key's team naming its feature: the policy of ``SPENDSTREAM_POLICY``, else the one
+    ``spendstream dev`` recorded in force in the data directory; None if neither refuses it."""
+    from spendstream.core.policy import PolicyError, load_policy
+    from spendstream.core.policy_log import last_policy_recorded
+
+    if not feature:
+        return None
+    if settings.policy is not None:
+        try:
+            return load_policy(settings.policy).feature_owner_problem(team, feature)
+        except (OSError, PolicyError):
+            return None  # the gateway itself says what is wrong with its policy file
+    recorded = last_policy_recorded(settings.data_dir)
+    return recorded[2].feature_owner_problem(team, feature) if recorded else None
+
+
 def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.gateway.keys import add_key, hash_key, new_key
 
@@ -165,6 +182,13 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
     entry.update({field: getattr(args, field) for field in ATTRIBUTION_FIELDS if getattr(args, field)})
     if args.allow_header_attribution:
         entry["allow_header_attribution"] = True
+    problem = _feature_owner_problem(args.team, args.feature, settings)
+    if problem:
+        print(
+            f"warning: {problem}: every call with this key will be refused (403) until the policy gives the "
+            "feature to this team (its features.<name>.teams)",
+            file=sys.stderr,
+        )
     print(f"key (give it to the client; it is not stored): {key}")
     if args.print_only:
         print("keys-file entry:")

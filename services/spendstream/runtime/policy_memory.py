@@ -14,23 +14,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from spendstream.core.codec import AvroCodec, DecodeError
+from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord
-from spendstream.core.policy import PolicyError, policy_from_json
-from spendstream.core.policy_log import read_policy_record
+from spendstream.core.policy_log import LAST_POLICY_FILE, last_policy_recorded, read_policy_record
 from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers
 from spendstream.core.topics import POLICY
-
-LAST_POLICY_FILE = "policy-in-force.avro"
-
-
-def _valid(value: bytes, codec: AvroCodec) -> PolicyRecord | None:
-    try:
-        record = PolicyRecord.from_avro(codec.decode(value))
-        policy_from_json(record.document)
-    except (DecodeError, ValueError, PolicyError):
-        return None
-    return record
 
 
 def republish_last_policy(
@@ -38,13 +26,10 @@ def republish_last_policy(
 ) -> PolicyRecord | None:
     """Publish the recorded policy record again, signed by ``signer`` (None if there is none, or it is not a valid
     policy)."""
-    path = data_dir / LAST_POLICY_FILE
-    if not path.is_file():
+    recorded = last_policy_recorded(data_dir)
+    if recorded is None:
         return None
-    value = path.read_bytes()
-    record = _valid(value, AvroCodec("policy"))
-    if record is None:
-        return None
+    value, record, _ = recorded
     producer = Producer(kafka_conf)
     key = record.name.encode()
     producer.produce(POLICY, value, key=key, headers=signature_headers(signer, POLICY, key, value))
