@@ -192,3 +192,13 @@ def test_a_hostile_body_is_estimated_without_error() -> None:
         {"model": "gpt-4o", "contents": [{"parts": [{"inline_data": {"mime_type": 5, "data": None}}]}]},
     ):
         assert request_cost_estimate("openai", "gpt-4o", body, b"image file " * 10) > 0
+
+
+def test_an_answer_that_may_be_audio_holds_the_audio_output_price() -> None:
+    body = {"model": "gpt-realtime", "max_tokens": 1000, "messages": [{"role": "user", "content": "say hi"}]}
+    spoken = _estimate("openai", "gpt-realtime", {**body, "modalities": ["text", "audio"]})
+    assert (
+        spoken
+        >= price_usage("openai", "gpt-realtime", 0, 1000, detail=UsageDetail(output_audio_tokens=1000)).cost_nanos
+    )
+    assert spoken > _estimate("openai", "gpt-realtime", body)

@@ -11,7 +11,8 @@ estimate must not fall short of what the provider can bill:
   video by reference), whose size cannot be read from the request, the model's whole context window;
 - the prompt never more than the model's context window (the provider refuses a longer one);
 - web searches: a search tool's ``max_uses``, else ``UNBOUNDED_WEB_SEARCHES``;
-- the service tier the request asks for (``priority`` costs more than the standard tier).
+- the service tier the request asks for (``priority`` costs more than the standard tier), and an answer that may be
+  audio (``modalities``) at the audio output price.
 """
 
 from __future__ import annotations
@@ -172,11 +173,15 @@ def request_cost_estimate(
     tier = body.get("service_tier")
     detail = UsageDetail(service_tier=tier) if isinstance(tier, str) and tier in _TIERS else UsageDetail()
     prompt = len(raw) // 4 + 1
+    output = output_tokens_asked(body)
     if any(marker in raw for marker in _MEDIA_MARKERS):  # a text-only request skips the walk
         prompt, images = prompt_tokens_asked(provider, model, body, len(raw))
         detail = detail._replace(input_image_tokens=images, web_search_requests=web_searches_asked(body))
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:  # the answer may be all audio, dearer than text
+        detail = detail._replace(output_audio_tokens=output)
     try:
-        priced = price_usage(provider, model, prompt, output_tokens_asked(body), overrides=prices, detail=detail)
+        priced = price_usage(provider, model, prompt, output, overrides=prices, detail=detail)
     except CostOverflowError:
         return MAX_EVENT_COST_NANOS
     except (UnknownModelError, ValueError):
