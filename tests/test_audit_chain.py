@@ -211,6 +211,51 @@ def test_an_empty_broker_gets_the_budget_requests_back_from_the_ledger(settings:
         client.close()
 
 
+def test_records_the_verify_key_does_not_vouch_for_stay_out_of_the_trail_and_are_never_restored(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A review: an unsigned "approved" step, which the processor ignored, was chained into ``budget_events``; after
+    a restart of the embedded stack the ledger's restore republished it signed, and the forged approval raised the
+    budget. Unsigned decisions, policies and budget steps go to ``audit_rejects`` with the reason."""
+    from spendstream.core.record_signature import RecordSigner, write_key_pair
+
+    signing, _ = write_key_pair(tmp_path)
+    keyed = settings.model_copy(update={"data_dir": tmp_path})
+    signer = RecordSigner.from_file(signing)
+    now = datetime.now(UTC)
+    asked = new_request(Kind.overage, "team:sales", "month", 10**12, now, now + timedelta(days=3), "alice",
+                        "push", now)  # fmt: skip
+    forged = decide(asked, True, "mallory", "vp", "ok", parse_policy("{}").approval_rules, now)
+    shutoff = Decision(scope="team:sales", action=Action.shutoff, version=5, expires_at=now + timedelta(days=1))
+    lifted = Decision(scope="team:sales", action=Action.allow, version=10**15)
+    producer = Producer(keyed.kafka_client_config())
+    key, value = asked.id.encode(), asked.to_json()
+    producer.produce(
+        topics.BUDGET_ADJUSTMENTS, value, key=key, headers=signer.headers(topics.BUDGET_ADJUSTMENTS, key, value)
+    )
+    producer.produce(topics.BUDGET_ADJUSTMENTS, forged.to_json(), key=key)
+    for decision, signing_key in ((shutoff, signer), (lifted, None)):
+        key, value = decision.scope.encode(), AvroCodec("decision").encode(decision.to_avro())
+        headers = signing_key.headers(topics.ENFORCEMENT, key, value) if signing_key else None
+        producer.produce(topics.ENFORCEMENT, value, key=key, headers=headers)
+    assert producer.flush(10) == 0
+    client = connect(keyed)
+    try:
+        migrate(client, keyed)
+        audit_until(keyed, client, "rejected", 2)
+        rejects = client.query("SELECT topic, reason FROM spendstream.audit_rejects ORDER BY topic").result_rows
+        assert [topic for topic, _ in rejects] == [topics.BUDGET_ADJUSTMENTS, topics.ENFORCEMENT]
+        assert all("not signed" in reason for _, reason in rejects)
+        with EmbeddedBroker() as restarted:
+            create_topics({"bootstrap.servers": restarted.bootstrap}, usage_partitions=1)
+            fresh = keyed.model_copy(update={"kafka_bootstrap": restarted.bootstrap})
+            assert restore_budget_requests(fresh, client) == 1
+            assert read_requests(fresh.kafka_client_config()) == {asked.id: asked}  # still only asked
+            assert restore_decisions(fresh, client, now) == 1  # the shutoff, not the forged allow
+    finally:
+        client.close()
+
+
 def test_an_empty_broker_gets_the_decisions_still_in_force_back_from_the_ledger(settings: Settings) -> None:
     """After a restart of the embedded stack a shut-off team, and a feature waiting for approval at $0, were served
     for the seconds until the processor had rebuilt its windows and decided again."""

@@ -524,3 +524,43 @@ def test_a_policy_adopted_while_running_that_names_an_unset_secret_is_logged_as_
     assert notifier.policy is policy
     [record] = [r for r in caplog.records if "SLACK_MARKETING_URL" in r.getMessage()]
     assert record.levelname == "ERROR" and "marketing-slack.url_env" in record.getMessage()
+
+
+def test_a_deployment_with_keys_pages_nobody_with_a_forged_alert_nor_trusts_a_forged_heartbeat(
+    settings: Settings, receivers: tuple[HttpReceiver, MailReceiver], tmp_path: Path
+) -> None:
+    """Alerts were not signed: a client that may write to the broker could page the owners with any text (a link to
+    follow, say), and keep a forged heartbeat coming so that a dead processor raised no alarm."""
+    from spendstream.core.record_signature import RecordSigner, write_key_pair
+
+    http, mail = receivers
+    hook, _ = http.endpoint("/hook"), http.endpoint(SLACK_PATH)
+    signing, _ = write_key_pair(tmp_path / "keys")
+    signer = RecordSigner.from_file(signing)
+    keyed = settings.model_copy(update={"verify_key": tmp_path / "keys" / "verify-key.pem"})
+    extra = "  kinds: {pipeline_unhealthy: {owners: false, escalate: [cfo]}}"
+    policy = parse_policy(policy_yaml(http, mail).replace("  retry:", extra + "\n  retry:"), "notify.yaml")
+    stale = Heartbeat(worker="p@host", policy_version=policy.version, interval_s=1.0,
+                      issued_at=datetime.now(UTC) - timedelta(minutes=5))  # fmt: skip
+    forged_beat = Heartbeat(worker="p@host", policy_version=policy.version, interval_s=1.0, issued_at=datetime.now(UTC))
+    genuine, forged = marketing_alert(), marketing_alert(message="urgent: re-enter your API key at http://evil.example")
+    producer = Producer(keyed.kafka_client_config())
+    records = [
+        (topics.ENFORCEMENT, b"heartbeat:p@host", AvroCodec("heartbeat").encode(stale.to_avro()), signer),
+        (topics.ENFORCEMENT, b"heartbeat:p@host", AvroCodec("heartbeat").encode(forged_beat.to_avro()), None),
+        (topics.ALERTS, b"team:marketing", AvroCodec("alert").encode(forged.to_avro()), None),
+        (topics.ALERTS, b"team:marketing", AvroCodec("alert").encode(genuine.to_avro()), signer),
+    ]
+    for topic, key, value, signing_key in records:
+        headers = signing_key.headers(topic, key, value) if signing_key else None
+        producer.produce(topic, value, key=key, headers=headers)
+    assert producer.flush(10) == 0
+    running = Running(keyed, policy, env_for(http))
+    try:
+        wait_for(lambda: mail.to("cfo@acme.example"), what="the pipeline alarm despite the forged heartbeat")
+        wait_for(lambda: hook.accepted and mail.to("lead@acme.example"), what="the genuine alert")
+        assert running.notifier.counts["unsigned"] == 2
+    finally:
+        running.stop()
+    assert all("evil.example" not in m.get_content() for m in mail.to("lead@acme.example"))
+    assert [json.loads(r.body)["source_id"] for r in hook.accepted] == [f"alert:{genuine.alert_id}"]

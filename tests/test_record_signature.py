@@ -248,3 +248,87 @@ def test_dev_s_policy_memory_records_only_what_every_service_adopts(
     finally:
         recorder.stopping.set()
         recorder.join(10)
+
+
+def _last_value(bootstrap: str, topic: str, key: bytes) -> bytes | None:
+    """The value of ``key``'s last record on ``topic``: what compaction would keep."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "last-record", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    last = None
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)
+        offset = 0
+        while offset < high and (message := consumer.poll(5)) is not None:
+            offset = message.offset() + 1
+            if message.key() == key:
+                last = message.value()
+    finally:
+        consumer.close()
+    return last
+
+
+def test_a_forged_replayed_or_deleted_decision_never_stays_the_last_record_of_its_scope(
+    broker: EmbeddedBroker, keys: tuple[RecordSigner, RecordVerifier]
+) -> None:
+    """Compaction keeps a key's last record: a forged allow, a tombstone or an older signed decision replayed after
+    marketing's shutoff would, once compacted, be all a restarted edge reads. The processor's guard publishes the
+    shutoff again after each; a newer signed decision is in force from then on, and a restarted edge reads it."""
+    from spendstream.processor.decision_guard import DecisionGuard
+
+    signer, verifier = keys
+    key = b"team:marketing"
+    older = Decision(scope="team:marketing", action="allow", version=3)
+    shutoff = Decision(scope="team:marketing", action="shutoff", version=5, reason="monthly budget spent")
+    publish_decisions(broker.bootstrap, [older, shutoff], signer)
+    publish_decisions(broker.bootstrap, [Decision(scope="team:marketing", action="allow", version=10**15)])
+    shutoff_value = AvroCodec("decision").encode(shutoff.to_avro())
+    guard = DecisionGuard({"bootstrap.servers": broker.bootstrap}, verifier)
+    guard.start()  # a forgery already on the topic when it starts is answered once it has read the history
+    try:
+        assert wait_for(lambda: guard.restored == 1, 10)
+        for displacing, signing in (([("team:marketing", None)], None), ([older], signer)):
+            publish_decisions(broker.bootstrap, displacing, signing)
+            assert wait_for(lambda: _last_value(broker.bootstrap, ENFORCEMENT, key) == shutoff_value, 10)
+        assert guard.restored == 3
+        lifted = Decision(scope="team:marketing", action="allow", version=6)
+        publish_decisions(broker.bootstrap, [lifted], signer)
+        time.sleep(1)
+        assert guard.restored == 3 and guard.in_force[key].version == 6
+        with Enforcer(broker.bootstrap, verifier=verifier, policy_topic=None) as enforcer:
+            assert enforcer.wait_ready(10) and enforcer.check(team="marketing").action == "allow"
+    finally:
+        guard.stopping.set()
+        guard.join(10)
+
+
+def test_a_record_refused_under_the_name_of_the_policy_in_force_is_followed_by_it_again(
+    broker: EmbeddedBroker, keys: tuple[RecordSigner, RecordVerifier]
+) -> None:
+    """An unsigned policy or a tombstone under the name of the policy in force is refused, but compaction would keep
+    it and drop the policy: a processor restarted after that would enforce its seed file or no budget at all."""
+    from datetime import timedelta
+
+    from spendstream.processor.policy_in_force import PolicyFollower, PolicyHolder
+
+    signer, verifier = keys
+    conf = {"bootstrap.servers": broker.bootstrap}
+    tight = parse_policy("name: acme\nbudgets: [{scope: 'team:marketing', period: month, amount_usd: 100}]\n")
+    publish_policy(conf, tight, signer=signer)
+    found = read_policy_log(conf, verifier=verifier)
+    assert found.in_force is not None
+    processor = PolicyFollower(
+        PolicyHolder(tight, timedelta(days=1)), conf, 1, found.next_offset, verifier, found.in_force
+    )
+    processor.start()
+    try:
+        publish_policy(conf, parse_policy("name: acme\n"))  # unsigned, no budgets
+        assert wait_for(lambda: _last_policy_value(broker.bootstrap) == found.in_force.value, 10)
+        producer = Producer(conf)
+        producer.produce(POLICY, None, key=b"acme")
+        assert producer.flush(10) == 0
+        assert wait_for(lambda: _last_policy_value(broker.bootstrap) == found.in_force.value, 10)
+    finally:
+        processor.stopping.set()
+        processor.join(10)

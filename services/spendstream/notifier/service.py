@@ -40,6 +40,7 @@ from spendstream.core.notification_policy import (
     report_period,
 )
 from spendstream.core.policy import Policy
+from spendstream.core.record_signature import vouched_for
 from spendstream.notifier.channels import DeliveryError, send
 from spendstream.notifier.messages import (
     Delivery,
@@ -87,7 +88,10 @@ class Notifier:
         self.latest_action: dict[str, str] = {}  # scope -> the action of its newest decision
         self.last_heartbeat: tuple[str, datetime, float] | None = None  # worker, issued_at, interval
         self.ready = threading.Event()
-        self.counts = {"recorded": 0, "sent": 0, "failed_attempts": 0, "dead_letters": 0}
+        self.counts = {"recorded": 0, "sent": 0, "failed_attempts": 0, "dead_letters": 0, "unsigned": 0}
+        # alerts, decisions and heartbeats are signed by the processor: a forged alert would page people with
+        # its text, a forged heartbeat hide a dead processor (None: no keys in this deployment, all are read)
+        self.verifier = settings.record_verifier()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
         self._workers: list[asyncio.Task[None]] = []
@@ -252,6 +256,15 @@ class Notifier:
         for message in records:
             value = message.value()
             if value is None:
+                continue
+            if not vouched_for(self.verifier, message.topic(), message):
+                self.counts["unsigned"] += 1
+                if self.counts["unsigned"] & (self.counts["unsigned"] - 1) == 0:  # the 1st, 2nd, 4th, 8th...
+                    log.warning(
+                        "notifier: ignoring a record on %s that is not signed with the processor's key (key %r; %d "
+                        "so far): a client that may write to the topic forged it, or the processor has no signing key",
+                        message.topic(), message.key(), self.counts["unsigned"],
+                    )  # fmt: skip
                 continue
             try:
                 if message.topic() == topics.ENFORCEMENT:

@@ -318,6 +318,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         policy_offset,
         settings.record_verifier(),
         read_in_force,
+        settings.record_signer(),
     )
     follower.start()
     adjustments = BudgetAdjustmentFollower(
@@ -328,6 +329,12 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         settings.record_verifier(),
     )
     adjustments.start()
+    guard = None
+    if (verifier := settings.record_verifier()) is not None:  # without keys anyone may write any decision anyway
+        from spendstream.processor.decision_guard import DecisionGuard
+
+        guard = DecisionGuard(settings.kafka_client_config(), verifier)
+        guard.start()
     lag = None
     if serve_metrics(settings) is not None:  # stage 1 commits its usage progress to usage_group(app_id)
         lag = ConsumerLagSampler(settings, usage_group(app_id), USAGE, settings.metrics_lag_interval_s).start()
@@ -335,7 +342,8 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     if config.signer is None:
         print(
             f"processor {app_id}: warning: no signing key (SPENDSTREAM_SIGNING_KEY, or "
-            "DATA_DIR/signing-key.pem): its decisions go out unsigned, and edges that verify decisions ignore them; "
+            "DATA_DIR/signing-key.pem): its decisions and alerts go out unsigned, and services that verify them ignore "
+            "them; "
             "`spendstream keygen DIR` writes a key pair",
             file=sys.stderr,
             flush=True,
@@ -355,4 +363,6 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
             lag.stop()
         follower.stopping.set()
         adjustments.stopping.set()
+        if guard is not None:
+            guard.stopping.set()
     return 0

@@ -22,7 +22,7 @@ from spendstream.core.codec import AvroCodec
 from spendstream.core.events import Alert, AlertKind, Severity
 from spendstream.core.policy import Policy
 from spendstream.core.policy_log import PolicyInForce, read_policy_record
-from spendstream.core.record_signature import RecordVerifier
+from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers
 from spendstream.core.topics import ALERTS, POLICY
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage
 from spendstream.processor.spend_accounting import Retention, WindowCalendar
@@ -73,7 +73,8 @@ class PolicyFollower(threading.Thread):
     """Follows ``spendstream.policy`` from ``start_offset`` (where the startup read ended), without a consumer group,
     and hot-swaps the policy to every valid record published after the one in force, whatever its name. An older
     one (a replayed record) is refused, and the record in force is published again as it was, so that compaction,
-    which keeps a key's last record, keeps it and not the replay."""
+    which keeps a key's last record, keeps it and not the replay; so is it after a record it refuses under its
+    name (unsigned, invalid, a tombstone)."""
 
     def __init__(
         self,
@@ -83,10 +84,12 @@ class PolicyFollower(threading.Thread):
         start_offset: int = 0,
         verifier: RecordVerifier | None = None,
         in_force: PolicyInForce | None = None,
+        signer: RecordSigner | None = None,
     ) -> None:
         super().__init__(name="policy-follower", daemon=True)
         self.in_force = in_force  # the record in force as read (None: the seed or the defaults, until one is read)
         self.verifier = verifier  # None: every valid record is adopted
+        self.signer = signer  # signs the alerts it raises
         self.holder = holder
         self.kafka_conf = kafka_conf
         self.partitions = partitions
@@ -117,7 +120,9 @@ class PolicyFollower(threading.Thread):
         if read.outcome != "adopt":
             name = read.record.name if read.record else (message.key() or b"?").decode("utf-8", "replace")
             self._reject(name, f"{read.problem}; keeping {self.holder.policy.version}", producer)
-            if read.outcome == "replay" and current is not None:  # so that compaction keeps the record in force
+            # so that compaction, which keeps a key's last record, keeps the record in force: after a replay, and
+            # after any record (unsigned, invalid, a tombstone) under the name of the one in force
+            if current is not None and (read.outcome == "replay" or message.key() == current.record.name.encode()):
                 producer.produce(POLICY, current.value, key=current.record.name.encode(), headers=list(current.headers))
                 producer.flush(5)
             return
@@ -139,5 +144,6 @@ class PolicyFollower(threading.Thread):
             message=message,
             policy_version=self.holder.policy.version,
         )
-        producer.produce(ALERTS, self.alert_codec.encode(alert.to_avro()), key=alert.scope.encode())
+        key, value = alert.scope.encode(), self.alert_codec.encode(alert.to_avro())
+        producer.produce(ALERTS, value, key=key, headers=signature_headers(self.signer, ALERTS, key, value))
         producer.flush(5)

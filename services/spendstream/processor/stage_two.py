@@ -187,7 +187,8 @@ class StageTwo:
         for crossing in verdict.crossings:
             if crossing.key not in alerted:
                 alert = build_alert(scope, crossing, policy.version, now)
-                self.out.send(ALERTS, scope.encode(), self._alert_codec.encode(alert.to_avro()))
+                key, value = scope.encode(), self._alert_codec.encode(alert.to_avro())
+                self.out.send(ALERTS, key, value, headers=signature_headers(self.signer, ALERTS, key, value))
                 PROCESSOR_ALERTS.labels(alert.kind.value).inc()
                 alerted.append(crossing.key)
         state.alerted = alerted[-MAX_ALERTED:]

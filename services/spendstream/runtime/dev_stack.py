@@ -456,9 +456,11 @@ class DevStack:
         """Print each decision and alert the processor publishes, as it happens."""
         from spendstream.core.codec import AvroCodec
         from spendstream.core.events import Alert, Decision
+        from spendstream.core.record_signature import vouched_for
 
         assert self.broker is not None
         decision_codec, alert_codec = AvroCodec("decision"), AvroCodec("alert")
+        verifier = self.settings.record_verifier()  # what no service applies is not news either
         consumer = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": "spendstream-dev-console"})
         consumer.assign([TopicPartition(ENFORCEMENT, 0, OFFSET_BEGINNING), TopicPartition(ALERTS, 0, OFFSET_BEGINNING)])
         announced: dict[str, str] = {}  # scope -> the action last printed
@@ -466,6 +468,8 @@ class DevStack:
             while not self._stopping.is_set():
                 message = consumer.poll(0.5)
                 if message is None or message.error() is not None or message.value() is None:
+                    continue
+                if not vouched_for(verifier, message.topic(), message):
                     continue
                 try:
                     if message.topic() == ENFORCEMENT:

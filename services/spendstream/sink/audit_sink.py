@@ -14,7 +14,8 @@ restart, a rebalance) or after a failed insert, with the identities of the newes
 holds already (a redelivery after a crash, an expiry every processor worker announced) is skipped, so each is
 chained once. After each batch the heads are published to ``spendstream.audit.heads``, the anchor that shows a
 truncated chain. Offsets are committed only after the inserts land. Values that do not decode go to
-``audit_rejects`` with their reason and bytes, never dropped.
+``audit_rejects`` with their reason and bytes, never dropped; so do decisions, alerts, policies and budget steps
+the verify key does not vouch for (no service applied them, and the ledger's restores republish the trail signed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from spendstream.core.budget_lifecycle import BudgetRequest
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings
 from spendstream.core.metrics import AUDIT_SINK_RECORDS
-from spendstream.core.record_signature import signature_headers
+from spendstream.core.record_signature import signature_headers, vouched_for
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,15 @@ def audit_streams(registry_url: str | None = None) -> dict[str, Stream]:
     }  # fmt: skip
 
 
+# Topics whose records the services apply only when signed: a record the verify key does not vouch for is not
+# part of the trail (a restore would republish it signed, and a forged approval would become a real one).
+SIGNED_TOPICS = frozenset({topics.ENFORCEMENT, topics.ALERTS, topics.POLICY, topics.BUDGET_ADJUSTMENTS})
+NOT_SIGNED = (
+    "not signed with the signing key that SPENDSTREAM_VERIFY_KEY pairs with (forged by a client that may write to "
+    "the topic, or published by a service without the key): no service applied it, so it is not in the trail"
+)
+
+
 class AuditSink:
     """Consume the audited topics in batches; ``run_once`` for tests, ``run`` beside the usage sink."""
 
@@ -157,6 +167,7 @@ class AuditSink:
         self.consumer.subscribe(list(self.streams), on_assign=self._assigned)
         self.anchors = Producer(settings.kafka_client_config())
         self.counts = {"decisions": 0, "alerts": 0, "policy_versions": 0, "budget_events": 0, "rejected": 0}
+        self.verifier = settings.record_verifier()  # None: every record is chained (no keys in this deployment)
 
     def _assigned(self, _consumer: Consumer, _partitions: list[Any]) -> None:
         self._chains = None  # another sink may have extended the chains meanwhile
@@ -217,6 +228,9 @@ class AuditSink:
             if topic == topics.ENFORCEMENT and (message.key() or b"").startswith(topics.HEARTBEAT_KEY_PREFIX):
                 continue  # a processor's proof of life, not a decision
             stream = self.streams[topic]
+            if topic in SIGNED_TOPICS and not vouched_for(self.verifier, topic, message):
+                rejects.append([topic, message.partition(), message.offset(), NOT_SIGNED, value])
+                continue
             try:
                 row = stream.row(value)
             except (DecodeError, KeyError, ValueError, TypeError) as exc:
@@ -240,7 +254,7 @@ class AuditSink:
             self._chains = None  # what landed is in the ledger; the heads are read from there again
             raise
         if rejects:
-            log.warning("audit sink: %d undecodable records kept in audit_rejects", len(rejects))
+            log.warning("audit sink: %d undecodable or unsigned records kept in audit_rejects", len(rejects))
             self.client.insert(f"{self.db}.audit_rejects", rejects, column_names=REJECT_COLUMNS)
         self._anchor([stream.table for stream in self.streams.values() if rows[stream.table]], chains)
         for stream in self.streams.values():
