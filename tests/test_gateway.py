@@ -257,6 +257,34 @@ def test_bad_input_is_refused_and_the_gateway_keeps_serving(gateway: GatewayThre
     assert len(events) == 1  # refused input reached no model and named none: no usage event
 
 
+def test_a_model_without_a_price_is_refused_when_the_policy_in_force_rejects_unpriced_models(
+    settings: Settings, upstreams, tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """A user session: under ``pricing.unknown_model: reject`` the gateway (started without a policy file) served
+    ``gpt-9-turbo``; the sink dead-lettered its event, so the call was in no report and no budget. It is refused
+    before it leaves, and the gateway prices by the policy in force whether or not it was given a policy file."""
+    from spendstream.core.policy import parse_policy
+    from spendstream.core.policy_log import publish_policy
+
+    publish_policy(settings.kafka_client_config(), parse_policy("pricing: {unknown_model: reject}\n"))
+    enforcer = Enforcer(settings=settings).start()
+    assert enforcer.wait_ready(10) and wait_for(lambda: enforcer.policy is not None, 10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    primary = upstreams[0]
+    try:
+        with GatewayThread(Gateway(gateway_config(*upstreams), settings, enforcer=enforcer, emitter=emitter)) as gw:
+            url = gw.url + "/v1/chat/completions"
+            before = primary.requests
+            status, _, body = http(url, {**CHAT, "model": "gpt-9-turbo"})
+            assert status == 400 and primary.requests == before
+            error = json.loads(body)["error"]
+            assert error["code"] == "model_not_priced" and "pricing.overrides" in error["message"]
+            assert http(url, CHAT)[0] == 200
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+
+
 def test_failover_to_the_secondary_upstream(settings: Settings, upstreams, tmp_path: Path) -> None:
     primary, secondary = upstreams
     enforcer = Enforcer(settings=settings).start()

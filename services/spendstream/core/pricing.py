@@ -514,6 +514,15 @@ def whole_nanos(usd: Decimal | int | str) -> int:
     return int(exact)
 
 
+def has_price(provider: str, model: str, table: PriceTable = EMPTY_TABLE) -> bool:
+    """Whether ``table`` prices ``model``: an override, genai-prices, or the default price for unknown models."""
+    try:
+        price_usage(provider, model, 0, 0, overrides=table)
+    except UnknownModelError:
+        return False
+    return True
+
+
 def price_usage(
     provider: str,
     model: str,

@@ -30,7 +30,7 @@ from spendstream.core.events import SPEND_REFRESH_S, UsageStatus
 from spendstream.core.metrics import HttpLatency, metrics_exposition
 from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy
-from spendstream.core.pricing import PriceTable
+from spendstream.core.pricing import PriceTable, has_price
 from spendstream.core.providers import dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
@@ -465,12 +465,17 @@ class Gateway:
         self.provider_stats = self.follower.stats
 
     def _follow_policy_in_force(self) -> None:
-        """A gateway started with a policy routes and prices by the policy in force, as its Enforcer reads it from
-        ``spendstream.policy``: a `spendstream policy apply` changes routing, thresholds, timezone and prices too."""
-        if self.enforcer is None or self.policy is None:
+        """The gateway routes and prices by the policy in force, as its Enforcer reads it from ``spendstream.policy``
+        (whether or not it was started with a policy file): a `spendstream policy apply` changes routing,
+        thresholds, timezone and prices too."""
+        if self.enforcer is None:
             return
         policy = self.enforcer.policy
-        if policy is None or policy is self.policy or policy.version == self.policy.version:
+        if (
+            policy is None
+            or policy is self.policy
+            or (self.policy is not None and policy.version == self.policy.version)
+        ):
             return
         self.policy = policy
         self.routing, self.thresholds, self.tz = policy.routing, policy.thresholds, ZoneInfo(policy.timezone)
@@ -707,6 +712,14 @@ class Gateway:
             if (route.provider, route.model) != (provider, model):
                 call.route = route
         served = verdict.model
+        if self.prices.unknown_model == "reject" and not has_price(call.provider, served, self.prices):
+            self.counts["model_not_priced"] += 1
+            message = (
+                f"model {served!r} of provider {call.provider!r} has no price, and the policy rejects unpriced models "
+                "(pricing.unknown_model: reject): its calls could be neither metered nor held to a budget; use a "
+                "priced model, or give it a price in the policy's pricing.overrides"
+            )
+            return error_response(400, message, "model_not_priced", "invalid_request_error", anthropic=anthropic)
         scopes = {**attribution, "model": served}
         held = self.enforcer.reserve(lambda: self._estimate(call.provider, served, body, raw), **scopes)
         if isinstance(held, Refusal) and self._unmetered:

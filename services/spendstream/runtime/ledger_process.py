@@ -14,7 +14,9 @@ import threading
 from collections.abc import Callable
 
 from spendstream.core.config import Settings
-from spendstream.core.pricing import EMPTY_TABLE, PriceTable
+from spendstream.core.placement import Placement
+from spendstream.core.policy import Policy
+from spendstream.core.pricing import EMPTY_TABLE
 
 log = logging.getLogger(__name__)
 EXIT_WORKER_FAILED = 70  # EX_SOFTWARE: a thread beside the sink failed; the process is to be restarted
@@ -41,7 +43,13 @@ def run_ledger_process(
     migrate(client, settings)
     if with_audit:
         _restore_budget_requests(settings, client)
-    sink = LedgerSink(settings, client, prices=policy_prices(settings))
+    policy = policy_in_force_or_seed(settings)
+    sink = LedgerSink(
+        settings,
+        client,
+        prices=policy.price_table if policy is not None else EMPTY_TABLE,
+        placement=Placement.of(policy),
+    )
     SINKS.track(sink)
     lag: ConsumerLagSampler | None = None
     if serve_metrics(settings) is not None or with_api:  # the API's /metrics shows this process's registry
@@ -54,7 +62,7 @@ def run_ledger_process(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
-    budgets = PolicyBudgets(settings, client, on_policy=lambda policy: sink.set_prices(policy.price_table))
+    budgets = PolicyBudgets(settings, client, on_policy=sink.set_policy)
     failed: list[str] = []
 
     def worker(name: str, target: Callable[..., object], *args: object) -> threading.Thread:
@@ -114,9 +122,9 @@ def _restore_budget_requests(settings: Settings, client: object) -> None:
             print(f"restored {restored} {what} from the ledger to an empty broker", flush=True)
 
 
-def policy_prices(settings: Settings) -> PriceTable:
-    """The price overrides of the policy in force (the ones the processor prices with); before any policy is
-    published, those of the ``SPENDSTREAM_POLICY`` file that will seed it; else none."""
+def policy_in_force_or_seed(settings: Settings) -> Policy | None:
+    """The policy in force (what the processor prices and places events with); before any policy is published,
+    the ``SPENDSTREAM_POLICY`` file that will seed it; else none."""
     from confluent_kafka import KafkaException
 
     from spendstream.core.policy import load_policy
@@ -129,10 +137,10 @@ def policy_prices(settings: Settings) -> PriceTable:
     except (KafkaException, RuntimeError):  # no broker yet: the policy thread sets the prices once it can
         found = None
     if found is not None and found.in_force is not None:
-        return found.in_force.policy.price_table
+        return found.in_force.policy
     if settings.policy is None:
-        return EMPTY_TABLE
-    return load_policy(settings.policy).price_table
+        return None
+    return load_policy(settings.policy)
 
 
 def _serve_api(settings: Settings, client: object, stop: threading.Event) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
@@ -272,9 +272,16 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
     return "multiIf(" + ", ".join(f"{cond}, {verdict}" for cond, verdict in branches) + ", '')"
 
 
-def ledger_select_sql(columns: Sequence[str], staging: str, excluded: Sequence[int]) -> str:
-    """The ledger columns of the staging rows not in ``excluded`` (raw values converted)."""
-    converted = {"event_id": "toUUID(event_id)", "occurred_at": "fromUnixTimestamp64Micro(occurred_at, 'UTC')"}
+def ledger_select_sql(
+    columns: Sequence[str], staging: str, excluded: Sequence[int], placed: Mapping[str, str] | None = None
+) -> str:
+    """The ledger columns of the staging rows not in ``excluded`` (raw values converted; ``placed``: the
+    expressions that fill a row's team, division and org as the policy places it, ``core.placement``)."""
+    converted = {
+        "event_id": "toUUID(event_id)",
+        "occurred_at": "fromUnixTimestamp64Micro(occurred_at, 'UTC')",
+        **(placed or {}),
+    }
     select = ", ".join(converted.get(name, _quote(name)) for name in columns)
     where = (
         f" WHERE reinterpretAsUInt32({ROW_FIELD}) NOT IN ({', '.join(map(str, sorted(excluded)))})" if excluded else ""

@@ -23,6 +23,7 @@ import fastavro
 from spendstream.core.attribution import MAX_NAME_CHARS, WILDCARD_VALUE
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
 from spendstream.core.events import ATTRIBUTION_FIELDS, DETAIL_FIELDS, NAME_FIELDS, usage_record_problem
+from spendstream.core.placement import NO_PLACEMENT
 from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import load_schema_json
 
@@ -138,6 +139,7 @@ class UsageDecoder:
         self.codec = AvroCodec("usage_event", registry_url)
         self.max_future_skew = max_future_skew
         self.prices = prices
+        self.placement = NO_PLACEMENT  # fills what an event does not say as the processor counts it
         self._header = SINGLE_OBJECT_MAGIC + fingerprint("usage_event")
         self._raw_schema = fastavro.parse_schema(_without_logical_types(load_schema_json("usage_event")))
 
@@ -178,6 +180,8 @@ class UsageDecoder:
                 rejected.append(Rejected(index, "price", f"cost overflow: {exc}"))
                 return False
             record["cost_nanos"], record["price_source"] = price.cost_nanos, price.source
+        if self.placement is not NO_PLACEMENT:
+            self.placement.place(record)
         records.append(record)
         return True
 

@@ -54,6 +54,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, fingerprint
 from spendstream.core.config import Settings
+from spendstream.core.placement import NO_PLACEMENT, Placement
+from spendstream.core.policy import Policy
 from spendstream.core.pricing import EMPTY_TABLE, PriceTable
 from spendstream.core.schemas import history_versions
 from spendstream.core.topics import USAGE
@@ -153,6 +155,7 @@ class LedgerSink:
         stop_grace_s: float = 30.0,
         avro_fast_path: bool = True,
         prices: PriceTable = EMPTY_TABLE,
+        placement: Placement = NO_PLACEMENT,
     ) -> None:
         self.settings = settings
         self.stats = SinkStats()
@@ -162,6 +165,8 @@ class LedgerSink:
         self._decoder = UsageDecoder(
             timedelta(seconds=settings.max_future_skew_s), settings.schema_registry_url, prices
         )
+        self._decoder.placement = placement
+        self._placed_sql = placement.select_sql()
         names = [SCHEMA_NAME, *history_versions(SCHEMA_NAME)] if avro_fast_path else []
         self._versions = {SINGLE_OBJECT_MAGIC + fingerprint(name): WriterVersion.of(name) for name in names}
         self._ledger: LedgerWriter | None = None
@@ -177,9 +182,12 @@ class LedgerSink:
     def client(self) -> Any:
         return self._client
 
-    def set_prices(self, prices: PriceTable) -> None:
-        """Price events without ``cost_nanos`` with ``prices`` from the next event on (a new policy in force)."""
-        self._decoder.prices = prices
+    def set_policy(self, policy: Policy) -> None:
+        """From the next event on (a new policy in force), price events without ``cost_nanos`` with its prices, and
+        fill the team, division and org an event does not name as it places them (``core.placement``)."""
+        placement = Placement.of(policy)
+        self._decoder.prices, self._decoder.placement = policy.price_table, placement
+        self._placed_sql = placement.select_sql()
 
     def stop(self) -> None:
         """Ask the sink to finish the batch in hand, commit it, and return from ``run``."""
@@ -354,7 +362,7 @@ class LedgerSink:
         count = len(group.indices)
         excluded = judged.exact | judged.rejected.keys()
         try:
-            superseded = self._ledger.insert_staged(count, excluded, token)
+            superseded = self._ledger.insert_staged(count, excluded, token, self._placed_sql)
         except Exception as exc:
             if not is_content_error(exc):
                 raise

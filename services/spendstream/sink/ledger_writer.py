@@ -21,7 +21,7 @@ import logging
 import re
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
@@ -50,8 +50,9 @@ class LedgerWriter(Protocol):
     def judge(self, group: AvroGroup, now: datetime, skew: timedelta) -> Judged | None:
         """Stage a group and let SQL judge it; None if its rows did not come back intact."""
 
-    def insert_staged(self, count: int, excluded: set[int], token: str) -> int:
-        """Insert the judged group's rows except ``excluded`` and the superseded; returns how many were superseded."""
+    def insert_staged(self, count: int, excluded: set[int], token: str, placed: Mapping[str, str] | None = None) -> int:
+        """Insert the judged group's rows except ``excluded`` and the superseded, their team, division and org
+        filled by ``placed`` (``core.placement``); returns how many were superseded."""
 
     def insert_rows(self, columns: list[Sequence[Any]], token: str) -> int:
         """Insert the first versions among ledger ``columns``; returns how many rows were superseded."""
@@ -81,13 +82,13 @@ class ClickHouseLedgerWriter:
     def judge(self, group: AvroGroup, now: datetime, skew: timedelta) -> Judged | None:
         return judge_group(self.client, self.staging, group, now, skew)
 
-    def insert_staged(self, count: int, excluded: set[int], token: str) -> int:
+    def insert_staged(self, count: int, excluded: set[int], token: str, placed: Mapping[str, str] | None = None) -> int:
         superseded = superseded_staged_rows(self.client, self.staging, self.table, excluded)
         skipped = excluded | superseded
         if len(skipped) < count:
             self.client.command(
                 f"INSERT INTO {self.table} ({', '.join(LEDGER_COLUMNS)}) "
-                + ledger_select_sql(LEDGER_COLUMNS, self.staging, sorted(skipped)),
+                + ledger_select_sql(LEDGER_COLUMNS, self.staging, sorted(skipped), placed),
                 settings={"insert_deduplication_token": token},
             )
         return len(superseded)
