@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 from spendstream.analytics import money, reports
 from spendstream.analytics.budgets import load_budgets
-from spendstream.analytics.commands import sql_report
-from spendstream.analytics.readonly_sql import WriteRefused
+from spendstream.analytics.readonly_sql import WriteRefused, sql_report
 from spendstream.analytics.report_model import cell_text, render
 from spendstream.analytics.report_registry import build_report
 from spendstream.analytics.reprice import reprice

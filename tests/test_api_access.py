@@ -278,6 +278,19 @@ def test_the_cli_reads_only_the_api_of_its_own_data_directory(api: RunningApi, t
         bad = cli(api.env, *args)
         assert bad.returncode == 2 and "must be between 1970-01" in bad.stderr and "Traceback" not in bad.stderr
 
+    # `spendstream sql` reads through the API as well (a user session: it told finance to stop the stack); a write
+    # still needs the ledger itself, and the API's read-only rules hold
+    read = cli(api.env, "sql", "SELECT count() AS n FROM usage_ledger", "--format", "json")
+    assert read.returncode == 0, read.stderr
+    assert "run by the API" in read.stderr and "n" in read.stdout
+    write = cli(api.env, "sql", "--write", "TRUNCATE TABLE usage_ledger")
+    assert write.returncode == 1 and "writes go to the ledger directly" in write.stderr
+    sneaky = cli(api.env, "sql", "SELECT * FROM file('/etc/passwd')")
+    assert sneaky.returncode == 1 and "answered 400" in sneaky.stderr and "Traceback" not in sneaky.stderr
+    reply = call(api.port, "POST", "/v1/sql", json.dumps({"query": "SELECT 1", "timeout_s": 3600}).encode(),
+                 Content_Type="application/json", Authorization=f"Bearer {ADMIN_TOKEN}")  # fmt: skip
+    assert reply.status == 400 and "timeout_s" in reply.json()["error"]
+
     # Another stack whose ledger is held by a process without an API, configured with the first API's
     # port: the CLI must not read the first stack's reports, and chDB's raw lock error never shows.
     other = tmp_path / "stack-b"
@@ -299,6 +312,16 @@ def test_the_cli_reads_only_the_api_of_its_own_data_directory(api: RunningApi, t
     for result in (stray, sql):
         assert "Code: 76" not in result.stderr and "Cannot lock" not in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_report_from_a_data_directory_without_a_ledger_is_an_error_not_an_empty_report(tmp_path: Path) -> None:
+    """A user session: a mistyped SPENDSTREAM_DATA_DIR printed a chargeback of (no data) and exit 0."""
+    typo = tmp_path / "dataa"
+    for args in (("report", "chargeback"), ("sql", "SELECT 1"), ("export", "focus", "--month", "2026-11")):
+        done = cli(base_env(typo), *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert f"no ledger in {typo.resolve()}" in done.stderr and "SPENDSTREAM_DATA_DIR" in done.stderr
+    assert not (typo / "ledger").exists()
 
 
 def test_token_cli_refuses_bad_use(tmp_path: Path) -> None:

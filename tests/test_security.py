@@ -27,8 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from spendstream.analytics.commands import sql_report
-from spendstream.analytics.readonly_sql import WriteRefused
+from spendstream.analytics.readonly_sql import WriteRefused, sql_report
 from spendstream.api.app import create_app
 from spendstream.api.tokens import add_token
 from spendstream.core.config import Settings, load_settings
@@ -462,6 +461,8 @@ def test_spendstream_sql_refuses_writes_by_default(offline_settings: Settings, l
 
 def test_spendstream_sql_command_exits_non_zero_on_a_write(tmp_path: Path) -> None:
     env = {**os.environ, "SPENDSTREAM_DATA_DIR": str(tmp_path)}
+    migrate = [sys.executable, "-m", "spendstream.cli", "ledger", "migrate"]
+    assert subprocess.run(migrate, env=env, capture_output=True, timeout=120).returncode == 0
     command = [sys.executable, "-m", "spendstream.cli", "sql", "DROP TABLE usage_ledger"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "refused" in result.stderr

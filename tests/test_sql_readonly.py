@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from spendstream.analytics.commands import sql_report
-from spendstream.analytics.readonly_sql import WriteRefused
+from spendstream.analytics.readonly_sql import WriteRefused, sql_report
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.ledger_store import connect, migrate
 

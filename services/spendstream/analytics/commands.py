@@ -11,9 +11,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
-from spendstream.analytics.report_model import FORMATS, Column, Report, render
+from spendstream.analytics.readonly_sql import SQL_API_TIMEOUT_S, sql_report
+from spendstream.analytics.report_model import FORMATS, Report, render
 from spendstream.analytics.report_registry import (
     MAX_REPORT_COUNT,
     MAX_REPORT_WEEKS,
@@ -21,7 +23,7 @@ from spendstream.analytics.report_registry import (
     build_report,
     report_day_problem,
 )
-from spendstream.core.config import Settings
+from spendstream.core.config import ConfigError, Settings
 
 SQL_GRACE_S = 5.0  # past --timeout, before a read the engine did not cancel ends the command
 
@@ -136,10 +138,18 @@ def _engine_stderr() -> Iterator[list[str]]:
             captured.append(sink.read().decode("utf-8", "replace"))
 
 
-def _open(settings: Settings) -> Any:
+def _open(settings: Settings, create: bool = False) -> Any:
+    """The ledger's client, migrated. An embedded ledger that does not exist is an error unless ``create``: a
+    report from a mistyped or unset data directory would otherwise print an empty ledger's figures, not an error."""
     from spendstream.core.ledger_store import connect, migrate
 
     embedded = settings.ledger_dsn.startswith("chdb://")
+    if embedded and not create and not Path(settings.ledger_dsn.removeprefix("chdb://")).is_dir():
+        raise ConfigError(
+            f"no ledger in {settings.data_dir.resolve()}: nothing has written one there. Set SPENDSTREAM_DATA_DIR "
+            "to your stack's data directory (`spendstream dev` uses .spendstream in the directory it was started "
+            "from), or SPENDSTREAM_CLICKHOUSE_DSN to your ClickHouse"
+        )
     with _engine_stderr() as engine_said:
         try:
             client = connect(settings)
@@ -163,6 +173,33 @@ class ApiUnavailable(RuntimeError):
 
 class ApiRefused(RuntimeError):
     """The API answered with an error; the message is the API's own."""
+
+
+def _api_post(settings: Settings, path: str, body: dict[str, Any]) -> tuple[Any, str]:
+    """POST JSON to the API that serves this data directory (``DATA_DIR/api.json``) with its local read token;
+    (the decoded answer, the API's URL)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from spendstream.core.api_address import read_address
+
+    address = read_address(settings.api_address_path)
+    if address is None:
+        raise ApiUnavailable(f"no spendstream API serves {settings.data_dir.resolve()} ({settings.api_address_path} "
+                             "names no running API)")  # fmt: skip
+    request = urllib.request.Request(
+        f"{address.url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {address.read_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=SQL_API_TIMEOUT_S + 30) as response:
+            return json.load(response), address.url
+    except urllib.error.HTTPError as exc:
+        raise ApiRefused(f"the API at {address.url} answered {exc.code}: {_api_error_text(exc.read())}") from None
+    except OSError as exc:
+        raise ApiUnavailable(f"the API at {address.url} (process {address.pid}) did not answer: {exc}") from None
 
 
 def _report_from_api(args: argparse.Namespace, settings: Settings) -> tuple[Report, str]:
@@ -246,15 +283,17 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_sql(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        client = _open(settings)
+        client = _open(settings, create=args.write)
     except LedgerBusy as busy:
-        print(
-            f"spendstream sql: the embedded ledger {busy} could not be opened; a running spendstream process "
-            "(dev or sink) probably owns it: stop it first, or use a ClickHouse server "
-            "(SPENDSTREAM_CLICKHOUSE_DSN=http://...)",
-            file=sys.stderr,
-        )
-        return 1
+        if args.write:
+            print(
+                f"spendstream sql: the embedded ledger {busy} is open in a running spendstream process (dev or "
+                "sink), and writes go to the ledger directly: stop it first, or use a ClickHouse server "
+                "(SPENDSTREAM_CLICKHOUSE_DSN=http://...)",
+                file=sys.stderr,
+            )
+            return 1
+        return _sql_through_api(args, settings, busy)
     if not args.write:  # the engine checks its time limit between blocks: one long block runs past it
         _end_after(args.timeout + SQL_GRACE_S, f"the statement ran past --timeout {args.timeout}; stopped")
     try:
@@ -267,6 +306,28 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         client.close()
     sys.stdout.write(render(report, args.format))
+    return 0
+
+
+def _sql_through_api(args: argparse.Namespace, settings: Settings, busy: LedgerBusy) -> int:
+    """A read while ``spendstream dev`` (or a sink with the API) holds the embedded ledger: the API runs it."""
+    from spendstream.analytics.report_model import report_from_json
+
+    body = {"query": args.query, "timeout_s": min(args.timeout, SQL_API_TIMEOUT_S), "max_memory_mb": args.max_memory_mb}
+    try:
+        answer, api = _api_post(settings, "/v1/sql", body)
+    except ApiRefused as exc:
+        print(f"spendstream sql: {exc}", file=sys.stderr)
+        return 1
+    except ApiUnavailable as exc:
+        print(
+            f"spendstream sql: the ledger {busy} is open in another spendstream process, and {exc}; stop that "
+            "process, or run this command with its SPENDSTREAM_DATA_DIR",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"spendstream sql: run by the API at {api} (the running stack holds the ledger)", file=sys.stderr)
+    sys.stdout.write(render(report_from_json(answer), args.format))
     return 0
 
 
@@ -283,32 +344,6 @@ def _end_after(seconds: float, message: str) -> None:
     timer.start()
 
 
-def sql_report(
-    client: Any,
-    settings: Settings,
-    query: str,
-    write: bool = False,
-    timeout_s: int = 60,
-    max_memory_mb: int = 4096,
-) -> Report:
-    """Run one statement; read-only unless ``write``, and cancelled by the engine after ``timeout_s`` or past
-    ``max_memory_mb``.
-
-    Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
-    and that statement runs with ``readonly=1`` (no writes, no settings changes). The time limit keeps one
-    careless query from holding the embedded ledger (and the sink waiting on it) for good.
-    """
-    from spendstream.analytics.readonly_sql import READ_ONLY_SETTINGS, read_only_statement
-
-    client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
-    statement = query if write else read_only_statement(client, query)
-    limits = {"max_execution_time": timeout_s, "max_memory_usage": max_memory_mb << 20}
-    result = client.query(statement, settings=limits if write else {**limits, **READ_ONLY_SETTINGS})
-    columns = [Column(name, name) for name in result.column_names]
-    rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]
-    return Report("sql", query, columns, rows)
-
-
 def _positive_megabytes(text: str) -> int:
     megabytes = int(text) if text.isdigit() else 0
     if megabytes <= 0:
@@ -321,10 +356,6 @@ def _positive_seconds(text: str) -> int:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of seconds above 0, got {text!r}")
     return seconds
-
-
-def _cell(value: Any) -> Any:
-    return value if isinstance(value, int | str | date | type(None)) else str(value)
 
 
 def run_reprice(args: argparse.Namespace, settings: Settings) -> int:

@@ -14,9 +14,16 @@ the check refuse, never accept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
+from spendstream.analytics.report_model import Column, Report
+from spendstream.core.config import Settings
+
 READ_ONLY_SETTINGS = {"readonly": 1}
+# The longest a read may run in the API, which holds the ledger for its other readers meanwhile.
+SQL_API_TIMEOUT_S = 30
+SQL_API_MAX_MEMORY_MB = 4096
 READING_STATEMENTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery", "DescribeQuery", "Explain")
 # Table functions that read nothing but their arguments (the engine's list gives every other name).
 GENERATOR_TABLE_FUNCTIONS = frozenset(
@@ -91,3 +98,31 @@ def read_only_statement(client: Any, query: str) -> str:
     if problem is not None:
         raise WriteRefused(f"{problem} (read-only unless --write)")
     return str(canonical)
+
+
+def sql_report(
+    client: Any,
+    settings: Settings,
+    query: str,
+    write: bool = False,
+    timeout_s: int = 60,
+    max_memory_mb: int = 4096,
+) -> Report:
+    """Run one statement; read-only unless ``write``, and cancelled by the engine after ``timeout_s`` or past
+    ``max_memory_mb``.
+
+    Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
+    and that statement runs with ``readonly=1`` (no writes, no settings changes). The time limit keeps one
+    careless query from holding the embedded ledger (and the sink waiting on it) for good.
+    """
+    client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
+    statement = query if write else read_only_statement(client, query)
+    limits = {"max_execution_time": timeout_s, "max_memory_usage": max_memory_mb << 20}
+    result = client.query(statement, settings=limits if write else {**limits, **READ_ONLY_SETTINGS})
+    columns = [Column(name, name) for name in result.column_names]
+    rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]
+    return Report("sql", query, columns, rows)
+
+
+def _cell(value: Any) -> Any:
+    return value if isinstance(value, int | str | date | type(None)) else str(value)

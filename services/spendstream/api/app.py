@@ -30,6 +30,7 @@ from spendstream.analytics import reports
 from spendstream.analytics.budgets import load_budgets
 from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
+from spendstream.analytics.readonly_sql import SQL_API_MAX_MEMORY_MB, SQL_API_TIMEOUT_S, sql_report
 from spendstream.analytics.report_registry import (
     MAX_REPORT_COUNT,
     REPORTS,
@@ -446,6 +447,30 @@ async def get_report(request: web.Request) -> web.Response:
     return web.json_response(report.to_json())
 
 
+async def post_sql(request: web.Request) -> web.Response:
+    """``{"query": "SELECT ...", "timeout_s": 30, "max_memory_mb": 4096}``: one read-only statement over the
+    ledger (``spendstream sql`` while the running stack holds the embedded ledger), with ``readonly=1`` and at
+    most ``SQL_API_TIMEOUT_S`` seconds, since the ledger's other readers wait meanwhile."""
+    try:
+        body = await request.json()
+        query = body["query"]
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("query must be a statement")
+        timeout = body.get("timeout_s", SQL_API_TIMEOUT_S)
+        memory = body.get("max_memory_mb", SQL_API_MAX_MEMORY_MB)
+        for name, value, most in (("timeout_s", timeout, SQL_API_TIMEOUT_S), ("max_memory_mb", memory, 1 << 20)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+                raise ValueError(f"{name} must be a whole number from 1 to {most}")
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error(400, f"bad sql request: {type(exc).__name__}: {exc}")
+    settings = request.app[SETTINGS]
+    try:
+        report = await _ledger_call(request, sql_report, request.app[LEDGER], settings, query, False, timeout, memory)
+    except Exception as exc:  # the engine's own message names what is wrong with the statement
+        return _error(400, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return web.json_response(report.to_json())
+
+
 async def get_spend_windows(request: web.Request) -> web.Response:
     """Spend per attribution and time bucket from one ledger snapshot (``core.ledger_spend``): what a processor
     that lost its window state rebuilds them from, when the ledger is embedded in this process."""
@@ -773,6 +798,7 @@ def create_app(
 
     app.router.add_get("/v1/exports/focus", get_focus_export)
     app.router.add_get("/v1/notifications", get_notifications)
+    app.router.add_post("/v1/sql", post_sql)
     app.router.add_post("/v1/admin/budgets", post_budgets)
     app.router.add_post("/v1/admin/rollup/rebuild", post_rollup_rebuild)
     app.router.add_get("/healthz", healthz)

@@ -64,7 +64,7 @@ def run_notifier(args: argparse.Namespace, settings: Settings) -> int:
         print("spendstream notifier: cannot start:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     try:
-        client = _open(settings)
+        client = _open(settings, create=True)
     except LedgerBusy as busy:
         print(
             f"spendstream notifier: the embedded ledger {busy} is open in another process; `spendstream dev` "
