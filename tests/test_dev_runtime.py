@@ -338,14 +338,19 @@ def test_a_team_shut_off_before_a_restart_is_refused_from_the_first_call_after_i
     from test_edge_policy import post
 
     policy = tiny_sales_budget(tmp_path)
+    mail_port = free_port()  # a user session: after a restart without --policy, dev caught mail on the default
+    # policy's port while the restored policy sent it to its own, and every alert became a dead letter
+    smtp = f"notifications: {{smtp: {{host: 127.0.0.1, port: {mail_port}, sender: s@acme.example}}}}\n"
+    policy.write_text(policy.read_text() + smtp)
     env = dev_env(tmp_path / "data")
     with dev(env, "--policy", str(policy)) as console:
         shut_off_sales(*gateway_of(console, env))
     env = dev_env(tmp_path / "data")  # the same data directory, a fresh (empty) broker
-    with dev(env, "--policy", str(policy)) as console:
+    with dev(env) as console:
         url, key = gateway_of(console, env)
         status, _, body = post(url, CHAT, SALES, key)
         assert status == 402, body
+        assert f"mail       127.0.0.1:{mail_port} catches the policy's e-mail" in console.text
     assert "restored 1 decisions in force from the ledger" in (tmp_path / "data" / "sink.log").read_text()
 
 

@@ -36,7 +36,7 @@ from typing import IO
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from spendstream.core.config import Settings
-from spendstream.core.policy import Policy, PolicyError, load_policy
+from spendstream.core.policy import Policy, PolicyError, load_policy, policy_from_json
 from spendstream.core.record_signature import SIGNING_KEY_FILE, VERIFY_KEY_FILE, write_key_pair
 from spendstream.core.topics import ALERTS, ENFORCEMENT
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
@@ -202,7 +202,8 @@ class DevStack:
         self.recorder = PolicyRecorder(bootstrap, self.data_dir, self.settings.record_verifier())
         self.recorder.start()
         self._say_if_timezones_differ()
-        self._start_mail_catcher()
+        # the e-mail of the policy in force: after a restart that is the restored one, not the startup file's
+        self._start_mail_catcher(policy_from_json(restored.document) if restored is not None else self.policy_in_file)
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         self.api_tokens = _dev_api_tokens(self.settings)
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
@@ -316,9 +317,8 @@ class DevStack:
         if warning is not None:
             self.say(f"policy     WARNING {warning}")
 
-    def _start_mail_catcher(self) -> None:
+    def _start_mail_catcher(self, policy: Policy | None) -> None:
         """Catch the policy's e-mail when it goes to a loopback port nothing listens on (``runtime.mail_catcher``)."""
-        policy = self.policy_in_file
         notifications = policy.notifications if policy is not None else None
         smtp = notifications.smtp if notifications is not None else None
         if smtp is None or smtp.host not in LOOPBACK:
