@@ -53,3 +53,18 @@ def test_a_report_registered_once_is_served_by_the_cli_and_the_api(
     finally:
         client.close()
     assert status == 200 and from_api["rows"] == from_cli["rows"]
+
+
+def test_an_option_a_report_does_not_read_is_refused_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user session: `report forecast --month 2026-11` printed December's forecast and exit 0."""
+    monkeypatch.setenv("SPENDSTREAM_DATA_DIR", str(tmp_path / "data"))
+    assert main(["ledger", "migrate"]) == 0
+    capsys.readouterr()
+    assert main(["report", "forecast", "--month", "2026-11"]) == 2
+    error = capsys.readouterr().err
+    assert "does not take month (--month) (it forecasts the current month from now); it takes no option" in error
+    assert main(["report", "chargeback", "--limit", "5"]) == 2
+    assert "it takes month (--month)" in capsys.readouterr().err
+    assert main(["report", "top", "--by", "team", "--limit", "5"]) == 0

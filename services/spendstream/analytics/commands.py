@@ -40,11 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--weeks",
         type=_counter(MAX_REPORT_WEEKS),
-        default=4,
         help=f"weekly: how many weeks (default 4, at most {MAX_REPORT_WEEKS})",
     )
-    report.add_argument("--by", default="feature", help="top: team, feature, user, customer, model, ...")
-    report.add_argument("--limit", type=_counter(MAX_REPORT_COUNT), default=10, help="top: how many rows")
+    report.add_argument("--by", help="top: team, feature, user, customer, model, ... (default feature)")
+    report.add_argument("--limit", type=_counter(MAX_REPORT_COUNT), help="top: how many rows (default 10)")
     report.add_argument("--from", dest="start", type=_day, help="top/mix/latency: first day")
     report.add_argument("--to", dest="end", type=_day, help="top/mix/latency: last day")
     report.set_defaults(handler=run_report)

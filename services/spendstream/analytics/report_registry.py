@@ -70,6 +70,7 @@ class ReportRequest:
 class ReportSpec:
     name: str
     build: Callable[[ReportRequest], Report]
+    takes: frozenset[str] = frozenset()  # the options it reads; any other one given is refused, not ignored
 
 
 def _weekly(r: ReportRequest) -> Report:
@@ -83,18 +84,28 @@ def _top(r: ReportRequest) -> Report:
 REPORTS: dict[str, ReportSpec] = {
     spec.name: spec
     for spec in (
-        ReportSpec("weekly", _weekly),
-        ReportSpec("chargeback", lambda r: reports.chargeback(r.ledger, r.month, r.now)),
+        ReportSpec("weekly", _weekly, frozenset({"as_of", "weeks"})),
+        ReportSpec("chargeback", lambda r: reports.chargeback(r.ledger, r.month, r.now), frozenset({"month"})),
         ReportSpec("forecast", lambda r: reports.forecast(r.ledger, r.now)),
-        ReportSpec("top", _top),
-        ReportSpec("mix", lambda r: reports.model_mix(r.ledger, r.start, r.end)),
-        ReportSpec("latency", lambda r: reports.latency(r.ledger, r.start, r.end)),
-        ReportSpec("savings", lambda r: reports.savings(r.ledger, r.month)),
+        ReportSpec("top", _top, frozenset({"start", "end", "by", "limit"})),
+        ReportSpec("mix", lambda r: reports.model_mix(r.ledger, r.start, r.end), frozenset({"start", "end"})),
+        ReportSpec("latency", lambda r: reports.latency(r.ledger, r.start, r.end), frozenset({"start", "end"})),
+        ReportSpec("savings", lambda r: reports.savings(r.ledger, r.month), frozenset({"month"})),
     )
 }
 
 
 RANGE_REPORTS = frozenset({"top", "mix", "latency"})  # the reports over a from..to range of days
+# The options' names as the CLI and the API spell them.
+OPTION_NAMES = {
+    "month": "month (--month)",
+    "as_of": "as_of (--as-of)",
+    "start": "from (--from)",
+    "end": "to (--to)",
+    "weeks": "weeks (--weeks)",
+    "limit": "limit (--limit)",
+    "by": "by (--by)",
+}
 
 
 def check_report_options(options: Mapping[str, Any]) -> None:
@@ -116,6 +127,14 @@ def build_report(kind: str, client: Any, settings: Settings, options: Mapping[st
     spec = REPORTS.get(kind)
     if spec is None:
         raise ValueError(f"unknown report {kind!r}; expected one of {', '.join(REPORTS)}")
+    unread = sorted(key for key, value in options.items() if value is not None and key not in spec.takes)
+    if unread:
+        takes = ", ".join(OPTION_NAMES[key] for key in sorted(spec.takes)) or "no option"
+        why = " (it forecasts the current month from now)" if kind == "forecast" else ""
+        raise ReportRangeError(
+            unread[0],
+            f"the {kind} report does not take {OPTION_NAMES.get(unread[0], unread[0])}{why}; it takes {takes}",
+        )
     ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
     request = ReportRequest(ledger, options, local_date(now, settings.timezone), now)
     if kind in RANGE_REPORTS and request.start > request.end:  # with defaults: a `from` after today, alone
