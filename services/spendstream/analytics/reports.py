@@ -289,7 +289,9 @@ def chargeback_rows(budgets: TeamBudgets, actual: dict[str, int]) -> tuple[list[
     """Per department (= team): budget (policy + approved increases), actual, variance (budget - actual), chargeback.
 
     Spend without a team is shared cost, allocated to departments in proportion to their own
-    spend, so the chargebacks add up to the month's whole bill to the nano-dollar.
+    spend, so the chargebacks add up to the month's whole bill to the nano-dollar. It has a row of its own, last:
+    its actual is that spend, its shared allocation minus what went to the departments (its chargeback is what no
+    department could take: all of it in a month without department spend), so every column adds up to TOTAL.
     """
     shared = actual.get("", 0)
     limits = budgets.limits()
@@ -312,15 +314,15 @@ def chargeback_rows(budgets: TeamBudgets, actual: dict[str, int]) -> tuple[list[
                 "increase": budgets.increases.get(d, 0),
             }
         )
-    unallocated = shared - sum(allocation.values())
-    if unallocated:
+    if shared:  # its own row, so that every column adds up: what went to the departments leaves it
+        allocated = sum(allocation.values())
         rows.append(
-            {"department": UNATTRIBUTED, "budget": 0, "actual": unallocated, "variance": -unallocated,
-             "utilisation": None, "shared": 0, "chargeback": unallocated,
+            {"department": UNATTRIBUTED, "budget": 0, "actual": shared, "variance": -shared,
+             "utilisation": None, "shared": -allocated, "chargeback": shared - allocated,
              "policy_budget": 0, "increase": 0}
         )  # fmt: skip
     total_budget = sum(r["budget"] for r in rows)
-    total_actual = sum(r["actual"] for r in rows) + sum(allocation.values())
+    total_actual = sum(r["actual"] for r in rows)
     totals = {
         "department": "TOTAL",
         "budget": total_budget,
@@ -350,6 +352,8 @@ def chargeback(ledger: Ledger, month: date, now: datetime | None = None) -> Repo
         params={"month": first_of_month(month), "timezone": ledger.tz, "budgets_at": budgets.at},
         notes=[
             "variance = budget - actual (negative: over budget); chargeback = actual + shared allocation",
+            f"{UNATTRIBUTED}: spend without a team, allocated to the departments by their own spend (its Shared "
+            "alloc. is what went to them)",
             budgets_note(budgets, now),
             *monthly_equivalents_note(budgets.periods),
         ],
