@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
+from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, fingerprint
 from spendstream.core.events import usage_record_problem
 from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
@@ -164,19 +166,34 @@ records = st.fixed_dictionaries(
 low, high = (micros(moment) for moment in SQL_TIME_RANGE)
 
 
+_SEPARATORS = "\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
+
+
+def unplain(value: str) -> bool:
+    """What SQL leaves to Python among names (``avro_block._UNPLAIN_NAME_RE`` and the NFC check)."""
+    edge = bool(value) and (value[0] in " \t\n\v\f\r" or value[-1] in " \t\n\v\f\r")
+    odd = any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value)
+    return edge or odd or any(c in _SEPARATORS for c in value) or not unicodedata.is_normalized("NFC", value)
+
+
 def sql_leaves_to_python(record: dict[str, Any], skew: timedelta) -> bool:
-    """What SQL is designed not to judge, for records a correct writer produced, plus valid unpriced rows."""
+    """What SQL is designed not to judge, for records a correct writer produced, plus valid unpriced rows and rows
+    whose names Python judges (SQL's earlier checks reject first, as Python's do)."""
     huge = any(not -(2**62) <= record[name] < 2**62 for name in LONGS)
     huge = huge or (record["cost_nanos"] is not None and not -(2**62) <= record["cost_nanos"] < 2**62)
     if huge or not CANONICAL.fullmatch(record["event_id"]) or not low <= record["occurred_at"] < high:
         return True
-    if record["cost_nanos"] is not None:
-        return False
     logical = {
         **record,
         "occurred_at": datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=record["occurred_at"]),
     }
-    return usage_record_problem(logical, NOW, skew) is None  # Python prices it, as the processor does
+    odd = [name for name in ATTRIBUTION_FIELDS if unplain(record[name])]
+    plain = {**logical, **{name: "x" * len(record[name]) for name in odd}}
+    if usage_record_problem(plain, NOW, skew) is not None:
+        return False  # rejected by a check before the names'
+    if odd:
+        return True
+    return record["cost_nanos"] is None  # Python prices it, as the processor does
 
 
 @given(
@@ -243,7 +260,8 @@ def test_sql_accepted_rows_land_in_the_ledger_as_python_would_write_them(client:
             event_id=f"00000000-0000-4000-8000-{i:012x}",
             occurred_at=micros(NOW) - i * 1_000_003,
             tags={"env": "prod", "n": str(i)} if i % 2 else {},
-            cost_nanos=i,  # unpriced rows are priced in Python (see test_sql_validation_agrees...)
+            # unpriced rows are priced in Python (see test_sql_validation_agrees...); a blocked call costs nothing
+            cost_nanos=0 if i % 3 == 2 else i,
             status=["ok", "error", "blocked"][i % 3],
             cache_hit=bool(i % 2),
             price_source="override:x",

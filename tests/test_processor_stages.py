@@ -208,6 +208,28 @@ def test_stage_one_announces_totals_as_typed_messages_to_the_owner_of_each_scope
     assert all(stage2_partition(scope, PARTITIONS) == p for p, m in messages.items() for scope in m.scopes)  # type: ignore[union-attr]
 
 
+def test_a_batch_of_many_new_scopes_is_announced_in_messages_the_broker_accepts() -> None:
+    """An attacker session: 20 posts of 1,000 events, each with its own user, feature, customer and project, made
+    one announcement larger than the broker's 1 MB limit; the worker crashed on it at every restart, and every
+    edge's enforcement view went stale."""
+    worker = Worker()
+    labels = "x" * 200  # long names make big messages
+    events = [
+        spend(1).model_copy(update={"user": f"{labels}-u{i}", "feature": f"{labels}-f{i}", "customer": f"c{i}"})
+        for i in range(3_000)
+    ]
+    worker.process([usage(offset, event) for offset, event in enumerate(events)])
+    sent = [value or b"" for _, _, value, _, _ in worker.out.on(PARTIALS_TOPIC)]
+    assert len(sent) > PARTITIONS and max(map(len, sent)) < 1_000_000
+    announced = {
+        window.window
+        for value in sent
+        for entries in internal_message(json.loads(value)).scopes.values()  # type: ignore[union-attr]
+        for window in entries
+    }
+    assert len(announced) == len(totals_from_partials(worker.table))  # every window, once
+
+
 def test_stage_one_counts_each_event_in_the_scopes_of_scopes_for_and_dead_letters_what_the_checks_reject() -> None:
     """Valid events count in exactly ``scopes_for``'s scopes; each invalid one goes to the DLQ with the reason
     ``usage_record_problem`` gives it, whichever way stage 1 read it."""
@@ -228,6 +250,11 @@ def test_stage_one_counts_each_event_in_the_scopes_of_scopes_for_and_dead_letter
         "cached_input_tokens + cache_write_tokens exceed input_tokens": {"cached_input_tokens": 11},
         "reasoning, audio and image output tokens exceed output_tokens": {"reasoning_tokens": 6},
         "missing provider or model_requested": {"provider": ""},
+        # what the API and the gateway refuse, from a producer that bypasses them (an attacker session)
+        "a blocked call reached no model and costs nothing, but cost_nanos is 1000000000": {"status": "blocked"},
+        "team 'sa\\nles' contains the invisible or control character U+000A, so it would look like a name a policy "
+        "scope names without being it": {"team": "sa\nles"},
+        "team ' alpha' has leading or trailing whitespace, so no policy scope would match it": {"team": " alpha"},
     }
     invalid = [spend(1).model_copy(update=fields) for fields in bad.values()]
     worker.process([usage(offset, event) for offset, event in enumerate(events + invalid)])
@@ -430,3 +457,12 @@ def test_table_values_and_internal_messages_read_back_as_written(value: Any) -> 
         3, 1_700_000_000, 1_700_000_000_123, {"team:ü": [WindowPartial("team:ü|day|0", 2**70, 1, 2, 9)]}
     )
     assert internal_message(get_codec("json").loads(message.encode())) == message
+
+
+def test_a_blocked_call_without_a_cost_is_priced_at_nothing() -> None:
+    """An attacker session: a blocked event posted without cost_nanos was priced from its tokens and counted against
+    the team's budget and its chargeback."""
+    worker = Worker()
+    refused = spend(1).model_copy(update={"status": "blocked", "cost_nanos": None})
+    worker.process([usage(0, refused)])
+    assert worker.month_total()[0] == 0 and worker.dead_letters() == []

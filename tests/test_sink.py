@@ -330,7 +330,7 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
             "input_tokens": 100 + i,
             "cached_input_tokens": i % 50,
             "cache_write_tokens": i % 20,
-            "cost_nanos": None if i % 5 == 0 else 1000 + i,
+            "cost_nanos": None if i % 5 == 0 else 0 if i % 3 == 2 else 1000 + i,  # a blocked call costs nothing
             "price_source": "genai-prices:openai/gpt-4o" if i % 2 else "",
             "status": ["ok", "error", "blocked"][i % 3],
             "cache_hit": i % 2 == 1,
@@ -369,6 +369,10 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
         },
         "reasoning_exceeds": {"output_tokens": 10, "reasoning_tokens": 8, "output_image_tokens": 3},
         "hour_exceeds": {"cache_write_tokens": 4, "cache_write_1h_tokens": 5},
+        "blocked_with_cost": {"status": "blocked", "cost_nanos": 5},
+        "control_in_team": {"team": "sa\nles"},
+        "invisible_in_team": {"team": "sal\u200bes"},
+        "spaced_team": {"team": " sales"},
     }
     for n, (name, change) in enumerate(invalid.items()):
         readable[name.encode()] = encode_as("usage_event", {**valid(1000 + n), **change})
@@ -391,7 +395,7 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
         producer.produce(USAGE, value, key=key, partition=0)
     assert producer.flush(10) == 0
     want_rows, want_letters = expected(readable)
-    assert len(want_rows) == 451 and len(want_letters) == 14
+    assert len(want_rows) == 451 and len(want_letters) == 18
     with running_sink(settings) as sink:
         wait_until(lambda: sink.stats.inserted == len(want_rows), what="the readable values")
         assert sink.stats.avro_fallbacks == 0

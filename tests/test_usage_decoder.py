@@ -99,7 +99,7 @@ def wire(**changes: object) -> dict[str, object]:
 # longs of every varint length (1 to 10 bytes), either sign, near each length's boundaries
 LONGS = st.one_of(
     st.integers(-(2**63), 2**63 - 1),
-    st.sampled_from([b for n in range(1, 64) for b in (2**n - 1, 2**n, -(2**n), -(2**n) - 1) if b < 2**63]),
+    st.sampled_from([b for n in range(1, 64) for b in (2**n - 1, 2**n, -(2**n), -(2**n) - 1) if -(2**63) <= b < 2**63]),
 )
 
 

@@ -27,6 +27,7 @@ from spendstream.core.attribution import (
     WILDCARD_VALUE,
     Attribution,
     AttributionValue,
+    attribution_value_problem,
     name_too_long_text,
     template_value_text,
 )
@@ -313,6 +314,14 @@ def name_fields_problem(record: Mapping[str, Any]) -> str | None:
     for name in ATTRIBUTION_FIELDS:
         if record.get(name) == WILDCARD_VALUE:
             return template_value_text(name)
+    # what the API and the gateway refuse (``attribution_value_problem``) is refused here too, for events that
+    # reach the broker another way (an attacker session: "sa\nles" and "sal\u200bes" escaped team:sales's budget)
+    for name in ATTRIBUTION_FIELDS:
+        value = record.get(name) or ""
+        if not (value.isascii() and value.isprintable() and value == value.strip()):
+            problem = attribution_value_problem(name, value)
+            if problem:
+                return problem
     return None
 
 
@@ -345,6 +354,9 @@ def ledger_expiry_problem(occurred_at: datetime, now: datetime, ttl_months: int)
     return None
 
 
+BLOCKED_WITH_COST = "a blocked call reached no model and costs nothing"
+
+
 def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew: timedelta) -> str | None:
     """Why a decoded usage record must not enter the ledger, or None if it may.
 
@@ -368,6 +380,8 @@ def usage_record_problem(record: dict[str, Any], now: datetime, max_future_skew:
     cost = record.get("cost_nanos")
     if cost is not None and cost < 0:
         return f"cost_nanos is negative: {cost}"
+    if cost and record.get("status") == "blocked":  # what the edges' events say (``_blocked_costs_nothing``)
+        return f"{BLOCKED_WITH_COST}, but cost_nanos is {cost}"
     if record.get("cached_input_tokens", 0) + record.get("cache_write_tokens", 0) > record.get("input_tokens", 0):
         return "cached_input_tokens + cache_write_tokens exceed input_tokens"
     subset = detail_subset_problem(record)

@@ -638,8 +638,11 @@ def price_record(record: Mapping[str, Any], at: datetime, table: PriceTable = EM
 
     The processor and the ledger sink both price through this one function (the served model,
     else the requested one), so a window total and the ledger can never disagree on a price.
-    Raises :class:`UnknownModelError` when the table rejects unknown models.
+    Raises :class:`UnknownModelError` when the table rejects unknown models. A call the edge refused (``blocked``)
+    reached no model: it costs nothing, whatever tokens it names.
     """
+    if record.get("status") == "blocked":
+        return PriceResult(0, "", False)
     return price_usage(
         record["provider"],
         record["model_served"] or record["model_requested"],

@@ -34,6 +34,7 @@ from spendstream.processor.internal_topics import (
     PARTIALS_TOPIC,
     PartialsMessage,
     WindowPartial,
+    scope_chunks,
     stage2_partition,
 )
 from spendstream.processor.policy_in_force import PolicyHolder
@@ -246,6 +247,7 @@ CHECKED_FIELDS = (
     "output_image_tokens",
     "cache_write_1h_tokens",
     "web_search_requests",
+    "status",
 )
 MODEL_FIELDS = ("provider", "model_requested", "model_served")
 # runs of consecutive string fields read as raw bytes, the keys of the memos of scopes: the hierarchy's (its scopes
@@ -395,6 +397,7 @@ class StageOne:
                     out_image,
                     written_1h,
                     searches,
+                    status,
                     hierarchy,
                     direct,
                     model,
@@ -403,6 +406,7 @@ class StageOne:
                 if not (
                     cost is None
                     or cost < 0
+                    or (cost and status == "blocked")  # refused with the reason by the full path
                     # a bitwise or of ints is negative if any of them is
                     or inputs | outputs | cached | written | latency | reasoning | in_audio | out_audio < 0
                     or in_image | out_image | written_1h | searches < 0
@@ -571,8 +575,12 @@ class StageOne:
     def _send_partials(
         self, source: int, target: int, newest_event_s: int, watermark_ms: int, scopes: dict[str, list[WindowPartial]]
     ) -> None:
-        message = PartialsMessage(source, newest_event_s, watermark_ms, scopes)
-        self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
+        # in chunks: a batch of 5,000 events with their own users, features and projects touches ~100,000 windows,
+        # one message of which passed the broker's size limit and crashed the worker at every restart (an
+        # attacker session: enforcement went stale for every team)
+        for chunk in scope_chunks(scopes):
+            message = PartialsMessage(source, newest_event_s, watermark_ms, chunk)
+            self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
 
     def seed(
         self,

@@ -45,7 +45,7 @@ from spendstream.core.attribution import (
     name_too_long_text,
     template_value_text,
 )
-from spendstream.core.events import DETAIL_FIELDS, NAME_FIELDS
+from spendstream.core.events import BLOCKED_WITH_COST, DETAIL_FIELDS, NAME_FIELDS
 
 # The verdict of a row that SQL does not judge: it takes the exact (Python) path. No reason
 # produced by ``usage_record_problem`` starts with this character.
@@ -54,6 +54,12 @@ ROW_FIELD = "_i"  # the position of a row in its container, appended after the b
 POSITION_SIZE = 4
 MAGIC = b"Obj\x01"
 SQL_TIME_RANGE = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2299, 12, 31, tzinfo=UTC))
+# A name ``attribution_value_problem`` may refuse: a space at either end, a control or format character, a separator
+# other than the space (Python's str.isprintable), or text not in NFC (checked beside it). Such rows take the
+# Python path, which words the reason; ordinary non-ASCII names stay on this one.
+_UNPLAIN_NAME_RE = (
+    r"^[[:space:]]|[[:space:]]$|[\p{C}\p{Zl}\p{Zp}\x{00A0}\x{1680}\x{2000}-\x{200A}\x{202F}\x{205F}\x{3000}]"
+)
 _CANONICAL_UUID_RE = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # Longs whose varint needs 10 bytes, where decoders may differ about bits past 64.
 _HUGE = 1 << 62
@@ -244,6 +250,10 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
     branches += [
         ("ifNull(cost_nanos < 0, 0)", "concat('cost_nanos is negative: ', toString(assumeNotNull(cost_nanos)))"),
         (
+            "status = 'blocked' AND ifNull(cost_nanos, 0) != 0",
+            f"concat({_literal(BLOCKED_WITH_COST + ', but cost_nanos is ')}, toString(assumeNotNull(cost_nanos)))",
+        ),
+        (
             "toInt128(cached_input_tokens) + cache_write_tokens > input_tokens",
             "'cached_input_tokens + cache_write_tokens exceed input_tokens'",
         ),
@@ -266,6 +276,15 @@ def problem_sql(schema: dict[str, Any], future_limit_us: int, max_future_skew: t
         *(
             (f"{_quote(name)} = {_literal(WILDCARD_VALUE)}", _literal(template_value_text(name)))
             for name in ATTRIBUTION_FIELDS
+        ),
+        # a name with anything but printable ASCII, or a space at either end: Python judges it
+        # (``attribution_value_problem``)
+        (
+            " OR ".join(
+                f"match({q}, {_literal(_UNPLAIN_NAME_RE)}) OR {q} != normalizeUTF8NFC({q})"
+                for q in map(_quote, ATTRIBUTION_FIELDS)
+            ),
+            exact,
         ),
         ("cost_nanos IS NULL", exact),  # valid but unpriced: Python prices it (core.pricing.price_record)
     ]

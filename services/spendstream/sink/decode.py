@@ -22,7 +22,13 @@ import fastavro
 
 from spendstream.core.attribution import MAX_NAME_CHARS, WILDCARD_VALUE
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, DecodeError, fingerprint
-from spendstream.core.events import ATTRIBUTION_FIELDS, DETAIL_FIELDS, NAME_FIELDS, usage_record_problem
+from spendstream.core.events import (
+    ATTRIBUTION_FIELDS,
+    BLOCKED_WITH_COST,
+    DETAIL_FIELDS,
+    NAME_FIELDS,
+    usage_record_problem,
+)
 from spendstream.core.placement import NO_PLACEMENT
 from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import load_schema_json
@@ -98,11 +104,13 @@ def fast_problem_free(record: dict[str, Any], future_limit_us: int) -> bool:
         and output >= 0
         and record["latency_ms"] >= 0
         and (cost is None or cost >= 0)
+        and not (cost and record["status"] == "blocked")
         and record["occurred_at"] <= future_limit_us
         and record["provider"]
         and record["model_requested"]
         and _CANONICAL_UUID.fullmatch(record["event_id"])
-        and WILDCARD_VALUE not in _attributions(record)
+        and WILDCARD_VALUE not in (attribution := _attributions(record))
+        and all(value.isascii() and value.isprintable() and value == value.strip() for value in attribution)
         and max(map(len, _names(record))) <= MAX_NAME_CHARS
     )
 
@@ -223,6 +231,7 @@ _REASON_KINDS = (
     ("characters (", "name_too_long"),
     ("(a policy template)", "template_value"),
     ("unknown model", "unknown_model"),
+    (BLOCKED_WITH_COST, "blocked_with_cost"),
     ("the ledger refuses this record", "ledger_refused"),
 )
 
