@@ -388,6 +388,7 @@ CONFIG_FROM_CALLER = {
     "processor/internal_topics.py",
     "processor/ledger_rebuild.py",
     "processor/budget_adjustments.py",
+    "processor/decision_guard.py",
     "api/budget_requests.py",
     "sink/audit_verify.py",
 }
