@@ -170,6 +170,12 @@ def test_requests_are_decided_once_by_someone_else_with_the_authority() -> None:
         decide(approved, True, "vera", "vp", "again", rules, T0)
     with pytest.raises(LifecycleError, match="reason"):
         new_request(Kind.increase, "team:marketing", "month", USD, T0, None, "alice", " ", T0)
+    # an attacker session: a reason that rewrote the approver's terminal, or faked a row of the listing
+    for hostile in ("ok\x1b[2J\x1b[Happroved by CFO", "ok\r\nreq-2  approved", "x" * 2_001):
+        with pytest.raises(LifecycleError, match="reason"):
+            new_request(Kind.increase, "team:marketing", "month", USD, T0, None, "alice", hostile, T0)
+        with pytest.raises(LifecycleError, match="reason"):
+            decide(denied, True, "vera", "vp", hostile, rules, T0)
 
 
 def test_records_round_trip_and_expire_at_their_expiry() -> None:

@@ -81,6 +81,7 @@ def test_bad_cloudevents_are_refused_whole_naming_the_attribute(api: RunningApi,
         (cloudevent(specversion="0.3"), "specversion"),
         (cloudevent(data="not an object"), "data"),
         (cloudevent(datacontenttype="text/plain"), "datacontenttype"),
+        (cloudevent(datacontenttype="application/json; charset=latin-1"), "datacontenttype"),
         (cloudevent(data=usage(input_tokens=-5)), "data.input_tokens"),
         (cloudevent(data=usage(input_tokens=10**16)), "data.input_tokens"),  # the same bound as plain JSON
         (cloudevent(time=future), "time"),
@@ -99,3 +100,6 @@ def test_bad_cloudevents_are_refused_whole_naming_the_attribute(api: RunningApi,
     no_type = post(api, usage(), "application/json", token, ce_specversion="1.0", ce_id="x", ce_source="/s")
     assert no_type.status == 400 and no_type.json()["problems"][0]["field"] == "type"
     assert read_usage(broker.bootstrap, 1, timeout=2) == []  # nothing of a refused request was published
+    # a media type with its charset (an attacker session found it refused)
+    charset = cloudevent(datacontenttype="application/json; charset=utf-8")
+    assert post(api, charset, "application/cloudevents+json", token).status == 202

@@ -39,6 +39,14 @@ class CloudEventProblem(ValueError):
         self.field = field
 
 
+def _is_json_media_type(value: object) -> bool:
+    """``application/json``, with parameters as RFC 9110 allows (``; charset=utf-8``, the only charset JSON has)."""
+    if not isinstance(value, str):
+        return False
+    media, *parameters = (part.strip().lower() for part in value.split(";"))
+    return media == "application/json" and all(p.replace('"', "") in ("charset=utf-8", "") for p in parameters)
+
+
 def is_cloudevents(content_type: str, headers: Mapping[str, str]) -> bool:
     return content_type in (STRUCTURED, BATCH) or "ce-specversion" in headers
 
@@ -68,8 +76,10 @@ def to_usage(cloudevent: Any) -> dict[str, Any]:
     if cloudevent["type"] != USAGE_TYPE:
         raise CloudEventProblem("type", f"expected {USAGE_TYPE!r}, got {cloudevent['type']!r}")
     content_type = cloudevent.get("datacontenttype", "application/json")
-    if content_type != "application/json":
-        raise CloudEventProblem("datacontenttype", f"expected 'application/json', got {content_type!r}")
+    if not _is_json_media_type(content_type):
+        raise CloudEventProblem(
+            "datacontenttype", f"expected 'application/json' (charset utf-8, if any), got {content_type!r}"
+        )
     if "data_base64" in cloudevent or not isinstance(cloudevent.get("data"), dict):
         raise CloudEventProblem("data", "must be the usage event as a JSON object")
     usage = dict(cloudevent["data"])

@@ -102,6 +102,24 @@ class BudgetRequest:
         )
 
 
+MAX_REASON_CHARS = 2_000
+
+
+def _check_reason(reason: str) -> None:
+    """A reason is plain text an approver reads in a terminal and the audit trail keeps: an escape sequence in it
+    cleared an approver's screen and printed "approved by CFO" (an attacker session); a line break faked rows."""
+    if not reason.strip():
+        raise LifecycleError("a reason is required: the audit trail says why")
+    if len(reason) > MAX_REASON_CHARS:
+        raise LifecycleError(f"the reason is longer than {MAX_REASON_CHARS:,} characters ({len(reason):,})")
+    if not reason.isprintable():
+        hidden = next(char for char in reason if not char.isprintable())
+        raise LifecycleError(
+            f"the reason contains the control or invisible character U+{ord(hidden):04X} (a line break, an escape "
+            "sequence): write it as one line of plain text"
+        )
+
+
 def new_request(
     kind: Kind,
     scope: str,
@@ -117,8 +135,7 @@ def new_request(
         raise LifecycleError("the amount must be positive")
     if expires_at is not None and expires_at <= starts_at:
         raise LifecycleError(f"the expiry {expires_at.isoformat()} is not after the start {starts_at.isoformat()}")
-    if not reason.strip():
-        raise LifecycleError("a reason is required: the audit trail says why")
+    _check_reason(reason)
     return BudgetRequest(
         id=f"{kind}-{uuid.uuid4().hex[:12]}", kind=kind, scope=scope, period=period, amount_nanos=amount_nanos,
         starts_at=starts_at, expires_at=expires_at, status=Status.pending, requested_by=by, requested_at=at,
@@ -197,8 +214,7 @@ def decide(
         )
     if by == request.requested_by:
         raise LifecycleError(f"{by} requested {request.id} and may not also decide it", 403)
-    if not reason.strip():
-        raise LifecycleError("a reason is required: the audit trail says why")
+    _check_reason(reason)
     if request.status is Status.denied and level_rank(rules, level) <= level_rank(rules, request.approver_level):
         raise LifecycleError(
             f"{by} may not overturn {request.id}: it was denied by {request.step_by} ({request.approver_level}); "
