@@ -375,6 +375,32 @@ def test_a_connection_trickling_its_headers_is_closed(api: RunningApi) -> None:
     assert call(api.port, "GET", "/healthz").status == 200
 
 
+def test_a_body_trickling_in_is_answered_408_once_three_header_timeouts_have_passed(api: RunningApi) -> None:
+    """An attacker session: a body of 1,000 bytes sent a byte a second held its connection (and handler) for
+    minutes. The header timeout is 1 s here, so the body has 3 s."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        head = (
+            f"POST /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"[")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            try:
+                sock.sendall(b" ")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sock.settimeout(1.0)
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                continue
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < 10
+    assert call(api.port, "GET", "/healthz").status == 200
+
+
 def test_a_mistyped_path_is_not_found_for_any_token_and_unauthorised_without_one(api: RunningApi) -> None:
     ingest = create_token(api.env, "--role", "ingest", "--team", "marketing")
     typo = call(api.port, "POST", "/v1/usages", json.dumps(event()).encode(), Content_Type="application/json",

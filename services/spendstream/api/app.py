@@ -179,6 +179,10 @@ def parse_batch(
     return events
 
 
+# The longest a request's body may take to arrive, in SPENDSTREAM_API_HEADER_TIMEOUT_S (20 s: a minute).
+BODY_TIMEOUT_HEADS = 3
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -652,12 +656,37 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
     refused = _refusal(request, needed, caller)
     if refused is None:
         request[CALLER] = caller  # who is asking, for handlers that record it (budget requests)
-        return await handler(request)
+        unread = await _read_body(request)
+        return unread if unread is not None else await handler(request)
     if needed == "ingest":
         API_INGEST_REQUESTS.labels({401: "unauthorized", 403: "forbidden", 415: "unsupported"}[refused.status]).inc()
     if request.path == OTLP_PATH:
         return _as_otlp_status(refused, request.content_type)
     return refused
+
+
+async def _read_body(request: web.Request) -> web.Response | None:
+    """Read an authorized request's body within ``BODY_TIMEOUT_HEADS`` times the header timeout (handlers then read
+    it from memory): a client
+    sending a byte a second held a connection and its handler for minutes (an attacker session). The answer if it
+    did not arrive whole: 408, or 413 past the size limit (in OTLP's format on its path)."""
+    if not request.body_exists:
+        return None
+    limit = BODY_TIMEOUT_HEADS * request.app[SETTINGS].api_header_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            await request.read()
+    except TimeoutError:
+        return _error(408, f"the request body did not arrive within {limit:g} s")
+    except web.HTTPRequestEntityTooLarge:
+        message = f"request body larger than {request.app[MAX_BODY]} bytes"
+        if request.path in ("/v1/usage", OTLP_PATH):
+            API_INGEST_REQUESTS.labels("too_large").inc()
+        if request.path == OTLP_PATH:
+            answer_type = request.content_type if request.content_type in otlp.CONTENT_TYPES else otlp.JSON
+            return web.Response(status=413, body=otlp.status_body(8, message, answer_type), content_type=answer_type)
+        return _error(413, message)
+    return None
 
 
 def _as_otlp_status(refused: web.Response, content_type: str) -> web.Response:

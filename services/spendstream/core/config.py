@@ -162,7 +162,8 @@ class Settings(BaseSettings):
         20.0,
         gt=0,
         description="An API connection must complete its request head within this many seconds of opening or of "
-        "its previous response, else it is closed (slow-header clients; idle keep-alive connections too).",
+        "its previous response, else it is closed (slow-header clients; idle keep-alive connections too); a "
+        "request's body must arrive within three times as long (else 408).",
     )
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints.")
     api_tokens_file: Path | None = Field(
