@@ -58,16 +58,18 @@ def ledger_rows(now: datetime, count: int) -> list[dict[str, Any]]:
                 "output_tokens": rng.randrange(100),
                 "cached_input_tokens": 0,
                 "cache_write_tokens": 0,
-                "cost_nanos": rng.choice([rng.randrange(1, 9 * 10**12), None]),
+                "cost_nanos": rng.choice([rng.randrange(1, 9 * 10**12), None]),  # (0 when blocked: below)
                 "price_source": "x",
                 "latency_ms": 1,
-                "status": "ok",
+                "status": rng.choice(["ok", "ok", "error", "blocked"]),
                 "decision_applied": "",
                 "cache_hit": False,
                 **dict.fromkeys(DETAIL_FIELDS, 0),
                 "service_tier": "",
             }
         )
+        if rows[-1]["status"] == "blocked" and rows[-1]["cost_nanos"]:
+            rows[-1]["cost_nanos"] = 0  # a refused call costs nothing
     return rows
 
 
@@ -109,9 +111,10 @@ def _rebuild_equals_fold(ledger: Any, offline_settings: Any) -> set[str]:
             _, period, start = split_window_key(wkey)
             if plan.wanted(period, start) and at >= since[period]:
                 acc = expected[usage_partition(row["org"], row["team"], PARTITIONS)].setdefault(wkey, [0, 0, 0])
+                served = row["status"] != "blocked"  # a refused call is no request and used no tokens
                 acc[0] += row["cost_nanos"]
-                acc[1] += 1
-                acc[2] += row["input_tokens"] + row["output_tokens"]
+                acc[1] += served
+                acc[2] += row["input_tokens"] + row["output_tokens"] if served else 0
     assert windows == expected
     counted = [r for r in rows if r["cost_nanos"] is not None and r["occurred_at"].timestamp() >= min(query.since)]
     identities = sorted(dedup_id(r["event_id"].bytes, owner_prefix(r["org"], r["team"])) for r in counted)

@@ -466,3 +466,15 @@ def test_a_blocked_call_without_a_cost_is_priced_at_nothing() -> None:
     refused = spend(1).model_copy(update={"status": "blocked", "cost_nanos": None})
     worker.process([usage(0, refused)])
     assert worker.month_total()[0] == 0 and worker.dead_letters() == []
+
+
+def test_a_refused_call_is_no_request_and_used_no_tokens() -> None:
+    """An attacker session: 51 blocked events, $0 each, used up a user's request quota of 50 a day (a user refused
+    by a team budget would use it up the same way, retrying)."""
+    worker = Worker()
+    refused = [spend(0).model_copy(update={"status": "blocked"}) for _ in range(3)]
+    worker.process([usage(offset, event) for offset, event in enumerate([*refused, spend(2)])])
+    assert worker.month_total() == (2 * USD, 1, 15)
+    # the full path (an unpriced refused call) too
+    worker.process([usage(9, spend(1).model_copy(update={"status": "blocked", "cost_nanos": None}))])
+    assert worker.month_total() == (2 * USD, 1, 15)

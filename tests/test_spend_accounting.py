@@ -81,7 +81,7 @@ def test_crash_and_replay_at_any_point_counts_every_event_exactly_once(
     steps = 0
     while position < len(events):
         chunk = events[position : position + batch]
-        items = [(position + i, cost, tokens, keys) for i, (cost, tokens, keys) in enumerate(chunk)]
+        items = [(position + i, cost, tokens, keys, 1) for i, (cost, tokens, keys) in enumerate(chunk)]
         touched, changed = fold_batch(items, 3, table.get)
         assert set(changed) <= set(touched)
         for key in sorted(changed):
@@ -103,10 +103,10 @@ def test_crash_and_replay_at_any_point_counts_every_event_exactly_once(
 
 def test_fold_batch_skips_applied_offsets_and_reannounces_them() -> None:
     stored = {"k#1": [100, 1, 10, 5]}
-    touched, changed = fold_batch([(5, 7, 1, ["k"]), (6, 3, 2, ["k", "j"])], 1, stored.get)
+    touched, changed = fold_batch([(5, 7, 1, ["k"], 1), (6, 3, 2, ["k", "j"], 1)], 1, stored.get)
     assert touched == {"k#1": Partial(103, 2, 12, 6), "j#1": Partial(3, 1, 2, 6)}
     assert changed == {"k#1", "j#1"}
-    touched, changed = fold_batch([(4, 7, 1, ["k"])], 1, stored.get)
+    touched, changed = fold_batch([(4, 7, 1, ["k"], 1)], 1, stored.get)
     assert touched == {"k#1": Partial(100, 1, 10, 5)} and changed == set()
 
 
@@ -300,8 +300,14 @@ def test_fold_fresh_equals_the_per_event_fold_when_the_batch_starts_above_every_
         for period, start in calendar.starts(1_735_689_600):
             stored[f"{scope}|{period}|{start}#2"] = [offset * 100, offset, offset * 3, offset]
     first = 10
-    fresh = [(first + i, cost, tokens, scopes, quarter_hour(at)) for i, (cost, tokens, scopes, at) in enumerate(events)]
-    per_event = [(first + i, c, t, calendar.window_keys(s, at)) for i, (c, t, s, at) in enumerate(events)]
+    # every third event a refused call: no request
+    fresh = [
+        (first + i, cost, tokens, scopes, quarter_hour(at), int(i % 3 != 2))
+        for i, (cost, tokens, scopes, at) in enumerate(events)
+    ]
+    per_event = [
+        (first + i, c, t, calendar.window_keys(s, at), int(i % 3 != 2)) for i, (c, t, s, at) in enumerate(events)
+    ]
     touched, changed = fold_batch(per_event, 2, stored.get)
     assert fold_fresh(fresh, 2, stored.get, calendar.starts) == touched
     assert changed == set(touched)

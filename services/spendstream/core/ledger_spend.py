@@ -95,13 +95,14 @@ def spend_sql(db: str, query: SpendQuery) -> str:
     )
     return f"""
 SELECT grouping({", ".join(_KEYS)}) AS g, {", ".join(_KEYS)},
-       toString(sum(toInt128(cost))) AS nanos, count() AS requests, toString(sum(toInt128(tokens))) AS tokens,
+       toString(sum(toInt128(cost))) AS nanos, countIf(served) AS requests, toString(sum(toInt128(tokens))) AS tokens,
        max(ingested_ms) AS newest_ms
 FROM (
     SELECT org, team, division, project, feature, user, customer, environment,
            if(model_served != '', model_served, model_requested) AS model,
            if(ingested_at >= fromUnixTimestamp64Milli(toInt64({query.recent_since_ms})), toString(event_id), '') AS rid,
-           assumeNotNull(cost_nanos) AS cost, input_tokens + output_tokens AS tokens,
+           status != 'blocked' AS served,  -- a refused call is no request and used no tokens, as stage 1 counts
+           assumeNotNull(cost_nanos) AS cost, if(served, input_tokens + output_tokens, 0) AS tokens,
            toUnixTimestamp64Milli(ingested_at) AS ingested_ms,
            arrayFilter(x -> x.2 >= 0, [{buckets}]) AS buckets
     FROM {db}.usage_ledger FINAL

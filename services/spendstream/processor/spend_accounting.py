@@ -116,11 +116,12 @@ class WindowCalendar:
 
 
 def fold_batch(
-    items: Iterable[tuple[int, int, int, Sequence[str]]],
+    items: Iterable[tuple[int, int, int, Sequence[str], int]],
     partition: int,
     current: Callable[[str], Sequence[int] | None],
 ) -> tuple[dict[str, Partial], set[str]]:
-    """Fold ``(offset, cost_nanos, tokens, window_keys)`` items of one source partition, in offset order.
+    """Fold ``(offset, cost_nanos, tokens, window_keys, requests)`` items of one source partition, in offset order
+    (``requests``: 1, or 0 for a call an edge refused).
 
     ``current(partial_key)`` reads the stored partial (None if absent). Returns every touched partial's value
     after the batch (to announce to stage 2) and the subset of keys whose value changed (to write to the
@@ -129,7 +130,7 @@ def fold_batch(
     out: dict[str, Partial] = {}
     changed: set[str] = set()
     suffix = f"#{partition}"
-    for offset, cost, tokens, wkeys in items:
+    for offset, cost, tokens, wkeys, requests in items:
         for wkey in wkeys:
             pkey = wkey + suffix
             cur = out.get(pkey)
@@ -139,21 +140,21 @@ def fold_batch(
             if offset <= cur.offset:
                 out[pkey] = cur
                 continue
-            out[pkey] = Partial(cur.total_nanos + cost, cur.requests + 1, cur.tokens + tokens, offset)
+            out[pkey] = Partial(cur.total_nanos + cost, cur.requests + requests, cur.tokens + tokens, offset)
             changed.add(pkey)
     return out, changed
 
 
 def fold_fresh(
-    items: Iterable[tuple[int, int, int, Sequence[str], int]],
+    items: Iterable[tuple[int, int, int, Sequence[str], int, int]],
     partition: int,
     current: Callable[[str], Sequence[int] | None],
     starts: Callable[[int], tuple[tuple[str, int], ...]],
 ) -> dict[str, Partial]:
     """``fold_batch`` for a batch that starts above every stored offset of its partition (no replay).
 
-    Items are ``(offset, cost_nanos, tokens, scopes, quarter_hour_bucket)``; an event may come as several items
-    with the same offset whose scope lists are disjoint. Every event then applies, so the batch is first summed
+    Items are ``(offset, cost_nanos, tokens, scopes, quarter_hour_bucket, requests)``; an event may come as several
+    items with the same offset whose scope lists are disjoint. Every event then applies, so the batch is first summed
     per (bucket, scope list OBJECT): stage 1 hands out one memoised list per attribution, so an event costs a few
     dict operations whatever the number of its scopes. Only then is each list summed per scope and expanded into
     the windows of its bucket (``starts(bucket)``). Returns every touched partial (all of them changed).
@@ -161,16 +162,16 @@ def fold_fresh(
     by_bucket: dict[int, dict[int, list[Any]]] = {}
     groups: dict[int, list[Any]] = {}
     last_bucket = None
-    for offset, cost, tokens, scopes, bucket in items:
+    for offset, cost, tokens, scopes, bucket, requests in items:
         if bucket != last_bucket:
             groups = by_bucket.setdefault(bucket, {})
             last_bucket = bucket
         row = groups.get(id(scopes))  # the items hold every list until the end: no id is reused meanwhile
         if row is None:
-            groups[id(scopes)] = [cost, 1, tokens, offset, scopes]
+            groups[id(scopes)] = [cost, requests, tokens, offset, scopes]
         else:
             row[0] += cost
-            row[1] += 1
+            row[1] += requests
             row[2] += tokens
             row[3] = offset  # items come in offset order
     out: dict[str, Partial] = {}

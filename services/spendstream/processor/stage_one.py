@@ -79,6 +79,9 @@ class UsageItem(NamedTuple):
     # more of the event's scopes: stage 1 passes its two memoised lists (hierarchy, the rest) as they are, so the
     # fold sums every event of one list at once instead of scope by scope
     more_scopes: Sequence[str] = ()
+    # 1 for a call that reached a model; 0 for one an edge refused (``blocked``): it used no tokens and is no request
+    # (a user's refused attempts used up its request quota: an attacker session)
+    requests: int = 1
 
 
 class Stage1Batch(NamedTuple):
@@ -137,7 +140,7 @@ class SourcePartition:
                 if verdict == CONFLICT
             ]
             columns = tuple(zip(*kept, strict=True)) or ((),) * len(UsageItem._fields)
-        offsets, costs, tokens, scopes, occurred, event_ids, digests, more = columns
+        offsets, costs, tokens, scopes, occurred, event_ids, digests, more, requests = columns
         applied.newest_ms = max(applied.newest_ms, newest_arrival_ms)
         high = -1 if self.applied_high is None else self.applied_high
         touched: dict[str, Partial] = {}
@@ -146,8 +149,8 @@ class SourcePartition:
             buckets = [at - at % QUARTER_HOUR_S for at in occurred]  # ``quarter_hour``, inline
             # each event as two items with disjoint scope lists, every list's events in offset order
             fresh = chain(
-                zip(offsets, costs, tokens, scopes, buckets, strict=True),
-                zip(offsets, costs, tokens, more, buckets, strict=True),
+                zip(offsets, costs, tokens, scopes, buckets, requests, strict=True),
+                zip(offsets, costs, tokens, more, buckets, requests, strict=True),
             )
             touched = fold_fresh(fresh, self.partition, current, starts)
             changed = touched
@@ -162,6 +165,7 @@ class SourcePartition:
                         for scope in (*item.scopes, *item.more_scopes)
                         for period, start in starts(item.occurred_s)
                     ],
+                    item.requests,
                 )
                 for item in kept
             ]
@@ -428,17 +432,19 @@ class StageOne:
                             newest_ms = stamp_ms
                         if stamp_ms > watermark_ms:
                             watermark_ms = stamp_ms
+                        served = status != "blocked"
                         item = _new_item(  # ``UsageItem(...)`` without its Python-level __new__
                             UsageItem,
                             (
                                 message.offset(),
                                 cost,
-                                inputs + outputs,
+                                inputs + outputs if served else 0,
                                 upper,
                                 occurred_us // 1_000_000,
                                 dedup_id(event_id, owner),
                                 content_digest(value),
                                 lower,
+                                1 if served else 0,
                             ),
                         )
                         append(item)
@@ -510,14 +516,16 @@ class StageOne:
             except ValueError as exc:
                 self._to_dlq(message, f"cannot price: {exc}", "unpriceable")
                 return None, arrived_ms
+        served = record["status"] != "blocked"
         item = UsageItem(
             message.offset(),
             cost,
-            record["input_tokens"] + record["output_tokens"],
+            record["input_tokens"] + record["output_tokens"] if served else 0,
             scopes_for(record, policy),
             int(occurred.timestamp()),
             dedup_id(record["event_id"].bytes, owner_prefix(record["org"], record["team"])),
             content_digest(message.value()),
+            requests=1 if served else 0,
         )
         return item, arrived_ms
 
