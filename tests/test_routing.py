@@ -290,6 +290,29 @@ def test_provider_over_budget_is_skipped() -> None:
     assert (r.provider, r.model) == ("anthropic", "claude-3-5-sonnet")
 
 
+def test_a_provider_past_its_budget_is_the_last_resort_not_a_refusal() -> None:
+    """An attacker session: one ingested event of $10 M put openai past its monthly budget, and every call only
+    openai could serve got 403 "no usable candidate". A provider past its budget is not routed to while another
+    candidate remains; when none does, it serves, saying why."""
+    only_openai = parse_policy(
+        POLICY_YAML.replace("allowed_providers: [openai, local]", "allowed_providers: [openai]").replace(
+            "simple: [local/llama-3.2-1b, openai/gpt-4o-mini]", "simple: [openai/gpt-4o-mini]"
+        )
+    ).routing
+    assert only_openai is not None
+    spent = RoutingStats(provider_spend_nanos={"openai": 20_000 * 10**9})
+    r = choose_route(
+        "gpt-4o-mini", Tier.medium, "staging", None, only_openai, spent,
+        requested_provider="openai", estimate=EST, prices=PRICES, at=AT,
+    )  # fmt: skip
+    assert (r.provider, r.model) == ("openai", "gpt-4o-mini")  # served, not refused
+    dearer = choose_route(
+        "gpt-4o", Tier.medium, "staging", None, only_openai, spent,
+        requested_provider="openai", estimate=EST, prices=PRICES, at=AT,
+    )  # fmt: skip
+    assert dearer.model == "gpt-4o-mini" and "no provider under its monthly budget" in dearer.reason
+
+
 def test_cheaper_tier_when_a_tier_has_no_usable_candidate() -> None:
     spent = RoutingStats(provider_spend_nanos={"openai": 20_000 * 10**9})
     r = route(environment="staging", complexity=Tier.medium, stats=spent)

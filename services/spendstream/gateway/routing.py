@@ -257,13 +257,16 @@ def _usable(
     prices: PriceTable,
     compatible: Collection[str] | None,
     at: datetime,
+    over_budget: bool = False,
 ) -> list[_Row]:
+    """The candidates of ``tier`` a request may go to; with ``over_budget``, those whose provider passed its monthly
+    budget instead (the last resort: such a provider is not routed to while another candidate remains)."""
     usable: list[_Row] = []
     failing: list[_Row] = []
     for candidate in env.tiers.of(tier):
         if not _eligible(env, policy, candidate.provider, compatible):
             continue
-        if _over_budget(policy, stats, candidate.provider):
+        if _over_budget(policy, stats, candidate.provider) != over_budget:
             continue
         if not _priced(candidate.provider, candidate.model, prices, at):
             continue
@@ -357,12 +360,17 @@ def plan_route(
         index = lowered
     # The wanted tier, then cheaper ones, then dearer ones.
     order = [*range(index, -1, -1), *range(index + 1, len(TIER_ORDER))]
-    for position in order:
-        tier = TIER_ORDER[position]
-        usable = _usable(env, tier, policy, stats, prices, compatible_providers, at)
-        if usable:
-            break
-    else:
+    # every tier without the providers past their monthly budget, then with them alone
+    found = (
+        (TIER_ORDER[position], usable, over_budget)
+        for over_budget in (False, True)
+        for position in order
+        if (usable := _usable(env, TIER_ORDER[position], policy, stats, prices, compatible_providers, at, over_budget))
+    )
+    tier, usable, over_budget = next(found, ("", [], False))
+    if over_budget:
+        reasons.append("no provider under its monthly budget: one past it")
+    if not usable:
         no_route = (
             f"environment {environment or policy.default_environment!r} allows no provider for this request "
             f"(requested {requested_provider}/{requested_model}) and its tiers list no usable candidate"
