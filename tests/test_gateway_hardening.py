@@ -529,3 +529,34 @@ def test_usage_priced_beyond_int64_is_metered_as_a_usage_error_not_lost(
     stub.reported_usage = None
     assert http(gateway.url + "/v1/chat/completions", CHAT)[0] == 200
     assert len(read_usage(broker.bootstrap, 2)) == 2
+
+
+def test_keys_are_listed_and_revoked_from_the_cli(settings: Settings, tmp_path: Path) -> None:
+    """A user session: revoking a key meant editing keys.yaml by hand, and keys minted without --name were
+    indistinguishable lines."""
+    from spendstream.gateway.keys import KeyStore
+
+    keys_file = tmp_path / "keys.yaml"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [*CLI, "gateway", *args]
+        return subprocess.run(command, env=cli_env(settings), capture_output=True, text=True, timeout=60)
+
+    minted = [run("keygen", "--keys-file", str(keys_file), "--team", team, "--name", name) for team, name in
+              (("marketing", "campaigns"), ("sales", "crm"), ("sales", "crm"))]  # fmt: skip
+    keys = [done.stdout.split(": ", 1)[1].split()[0] for done in minted]
+    listed = run("keys", "--keys-file", str(keys_file), "list")
+    assert listed.returncode == 0 and "3 keys" in listed.stdout
+    assert "campaigns" in listed.stdout and "team=marketing" in listed.stdout and keys[0] not in listed.stdout
+    ambiguous = run("keys", "--keys-file", str(keys_file), "revoke", "crm")
+    assert ambiguous.returncode == 1 and "names 2 keys" in ambiguous.stderr
+    unknown = run("keys", "--keys-file", str(keys_file), "revoke", "nope")
+    assert unknown.returncode == 1 and "keys list" in unknown.stderr
+    by_key = run("keys", "--keys-file", str(keys_file), "revoke", keys[1])  # the key itself
+    assert by_key.returncode == 0 and "revoked crm" in by_key.stdout
+    store = KeyStore.load(keys_file)
+    assert store.lookup(keys[1]) is None and store.lookup(keys[0]) and store.lookup(keys[2])
+    assert run("keys", "--keys-file", str(keys_file), "revoke", "campaigns").returncode == 0
+    assert len(KeyStore.load(keys_file)) == 1
+    typo = run("keys", "--keys-file", str(keys_file), "revok", "x")
+    assert typo.returncode == 2 and "invalid choice" in typo.stderr and "Traceback" not in typo.stderr

@@ -46,6 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="let X-Spendstream-* headers fill the fields it leaves empty (never change one it sets)",
     )
     keygen.set_defaults(handler=run_keygen)
+    keys = actions.add_parser(
+        "keys",
+        help="list or revoke the virtual keys of the keys file (a running gateway follows within a second)",
+        description="List or revoke the virtual keys of the keys file keygen writes to (--keys-file, else the "
+        "gateway config's keys_file, else $SPENDSTREAM_DATA_DIR/keys.yaml). Keys are stored as hashes: a key is "
+        "named by its name, a prefix of 8 or more of its sha256 (as listed), or the key itself.",
+    )
+    keys.add_argument("--keys-file", type=Path, help="the keys file")
+    key_actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    key_actions.add_parser("list", help="each key's name, sha256 prefix and attribution (never the key)")
+    revoke = key_actions.add_parser("revoke", help="take a key out of the keys file")
+    revoke.add_argument("selector", help="the key's name, a prefix of its sha256 (8+ hex digits), or the key")
+    revoke.add_argument("--all", action="store_true", help="revoke every key the selector names (several by name)")
+    keys.set_defaults(handler=run_keys)
 
 
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,6 +184,43 @@ def _feature_owner_problem(team: str, feature: str, settings: Settings) -> str |
             return None  # the gateway itself says what is wrong with its policy file
     recorded = last_policy_recorded(settings.data_dir)
     return recorded[2].feature_owner_problem(team, feature) if recorded else None
+
+
+def run_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from spendstream.gateway.keys import KeyStore, key_selector_matches, remove_keys
+
+    path, source = _keys_file_in_use(args, settings)
+    if path is None:
+        print(f"spendstream gateway keys: {source.removeprefix('the keys_file of ')} has no keys_file (its keys are "
+              "inline): edit them there, or give --keys-file", file=sys.stderr)  # fmt: skip
+        return 2
+    if not path.exists():
+        print(f"spendstream gateway keys: no keys file at {path} ({source}): `spendstream gateway keygen` makes it",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    store = KeyStore.load(path)
+    if args.keys_command == "list":
+        print(f"{len(store)} keys in {path} ({source})")
+        for key in store:
+            attribution = " ".join(f"{field}={value}" for field, value in key.as_dict().items() if value)
+            headers = "  (+ X-Spendstream-* headers)" if key.allow_header_attribution else ""
+            print(f"  {key.name or '(no name)':<24} {key.sha256[:12]}  {attribution or '(no attribution)'}{headers}")
+        return 0
+    named = [key for key in store if key_selector_matches(key, args.selector)]
+    if not named:
+        print(f"spendstream gateway keys revoke: no key in {path} is named {args.selector!r} (`spendstream gateway "
+              "keys list` shows names and sha256 prefixes)", file=sys.stderr)  # fmt: skip
+        return 1
+    if len(named) > 1 and not args.all:
+        listed = ", ".join(key.sha256[:12] for key in named)
+        print(f"spendstream gateway keys revoke: {args.selector!r} names {len(named)} keys ({listed}): give one's "
+              "sha256 prefix, or --all to revoke them all", file=sys.stderr)  # fmt: skip
+        return 1
+    remove_keys(path, {key.sha256 for key in named})
+    for key in named:
+        print(f"revoked {key.name or '(no name)'} {key.sha256[:12]} from {path}")
+    print("a running gateway that reads this file refuses it within a second (at once on SIGHUP)")
+    return 0
 
 
 def run_keygen(args: argparse.Namespace, settings: Settings) -> int:

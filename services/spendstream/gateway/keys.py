@@ -156,6 +156,40 @@ def uncommented(text: str) -> str:
     return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
 
 
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` in one rename, checked as the gateway will read it, so a gateway never reads half
+    of it and never a file it would refuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        KeyStore.load(Path(temporary))  # refuses a file the gateway could not load (e.g. a key listed twice)
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def key_selector_matches(key: VirtualKey, selector: str) -> bool:
+    """Whether ``selector`` names ``key``: the key itself, its name, or a prefix of 8 or more of its sha256."""
+    if selector.startswith(KEY_PREFIX):
+        return hmac.compare_digest(key.sha256, hash_key(selector))
+    if len(selector) >= 8 and all(c in "0123456789abcdef" for c in selector) and key.sha256.startswith(selector):
+        return True
+    return bool(key.name) and key.name == selector
+
+
+def remove_keys(path: Path, sha256s: set[str]) -> None:
+    """Take the keys with these hashes out of a keys file (the rest, and their order, stay; comments do not)."""
+    data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    entries = data.get("keys") if isinstance(data, dict) else data
+    kept = [entry for entry in entries or [] if not (isinstance(entry, dict) and entry.get("sha256") in sha256s)]
+    body = {**data, "keys": kept} if isinstance(data, dict) else kept
+    _replace_file(path, yaml.safe_dump(body, sort_keys=False) if kept or isinstance(data, dict) else "[]\n")
+
+
 def add_key(path: Path, entry: dict[str, Any]) -> None:
     """Add a key's entry to a keys file (created if missing), checked as the gateway will read it.
 
@@ -176,17 +210,4 @@ def add_key(path: Path, entry: dict[str, Any]) -> None:
         keys = data.get("keys") if isinstance(data, dict) else data
         keys = [*(keys or []), entry]
         text = yaml.safe_dump({**data, "keys": keys} if isinstance(data, dict) else keys, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        KeyStore.load(Path(temporary))  # refuses a file the gateway could not load (e.g. a key listed twice)
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    _replace_file(path, text)
