@@ -140,3 +140,34 @@ def test_the_sink_places_rows_without_its_fast_path_too(settings: Settings) -> N
     rows = _run_sink(settings, events, avro_fast_path=False)
     assert rows[str(events[0].event_id)] == ("acme", "go_to_market", "marketing")
     assert rows[str(events[1].event_id)] == ("acme", "engineering", "platform")
+
+
+def test_a_placed_row_is_still_the_first_version_of_its_event(settings: Settings) -> None:
+    """The row of an event without an org is written with the policy's org: a later copy of that event (without an
+    org, other content) must still find it and be dropped, on the sink's SQL path too, as the processor keeps the
+    first version."""
+    base = {"provider": "openai", "model_requested": "gpt-4o", "input_tokens": 10, "output_tokens": 1}
+    first = UsageEvent(team="marketing", cost_nanos=5, **base)
+    later = first.model_copy(update={"cost_nanos": 7})
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    codec = AvroCodec("usage_event")
+    for ev in (first, later):
+        producer.produce(USAGE, codec.encode(ev.to_avro()), key=b"k")
+        assert producer.flush(10) == 0
+        sink = LedgerSink(settings, placement=Placement.of(POLICY))
+        ready = threading.Event()
+        thread = threading.Thread(target=sink.run, args=(ready.set,), daemon=True)
+        thread.start()
+        try:
+            assert ready.wait(60)
+            deadline = time.monotonic() + 60
+            while sink.stats.consumed < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            while sink.stats.commits < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            sink.stop()
+            thread.join(60)
+        rows = sink.client.query("SELECT org, cost_nanos FROM spendstream.usage_ledger").result_rows
+        sink.client.close()
+    assert rows == [("acme", 5)]

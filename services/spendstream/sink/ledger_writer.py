@@ -83,7 +83,7 @@ class ClickHouseLedgerWriter:
         return judge_group(self.client, self.staging, group, now, skew)
 
     def insert_staged(self, count: int, excluded: set[int], token: str, placed: Mapping[str, str] | None = None) -> int:
-        superseded = superseded_staged_rows(self.client, self.staging, self.table, excluded)
+        superseded = superseded_staged_rows(self.client, self.staging, self.table, excluded, placed)
         skipped = excluded | superseded
         if len(skipped) < count:
             self.client.command(
@@ -185,9 +185,15 @@ def refusal_reason(exc: BaseException) -> str:
 _KEY = "(org, team, toDate(occurred_at), event_id)"
 
 
-def superseded_staged_rows(client: Any, staging: str, table: str, excluded: set[int]) -> set[int]:
-    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their key."""
-    staged_key = "(org, team, toDate(fromUnixTimestamp64Micro(occurred_at, 'UTC')), toUUIDOrZero(toString(event_id)))"
+def superseded_staged_rows(
+    client: Any, staging: str, table: str, excluded: set[int], placed: Mapping[str, str] | None = None
+) -> set[int]:
+    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their key;
+    the key with the org and team the row will be written with (``placed``: ``core.placement``)."""
+    org, team = (placed or {}).get("org", "org"), (placed or {}).get("team", "team")
+    staged_key = (
+        f"({org}, {team}, toDate(fromUnixTimestamp64Micro(occurred_at, 'UTC')), toUUIDOrZero(toString(event_id)))"
+    )
     row = f"reinterpretAsUInt32({ROW_FIELD})"
     skip = f" AND {row} NOT IN ({', '.join(map(str, sorted(excluded)))})" if excluded else ""
     rows = client.query(
