@@ -478,3 +478,13 @@ def test_a_refused_call_is_no_request_and_used_no_tokens() -> None:
     # the full path (an unpriced refused call) too
     worker.process([usage(9, spend(1).model_copy(update={"status": "blocked", "cost_nanos": None}))])
     assert worker.month_total() == (2 * USD, 1, 15)
+
+
+def test_an_event_is_the_same_event_whether_it_names_the_org_the_policy_places_it_in_or_not() -> None:
+    """An attacker session: one event_id posted without an org, then with the policy's org, was counted twice (the
+    ledger, which writes the placed org, keeps one row): the second is the same event, the first version wins."""
+    worker = Worker()
+    unnamed = spend(3).model_copy(update={"org": ""})
+    worker.process([usage(0, unnamed), usage(1, unnamed.model_copy(update={"org": "acme", "cost_nanos": 9 * USD}))])
+    assert worker.month_total() == (3 * USD, 1, 15)  # the first version, once
+    assert [reason.split(":")[0] for reason in worker.dead_letters()] == ["conflicting_duplicate"]

@@ -335,6 +335,18 @@ def owner_prefix(org: str, team: str) -> bytes:
     return f"{len(org)}:{org}{team}".encode()
 
 
+def placed_owner(org: str, team: str, hierarchy: Iterable[str]) -> bytes:
+    """``owner_prefix`` of the org and team the ledger writes an event's row with: what it names, else what the
+    policy places it in (its ``hierarchy_scopes``; ``core.placement``), so that a copy of an event that names
+    its org, or not, is the same event to the processor as to the ledger."""
+    scopes = list(hierarchy)
+    if not org:
+        org = next((scope[4:] for scope in scopes if scope.startswith("org:")), "")
+    if not team:
+        team = next((scope[5:] for scope in scopes if scope.startswith("team:")), "")
+    return owner_prefix(org, team)
+
+
 def dedup_id(event_id: bytes, owner: bytes) -> bytes:
     """The 16 bytes stage 1 counts once: ``event_id`` within its ``owner_prefix``.
 

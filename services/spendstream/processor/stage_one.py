@@ -54,9 +54,9 @@ from spendstream.processor.spend_accounting import (
     is_adopted,
     is_clock_key,
     is_ids_key,
-    owner_prefix,
     pack_ids,
     partial_key,
+    placed_owner,
     restore_clock,
     split_ids_key,
     split_partial_key,
@@ -476,7 +476,7 @@ class StageOne:
             if len(self._hierarchies) >= SCOPES_MEMO:
                 self._hierarchies.clear()
             scopes = hierarchy_scopes(*fields[2 : 2 + len(HIERARCHY)], policy)
-            upper = self._hierarchies[hierarchy] = (scopes, owner_prefix(named["org"], named["team"]))
+            upper = self._hierarchies[hierarchy] = (scopes, placed_owner(named["org"], named["team"], scopes))
         lower = self._rests.get(rest)
         if lower is None:
             if len(self._rests) >= SCOPES_MEMO:
@@ -517,13 +517,14 @@ class StageOne:
                 self._to_dlq(message, f"cannot price: {exc}", "unpriceable")
                 return None, arrived_ms
         served = record["status"] != "blocked"
+        scopes = scopes_for(record, policy)
         item = UsageItem(
             message.offset(),
             cost,
             record["input_tokens"] + record["output_tokens"] if served else 0,
-            scopes_for(record, policy),
+            scopes,
             int(occurred.timestamp()),
-            dedup_id(record["event_id"].bytes, owner_prefix(record["org"], record["team"])),
+            dedup_id(record["event_id"].bytes, placed_owner(record["org"], record["team"], scopes)),
             content_digest(message.value()),
             requests=1 if served else 0,
         )
