@@ -282,7 +282,7 @@ def test_the_cli_reads_only_the_api_of_its_own_data_directory(api: RunningApi, t
     # still needs the ledger itself, and the API's read-only rules hold
     read = cli(api.env, "sql", "SELECT count() AS n FROM usage_ledger", "--format", "json")
     assert read.returncode == 0, read.stderr
-    assert "run by the API" in read.stderr and "n" in read.stdout
+    assert "read through the API" in read.stderr and "n" in read.stdout
     write = cli(api.env, "sql", "--write", "TRUNCATE TABLE usage_ledger")
     assert write.returncode == 1 and "writes go to the ledger directly" in write.stderr
     sneaky = cli(api.env, "sql", "SELECT * FROM file('/etc/passwd')")

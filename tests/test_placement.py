@@ -87,7 +87,8 @@ def _combinations() -> list[tuple[str, ...]]:
     return list(product(["", "acme"], ["", "engineering"], ["", "sales", "unplaced"], ["", "infra", "loose"]))
 
 
-def _run_sink(settings: Settings, events: list[UsageEvent], **kwargs: Any) -> dict[str, tuple[str, str, str]]:
+def _sink_rows(settings: Settings, events: list[UsageEvent], query: str, **kwargs: Any) -> list[tuple[Any, ...]]:
+    """Publish ``events``, run a sink placing by ``POLICY`` until it has consumed and committed them, then query."""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
     codec = AvroCodec("usage_event")
     for ev in events:
@@ -100,18 +101,20 @@ def _run_sink(settings: Settings, events: list[UsageEvent], **kwargs: Any) -> di
     try:
         assert ready.wait(60)
         deadline = time.monotonic() + 60
-        while sink.stats.inserted < len(events) and time.monotonic() < deadline:
+        while (sink.stats.consumed < len(events) or sink.stats.commits < 1) and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         sink.stop()
         thread.join(60)
     try:
-        rows = sink.client.query(
-            "SELECT toString(event_id), org, division, team FROM spendstream.usage_ledger FINAL"
-        ).result_rows
+        return sink.client.query(query).result_rows
     finally:
         sink.client.close()
-    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def _run_sink(settings: Settings, events: list[UsageEvent], **kwargs: Any) -> dict[str, tuple[str, str, str]]:
+    query = "SELECT toString(event_id), org, division, team FROM spendstream.usage_ledger FINAL"
+    return {row[0]: tuple(row[1:]) for row in _sink_rows(settings, events, query, **kwargs)}
 
 
 def _events() -> list[UsageEvent]:
@@ -149,25 +152,6 @@ def test_a_placed_row_is_still_the_first_version_of_its_event(settings: Settings
     base = {"provider": "openai", "model_requested": "gpt-4o", "input_tokens": 10, "output_tokens": 1}
     first = UsageEvent(team="marketing", cost_nanos=5, **base)
     later = first.model_copy(update={"cost_nanos": 7})
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-    codec = AvroCodec("usage_event")
     for ev in (first, later):
-        producer.produce(USAGE, codec.encode(ev.to_avro()), key=b"k")
-        assert producer.flush(10) == 0
-        sink = LedgerSink(settings, placement=Placement.of(POLICY))
-        ready = threading.Event()
-        thread = threading.Thread(target=sink.run, args=(ready.set,), daemon=True)
-        thread.start()
-        try:
-            assert ready.wait(60)
-            deadline = time.monotonic() + 60
-            while sink.stats.consumed < 1 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            while sink.stats.commits < 1 and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            sink.stop()
-            thread.join(60)
-        rows = sink.client.query("SELECT org, cost_nanos FROM spendstream.usage_ledger").result_rows
-        sink.client.close()
+        rows = _sink_rows(settings, [ev], "SELECT org, cost_nanos FROM spendstream.usage_ledger")
     assert rows == [("acme", 5)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -384,34 +385,39 @@ def test_a_burst_of_many_completions_each_is_held_at_what_all_its_completions_ma
     assert statuses.count(200) + statuses.count(429) == 16
 
 
+@contextmanager
+def user_hard_cap_gateway(settings: Settings, stub: StubUpstream, tmp_path: Path, limit: int) -> Iterator[str]:
+    """The chat URL of a gateway under a ``user:*`` hard cap of ``limit`` nanos, its standing known."""
+    from spendstream.core.policy import parse_policy
+
+    policy = parse_policy(f"budgets: [{{scope: 'user:*', period: day, amount_nanos: {limit}, hard_cap: true}}]")
+    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    try:
+        with GatewayThread(gateway) as running:
+            publish_heartbeat(settings.kafka_bootstrap)
+            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
+            yield running.url + "/v1/chat/completions"
+    finally:
+        emitter.close(10)
+        enforcer.stop()
+
+
 def test_one_request_that_may_cost_more_than_a_hard_cap_has_left_is_refused(
     settings: Settings, stub: StubUpstream, tmp_path: Path
 ) -> None:
     """A review: a fresh user under a $0.05 ``user:*`` hard cap sent one request of n=128 x 16,000 tokens, which
     may cost $20; it was served (the last request may pass the cap) and billed 6.5 times the cap. It is refused
     with what it may cost and what to change; a request that fits is served."""
-    from spendstream.core.policy import parse_policy
-
-    limit = 50_000_000  # $0.05
-    policy = parse_policy(f"budgets: [{{scope: 'user:*', period: day, amount_nanos: {limit}, hard_cap: true}}]")
-    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
-    assert enforcer.wait_ready(10)
-    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
-    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
     huge = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16_000, "n": 128}
-    try:
-        with GatewayThread(gateway) as running:
-            publish_heartbeat(settings.kafka_bootstrap)
-            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
-            url = running.url + "/v1/chat/completions"
-            status, headers, data = http(url, huge)
-            assert status == 402 and headers["X-Spendstream-Scope"].startswith("user:")
-            message = json.loads(data)["error"]["message"]
-            assert "this request may cost up to $20.48" in message and "set max_tokens (or n) lower" in message
-            assert http(url, {**huge, "max_tokens": 50, "n": 1})[0] == 200
-    finally:
-        emitter.close(10)
-        enforcer.stop()
+    with user_hard_cap_gateway(settings, stub, tmp_path, 50_000_000) as url:  # $0.05
+        status, headers, data = http(url, huge)
+        assert status == 402 and headers["X-Spendstream-Scope"].startswith("user:")
+        message = json.loads(data)["error"]["message"]
+        assert "this request may cost up to $20.48" in message and "set max_tokens (or n) lower" in message
+        assert http(url, {**huge, "max_tokens": 50, "n": 1})[0] == 200
 
 
 def test_a_request_whose_images_may_cost_more_than_a_hard_cap_has_left_is_refused(
@@ -419,26 +425,11 @@ def test_a_request_whose_images_may_cost_more_than_a_hard_cap_has_left_is_refuse
 ) -> None:
     """A review: two image URLs are a few bytes of JSON but up to 7,558 prompt tokens of gpt-4o; the estimate
     counted their bytes, so a request that may cost $0.019 fitted in what remained of a $0.01 cap."""
-    from spendstream.core.policy import parse_policy
-
-    limit = 10_000_000  # $0.01
-    policy = parse_policy(f"budgets: [{{scope: 'user:*', period: day, amount_nanos: {limit}, hard_cap: true}}]")
-    enforcer = Enforcer(settings=settings, policy=policy, policy_topic=None).start()
-    assert enforcer.wait_ready(10)
-    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
-    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
     image = {"type": "image_url", "image_url": {"url": "https://example.com/chart.png", "detail": "high"}}
     content = [{"type": "text", "text": "compare"}, image, image]
     pictures = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], "max_tokens": 50}
-    try:
-        with GatewayThread(gateway) as running:
-            publish_heartbeat(settings.kafka_bootstrap)
-            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
-            url = running.url + "/v1/chat/completions"
-            status, _, data = http(url, pictures)
-            assert status == 402, data
-            assert "images" in json.loads(data)["error"]["message"]
-            assert http(url, {**pictures, "messages": [{"role": "user", "content": "compare"}]})[0] == 200
-    finally:
-        emitter.close(10)
-        enforcer.stop()
+    with user_hard_cap_gateway(settings, stub, tmp_path, 10_000_000) as url:  # $0.01
+        status, _, data = http(url, pictures)
+        assert status == 402, data
+        assert "images" in json.loads(data)["error"]["message"]
+        assert http(url, {**pictures, "messages": [{"role": "user", "content": "compare"}]})[0] == 200

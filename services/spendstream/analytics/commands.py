@@ -174,38 +174,11 @@ class ApiRefused(RuntimeError):
     """The API answered with an error; the message is the API's own."""
 
 
-def _api_post(settings: Settings, path: str, body: dict[str, Any]) -> tuple[Any, str]:
-    """POST JSON to the API that serves this data directory (``DATA_DIR/api.json``) with its local read token;
-    (the decoded answer, the API's URL)."""
+def _report_from_api(settings: Settings, path: str, body: dict[str, Any] | None = None) -> tuple[Report, str]:
+    """A report from the API that serves this data directory (``DATA_DIR/api.json``, never a guessed port), with
+    its local read token: GET ``path``, or POST ``body`` as JSON; (the report, the API's URL)."""
     import json
     import urllib.error
-    import urllib.request
-
-    from spendstream.core.api_address import read_address
-
-    address = read_address(settings.api_address_path)
-    if address is None:
-        raise ApiUnavailable(f"no spendstream API serves {settings.data_dir.resolve()} ({settings.api_address_path} "
-                             "names no running API)")  # fmt: skip
-    request = urllib.request.Request(
-        f"{address.url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {address.read_token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=SQL_API_TIMEOUT_S + 30) as response:
-            return json.load(response), address.url
-    except urllib.error.HTTPError as exc:
-        raise ApiRefused(f"the API at {address.url} answered {exc.code}: {_api_error_text(exc.read())}") from None
-    except OSError as exc:
-        raise ApiUnavailable(f"the API at {address.url} (process {address.pid}) did not answer: {exc}") from None
-
-
-def _report_from_api(args: argparse.Namespace, settings: Settings) -> tuple[Report, str]:
-    """Ask the API that serves this data directory (``DATA_DIR/api.json``) for the report; never a guessed port."""
-    import json
-    import urllib.error
-    import urllib.parse
     import urllib.request
 
     from spendstream.analytics.report_model import report_from_json
@@ -215,6 +188,24 @@ def _report_from_api(args: argparse.Namespace, settings: Settings) -> tuple[Repo
     if address is None:
         raise ApiUnavailable(f"no spendstream API serves {settings.data_dir.resolve()} ({settings.api_address_path} "
                              "names no running API)")  # fmt: skip
+    headers = {"Authorization": f"Bearer {address.read_token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{address.url}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=SQL_API_TIMEOUT_S + 30) as response:
+            return report_from_json(json.load(response)), address.url
+    except urllib.error.HTTPError as exc:
+        raise ApiRefused(f"the API at {address.url} answered {exc.code}: {_api_error_text(exc.read())}") from None
+    except OSError as exc:
+        raise ApiUnavailable(f"the API at {address.url} (process {address.pid}) did not answer: {exc}") from None
+
+
+def _report_path(args: argparse.Namespace) -> str:
+    """``GET /v1/reports/{kind}`` with the command's options as its query."""
+    import urllib.parse
+
     params = {
         "month": args.month and f"{args.month:%Y-%m}",
         "as_of": args.as_of and args.as_of.isoformat(),
@@ -224,16 +215,28 @@ def _report_from_api(args: argparse.Namespace, settings: Settings) -> tuple[Repo
         "from": args.start and args.start.isoformat(),
         "to": args.end and args.end.isoformat(),
     }
-    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    url = f"{address.url}/v1/reports/{args.kind}?{query}"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {address.read_token}"})
+    return f"/v1/reports/{args.kind}?{urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})}"
+
+
+def _print_from_api(
+    command: str, busy: LedgerBusy, ask: Callable[[], tuple[Report, str]], fmt: str, refused_status: int
+) -> int:
+    """Print what the API of this data directory answers while another process holds the embedded ledger."""
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return report_from_json(json.load(response)), address.url
-    except urllib.error.HTTPError as exc:
-        raise ApiRefused(f"the API at {address.url} answered {exc.code}: {_api_error_text(exc.read())}") from None
-    except OSError as exc:
-        raise ApiUnavailable(f"the API at {address.url} (process {address.pid}) did not answer: {exc}") from None
+        report, api = ask()
+    except ApiRefused as exc:
+        print(f"spendstream {command}: {exc}", file=sys.stderr)
+        return refused_status
+    except ApiUnavailable as exc:
+        print(
+            f"spendstream {command}: the ledger {busy} is open in another spendstream process, and {exc}; stop that "
+            "process, or run this command with its SPENDSTREAM_DATA_DIR",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"spendstream {command}: read through the API at {api} (it owns the ledger {busy})", file=sys.stderr)
+    sys.stdout.write(render(report, fmt))
+    return 0
 
 
 def _api_error_text(body: bytes) -> str:
@@ -252,21 +255,7 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
     try:
         client = _open(settings)
     except LedgerBusy as busy:
-        try:
-            report, api = _report_from_api(args, settings)
-        except ApiRefused as exc:
-            print(f"spendstream report: {exc}", file=sys.stderr)
-            return 2
-        except ApiUnavailable as exc:
-            print(
-                f"spendstream report: the ledger {busy} is open in another spendstream process, and {exc}; "
-                "stop that process, or run this command with its SPENDSTREAM_DATA_DIR",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"spendstream report: read through the API at {api} (it owns the ledger {busy})", file=sys.stderr)
-        sys.stdout.write(render(report, args.format))
-        return 0
+        return _print_from_api("report", busy, lambda: _report_from_api(settings, _report_path(args)), args.format, 2)
     try:
         options = {k: getattr(args, k) for k in ("month", "as_of", "weeks", "by", "limit", "start", "end")}
         report = build_report(args.kind, client, settings, options, datetime.now(UTC))
@@ -310,24 +299,8 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 def _sql_through_api(args: argparse.Namespace, settings: Settings, busy: LedgerBusy) -> int:
     """A read while ``spendstream dev`` (or a sink with the API) holds the embedded ledger: the API runs it."""
-    from spendstream.analytics.report_model import report_from_json
-
     body = {"query": args.query, "timeout_s": min(args.timeout, SQL_API_TIMEOUT_S), "max_memory_mb": args.max_memory_mb}
-    try:
-        answer, api = _api_post(settings, "/v1/sql", body)
-    except ApiRefused as exc:
-        print(f"spendstream sql: {exc}", file=sys.stderr)
-        return 1
-    except ApiUnavailable as exc:
-        print(
-            f"spendstream sql: the ledger {busy} is open in another spendstream process, and {exc}; stop that "
-            "process, or run this command with its SPENDSTREAM_DATA_DIR",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"spendstream sql: run by the API at {api} (the running stack holds the ledger)", file=sys.stderr)
-    sys.stdout.write(render(report_from_json(answer), args.format))
-    return 0
+    return _print_from_api("sql", busy, lambda: _report_from_api(settings, "/v1/sql", body), args.format, 1)
 
 
 def _end_after(seconds: float, message: str) -> None:
