@@ -162,6 +162,19 @@ def test_forecast_by_hand(seeded: reports.Ledger) -> None:
     assert any("shown as monthly equivalents" in note for note in report.notes)
 
 
+def test_a_team_shut_off_to_the_months_end_is_forecast_at_what_it_spent(seeded: reports.Ledger) -> None:
+    """A user session: engineering, shut off for the month, was forecast $28 over its budget."""
+    from spendstream.core.events import Decision
+    from spendstream.sink.audit_sink import DECISION_COLUMNS, decision_row
+
+    stop = Decision(scope="team:engineering", action="shutoff", version=1, period="month", issued_at=NOW)
+    seeded.client.insert(f"{DB}.decisions", [decision_row(stop.to_avro())], column_names=DECISION_COLUMNS)
+    rows = by(reports.forecast(seeded, NOW), "team")
+    assert rows["engineering"]["forecast"] == rows["engineering"]["actual"] == 160 * B
+    assert rows["engineering"]["exhausted_on"] is None and rows["engineering"]["edges_now"] == "shutoff (month)"
+    assert rows["marketing"]["forecast"] == 112_500_000_000  # the others as before
+
+
 def test_top_by_service_tier_separates_batch_spend(seeded: reports.Ledger) -> None:
     batch = row("2026-03-20 10:00", "engineering", "ai_code_review", "gpt-4o", 40 * B, 10)
     seeded.client.insert(f"{DB}.usage_ledger", [[*batch, "batch"]], column_names=[*LEDGER_COLUMNS, "service_tier"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
@@ -496,10 +496,13 @@ def forecast_rows(
     month_end: datetime,
     tz: str,
     edges_now: Mapping[str, str] | None = None,
+    stopped: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Month-end forecast per team from month-to-date spend and the trailing 7-day run rate, against the budget in
     force (policy + approved increases); ``edges_now`` is what the edges do to a team now where it is restricted
-    (a team held by a day budget can be shut off today while its month looks far from its budget)."""
+    (a team held by a day budget can be shut off today while its month looks far from its budget). A team in
+    ``stopped`` is shut off to the month's end: its forecast is what it spent (a user session saw a shut-off
+    team forecast $28 over its budget)."""
     limits = budgets.limits()
     window_seconds = RUN_RATE_DAYS * 86_400
     run_rate_span = timedelta(days=RUN_RATE_DAYS)
@@ -507,8 +510,11 @@ def forecast_rows(
     rows = []
     for team in sorted(set(limits) | set(actual) | set(window)):
         spent, recent, budget = actual.get(team, 0), window.get(team, 0), limits.get(team, 0)
-        forecast = forecast_month_end(spent, recent, window_seconds, remaining)
-        runs_out = exhaustion_instant(spent, budget, recent, run_rate_span, now) if budget > 0 else None  # no budget
+        if team in stopped:
+            forecast, runs_out = spent, None
+        else:
+            forecast = forecast_month_end(spent, recent, window_seconds, remaining)
+            runs_out = exhaustion_instant(spent, budget, recent, run_rate_span, now) if budget > 0 else None
         rows.append(
             {
                 "team": team or UNATTRIBUTED,
@@ -533,12 +539,17 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
     actual = _spend_by(ledger, "team", start, now)
     window = _spend_by(ledger, "team", now - timedelta(days=RUN_RATE_DAYS), now)
     budgets = team_budgets(ledger, month, now)
+    decisions = [d for d in active_decisions(ledger, now) if d["scope"].startswith("team:")]
     restricted = {
         d["scope"].removeprefix("team:"): f"{d['action']} ({d['period']})" if d["period"] else str(d["action"])
-        for d in active_decisions(ledger, now)
-        if d["scope"].startswith("team:")
+        for d in decisions
     }
-    rows = forecast_rows(budgets, actual, window, now, end, ledger.tz, restricted)
+    stopped = {
+        d["scope"].removeprefix("team:")
+        for d in decisions
+        if d["action"] == "shutoff" and (d["expires_at"] is None or d["expires_at"].replace(tzinfo=UTC) >= end)
+    }
+    rows = forecast_rows(budgets, actual, window, now, end, ledger.tz, restricted, stopped)
     totals = {
         "team": "TOTAL",
         **{
@@ -559,6 +570,8 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
             budgets_note(budgets, now),
             *monthly_equivalents_note(budgets.periods),
             "edges now = the newest decision on the team where it restricts its requests (and the budget period)",
+            "a team shut off to the month's end is forecast at what it spent (its critical features, throttled, "
+            "may add a little)",
         ],
     )
 
