@@ -233,7 +233,8 @@ def test_dev_s_policy_memory_records_only_what_every_service_adopts(
 
     signer, verifier = keys
     conf = {"bootstrap.servers": broker.bootstrap}
-    recorder = PolicyRecorder(conf, tmp_path, verifier)
+    announced: list[str] = []  # what dev's console says of a policy applied while it runs (a user session)
+    recorder = PolicyRecorder(conf, tmp_path, verifier, lambda record: announced.append(record.version))
     recorder.start()
     try:
         genuine = parse_policy("name: acme\nbudgets: [{scope: 'team:marketing', period: month, amount_usd: 100}]\n")
@@ -244,7 +245,10 @@ def test_dev_s_policy_memory_records_only_what_every_service_adopts(
         publish_policy(conf, parse_policy("name: acme\n"))  # unsigned
         _republish(broker.bootstrap, 0)  # the genuine one again: nothing newer
         time.sleep(1.5)
-        assert memory.read_bytes() == recorded
+        assert memory.read_bytes() == recorded and announced == []  # the first one read is not news
+        tighter = parse_policy("name: acme\nbudgets: [{scope: 'team:marketing', period: month, amount_usd: 50}]\n")
+        publish_policy(conf, tighter, signer=signer)
+        assert wait_for(lambda: announced == [tighter.version], 10)
     finally:
         recorder.stopping.set()
         recorder.join(10)

@@ -199,7 +199,12 @@ class DevStack:
             self._run_cli("policy", "apply", "--wait", "0", str(self.policy))  # the processor starts below
             self.say(f"policy     {self.policy} applied")
         bootstrap = {"bootstrap.servers": self.broker.bootstrap}
-        self.recorder = PolicyRecorder(bootstrap, self.data_dir, self.settings.record_verifier())
+        self.recorder = PolicyRecorder(
+            bootstrap,
+            self.data_dir,
+            self.settings.record_verifier(),
+            lambda record: self.say(f"policy     {record.name} version {record.version} in force (applied)"),
+        )
         self.recorder.start()
         self._say_if_timezones_differ()
         # the e-mail of the policy in force: after a restart that is the restored one, not the startup file's

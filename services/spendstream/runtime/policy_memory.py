@@ -9,6 +9,7 @@ any service starts, so the processors resume under the policy that was in force,
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,16 @@ class PolicyRecorder(threading.Thread):
     valid record by publication that ``verifier`` vouches for. A record every service refused (unsigned, or a
     replayed older one) must not come back, signed, at the next start."""
 
-    def __init__(self, kafka_conf: dict[str, Any], data_dir: Path, verifier: RecordVerifier | None = None) -> None:
+    def __init__(
+        self,
+        kafka_conf: dict[str, Any],
+        data_dir: Path,
+        verifier: RecordVerifier | None = None,
+        on_change: Callable[[PolicyRecord], None] | None = None,
+    ) -> None:
         super().__init__(name="policy-recorder", daemon=True)
         self.verifier = verifier
+        self.on_change = on_change  # told of each policy put in force after the first one read
         self.kafka_conf = kafka_conf
         self.path = data_dir / LAST_POLICY_FILE
         self.stopping = threading.Event()
@@ -63,6 +71,8 @@ class PolicyRecorder(threading.Thread):
                 read = read_policy_record(codec, message, self.verifier, recorded)
                 if read.outcome != "adopt":
                     continue
+                if recorded is not None and self.on_change is not None and read.record is not None:
+                    self.on_change(read.record)
                 recorded = read.record
                 partial = self.path.with_suffix(".tmp")
                 partial.write_bytes(message.value())
