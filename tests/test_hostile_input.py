@@ -233,6 +233,7 @@ def api_cases() -> list[tuple[str, bytes, str, int]]:
         ("no-event-id", with_fields(event_id=None), "application/json", 400),
         ("prompt-field", with_fields(prompt="hello"), "application/json", 400),
         ("status-unknown", with_fields(status="exploded"), "application/json", 400),
+        ("cache-hit-as-text", with_fields(cache_hit="yes"), "application/json", 400),
         ("date-beyond-9999", with_fields(occurred_at=10**20), "application/json", 400),
         ("older-than-the-ledger-keeps", with_fields(occurred_at="2020-01-01T00:00:00Z"), "application/json", 400),
         ("truncated", ev[:-7], "application/json", 400),

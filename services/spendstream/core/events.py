@@ -150,7 +150,7 @@ class UsageEvent(_AvroModel):
     latency_ms: StrictNonNegativeInt64 = 0
     status: UsageStatus = UsageStatus.ok
     decision_applied: Name = ""
-    cache_hit: bool = False
+    cache_hit: Annotated[bool, Strict()] = False  # "yes" is not a boolean (an attacker session found it read as one)
     reasoning_tokens: TokenCount = 0
     input_audio_tokens: TokenCount = 0
     output_audio_tokens: TokenCount = 0
