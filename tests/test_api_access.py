@@ -214,7 +214,8 @@ def test_reports_and_dashboard_need_a_read_token(api: RunningApi) -> None:
     assert call(api.port, "GET", "/healthz").status == 200
 
     assert call(api.port, "GET", "/").status == 401
-    assert call(api.port, "GET", f"/?token={ingest}").status == 401
+    assert call(api.port, "GET", "/?token=ss-api-not-a-token").status == 401
+    assert call(api.port, "GET", f"/?token={ingest}").status == 403  # a known token of another role (was 401)
     opened = call(api.port, "GET", f"/?token={viewer}")  # the URL `spendstream dev` prints
     assert opened.status == 303 and opened.headers["location"] == "/"
     cookie = opened.headers["set-cookie"]

@@ -724,8 +724,11 @@ def _open_dashboard(request: web.Request) -> web.StreamResponse:
     """``GET /?token=...``: a viewer token from the printed URL becomes an HttpOnly, same-site cookie and
     the browser is sent to ``/``, so the token leaves the address bar and history."""
     token = request.app[TOKENS].lookup(request.query["token"])
-    if token is None or not token.allows("viewer"):
+    if token is None:
         return _error(401, "the token in the URL is not a viewer token (`spendstream api token create --role viewer`)")
+    if not token.allows("viewer"):
+        return _error(403, f"token {token.name!r} has role {token.role}; the dashboard needs viewer (`spendstream api "
+                      "token create --role viewer`)")  # fmt: skip
     response = web.Response(status=303, headers={"Location": "/"})
     response.set_cookie(SESSION_COOKIE, request.query["token"], httponly=True, samesite="Strict", path="/")
     return response
