@@ -215,6 +215,7 @@ def test_focus_export_refuses_a_bad_month_with_usage(tmp_path: Path) -> None:
         done = cli(env, "export", "focus", *args)
         assert done.returncode == 2, done
         assert "usage: spendstream export focus" in done.stderr and "Traceback" not in done.stderr
+    assert cli(env, "ledger", "migrate").returncode == 0  # a ledger without usage (none at all is an error)
     empty = cli(env, "export", "focus", "--month", MONTH)
     assert empty.returncode == 0, empty.stderr
     assert read_csv(empty.stdout)[1] == [] and "BilledCost" in empty.stdout

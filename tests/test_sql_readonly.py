@@ -52,8 +52,12 @@ def url_hits() -> Iterator[tuple[str, list[str]]]:
 
 @pytest.fixture
 def sql_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a data directory with a ledger (a read of one without is an error)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDSTREAM_")}
-    return {**env, "SPENDSTREAM_DATA_DIR": str(tmp_path / "data")}
+    env = {**env, "SPENDSTREAM_DATA_DIR": str(tmp_path / "data")}
+    migrate = [sys.executable, "-m", "spendstream.cli", "ledger", "migrate"]
+    subprocess.run(migrate, env=env, check=True, capture_output=True, timeout=120)
+    return env
 
 
 def spendstream_sql(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
