@@ -291,6 +291,14 @@ def test_the_cli_reads_only_the_api_of_its_own_data_directory(api: RunningApi, t
     reply = call(api.port, "POST", "/v1/sql", json.dumps({"query": "SELECT 1", "timeout_s": 3600}).encode(),
                  Content_Type="application/json", Authorization=f"Bearer {ADMIN_TOKEN}")  # fmt: skip
     assert reply.status == 400 and "timeout_s" in reply.json()["error"]
+    # an attacker session: a viewer's SELECT of 3 million rows grew the API's process by 1.6 GB
+    huge = call(api.port, "POST", "/v1/sql", json.dumps({"query": "SELECT number FROM numbers(3000000)"}).encode(),
+                Content_Type="application/json", Authorization=f"Bearer {ADMIN_TOKEN}")  # fmt: skip
+    assert huge.status == 400 and "result" in huge.json()["error"].lower(), huge.body[:300]
+    greedy = {"query": "SELECT 1", "max_memory_mb": 1 << 20}
+    reply = call(api.port, "POST", "/v1/sql", json.dumps(greedy).encode(),
+                 Content_Type="application/json", Authorization=f"Bearer {ADMIN_TOKEN}")  # fmt: skip
+    assert reply.status == 400 and "max_memory_mb" in reply.json()["error"]
 
     # Another stack whose ledger is held by a process without an API, configured with the first API's
     # port: the CLI must not read the first stack's reports, and chDB's raw lock error never shows.

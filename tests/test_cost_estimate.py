@@ -202,3 +202,19 @@ def test_an_answer_that_may_be_audio_holds_the_audio_output_price() -> None:
         >= price_usage("openai", "gpt-realtime", 0, 1000, detail=UsageDetail(output_audio_tokens=1000)).cost_nanos
     )
     assert spoken > _estimate("openai", "gpt-realtime", body)
+
+
+def test_a_json_escape_does_not_hide_an_image_and_a_prompt_of_one_letter_words_is_held_whole() -> None:
+    """An attacker session: ``"\\u0069mage_url"`` spelt forty images without the bytes the walk looked for, and a
+    prompt of ``"a a a ..."`` (2 bytes a token) passed a hard cap held at 4 bytes a token."""
+    image = _openai_image("https://example.com/x.png")
+    body = {"model": "gpt-4o", "max_tokens": 1, "messages": [{"role": "user", "content": [image] * 40}]}
+    plain = json.dumps(body).encode()
+    escaped = plain.replace(b"image_url", b"\\u0069mage_url")
+    assert json.loads(escaped) == body
+    assert request_cost_estimate("openai", "gpt-4o", body, escaped) >= request_cost_estimate(
+        "openai", "gpt-4o", body, plain
+    )
+    words = {"model": "gpt-4o", "max_tokens": 1, "messages": [{"role": "user", "content": "a " * 6000}]}
+    billed = price_usage("openai", "gpt-4o", 6000, 1).cost_nanos  # one token a word
+    assert _estimate("openai", "gpt-4o", words) >= billed

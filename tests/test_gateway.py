@@ -511,3 +511,10 @@ def test_a_keys_file_with_a_bad_entry_still_revokes_the_keys_it_no_longer_lists(
     after = keys_file.still_listed(before)
     assert after.lookup("kept") is not None and after.lookup("inline") is not None
     assert after.lookup("gone") is None and after.lookup("new") is None
+    # an attacker session: a Latin-1 byte (a comment saved in another encoding) stopped the gateway's watch of the
+    # file for good, so revoked keys kept working; it is a ConfigError like any other broken file
+    path.write_bytes(b"# r\xe9vis\xe9\n" + f"- {{sha256: {hash_key('kept')}, team: a}}\n".encode())
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        keys_file.load()
+    latin = keys_file.still_listed(before)
+    assert latin.lookup("kept") is not None and latin.lookup("gone") is None

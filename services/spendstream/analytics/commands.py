@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from spendstream.analytics.readonly_sql import SQL_API_TIMEOUT_S, sql_report
+from spendstream.analytics.readonly_sql import SQL_API_MAX_MEMORY_MB, SQL_API_TIMEOUT_S, sql_report
 from spendstream.analytics.report_model import FORMATS, Report, render
 from spendstream.analytics.report_registry import (
     MAX_REPORT_COUNT,
@@ -299,7 +299,11 @@ def run_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 def _sql_through_api(args: argparse.Namespace, settings: Settings, busy: LedgerBusy) -> int:
     """A read while ``spendstream dev`` (or a sink with the API) holds the embedded ledger: the API runs it."""
-    body = {"query": args.query, "timeout_s": min(args.timeout, SQL_API_TIMEOUT_S), "max_memory_mb": args.max_memory_mb}
+    body = {
+        "query": args.query,
+        "timeout_s": min(args.timeout, SQL_API_TIMEOUT_S),
+        "max_memory_mb": min(args.max_memory_mb, SQL_API_MAX_MEMORY_MB),
+    }
     return _print_from_api("sql", busy, lambda: _report_from_api(settings, "/v1/sql", body), args.format, 1)
 
 

@@ -21,9 +21,11 @@ from spendstream.analytics.report_model import Column, Report
 from spendstream.core.config import Settings
 
 READ_ONLY_SETTINGS = {"readonly": 1}
-# The longest a read may run in the API, which holds the ledger for its other readers meanwhile.
+# What one read through the API may take: the embedded ledger's other users (its sink too) wait while it runs,
+# and its result is held whole in the API's process (an attacker session grew it by 1.6 GB with one SELECT).
 SQL_API_TIMEOUT_S = 30
-SQL_API_MAX_MEMORY_MB = 4096
+SQL_API_MAX_MEMORY_MB = 2048
+SQL_API_MAX_ROWS = 100_000
 READING_STATEMENTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery", "DescribeQuery", "Explain")
 # Table functions that read nothing but their arguments (the engine's list gives every other name).
 GENERATOR_TABLE_FUNCTIONS = frozenset(
@@ -107,17 +109,22 @@ def sql_report(
     write: bool = False,
     timeout_s: int = 60,
     max_memory_mb: int = 4096,
+    max_rows: int | None = None,
 ) -> Report:
     """Run one statement; read-only unless ``write``, and cancelled by the engine after ``timeout_s`` or past
     ``max_memory_mb``.
 
     Two locks from the engine itself: ClickHouse's parser must see one pure read (``read_only_statement``),
     and that statement runs with ``readonly=1`` (no writes, no settings changes). The time limit keeps one
-    careless query from holding the embedded ledger (and the sink waiting on it) for good.
+    careless query from holding the embedded ledger (and the sink waiting on it) for good; the engine checks it
+    between blocks of rows, so one block of costly rows runs past it. ``max_rows`` bounds the result (an error
+    past it, not a cut result).
     """
     client.database = settings.clickhouse_database  # unqualified table names mean the ledger's tables
     statement = query if write else read_only_statement(client, query)
-    limits = {"max_execution_time": timeout_s, "max_memory_usage": max_memory_mb << 20}
+    limits: dict[str, Any] = {"max_execution_time": timeout_s, "max_memory_usage": max_memory_mb << 20}
+    if max_rows is not None:
+        limits |= {"max_result_rows": max_rows, "result_overflow_mode": "throw"}
     result = client.query(statement, settings=limits if write else {**limits, **READ_ONLY_SETTINGS})
     columns = [Column(name, name) for name in result.column_names]
     rows = [{c.key: _cell(v) for c, v in zip(columns, row, strict=True)} for row in result.result_rows]

@@ -30,7 +30,7 @@ from spendstream.analytics import reports
 from spendstream.analytics.budgets import load_budgets
 from spendstream.analytics.focus import export_focus
 from spendstream.analytics.money import first_of_month, local_date, nanos_from_usd
-from spendstream.analytics.readonly_sql import SQL_API_MAX_MEMORY_MB, SQL_API_TIMEOUT_S, sql_report
+from spendstream.analytics.readonly_sql import SQL_API_MAX_MEMORY_MB, SQL_API_MAX_ROWS, SQL_API_TIMEOUT_S, sql_report
 from spendstream.analytics.report_registry import (
     MAX_REPORT_COUNT,
     REPORTS,
@@ -462,14 +462,19 @@ async def post_sql(request: web.Request) -> web.Response:
             raise ValueError("query must be a statement")
         timeout = body.get("timeout_s", SQL_API_TIMEOUT_S)
         memory = body.get("max_memory_mb", SQL_API_MAX_MEMORY_MB)
-        for name, value, most in (("timeout_s", timeout, SQL_API_TIMEOUT_S), ("max_memory_mb", memory, 1 << 20)):
+        for name, value, most in (
+            ("timeout_s", timeout, SQL_API_TIMEOUT_S),
+            ("max_memory_mb", memory, SQL_API_MAX_MEMORY_MB),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
                 raise ValueError(f"{name} must be a whole number from 1 to {most}")
     except (KeyError, TypeError, ValueError) as exc:
         return _error(400, f"bad sql request: {type(exc).__name__}: {exc}")
     settings = request.app[SETTINGS]
     try:
-        report = await _ledger_call(request, sql_report, request.app[LEDGER], settings, query, False, timeout, memory)
+        report = await _ledger_call(
+            request, sql_report, request.app[LEDGER], settings, query, False, timeout, memory, SQL_API_MAX_ROWS
+        )
     except Exception as exc:  # the engine's own message names what is wrong with the statement
         return _error(400, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     return web.json_response(report.to_json())

@@ -486,11 +486,16 @@ class Gateway:
         log.info("gateway routes and prices by policy %s %s", policy.name, policy.version)
 
     async def _watch_keys_file(self) -> None:
+        """Reload the keys file when it changes; nothing it holds may stop the watch (a byte that was not UTF-8 did,
+        and revoked keys kept working until a restart: an attacker session)."""
         assert self.keys_file is not None
         while True:
             await asyncio.sleep(KEYS_POLL_S)
-            if self.keys_file.changed():
-                self.reload_keys()
+            try:
+                if self.keys_file.changed():
+                    self.reload_keys()
+            except Exception:
+                log.exception("keys file %s: cannot reload it; will try again at its next change", self.keys_file.path)
 
     def reload_keys(self) -> None:
         """Read the keys file again; a file that cannot be parsed leaves in force the keys it still lists (a key

@@ -6,7 +6,8 @@ estimate must not fall short of what the provider can bill:
 - every completion a request asks for (``n``, and ``best_of``, which legacy completions generate and bill even
   when fewer are returned), each up to its ``max_tokens``; a request that sets no limit holds the longest answer
   most models give;
-- the prompt once whatever ``n`` is: its text at about 4 bytes a token (JSON syntax counts too, so it errs high);
+- the prompt once whatever ``n`` is: its text at 2 bytes a token (a text of one-letter words costs that much:
+  4, the usual rule for English, let such prompts pass a hard cap; JSON syntax counts too);
   each image at the most tokens its provider bills for one image; a document or file (a PDF, a file id, audio or
   video by reference), whose size cannot be read from the request, the model's whole context window;
 - the prompt never more than the model's context window (the provider refuses a longer one);
@@ -34,6 +35,7 @@ from spendstream.core.providers import UsageDetail
 # Output tokens held for each completion of a request that sets no max_tokens: the longest answer of most chat
 # models (GPT-4.1 and Claude Sonnet give 32 k; a few reasoning models more). Set max_tokens to hold less.
 UNBOUNDED_OUTPUT_TOKENS = 32_768
+PROMPT_BYTES_PER_TOKEN = 2
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _COMPLETIONS = ("n", "best_of")
 
@@ -54,7 +56,9 @@ _FILE_PARTS = frozenset({"file", "input_file", "document", "input_audio_file", "
 _GEMINI_INLINE = ("inline_data", "inlineData")
 _GEMINI_FILE = ("file_data", "fileData")
 _WEB_SEARCH = "web_search"
-_MEDIA_MARKERS = (b"image", b"file", b"document", b"inline", b"video", b"web_search")
+# A body without any of these cannot name an image, a file or a search: the walk is skipped. A JSON escape
+# (``\u0069mage_url``) spells one without its bytes (an attacker session), so it always takes the walk.
+_MEDIA_MARKERS = (b"image", b"file", b"document", b"inline", b"video", b"web_search", b"\\u")
 _TIERS = frozenset({"priority", "flex"})
 
 
@@ -154,7 +158,7 @@ def prompt_tokens_asked(provider: str, model: str, body: Mapping[str, Any], body
     """(prompt tokens, of which image tokens) the request can be billed for."""
     window = context_window(provider, model)
     media = prompt_media(body)
-    text = (body_bytes - media.inline_image_bytes) // 4 + 1
+    text = (body_bytes - media.inline_image_bytes) // PROMPT_BYTES_PER_TOKEN + 1
     images = media.images * image_tokens(provider, model)
     if media.files:
         text += window or UNSIZED_PROMPT_TOKENS
@@ -172,7 +176,7 @@ def request_cost_estimate(
     in any budget)."""
     tier = body.get("service_tier")
     detail = UsageDetail(service_tier=tier) if isinstance(tier, str) and tier in _TIERS else UsageDetail()
-    prompt = len(raw) // 4 + 1
+    prompt = len(raw) // PROMPT_BYTES_PER_TOKEN + 1
     output = output_tokens_asked(body)
     if any(marker in raw for marker in _MEDIA_MARKERS):  # a text-only request skips the walk
         prompt, images = prompt_tokens_asked(provider, model, body, len(raw))

@@ -87,6 +87,8 @@ class KeyStore:
             data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"keys file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"keys file {path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"keys file {path}: not valid YAML/JSON: {exc}") from None
         if isinstance(data, dict):
@@ -144,8 +146,8 @@ class KeysFile:
         """Of ``keys``, the inline ones and those whose hash the file still holds: what a file that cannot be
         loaded leaves in force, so a key deleted in the same edit as a bad entry is revoked all the same."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            text = self.path.read_bytes().decode("utf-8", "replace")  # the hashes are ASCII whatever else is not
+        except OSError:
             return keys
         inline, listed = {key.sha256 for key in self.inline}, uncommented(text)
         return KeyStore(key for key in keys if key.sha256 in inline or key.sha256 in listed)
