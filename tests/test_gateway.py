@@ -518,3 +518,27 @@ def test_a_keys_file_with_a_bad_entry_still_revokes_the_keys_it_no_longer_lists(
         keys_file.load()
     latin = keys_file.still_listed(before)
     assert latin.lookup("kept") is not None and latin.lookup("gone") is None
+
+
+def test_a_spendstream_header_given_twice_is_refused(gateway: GatewayThread) -> None:
+    """An attacker session: two X-Spendstream-User headers were accepted (the first won); they name no one user."""
+    from http.client import HTTPConnection
+    from urllib.parse import urlsplit
+
+    address = urlsplit(gateway.url)
+    connection = HTTPConnection(address.hostname, address.port, timeout=10)
+    try:
+        connection.putrequest("POST", "/v1/chat/completions")
+        for name, value in (("Authorization", f"Bearer {HEADER_KEY}"), ("Content-Type", "application/json"),
+                            ("X-Spendstream-User", "alice"), ("X-Spendstream-User", "bob")):  # fmt: skip
+            connection.putheader(name, value)
+        body = json.dumps(CHAT).encode()
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        assert response.status == 400 and b"x-spendstream-user is given more than once" in response.read()
+    finally:
+        connection.close()
+    assert (
+        http(gateway.url + "/v1/chat/completions", CHAT, key=HEADER_KEY, headers={"X-Spendstream-User": "a"})[0] == 200
+    )

@@ -328,7 +328,11 @@ def _refine_attribution(attribution: dict[str, str], headers: Mapping[str, str])
 
     A header refines a key, it never overrides it: a field the key fixes (its team, say) can be repeated but not
     changed (403), or a key pinned to a team could charge another team or step out of its team's hard cap. A value
-    must be one that a policy scope can name (not ``*``, no surrounding spaces, at most ``MAX_NAME_CHARS``)."""
+    must be one that a policy scope can name (not ``*``, no surrounding spaces, at most ``MAX_NAME_CHARS``), and
+    given once (two ``X-Spendstream-Team`` headers name no one team)."""
+    repeated = getattr(headers, "repeated", "")
+    if repeated:
+        return 400, f"header {repeated} is given more than once: give it once"
     for header, field in HEADER_FIELDS.items():
         value = headers.get(header)
         if not value:

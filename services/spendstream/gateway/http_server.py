@@ -75,7 +75,10 @@ def error_body(code: str, message: str, kind: str = "invalid_request_error", *, 
 
 
 class Headers(dict[str, str]):
-    """Request headers by lower-cased name (the first of repeated ones); ``get`` takes a name in any case."""
+    """Request headers by lower-cased name (the first of repeated ones); ``get`` takes a name in any case.
+    ``repeated`` names a spendstream header given more than once (its value is ambiguous: the gateway refuses it)."""
+
+    repeated: str = ""
 
     def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
         return dict.get(self, name.lower(), default)
@@ -356,6 +359,8 @@ class _Connection(asyncio.Protocol):
             dict.__setitem__(self._headers, key, value.decode("utf-8", "surrogateescape"))
         elif key == "host":
             self._hosts += 1
+        elif key.startswith("x-spendstream-"):
+            self._headers.repeated = key
 
     def on_headers_complete(self) -> None:
         self.head_deadline = None
