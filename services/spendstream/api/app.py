@@ -684,14 +684,22 @@ async def _read_body(request: web.Request) -> web.Response | None:
     except TimeoutError:
         return _error(408, f"the request body did not arrive within {limit:g} s")
     except web.HTTPRequestEntityTooLarge:
-        message = f"request body larger than {request.app[MAX_BODY]} bytes"
-        if request.path in ("/v1/usage", OTLP_PATH):
-            API_INGEST_REQUESTS.labels("too_large").inc()
-        if request.path == OTLP_PATH:
-            answer_type = request.content_type if request.content_type in otlp.CONTENT_TYPES else otlp.JSON
-            return web.Response(status=413, body=otlp.status_body(8, message, answer_type), content_type=answer_type)
-        return _error(413, message)
+        return _unread(request, 413, 8, f"request body larger than {request.app[MAX_BODY]} bytes", "too_large")
+    except RequestPayloadError as exc:  # a body its Content-Encoding cannot decode, a broken chunked framing
+        return _unread(request, 400, 3, f"the request body cannot be read: {exc}", "invalid")
     return None
+
+
+def _unread(request: web.Request, status: int, otlp_code: int, message: str, outcome: str) -> web.Response:
+    """The answer to a body that could not be read whole, in OTLP's format on its path."""
+    if request.path in ("/v1/usage", OTLP_PATH):
+        API_INGEST_REQUESTS.labels(outcome).inc()
+    if request.path == OTLP_PATH:
+        answer_type = request.content_type if request.content_type in otlp.CONTENT_TYPES else otlp.JSON
+        return web.Response(
+            status=status, body=otlp.status_body(otlp_code, message, answer_type), content_type=answer_type
+        )
+    return _error(status, message)
 
 
 def _as_otlp_status(refused: web.Response, content_type: str) -> web.Response:
