@@ -343,6 +343,12 @@ def chargeback(ledger: Ledger, month: date, now: datetime | None = None) -> Repo
     start, end = month_bounds(month, ledger.tz)
     budgets = team_budgets(ledger, month, now)
     rows, totals = chargeback_rows(budgets, _spend_by(ledger, "team", start, end))
+    shared_note = [
+        f"{UNATTRIBUTED}: spend without a team, allocated to the departments by their own spend (its Shared alloc. is "
+        "what went to them)"
+        for row in rows
+        if row["department"] == UNATTRIBUTED
+    ]
     return Report(
         "chargeback",
         f"Chargeback {first_of_month(month):%B %Y}",
@@ -352,8 +358,7 @@ def chargeback(ledger: Ledger, month: date, now: datetime | None = None) -> Repo
         params={"month": first_of_month(month), "timezone": ledger.tz, "budgets_at": budgets.at},
         notes=[
             "variance = budget - actual (negative: over budget); chargeback = actual + shared allocation",
-            f"{UNATTRIBUTED}: spend without a team, allocated to the departments by their own spend (its Shared "
-            "alloc. is what went to them)",
+            *shared_note,
             budgets_note(budgets, now),
             *monthly_equivalents_note(budgets.periods),
         ],
