@@ -71,6 +71,7 @@ class ReportSpec:
     name: str
     build: Callable[[ReportRequest], Report]
     takes: frozenset[str] = frozenset()  # the options it reads; any other one given is refused, not ignored
+    period: str = ""  # what it reports on when it takes no date, said when such an option is refused
 
 
 def _weekly(r: ReportRequest) -> Report:
@@ -86,7 +87,9 @@ REPORTS: dict[str, ReportSpec] = {
     for spec in (
         ReportSpec("weekly", _weekly, frozenset({"as_of", "weeks"})),
         ReportSpec("chargeback", lambda r: reports.chargeback(r.ledger, r.month, r.now), frozenset({"month"})),
-        ReportSpec("forecast", lambda r: reports.forecast(r.ledger, r.now)),
+        ReportSpec(
+            "forecast", lambda r: reports.forecast(r.ledger, r.now), period="it forecasts the current month from now"
+        ),
         ReportSpec("top", _top, frozenset({"start", "end", "by", "limit"})),
         ReportSpec("mix", lambda r: reports.model_mix(r.ledger, r.start, r.end), frozenset({"start", "end"})),
         ReportSpec("latency", lambda r: reports.latency(r.ledger, r.start, r.end), frozenset({"start", "end"})),
@@ -130,7 +133,7 @@ def build_report(kind: str, client: Any, settings: Settings, options: Mapping[st
     unread = sorted(key for key, value in options.items() if value is not None and key not in spec.takes)
     if unread:
         takes = ", ".join(OPTION_NAMES[key] for key in sorted(spec.takes)) or "no option"
-        why = " (it forecasts the current month from now)" if kind == "forecast" else ""
+        why = f" ({spec.period})" if spec.period else ""
         raise ReportRangeError(
             unread[0],
             f"the {kind} report does not take {OPTION_NAMES.get(unread[0], unread[0])}{why}; it takes {takes}",
