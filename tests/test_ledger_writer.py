@@ -109,3 +109,81 @@ def test_a_copy_under_another_team_decoded_in_python_lands_as_that_teams_own_row
     assert writer.insert_rows(columns_of(decoded.records), "batch-teams") == 1
     event_id = sales["event_id"]
     assert team_rows(ledger) == {("marketing", event_id, 1), ("sales", event_id, 5_000_000_000)}
+
+
+DAY_US = 86_400_000_000
+
+
+def test_a_copy_naming_another_day_is_the_same_event_in_a_staged_group_and_across_batches(ledger: Any) -> None:
+    """A client that stamps ``occurred_at`` when it sends re-sends an event across midnight UTC with another day:
+    the ledger's sorting key has the day, so it was a second row and every report counted the call twice."""
+    writer = EmbeddedLedgerWriter(ledger, "spendstream")
+    writer.open(staged=True)
+    held, fresh = record(100), record(200)
+    writer.insert_rows(columns_of(UsageDecoder(SKEW).decode([encode(held)], NOW).records), "held")
+    values = [
+        encode({**held, "occurred_at": held["occurred_at"] - DAY_US}),  # the ledger holds it under another day
+        encode(fresh),
+        encode({**fresh, "occurred_at": fresh["occurred_at"] - 2 * DAY_US, "cost_nanos": 201}),  # a later copy
+    ]
+    group = AvroGroup.of(CURRENT, values, [0, 1, 2])
+    judged = writer.judge(group, NOW, SKEW)
+    assert judged is not None and judged.rejected == {}
+
+    assert writer.insert_staged(len(values), set(), "batch-days") == 2
+    assert ledger_rows(ledger) == {held["event_id"]: 100, fresh["event_id"]: 200}
+    writer.close()
+
+
+def test_a_copy_naming_another_day_decoded_in_python_is_the_same_event(ledger: Any) -> None:
+    writer = ServerLedgerWriter(ledger, "spendstream")
+    writer.open(staged=False)
+    held, fresh = record(100), record(200)
+    decoder = UsageDecoder(SKEW)
+    writer.insert_rows(columns_of(decoder.decode([encode(held)], NOW).records), "held")
+    copies = [
+        encode({**held, "occurred_at": held["occurred_at"] - DAY_US, "cost_nanos": 5}),
+        encode(fresh),
+        encode({**fresh, "occurred_at": fresh["occurred_at"] - DAY_US}),
+    ]
+
+    assert writer.insert_rows(columns_of(decoder.decode(copies, NOW).records), "batch-days") == 2
+    assert ledger_rows(ledger) == {held["event_id"]: 100, fresh["event_id"]: 200}
+
+
+def test_the_index_migration_copies_the_ids_a_ledger_already_holds(ledger: Any, offline_settings: Settings) -> None:
+    from spendstream.core.ledger_store import migrations
+
+    writer = ServerLedgerWriter(ledger, "spendstream")
+    writer.open(staged=False)
+    held = record(100)
+    decoder = UsageDecoder(SKEW)
+    writer.insert_rows(columns_of(decoder.decode([encode(held)], NOW).records), "held")
+    ledger.command("DROP VIEW spendstream.ledger_event_ids_mv")  # the ledger as it was before the migration
+    ledger.command("DROP TABLE spendstream.ledger_event_ids")
+    index = next(m for m in migrations(offline_settings) if m.name.endswith("_ledger_event_ids"))
+    for statement in index.statements:
+        ledger.command(statement)
+
+    copy = encode({**held, "occurred_at": held["occurred_at"] - DAY_US})
+    assert writer.insert_rows(columns_of(decoder.decode([copy], NOW).records), "after") == 1
+    assert ledger_rows(ledger) == {held["event_id"]: 100}
+
+
+def test_an_event_whose_ledger_row_was_deleted_lands_again(ledger: Any) -> None:
+    """``ledger_event_ids`` only names candidates: the ledger's own key decides (an operator who deleted a bad
+    import with ``sql --write`` can post it again)."""
+    writer = EmbeddedLedgerWriter(ledger, "spendstream")
+    writer.open(staged=True)
+    event = record(100)
+    decoder = UsageDecoder(SKEW)
+    writer.insert_rows(columns_of(decoder.decode([encode(event)], NOW).records), "first")
+    ledger.command(f"DELETE FROM {TABLE} WHERE event_id = '{event['event_id']}'")
+    assert ledger_rows(ledger) == {}
+
+    values = [encode({**event, "cost_nanos": 300})]
+    judged = writer.judge(AvroGroup.of(CURRENT, values, [0]), NOW, SKEW)
+    assert judged is not None and judged.rejected == {}
+    assert writer.insert_staged(1, set(), "again") == 0
+    assert ledger_rows(ledger) == {event["event_id"]: 300}
+    writer.close()

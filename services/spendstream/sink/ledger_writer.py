@@ -22,7 +22,7 @@ import re
 import struct
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from clickhouse_connect.driver.exceptions import DataError
@@ -35,8 +35,6 @@ from spendstream.sink.staging import AvroGroup, Judged, create_staging, judge_gr
 log = logging.getLogger(__name__)
 
 LEDGER_TABLE = "usage_ledger"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 class LedgerWriter(Protocol):
@@ -178,27 +176,39 @@ def refusal_reason(exc: BaseException) -> str:
 # First version wins. ``usage_ledger`` is a ReplacingMergeTree without a version column: of two rows with one
 # sorting key (org, team, day, event_id) the one inserted LAST survives. A re-sent event_id with other content
 # would then replace what the processor counted (it keeps the first version and dead-letters the copy as a
-# conflicting duplicate). So the sink never inserts a row whose key the ledger already holds, nor a second row of
-# one key within a batch: identical replays change nothing, a conflicting copy is dropped here. The lookups go
-# through the primary index (the full sorting key). A copy that changes org, team or day is another row, within a
-# batch as across batches: a team's key never decides whether another team's row lands.
-_KEY = "(org, team, toDate(occurred_at), event_id)"
+# conflicting duplicate), and a copy naming another occurred_at day would be a second row. So the sink never
+# inserts a row whose (org, team, event_id) the ledger already holds, whatever day it names, nor a second row of
+# one event within a batch: identical replays change nothing, a conflicting copy is dropped here. The lookups go
+# through primary indexes: ``ledger_event_ids`` (migration 0024: the ledger's ids by org, team and event_id, with
+# the day, filled by a materialized view on every ledger insert) names the candidates, and the ledger's own key
+# confirms them (an id whose row an operator deleted is not held). A copy that changes org or team is another row,
+# within a batch as across batches: a team's key never decides whether another team's row lands.
+EVENT_IDS_TABLE = "ledger_event_ids"
+
+
+def held_events_sql(table: str, keys_sql: str) -> str:
+    """A query of the (org, team, event_id) the ledger ``table`` holds among those ``keys_sql`` selects."""
+    database, _, _ = table.rpartition(".")
+    ids = f"{database}.{EVENT_IDS_TABLE}" if database else EVENT_IDS_TABLE
+    return (
+        f"SELECT org, team, event_id FROM {table} WHERE (org, team, toDate(occurred_at), event_id) IN "
+        f"(SELECT org, team, day, event_id FROM {ids} WHERE (org, team, event_id) IN ({keys_sql}))"
+    )
 
 
 def superseded_staged_rows(
     client: Any, staging: str, table: str, excluded: set[int], placed: Mapping[str, str] | None = None
 ) -> set[int]:
-    """Staged rows (``_i`` positions) not to insert: their key is in the ledger, or an earlier row has their key;
-    the key with the org and team the row will be written with (``placed``: ``core.placement``)."""
+    """Staged rows (``_i`` positions) not to insert: the ledger holds their event, or an earlier row is the same
+    event; an event is its org, team and event_id, with the org and team the row will be written with
+    (``placed``: ``core.placement``)."""
     org, team = (placed or {}).get("org", "org"), (placed or {}).get("team", "team")
-    staged_key = (
-        f"({org}, {team}, toDate(fromUnixTimestamp64Micro(occurred_at, 'UTC')), toUUIDOrZero(toString(event_id)))"
-    )
+    staged_key = f"({org}, {team}, toUUIDOrZero(toString(event_id)))"
     row = f"reinterpretAsUInt32({ROW_FIELD})"
     skip = f" AND {row} NOT IN ({', '.join(map(str, sorted(excluded)))})" if excluded else ""
     rows = client.query(
         f"SELECT {row} FROM {staging} WHERE 1{skip} AND ("
-        f"{staged_key} IN (SELECT {_KEY} FROM {table} WHERE {_KEY} IN (SELECT {staged_key} FROM {staging}))"
+        f"{staged_key} IN ({held_events_sql(table, f'SELECT {staged_key} FROM {staging}')})"
         f" OR {row} NOT IN (SELECT min({row}) FROM {staging} WHERE 1{skip} GROUP BY {staged_key}))"
     ).result_rows
     return {r[0] for r in rows}
@@ -208,40 +218,28 @@ def first_versions(client: Any, table: str, keys_table: str, columns: list[Seque
     """Ledger columns without the rows ``superseded_staged_rows`` would drop (the Python path's rows); their keys
     go through the Memory table ``keys_table`` so the ledger lookup is one indexed join."""
     at = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
-    ids, orgs, teams, times = (columns[at[n]] for n in ("event_id", "org", "team", "occurred_at"))
+    ids, orgs, teams = (columns[at[n]] for n in ("event_id", "org", "team"))
     if not ids:
         return columns
-    days = [_day(moment) for moment in times]
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {keys_table} (org String, team String, day Date, event_id UUID) ENGINE = Memory"
-    )
+    client.command(f"CREATE TABLE IF NOT EXISTS {keys_table} (org String, team String, event_id UUID) ENGINE = Memory")
     client.command(f"TRUNCATE TABLE {keys_table}")
     client.insert(
         keys_table,
-        [list(orgs), list(teams), days, [uuid.UUID(str(e)) for e in ids]],
-        column_names=["org", "team", "day", "event_id"],
+        [list(orgs), list(teams), [uuid.UUID(str(e)) for e in ids]],
+        column_names=["org", "team", "event_id"],
         column_oriented=True,
     )
     held = {
-        (o, t, d, str(e))
-        for o, t, d, e in client.query(
-            f"SELECT org, team, toDate(occurred_at), event_id FROM {table} "
-            f"WHERE {_KEY} IN (SELECT org, team, day, event_id FROM {keys_table})"
-        ).result_rows
+        (o, t, str(e))
+        for o, t, e in client.query(held_events_sql(table, f"SELECT org, team, event_id FROM {keys_table}")).result_rows
     }
-    seen: set[tuple[str, str, date, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     keep = []
     for i in range(len(ids)):
-        key = (orgs[i], teams[i], days[i], str(ids[i]))
+        key = (orgs[i], teams[i], str(ids[i]))
         if key not in seen and key not in held:
             keep.append(i)
         seen.add(key)
     if len(keep) == len(ids):
         return columns
     return [[column[i] for i in keep] for column in columns]
-
-
-def _day(occurred_at: Any) -> date:
-    """The UTC date of a raw ``occurred_at`` (integer microseconds) or datetime."""
-    moment = occurred_at if isinstance(occurred_at, datetime) else _EPOCH + occurred_at * _MICROSECOND
-    return moment.astimezone(UTC).date()
