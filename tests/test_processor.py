@@ -28,8 +28,10 @@ from spendstream.core.codec import AvroCodec
 from spendstream.core.events import PolicyRecord, UsageEvent
 from spendstream.core.periods import period_window
 from spendstream.core.policy import parse_policy
+from spendstream.core.record_signature import write_key_pair
 from spendstream.core.topics import ALERTS, ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY, USAGE, USAGE_DLQ
 from spendstream.processor.decision_publisher import SPEND_REFRESH_S
+from spendstream.processor.internal_topics import PARTIALS_TOPIC, stage2_partition
 from spendstream.processor.recovery import read_to_end, read_window_totals
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
@@ -58,6 +60,7 @@ budgets:
   - {scope: "team:delta", period: month, amount_usd: 3000}
   - {scope: "team:gauge", period: month, amount_usd: 200}
   - {scope: "team:gauge", period: day, amount_usd: 50}
+  - {scope: "team:forged", period: month, amount_usd: 100}
 quotas:
   - {scope: "user:*", requests_per_day: 5}
 allowed_models:
@@ -141,6 +144,7 @@ def start_worker(
     *extra: str,
     app_id: str = "spendstream-processor",
     metrics_port: int | None = None,
+    signing_key: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -148,6 +152,8 @@ def start_worker(
         "SPENDSTREAM_DATA_DIR": str(data_dir),
         "SPENDSTREAM_USAGE_PARTITIONS": "6",
     }
+    if signing_key is not None:
+        env["SPENDSTREAM_SIGNING_KEY"] = str(signing_key)
     if metrics_port is not None:
         env["SPENDSTREAM_METRICS_PORT"] = str(metrics_port)
     if policy_path is not None:
@@ -224,6 +230,7 @@ class Stack:
         self.policy_path = root / "policy.yaml"
         self.policy_path.write_text(POLICY_YAML)
         self.metrics_port = free_port()
+        signing_key, _ = write_key_pair(root / "keys")  # it signs and seals; no verify key: policies here are unsigned
         self.worker = start_worker(
             self.bootstrap,
             root / "worker",
@@ -231,6 +238,7 @@ class Stack:
             "--allowed-lateness-s",
             "3600",
             metrics_port=self.metrics_port,
+            signing_key=signing_key,
         )
         self.decisions = TopicReader(self.bootstrap, ENFORCEMENT, "decision")
         self.alerts = TopicReader(self.bootstrap, ALERTS, "alert")
@@ -290,6 +298,23 @@ def test_thresholds_alert_fallback_shutoff_in_order(stack: Stack) -> None:
     assert shutoff["policy_version"] == parse_policy(POLICY_YAML).version
     for level in ("alert", "fallback", "shutoff"):
         stack.alerts.wait(lambda a, lv=level: a["scope"] == "team:alpha" and a["message"].startswith(lv))
+
+
+def test_window_totals_without_the_processors_seal_change_nothing(stack: Stack) -> None:
+    """Stage 2 decides on the window totals it reads on its internal topic and signs what follows: a client that
+    may write to the broker published totals there, shut off another team's month and lifted its own shutoff, each
+    decision signed by the processor. Only messages sealed with a secret of the processor's signing key count."""
+    scope = "team:forged"
+    start = int(period_window("month", now(), "Europe/Berlin")[0].timestamp())
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    for source in range(6):  # every source partition's total, at an offset no real one reaches
+        total = {"p": source, "at": int(time.time()), "w": int(time.time() * 1000),
+                 "s": {scope: [[f"{scope}|month|{start}", 150 * USD, 1, 1, 10**12]]}}  # fmt: skip
+        producer.produce(PARTIALS_TOPIC, json.dumps(total).encode(), partition=stage2_partition(scope, 6))
+    assert producer.flush(10) == 0
+    spend(stack, "forged", 10, 8)  # $80 of $100
+    alert = stack.decision(scope, "alert", spend_nanos=80 * USD)
+    assert stack.latest_decision(scope) == alert  # never shut off
 
 
 def test_an_alert_is_republished_while_its_scope_has_traffic(stack: Stack) -> None:

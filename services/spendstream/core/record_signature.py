@@ -14,6 +14,7 @@ makes one in its data directory at first start.
 
 from __future__ import annotations
 
+import hmac
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 K = TypeVar("K", Ed25519PrivateKey, Ed25519PublicKey)
 SIGNATURE_HEADER = "spendstream-signature"
 SIGNING_KEY_FILE, VERIFY_KEY_FILE = "signing-key.pem", "verify-key.pem"
+_NO_ENCRYPTION = serialization.NoEncryption()
 
 
 class SignatureKeyError(ValueError):
@@ -54,6 +56,11 @@ class RecordSigner:
 
     def headers(self, topic: str, key: bytes | None, value: bytes | None) -> list[tuple[str, bytes]]:
         return [(SIGNATURE_HEADER, self._key.sign(signed_bytes(topic, key, value)))]
+
+    def derived_secret(self, purpose: bytes) -> bytes:
+        """A secret only holders of the private key can compute, one per ``purpose`` (a MAC key)."""
+        raw = self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, _NO_ENCRYPTION)
+        return hmac.digest(raw, b"spendstream derived secret: " + purpose, "sha256")
 
 
 class RecordVerifier:

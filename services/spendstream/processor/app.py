@@ -49,6 +49,7 @@ from spendstream.processor.applied_ids import SPILL_AT, Spill
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import BatchOutput, Changelog, Checkpoint
 from spendstream.processor.heartbeat import HeartbeatPublisher
+from spendstream.processor.internal_seal import InternalSeal
 from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC, internal_message, stage2_partition
 from spendstream.processor.ledger_rebuild import SpendSource
 from spendstream.processor.policy_in_force import PolicyHolder
@@ -177,6 +178,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     windows = app.Table("windows", **table_kw)  # "scope|period|start" -> {partition: [total, requests, tokens, offset]}
     scope_states = app.Table("scopes", **table_kw)  # scope -> ``stage_two.ScopeState`` as JSON
     spill = Spill(horizon_directory(config.datadir), at=config.dedup_memory_ids)
+    seal = InternalSeal(config.signer) if config.signer is not None else None
     stage1 = StageOne(
         holder,
         _changelog(partials, out1),
@@ -186,6 +188,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         max_future_skew=config.max_future_skew,
         dedup_horizon=config.dedup_horizon,
         spill=spill,
+        seal=seal,
     )
     stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n, config.signer)
 
@@ -290,8 +293,17 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
             owned = set(owned_partitions(PARTIALS_TOPIC))
             by_partition: dict[int, list[Any]] = {}
             for event in events:  # messages of a partition revoked meanwhile belong to its new owner
-                if (partition := event.message.partition) in owned:
-                    by_partition.setdefault(partition, []).append(internal_message(event.value))
+                message = event.message
+                if (partition := message.partition) not in owned:
+                    continue
+                if seal is not None and not seal.vouches_for(partition, message.value, message.headers):
+                    log.error(
+                        "ignoring a message on %s[%d] at offset %d without this processor's seal: only a processor "
+                        "may tell stage 2 a window's total",
+                        PARTIALS_TOPIC, partition, message.offset,
+                    )  # fmt: skip
+                    continue
+                by_partition.setdefault(partition, []).append(internal_message(event.value))
             for partition, messages in by_partition.items():
                 stage2.process(partition, messages)
             await checkpoint2.commit_async()

@@ -22,6 +22,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from spendstream.core.budget_lifecycle import BudgetRequest, Status, expire, next_expiry, supersedes_step
 from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers, vouched_for
 from spendstream.core.topics import BUDGET_ADJUSTMENTS
+from spendstream.processor.internal_seal import InternalSeal, seal_headers
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage, stage2_partition
 from spendstream.processor.policy_in_force import PolicyHolder
 
@@ -41,6 +42,7 @@ class BudgetAdjustmentFollower(threading.Thread):
     ) -> None:
         super().__init__(name="budget-adjustments", daemon=True)
         self.signer = signer  # signs the expiries this follower publishes
+        self.seal = InternalSeal(signer) if signer is not None else None  # seals its requests to stage 2
         self.verifier = verifier  # None: every step on the topic counts
         self.holder = holder
         self.kafka_conf = kafka_conf
@@ -128,5 +130,6 @@ class BudgetAdjustmentFollower(threading.Thread):
             by_partition.setdefault(stage2_partition(scope, self.partitions), []).append(scope)
         for partition, named in sorted(by_partition.items()):
             message = ReevaluateMessage(self.holder.policy.version, tuple(named)).encode()
-            producer.produce(PARTIALS_TOPIC, message, partition=partition)
+            sealed = seal_headers(self.seal, partition, message)
+            producer.produce(PARTIALS_TOPIC, message, partition=partition, headers=sealed)
         producer.flush(5)

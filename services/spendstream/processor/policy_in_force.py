@@ -24,6 +24,7 @@ from spendstream.core.policy import Policy
 from spendstream.core.policy_log import PolicyInForce, read_policy_record
 from spendstream.core.record_signature import RecordSigner, RecordVerifier, signature_headers
 from spendstream.core.topics import ALERTS, POLICY
+from spendstream.processor.internal_seal import InternalSeal, seal_headers
 from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMessage
 from spendstream.processor.spend_accounting import Retention, WindowCalendar
 
@@ -90,6 +91,7 @@ class PolicyFollower(threading.Thread):
         self.in_force = in_force  # the record in force as read (None: the seed or the defaults, until one is read)
         self.verifier = verifier  # None: every valid record is adopted
         self.signer = signer  # signs the alerts it raises
+        self.seal = InternalSeal(signer) if signer is not None else None  # seals its requests to stage 2
         self.holder = holder
         self.kafka_conf = kafka_conf
         self.partitions = partitions
@@ -132,7 +134,8 @@ class PolicyFollower(threading.Thread):
             log.info("policy %s version %s in force", policy.name, policy.version)
             reevaluate = ReevaluateMessage(policy.version).encode()
             for partition in range(self.partitions):
-                producer.produce(PARTIALS_TOPIC, reevaluate, partition=partition)
+                sealed = seal_headers(self.seal, partition, reevaluate)
+                producer.produce(PARTIALS_TOPIC, reevaluate, partition=partition, headers=sealed)
             producer.flush(5)
 
     def _reject(self, name: str, message: str, producer: Producer) -> None:

@@ -29,6 +29,7 @@ from faust.types import TP
 
 from spendstream.processor.applied_ids import AppliedIds, Spill
 from spendstream.processor.checkpoint import BatchOutput, Checkpoint
+from spendstream.processor.internal_seal import seal_headers
 from spendstream.processor.internal_topics import (
     DEFAULT_APP_ID,
     PARTIALS_TOPIC,
@@ -261,7 +262,8 @@ def rebuild_from_ledger(
         )  # fmt: skip
     for (source, target), scopes in by_target.items():
         for chunk in scope_chunks(scopes):
-            out.send(PARTIALS_TOPIC, None, PartialsMessage(source, now_s, now_ms, chunk).encode(), partition=target)
+            value = PartialsMessage(source, now_s, now_ms, chunk).encode()
+            out.send(PARTIALS_TOPIC, None, value, target, seal_headers(stage.seal, target, value))
 
     def commit(committed: Mapping[int, int]) -> None:
         consumer = Consumer({**kafka_conf, "group.id": usage_group, "enable.auto.commit": False})

@@ -29,6 +29,7 @@ from spendstream.core.pricing import CostOverflowError, UnknownModelError, price
 from spendstream.core.topics import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, USAGE, USAGE_DLQ
 from spendstream.processor.applied_ids import APPLY, CONFLICT, AppliedIds, Spill
 from spendstream.processor.checkpoint import Changelog, RecordSink
+from spendstream.processor.internal_seal import InternalSeal, seal_headers
 from spendstream.processor.internal_topics import (
     ENTRIES_PER_MESSAGE,
     PARTIALS_TOPIC,
@@ -291,8 +292,10 @@ class StageOne:
         max_future_skew: timedelta,
         dedup_horizon: timedelta,
         spill: Spill | None = None,
+        seal: InternalSeal | None = None,
     ) -> None:
         self.holder = holder
+        self.seal = seal  # seals what goes to stage 2 (``internal_seal``)
         self.partials = partials
         self.out = out
         self.partitions = partitions
@@ -588,8 +591,8 @@ class StageOne:
         # one message of which passed the broker's size limit and crashed the worker at every restart (an
         # attacker session: enforcement went stale for every team)
         for chunk in scope_chunks(scopes):
-            message = PartialsMessage(source, newest_event_s, watermark_ms, chunk)
-            self.out.send(PARTIALS_TOPIC, None, message.encode(), partition=target)
+            value = PartialsMessage(source, newest_event_s, watermark_ms, chunk).encode()
+            self.out.send(PARTIALS_TOPIC, None, value, target, seal_headers(self.seal, target, value))
 
     def seed(
         self,
