@@ -447,23 +447,33 @@ def test_a_tokens_file_broken_by_hand_keeps_only_the_tokens_it_still_lists(
     assert store.lookup(viewer) is None
 
 
-def test_a_team_bound_ingest_token_cannot_report_a_feature_the_policy_gives_another_team() -> None:
+def test_a_team_bound_ingest_token_cannot_report_a_feature_or_project_the_policy_gives_another_team() -> None:
     from types import SimpleNamespace
 
     from spendstream.api.tokens import ApiToken
     from spendstream.core.policy import parse_policy
 
-    policy = parse_policy("features:\n  ai_chatbot: {critical: true, teams: [support]}\n")
+    policy = parse_policy(
+        "features:\n  ai_chatbot: {critical: true, teams: [support]}\nprojects: {eng-platform: engineering}\n"
+    )
     marketing = ApiToken(sha256="0" * 64, name="mkt", role="ingest", teams=("marketing",))
-    event = SimpleNamespace(team="marketing", feature="ai_chatbot")
-    assert marketing.feature_problem(event, policy) == (
+    event = SimpleNamespace(team="marketing", feature="ai_chatbot", project="")
+    assert marketing.owner_problem(event, policy) == (
         "feature",
         "token 'mkt': feature 'ai_chatbot' belongs to team support by the policy; a call of team 'marketing' "
         "cannot name it",
     )
-    assert marketing.feature_problem(SimpleNamespace(team="marketing", feature="campaigns"), policy) is None
+    # a project's spend counts toward the team the policy puts it under: an attacker session shut off
+    # engineering's project budget with a marketing token
+    assert marketing.owner_problem(SimpleNamespace(team="marketing", feature="", project="eng-platform"), policy) == (
+        "project",
+        "token 'mkt': project 'eng-platform' belongs to team 'engineering' by the policy; a call of team "
+        "'marketing' cannot name it",
+    )
+    own = SimpleNamespace(team="marketing", feature="campaigns", project="mkt-site")
+    assert marketing.owner_problem(own, policy) is None
     trusted = ApiToken(sha256="1" * 64, name="etl", role="ingest")  # bound to no team: reports for any
-    assert trusted.feature_problem(event, policy) is None
+    assert trusted.owner_problem(event, policy) is None
 
 
 def test_admin_endpoints_are_disabled_only_while_no_admin_token_exists(tmp_path: Path) -> None:

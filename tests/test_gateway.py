@@ -495,6 +495,22 @@ def test_a_request_without_org_or_division_is_attributed_as_the_policy_places_it
     assert "the policy's org is 'acme'" in (fill_from_policy({"team": "sales", "org": "shadow"}, policy) or "")
 
 
+def test_a_request_cannot_name_a_project_the_policy_gives_another_team() -> None:
+    """A project counts toward the team the policy puts it under: an attacker session's marketing key, allowed
+    header attribution, named engineering's project and shut off its budget."""
+    from spendstream.core.policy import parse_policy
+    from spendstream.gateway.app import fill_from_policy
+
+    policy = parse_policy("projects: {eng-platform: engineering, mkt-site: marketing}\n")
+    refused = fill_from_policy({"team": "marketing", "project": "eng-platform"}, policy)
+    assert refused == (
+        "project 'eng-platform' belongs to team 'engineering' by the policy; a call of team 'marketing' cannot name it"
+    )
+    assert fill_from_policy({"team": "marketing", "project": "mkt-site"}, policy) is None
+    assert fill_from_policy({"team": "engineering", "project": "eng-platform"}, policy) is None
+    assert fill_from_policy({"team": "marketing", "project": "unlisted"}, policy) is None
+
+
 def test_a_keys_file_with_a_bad_entry_still_revokes_the_keys_it_no_longer_lists(tmp_path: Path) -> None:
     """An edit that deletes one key and adds a broken entry cannot be loaded; the keys loaded before stay in force,
     but not the deleted one (it kept working until the file was fixed)."""

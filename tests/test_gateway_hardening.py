@@ -325,6 +325,10 @@ def test_keygen_warns_of_a_key_whose_team_the_policy_refuses_its_feature(setting
     assert refused.returncode == 0 and "key (give it to the client" in refused.stdout
     assert "belongs to team support" in refused.stderr and "403" in refused.stderr
     assert "warning" not in keygen("support").stderr
+    policy.write_text("projects: {eng-platform: engineering}\n")
+    command = [*CLI, "gateway", "keygen", "--print-only", "--team", "marketing", "--project", "eng-platform"]
+    project = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert "belongs to team 'engineering'" in project.stderr and "projects: {<name>: <team>}" in project.stderr
 
 
 # -- credentials in upstream URLs ---------------------------------------------------------------------------------

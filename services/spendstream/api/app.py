@@ -219,7 +219,7 @@ async def post_usage(request: web.Request) -> web.Response:
         return _error(401, "the token was revoked")
     view = await request.app[OTLP_POLICY].current()
     outside = [
-        (i, caller.scope_problem(e) or caller.org_problem(e, view.org) or caller.feature_problem(e, view.policy))
+        (i, caller.scope_problem(e) or caller.org_problem(e, view.org) or caller.owner_problem(e, view.policy))
         for i, e in enumerate(events)
     ]
     field_of = cloudevents.attribute_of if cloud else str
@@ -313,7 +313,7 @@ async def post_traces(request: web.Request) -> web.Response:
         problem = (
             caller.scope_problem(event)
             or caller.org_problem(event, policy.org)
-            or caller.feature_problem(event, policy.policy)
+            or caller.owner_problem(event, policy.policy)
         )
         if problem is None:
             events.append(event)

@@ -92,11 +92,12 @@ class ApiToken(BaseModel):
             )
         return None
 
-    def feature_problem(self, event: Any, policy: Policy | None) -> tuple[str, str] | None:
-        """(field, message) if a team-bound token reports a feature the policy gives other teams: it would spend
-        that feature's budget, and a critical one would be throttled instead of stopped past its team's."""
-        problem = policy.feature_owner_problem(event.team, event.feature) if self.teams and policy else None
-        return None if problem is None else ("feature", f"token {self.name!r}: {problem}")
+    def owner_problem(self, event: Any, policy: Policy | None) -> tuple[str, str] | None:
+        """(field, message) if a team-bound token reports a feature or a project the policy gives other teams: it
+        would spend that feature's or project's budgets (a project's count toward its team's too), and a critical
+        feature would be throttled instead of stopped past its team's."""
+        owned = policy.owner_problem(event.team, event.feature, event.project) if self.teams and policy else None
+        return None if owned is None else (owned[0], f"token {self.name!r}: {owned[1]}")
 
     def org_problem(self, event: Any, policy_org: str) -> tuple[str, str] | None:
         """(field, message) if a team-bound token (not bound to orgs) reports an org other than the policy's: the

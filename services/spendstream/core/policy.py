@@ -541,6 +541,26 @@ class Policy(_Model):
             f"{team or '(none)'!r} cannot name it"
         )
 
+    def project_owner_problem(self, team: str, project: str) -> str | None:
+        """Why a call of ``team`` may not name ``project`` (the policy's ``projects`` give it another team), or
+        None. A project's spend counts toward its own budgets and the team the policy puts it under, so naming
+        another team's project would charge that team's budgets and could shut them off."""
+        owner = self.projects.get(project) if project else None
+        if owner is None or owner == team:
+            return None
+        return (
+            f"project {project!r} belongs to team {owner!r} by the policy; a call of team {team or '(none)'!r} "
+            "cannot name it"
+        )
+
+    def owner_problem(self, team: str, feature: str, project: str) -> tuple[str, str] | None:
+        """(field, why) if a call of ``team`` names a feature or a project the policy gives other teams, or None."""
+        if problem := self.feature_owner_problem(team, feature):
+            return "feature", problem
+        if problem := self.project_owner_problem(team, project):
+            return "project", problem
+        return None
+
     def summary(self) -> str:
         lines = [f"policy {self.name} version {self.version} (timezone {self.timezone})"]
         t = self.thresholds

@@ -237,7 +237,7 @@ def fill_from_policy(attribution: dict[str, str], policy: Policy) -> str | None:
     Returns why the request is refused when it names another division or org than the policy gives its team (or
     another org than the policy's): an event's own division and org are counted instead of its team's, so a
     caller could step out of its division's or org's hard cap, and charge another department, by naming one; or
-    a feature the policy gives other teams (``Policy.feature_owner_problem``)."""
+    a feature or a project the policy gives other teams (``Policy.owner_problem``)."""
     team = attribution.get("team")
     for parent in policy.ancestors.get(f"team:{team}", ()) if team else ():
         dimension, _, value = parent.partition(":")
@@ -253,7 +253,8 @@ def fill_from_policy(attribution: dict[str, str], policy: Policy) -> str | None:
         return f"the policy's org is {policy.org!r}; a request cannot name {org!r}"
     if not org and policy.org:
         attribution["org"] = policy.org
-    return policy.feature_owner_problem(team or "", attribution.get("feature", ""))
+    owned = policy.owner_problem(team or "", attribution.get("feature", ""), attribution.get("project", ""))
+    return None if owned is None else owned[1]
 
 
 def refusal_verdict(refusal: Refusal, model: str) -> Verdict:

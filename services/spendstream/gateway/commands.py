@@ -169,21 +169,22 @@ def _keys_file_in_use(args: argparse.Namespace, settings: Settings) -> tuple[Pat
     return data_dir_keys_file(settings.data_dir), "the keys file `spendstream dev` uses, in SPENDSTREAM_DATA_DIR"
 
 
-def _feature_owner_problem(team: str, feature: str, settings: Settings) -> str | None:
-    """Why the policy refuses a key's team naming its feature: the policy of ``SPENDSTREAM_POLICY``, else the one
-    ``spendstream dev`` recorded in force in the data directory; None if neither refuses it."""
+def _owner_problem(team: str, feature: str, project: str, settings: Settings) -> tuple[str, str] | None:
+    """(field, why) if the policy refuses a key's team naming its feature or project: the policy of
+    ``SPENDSTREAM_POLICY``, else the one ``spendstream dev`` recorded in force in the data directory; None if
+    neither refuses it."""
     from spendstream.core.policy import PolicyError, load_policy
     from spendstream.core.policy_log import last_policy_recorded
 
-    if not feature:
+    if not feature and not project:
         return None
     if settings.policy is not None:
         try:
-            return load_policy(settings.policy).feature_owner_problem(team, feature)
+            return load_policy(settings.policy).owner_problem(team, feature, project)
         except (OSError, PolicyError):
             return None  # the gateway itself says what is wrong with its policy file
     recorded = last_policy_recorded(settings.data_dir)
-    return recorded[2].feature_owner_problem(team, feature) if recorded else None
+    return recorded[2].owner_problem(team, feature, project) if recorded else None
 
 
 def run_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -233,11 +234,13 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
     entry.update({field: getattr(args, field) for field in ATTRIBUTION_FIELDS if getattr(args, field)})
     if args.allow_header_attribution:
         entry["allow_header_attribution"] = True
-    problem = _feature_owner_problem(args.team, args.feature, settings)
-    if problem:
+    owned = _owner_problem(args.team, args.feature, args.project, settings)
+    if owned:
+        field, problem = owned
+        where = "its features.<name>.teams" if field == "feature" else "its projects: {<name>: <team>}"
         print(
             f"warning: {problem}: every call with this key will be refused (403) until the policy gives the "
-            "feature to this team (its features.<name>.teams)",
+            f"{field} to this team ({where})",
             file=sys.stderr,
         )
     print(f"key (give it to the client; it is not stored): {key}")
