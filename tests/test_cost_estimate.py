@@ -154,6 +154,25 @@ def test_a_document_holds_the_models_whole_context_window(part: dict) -> None:
     assert _estimate("openai", "gpt-4o", body) == price_usage("openai", "gpt-4o", window, 10).cost_nanos
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"previous_response_id": "resp_abc"},
+        {"conversation": "conv_abc"},
+        {"prompt": {"id": "pmpt_abc", "variables": {"doc": {"type": "input_file", "file_id": "file-abc"}}}},
+        {"tools": [{"type": "file_search", "vector_store_ids": ["vs_abc"]}]},
+        {"tools": [{"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example.com"}]},
+    ],
+)
+def test_context_the_provider_adds_from_what_it_stores_holds_the_whole_context_window(fields: dict) -> None:
+    """A Responses API request continuing a conversation of 128 k tokens was held at $0.0003 (an attacker session):
+    the provider bills the stored context, which the body does not carry."""
+    body = {"model": "gpt-4o", "max_output_tokens": 10, "input": "go on", **fields}
+    window = context_window("openai", "gpt-4o")
+    assert window is not None
+    assert _estimate("openai", "gpt-4o", body) == price_usage("openai", "gpt-4o", window, 10).cost_nanos
+
+
 def test_the_prompt_never_holds_more_than_the_context_window() -> None:
     many = {
         "model": "gpt-4o",

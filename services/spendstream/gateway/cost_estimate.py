@@ -9,7 +9,9 @@ estimate must not fall short of what the provider can bill:
 - the prompt once whatever ``n`` is: its text at 2 bytes a token (a text of one-letter words costs that much:
   4, the usual rule for English, let such prompts pass a hard cap; JSON syntax counts too);
   each image at the most tokens its provider bills for one image; a document or file (a PDF, a file id, audio or
-  video by reference), whose size cannot be read from the request, the model's whole context window;
+  video by reference), whose size cannot be read from the request, the model's whole context window, and so is
+  context the provider adds from what it stores (a Responses API ``previous_response_id`` or ``conversation``, a
+  stored ``prompt`` template, results of a ``file_search`` or remote ``mcp`` tool);
 - the prompt never more than the model's context window (the provider refuses a longer one);
 - web searches: a search tool's ``max_uses``, else ``UNBOUNDED_WEB_SEARCHES``;
 - the service tier the request asks for (``priority`` costs more than the standard tier), and an answer that may be
@@ -56,9 +58,16 @@ _FILE_PARTS = frozenset({"file", "input_file", "document", "input_audio_file", "
 _GEMINI_INLINE = ("inline_data", "inlineData")
 _GEMINI_FILE = ("file_data", "fileData")
 _WEB_SEARCH = "web_search"
-# A body without any of these cannot name an image, a file or a search: the walk is skipped. A JSON escape
-# (``\u0069mage_url``) spells one without its bytes (an attacker session), so it always takes the walk.
-_MEDIA_MARKERS = (b"image", b"file", b"document", b"inline", b"video", b"web_search", b"\\u")
+# Fields and tools that make the provider add input the request does not carry (an attacker session held a request
+# continuing a 128 k-token conversation at $0.0003)
+_STORED_CONTEXT = ("previous_response_id", "conversation")
+_STORED_CONTEXT_TOOLS = frozenset({"file_search", "mcp"})
+# A body without any of these cannot name an image, a file, a search or stored context: the walk is skipped. A JSON
+# escape (``\u0069mage_url``) spells one without its bytes (an attacker session), so it always takes the walk.
+_MEDIA_MARKERS = (
+    b"image", b"file", b"document", b"inline", b"video", b"web_search", b"previous_response", b"conversation",
+    b"prompt", b"mcp", b"\\u",
+)  # fmt: skip
 _TIERS = frozenset({"priority", "flex"})
 
 
@@ -134,6 +143,18 @@ def prompt_media(body: Mapping[str, Any]) -> PromptMedia:
     return PromptMedia(images, files, inline)
 
 
+def adds_stored_context(body: Mapping[str, Any]) -> bool:
+    """Whether the provider adds to the prompt context it stores (an earlier response or conversation, a stored
+    prompt template and its variables) or fetches (file search, a remote MCP server): none of it is in the body."""
+    if any(body.get(name) for name in _STORED_CONTEXT) or isinstance(body.get("prompt"), Mapping):
+        return True
+    tools = body.get("tools")
+    return any(
+        isinstance(tool, Mapping) and tool.get("type") in _STORED_CONTEXT_TOOLS
+        for tool in (tools if isinstance(tools, list) else ())
+    )
+
+
 def web_searches_asked(body: Mapping[str, Any]) -> int:
     """The web searches a request lets the provider bill: each search tool's ``max_uses`` (else
     ``UNBOUNDED_WEB_SEARCHES``); a search model's ``web_search_options`` one."""
@@ -160,7 +181,7 @@ def prompt_tokens_asked(provider: str, model: str, body: Mapping[str, Any], body
     media = prompt_media(body)
     text = (body_bytes - media.inline_image_bytes) // PROMPT_BYTES_PER_TOKEN + 1
     images = media.images * image_tokens(provider, model)
-    if media.files:
+    if media.files or adds_stored_context(body):
         text += window or UNSIZED_PROMPT_TOKENS
     if window is not None and text + images > window:
         images = min(images, window)
