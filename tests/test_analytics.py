@@ -393,6 +393,10 @@ def test_a_name_that_starts_like_a_formula_stays_text_in_csv(seeded: reports.Led
     lines = render(report, "csv").splitlines()[1:]
     assert [line.split(",")[-1] for line in lines] == ["-5.000000000"] * 4
     assert all(line.startswith("\"'") or line.startswith("'") for line in lines), lines
+    # a plain number in a text cell (``spendstream sql`` writes a Decimal or a Float so) runs nothing and is
+    # left a number: a finance session's negative variance was quoted, and the column no longer added up
+    numbers = Report("sql", "t", [Column("v", "v")], [{"v": v} for v in ("-0.011970003", "-1.5", "+2", "-3e-05")])
+    assert render(numbers, "csv").splitlines()[1:] == ["-0.011970003", "-1.5", "+2", "-3e-05"]
     out = io.StringIO()
     string_column = next(i for i, c in enumerate(focus.COLUMNS) if c.kind == "string")
     typical = {"cost": 0, "quantity": 0, "integer": 0, "datetime": NOW, "json": "{}", "string": "x"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -117,13 +118,17 @@ def cell_text(kind: Kind, value: Any) -> str:
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMERAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def spreadsheet_text(text: str) -> str:
     """A text cell a spreadsheet shows as text: one that starts like a formula (``=HYPERLINK(...)``, ``+1+cmd``,
     ``@SUM``) gets a leading ``'``, so a team, feature or user name that any caller can set does not run as a
-    formula in the finance team's spreadsheet (numbers, written by spendstream, are never text cells)."""
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+    formula in the finance team's spreadsheet. A plain number (``-0.011970003``, a negative variance as
+    ``spendstream sql`` writes a Decimal) is left as it is: it runs nothing, and quoted it would not add up."""
+    if text.startswith(_FORMULA_STARTS) and not _NUMERAL.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def _csv_cell(kind: Kind, value: Any) -> str:
