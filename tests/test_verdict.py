@@ -149,6 +149,27 @@ def test_fallback_chain_and_allowed_model_after_fallback() -> None:
     assert outcome([team, cycle]).action in (FALLBACK, ALERT)
 
 
+@pytest.mark.parametrize(
+    ("model", "served"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o-mini"),
+        ("gpt-4o-latest", "gpt-4o-mini"),
+        ("claude-3-5-sonnet-20241022", "claude-3-5-haiku-latest"),
+        ("claude-3-5-sonnet-latest", "claude-3-5-haiku-latest"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini-2024-07-18"),  # another model, not a snapshot of gpt-4o
+    ],
+)
+def test_a_dated_snapshot_or_alias_of_a_model_falls_back_as_the_model_does(model: str, served: str) -> None:
+    """Clients call dated model ids: ``gpt-4o: gpt-4o-mini`` was silently skipped for ``gpt-4o-2024-08-06``, which
+    was served unchanged in the fallback band (a user session)."""
+    models = {"gpt-4o": "gpt-4o-mini", "claude-3-5-sonnet-latest": "claude-3-5-haiku-latest"}
+    verdict = outcome([rule("team:t", FALLBACK, fallback_models=models)], model)
+    assert verdict.model == served
+    assert verdict.action == (ALERT if served == model else FALLBACK)
+    with_mini = {**models, "gpt-4o-mini": "llama-3.2-1b"}  # the model itself named: its own entry, exactly
+    assert outcome([rule("team:t", FALLBACK, fallback_models=with_mini)], "gpt-4o-mini").model == "llama-3.2-1b"
+
+
 def test_fallback_without_mapping_for_the_model_is_an_alert() -> None:
     verdict = outcome([rule("team:t", FALLBACK, fallback_models={"o1": "o1-mini"}, reason="90% of budget")])
     assert verdict == Verdict(ALERT, "gpt-4o", None, "90% of budget", "team:t")

@@ -10,6 +10,7 @@ with the next outcome in that order.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,32 @@ def _epoch(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
+# A provider's dated snapshot or alias of a model (``gpt-4o-2024-08-06``, ``claude-3-5-sonnet-20241022``,
+# ``claude-3-5-sonnet-latest``, ``gpt-4-0613``): the same model to a policy that names ``gpt-4o``.
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:20\d\d-?\d\d-?\d\d|\d{4}|latest)$")
+
+
+def base_model(model: str) -> str:
+    """``model`` without a provider's snapshot date or ``-latest`` alias suffix."""
+    return _SNAPSHOT_SUFFIX.sub("", model)
+
+
+class FallbackMap(dict[str, str]):
+    """A decision's ``fallback_models``, which also maps a dated snapshot or alias of a model it names: clients
+    call ``gpt-4o-2024-08-06`` and ``claude-3-5-sonnet-20241022``, and a policy's ``gpt-4o: gpt-4o-mini`` was
+    silently skipped for them (the gateway answered ``alert`` in the fallback band; a user session)."""
+
+    def __init__(self, models: dict[str, str]) -> None:
+        super().__init__(models)
+        self._by_base = {base_model(model): target for model, target in models.items()}
+
+    def get(self, model: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        found = dict.get(self, model)
+        if found is None:
+            found = self._by_base.get(base_model(model))
+        return default if found is None else found
+
+
 @dataclass(eq=False)
 class ScopeRule:
     """A decision, precomputed for the request path: sets and ranks instead of lists and strings.
@@ -165,7 +192,7 @@ class ScopeRule:
             rank=ACTION_RANK[action],
             version=decision.version,
             reason=decision.reason,
-            fallback=dict(decision.fallback_models) if action == FALLBACK else {},
+            fallback=FallbackMap(decision.fallback_models) if action == FALLBACK else {},
             allowed=ModelMatcher(decision.allowed_models) if decision.allowed_models else None,
             rate=rate,
             expires_at=_epoch(decision.expires_at),
