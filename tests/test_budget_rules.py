@@ -80,7 +80,7 @@ def test_evaluate_reference_budgets() -> None:
     budgets = {b.scope: b for b in DEFAULT.budgets}
     fallback = evaluate_budget(budgets["team:marketing"], "team:marketing", 7_200 * USD, DEFAULT)
     assert fallback.action is Action.fallback
-    assert fallback.fallback_models["claude-3-5-sonnet"] == "claude-3-haiku"
+    assert fallback.fallback_models["claude-3-5-sonnet"] == "claude-3-5-haiku-latest"
     assert "team:marketing" in fallback.reason and "90.0% of $8,000.00" in fallback.reason
     chatbot = evaluate_budget(budgets["feature:ai_chatbot"], "feature:ai_chatbot", 4_000 * USD, DEFAULT)
     assert (chatbot.action, chatbot.throttle_rps) == (Action.throttle, 2.0)
