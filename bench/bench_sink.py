@@ -161,7 +161,7 @@ def time_fast_batch(
     client: Any, staging: str, version: WriterVersion, sample: list[bytes], now: datetime, skew: timedelta
 ) -> dict[str, float]:
     t = time.perf_counter()
-    group = AvroGroup.of(version, sample, list(range(len(sample))))
+    group = AvroGroup.of(version, sample, list(range(len(sample))), [0] * len(sample))
     frame_s = time.perf_counter() - t
     t = time.perf_counter()
     judged = judge_group(client, staging, group, now, skew)

@@ -19,12 +19,19 @@ from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.codec import SINGLE_OBJECT_MAGIC, AvroCodec, fingerprint
 from spendstream.core.events import usage_record_problem
 from spendstream.core.schemas import history_versions, load_schema_json, parsed_schema
-from spendstream.sink.avro_block import ROW_FIELD, SQL_TIME_RANGE, staging_columns, zigzag_varint
+from spendstream.sink.avro_block import ARRIVAL_FIELD, ROW_FIELD, SQL_TIME_RANGE, staging_columns, zigzag_varint
 from spendstream.sink.decode import UsageDecoder, micros
 from spendstream.sink.staging import AvroGroup, Judged, WriterVersion, create_staging, judge_group, split_by_writer
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
+ARRIVED_MS = micros(NOW) // 1000  # when a test's messages reached the broker
+
+
+def arrivals(values: list[bytes]) -> list[int]:
+    return [ARRIVED_MS] * len(values)
+
+
 V1 = history_versions("usage_event")[0]
 CURRENT = WriterVersion.of("usage_event")
 OLD = WriterVersion.of(V1)
@@ -94,13 +101,15 @@ def test_zigzag_varint_is_avros_long_encoding(n: int) -> None:
 
 
 @pytest.mark.parametrize("version", [CURRENT, OLD], ids=["current", "v1"])
-def test_container_is_a_valid_avro_file_of_the_bodies_and_their_positions(version: WriterVersion) -> None:
+def test_container_is_a_valid_avro_file_of_the_bodies_their_positions_and_arrivals(version: WriterVersion) -> None:
     records = [base_record(team=f"t{i}", tags={"k": "é" * i}, input_tokens=i * 1000) for i in range(300)]
     values = [encode(r, version.name) for r in records]
-    reader = fastavro.reader(io.BytesIO(version.container.container(values)))
+    arrived = [ARRIVED_MS + i * 7 for i in range(300)]
+    reader = fastavro.reader(io.BytesIO(version.container.container(values, arrived)))
     codec = AvroCodec("usage_event")
     read = list(reader)
     assert [int.from_bytes(r.pop(ROW_FIELD), "little") for r in read] == list(range(300))
+    assert [int.from_bytes(r.pop(ARRIVAL_FIELD), "little", signed=True) for r in read] == arrived
     assert [r.pop("_framing") for r in read] == [v[:10] for v in values]
     reference = [codec.decode(v) for v in values]
     for got, want in zip(read, reference, strict=True):
@@ -209,7 +218,9 @@ def test_sql_validation_agrees_with_usage_record_problem(
     if old:  # what a v1 writer cannot say takes the reader schema's default
         batch = [{**r, "cache_write_tokens": 0, "price_source": ""} for r in batch]
     values = [encode(r, version.name) for r in batch]
-    judged = judge_group(client, STAGING, AvroGroup.of(version, values, list(range(len(values)))), NOW, skew)
+    judged = judge_group(
+        client, STAGING, AvroGroup.of(version, values, list(range(len(values))), arrivals(values)), NOW, skew
+    )
     assert judged is not None
     assert judged.exact == {i for i, r in enumerate(batch) if sql_leaves_to_python(r, skew)}
     staged = staged_rows(client)
@@ -269,7 +280,7 @@ def test_sql_accepted_rows_land_in_the_ledger_as_python_would_write_them(client:
         for i in range(50)
     ]
     values = [encode(r) for r in batch]
-    judged = judge_group(client, STAGING, AvroGroup.of(CURRENT, values, list(range(50))), NOW, SKEW)
+    judged = judge_group(client, STAGING, AvroGroup.of(CURRENT, values, list(range(50)), arrivals(values)), NOW, SKEW)
     assert judged is not None and not judged.exact and not judged.rejected
     columns = ", ".join(LEDGER_COLUMNS)
     client.command(f"INSERT INTO spendstream.usage_ledger ({columns}) {ledger_select_sql(LEDGER_COLUMNS, STAGING, [])}")
@@ -298,7 +309,9 @@ def test_strings_clickhouse_keeps_but_fastavro_refuses_are_left_to_python(client
         good.replace(b"\x02\x02k\x021\x00", b"\x04\x02k\x021\x02k\x022\x00"),  # a duplicate map key
     ]
     assert len(set(variants)) == len(variants)
-    judged = judge_group(client, STAGING, AvroGroup.of(CURRENT, variants, list(range(len(variants)))), NOW, SKEW)
+    judged = judge_group(
+        client, STAGING, AvroGroup.of(CURRENT, variants, list(range(len(variants))), arrivals(variants)), NOW, SKEW
+    )
     assert judged == Judged({}, set(range(1, len(variants))))
 
 
@@ -320,13 +333,15 @@ def test_bodies_clickhouse_cannot_read_exactly_fail_the_group(client: Any, damag
     either way the sink decodes the group in Python, which names the bad value."""
     good = encode(base_record(tags={"k": "1"}))
     assert b"\x14" in good and b"\x02\x02k\x021\x00" in good
-    group = AvroGroup.of(CURRENT, [good, damage(good), good], [0, 1, 2])
+    group = AvroGroup.of(CURRENT, [good, damage(good), good], [0, 1, 2], [ARRIVED_MS] * 3)
     try:
         judged = judge_group(client, STAGING, group, NOW, SKEW)
     except Exception:  # ClickHouse's error type depends on the backend
         judged = None
     assert judged is None
-    assert judge_group(client, STAGING, AvroGroup.of(CURRENT, [good, good], [0, 1]), NOW, SKEW) == Judged({}, set())
+    assert judge_group(
+        client, STAGING, AvroGroup.of(CURRENT, [good, good], [0, 1], [ARRIVED_MS] * 2), NOW, SKEW
+    ) == Judged({}, set())
 
 
 def test_sql_reason_texts_for_each_rule(client: Any) -> None:
@@ -349,7 +364,9 @@ def test_sql_reason_texts_for_each_rule(client: Any) -> None:
         "": base_record(cost_nanos=-(2**63)),  # a 10-byte varint: the Python path names this one
     }
     values = [encode(r) for r in cases.values()]
-    judged = judge_group(client, STAGING, AvroGroup.of(CURRENT, values, list(range(len(values)))), NOW, SKEW)
+    judged = judge_group(
+        client, STAGING, AvroGroup.of(CURRENT, values, list(range(len(values))), arrivals(values)), NOW, SKEW
+    )
     assert judged is not None
     assert [judged.rejected.get(i, "") for i in range(len(cases))] == list(cases)
     assert judged.exact == {len(cases) - 1}

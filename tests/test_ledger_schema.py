@@ -11,8 +11,9 @@ import pytest
 from spendstream.core.schemas import load_schema_json
 
 ROOT = Path(__file__).resolve().parents[1]
-# Columns the ledger adds: when the row landed, and the audit hash chain (core/audit_chain.py).
-LEDGER_ONLY = {"ingested_at", "chain_seq", "prev_hash", "record_hash"}
+# Columns the ledger adds: when the row landed and when its message reached the broker, and the audit hash chain
+# (core/audit_chain.py).
+LEDGER_ONLY = {"ingested_at", "arrived_at", "chain_seq", "prev_hash", "record_hash"}
 
 
 def _clickhouse_type(avro_type: Any) -> str:

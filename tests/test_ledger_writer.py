@@ -10,7 +10,7 @@ from spendstream.core.config import Settings, load_settings
 from spendstream.sink.decode import UsageDecoder, columns_of
 from spendstream.sink.ledger_writer import EmbeddedLedgerWriter, ServerLedgerWriter, ledger_writer_for
 from spendstream.sink.staging import AvroGroup, split_by_writer
-from test_avro_block import CURRENT, NOW, SKEW, base_record, encode
+from test_avro_block import CURRENT, NOW, SKEW, arrivals, base_record, encode
 
 TABLE = "spendstream.usage_ledger"
 VERSIONS = {SINGLE_OBJECT_MAGIC + fingerprint(CURRENT.name): CURRENT}
@@ -44,7 +44,7 @@ def test_a_staged_group_lands_without_its_rejected_rows_and_without_copies_the_l
     values = [encode(conflicting_copy), encode(fresh), encode(bad), encode(fresh)]
     groups, others = split_by_writer(values, VERSIONS)
     assert others == [] and list(groups.values()) == [[0, 1, 2, 3]]
-    group = AvroGroup.of(CURRENT, values, [0, 1, 2, 3])
+    group = AvroGroup.of(CURRENT, values, [0, 1, 2, 3], arrivals(values))
 
     judged = writer.judge(group, NOW, SKEW)
 
@@ -89,7 +89,7 @@ def test_a_copy_under_another_team_in_the_same_staged_group_lands_as_that_teams_
     sales = record(5_000_000_000, team="sales")
     marketing = {**sales, "team": "marketing", "cost_nanos": 1}
     values = [encode(marketing), encode(sales), encode({**sales, "cost_nanos": 2})]
-    group = AvroGroup.of(CURRENT, values, [0, 1, 2])
+    group = AvroGroup.of(CURRENT, values, [0, 1, 2], arrivals(values))
     judged = writer.judge(group, NOW, SKEW)
     assert judged is not None and judged.rejected == {}
 
@@ -126,7 +126,7 @@ def test_a_copy_naming_another_day_is_the_same_event_in_a_staged_group_and_acros
         encode(fresh),
         encode({**fresh, "occurred_at": fresh["occurred_at"] - 2 * DAY_US, "cost_nanos": 201}),  # a later copy
     ]
-    group = AvroGroup.of(CURRENT, values, [0, 1, 2])
+    group = AvroGroup.of(CURRENT, values, [0, 1, 2], arrivals(values))
     judged = writer.judge(group, NOW, SKEW)
     assert judged is not None and judged.rejected == {}
 
@@ -182,8 +182,24 @@ def test_an_event_whose_ledger_row_was_deleted_lands_again(ledger: Any) -> None:
     assert ledger_rows(ledger) == {}
 
     values = [encode({**event, "cost_nanos": 300})]
-    judged = writer.judge(AvroGroup.of(CURRENT, values, [0]), NOW, SKEW)
+    judged = writer.judge(AvroGroup.of(CURRENT, values, [0], arrivals(values)), NOW, SKEW)
     assert judged is not None and judged.rejected == {}
     assert writer.insert_staged(1, set(), "again") == 0
     assert ledger_rows(ledger) == {event["event_id"]: 300}
+    writer.close()
+
+
+def test_each_row_records_when_its_message_reached_the_broker(ledger: Any) -> None:
+    """``arrived_at`` (the Kafka timestamp stage 1 judges lateness by), on the staged path and the Python path: a
+    rebuild of the budgets from the ledger leaves out what arrived later than the allowed lateness, as stage 1 did."""
+    writer = EmbeddedLedgerWriter(ledger, "spendstream")
+    writer.open(staged=True)
+    staged, decoded = record(1), record(2)
+    arrived = [1_700_000_000_123, 1_700_000_000_456]
+    judged = writer.judge(AvroGroup.of(CURRENT, [encode(staged)], [0], arrived[:1]), NOW, SKEW)
+    assert judged is not None and judged.rejected == {}
+    writer.insert_staged(1, set(), "staged")
+    writer.insert_rows(columns_of(UsageDecoder(SKEW).decode([encode(decoded)], NOW, arrived[1:]).records), "python")
+    rows = ledger.query(f"SELECT toString(event_id), toUnixTimestamp64Milli(arrived_at) FROM {TABLE}").result_rows
+    assert dict(rows) == {staged["event_id"]: arrived[0], decoded["event_id"]: arrived[1]}
     writer.close()

@@ -304,10 +304,14 @@ def encode_as(name: str, record: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+# what an event says (``arrived_at`` is when its message reached the broker: checked on its own)
+CONTENT_COLUMNS = tuple(c for c in LEDGER_COLUMNS if c != "arrived_at")
+
+
 def ledger_rows(client: Any) -> dict[str, tuple[Any, ...]]:
     """Every ledger row in the raw form the Python path works with (event_id text, occurred_at in micros)."""
     convert = {"event_id": "toString(event_id)", "occurred_at": "toUnixTimestamp64Micro(occurred_at)"}
-    select = ", ".join(convert.get(c, f"toString({c})" if c == "status" else f"`{c}`") for c in LEDGER_COLUMNS)
+    select = ", ".join(convert.get(c, f"toString({c})" if c == "status" else f"`{c}`") for c in CONTENT_COLUMNS)
     rows = client.query(f"SELECT {select} FROM spendstream.usage_ledger FINAL").result_rows
     return {row[0]: tuple(row) for row in rows}
 
@@ -387,7 +391,7 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
     def expected(values: dict[bytes, bytes]) -> tuple[dict[str, tuple[Any, ...]], dict[bytes, tuple[str, str]]]:
         decoded = UsageDecoder(timedelta(seconds=settings.max_future_skew_s)).decode(list(values.values()), now)
         keys = list(values)
-        rows = {r["event_id"]: tuple(r[c] for c in LEDGER_COLUMNS) for r in decoded.records}
+        rows = {r["event_id"]: tuple(r[c] for c in CONTENT_COLUMNS) for r in decoded.records}
         return rows, {keys[r.index]: (r.stage, r.reason) for r in decoded.rejected}
 
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
@@ -410,6 +414,12 @@ def test_fast_path_matches_the_python_path_on_a_mixed_stream(settings: Settings)
         wait_until(lambda: sink.stats.inserted == len(want_rows), what="the rest inserted")
         assert sink.stats.avro_fallbacks >= 1
     assert ledger_rows(sink.client) == want_rows
+    produced = sink.client.query(  # every row, on both paths, has its message's arrival (the producer's time)
+        "SELECT countIf(arrived_at BETWEEN fromUnixTimestamp64Milli({lo:Int64}) AND now64(3)) = count() "
+        "FROM spendstream.usage_ledger",
+        parameters={"lo": micros(now) // 1000 - 60_000},
+    ).result_rows
+    assert produced == [(True,)]
     assert sum(sink.stats.dead_lettered.values()) == len(want_letters)
     sink.client.close()
     letters = consume_all(settings.kafka_bootstrap, USAGE_DLQ, len(want_letters))

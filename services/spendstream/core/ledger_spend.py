@@ -49,6 +49,9 @@ class SpendQuery:
     tz: str  # the policy's IANA timezone: local calendar windows
     since: tuple[int, ...]  # per grain (``grains()`` order): earliest occurred_at (epoch s) bucketed
     recent_since_ms: int  # rows ingested since then are listed by event_id
+    # the processor's allowed lateness: a row whose message arrived later than this after its occurred_at was
+    # counted in no budget (``arrived_at``), so the sums leave it out; None: every row
+    lateness_s: int | None = None
 
     def __post_init__(self) -> None:
         if not _ZONE.match(self.tz):
@@ -59,16 +62,22 @@ class SpendQuery:
         for name, value in (*zip(names, self.since, strict=True), ("recent_since_ms", self.recent_since_ms)):
             if not isinstance(value, int) or not 0 <= value < 2**42:
                 raise ValueError(f"{name}: expected a non-negative epoch integer, got {value!r}")
+        if self.lateness_s is not None and (not isinstance(self.lateness_s, int) or not 0 <= self.lateness_s < 2**31):
+            raise ValueError(f"lateness_s: expected a non-negative number of seconds, got {self.lateness_s!r}")
 
     def as_params(self) -> dict[str, str]:
+        late = {} if self.lateness_s is None else {"lateness_s": str(self.lateness_s)}
         return {"tz": self.tz, **{f"{g}_since": str(v) for g, v in zip(grains(), self.since, strict=True)},
-                "recent_since_ms": str(self.recent_since_ms)}  # fmt: skip
+                "recent_since_ms": str(self.recent_since_ms), **late}  # fmt: skip
 
     @classmethod
     def from_params(cls, params: Any) -> SpendQuery:
         try:
             since = tuple(int(params[f"{g}_since"]) for g in grains())
-            return cls(str(params["tz"]), since, int(params["recent_since_ms"]))
+            lateness = params.get("lateness_s")
+            return cls(
+                str(params["tz"]), since, int(params["recent_since_ms"]), None if lateness is None else int(lateness)
+            )
         except KeyError as exc:
             raise ValueError(f"missing parameter {exc}") from exc
 
@@ -106,11 +115,22 @@ FROM (
            toUnixTimestamp64Milli(ingested_at) AS ingested_ms,
            arrayFilter(x -> x.2 >= 0, [{buckets}]) AS buckets
     FROM {db}.usage_ledger FINAL
-    WHERE occurred_at >= toDateTime64({min(query.since)}, 6, 'UTC') AND cost_nanos IS NOT NULL
+    WHERE occurred_at >= toDateTime64({min(query.since)}, 6, 'UTC') AND cost_nanos IS NOT NULL{_counted(query)}
 )
 ARRAY JOIN buckets.1 AS grain, buckets.2 AS bucket
 GROUP BY GROUPING SETS ({sets})
 """
+
+
+def _counted(query: SpendQuery) -> str:
+    """The condition of the rows the processor counted in budgets: arrived within its allowed lateness (its check,
+    in microseconds: arrival minus occurred_at at most the lateness)."""
+    if query.lateness_s is None:
+        return ""
+    return (
+        " AND toUnixTimestamp64Milli(arrived_at) * 1000 - toUnixTimestamp64Micro(occurred_at)"
+        f" <= {query.lateness_s * 1_000_000}"
+    )
 
 
 def query_spend(client: Any, db: str, query: SpendQuery) -> dict[str, list[list[Any]]]:

@@ -9,13 +9,14 @@ Why the rows ClickHouse accepts are exactly what fastavro would have read:
 
 * Every value gets its own data block (count 1, its byte size, its sync marker), so a damaged
   value cannot shift the reading of its neighbours.
-* After the body each block carries the row's position ``_i`` as a 4-byte Avro ``fixed``.
+* After the body each block carries the row's position ``_i`` as a 4-byte Avro ``fixed``, then
+  ``_a``, when its message reached the broker (its Kafka timestamp, epoch ms, 8 bytes).
   Sorted by ``_i``, the staging rows must be exactly the positions ``0 .. n-1``, and each row's
   *minimal* encoded length (:func:`encoded_length_sql`, computed from the values ClickHouse
   decoded) must equal the length of the value at its position; otherwise the whole group takes
   the Python path. Why that proves every row was read exactly as fastavro reads it: a body read
-  past its end leaves fewer than 4 bytes for ``_i`` in a block that cannot be read past (an
-  error). A body read short of its end (trailing bytes, which fastavro refuses and ClickHouse
+  past its end leaves fewer than the 12 bytes of ``_i`` and ``_a`` in a block that cannot be read
+  past (an error). A body read short of its end (trailing bytes, which fastavro refuses and ClickHouse
   skips silently) consumed fewer bytes than its value has, and reading consumes at least the
   minimal length, so its row claims a position whose value is strictly shorter than its own.
   Such rows cannot claim their own positions, and among themselves they would have to form
@@ -52,6 +53,8 @@ from spendstream.core.events import BLOCKED_WITH_COST, DETAIL_FIELDS, NAME_FIELD
 EXACT = "\x01"
 ROW_FIELD = "_i"  # the position of a row in its container, appended after the body
 POSITION_SIZE = 4
+ARRIVAL_FIELD = "_a"  # when the row's message reached the broker (epoch ms, little-endian), after ``_i``
+_TAIL = struct.Struct("<Iq")  # ``_i`` and ``_a``
 MAGIC = b"Obj\x01"
 SQL_TIME_RANGE = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2299, 12, 31, tzinfo=UTC))
 # A name ``attribution_value_problem`` may refuse: a space at either end, a control or format character, a separator
@@ -88,7 +91,7 @@ class _BlockPrefixes(dict[int, bytes]):
     """Value length -> the start of its data block: record count 1, then the block's byte size."""
 
     def __missing__(self, length: int) -> bytes:
-        prefix = zigzag_varint(1) + zigzag_varint(length + POSITION_SIZE)
+        prefix = zigzag_varint(1) + zigzag_varint(length + _TAIL.size)
         self[length] = prefix
         return prefix
 
@@ -96,14 +99,19 @@ class _BlockPrefixes(dict[int, bytes]):
 class ContainerWriter:
     """Builds Avro container files of framed values written with one schema, without decoding them.
 
-    The container's schema is the writer schema between two extra fields: the value's framing
+    The container's schema is the writer schema between extra fields: the value's framing
     (``skip`` bytes, read as an Avro ``fixed`` that the staging table has no column for, so
-    ClickHouse skips it) and ``_i``, the row's position as a 4-byte little-endian ``fixed``.
-    So each block is ``prefix + value + position + sync`` and the whole file one C-level join.
+    ClickHouse skips it) before it, and after it ``_i``, the row's position as a 4-byte little-endian
+    ``fixed``, and ``_a``, its arrival (epoch ms, an 8-byte little-endian ``fixed``). So each block is
+    ``prefix + value + position + arrival + sync`` and the whole file one C-level join.
     """
 
     def __init__(self, writer_schema: dict[str, Any], skip: int, sync: bytes | None = None) -> None:
-        fields = [*writer_schema["fields"], {"name": ROW_FIELD, "type": _fixed("RowPosition", POSITION_SIZE)}]
+        fields = [
+            *writer_schema["fields"],
+            {"name": ROW_FIELD, "type": _fixed("RowPosition", POSITION_SIZE)},
+            {"name": ARRIVAL_FIELD, "type": _fixed("Arrival", 8)},
+        ]
         if skip:
             fields.insert(0, {"name": "_framing", "type": _fixed("Framing", skip)})
         self.sync = sync or os.urandom(16)
@@ -113,15 +121,14 @@ class ContainerWriter:
             header += zigzag_varint(len(key)) + key.encode() + zigzag_varint(len(value)) + value
         self.header = bytes(header + b"\x00" + self.sync)
         self._prefixes = _BlockPrefixes()
-        self._tails: list[bytes] = []
 
-    def container(self, values: Sequence[bytes]) -> bytes:
-        """One data block per value: count 1, byte size, the value, its position, the sync marker."""
-        tails = self._tails
-        if len(tails) < len(values):
-            tails.extend(struct.pack("<I", i) + self.sync for i in range(len(tails), len(values)))
+    def container(self, values: Sequence[bytes], arrivals: Sequence[int]) -> bytes:
+        """One data block per value: count 1, byte size, the value, its position and arrival (epoch ms, one per
+        value), the sync marker."""
+        sync = self.sync
+        tails = [_TAIL.pack(i, arrival) + sync for i, arrival in enumerate(arrivals)]
         prefixes = map(self._prefixes.__getitem__, map(len, values))
-        return self.header + b"".join(chain.from_iterable(zip(prefixes, values, tails, strict=False)))
+        return self.header + b"".join(chain.from_iterable(zip(prefixes, values, tails, strict=True)))
 
 
 def _fixed(name: str, size: int) -> dict[str, Any]:
@@ -156,9 +163,9 @@ _CLICKHOUSE_TYPES = {
 
 
 def staging_columns(schema: dict[str, Any]) -> list[tuple[str, str]]:
-    """Staging columns for a schema: raw Avro values (``occurred_at`` in microseconds), then ``_i``."""
+    """Staging columns for a schema: raw Avro values (``occurred_at`` in microseconds), then ``_i`` and ``_a``."""
     columns = [(f["name"], _CLICKHOUSE_TYPES[_field_type(f)]) for f in schema["fields"]]
-    return [*columns, (ROW_FIELD, f"FixedString({POSITION_SIZE})")]
+    return [*columns, (ROW_FIELD, f"FixedString({POSITION_SIZE})"), (ARRIVAL_FIELD, "FixedString(8)")]
 
 
 def _quote(name: str) -> str:
@@ -299,6 +306,7 @@ def ledger_select_sql(
     converted = {
         "event_id": "toUUID(event_id)",
         "occurred_at": "fromUnixTimestamp64Micro(occurred_at, 'UTC')",
+        "arrived_at": f"fromUnixTimestamp64Milli(reinterpretAsInt64({ARRIVAL_FIELD}), 'UTC')",
         **(placed or {}),
     }
     select = ", ".join(converted.get(name, _quote(name)) for name in columns)

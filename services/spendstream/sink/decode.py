@@ -33,7 +33,9 @@ from spendstream.core.placement import NO_PLACEMENT
 from spendstream.core.pricing import EMPTY_TABLE, CostOverflowError, PriceTable, UnknownModelError, price_record
 from spendstream.core.schemas import load_schema_json
 
-# Insert columns, in the table's order; ``ingested_at`` is filled in by its DEFAULT.
+# Insert columns; ``ingested_at`` is filled in by its DEFAULT. ``arrived_at`` is when the event's message reached the
+# broker (its Kafka timestamp, as the processor reads it): a rebuild of the budgets from the ledger leaves out what
+# arrived later than the processor's allowed lateness, as the processor did.
 LEDGER_COLUMNS = (
     "event_id",
     "occurred_at",
@@ -61,6 +63,7 @@ LEDGER_COLUMNS = (
     "cache_hit",
     *DETAIL_FIELDS,
     "service_tier",
+    "arrived_at",
 )
 _ROW = itemgetter(*LEDGER_COLUMNS)
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -151,8 +154,12 @@ class UsageDecoder:
         self._header = SINGLE_OBJECT_MAGIC + fingerprint("usage_event")
         self._raw_schema = fastavro.parse_schema(_without_logical_types(load_schema_json("usage_event")))
 
-    def decode(self, values: Sequence[bytes | None], now: datetime) -> DecodedValues:
+    def decode(
+        self, values: Sequence[bytes | None], now: datetime, arrivals: Sequence[int] | None = None
+    ) -> DecodedValues:
+        """``arrivals``: when each value's message reached the broker (epoch ms); ``now`` for every one without."""
         future_limit_us = micros(now + self.max_future_skew)
+        arrived = arrivals if arrivals is not None else [micros(now) // 1000] * len(values)
         read = fastavro.schemaless_reader
         raw_schema, header = self._raw_schema, self._header
         records: list[dict[str, Any]] = []
@@ -167,10 +174,11 @@ class UsageDecoder:
                 except Exception:  # corrupt body: the exact path below names the problem
                     record = None
                 if record is not None and stream.tell() == len(value) and fast_problem_free(record, future_limit_us):
+                    record["arrived_at"] = arrived[index]
                     if self._keep_priced(index, record, records, rejected):
                         kept.append(index)
                     continue
-            if self._decode_exactly(index, value, now, records, rejected):
+            if self._decode_exactly(index, value, now, arrived[index], records, rejected):
                 kept.append(index)
         return DecodedValues(records, rejected, kept)
 
@@ -194,7 +202,13 @@ class UsageDecoder:
         return True
 
     def _decode_exactly(
-        self, index: int, value: bytes | None, now: datetime, records: list[dict[str, Any]], rejected: list[Rejected]
+        self,
+        index: int,
+        value: bytes | None,
+        now: datetime,
+        arrived_ms: int,
+        records: list[dict[str, Any]],
+        rejected: list[Rejected],
     ) -> bool:
         try:
             record = self.codec.decode(value or b"")
@@ -207,6 +221,7 @@ class UsageDecoder:
             return False
         record["event_id"] = str(record["event_id"])
         record["occurred_at"] = micros(record["occurred_at"])
+        record["arrived_at"] = arrived_ms
         return self._keep_priced(index, record, records, rejected)
 
 

@@ -293,16 +293,18 @@ class LedgerSink:
         ranges = offset_ranges(list(map(Message.partition, good)), list(map(Message.offset, good)))
         now = datetime.now(UTC)
         values = list(map(Message.value, good))
+        arrivals = [message.timestamp()[1] for message in good]  # as the processor reads them (lateness)
         by_header, others = split_by_writer(values, self._versions)
         groups = [
             AvroGroup.of(
                 self._versions[header],
                 values if len(indices) == len(values) else [values[i] for i in indices],
                 indices,
+                arrivals if len(indices) == len(values) else [arrivals[i] for i in indices],
             )
             for header, indices in by_header.items()
         ]
-        decoded = self._decoder.decode([values[i] for i in others], now)
+        decoded = self._decoder.decode([values[i] for i in others], now, [arrivals[i] for i in others])
         rejected = [Rejected(others[r.index], r.stage, r.reason) for r in decoded.rejected]
         self.stats.consumed += len(good)
         return _Batch(
@@ -378,7 +380,10 @@ class LedgerSink:
             self._write_in_python(batch, [group.indices[row] for row in sorted(judged.exact)], f"{token}:py", written)
 
     def _write_in_python(self, batch: _Batch, indices: list[int], token: str, written: _Written) -> None:
-        decoded = self._decoder.decode([batch.messages[i].value() for i in indices], batch.now)
+        messages = [batch.messages[i] for i in indices]
+        decoded = self._decoder.decode(
+            [message.value() for message in messages], batch.now, [message.timestamp()[1] for message in messages]
+        )
         written.add(0, [Rejected(indices[r.index], r.stage, r.reason) for r in decoded.rejected])
         self._insert_isolating(decoded.records, [indices[i] for i in decoded.kept], token, written)
 

@@ -59,9 +59,12 @@ class AvroGroup:
     expected: bytes  # RowBinary (_i, value length, no problem) per row, what the staging check must give back
 
     @classmethod
-    def of(cls, version: WriterVersion, values: Sequence[bytes], indices: list[int]) -> AvroGroup:
+    def of(
+        cls, version: WriterVersion, values: Sequence[bytes], indices: list[int], arrivals: Sequence[int]
+    ) -> AvroGroup:
+        """``arrivals``: when each value's message reached the broker (its Kafka timestamp, epoch ms)."""
         expected = b"".join(map(_CHECK_ROW.pack, range(len(values)), map(len, values), repeat(0)))
-        return cls(version, indices, version.container.container(values), expected)
+        return cls(version, indices, version.container.container(values, arrivals), expected)
 
 
 def split_by_writer(
