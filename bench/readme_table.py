@@ -32,7 +32,8 @@ PREFIX = "FIGURE "
 
 # bench name (as the script prints it) -> the command that measures it, from the repository root.
 BENCHES = {
-    "gateway": ["bench/bench_gateway.py"],
+    # the issue-time gateway (one process, before several workers) as the same-run baseline of the req/s target
+    "gateway": ["bench/bench_gateway.py", "--baseline-rev", "eb11ad7"],
     "http_server": ["bench/bench_http_server.py"],
     "overshoot": ["bench/bench_overshoot.py"],
     "enforcer": ["bench/bench_enforcer.py", "--rounds", "3"],
