@@ -86,6 +86,8 @@ def test_batch_posted_twice_lands_once(api_settings: Settings, shared_client: An
         sink.stop()
         worker.join(60)
     assert sink.stats.inserted + sink.stats.superseded == 7  # every publish reached the sink...
+    # the progress line adds up: what was consumed is inserted, dead-lettered or skipped as a copy
+    assert "consumed 7, inserted 3, dead-lettered 0 {}, copies skipped 4 " in sink._progress_line(0, 0)
     assert ledger_count(shared_client, ids) == 3  # ...and FINAL counts each event once
     spend = shared_client.query("SELECT sum(cost_nanos) FROM spendstream.usage_ledger FINAL").result_rows[0][0]
     assert spend == 270_000 * 2 + 3 * B

@@ -272,6 +272,7 @@ class LedgerSink:
         return (
             f"{rate}consumed {s.consumed:,}, inserted {s.inserted:,}, "
             f"dead-lettered {sum(s.dead_lettered.values()):,} {dict(s.dead_lettered)}, "
+            f"copies skipped {s.superseded:,} (their event_id is in the ledger), "
             f"batches {s.batches:,}, commits {s.commits:,}"
         )
 
