@@ -162,6 +162,7 @@ def test_a_document_holds_the_models_whole_context_window(part: dict) -> None:
         {"prompt": {"id": "pmpt_abc", "variables": {"doc": {"type": "input_file", "file_id": "file-abc"}}}},
         {"tools": [{"type": "file_search", "vector_store_ids": ["vs_abc"]}]},
         {"tools": [{"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example.com"}]},
+        {"input": [{"type": "item_reference", "id": "msg_abc"}, {"role": "user", "content": "go on"}]},
     ],
 )
 def test_context_the_provider_adds_from_what_it_stores_holds_the_whole_context_window(fields: dict) -> None:

@@ -54,7 +54,8 @@ UNSIZED_PROMPT_TOKENS = 200_000
 UNBOUNDED_WEB_SEARCHES = 20
 
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
-_FILE_PARTS = frozenset({"file", "input_file", "document", "input_audio_file", "video_url"})
+# unsized input: documents and files by reference, and a Responses API item the provider stores (``item_reference``)
+_FILE_PARTS = frozenset({"file", "input_file", "document", "input_audio_file", "video_url", "item_reference"})
 _GEMINI_INLINE = ("inline_data", "inlineData")
 _GEMINI_FILE = ("file_data", "fileData")
 _WEB_SEARCH = "web_search"
@@ -66,7 +67,7 @@ _STORED_CONTEXT_TOOLS = frozenset({"file_search", "mcp"})
 # escape (``\u0069mage_url``) spells one without its bytes (an attacker session), so it always takes the walk.
 _MEDIA_MARKERS = (
     b"image", b"file", b"document", b"inline", b"video", b"web_search", b"previous_response", b"conversation",
-    b"prompt", b"mcp", b"\\u",
+    b"prompt", b"mcp", b"item_reference", b"\\u",
 )  # fmt: skip
 _TIERS = frozenset({"priority", "flex"})
 
