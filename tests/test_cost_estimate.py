@@ -163,6 +163,10 @@ def test_a_document_holds_the_models_whole_context_window(part: dict) -> None:
         {"tools": [{"type": "file_search", "vector_store_ids": ["vs_abc"]}]},
         {"tools": [{"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example.com"}]},
         {"input": [{"type": "item_reference", "id": "msg_abc"}, {"role": "user", "content": "go on"}]},
+        {"mcp_servers": [{"type": "url", "url": "https://mcp.example.com", "name": "docs"}]},  # Anthropic's connector
+        {"tools": [{"type": "mcp_toolset", "mcp_server_name": "docs"}]},
+        {"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]},
+        {"tools": [{"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-abc"]}}]},
     ],
 )
 def test_context_the_provider_adds_from_what_it_stores_holds_the_whole_context_window(fields: dict) -> None:

@@ -1,16 +1,20 @@
-"""The seal on the processor's internal messages: only a holder of the signing key makes one that verifies."""
+"""The seal on the processor's internal messages: only a holder of the signing key makes one that verifies, and only
+for the usage topic it was made for."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from spendstream.core.record_signature import RecordSigner, write_key_pair
-from spendstream.processor.internal_seal import SEAL_HEADER, InternalSeal, seal_headers
+from spendstream.processor.internal_seal import SEAL_HEADER, InternalSeal, seal_headers, usage_epoch
+from spendstream.runtime.embedded_broker import EmbeddedBroker
+from spendstream.runtime.topic_admin import create_topics
 
 
-def test_a_seal_vouches_for_its_partition_and_value_only(tmp_path: Path) -> None:
-    seal = InternalSeal(RecordSigner.from_file(write_key_pair(tmp_path / "a")[0]))
-    other = InternalSeal(RecordSigner.from_file(write_key_pair(tmp_path / "b")[0]))
+def test_a_seal_vouches_for_its_partition_value_and_usage_topic_only(tmp_path: Path) -> None:
+    signer = RecordSigner.from_file(write_key_pair(tmp_path / "a")[0])
+    seal = InternalSeal(signer, b"usage-topic-1")
+    other = InternalSeal(RecordSigner.from_file(write_key_pair(tmp_path / "b")[0]), b"usage-topic-1")
     value = b'{"p":0,"at":1,"w":1,"s":{}}'
     headers = seal.headers(3, value)
     assert seal.vouches_for(3, value, headers)
@@ -22,4 +26,18 @@ def test_a_seal_vouches_for_its_partition_and_value_only(tmp_path: Path) -> None
     assert not seal.vouches_for(3, None, headers)
     assert not seal.vouches_for(3, value, [(SEAL_HEADER, "text")])
     assert not other.vouches_for(3, value, headers)  # another key pair's processor
+    # a total captured before the usage topic was recreated (a restart of the embedded broker: offsets from 0 again)
+    # would outrank every total after it; an attacker session replayed one and the team's next events went uncounted
+    assert not InternalSeal(signer, b"usage-topic-2").vouches_for(3, value, headers)
     assert seal_headers(None, 3, value) is None and seal_headers(seal, 3, value) == headers
+
+
+def test_the_epoch_is_the_usage_topics_id_which_a_new_broker_gives_anew(tmp_path: Path) -> None:
+    epochs = []
+    for run in range(2):
+        with EmbeddedBroker(log_path=tmp_path / f"broker{run}.log") as broker:
+            conf = {"bootstrap.servers": broker.bootstrap}
+            create_topics(conf, usage_partitions=2)
+            epochs.append(usage_epoch(conf))
+            assert usage_epoch(conf) == epochs[-1]  # every worker of a deployment reads the same
+    assert all(epochs) and epochs[0] != epochs[1]

@@ -31,6 +31,7 @@ spike_rules:
 )
 PARTITIONS = 6
 LATENESS_S = 86_400
+SKEW_S = 300
 
 
 def ledger_rows(now: datetime, count: int) -> list[dict[str, Any]]:
@@ -70,18 +71,23 @@ def ledger_rows(now: datetime, count: int) -> list[dict[str, Any]]:
         )
         if rows[-1]["status"] == "blocked" and rows[-1]["cost_nanos"]:
             rows[-1]["cost_nanos"] = 0  # a refused call costs nothing
-        # when its message reached the broker: one in ten later than the allowed lateness (recorded in the ledger,
-        # counted in no budget by the stream), one exactly at it (counted)
+        # when its message reached the broker: some later than the allowed lateness, some with an occurred_at further
+        # ahead of it than the skew (a producer's clock or timestamp set back): recorded in the ledger, counted in no
+        # budget by the stream; others exactly at either bound (counted)
         delay = rng.choice(
-            [timedelta(seconds=2)] * 8 + [timedelta(seconds=LATENESS_S + 1), timedelta(seconds=LATENESS_S)]
+            [timedelta(seconds=2)] * 8
+            + [timedelta(seconds=LATENESS_S + 1), timedelta(seconds=LATENESS_S)]
+            + [timedelta(seconds=-SKEW_S - 1), timedelta(seconds=-SKEW_S)]
         )
         rows[-1]["arrived_at"] = rows[-1]["occurred_at"] + delay
     return rows
 
 
 def counted_by_the_stream(row: dict[str, Any]) -> bool:
-    """Priced, and arrived within the allowed lateness (stage 1 dead-letters the rest)."""
-    return row["cost_nanos"] is not None and row["arrived_at"] - row["occurred_at"] <= timedelta(seconds=LATENESS_S)
+    """Priced, arrived within the allowed lateness, not further ahead of its arrival than the skew (stage 1
+    dead-letters the rest)."""
+    delay = row["arrived_at"] - row["occurred_at"]
+    return row["cost_nanos"] is not None and timedelta(seconds=-SKEW_S) <= delay <= timedelta(seconds=LATENESS_S)
 
 
 def test_rebuilt_windows_equal_the_stream_fold_of_the_same_events(ledger: Any, offline_settings: Any) -> None:
@@ -107,7 +113,8 @@ def _rebuild_equals_fold(ledger: Any, offline_settings: Any) -> set[str]:
         list(LEDGER_COLUMNS),
     )
     calendar = WindowCalendar(POLICY.tz)
-    plan = RebuildPlan(int(now.timestamp()), LATENESS_S, Retention(POLICY.tz, LATENESS_S, 5), calendar, POLICY.timezone)
+    retention = Retention(POLICY.tz, LATENESS_S, 5)
+    plan = RebuildPlan(int(now.timestamp()), LATENESS_S, retention, calendar, POLICY.timezone, SKEW_S)
     query = plan.query(int((now - timedelta(minutes=5)).timestamp() * 1000))
     since = dict(zip(grains(), query.since, strict=True))
     snapshot = query_spend(ledger, offline_settings.clickhouse_database, query)

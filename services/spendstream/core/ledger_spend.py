@@ -52,6 +52,9 @@ class SpendQuery:
     # the processor's allowed lateness: a row whose message arrived later than this after its occurred_at was
     # counted in no budget (``arrived_at``), so the sums leave it out; None: every row
     lateness_s: int | None = None
+    # how far ahead of its arrival stage 1 takes an occurred_at: a row further ahead was dead-lettered by stage 1 (the
+    # sink, judging by its own clock, wrote it); None: no bound
+    skew_s: int | None = None
 
     def __post_init__(self) -> None:
         if not _ZONE.match(self.tz):
@@ -62,21 +65,27 @@ class SpendQuery:
         for name, value in (*zip(names, self.since, strict=True), ("recent_since_ms", self.recent_since_ms)):
             if not isinstance(value, int) or not 0 <= value < 2**42:
                 raise ValueError(f"{name}: expected a non-negative epoch integer, got {value!r}")
-        if self.lateness_s is not None and (not isinstance(self.lateness_s, int) or not 0 <= self.lateness_s < 2**31):
-            raise ValueError(f"lateness_s: expected a non-negative number of seconds, got {self.lateness_s!r}")
+        for name, seconds in (("lateness_s", self.lateness_s), ("skew_s", self.skew_s)):
+            if seconds is not None and (not isinstance(seconds, int) or not 0 <= seconds < 2**31):
+                raise ValueError(f"{name}: expected a non-negative number of seconds, got {seconds!r}")
 
     def as_params(self) -> dict[str, str]:
-        late = {} if self.lateness_s is None else {"lateness_s": str(self.lateness_s)}
+        given = (("lateness_s", self.lateness_s), ("skew_s", self.skew_s))
+        bounds = {name: str(value) for name, value in given if value is not None}
         return {"tz": self.tz, **{f"{g}_since": str(v) for g, v in zip(grains(), self.since, strict=True)},
-                "recent_since_ms": str(self.recent_since_ms), **late}  # fmt: skip
+                "recent_since_ms": str(self.recent_since_ms), **bounds}  # fmt: skip
 
     @classmethod
     def from_params(cls, params: Any) -> SpendQuery:
         try:
             since = tuple(int(params[f"{g}_since"]) for g in grains())
-            lateness = params.get("lateness_s")
+            lateness, skew = params.get("lateness_s"), params.get("skew_s")
             return cls(
-                str(params["tz"]), since, int(params["recent_since_ms"]), None if lateness is None else int(lateness)
+                str(params["tz"]),
+                since,
+                int(params["recent_since_ms"]),
+                None if lateness is None else int(lateness),
+                None if skew is None else int(skew),
             )
         except KeyError as exc:
             raise ValueError(f"missing parameter {exc}") from exc
@@ -123,14 +132,15 @@ GROUP BY GROUPING SETS ({sets})
 
 
 def _counted(query: SpendQuery) -> str:
-    """The condition of the rows the processor counted in budgets: arrived within its allowed lateness (its check,
-    in microseconds: arrival minus occurred_at at most the lateness)."""
-    if query.lateness_s is None:
-        return ""
-    return (
-        " AND toUnixTimestamp64Milli(arrived_at) * 1000 - toUnixTimestamp64Micro(occurred_at)"
-        f" <= {query.lateness_s * 1_000_000}"
-    )
+    """The condition of the rows the processor counted in budgets (its checks, in microseconds): arrived within its
+    allowed lateness after occurred_at, and occurred_at at most the future skew ahead of the arrival."""
+    arrived_us = "toUnixTimestamp64Milli(arrived_at) * 1000"
+    bounds = []
+    if query.lateness_s is not None:
+        bounds.append(f" AND {arrived_us} - toUnixTimestamp64Micro(occurred_at) <= {query.lateness_s * 1_000_000}")
+    if query.skew_s is not None:
+        bounds.append(f" AND toUnixTimestamp64Micro(occurred_at) <= {arrived_us} + {query.skew_s * 1_000_000}")
+    return "".join(bounds)
 
 
 def query_spend(client: Any, db: str, query: SpendQuery) -> dict[str, list[list[Any]]]:

@@ -61,13 +61,14 @@ _GEMINI_FILE = ("file_data", "fileData")
 _WEB_SEARCH = "web_search"
 # Fields and tools that make the provider add input the request does not carry (an attacker session held a request
 # continuing a 128 k-token conversation at $0.0003)
-_STORED_CONTEXT = ("previous_response_id", "conversation")
-_STORED_CONTEXT_TOOLS = frozenset({"file_search", "mcp"})
+_STORED_CONTEXT = ("previous_response_id", "conversation", "mcp_servers")
+# tool types (and their dated variants: ``web_fetch_20250910``, ``mcp_toolset``) whose results enter the prompt
+_STORED_CONTEXT_TOOLS = ("file_search", "mcp", "web_fetch", "code_interpreter")
 # A body without any of these cannot name an image, a file, a search or stored context: the walk is skipped. A JSON
 # escape (``\u0069mage_url``) spells one without its bytes (an attacker session), so it always takes the walk.
 _MEDIA_MARKERS = (
     b"image", b"file", b"document", b"inline", b"video", b"web_search", b"previous_response", b"conversation",
-    b"prompt", b"mcp", b"item_reference", b"\\u",
+    b"prompt", b"mcp", b"item_reference", b"web_fetch", b"code_interpreter", b"\\u",
 )  # fmt: skip
 _TIERS = frozenset({"priority", "flex"})
 
@@ -146,12 +147,13 @@ def prompt_media(body: Mapping[str, Any]) -> PromptMedia:
 
 def adds_stored_context(body: Mapping[str, Any]) -> bool:
     """Whether the provider adds to the prompt context it stores (an earlier response or conversation, a stored
-    prompt template and its variables) or fetches (file search, a remote MCP server): none of it is in the body."""
+    prompt template and its variables) or fetches (file search, remote MCP servers, fetched web pages, a code
+    interpreter's files): none of it is in the body."""
     if any(body.get(name) for name in _STORED_CONTEXT) or isinstance(body.get("prompt"), Mapping):
         return True
     tools = body.get("tools")
     return any(
-        isinstance(tool, Mapping) and tool.get("type") in _STORED_CONTEXT_TOOLS
+        isinstance(tool, Mapping) and str(tool.get("type", "")).startswith(_STORED_CONTEXT_TOOLS)
         for tool in (tools if isinstance(tools, list) else ())
     )
 

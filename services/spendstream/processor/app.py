@@ -79,6 +79,7 @@ class ProcessorConfig:
     spend_source: SpendSource | None = None  # the ledger, to rebuild lost window state from (``ledger_rebuild``)
     sink_group: str = "spendstream-sink"  # the ledger sink's consumer group: how far the ledger holds the topic
     signer: RecordSigner | None = None  # signs decisions and heartbeats (``core.record_signature``)
+    seal: InternalSeal | None = None  # seals what stage 2 reads, for this usage topic (``internal_seal``)
 
 
 def _prompt_fetches() -> None:
@@ -178,7 +179,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
     windows = app.Table("windows", **table_kw)  # "scope|period|start" -> {partition: [total, requests, tokens, offset]}
     scope_states = app.Table("scopes", **table_kw)  # scope -> ``stage_two.ScopeState`` as JSON
     spill = Spill(horizon_directory(config.datadir), at=config.dedup_memory_ids)
-    seal = InternalSeal(config.signer) if config.signer is not None else None
+    seal = config.seal
     stage1 = StageOne(
         holder,
         _changelog(partials, out1),

@@ -39,10 +39,11 @@ class BudgetAdjustmentFollower(threading.Thread):
         partitions: int,
         signer: RecordSigner | None = None,
         verifier: RecordVerifier | None = None,
+        seal: InternalSeal | None = None,
     ) -> None:
         super().__init__(name="budget-adjustments", daemon=True)
         self.signer = signer  # signs the expiries this follower publishes
-        self.seal = InternalSeal(signer) if signer is not None else None  # seals its requests to stage 2
+        self.seal = seal  # seals its requests to stage 2
         self.verifier = verifier  # None: every step on the topic counts
         self.holder = holder
         self.kafka_conf = kafka_conf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 from datetime import timedelta
@@ -264,6 +265,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.topics import POLICY, USAGE
     from spendstream.processor.app import ProcessorConfig, build_app
     from spendstream.processor.budget_adjustments import BudgetAdjustmentFollower
+    from spendstream.processor.internal_seal import InternalSeal, usage_epoch
     from spendstream.processor.internal_topics import ensure_internal_topics
     from spendstream.processor.ledger_rebuild import spend_source
     from spendstream.processor.policy_in_force import PolicyFollower
@@ -304,6 +306,9 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         ensure_internal_topics(settings.kafka_client_config(), app_id, settings.usage_partitions)
+        if config.signer is not None:
+            epoch = usage_epoch(settings.kafka_client_config())
+            config = dataclasses.replace(config, seal=InternalSeal(config.signer, epoch))
     except (RuntimeError, TimeoutError) as exc:
         print(f"spendstream processor: {exc}", file=sys.stderr)
         return 1
@@ -319,6 +324,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         settings.record_verifier(),
         read_in_force,
         settings.record_signer(),
+        config.seal,
     )
     follower.start()
     adjustments = BudgetAdjustmentFollower(
@@ -327,6 +333,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         settings.usage_partitions,
         settings.record_signer(),
         settings.record_verifier(),
+        config.seal,
     )
     adjustments.start()
     guard = None

@@ -89,6 +89,7 @@ class RebuildPlan:
     retention: Retention
     calendar: WindowCalendar
     tz_name: str  # the policy's timezone, for the ledger's local days
+    skew_s: int | None = None  # how far ahead of its arrival stage 1 takes an occurred_at (None: any)
 
     def wanted(self, period: str, start_s: int) -> bool:
         if period in (HOUR, "day"):
@@ -105,7 +106,11 @@ class RebuildPlan:
         hour_since = self.now_s - 3600 * (PERIODS[HOUR].retained_windows(0) + 1) - self.lateness_s
         since[HOUR] = hour_since - hour_since % 3600
         return SpendQuery(
-            self.tz_name, tuple(max(0, since[g]) for g in grains()), max(0, recent_since_ms), self.lateness_s
+            self.tz_name,
+            tuple(max(0, since[g]) for g in grains()),
+            max(0, recent_since_ms),
+            self.lateness_s,
+            self.skew_s,
         )
 
 

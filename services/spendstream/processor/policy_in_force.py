@@ -86,12 +86,13 @@ class PolicyFollower(threading.Thread):
         verifier: RecordVerifier | None = None,
         in_force: PolicyInForce | None = None,
         signer: RecordSigner | None = None,
+        seal: InternalSeal | None = None,
     ) -> None:
         super().__init__(name="policy-follower", daemon=True)
         self.in_force = in_force  # the record in force as read (None: the seed or the defaults, until one is read)
         self.verifier = verifier  # None: every valid record is adopted
         self.signer = signer  # signs the alerts it raises
-        self.seal = InternalSeal(signer) if signer is not None else None  # seals its requests to stage 2
+        self.seal = seal  # seals its requests to stage 2
         self.holder = holder
         self.kafka_conf = kafka_conf
         self.partitions = partitions

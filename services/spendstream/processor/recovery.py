@@ -243,7 +243,8 @@ def rebuild_from_ledger(
     positions = sink_positions(kafka_conf, sink_group, empty)
     holder = stage.holder
     policy, now_s = holder.policy, int(time.time())
-    plan = RebuildPlan(now_s, holder.lateness_s, holder.retention, holder.calendar, policy.timezone)
+    skew_s = int(stage.max_future_skew.total_seconds())
+    plan = RebuildPlan(now_s, holder.lateness_s, holder.retention, holder.calendar, policy.timezone, skew_s)
     try:
         snapshot = spend_source(plan.query(recent_since_ms(read_at, now_s, dedup_horizon)))
     except Exception:
