@@ -389,6 +389,7 @@ CONFIG_FROM_CALLER = {
     "processor/ledger_rebuild.py",
     "processor/budget_adjustments.py",
     "processor/decision_guard.py",
+    "processor/internal_seal.py",
     "api/budget_requests.py",
     "sink/audit_verify.py",
 }
