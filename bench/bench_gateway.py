@@ -35,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
+from figures import checkout_services
 from http_load import post_many
 from spendstream.gateway.keys import hash_key
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
@@ -207,17 +208,6 @@ def publish_decision_set(bootstrap: str, count: int) -> None:
         producer.poll(0)
     if producer.flush(30):
         raise SystemExit("the decision set was not delivered")
-
-
-def checkout_services(rev: str, into: Path) -> Path:
-    """``services/`` (and ``schemas/``) of this repository at ``rev``, extracted under ``into``."""
-    into.mkdir(parents=True)
-    root = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", rev, "services", "schemas"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into / "services"
 
 
 def start_gateway(python: str, config: Path, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen:

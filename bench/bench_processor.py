@@ -18,7 +18,9 @@
 * ``--profile`` runs the worker under cProfile and prints where its time went.
 
 Run: ``.venv/bin/python bench/bench_processor.py [--events 300000] [--rounds 3] [--samples 60] [--load 2000]
-[--fetch-wait-ms 100] [--baseline-services /tmp/old/services] [--profile]``.
+[--fetch-wait-ms 100] [--baseline-services /tmp/old/services | --baseline-rev REV] [--profile] [--unique-labels]``.
+* ``--unique-labels``: every event names its own user, feature, customer and project, as one client flooding new
+  names would; the figures are events/s and the worker's peak RSS.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from figures import figure, machine
+from figures import checkout_services, figure, machine
 from spendstream.core.codec import AvroCodec
 from spendstream.core.events import UsageEvent
 from spendstream.core.record_signature import write_key_pair
@@ -70,13 +72,15 @@ quotas:
 """
 
 
-def usage(rng: random.Random, team: str, cost: int) -> UsageEvent:
+def usage(rng: random.Random, team: str, cost: int, unique: int | None = None) -> UsageEvent:
+    """An event of ``team``; with ``unique``, its user, feature, customer and project are that event's own."""
     return UsageEvent(
         org="acme",
         team=team,
-        project=f"p{rng.randrange(20)}",
-        feature=f"f{rng.randrange(8)}",
-        user=f"u{rng.randrange(200)}",
+        project=f"p{rng.randrange(20) if unique is None else unique}",
+        feature=f"f{rng.randrange(8) if unique is None else unique}",
+        user=f"u{rng.randrange(200) if unique is None else unique}",
+        customer="" if unique is None else f"c{unique}",
         environment="prod",
         provider="openai",
         model_requested="gpt-4o-mini",
@@ -216,22 +220,33 @@ def main() -> None:
     parser.add_argument(
         "--fetch-wait-ms", type=int, default=100, help="the decision reader's fetch.wait.max.ms (the Enforcer's: 100)"
     )
-    parser.add_argument("--baseline-services", type=Path, help="another checkout's services/ to compare with")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline-services", type=Path, help="another checkout's services/ to compare with")
+    baseline.add_argument("--baseline-rev", help="a git revision of this repository, compared as --baseline-services")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--unique-labels",
+        action="store_true",
+        help="every event names its own user, feature, customer and project (one client flooding new names)",
+    )
     args = parser.parse_args()
-    machine("processor")
+    bench = "processor_flood" if args.unique_labels else "processor"
+    machine(bench)
     rng = random.Random(1)
     codec = AvroCodec("usage_event")
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker:
         base = Path(tmp)
+        if args.baseline_rev:
+            args.baseline_services = checkout_services(args.baseline_rev, base / "baseline")
         (base / "policy.yaml").write_text(POLICY)
         create_topics({"bootstrap.servers": broker.bootstrap}, PARTITIONS)
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
-        produce(producer, codec, [usage(rng, rng.choice(TEAMS), 1000) for _ in range(args.events)])
+        unique = range(args.events) if args.unique_labels else [None] * args.events
+        produce(producer, codec, [usage(rng, rng.choice(TEAMS), 1000, i) for i in unique])
         variants: list[tuple[str, Path | None]] = [("this checkout", None)]
         if args.baseline_services:
             variants.insert(0, ("baseline", args.baseline_services.resolve()))
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in variants}
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in variants}
         for round_ in range(args.rounds):
             for name, services in variants:
                 root = base / f"{name.replace(' ', '-')}-{round_}"
@@ -239,10 +254,11 @@ def main() -> None:
                 profile = root / "worker.prof" if args.profile and last else None
                 app_id = f"{DEFAULT_APP_ID}-{name.replace(' ', '-')}-{round_}"
                 rate, cpu_us, worker = throughput_round(broker.bootstrap, root, args.events, app_id, services, profile)
-                results[name].append((rate, cpu_us))
+                rss = peak_rss_mb(worker.pid)
+                results[name].append((rate, cpu_us, rss))
                 print(
                     f"{name}, round {round_ + 1}: {args.events:,} events at {rate:,.0f} events/s "
-                    f"({cpu_us:.1f} us worker CPU per event, worker peak RSS {peak_rss_mb(worker.pid):,.0f} MB)",
+                    f"({cpu_us:.1f} us worker CPU per event, worker peak RSS {rss:,.0f} MB)",
                     flush=True,
                 )
                 try:
@@ -258,17 +274,22 @@ def main() -> None:
                         if path.exists():
                             print(f"--- profile: {title}")
                             pstats.Stats(str(path)).sort_stats("tottime").print_stats(22)
-        medians = {
-            name: (statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs))
-            for name, runs in results.items()
-        }
-        for name, (rate, cpu_us) in medians.items():
-            print(f"median, {name}: {rate:,.0f} events/s, {cpu_us:.1f} us worker CPU per event")
-        rate, cpu_us = medians["this checkout"]
+        medians = {name: tuple(map(statistics.median, zip(*runs, strict=True))) for name, runs in results.items()}
+        for name, (rate, cpu_us, rss) in medians.items():
+            print(f"median, {name}: {rate:,.0f} events/s, {cpu_us:.1f} us worker CPU per event, peak RSS {rss:,.0f} MB")
+        rate, cpu_us, rss = medians["this checkout"]
         baseline = medians.get("baseline")
         extra: dict[str, object] = {"cpu_us_per_event": round(cpu_us, 1)}
         if baseline:
-            extra |= {"baseline_of": str(args.baseline_services), "baseline_cpu_us_per_event": round(baseline[1], 1)}
+            version = f"revision {args.baseline_rev}" if args.baseline_rev else str(args.baseline_services)
+            extra |= {"baseline_of": version, "baseline_cpu_us_per_event": round(baseline[1], 1)}
+        if args.unique_labels:
+            flood = f"{args.events:,} events, each with its own user, feature, customer and project"
+            figure(bench, f"usage events/s through one worker, {flood}", rate, "events/s",
+                   baseline=baseline[0] if baseline else None, **extra)  # fmt: skip
+            figure(bench, f"worker peak RSS, {flood}", rss, "MB", baseline=baseline[2] if baseline else None,
+                   baseline_of=extra.get("baseline_of"))  # fmt: skip
+            return
         figure(
             "processor",
             "usage events/s through one worker (reference policy, 8 scopes x 5 periods)",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
 
 from machine_facts import cpu_model, reference_ms
 
@@ -46,3 +48,14 @@ def figure(bench: str, name: str, value: float, unit: str, baseline: float | Non
     record["load"] = load_average()
     record["reference_ms"] = reference_ms(3)  # the host's speed when the figure was taken
     print(PREFIX + json.dumps(record), flush=True)
+
+
+def checkout_services(rev: str, into: Path) -> Path:
+    """``services/`` (and ``schemas/``) of this repository at ``rev``, extracted under ``into``."""
+    into.mkdir(parents=True)
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "services", "schemas"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "services"

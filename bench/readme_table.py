@@ -43,6 +43,20 @@ BENCHES = {
     "soak_horizon": ["bench/bench_soak.py", "--events", "27000000", "--rate", "30000", "--name", "soak_horizon"],
     "dedup_horizon": ["bench/bench_dedup_horizon.py", "--ids", "27000000"],
     "processor": ["bench/bench_processor.py", "--events", "300000", "--rounds", "3", "--samples", "20"],
+    # one client naming a new user, feature, customer and project per event, against the release before stage 1
+    # announced only the windows some rule reads
+    "processor_flood": [
+        "bench/bench_processor.py",
+        "--events",
+        "50000",
+        "--rounds",
+        "2",
+        "--samples",
+        "0",
+        "--unique-labels",
+        "--baseline-rev",
+        "210fa02",
+    ],
 }
 
 

@@ -617,3 +617,19 @@ def test_budget_gauges_show_limit_spend_remaining_ratio_and_hours_to_exhaustion(
                     if f.name == "spendstream_budget_hours_to_exhaustion"]  # fmt: skip
     assert "not within a century" in hours_help, "a small spend's +Inf is explained, not read as no spend"
     assert budget(samples, "remaining_usd", "month") == 150.0
+
+
+def test_a_budget_applied_after_the_spend_starts_from_the_month_so_far(stack: Stack) -> None:
+    """Stage 2 hears only of the windows some rule reads (``watched_windows``), so no rule read this feature's month
+    while it spent $60; a policy that then budgets it at $50 shuts it off at once, from the $60 stage 1 kept."""
+    at = now()
+    spend(stack, "late", 30, 2, at, feature="afterthought", user="u-afterthought")
+    month = ("feature:afterthought", "month", int(period_window("month", at, "Europe/Berlin")[0].timestamp()))
+    wait_totals(stack.bootstrap, {month: (60 * USD, 2, 30)}, "spendstream-processor", workers=[stack.worker])
+    assert stack.latest_decision("feature:afterthought") is None
+    budgeted = POLICY_YAML.replace(
+        "quotas:", '  - {scope: "feature:afterthought", period: month, amount_usd: 50}\nquotas:'
+    )
+    publish_policy(stack.bootstrap, "default", parse_policy(budgeted).to_json())
+    shutoff = stack.decision("feature:afterthought", "shutoff", policy_version=parse_policy(budgeted).version)
+    assert (shutoff["spend_nanos"], shutoff["limit_nanos"]) == (60 * USD, 50 * USD)

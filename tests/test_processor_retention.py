@@ -14,7 +14,7 @@ from spendstream.processor.recovery import read_scope_totals, read_window_totals
 from spendstream.processor.spend_accounting import Retention
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from test_processor import event, produce, start_worker, stop_worker, wait_totals
-from test_processor_faults import exact_totals
+from test_processor_faults import exact_totals, read_by_stage_two
 
 LATENESS_S = 3600
 POLICY_YAML = """
@@ -22,10 +22,14 @@ name: default
 timezone: Europe/Berlin
 org: acme
 divisions: {eng: [keep, prune]}
-budgets:
+budgets:  # a team's windows of every series are read, so stage 2 holds them too (``watched_windows``)
   - {scope: "team:keep", period: week, amount_usd: 1000}
+  - {scope: "team:*", period: week, amount_usd: 1000}
+  - {scope: "team:*", period: month, amount_usd: 1000}
+  - {scope: "team:*", period: quarter, amount_usd: 1000}
 spike_rules:
   - {name: daily, kind: daily, scope: "team:*", factor: 3, window_days: 2, min_history_days: 1}
+  - {name: hourly, kind: hourly_ewma, scope: "team:*"}
 """
 TEAMS = ("keep", "prune")
 APP = "spendstream-processor"
@@ -73,11 +77,14 @@ def test_expired_windows_are_tombstoned_in_both_tables_and_stay_gone_after_a_res
         assert gone and {k[1] for k in gone} == {HOUR, "day"}  # a week or month would need weeks of data
         assert len(live) < len(expected)
 
-        def settled(totals: dict) -> bool:
-            return all(totals.get(k) == v for k, v in live.items()) and not gone & set(totals)
+        held = read_by_stage_two(live, policy)  # the org's and the division's windows are no rule's
+        assert {k for k in live if k[0].startswith("team:")} <= set(held)
+
+        def settled(totals: dict, wanted: dict) -> bool:
+            return all(totals.get(k) == v for k, v in wanted.items()) and not gone & set(totals)
 
         deadline = time.monotonic() + 30
-        while not (settled(read_window_totals(conf(broker))) and settled(read_scope_totals(conf(broker)))):
+        while not (settled(read_window_totals(conf(broker)), live) and settled(read_scope_totals(conf(broker)), held)):
             assert time.monotonic() < deadline, "expired windows still stored, or live windows not exact"
             time.sleep(0.5)
         hours = [k[2] for k in read_scope_totals(conf(broker)) if k[0] == "team:keep" and k[1] == HOUR]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from spendstream.processor.scopes import scopes_for
 from spendstream.processor.spend_accounting import clock_key, dedup_id, is_ids_key, owner_prefix, totals_from_partials
 from spendstream.processor.stage_one import StageOne
 from spendstream.processor.stage_two import ScopeState, StageTwo
+from spendstream.processor.watched_windows import watched, watched_series
 
 USD = 1_000_000_000
 PARTITIONS = 4
@@ -50,6 +52,7 @@ budgets:
 pricing: {unknown_model: reject}
 """
 CODEC = AvroCodec("usage_event")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorded:
@@ -69,6 +72,11 @@ class Recorded:
 
 def policy(budget_usd: int = 100) -> Any:
     return parse_policy(POLICY_YAML % budget_usd, "<test>")
+
+
+def policy_with(budgets: str = "", rest: str = "") -> Any:
+    """The test policy (team alpha at $100) with more ``budgets`` lines and more top-level ``rest``."""
+    return parse_policy((POLICY_YAML % 100).replace("pricing:", budgets + "pricing:") + rest, "<test>")
 
 
 def usage(offset: int, event: UsageEvent, arrival: datetime | None = None, partition: int = 1) -> Message:
@@ -119,6 +127,7 @@ class Worker:
             max_future_skew=timedelta(minutes=5),
             dedup_horizon=timedelta(minutes=15),
         )
+        self.holder.on_swap.append(self.stage.announce_newly_watched)  # as the processor's app wires them
         self.blank = self.stage.restore([1], {})
 
     def process(self, messages: list[Message]) -> None:
@@ -212,7 +221,11 @@ def test_a_batch_of_many_new_scopes_is_announced_in_messages_the_broker_accepts(
     """An attacker session: 20 posts of 1,000 events, each with its own user, feature, customer and project, made
     one announcement larger than the broker's 1 MB limit; the worker crashed on it at every restart, and every
     edge's enforcement view went stale."""
-    worker = Worker()
+    watching = policy_with(
+        '  - {scope: "user:*", period: day, amount_usd: 5}\n  - {scope: "feature:*", period: month, amount_usd: 50}\n',
+        'quotas:\n  - {scope: "customer:*", requests_per_day: 100}\n',
+    )
+    worker = Worker(holder=PolicyHolder(watching, LATENESS))
     labels = "x" * 200  # long names make big messages
     events = [
         spend(1).model_copy(update={"user": f"{labels}-u{i}", "feature": f"{labels}-f{i}", "customer": f"c{i}"})
@@ -227,7 +240,9 @@ def test_a_batch_of_many_new_scopes_is_announced_in_messages_the_broker_accepts(
         for entries in internal_message(json.loads(value)).scopes.values()  # type: ignore[union-attr]
         for window in entries
     }
-    assert len(announced) == len(totals_from_partials(worker.table))  # every window, once
+    reads = watched(watching).reads
+    assert announced == {wkey for wkey in totals_from_partials(worker.table) if reads(wkey)}  # each window once
+    assert len(announced) > 9_000  # a user's day, a feature's month, a customer's day per event
 
 
 def test_stage_one_counts_each_event_in_the_scopes_of_scopes_for_and_dead_letters_what_the_checks_reject() -> None:
@@ -283,8 +298,9 @@ def test_internal_messages_round_trip_in_the_wire_format() -> None:
 class ScopeOwner:
     """Stage 2 of the internal partition that owns team:alpha, on dict tables."""
 
-    def __init__(self, holder: PolicyHolder) -> None:
-        self.partition = stage2_partition("team:alpha", PARTITIONS)
+    def __init__(self, holder: PolicyHolder, scope: str = "team:alpha") -> None:
+        self.scope = scope
+        self.partition = stage2_partition(scope, PARTITIONS)
         self.out = Recorded()
         self.windows: dict[str, Any] = {}
         self.scopes: dict[str, Any] = {}
@@ -298,7 +314,17 @@ class ScopeOwner:
 
     def decisions(self) -> list[str]:
         codec = AvroCodec("decision")
-        return [codec.decode(value)["action"] for _, key, value, *_ in self.out.on(ENFORCEMENT) if key == b"team:alpha"]
+        mine = self.scope.encode()
+        return [codec.decode(value)["action"] for _, key, value, *_ in self.out.on(ENFORCEMENT) if key == mine]
+
+    def receive(self, sent: list[tuple[str, bytes | None, bytes | None, int | None, dict[str, bytes]]]) -> None:
+        """Process the internal messages of ``sent`` that this owner's partition receives."""
+        mine = [
+            internal_message(json.loads(value or b""))
+            for _, _, value, partition, _ in sent
+            if partition == self.partition
+        ]
+        self.stage.process(self.partition, mine)
 
 
 def test_stage_two_merges_totals_idempotently_decides_on_change_and_reevaluates_on_a_new_policy() -> None:
@@ -332,7 +358,8 @@ def test_a_restored_stage_one_announces_every_window_again_so_a_stage_two_that_m
     announced = restarted.stage.announce_restored([1])
     sent = restarted.out.on(PARTIALS_TOPIC)
     partial_keys = [key for key in restarted.table if not is_ids_key(key) and key != clock_key(1)]
-    assert announced == len(partial_keys) > 0
+    reads = watched(restarted.holder.policy).reads
+    assert announced == len([key for key in partial_keys if reads(key.rpartition("#")[0])]) > 0
     owner = ScopeOwner(restarted.holder)  # a stage-2 owner that never saw the first worker's announcements
     for _, _, value, partition, _ in sent:
         message = internal_message(json.loads(value or b""))
@@ -488,3 +515,74 @@ def test_an_event_is_the_same_event_whether_it_names_the_org_the_policy_places_i
     worker.process([usage(0, unnamed), usage(1, unnamed.model_copy(update={"org": "acme", "cost_nanos": 9 * USD}))])
     assert worker.month_total() == (3 * USD, 1, 15)  # the first version, once
     assert [reason.split(":")[0] for reason in worker.dead_letters()] == ["conflicting_duplicate"]
+
+
+FLOOD_RULES = """quotas:
+  - {scope: "user:*", requests_per_day: 1000}
+spike_rules:
+  - {name: runaway, kind: hourly_ewma, scope: "feature:*"}
+"""
+
+
+def test_stage_one_keeps_every_window_but_announces_only_those_a_rule_reads() -> None:
+    """An attacker session: 50,000 events from one ingest token, each with its own user, feature, customer and
+    project, took a worker to 1.6 GB at 1,336 events/s, stage 2 merging and evaluating twenty new windows per event.
+    Stage 2 now hears of the windows some rule reads: here a user's day (the quota), a feature's hour (the spike
+    rule) and team alpha's month; a customer or a project that no rule names costs it nothing."""
+    flood = policy_with(rest=FLOOD_RULES)
+    worker = Worker(holder=PolicyHolder(flood, LATENESS))
+    events = [
+        spend(1).model_copy(update={"user": f"u{i}", "feature": f"f{i}", "customer": f"c{i}", "project": f"p{i}"})
+        for i in range(200)
+    ]
+    worker.process([usage(offset, event) for offset, event in enumerate(events)])
+    stored = totals_from_partials(worker.table)
+    assert len({wkey.partition("|")[0] for wkey in stored}) == 3 + 4 * 200  # org, team, model; 4 new per event
+    announced = {
+        window.window
+        for _, _, value, _, _ in worker.out.on(PARTIALS_TOPIC)
+        for entries in internal_message(json.loads(value or b"")).scopes.values()  # type: ignore[union-attr]
+        for window in entries
+    }
+    series = {(wkey.partition("|")[0].partition(":")[0], wkey.split("|")[1]) for wkey in announced}
+    assert series == {("user", "day"), ("feature", "hour"), ("team", "month")}
+    assert len(announced) == 2 * 200 + 1
+    assert len(stored) == 5 * (3 + 4 * 200)  # stage 1 still keeps every series of every scope
+
+
+def test_a_budget_applied_later_starts_from_the_spend_stage_one_kept_for_its_scope() -> None:
+    """No rule read feature:late's windows, so stage 2 never heard of them; a policy that budgets it at $50 once
+    it spent $60 this month must shut it off at once, from the month's spend, not from $0."""
+    worker = Worker()
+    late = [spend(30).model_copy(update={"feature": "late"}) for _ in range(2)]
+    worker.process([usage(offset, event) for offset, event in enumerate(late)])
+    assert not any("feature:late" in (value or b"").decode() for _, _, value, _, _ in worker.out.on(PARTIALS_TOPIC))
+    owner = ScopeOwner(worker.holder, "feature:late")
+    before = len(worker.out.records)
+    budgeted = policy_with('  - {scope: "feature:late", period: month, amount_usd: 50}\n')
+    assert worker.holder.adopt(budgeted)
+    sent = worker.out.records[before:]
+    month = f"feature:late|month|{MONTH}"
+    announced = [
+        window
+        for _, _, value, _, _ in sent
+        for entries in internal_message(json.loads(value or b"")).scopes.values()  # type: ignore[union-attr]
+        for window in entries
+    ]
+    assert announced == [WindowPartial(month, 60 * USD, 2, 30, 1)]  # the newly read window only, at its total
+    owner.receive(sent)
+    assert owner.decisions() == ["shutoff"]
+    worker.holder.adopt(policy(200))  # back to a policy that does not read it: nothing more to announce
+    assert len(worker.out.records) == before + len(sent)
+
+
+def test_the_windows_a_scope_is_announced_are_those_its_rules_read() -> None:
+    reference = parse_policy((ROOT / "infra" / "policy" / "default.yaml").read_text(), "default.yaml")
+    assert watched_series("team:engineering", reference) == {"month"}
+    assert watched_series("feature:ai_chatbot", reference) == {"month", "day", "hour"}  # budget, both spike rules
+    assert watched_series("feature:never-named", reference) == {"day", "hour"}
+    assert watched_series("user:bob", reference) == {"day"}  # the requests-per-day quota
+    assert watched_series("customer:c-1", reference) == frozenset()
+    assert watched_series("project:anything", reference) == frozenset()
+    listed = policy_with(rest='allowed_models: {"team:beta": ["gpt-4o-mini"]}\n')
+    assert watched_series("team:beta", listed) == {"day"}  # evaluated when it spends, so its list is published

@@ -191,6 +191,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         spill=spill,
         seal=seal,
     )
+    holder.on_swap.append(stage1.announce_newly_watched)
     stage2 = StageTwo(holder, _changelog(windows, out2), _changelog(scope_states, out2), out2, n, config.signer)
 
     def owned_partitions(topic: str) -> list[int]:

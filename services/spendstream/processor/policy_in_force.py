@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,6 +47,9 @@ class PolicyHolder:
     def __init__(self, policy: Policy, allowed_lateness: timedelta) -> None:
         self.base = self.policy = policy
         self.adjustments: list[BudgetRequest] = []
+        # called with (the policy before, the policy now) in the thread that swapped them, once ``policy`` is the
+        # new one (stage 1 announces the windows the new rules read: ``StageOne.announce_newly_watched``)
+        self.on_swap: list[Callable[[Policy, Policy], object]] = []
         self._lock = threading.Lock()
         self.calendar = WindowCalendar(policy.tz)
         self.lateness_s = int(allowed_lateness.total_seconds())
@@ -60,14 +64,23 @@ class PolicyHolder:
             if policy.timezone != self.base.timezone or history_days(policy) != self.retention.history_days:
                 self.retention = Retention(policy.tz, self.lateness_s, history_days(policy))
             self.base = policy
-            self.policy = adjusted_policy(policy, self.adjustments, datetime.now(UTC))
-            return True
+            before = self.policy
+            after = self.policy = adjusted_policy(policy, self.adjustments, datetime.now(UTC))
+        self._swapped(before, after)
+        return True
 
     def readjust(self, adjustments: list[BudgetRequest], at: datetime) -> None:
         """Put the budget adjustments in force at ``at`` on top of the applied policy."""
         with self._lock:
             self.adjustments = adjustments
-            self.policy = adjusted_policy(self.base, adjustments, at)
+            before = self.policy
+            after = self.policy = adjusted_policy(self.base, adjustments, at)
+        self._swapped(before, after)
+
+    def _swapped(self, before: Policy, after: Policy) -> None:
+        if before is not after:
+            for listener in self.on_swap:
+                listener(before, after)
 
 
 class PolicyFollower(threading.Thread):

@@ -11,6 +11,7 @@ source offsets are committed. Why the fold is exact: ``spend_accounting``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ from spendstream.processor.spend_accounting import (
     split_partial_key,
 )
 from spendstream.processor.usage_decoder import FieldDecoder
+from spendstream.processor.watched_windows import rule_footprint, watched
+
+log = logging.getLogger(__name__)
 
 Starts = Callable[[int], tuple[tuple[str, int], ...]]  # epoch s -> the live (period, window start) pairs
 
@@ -534,10 +538,14 @@ class StageOne:
         return item, arrived_ms
 
     def _announce(self, partition: int, touched: Mapping[str, Partial], newest_event_s: int, watermark_ms: int) -> None:
-        """One ``PartialsMessage`` per stage-2 partition with the totals of the windows of the scopes it owns."""
+        """One ``PartialsMessage`` per stage-2 partition with the totals of the windows of the scopes it owns that
+        some rule reads (``watched_windows``)."""
         by_target: dict[int, dict[str, list[WindowPartial]]] = {}
+        reads = watched(self.holder.policy).reads  # the policy at announce time: see ``announce_newly_watched``
         for pkey, value in touched.items():
             wkey, _ = split_partial_key(pkey)
+            if not reads(wkey):
+                continue
             scope = wkey.partition("|")[0]
             target = by_target.setdefault(stage2_partition(scope, self.partitions), {})
             target.setdefault(scope, []).append(WindowPartial(wkey, *value))
@@ -545,7 +553,8 @@ class StageOne:
             self._send_partials(partition, target, newest_event_s, watermark_ms, scopes)
 
     def announce_restored(self, partitions: Iterable[int]) -> int:
-        """Tell stage 2 again the total of every window these restored source partitions hold; returns how many.
+        """Tell stage 2 again the total of every window these restored source partitions hold that some rule reads;
+        returns how many.
 
         Stage 2's windows are derived from these announcements, and a stage-2 owner may miss some: after kill -9
         and a rebalance, a worker was seen holding windows without the totals of the source partitions announced
@@ -555,7 +564,31 @@ class StageOne:
         ``newest_event_s`` is 0 (a repeat says nothing new of when a scope last spent) and the watermark is the
         one the partition persisted (never ahead of what stage 2 saw). Messages go out as they fill, so memory
         stays bounded (1.2 million partials: 4-5 s, in a thread; the event loop keeps serving faust)."""
-        wanted = set(partitions)
+        return self._announce_stored(set(partitions), watched(self.holder.policy).reads)
+
+    def announce_newly_watched(self, before: Policy, after: Policy) -> int:
+        """After ``before`` gave way to ``after`` (a policy applied, a budget adjustment in force): announce the
+        stored totals of the windows ``after`` reads and ``before`` did not; returns how many.
+
+        Called from the thread that swapped the policy, once ``holder.policy`` is ``after``, while stage 1 may be
+        folding a batch. Nothing is missed: a batch writes its partials before it announces them, with the policy
+        it finds at that moment, so a batch announced under ``before`` wrote its totals before this walk began,
+        and any later one announces under ``after`` itself. A total announced twice changes nothing
+        (``merge_partial`` keeps the highest offset)."""
+        if rule_footprint(before) == rule_footprint(after):
+            return 0
+        was, now = watched(before).reads, watched(after).reads
+        count = self._announce_stored(None, lambda wkey: now(wkey) and not was(wkey))
+        if count:
+            log.info("stage 1 announced %d window totals that policy %s reads and the one before did not",
+                     count, after.version)  # fmt: skip
+        return count
+
+    def _announce_stored(self, wanted: set[int] | None, keep: Callable[[str], bool]) -> int:
+        """Announce the stored total of every window ``keep`` accepts, of the source partitions ``wanted`` (None:
+        every one held here), in messages sent as they fill."""
+        if wanted is None:
+            wanted = set(self.sources)
         watermarks = {partition: self.source(partition).clock.durable_ms for partition in wanted}
         targets: dict[str, int] = {}  # scope -> its stage-2 partition
         pending: dict[tuple[int, int], dict[str, list[WindowPartial]]] = {}  # (source, target) -> scopes
@@ -566,7 +599,7 @@ class StageOne:
             if is_ids_key(key) or is_clock_key(key) or (value := data.get(key)) is None:
                 continue
             wkey, source = split_partial_key(key)
-            if source not in wanted:
+            if source not in wanted or not keep(wkey):
                 continue
             scope = wkey.partition("|")[0]
             target = targets.get(scope)
@@ -604,13 +637,15 @@ class StageOne:
     ) -> dict[str, list[WindowPartial]]:
         """Adopt a partition rebuilt from the ledger (``ledger_rebuild``): its window totals as partials at
         ``start - 1`` (stage 1 reads from ``start``), its recent ids as applied at offset -1 (no offset stage 1
-        reads), its clock at ``now_ms``. Returns the scopes' window totals for stage 2."""
+        reads), its clock at ``now_ms``. Returns the window totals stage 2 reads, by scope."""
         source = self.source(partition)
         scopes: dict[str, list[WindowPartial]] = {}
+        reads = watched(self.holder.policy).reads
         for wkey, (nanos, requests, tokens) in windows.items():
             value = [nanos, requests, tokens, start - 1]
             self.partials.put(partition, partial_key(wkey, partition), value)
-            scopes.setdefault(wkey.partition("|")[0], []).append(WindowPartial(wkey, *value))
+            if reads(wkey):
+                scopes.setdefault(wkey.partition("|")[0], []).append(WindowPartial(wkey, *value))
         if windows:
             source.applied_high = start - 1
         applied = source.applied
