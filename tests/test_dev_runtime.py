@@ -113,7 +113,15 @@ def child_pid(parent: int, service: str) -> int:
 # -- ports -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting", ["SPENDSTREAM_KAFKA_BOOTSTRAP", "SPENDSTREAM_GATEWAY_PORT", "SPENDSTREAM_API_PORT"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "SPENDSTREAM_KAFKA_BOOTSTRAP",
+        "SPENDSTREAM_GATEWAY_PORT",
+        "SPENDSTREAM_API_PORT",
+        "SPENDSTREAM_STUB_UPSTREAM_PORT",
+    ],
+)
 def test_a_port_in_use_stops_dev_naming_the_port_and_the_setting(setting: str, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -3,10 +3,13 @@ for the usage topic it was made for."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
+
 from spendstream.core.record_signature import RecordSigner, write_key_pair
-from spendstream.processor.internal_seal import SEAL_HEADER, InternalSeal, seal_headers, usage_epoch
+from spendstream.processor.internal_seal import SEAL_HEADER, InternalSeal, UnsealedLog, seal_headers, usage_epoch
 from spendstream.runtime.embedded_broker import EmbeddedBroker
 from spendstream.runtime.topic_admin import create_topics
 
@@ -41,3 +44,18 @@ def test_the_epoch_is_the_usage_topics_id_which_a_new_broker_gives_anew(tmp_path
             epochs.append(usage_epoch(conf))
             assert usage_epoch(conf) == epochs[-1]  # every worker of a deployment reads the same
     assert all(epochs) and epochs[0] != epochs[1]
+
+
+def test_a_flood_of_unsealed_messages_is_one_log_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Stage 2 logged every message it ignored: a client flooding the internal topic flooded the log and its disk."""
+    clock = [1000.0]
+    unsealed = UnsealedLog(interval_s=60.0, clock=lambda: clock[0])
+    with caplog.at_level(logging.ERROR, logger="spendstream.processor.internal_seal"):
+        for offset in range(10_000):
+            unsealed.ignored_one(3, offset)
+        assert len(caplog.records) == 1 and "ignored 1 message(s)" in caplog.records[0].getMessage()
+        clock[0] += 61
+        unsealed.ignored_one(3, 10_000)
+    assert len(caplog.records) == 2
+    assert "ignored 10000 message(s)" in caplog.records[1].getMessage()
+    assert "partition 3 at offset 10000" in caplog.records[1].getMessage()

@@ -156,6 +156,13 @@ class Settings(BaseSettings):
         description="Gateway processes serving the port (SO_REUSEPORT), each with its own Enforcer and Emitter; "
         "0: one per CPU.",
     )
+    stub_upstream_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Listen port of the stub LLM provider `spendstream dev --stub-upstream` starts (0: a free one; "
+        "`dev` prints it).",
+    )
     api_host: str = Field("127.0.0.1", description="API and dashboard listen address.")
     api_port: int = Field(8081, ge=0, le=65535, description="API and dashboard listen port.")
     api_header_timeout_s: float = Field(

@@ -111,11 +111,20 @@ class StubUpstream:
             self._runner = None
 
     def start(self) -> StubUpstream:
+        """Serve from a thread of its own; raises what binding the port raised (``OSError``: the port is taken)."""
         started = threading.Event()
+        failed: list[BaseException] = []
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start_async())
+            try:
+                self._loop.run_until_complete(self.start_async())
+            except BaseException as exc:
+                failed.append(exc)
+                self._loop.close()
+                self._loop = None
+                started.set()
+                return
             started.set()
             self._loop.run_forever()
             self._loop.run_until_complete(self.stop_async())
@@ -125,6 +134,10 @@ class StubUpstream:
         self._thread.start()
         if not started.wait(10):
             raise RuntimeError("stub upstream did not start")
+        if failed:
+            self._thread.join(10)
+            self._thread = None
+            raise failed[0]
         return self
 
     def stop(self) -> None:

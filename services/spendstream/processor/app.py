@@ -49,7 +49,7 @@ from spendstream.processor.applied_ids import SPILL_AT, Spill
 from spendstream.processor.budget_gauges import BUDGET_GAUGES
 from spendstream.processor.checkpoint import BatchOutput, Changelog, Checkpoint
 from spendstream.processor.heartbeat import HeartbeatPublisher
-from spendstream.processor.internal_seal import InternalSeal
+from spendstream.processor.internal_seal import InternalSeal, UnsealedLog
 from spendstream.processor.internal_topics import DEFAULT_APP_ID, PARTIALS_TOPIC, internal_message, stage2_partition
 from spendstream.processor.ledger_rebuild import SpendSource
 from spendstream.processor.policy_in_force import PolicyHolder
@@ -281,6 +281,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         heartbeats.close()
 
     checkpoint2 = Checkpoint(out2)  # faust acks a batch when the agent asks for the next one
+    unsealed = UnsealedLog()
 
     @app.agent(internal)
     async def scope_stage(stream: faust.StreamT) -> None:
@@ -299,11 +300,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
                 if (partition := message.partition) not in owned:
                     continue
                 if seal is not None and not seal.vouches_for(partition, message.value, message.headers):
-                    log.error(
-                        "ignoring a message on %s[%d] at offset %d without this processor's seal: only a processor "
-                        "may tell stage 2 a window's total",
-                        PARTIALS_TOPIC, partition, message.offset,
-                    )  # fmt: skip
+                    unsealed.ignored_one(partition, message.offset)
                     continue
                 by_partition.setdefault(partition, []).append(internal_message(event.value))
             for partition, messages in by_partition.items():

@@ -18,7 +18,9 @@ Without a signing key nothing is sealed and stage 2 takes every message, as edge
 from __future__ import annotations
 
 import hmac
+import logging
 import struct
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +29,8 @@ from confluent_kafka.admin import AdminClient
 
 from spendstream.core.record_signature import RecordSigner
 from spendstream.core.topics import USAGE
+
+log = logging.getLogger(__name__)
 
 SEAL_HEADER = "spendstream-seal"
 _PURPOSE = b"spendstream.processor.partials"
@@ -70,3 +74,28 @@ def usage_epoch(kafka_conf: dict[str, Any], timeout: float = 30.0) -> bytes:
     except KafkaException as exc:
         raise RuntimeError(f"cannot read the id of {USAGE}, which seals the processor's messages: {exc}") from exc
     return str(topic_id).encode() if topic_id is not None else b""
+
+
+class UnsealedLog:
+    """Says that stage 2 ignored messages without the seal: the first at once, then how many more at most once per
+    ``interval_s``, so that a client flooding the internal topic cannot flood the processor's log and its disk."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Any = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.ignored = 0  # since the last line
+        self._next_line_at = 0.0
+
+    def ignored_one(self, partition: int, offset: int) -> None:
+        self.ignored += 1
+        now = self.clock()
+        if now < self._next_line_at:
+            return
+        log.error(
+            "ignored %d message(s) on the processor's internal topic without this processor's seal, the last on "
+            "partition %d at offset %d: only a processor may tell stage 2 a window's total (a client that can write "
+            "to the broker tried; restrict writes to that topic with Kafka ACLs)",
+            self.ignored, partition, offset,
+        )  # fmt: skip
+        self.ignored = 0
+        self._next_line_at = now + self.interval_s

@@ -141,7 +141,16 @@ def _run_dev_stack(args: argparse.Namespace, settings: Settings, policy: Path) -
     if args.stub_upstream:
         from spendstream.gateway.stub_upstream import StubUpstream
 
-        stub = StubUpstream().start()
+        try:
+            stub = StubUpstream(port=settings.stub_upstream_port).start()
+        except OSError as exc:
+            print(
+                f"spendstream: the stub upstream cannot listen on port {settings.stub_upstream_port} ({exc}); "
+                "set SPENDSTREAM_STUB_UPSTREAM_PORT to a free port, or 0 for any",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"spendstream  stub upstream  {stub.url}  (answers the gateway's LLM calls)", flush=True)
     gateway_config, dev_key = (
         (Path(os.environ["SPENDSTREAM_GATEWAY_CONFIG"]), None)
         if os.environ.get("SPENDSTREAM_GATEWAY_CONFIG")
