@@ -586,3 +586,15 @@ def test_the_windows_a_scope_is_announced_are_those_its_rules_read() -> None:
     assert watched_series("project:anything", reference) == frozenset()
     listed = policy_with(rest='allowed_models: {"team:beta": ["gpt-4o-mini"]}\n')
     assert watched_series("team:beta", listed) == {"day"}  # evaluated when it spends, so its list is published
+
+
+def test_a_name_with_a_bar_in_it_is_enforced_as_its_own_scope() -> None:
+    """Names may contain ``|``, which also separates a window key's parts: stage 1 announced ``user:bob|1``'s
+    windows under the scope ``user:bob``, so stage 2 evaluated a scope without those windows and the user's
+    budget never held (nor did a policy's budget for a team named ``eng|ops``)."""
+    holder = PolicyHolder(policy_with('  - {scope: "user:*", period: day, amount_usd: 5}\n'), LATENESS)
+    worker = Worker(holder=holder)
+    worker.process([usage(offset, spend(4).model_copy(update={"user": "bob|1"})) for offset in range(2)])
+    owner = ScopeOwner(holder, "user:bob|1")
+    owner.receive(worker.out.on(PARTIALS_TOPIC))
+    assert owner.decisions() == ["shutoff"]  # $8 of $5 today

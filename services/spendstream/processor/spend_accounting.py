@@ -73,6 +73,11 @@ def window_key(scope: str, period: str, start_s: int) -> str:
     return f"{scope}|{period}|{start_s}"
 
 
+def scope_of(wkey: str) -> str:
+    """The scope of a window key. Names may contain ``|`` (``user:a|b``), so it is what precedes the last two."""
+    return wkey[: wkey.rfind("|", 0, wkey.rfind("|"))]
+
+
 def split_window_key(key: str) -> tuple[str, str, int]:
     scope, period, start = key.rsplit("|", 2)
     return scope, period, int(start)
@@ -407,9 +412,22 @@ class Retention:
 
     def expired_partials(self, table_keys: Iterable[str], partition: int, watermark_s: int) -> list[str]:
         """The stage-1 partial keys of source ``partition`` expired at ``watermark_s`` (ids records excluded)."""
+        # Once per key, so kept lean: a table holds every window of every scope (a flood of new names makes
+        # millions), while the (period, start) pairs, whose verdict is the costly part, are few.
         suffix = f"#{partition}"
-        mine = (key for key in table_keys if key.endswith(suffix) and not is_ids_key(key) and not is_clock_key(key))
-        return [key for key in mine if not self.live(*split_window_key(split_partial_key(key)[0])[1:], watermark_s)]
+        verdicts: dict[str, bool] = {}  # "period|start#partition" -> expired
+        gone = []
+        for key in table_keys:
+            if not key.endswith(suffix) or key.startswith(IDS_PREFIX) or key.startswith(CLOCK_PREFIX):
+                continue
+            tail = key[key.rfind("|", 0, key.rfind("|")) + 1 :]
+            expired = verdicts.get(tail)
+            if expired is None:
+                period, _, start = tail[: -len(suffix)].partition("|")
+                expired = verdicts[tail] = not self.live(period, int(start), watermark_s)
+            if expired:
+                gone.append(key)
+        return gone
 
 
 class Watermark:

@@ -60,6 +60,7 @@ from spendstream.processor.spend_accounting import (
     partial_key,
     placed_owner,
     restore_clock,
+    scope_of,
     split_ids_key,
     split_partial_key,
 )
@@ -546,7 +547,7 @@ class StageOne:
             wkey, _ = split_partial_key(pkey)
             if not reads(wkey):
                 continue
-            scope = wkey.partition("|")[0]
+            scope = scope_of(wkey)
             target = by_target.setdefault(stage2_partition(scope, self.partitions), {})
             target.setdefault(scope, []).append(WindowPartial(wkey, *value))
         for target, scopes in by_target.items():
@@ -601,7 +602,7 @@ class StageOne:
             wkey, source = split_partial_key(key)
             if source not in wanted or not keep(wkey):
                 continue
-            scope = wkey.partition("|")[0]
+            scope = scope_of(wkey)
             target = targets.get(scope)
             if target is None:
                 target = targets[scope] = stage2_partition(scope, self.partitions)
@@ -645,7 +646,7 @@ class StageOne:
             value = [nanos, requests, tokens, start - 1]
             self.partials.put(partition, partial_key(wkey, partition), value)
             if reads(wkey):
-                scopes.setdefault(wkey.partition("|")[0], []).append(WindowPartial(wkey, *value))
+                scopes.setdefault(scope_of(wkey), []).append(WindowPartial(wkey, *value))
         if windows:
             source.applied_high = start - 1
         applied = source.applied

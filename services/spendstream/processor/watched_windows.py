@@ -66,8 +66,8 @@ class WatchedWindows:
 
     def reads(self, wkey: str) -> bool:
         """Whether stage 2 reads the window ``scope|series|start``."""
-        scope, _, rest = wkey.partition("|")
-        return rest.partition("|")[0] in self.series(scope)
+        scope, series, _ = wkey.rsplit("|", 2)  # names may contain "|"
+        return series in self.series(scope)
 
 
 # The few policies alive at once (in force, the one it replaces), by identity.
