@@ -1,4 +1,4 @@
-"""Prometheus gauges of every budget the processor evaluates, for alerting stacks that already watch /metrics.
+"""Prometheus gauges of every budget of a scope the policy names, for alerting stacks that already watch /metrics.
 
 Per scope and period (labels ``scope``, ``period``): ``spendstream_budget_limit_usd``,
 ``spendstream_budget_spent_usd``, ``spendstream_budget_remaining_usd`` (never below 0),
@@ -11,6 +11,9 @@ computed at scrape time, so the hours count down between events, and a window th
 shown (the next period's series appears with its first event). Each worker shows the scopes it evaluates,
 and forgets those whose partition a rebalance gives another worker.
 Prometheus samples are floats: the exact nano-USD figures stay in the ledger and the decisions.
+A template's scopes (each user of a ``user:*`` budget) are not shown: a series per user grows with the users,
+and a client naming a new user per event grew the processor's memory and every scrape without bound. Their
+standing is in their decisions. A scope whose windows have all ended is forgotten at the next scrape.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class BudgetGauges(Collector):
     def update(self, scope: str, standings: Iterable[BudgetStanding]) -> None:
         tightest: dict[str, BudgetStanding] = {}
         for standing in standings:
+            if not standing.named:
+                continue
             held = tightest.get(standing.period)
             if held is None or remaining_nanos(standing) < remaining_nanos(held):
                 tightest[standing.period] = standing
@@ -76,6 +81,10 @@ class BudgetGauges(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = self._clock()
         with self._lock:
+            for scope in [
+                scope for scope, periods in self._standings.items() if all(now >= s.end for s in periods.values())
+            ]:
+                del self._standings[scope]
             current = [s for periods in self._standings.values() for s in periods.values() if now < s.end]
         families = self._families()
         for standing in sorted(current, key=lambda s: (s.scope, s.period)):

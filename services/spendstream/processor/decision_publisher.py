@@ -73,6 +73,7 @@ class BudgetStanding:
     spend_nanos: int
     start: datetime
     end: datetime
+    named: bool = True  # the policy's budget names this scope (False: a template's, such as each user of user:*)
 
 
 @dataclass(slots=True)
@@ -167,7 +168,9 @@ def evaluate_scope(
             spend = 0
         else:
             continue
-        verdict.standings.append(BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end))
+        verdict.standings.append(
+            BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end, not budget.is_template)
+        )
         evaluation = evaluate_budget(budget, scope, spend, policy)
         extra = {
             "spend_nanos": spend,
