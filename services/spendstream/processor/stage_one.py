@@ -589,7 +589,7 @@ class StageOne:
         """Announce the stored total of every window ``keep`` accepts, of the source partitions ``wanted`` (None:
         every one held here), in messages sent as they fill."""
         if wanted is None:
-            wanted = set(self.sources)
+            wanted = set(self.sources.copy())  # (a policy swap calls this from its own thread)
         watermarks = {partition: self.source(partition).clock.durable_ms for partition in wanted}
         targets: dict[str, int] = {}  # scope -> its stage-2 partition
         pending: dict[tuple[int, int], dict[str, list[WindowPartial]]] = {}  # (source, target) -> scopes
