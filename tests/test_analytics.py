@@ -211,9 +211,12 @@ def test_top_mix_latency_by_hand(seeded: reports.Ledger) -> None:
         "llama-3.2-1b": (1, 3 * B + 7, "standard"),
     }
     lat = by(reports.latency(seeded, date(2026, 3, 1), date(2026, 3, 31)), "model")
-    # quantilesExact: element floor(q * n) of the sorted latencies; the blocked call is left out.
-    assert (lat["gpt-4o"]["p50"], lat["gpt-4o"]["p95"], lat["gpt-4o"]["p99"]) == (200, 700, 700)
+    # quantilesExact: element floor(q * n) of the sorted latencies; the blocked call is left out, and so is the cache
+    # hit's latency (it never reached the provider)
+    assert (lat["gpt-4o"]["requests"], lat["gpt-4o"]["timed"]) == (3, 2)
+    assert (lat["gpt-4o"]["p50"], lat["gpt-4o"]["p95"], lat["gpt-4o"]["p99"]) == (700, 700, 700)
     assert (lat["gpt-4o-mini"]["requests"], lat["gpt-4o-mini"]["p50"]) == (2, 500)
+    assert (lat["claude-3-5-sonnet-20241022"]["timed"], lat["claude-3-5-sonnet-20241022"]["p50"]) == (0, None)
     assert lat["gpt-4o-mini"]["error_rate"] == Decimal("0.5000")
 
 
@@ -404,3 +407,13 @@ def test_a_name_that_starts_like_a_formula_stays_text_in_csv(seeded: reports.Led
     row[string_column] = "=1+1"
     focus.write_csv(iter([[tuple(row)]]), out)
     assert "'=1+1" in out.getvalue().splitlines()[1]
+
+
+def test_calls_reported_without_a_latency_are_not_zero_milliseconds(ledger: Any) -> None:
+    """A user session: 11 of 17 ingest events carried no latency (stored as 0), and the model's p50 read 0 ms."""
+    rows = [row("2026-03-02 10:00", "web", "chat", "gpt-4o", B, 0) for _ in range(11)]
+    rows += [row("2026-03-02 11:00", "web", "chat", "gpt-4o", B, ms) for ms in (300, 400, 500, 600, 700, 800)]
+    ledger.insert(f"{DB}.usage_ledger", rows, column_names=LEDGER_COLUMNS)
+    report = reports.latency(reports.Ledger(ledger, DB, "UTC"), date(2026, 3, 1), date(2026, 3, 31))
+    (only,) = report.rows
+    assert (only["requests"], only["timed"], only["p50"], only["p99"]) == (17, 6, 600, 800)

@@ -395,7 +395,9 @@ def test_month_budget_thresholds_and_the_most_restrictive_rule_wins() -> None:
     windows = {window_key("team:a", "hour", hour - 3600 * i): (USD * 3 // 2, 1, 1) for i in range(30)}
     verdict = _evaluate(windows, latest)
     assert verdict.action is Action.shutoff and verdict.spend_nanos == 36 * USD and verdict.period == "rolling_24h"
-    assert verdict.expires_at == datetime.fromtimestamp(hour + 3600, UTC)
+    # it lasts while the hours still inside the window add up to it: $36, 34.50, 33, 31.50, 30 (still 100 %), then
+    # $28.50 at the fifth hour boundary, a fallback
+    assert verdict.expires_at == datetime.fromtimestamp(hour + 5 * 3600, UTC)
     assert {c.key.rsplit("|", 1)[-1] for c in verdict.crossings} >= {"shutoff"}
 
 
@@ -576,3 +578,19 @@ def test_digests_of_an_earlier_digest_function_read_back_as_unknown_so_a_copy_is
     assert out.conflicts == () and not out.touched  # dropped as a copy, not counted
     out = restore_sources({key: value}, [1], HOUR_MS)[1].fold([copy], 2_000, {}.get, LIVE_STARTS)
     assert list(out.conflicts) == [(12, 10)] and not out.touched
+
+
+def test_a_rolling_shutoff_from_a_late_event_is_not_issued_already_expired() -> None:
+    """An attacker session: $6 on a $5 rolling_24h hard cap, posted with an occurred_at two hours back, got a shutoff
+    whose expiry (the end of that event's hour) was already past: edges dropped it and served 150 of 300 requests.
+    The window is the 24 hours before now, and the shutoff lasts until what is in it falls below the limit."""
+    policy = parse_policy(
+        'timezone: UTC\nbudgets:\n  - {scope: "feature:f", period: rolling_24h, amount_usd: 5, hard_cap: true}\n'
+    )
+    now = datetime(2025, 3, 1, 12, 30, tzinfo=UTC)
+    event_hour = int(datetime(2025, 3, 1, 10, tzinfo=UTC).timestamp())
+    windows = {window_key("feature:f", "hour", event_hour): (6 * USD, 1, 1)}
+    verdict = evaluate_scope("feature:f", {"hour": event_hour}, lambda k: windows.get(k, (0, 0, 0)), policy, now, now)
+    assert verdict.action is Action.shutoff and verdict.spend_nanos == 6 * USD
+    # the $6 of 10:00 leaves the window at 10:00 the next day
+    assert verdict.expires_at == datetime(2025, 3, 2, 10, tzinfo=UTC) > now

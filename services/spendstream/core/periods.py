@@ -80,6 +80,7 @@ class Period:
     series: ClassVar[str]
     budget: ClassVar[bool] = True  # may a policy's budget name it
     forecast: ClassVar[bool] = True  # does a period-end projection mean anything for it
+    rolling: ClassVar[bool] = False  # its window moves with the clock (hour by hour) instead of ending
     # A period that is its own series: the ClickHouse expression of its window start for ``occurred_at`` (``{tz}``
     # the policy timezone), with which a processor rebuilds its windows from the ledger (``core.ledger_spend``).
     ledger_bucket: ClassVar[str]
@@ -240,6 +241,7 @@ class Rolling24h(Period):
     name = "rolling_24h"
     series = HOUR
     forecast = False  # it never ends, so there is no period end to project to
+    rolling = True
 
     def window(self, instant: datetime, tz: tzinfo | str) -> tuple[datetime, datetime]:
         if instant.tzinfo is None:

@@ -232,9 +232,10 @@ def pipeline_message(worker: str, last_seen: datetime, now: datetime, dashboard_
 
 def report_message(
     source_id: str, title: str, summary: Iterable[str], csv_name: str, csv_text: str, dashboard_url: str | None,
-    occurred_at: datetime,
+    occurred_at: datetime, command: str = "spendstream report",
 ) -> Message:  # fmt: skip
-    """A scheduled report: its headline figures as text, the whole report as a CSV attachment."""
+    """A scheduled report: its headline figures as text, the whole report as a CSV attachment; ``command`` prints
+    the same report again."""
     link = f"; dashboard: {dashboard_url}" if dashboard_url else ""
     return Message(
         source_id=source_id,
@@ -244,7 +245,7 @@ def report_message(
         title=f"[spendstream] {title}",
         happened=title,
         summary_lines=tuple(summary),
-        act=f"the full report is attached ({csv_name}); `spendstream report` prints it again{link}",
+        act=f"the full report is attached ({csv_name}); `{command}` prints it again{link}",
         occurred_at=occurred_at,
         attachments=(Attachment(csv_name, "text/csv", csv_text),),
     )

@@ -64,6 +64,8 @@ def scheduled_report_message(
     summary: Iterable[str]
     if schedule.report == "weekly":
         summary, name = weekly_summary(report), f"cfo-weekly-{period.isoformat()}.csv"
+        command = f"spendstream report weekly --as-of {period.isoformat()}"
     else:
         summary, name = chargeback_summary(report), f"chargeback-{period:%Y-%m}.csv"
-    return report_message(source_id, report.title, summary, name, render_csv(report), dashboard_url, now)
+        command = f"spendstream report chargeback --month {period:%Y-%m}"
+    return report_message(source_id, report.title, summary, name, render_csv(report), dashboard_url, now, command)

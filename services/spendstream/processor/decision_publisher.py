@@ -20,16 +20,16 @@ critical features still spend under every ``FAR_REFRESH_S``: ``needs_spend_refre
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 
 from spendstream.core.events import ACTION_RANK, SPEND_REFRESH_S, Action, Alert, AlertKind, Decision, Severity
 from spendstream.core.matching import scope_matches
 from spendstream.core.money_text import usd_text
-from spendstream.core.periods import HOUR, HOURLY_HISTORY, Period, period, period_window, utc_at
-from spendstream.core.policy import Policy, SpikeRule
+from spendstream.core.periods import HOUR, HOURLY_HISTORY, Period, hour_bucket, period, period_window, utc_at
+from spendstream.core.policy import Budget, Policy, SpikeRule
 from spendstream.processor.budget_rules import (
     evaluate_budget,
     quota_action,
@@ -141,6 +141,21 @@ def _budget_starts(kind: Period, latest_s: int, tz: tzinfo) -> tuple[tuple[int, 
     return kind.budget_starts(latest_s, tz)
 
 
+def rolling_expiry(
+    budget: Budget, scope: str, hours: Sequence[int], hour_end: datetime, action: Action, policy: Policy
+) -> datetime:
+    """When a rolling budget's ``action`` lapses if nothing more is spent: the first hour boundary from ``hour_end``
+    (the end of the newest of the ``hours``, newest first) at which the hours still inside the window add up to
+    another action. Its decision lasts that long: one that lapsed with the hour lifted a hard cap for the burst
+    until the next event's decision came back (an attacker session: 150 of 300 requests served on a $5 cap)."""
+    remaining = sum(hours)
+    for dropped, oldest in enumerate(reversed(hours)):
+        remaining -= oldest
+        if evaluate_budget(budget, scope, remaining, policy).action is not action:
+            return hour_end + timedelta(hours=dropped)
+    return hour_end + timedelta(hours=len(hours))
+
+
 def evaluate_scope(
     scope: str,
     latest: Mapping[str, int],
@@ -161,17 +176,23 @@ def evaluate_scope(
     for budget in policy.matching_budgets(scope):
         kind = period(budget.period)
         if kind.series in latest:
-            starts, start, end = _budget_starts(kind, latest[kind.series], tz)
-            spend = sum(totals(window_key(scope, kind.series, window))[0] for window in starts)
+            latest_s = latest[kind.series]
+            if kind.rolling and now is not None:  # the 24 hours before now, whenever the newest spend happened
+                latest_s = max(latest_s, int(hour_bucket(now).timestamp()))
+            starts, start, end = _budget_starts(kind, latest_s, tz)
+            hours = [totals(window_key(scope, kind.series, window))[0] for window in starts]
+            spend = sum(hours)
         elif budget.limit_nanos == 0 and now is not None:
             start, end = period_window(kind.name, now, tz)
             spend = 0
         else:
             continue
+        evaluation = evaluate_budget(budget, scope, spend, policy)
+        if kind.rolling and evaluation.action is not Action.allow:
+            end = rolling_expiry(budget, scope, hours, end, evaluation.action, policy)
         verdict.standings.append(
             BudgetStanding(scope, kind.name, budget.limit_nanos, spend, start, end, not budget.is_template)
         )
-        evaluation = evaluate_budget(budget, scope, spend, policy)
         extra = {
             "spend_nanos": spend,
             "limit_nanos": budget.limit_nanos,
