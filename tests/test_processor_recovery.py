@@ -311,3 +311,42 @@ def test_a_processor_with_a_new_app_id_rebuilds_its_windows_from_the_ledger(
             stop_worker(worker)
         sink.send_signal(signal.SIGINT)
         sink.wait(60)
+
+
+@pytest.mark.slow
+def test_a_policy_in_another_timezone_restarts_the_processor_which_rebuilds_its_windows(tmp_path: Path) -> None:
+    """An attacker session: spend under an Asia/Kolkata policy, then a UTC policy budgeting it: the windows were
+    keyed by Kolkata's day and month starts, the new budget read $0 of them and every request passed. The worker
+    exits instead, `dev` starts it again, it rebuilds its windows from the ledger in UTC, and `policy apply` says
+    the policy is in force."""
+    kolkata, utc = tmp_path / "kolkata.yaml", tmp_path / "utc.yaml"
+    kolkata.write_text(RESTART_POLICY.format(amount=1000).replace("timezone: UTC", "timezone: Asia/Kolkata"))
+    utc.write_text(RESTART_POLICY.format(amount=1))
+    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(tmp_path / "data"),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
+        "SPENDSTREAM_API_PORT": str(api_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
+        env.pop(name, None)
+    token = _ingest_token(env)
+    proc, _ = _dev(env, kolkata)
+    try:
+        for _ in range(4):
+            _post_usage(api_port, token, 1.25)  # $5 today
+        _wait_action(bootstrap, "allow")
+        time.sleep(3)  # into the ledger
+        applied = subprocess.run(
+            [sys.executable, "-m", "spendstream.cli", "policy", "apply", "--wait", "60", str(utc)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        _wait_action(bootstrap, "shutoff")  # $5 of $1 today, in UTC
+    finally:
+        _stop_dev(proc)
+    log = (tmp_path / "data" / "processor.log").read_text()
+    assert "restarts to rebuild its windows from the ledger in UTC" in log and "rebuilding them from the ledger" in log

@@ -108,7 +108,12 @@ def spend(usd: int, event_id: uuid.UUID | None = None, occurred: datetime = OCCU
 class Worker:
     """Stage 1 of one worker on a dict table, with the changelog it wrote (a restart restores from it)."""
 
-    def __init__(self, changelog: list[tuple[str, Any]] | None = None, holder: PolicyHolder | None = None) -> None:
+    def __init__(
+        self,
+        changelog: list[tuple[str, Any]] | None = None,
+        holder: PolicyHolder | None = None,
+        rebuildable: bool = False,
+    ) -> None:
         self.changelog = changelog if changelog is not None else []
         self.table: dict[str, Any] = {}
         for key, value in self.changelog:
@@ -128,7 +133,7 @@ class Worker:
             dedup_horizon=timedelta(minutes=15),
         )
         self.holder.on_swap.append(self.stage.announce_newly_watched)  # as the processor's app wires them
-        self.blank = self.stage.restore([1], {})
+        self.blank = self.stage.restore([1], {}, rebuildable)
 
     def process(self, messages: list[Message]) -> None:
         start = len(self.out.records)
@@ -196,7 +201,7 @@ def test_stage_one_dead_letters_late_events_and_keeps_the_watermark_below_now_pl
     worker.process([usage(0, late, arrival=OCCURRED), usage(1, spend(1), arrival=OCCURRED)])
     assert worker.month_total() == (1 * USD, 1, 15)
     assert len(worker.dead_letters()) == 1 and worker.dead_letters()[0].startswith("late event")
-    assert worker.table[clock_key(1)] == [int(OCCURRED.timestamp() * 1000)]  # the watermark, with the batch
+    assert worker.table[clock_key(1)] == [int(OCCURRED.timestamp() * 1000), "Europe/Berlin"]  # with the batch
     far = datetime(2100, 1, 1, tzinfo=UTC)  # a producer whose clock is far ahead
     worker.process([usage(2, spend(1, occurred=far), arrival=far)])
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
@@ -598,3 +603,22 @@ def test_a_name_with_a_bar_in_it_is_enforced_as_its_own_scope() -> None:
     owner = ScopeOwner(holder, "user:bob|1")
     owner.receive(worker.out.on(PARTIALS_TOPIC))
     assert owner.decisions() == ["shutoff"]  # $8 of $5 today
+
+
+def test_windows_cut_in_another_timezone_are_forgotten_for_a_rebuild_from_the_ledger() -> None:
+    """An attacker session: after a policy moved from Asia/Kolkata to UTC, a budget applied for a feature that had
+    spent $5 saw $0.00006 (its month window was keyed by the Kolkata month start) and every request passed. Windows
+    are keyed by their start in the policy's timezone, so windows cut elsewhere are rebuilt from the ledger."""
+    first = Worker()  # Europe/Berlin
+    first.process([usage(0, spend(5)), usage(1, spend(7))])
+    assert first.changelog[-1][1][1] == "Europe/Berlin"  # the clock record says where the windows were cut
+    utc = PolicyHolder(parse_policy((POLICY_YAML % 100).replace("Europe/Berlin", "UTC"), "<t>"), LATENESS)
+    kept = Worker(list(first.changelog), holder=utc)  # no ledger to rebuild from: what there is stays
+    assert kept.blank == [] and kept.month_total() == (12 * USD, 2, 30)
+    rebuilt = Worker(list(first.changelog), holder=utc, rebuildable=True)
+    assert rebuilt.blank == [1]  # for ``rebuild_from_ledger``
+    assert rebuilt.table == {} and rebuilt.stage.sources[1].blank
+    forgotten = {json.loads(key or b"") for topic, key, value, *_ in rebuilt.out.records if value is None}
+    assert forgotten == {key for key, _ in first.changelog}  # windows, ids and clock: tombstoned
+    same = Worker(list(first.changelog), rebuildable=True)  # the same timezone: nothing to rebuild
+    assert same.blank == [] and same.month_total() == (12 * USD, 2, 30)

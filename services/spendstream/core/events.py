@@ -333,10 +333,21 @@ def lateness_problem(occurred_at: datetime, arrived_at: datetime, allowed_latene
     """
     if arrived_at - occurred_at > allowed_lateness:
         return (
-            f"late event: occurred_at {occurred_at.isoformat()} arrived {arrived_at - occurred_at} later, "
-            f"beyond the allowed lateness {allowed_lateness}"
+            f"late event: occurred_at {occurred_at.isoformat()} arrived {duration_text(arrived_at - occurred_at)} "
+            f"later, beyond the allowed lateness of {duration_text(allowed_lateness)}"
         )
     return None
+
+
+def duration_text(duration: timedelta) -> str:
+    """A duration as people read it, to the second: ``4 d 12 h 9 min 41 s``, ``1 h``, ``0 s``."""
+    seconds = int(duration.total_seconds())
+    parts = []
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}")
+    return " ".join(parts) or "0 s"
 
 
 def ledger_expiry_problem(occurred_at: datetime, now: datetime, ttl_months: int) -> str | None:

@@ -230,11 +230,14 @@ class Confirmations:
 
 def wait_for_confirmations(kafka_conf: dict[str, Any], version: str, wait_s: float) -> Confirmations:
     """Listen to processor heartbeats for up to ``wait_s`` seconds: done early once some worker reports ``version``
-    and every worker heard since (for at least two heartbeat intervals) does too."""
+    and every worker heard since (for at least two heartbeat intervals) does too. A worker silent for two of its
+    intervals is gone, not pending: one that exits to take the policy (a new timezone: it restarts under another
+    pid) beat once more before it went."""
     codec = AvroCodec("heartbeat")
     consumer = Consumer({**kafka_conf, "group.id": "spendstream-policy-confirm", "enable.auto.commit": False})
     started = time.time()
     latest: dict[str, str] = {}
+    heard: dict[str, float] = {}  # worker -> when it is gone unless it beats again (epoch s)
     settle_s = 0.0
     try:
         _, high = consumer.get_watermark_offsets(TopicPartition(ENFORCEMENT, 0), timeout=10)
@@ -252,7 +255,10 @@ def wait_for_confirmations(kafka_conf: dict[str, Any], version: str, wait_s: flo
                 if beat.issued_at.timestamp() < started - beat.interval_s:
                     continue  # from before this wait: maybe a worker that is gone
                 latest[beat.worker] = beat.policy_version
+                heard[beat.worker] = beat.issued_at.timestamp() + 2 * beat.interval_s
                 settle_s = max(settle_s, 2 * beat.interval_s)
+            for worker in [w for w, gone_at in heard.items() if gone_at < time.time() and latest[w] != version]:
+                del latest[worker], heard[worker]
             agreed = latest and all(v == version for v in latest.values())
             if agreed and time.time() - started >= settle_s:
                 break

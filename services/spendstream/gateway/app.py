@@ -900,7 +900,9 @@ class Gateway:
             headers["Retry-After"] = str(max(1, math.ceil(verdict.retry_after_s)))
         scope = verdict.scope or "this gateway"
         messages = {
-            "shutoff": f"budget exceeded for {scope}: {verdict.reason}",
+            "shutoff": f"budget exceeded for {scope}: {verdict.reason}; it lifts when the period ends (Retry-After) "
+            f"or when the limit is raised (for a budget: `spendstream budget request {scope} AMOUNT --overage "
+            "--reason WHY`, which an approver grants)",
             "throttle": f"rate limited for {scope}: {verdict.reason}",
             "deny_model": verdict.reason,
             "unavailable": f"spend enforcement unavailable: {verdict.reason}",

@@ -226,7 +226,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, PolicyHolder]:
         await reader.stop()
         await own.complete_restore(partials)
         mine = active_partitions(partials)
-        blank = stage1.restore(mine, adoption.horizons)
+        blank = stage1.restore(mine, adoption.horizons, rebuildable=config.spend_source is not None)
         starts: dict[int, int] = {}
         if blank and config.spend_source:
             rebuild = functools.partial(

@@ -325,6 +325,7 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
         read_in_force,
         settings.record_signer(),
         config.seal,
+        restart_on_new_timezone=config.spend_source is not None,
     )
     follower.start()
     adjustments = BudgetAdjustmentFollower(

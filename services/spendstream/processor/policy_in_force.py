@@ -11,6 +11,7 @@ mid-period.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,8 @@ from spendstream.processor.internal_topics import PARTIALS_TOPIC, ReevaluateMess
 from spendstream.processor.spend_accounting import Retention, WindowCalendar
 
 log = logging.getLogger(__name__)
+
+EXIT_NEW_TIMEZONE = 75  # EX_TEMPFAIL: started again, the worker rebuilds its windows in the new timezone
 
 
 def history_days(policy: Policy) -> int:
@@ -88,7 +91,13 @@ class PolicyFollower(threading.Thread):
     and hot-swaps the policy to every valid record published after the one in force, whatever its name. An older
     one (a replayed record) is refused, and the record in force is published again as it was, so that compaction,
     which keeps a key's last record, keeps it and not the replay; so is it after a record it refuses under its
-    name (unsigned, invalid, a tombstone)."""
+    name (unsigned, invalid, a tombstone).
+
+    A policy in another timezone cuts days, weeks, months and quarters elsewhere, so the windows kept so far are not
+    its windows (an attacker session: a budget applied with the new timezone saw $0.00006 of $5 spent). With
+    ``restart_on_new_timezone`` (a ledger to rebuild from) the worker exits with ``EXIT_NEW_TIMEZONE`` instead of
+    adopting it; its supervisor (``dev``, the orchestrator) starts it again, with that policy in force, and the
+    restore rebuilds the windows from the ledger in the new timezone (``StageOne.restore``)."""
 
     def __init__(
         self,
@@ -100,8 +109,10 @@ class PolicyFollower(threading.Thread):
         in_force: PolicyInForce | None = None,
         signer: RecordSigner | None = None,
         seal: InternalSeal | None = None,
+        restart_on_new_timezone: bool = False,
     ) -> None:
         super().__init__(name="policy-follower", daemon=True)
+        self.restart_on_new_timezone = restart_on_new_timezone
         self.in_force = in_force  # the record in force as read (None: the seed or the defaults, until one is read)
         self.verifier = verifier  # None: every valid record is adopted
         self.signer = signer  # signs the alerts it raises
@@ -142,8 +153,24 @@ class PolicyFollower(threading.Thread):
                 producer.produce(POLICY, current.value, key=current.record.name.encode(), headers=list(current.headers))
                 producer.flush(5)
             return
-        self.in_force = read.in_force(message)
-        policy = self.in_force.policy
+        in_force = read.in_force(message)
+        policy = in_force.policy
+        if policy.timezone != self.holder.base.timezone and not self.restart_on_new_timezone:
+            log.error(
+                "policy %s version %s cuts days, weeks, months and quarters in %s, not %s, and there is no ledger to "
+                "rebuild the windows from: calendar budgets count from the windows of %s onwards",
+                policy.name, policy.version, policy.timezone, self.holder.base.timezone, policy.timezone,
+            )  # fmt: skip
+        elif policy.timezone != self.holder.base.timezone:
+            log.warning(
+                "policy %s version %s cuts days, weeks, months and quarters in %s, not %s: this worker restarts to "
+                "rebuild its windows from the ledger in %s",
+                policy.name, policy.version, policy.timezone, self.holder.base.timezone, policy.timezone,
+            )  # fmt: skip
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_NEW_TIMEZONE)
+        self.in_force = in_force
         if self.holder.adopt(policy):
             log.info("policy %s version %s in force", policy.name, policy.version)
             reevaluate = ReevaluateMessage(policy.version).encode()

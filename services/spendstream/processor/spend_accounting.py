@@ -275,6 +275,19 @@ def restore_clock(table: Mapping[str, Any], partition: int) -> int:
     return int(value[0]) if value else 0
 
 
+def clock_record(watermark_ms: int, timezone: str) -> list[Any]:
+    """Stage 1's clock record: the watermark, and the timezone its calendar windows are cut in (a day, week, month
+    or quarter window is keyed by its start in that timezone, so windows cut in another one are not read)."""
+    return [watermark_ms, timezone]
+
+
+def windows_timezone(table: Mapping[str, Any], partition: int) -> str | None:
+    """The timezone a partition's stage-1 windows were cut in, None if not recorded (none yet, or a record of a
+    release before it was)."""
+    value = table.get(clock_key(partition))
+    return str(value[1]) if value and len(value) > 1 else None
+
+
 def ids_key(partition: int, first_offset: int) -> str:
     """Table key of the ids record of a batch (chunk) of ``partition`` that starts at ``first_offset``."""
     return f"{IDS_PREFIX}{partition}#{first_offset}"

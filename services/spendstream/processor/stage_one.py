@@ -48,6 +48,7 @@ from spendstream.processor.spend_accounting import (
     Watermark,
     adopted_ids,
     clock_key,
+    clock_record,
     content_digest,
     dedup_id,
     fold_batch,
@@ -63,6 +64,7 @@ from spendstream.processor.spend_accounting import (
     scope_of,
     split_ids_key,
     split_partial_key,
+    windows_timezone,
 )
 from spendstream.processor.usage_decoder import FieldDecoder
 from spendstream.processor.watched_windows import rule_footprint, watched
@@ -319,11 +321,47 @@ class StageOne:
         # requested model: a hit vouches for both)
         self._rests: dict[bytes, list[str]] = {}
 
-    def restore(self, partitions: Iterable[int], horizons: MutableMapping[int, AppliedIds]) -> list[int]:
-        """Adopt the restored table's memory of ``partitions`` and the ``horizons`` restored with it; returns the
-        blank ones."""
+    def restore(
+        self, partitions: Iterable[int], horizons: MutableMapping[int, AppliedIds], rebuildable: bool = False
+    ) -> list[int]:
+        """Adopt the restored table's memory of ``partitions`` and the ``horizons`` restored with it; returns those
+        to rebuild from the ledger: the blank ones, and with ``rebuildable`` (a ledger to rebuild from) those whose
+        calendar windows were cut in another timezone than the policy's, forgotten first (``forget_partition``)."""
         self.sources = restore_sources(self.partials.data, partitions, self.horizon_ms, self.spill, horizons)
+        timezone = self.holder.policy.timezone
+        for partition in list(self.sources):
+            cut_in = windows_timezone(self.partials.data, partition)
+            if cut_in is None or cut_in == timezone or self.sources[partition].blank:
+                continue
+            if not rebuildable:
+                log.error(
+                    "partition %d's windows are cut in %s and the policy's timezone is %s, with no ledger to rebuild "
+                    "them from: day, week, month and quarter budgets count from the windows of %s onwards",
+                    partition, cut_in, timezone, timezone,
+                )  # fmt: skip
+                continue
+            log.warning(
+                "partition %d's windows are cut in %s and the policy's timezone is %s: rebuilding them from the "
+                "ledger", partition, cut_in, timezone,
+            )  # fmt: skip
+            horizons[partition] = self.forget_partition(partition)
         return [partition for partition, source in self.sources.items() if source.blank]
+
+    def forget_partition(self, partition: int) -> AppliedIds:
+        """Forget all a partition holds (tombstones on the changelog): its windows, clock and applied ids, whose
+        ledger rows the rebuild counts (an id kept here would count its event a second time when read again). It
+        is blank, for ``recovery.rebuild_from_ledger`` to cut its windows again in the policy's timezone; returns
+        its new, empty horizon."""
+        for key in list(self.partials.data):
+            if is_ids_key(key):
+                mine = split_ids_key(key)[0] == partition
+            else:
+                mine = key == clock_key(partition) or (not is_clock_key(key) and split_partial_key(key)[1] == partition)
+            if mine:
+                self.partials.delete(partition, key)
+        fresh = AppliedIds(self.horizon_ms, spill=self.spill)
+        self.sources[partition] = SourcePartition(partition, fresh)
+        return fresh
 
     def source(self, partition: int) -> SourcePartition:
         found = self.sources.get(partition)
@@ -366,7 +404,7 @@ class StageOne:
             for key in retention.expired_partials(partials.key_snapshot(), partition, clock.durable_ms // 1000):
                 partials.delete(partition, key)
         if (record := clock.persist(watermark_ms)) is not None:
-            partials.put(partition, clock_key(partition), record)
+            partials.put(partition, clock_key(partition), clock_record(record[0], self.holder.policy.timezone))
         self._announce(partition, touched, max(item.occurred_s for item in items), watermark_ms)
 
     def _accept(self, messages: Sequence[Message]) -> tuple[list[UsageItem], int, int]:
@@ -658,7 +696,7 @@ class StageOne:
             applied.remember(key, value, entries)
             self.partials.put(partition, key, value, kept=adopted_ids(value))
         source.clock = Watermark(now_ms)
-        self.partials.put(partition, clock_key(partition), [now_ms])
+        self.partials.put(partition, clock_key(partition), clock_record(now_ms, self.holder.policy.timezone))
         return scopes
 
     def _to_dlq(self, message: Message, reason: str, kind: str) -> None:
