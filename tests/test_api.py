@@ -210,6 +210,27 @@ def test_forecast_of_a_trickle_against_a_large_budget(api_settings: Settings, sh
     run(_with_client(api_settings, shared_client, body))
 
 
+def test_a_correction_under_an_accepted_event_id_is_said_to_be_dropped(
+    api_settings: Settings, shared_client: Any
+) -> None:
+    """A user session re-posted an event with a corrected cost under its event_id: 202, and the ledger kept the
+    first version without a word. The 202 says which copies differ from what was accepted."""
+    first = event(cost_nanos=3_500_000)
+    corrected = {**first, "cost_nanos": 2_501_000_000}
+
+    async def body(http: TestClient) -> None:
+        assert (await http.post("/v1/usage", json=[first], headers=ADMIN)).status == 202
+        retried = await http.post("/v1/usage", json=[dict(first)], headers=ADMIN)  # the same content: a retry
+        assert "other_versions_dropped" not in await retried.json()
+        answer = await http.post("/v1/usage", json=[event(), corrected], headers=ADMIN)
+        assert answer.status == 202
+        [dropped] = (await answer.json())["other_versions_dropped"]
+        assert (dropped["index"], dropped["event_id"]) == (1, first["event_id"])
+        assert "keep the first version" in dropped["message"] and "new event_id" in dropped["message"]
+
+    run(_with_client(api_settings, shared_client, body))
+
+
 def test_a_batch_holding_one_event_twice_gets_a_400_naming_both(api_settings: Settings, shared_client: Any) -> None:
     """It was answered "accepted": 2 and kept once; the same id under another team is another event."""
     twice = event()

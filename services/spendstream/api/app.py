@@ -43,6 +43,7 @@ from spendstream.api import cloudevents, otlp
 from spendstream.api.budget_requests import APPROVER_PATHS, FEATURE_IN_USE_WITHIN, add_routes
 from spendstream.api.dashboard import render_page
 from spendstream.api.otlp_policy import OTLP_POLICY, OtlpPolicy
+from spendstream.api.recent_events import RecentEvents
 from spendstream.api.tokens import CALLER, ApiToken, Role, TokenStore, new_read_token
 from spendstream.core import topics
 from spendstream.core.api_address import ApiAddress, remove_address, write_address
@@ -75,6 +76,7 @@ CODEC = web.AppKey("codec", AvroCodec)
 LEDGER_LOCK = web.AppKey("ledger_lock", asyncio.Lock)
 TOKENS = web.AppKey("tokens", TokenStore)
 READ_TOKEN = web.AppKey("read_token", str)
+RECENT_EVENTS = web.AppKey("recent_events", RecentEvents)
 TREND_DAYS = 30
 # Per event, so that no price can turn one event into a cost (or a window sum) beyond Int64 nano-USD
 # (it would take a price above $200,000 per million tokens): ten billion tokens per count is a thousand
@@ -245,6 +247,16 @@ async def post_usage(request: web.Request) -> web.Response:
     late = late_events(events, now, timedelta(seconds=settings.processor_allowed_lateness_s))
     if late:  # recorded in the ledger (chargeback, reports), but no budget window counts them any more
         answer["not_counted_in_budgets"] = late
+    recent = request.app[RECENT_EVENTS]
+    if dropped := recent.other_versions(events):
+        answer["other_versions_dropped"] = [
+            {"index": index, "event_id": str(events[index].event_id), "field": "event_id",
+             "message": "this event_id was accepted earlier with other content: the ledger and the budgets keep "
+                        "the first version, and this one goes to spendstream.usage.dlq (conflicting_duplicate); "
+                        "send a correction under a new event_id"}
+            for index in dropped
+        ]  # fmt: skip
+    recent.remember(events)
     return web.json_response(answer, status=202)
 
 
@@ -828,6 +840,7 @@ def create_app(
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard])
     app[SETTINGS] = settings
     app[READ_TOKEN] = new_read_token()
+    app[RECENT_EVENTS] = RecentEvents()
     local_reader = ApiToken(sha256=hash_key(app[READ_TOKEN]), name="local CLI", role="viewer")
     app[TOKENS] = TokenStore(settings.api_tokens_path, extra=[local_reader])
     app.on_response_prepare.append(_security_headers)
