@@ -135,6 +135,17 @@ def test_cfo_weekly_by_hand(seeded: reports.Ledger) -> None:
         "budget_increase": 0,
     }  # fmt: skip
     assert any("shown as monthly equivalents" in note for note in report.notes)
+    assert not any("no team budgets are recorded" in note for note in report.notes)
+
+
+def test_a_week_in_a_month_without_recorded_budgets_says_so(seeded: reports.Ledger) -> None:
+    """A user session read the week of 2026-11-30 as a whole week's budget: November had none recorded (the sink
+    ran only in December), so only Dec 1-6 counted. Here February has none, March has them."""
+    report = reports.weekly(seeded, date(2026, 3, 4), weeks=2)
+    _, week = report.rows
+    assert week["week"] == date(2026, 2, 23) and week["budget"] == 26_200 * B // 31  # of its days, only Mar 1
+    (note,) = [n for n in report.notes if "no team budgets are recorded" in n]
+    assert "for 2026-02" in note and "those days add $0" in note
 
 
 def test_monthly_equivalents_are_named_only_when_a_team_budget_is_not_monthly(seeded: reports.Ledger) -> None:

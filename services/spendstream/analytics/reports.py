@@ -458,6 +458,15 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4, now: datetime | None = N
     budgets = {m: team_budgets(ledger, m, now) for m in months}
     monthly_budget = {m: sum(b.limits().values()) for m, b in budgets.items()}
     monthly_increases = {m: sum(b.increases.values()) for m, b in budgets.items()}
+    shown = {first_of_month(monday + timedelta(days=day)) for monday in mondays[:weeks] for day in range(7)}
+    unrecorded = sorted(m for m, b in budgets.items() if m in shown and not b.limits())
+    gaps = []
+    if unrecorded and len(unrecorded) < len(budgets):  # a user session read such a week's budget as a full week's
+        gaps.append(
+            f"no team budgets are recorded for {', '.join(f'{m:%Y-%m}' for m in unrecorded)} (the ledger sink records "
+            "a month's budgets while it runs in that month, and with each policy applied): those days add $0 to "
+            "the budget column"
+        )
     return Report(
         "weekly",
         f"CFO weekly report, week of {current.isoformat()}",
@@ -471,6 +480,7 @@ def weekly(ledger: Ledger, as_of: date, weeks: int = 4, now: datetime | None = N
             "a month to come: its start); "
             "of which increases = their share of the week's budget",
             *monthly_equivalents_note(frozenset().union(*(b.periods for b in budgets.values()))),
+            *gaps,
         ],
     )
 
