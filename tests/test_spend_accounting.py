@@ -416,6 +416,14 @@ def test_decisions_only_on_change_and_versions_increase() -> None:
     assert needs_decision(decision_signature(shutoff), allow)
     assert needs_decision(None, allow)  # the allowed-model list must reach the edges
     assert not needs_decision(decision_signature(allow), _evaluate({}, {"month": MAR + 31 * 86400}))
+    # the same action against another limit (an approved increase, a registered feature approved): published again,
+    # so that what the edges say of it is not the old limit's
+    raised = evaluate_scope(
+        "team:a", latest, lambda k: (300 * USD, 1, 1) if k == window_key("team:a", "month", MAR) else (0, 0, 0),
+        POLICY.model_copy(update={"budgets": [POLICY.budgets[0].model_copy(update={"amount_nanos": 200 * USD})]}),
+        datetime.fromtimestamp(MAR, UTC),
+    )  # fmt: skip
+    assert raised.action is Action.shutoff and needs_decision(decision_signature(shutoff), raised)
     now = datetime.now(UTC)
     assert next_version(0, now) >= int(now.timestamp() * 1e6)
     assert next_version(10**18, now) == 10**18 + 1

@@ -307,7 +307,9 @@ def _apply_spike(
 
 
 def decision_signature(verdict: ScopeEvaluation) -> list[object]:
-    """What edges act on; a Decision is published only when this changes (JSON-friendly for table storage)."""
+    """What edges act on, and the limit they say it was decided against; a Decision is published only when this
+    changes (JSON-friendly for table storage). The limit: a feature approved at $2,500 with $3,000 spent stayed shut
+    off under its old decision, whose 402 kept saying it was held at $0 until approved (an attacker session)."""
     return [
         str(verdict.action),
         sorted(verdict.fallback_models.items()),
@@ -316,6 +318,7 @@ def decision_signature(verdict: ScopeEvaluation) -> list[object]:
         verdict.expires_at.isoformat() if verdict.expires_at else None,
         sorted(verdict.critical_throttle_rps.items()),
         verdict.tracks_hard_cap,
+        verdict.limit_nanos,
     ]
 
 
