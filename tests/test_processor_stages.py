@@ -23,6 +23,7 @@ from spendstream.core.topics import DLQ_REASON_HEADER, ENFORCEMENT, USAGE, USAGE
 from spendstream.processor.checkpoint import Changelog, Checkpoint, json_value
 from spendstream.processor.internal_topics import (
     PARTIALS_TOPIC,
+    ForgetMessage,
     PartialsMessage,
     ReevaluateMessage,
     WindowPartial,
@@ -622,3 +623,20 @@ def test_windows_cut_in_another_timezone_are_forgotten_for_a_rebuild_from_the_le
     assert forgotten == {key for key, _ in first.changelog}  # windows, ids and clock: tombstoned
     same = Worker(list(first.changelog), rebuildable=True)  # the same timezone: nothing to rebuild
     assert same.blank == [] and same.month_total() == (12 * USD, 2, 30)
+
+
+def test_a_partition_rebuilt_from_the_ledger_replaces_what_stage_two_held_of_it() -> None:
+    """After a timezone change a worker rebuilt its partitions from the ledger, where an event can sit under another
+    partition than the one it was read from (the ledger fills an org the event left out): stage 2 added the old
+    share and the rebuilt one, and a team's day read $2 of $1 spent. A rebuild first tells stage 2 to forget."""
+    worker = Worker()
+    worker.process([usage(0, spend(30)), usage(1, spend(30))])  # $60 from source partition 1
+    owner = ScopeOwner(worker.holder)
+    owner.receive(worker.out.on(PARTIALS_TOPIC))
+    assert owner.windows[ALPHA_MONTH] == {"1": [60 * USD, 2, 30, 1]}
+    rebuilt = PartialsMessage(4, 0, 0, {"team:alpha": [WindowPartial(ALPHA_MONTH, 60 * USD, 2, 30, 9)]})
+    owner.stage.process(owner.partition, [ForgetMessage(1)])
+    assert owner.windows[ALPHA_MONTH] == {} and owner.decisions() == []  # nothing evaluated on a forget alone
+    owner.stage.process(owner.partition, [ForgetMessage(4), rebuilt])
+    assert owner.windows[ALPHA_MONTH] == {"4": [60 * USD, 2, 30, 9]}  # the same $60, under the ledger's partition
+    assert internal_message(json.loads(ForgetMessage(4).encode())) == ForgetMessage(4)

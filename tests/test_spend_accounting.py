@@ -602,3 +602,18 @@ def test_a_rolling_shutoff_from_a_late_event_is_not_issued_already_expired() -> 
     assert verdict.action is Action.shutoff and verdict.spend_nanos == 6 * USD
     # the $6 of 10:00 leaves the window at 10:00 the next day
     assert verdict.expires_at == datetime(2025, 3, 2, 10, tzinfo=UTC) > now
+
+
+def test_a_scope_last_seen_in_windows_of_another_timezone_is_read_in_the_policys() -> None:
+    """An attacker session: a policy moved from Pacific/Kiritimati to America/New_York; the rebuilt New York day
+    held $2, but the scope's newest day window was Kiritimati's (it starts later), and the budget read its $1."""
+    policy = parse_policy('timezone: America/New_York\nbudgets:\n  - {scope: "team:t", period: day, amount_usd: 1.5}\n')
+    kiritimati_day = int(datetime(2026, 12, 7, 10, tzinfo=UTC).timestamp())  # Dec 8 00:00 in Kiritimati
+    new_york_day = int(datetime(2026, 12, 7, 5, tzinfo=UTC).timestamp())  # Dec 7 00:00 in New York
+    windows = {
+        window_key("team:t", "day", kiritimati_day): (1 * USD, 1, 1),
+        window_key("team:t", "day", new_york_day): (2 * USD, 2, 2),
+    }
+    seen = datetime(2026, 12, 7, 23, 5, tzinfo=UTC)
+    verdict = evaluate_scope("team:t", {"day": kiritimati_day}, lambda k: windows.get(k, (0, 0, 0)), policy, seen, seen)
+    assert verdict.action is Action.shutoff and verdict.spend_nanos == 2 * USD

@@ -141,6 +141,27 @@ def _budget_starts(kind: Period, latest_s: int, tz: tzinfo) -> tuple[tuple[int, 
     return kind.budget_starts(latest_s, tz)
 
 
+@lru_cache(maxsize=8192)
+def _window_start(series: str, instant_s: int, tz: tzinfo) -> int:
+    return int(period_window(series, utc_at(instant_s), tz)[0].timestamp())
+
+
+def current_windows(latest: Mapping[str, int], seen_at: datetime, tz: tzinfo) -> dict[str, int]:
+    """``latest`` with each calendar series' newest window read in ``tz``: the window there that holds the newest
+    window start seen, or the newest event (``seen_at``) if that is later.
+
+    After the policy's timezone changed, a scope's newest window could be one cut in the old timezone: an attacker
+    session moved from Pacific/Kiritimati to America/New_York, and the budget kept reading Kiritimati's day ($1 of the
+    $2 that New York's day held). Hour buckets are UTC, in every timezone."""
+    seen_s = int(seen_at.timestamp())
+    seen_s -= seen_s % 900  # window starts are on the quarter hour in every timezone in use: a few memo keys
+    out = dict(latest)
+    for series, start_s in latest.items():
+        if series != HOUR:
+            out[series] = max(_window_start(series, start_s, tz), _window_start(series, seen_s, tz) if seen_s else 0)
+    return out
+
+
 def rolling_expiry(
     budget: Budget, scope: str, hours: Sequence[int], hour_end: datetime, action: Action, policy: Policy
 ) -> datetime:
@@ -168,6 +189,7 @@ def evaluate_scope(
     $0 applies from ``now`` without spend (a feature registered at $0 is shut off before its first call: a burst
     otherwise passed during the decision round trip); any other budget waits for its period's first window."""
     tz = policy.tz
+    latest = current_windows(latest, seen_at, tz)
     verdict = ScopeEvaluation()
     lists = allowed_model_lists([scope], policy)
     if lists:

@@ -91,11 +91,29 @@ class ReevaluateMessage:
         return json_value({"reevaluate": self.policy_version, **named})
 
 
-InternalMessage = PartialsMessage | ReevaluateMessage
+@dataclass(frozen=True)
+class ForgetMessage:
+    """Tells a stage-2 partition to drop what it holds of source partition ``source`` in every window: stage 1 is
+    about to announce that partition rebuilt from the ledger, where an event may sit under another partition than
+    the one it was read from (the ledger fills an org the event left out) and windows may be cut in a new timezone.
+    Kept, the old share and the rebuilt one added up: after a timezone change a team's day read $2 of $1 spent.
+
+    Wire format: ``{"forget": source partition}``.
+    """
+
+    source: int
+
+    def encode(self) -> bytes:
+        return json_value({"forget": self.source})
+
+
+InternalMessage = PartialsMessage | ReevaluateMessage | ForgetMessage
 
 
 def internal_message(value: dict[str, Any]) -> InternalMessage:
     """The typed form of a decoded internal-topic value."""
+    if "forget" in value:
+        return ForgetMessage(int(value["forget"]))
     if "reevaluate" in value:
         return ReevaluateMessage(value["reevaluate"], tuple(value.get("scopes", ())))
     scopes = {scope: [WindowPartial(*entry) for entry in entries] for scope, entries in value["s"].items()}

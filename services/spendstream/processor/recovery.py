@@ -33,6 +33,7 @@ from spendstream.processor.internal_seal import seal_headers
 from spendstream.processor.internal_topics import (
     DEFAULT_APP_ID,
     PARTIALS_TOPIC,
+    ForgetMessage,
     PartialsMessage,
     WindowPartial,
     changelog_topic,
@@ -261,6 +262,10 @@ def rebuild_from_ledger(
             "partition %d rebuilt from the ledger: %d windows, %d recent ids, reading from offset %d",
             p, len(windows[p]), len(recent[p]), start,
         )  # fmt: skip
+    for source in empty:  # what stage 2 still holds of these partitions goes first (``ForgetMessage``)
+        forget = ForgetMessage(source).encode()
+        for target in range(stage.partitions):
+            out.send(PARTIALS_TOPIC, None, forget, target, seal_headers(stage.seal, target, forget))
     for (source, target), scopes in by_target.items():
         for chunk in scope_chunks(scopes):
             value = PartialsMessage(source, now_s, now_ms, chunk).encode()

@@ -31,6 +31,7 @@ from spendstream.processor.decision_publisher import (
     next_version,
 )
 from spendstream.processor.internal_topics import (
+    ForgetMessage,
     InternalMessage,
     PartialsMessage,
     ReevaluateMessage,
@@ -123,10 +124,15 @@ class StageTwo:
         if clock is None:
             clock = self.clocks[partition] = Watermark(restore_clock(windows.data, partition))
         partials = [message for message in messages if isinstance(message, PartialsMessage)]
-        reevaluate = len(partials) < len(messages)
+        reevaluate = any(isinstance(message, ReevaluateMessage) for message in messages)
         watermark_ms = clock.after(max((message.watermark_ms for message in partials), default=0))
         watermark_s = watermark_ms // 1000
-        for message in partials:
+        for message in messages:  # in order: a forget drops what came before it, not what follows
+            if isinstance(message, ForgetMessage):
+                self._forget(partition, message.source, dirty_windows)
+                continue
+            if not isinstance(message, PartialsMessage):
+                continue
             for scope, entries in message.scopes.items():
                 state = states.get(scope)
                 if state is None:
@@ -162,6 +168,19 @@ class StageTwo:
             self._prune(partition, clock.durable_ms // 1000, retention)
         if (record := clock.persist(watermark_ms)) is not None:
             windows.put(partition, clock_key(partition), record)
+
+    def _forget(self, partition: int, source: int, dirty_windows: dict[str, dict[str, list[int]]]) -> None:
+        """Drop source partition ``source``'s share of every window of this internal partition (``ForgetMessage``).
+        Nothing is evaluated for it: the rebuilt shares follow at once, and a scope is evaluated when they come."""
+        key = str(source)
+        for wkey in self.windows.key_snapshot():
+            if is_clock_key(wkey) or stage2_partition(split_window_key(wkey)[0], self.partitions) != partition:
+                continue
+            parts = dirty_windows.get(wkey)
+            if parts is None:
+                parts = dict(self.windows.get(wkey) or {})
+            if parts.pop(key, None) is not None:
+                dirty_windows[wkey] = parts
 
     def _prune(self, partition: int, watermark_s: int, retention: Retention) -> None:
         """Tombstone this internal partition's expired windows (a scope's windows live in its ``stage2_partition``)."""
