@@ -89,14 +89,15 @@ def test_quarter_and_month_keys_use_local_date() -> None:
 
 
 @given(instant=instants)
-def test_rolling_window_is_24_hourly_buckets_ending_with_the_current_hour(instant: datetime) -> None:
+def test_rolling_window_is_25_hourly_buckets_ending_with_the_current_hour(instant: datetime) -> None:
     start, end = period_window("rolling_24h", instant, "Europe/Berlin")
     buckets = rolling_buckets(instant)
     assert (
-        len(buckets) == 24 and buckets[0] == start and buckets[-1] == hour_bucket(instant) == end - timedelta(hours=1)
+        len(buckets) == 25 and buckets[0] == start and buckets[-1] == hour_bucket(instant) == end - timedelta(hours=1)
     )
     assert start <= instant < end
-    assert timedelta(hours=23) <= instant - start < timedelta(hours=24)
+    # any 24 hours up to now are inside it (with 24 buckets, spend 23 h 01 min ago had left it at the hour)
+    assert timedelta(hours=24) <= instant - start < timedelta(hours=25)
 
 
 def test_naive_instant_rejected() -> None:

@@ -391,13 +391,13 @@ def test_month_budget_thresholds_and_the_most_restrictive_rule_wins() -> None:
     assert verdict.allowed_models == ["gpt-4o-mini"]
     verdict = _evaluate({window_key("team:a", "month", MAR): (95 * USD, 1, 1)}, latest)
     assert verdict.action is Action.fallback and verdict.fallback_models == {"gpt-4o": "gpt-4o-mini"}
-    # rolling 24 h: 24 hourly buckets ending at the newest hour, $1.50 each = $36 > $30
+    # rolling 24 h: 25 hourly buckets ending at the newest hour, $1.50 each = $37.50 > $30
     windows = {window_key("team:a", "hour", hour - 3600 * i): (USD * 3 // 2, 1, 1) for i in range(30)}
     verdict = _evaluate(windows, latest)
-    assert verdict.action is Action.shutoff and verdict.spend_nanos == 36 * USD and verdict.period == "rolling_24h"
-    # it lasts while the hours still inside the window add up to it: $36, 34.50, 33, 31.50, 30 (still 100 %), then
-    # $28.50 at the fifth hour boundary, a fallback
-    assert verdict.expires_at == datetime.fromtimestamp(hour + 5 * 3600, UTC)
+    assert verdict.action is Action.shutoff and verdict.spend_nanos == 75 * USD // 2 and verdict.period == "rolling_24h"
+    # it lasts while the hours still inside the window add up to it: $37.50, 36, 34.50, 33, 31.50, 30 (still 100 %),
+    # then $28.50 at the sixth hour boundary, a fallback
+    assert verdict.expires_at == datetime.fromtimestamp(hour + 6 * 3600, UTC)
     assert {c.key.rsplit("|", 1)[-1] for c in verdict.crossings} >= {"shutoff"}
 
 
@@ -600,8 +600,8 @@ def test_a_rolling_shutoff_from_a_late_event_is_not_issued_already_expired() -> 
     windows = {window_key("feature:f", "hour", event_hour): (6 * USD, 1, 1)}
     verdict = evaluate_scope("feature:f", {"hour": event_hour}, lambda k: windows.get(k, (0, 0, 0)), policy, now, now)
     assert verdict.action is Action.shutoff and verdict.spend_nanos == 6 * USD
-    # the $6 of 10:00 leaves the window at 10:00 the next day
-    assert verdict.expires_at == datetime(2025, 3, 2, 10, tzinfo=UTC) > now
+    # the $6 of 10:00 leaves the window at 11:00 the next day, once no 24 hours up to now hold it
+    assert verdict.expires_at == datetime(2025, 3, 2, 11, tzinfo=UTC) > now
 
 
 def test_a_scope_last_seen_in_windows_of_another_timezone_is_read_in_the_policys() -> None:

@@ -7,10 +7,12 @@ how long the processor keeps its windows. One class per period; a subclass regis
   which is the first instant of that local date.
 - ``hour`` is the UTC hour bucket the processor keeps for every scope (the rolling budget and the hourly spike
   baseline read it); it is a window series, not a budget period a policy may name.
-- ``rolling_24h`` is not a calendar window: its spend is the sum of the current (partial) UTC hour and the 23
-  hours before it, i.e. ``[hour_bucket(instant) - 23h, hour_bucket(instant) + 1h)``: it looks back between 23
-  and 24 hours and slides on the hour. Hourly granularity keeps the state at 24 integers per scope and makes
-  the total exact and replayable.
+- ``rolling_24h`` is not a calendar window: its spend is the sum of the current (partial) UTC hour and the 24
+  hours before it, i.e. ``[hour_bucket(instant) - 24h, hour_bucket(instant) + 1h)``: it looks back between 24
+  and 25 hours and slides on the hour, so any 24 hours up to now are inside it. (With 23 hours before the current
+  one, spend from 23 h 01 min ago had left the window at the turn of the hour, and a cap could be spent twice within
+  24 hours: an attacker session.) Hourly granularity keeps the state at 25 integers per scope and makes the total
+  exact and replayable.
 
 The processor keeps, per scope, the windows of every period's ``series`` (``tracked_series()``), and a budget's
 spend is the sum of the ``series`` windows that ``Period.budget_starts`` names. Adding a period is one subclass:
@@ -28,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 HOUR = "hour"  # the name of the UTC hour bucket series
 _ONE_HOUR = timedelta(hours=1)
-ROLLING_HOURS = 24
+ROLLING_HOURS = 25  # hour buckets summed by rolling_24h: the current one and the 24 before it
 HOURLY_HISTORY = 48  # completed hours before the current one that the hourly spike baseline (EWMA) reads
 
 
@@ -284,7 +286,7 @@ class Hour(Period):
         return limit_nanos * 24 * days_in_month(month)
 
     def retained_windows(self, history_days: int) -> int:
-        """The rolling 24 h budget reads 23 hours back, the hourly spike baseline ``HOURLY_HISTORY``."""
+        """The rolling 24 h budget reads 24 hours back, the hourly spike baseline ``HOURLY_HISTORY``."""
         return max(HOURLY_HISTORY, ROLLING_HOURS - 1)
 
     def retained_until_s(self, start_s: int, tz: tzinfo | str, history_days: int) -> int:
@@ -348,6 +350,6 @@ def window_expiry(name: str, start_s: int, allowed_lateness_s: int, tz: tzinfo |
 
 
 def rolling_buckets(instant: datetime) -> list[datetime]:
-    """The 24 hourly bucket starts whose sum is the rolling_24h spend at ``instant``, oldest first."""
+    """The ``ROLLING_HOURS`` hourly bucket starts whose sum is the rolling_24h spend at ``instant``, oldest first."""
     current = hour_bucket(instant)
     return [current - i * _ONE_HOUR for i in range(ROLLING_HOURS - 1, -1, -1)]
