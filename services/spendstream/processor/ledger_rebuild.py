@@ -11,7 +11,10 @@ the durable truth and the partition's windows are rebuilt from it before any eve
 3. Each group goes to the partition the edges key it to (``org/team``, librdkafka's CRC32 partitioner), and is
    folded into that partition's windows with the policy's scopes and calendar; each becomes ONE partial whose
    offset is ``S_p - 1``. The recent ids become the partition's applied ids at offset -1 (never a real offset).
-4. These records are written and flushed, ``S_p`` is committed as stage 1's position, and stage 1 reads from it.
+4. Every stage-2 partition is told to forget what it holds of these partitions (``ForgetMessage``), then these
+   records are written and flushed, ``S_p`` is committed as stage 1's position, and stage 1 reads from it. (A group
+   may land on another partition than its events were read from: the ledger fills an org an event left out, and
+   edges key by the org the event names. Without the forget, stage 2 added the old share to the rebuilt one.)
 
 Why nothing is counted twice or lost. Take an event e at offset o of partition p.
 * o < S_p: the sink commits an offset only after the rows below it are inserted, so e is in the snapshot,
