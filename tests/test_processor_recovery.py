@@ -114,6 +114,22 @@ budgets:
 """
 
 
+def _dev_env(data_dir: Path) -> tuple[dict[str, str], str, int]:
+    """The environment of a `dev` stack of its own (data directory, broker, ports), its bootstrap and API port."""
+    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
+    env = {
+        **os.environ,
+        "SPENDSTREAM_DATA_DIR": str(data_dir),
+        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
+        "SPENDSTREAM_API_PORT": str(api_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
+        env.pop(name, None)
+    return env, bootstrap, api_port
+
+
 def _dev(env: dict[str, str], policy: Path) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "spendstream.cli", "dev", "--policy", str(policy)],
@@ -183,17 +199,7 @@ def test_a_dev_restart_keeps_the_budget_spent_and_the_applied_policy(tmp_path: P
     startup, applied = tmp_path / "startup.yaml", tmp_path / "applied.yaml"
     startup.write_text(RESTART_POLICY.format(amount=1000))
     applied.write_text(RESTART_POLICY.format(amount=10))
-    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
-    env = {
-        **os.environ,
-        "SPENDSTREAM_DATA_DIR": str(tmp_path / "data"),
-        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
-        "SPENDSTREAM_API_PORT": str(api_port),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
-        env.pop(name, None)
+    env, bootstrap, api_port = _dev_env(tmp_path / "data")
     token = _ingest_token(env)
     proc, _ = _dev(env, startup)
     try:
@@ -322,17 +328,7 @@ def test_a_policy_in_another_timezone_restarts_the_processor_which_rebuilds_its_
     kolkata, utc = tmp_path / "kolkata.yaml", tmp_path / "utc.yaml"
     kolkata.write_text(RESTART_POLICY.format(amount=1000).replace("timezone: UTC", "timezone: Asia/Kolkata"))
     utc.write_text(RESTART_POLICY.format(amount=1))
-    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
-    env = {
-        **os.environ,
-        "SPENDSTREAM_DATA_DIR": str(tmp_path / "data"),
-        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
-        "SPENDSTREAM_API_PORT": str(api_port),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
-        env.pop(name, None)
+    env, bootstrap, api_port = _dev_env(tmp_path / "data")
     token = _ingest_token(env)
     proc, _ = _dev(env, kolkata)
     try:

@@ -580,12 +580,12 @@ class StageOne:
         """One ``PartialsMessage`` per stage-2 partition with the totals of the windows of the scopes it owns that
         some rule reads (``watched_windows``)."""
         by_target: dict[int, dict[str, list[WindowPartial]]] = {}
-        reads = watched(self.holder.policy).reads  # the policy at announce time: see ``announce_newly_watched``
+        watched_series = watched(self.holder.policy).series  # at announce time: see ``announce_newly_watched``
         for pkey, value in touched.items():
             wkey, _ = split_partial_key(pkey)
-            if not reads(wkey):
+            scope, series, _ = wkey.rsplit("|", 2)  # names may contain "|"
+            if series not in watched_series(scope):
                 continue
-            scope = scope_of(wkey)
             target = by_target.setdefault(stage2_partition(scope, self.partitions), {})
             target.setdefault(scope, []).append(WindowPartial(wkey, *value))
         for target, scopes in by_target.items():
