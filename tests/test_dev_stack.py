@@ -122,3 +122,45 @@ def test_dev_meters_a_gateway_request_into_the_ledger_and_stops_on_sigint(tmp_pa
     team, feature, model, input_tokens, cost_nanos = rows[0]
     assert (team, feature, model, input_tokens) == ("marketing", "ai_content_generator", "gpt-4o-mini", 3)
     assert cost_nanos > 0
+
+
+@pytest.mark.slow
+def test_dev_lets_each_service_bind_its_own_metrics_port_so_another_program_cannot_take_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``SPENDSTREAM_METRICS_PORT`` unset, a port dev picked and a child bound seconds later could be taken
+    meanwhile (the child then failed to start). Here every port dev could pick is already taken: the sink and
+    processor bind ports of their own, dev prints where, and a restarted processor says where it listens."""
+    import io
+    import socket
+
+    from spendstream.runtime import dev_stack
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    monkeypatch.setattr(dev_stack, "free_port", lambda *_: held.getsockname()[1])
+    settings = load_settings(
+        data_dir=tmp_path / "data", kafka_bootstrap=f"127.0.0.1:{free_port()}", api_port=free_port()
+    )
+    out = io.StringIO()
+    try:
+        with dev_stack.DevStack(settings, out=out, with_gateway=False, quiet_services=True) as stack:
+            printed = re.search(r"sink (http://\S+/metrics), processor (http://\S+/metrics)", out.getvalue())
+            assert printed, out.getvalue()
+            for url in printed.groups():
+                assert f":{held.getsockname()[1]}/" not in url
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert response.status == 200
+            processor = stack.services[1]
+            assert processor.name == "processor" and processor.process is not None
+            processor.process.kill()
+            deadline = time.monotonic() + 90
+            while "processor  running again" not in out.getvalue():
+                assert time.monotonic() < deadline, out.getvalue()
+                time.sleep(0.2)
+            assert processor.metrics_url is not None
+            with urllib.request.urlopen(processor.metrics_url, timeout=5) as response:
+                assert response.status == 200
+    finally:
+        held.close()

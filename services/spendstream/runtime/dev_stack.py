@@ -50,6 +50,7 @@ SERVICE_COLOURS = {"processor": 35, "sink": 36, "gateway": 33}
 _NOTEWORTHY = re.compile(
     r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|Traceback|^\w+(\.\w+)*(Error|Exception|Exit)\b|sink progress:"
 )
+_METRICS_SERVED = re.compile(r"^metrics on (http://\S+/metrics)$")  # what serve_metrics prints
 # Lines that continue the record above them (faust's tables, traceback frames): shown when that record is.
 _CONTINUATION = re.compile(r"^(\s|\||\+|〃)")
 MAX_RESTART_DELAY_S = 30.0
@@ -62,6 +63,10 @@ class Service:
     argv: list[str]
     health_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
+    # Where its /metrics listens, as the service printed it ("metrics on URL"); None until it did. With
+    # ``healthy_by_metrics`` that URL is its health check (the processor serves nothing else).
+    metrics_url: str | None = None
+    healthy_by_metrics: bool = False
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
     restarts: int = 0  # restarts since the service last ran STABLE_AFTER_S
     started_at: float = 0.0
@@ -214,7 +219,9 @@ class DevStack:
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
         metrics_host = self.settings.metrics_host
         base = self.settings.metrics_port  # set: the sink serves on it, the processor on the next port
-        sink_metrics, processor_metrics = (base, base + 1) if base else (free_port(), free_port())
+        # Unset: each binds a port of the system's choosing (0) and prints it, so no port picked here can be taken
+        # by another program before the service binds it.
+        sink_metrics, processor_metrics = (base, base + 1) if base else (0, 0)
         self.services = [
             Service(
                 "sink",
@@ -225,8 +232,8 @@ class DevStack:
             Service(
                 "processor",
                 ["processor"],
-                f"http://{metrics_host}:{processor_metrics}/metrics",
-                {"SPENDSTREAM_METRICS_PORT": str(processor_metrics)},
+                env={"SPENDSTREAM_METRICS_PORT": str(processor_metrics)},
+                healthy_by_metrics=True,
             ),
         ]
         if self.with_gateway:
@@ -253,10 +260,8 @@ class DevStack:
         if self.with_gateway and base and workers > 1:
             each = ", ".join(f"http://{metrics_host}:{base + 2 + i}/metrics" for i in range(workers))
             gateway_metrics = f"gateway {gateway}/metrics (any worker; each: {each}), "
-        self.say(
-            f"metrics    {gateway_metrics}api {api}/metrics, sink http://{metrics_host}:{sink_metrics}/metrics"
-            f", processor http://{metrics_host}:{processor_metrics}/metrics"
-        )
+        sink, processor = self.services[0].metrics_url, self.services[1].metrics_url
+        self.say(f"metrics    {gateway_metrics}api {api}/metrics, sink {sink}, processor {processor}")
         if self.dev_key:
             self.say(f"dev key    {self.dev_key}  (Authorization: Bearer ...; X-Spendstream-Team etc. allowed)")
 
@@ -374,6 +379,7 @@ class DevStack:
         self._threads.append(thread)
 
     def _spawn(self, service: Service) -> None:
+        was_at, service.metrics_url = service.metrics_url, None  # restarted, it may listen elsewhere: it says
         service.process = subprocess.Popen(
             [sys.executable, "-m", "spendstream.cli", *service.argv],
             env={**self.env, **service.env},
@@ -384,11 +390,12 @@ class DevStack:
         )
         service.started_at = time.monotonic()
         threading.Thread(
-            target=self._relay, args=(service, service.process), daemon=True, name=f"relay-{service.name}"
+            target=self._relay, args=(service, service.process, was_at), daemon=True, name=f"relay-{service.name}"
         ).start()
 
-    def _relay(self, service: Service, process: subprocess.Popen[str]) -> None:
-        """Copy a child's output to its log file, and to the console what the console should show."""
+    def _relay(self, service: Service, process: subprocess.Popen[str], metrics_was: str | None) -> None:
+        """Copy a child's output to its log file, and to the console what the console should show; note where its
+        /metrics listens (``metrics_was``: where it listened before this start)."""
         assert process.stdout is not None
         log = (self.data_dir / f"{service.name}.log").open("a", encoding="utf-8")
         colour = SERVICE_COLOURS.get(service.name, 37)
@@ -399,6 +406,10 @@ class DevStack:
             for line in process.stdout:
                 log.write(line)
                 log.flush()
+                if (served := _METRICS_SERVED.match(line)) and process is service.process:
+                    service.metrics_url = served[1]
+                    if metrics_was is not None and served[1] != metrics_was:
+                        self.say(f"{service.name:<10} /metrics now on {served[1]}")
                 if self.quiet_services:
                     continue
                 if not _CONTINUATION.match(line):
@@ -449,10 +460,11 @@ class DevStack:
             self._spawn(service)
 
     def _healthy(self, service: Service) -> bool:
-        if service.health_url is None:
-            return True
+        url = service.metrics_url if service.healthy_by_metrics else service.health_url
+        if url is None:
+            return not service.healthy_by_metrics  # (not before it said where its /metrics listens)
         try:
-            with urllib.request.urlopen(service.health_url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -498,7 +510,7 @@ class DevStack:
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = [s for s in self.services if s.health_url]
+        pending = [s for s in self.services if s.health_url or s.healthy_by_metrics]
         while pending:
             for service in list(pending):
                 assert service.process is not None
