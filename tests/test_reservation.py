@@ -141,6 +141,9 @@ class _Caps:
         start = now - now % 100
         return (1_000, start, start + 100) if scope == "team:web" else None
 
+    def limit_of(self, scope: str, period_name: str) -> int | None:
+        return 1_000 if scope == "team:web" and period_name == "month" else None
+
 
 def test_a_hard_cap_holds_its_scope_from_the_first_request_before_any_decision() -> None:
     """A burst before the processor has said anything is held to the cap's limit (nothing spent assumed); the first
@@ -433,3 +436,68 @@ def test_a_request_whose_images_may_cost_more_than_a_hard_cap_has_left_is_refuse
         assert status == 402, data
         assert "images" in json.loads(data)["error"]["message"]
         assert http(url, {**pictures, "messages": [{"role": "user", "content": "compare"}]})[0] == 200
+
+
+def test_a_policy_that_lowers_a_hard_cap_holds_from_the_moment_the_edge_reads_it() -> None:
+    """A decision made under the previous policy carried its higher limit: the new policy's lower cap of the same
+    period holds at once, not from the processor's next decision; a decision made under the new policy (its limit
+    may include an approved increase) is taken as it is, and a cap of another period changes nothing."""
+    book = ReservationBook()
+    book.standing_known = True
+    book.set_caps(_Caps(), "v1")
+    book.observe("team:web", 800, 5_000, issued_at=100.0, expires_at=200.0, period="month", policy_version="v0")
+    assert book.ledgers["team:web"].limit_nanos == 1_000  # an older policy's decision, read after the new policy
+    book.observe("team:web", 800, 5_000, issued_at=101.0, expires_at=200.0, period="month", policy_version="v1")
+    assert isinstance(book.reserve(SCOPE, lambda: 2_000, 101.0), Reservation)  # the new policy's own word
+    book.set_caps(_Caps(), "v2")  # a newer policy: the v1 decision's limit is held to its cap again
+    refused = book.reserve(SCOPE, lambda: 100, 102.0)
+    assert isinstance(refused, Refusal) and refused.limit_nanos == 1_000
+    book.observe("team:web", 800, 5_000, issued_at=103.0, expires_at=200.0, period="day", policy_version="v0")
+    assert book.ledgers["team:web"].limit_nanos == 5_000  # no day cap: the decision's limit stands
+    book.set_caps(None, "v3")
+    book.observe("team:web", 800, 5_000, issued_at=104.0, expires_at=200.0, period="month", policy_version="v0")
+    assert book.ledgers["team:web"].limit_nanos == 5_000  # no caps at all
+
+
+def test_a_policy_lowering_a_hard_cap_below_the_spend_refuses_at_once_at_the_gateway(
+    settings: Settings, stub: StubUpstream, tmp_path: Path
+) -> None:
+    """An attacker session: lowering a $1 hard cap to $0.50 when $0.60 was spent let traffic through at the old
+    limit for about 2 s, until the processor's decision under the new policy arrived. The gateway's ledger now
+    holds the scope to the new cap from the moment it reads the policy."""
+    from spendstream.core.policy import parse_policy
+
+    def capped(amount: str) -> str:
+        budget = f"{{scope: 'team:marketing', period: month, amount_usd: {amount}, hard_cap: true}}"
+        return f"name: caps\nbudgets: [{budget}]"
+
+    before, after = parse_policy(capped("1")), parse_policy(capped("0.5"))
+    standing = Decision(
+        scope="team:marketing",
+        action="allow",
+        version=1,
+        spend_nanos=600_000_000,
+        limit_nanos=1_000_000_000,
+        period="month",
+        policy_version=before.version,
+        issued_at=datetime.now(UTC),
+        expires_at=datetime.now(UTC) + timedelta(days=5),  # the end of the budget's period
+    )
+    publish_decisions(settings.kafka_bootstrap, [standing])
+    publish_heartbeat(settings.kafka_bootstrap)
+    enforcer = Enforcer(settings=settings, policy=before, policy_topic=None).start()
+    assert enforcer.wait_ready(10)
+    emitter = Emitter(settings=settings, spool_dir=tmp_path / "spool")
+    gateway = Gateway(gateway_config(stub, stub), settings, enforcer=enforcer, emitter=emitter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 50}
+    try:
+        with GatewayThread(gateway) as running:
+            assert wait_for(lambda: "team:marketing" in enforcer.reservations.ledgers, 10)
+            assert wait_for(lambda: enforcer.reservations.standing_known, 10)
+            assert http(running.url + "/v1/chat/completions", body)[0] == 200
+            enforcer.set_policy(after)  # what the gateway's policy follower does when the new policy is applied
+            status, headers, _ = http(running.url + "/v1/chat/completions", body)
+            assert (status, headers["X-Spendstream-Scope"]) == (402, "team:marketing")
+    finally:
+        emitter.close(10)
+        enforcer.stop()

@@ -512,7 +512,7 @@ class Enforcer:
         self._static = static if static else None
         caps = HardCaps(policy)
         with self._book_lock:
-            self.reservations.set_caps(caps if caps else None)
+            self.reservations.set_caps(caps if caps else None, policy.version)
         self._shared_users = None if static.names(_USER) else self._index[_USER]
         self._answers = {}
         self.policy = policy
@@ -580,7 +580,15 @@ class Enforcer:
             ):
                 issued_at = decision.issued_at.timestamp()
                 expires_at = decision.expires_at.timestamp() if decision.expires_at is not None else None
-                self.reservations.observe(scope, decision.spend_nanos, decision.limit_nanos, issued_at, expires_at)
+                self.reservations.observe(
+                    scope,
+                    decision.spend_nanos,
+                    decision.limit_nanos,
+                    issued_at,
+                    expires_at,
+                    decision.period or "",
+                    decision.policy_version or "",
+                )
             else:
                 self.reservations.forget(scope)
         self.stats["decisions"] += 1

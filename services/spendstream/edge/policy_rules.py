@@ -243,6 +243,15 @@ class HardCaps:
     def __bool__(self) -> bool:
         return any(budget.hard_cap for budget in self.policy.budgets)
 
+    def limit_of(self, scope: str, period_name: str) -> int | None:
+        """The smallest limit of ``scope``'s hard caps over ``period_name`` (``month``), or None if it has none."""
+        limits = [
+            budget.limit_nanos
+            for budget in self.policy.matching_budgets(scope)
+            if budget.hard_cap and period(budget.period).name == period_name
+        ]
+        return min(limits) if limits else None
+
     def opening(self, scope: str, now: float) -> tuple[int, float, float] | None:
         """(limit nanos, epoch seconds its period starts and ends) of the smallest hard cap of ``scope`` at ``now``,
         or None."""

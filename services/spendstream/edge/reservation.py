@@ -41,9 +41,12 @@ UNKNOWN = float("-inf")  # the ``issued_at`` of a ledger opened from the policy:
 
 
 class HardCapLimits(Protocol):
-    """The policy's hard caps: ``opening(scope, now)`` is (limit nanos, start and end of its period) or None."""
+    """The policy's hard caps: ``opening(scope, now)`` is (limit nanos, start and end of its period) or None;
+    ``limit_of(scope, period)`` the smallest limit of its caps over that period (``month``) or None."""
 
     def opening(self, scope: str, now: float) -> tuple[int, float, float] | None: ...
+
+    def limit_of(self, scope: str, period_name: str) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -51,9 +54,12 @@ class ScopeLedger:
     """One scope's budget as the newest decision told it, and this edge's spend and reservations since."""
 
     spend_nanos: int  # the processor's spend of the budget's window when it decided
-    limit_nanos: int
+    limit_nanos: int  # the limit this edge holds the scope to (``decided_limit`` unless a newer policy lowered it)
     issued_at: float  # epoch seconds of that decision
     expires_at: float | None = None  # the end of the budget's period: the ledger holds nothing after it
+    decided_limit: int = 0  # the limit the decision carried
+    period: str = ""  # the decision's budget period (``month``)
+    policy_version: str = ""  # the policy the decision was made under
     reserved_nanos: int = 0  # requests in flight at this edge
     settled: deque[tuple[float, int]] = field(default_factory=deque)  # (settled at, real cost) at this edge
     settled_nanos: int = 0  # the sum of ``settled``
@@ -110,6 +116,7 @@ class ReservationBook:
         self.margin_s = margin_s
         self.ledgers: dict[str, ScopeLedger] = {}
         self.caps: HardCapLimits | None = None  # the policy's hard caps, for scopes no decision has told yet
+        self.policy_version = ""  # the version of the policy ``caps`` come from
         # Whether a processor has reported since this edge started (its heartbeat, which it sends once its spend
         # windows are restored): before that, "no decision" may mean "not republished yet" (an embedded broker
         # restarts empty), so a hard cap is not opened from the policy on the assumption that nothing is spent.
@@ -119,18 +126,38 @@ class ReservationBook:
         self.recent: deque[tuple[float, int, tuple[str, ...]]] = deque()
 
     def observe(
-        self, scope: str, spend_nanos: int, limit_nanos: int, issued_at: float, expires_at: float | None = None
+        self,
+        scope: str,
+        spend_nanos: int,
+        limit_nanos: int,
+        issued_at: float,
+        expires_at: float | None = None,
+        period: str = "",
+        policy_version: str = "",
     ) -> None:
-        """A decision told the budget of ``scope`` until ``expires_at`` (older news than what is known is ignored)."""
+        """A decision told the budget of ``scope`` over ``period`` until ``expires_at``, under the policy
+        ``policy_version`` (older news than what is known is ignored)."""
         ledger = self.ledgers.get(scope)
         if ledger is None:
             ledger = self._open(scope, spend_nanos, limit_nanos, issued_at, expires_at, issued_at - self.margin_s)
         elif issued_at < ledger.issued_at:
             return
         else:
-            ledger.spend_nanos, ledger.limit_nanos, ledger.issued_at = spend_nanos, limit_nanos, issued_at
-            ledger.expires_at = expires_at
+            ledger.spend_nanos, ledger.issued_at, ledger.expires_at = spend_nanos, issued_at, expires_at
+        ledger.decided_limit, ledger.period, ledger.policy_version = limit_nanos, period, policy_version
+        ledger.limit_nanos = self._limit(scope, ledger)
         ledger.forget_before(issued_at - self.margin_s)
+
+    def _limit(self, scope: str, ledger: ScopeLedger) -> int:
+        """The limit to hold a decision's ledger to: the decision's, unless it was made under another policy than
+        this edge's, whose hard cap of the same period is lower. A policy that lowers a cap then holds from the
+        moment the edge reads it, not from the processor's next decision (which carries the new limit, and any
+        approved increase, under the new policy's version)."""
+        caps = self.caps
+        if caps is None or ledger.policy_version == self.policy_version or not ledger.period:
+            return ledger.decided_limit
+        lower = caps.limit_of(scope, ledger.period)
+        return ledger.decided_limit if lower is None else min(lower, ledger.decided_limit)
 
     def _open(
         self,
@@ -142,7 +169,7 @@ class ReservationBook:
         counted_from: float,
     ) -> ScopeLedger:
         """A new ledger, counting the requests this edge settled since ``counted_from`` (epoch seconds)."""
-        self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at, expires_at)
+        self.ledgers[scope] = ledger = ScopeLedger(spend_nanos, limit_nanos, issued_at, expires_at, limit_nanos)
         for at, cost, scopes in self.recent:
             if scope in scopes and at >= counted_from:
                 ledger.settled.append((at, cost))
@@ -153,12 +180,15 @@ class ReservationBook:
         """The scope has no budget decision any more (a new period, or the decision was deleted)."""
         self.ledgers.pop(scope, None)
 
-    def set_caps(self, caps: HardCapLimits | None) -> None:
+    def set_caps(self, caps: HardCapLimits | None, policy_version: str = "") -> None:
         """A new policy's hard caps; the ledgers opened from the previous policy's are dropped (reopened on the
-        next request if the scope is still capped)."""
-        self.caps = caps
+        next request if the scope is still capped), and those of decisions made under another policy are held to
+        its lower caps."""
+        self.caps, self.policy_version = caps, policy_version
         for scope in [scope for scope, ledger in self.ledgers.items() if ledger.issued_at == UNKNOWN]:
             del self.ledgers[scope]
+        for scope, ledger in self.ledgers.items():
+            ledger.limit_nanos = self._limit(scope, ledger)
 
     def reserve(
         self, scopes: tuple[str, ...], estimate: Callable[[], int], now: float, critical: bool = False
