@@ -345,6 +345,8 @@ def test_scheduled_reports_arrive_once_with_their_csv_across_restarts(
     (weekly,) = mail.to("cfo@acme.example")
     assert "CFO weekly report, week of 2026-03-02" in weekly["Subject"]
     assert "Spend: $150.000000005" in weekly.get_body(("plain",)).get_content()
+    # the week's share of the monthly budgets is an allocation: to the cent, not $3,161.290322575
+    assert "Budget (pro rata): $3,161.29, used 4.7%" in weekly.get_body(("plain",)).get_content()
     # the command that prints it again, as a user can paste it (a user session ran `spendstream report`: usage error)
     assert "`spendstream report weekly --as-of 2026-03-02` prints it again" in weekly.get_body(("plain",)).get_content()
     (csv,) = list(weekly.iter_attachments())

@@ -10,7 +10,7 @@ from typing import Any
 from spendstream.analytics import reports
 from spendstream.analytics.money import fmt_pct
 from spendstream.analytics.report_model import Report, render_csv
-from spendstream.core.money_text import exact_usd_text
+from spendstream.core.money_text import exact_usd_text, usd_text
 from spendstream.core.notification_policy import ReportSchedule
 from spendstream.notifier.messages import Message, report_message
 
@@ -23,7 +23,8 @@ def weekly_summary(report: Report) -> list[str]:
     lines = [
         f"Spend: {exact_usd_text(row['spend'])} (previous week {exact_usd_text(row['previous'])}, "
         f"change {fmt_pct(row['change'])})",
-        f"Budget (pro rata): {exact_usd_text(row['budget'])}, used {fmt_pct(row['budget_used'])}",
+        # (the week's share of monthly budgets, floored per day: an allocation, shown to the cent; the CSV is exact)
+        f"Budget (pro rata): {usd_text(row['budget'])}, used {fmt_pct(row['budget_used'])}",
     ]
     if row["top_feature"] is not None:
         lines.append(f"Top feature: {row['top_feature']} ({exact_usd_text(row['top_feature_spend'])})")
