@@ -113,3 +113,19 @@ def test_a_view_that_turns_stale_and_fresh_again_is_said_once_each_in_the_log(
     assert "enforcement view stale" in said[0] and "requests are served (fail-open)" in said[0], said
     assert "fresh again" in said[1], said
     assert all(("fresh again" in a) != ("fresh again" in b) for a, b in pairwise(said)), said
+
+
+def test_a_decision_on_a_model_holds_for_every_name_of_it(broker: EmbeddedBroker) -> None:
+    """An attacker session passed a spent ``model:gpt-4o`` cap by asking for ``gpt-4o-2024-08-06``, ``GPT-4O`` or
+    ``openai/gpt-4o``; the shutoff holds for each, and the model served stays the name the client asked for."""
+    publish_decisions(
+        broker.bootstrap, [Decision(scope="model:gpt-4o", action="shutoff", version=1, reason="model budget spent")]
+    )
+    publish_heartbeat(broker.bootstrap)
+    with Enforcer(broker.bootstrap) as enforcer:
+        assert enforcer.wait_ready(10)
+        for name in ("gpt-4o", "gpt-4o-2024-08-06", "GPT-4O", " gpt-4o", "openai/gpt-4o", "gpt-4o-latest"):
+            verdict = enforcer.check(team="web", model=name)
+            assert (verdict.action, verdict.scope, verdict.model) == ("shutoff", "model:gpt-4o", name)
+        for name in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "local/gpt-4o"):
+            assert enforcer.check(team="web", model=name).action == "allow"

@@ -339,3 +339,16 @@ def test_a_critical_feature_without_teams_is_warned_of_and_its_teams_place_calls
     assert policy.feature_owner_problem("marketing", "ai_drafts") is None  # no teams listed: any team
     # a policy that lists no teams keeps the version it had before features could list them
     assert "teams" not in parse_policy("features:\n  ai_drafts: {critical: false}\n").to_json()
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [("model:gpt-4o-2024-08-06", "gpt-4o"), ("model:GPT-4o", "gpt-4o"), ("model:openai/gpt-4o-mini", "gpt-4o-mini")],
+)
+def test_a_model_scope_is_written_as_the_name_it_holds_for(written: str, meant: str) -> None:
+    """A budget on one spelling of a model holds for all of them: the policy says which name to write rather than
+    read another budget than the one written."""
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(f"budgets: [{{scope: '{written}', period: day, amount_usd: 1}}]", "p.yaml")
+    assert f"write model:{meant}" in str(refused.value) and "budgets" in str(refused.value)
+    assert parse_policy(f"budgets: [{{scope: 'model:{meant}', period: day, amount_usd: 1}}]").budgets

@@ -640,3 +640,23 @@ def test_a_partition_rebuilt_from_the_ledger_replaces_what_stage_two_held_of_it(
     owner.stage.process(owner.partition, [ForgetMessage(4), rebuilt])
     assert owner.windows[ALPHA_MONTH] == {"4": [60 * USD, 2, 30, 9]}  # the same $60, under the ledger's partition
     assert internal_message(json.loads(ForgetMessage(4).encode())) == ForgetMessage(4)
+
+
+def test_a_model_budget_counts_the_models_dated_names_whichever_name_the_client_or_provider_used() -> None:
+    """An attacker session: a budget on ``model:gpt-4o`` counted only calls named exactly ``gpt-4o``. A client asked
+    for ``gpt-4o-2024-08-06`` or ``GPT-4O`` and passed a spent cap, and OpenAI answers ``gpt-4o`` requests as
+    ``gpt-4o-2024-08-06``, so the processor counted the cap's spend under another scope and published it unspent.
+    Every spelling of the model counts in its one scope."""
+    holder = PolicyHolder(policy_with('  - {scope: "model:gpt-4o", period: month, amount_usd: 100}\n'), LATENESS)
+    worker = Worker(holder=holder)
+    names = [("gpt-4o", "gpt-4o-2024-08-06"), ("GPT-4O", ""), ("openai/gpt-4o", ""), ("gpt-4o-2024-11-20", "")]
+    events = [
+        spend(30).model_copy(update={"model_requested": requested, "model_served": served})
+        for requested, served in names
+    ]
+    worker.process([usage(offset, event) for offset, event in enumerate(events)])
+    owner = ScopeOwner(holder, "model:gpt-4o")
+    owner.receive(worker.out.on(PARTIALS_TOPIC))
+    assert owner.decisions()[-1] == "shutoff"  # $120 of $100
+    counted = {key.rsplit("|", 2)[0] for key in totals_from_partials(worker.table) if key.startswith("model:")}
+    assert counted == {"model:gpt-4o"}

@@ -7,6 +7,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spendstream.core.matching import model_scope_name
 from spendstream.core.policy import load_policy, parse_policy
 from spendstream.processor.scopes import allowed_model_lists, matching_quotas, scopes_for
 
@@ -101,6 +102,7 @@ def test_every_non_empty_field_yields_exactly_one_scope(
     event["model_requested"] = model
     scopes = scopes_for(event, HIER)
     for dim, value in [*event.items()]:
-        dim = "model" if dim == "model_requested" else dim
+        if dim == "model_requested":  # a model's scope is named by model_scope_name (``GPT4O`` -> ``gpt4o``)
+            dim, value = "model", model_scope_name(value) if value else value
         assert scopes.count(f"{dim}:{value}") == (1 if value else 0)
     assert all(s.partition(":")[2] for s in scopes)

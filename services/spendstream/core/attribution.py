@@ -14,6 +14,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
+from spendstream.core.matching import model_scope_name
+
 # Names, not text: a longer one is a bug or an attack (a scope key of megabytes stalls whatever carries it).
 MAX_NAME_CHARS = 256
 WILDCARD_VALUE = "*"  # a policy's scope template ("user:*"): never the value of one call's attribution
@@ -92,7 +94,15 @@ _SCOPE_RE = re.compile(rf"^({'|'.join(DIMENSIONS)}):(\*|[^\s*]+)$")
 
 
 def check_scope(value: str) -> str:
-    """A scope as policies, notifications and budget requests name it: ``dimension:value`` or ``dimension:*``."""
+    """A scope as policies, notifications and budget requests name it: ``dimension:value`` or ``dimension:*``; a
+    model by the name its scope goes by (``core.matching.model_scope_name``), so what a rule names is what it
+    holds."""
     if not _SCOPE_RE.match(value):
         raise ValueError(f"scope must be dimension:value or dimension:* with dimension one of {', '.join(DIMENSIONS)}")
+    dimension, _, name = value.partition(":")
+    if dimension == "model" and name != "*" and (canonical := model_scope_name(name)) != name:
+        raise ValueError(
+            f"write model:{canonical}: a model's scope is its name without capitals, a provider's prefix or a dated "
+            f"snapshot or -latest suffix, and it holds for all of them ({value} would be read as model:{canonical})"
+        )
     return value

@@ -4,6 +4,10 @@
   of characters, ``/`` included (``local/*``, ``llama-*``, ``gpt-4o*``); every other character is literal and
   matching is case-sensitive. ``ModelMatcher`` compiles a list once (one regular expression for all its globs)
   and remembers its answer per model name.
+- A model's scope (``model:gpt-4o``) is named by ``model_scope_name``: the model without its provider's dated
+  snapshot or ``-latest`` suffix, a registered provider's ``openai/`` prefix, surrounding spaces or capitals, so
+  a budget, quota or decision on ``model:gpt-4o`` holds for ``gpt-4o-2024-08-06``, ``GPT-4o`` and
+  ``openai/gpt-4o`` alike, whichever name the client asked for and the provider answered with.
 - Scope patterns are ``dimension:value`` or the template ``dimension:*`` (every value of the dimension);
   ``scope_matches`` says whether a pattern covers a concrete scope, ``template_of`` names a scope's template, and
   ``ScopeSet`` compiles a list of patterns for a lookup per request (the gateway's cache opt-in).
@@ -13,8 +17,33 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
+
+from spendstream.core.providers.registry import provider_names
 
 GLOB = "*"
+
+# A provider's dated snapshot or alias of a model (``gpt-4o-2024-08-06``, ``claude-3-5-sonnet-20241022``,
+# ``claude-3-5-sonnet-latest``, ``gpt-4-0613``): the same model to a policy that names ``gpt-4o``.
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:20\d\d-?\d\d-?\d\d|\d{4}|latest)$")
+
+
+def base_model(model: str) -> str:
+    """``model`` without a provider's snapshot date or ``-latest`` alias suffix."""
+    return _SNAPSHOT_SUFFIX.sub("", model)
+
+
+@lru_cache(maxsize=4096)
+def model_scope_name(model: str) -> str:
+    """The value of ``model``'s scope: lower-cased, stripped, without a registered provider's prefix
+    (``openai/gpt-4o``) or a dated snapshot or ``-latest`` suffix. Budgets count a model by what it is, not by the
+    spelling a client or a provider used (a budget on ``gpt-4o`` let ``gpt-4o-2024-08-06`` through; an attacker
+    session), and the name requested and the name served land in the same scope."""
+    name = model.strip().lower()
+    provider, slash, rest = name.partition("/")
+    if slash and rest and provider in provider_names():
+        name = rest
+    return base_model(name) or name
 
 
 def is_glob(entry: str) -> bool:

@@ -35,6 +35,7 @@ from spendstream.core.attribution import DIMENSIONS
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.config import Settings, load_settings
 from spendstream.core.events import Action, Decision, Heartbeat
+from spendstream.core.matching import model_scope_name
 from spendstream.core.policy import Policy
 from spendstream.core.record_signature import RecordVerifier, vouched_for
 from spendstream.core.topics import ENFORCEMENT, HEARTBEAT_KEY_PREFIX, POLICY
@@ -67,6 +68,7 @@ _DIM_INDEX = {dim: i for i, dim in enumerate(DIMENSIONS)}
 _FEATURE = _DIM_INDEX["feature"]
 _TEAM = _DIM_INDEX["team"]
 _USER = _DIM_INDEX["user"]
+_MODEL = _DIM_INDEX["model"]
 # In the key of an answer kept for every user with no rule and no policy rule of its own (``_shared_answer_key``):
 # the user's place; in its throttles, the key of the ``user:*`` limit, which counts each user on its own.
 _ANY_USER: Any = object()
@@ -323,11 +325,13 @@ class Enforcer:
         first_seen = wall is None  # check() found no answer kept (not one that no longer holds)
         shared_key = self._shared_answer_key(request)
         user_at = -1  # where the user:* rule is among the matched rules (its limit's key is the user)
-        values: Sequence[str] = request
-        if self._ancestors:
-            values = list(request)
-            self._fill_ancestors(values)
         model = request[-1]
+        values: Sequence[str] = request
+        if self._ancestors or model:
+            values = list(request)
+            values[_MODEL] = model_scope_name(model) if model else ""  # the rules' name of it: ``model:gpt-4o``
+            if self._ancestors:
+                self._fill_ancestors(values)
         # The matched rules and the values their limits count (a wildcard rule: the matched value; an exact one: "").
         rules: list[ScopeRule] = []
         keys: list[str] = []
@@ -475,7 +479,7 @@ class Enforcer:
         budget) against the remaining budget of each of its scopes; else why the first scope it would overdraw is
         refused (``Refusal``).
         Every admitted request is ``settle``d with its real cost once known (0 if it cost nothing)."""
-        values = [org, division, team, project, feature, user, customer, environment, model]
+        values = [org, division, team, project, feature, user, customer, environment, model and model_scope_name(model)]
         if self._ancestors:
             self._fill_ancestors(values)
         scopes = tuple(f"{DIMENSIONS[i]}:{value}" for i, value in enumerate(values) if value)

@@ -10,7 +10,6 @@ with the next outcome in that order.
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from spendstream.core.events import ACTION_RANK, Decision
-from spendstream.core.matching import ModelMatcher
+from spendstream.core.matching import ModelMatcher, base_model
 
 ALLOW = "allow"
 ALERT = "alert"
@@ -128,16 +127,6 @@ class RateLimit:
 
 def _epoch(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
-
-
-# A provider's dated snapshot or alias of a model (``gpt-4o-2024-08-06``, ``claude-3-5-sonnet-20241022``,
-# ``claude-3-5-sonnet-latest``, ``gpt-4-0613``): the same model to a policy that names ``gpt-4o``.
-_SNAPSHOT_SUFFIX = re.compile(r"-(?:20\d\d-?\d\d-?\d\d|\d{4}|latest)$")
-
-
-def base_model(model: str) -> str:
-    """``model`` without a provider's snapshot date or ``-latest`` alias suffix."""
-    return _SNAPSHOT_SUFFIX.sub("", model)
 
 
 class FallbackMap(dict[str, str]):

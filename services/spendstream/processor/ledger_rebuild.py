@@ -51,6 +51,7 @@ from typing import Any
 
 from spendstream.core.api_address import read_address
 from spendstream.core.ledger_spend import SPEND_WINDOWS_PATH, SpendQuery, grains
+from spendstream.core.matching import model_scope_name
 from spendstream.core.periods import HOUR, PERIODS, period_window
 from spendstream.core.policy import Policy
 from spendstream.processor.scopes import scopes_for
@@ -122,6 +123,8 @@ def _scopes(name: str, values: list[str], policy: Policy) -> list[str]:
         org, team, division, project = values
         return scopes_for({"org": org, "team": team, "division": division, "project": project}, policy)
     value = values[-1]
+    if name == "model" and value:  # the ledger's names, as stage 1 names their scope
+        value = model_scope_name(value)
     return [f"{name}:{value}"] if value else []
 
 

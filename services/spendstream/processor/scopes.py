@@ -4,7 +4,7 @@
   project, feature, user, customer, environment, model. Missing parents are filled from the policy hierarchy
   (a team's division and org, a project's team), so an event tagged only ``team=marketing`` also counts against
   ``division:...`` and ``org:...``. Empty attribution fields give no scope. ``model`` is read from ``model``,
-  else ``model_served``, else ``model_requested``.
+  else ``model_served``, else ``model_requested``, and named by ``model_scope_name``.
 - ``matching_quotas`` / ``allowed_model_lists`` do for quotas and allowed-model lists what
   ``Policy.matching_budgets`` does for budgets (a scope's own list replaces its template's); whether a model is in
   a list is ``core.matching``'s, as at the edges.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from spendstream.core.attribution import DIRECT_FIELDS
-from spendstream.core.matching import is_template, template_of
+from spendstream.core.matching import is_template, model_scope_name, template_of
 from spendstream.core.policy import Policy, Quota
 
 
@@ -29,7 +29,7 @@ def scopes_for(attribution: Mapping[str, object], policy: Policy) -> list[str]:
             out.append(f"{name}:{value}")
     model = get("model") or get("model_served") or get("model_requested")
     if model:
-        out.append(f"model:{model}")
+        out.append(f"model:{model_scope_name(str(model))}")
     return out
 
 

@@ -24,6 +24,7 @@ from confluent_kafka import Message
 from spendstream.core.attribution import DIRECT_FIELDS, HIERARCHY
 from spendstream.core.codec import AvroCodec, DecodeError
 from spendstream.core.events import lateness_problem, name_fields_problem, usage_record_problem
+from spendstream.core.matching import model_scope_name
 from spendstream.core.metrics import PROCESSOR_DEAD_LETTERED
 from spendstream.core.policy import Policy
 from spendstream.core.pricing import CostOverflowError, UnknownModelError, price_record
@@ -276,7 +277,7 @@ def _rest_scopes(rest: tuple[str, ...]) -> list[str]:
     *direct, served, requested = rest
     scopes = [prefix + value for prefix, value in zip(DIRECT_PREFIXES, direct, strict=True) if value]
     if served or requested:
-        scopes.append(f"model:{served or requested}")
+        scopes.append(f"model:{model_scope_name(served or requested)}")
     return scopes
 
 

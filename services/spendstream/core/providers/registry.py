@@ -38,6 +38,11 @@ def dialect_for_sdk(module: str) -> Dialect | None:
     return _BY_SDK.get(module)
 
 
+def provider_names() -> frozenset[str]:
+    """The provider names of every registered dialect, lower-cased (``openai``, ``anthropic``, ``google-vertex``)."""
+    return frozenset(_BY_PROVIDER)
+
+
 def dialects() -> tuple[Dialect, ...]:
     """Every registered dialect, in registration order."""
     return tuple(_BY_KIND.values())
