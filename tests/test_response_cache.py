@@ -123,7 +123,7 @@ def test_replacing_an_entry_keeps_the_byte_count_exact() -> None:
 
 def test_opt_in_per_scope_and_temperature() -> None:
     config = CacheConfig(scopes=["feature:faq_bot", "team:support"], max_temperature=0.2)
-    assert config.partition({"team": "marketing", "feature": "faq_bot"}) == "feature:faq_bot"
+    assert config.partition({"team": "marketing", "feature": "faq_bot"}) == "feature:faq_bot|org:|team:marketing"
     assert config.partition({"team": "marketing", "feature": ""}) is None
     assert CacheConfig().partition({"team": "support"}) is None
     assert config.cacheable({"temperature": 0}) and not config.cacheable({"temperature": 0.7})
@@ -133,10 +133,22 @@ def test_opt_in_per_scope_and_temperature() -> None:
 def test_opt_in_scopes_match_like_the_policys_scopes() -> None:
     """A ``dimension:*`` template opts in every value, each in its own partition, as a policy template does."""
     config = CacheConfig(scopes=["team:*", "feature:faq_bot"])
-    assert config.partition({"team": "support", "feature": "faq_bot"}) == "team:support"
-    assert config.partition({"team": "", "feature": "faq_bot"}) == "feature:faq_bot"
+    assert config.partition({"team": "support", "feature": "faq_bot"}) == "team:support|org:|team:support"
+    assert config.partition({"team": "", "feature": "faq_bot"}) == "feature:faq_bot|org:|team:"
     assert config.partition({"team": "", "user": "u1"}) is None
-    assert CacheConfig(scopes=["*"]).partition({"org": "", "team": "web"}) == "team:web"
+    assert CacheConfig(scopes=["*"]).partition({"org": "", "team": "web"}) == "team:web|org:|team:web"
+
+
+def test_a_scope_several_teams_name_caches_each_teams_answers_apart() -> None:
+    """An attacker session: with ``feature:faq`` opted in, a key of another team naming the same feature was served
+    marketing's cached completion. A scope's partition is within its org and team."""
+    config = CacheConfig(scopes=["feature:faq"])
+    marketing = config.partition({"org": "acme", "team": "marketing", "feature": "faq"})
+    sales = config.partition({"org": "acme", "team": "sales", "feature": "faq"})
+    other_org = config.partition({"org": "globex", "team": "marketing", "feature": "faq"})
+    assert len({marketing, sales, other_org}) == 3
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert cache_key(body, "chat", marketing) != cache_key(body, "chat", sales)  # type: ignore[arg-type]
 
 
 SSE = [

@@ -58,14 +58,17 @@ class CacheConfig(BaseModel):
     )
 
     def partition(self, attribution: Mapping[str, str]) -> str | None:
-        """The first opted-in scope (``dimension:value``, in attribution order) the request belongs to: its cache
-        partition. None if it did not opt in."""
+        """The request's cache partition: the first opted-in scope (``dimension:value``, in attribution order) it
+        belongs to, within its org and team. A scope other than a team's (``feature:faq``) may be named by several
+        teams: each team has its own entries, so one team never receives another's answer. None if it did not opt
+        in."""
         opted_in = self._opted_in
         if not opted_in:
             return None
         for dimension, value in attribution.items():
             if opted_in.covers(dimension, value):
-                return f"{dimension}:{value}"
+                tenant = f"org:{attribution.get('org', '')}|team:{attribution.get('team', '')}"
+                return f"{dimension}:{value}|{tenant}"
         return None
 
     @cached_property
