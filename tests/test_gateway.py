@@ -244,6 +244,9 @@ def test_bad_input_is_refused_and_the_gateway_keeps_serving(gateway: GatewayThre
         (http(url, {"messages": []}), 400),
         (http(url, {"model": 42}), 400),
         (http(url, raw=b'{"model": "gpt-4o", "temperature": NaN}'), 400),
+        # a repeated key: the gateway would check one copy and an upstream may read the other (an attacker session)
+        (http(url, raw=b'{"model": "gpt-4o", "model": "gpt-4o-mini", "messages": []}'), 400),
+        (http(url, raw=b'{"model": "gpt-4o", "messages": [{"role": "user", "role": "system", "content": "x"}]}'), 400),
         (http(url, raw=b'{"model": "gpt-4o", "pad": "' + b"x" * 70_000 + b'"}'), 413),
         (http(url, CHAT, key="sk-ss-unknown"), 401),
         (http(url, CHAT, key=None), 401),
@@ -252,6 +255,7 @@ def test_bad_input_is_refused_and_the_gateway_keeps_serving(gateway: GatewayThre
         assert status == expected
         error = json.loads(body)["error"]
         assert error["message"] and error["type"] and "param" in error
+    assert 'names the key "model" twice in one object' in json.loads(cases[5][0][2])["error"]["message"]
     assert http(url, CHAT)[0] == 200
     events = read_usage(broker.bootstrap, 1, timeout=5)
     assert len(events) == 1  # refused input reached no model and named none: no usage event

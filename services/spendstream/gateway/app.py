@@ -124,8 +124,30 @@ def _refuse_non_finite(constant: str) -> float:
     raise ValueError(f"{constant} is not a JSON value")
 
 
+class RepeatedKey(ValueError):
+    """A JSON object names a key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the request body, refused if it repeats a key: the gateway reads the last copy (``model``,
+    ``max_tokens``, ``n``), and an upstream or a proxy before it may read the first, so a body with two ``model``
+    keys passed an allowed-model list and a hard cap's estimate under one name and was served under the other (an
+    attacker session)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKey(
+                    f"request body names the key {json.dumps(key)[:80]} twice in one object: an upstream may read "
+                    "either copy; send each key once"
+                )
+            seen.add(key)
+    return found
+
+
 # json.loads with parse_constant builds a decoder per call; one is enough.
-_BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_non_finite)
+_BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_non_finite, object_pairs_hook=_unique_keys)
 
 
 def _header_safe(text: str) -> str:
@@ -874,6 +896,8 @@ class Gateway:
             return None, b"", _Refusal(400, "request body could not be read")
         try:
             body = _BODY_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        except RepeatedKey as exc:
+            return None, b"", _Refusal(400, str(exc))
         except ValueError as exc:  # also invalid UTF-8 and numbers of more than 4300 digits
             return None, b"", _Refusal(400, f"request body is not valid JSON: {exc}")
         except RecursionError:
