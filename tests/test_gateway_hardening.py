@@ -564,3 +564,46 @@ def test_keys_are_listed_and_revoked_from_the_cli(settings: Settings, tmp_path: 
     assert len(KeyStore.load(keys_file)) == 1
     typo = run("keys", "--keys-file", str(keys_file), "revok", "x")
     assert typo.returncode == 2 and "invalid choice" in typo.stderr and "Traceback" not in typo.stderr
+
+
+# -- answers that say nothing of their usage ------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("reported", [None, {"prompt_tokens": None, "completion_tokens": None}])
+def test_an_answer_without_usage_is_metered_at_an_estimate_not_at_zero(
+    gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker, stream: bool, reported: dict | None
+) -> None:
+    """An attacker session: an upstream that left out the usage block (or sent nulls) had a 5,000-word answer
+    metered at $0 with status ok. A provider bills what it generated: the answer is metered from its text and the
+    prompt, tagged ``usage: estimated``."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(api_key=KEY, base_url=gateway.url + "/v1", max_retries=0)
+    stub.omit_usage, stub.reported_usage = reported is None, reported
+    prompt = "tell me a long story about " + "dragons " * 40
+    try:
+        answer = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=40, stream=stream
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream else None
+    finally:
+        stub.omit_usage, stub.reported_usage = False, None
+    assert text is None or text.startswith("word word")
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert event["status"] == "ok" and event["tags"]["usage"] == "estimated"
+    assert event["output_tokens"] == 50  # 40 words of filler: 199 characters, about 4 per token
+    assert 40 <= event["input_tokens"] <= 200  # estimated from the prompt (~350 characters)
+    assert event["cost_nanos"] > 0
+
+
+def test_a_stream_answered_as_one_json_body_is_metered_from_that_body(
+    gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker
+) -> None:
+    """Some servers answer ``stream: true`` with one JSON body (the stub does for legacy completions): it carried
+    its usage block, and was metered at $0 as a stream without one (an attacker session)."""
+    status, headers, data = http(
+        gateway.url + "/v1/completions", {"model": "gpt-4o-mini", "prompt": "one two three", "stream": True}
+    )
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(data)["usage"]["prompt_tokens"] == 3
+    (event,) = read_usage(broker.bootstrap, 1)
+    assert (event["input_tokens"], event["status"]) == (3, "ok") and "usage" not in event["tags"]
+    assert event["cost_nanos"] > 0

@@ -51,7 +51,7 @@ from spendstream.gateway.http_server import (
     error_body,
 )
 from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
-from spendstream.gateway.metering import StreamMeter, usage_of_body
+from spendstream.gateway.metering import StreamMeter, counts_tokens, estimated_body_usage, usage_of_body
 from spendstream.gateway.metrics import GATEWAYS
 from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
 from spendstream.gateway.response_cache import (
@@ -221,6 +221,11 @@ class _Call:
     verdict: Verdict | None = None
     route: Route | None = None  # set when routing chose another model or provider than the one requested
     reservation: Reservation | None = None  # its estimated cost, held until its real cost settles it
+    body: dict[str, Any] | None = None  # the request as sent: its prompt is estimated if the answer has no usage
+
+    def prompt_tokens(self) -> int:
+        """The request's input tokens, estimated from its prompt (for an answer that did not say)."""
+        return assess(self.body or {}).input_tokens
 
     def model_headers(self) -> dict[str, str]:
         """What happened to the requested model, named for what it was: a routing rewrite (why, and the estimated
@@ -961,6 +966,7 @@ class Gateway:
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 injected = True
         payload = json.dumps(body, separators=(",", ":")).encode() if rewrite or injected else raw
+        call.body = body
         try:
             response, target = await self.upstreams.send(provider, "POST", request.path, payload, headers)
         except UpstreamUnavailable as exc:
@@ -983,8 +989,10 @@ class Gateway:
                 out_headers[name] = value
         status = UsageStatus.ok if response.status < 400 else UsageStatus.error
         self.counts[status.value] += 1
-        if stream and response.status == 200:
+        media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if stream and response.status == 200 and not _is_json_type(media_type):
             return await self._stream(request, call, body, response, target.kind, injected, out_headers, cache_key_)
+        # (a stream asked for and answered as one JSON body, as some servers do, is metered as that body)
         try:
             async with response:
                 data = await response.read()
@@ -1052,8 +1060,8 @@ class Gateway:
         finally:
             served = meter.model or call.verdict.model
             usage = meter.usage
-            if not completed:
-                status = UsageStatus.error
+            if not completed or not counts_tokens(usage, call.provider):  # cut short, or no usage said
+                status = UsageStatus.ok if completed else UsageStatus.error
                 usage, estimated = meter.usage_so_far(lambda: assess(body).input_tokens)
                 if estimated:
                     call.tags["usage"] = "estimated"
@@ -1145,6 +1153,9 @@ class Gateway:
         if answer is not None:
             raw_usage, served_by_upstream = usage_of_body(answer.body, call.endpoint.kind)
             served = served_by_upstream or served
+            if not counts_tokens(raw_usage, call.provider):  # an answer that says nothing of its cost
+                raw_usage = estimated_body_usage(answer.body, call.endpoint.kind, call.prompt_tokens)
+                call.tags["usage"] = "estimated"
         try:
             if hit is not None:
                 event = cache_hit_event(
@@ -1192,7 +1203,7 @@ class Gateway:
                 self.provider_stats.observe_event(event)
             if self.telemetry is not None:
                 self.telemetry.record(event, call.endpoint.name)
-        if answer is not None and answer.cache_key is not None:
+        if answer is not None and answer.cache_key is not None and call.tags.get("usage") != "estimated":
             self._store(answer.cache_key, answer.content_type, call.provider, served, raw_usage, answer.body)
 
     def _store(

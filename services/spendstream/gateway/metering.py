@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from spendstream.core.pricing import normalise_usage
 from spendstream.core.providers import dialect_of_kind
 from spendstream.gateway.complexity import CHARS_PER_TOKEN
 
@@ -108,9 +109,9 @@ class StreamMeter:
 
     def usage_so_far(self, prompt_tokens: Callable[[], int]) -> tuple[dict[str, Any], bool]:
         """The usage to meter for a stream cut short, and whether it is estimated: the closing usage block if it
-        arrived, else output tokens estimated from the text forwarded (providers bill what they streamed) and input
-        tokens from the opening usage block (Anthropic) or ``prompt_tokens()``."""
-        if self.usage_final:
+        arrived (and counts some), else output tokens estimated from the text forwarded (providers bill what they
+        streamed) and input tokens from the opening usage block (Anthropic) or ``prompt_tokens()``."""
+        if self.usage_final and _counts(self.dialect.usage, self.usage):
             return self.usage, False
         self._count_held_text()
         output = -(-self._text_chars // CHARS_PER_TOKEN)
@@ -128,6 +129,41 @@ class StreamMeter:
         if not isinstance(payload, dict):
             return False
         return self.dialect.stream_event(self, payload) and self.drop_usage_chunk
+
+
+class _NoStream:
+    """What ``Dialect.estimated_usage`` reads of a stream, for a whole answer: no usage block seen."""
+
+    usage: dict[str, Any] = {}  # noqa: RUF012 (read only)
+    usage_final = False
+    model = ""
+
+
+def estimated_body_usage(body: bytes, kind: str, prompt_tokens: Callable[[], int]) -> dict[str, Any]:
+    """A usage block for an answer that carried none (or only empty counts): output tokens estimated from the text
+    it returned, input tokens from ``prompt_tokens()``. A provider bills what it generated whether or not it said
+    so, so such an answer is metered at an estimate, tagged, rather than at $0."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    output = -(-_text_chars(payload) // CHARS_PER_TOKEN)
+    return dialect_of_kind(kind).estimated_usage(_NoStream(), prompt_tokens, output)
+
+
+def counts_tokens(usage: dict[str, Any], provider: str) -> bool:
+    """Whether a usage block counts any token: an absent block, or one of nulls and zeros, counts none (no model
+    answers without reading a prompt). A malformed block counts as counting: the event's own checks say why."""
+    return _counts(lambda raw: normalise_usage(provider, raw), usage)
+
+
+def _counts(read: Callable[[dict[str, Any]], Any], usage: dict[str, Any]) -> bool:
+    if not usage:
+        return False
+    try:
+        return any(read(usage))
+    except (TypeError, ValueError):
+        return True
 
 
 def usage_of_body(body: bytes, kind: str = "openai") -> tuple[dict[str, Any], str]:

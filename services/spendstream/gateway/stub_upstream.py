@@ -5,7 +5,8 @@ words of filler for each of the ``n`` completions asked for (legacy completions:
 bills them. Streams honour ``stream_options.include_usage`` the way OpenAI does. Faults are injected
 with ``fail_status`` (answer every request with that status), ``hang_s`` (sleep before answering) or
 ``cut_stream_after`` (a stream stops after that many text chunks: the connection drops, after ``stall_stream_s`` of
-silence when that is set); ``reported_usage`` replaces the chat usage block (a broken upstream).
+silence when that is set); ``reported_usage`` replaces the chat usage block, and ``omit_usage`` leaves it out, streamed
+or not (a broken upstream).
 
 Run standalone: ``python -m spendstream.gateway.stub_upstream --port 9000``.
 """
@@ -67,6 +68,7 @@ class StubUpstream:
         self.cut_stream_after: int | None = None
         self.stall_stream_s = 0.0
         self.reported_usage: dict[str, Any] | None = None
+        self.omit_usage = False
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
@@ -192,17 +194,10 @@ class StubUpstream:
             answers = [
                 {"index": i, "message": message, "finish_reason": "stop", "logprobs": None} for i in range(choices)
             ]
-            return web.json_response(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": answers,
-                    "usage": usage,
-                },
-                headers=self.response_headers,
-            )
+            answer = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": answers}
+            if not self.omit_usage:
+                answer["usage"] = usage
+            return web.json_response(answer, headers=self.response_headers)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -211,7 +206,7 @@ class StubUpstream:
             await self._maybe_cut(request, i)
             await response.write(_sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
         await response.write(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and not self.omit_usage:
             await response.write(_sse({**base, "choices": [], "usage": usage}))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
