@@ -153,6 +153,12 @@ def test_each_request_becomes_one_usage_event(gateway: GatewayThread, broker: Em
     assert (
         http(gateway.url + "/v1/completions", {"model": "gpt-4o-mini", "prompt": "p q"}, HEADER_KEY, headers)[0] == 200
     )
+    # a key that takes no headers refuses one it would ignore, and names how to mint one that takes them; a header
+    # repeating what the key sets changes nothing (an attacker session: a call was charged to no team)
+    completion = {"model": "gpt-4o-mini", "prompt": "p q"}
+    status, _, refused = http(gateway.url + "/v1/completions", completion, KEY, {"X-Spendstream-Team": "sales"})
+    assert status == 400 and "--allow-header-attribution" in json.loads(refused)["error"]["message"]
+    assert http(gateway.url + "/v1/completions", completion, KEY, {"X-Spendstream-User": "u2"})[0] == 400
     status, _, models = http(gateway.url + "/v1/models")
     assert status == 200 and json.loads(models)["data"]
 

@@ -377,6 +377,25 @@ def _refine_attribution(attribution: dict[str, str], headers: Mapping[str, str])
     return None
 
 
+_ATTRIBUTION_HEADERS = frozenset(header.lower() for header in HEADER_FIELDS)
+
+
+def _ignored_attribution(attribution: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
+    """Why a request whose key takes no attribution headers is refused for sending one, or None: a header that
+    only repeats what the key sets changes nothing, any other would be ignored, and the call charged to what the
+    key says instead of what its caller meant (an attacker session: ``X-Spendstream-Team: sales`` was served and
+    charged to no team)."""
+    for header, field in HEADER_FIELDS.items():
+        value = headers.get(header)
+        if value and value != attribution.get(field):
+            return (
+                f"this key takes no attribution headers, so {header} would be ignored and the call charged as the "
+                "key says: drop the header, or use a key minted with `spendstream gateway keygen "
+                "--allow-header-attribution`"
+            )
+    return None
+
+
 class Gateway:
     """The gateway's HTTP server, its handlers and what they share across requests."""
 
@@ -705,6 +724,11 @@ class Gateway:
                 self.counts["bad_request" if status == 400 else "forbidden_attribution"] += 1
                 kind = "invalid_request_error" if status == 400 else "permission_error"
                 return error_response(status, message, "invalid_attribution", kind, anthropic=anthropic)
+        elif not _ATTRIBUTION_HEADERS.isdisjoint(request.headers) and (
+            ignored := _ignored_attribution(attribution, request.headers)
+        ):
+            self.counts["bad_request"] += 1
+            return error_response(400, ignored, "invalid_attribution", "invalid_request_error", anthropic=anthropic)
         # the policy in force places the call, whether or not this gateway was started with a policy file
         in_force = self.policy or (self.enforcer.policy if self.enforcer is not None else None)
         if in_force is not None and (misplaced := fill_from_policy(attribution, in_force)):
