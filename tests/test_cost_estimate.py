@@ -50,6 +50,12 @@ def test_completions_multiply_the_output_and_bad_values_count_as_one() -> None:
     assert output_tokens_asked({"max_tokens": 50, "n": -3}) == 50
 
 
+def test_a_request_setting_several_output_limits_is_held_at_the_largest() -> None:
+    """An attacker session: ``max_tokens: 1`` beside ``max_completion_tokens: 1000000`` was held at one token."""
+    assert output_tokens_asked({"max_tokens": 1, "max_completion_tokens": 1_000_000}) == 1_000_000
+    assert output_tokens_asked({"max_completion_tokens": 7, "max_output_tokens": 9, "n": 2}) == 18
+
+
 def test_a_request_without_an_output_limit_holds_the_longest_answer_for_each_completion() -> None:
     assert output_tokens_asked({}) == UNBOUNDED_OUTPUT_TOKENS
     assert output_tokens_asked({"n": 4}) == 4 * UNBOUNDED_OUTPUT_TOKENS

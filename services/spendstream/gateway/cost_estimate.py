@@ -87,10 +87,12 @@ def _count(value: Any) -> int | None:
 
 
 def output_tokens_asked(body: Mapping[str, Any]) -> int:
-    """The most output tokens the request lets the provider bill: per completion, times the completions."""
-    per_completion = next(
+    """The most output tokens the request lets the provider bill: per completion, times the completions. A body
+    that sets several limits is held at the largest, whichever one its provider reads (``max_tokens: 1`` beside
+    ``max_completion_tokens: 1000000`` passed a hard cap; an attacker session)."""
+    per_completion = max(
         (limit for name in _OUTPUT_LIMITS if (limit := _count(body.get(name))) is not None),
-        UNBOUNDED_OUTPUT_TOKENS,
+        default=UNBOUNDED_OUTPUT_TOKENS,
     )
     completions = max([1, *(count for name in _COMPLETIONS if (count := _count(body.get(name))) is not None)])
     return per_completion * completions
