@@ -501,3 +501,17 @@ def test_a_policy_lowering_a_hard_cap_below_the_spend_refuses_at_once_at_the_gat
     finally:
         emitter.close(10)
         enforcer.stop()
+
+
+def test_a_worker_refusing_a_request_larger_than_its_part_says_it_is_its_part() -> None:
+    """An attacker session: a worker of ``gateway --workers 2`` refused a fresh user's $0.0197 request under a
+    $0.03 cap as costing "more than remains of this hard cap"; each worker holds half of what remains."""
+    from spendstream.gateway.app import refusal_verdict
+
+    book = ReservationBook(Fraction(1, 2))
+    book.standing_known = True
+    book.set_caps(_Caps())
+    refused = book.reserve(SCOPE, lambda: 700, 100.0)  # of 1,000: more than the worker's 500
+    assert isinstance(refused, Refusal) and refused.larger_nanos == 700 and refused.share == Fraction(1, 2)
+    reason = refusal_verdict(refused, "gpt-4o").reason
+    assert "more than this gateway worker's part (1/2: the workers share what remains)" in reason

@@ -94,6 +94,7 @@ class Refusal:
     retry_after_s: float | None = None  # with ``throttle_rps``: when the next one may go
     starting: bool = False  # a hard cap whose spend no processor has reported since this edge started
     larger_nanos: int = 0  # the estimate of a request that alone may cost more than what remains of a hard cap
+    share: Fraction = Fraction(1)  # this edge's part of what remains (1/N for each of N gateway workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +248,7 @@ class ReservationBook:
         in_flight = ledger.available(self.share) + ledger.reserved_nanos > 0
         return Refusal(
             scope, in_flight, decided, ledger.settled_nanos, ledger.reserved_nanos, ledger.limit_nanos,
-            throttle_rps, retry_after_s,
+            throttle_rps, retry_after_s, share=self.share,
         )  # fmt: skip
 
     def settle(self, reservation: Reservation, cost_nanos: int, at: float) -> None:

@@ -306,10 +306,15 @@ def refusal_verdict(refusal: Refusal, model: str) -> Verdict:
         "decision on (some may be in that spend already)"
     )
     if refusal.larger_nanos:
+        part = (
+            f"more than this gateway worker's part ({refusal.share}: the workers share what remains) of what remains"
+            if refusal.share != 1
+            else "more than remains"
+        )
         reason = (
             f"this request may cost up to {usd_text(refusal.larger_nanos)} (its max_tokens, or 32,768 output tokens "
             "without one, for each of its n completions, and the most its images, documents and web searches may "
-            f"cost), more than remains of this hard cap of {limit} "
+            f"cost), {part} of this hard cap of {limit} "
             f"({standing}; {counted} and holds {usd_text(refusal.held_nanos)} for requests in flight): set "
             "max_tokens (or n) lower"
         )
