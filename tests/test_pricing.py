@@ -55,6 +55,25 @@ def test_override_wins_only_while_effective() -> None:
     assert after.cost_nanos == 2_500_000_000 and after.source.startswith("genai-prices")
 
 
+def test_naive_times_are_utc_wherever_they_meet_an_override() -> None:
+    """The ledger's client returns its UTC times naive and a price table may be built with naive dates: mixing them
+    with aware ones raised ``TypeError`` (``ledger reprice`` of any overridden model). A naive time is UTC."""
+    aware = PriceOverride("openai", "gpt-4o", Rates(Decimal("1"), Decimal("2")), datetime(2026, 11, 1, tzinfo=UTC))
+    naive = PriceOverride(
+        "openai", "gpt-4o", Rates(Decimal("1"), Decimal("2")), datetime(2026, 1, 1), datetime(2026, 11, 1)
+    )
+    assert naive.effective_to == datetime(2026, 11, 1, tzinfo=UTC)
+    for row, inside, outside in ((aware, datetime(2026, 11, 1), datetime(2026, 10, 31, 23, 59)),
+                                 (naive, datetime(2026, 10, 31, 23, 59), datetime(2026, 11, 1))):  # fmt: skip
+        table = PriceTable((row,))
+        for at in (inside, inside.replace(tzinfo=UTC)):
+            assert price_usage("openai", "gpt-4o", 1_000_000, 0, at=at, overrides=table).cost_nanos == 1_000_000_000
+        for at in (outside, outside.replace(tzinfo=UTC)):
+            assert price_usage("openai", "gpt-4o", 1_000_000, 0, at=at, overrides=table).source.startswith("genai")
+    mixed = PriceTable((aware, naive))  # sorting rows by their dates compares them too
+    assert mixed.override_for("openai", "gpt-4o", datetime(2026, 12, 1)) is aware
+
+
 def test_newest_overlapping_override_wins() -> None:
     old = PriceOverride("local", "llama", Rates(Decimal("1"), Decimal("1")), datetime(2024, 1, 1, tzinfo=UTC))
     new = PriceOverride("local", "llama", Rates(Decimal("2"), Decimal("2")), datetime(2025, 1, 1, tzinfo=UTC))

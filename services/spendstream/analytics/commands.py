@@ -72,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def register_ledger_commands(ledger_subparsers: argparse._SubParsersAction) -> None:
     """Add ``reprice`` under the ``ledger`` group."""
-    reprice = ledger_subparsers.add_parser("reprice", help="recompute past costs from the corrected price table")
+    reprice = ledger_subparsers.add_parser(
+        "reprice", help="recompute past costs with the prices of the policy in force (stop `dev` first)"
+    )
     reprice.add_argument("--model", required=True, help="model served (or requested when none was served)")
     reprice.add_argument("--from", dest="start", required=True, type=date.fromisoformat, help="first UTC day")
     reprice.add_argument("--to", dest="end", required=True, type=date.fromisoformat, help="last UTC day")
@@ -335,27 +337,40 @@ def _positive_seconds(text: str) -> int:
 
 
 def run_reprice(args: argparse.Namespace, settings: Settings) -> int:
-    from spendstream.analytics.reprice import policy_pricer, reprice
+    """Reprice with the prices of the policy in force, never with list prices alone: those priced a self-hosted
+    model's override-priced rows at the unknown-model price, 1,750 times their cost, without a word."""
+    from spendstream.analytics.reprice import policy_pricer, pricing_policy, reprice
+    from spendstream.core.policy import PolicyError
 
     if args.end < args.start:
         print("spendstream ledger reprice: --to is before --from", file=sys.stderr)
         return 2
-    table = None
-    if settings.policy is not None:
-        from spendstream.core.policy import load_policy
-
-        table = load_policy(settings.policy).price_table
+    try:
+        pricing = pricing_policy(settings.policy, settings.data_dir)
+    except (OSError, PolicyError) as exc:
+        print(f"spendstream ledger reprice: SPENDSTREAM_POLICY: {exc}", file=sys.stderr)
+        return 2
+    if pricing is None:
+        print(f"spendstream ledger reprice: no policy to price with: SPENDSTREAM_POLICY is not set and no policy is "
+              f"recorded in {settings.data_dir.resolve()} (`spendstream dev` records the policy in force there). Set "
+              "SPENDSTREAM_POLICY to the policy file in force (`spendstream policy show` prints it): list prices "
+              "alone would reprice every model the policy prices by override; nothing was changed",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if pricing.warning:
+        print(f"spendstream ledger reprice: {pricing.warning}", file=sys.stderr)
     try:
         client = _open(settings)
     except LedgerBusy as busy:
-        print(f"spendstream ledger reprice: the ledger {busy} is open in another spendstream process; stop it first",
-              file=sys.stderr)  # fmt: skip
+        print(f"spendstream ledger reprice: the ledger {busy} is open in another spendstream process (`spendstream "
+              "dev` or a sink): stop it, then reprice again", file=sys.stderr)  # fmt: skip
         return 1
     try:
         result = reprice(
-            client, settings.clickhouse_database, args.model, args.start, args.end, policy_pricer(table)
+            client, settings.clickhouse_database, args.model, args.start, args.end,
+            policy_pricer(pricing.policy.price_table),
         )  # fmt: skip
     finally:
         client.close()
-    sys.stdout.write(render(result.report(args.model, args.start, args.end), args.format))
+    sys.stdout.write(render(result.report(args.model, args.start, args.end, pricing.describe()), args.format))
     return 0

@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _instant(text: str) -> datetime:
     try:
-        return datetime.fromisoformat(text).replace(tzinfo=UTC)
+        from spendstream.core.pricing import as_utc
+
+        return as_utc(datetime.fromisoformat(text))  # an offset given is kept, not replaced by UTC
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
@@ -83,7 +85,7 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
     from spendstream.core.pricing import PARENT_CLASS, UnknownModelError, price_schedule, use_configured_price_data
 
     use_configured_price_data(settings.price_data_file, settings.price_data_path)
-    table = _price_table(settings)
+    table, overrides_of = _price_table(settings)
     provider = args.provider or _provider_of(args.model)
     if provider is None:
         print(f"spendstream prices show: no provider in the price data has {args.model!r}; name one with --provider",
@@ -98,6 +100,7 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
     tier = args.tier or "standard"
     print(f"{provider}/{args.model}: {schedule.source}, {tier} tier, {at:%Y-%m-%d}, in nano-USD")
     print("(a class not listed costs what its parent costs: audio and image input as input, reasoning as output)")
+    print(f"(price overrides of {overrides_of})")
     if schedule.flagged_unknown:
         print("(unknown model: the price table's default price, and its events are flagged price=unknown_model)")
     for above, rates in schedule.tiers:
@@ -132,9 +135,13 @@ def _provider_of(model: str) -> str | None:
     return next((p.id for p in snapshot.providers if any(m.is_match(model) for m in p.models)), None)
 
 
-def _price_table(settings: Settings) -> PriceTable:
-    """The policy's price overrides (as ``ledger reprice`` reads them), or none."""
-    from spendstream.core.policy import load_policy
+def _price_table(settings: Settings) -> tuple[PriceTable, str]:
+    """The price overrides ``ledger reprice`` prices with (``SPENDSTREAM_POLICY``, else the policy ``spendstream dev``
+    recorded in force), or none, and whose they are."""
+    from spendstream.analytics.reprice import pricing_policy
     from spendstream.core.pricing import EMPTY_TABLE
 
-    return EMPTY_TABLE if settings.policy is None else load_policy(settings.policy).price_table
+    pricing = pricing_policy(settings.policy, settings.data_dir)
+    if pricing is None:
+        return EMPTY_TABLE, "no policy (SPENDSTREAM_POLICY is not set, and none is recorded in the data directory)"
+    return pricing.policy.price_table, pricing.describe()

@@ -104,10 +104,25 @@ class PriceOverride:
     effective_from: datetime | None = None
     effective_to: datetime | None = None
 
+    def __post_init__(self) -> None:
+        # A naive bound would make every comparison with an aware time raise (or mean the machine's local time).
+        for name in ("effective_from", "effective_to"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_utc(value))
+
     def effective_at(self, at: datetime) -> bool:
+        at = as_utc(at)
         return (self.effective_from is None or self.effective_from <= at) and (
             self.effective_to is None or at < self.effective_to
         )
+
+
+def as_utc(at: datetime) -> datetime:
+    """``at`` as an aware time; a naive one is UTC, as spendstream writes every time (the ledger's columns are UTC and
+    its client returns them naive). Mixing naive and aware times raised ``TypeError`` in the middle of a reprice,
+    and a naive time's ``timestamp()`` would be read in the machine's local time."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # (price_usage's hot path: no more than this)
 
 
 # Conservative premium-model rates: an unknown model is over- rather than under-estimated.
@@ -475,7 +490,7 @@ def price_schedule(
     provider: str, model: str, at: datetime, table: PriceTable = EMPTY_TABLE, service_tier: str = ""
 ) -> PriceSchedule:
     """What ``price_usage`` charges for ``model`` at ``at``: the rate of each class, for ``spendstream prices show``."""
-    resolved = _resolve(provider, model, at, table, service_tier)
+    resolved = _resolve(provider, model, as_utc(at), table, service_tier)
     tiers = resolved if isinstance(resolved, _Tiered) else _Tiered((-1,), (resolved,))
     first = tiers.linears[0]
     return PriceSchedule(
@@ -534,7 +549,8 @@ def price_usage(
     overrides: PriceTable = EMPTY_TABLE,
     detail: UsageDetail = NO_DETAIL,
 ) -> PriceResult:
-    """Cost of one call. ``input_tokens`` includes ``cached_input_tokens`` and ``cache_write_tokens``.
+    """Cost of one call at ``at`` (default now; a naive time is UTC). ``input_tokens`` includes
+    ``cached_input_tokens`` and ``cache_write_tokens``.
 
     ``detail`` refines the counts (reasoning, audio and image tokens, 1-hour cache writes, web searches) and
     names the service tier (batch, flex, priority); every detail count is a subset of a count above.
@@ -552,7 +568,7 @@ def price_usage(
         )
     # Memoised per (provider, model, minute, table version, tier); the minute covers genai-prices' time-of-day
     # prices. The key holds the minute as a number: building the datetime costs more than the rest of a call.
-    at = at or datetime.now(UTC)
+    at = as_utc(at) if at is not None else datetime.now(UTC)
     tier = detail.service_tier
     key = (provider, model, int(at.timestamp() // 60), overrides.version, tier)
     resolved = _MEMO.get(key)
