@@ -354,9 +354,12 @@ def test_scheduled_reports_arrive_once_with_their_csv_across_restarts(
     lines = csv.get_content().splitlines()
     assert lines[0].startswith("week,spend_usd,previous_usd") and lines[1].startswith("2026-03-02,150.000000005,")
 
-    # restarted (same ledger) at the same moment and later the same day: the report is not sent again
-    for later in (monday, monday + timedelta(hours=3)):
-        again = Running(settings, policy, env_for(http), clock=lambda at=later: at)
+    # restarted (same ledger) at the same moment and later the same day: the report is not sent again; nor under a
+    # policy in another timezone, due at another instant, for the week already reported (a user session)
+    elsewhere = parse_policy(policy_yaml(http, mail, reports=True).replace("Europe/Berlin", "America/New_York"))
+    assert elsewhere.timezone == "America/New_York"
+    for later, in_force in ((monday, policy), (monday + timedelta(hours=3), policy), (monday, elsewhere)):
+        again = Running(settings, in_force, env_for(http), clock=lambda at=later + timedelta(hours=6): at)
         try:
             assert again.notifier.due_reports() == []
         finally:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -414,10 +414,10 @@ class Notifier:
             occurrence = last_occurrence(schedule, now, policy.tz)
             if now - occurrence > REPORT_CATCH_UP:
                 continue
-            source = report_source_id(schedule, occurrence)
+            period = report_period(schedule, occurrence)
+            source = report_source_id(schedule, period)
             if self.store.has_source(source):
                 continue
-            period = report_period(schedule, occurrence)
             db, link = self.settings.clickhouse_database, notifications.dashboard_url
             notice = scheduled_report_message(self.client, db, policy.timezone, schedule, period, source, link, now)
             due += self.deliveries_for(notice, people=list(schedule.to))
@@ -449,5 +449,8 @@ class Notifier:
         return fresh
 
 
-def report_source_id(schedule: ReportSchedule, occurrence: datetime) -> str:
-    return f"report:{schedule.id}:{occurrence.astimezone(UTC).isoformat()}"
+def report_source_id(schedule: ReportSchedule, period: date) -> str:
+    """A scheduled report is one per schedule and period reported on (the week, the month): a policy that moves its
+    timezone moves the instant it is due, but the week it reports on was sent already (a user session got the same
+    week's report twice)."""
+    return f"report:{schedule.id}:{period.isoformat()}"
