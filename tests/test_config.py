@@ -136,3 +136,62 @@ def test_the_cli_refuses_a_misspelt_variable_before_doing_anything(tmp_path: Pat
     assert "SPENDSTREAM_PROCESOR_BATCH_SIZE is not a spendstream setting" in done.stderr
     assert "did you mean SPENDSTREAM_PROCESSOR_BATCH_SIZE?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"sink_batch_ms: 42\napi_port: [1,2\n", r", line 3, column 1: not valid YAML: expected ',' or ']'.*line 2"),
+        (b"- api_port\n- 8081\n", r", line 1: expected setting names and values.*got a list"),
+        (b"8081\n", r", line 1: expected setting names and values.*got a single value"),
+        (b"timezone: UTC\napi_host: \xff\n", r", line 2: not UTF-8 text"),
+        (b"data_dir: !!python/object/apply:os.system [ls]\n", r", line 1, column 11: not valid YAML: could not"),
+    ],
+)  # fmt: skip
+def test_a_config_file_that_is_not_a_yaml_mapping_is_refused_naming_the_file_and_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: bytes, problem: str
+) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_bytes(content)
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(config))
+    with pytest.raises(ConfigError, match=rf"^SPENDSTREAM_CONFIG_FILE {re.escape(str(config))}{problem}"):
+        load_settings()
+
+
+def test_a_config_file_that_cannot_be_read_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(tmp_path))
+    with pytest.raises(ConfigError, match=f"SPENDSTREAM_CONFIG_FILE {re.escape(str(tmp_path))} is a directory"):
+        load_settings()
+    if Path("/proc/self/mem").exists():  # a file every read of fails (root reads a file of mode 000)
+        monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", "/proc/self/mem")
+        with pytest.raises(ConfigError, match="SPENDSTREAM_CONFIG_FILE /proc/self/mem cannot be read: "):
+            load_settings()
+
+
+def test_a_bad_value_in_the_config_file_is_named_where_it_is_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("timezone: UTC\napi_port: lots\n")
+    monkeypatch.setenv("SPENDSTREAM_CONFIG_FILE", str(config))
+    with pytest.raises(ConfigError, match=re.escape(f"{config}, line 2: api_port: Input should be a valid integer")):
+        load_settings()
+    monkeypatch.setenv("SPENDSTREAM_API_PORT", "many")  # the environment wins over the file: its value is the bad one
+    with pytest.raises(ConfigError, match=r"SPENDSTREAM_API_PORT: .*'many'"):
+        load_settings()
+
+
+def test_every_command_refuses_a_bad_config_file_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("api_port: [1,2\n")
+    env = {**os.environ, "SPENDSTREAM_DATA_DIR": str(tmp_path), "SPENDSTREAM_CONFIG_FILE": str(config)}
+    for argv in (("report", "chargeback"), ("ledger", "migrate")):
+        done = subprocess.run(
+            [sys.executable, "-m", "spendstream.cli", *argv], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"spendstream: SPENDSTREAM_CONFIG_FILE {config}, line 2, column 1: not valid")
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert not (tmp_path / "ledger").exists()  # nothing was started or written

@@ -18,9 +18,9 @@ import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 from spendstream.core.periods import known_timezone
@@ -221,9 +221,7 @@ class Settings(BaseSettings):
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
         config_file = _config_file_from(init_settings, env_settings)
         if config_file is not None:
-            if not config_file.is_file():
-                raise ConfigError(f"SPENDSTREAM_CONFIG_FILE: no such file: {config_file}")
-            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
+            sources += (InitSettingsSource(settings_cls, init_kwargs=read_config_file(config_file)),)
         return sources
 
     @field_validator("kafka_bootstrap")
@@ -328,6 +326,57 @@ def _config_file_from(*sources: PydanticBaseSettingsSource) -> Path | None:
     return None
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of ``SPENDSTREAM_CONFIG_FILE``. A file that cannot be read, is not YAML or is not a mapping of
+    setting names is a ``ConfigError`` naming the file and the line: every command reads the settings first, so a
+    traceback here would be what every command prints."""
+    source = f"SPENDSTREAM_CONFIG_FILE {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"SPENDSTREAM_CONFIG_FILE: no such file: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source} is a directory: name a YAML file of settings") from None
+    except OSError as exc:
+        raise ConfigError(f"{source} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{source}, line {line}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        where = f", line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        context = ""
+        if exc.context and exc.context_mark is not None:
+            context = f" ({exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+        problem = exc.problem or exc.context or "cannot be parsed"
+        raise ConfigError(f"{source}{where}: not valid YAML: {problem}{context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        kind = "a list" if isinstance(document, list) else f"a single value ({type(document).__name__})"
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise ConfigError(
+            f"{source}, line {line}: expected setting names and values, one per line (`api_port: 8081`), got {kind}"
+        )
+    return document
+
+
+def config_file_lines(path: Path) -> dict[str, int]:
+    """Each top-level key of a config file (already read by ``read_config_file``) and the line it is on, for
+    messages; empty if the file cannot be read again."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value): key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
 def settings_reference_markdown() -> str:
     """The configuration table of the README, generated from ``Settings`` so the two cannot drift."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
@@ -366,20 +415,24 @@ def unknown_names_problems(environ: Mapping[str, str]) -> list[str]:
         if name.upper() not in known | OTHER_VARIABLES
     ]
     config_file = next((environ[name] for name in variables if name.upper() == "SPENDSTREAM_CONFIG_FILE"), None)
-    if config_file and Path(config_file).is_file():
+    if config_file:
         try:
-            document = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return problems  # the YAML source reports what is wrong with the file itself
+            document = read_config_file(Path(config_file))
+        except ConfigError:
+            return problems  # reading the settings reports what is wrong with the file itself
         fields = frozenset(Settings.model_fields)
-        if isinstance(document, Mapping):
-            problems += [
-                f"{config_file}: {key!r} is not a spendstream setting"
-                f"{_did_you_mean(str(key).lower().removeprefix('spendstream_'), fields)}"
-                for key in document
-                if str(key) not in fields
-            ]
+        lines = config_file_lines(Path(config_file))
+        problems += [
+            f"{config_file}{_line_text(lines.get(str(key)))}: {key!r} is not a spendstream setting"
+            f"{_did_you_mean(str(key).lower().removeprefix('spendstream_'), fields)}"
+            for key in document
+            if str(key) not in fields
+        ]
     return problems
+
+
+def _line_text(line: int | None) -> str:
+    return "" if line is None else f", line {line}"
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -400,8 +453,38 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
+        from_file = _config_file_keys(overrides)
         for error in exc.errors():
             field = str(error["loc"][0]).upper() if error["loc"] else "?"
             variable = field if field.startswith("SPENDSTREAM_") else f"SPENDSTREAM_{field}"  # an alias names it whole
-            problems.append(f"{variable}: {error['msg']} (got {error.get('input')!r})")
+            name = variable.removeprefix("SPENDSTREAM_").lower()
+            where = from_file.get(name) if name not in overrides and not _in_environment(name) else None
+            problems.append(f"{where or variable}: {error['msg']} (got {error.get('input')!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def _in_environment(name: str) -> bool:
+    """Whether an environment variable sets setting ``name`` (it wins over the config file)."""
+    field = Settings.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    names = {f"SPENDSTREAM_{name.upper()}"}
+    if isinstance(alias, AliasChoices):
+        names |= {str(choice).upper() for choice in alias.choices}
+    return any(variable.upper() in names for variable in os.environ)
+
+
+def _config_file_keys(overrides: Mapping[str, Any]) -> dict[str, str]:
+    """Setting name -> ``FILE, line N: name`` for each key of the config file, so that a bad value read from it is
+    named where it is written rather than as an environment variable nobody set."""
+    configured = overrides.get("config_file") or next(
+        (value for variable, value in os.environ.items() if variable.upper() == "SPENDSTREAM_CONFIG_FILE"), None
+    )
+    if not configured:
+        return {}
+    path = Path(configured)
+    try:
+        keys = read_config_file(path)
+    except ConfigError:
+        return {}
+    lines = config_file_lines(path)
+    return {str(key): f"{path}{_line_text(lines.get(str(key)))}: {key}" for key in keys}
