@@ -12,6 +12,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from spendstream.core import topics
+from spendstream.core.config import Settings
 from spendstream.runtime.embedded_broker import EmbeddedBroker, free_port
 
 CLI = [sys.executable, "-m", "spendstream.cli"]
@@ -122,3 +123,17 @@ def test_output_into_a_closed_pipe_stops_without_a_traceback() -> None:
     _, stderr = process.communicate(timeout=60)
     assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
     assert process.returncode == 141
+
+
+def test_commands_that_open_the_embedded_ledger_say_when_another_process_holds_it(
+    ledger: object, offline_settings: Settings
+) -> None:
+    """The ``ledger`` fixture holds the data directory's embedded ledger, as ``spendstream dev`` or a sink does."""
+    env = {"SPENDSTREAM_DATA_DIR": str(offline_settings.data_dir), "SPENDSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    for argv in (("ledger", "migrate"), ("sink",), ("sink", "--with-api"), ("api", "--port", str(free_port()))):
+        result = run_cli(*argv, env=env)
+        assert result.returncode == 1, (argv, result.stdout, result.stderr)
+        assert f"spendstream {' '.join(w for w in argv if w.isalpha())}: the embedded ledger chdb://" in result.stderr
+        assert f"is open in another process (pid {os.getpid()})" in result.stderr, (argv, result.stderr)
+        assert "Stop that process first" in result.stderr
+        assert "Traceback" not in result.stderr and "Cannot lock file" not in result.stderr, result.stderr

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from spendstream.core.config import ConfigError, Settings, load_settings
+from spendstream.core.ledger_store import LedgerBusy
 from spendstream.runtime.topic_admin import BrokerUnreachable, require_broker
 
 COMMAND_MODULES = (
@@ -147,8 +148,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokerUnreachable as exc:
         print(f"spendstream: {exc}", file=sys.stderr)
         return 1
+    except LedgerBusy as busy:
+        print(f"{chosen_parser(parser, args).prog}: {ledger_busy_text(busy)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def ledger_busy_text(busy: LedgerBusy) -> str:
+    """What to do when the embedded ledger a command needs is held by another process: commands that can read
+    through that process's API do so themselves; every other one ends here."""
+    return (
+        f"the embedded ledger {busy.dsn} is open in {busy.holder()}: `spendstream dev` or `spendstream sink` of this "
+        "data directory, which migrates it at start and runs the sink, the API and the notifier on it. Stop that "
+        "process first, or use a ClickHouse server (SPENDSTREAM_CLICKHOUSE_DSN=http://...)"
+    )
 
 
 def _stdout_closed() -> int:

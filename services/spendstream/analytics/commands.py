@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from spendstream.analytics.report_registry import (
     report_day_problem,
 )
 from spendstream.core.config import ConfigError, Settings
+from spendstream.core.ledger_store import LedgerBusy
 
 SQL_GRACE_S = 5.0  # past --timeout, before a read the engine did not cancel ends the command
 
@@ -113,32 +112,6 @@ def _counter(most: int) -> Callable[[str], int]:
     return count
 
 
-class LedgerBusy(RuntimeError):
-    """The embedded ledger is open in another process (``spendstream dev`` or a sink)."""
-
-
-# What chDB says when another process holds the directory (its text varies between versions).
-_LOCKED = ("Unable to open the chdb engine", "Cannot lock file", "Code: 76")
-
-
-@contextlib.contextmanager
-def _engine_stderr() -> Iterator[list[str]]:
-    """Capture what the embedded engine writes straight to file descriptor 2 (chDB prints its raw
-    "Code: 76 ... Cannot lock file" there); the caller decides what the user sees."""
-    captured: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", "replace"))
-
-
 def _open(settings: Settings, create: bool = False) -> Any:
     """The ledger's client, migrated. An embedded ledger that does not exist is an error unless ``create``: a
     report from a mistyped or unset data directory would otherwise print an empty ledger's figures, not an error."""
@@ -151,19 +124,7 @@ def _open(settings: Settings, create: bool = False) -> Any:
             "to your stack's data directory (`spendstream dev` uses .spendstream in the directory it was started "
             "from), or SPENDSTREAM_CLICKHOUSE_DSN to your ClickHouse"
         )
-    with _engine_stderr() as engine_said:
-        try:
-            client = connect(settings)
-            failure = None
-        except Exception as exc:
-            failure = exc
-    said = "".join(engine_said)
-    if failure is not None:
-        if embedded and any(text in str(failure) + said for text in _LOCKED):
-            raise LedgerBusy(settings.ledger_dsn) from None
-        raise failure
-    if said.strip():
-        sys.stderr.write(said)
+    client = connect(settings)  # LedgerBusy when another process holds an embedded ledger
     migrate(client, settings)
     return client
 
