@@ -125,6 +125,42 @@ def test_output_into_a_closed_pipe_stops_without_a_traceback() -> None:
     assert process.returncode == 141
 
 
+def test_every_numeric_option_is_range_checked_by_argparse() -> None:
+    """A bare ``type=int`` or ``type=float`` takes ``-1`` or ``nan``: every numeric option checks its range."""
+    from spendstream.cli import build_parser, subcommands
+
+    unchecked, pending = [], [build_parser()]
+    while pending:
+        parser = pending.pop()
+        unchecked += [f"{parser.prog} {a.option_strings or a.dest}" for a in parser._actions if a.type in (int, float)]
+        pending += [sub for _, sub in subcommands(parser).values()]
+    assert unchecked == []
+
+
+def test_a_number_out_of_range_prints_usage_naming_the_range() -> None:
+    cases = {
+        ("processor", "--batch-size", "-1", "--dump-totals"): (
+            "usage: spendstream processor",
+            "argument --batch-size: expected a whole number from 1 to 100000 (the range of "
+            "SPENDSTREAM_PROCESSOR_BATCH_SIZE), got '-1'",
+        ),
+        ("processor", "--batch-ms", "0", "--dump-totals"): ("usage: spendstream processor", "from 1 to 10000"),
+        ("processor", "--allowed-lateness-s", "-5", "--dump-totals"): ("usage: spendstream processor", "0 or more"),
+        ("processor", "--batch-size", "1e3", "--dump-totals"): ("usage: spendstream processor", "got '1e3'"),
+        ("policy", "apply", "--wait", "-1", str(REFERENCE_POLICY)): ("usage: spendstream policy apply", "0 to 3600"),
+        ("policy", "apply", "--wait", "nan", str(REFERENCE_POLICY)): ("usage: spendstream policy apply", "got 'nan'"),
+        ("gateway", "--workers", "-2"): ("usage: spendstream gateway", "from 0 to 256"),
+        ("gateway", "--port", "70000"): ("usage: spendstream gateway", "from 0 to 65535"),
+        ("api", "--port", "-1"): ("usage: spendstream api", "from 0 to 65535"),
+        ("broker", "--port", "99999"): ("usage: spendstream broker", "from 0 to 65535"),
+    }
+    for argv, (usage, problem) in cases.items():
+        result = run_cli(*argv, env={"SPENDSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+        assert result.returncode == 2, (argv, result.stderr)
+        assert result.stderr.startswith(usage) and problem in result.stderr, (argv, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_commands_that_open_the_embedded_ledger_say_when_another_process_holds_it(
     ledger: object, offline_settings: Settings
 ) -> None:

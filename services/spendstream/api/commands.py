@@ -6,13 +6,16 @@ import argparse
 import sys
 
 from spendstream.api.tokens import SCOPE_FIELDS
+from spendstream.core.arg_types import setting_number
 from spendstream.core.config import ConfigError, Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     api = subparsers.add_parser("api", help="serve HTTP usage ingest, reports as JSON and the dashboard")
     api.add_argument("--host", default=None, help="listen address (default SPENDSTREAM_API_HOST)")
-    api.add_argument("--port", type=int, default=None, help="listen port (default SPENDSTREAM_API_PORT)")
+    api.add_argument(
+        "--port", type=setting_number("api_port"), default=None, help="listen port (default SPENDSTREAM_API_PORT)"
+    )
     api.set_defaults(handler=run_api)
     tokens = api.add_subparsers(dest="api_command", metavar="token")
     token = tokens.add_parser("token", help="create, list or revoke API tokens (SPENDSTREAM_API_TOKENS_FILE)")

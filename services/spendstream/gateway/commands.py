@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from spendstream.core.arg_types import setting_number, whole_number
 from spendstream.core.attribution import ATTRIBUTION_FIELDS
 from spendstream.core.config import Settings
 
@@ -16,16 +17,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gateway = subparsers.add_parser("gateway", help="run the OpenAI/Anthropic-compatible metering proxy")
     gateway.add_argument("--config", help="gateway YAML/JSON (default: $SPENDSTREAM_GATEWAY_CONFIG)")
     gateway.add_argument("--host", help="listen address (default: $SPENDSTREAM_GATEWAY_HOST)")
-    gateway.add_argument("--port", type=int, help="listen port (default: $SPENDSTREAM_GATEWAY_PORT)")
+    gateway.add_argument(
+        "--port", type=setting_number("gateway_port"), help="listen port (default: $SPENDSTREAM_GATEWAY_PORT)"
+    )
     gateway.add_argument(
         "--workers",
-        type=int,
+        type=setting_number("gateway_workers"),
         help="gateway processes on the port, 0: one per CPU (default: $SPENDSTREAM_GATEWAY_WORKERS, 1)",
     )
     # Set on each worker by the supervisor: share the port, and reserve 1/N of each remaining budget.
     gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    gateway.add_argument("--budget-share-of", type=int, default=1, help=argparse.SUPPRESS)
-    gateway.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    gateway.add_argument("--budget-share-of", type=whole_number(1), default=1, help=argparse.SUPPRESS)
+    gateway.add_argument("--worker-index", type=whole_number(0), help=argparse.SUPPRESS)
     gateway.set_defaults(handler=run_gateway)
     actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION")
     keygen = actions.add_parser(

@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from spendstream.core.arg_types import whole_number
+
 DEFAULT_OUTPUT_TOKENS = 8
 
 
@@ -416,7 +418,7 @@ class StubUpstream:
 def main() -> None:
     parser = argparse.ArgumentParser(description="stub OpenAI/Anthropic-compatible LLM server")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--port", type=whole_number(0, 65535), default=9000)
     args = parser.parse_args()
     stub = StubUpstream(args.host, args.port)
     web.run_app(stub.app(), host=args.host, port=args.port, access_log=None, print=lambda *_: None)

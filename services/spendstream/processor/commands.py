@@ -10,11 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spendstream.core.arg_types import seconds, setting_number
 from spendstream.core.config import Settings
 
 if TYPE_CHECKING:
     from spendstream.core.policy import Policy
     from spendstream.core.record_signature import RecordSigner
+
+POLICY_WAIT_MAX_S = 3600  # `policy apply --wait`: an hour is long past any processor's next heartbeat
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,20 +29,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     proc.add_argument(
         "--allowed-lateness-s",
-        type=int,
+        type=setting_number("processor_allowed_lateness_s"),
         default=None,
         help="events that arrive later than this after occurred_at go to the DLQ "
         "(default SPENDSTREAM_PROCESSOR_ALLOWED_LATENESS_S, one day)",
     )
     proc.add_argument(
         "--batch-size",
-        type=int,
+        type=setting_number("processor_batch_size"),
         default=None,
         help="most events per partition in a batch (default SPENDSTREAM_PROCESSOR_BATCH_SIZE)",
     )
     proc.add_argument(
         "--batch-ms",
-        type=int,
+        type=setting_number("processor_batch_ms"),
         default=None,
         help="longest wait to fill a batch (default SPENDSTREAM_PROCESSOR_BATCH_MS): bigger batches mean fewer "
         "table writes per event, more latency",
@@ -83,10 +86,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply.add_argument("file", nargs="?", help="policy YAML (default SPENDSTREAM_POLICY)")
     apply.add_argument(
         "--wait",
-        type=float,
+        type=seconds(0, POLICY_WAIT_MAX_S),
         default=10.0,
         metavar="SECONDS",
-        help="how long to wait for processors to confirm the new version (default 10; 0: publish only)",
+        help="how long to wait for processors to confirm the new version (default 10, at most 3600; 0: publish only)",
     )
     apply.set_defaults(handler=run_policy_apply)
     show = actions.add_parser("show", help="the policy in force (the newest valid record on the topic), or a file")

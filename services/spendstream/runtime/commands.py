@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spendstream.core.arg_types import whole_number
 from spendstream.core.config import Settings
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     broker = subparsers.add_parser("broker", help="run the embedded Kafka-protocol broker alone")
-    broker.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    broker.add_argument("--port", type=whole_number(0, 65535), default=None, help="loopback port (default: a free one)")
     broker.add_argument("--no-topics", action="store_true", help="do not create the spendstream topics")
     broker.set_defaults(handler=run_broker)
 
