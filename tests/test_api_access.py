@@ -487,3 +487,11 @@ def test_admin_endpoints_are_disabled_only_while_no_admin_token_exists(tmp_path:
     assert not store.any_with_role("admin")
     add_token(path, "admin", "adm")
     assert store.any_with_role("admin") and store.any_with_role("viewer") and not store.any_with_role("approver")
+
+
+def test_sql_read_through_the_api_prints_plain_decimals(api: RunningApi) -> None:
+    """The API runs the read for the CLI while it owns the embedded ledger: its rows read as the CLI's own do."""
+    query = "SELECT toDecimal128(0, 9) / 1000000000 AS zero, toDecimal128(7, 9) / 1000000000 AS seven"
+    done = cli(api.env, "sql", query)
+    assert done.returncode == 0 and "read through the API" in done.stderr, done.stderr
+    assert re.fullmatch(r"0\.000000000\s+0\.000000007", done.stdout.splitlines()[4]), done.stdout

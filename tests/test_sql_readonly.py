@@ -95,6 +95,22 @@ def test_select_of_plain_values_renders_as_a_table(sql_env: dict[str, str]) -> N
     assert re.fullmatch(r"x\s+y\s+z\s+a", lines[2]) and re.fullmatch(r"1\s+2\.5\s+-?\s*\[1, 2\]", lines[4])
 
 
+DECIMALS = (
+    "SELECT toDecimal128(0, 9) / 1000000000 AS zero, toDecimal128(7, 9) / 1000000000 AS seven, "
+    "toDecimal128(-12000000000000, 9) / 1000000000 AS spent, 7 / 1e9 AS float_seven"
+)  # the README's chargeback query reads nano-USD so
+
+
+def test_amounts_read_as_plain_decimals_in_every_format(sql_env: dict[str, str]) -> None:
+    table = spendstream_sql(sql_env, DECIMALS)
+    assert table.returncode == 0, table.stderr
+    assert re.fullmatch(r"0\.000000000\s+0\.000000007\s+-12000\.000000000\s+0\.000000007", table.stdout.splitlines()[4])
+    as_csv = spendstream_sql(sql_env, DECIMALS, "--format", "csv")
+    assert as_csv.stdout.splitlines()[1] == "0.000000000,0.000000007,-12000.000000000,0.000000007", as_csv.stdout
+    as_json = spendstream_sql(sql_env, DECIMALS, "--format", "json")
+    assert '"seven": "0.000000007"' in as_json.stdout and "E-" not in as_json.stdout + table.stdout + as_csv.stdout
+
+
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[tuple[Any, Settings]]:
     settings = load_settings(data_dir=tmp_path / "data", kafka_bootstrap="127.0.0.1:1")

@@ -13,8 +13,10 @@ the check refuse, never accept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 from typing import Any
 
 from spendstream.analytics.report_model import Column, Report
@@ -132,4 +134,12 @@ def sql_report(
 
 
 def _cell(value: Any) -> Any:
-    return value if isinstance(value, int | str | date | type(None)) else str(value)
+    """A value as the table, CSV and JSON show it: numbers in plain decimals, as a spreadsheet or a finance analyst
+    reads them (``0.000000007``, not ``7E-9`` as ``str`` writes the Decimal of ``toDecimal128(x, 9) / 1000000000``)."""
+    if isinstance(value, int | str | date | type(None)):
+        return value
+    if isinstance(value, Decimal) and value.is_finite():
+        return format(value, "f")
+    if isinstance(value, float) and math.isfinite(value) and (value == 0 or 1e-18 <= abs(value) < 1e16):
+        return format(Decimal(repr(value)), "f")  # the shortest digits that read back as the float, positional
+    return str(value)
