@@ -253,6 +253,17 @@ def test_an_amount_is_listed_in_plain_dollars(stack: Stack) -> None:
     assert "\t$0.000000001\t" in line
 
 
+def test_amounts_read_as_the_reports_write_them(stack: Stack) -> None:
+    """``$2,000.00`` as in ``spendstream report``, not ``$2000``; an amount that is not whole cents keeps its nanos."""
+    asked = ("team:support", "2000", "--until", LATER, "--reason", "a launch")
+    rid = request_id(line := stack.ok("alice", "budget", "request", *asked))
+    assert "\tpending\tteam:support\tmonth\t$2,000.00\t" in line
+    odd = ("team:support", "1500.000000001", "--until", LATER, "--reason", "to the nano-dollar")
+    assert "\t$1,500.000000001\t" in stack.ok("alice", "budget", "request", *odd)
+    listed = stack.ok("alice", "budget", "list", "--status", "pending")
+    assert f"{rid}\tpending\tteam:support\tmonth\t$2,000.00\t" in listed
+
+
 def test_reports_show_the_budget_an_approved_increase_raised(stack: Stack) -> None:
     """``spendstream report chargeback`` and ``forecast`` (through the API that owns the ledger) show the limit the
     processor enforces, the policy's amount and the increase; a pending or denied request adds nothing."""

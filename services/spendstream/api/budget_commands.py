@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 from spendstream.core.config import Settings
+from spendstream.core.money_text import exact_usd_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,7 +102,8 @@ def _api(settings: Settings, method: str, path: str, body: dict[str, Any] | None
 def _line(r: dict[str, Any]) -> str:
     until = r["expires_at"] or "-"
     by = f"{r['step']} by {r['step_by']}" + (f" ({r['approver_level']})" if r["approver_level"] else "")
-    columns = [r["id"], r["status"], r["scope"], r["period"], f"${r['amount_usd']}", f"until {until}"]
+    amount = exact_usd_text(int(r["amount_nanos"]))  # $2,000.00 as the reports read; an odd nano-dollar shows
+    columns = [r["id"], r["status"], r["scope"], r["period"], amount, f"until {until}"]
     return "\t".join([*columns, f"{by}: {r['step_reason']}"])
 
 
