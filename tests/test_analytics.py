@@ -283,7 +283,9 @@ def test_budgets_reload_replaces_the_month(seeded: reports.Ledger) -> None:
 
 
 def test_reports_render_in_every_format(seeded: reports.Ledger, offline_settings: Any) -> None:
-    report = build_report("chargeback", seeded.client, offline_settings, {"month": date(2026, 3, 1)}, NOW)
+    report = build_report(
+        "chargeback", seeded.client, offline_settings, {"month": date(2026, 3, 1)}, NOW, timezone="UTC"
+    )
     table = render(report, "table")
     assert "engineering" in table and "$12,000.00" in table and "$1,162.91" in table and "TOTAL" in table
     csv_text = render(report, "csv")
@@ -293,7 +295,10 @@ def test_reports_render_in_every_format(seeded: reports.Ledger, offline_settings
     doc = json.loads(render(report, "json"))
     assert doc["rows"][0]["chargeback_nanos"] == 1160 * B + 2_912_133_898
     assert doc["totals"]["chargeback_usd"] == "1198.000000007"
-    weekly = render(build_report("weekly", seeded.client, offline_settings, {"as_of": date(2026, 3, 16)}, NOW), "table")
+    weekly = render(
+        build_report("weekly", seeded.client, offline_settings, {"as_of": date(2026, 3, 16)}, NOW, timezone="UTC"),
+        "table",
+    )
     assert "ai_code_review" in weekly and "16.9310"[:2] in weekly
 
 

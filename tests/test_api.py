@@ -334,3 +334,47 @@ def test_an_unknown_model_the_policy_rejects_is_refused_at_ingest_naming_it(
         assert (await http.post("/v1/usage", json=[priced, event(cost_nanos=None)], headers=ADMIN)).status == 202
 
     run(_with_client(settings, shared_client, body))
+
+
+def test_reports_cut_months_in_the_timezone_of_the_policy_in_force_and_follow_a_new_one(
+    api_settings: Settings, shared_client: Any
+) -> None:
+    """A user session applied a Berlin policy and read ``params.timezone = "UTC"``: reports cut by
+    SPENDSTREAM_TIMEZONE, while budgets and the report e-mails cut by the policy's. 23:30 UTC on 30 November is
+    December in Berlin and November in New York; the report follows the policy applied, without a restart."""
+    from spendstream.core.policy import parse_policy
+    from spendstream.core.policy_log import publish_policy
+
+    late = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
+    shared_client.insert(
+        "spendstream.usage_ledger",
+        [[uuid.uuid4(), late, "marketing", "ai_chatbot", "openai", "gpt-4o-mini", 7 * B]],
+        column_names=["event_id", "occurred_at", "team", "feature", "provider", "model_requested", "cost_nanos"],
+    )
+    conf = api_settings.kafka_client_config()
+    assert api_settings.timezone == "UTC"
+    publish_policy(conf, parse_policy("name: berlin\ntimezone: Europe/Berlin\n", "berlin.yaml"))
+
+    async def month_of_late_spend(http: TestClient, timezone: str) -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            reports = {}
+            for month in ("2026-11", "2026-12"):
+                response = await http.get(f"/v1/reports/chargeback?month={month}", headers=ADMIN)
+                assert response.status == 200, await response.text()
+                reports[month] = await response.json()
+            if all(r["params"]["timezone"] == timezone for r in reports.values()):
+                break
+            assert time.monotonic() < deadline, [r["params"] for r in reports.values()]
+            await asyncio.sleep(0.2)
+        (month,) = [m for m, r in reports.items() if r["totals"] and r["totals"]["actual_nanos"] == 7 * B]
+        return month
+
+    async def body(http: TestClient) -> None:
+        assert await month_of_late_spend(http, "Europe/Berlin") == "2026-12"
+        publish_policy(conf, parse_policy("name: east\ntimezone: America/New_York\n", "east.yaml"))
+        assert await month_of_late_spend(http, "America/New_York") == "2026-11"
+        page = await http.get("/", headers=ADMIN)
+        assert page.status == 200
+
+    run(_with_client(api_settings, shared_client, body))

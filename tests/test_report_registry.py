@@ -68,3 +68,48 @@ def test_an_option_a_report_does_not_read_is_refused_not_ignored(
     assert main(["report", "chargeback", "--limit", "5"]) == 2
     assert "it takes month (--month)" in capsys.readouterr().err
     assert main(["report", "top", "--by", "team", "--limit", "5"]) == 0
+
+
+def test_a_report_read_straight_from_the_ledger_cuts_weeks_where_the_report_email_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user session: the CFO e-mail for the week of 2026-11-30 said $0.078593182 (cut in the policy's Berlin
+    weeks) and the command it suggests, `spendstream report weekly --as-of 2026-11-30`, $0.087348182 (cut in UTC,
+    SPENDSTREAM_TIMEZONE's default). With no process holding the embedded ledger, the command reads the policy
+    `dev` last had in force from the data directory, and both agree."""
+    from datetime import UTC, date, datetime
+
+    from spendstream.core.codec import AvroCodec
+    from spendstream.core.events import PolicyRecord
+    from spendstream.core.notification_policy import ReportSchedule
+    from spendstream.core.policy import parse_policy
+    from spendstream.core.policy_log import LAST_POLICY_FILE
+    from spendstream.notifier.reports import build_scheduled_report
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("SPENDSTREAM_DATA_DIR", str(data))
+    monkeypatch.delenv("SPENDSTREAM_TIMEZONE", raising=False)
+    monkeypatch.delenv("SPENDSTREAM_POLICY", raising=False)
+    insert = (
+        "INSERT INTO spendstream.usage_ledger (event_id, occurred_at, team, provider, model_requested, cost_nanos) "
+        "VALUES (generateUUIDv4(), '2026-11-30 12:00:00', 'search', 'openai', 'gpt-4o', 78593182), "
+        "(generateUUIDv4(), '2026-12-06 23:30:00', 'search', 'openai', 'gpt-4o', 8755000)"  # Monday 00:30 in Berlin
+    )
+    assert main(["sql", "--write", insert]) == 0
+    policy = parse_policy("name: berlin\ntimezone: Europe/Berlin\n", "berlin.yaml")
+    record = PolicyRecord(name=policy.name, version=policy.version, document=policy.to_json(), published_by="t")
+    (data / LAST_POLICY_FILE).write_bytes(AvroCodec("policy").encode(record.to_avro()))
+    capsys.readouterr()
+
+    assert main(["report", "weekly", "--as-of", "2026-11-30", "--weeks", "1", "--format", "json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    assert from_cli["params"]["timezone"] == "Europe/Berlin"
+    settings = load_settings()
+    client = connect(settings)
+    try:
+        schedule = ReportSchedule(report="weekly", to=["cfo"], weekday="monday")
+        now = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+        emailed = build_scheduled_report(client, "spendstream", policy.timezone, schedule, date(2026, 11, 30), now)
+    finally:
+        client.close()
+    assert from_cli["rows"][0]["spend_nanos"] == emailed.rows[0]["spend"] == 78593182

@@ -112,7 +112,7 @@ def rows_by(report: Any, key: str) -> dict[str, dict[str, Any]]:
 
 def test_chargeback_budget_includes_the_approved_increase_in_force_and_shows_it(ledger: tuple[Any, Settings]) -> None:
     client, settings = ledger
-    report = build_report("chargeback", client, settings, {"month": date(2026, 3, 1)}, NOW)
+    report = build_report("chargeback", client, settings, {"month": date(2026, 3, 1)}, NOW, timezone="UTC")
     rows = rows_by(report, "department")
     assert rows["finance"]["budget"] == 1500 * B  # the limit the processor enforces
     assert {k: rows["finance"][k] for k in ("budget", "policy_budget", "increase", "actual", "variance")} == {
@@ -133,7 +133,9 @@ def test_chargeback_budget_includes_the_approved_increase_in_force_and_shows_it(
 def test_denied_pending_expired_and_other_budgets_requests_change_nothing(ledger: tuple[Any, Settings]) -> None:
     """Ops has one approved increase in force (+$100); every other request on it or beside it adds nothing."""
     client, settings = ledger
-    rows = rows_by(build_report("chargeback", client, settings, {"month": date(2026, 3, 1)}, NOW), "department")
+    rows = rows_by(
+        build_report("chargeback", client, settings, {"month": date(2026, 3, 1)}, NOW, timezone="UTC"), "department"
+    )
     ops = rows["ops"]
     assert ops["budget"] == 1100 * B
     assert (ops["budget"], ops["policy_budget"], ops["increase"]) == (1100 * B, 1000 * B, 100 * B)
@@ -144,7 +146,7 @@ def test_denied_pending_expired_and_other_budgets_requests_change_nothing(ledger
 def test_a_past_month_shows_the_limits_in_force_at_its_last_instant(ledger: tuple[Any, Settings]) -> None:
     """February: finance's increase ran to the end of the month (+$200); ops' ended on the 15th (not shown)."""
     client, settings = ledger
-    report = build_report("chargeback", client, settings, {"month": date(2026, 2, 1)}, NOW)
+    report = build_report("chargeback", client, settings, {"month": date(2026, 2, 1)}, NOW, timezone="UTC")
     rows = rows_by(report, "department")
     assert rows["finance"]["budget"] == 1200 * B
     assert (rows["finance"]["budget"], rows["finance"]["increase"]) == (1200 * B, 200 * B)
@@ -155,7 +157,7 @@ def test_a_past_month_shows_the_limits_in_force_at_its_last_instant(ledger: tupl
 
 def test_weekly_budget_share_includes_the_approved_increases(ledger: tuple[Any, Settings]) -> None:
     client, settings = ledger
-    report = build_report("weekly", client, settings, {"as_of": date(2026, 3, 16), "weeks": 1}, NOW)
+    report = build_report("weekly", client, settings, {"as_of": date(2026, 3, 16), "weeks": 1}, NOW, timezone="UTC")
     (week,) = report.rows
     assert week["budget"] == 7 * (2600 * B // 31)  # (1000 + 500) + (1000 + 100), a week's share of March
     assert week["budget_increase"] == 7 * (600 * B // 31)
@@ -163,7 +165,7 @@ def test_weekly_budget_share_includes_the_approved_increases(ledger: tuple[Any, 
 
 def test_forecast_compares_with_the_raised_budget(ledger: tuple[Any, Settings]) -> None:
     client, settings = ledger
-    report = build_report("forecast", client, settings, {}, NOW)
+    report = build_report("forecast", client, settings, {}, NOW, timezone="UTC")
     finance = rows_by(report, "team")["finance"]
     assert finance["budget"] == 1500 * B
     assert (finance["budget"], finance["policy_budget"], finance["increase"]) == (1500 * B, 1000 * B, 500 * B)

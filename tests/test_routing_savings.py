@@ -104,9 +104,9 @@ def march_totals(seeded: Any) -> dict[str, Any] | None:
 def test_cli_and_api_serve_the_report(seeded: Any, offline_settings: Settings, settings: Settings) -> None:
     assert "savings" in REPORTS
     now = datetime(2026, 3, 20, tzinfo=UTC)
-    report = build_report("savings", seeded, offline_settings, {"month": date(2026, 2, 1)}, now)
+    report = build_report("savings", seeded, offline_settings, {"month": date(2026, 2, 1)}, now, timezone="UTC")
     assert report.totals is not None and report.totals["savings"] == 1_000
-    assert build_report("savings", seeded, offline_settings, {}, now).totals == march_totals(seeded)
+    assert build_report("savings", seeded, offline_settings, {}, now, timezone="UTC").totals == march_totals(seeded)
 
     async def get() -> dict[str, Any]:
         viewer = {"Authorization": f"Bearer {add_token(settings.api_tokens_path, 'viewer', 'finance')}"}

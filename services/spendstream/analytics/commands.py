@@ -21,6 +21,7 @@ from spendstream.analytics.report_registry import (
     build_report,
     report_day_problem,
 )
+from spendstream.analytics.report_timezone import policy_in_force_offline, report_timezone
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.ledger_store import LedgerBusy
 
@@ -221,7 +222,8 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
         return _print_from_api("report", busy, lambda: _report_from_api(settings, _report_path(args)), args.format, 2)
     try:
         options = {k: getattr(args, k) for k in ("month", "as_of", "weeks", "by", "limit", "start", "end")}
-        report = build_report(args.kind, client, settings, options, datetime.now(UTC))
+        timezone = report_timezone(policy_in_force_offline(settings), settings)
+        report = build_report(args.kind, client, settings, options, datetime.now(UTC), timezone=timezone)
     except ValueError as exc:
         print(f"spendstream report: {exc}", file=sys.stderr)
         return 2

@@ -124,8 +124,11 @@ def check_report_options(options: Mapping[str, Any]) -> None:
             raise ReportRangeError(key, f"{key} must be between 1 and {most}, got {count}")
 
 
-def build_report(kind: str, client: Any, settings: Settings, options: Mapping[str, Any], now: datetime) -> Report:
-    """One report by name; ``options`` are the CLI flags or the API's query parameters."""
+def build_report(
+    kind: str, client: Any, settings: Settings, options: Mapping[str, Any], now: datetime, *, timezone: str
+) -> Report:
+    """One report by name; ``options`` are the CLI flags or the API's query parameters. ``timezone`` is the policy
+    in force's (``report_timezone``): every front end cuts periods where budgets are cut."""
     check_report_options(options)
     spec = REPORTS.get(kind)
     if spec is None:
@@ -138,8 +141,8 @@ def build_report(kind: str, client: Any, settings: Settings, options: Mapping[st
             unread[0],
             f"the {kind} report does not take {OPTION_NAMES.get(unread[0], unread[0])}{why}; it takes {takes}",
         )
-    ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
-    request = ReportRequest(ledger, options, local_date(now, settings.timezone), now)
+    ledger = reports.Ledger(client, settings.clickhouse_database, timezone)
+    request = ReportRequest(ledger, options, local_date(now, timezone), now)
     if kind in RANGE_REPORTS and request.start > request.end:  # with defaults: a `from` after today, alone
         raise ReportRangeError("to", f"the range ends before it starts: from {request.start} to {request.end}")
     return spec.build(request)

@@ -5,7 +5,8 @@ sealed buckets from the rollups of ``rollup.py`` (exact: a seal is used only whi
 the rest of the range (the open tail, edges that cut a bucket, buckets touched since their seal) from the ledger
 with ``FINAL``, in one query.
 
-Periods are calendar days, ISO weeks and months in the configured budget timezone.
+Periods are calendar days, ISO weeks and months in the policy in force's timezone (``report_timezone``), as budgets
+are.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ UNATTRIBUTED = "(unattributed)"
 
 @dataclass(frozen=True)
 class Ledger:
-    """Where the reports read: a clickhouse-connect client, its database and the budget timezone."""
+    """Where the reports read: a clickhouse-connect client, its database and the policy in force's timezone."""
 
     client: Any
     db: str

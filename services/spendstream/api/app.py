@@ -12,6 +12,7 @@ per process). The chDB client is synchronous: every ledger call runs in a worker
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import io
 import json
@@ -38,6 +39,7 @@ from spendstream.analytics.report_registry import (
     build_report,
     report_day_problem,
 )
+from spendstream.analytics.report_timezone import report_timezone
 from spendstream.analytics.rollup import rebuild_spend_daily
 from spendstream.api import cloudevents, otlp
 from spendstream.api.budget_requests import APPROVER_PATHS, FEATURE_IN_USE_WITHIN, add_routes
@@ -451,8 +453,11 @@ async def get_report(request: web.Request) -> web.Response:
             "limit": _int_param(q, "limit"),
             "by": q.get("by"),
         }
+        timezone = await _report_timezone(request)
         report = await _ledger_call(
-            request, build_report, kind, request.app[LEDGER], request.app[SETTINGS], options, datetime.now(UTC)
+            request,
+            functools.partial(build_report, timezone=timezone),
+            kind, request.app[LEDGER], request.app[SETTINGS], options, datetime.now(UTC),
         )  # fmt: skip
     except BadRequest as exc:
         return _error(400, "bad query parameter", problems=exc.problems)
@@ -556,17 +561,24 @@ async def _ledger_call(request: web.Request, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
 
+async def _report_timezone(request: web.Request) -> str:
+    """The policy in force's timezone, which reports cut periods in as budgets and the report e-mails are; the
+    default policy's (``SPENDSTREAM_TIMEZONE``) before there is one."""
+    view = await request.app[OTLP_POLICY].current()
+    return report_timezone(view.policy, request.app[SETTINGS])
+
+
 async def _feature_users(request: web.Request, feature: str) -> dict[str, tuple[int, int]]:
     """Who used ``feature`` recently (``budget_requests.post_feature`` refuses to hold another team's at $0)."""
     settings, now = request.app[SETTINGS], datetime.now(UTC)
-    ledger = reports.Ledger(request.app[LEDGER], settings.clickhouse_database, settings.timezone)
+    ledger = reports.Ledger(request.app[LEDGER], settings.clickhouse_database, await _report_timezone(request))
     return await _ledger_call(request, reports.feature_users, ledger, feature, now - FEATURE_IN_USE_WITHIN, now)
 
 
-def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
-    """Everything the page shows, read in one go."""
-    ledger = reports.Ledger(client, settings.clickhouse_database, settings.timezone)
-    today = local_date(now, settings.timezone)
+def dashboard_html(client: Any, settings: Settings, now: datetime, timezone: str) -> str:
+    """Everything the page shows, read in one go; periods cut in ``timezone``, the policy in force's."""
+    ledger = reports.Ledger(client, settings.clickhouse_database, timezone)
+    today = local_date(now, timezone)
     trend_start = now.date() - timedelta(days=TREND_DAYS - 1)
     return render_page(
         now=now,
@@ -583,7 +595,10 @@ def dashboard_html(client: Any, settings: Settings, now: datetime) -> str:
 
 
 async def get_dashboard(request: web.Request) -> web.Response:
-    html = await _ledger_call(request, dashboard_html, request.app[LEDGER], request.app[SETTINGS], datetime.now(UTC))
+    timezone = await _report_timezone(request)
+    html = await _ledger_call(
+        request, dashboard_html, request.app[LEDGER], request.app[SETTINGS], datetime.now(UTC), timezone
+    )
     return web.Response(text=html, content_type="text/html")
 
 

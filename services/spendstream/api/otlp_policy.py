@@ -1,9 +1,10 @@
 """What the ingest endpoints need of the policy in force: the ``otlp:`` mapping and project teams (for
 ``POST /v1/traces``), its price table and its org (for every ingest: an event the processor would reject for an
-unknown model, or a team-bound token naming another org, is refused at once).
+unknown model, or a team-bound token naming another org, is refused at once), and the timezone reports and the
+dashboard cut periods in (the policy's, as budgets are).
 
-Read from ``spendstream.policy`` by an edge ``PolicyFollower`` started at the first ingest (an API that never
-receives one follows nothing); until the topic has been read, the ``SPENDSTREAM_POLICY`` file, else defaults.
+Read from ``spendstream.policy`` by an edge ``PolicyFollower`` started at the first ingest or report (an API that
+never serves one follows nothing); until the topic has been read, the ``SPENDSTREAM_POLICY`` file, else defaults.
 """
 
 from __future__ import annotations

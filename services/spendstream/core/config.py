@@ -90,9 +90,10 @@ class Settings(BaseSettings):
     )
     timezone: str = Field(
         "UTC",
-        description="Timezone by which reports cut days and months, and a policy without one enforces budgets; "
-        "keep it equal to the policy's timezone (budgets are enforced by the policy's: dev and policy validate warn "
-        "otherwise).",
+        description="Timezone of the default policy (no budgets) in force before any policy is applied, and so of "
+        "the reports until then. Once a policy is in force, budgets, reports (CLI, API, dashboard) and report "
+        "e-mails all cut days, weeks and months in the policy's `timezone`, whatever this says (dev, processor and "
+        "policy validate/apply warn when it is set to another).",
     )
 
     # -- topics ---------------------------------------------------------------------------
@@ -246,6 +247,12 @@ class Settings(BaseSettings):
                 "expected an http(s) URL such as http://collector:4318 (also read from OTEL_EXPORTER_OTLP_ENDPOINT)"
             )
         return value.rstrip("/")
+
+    @property
+    def timezone_set(self) -> str | None:
+        """``timezone`` when it was set (environment, config file or argument), else None: only a timezone someone
+        chose is worth a warning when the policy in force has another."""
+        return self.timezone if "timezone" in self.model_fields_set else None
 
     @cached_property
     def ledger_dsn(self) -> str:

@@ -462,15 +462,17 @@ class Policy(_Model):
         unset = {name for name in OPTIONAL_SECTIONS if getattr(self, name) is None}
         return json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
 
-    def timezone_warning(self, configured: str) -> str | None:
-        """When ``SPENDSTREAM_TIMEZONE`` (``configured``: what the reports and the ledger's budgets cut days and
-        months by) differs from this policy's ``timezone`` (what budget periods are enforced by), say so: a team
-        would be shut off on another day than the reports show."""
-        if configured == self.timezone:
+    def timezone_warning(self, configured: str | None) -> str | None:
+        """When ``SPENDSTREAM_TIMEZONE`` was set (``configured``; None: left unset) to another timezone than this
+        policy's, say that the policy's governs: budgets, reports and report e-mails cut periods by it, and the
+        setting only names the default policy's, before any policy is in force."""
+        if configured is None or configured == self.timezone:
             return None
         return (
-            f"SPENDSTREAM_TIMEZONE is {configured} but policy {self.name} has timezone {self.timezone}: budgets are "
-            f"enforced by {self.timezone} days and months, reports cut them by {configured}; set both alike"
+            f"SPENDSTREAM_TIMEZONE is {configured} but policy {self.name} has timezone {self.timezone}: budgets, "
+            f"reports and report e-mails cut days and months by {self.timezone} (SPENDSTREAM_TIMEZONE only applies "
+            f"before any policy is in force); to cut by {configured}, set `timezone: {configured}` in the policy and "
+            "apply it, else unset SPENDSTREAM_TIMEZONE"
         )
 
     def fallback_price_warnings(self) -> list[str]:

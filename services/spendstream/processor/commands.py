@@ -118,7 +118,7 @@ def _load(path: str):  # type: ignore[no-untyped-def]
 
 
 def _warn_of_timezones(policy: Policy, settings: Settings) -> None:
-    warning = policy.timezone_warning(settings.timezone)
+    warning = policy.timezone_warning(settings.timezone_set)
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
 

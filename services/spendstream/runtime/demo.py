@@ -789,7 +789,7 @@ def run_demo(
         env={
             "SPENDSTREAM_PROCESSOR_ALLOWED_LATENESS_S": str(ALLOWED_LATENESS_S),
             "SPENDSTREAM_ADMIN_TOKEN": admin_token,
-            "SPENDSTREAM_TIMEZONE": "UTC",  # the demo policy's timezone, so reports cut days where budgets do
+            "SPENDSTREAM_TIMEZONE": "UTC",  # the demo policy's: an operator's own setting would draw a warning
         },
     )
     stub = StubUpstream().start()
