@@ -401,3 +401,50 @@ def test_a_client_that_may_write_to_the_broker_cannot_lift_a_shutoff(tmp_path: P
         time.sleep(3)  # edges read the enforcement topic within 0.1 s and the policy within 0.2 s
         statuses = [post(url, CHAT, SALES, key)[0] for _ in range(5)]
         assert statuses == [402] * 5, statuses
+
+
+# -- timezone ----------------------------------------------------------------------------------------
+
+
+def test_reports_and_the_timezone_warning_follow_the_policy_in_force_across_restarts(tmp_path: Path) -> None:
+    """User sessions: with a Berlin policy applied, `report chargeback` said ``timezone: UTC`` (reports cut by
+    SPENDSTREAM_TIMEZONE, unset); and after a restart that restored it, dev compared SPENDSTREAM_TIMEZONE with the
+    un-applied startup file ("policy default has timezone UTC") instead of the policy in force."""
+    import json
+
+    berlin = tmp_path / "berlin.yaml"
+    berlin.write_text("name: berlin\ntimezone: Europe/Berlin\n")
+
+    def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "spendstream.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    def report_timezone(env: dict[str, str]) -> str:
+        done = cli(env, "report", "chargeback", "--format", "json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["params"]["timezone"]
+
+    env = dev_env(tmp_path / "data")
+    env.pop("SPENDSTREAM_TIMEZONE", None)
+    with dev(env) as console:
+        console.wait_for("ready; Ctrl-C stops everything", 120)
+        assert report_timezone(env) == "UTC"  # the bundled policy's
+        assert cli(env, "policy", "apply", "--wait", "30", str(berlin)).returncode in (0, 3)
+        deadline = time.monotonic() + 30
+        while (timezone := report_timezone(env)) != "Europe/Berlin":
+            assert time.monotonic() < deadline, timezone
+            time.sleep(0.5)
+    assert "SPENDSTREAM_TIMEZONE is" not in console.text  # unset: nothing chosen to warn of
+
+    # Restarted with SPENDSTREAM_TIMEZONE set, and the bundled (UTC) policy as the startup file: Berlin is restored.
+    env = dev_env(tmp_path / "data", SPENDSTREAM_TIMEZONE="UTC")
+    with dev(env) as console:
+        console.wait_for("ready; Ctrl-C stops everything", 120)
+        assert "policy     berlin version" in console.wait_for("restored (the last applied)")
+        warning = console.wait_for("SPENDSTREAM_TIMEZONE is UTC", 5)  # printed before ready
+        assert "policy berlin has timezone Europe/Berlin" in warning and "by Europe/Berlin" in warning, warning
+        assert report_timezone(env) == "Europe/Berlin"
+    env = dev_env(tmp_path / "data", SPENDSTREAM_TIMEZONE="Europe/Berlin")
+    with dev(env) as console:
+        console.wait_for("ready; Ctrl-C stops everything", 120)
+        assert "SPENDSTREAM_TIMEZONE is" not in console.text, console.text

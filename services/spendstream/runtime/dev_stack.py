@@ -211,9 +211,10 @@ class DevStack:
             lambda record: self.say(f"policy     {record.name} version {record.version} in force (applied)"),
         )
         self.recorder.start()
-        self._say_if_timezones_differ()
-        # the e-mail of the policy in force: after a restart that is the restored one, not the startup file's
-        self._start_mail_catcher(policy_from_json(restored.document) if restored is not None else self.policy_in_file)
+        # the policy in force: after a restart the restored one, not the startup file's
+        in_force = policy_from_json(restored.document) if restored is not None else self.policy_in_file
+        self._say_if_timezones_differ(in_force)
+        self._start_mail_catcher(in_force)
         api = f"http://{self.settings.api_host}:{self.settings.api_port}"
         self.api_tokens = _dev_api_tokens(self.settings)
         gateway = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
@@ -321,9 +322,10 @@ class DevStack:
         with self._print_lock:
             print(f"spendstream  {line}", file=self.out, flush=True)
 
-    def _say_if_timezones_differ(self) -> None:
-        policy = self.policy_in_file
-        warning = policy.timezone_warning(self.settings.timezone) if policy is not None else None
+    def _say_if_timezones_differ(self, in_force: Policy | None) -> None:
+        """Compared with the policy in force: warned of the startup file's, a restart under a restored policy
+        contradicted itself ("budgets are enforced by UTC days" with Berlin in force and set)."""
+        warning = in_force.timezone_warning(self.settings.timezone_set) if in_force is not None else None
         if warning is not None:
             self.say(f"policy     WARNING {warning}")
 
