@@ -148,6 +148,21 @@ def test_a_week_in_a_month_without_recorded_budgets_says_so(seeded: reports.Ledg
     assert "for 2026-02" in note and "those days add $0" in note
 
 
+def test_a_month_without_recorded_budgets_says_so_in_chargeback_and_forecast(seeded: reports.Ledger) -> None:
+    """A user session read February's chargeback (before any policy) as every team at "$0.00" budget and over it by
+    all it spent, with no word why; the weekly report already said so. March has budgets: it needs no such note."""
+    february = reports.chargeback(seeded, date(2026, 2, 1))
+    assert by(february, "department")["sales"]["variance"] == -7 * B
+    (note,) = [n for n in february.notes if "no team budgets are recorded" in n]
+    assert "for 2026-02" in note and "variances are the spend" in note
+    forecast = reports.forecast(seeded, datetime(2026, 2, 28, 18, 0, tzinfo=UTC))
+    assert any("no team budgets are recorded for 2026-02" in n for n in forecast.notes)
+    march = [reports.chargeback(seeded, date(2026, 3, 1)), reports.forecast(seeded, NOW)]
+    assert not any("no team budgets are recorded" in n for report in march for n in report.notes)
+    seeded.client.command(f"TRUNCATE TABLE {DB}.budgets")  # no budgets anywhere: nothing to explain
+    assert not any("no team budgets" in n for n in reports.chargeback(seeded, date(2026, 2, 1)).notes)
+
+
 def test_monthly_equivalents_are_named_only_when_a_team_budget_is_not_monthly(seeded: reports.Ledger) -> None:
     load_budgets(seeded.client, DB, [("team:engineering", "month", 1 * B)], date(2026, 3, 20), "pv-2")
     assert not any("monthly equivalents" in note for note in reports.chargeback(seeded, date(2026, 3, 1)).notes)

@@ -148,6 +148,19 @@ def monthly_equivalents_note(periods: frozenset[str]) -> list[str]:
     ]
 
 
+def unrecorded_budgets_note(ledger: Ledger, month: date, budgets: TeamBudgets) -> list[str]:
+    """Says that ``month`` has no team budgets in the ledger while other months do ([] otherwise): a month before
+    any policy read as every team held to $0 and over budget by all it spent."""
+    if budgets.policy:
+        return []
+    if not ledger.rows("SELECT 1 FROM {db}.budgets FINAL WHERE startsWith(scope, 'team:') LIMIT 1"):
+        return []  # no team budgets anywhere: nothing to compare with, nothing to explain
+    return [
+        f"no team budgets are recorded for {month:%Y-%m} (the ledger sink records a month's budgets while it runs "
+        "in that month, and with each policy applied): its budgets read $0, so variances are the spend"
+    ]
+
+
 def budgets_note(budgets: TeamBudgets, now: datetime) -> str:
     """What a report's budget means: the limit in force at one instant, said in the report."""
     when = "now" if budgets.at == now else "at the end of the month" if budgets.at < now else "at its start"
@@ -362,6 +375,7 @@ def chargeback(ledger: Ledger, month: date, now: datetime | None = None) -> Repo
             *shared_note,
             budgets_note(budgets, now),
             *monthly_equivalents_note(budgets.periods),
+            *unrecorded_budgets_note(ledger, month, budgets),
         ],
     )
 
@@ -585,6 +599,7 @@ def forecast(ledger: Ledger, now: datetime) -> Report:
             f"forecast = month to date + trailing {RUN_RATE_DAYS}-day spend x remaining time / {RUN_RATE_DAYS} days",
             budgets_note(budgets, now),
             *monthly_equivalents_note(budgets.periods),
+            *unrecorded_budgets_note(ledger, month, budgets),
             "edges now = the newest decision on the team where it restricts its requests (and the budget period)",
             "a team shut off to the month's end is forecast at what it spent (its critical features, throttled, "
             "may add a little)",
