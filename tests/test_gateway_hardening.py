@@ -374,8 +374,8 @@ def test_a_stream_the_upstream_drops_raises_in_the_openai_client_and_is_metered(
     (event,) = read_usage(broker.bootstrap, 1)
     assert event["status"] == "error" and event["tags"]["usage"] == "estimated"
     assert event["tags"]["stream_error"] == "UpstreamDisconnected"
-    assert event["output_tokens"] == 4  # 14 characters streamed, about 4 per token
-    assert 40 <= event["input_tokens"] <= 200  # estimated from the prompt (~350 characters)
+    assert event["output_tokens"] == 5  # 14 bytes streamed, 3 a token (a CJK character is one)
+    assert 150 <= event["input_tokens"] <= 300  # as its reservation held it: the request's ~460 bytes, 2 a token
     assert event["cost_nanos"] > 0
 
 
@@ -394,8 +394,8 @@ def test_a_responses_api_stream_the_upstream_drops_is_metered_from_its_deltas(
     assert "".join(received) == "word word word"
     (event,) = read_usage(broker.bootstrap, 1)
     assert event["status"] == "error" and event["tags"]["usage"] == "estimated"
-    assert event["output_tokens"] == 4  # 14 characters streamed, about 4 per token
-    assert 40 <= event["input_tokens"] <= 200  # estimated from the input (~350 characters)
+    assert event["output_tokens"] == 5  # 14 bytes streamed, 3 a token (a CJK character is one)
+    assert 150 <= event["input_tokens"] <= 300  # as its reservation held it: the request's bytes, 2 a token
 
 
 def test_a_stream_the_upstream_drops_raises_in_the_anthropic_client(
@@ -418,7 +418,7 @@ def test_a_stream_the_upstream_drops_raises_in_the_anthropic_client(
     (usage,) = read_usage(broker.bootstrap, 1)
     assert usage["tags"]["usage"] == "estimated" and usage["status"] == "error"
     assert usage["input_tokens"] == 6  # from the message_start usage block, exact
-    assert usage["output_tokens"] == 6  # 24 characters streamed
+    assert usage["output_tokens"] == 8  # 24 bytes streamed, 3 a token
     assert usage["cost_nanos"] > 0
 
 
@@ -568,13 +568,16 @@ def test_keys_are_listed_and_revoked_from_the_cli(settings: Settings, tmp_path: 
 
 # -- answers that say nothing of their usage ------------------------------------------------------------------------
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("reported", [None, {"prompt_tokens": None, "completion_tokens": None}])
+@pytest.mark.parametrize(
+    "reported",
+    [None, {"prompt_tokens": None, "completion_tokens": None}, {"prompt_tokens": -5, "completion_tokens": -100}],
+)
 def test_an_answer_without_usage_is_metered_at_an_estimate_not_at_zero(
     gateway: GatewayThread, stub: StubUpstream, broker: EmbeddedBroker, stream: bool, reported: dict | None
 ) -> None:
-    """An attacker session: an upstream that left out the usage block (or sent nulls) had a 5,000-word answer
-    metered at $0 with status ok. A provider bills what it generated: the answer is metered from its text and the
-    prompt, tagged ``usage: estimated``."""
+    """An attacker session: an upstream that left out the usage block (or sent nulls, or negative counts) had a
+    5,000-word answer metered at $0 with status ok. A provider bills what it generated: the answer is metered from
+    its text and the prompt, tagged ``usage: estimated``."""
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(api_key=KEY, base_url=gateway.url + "/v1", max_retries=0)
     stub.omit_usage, stub.reported_usage = reported is None, reported
@@ -589,8 +592,8 @@ def test_an_answer_without_usage_is_metered_at_an_estimate_not_at_zero(
     assert text is None or text.startswith("word word")
     (event,) = read_usage(broker.bootstrap, 1)
     assert event["status"] == "ok" and event["tags"]["usage"] == "estimated"
-    assert event["output_tokens"] == 50  # 40 words of filler: 199 characters, about 4 per token
-    assert 40 <= event["input_tokens"] <= 200  # estimated from the prompt (~350 characters)
+    assert event["output_tokens"] == 40  # 199 bytes of filler is 67 at 3 a token: at most the 40 asked for
+    assert 150 <= event["input_tokens"] <= 300  # as its reservation held it: the request's bytes, 2 a token
     assert event["cost_nanos"] > 0
 
 

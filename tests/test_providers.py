@@ -103,7 +103,7 @@ def test_a_registered_dialect_reads_its_stream_events(acme: Dialect) -> None:
     forwarded = meter.feed(stream[:30]) + meter.feed(stream[30:]) + meter.finish()
     assert forwarded == stream  # the client gets every byte
     assert meter.usage == ACME_USAGE and meter.usage_final and meter.model == "acme-large"
-    assert normalise_usage("acme", meter.usage_so_far(lambda: 0)[0]).input_tokens == 4000
+    assert normalise_usage("acme", meter.usage_so_far(lambda: 0, 100)[0]).input_tokens == 4000
 
 
 class _Generations:
@@ -156,5 +156,34 @@ def test_a_cut_responses_stream_counts_its_text_once() -> None:
     ]
     for event in events:
         meter.feed(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-    usage, estimated = meter.usage_so_far(lambda: 7)
-    assert estimated and (usage["prompt_tokens"], usage["completion_tokens"]) == (7, 10)
+    usage, estimated = meter.usage_so_far(lambda: 7, 100)
+    assert estimated and (usage["prompt_tokens"], usage["completion_tokens"]) == (7, 14)  # 40 bytes, 3 a token
+
+
+def test_a_usage_block_that_is_absent_empty_or_malformed_is_not_metered_by() -> None:
+    """An attacker session: an upstream's ``{"prompt_tokens": -5, ...}`` or more cached than input tokens was
+    metered at $0, without the estimate a missing block gets."""
+    from spendstream.gateway.metering import counts_tokens
+
+    assert counts_tokens({"prompt_tokens": 3, "completion_tokens": 8}, "openai")
+    for broken in (
+        {},
+        {"prompt_tokens": None, "completion_tokens": None},
+        {"prompt_tokens": 0, "completion_tokens": 0},
+        {"prompt_tokens": -5, "completion_tokens": -100},
+        {"prompt_tokens": 0, "completion_tokens": 0, "prompt_tokens_details": {"cached_tokens": 5}},
+        {"prompt_tokens": "many"},
+    ):
+        assert not counts_tokens(broken, "openai"), broken
+
+
+def test_an_answer_is_estimated_from_its_bytes_and_never_past_what_the_request_let_it_bill() -> None:
+    """Characters / 4 read 4,000 CJK characters as 1,000 tokens (about 4,000 billed), and 40,000 words returned to a
+    ``max_tokens: 5`` request as 50,000 tokens (an attacker session): 3 bytes a token, at most what was asked."""
+    from spendstream.gateway.metering import estimated_body_usage, text_tokens
+
+    cjk = json.dumps({"choices": [{"message": {"content": "漢" * 4_000}}]}, ensure_ascii=False).encode()
+    assert estimated_body_usage(cjk, "openai", lambda: 7, 10_000) == {"prompt_tokens": 7, "completion_tokens": 4_000}
+    long = json.dumps({"choices": [{"message": {"content": "word " * 40_000}}]}).encode()
+    assert estimated_body_usage(long, "openai", lambda: 7, 5)["completion_tokens"] == 5
+    assert text_tokens(10, 100) == 4 and text_tokens(0, 100) == 0

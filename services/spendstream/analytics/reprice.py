@@ -132,7 +132,8 @@ class RepriceResult:
 def reprice(
     client: Any, db: str, model: str, start: date, end: date, pricer: Pricer, now: datetime | None = None
 ) -> RepriceResult:
-    """Reprice every ledger row of ``model`` (served, or requested when none was served) on UTC days [start, end]."""
+    """Reprice every ledger row of ``model`` (served, or requested when none was served) on UTC days [start, end],
+    but refused calls and cache hits, which cost nothing."""
     result = RepriceResult(uuid.uuid4())
     repriced_at = now or datetime.now(UTC)
     day = start
@@ -149,7 +150,10 @@ def _reprice_day(
 ) -> None:
     found = client.query(
         f"SELECT * EXCEPT ingested_at FROM {db}.usage_ledger FINAL WHERE toDate(occurred_at) = {{d:Date}} "
-        "AND if(model_served != '', model_served, model_requested) = {m:String}",
+        "AND if(model_served != '', model_served, model_requested) = {m:String} "
+        # a refused call reached no model and a cache hit no provider: both cost nothing at any price (a per-request
+        # override charged them; an attacker session)
+        "AND status != 'blocked' AND NOT cache_hit",
         parameters={"d": day, "m": model},
         settings={"do_not_merge_across_partitions_select_final": 1},
     )

@@ -40,7 +40,7 @@ from spendstream.edge.verdict import Verdict
 from spendstream.gateway.complexity import HEADER as COMPLEXITY_HEADER
 from spendstream.gateway.complexity import Assessment, ComplexityHeaderError, assess
 from spendstream.gateway.config import GatewayConfig
-from spendstream.gateway.cost_estimate import request_cost_estimate
+from spendstream.gateway.cost_estimate import output_tokens_asked, prompt_tokens_asked, request_cost_estimate
 from spendstream.gateway.http_server import (
     BodyTooLarge,
     HttpServer,
@@ -222,10 +222,18 @@ class _Call:
     route: Route | None = None  # set when routing chose another model or provider than the one requested
     reservation: Reservation | None = None  # its estimated cost, held until its real cost settles it
     body: dict[str, Any] | None = None  # the request as sent: its prompt is estimated if the answer has no usage
+    body_bytes: int = 0  # its size as sent
 
     def prompt_tokens(self) -> int:
-        """The request's input tokens, estimated from its prompt (for an answer that did not say)."""
-        return assess(self.body or {}).input_tokens
+        """The most input tokens the request can be billed for, as its reservation holds them (bytes, images,
+        documents): for an answer that did not say (a prompt of token ids or a long tool description is far more
+        tokens than its words)."""
+        assert self.verdict is not None
+        return prompt_tokens_asked(self.provider, self.verdict.model, self.body or {}, self.body_bytes)[0]
+
+    def output_tokens_asked(self) -> int:
+        """The most output tokens the request let the provider bill (an estimate never passes it)."""
+        return output_tokens_asked(self.body or {})
 
     def model_headers(self) -> dict[str, str]:
         """What happened to the requested model, named for what it was: a routing rewrite (why, and the estimated
@@ -995,7 +1003,7 @@ class Gateway:
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 injected = True
         payload = json.dumps(body, separators=(",", ":")).encode() if rewrite or injected else raw
-        call.body = body
+        call.body, call.body_bytes = body, len(payload)
         try:
             response, target = await self.upstreams.send(provider, "POST", request.path, payload, headers)
         except UpstreamUnavailable as exc:
@@ -1091,7 +1099,7 @@ class Gateway:
             usage = meter.usage
             if not completed or not counts_tokens(usage, call.provider):  # cut short, or no usage said
                 status = UsageStatus.ok if completed else UsageStatus.error
-                usage, estimated = meter.usage_so_far(lambda: assess(body).input_tokens)
+                usage, estimated = meter.usage_so_far(call.prompt_tokens, call.output_tokens_asked())
                 if estimated:
                     call.tags["usage"] = "estimated"
             self._emit(call, served, usage, status)
@@ -1183,7 +1191,9 @@ class Gateway:
             raw_usage, served_by_upstream = usage_of_body(answer.body, call.endpoint.kind)
             served = served_by_upstream or served
             if not counts_tokens(raw_usage, call.provider):  # an answer that says nothing of its cost
-                raw_usage = estimated_body_usage(answer.body, call.endpoint.kind, call.prompt_tokens)
+                raw_usage = estimated_body_usage(
+                    answer.body, call.endpoint.kind, call.prompt_tokens, call.output_tokens_asked()
+                )
                 call.tags["usage"] = "estimated"
         try:
             if hit is not None:

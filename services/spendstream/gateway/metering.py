@@ -14,7 +14,6 @@ from typing import Any
 
 from spendstream.core.pricing import normalise_usage
 from spendstream.core.providers import dialect_of_kind
-from spendstream.gateway.complexity import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -24,25 +23,37 @@ _TEXT_FIELDS = frozenset({"content", "text", "partial_json", "thinking", "argume
 _HELD_BYTES = 1 << 20  # forwarded bytes kept before their text is counted (a stream cut short is estimated from it)
 
 
-def _text_chars(value: Any, key: str = "") -> int:
-    """Characters of generated text in one parsed stream event."""
+# Tokens of generated text estimated from its UTF-8 bytes: English runs about 4.5 bytes a token and CJK about 3 (a
+# character each), so 3 never estimates a text much below what it was billed (characters / 4 read 4,000 CJK
+# characters as 1,000 tokens; an attacker session).
+OUTPUT_BYTES_PER_TOKEN = 3
+
+
+def _text_bytes(value: Any, key: str = "") -> int:
+    """UTF-8 bytes of generated text in one parsed stream event or answer."""
     if isinstance(value, str):
-        return len(value) if key in _TEXT_FIELDS else 0
+        return len(value.encode("utf-8", "surrogatepass")) if key in _TEXT_FIELDS else 0
     if isinstance(value, dict):
-        return sum(_text_chars(v, k) for k, v in value.items())
+        return sum(_text_bytes(v, k) for k, v in value.items())
     if isinstance(value, list):
-        return sum(_text_chars(v, key) for v in value)
+        return sum(_text_bytes(v, key) for v in value)
     return 0
 
 
-def _event_text_chars(payload: dict[str, Any]) -> int:
-    """Characters of generated text in one stream event. The Responses API repeats its text in the events that close
-    an item (``response.output_text.done``, ``response.content_part.done``, ...): only its deltas count."""
+def _event_text_bytes(payload: dict[str, Any]) -> int:
+    """UTF-8 bytes of generated text in one stream event. The Responses API repeats its text in the events that
+    close an item (``response.output_text.done``, ``response.content_part.done``, ...): only its deltas count."""
     kind = payload.get("type")
     if isinstance(kind, str) and kind.startswith("response."):
         delta = payload.get("delta")
-        return len(delta) if kind.endswith(".delta") and isinstance(delta, str) else 0
-    return _text_chars(payload)
+        return _text_bytes(delta, "text") if kind.endswith(".delta") else 0
+    return _text_bytes(payload)
+
+
+def text_tokens(text_bytes: int, at_most: int) -> int:
+    """Output tokens estimated from ``text_bytes`` of generated text, at most what the request let the provider
+    bill (``at_most``: its ``max_tokens`` times its completions), however much text came back."""
+    return min(-(-text_bytes // OUTPUT_BYTES_PER_TOKEN), at_most)
 
 
 def _data_of(event: bytes) -> Any:
@@ -76,7 +87,7 @@ class StreamMeter:
         # Forwarded bytes, read for their text only if the stream is cut short (or in batches past _HELD_BYTES).
         self._held: list[bytes] = []
         self._held_bytes = 0
-        self._text_chars = 0
+        self._text_bytes = 0
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk
@@ -104,17 +115,17 @@ class StreamMeter:
             for event in _EVENT_END.split(chunk):
                 payload = _data_of(event)
                 if isinstance(payload, dict):
-                    self._text_chars += _event_text_chars(payload)
+                    self._text_bytes += _event_text_bytes(payload)
         self._held, self._held_bytes = [], 0
 
-    def usage_so_far(self, prompt_tokens: Callable[[], int]) -> tuple[dict[str, Any], bool]:
+    def usage_so_far(self, prompt_tokens: Callable[[], int], at_most: int) -> tuple[dict[str, Any], bool]:
         """The usage to meter for a stream cut short, and whether it is estimated: the closing usage block if it
         arrived (and counts some), else output tokens estimated from the text forwarded (providers bill what they
         streamed) and input tokens from the opening usage block (Anthropic) or ``prompt_tokens()``."""
         if self.usage_final and _counts(self.dialect.usage, self.usage):
             return self.usage, False
         self._count_held_text()
-        output = -(-self._text_chars // CHARS_PER_TOKEN)
+        output = text_tokens(self._text_bytes, at_most)
         return self.dialect.estimated_usage(self, prompt_tokens, output), True
 
     def finish(self) -> bytes:
@@ -139,21 +150,22 @@ class _NoStream:
     model = ""
 
 
-def estimated_body_usage(body: bytes, kind: str, prompt_tokens: Callable[[], int]) -> dict[str, Any]:
-    """A usage block for an answer that carried none (or only empty counts): output tokens estimated from the text
-    it returned, input tokens from ``prompt_tokens()``. A provider bills what it generated whether or not it said
-    so, so such an answer is metered at an estimate, tagged, rather than at $0."""
+def estimated_body_usage(body: bytes, kind: str, prompt_tokens: Callable[[], int], at_most: int) -> dict[str, Any]:
+    """A usage block for an answer that carried no usable one: output tokens estimated from the text it returned
+    (at most ``at_most``), input tokens from ``prompt_tokens()``. A provider bills what it generated whether or not
+    it said so, so such an answer is metered at an estimate, tagged, rather than at $0."""
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
         payload = None
-    output = -(-_text_chars(payload) // CHARS_PER_TOKEN)
+    output = text_tokens(_text_bytes(payload), at_most)
     return dialect_of_kind(kind).estimated_usage(_NoStream(), prompt_tokens, output)
 
 
 def counts_tokens(usage: dict[str, Any], provider: str) -> bool:
-    """Whether a usage block counts any token: an absent block, or one of nulls and zeros, counts none (no model
-    answers without reading a prompt). A malformed block counts as counting: the event's own checks say why."""
+    """Whether a usage block is one to meter by: an absent block, one of nulls and zeros (no model answers without
+    reading a prompt) or a malformed one (negative counts, more cached than input tokens) is not: the answer is
+    estimated instead of metered at $0 (an attacker session)."""
     return _counts(lambda raw: normalise_usage(provider, raw), usage)
 
 
@@ -161,9 +173,10 @@ def _counts(read: Callable[[dict[str, Any]], Any], usage: dict[str, Any]) -> boo
     if not usage:
         return False
     try:
-        return any(read(usage))
+        input_tokens, cached, written, output_tokens = read(usage)
     except (TypeError, ValueError):
-        return True
+        return False
+    return (input_tokens or output_tokens) > 0 and cached + written <= input_tokens
 
 
 def usage_of_body(body: bytes, kind: str = "openai") -> tuple[dict[str, Any], str]:
