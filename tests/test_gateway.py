@@ -546,8 +546,10 @@ def test_a_keys_file_with_a_bad_entry_still_revokes_the_keys_it_no_longer_lists(
     assert latin.lookup("kept") is not None and latin.lookup("gone") is None
 
 
-def test_a_spendstream_header_given_twice_is_refused(gateway: GatewayThread) -> None:
-    """An attacker session: two X-Spendstream-User headers were accepted (the first won); they name no one user."""
+@pytest.mark.parametrize(("key", "first"), [(HEADER_KEY, "alice"), (KEY, "u1")])
+def test_a_spendstream_header_given_twice_is_refused(gateway: GatewayThread, key: str, first: str) -> None:
+    """An attacker session: two X-Spendstream-User headers were accepted (the first won); they name no one user.
+    A key that takes no headers refuses them too, even when the first repeats the key's own user."""
     from http.client import HTTPConnection
     from urllib.parse import urlsplit
 
@@ -555,8 +557,8 @@ def test_a_spendstream_header_given_twice_is_refused(gateway: GatewayThread) -> 
     connection = HTTPConnection(address.hostname, address.port, timeout=10)
     try:
         connection.putrequest("POST", "/v1/chat/completions")
-        for name, value in (("Authorization", f"Bearer {HEADER_KEY}"), ("Content-Type", "application/json"),
-                            ("X-Spendstream-User", "alice"), ("X-Spendstream-User", "bob")):  # fmt: skip
+        for name, value in (("Authorization", f"Bearer {key}"), ("Content-Type", "application/json"),
+                            ("X-Spendstream-User", first), ("X-Spendstream-User", "bob")):  # fmt: skip
             connection.putheader(name, value)
         body = json.dumps(CHAT).encode()
         connection.putheader("Content-Length", str(len(body)))

@@ -398,6 +398,9 @@ def _ignored_attribution(attribution: Mapping[str, str], headers: Mapping[str, s
     only repeats what the key sets changes nothing, any other would be ignored, and the call charged to what the
     key says instead of what its caller meant (an attacker session: ``X-Spendstream-Team: sales`` was served and
     charged to no team)."""
+    repeated = getattr(headers, "repeated", "")
+    if repeated:  # the first copy may repeat the key's value and the next name another team
+        return f"header {repeated} is given more than once: give it once"
     for header, field in HEADER_FIELDS.items():
         value = headers.get(header)
         if value and value != attribution.get(field):
