@@ -570,3 +570,31 @@ def test_a_spendstream_header_given_twice_is_refused(gateway: GatewayThread, key
     assert (
         http(gateway.url + "/v1/chat/completions", CHAT, key=HEADER_KEY, headers={"X-Spendstream-User": "a"})[0] == 200
     )
+
+
+def test_a_name_answered_as_a_shut_off_model_is_held_to_that_models_decisions(
+    gateway: GatewayThread, broker: EmbeddedBroker, upstreams
+) -> None:
+    """An attacker session: with ``model:gpt-4o`` shut off, a deployment name (Azure's ``prod-deployment``) that the
+    upstream answers as ``gpt-4o-2024-08-06`` was served without end: the processor counted its spend under
+    ``model:gpt-4o``, but the gateway checked the name asked for. Once an answer says which model a name is, that
+    model's decisions hold for the name."""
+    primary = upstreams[0]
+    publish_decisions(
+        broker.bootstrap, [Decision(scope="model:gpt-4o", action="shutoff", version=1, reason="model budget spent")]
+    )
+    alias = {**CHAT, "model": "prod-deployment"}
+    url = gateway.url + "/v1/chat/completions"
+    assert wait_for(lambda: http(url, CHAT)[0] == 402, 10)
+    primary.answers_as = "gpt-4o-2024-08-06"
+    try:
+        assert http(url, alias)[0] == 200  # nothing says yet what it is
+        assert primary.last_body["model"] == "prod-deployment"
+        assert wait_for(lambda: http(url, alias)[0] == 402, 5)  # metered within 10 ms: then known
+        status, headers, _ = http(url, alias)
+        assert (status, headers["X-Spendstream-Scope"]) == (402, "model:gpt-4o")
+        primary.answers_as = None  # the name now answers as itself: it is its own model again
+        publish_decisions(broker.bootstrap, [Decision(scope="model:gpt-4o", action="allow", version=2)])
+        assert wait_for(lambda: http(url, alias)[0] == 200, 10)
+    finally:
+        primary.answers_as = None

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 from spendstream.core.attribution import MAX_NAME_CHARS, attribution_value_problem
 from spendstream.core.config import ConfigError, Settings
 from spendstream.core.events import SPEND_REFRESH_S, UsageStatus
+from spendstream.core.matching import model_scope_name
 from spendstream.core.metrics import HttpLatency, metrics_exposition
 from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy
@@ -104,6 +105,7 @@ _RESPONSE_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retr
 _RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
 KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
+MAX_ANSWERED_AS = 4096  # model names remembered as answered under another model's name
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
 METER_BATCH_S = 0.01  # answered requests are metered together, at most this long after their answer
 
@@ -476,6 +478,10 @@ class Gateway:
         self._http: HttpServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unmetered: list[tuple[Any, ...]] = []  # answered requests whose events are built in the next batch
+        # (provider, model sent) -> the model its upstream answered as, where that is another model's scope: a name
+        # such as an Azure deployment's (``prod-deployment``) answered as ``gpt-4o-2024-08-06`` is held to the
+        # decisions and hard caps of ``model:gpt-4o``, where the processor counts its spend (``served_model``).
+        self._answered_as: dict[tuple[str, str], str] = {}
         self.decisions: Counter[str] = Counter()  # verdicts applied, by action (read at scrape time)
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
@@ -771,6 +777,13 @@ class Gateway:
             tags["complexity"] = assessment.tier.value
         assert self.enforcer is not None
         verdict = call.verdict = self.enforcer.check(model=route.model if route else model, **attribution)
+        answered_as = self._answered_as.get((route.provider if route else provider, route.model if route else model))
+        if answered_as is not None and not verdict.blocked:
+            # the decisions of the model it is answered as: a blocking one holds (a fallback to another name does not
+            # apply to this name, which the upstream alone resolves)
+            served_verdict = self.enforcer.check(model=answered_as, **attribution)
+            if served_verdict.blocked:
+                verdict = call.verdict = Verdict(served_verdict.action, verdict.model, *served_verdict[2:])
         if verdict.blocked:
             self.counts[verdict.action] += 1
             if route is not None:
@@ -797,7 +810,7 @@ class Gateway:
                 "priced model, or give it a price in the policy's pricing.overrides"
             )
             return error_response(400, message, "model_not_priced", "invalid_request_error", anthropic=anthropic)
-        scopes = {**attribution, "model": served}
+        scopes = {**attribution, "model": self._answered_as.get((call.provider, served), served)}
         held = self.enforcer.reserve(lambda: self._estimate(call.provider, served, body, raw), **scopes)
         if isinstance(held, Refusal) and self._unmetered:
             # Requests answered but not yet metered still hold their estimates: settle them with their real
@@ -1240,6 +1253,8 @@ class Gateway:
         else:
             if call.reservation is not None:
                 self.enforcer.settle(call.reservation, event.cost_nanos or 0)  # type: ignore[union-attr]
+            if hit is None and event.model_served and status is UsageStatus.ok:
+                self._learn_answered_as(call.provider, call.verdict.model, event.model_served)
             self.emitter.emit(event)
             if self.follower is not None and self.follower.own_origin is not None:
                 self.provider_stats.observe_event(event)
@@ -1247,6 +1262,17 @@ class Gateway:
                 self.telemetry.record(event, call.endpoint.name)
         if answer is not None and answer.cache_key is not None and call.tags.get("usage") != "estimated":
             self._store(answer.cache_key, answer.content_type, call.provider, served, raw_usage, answer.body)
+
+    def _learn_answered_as(self, provider: str, sent: str, answered: str) -> None:
+        """Remember that ``provider`` answered ``sent`` as ``answered`` when that is another model's scope (or
+        forget it when the name is answered as itself again)."""
+        key = (provider, sent)
+        if model_scope_name(answered) == model_scope_name(sent):
+            self._answered_as.pop(key, None)
+        elif self._answered_as.get(key) != answered:
+            if len(self._answered_as) >= MAX_ANSWERED_AS:
+                self._answered_as.clear()
+            self._answered_as[key] = answered
 
     def _store(
         self,

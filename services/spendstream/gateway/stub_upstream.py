@@ -6,7 +6,7 @@ bills them. Streams honour ``stream_options.include_usage`` the way OpenAI does.
 with ``fail_status`` (answer every request with that status), ``hang_s`` (sleep before answering) or
 ``cut_stream_after`` (a stream stops after that many text chunks: the connection drops, after ``stall_stream_s`` of
 silence when that is set); ``reported_usage`` replaces the chat usage block, and ``omit_usage`` leaves it out, streamed
-or not (a broken upstream).
+or not (a broken upstream); ``answers_as`` names the model chat answers report (a deployment name's model).
 
 Run standalone: ``python -m spendstream.gateway.stub_upstream --port 9000``.
 """
@@ -71,6 +71,7 @@ class StubUpstream:
         self.stall_stream_s = 0.0
         self.reported_usage: dict[str, Any] | None = None
         self.omit_usage = False
+        self.answers_as: str | None = None  # the model chat answers name (an Azure deployment answers as its model)
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
@@ -181,7 +182,11 @@ class StubUpstream:
         body = await self._accept(request)
         if isinstance(body, web.Response):
             return body
-        model, n_in, per_choice = body["model"], _words(body.get("messages", [])), _output_tokens(body)
+        model, n_in, per_choice = (
+            self.answers_as or body["model"],
+            _words(body.get("messages", [])),
+            _output_tokens(body),
+        )
         choices, n_out = _choices(body), per_choice * _choices(body)
         usage = {
             "prompt_tokens": n_in,
