@@ -256,6 +256,8 @@ def test_bad_input_is_refused_and_the_gateway_keeps_serving(gateway: GatewayThre
         (http(url, raw=b'{"model": "gpt-4o", "pad": "' + b"x" * 70_000 + b'"}'), 413),
         (http(url, CHAT, key="sk-ss-unknown"), 401),
         (http(url, CHAT, key=None), 401),
+        # a look-alike names no model a budget can name (a Greek omicron; an attacker session)
+        (http(url, {**CHAT, "model": "gpt-4\u03bf"}), 400),
     ]
     for (status, _, body), expected in cases:
         assert status == expected

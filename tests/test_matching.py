@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendstream.core.matching import ModelMatcher, ScopeSet, scope_matches, template_of
+from spendstream.core.matching import ModelMatcher, ScopeSet, model_scope_name, scope_matches, template_of
 
 names = st.text(alphabet="abl-./*?[]3", max_size=12)
 
@@ -73,3 +74,42 @@ def test_a_compiled_scope_set_answers_as_scope_matches_does(patterns: list[str],
 
 def test_a_scope_set_with_a_template_whose_value_has_a_colon() -> None:
     assert ScopeSet(["team::*"]).covers("team", ":x") and not ScopeSet(["team::*"]).covers("team", "x")
+
+
+@pytest.mark.parametrize(
+    ("name", "scope"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("GPT-4O", "gpt-4o"),
+        ("  gpt-4o ", "gpt-4o"),
+        ("gpt-4o-latest", "gpt-4o"),
+        ("gpt-4o:latest", "gpt-4o"),
+        ("gpt-4o@2024-08-06", "gpt-4o"),
+        ("gpt-4o.2024-08-06", "gpt-4o"),
+        ("ｇｐｔ-4o", "gpt-4o"),  # fullwidth letters
+        ("openai/gpt-4o", "gpt-4o"),
+        ("openai:gpt-4o", "gpt-4o"),
+        ("openai//gpt-4o", "gpt-4o"),
+        ("openrouter/openai/gpt-4o", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # another model
+        ("gpt-4-0613", "gpt-4"),
+        ("gpt-4.1", "gpt-4.1"),
+        ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet"),
+        ("claude-3.5-sonnet", "claude-3-5-sonnet"),
+        ("anthropic/claude-3.5-sonnet", "claude-3-5-sonnet"),
+        ("claude-3-5-sonnet-v2@20241022", "claude-3-5-sonnet"),
+        ("vertex_ai/claude-3-5-sonnet-v2@20241022", "claude-3-5-sonnet"),
+        ("anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("us.anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("local/llama-3.2", "local/llama-3.2"),  # not a provider's prefix: a name of its own
+        ("llama3:8b", "llama3:8b"),  # a tag that is a size, not an alias
+        ("ft:gpt-4o-2024-08-06:acme::abc", "ft:gpt-4o-2024-08-06:acme::abc"),  # a fine-tune is a model of its own
+    ],
+)
+def test_a_model_scope_is_the_model_its_maker_names_whatever_the_spelling(name: str, scope: str) -> None:
+    """Attacker sessions passed a spent ``model:`` cap under another spelling of the same model."""
+    assert model_scope_name(name) == scope
+    assert model_scope_name(scope) == scope  # a scope's own name is its name

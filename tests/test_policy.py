@@ -352,3 +352,8 @@ def test_a_model_scope_is_written_as_the_name_it_holds_for(written: str, meant: 
         parse_policy(f"budgets: [{{scope: '{written}', period: day, amount_usd: 1}}]", "p.yaml")
     assert f"write model:{meant}" in str(refused.value) and "budgets" in str(refused.value)
     assert parse_policy(f"budgets: [{{scope: 'model:{meant}', period: day, amount_usd: 1}}]").budgets
+
+
+def test_a_model_scope_with_a_look_alike_character_is_refused() -> None:
+    with pytest.raises(PolicyError, match="model names are printable ASCII"):
+        parse_policy("budgets: [{scope: 'model:gpt\u20114o', period: day, amount_usd: 1}]", "p.yaml")

@@ -100,6 +100,11 @@ def check_scope(value: str) -> str:
     if not _SCOPE_RE.match(value):
         raise ValueError(f"scope must be dimension:value or dimension:* with dimension one of {', '.join(DIMENSIONS)}")
     dimension, _, name = value.partition(":")
+    if dimension == "model" and not (name.isascii() and name.isprintable()):
+        raise ValueError(
+            f"{value!r}: model names are printable ASCII (a look-alike character would name a model no call is made "
+            "to: the gateway refuses such names)"
+        )
     if dimension == "model" and name != "*" and (canonical := model_scope_name(name)) != name:
         raise ValueError(
             f"write model:{canonical}: a model's scope is its name without capitals, a provider's prefix or a dated "

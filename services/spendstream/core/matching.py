@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -33,17 +34,39 @@ def base_model(model: str) -> str:
     return _SNAPSHOT_SUFFIX.sub("", model)
 
 
+# Where a model is named through a router or a cloud rather than its maker: ``openrouter/openai/gpt-4o``,
+# ``bedrock/...``, ``vertex_ai/...`` (a registered provider's name, ``openai/``, too).
+_ROUTERS = frozenset({"openrouter", "bedrock", "vertex_ai", "vertex", "azure_ai", "litellm"})
+# Bedrock's model ids: ``anthropic.claude-3-5-sonnet-20241022-v2:0``, with a region's inference profile ``us.``.
+_BEDROCK_ID = re.compile(r"^(?:[a-z]{2}\.)?(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek)\.(.+?)(?::\d+)?$")
+# Vertex's ``@20241022`` snapshot, a ``:latest`` tag, a ``-v2`` revision of a snapshot.
+_VERSION_SUFFIX = re.compile(r"(?:@[\w.-]+|:latest|-v\d+)$")
+_DATED_SUFFIX = re.compile(r"[-.](?:20\d\d-?\d\d-?\d\d|\d{4}|latest)$")
+
+
 @lru_cache(maxsize=4096)
 def model_scope_name(model: str) -> str:
-    """The value of ``model``'s scope: lower-cased, stripped, without a registered provider's prefix
-    (``openai/gpt-4o``) or a dated snapshot or ``-latest`` suffix. Budgets count a model by what it is, not by the
-    spelling a client or a provider used (a budget on ``gpt-4o`` let ``gpt-4o-2024-08-06`` through; an attacker
-    session), and the name requested and the name served land in the same scope."""
-    name = model.strip().lower()
-    provider, slash, rest = name.partition("/")
-    if slash and rest and provider in provider_names():
-        name = rest
-    return base_model(name) or name
+    """The value of ``model``'s scope: the model its maker names, whatever spelling a client, a router or a
+    provider used (a budget on ``gpt-4o`` let ``gpt-4o-2024-08-06``, ``claude-3.5-sonnet`` or Bedrock's
+    ``anthropic.claude-3-5-sonnet-20241022-v2:0`` through; attacker sessions), so the name requested and the name
+    served land in one scope: compatibility forms folded (fullwidth letters), lower-cased, stripped, without a
+    router's or provider's prefixes (``openrouter/openai/``, ``openai:``), Bedrock's and Vertex's id forms, or a
+    dated snapshot, ``-latest``, ``@date`` or ``-v2`` suffix; Claude's ``3.5`` is its maker's ``3-5``. A
+    fine-tune (``ft:gpt-4o-...``) is a model of its own."""
+    name = unicodedata.normalize("NFKC", model).strip().lower()
+    while True:
+        head, separator, rest = name.partition("/") if "/" in name else name.partition(":")
+        if not (separator and rest and (head in _ROUTERS or head in provider_names() or not head)):
+            break
+        name = rest.lstrip("/")
+    bedrock = _BEDROCK_ID.match(name)
+    if bedrock:
+        name = bedrock[1]
+    for suffix in (_VERSION_SUFFIX, _DATED_SUFFIX, _VERSION_SUFFIX):
+        name = suffix.sub("", name) or name
+    if name.startswith("claude-"):
+        name = re.sub(r"(?<=\d)\.(?=\d)", "-", name)
+    return name or model
 
 
 def is_glob(entry: str) -> bool:

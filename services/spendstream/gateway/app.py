@@ -967,6 +967,10 @@ class Gateway:
             return None, b"", _Refusal(400, "you must provide a model parameter (a non-empty string)")
         if not _is_unicode(model):
             return None, b"", _Refusal(400, "the model parameter is not valid Unicode (it contains a lone surrogate)")
+        if not (model.isascii() and model.isprintable()):
+            # a look-alike (a Greek omicron, a non-breaking hyphen) or a control character names no model a budget
+            # or an allowed-model list can name, however a lenient upstream reads it (an attacker session)
+            return None, b"", _Refusal(400, "the model parameter must be printable ASCII, as every model's name is")
         if len(model) > MAX_NAME_CHARS:
             return None, b"", _Refusal(400, f"the model parameter is longer than {MAX_NAME_CHARS} characters")
         for flag in ("stream", "background"):  # a truthy non-boolean would be served unmetered by a lax upstream
