@@ -173,8 +173,24 @@ def test_a_usage_block_that_is_absent_empty_or_malformed_is_not_metered_by() -> 
         {"prompt_tokens": -5, "completion_tokens": -100},
         {"prompt_tokens": 0, "completion_tokens": 0, "prompt_tokens_details": {"cached_tokens": 5}},
         {"prompt_tokens": "many"},
+        {"prompt_tokens": 10, "completion_tokens": True},
+        {"prompt_tokens": 10, "completion_tokens": 1.5},
+        {"prompt_tokens": 10, "completion_tokens": 99_999_999_999_999},
+        {"prompt_tokens": 10, "completion_tokens": 900, "completion_tokens_details": {"reasoning_tokens": -9000}},
     ):
         assert not counts_tokens(broken, "openai"), broken
+    # no output counted for an answer with text: its output is estimated; an answer without text may count none
+    assert not counts_tokens({"prompt_tokens": 1000}, "openai", lambda: 6_000)
+    assert counts_tokens({"prompt_tokens": 1000}, "openai", lambda: 0)
+    assert not counts_tokens({"input_tokens": 10, "server_tool_use": {"web_search_requests": -1}}, "anthropic")
+
+
+def test_a_tool_call_answered_whole_counts_its_arguments_as_text() -> None:
+    """An attacker session: Anthropic's non-streamed ``tool_use`` block without usage was estimated at 0 output."""
+    from spendstream.gateway.metering import answered_bytes
+
+    block = {"type": "tool_use", "id": "t", "name": "f", "input": {"query": "x" * 300}}
+    assert answered_bytes(json.dumps({"content": [block]}).encode()) > 300
 
 
 def test_an_answer_is_estimated_from_its_bytes_and_never_past_what_the_request_let_it_bill() -> None:

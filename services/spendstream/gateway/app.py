@@ -52,7 +52,13 @@ from spendstream.gateway.http_server import (
     error_body,
 )
 from spendstream.gateway.keys import HEADER_FIELDS, KeysFile, KeyStore, VirtualKey
-from spendstream.gateway.metering import StreamMeter, counts_tokens, estimated_body_usage, usage_of_body
+from spendstream.gateway.metering import (
+    StreamMeter,
+    answered_bytes,
+    estimated_body_usage,
+    usage_of_body,
+    usage_problem,
+)
 from spendstream.gateway.metrics import GATEWAYS
 from spendstream.gateway.provider_stats import EMPTY_STATS, ProviderStats, RoutingStats
 from spendstream.gateway.response_cache import (
@@ -1117,7 +1123,10 @@ class Gateway:
         finally:
             served = meter.model or call.verdict.model
             usage = meter.usage
-            if not completed or not counts_tokens(usage, call.provider):  # cut short, or no usage said
+            problem = usage_problem(usage, call.provider, meter.text_bytes) if completed else None
+            if not completed or problem is not None:  # cut short, or no usable usage block
+                if problem is not None and usage:
+                    self._unusable_usage(call, served, problem)
                 status = UsageStatus.ok if completed else UsageStatus.error
                 usage, estimated = meter.usage_so_far(call.prompt_tokens, call.output_tokens_asked())
                 if estimated:
@@ -1210,7 +1219,10 @@ class Gateway:
         if answer is not None:
             raw_usage, served_by_upstream = usage_of_body(answer.body, call.endpoint.kind)
             served = served_by_upstream or served
-            if not counts_tokens(raw_usage, call.provider):  # an answer that says nothing of its cost
+            problem = usage_problem(raw_usage, call.provider, lambda: answered_bytes(answer.body))
+            if problem is not None:  # an answer that says nothing usable of its cost
+                if raw_usage:
+                    self._unusable_usage(call, served, problem)
                 raw_usage = estimated_body_usage(
                     answer.body, call.endpoint.kind, call.prompt_tokens, call.output_tokens_asked()
                 )
@@ -1241,7 +1253,7 @@ class Gateway:
                     now=now,
                 )
                 event = event_of(raw_usage=raw_usage, tags=call.tags)
-                if "usage_error" in event.tags:  # usage beyond the per-event bounds: metered with zero tokens
+                if "usage_error" in event.tags and "usage_error" not in call.tags:  # priced beyond the per-event bound
                     self.counts["usage_out_of_range"] += 1
                     log.warning(
                         "usage reported for a %s/%s call is out of range (%s); it is metered with zero tokens, "
@@ -1266,6 +1278,15 @@ class Gateway:
                 self.telemetry.record(event, call.endpoint.name)
         if answer is not None and answer.cache_key is not None and call.tags.get("usage") != "estimated":
             self._store(answer.cache_key, answer.content_type, call.provider, served, raw_usage, answer.body)
+
+    def _unusable_usage(self, call: _Call, served: str, problem: str) -> None:
+        """Count and log an upstream's usage block that cannot be metered by (the call is estimated, tagged why)."""
+        self.counts["usage_out_of_range"] += 1
+        call.tags["usage_error"] = problem
+        log.warning(
+            "usage reported for a %s/%s call cannot be metered by (%s); it is metered at an estimate, tagged "
+            "usage_error", call.provider, served, problem,
+        )  # fmt: skip
 
     def _learn_answered_as(self, provider: str, sent: str, answered: str) -> None:
         """Remember that ``provider`` answered ``sent`` as ``answered`` when that is another model's scope (or

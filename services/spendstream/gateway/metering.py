@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from spendstream.core.pricing import normalise_usage
-from spendstream.core.providers import dialect_of_kind
+from spendstream.core.events import MAX_EVENT_TOKENS
+from spendstream.core.providers import dialect_for, dialect_of_kind
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,12 @@ OUTPUT_BYTES_PER_TOKEN = 3
 
 
 def _text_bytes(value: Any, key: str = "") -> int:
-    """UTF-8 bytes of generated text in one parsed stream event or answer."""
+    """UTF-8 bytes of generated text in one parsed stream event or answer (a tool call's arguments included:
+    Anthropic's whole ``tool_use`` blocks carry them as an ``input`` object)."""
     if isinstance(value, str):
         return len(value.encode("utf-8", "surrogatepass")) if key in _TEXT_FIELDS else 0
+    if key == "input" and isinstance(value, dict):
+        return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     if isinstance(value, dict):
         return sum(_text_bytes(v, k) for k, v in value.items())
     if isinstance(value, list):
@@ -122,11 +125,16 @@ class StreamMeter:
         """The usage to meter for a stream cut short, and whether it is estimated: the closing usage block if it
         arrived (and counts some), else output tokens estimated from the text forwarded (providers bill what they
         streamed) and input tokens from the opening usage block (Anthropic) or ``prompt_tokens()``."""
-        if self.usage_final and _counts(self.dialect.usage, self.usage):
+        if self.usage_final and _problem(self.dialect.usage, self.dialect.detail, self.usage, self.text_bytes) is None:
             return self.usage, False
         self._count_held_text()
         output = text_tokens(self._text_bytes, at_most)
         return self.dialect.estimated_usage(self, prompt_tokens, output), True
+
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of the text forwarded so far."""
+        self._count_held_text()
+        return self._text_bytes
 
     def finish(self) -> bytes:
         rest, self._buffer = self._buffer, b""
@@ -162,21 +170,62 @@ def estimated_body_usage(body: bytes, kind: str, prompt_tokens: Callable[[], int
     return dialect_of_kind(kind).estimated_usage(_NoStream(), prompt_tokens, output)
 
 
-def counts_tokens(usage: dict[str, Any], provider: str) -> bool:
-    """Whether a usage block is one to meter by: an absent block, one of nulls and zeros (no model answers without
-    reading a prompt) or a malformed one (negative counts, more cached than input tokens) is not: the answer is
-    estimated instead of metered at $0 (an attacker session)."""
-    return _counts(lambda raw: normalise_usage(provider, raw), usage)
+def counts_tokens(usage: dict[str, Any], provider: str, answered_bytes: Callable[[], int] = lambda: 0) -> bool:
+    """Whether a usage block is one to meter by (``usage_problem`` finds nothing wrong with it)."""
+    return usage_problem(usage, provider, answered_bytes) is None
 
 
-def _counts(read: Callable[[dict[str, Any]], Any], usage: dict[str, Any]) -> bool:
+def usage_problem(usage: dict[str, Any], provider: str, answered_bytes: Callable[[], int] = lambda: 0) -> str | None:
+    """Why a usage block is not one to meter by, or None. The answer is then estimated instead of metered at $0 or
+    at a token (attacker sessions): an absent block, one of nulls and zeros (no model answers without reading a
+    prompt), one whose counts are not whole numbers (``true``, ``1.5``) or are negative or beyond the per-event bound
+    anywhere (``reasoning_tokens: -9000``), more cached than input tokens, and one that counts no output tokens for
+    an answer with text (``answered_bytes()``: its generated text, asked only then)."""
+    dialect = dialect_for(provider)
+    return _problem(dialect.usage, dialect.detail, usage, answered_bytes)
+
+
+def _whole_counts(value: Any, key: str = "") -> bool:
+    """Every count of a usage block (``*_tokens``, ``*_requests``) is an int, not a bool or a float."""
+    if isinstance(value, dict):
+        return all(_whole_counts(v, k) for k, v in value.items())
+    if key.endswith(("_tokens", "_requests")) and value is not None:
+        return type(value) is int
+    return True
+
+
+def _problem(
+    read: Callable[[dict[str, Any]], Any],
+    detail: Callable[[dict[str, Any]], Any],
+    usage: dict[str, Any],
+    answered_bytes: Callable[[], int],
+) -> str | None:
     if not usage:
-        return False
+        return "no usage block"
+    if not _whole_counts(usage):
+        return "a token count is not a whole number"
     try:
-        input_tokens, cached, written, output_tokens = read(usage)
-    except (TypeError, ValueError):
-        return False
-    return (input_tokens or output_tokens) > 0 and cached + written <= input_tokens
+        input_tokens, cached, written, output_tokens = counts = read(usage)
+        detailed = detail(usage)
+    except (TypeError, ValueError) as exc:
+        return str(exc)[:200]
+    if not all(0 <= count <= MAX_EVENT_TOKENS for count in (*counts, *detailed[:7])):
+        return f"token counts out of range (at most {MAX_EVENT_TOKENS} each)"
+    if cached + written > input_tokens:
+        return "more cached than input tokens"
+    if input_tokens + output_tokens == 0:
+        return "no tokens counted"
+    if output_tokens == 0 and answered_bytes() > 0:
+        return "no output tokens for an answer with text"
+    return None
+
+
+def answered_bytes(body: bytes) -> int:
+    """UTF-8 bytes of the text a non-streamed answer generated (0 when it is not JSON)."""
+    try:
+        return _text_bytes(json.loads(body))
+    except (ValueError, RecursionError):
+        return 0
 
 
 def usage_of_body(body: bytes, kind: str = "openai") -> tuple[dict[str, Any], str]:
