@@ -595,6 +595,13 @@ def test_a_name_answered_as_a_shut_off_model_is_held_to_that_models_decisions(
         assert wait_for(lambda: http(url, alias)[0] == 402, 5)  # metered within 10 ms: then known
         status, headers, _ = http(url, alias)
         assert (status, headers["X-Spendstream-Scope"]) == (402, "model:gpt-4o")
+        assert http(url, {**alias, "model": "PROD-Deployment"})[0] == 402  # its spellings share what was learned
+        # a model with a price of its own is not taken for another on one answer (a router's fallback answered
+        # gpt-4o-mini as gpt-4o once, and every team's gpt-4o-mini was refused after; an attacker session)
+        mini = {**CHAT, "model": "gpt-4o-mini"}
+        assert http(url, mini)[0] == 200
+        gateway.gateway.flush_metering()  # its answer is metered: what it was answered as is known
+        assert http(url, mini)[0] == 200
         primary.answers_as = None  # the name now answers as itself: it is its own model again
         publish_decisions(broker.bootstrap, [Decision(scope="model:gpt-4o", action="allow", version=2)])
         assert wait_for(lambda: http(url, alias)[0] == 200, 10)

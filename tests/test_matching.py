@@ -104,6 +104,16 @@ def test_a_scope_set_with_a_template_whose_value_has_a_colon() -> None:
         ("us.anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
         ("bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
         ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("apac.anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("us-gov.anthropic.claude-3-5-sonnet-20240620-v1:0", "claude-3-5-sonnet"),
+        ("global.anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("anthropic/claude-3.5-sonnet:beta", "claude-3-5-sonnet"),
+        ("claude-3-5-sonnet-20241022:beta", "claude-3-5-sonnet"),
+        ("openai/gpt-4o:nitro", "gpt-4o"),
+        ("openai/gpt-4o:free", "gpt-4o"),
+        ("litellm_proxy/gpt-4o", "gpt-4o"),
+        ("models/gpt-4o", "gpt-4o"),
         ("local/llama-3.2", "local/llama-3.2"),  # not a provider's prefix: a name of its own
         ("llama3:8b", "llama3:8b"),  # a tag that is a size, not an alias
         ("ft:gpt-4o-2024-08-06:acme::abc", "ft:gpt-4o-2024-08-06:acme::abc"),  # a fine-tune is a model of its own

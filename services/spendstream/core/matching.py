@@ -36,11 +36,13 @@ def base_model(model: str) -> str:
 
 # Where a model is named through a router or a cloud rather than its maker: ``openrouter/openai/gpt-4o``,
 # ``bedrock/...``, ``vertex_ai/...`` (a registered provider's name, ``openai/``, too).
-_ROUTERS = frozenset({"openrouter", "bedrock", "vertex_ai", "vertex", "azure_ai", "litellm"})
-# Bedrock's model ids: ``anthropic.claude-3-5-sonnet-20241022-v2:0``, with a region's inference profile ``us.``.
-_BEDROCK_ID = re.compile(r"^(?:[a-z]{2}\.)?(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek)\.(.+?)(?::\d+)?$")
-# Vertex's ``@20241022`` snapshot, a ``:latest`` tag, a ``-v2`` revision of a snapshot.
-_VERSION_SUFFIX = re.compile(r"(?:@[\w.-]+|:latest|-v\d+)$")
+_ROUTERS = frozenset({"openrouter", "bedrock", "vertex_ai", "vertex", "azure_ai", "litellm", "litellm_proxy", "models"})
+# Bedrock's model ids: ``anthropic.claude-3-5-sonnet-20241022-v2:0``, with an inference profile's region (``us.``,
+# ``apac.``, ``us-gov.``, ``global.``), or as an ARN (``arn:aws:bedrock:...:foundation-model/<id>``).
+_BEDROCK_ID = re.compile(r"^(?:[a-z-]+\.)?(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek)\.(.+?)(?::\d+)?$")
+# Vertex's ``@20241022`` snapshot, a tag that names no size (``:latest``, OpenRouter's ``:beta``, ``:nitro``,
+# ``:free``; ``llama3:8b`` is another model), a ``-v2`` revision of a snapshot.
+_VERSION_SUFFIX = re.compile(r"(?:@[\w.-]+|:(?:latest|beta|nitro|floor|online|extended|free|thinking)|-v\d+)$")
 _DATED_SUFFIX = re.compile(r"[-.](?:20\d\d-?\d\d-?\d\d|\d{4}|latest)$")
 
 
@@ -54,6 +56,8 @@ def model_scope_name(model: str) -> str:
     dated snapshot, ``-latest``, ``@date`` or ``-v2`` suffix; Claude's ``3.5`` is its maker's ``3-5``. A
     fine-tune (``ft:gpt-4o-...``) is a model of its own."""
     name = unicodedata.normalize("NFKC", model).strip().lower()
+    if name.startswith("arn:"):
+        name = name.rpartition("/")[2]
     while True:
         head, separator, rest = name.partition("/") if "/" in name else name.partition(":")
         if not (separator and rest and (head in _ROUTERS or head in provider_names() or not head)):

@@ -31,7 +31,7 @@ from spendstream.core.matching import model_scope_name
 from spendstream.core.metrics import HttpLatency, metrics_exposition
 from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy
-from spendstream.core.pricing import PriceTable, has_price
+from spendstream.core.pricing import PriceTable, UnknownModelError, has_price, price_usage
 from spendstream.core.providers import dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
@@ -396,6 +396,14 @@ def _refine_attribution(attribution: dict[str, str], headers: Mapping[str, str])
             return 400, f"header {header}: {problem}"
         attribution[field] = value
     return None
+
+
+def _listed_model(provider: str, model: str, prices: PriceTable) -> bool:
+    """Whether ``model`` has a price of its own (the price list's or an override), not the unknown-model one."""
+    try:
+        return not price_usage(provider, model, 0, 0, overrides=prices).flagged_unknown
+    except (UnknownModelError, ValueError):
+        return False
 
 
 _ATTRIBUTION_HEADERS = frozenset(header.lower() for header in HEADER_FIELDS)
@@ -783,7 +791,8 @@ class Gateway:
             tags["complexity"] = assessment.tier.value
         assert self.enforcer is not None
         verdict = call.verdict = self.enforcer.check(model=route.model if route else model, **attribution)
-        answered_as = self._answered_as.get((route.provider if route else provider, route.model if route else model))
+        sent = route.model if route else model
+        answered_as = self._answered_as.get((route.provider if route else provider, model_scope_name(sent)))
         if answered_as is not None and not verdict.blocked:
             # the decisions of the model it is answered as: a blocking one holds (a fallback to another name does not
             # apply to this name, which the upstream alone resolves)
@@ -816,7 +825,7 @@ class Gateway:
                 "priced model, or give it a price in the policy's pricing.overrides"
             )
             return error_response(400, message, "model_not_priced", "invalid_request_error", anthropic=anthropic)
-        scopes = {**attribution, "model": self._answered_as.get((call.provider, served), served)}
+        scopes = {**attribution, "model": self._answered_as.get((call.provider, model_scope_name(served)), served)}
         held = self.enforcer.reserve(lambda: self._estimate(call.provider, served, body, raw), **scopes)
         if isinstance(held, Refusal) and self._unmetered:
             # Requests answered but not yet metered still hold their estimates: settle them with their real
@@ -1289,10 +1298,12 @@ class Gateway:
         )  # fmt: skip
 
     def _learn_answered_as(self, provider: str, sent: str, answered: str) -> None:
-        """Remember that ``provider`` answered ``sent`` as ``answered`` when that is another model's scope (or
-        forget it when the name is answered as itself again)."""
-        key = (provider, sent)
-        if model_scope_name(answered) == model_scope_name(sent):
+        """Remember that ``provider`` answered ``sent`` (by its scope's name: its spellings share what is learned)
+        as ``answered`` when that is another model's scope, unless ``sent`` is a model with a price of its own: one
+        answer of a router's fallback must not hold every team's ``gpt-4o-mini`` to ``gpt-4o``'s decisions (an
+        attacker session). A name answered as itself again is forgotten."""
+        key = (provider, model_scope_name(sent))
+        if model_scope_name(answered) == key[1] or _listed_model(provider, sent, self.prices):
             self._answered_as.pop(key, None)
         elif self._answered_as.get(key) != answered:
             if len(self._answered_as) >= MAX_ANSWERED_AS:
