@@ -103,7 +103,16 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     if args.worker_index is not None and settings.metrics_port is not None:  # each worker scraped on its own
         from spendstream.core.metrics import serve_metrics
 
-        serve_metrics(settings.model_copy(update={"metrics_port": settings.metrics_port + args.worker_index}))
+        metrics_port = settings.metrics_port + args.worker_index
+        try:
+            serve_metrics(settings.model_copy(update={"metrics_port": metrics_port}))
+        except OSError as exc:
+            print(
+                f"spendstream gateway: worker {args.worker_index} cannot serve /metrics on port {metrics_port} "
+                f"({exc.strerror}): SPENDSTREAM_METRICS_PORT gives worker i the port + i; set it to a free range",
+                file=sys.stderr,
+            )
+            return 1
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
