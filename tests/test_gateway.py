@@ -607,3 +607,36 @@ def test_a_name_answered_as_a_shut_off_model_is_held_to_that_models_decisions(
         assert wait_for(lambda: http(url, alias)[0] == 200, 10)
     finally:
         primary.answers_as = None
+
+
+def test_the_first_call_of_a_name_without_a_price_is_the_only_one_in_flight(
+    gateway: GatewayThread, broker: EmbeddedBroker, upstreams
+) -> None:
+    """An attacker session: 30 concurrent first calls of a deployment name all passed a spent ``model:gpt-4o`` cap
+    (it was not known yet which model the name is). Until its first answer says so, the others wait (429)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    primary = upstreams[0]
+    publish_decisions(
+        broker.bootstrap, [Decision(scope="model:gpt-4o", action="shutoff", version=1, reason="model budget spent")]
+    )
+    url = gateway.url + "/v1/chat/completions"
+    assert wait_for(lambda: http(url, CHAT)[0] == 402, 10)
+    fresh = {**CHAT, "model": "azure-eu-deployment"}
+    primary.answers_as, primary.hang_s = "gpt-4o-2024-08-06", 1.0
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: http(url, fresh), range(6)))
+    finally:
+        primary.answers_as, primary.hang_s = None, 0.0
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200, 429, 429, 429, 429, 429], statuses
+    waited = next(headers for status, headers, _ in answers if status == 429)
+    assert waited["Retry-After"] == "1" and waited["X-Spendstream-Scope"] == "model:azure-eu-deployment"
+    gateway.gateway.flush_metering()
+    assert http(url, fresh)[0] == 402  # answered as gpt-4o: its shutoff holds
+    # a name answered as itself is free from then on, and a listed model never waits
+    plain = {**CHAT, "model": "my-local-model"}
+    assert http(url, plain)[0] == 200
+    gateway.gateway.flush_metering()
+    assert [http(url, plain)[0] for _ in range(3)] == [200, 200, 200]

@@ -112,6 +112,7 @@ _RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 STATS_REFRESH_S = 5.0  # how often routing takes a fresh snapshot of observed latency and error rates
 KEYS_POLL_S = 1.0  # how often the keys file is checked for changes: a revoked key is refused within about this
 MAX_ANSWERED_AS = 4096  # model names remembered as answered under another model's name
+FIRST_ANSWER_WAIT_S = 10.0  # how long the first call of a name without a price holds its other calls back
 MAX_ROUTE_PLANS = 4096  # route plans kept between two snapshots (requested model x tier x environment x ...)
 METER_BATCH_S = 0.01  # answered requests are metered together, at most this long after their answer
 
@@ -496,6 +497,11 @@ class Gateway:
         # such as an Azure deployment's (``prod-deployment``) answered as ``gpt-4o-2024-08-06`` is held to the
         # decisions and hard caps of ``model:gpt-4o``, where the processor counts its spend (``served_model``).
         self._answered_as: dict[tuple[str, str], str] = {}
+        # Names without a price of their own, by (provider, scope name): those answered as themselves, and those whose
+        # first call is in flight (since when): until its answer says which model such a name is, one call at a time.
+        self._names_answered_as_such: set[tuple[str, str]] = set()
+        self._first_calls: dict[tuple[str, str], float] = {}
+        self._listed: dict[tuple[str, str, int], bool] = {}
         self.decisions: Counter[str] = Counter()  # verdicts applied, by action (read at scrape time)
         GATEWAYS.track(self)  # request counts and upstream failures, read at scrape time
 
@@ -799,6 +805,8 @@ class Gateway:
             served_verdict = self.enforcer.check(model=answered_as, **attribution)
             if served_verdict.blocked:
                 verdict = call.verdict = Verdict(served_verdict.action, verdict.model, *served_verdict[2:])
+        if answered_as is None and not verdict.blocked:
+            verdict = call.verdict = self._first_call_of(route.provider if route else provider, sent, verdict)
         if verdict.blocked:
             self.counts[verdict.action] += 1
             if route is not None:
@@ -1278,8 +1286,9 @@ class Gateway:
         else:
             if call.reservation is not None:
                 self.enforcer.settle(call.reservation, event.cost_nanos or 0)  # type: ignore[union-attr]
-            if hit is None and event.model_served and status is UsageStatus.ok:
-                self._learn_answered_as(call.provider, call.verdict.model, event.model_served)
+            if hit is None and status is not UsageStatus.blocked:  # an answer came: the name's first call is over
+                answered = (event.model_served or call.verdict.model) if status is UsageStatus.ok else None
+                self._learn_answered_as(call.provider, call.verdict.model, answered)
             self.emitter.emit(event)
             if self.follower is not None and self.follower.own_origin is not None:
                 self.provider_stats.observe_event(event)
@@ -1297,14 +1306,51 @@ class Gateway:
             "usage_error", call.provider, served, problem,
         )  # fmt: skip
 
-    def _learn_answered_as(self, provider: str, sent: str, answered: str) -> None:
+    def _first_call_of(self, provider: str, sent: str, verdict: Verdict) -> Verdict:
+        """``verdict``, or a throttle while the first call of a name without a price of its own is in flight: what
+        model the upstream answers it as is not known until then, so concurrent first calls all passed a spent cap of
+        that model (30 of a deployment name did; an attacker session). A first answer that never comes frees the
+        name after ``FIRST_ANSWER_WAIT_S``."""
+        key = (provider, model_scope_name(sent))
+        if key in self._names_answered_as_such:
+            return verdict
+        listed_key = (provider, sent, id(self.prices))
+        listed = self._listed.get(listed_key)
+        if listed is None:
+            if len(self._listed) >= MAX_ANSWERED_AS:
+                self._listed.clear()
+            listed = self._listed[listed_key] = _listed_model(provider, sent, self.prices)
+        if listed:
+            return verdict
+        now = time.monotonic()
+        since = self._first_calls.get(key)
+        if since is not None and now - since < FIRST_ANSWER_WAIT_S:
+            reason = (
+                f"this gateway does not know yet which model {sent!r} is (a name without a price of its own is held to "
+                "the model its upstream answers it as): its first call is in flight; retry in a second"
+            )
+            return Verdict("throttle", verdict.model, 1.0, reason, f"model:{key[1]}")
+        if len(self._first_calls) >= MAX_ANSWERED_AS:
+            self._first_calls.clear()
+        self._first_calls[key] = now
+        return verdict
+
+    def _learn_answered_as(self, provider: str, sent: str, answered: str | None) -> None:
         """Remember that ``provider`` answered ``sent`` (by its scope's name: its spellings share what is learned)
         as ``answered`` when that is another model's scope, unless ``sent`` is a model with a price of its own: one
         answer of a router's fallback must not hold every team's ``gpt-4o-mini`` to ``gpt-4o``'s decisions (an
-        attacker session). A name answered as itself again is forgotten."""
+        attacker session). A name answered as itself again is forgotten; ``answered`` None: the call failed, which
+        only ends the name's first call."""
         key = (provider, model_scope_name(sent))
+        self._first_calls.pop(key, None)
+        if answered is None:  # a failed call says nothing of the model
+            return
         if model_scope_name(answered) == key[1] or _listed_model(provider, sent, self.prices):
             self._answered_as.pop(key, None)
+            if model_scope_name(answered) == key[1]:
+                if len(self._names_answered_as_such) >= MAX_ANSWERED_AS:
+                    self._names_answered_as_such.clear()
+                self._names_answered_as_such.add(key)
         elif self._answered_as.get(key) != answered:
             if len(self._answered_as) >= MAX_ANSWERED_AS:
                 self._answered_as.clear()
