@@ -230,18 +230,8 @@ def test_an_event_id_sent_again_with_other_content_keeps_the_first_version_in_le
     """$3,700 then the same event_id with $0: the ledger and the windows both keep $3,700; the copy is a dead letter."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(RESTART_POLICY.format(amount=1_000_000))
-    bootstrap, api_port = f"127.0.0.1:{free_port()}", free_port()
     data_dir = tmp_path / "data"
-    env = {
-        **os.environ,
-        "SPENDSTREAM_DATA_DIR": str(data_dir),
-        "SPENDSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "SPENDSTREAM_GATEWAY_PORT": str(free_port()),
-        "SPENDSTREAM_API_PORT": str(api_port),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("SPENDSTREAM_GATEWAY_CONFIG", "SPENDSTREAM_POLICY", "SPENDSTREAM_CLICKHOUSE_DSN"):
-        env.pop(name, None)
+    env, bootstrap, api_port = _dev_env(data_dir)
     event_id = str(uuid.uuid4())
     token = _ingest_token(env)
     proc, _ = _dev(env, policy)

@@ -529,6 +529,14 @@ def whole_nanos(usd: Decimal | int | str) -> int:
     return int(exact)
 
 
+def has_own_price(provider: str, model: str, table: PriceTable = EMPTY_TABLE) -> bool:
+    """Whether ``table`` prices ``model`` as itself (an override or genai-prices), not at the unknown-model price."""
+    try:
+        return not price_usage(provider, model, 0, 0, overrides=table).flagged_unknown
+    except (UnknownModelError, ValueError):
+        return False
+
+
 def has_price(provider: str, model: str, table: PriceTable = EMPTY_TABLE) -> bool:
     """Whether ``table`` prices ``model``: an override, genai-prices, or the default price for unknown models."""
     try:

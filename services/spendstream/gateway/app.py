@@ -31,7 +31,7 @@ from spendstream.core.matching import model_scope_name
 from spendstream.core.metrics import HttpLatency, metrics_exposition
 from spendstream.core.money_text import usd_text
 from spendstream.core.policy import Policy
-from spendstream.core.pricing import PriceTable, UnknownModelError, has_price, price_usage
+from spendstream.core.pricing import PriceTable, has_own_price, has_price
 from spendstream.core.providers import dialects
 from spendstream.edge.call_event import build_event
 from spendstream.edge.emitter import Emitter
@@ -397,14 +397,6 @@ def _refine_attribution(attribution: dict[str, str], headers: Mapping[str, str])
             return 400, f"header {header}: {problem}"
         attribution[field] = value
     return None
-
-
-def _listed_model(provider: str, model: str, prices: PriceTable) -> bool:
-    """Whether ``model`` has a price of its own (the price list's or an override), not the unknown-model one."""
-    try:
-        return not price_usage(provider, model, 0, 0, overrides=prices).flagged_unknown
-    except (UnknownModelError, ValueError):
-        return False
 
 
 _ATTRIBUTION_HEADERS = frozenset(header.lower() for header in HEADER_FIELDS)
@@ -1319,7 +1311,7 @@ class Gateway:
         if listed is None:
             if len(self._listed) >= MAX_ANSWERED_AS:
                 self._listed.clear()
-            listed = self._listed[listed_key] = _listed_model(provider, sent, self.prices)
+            listed = self._listed[listed_key] = has_own_price(provider, sent, self.prices)
         if listed:
             return verdict
         now = time.monotonic()
@@ -1345,7 +1337,7 @@ class Gateway:
         self._first_calls.pop(key, None)
         if answered is None:  # a failed call says nothing of the model
             return
-        if model_scope_name(answered) == key[1] or _listed_model(provider, sent, self.prices):
+        if model_scope_name(answered) == key[1] or has_own_price(provider, sent, self.prices):
             self._answered_as.pop(key, None)
             if model_scope_name(answered) == key[1]:
                 if len(self._names_answered_as_such) >= MAX_ANSWERED_AS:
